@@ -1,0 +1,31 @@
+"""Errors that end a command with one line on stderr and a defined exit code.
+
+Scripts catch :class:`Mtc75Error` at the top of ``main()`` and print ``str(err)``;
+anything else is a bug and may show a traceback.
+"""
+
+from __future__ import annotations
+
+
+class Mtc75Error(Exception):
+    """Base class: a user-facing failure with a one-line message."""
+
+    exit_code = 1
+
+
+class ConfigError(Mtc75Error):
+    """A setting, flag or config file is invalid."""
+
+    exit_code = 2
+
+
+class KafkaUnavailable(Mtc75Error):
+    """The cluster cannot be reached, or the topic does not exist."""
+
+    exit_code = 3
+
+
+class BrokerError(Mtc75Error):
+    """The local Kafka launcher could not fetch, start or stop the broker."""
+
+    exit_code = 4
