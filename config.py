@@ -1,0 +1,37 @@
+"""MTC75 settings: edit and re-run (or override: env MTC75_<NAME>, flag --name-with-dashes).
+
+Every name here is checked at start-up: a typo or a bad value stops the script with one line.
+"""
+
+# Where Kafka is. KAFKA_BOOTSTRAP_SERVERS in the environment also overrides this.
+BOOTSTRAP_SERVERS = "127.0.0.1:9092"
+TOPIC = "mtc75-demo"
+NUM_PARTITIONS = 6
+REPLICATION_FACTOR = 1
+GROUP_ID = "mtc75-consumer"
+
+# The consumer: at most MAX_THREAD_COUNT messages are handled at once (threads = semaphore permits).
+MAX_THREAD_COUNT = 75
+# When every thread is busy and the backlog is full, the assigned partitions pause for at least this
+# many seconds; after each interval they resume if the threads caught up, else stay paused another one.
+PAUSE_INTERVAL = 0.5
+# Simulated work per message in the default handler (the seed's time.sleep()).
+PROCESSING_SLEEP = 0.5
+# Where a group with no committed offset starts: "earliest" sees messages produced before it started.
+AUTO_OFFSET_RESET = "earliest"
+# Most fetched messages held waiting for a free thread (the gate sizes the live backlog below this).
+MAX_BACKLOG = 5000
+# Seconds between commits of the completed watermark (at-least-once: only finished work is committed).
+COMMIT_INTERVAL = 0.5
+# Seconds a rebalance, and a shutdown, wait for running handlers before giving their partitions up.
+REVOKE_TIMEOUT = 10.0
+SHUTDOWN_TIMEOUT = 30.0
+
+# The producer: how many Faker records to send (0 = until Ctrl-C) and the pause between them.
+PRODUCER_MESSAGE_COUNT = 10_000
+PRODUCER_SLEEP = 0.0
+
+# Any librdkafka property (https://github.com/confluentinc/librdkafka/blob/master/CONFIGURATION.md);
+# the -X key=value flag of each script is applied after these.
+CONSUMER_CONFIG: dict[str, str] = {}
+PRODUCER_CONFIG: dict[str, str] = {}

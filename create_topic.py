@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""Create the MTC75 topic (run once); an existing topic counts as success."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from mtc75.cli import base_parser, resolve, run_main, setup_logging
+from mtc75.topics import create_topic
+
+PROG = "create_topic.py"
+SETTINGS = ("BOOTSTRAP_SERVERS", "TOPIC", "NUM_PARTITIONS", "REPLICATION_FACTOR")
+EPILOG = """example:
+  python create_topic.py                          # the topic and partitions named in config.py
+  python create_topic.py --topic orders --num-partitions 12
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = base_parser(PROG, __doc__ or "", EPILOG, SETTINGS).parse_args(argv)
+
+    def run() -> int:
+        setup_logging(args.verbose, args.quiet)
+        settings, props = resolve(args, SETTINGS)
+        created = create_topic(
+            settings.admin_config(props), settings.TOPIC, settings.NUM_PARTITIONS, settings.REPLICATION_FACTOR
+        )
+        verb = "created" if created else "already exists"
+        logging.getLogger(PROG).info(
+            "topic %s %s on %s (%d partitions requested)", settings.TOPIC, verb, settings.BOOTSTRAP_SERVERS,
+            settings.NUM_PARTITIONS,
+        )
+        return 0
+
+    return run_main(run, PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

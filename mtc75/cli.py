@@ -1,0 +1,113 @@
+"""What the three scripts share: setting flags, ``-X`` properties, logging, colors and exit codes.
+
+Only scripts call into this module; the engine never prints or configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from termcolor import colored
+
+from mtc75.errors import Mtc75Error
+from mtc75.settings import LIBRDKAFKA_LOGGER, SPECS, Settings, flag_name, load_settings, parse_properties
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.py"
+
+
+def use_color(stream: object = sys.stdout) -> bool:
+    """Colors only on a terminal, and never when NO_COLOR is set (https://no-color.org)."""
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and "NO_COLOR" not in os.environ
+
+
+def paint(text: str, color: str | None, enabled: bool, bold: bool = False) -> str:
+    if not enabled or color is None:
+        return text
+    return colored(text, color, attrs=["bold"] if bold else None)
+
+
+_LEVEL_COLORS = {logging.WARNING: "yellow", logging.ERROR: "red", logging.CRITICAL: "red"}
+
+
+class _ColorFormatter(logging.Formatter):
+    """Warnings yellow, errors red; the pause and resume lines stand out in bold red and green."""
+
+    def __init__(self, color: bool) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+        self._color = color
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        msg = str(record.msg)
+        if msg.startswith("PAUSED"):
+            return paint(text, "red", self._color, bold=True)
+        if msg.startswith("RESUMED"):
+            return paint(text, "green", self._color, bold=True)
+        return paint(text, _LEVEL_COLORS.get(record.levelno), self._color)
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """Log lines on stderr; librdkafka's own chatter only with -vv."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose >= 2 else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ColorFormatter(use_color(sys.stderr)))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    LIBRDKAFKA_LOGGER.setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line and exit code 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def base_parser(prog: str, description: str, epilog: str, settings: Sequence[str]) -> OneLineParser:
+    """A parser with ``--config``, ``-X``, ``-v``/``-q`` and one ``--x-with-dashes`` flag per setting."""
+    parser = OneLineParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    group = parser.add_argument_group("settings (override config.py and MTC75_* environment variables)")
+    defaults = Settings()
+    for name in settings:
+        spec = SPECS[name]
+        group.add_argument(
+            flag_name(name), dest=name, metavar=name, default=None,
+            help=f"{spec.help} (default {getattr(defaults, name)!r}; env MTC75_{name})",
+        )
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="settings file (default: %(default)s)")
+    parser.add_argument(
+        "-X", dest="properties", action="append", default=[], metavar="KEY=VALUE",
+        help="librdkafka property, applied last; repeatable (e.g. -X fetch.wait.max.ms=50)",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: librdkafka debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    return parser
+
+
+def resolve(args: argparse.Namespace, settings: Sequence[str]) -> tuple[Settings, dict[str, str]]:
+    """Settings and ``-X`` properties from parsed arguments (raises ConfigError)."""
+    config_path = args.config if args.config.exists() or args.config != DEFAULT_CONFIG else None
+    flags = {name: getattr(args, name) for name in settings}
+    return load_settings(config_path, flags=flags), parse_properties(args.properties)
+
+
+def run_main(main: Callable[[], int], prog: str) -> int:
+    """Turn user-facing errors into one stderr line and their exit code; Ctrl-C into 130."""
+    try:
+        return main()
+    except Mtc75Error as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,174 @@
+"""Bounded concurrency: a ThreadPoolExecutor behind a semaphore of ``max_thread_count`` permits.
+
+The poll thread puts fetched messages into a backlog; a message starts only when a permit is free.
+A worker that holds a permit keeps taking the next backlog message until the backlog is empty, and
+only then gives its permit back, so a busy pool never waits for the poll thread to hand out work.
+Permits and backlog share one lock so "backlog empty, release" and "append, acquire" cannot race.
+
+Finished messages are reported on a completion queue that only the poll thread drains, because
+every Kafka call (store, commit) belongs to the poll thread.
+
+Later ordering modes replace the plain FIFO backlog with a scheduler that hands out only messages
+whose key (or partition) has nothing running; the permit and worker logic stays as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from mtc75.offsets import PartitionState
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Any], object]
+
+
+class Work:
+    """One fetched message on its way through the pool."""
+
+    __slots__ = ("message", "state", "offset", "failed")
+
+    def __init__(self, message: Any, state: PartitionState, offset: int) -> None:
+        self.message = message
+        self.state = state  # the partition assignment it was fetched under
+        self.offset = offset
+        self.failed = False
+
+
+class Permits:
+    """A counting semaphore whose size can change; the caller holds the dispatcher lock.
+
+    ``threading.Semaphore`` cannot shrink, and its own lock would be a second round-trip per message.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"max_thread_count must be >= 1, got {limit}")
+        self.limit = limit
+        self.in_use = 0
+        self.max_in_use = 0
+
+    @property
+    def free(self) -> int:
+        return max(0, self.limit - self.in_use)
+
+    def acquire(self, count: int) -> int:
+        """Take up to ``count`` permits without blocking; returns how many were taken."""
+        taken = min(count, self.free)
+        if taken:
+            self.in_use += taken
+            if self.in_use > self.max_in_use:
+                self.max_in_use = self.in_use
+        return taken
+
+    def release(self) -> None:
+        if self.in_use <= 0:
+            raise RuntimeError("permit released more often than acquired")
+        self.in_use -= 1
+
+
+class Dispatcher:
+    """Runs ``handler(message)`` on at most ``max_thread_count`` threads at once."""
+
+    def __init__(self, handler: Handler, max_thread_count: int) -> None:
+        self._handler = handler
+        self._lock = threading.Lock()
+        self._permits = Permits(max_thread_count)
+        self._backlog: deque[Work] = deque()
+        self._executor = ThreadPoolExecutor(max_workers=max_thread_count, thread_name_prefix="mtc75-worker")
+        self._idle = threading.Condition(self._lock)  # notified when the last busy thread finishes
+        self.completions: deque[Work] = deque()  # appended by workers, drained by the poll thread
+
+    # -- poll-thread side -------------------------------------------------------------------------
+
+    def put(self, items: Iterable[Work]) -> None:
+        """Queue fetched messages and start as many workers as there are free permits and work."""
+        with self._lock:
+            self._backlog.extend(items)
+            starts = self._permits.acquire(len(self._backlog))
+        for _ in range(starts):
+            self._executor.submit(self._work)
+
+    def purge(self, states: Iterable[PartitionState] | None = None) -> list[Work]:
+        """Drop backlog messages not yet started (of the given assignments, or all) and return them.
+
+        Dropped messages were never handled and are never committed, so the next owner reads them again.
+        """
+        with self._lock:
+            if states is None:
+                dropped = list(self._backlog)
+                self._backlog.clear()
+                return dropped
+            wanted = set(map(id, states))
+            dropped, kept = [], []
+            for work in self._backlog:
+                (dropped if id(work.state) in wanted else kept).append(work)
+            self._backlog.clear()  # in place: workers hold a reference to this deque
+            self._backlog.extend(kept)
+            return dropped
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no handler runs and the backlog is empty, or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._permits.in_use:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    @property
+    def active_thread_count(self) -> int:
+        """ACTIVE_THREAD_COUNT: permits held by threads running (or about to run) a handler."""
+        return self._permits.in_use
+
+    @property
+    def max_active_threads(self) -> int:
+        return self._permits.max_in_use
+
+    @property
+    def max_thread_count(self) -> int:
+        return self._permits.limit
+
+    @property
+    def backlog(self) -> int:
+        return len(self._backlog)
+
+    def shutdown(self, wait: bool) -> None:
+        self.purge()
+        self._executor.shutdown(wait=wait, cancel_futures=True)
+
+    # -- worker side ------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        """Hold one permit and run backlog messages until none is left."""
+        handler = self._handler
+        lock = self._lock
+        backlog = self._backlog
+        done = self.completions.append
+        while True:
+            with lock:
+                if not backlog or self._permits.in_use > self._permits.limit:
+                    self._permits.release()
+                    if not self._permits.in_use:
+                        self._idle.notify_all()
+                    return
+                work = backlog.popleft()
+            try:
+                handler(work.message)
+            except Exception as err:  # a handler failure must not kill the worker or stall its partition
+                work.failed = True
+                msg = work.message
+                logger.error(
+                    "handler failed for %s[%d]@%d: %s: %s",
+                    msg.topic(), msg.partition(), work.offset, type(err).__name__, err,
+                    exc_info=logger.isEnabledFor(logging.DEBUG),
+                )
+            done(work)

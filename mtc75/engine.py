@@ -1,0 +1,470 @@
+"""The MTC75 consumer: one poll thread, a bounded pool, pause on saturation, at-least-once commits.
+
+The thread that calls :meth:`Mtc75Consumer.run` is the poll thread and makes every ``Consumer`` call:
+fetching, pause/resume, rebalance callbacks and commits. Worker threads only run handlers and report
+completions on a queue. A message is committed only after its handler finished, and only as part of
+its partition's contiguous completed prefix (see :mod:`mtc75.offsets`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from types import MappingProxyType
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from mtc75.dispatcher import Dispatcher, Handler, Work
+from mtc75.errors import KafkaUnavailable
+from mtc75.gate import PauseGate
+from mtc75.offsets import OffsetTracker, Partition
+from mtc75.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+METADATA_TIMEOUT = 10.0  # seconds to reach the cluster at start-up before giving up
+POLL_TIMEOUT = 0.1  # longest a single poll blocks, so stop requests and timers stay responsive
+REBALANCE_POLL = 0.01  # completion polling step while a revoke waits for handlers
+ERROR_REPEAT_SECONDS = 10.0  # the same client error is logged at most once per this many seconds
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A snapshot for status lines and summaries (taken on the poll thread)."""
+
+    active_threads: int
+    max_thread_count: int
+    paused: bool
+    paused_for: float
+    next_check_in: float
+    processed: int
+    failed: int
+    rate: float
+    in_flight: int
+    backlog: int
+    pauses: int
+    paused_seconds: float
+    elapsed_seconds: float
+    max_active_threads: int
+    assigned: int
+
+    def summary(self) -> dict[str, Any]:
+        """The ``--summary-json`` document."""
+        keys = ("processed", "failed", "pauses", "paused_seconds", "elapsed_seconds", "max_active_threads")
+        data = asdict(self)
+        out = {k: data[k] for k in keys}
+        out["paused_seconds"] = round(out["paused_seconds"], 3)
+        out["elapsed_seconds"] = round(out["elapsed_seconds"], 3)
+        out["max_thread_count"] = self.max_thread_count
+        return out
+
+
+class Mtc75Consumer:
+    """Consumes ``settings.TOPIC`` with at most ``settings.MAX_THREAD_COUNT`` handlers at once.
+
+    No network I/O happens before :meth:`run`. :meth:`stop` may be called from any thread or a
+    signal handler; ``run`` then finishes in-flight work (bounded), commits and closes.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        handler: Handler,
+        *,
+        overrides: Mapping[str, str] = MappingProxyType({}),
+        max_messages: int | None = None,
+        idle_exit: float | None = None,
+        on_status: Callable[[Stats], None] | None = None,
+        status_interval: float = 1.0,
+    ) -> None:
+        if max_messages is not None and max_messages < 1:
+            raise ValueError(f"max_messages must be >= 1, got {max_messages}")
+        if idle_exit is not None and idle_exit <= 0:
+            raise ValueError(f"idle_exit must be > 0, got {idle_exit}")
+        self._settings = settings
+        self._conf = settings.consumer_config(overrides)
+        self._cooperative = _is_incremental(self._conf)
+        self._handler = handler
+        self._max_messages = max_messages
+        self._idle_exit = idle_exit
+        self._on_status = on_status
+        self._status_interval = status_interval
+        self._stop = threading.Event()
+        self._consumer: Consumer | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._tracker = OffsetTracker()
+        self._gate = PauseGate(settings.PAUSE_INTERVAL, settings.MAX_BACKLOG)
+        self._paused: set[Partition] = set()  # partitions *we* paused; librdkafka's flag is not trusted
+        self._processed = 0
+        self._failed = 0
+        self._dropped_late = 0
+        self._started = 0.0
+        self._last_message_at = 0.0
+        self._rate = 0.0
+        self._rate_mark = (0.0, 0)
+        self._error_quiet_until: dict[int, float] = {}
+        self.abandoned = 0  # handlers still running when shutdown gave up waiting
+
+    # -- public -------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish: stop fetching, drain in-flight work, commit, close."""
+        self._stop.set()
+
+    def run(self) -> Stats:
+        """Consume until stopped, ``max_messages`` handled, or ``idle_exit`` seconds without messages."""
+        self._started = self._last_message_at = time.monotonic()
+        self._rate_mark = (self._started, 0)
+        conf = dict(self._conf)
+        conf.setdefault("error_cb", self._on_error)
+        conf["on_commit"] = self._on_commit
+        consumer = Consumer(conf)
+        self._consumer = consumer
+        self._dispatcher = Dispatcher(self._handler, self._settings.MAX_THREAD_COUNT)
+        try:
+            self._check_topic()
+            consumer.subscribe(
+                [self._settings.TOPIC], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+            )
+            logger.info(
+                "consuming %s as group %s with %d threads (pause interval %.2fs, %s assignment)",
+                self._settings.TOPIC, self._settings.GROUP_ID, self._settings.MAX_THREAD_COUNT,
+                self._settings.PAUSE_INTERVAL, "incremental" if self._cooperative else "eager",
+            )
+            self._loop()
+        finally:
+            self._shutdown()
+        return self.stats()
+
+    def stats(self) -> Stats:
+        now = time.monotonic()
+        d = self._dispatcher
+        gate = self._gate
+        return Stats(
+            active_threads=d.active_thread_count if d else 0,
+            max_thread_count=self._settings.MAX_THREAD_COUNT,
+            paused=gate.paused,
+            paused_for=gate.paused_for(now),
+            next_check_in=gate.next_check_in(now),
+            processed=self._processed,
+            failed=self._failed,
+            rate=self._rate,
+            in_flight=self._tracker.in_flight(),
+            backlog=d.backlog if d else 0,
+            pauses=gate.pauses,
+            paused_seconds=gate.paused_seconds + gate.paused_for(now),
+            elapsed_seconds=now - self._started if self._started else 0.0,
+            max_active_threads=d.max_active_threads if d else 0,
+            assigned=len(self._tracker.partitions()),
+        )
+
+    # -- poll loop ----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        consumer = self._consumer
+        dispatcher = self._dispatcher
+        assert consumer is not None and dispatcher is not None
+        gate = self._gate
+        limit = self._settings.MAX_THREAD_COUNT
+        commit_every = self._settings.COMMIT_INTERVAL
+        next_commit = next_status = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self._drain_completions()
+            gate.observe(now, self._processed)
+            backlog = dispatcher.backlog
+            active = dispatcher.active_thread_count
+            if gate.paused:
+                if gate.should_resume(now, active, limit, backlog):
+                    self._resume(now)
+            elif gate.should_pause(active, limit, backlog):
+                self._pause(now)
+
+            if gate.paused:
+                # Nothing should arrive while paused; poll only to serve heartbeats, rebalances and
+                # commit callbacks, and wake up soon enough to notice the pool draining.
+                messages = _as_list(consumer.poll(min(POLL_TIMEOUT, gate.pause_interval / 4)))
+            else:
+                room = gate.watermarks(limit)[1] - backlog + (limit - dispatcher.active_thread_count)
+                # consume() waits for a full batch until its timeout; take what is there without
+                # waiting, and block (in poll, which returns on the first message) only when idle.
+                messages = consumer.consume(num_messages=max(1, min(room, 10_000)), timeout=0)
+                if not messages:
+                    messages = _as_list(consumer.poll(POLL_TIMEOUT))
+            if messages:
+                self._accept(messages)
+
+            now = time.monotonic()
+            if now >= next_commit:
+                self._commit(asynchronous=True)
+                next_commit = now + commit_every
+            if now >= next_status:
+                self._update_rate(now)
+                if self._on_status is not None:
+                    self._on_status(self.stats())
+                next_status = now + self._status_interval
+            if self._finished(now):
+                break
+
+    def _accept(self, messages: list[Any]) -> None:
+        """Hand fetched messages to the pool. Every returned message is kept: none is dropped here."""
+        tracker = self._tracker
+        batch: list[Work] = []
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                self._on_message_error(err)
+                continue
+            tp = (msg.topic(), msg.partition())
+            offset = msg.offset()
+            state = tracker.add(tp, offset)
+            if state is None:
+                # Not ours any more (revoked between fetch and now) or a redelivery of an offset
+                # already in flight: the current owner / the running handler covers it.
+                logger.debug("skipping %s[%d]@%d: not owned or already in flight", tp[0], tp[1], offset)
+                continue
+            batch.append(Work(msg, state, offset))
+        if batch:
+            self._last_message_at = time.monotonic()
+            assert self._dispatcher is not None
+            self._dispatcher.put(batch)
+
+    def _drain_completions(self) -> int:
+        """Apply finished handlers to the watermarks (poll thread only)."""
+        assert self._dispatcher is not None
+        completions = self._dispatcher.completions
+        complete = self._tracker.complete
+        count = 0
+        while completions:
+            work = completions.popleft()
+            count += 1
+            if work.failed:
+                self._failed += 1
+            if not complete(work.state, work.offset):
+                self._dropped_late += 1
+        self._processed += count
+        return count
+
+    def _finished(self, now: float) -> bool:
+        if self._max_messages is not None and self._processed >= self._max_messages:
+            logger.info("handled %d messages (--max-messages reached); stopping", self._processed)
+            return True
+        if (
+            self._idle_exit is not None
+            and now - self._last_message_at >= self._idle_exit
+            and self._tracker.in_flight() == 0
+        ):
+            logger.info("no new message for %.1fs (--idle-exit); stopping", self._idle_exit)
+            return True
+        return False
+
+    def _update_rate(self, now: float) -> None:
+        mark_at, mark_count = self._rate_mark
+        if now > mark_at:
+            self._rate = (self._processed - mark_count) / (now - mark_at)
+        self._rate_mark = (now, self._processed)
+
+    # -- pause / resume -----------------------------------------------------------------------------
+
+    def _pause(self, now: float) -> None:
+        assert self._consumer is not None and self._dispatcher is not None
+        self._gate.start_pause(now)
+        to_pause = [tp for tp in self._tracker.partitions() if tp not in self._paused]
+        if to_pause:
+            self._consumer.pause([TopicPartition(t, p) for t, p in to_pause])
+            self._paused.update(to_pause)
+        logger.warning(
+            "PAUSED %d partitions: all %d threads busy, %d messages waiting (re-check in %.2fs)",
+            len(self._paused), self._dispatcher.max_thread_count, self._dispatcher.backlog,
+            self._gate.pause_interval,
+        )
+
+    def _resume(self, now: float) -> None:
+        assert self._consumer is not None and self._dispatcher is not None
+        lasted = self._gate.end_pause(now)
+        mine = [tp for tp in self._paused if tp in self._tracker]
+        if mine:
+            self._consumer.resume([TopicPartition(t, p) for t, p in mine])
+        self._paused.clear()
+        logger.warning(
+            "RESUMED %d partitions after %.2fs paused: %d/%d threads busy, %d waiting",
+            len(mine), lasted, self._dispatcher.active_thread_count, self._dispatcher.max_thread_count,
+            self._dispatcher.backlog,
+        )
+
+    # -- commits ------------------------------------------------------------------------------------
+
+    def _commit(self, asynchronous: bool, partitions: list[Partition] | None = None) -> None:
+        """Commit each partition's contiguous completed watermark that moved since the last commit."""
+        assert self._consumer is not None
+        pending = list(self._tracker.uncommitted(partitions))
+        if not pending:
+            return
+        offsets = [TopicPartition(t, p, pos) for (t, p), pos in pending]
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
+        except KafkaException as err:
+            logger.warning("commit of %d partitions failed: %s", len(offsets), err.args[0])
+            return
+        for tp, pos in pending:
+            self._tracker.mark_committed(tp, pos)
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if err is None:
+            return
+        logger.warning("commit failed: %s (will retry)", err)
+        for tp in partitions:
+            self._tracker.mark_committed((tp.topic, tp.partition), -1)  # forces a retry next time
+
+    # -- rebalance ----------------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        tps = [(tp.topic, tp.partition) for tp in partitions]
+        self._tracker.assign(tps)
+        # Assign first, then pause: pausing a partition that is not yet assigned has no effect.
+        if self._cooperative:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
+        if self._gate.paused and partitions:
+            consumer.pause([TopicPartition(t, p) for t, p in tps])
+            self._paused.update(tps)
+        logger.info("assigned %s%s", _fmt(tps), " (paused: consumer is saturated)" if self._gate.paused else "")
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        tps = [(tp.topic, tp.partition) for tp in partitions]
+        self._release(tps, commit=True)
+        if self._cooperative:
+            consumer.incremental_unassign(partitions)
+        else:
+            consumer.unassign()
+        logger.info("revoked %s", _fmt(tps))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        tps = [(tp.topic, tp.partition) for tp in partitions]
+        logger.warning("lost %s (group membership expired): their uncommitted work will be redelivered", _fmt(tps))
+        self._release(tps, commit=False)
+        if self._cooperative:
+            consumer.incremental_unassign(partitions)
+        else:
+            consumer.unassign()
+
+    def _release(self, tps: list[Partition], commit: bool) -> None:
+        """Give partitions up: drop their unstarted messages, wait (bounded) for running ones, commit."""
+        assert self._dispatcher is not None
+        tracker = self._tracker
+        owned = [tp for tp in tps if tp in tracker]
+        dropped = self._dispatcher.purge([tracker.state(tp) for tp in owned])
+        if commit and owned:
+            unstarted = {(w.state.tp, w.offset) for w in dropped}
+            deadline = time.monotonic() + self._settings.REVOKE_TIMEOUT
+            while True:
+                self._drain_completions()
+                running = sum(
+                    1 for tp in owned for offset in tracker.outstanding(tp) if (tp, offset) not in unstarted
+                )
+                if not running or time.monotonic() >= deadline:
+                    break
+                time.sleep(REBALANCE_POLL)
+            if running:
+                logger.warning(
+                    "revoke: %d handlers still running after %.1fs; their messages will be redelivered",
+                    running, self._settings.REVOKE_TIMEOUT,
+                )
+            self._commit(asynchronous=False, partitions=owned)
+        tracker.revoke(owned)
+        self._paused.difference_update(tps)
+
+    # -- errors and shutdown ------------------------------------------------------------------------
+
+    def _check_topic(self) -> None:
+        """Fail fast, with one line, when the cluster is unreachable or the topic does not exist."""
+        assert self._consumer is not None
+        topic = self._settings.TOPIC
+        try:
+            metadata = self._consumer.list_topics(topic, timeout=METADATA_TIMEOUT)
+        except KafkaException as err:
+            raise KafkaUnavailable(
+                f"cannot reach Kafka at {self._settings.BOOTSTRAP_SERVERS} within {METADATA_TIMEOUT:.0f}s "
+                f"({err.args[0].str()}); start one with 'make broker' or set KAFKA_BOOTSTRAP_SERVERS"
+            ) from None
+        info = metadata.topics.get(topic)
+        if info is None or info.error is not None:
+            raise KafkaUnavailable(
+                f"topic {topic!r} does not exist on {self._settings.BOOTSTRAP_SERVERS}; "
+                "create it with 'python create_topic.py'"
+            )
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            logger.error("fatal Kafka error: %s", err)
+            self.stop()
+            return
+        # librdkafka retries by itself and repeats the same error on every attempt: say it once a while.
+        now = time.monotonic()
+        if now >= self._error_quiet_until.get(err.code(), 0.0):
+            self._error_quiet_until[err.code()] = now + ERROR_REPEAT_SECONDS
+            logger.warning("Kafka: %s (retrying)", err.str())
+
+    def _on_message_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._PARTITION_EOF:
+            return
+        if err.fatal() or err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.TOPIC_AUTHORIZATION_FAILED):
+            raise KafkaUnavailable(f"consumer error: {err.str()}")
+        logger.warning("consumer error: %s", err.str())
+
+    def _shutdown(self) -> None:
+        """Stop fetching, wait (bounded) for running handlers, commit, close. Always runs."""
+        consumer, dispatcher = self._consumer, self._dispatcher
+        if consumer is None:
+            return
+        try:
+            if dispatcher is not None:
+                dropped = len(dispatcher.purge())
+                if dropped:
+                    logger.info("shutdown: %d fetched messages not started; they stay uncommitted", dropped)
+                deadline = time.monotonic() + self._settings.SHUTDOWN_TIMEOUT
+                if dispatcher.active_thread_count:
+                    logger.info("shutdown: waiting up to %.0fs for %d running handlers",
+                                self._settings.SHUTDOWN_TIMEOUT, dispatcher.active_thread_count)
+                while dispatcher.active_thread_count and time.monotonic() < deadline:
+                    # keep serving the group (heartbeats, rebalances) while handlers finish
+                    consumer.poll(0)
+                    dispatcher.wait_idle(min(POLL_TIMEOUT, max(0.0, deadline - time.monotonic())))
+                self._drain_completions()
+                self.abandoned = dispatcher.active_thread_count
+                if self.abandoned:
+                    logger.warning("shutdown: %d handlers still running; their messages will be redelivered",
+                                   self.abandoned)
+            self._commit(asynchronous=False)
+        finally:
+            if self._gate.paused:
+                self._gate.end_pause(time.monotonic())
+            try:
+                consumer.close()
+            except (KafkaException, RuntimeError) as err:
+                logger.warning("close: %s", err)
+            if dispatcher is not None:
+                dispatcher.shutdown(wait=False)
+
+
+def _is_incremental(conf: Mapping[str, Any]) -> bool:
+    """Cooperative assignors and the KIP-848 protocol use incremental (un)assign."""
+    strategy = str(conf.get("partition.assignment.strategy", ""))
+    return "cooperative" in strategy or str(conf.get("group.protocol", "classic")).lower() == "consumer"
+
+
+def _as_list(message: Any) -> list[Any]:
+    return [] if message is None else [message]
+
+
+def _fmt(tps: list[Partition]) -> str:
+    if not tps:
+        return "no partitions"
+    topics = sorted({t for t, _ in tps})
+    parts = ",".join(str(p) for _, p in sorted(tps))
+    return f"{'/'.join(topics)}[{parts}]"

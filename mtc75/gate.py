@@ -1,0 +1,105 @@
+"""When to pause and resume the assigned partitions: pure policy, no Kafka, no clock of its own.
+
+Pausing is how a saturated consumer keeps calling ``poll()`` (heartbeats, rebalances,
+``max.poll.interval.ms``) without taking more messages than it can hold. It is not free: librdkafka
+drops a paused partition's prefetched messages and fetches them again on resume. So the gate pauses
+only when every thread is busy *and* the backlog reached its high watermark, stays paused at least
+``pause_interval``, and resumes when the backlog has drained to its low watermark -- or at once if
+the pool is about to run dry, because the pause exists to keep the consumer alive, not to idle it.
+
+The watermarks follow the measured throughput: the high one holds enough work to keep every thread
+busy for a whole pause interval, the low one enough to bridge the refetch after a resume.
+"""
+
+from __future__ import annotations
+
+REFETCH_SECONDS = 0.05  # work kept in the backlog at resume, to cover the refetch round-trip
+RATE_WINDOW = 0.25  # seconds between throughput samples
+
+
+class PauseGate:
+    """Decides pause/resume from the thread count, the backlog and the time; the caller acts."""
+
+    def __init__(self, pause_interval: float, max_backlog: int) -> None:
+        if pause_interval <= 0:
+            raise ValueError(f"pause_interval must be > 0, got {pause_interval}")
+        if max_backlog < 1:
+            raise ValueError(f"max_backlog must be >= 1, got {max_backlog}")
+        self.pause_interval = pause_interval
+        self.max_backlog = max_backlog
+        self.paused = False
+        self.pauses = 0  # pauses started
+        self.extensions = 0  # intervals a pause was prolonged because still saturated
+        self.paused_seconds = 0.0  # total over finished pauses
+        self._paused_at = 0.0
+        self._recheck_at = 0.0
+        self._rate = 0.0  # completions per second, smoothed
+        self._sample_at: float | None = None
+        self._sample_count = 0
+
+    # -- throughput ---------------------------------------------------------------------------------
+
+    def observe(self, now: float, completed_total: int) -> None:
+        """Feed the running count of finished messages; cheap enough to call every loop."""
+        if self._sample_at is None:
+            self._sample_at, self._sample_count = now, completed_total
+            return
+        elapsed = now - self._sample_at
+        if elapsed < RATE_WINDOW:
+            return
+        rate = (completed_total - self._sample_count) / elapsed
+        self._rate = rate if self._rate == 0 else 0.5 * self._rate + 0.5 * rate
+        self._sample_at, self._sample_count = now, completed_total
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    def watermarks(self, limit: int) -> tuple[int, int]:
+        """(low, high) backlog sizes for a pool of ``limit`` threads."""
+        low = max(limit, int(self._rate * REFETCH_SECONDS))
+        high = max(low + limit, low + int(self._rate * self.pause_interval))
+        high = min(high, self.max_backlog)
+        return min(low, high), high
+
+    # -- decisions ----------------------------------------------------------------------------------
+
+    def should_pause(self, active: int, limit: int, backlog: int) -> bool:
+        """Every permit taken and the backlog full: stop fetching."""
+        return not self.paused and active >= limit and backlog >= self.watermarks(limit)[1]
+
+    def start_pause(self, now: float) -> None:
+        self.paused = True
+        self.pauses += 1
+        self._paused_at = now
+        self._recheck_at = now + self.pause_interval
+
+    def should_resume(self, now: float, active: int, limit: int, backlog: int) -> bool:
+        """After each interval, resume once the backlog drained; earlier only if threads would idle."""
+        if not self.paused:
+            return False
+        if backlog == 0 and active < limit:
+            return True  # the pool is running dry: waiting longer would only idle threads
+        if now < self._recheck_at:
+            return False
+        if backlog <= self.watermarks(limit)[0]:
+            return True
+        while self._recheck_at <= now:  # still saturated: stay paused for another interval
+            self._recheck_at += self.pause_interval
+            self.extensions += 1
+        return False
+
+    def end_pause(self, now: float) -> float:
+        """Leave the paused state; returns how long this pause lasted."""
+        lasted = now - self._paused_at if self.paused else 0.0
+        self.paused = False
+        self.paused_seconds += lasted
+        return lasted
+
+    def paused_for(self, now: float) -> float:
+        """Seconds the current pause has lasted (0 when running)."""
+        return now - self._paused_at if self.paused else 0.0
+
+    def next_check_in(self, now: float) -> float:
+        """Seconds until the next interval boundary of the current pause."""
+        return max(0.0, self._recheck_at - now) if self.paused else 0.0

@@ -1,0 +1,84 @@
+"""Message handlers: the seed's simulated work, and loading a user's ``package.module:function``."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mtc75.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Any], object]
+
+
+class SimulatedWork:
+    """The seed's handler: sleep ``processing_sleep`` seconds per message, as I/O-bound work would.
+
+    Each message gets a log line while the lines stay readable (at most ``lines_per_second``); past
+    that, the consumer's status line is the only output, so a fast run is not slowed by printing.
+    """
+
+    def __init__(self, processing_sleep: float, lines_per_second: float = 20.0) -> None:
+        if processing_sleep < 0:
+            raise ValueError(f"processing_sleep must be >= 0, got {processing_sleep}")
+        self.processing_sleep = processing_sleep
+        self._min_gap = 1.0 / lines_per_second if lines_per_second > 0 else float("inf")
+        self._lock = threading.Lock()
+        self._next_line_at = 0.0
+
+    def __call__(self, message: Any) -> None:
+        if self.processing_sleep:
+            time.sleep(self.processing_sleep)
+        if logger.isEnabledFor(logging.INFO) and self._may_log():
+            logger.info(
+                "%s handled %s[%d]@%d %s",
+                threading.current_thread().name, message.topic(), message.partition(),
+                message.offset(), _describe(message.value()),
+            )
+
+    def _may_log(self) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_line_at:
+                return False
+            self._next_line_at = now + self._min_gap
+            return True
+
+
+def _describe(value: bytes | None) -> str:
+    """A short, never-failing description of a payload (malformed payloads are described, not raised)."""
+    if not value:
+        return "(empty)"
+    try:
+        record = json.loads(value)
+    except ValueError:
+        return f"({len(value)} bytes, not JSON)"
+    if isinstance(record, dict):
+        return f"id={record.get('id')} name={record.get('name')!r}"
+    return f"({type(record).__name__})"
+
+
+def load_handler(spec: str) -> Handler:
+    """Import ``package.module:function``; any failure is one ConfigError line naming the spec."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"invalid --handler {spec!r}: expected package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:
+        raise ConfigError(f"cannot import handler module {module_name!r}: {type(err).__name__}: {err}") from None
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigError(f"handler {spec!r}: {module_name} has no attribute {attr!r}") from None
+    if not callable(target):
+        raise ConfigError(f"handler {spec!r} is not callable")
+    return target

@@ -1,0 +1,122 @@
+"""Per-partition commit watermarks: commit only the contiguous prefix of completed offsets.
+
+Handlers finish out of order; committing the highest finished offset would skip messages still
+running. The tracker remembers the offsets handed out per partition (in fetch order) and advances a
+partition's watermark only past offsets that are all done. Used only by the poll thread: no locks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+Partition = tuple[str, int]
+
+
+class PartitionState:
+    """One assignment of one partition; completions carry it, so a stale one is recognised."""
+
+    __slots__ = ("tp", "alive", "pending", "done", "position", "committed")
+
+    def __init__(self, tp: Partition) -> None:
+        self.tp = tp
+        self.alive = True  # False once revoked: its completions are late and dropped
+        self.pending: deque[int] = deque()  # offsets handed out and not yet below the watermark
+        self.done: set[int] = set()  # completed offsets above the watermark
+        self.position: int | None = None  # next offset to commit (last contiguous completed + 1)
+        self.committed: int | None = None  # position last handed to commit()
+
+
+class OffsetTracker:
+    """Tracks in-flight offsets and the committable watermark of each assigned partition."""
+
+    def __init__(self) -> None:
+        self._parts: dict[Partition, PartitionState] = {}
+
+    def assign(self, partitions: Iterable[Partition]) -> None:
+        """Start tracking partitions (a re-assigned partition starts clean)."""
+        for tp in partitions:
+            old = self._parts.get(tp)
+            if old is not None:
+                old.alive = False
+            self._parts[tp] = PartitionState(tp)
+
+    def revoke(self, partitions: Iterable[Partition]) -> None:
+        """Forget partitions; completions that arrive for them later are ignored."""
+        for tp in partitions:
+            state = self._parts.pop(tp, None)
+            if state is not None:
+                state.alive = False
+
+    def __contains__(self, tp: object) -> bool:
+        return tp in self._parts
+
+    def state(self, tp: Partition) -> PartitionState:
+        return self._parts[tp]
+
+    def partitions(self) -> list[Partition]:
+        return list(self._parts)
+
+    def add(self, tp: Partition, offset: int) -> PartitionState | None:
+        """Record a fetched offset; None when the partition is not ours or the offset is already handled.
+
+        The returned state goes with the message and comes back to :meth:`complete`.
+        """
+        state = self._parts.get(tp)
+        if state is None:
+            return None
+        if state.pending:
+            if offset <= state.pending[-1]:
+                return None  # a redelivery of an offset already in flight
+        elif state.position is not None and offset < state.position:
+            return None  # a redelivery of an offset already completed
+        state.pending.append(offset)
+        return state
+
+    @staticmethod
+    def complete(state: PartitionState, offset: int) -> bool:
+        """Mark an offset done; False when its assignment was revoked since (a late completion)."""
+        if not state.alive:
+            return False
+        pending = state.pending
+        if not pending or offset < pending[0]:
+            return True  # already below the watermark (a duplicate completion)
+        if offset != pending[0]:
+            state.done.add(offset)
+            return True
+        pending.popleft()
+        last = offset
+        done = state.done
+        while pending and pending[0] in done:
+            last = pending.popleft()
+            done.discard(last)
+        state.position = last + 1
+        return True
+
+    def outstanding(self, tp: Partition) -> list[int]:
+        """Offsets handed out for ``tp`` and not yet completed."""
+        state = self._parts.get(tp)
+        if state is None:
+            return []
+        return [o for o in state.pending if o not in state.done]
+
+    def in_flight(self) -> int:
+        """Offsets handed out and not completed, over all partitions."""
+        return sum(len(s.pending) - len(s.done) for s in self._parts.values())
+
+    def position(self, tp: Partition) -> int | None:
+        """The offset a commit would store for ``tp`` (None before its first completion)."""
+        state = self._parts.get(tp)
+        return None if state is None else state.position
+
+    def uncommitted(self, partitions: Iterable[Partition] | None = None) -> Iterator[tuple[Partition, int]]:
+        """Partitions whose watermark moved since the last :meth:`mark_committed`."""
+        for tp in self._parts if partitions is None else partitions:
+            state = self._parts.get(tp)
+            if state is not None and state.position is not None and state.position != state.committed:
+                yield tp, state.position
+
+    def mark_committed(self, tp: Partition, position: int) -> None:
+        state = self._parts.get(tp)
+        if state is not None:
+            state.committed = position

@@ -1,0 +1,30 @@
+"""The once-a-second status line: threads busy, paused or running, throughput, in-flight, failures."""
+
+from __future__ import annotations
+
+from mtc75.cli import paint
+from mtc75.engine import Stats
+
+BUSY_WARN = 0.8  # fraction of threads busy from which the line turns yellow
+
+
+def status_color(stats: Stats) -> str:
+    """Red while paused, yellow at 80 % of threads busy and more, green below."""
+    if stats.paused:
+        return "red"
+    if stats.active_threads >= BUSY_WARN * stats.max_thread_count:
+        return "yellow"
+    return "green"
+
+
+def format_status(stats: Stats, color: bool) -> str:
+    if stats.paused:
+        state = f"PAUSED {stats.paused_for:4.1f}s (re-check in {stats.next_check_in:.1f}s)"
+    else:
+        state = "running"
+    line = (
+        f"threads {stats.active_threads:>3}/{stats.max_thread_count:<3} {state} | "
+        f"processed {stats.processed} ({stats.rate:,.0f}/s) | in-flight {stats.in_flight} "
+        f"(waiting {stats.backlog}) | pauses {stats.pauses} | failed {stats.failed}"
+    )
+    return paint(line, status_color(stats), color, bold=stats.paused)

@@ -1,0 +1,73 @@
+"""Topic checks and creation, with "already exists" treated as success."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
+
+from mtc75.errors import KafkaUnavailable, Mtc75Error
+
+logger = logging.getLogger(__name__)
+
+METADATA_TIMEOUT = 10.0
+
+
+def fetch_metadata(client: Any, bootstrap: str, topic: str | None = None) -> ClusterMetadata:
+    """Cluster metadata, or one KafkaUnavailable line with the hint to start a broker."""
+    try:
+        return client.list_topics(topic, timeout=METADATA_TIMEOUT)
+    except KafkaException as err:
+        raise KafkaUnavailable(
+            f"cannot reach Kafka at {bootstrap} within {METADATA_TIMEOUT:.0f}s ({err.args[0].str()}); "
+            "start one with 'make broker' or set KAFKA_BOOTSTRAP_SERVERS"
+        ) from None
+
+
+def require_topic(client: Any, bootstrap: str, topic: str) -> int:
+    """The partition count of an existing topic; KafkaUnavailable when it is missing."""
+    info = fetch_metadata(client, bootstrap, topic).topics.get(topic)
+    if info is None or info.error is not None:
+        raise KafkaUnavailable(
+            f"topic {topic!r} does not exist on {bootstrap}; create it with 'python create_topic.py'"
+        )
+    return len(info.partitions)
+
+
+def create_topic(
+    conf: Mapping[str, Any], topic: str, partitions: int, replication_factor: int, timeout: float = 30.0
+) -> bool:
+    """Create ``topic`` and wait until metadata shows it; False when it already existed."""
+    admin = AdminClient(dict(conf))
+    bootstrap = str(conf.get("bootstrap.servers"))
+    fetch_metadata(admin, bootstrap)
+    future = admin.create_topics(
+        [NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor)],
+        operation_timeout=timeout, request_timeout=timeout,
+    )[topic]
+    try:
+        future.result(timeout=timeout)
+        created = True
+    except KafkaException as err:
+        kerr: KafkaError = err.args[0]
+        if kerr.code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise Mtc75Error(f"cannot create topic {topic!r}: {kerr.str()}") from None
+        created = False
+    deadline = time.monotonic() + timeout
+    while True:
+        info = fetch_metadata(admin, bootstrap, topic).topics.get(topic)
+        if info is not None and info.error is None and info.partitions:
+            if created and len(info.partitions) == partitions:
+                return True
+            if not created:
+                if len(info.partitions) != partitions:
+                    logger.warning("topic %s already has %d partitions, not %d", topic, len(info.partitions),
+                                   partitions)
+                return False
+        if time.monotonic() >= deadline:
+            raise Mtc75Error(f"topic {topic!r} was created but did not appear in metadata within {timeout:.0f}s")
+        time.sleep(0.05)  # metadata propagation on the broker: short, bounded by the deadline

@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Send Faker records (JSON, keyed by id) to the MTC75 topic: "tons of messages" for the consumer."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from types import FrameType
+
+from mtc75.cli import base_parser, paint, resolve, run_main, setup_logging, use_color
+from mtc75.produce import ProducerStats, produce
+
+PROG = "producer.py"
+SETTINGS = ("BOOTSTRAP_SERVERS", "TOPIC", "PRODUCER_MESSAGE_COUNT", "PRODUCER_SLEEP")
+EPILOG = """examples:
+  python producer.py                      # PRODUCER_MESSAGE_COUNT records from config.py, as fast as possible
+  python producer.py --count 0 --producer-sleep 0.01   # about 100 records/s until Ctrl-C
+"""
+
+
+def _line(stats: ProducerStats, final: bool) -> str:
+    head = "done:" if final else "producing:"
+    return (
+        f"{head} sent {stats.sent} delivered {stats.delivered} failed {stats.failed} "
+        f"({stats.rate:,.0f} msg/s, {stats.elapsed:.1f}s)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(PROG, __doc__ or "", EPILOG, SETTINGS)
+    parser.add_argument("--count", dest="PRODUCER_MESSAGE_COUNT", metavar="N", help="alias of --producer-message-count")
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        setup_logging(args.verbose, args.quiet)
+        settings, props = resolve(args, SETTINGS)
+        color = use_color()
+        stop = threading.Event()
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            stop.set()  # produce() stops and flushes what is queued
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+        def progress(stats: ProducerStats) -> None:
+            print(paint(_line(stats, final=False), "cyan", color), flush=True)
+
+        stats = produce(
+            settings.producer_config(props), settings.TOPIC, settings.PRODUCER_MESSAGE_COUNT,
+            settings.PRODUCER_SLEEP, stop, progress,
+        )
+        ok = stats.failed == 0
+        print(paint(_line(stats, final=True), "green" if ok else "red", color, bold=True), flush=True)
+        if not ok and stats.last_error:
+            print(f"{PROG}: error: {stats.failed} messages failed, last: {stats.last_error}", file=sys.stderr)
+        return 0 if ok else 1
+
+    return run_main(run, PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
