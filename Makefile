@@ -1,0 +1,45 @@
+# MTC75: everything a fresh machine needs comes from here (venv, pinned packages, Kafka via Maven).
+# make demo   - the main job: local Kafka, topic, consumer + producer burst, summary; ends by itself
+# make test   - the whole test suite against a local Kafka it starts and stops itself
+# make broker / make broker-stop - a local Kafka for the three-terminal flow (KAFKA_PORT, default 9092)
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+KAFKA_PORT ?= 9092
+export KAFKA_PORT
+
+.PHONY: all setup kafka demo test lint broker broker-stop broker-status clean
+
+all: setup
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+kafka: setup
+	$(PY) -m mtc75.broker fetch
+
+demo: kafka
+	$(PY) -m mtc75.demo --port $(KAFKA_PORT)
+
+test: kafka lint
+	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff check .
+
+broker: kafka
+	$(PY) -m mtc75.broker start --port $(KAFKA_PORT)
+
+broker-stop: setup
+	$(PY) -m mtc75.broker stop --port $(KAFKA_PORT)
+
+broker-status: setup
+	$(PY) -m mtc75.broker status --port $(KAFKA_PORT)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

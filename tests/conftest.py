@@ -1,0 +1,52 @@
+"""Fixtures: one real Kafka for the session (local unless KAFKA_BOOTSTRAP_SERVERS names one), unique topics."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from mtc75.broker import LocalKafka
+from mtc75.topics import create_topic
+
+TEST_PORT = int(os.environ.get("MTC75_TEST_KAFKA_PORT", "39092"))
+
+
+@pytest.fixture(scope="session")
+def local_kafka() -> Iterator[LocalKafka | None]:
+    """The broker this session started (None when the suite runs against an external cluster)."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield None
+        return
+    broker = LocalKafka(port=TEST_PORT)
+    broker.fetch()
+    started = broker.start()
+    try:
+        yield broker
+    finally:
+        if started:
+            broker.stop()
+
+
+@pytest.fixture(scope="session")
+def bootstrap(local_kafka: LocalKafka | None) -> str:
+    return local_kafka.bootstrap if local_kafka is not None else os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+
+
+@pytest.fixture
+def unique() -> Callable[[str], str]:
+    """Names no other test (or earlier run) uses: topics and groups are never shared."""
+    run = uuid.uuid4().hex[:8]
+    return lambda prefix: f"{prefix}-{run}"
+
+
+@pytest.fixture
+def make_topic(bootstrap: str, unique: Callable[[str], str]) -> Callable[..., str]:
+    def make(partitions: int = 3, prefix: str = "t") -> str:
+        topic = unique(prefix)
+        create_topic({"bootstrap.servers": bootstrap}, topic, partitions, 1)
+        return topic
+
+    return make

@@ -1,0 +1,101 @@
+"""Small, bounded helpers the broker tests share: produce numbered messages, read offsets, wait."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def produce_numbered(bootstrap: str, topic: str, count: int, key_prefix: str = "k") -> None:
+    """``count`` small JSON messages keyed so they spread over the partitions; all delivered or raise."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    failures: list[str] = []
+
+    def report(err: object, _msg: object) -> None:
+        if err is not None:
+            failures.append(str(err))
+
+    for i in range(count):
+        while True:
+            try:
+                value = json.dumps({"id": i}).encode()
+                producer.produce(topic, key=f"{key_prefix}{i}", value=value, on_delivery=report)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        producer.poll(0)
+    left = producer.flush(30)
+    assert left == 0 and not failures, f"produce failed: {left} undelivered, {failures[:3]}"
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "mtc75-test-probe"})
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+    finally:
+        consumer.close()
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        result = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+        return {tp.partition: tp.offset for tp in result}
+    finally:
+        consumer.close()
+
+
+def all_offsets(ends: dict[int, int]) -> set[tuple[int, int]]:
+    return {(p, o) for p, end in ends.items() for o in range(end)}
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, step: float = 0.05, what: str = "condition") -> None:
+    """Poll ``condition`` until true; fail the test (never hang) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(step)
+
+
+def script_env(bootstrap: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MTC75_")}
+    env.update({"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}, **extra)
+    return env
+
+
+def run_script(name: str, *args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / name), *args], env=env, cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def start_script(name: str, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / name), *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+
+
+def read_records(path: Path) -> list[tuple[int, int]]:
+    """``partition:offset`` lines written by tests.recording_handler."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.count(":") == 1:
+            p, o = line.split(":")
+            out.append((int(p), int(o)))
+    return out

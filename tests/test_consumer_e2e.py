@@ -1,0 +1,162 @@
+"""The engine against the real broker: bounded concurrency, pauses, exactly-once in a clean run, commits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from mtc75.engine import Mtc75Consumer, Stats
+from mtc75.settings import Settings
+from tests.kafka_helpers import all_offsets, committed_offsets, end_offsets, produce_numbered, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class Recorder:
+    """A handler that sleeps like real I/O and records what ran and how many ran at once."""
+
+    def __init__(self, sleep: float, slow: Callable[[Any], float] | None = None) -> None:
+        self._sleep = sleep
+        self._slow = slow
+        self._lock = threading.Lock()
+        self._current = 0
+        self.peak = 0
+        self.handled: list[tuple[int, int]] = []
+
+    def __call__(self, msg: Any) -> None:
+        with self._lock:
+            self._current += 1
+            self.peak = max(self.peak, self._current)
+        try:
+            time.sleep(self._slow(msg) if self._slow else self._sleep)
+        finally:
+            with self._lock:
+                self._current -= 1
+                self.handled.append((msg.partition(), msg.offset()))
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.handled)
+
+
+def _settings(bootstrap: str, topic: str, group: str, **kw: Any) -> Settings:
+    base = {"BOOTSTRAP_SERVERS": bootstrap, "TOPIC": topic, "GROUP_ID": group, "COMMIT_INTERVAL": 0.2}
+    base.update(kw)
+    return Settings().replace(**base)
+
+
+def test_saturated_run_handles_each_message_once_within_the_bound_and_commits_to_the_end(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str]
+) -> None:
+    topic, group, n, threads = make_topic(partitions=3), unique("g"), 400, 4
+    produce_numbered(bootstrap, topic, n)
+    recorder = Recorder(sleep=0.01)
+    statuses: list[Stats] = []
+    consumer = Mtc75Consumer(
+        _settings(bootstrap, topic, group, MAX_THREAD_COUNT=threads, PAUSE_INTERVAL=0.2),
+        recorder, max_messages=n, on_status=statuses.append, status_interval=0.2,
+    )
+    stats = consumer.run()
+
+    ends = end_offsets(bootstrap, topic)
+    assert sum(ends.values()) == n
+    counts = Counter(recorder.handled)
+    assert set(counts) == all_offsets(ends)  # nothing lost
+    assert max(counts.values()) == 1  # nothing handled twice in a clean run
+    assert 1 < recorder.peak <= threads  # observed inside the handler
+    assert stats.max_active_threads <= threads
+    assert stats.processed == n and stats.failed == 0
+    assert stats.pauses >= 1  # the backlog filled while every thread was busy
+    assert any(s.paused for s in statuses)
+    assert committed_offsets(bootstrap, group, topic) == ends
+
+
+def test_handler_failures_are_counted_and_do_not_stall_the_partition(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str]
+) -> None:
+    topic, group, n = make_topic(partitions=1), unique("g"), 50
+    produce_numbered(bootstrap, topic, n)
+
+    def handler(msg: Any) -> None:
+        if msg.offset() % 10 == 3:
+            raise ValueError("bad record")
+
+    stats = Mtc75Consumer(_settings(bootstrap, topic, group, MAX_THREAD_COUNT=3), handler, max_messages=n).run()
+    assert stats.processed == n
+    assert stats.failed == 5
+    assert committed_offsets(bootstrap, group, topic) == {0: n}
+
+
+@pytest.mark.parametrize("strategy", ["range", "cooperative-sticky"])
+def test_handler_longer_than_max_poll_interval_does_not_evict_while_saturated(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], strategy: str
+) -> None:
+    topic, group, n = make_topic(partitions=2), unique("g"), 12
+    produce_numbered(bootstrap, topic, n)
+    # Two threads, and the first two messages each take longer than max.poll.interval.ms.
+    slow_offsets = {(0, 0), (1, 0)}
+    recorder = Recorder(0.05, slow=lambda m: 8.0 if (m.partition(), m.offset()) in slow_offsets else 0.05)
+    overrides = {
+        "session.timeout.ms": "6000",
+        "max.poll.interval.ms": "6000",
+        "heartbeat.interval.ms": "1000",
+        "partition.assignment.strategy": strategy,
+    }
+    consumer = Mtc75Consumer(
+        _settings(bootstrap, topic, group, MAX_THREAD_COUNT=2, PAUSE_INTERVAL=0.5, MAX_BACKLOG=2),
+        recorder, overrides=overrides, max_messages=n,
+    )
+    assignments: list[str] = []
+    original_assign, original_lost = consumer._on_assign, consumer._on_lost
+    consumer._on_assign = lambda c, p: (assignments.append("assign"), original_assign(c, p))[1]  # type: ignore
+    consumer._on_lost = lambda c, p: (assignments.append("lost"), original_lost(c, p))[1]  # type: ignore
+    started = time.monotonic()
+    stats = consumer.run()
+    assert time.monotonic() - started > 8.0  # the slow handlers really ran past max.poll.interval.ms
+    assert stats.pauses >= 1
+    assert assignments.count("lost") == 0
+    assert assignments.count("assign") == 1  # never kicked out, so never re-assigned
+    assert Counter(recorder.handled) == Counter(all_offsets(end_offsets(bootstrap, topic)))  # no redelivery
+    assert committed_offsets(bootstrap, group, topic) == end_offsets(bootstrap, topic)
+
+
+@pytest.mark.parametrize("strategy", ["range", "cooperative-sticky"])
+def test_two_consumers_one_leaves_mid_run_nothing_lost(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], strategy: str
+) -> None:
+    topic, group, n = make_topic(partitions=4), unique("g"), 800
+    produce_numbered(bootstrap, topic, n)
+    shared = Recorder(0.005)
+    settings = _settings(bootstrap, topic, group, MAX_THREAD_COUNT=4, PAUSE_INTERVAL=0.2)
+    overrides = {"partition.assignment.strategy": strategy}
+    leaver = Mtc75Consumer(settings, shared, overrides=overrides)
+    stayer = Mtc75Consumer(settings, shared, overrides=overrides)
+    results: dict[str, Stats] = {}
+    threads = [
+        threading.Thread(target=lambda: results.__setitem__("leaver", leaver.run())),
+        threading.Thread(target=lambda: results.__setitem__("stayer", stayer.run())),
+    ]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: shared.count() >= 150, timeout=60, what="150 messages handled")
+        leaver.stop()  # leaves the group mid-run, with work in flight
+        threads[0].join(timeout=60)
+        assert not threads[0].is_alive()
+        ends = end_offsets(bootstrap, topic)
+        wanted = all_offsets(ends)
+        wait_until(lambda: wanted <= set(shared.handled), timeout=90, what="every offset handled")
+        wait_until(lambda: committed_offsets(bootstrap, group, topic) == ends, timeout=30, what="commits at end")
+    finally:
+        leaver.stop()
+        stayer.stop()
+        for t in threads:
+            t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert results["leaver"].processed > 0 and results["stayer"].processed > 0
+    assert set(shared.handled) == wanted

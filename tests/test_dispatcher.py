@@ -1,0 +1,126 @@
+"""Dispatcher without a broker: the permit bound holds, failures are contained, purge keeps order."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from mtc75.dispatcher import Dispatcher, Permits, Work
+from mtc75.offsets import OffsetTracker
+from tests.kafka_helpers import wait_until
+
+
+class FakeMessage:
+    def __init__(self, partition: int, offset: int) -> None:
+        self._p, self._o = partition, offset
+
+    def topic(self) -> str:
+        return "t"
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+
+def _work(tracker: OffsetTracker, partition: int, offsets: range) -> list[Work]:
+    items = []
+    for o in offsets:
+        state = tracker.add(("t", partition), o)
+        assert state is not None
+        items.append(Work(FakeMessage(partition, o), state, o))
+    return items
+
+
+def _concurrency_probe(sleep: float) -> tuple[Callable[[object], None], list[int]]:
+    lock = threading.Lock()
+    current = [0]
+    peak = [0]
+
+    def handler(_msg: object) -> None:
+        with lock:
+            current[0] += 1
+            peak[0] = max(peak[0], current[0])
+        time.sleep(sleep)
+        with lock:
+            current[0] -= 1
+
+    return handler, peak
+
+
+def test_never_more_handlers_than_permits_and_every_message_runs_once() -> None:
+    handler, peak = _concurrency_probe(0.002)
+    tracker = OffsetTracker()
+    tracker.assign([("t", 0), ("t", 1)])
+    d = Dispatcher(handler, max_thread_count=5)
+    try:
+        for start in range(0, 200, 20):  # batches arrive while workers are busy
+            d.put(_work(tracker, 0, range(start, start + 10)) + _work(tracker, 1, range(start, start + 10)))
+        seen: list[tuple[int, int]] = []
+
+        def drained() -> bool:
+            while d.completions:
+                w = d.completions.popleft()
+                seen.append((w.message.partition(), w.offset))
+            return len(seen) >= 200
+
+        wait_until(drained, timeout=30, what="200 completions")
+        assert sorted(seen) == sorted({(p, o) for p in (0, 1) for s in range(0, 200, 20) for o in range(s, s + 10)})
+        assert peak[0] <= 5
+        assert d.max_active_threads <= 5
+        assert d.wait_idle(5) and d.active_thread_count == 0
+    finally:
+        d.shutdown(wait=True)
+
+
+def test_handler_exception_marks_failed_and_the_worker_goes_on() -> None:
+    def handler(msg: FakeMessage) -> None:
+        if msg.offset() % 2:
+            raise RuntimeError("boom")
+
+    tracker = OffsetTracker()
+    tracker.assign([("t", 0)])
+    d = Dispatcher(handler, max_thread_count=2)
+    try:
+        d.put(_work(tracker, 0, range(10)))
+        assert d.wait_idle(10)
+        done = list(d.completions)
+        assert len(done) == 10
+        assert sorted(w.offset for w in done if w.failed) == [1, 3, 5, 7, 9]
+    finally:
+        d.shutdown(wait=True)
+
+
+def test_purge_drops_only_unstarted_messages_of_the_given_assignment() -> None:
+    gate = threading.Event()
+    tracker = OffsetTracker()
+    tracker.assign([("t", 0), ("t", 1)])
+    d = Dispatcher(lambda _m: gate.wait(10), max_thread_count=1)
+    try:
+        d.put(_work(tracker, 0, range(3)) + _work(tracker, 1, range(3)))
+        wait_until(lambda: d.backlog == 5, timeout=5, what="one message started")
+        dropped = d.purge([tracker.state(("t", 1))])
+        assert [(w.message.partition(), w.offset) for w in dropped] == [(1, 0), (1, 1), (1, 2)]
+        assert d.backlog == 2
+        gate.set()
+        assert d.wait_idle(10)
+        assert sorted(w.offset for w in d.completions) == [0, 1, 2]
+    finally:
+        gate.set()
+        d.shutdown(wait=True)
+
+
+def test_permits_bound_and_errors() -> None:
+    p = Permits(3)
+    assert p.acquire(5) == 3 and p.free == 0
+    p.release()
+    assert p.acquire(1) == 1 and p.max_in_use == 3
+    with pytest.raises(ValueError, match="max_thread_count must be >= 1, got 0"):
+        Permits(0)
+    empty = Permits(1)
+    with pytest.raises(RuntimeError):
+        empty.release()

@@ -1,0 +1,66 @@
+"""PauseGate: pause only when saturated, stay paused an interval, never idle the pool."""
+
+from __future__ import annotations
+
+import pytest
+
+from mtc75.gate import PauseGate
+
+
+def test_no_pause_while_a_thread_is_free_or_backlog_is_short() -> None:
+    gate = PauseGate(pause_interval=1.0, max_backlog=1000)
+    low, high = gate.watermarks(limit=4)
+    assert (low, high) == (4, 8)  # before any throughput is known
+    assert not gate.should_pause(active=3, limit=4, backlog=100)
+    assert not gate.should_pause(active=4, limit=4, backlog=high - 1)
+    assert gate.should_pause(active=4, limit=4, backlog=high)
+
+
+def test_pause_lasts_at_least_one_interval_then_resumes_when_drained() -> None:
+    gate = PauseGate(pause_interval=1.0, max_backlog=1000)
+    gate.start_pause(now=10.0)
+    assert gate.pauses == 1
+    # threads still busy, backlog at the low watermark, but the interval has not passed
+    assert not gate.should_resume(now=10.5, active=4, limit=4, backlog=4)
+    assert gate.should_resume(now=11.0, active=4, limit=4, backlog=4)
+    assert gate.end_pause(now=11.0) == pytest.approx(1.0)
+    assert gate.paused_seconds == pytest.approx(1.0)
+    assert not gate.paused
+
+
+def test_still_saturated_after_the_interval_stays_paused_another_interval() -> None:
+    gate = PauseGate(pause_interval=1.0, max_backlog=1000)
+    gate.start_pause(now=0.0)
+    assert not gate.should_resume(now=1.0, active=4, limit=4, backlog=50)
+    assert gate.extensions == 1
+    assert gate.next_check_in(now=1.2) == pytest.approx(0.8)
+    assert not gate.should_resume(now=1.5, active=4, limit=4, backlog=4)  # mid-interval: wait
+    assert gate.should_resume(now=2.0, active=4, limit=4, backlog=4)
+
+
+def test_resumes_early_when_the_pool_would_otherwise_idle() -> None:
+    gate = PauseGate(pause_interval=5.0, max_backlog=1000)
+    gate.start_pause(now=0.0)
+    assert not gate.should_resume(now=0.1, active=4, limit=4, backlog=0)  # all busy: nothing lost yet
+    assert gate.should_resume(now=0.2, active=3, limit=4, backlog=0)  # a thread is free and nothing waits
+
+
+def test_watermarks_follow_throughput_and_respect_the_cap() -> None:
+    gate = PauseGate(pause_interval=0.5, max_backlog=3000)
+    gate.observe(0.0, 0)
+    gate.observe(1.0, 2000)  # 2000 msg/s
+    assert gate.rate == pytest.approx(2000)
+    low, high = gate.watermarks(limit=10)
+    assert low == 100  # 50 ms of work to bridge the refetch
+    assert high == 1100  # plus one pause interval of work
+    gate.observe(2.0, 12000)  # 10 000 msg/s now -> smoothed 6000
+    low, high = gate.watermarks(limit=10)
+    assert high == 3000  # capped by max_backlog
+    assert low <= high
+
+
+def test_invalid_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="pause_interval must be > 0"):
+        PauseGate(pause_interval=0, max_backlog=10)
+    with pytest.raises(ValueError, match="max_backlog must be >= 1"):
+        PauseGate(pause_interval=1, max_backlog=0)

@@ -1,0 +1,93 @@
+"""OffsetTracker: only the contiguous completed prefix is committable."""
+
+from __future__ import annotations
+
+from mtc75.offsets import OffsetTracker
+
+TP = ("t", 0)
+
+
+def _tracker(offsets: list[int]) -> tuple[OffsetTracker, dict[int, object]]:
+    tracker = OffsetTracker()
+    tracker.assign([TP])
+    states = {}
+    for o in offsets:
+        state = tracker.add(TP, o)
+        assert state is not None
+        states[o] = state
+    return tracker, states
+
+
+def test_out_of_order_completion_commits_only_contiguous_prefix() -> None:
+    tracker, states = _tracker([0, 1, 2, 3])
+    assert tracker.position(TP) is None
+    tracker.complete(states[2], 2)
+    tracker.complete(states[1], 1)
+    assert tracker.position(TP) is None  # 0 still running: nothing is safe to commit
+    tracker.complete(states[0], 0)
+    assert tracker.position(TP) == 3  # 0,1,2 done -> next to read is 3
+    assert tracker.outstanding(TP) == [3]
+    tracker.complete(states[3], 3)
+    assert tracker.position(TP) == 4
+    assert tracker.in_flight() == 0
+
+
+def test_gaps_in_offsets_do_not_block_the_watermark() -> None:
+    # compaction or transaction markers leave holes: 5 follows 1
+    tracker, states = _tracker([0, 1, 5, 6])
+    for o in (6, 5, 0):
+        tracker.complete(states[o], o)
+    assert tracker.position(TP) == 1
+    tracker.complete(states[1], 1)
+    assert tracker.position(TP) == 7
+
+
+def test_uncommitted_reports_each_moved_watermark_once() -> None:
+    tracker, states = _tracker([10, 11])
+    assert list(tracker.uncommitted()) == []
+    tracker.complete(states[10], 10)
+    assert list(tracker.uncommitted()) == [(TP, 11)]
+    tracker.mark_committed(TP, 11)
+    assert list(tracker.uncommitted()) == []
+    tracker.complete(states[11], 11)
+    assert list(tracker.uncommitted()) == [(TP, 12)]
+
+
+def test_late_completion_after_revoke_is_dropped() -> None:
+    tracker, states = _tracker([0, 1])
+    tracker.revoke([TP])
+    assert TP not in tracker
+    assert tracker.complete(states[0], 0) is False
+    assert list(tracker.uncommitted()) == []
+
+
+def test_completion_from_an_earlier_assignment_does_not_touch_the_new_one() -> None:
+    tracker, states = _tracker([0, 1])
+    tracker.revoke([TP])
+    tracker.assign([TP])
+    new = tracker.add(TP, 0)
+    assert new is not None
+    assert tracker.complete(states[0], 0) is False  # the old assignment's handler finished late
+    assert tracker.position(TP) is None
+    assert tracker.outstanding(TP) == [0]
+
+
+def test_unowned_partition_and_redelivered_offsets_are_refused() -> None:
+    tracker, states = _tracker([3, 4])
+    assert tracker.add(("t", 9), 0) is None
+    assert tracker.add(TP, 4) is None  # already in flight
+    tracker.complete(states[3], 3)
+    tracker.complete(states[4], 4)
+    assert tracker.add(TP, 4) is None  # already completed
+    assert tracker.add(TP, 5) is not None
+
+
+def test_duplicate_completion_is_harmless() -> None:
+    tracker, states = _tracker([0, 1, 2])
+    tracker.complete(states[1], 1)
+    tracker.complete(states[1], 1)
+    assert tracker.in_flight() == 2
+    tracker.complete(states[0], 0)
+    tracker.complete(states[0], 0)
+    assert tracker.position(TP) == 2
+    assert tracker.in_flight() == 1

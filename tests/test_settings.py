@@ -1,0 +1,111 @@
+"""Settings: one override rule (config.py < MTC75_X < --flag), validated once, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import config as shipped_config
+from mtc75.errors import ConfigError
+from mtc75.settings import Settings, load_settings, parse_properties
+
+
+def _config(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "config.py"
+    path.write_text(body)
+    return path
+
+
+def test_shipped_config_py_matches_the_defaults() -> None:
+    defaults = Settings()
+    for name in dir(shipped_config):
+        if name.isupper():
+            assert getattr(shipped_config, name) == getattr(defaults, name), name
+
+
+def test_precedence_config_then_env_then_flag(tmp_path: Path) -> None:
+    path = _config(tmp_path, "MAX_THREAD_COUNT = 10\nPAUSE_INTERVAL = 2\n")
+    assert load_settings(path, env={}).MAX_THREAD_COUNT == 10
+    assert load_settings(path, env={"MTC75_MAX_THREAD_COUNT": "20"}).MAX_THREAD_COUNT == 20
+    s = load_settings(path, env={"MTC75_MAX_THREAD_COUNT": "20"}, flags={"MAX_THREAD_COUNT": "30"})
+    assert s.MAX_THREAD_COUNT == 30
+    assert s.PAUSE_INTERVAL == 2.0 and isinstance(s.PAUSE_INTERVAL, float)
+
+
+def test_kafka_bootstrap_servers_env_and_the_more_specific_name(tmp_path: Path) -> None:
+    assert load_settings(None, env={"KAFKA_BOOTSTRAP_SERVERS": "h:1"}).BOOTSTRAP_SERVERS == "h:1"
+    env = {"KAFKA_BOOTSTRAP_SERVERS": "h:1", "MTC75_BOOTSTRAP_SERVERS": "h:2"}
+    assert load_settings(None, env=env).BOOTSTRAP_SERVERS == "h:2"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("MAX_THREAD_COUNT", "0", "invalid MAX_THREAD_COUNT='0' (from --max-thread-count): must be >= 1"),
+        ("MAX_THREAD_COUNT", "many", "must be an integer"),
+        ("PAUSE_INTERVAL", "0", "must be > 0"),
+        ("PROCESSING_SLEEP", "-1", "must be >= 0"),
+        ("PROCESSING_SLEEP", "nan", "must be a finite number"),
+        ("AUTO_OFFSET_RESET", "oldest", "must be one of earliest, latest, error"),
+        ("TOPIC", "  ", "must not be empty"),
+    ],
+)
+def test_bad_flag_values_name_setting_value_and_source(name: str, value: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env={}, flags={name: value})
+    message = str(info.value)
+    assert fragment in message
+    assert "\n" not in message
+    assert info.value.exit_code == 2
+
+
+def test_bad_env_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match=r"from MTC75_MAX_BACKLOG"):
+        load_settings(None, env={"MTC75_MAX_BACKLOG": "-5"})
+
+
+def test_config_file_typo_syntax_error_and_bad_type(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown setting MAX_THREADS"):
+        load_settings(_config(tmp_path, "MAX_THREADS = 5\n"), env={})
+    with pytest.raises(ConfigError, match=r"config.py:2: syntax error"):
+        load_settings(_config(tmp_path, "X = 1\nMAX_THREAD_COUNT = = 3\n"), env={})
+    with pytest.raises(ConfigError, match=r"invalid CONSUMER_CONFIG"):
+        load_settings(_config(tmp_path, "CONSUMER_CONFIG = 'fetch.wait.max.ms=5'\n"), env={})
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "missing.py", env={})
+
+
+def test_librdkafka_dicts_layering_and_callers_dicts_untouched(tmp_path: Path) -> None:
+    path = _config(tmp_path, "CONSUMER_CONFIG = {'fetch.wait.max.ms': '50', 'client.id': 'a'}\n")
+    settings = load_settings(path, env={})
+    overrides = {"client.id": "b"}
+    conf = settings.consumer_config(overrides)
+    assert conf["fetch.wait.max.ms"] == "50"
+    assert conf["client.id"] == "b"  # -X wins over CONSUMER_CONFIG
+    assert conf["enable.auto.offset.store"] is False
+    conf["group.id"] = "changed"
+    assert settings.consumer_config()["group.id"] == settings.GROUP_ID
+    assert overrides == {"client.id": "b"}
+    with pytest.raises(TypeError):
+        settings.CONSUMER_CONFIG["x"] = "y"  # type: ignore[index]
+
+
+def test_auto_commit_cannot_be_switched_on() -> None:
+    with pytest.raises(ConfigError, match="enable.auto.offset.store=true is not supported"):
+        Settings().consumer_config({"enable.auto.offset.store": "true"})
+
+
+def test_x_properties_parse_like_kcat() -> None:
+    assert parse_properties(["a=1", "b.c=x=y", "d="]) == {"a": "1", "b.c": "x=y", "d": ""}
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_properties(["novalue"])
+
+
+def test_settings_are_frozen_and_replace_validates() -> None:
+    s = Settings()
+    with pytest.raises(AttributeError):
+        s.MAX_THREAD_COUNT = 3  # type: ignore[misc]
+    assert s.replace(MAX_THREAD_COUNT=3).MAX_THREAD_COUNT == 3
+    with pytest.raises(ConfigError):
+        s.replace(MAX_THREAD_COUNT=0)
