@@ -107,6 +107,7 @@ class Mtc75Consumer:
         self._rate = 0.0
         self._rate_mark = (0.0, 0)
         self._error_quiet_until: dict[int, float] = {}
+        self._connected = False  # set once the start-up metadata check passed
         self.abandoned = 0  # handlers still running when shutdown gave up waiting
 
     # -- public -------------------------------------------------------------------------------------
@@ -127,6 +128,7 @@ class Mtc75Consumer:
         self._dispatcher = Dispatcher(self._handler, self._settings.MAX_THREAD_COUNT)
         try:
             self._check_topic()
+            self._connected = True
             consumer.subscribe(
                 [self._settings.TOPIC], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
             )
@@ -403,6 +405,9 @@ class Mtc75Consumer:
         if err.fatal():
             logger.error("fatal Kafka error: %s", err)
             self.stop()
+            return
+        if not self._connected:
+            logger.debug("Kafka: %s", err.str())  # the start-up check reports this as one error line
             return
         # librdkafka retries by itself and repeats the same error on every attempt: say it once a while.
         now = time.monotonic()

@@ -1,0 +1,36 @@
+"""`make demo` is the main job: it must work from the README, end by itself and show the pause."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.kafka_helpers import ROOT
+
+DEMO_PORT = os.environ.get("MTC75_TEST_DEMO_PORT", "39192")
+
+
+@pytest.mark.timeout(420)
+def test_make_demo_runs_end_to_end_with_its_own_broker() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MTC75_", "KAFKA_"))}
+    env["NO_COLOR"] = "1"
+    if "KAFKA_BOOTSTRAP_SERVERS" in os.environ:  # an external cluster: the demo uses it too
+        env["KAFKA_BOOTSTRAP_SERVERS"] = os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+    result = subprocess.run(
+        ["make", "--no-print-directory", "demo", f"KAFKA_PORT={DEMO_PORT}"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=400,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "PAUSED" in output and "RESUMED" in output
+    assert "threads   4/4" in output  # the status line shows the pool full
+    assert "all 600 messages handled" in output
+    if "KAFKA_BOOTSTRAP_SERVERS" not in env:
+        assert "stopping the local Kafka it started" in output
+        status = subprocess.run(
+            [str(ROOT / ".venv" / "bin" / "python"), "-m", "mtc75.broker", "status", "--port", DEMO_PORT],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert status.returncode != 0  # it stopped what it started

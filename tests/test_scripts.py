@@ -1,0 +1,224 @@
+"""The three scripts as a user runs them: output, exit codes, one-line errors, signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.kafka_helpers import (
+    all_offsets,
+    committed_offsets,
+    end_offsets,
+    produce_numbered,
+    read_records,
+    run_script,
+    script_env,
+    start_script,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _one_error_line(stderr: str, prog: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got: {stderr!r}"
+    assert lines[0].startswith(f"{prog}: error: ")
+    return lines[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_create_topic_then_already_exists_is_success(bootstrap: str, unique: Callable[[str], str]) -> None:
+    env, topic = script_env(bootstrap), unique("created")
+    first = run_script("create_topic.py", "--topic", topic, "--num-partitions", "4", env=env)
+    assert first.returncode == 0, first.stderr
+    assert f"topic {topic} created" in first.stderr
+    assert len(end_offsets(bootstrap, topic)) == 4
+    again = run_script("create_topic.py", "--topic", topic, "--num-partitions", "4", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "already exists" in again.stderr
+
+
+def test_producer_sends_faker_json_keyed_over_partitions(bootstrap: str, make_topic: Callable[..., str]) -> None:
+    from confluent_kafka import Consumer
+
+    topic = make_topic(partitions=3)
+    result = run_script("producer.py", "--topic", topic, "--count", "60", env=script_env(bootstrap))
+    assert result.returncode == 0, result.stderr
+    assert "sent 60 delivered 60 failed 0" in result.stdout
+    ends = end_offsets(bootstrap, topic)
+    assert sum(ends.values()) == 60
+    assert sum(1 for v in ends.values() if v > 0) >= 2  # keys spread over the partitions
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-reader", "auto.offset.reset": "earliest"})
+    consumer.subscribe([topic])
+    records = []
+    deadline = time.monotonic() + 30
+    try:
+        while len(records) < 60 and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None:
+                records.append((msg.key(), json.loads(msg.value())))
+    finally:
+        consumer.close()
+    assert len(records) == 60
+    ids = sorted(r["id"] for _, r in records)
+    assert ids == list(range(1, 61))
+    assert all(key == str(r["id"]).encode() for key, r in records)
+    assert {"name", "email", "address", "company", "timestamp"} <= set(records[0][1])
+
+
+def test_consumer_script_bounded_run_writes_summary_and_plain_status(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    topic, group = make_topic(partitions=2), unique("g")
+    produce_numbered(bootstrap, topic, 120)
+    summary = tmp_path / "summary.json"
+    result = run_script(
+        "mtc75_consumer.py", "--topic", topic, "--group-id", group, "--max-thread-count", "3",
+        "--processing-sleep", "0.02", "--pause-interval", "0.2", "--max-messages", "120",
+        "--summary-json", str(summary), env=script_env(bootstrap), timeout=90,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(summary.read_text())
+    assert data["processed"] == 120 and data["failed"] == 0
+    assert data["max_active_threads"] <= 3
+    assert set(data) >= {"processed", "failed", "pauses", "paused_seconds", "elapsed_seconds", "max_active_threads"}
+    assert "threads " in result.stdout and "summary: processed 120" in result.stdout
+    assert "\x1b[" not in result.stdout  # plain lines when stdout is not a terminal
+    assert committed_offsets(bootstrap, group, topic) == end_offsets(bootstrap, topic)
+
+
+def test_idle_exit_ends_a_run_with_nothing_to_read(bootstrap: str, make_topic: Callable[..., str],
+                                                   unique: Callable[[str], str]) -> None:
+    topic = make_topic(partitions=1)
+    started = time.monotonic()
+    result = run_script("mtc75_consumer.py", "--topic", topic, "--group-id", unique("g"), "--idle-exit", "2",
+                        env=script_env(bootstrap), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert 2 <= time.monotonic() - started < 30
+    assert "summary: processed 0" in result.stdout
+
+
+def test_sigterm_while_saturated_finishes_in_flight_commits_and_restart_redelivers_nothing(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    topic, group, n = make_topic(partitions=2), unique("g"), 80
+    produce_numbered(bootstrap, topic, n)
+    record = tmp_path / "handled.txt"
+    env = script_env(bootstrap, MTC75_TEST_RECORD=str(record), MTC75_TEST_SLEEP="0.3")
+    args = ("--topic", topic, "--group-id", group, "--max-thread-count", "4", "--handler",
+            "tests.recording_handler:handle")
+    proc = start_script("mtc75_consumer.py", *args, env=env)
+    try:
+        wait_until(lambda: len(read_records(record)) >= 8, timeout=60, what="8 handled messages")
+        proc.send_signal(signal.SIGTERM)  # every thread is busy right now
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    first_run = read_records(record)
+    assert len(first_run) < n  # it really stopped early
+    committed = committed_offsets(bootstrap, group, topic)
+    for p, o in first_run:
+        assert committed[p] > o  # everything handled was committed
+
+    rest = run_script("mtc75_consumer.py", *args, "--idle-exit", "3", env=env, timeout=120)
+    assert rest.returncode == 0, rest.stderr
+    counts = Counter(read_records(record))
+    assert set(counts) == all_offsets(end_offsets(bootstrap, topic))  # nothing lost
+    assert max(counts.values()) == 1  # and the restart redelivered nothing
+
+
+def test_second_signal_exits_at_once(bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str],
+                                     tmp_path: Path) -> None:
+    topic, group = make_topic(partitions=1), unique("g")
+    produce_numbered(bootstrap, topic, 10)
+    record = tmp_path / "handled.txt"
+    env = script_env(bootstrap, MTC75_TEST_RECORD=str(record), MTC75_TEST_SLEEP="30")
+    proc = start_script("mtc75_consumer.py", "--topic", topic, "--group-id", group, "--max-thread-count", "2",
+                        "--handler", "tests.recording_handler:handle", env=env)
+    try:
+        wait_until(lambda: "threads   2/2" in (proc.stdout.readline() if proc.stdout else ""), timeout=60,
+                   what="both threads busy")
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)  # let the first signal be handled before the second arrives
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+        assert time.monotonic() - started < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert proc.returncode == 128 + signal.SIGINT
+    assert read_records(record) == []  # the 30 s handlers never finished
+    assert all(o <= 0 for o in committed_offsets(bootstrap, group, topic).values())  # so nothing was committed
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "fragment"),
+    [
+        ("mtc75_consumer.py", ["--max-thread-count", "0"], "invalid MAX_THREAD_COUNT='0' (from --max-thread-count)"),
+        ("mtc75_consumer.py", ["--pause-interval", "soon"], "invalid PAUSE_INTERVAL='soon'"),
+        ("mtc75_consumer.py", ["--handler", "no_such_module:fn"], "cannot import handler module 'no_such_module'"),
+        ("mtc75_consumer.py", ["--handler", "json"], "expected package.module:function"),
+        ("mtc75_consumer.py", ["-X", "nonsense"], "expected key=value"),
+        ("mtc75_consumer.py", ["--max-messages", "0"], "must be >= 1"),
+        ("producer.py", ["--count", "-1"], "invalid PRODUCER_MESSAGE_COUNT='-1'"),
+        ("create_topic.py", ["--num-partitions", "0"], "invalid NUM_PARTITIONS='0'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(script: str, args: list[str], fragment: str) -> None:
+    result = run_script(script, *args, env=script_env("127.0.0.1:1"), timeout=30)
+    assert result.returncode == 2
+    assert fragment in _one_error_line(result.stderr, script)
+
+
+def test_bad_config_file_and_env_value(tmp_path: Path) -> None:
+    bad = tmp_path / "config.py"
+    bad.write_text("MAX_THREAD_COUNT = 'lots'\n")
+    result = run_script("mtc75_consumer.py", "--config", str(bad), env=script_env("127.0.0.1:1"), timeout=30)
+    assert result.returncode == 2
+    assert "invalid MAX_THREAD_COUNT='lots'" in _one_error_line(result.stderr, "mtc75_consumer.py")
+    env = script_env("127.0.0.1:1", MTC75_AUTO_OFFSET_RESET="newest")
+    result = run_script("mtc75_consumer.py", env=env, timeout=30)
+    assert result.returncode == 2
+    assert "from MTC75_AUTO_OFFSET_RESET" in _one_error_line(result.stderr, "mtc75_consumer.py")
+
+
+@pytest.mark.parametrize("script", ["create_topic.py", "producer.py", "mtc75_consumer.py"])
+def test_unreachable_broker_is_a_clear_error_within_15_seconds(script: str) -> None:
+    started = time.monotonic()
+    result = run_script(script, env=script_env(f"127.0.0.1:{_free_port()}"), timeout=30)
+    assert time.monotonic() - started < 15
+    assert result.returncode == 3
+    line = _one_error_line(result.stderr, script)
+    assert "cannot reach Kafka" in line and "make broker" in line
+
+
+def test_unknown_topic_is_a_clear_error(bootstrap: str, unique: Callable[[str], str]) -> None:
+    for script in ("producer.py", "mtc75_consumer.py"):
+        result = run_script(script, "--topic", unique("missing"), env=script_env(bootstrap), timeout=30)
+        assert result.returncode == 3
+        assert "does not exist" in _one_error_line(result.stderr, script)
+
+
+def test_help_has_examples() -> None:
+    for script in ("create_topic.py", "producer.py", "mtc75_consumer.py"):
+        result = run_script(script, "--help", env=script_env("127.0.0.1:1"), timeout=30)
+        assert result.returncode == 0
+        assert "example" in result.stdout and "-X KEY=VALUE" in result.stdout
