@@ -61,7 +61,9 @@ def test_producer_sends_faker_json_keyed_over_partitions(bootstrap: str, make_to
     ends = end_offsets(bootstrap, topic)
     assert sum(ends.values()) == 60
     assert sum(1 for v in ends.values() if v > 0) >= 2  # keys spread over the partitions
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-reader", "auto.offset.reset": "earliest"})
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"{topic}-reader", "auto.offset.reset": "earliest"}
+    )
     consumer.subscribe([topic])
     records = []
     deadline = time.monotonic() + 30

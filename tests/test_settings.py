@@ -92,7 +92,7 @@ def test_librdkafka_dicts_layering_and_callers_dicts_untouched(tmp_path: Path) -
 
 
 def test_auto_commit_cannot_be_switched_on() -> None:
-    with pytest.raises(ConfigError, match="enable.auto.offset.store=true is not supported"):
+    with pytest.raises(ConfigError, match=r"enable\.auto\.offset\.store=true is not supported"):
         Settings().consumer_config({"enable.auto.offset.store": "true"})
 
 

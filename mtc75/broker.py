@@ -1,0 +1,578 @@
+"""Run a local single-node Apache Kafka 4.x (KRaft) for the demo and the tests.
+
+The broker is plain ``java`` on jars that Maven fetches once from
+``kafka/pom.xml``, so neither Docker nor a Kafka download is needed.  State is
+kept per port under ``<repo>/.kafka`` so that the demo broker and a test broker
+on another port can run side by side::
+
+    .kafka/libs/               jars, shared by all ports
+    .kafka/<port>/data/        log.dirs, formatted on first start
+    .kafka/<port>/broker.log   the broker log of the current (or last) run
+    .kafka/<port>/broker.out   JVM stdout/stderr, appended across runs
+    .kafka/<port>/broker.pid   pid of the java process
+
+Usage: ``python -m mtc75.broker {fetch,start,stop,status} [--port N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+from mtc75.errors import BrokerError
+
+__all__ = ["DEFAULT_PORT", "LocalKafka", "main"]
+
+DEFAULT_PORT = 9092
+JAVA_MIN_VERSION = 17
+
+_log = logging.getLogger(__name__)
+
+_HOST = "127.0.0.1"
+_MAX_PORT = 65534  # port + 1 is the controller
+_NODE_ID = 1
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+_POM = _REPO_ROOT / "kafka" / "pom.xml"
+_MARKER = ".pom.sha256"  # written into libs/ last: its presence means "complete"
+_JVM_OPTS = ("-Xms256m", "-Xmx1g")
+_POLL = 0.25  # seconds between readiness rounds
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_MVN_NOISE = re.compile(r"^(To see the full|Re-run Maven|For more information|\[Help \d+\])")
+_LOG_ERROR = re.compile(r"^\[[^\]]*\] (ERROR|FATAL) ")  # our log4j layout, below
+_JAVA_EXCEPTION = re.compile(r"^[\w.$]+(Exception|Error)\b")
+
+
+class LocalKafka:
+    """One local Kafka broker+controller on ``127.0.0.1:<port>``.
+
+    The controller listens on ``port + 1``.  The java process runs in its own
+    session and outlives this object and the Python process that started it;
+    the pid file is how later calls (``stop``, ``status``) find it again.
+    """
+
+    def __init__(self, port: int = DEFAULT_PORT, home: Path | None = None) -> None:
+        if not 0 < port <= _MAX_PORT:
+            raise BrokerError(f"invalid Kafka port {port}: need 1-{_MAX_PORT} (port+1 is the controller)")
+        self._port = port
+        self._controller_port = port + 1
+        self._home = (_REPO_ROOT / ".kafka" if home is None else home).absolute()
+        self._libs = self._home / "libs"
+        self._dir = self._home / str(port)
+        self._data = self._dir / "data"
+        self._server_props = self._dir / "server.properties"
+        self._log4j_props = self._dir / "log4j2.properties"
+        self._log = self._dir / "broker.log"
+        self._out = self._dir / "broker.out"
+        self._pid_file = self._dir / "broker.pid"
+        # Set by start(): the child we spawned (kept so we can reap it) and where
+        # this run's output begins in the append-only broker.out.
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._out_offset = 0
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.bootstrap} home={self._home}>"
+
+    @property
+    def bootstrap(self) -> str:
+        """The ``bootstrap.servers`` value for clients."""
+        return f"{_HOST}:{self._port}"
+
+    @property
+    def log_path(self) -> Path:
+        """The broker log of the current (or last) run."""
+        return self._log
+
+    def fetch(self) -> None:
+        """Download the Kafka jars with Maven unless ``libs/`` matches the pom.
+
+        Maven fills a temporary directory that is renamed into place only
+        once it is complete, so an interrupted fetch is never mistaken for a
+        finished one.
+        """
+        try:
+            digest = hashlib.sha256(_POM.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise BrokerError(f"cannot read {_POM} ({exc.strerror}); restore it") from None
+        if self._libs_match(digest):
+            return
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise BrokerError(
+                "Maven (mvn) is not on PATH but is needed once to download the Kafka"
+                " jars; install it (e.g. apt-get install maven) and retry"
+            )
+        with _locked(self._home / ".fetch.lock"):
+            if self._libs_match(digest):  # another launcher fetched meanwhile
+                return
+            _log.info("fetching Kafka jars into %s (first run only)", self._libs)
+            tmp = Path(tempfile.mkdtemp(prefix=".libs-", dir=self._home))
+            try:
+                goal = ["dependency:copy-dependencies", "-DincludeScope=runtime", f"-DoutputDirectory={tmp}"]
+                res = _run([mvn, "-q", "-B", "-Dstyle.color=never", "-f", str(_POM), *goal])
+                if res.returncode != 0:
+                    raise BrokerError(
+                        f"Maven could not fetch the Kafka jars: {_maven_reason(res.stdout)}"
+                        f"; check access to Maven Central and {_POM}"
+                    )
+                if not any(tmp.glob("*.jar")):
+                    raise BrokerError(f"Maven fetched no jars; check {_POM}")
+                (tmp / _MARKER).write_text(digest + "\n")
+                if self._libs.exists():
+                    old = Path(tempfile.mkdtemp(prefix=".libs-old-", dir=self._home))
+                    self._libs.rename(old / "libs")
+                    shutil.rmtree(old, ignore_errors=True)
+                tmp.rename(self._libs)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def is_running(self) -> bool:
+        """Whether our pid file names a live ``kafka.Kafka`` using our config."""
+        return self._live_pid() is not None
+
+    def start(self, timeout: float = 90.0) -> bool:
+        """Start the broker and wait until it answers metadata requests.
+
+        Returns False (at once, if it answers) when our broker was already
+        running, True when this call started it.  If startup fails the new
+        process is killed, so a broken broker never lingers.
+        """
+        with _locked(self._dir / ".lock"):
+            if self._live_pid() is not None:
+                if not self._answers(timeout=min(timeout, 2.0)):
+                    self.wait_ready(timeout)  # e.g. still starting from another call
+                return False
+            self._check_ports_free()
+            java = _find_java()
+            self.fetch()
+            self._write_config()
+            if not (self._data / "meta.properties").exists():
+                self._format(java)
+            self._spawn(java)
+            try:
+                self.wait_ready(timeout)
+            except BaseException:
+                self._kill_spawned()
+                raise
+            return True
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the broker: SIGTERM for a clean shutdown, SIGKILL after *timeout*.
+
+        Returns False if no broker of ours was running.
+        """
+        with _locked(self._dir / ".lock"):
+            pid = self._live_pid()
+            if pid is None:
+                return False
+            _log.info("stopping Kafka on %s (pid %d)", self.bootstrap, pid)
+            _signal(pid, signal.SIGTERM)
+            if not self._wait_gone(pid, timeout):
+                _log.warning("Kafka (pid %d) still up after %gs; killing it", pid, timeout)
+                _signal(pid, signal.SIGKILL)
+                self._wait_gone(pid, 10.0)
+            self._pid_file.unlink(missing_ok=True)
+            self._proc = None
+            return True
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the broker answers, or raise BrokerError.
+
+        Checks every round that the process is still alive, so a crash is
+        reported at once rather than after *timeout*.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._live_pid() is None:
+                if self._proc is None:
+                    what = "is not running"
+                else:
+                    what = f"exited during startup (exit code {self._proc.poll()})"
+                raise BrokerError(f"Kafka on port {self._port} {what}; {self._diagnosis()}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BrokerError(f"Kafka on port {self._port} was not ready within {timeout:g}s; {self._diagnosis()}")
+            if self._answers(timeout=min(1.0, max(remaining, 0.1))):
+                return
+            time.sleep(min(_POLL, max(deadline - time.monotonic(), 0.0)))
+
+    def _libs_match(self, digest: str) -> bool:
+        try:
+            return (self._libs / _MARKER).read_text().strip() == digest
+        except OSError:
+            return False
+
+    def _live_pid(self) -> int | None:
+        """The pid in our pid file if it is our broker; removes a stale file."""
+        try:
+            pid = int(self._pid_file.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            pid = 0
+        if pid > 0 and self._is_ours(pid):
+            return pid
+        _log.debug("removing stale pid file %s", self._pid_file)
+        self._pid_file.unlink(missing_ok=True)
+        return None
+
+    def _is_ours(self, pid: int) -> bool:
+        proc = self._proc
+        if proc is not None and proc.pid == pid:
+            return proc.poll() is None  # our child: reaps it, no zombie lingers
+        cmdline = _cmdline(pid)  # also rejects a pid reused by another program
+        return "kafka.Kafka" in cmdline and f" {self._server_props}" in cmdline
+
+    def _wait_gone(self, pid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self._is_ours(pid):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def _answers(self, timeout: float) -> bool:
+        """Whether the broker serves metadata and lists itself as a broker."""
+        if not _port_accepts(self._port):
+            return False  # not listening yet: spare the client its retries
+        # Imported here so that fetch/stop/status work without the client.
+        from confluent_kafka import KafkaException
+        from confluent_kafka.admin import AdminClient
+
+        # log_level 0: refused connections while starting are expected, not news.
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+        try:
+            return _NODE_ID in admin.list_topics(timeout=timeout).brokers
+        except KafkaException:
+            return False
+
+    def _check_ports_free(self) -> None:
+        for what, port in (
+            ("port", self._port),
+            ("controller port (port+1)", self._controller_port),
+        ):
+            if not _port_free(port):
+                raise BrokerError(
+                    f"{what} {port} on {_HOST} is in use by another program, not this"
+                    f" MTC75 broker; run it elsewhere with KAFKA_PORT=<other>, or use"
+                    " an existing cluster via KAFKA_BOOTSTRAP_SERVERS"
+                )
+
+    def _write_config(self) -> None:
+        """Write server.properties and log4j2.properties (on every start)."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        plain, controller = f"{_HOST}:{self._port}", f"{_HOST}:{self._controller_port}"
+        server = {
+            "process.roles": "broker,controller",
+            "node.id": str(_NODE_ID),
+            "controller.quorum.bootstrap.servers": controller,
+            "listeners": f"PLAINTEXT://{plain},CONTROLLER://{controller}",
+            "advertised.listeners": f"PLAINTEXT://{plain}",
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(self._data),
+            "num.partitions": "1",
+            "offsets.topic.replication.factor": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            # A typo in a topic name must fail loudly, not create a new topic.
+            "auto.create.topics.enable": "false",
+            "delete.topic.enable": "true",
+        }
+        log4j = {
+            "appender.file.type": "File",
+            "appender.file.name": "file",
+            "appender.file.fileName": str(self._log),
+            "appender.file.append": "false",  # so errors we quote are this run's
+            "appender.file.layout.type": "PatternLayout",
+            "appender.file.layout.pattern": "[%d] %p %m (%c)%n",
+            "rootLogger.level": "INFO",
+            "rootLogger.appenderRef.file.ref": "file",
+        }
+        for path, props in ((self._server_props, server), (self._log4j_props, log4j)):
+            lines = [f"{key}={value}\n" for key, value in props.items()]
+            path.write_text("# Written by mtc75/broker.py on start.\n" + "".join(lines))
+
+    def _format(self, java: str) -> None:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        _log.info("formatting %s (cluster id %s)", self._data, cluster_id)
+        args = ["format", "--standalone", "-t", cluster_id, "-c", str(self._server_props)]
+        res = _run([java, "-cp", self._classpath(), "kafka.tools.StorageTool", *args])
+        if res.returncode != 0:
+            lines = res.stdout.splitlines()
+            reason = _exception_line(lines) or _last_line(res.stdout)
+            raise BrokerError(f"formatting {self._data} failed: {reason}; delete {self._data} and retry")
+
+    def _spawn(self, java: str) -> None:
+        cmd = [java, *_JVM_OPTS, f"-Dlog4j2.configurationFile={self._log4j_props}"]
+        cmd += ["-cp", self._classpath(), "kafka.Kafka", str(self._server_props)]
+        _log.info("starting Kafka on %s (log: %s)", self.bootstrap, self._log)
+        self._log.unlink(missing_ok=True)  # never quote a previous run's errors
+        with open(self._out, "ab") as out:
+            self._out_offset = out.tell()
+            # Own session: neither Ctrl-C in the launching shell nor the exit of
+            # the launcher may take the broker down (`make broker` returns).
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self._dir,
+                start_new_session=True,
+            )
+        # Popen returns while execve is still loading java, before the kernel
+        # fills in /proc/<pid>/cmdline; until then other launchers reading the
+        # pid file would take the broker for a stale entry.
+        deadline = time.monotonic() + 2.0
+        while not _cmdline(self._proc.pid) and self._proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        tmp = self._pid_file.with_suffix(".tmp")
+        tmp.write_text(f"{self._proc.pid}\n")
+        tmp.replace(self._pid_file)
+
+    def _kill_spawned(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        self._pid_file.unlink(missing_ok=True)
+
+    def _classpath(self) -> str:
+        return str(self._libs / "*")  # expanded by the JVM, not by a shell
+
+    def _diagnosis(self) -> str:
+        """Where to look, with this run's last ERROR/FATAL line if any."""
+        source, reason = self._log, _last_log_error(self._log)
+        if not reason and (tail := _tail(self._out, self._out_offset)):
+            source, reason = self._out, tail  # the JVM died before logging began
+        text = f"see {source}: {reason}" if reason else f"see {source}"
+        if re.search(r"meta\.properties|cluster[ ._-]?id", reason, re.IGNORECASE):
+            text += f"; if its data is disposable, delete {self._data} and retry"
+        return text
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Serialise launchers that share a home (e.g. pytest-xdist workers)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run *cmd* to completion, stdout and stderr merged into ``.stdout``."""
+    return subprocess.run(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        check=False,
+    )
+
+
+def _find_java() -> str:
+    """The ``java`` on PATH, if it is recent enough for Kafka 4."""
+    java = shutil.which("java")
+    if java is None:
+        raise BrokerError(
+            f"java is not on PATH; install a JDK {JAVA_MIN_VERSION}+ (e.g. apt-get"
+            f" install openjdk-{JAVA_MIN_VERSION}-jre-headless) and retry"
+        )
+    try:
+        output = _run([java, "-version"]).stdout
+    except OSError as exc:
+        raise BrokerError(f"cannot run {java} ({exc.strerror}); fix your JDK") from None
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', output)
+    if match is None:
+        raise BrokerError(
+            f"cannot tell the Java version from `{java} -version`"
+            f" ({_last_line(output) or 'no output'}); Kafka needs {JAVA_MIN_VERSION}+"
+        )
+    major = int(match[1])
+    if major == 1 and match[2]:  # "1.8.0_392" style
+        major = int(match[2])
+    if major < JAVA_MIN_VERSION:
+        raise BrokerError(
+            f"{java} is Java {major} but Kafka 4 needs {JAVA_MIN_VERSION}+; install"
+            " a newer JDK and put it first on PATH"
+        )
+    return java
+
+
+def _cmdline(pid: int) -> str:
+    """The command line of *pid*, arguments joined by spaces; "" if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        if Path("/proc/self").exists():
+            return ""
+    else:
+        return raw.replace(b"\0", b" ").decode(errors="replace")
+    # No procfs (macOS): ask ps.
+    return _run(["ps", "-ww", "-o", "args=", "-p", str(pid)]).stdout.strip()
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _port_free(port: int) -> bool:
+    """Whether Kafka could listen on *port* (Java also sets SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((_HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _port_accepts(port: int) -> bool:
+    try:
+        with socket.create_connection((_HOST, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _maven_reason(output: str) -> str:
+    """The line of Maven's output that says what went wrong."""
+    lines = [_ANSI.sub("", s).removeprefix("[ERROR]").strip() for s in output.splitlines()]
+    lines = [s for s in lines if s and not _MVN_NOISE.match(s)]
+    return _shorten(lines[-1].removesuffix("-> [Help 1]")) if lines else "no output"
+
+
+def _last_log_error(path: Path) -> str:
+    """The last ERROR/FATAL line of a log, with the exception that follows it."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for i in range(len(lines) - 1, -1, -1):
+        if _LOG_ERROR.match(lines[i]):
+            text = lines[i].split("] ", 1)[1]  # drop the timestamp
+            cause = _exception_line(lines[i + 1 : i + 3])
+            return _shorten(f"{text} - {cause}" if cause else text)
+    return ""
+
+
+def _exception_line(lines: list[str]) -> str:
+    for line in lines:
+        if _JAVA_EXCEPTION.match(line.strip()):
+            return _shorten(line)
+    return ""
+
+
+def _tail(path: Path, offset: int) -> str:
+    """The last non-blank line written to *path* after *offset*."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return _last_line(f.read().decode(errors="replace"))
+    except OSError:
+        return ""
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return _shorten(lines[-1]) if lines else ""
+
+
+def _shorten(text: str, limit: int = 400) -> str:
+    text = " ".join(text.split())  # messages must stay on one line
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _display(path: Path) -> str:
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
+
+
+def _port_arg(text: str) -> int:
+    port = int(text) if text.isdigit() else 0
+    if not 0 < port <= _MAX_PORT:
+        raise argparse.ArgumentTypeError(f"not a usable port: {text!r}")
+    return port
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m mtc75.broker`` (used by the Makefile)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--port",
+        type=_port_arg,
+        default=os.environ.get("KAFKA_PORT", str(DEFAULT_PORT)),
+        help="broker port; the controller uses port+1 (default: $KAFKA_PORT or 9092)",
+    )
+    common.add_argument("--timeout", type=float, help="seconds to wait")
+    parser = argparse.ArgumentParser(prog="python -m mtc75.broker", description="Local single-node Kafka for MTC75.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("fetch", "download the Kafka jars (once)"),
+        ("start", "start the broker and wait until it is ready"),
+        ("stop", "stop the broker"),
+        ("status", "exit 0 if the broker is running, else 1"),
+    ):
+        commands.add_parser(name, parents=[common], help=text)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # `start` leaves the broker running on purpose; Popen would call that a leak.
+    warnings.filterwarnings("ignore", r"subprocess \d+ is still running", ResourceWarning)
+
+    kafka = LocalKafka(args.port)
+    timeout = {} if args.timeout is None else {"timeout": args.timeout}
+    where = f"{kafka.bootstrap} (log: {_display(kafka.log_path)})"
+    try:
+        if args.command == "fetch":
+            kafka.fetch()
+            print(f"Kafka jars are in {_display(kafka._libs)}")
+        elif args.command == "start":
+            if kafka.start(**timeout):
+                print(f"Kafka is up at {where}")
+            else:
+                print(f"Kafka already running at {where}")
+        elif args.command == "stop":
+            if kafka.stop(**timeout):
+                print(f"Kafka at {kafka.bootstrap} stopped")
+            else:
+                print(f"no MTC75 broker running on port {args.port}")
+        elif kafka.is_running():
+            print(f"Kafka running at {where}")
+        else:
+            print(f"no MTC75 broker running on port {args.port}")
+            return 1
+    except BrokerError as err:
+        print(f"broker: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
