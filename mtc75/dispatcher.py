@@ -3,7 +3,8 @@
 The poll thread puts fetched messages into a backlog; a message starts only when a permit is free.
 A worker that holds a permit keeps taking the next backlog message until the backlog is empty, and
 only then gives its permit back, so a busy pool never waits for the poll thread to hand out work.
-Permits and backlog share one lock so "backlog empty, release" and "append, acquire" cannot race.
+Taking a message needs no lock (``deque.popleft`` is atomic); giving a permit back and adding work
+share one lock, so "backlog empty, release" and "append, acquire" cannot race.
 
 Finished messages are reported on a completion queue that only the poll thread drains, because
 every Kafka call (store, commit) belongs to the poll thread.
@@ -101,16 +102,19 @@ class Dispatcher:
         Dropped messages were never handled and are never committed, so the next owner reads them again.
         """
         with self._lock:
+            taken: list[Work] = []
+            try:
+                while True:  # pop one by one: a worker popping concurrently gets each item or we do
+                    taken.append(self._backlog.popleft())
+            except IndexError:
+                pass
             if states is None:
-                dropped = list(self._backlog)
-                self._backlog.clear()
-                return dropped
+                return taken
             wanted = set(map(id, states))
             dropped, kept = [], []
-            for work in self._backlog:
+            for work in taken:
                 (dropped if id(work.state) in wanted else kept).append(work)
-            self._backlog.clear()  # in place: workers hold a reference to this deque
-            self._backlog.extend(kept)
+            self._backlog.extendleft(reversed(kept))  # in place: workers hold a reference to this deque
             return dropped
 
     def wait_idle(self, timeout: float) -> bool:
@@ -148,19 +152,29 @@ class Dispatcher:
     # -- worker side ------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        """Hold one permit and run backlog messages until none is left."""
+        """Hold one permit and run backlog messages until none is left.
+
+        The hot path takes a message without the lock (deque.popleft is atomic); only giving the
+        permit back needs the lock, to re-check the backlog against a concurrent put().
+        """
         handler = self._handler
         lock = self._lock
         backlog = self._backlog
+        permits = self._permits
         done = self.completions.append
         while True:
-            with lock:
-                if not backlog or self._permits.in_use > self._permits.limit:
-                    self._permits.release()
-                    if not self._permits.in_use:
-                        self._idle.notify_all()
-                    return
+            try:
+                if permits.in_use > permits.limit:
+                    raise IndexError  # the bound shrank: give this permit back
                 work = backlog.popleft()
+            except IndexError:
+                with lock:
+                    if not backlog or permits.in_use > permits.limit:
+                        permits.release()
+                        if not permits.in_use:
+                            self._idle.notify_all()
+                        return
+                continue
             try:
                 handler(work.message)
             except Exception as err:  # a handler failure must not kill the worker or stall its partition
