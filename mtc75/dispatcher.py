@@ -83,7 +83,9 @@ class Dispatcher:
         self._permits = Permits(max_thread_count)
         self._backlog: deque[Work] = deque()
         self._executor = ThreadPoolExecutor(max_workers=max_thread_count, thread_name_prefix="mtc75-worker")
-        self._idle = threading.Condition(self._lock)  # notified when the last busy thread finishes
+        # Notified when a worker gives its permit back, and when the backlog falls to _drain_mark.
+        self._changed = threading.Condition(self._lock)
+        self._drain_mark = -1  # backlog length a waiter wants to hear about (-1: nobody waits)
         self.completions: deque[Work] = deque()  # appended by workers, drained by the poll thread
 
     # -- poll-thread side -------------------------------------------------------------------------
@@ -118,15 +120,29 @@ class Dispatcher:
             return dropped
 
     def wait_idle(self, timeout: float) -> bool:
-        """Block until no handler runs and the backlog is empty, or ``timeout`` passes."""
+        """Block until no handler runs, or ``timeout`` passes."""
         deadline = time.monotonic() + timeout
-        with self._idle:
+        with self._changed:
             while self._permits.in_use:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self._idle.wait(remaining)
+                self._changed.wait(remaining)
         return True
+
+    def wait_backlog_at_most(self, mark: int, timeout: float) -> bool:
+        """Block until at most ``mark`` messages wait (or a worker went idle), or ``timeout`` passes.
+
+        Lets the poll thread sleep on the pool instead of in ``poll()``, and wake the moment the
+        threads catch up. ``mark=-1`` waits only for a worker to go idle.
+        """
+        with self._changed:
+            if len(self._backlog) <= mark:
+                return True
+            self._drain_mark = mark
+            self._changed.wait(timeout)
+            self._drain_mark = -1
+            return len(self._backlog) <= mark
 
     @property
     def active_thread_count(self) -> int:
@@ -171,10 +187,12 @@ class Dispatcher:
                 with lock:
                     if not backlog or permits.in_use > permits.limit:
                         permits.release()
-                        if not permits.in_use:
-                            self._idle.notify_all()
+                        self._changed.notify_all()
                         return
                 continue
+            if len(backlog) <= self._drain_mark:
+                with lock:
+                    self._changed.notify_all()
             try:
                 handler(work.message)
             except Exception as err:  # a handler failure must not kill the worker or stall its partition

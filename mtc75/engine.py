@@ -21,13 +21,17 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from mtc75.dispatcher import Dispatcher, Handler, Work
 from mtc75.errors import KafkaUnavailable
 from mtc75.gate import PauseGate
-from mtc75.offsets import OffsetTracker, Partition
+from mtc75.offsets import OffsetTracker, Partition, PartitionState
 from mtc75.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 METADATA_TIMEOUT = 10.0  # seconds to reach the cluster at start-up before giving up
 POLL_TIMEOUT = 0.1  # longest a single poll blocks, so stop requests and timers stay responsive
+# Messages taken per consume(): the poll thread holds the GIL while it files a batch, and workers
+# waking from I/O wait for it, so batches stay small enough to keep that stall well under a millisecond.
+MAX_BATCH = 500
+SATURATION_GRACE = 0.05  # seconds a saturated pool gets to catch up before the partitions pause
 REBALANCE_POLL = 0.01  # completion polling step while a revoke waits for handlers
 ERROR_REPEAT_SECONDS = 10.0  # the same client error is logged at most once per this many seconds
 
@@ -180,21 +184,30 @@ class Mtc75Consumer:
             gate.observe(now, self._processed)
             backlog = dispatcher.backlog
             active = dispatcher.active_thread_count
+            low, high = gate.watermarks(limit)
             if gate.paused:
                 if gate.should_resume(now, active, limit, backlog):
                     self._resume(now)
-            elif gate.should_pause(active, limit, backlog):
-                self._pause(now)
+            elif gate.should_pause(active, limit, backlog) and not dispatcher.wait_backlog_at_most(
+                low, min(SATURATION_GRACE, gate.pause_interval)
+            ):
+                # Saturated, and the pool did not catch up within the grace period (a fast pool does,
+                # and pausing it would only throw away prefetched messages): pause.
+                self._pause(time.monotonic())
 
             if gate.paused:
-                # Nothing should arrive while paused; poll only to serve heartbeats, rebalances and
-                # commit callbacks, and wake up soon enough to notice the pool draining.
-                messages = _as_list(consumer.poll(min(POLL_TIMEOUT, gate.pause_interval / 4)))
+                # Sleep on the pool rather than in poll(): wake when the backlog drains to the low
+                # watermark, or a thread runs dry, or the interval ends; then serve the group with
+                # poll(0) (heartbeat-driven callbacks, rebalances, commit results).
+                backlog = dispatcher.backlog
+                wait = min(POLL_TIMEOUT, max(gate.next_check_in(time.monotonic()), 0.001))
+                dispatcher.wait_backlog_at_most(low if backlog > low else -1, wait)
+                messages = _as_list(consumer.poll(0))
             else:
-                room = gate.watermarks(limit)[1] - backlog + (limit - dispatcher.active_thread_count)
+                room = high - dispatcher.backlog + (limit - dispatcher.active_thread_count)
                 # consume() waits for a full batch until its timeout; take what is there without
                 # waiting, and block (in poll, which returns on the first message) only when idle.
-                messages = consumer.consume(num_messages=max(1, min(room, 10_000)), timeout=0)
+                messages = consumer.consume(num_messages=max(1, min(room, MAX_BATCH)), timeout=0)
                 if not messages:
                     messages = _as_list(consumer.poll(POLL_TIMEOUT))
             if messages:
@@ -305,7 +318,8 @@ class Mtc75Consumer:
         With every partition paused, librdkafka's broker thread sleeps up to a second, and resume()
         does not wake it: measured here, the first message after a resume came 0.7-1.0 s later,
         time the pool spends idle. A seek to the current position (where resume would continue
-        anyway) does wake it: 3-7 ms. Partitions with no position yet are left to resume() alone.
+        anyway) does wake it: 2-4 ms, together with a short ``fetch.wait.max.ms`` (see settings.py).
+        Partitions with no position yet are left to resume() alone.
         """
         assert self._consumer is not None
         try:
@@ -379,18 +393,14 @@ class Mtc75Consumer:
 
     def _release(self, tps: list[Partition], commit: bool) -> None:
         """Give partitions up: drop their unstarted messages, wait (bounded) for running ones, commit."""
-        assert self._dispatcher is not None
         tracker = self._tracker
         owned = [tp for tp in tps if tp in tracker]
-        dropped = self._dispatcher.purge([tracker.state(tp) for tp in owned])
+        self._drop_unstarted([tracker.state(tp) for tp in owned])
         if commit and owned:
-            unstarted = {(w.state.tp, w.offset) for w in dropped}
             deadline = time.monotonic() + self._settings.REVOKE_TIMEOUT
             while True:
                 self._drain_completions()
-                running = sum(
-                    1 for tp in owned for offset in tracker.outstanding(tp) if (tp, offset) not in unstarted
-                )
+                running = sum(len(tracker.outstanding(tp)) for tp in owned)
                 if not running or time.monotonic() >= deadline:
                     break
                 time.sleep(REBALANCE_POLL)
@@ -402,6 +412,14 @@ class Mtc75Consumer:
             self._commit(asynchronous=False, partitions=owned)
         tracker.revoke(owned)
         self._paused.difference_update(tps)
+
+    def _drop_unstarted(self, states: list[PartitionState] | None = None) -> int:
+        """Take not-yet-started messages out of the backlog; they stay uncommitted, for redelivery."""
+        assert self._dispatcher is not None
+        dropped = self._dispatcher.purge(states)
+        for work in dropped:
+            self._tracker.abandon(work.state, work.offset)
+        return len(dropped)
 
     # -- errors and shutdown ------------------------------------------------------------------------
 
@@ -451,7 +469,7 @@ class Mtc75Consumer:
             return
         try:
             if dispatcher is not None:
-                dropped = len(dispatcher.purge())
+                dropped = self._drop_unstarted()
                 if dropped:
                     logger.info("shutdown: %d fetched messages not started; they stay uncommitted", dropped)
                 deadline = time.monotonic() + self._settings.SHUTDOWN_TIMEOUT

@@ -3,12 +3,13 @@
 Pausing is how a saturated consumer keeps calling ``poll()`` (heartbeats, rebalances,
 ``max.poll.interval.ms``) without taking more messages than it can hold. It is not free: librdkafka
 drops a paused partition's prefetched messages and fetches them again on resume. So the gate pauses
-only when every thread is busy *and* the backlog reached its high watermark, stays paused at least
-``pause_interval``, and resumes when the backlog has drained to its low watermark -- or at once if
-the pool is about to run dry, because the pause exists to keep the consumer alive, not to idle it.
+only when every thread is busy *and* the backlog reached its high watermark, and resumes when the
+backlog has drained to its low watermark; each ``pause_interval`` that passes with the backlog still
+above it extends the pause by another interval.
 
 The watermarks follow the measured throughput: the high one holds enough work to keep every thread
-busy for a whole pause interval, the low one enough to bridge the refetch after a resume.
+busy for one pause interval (so a pause lasts about ``pause_interval``), the low one enough to bridge
+the refetch after a resume. The pause exists to keep the consumer alive, not to idle the pool.
 """
 
 from __future__ import annotations
@@ -75,16 +76,17 @@ class PauseGate:
         self._recheck_at = now + self.pause_interval
 
     def should_resume(self, now: float, active: int, limit: int, backlog: int) -> bool:
-        """After each interval, resume once the backlog drained; earlier only if threads would idle."""
+        """Resume once the backlog is down to the low watermark; at each interval still above it, stay.
+
+        The high watermark holds about one interval of work, so a pause normally lasts one interval.
+        When throughput beat the estimate, the backlog reaches the low watermark sooner and the pause
+        ends then: waiting out the interval would only idle threads.
+        """
         if not self.paused:
-            return False
-        if backlog == 0 and active < limit:
-            return True  # the pool is running dry: waiting longer would only idle threads
-        if now < self._recheck_at:
             return False
         if backlog <= self.watermarks(limit)[0]:
             return True
-        while self._recheck_at <= now:  # still saturated: stay paused for another interval
+        while self._recheck_at <= now:  # an interval passed and still saturated: another interval
             self._recheck_at += self.pause_interval
             self.extensions += 1
         return False

@@ -16,13 +16,14 @@ Partition = tuple[str, int]
 class PartitionState:
     """One assignment of one partition; completions carry it, so a stale one is recognised."""
 
-    __slots__ = ("tp", "alive", "pending", "done", "position", "committed")
+    __slots__ = ("tp", "alive", "pending", "done", "abandoned", "position", "committed")
 
     def __init__(self, tp: Partition) -> None:
         self.tp = tp
         self.alive = True  # False once revoked: its completions are late and dropped
         self.pending: deque[int] = deque()  # offsets handed out and not yet below the watermark
         self.done: set[int] = set()  # completed offsets above the watermark
+        self.abandoned: set[int] = set()  # dropped before they ran: the watermark stops at them
         self.position: int | None = None  # next offset to commit (last contiguous completed + 1)
         self.committed: int | None = None  # position last handed to commit()
 
@@ -93,16 +94,24 @@ class OffsetTracker:
         state.position = last + 1
         return True
 
+    @staticmethod
+    def abandon(state: PartitionState, offset: int) -> None:
+        """An offset that will never run (dropped at revoke or shutdown): stop waiting for it.
+
+        It stays pending, so the watermark can never pass it and the next owner reads it again.
+        """
+        state.abandoned.add(offset)
+
     def outstanding(self, tp: Partition) -> list[int]:
-        """Offsets handed out for ``tp`` and not yet completed."""
+        """Offsets handed out for ``tp`` that are still to complete (running or waiting to run)."""
         state = self._parts.get(tp)
         if state is None:
             return []
-        return [o for o in state.pending if o not in state.done]
+        return [o for o in state.pending if o not in state.done and o not in state.abandoned]
 
     def in_flight(self) -> int:
-        """Offsets handed out and not completed, over all partitions."""
-        return sum(len(s.pending) - len(s.done) for s in self._parts.values())
+        """Offsets handed out and still to complete, over all partitions."""
+        return sum(len(s.pending) - len(s.done) - len(s.abandoned) for s in self._parts.values())
 
     def position(self, tp: Partition) -> int | None:
         """The offset a commit would store for ``tp`` (None before its first completion)."""

@@ -111,6 +111,9 @@ class Settings:
             # Bound what librdkafka prefetches: the engine keeps its own backlog, so a deep
             # client queue only costs memory and is dropped on every pause anyway.
             "queued.max.messages.kbytes": 8192,
+            # A resumed partition's first fetch waits for any fetch still outstanding at the broker;
+            # with the default 500 ms long-poll that idles the pool after every pause.
+            "fetch.wait.max.ms": 50,
         }
         conf.update(self.CONSUMER_CONFIG)
         conf.update(overrides)

@@ -91,3 +91,16 @@ def test_duplicate_completion_is_harmless() -> None:
     tracker.complete(states[0], 0)
     assert tracker.position(TP) == 2
     assert tracker.in_flight() == 1
+
+
+def test_abandoned_offsets_are_not_waited_for_and_block_the_watermark() -> None:
+    tracker, states = _tracker([0, 1, 2, 3])
+    tracker.abandon(states[2], 2)
+    tracker.abandon(states[3], 3)
+    assert tracker.outstanding(TP) == [0, 1]
+    assert tracker.in_flight() == 2
+    tracker.complete(states[0], 0)
+    tracker.complete(states[1], 1)
+    assert tracker.outstanding(TP) == []
+    assert tracker.in_flight() == 0
+    assert tracker.position(TP) == 2  # never past a message that did not run
