@@ -129,13 +129,14 @@ def test_handler_longer_than_max_poll_interval_does_not_evict_while_saturated(
 def test_two_consumers_one_leaves_mid_run_nothing_lost(
     bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], strategy: str
 ) -> None:
-    topic, group, n = make_topic(partitions=4), unique("g"), 800
+    topic, group, n = make_topic(partitions=4), unique("g"), 1500
     produce_numbered(bootstrap, topic, n)
-    shared = Recorder(0.005)
+    # Slow enough that neither consumer finishes the topic alone before the other has joined.
+    leaving, staying = Recorder(0.02), Recorder(0.02)
     settings = _settings(bootstrap, topic, group, MAX_THREAD_COUNT=4, PAUSE_INTERVAL=0.2)
     overrides = {"partition.assignment.strategy": strategy}
-    leaver = Mtc75Consumer(settings, shared, overrides=overrides)
-    stayer = Mtc75Consumer(settings, shared, overrides=overrides)
+    leaver = Mtc75Consumer(settings, leaving, overrides=overrides)
+    stayer = Mtc75Consumer(settings, staying, overrides=overrides)
     results: dict[str, Stats] = {}
     threads = [
         threading.Thread(target=lambda: results.__setitem__("leaver", leaver.run())),
@@ -143,14 +144,19 @@ def test_two_consumers_one_leaves_mid_run_nothing_lost(
     ]
     for t in threads:
         t.start()
+
+    def handled() -> set[tuple[int, int]]:
+        return set(leaving.handled) | set(staying.handled)
+
     try:
-        wait_until(lambda: shared.count() >= 150, timeout=60, what="150 messages handled")
+        wait_until(lambda: leaving.count() > 0 and staying.count() > 0, timeout=60, what="both consumers working")
         leaver.stop()  # leaves the group mid-run, with work in flight
         threads[0].join(timeout=60)
         assert not threads[0].is_alive()
         ends = end_offsets(bootstrap, topic)
         wanted = all_offsets(ends)
-        wait_until(lambda: wanted <= set(shared.handled), timeout=90, what="every offset handled")
+        assert len(handled()) < len(wanted)  # the leaver really left mid-run
+        wait_until(lambda: wanted <= handled(), timeout=120, what="every offset handled")
         wait_until(lambda: committed_offsets(bootstrap, group, topic) == ends, timeout=30, what="commits at end")
     finally:
         leaver.stop()
@@ -159,4 +165,4 @@ def test_two_consumers_one_leaves_mid_run_nothing_lost(
             t.join(timeout=60)
     assert not any(t.is_alive() for t in threads)
     assert results["leaver"].processed > 0 and results["stayer"].processed > 0
-    assert set(shared.handled) == wanted
+    assert handled() == wanted
