@@ -1,6 +1,7 @@
 # MTC75: everything a fresh machine needs comes from here (venv, pinned packages, Kafka via Maven).
 # make demo   - the main job: local Kafka, topic, consumer + producer burst, summary; ends by itself
 # make test   - the whole test suite against a local Kafka it starts and stops itself
+# make bench  - throughput, overhead, memory and CPU figures (bench/results.json, bench/throughput.png)
 # make broker / make broker-stop - a local Kafka for the three-terminal flow (KAFKA_PORT, default 9092)
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 KAFKA_PORT ?= 9092
 export KAFKA_PORT
 
-.PHONY: all setup kafka demo test lint broker broker-stop broker-status clean
+.PHONY: all setup kafka demo test bench lint broker broker-stop broker-status clean
 
 all: setup
 
@@ -28,6 +29,9 @@ demo: kafka
 
 test: kafka lint
 	$(PY) -m pytest
+
+bench: kafka
+	$(PY) -m bench.run
 
 lint: setup
 	$(PY) -m ruff check .
