@@ -333,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             mem[size] = child_run(bootstrap, topic, size, ["--handler", "noop"])
             print(f"  memory: {size} messages, peak RSS {mem[size]['peak_rss_mb']:.1f} MB", flush=True)
         small, large = (mem[s]["peak_rss_mb"] for s in sizes)
-        results["memory"] = {"sizes": list(sizes), "peak_rss_mb": [small, large], "flatness": large / small}
+        results["memory"] = {"sizes": list(sizes), "peak_rss_mb": [small, large], "flatness": large / small,
+                             "rss_samples": {str(s): mem[s]["rss_samples"] for s in sizes}}
 
         rate, seconds = 2000.0, 10.0 if not args.quick else 5.0
         topic = f"bench-cpu-{run}"

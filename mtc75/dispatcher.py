@@ -184,6 +184,11 @@ class Dispatcher:
                     raise IndexError  # the bound shrank: give this permit back
                 work = backlog.popleft()
             except IndexError:
+                # Before giving the permit back, let the poll thread run once: with fast handlers
+                # it is usually refilling the backlog right now, and a restart costs a submit().
+                time.sleep(0)
+                if backlog and permits.in_use <= permits.limit:
+                    continue
                 with lock:
                     if not backlog or permits.in_use > permits.limit:
                         permits.release()

@@ -226,21 +226,29 @@ class Mtc75Consumer:
                 break
 
     def _accept(self, messages: list[Any]) -> None:
-        """Hand fetched messages to the pool. Every returned message is kept: none is dropped here."""
-        tracker = self._tracker
+        """Hand fetched messages to the pool. Every returned message is kept: none is dropped here.
+
+        Runs once per message on the poll thread, so it looks up a partition's state only when the
+        partition changes (consume() returns runs of one partition).
+        """
+        admit = self._tracker.admit
+        lookup = self._tracker.get
         batch: list[Work] = []
+        topic: str | None = None
+        partition = -1
+        state: PartitionState | None = None
         for msg in messages:
-            err = msg.error()
-            if err is not None:
-                self._on_message_error(err)
+            if msg.error() is not None:
+                self._on_message_error(msg.error())
                 continue
-            tp = (msg.topic(), msg.partition())
+            if msg.partition() != partition or msg.topic() != topic:
+                topic, partition = msg.topic(), msg.partition()
+                state = lookup((topic, partition))
             offset = msg.offset()
-            state = tracker.add(tp, offset)
-            if state is None:
+            if state is None or not admit(state, offset):
                 # Not ours any more (revoked between fetch and now) or a redelivery of an offset
                 # already in flight: the current owner / the running handler covers it.
-                logger.debug("skipping %s[%d]@%d: not owned or already in flight", tp[0], tp[1], offset)
+                logger.debug("skipping %s[%d]@%d: not owned or already in flight", topic, partition, offset)
                 continue
             batch.append(Work(msg, state, offset))
         if batch:
@@ -253,10 +261,9 @@ class Mtc75Consumer:
         assert self._dispatcher is not None
         completions = self._dispatcher.completions
         complete = self._tracker.complete
-        count = 0
-        while completions:
+        count = len(completions)
+        for _ in range(count):
             work = completions.popleft()
-            count += 1
             if work.failed:
                 self._failed += 1
             if not complete(work.state, work.offset):

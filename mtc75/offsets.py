@@ -58,21 +58,31 @@ class OffsetTracker:
     def partitions(self) -> list[Partition]:
         return list(self._parts)
 
+    def get(self, tp: Partition) -> PartitionState | None:
+        """The current assignment of ``tp``, or None when it is not ours."""
+        return self._parts.get(tp)
+
     def add(self, tp: Partition, offset: int) -> PartitionState | None:
         """Record a fetched offset; None when the partition is not ours or the offset is already handled.
 
         The returned state goes with the message and comes back to :meth:`complete`.
         """
         state = self._parts.get(tp)
-        if state is None:
+        if state is None or not self.admit(state, offset):
             return None
-        if state.pending:
-            if offset <= state.pending[-1]:
-                return None  # a redelivery of an offset already in flight
-        elif state.position is not None and offset < state.position:
-            return None  # a redelivery of an offset already completed
-        state.pending.append(offset)
         return state
+
+    @staticmethod
+    def admit(state: PartitionState, offset: int) -> bool:
+        """Record a fetched offset of a partition we own; False for a redelivery already handled."""
+        pending = state.pending
+        if pending:
+            if offset <= pending[-1]:
+                return False  # a redelivery of an offset already in flight
+        elif state.position is not None and offset < state.position:
+            return False  # a redelivery of an offset already completed
+        pending.append(offset)
+        return True
 
     @staticmethod
     def complete(state: PartitionState, offset: int) -> bool:
@@ -86,12 +96,12 @@ class OffsetTracker:
             state.done.add(offset)
             return True
         pending.popleft()
-        last = offset
         done = state.done
-        while pending and pending[0] in done:
-            last = pending.popleft()
-            done.discard(last)
-        state.position = last + 1
+        if done:
+            while pending and pending[0] in done:
+                offset = pending.popleft()
+                done.discard(offset)
+        state.position = offset + 1
         return True
 
     @staticmethod

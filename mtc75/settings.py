@@ -108,9 +108,12 @@ class Settings:
             "auto.offset.reset": self.AUTO_OFFSET_RESET,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
-            # Bound what librdkafka prefetches: the engine keeps its own backlog, so a deep
-            # client queue only costs memory and is dropped on every pause anyway.
-            "queued.max.messages.kbytes": 8192,
+            # Bound what librdkafka prefetches: the engine keeps its own backlog, so a deep client
+            # queue only costs memory and is dropped on every pause anyway. With the defaults
+            # (64 MB queue, 50 MB fetches) a consumer of small messages peaked above 300 MB.
+            "queued.max.messages.kbytes": 2048,
+            "fetch.max.bytes": 2 * 1024 * 1024,
+            "max.partition.fetch.bytes": 512 * 1024,
             # A resumed partition's first fetch waits for any fetch still outstanding at the broker;
             # with the default 500 ms long-poll that idles the pool after every pause.
             "fetch.wait.max.ms": 50,
