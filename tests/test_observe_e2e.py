@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -228,6 +229,24 @@ def test_live_retune_grows_shrinks_and_ignores_a_bad_edit(
     assert probe.current == 0
 
 
+class Lines:
+    """Collects a running script's stdout and stderr lines on two reader threads."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._threads = [
+            threading.Thread(target=lambda: self.out.extend(iter(proc.stdout.readline, "")), daemon=True),  # type: ignore[union-attr]
+            threading.Thread(target=lambda: self.err.extend(iter(proc.stderr.readline, "")), daemon=True),  # type: ignore[union-attr]
+        ]
+        for t in self._threads:
+            t.start()
+
+    def join(self) -> None:
+        for t in self._threads:
+            t.join(timeout=30)
+
+
 def test_consumer_script_reloads_config_py_and_reports_a_bad_edit_on_one_line(
     bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
 ) -> None:
@@ -237,27 +256,25 @@ def test_consumer_script_reloads_config_py_and_reports_a_bad_edit_on_one_line(
     _write(config, "MAX_THREAD_COUNT = 2\nPROCESSING_SLEEP = 0.1\n")
     proc = start_script("mtc75_consumer.py", "--config", str(config), "--topic", topic, "--group-id", unique("g"),
                         env=script_env(bootstrap))
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
-    reader.start()
+    lines = Lines(proc)
     try:
-        wait_until(lambda: any("threads   2/2" in line for line in lines), timeout=60, what="2/2 threads busy")
+        wait_until(lambda: any("threads   2/2" in line for line in lines.out), timeout=60, what="2/2 threads busy")
         _write(config, "MAX_THREAD_COUNT = 5\nPROCESSING_SLEEP = 0.1\n")
-        wait_until(lambda: any("/5" in line for line in lines), timeout=5, what="a status line with /5")
+        wait_until(lambda: any("/5" in line for line in lines.out), timeout=5, what="a status line with /5")
         _write(config, "MAX_THREAD_COUNT = 'many'\nPROCESSING_SLEEP = 0.1\n")
-        time.sleep(1.5)  # the watcher checks twice a second; give it three chances
-        seen = len(lines)
-        wait_until(lambda: len(lines) >= seen + 2, timeout=10, what="two more status lines")
-        assert all("/5" in line for line in lines[seen:] if line.startswith("threads"))
+        wait_until(lambda: any("not reloaded" in line for line in lines.err), timeout=5, what="the bad edit reported")
+        seen = len(lines.out)
+        wait_until(lambda: len(lines.out) >= seen + 2, timeout=10, what="two more status lines")
+        assert all("/5" in line for line in lines.out[seen:] if line.startswith("threads"))
         proc.terminate()
-        _out, err = proc.communicate(timeout=60)
+        assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err
-    reloaded = [line for line in err.splitlines() if "reloaded" in line]
-    assert len(reloaded) == 2, err
+            proc.wait()
+    lines.join()
+    reloaded = [line for line in lines.err if "reloaded" in line]
+    assert len(reloaded) == 2, lines.err
     assert "MAX_THREAD_COUNT 2 -> 5" in reloaded[0]
     assert "not reloaded" in reloaded[1] and "invalid MAX_THREAD_COUNT='many'" in reloaded[1]
 
@@ -266,21 +283,25 @@ def test_no_reload_leaves_a_changed_config_alone(
     bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
 ) -> None:
     topic = make_topic(partitions=1)
-    produce_numbered(bootstrap, topic, 60)
+    produce_numbered(bootstrap, topic, 200)  # several seconds of work left after the edit
     config = tmp_path / "config.py"
     _write(config, "MAX_THREAD_COUNT = 2\nPROCESSING_SLEEP = 0.05\n")
     proc = start_script("mtc75_consumer.py", "--config", str(config), "--topic", topic, "--group-id", unique("g"),
-                        "--no-reload", "--max-messages", "60", env=script_env(bootstrap))
+                        "--no-reload", "--max-messages", "200", env=script_env(bootstrap))
+    lines = Lines(proc)
     try:
-        time.sleep(1.0)
+        wait_until(lambda: any("threads   2/2" in line for line in lines.out), timeout=60, what="2/2 threads busy")
         _write(config, "MAX_THREAD_COUNT = 7\nPROCESSING_SLEEP = 0.05\n")
-        out, err = proc.communicate(timeout=120)
+        assert proc.wait(timeout=120) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err
-    assert "reloaded" not in err and "/7" not in out and "summary: processed 60" in out
+            proc.wait()
+    lines.join()
+    status = [line for line in lines.out if line.startswith("threads")]
+    assert status and all("/2" in line for line in status)
+    assert not any("reloaded" in line for line in lines.err)
+    assert any("summary: processed 200" in line for line in lines.out)
 
 
 def test_producer_rate_and_progress_bar(bootstrap: str, make_topic: Callable[..., str]) -> None:
