@@ -149,4 +149,4 @@ def plot(rows: list[dict[str, float]], path: Path) -> None:
     for ax in (threads, rate, lag):
         ax.grid(alpha=0.3)
     fig.savefig(path)
-    logger.info("report: %s", path)
+    logger.debug("report: %s", path)
