@@ -135,8 +135,8 @@ class Dashboard:
         self._console = console or Console()
         self._title = title
         self._refresh = refresh_per_second
-        self._stats: Stats | None = None
-        self._history: deque[float] = deque(maxlen=HISTORY)
+        self._history: deque[float] = deque(maxlen=HISTORY)  # touched only by update()
+        self._latest: tuple[Stats, tuple[float, ...]] | None = None  # swapped whole: read by the refresh thread
         self._sampler: ProcessSampler | None = None
         self._live: Live | None = None
         self._moved: list[logging.StreamHandler] = []  # type: ignore[type-arg]
@@ -145,13 +145,14 @@ class Dashboard:
     def update(self, stats: Stats) -> None:
         """Take a new snapshot (any thread; cheap: the drawing happens on rich's refresh thread)."""
         self._history.append(stats.rate)
-        self._stats = stats
+        self._latest = (stats, tuple(self._history))
 
     def _frame(self) -> RenderableType:
-        if self._stats is None:
+        latest = self._latest
+        if latest is None:
             return Text("MTC75: connecting...", style="dim")
         sample = self._sampler.sample() if self._sampler is not None else None
-        return render(self._stats, list(self._history), sample, self._title)
+        return render(latest[0], latest[1], sample, self._title)
 
     def start(self) -> None:
         self._sampler = ProcessSampler()
