@@ -25,7 +25,7 @@ kafka: setup
 	$(PY) -m mtc75.broker fetch
 
 demo: kafka
-	$(PY) -m mtc75.demo --port $(KAFKA_PORT)
+	$(PY) -m mtc75.demo --port $(KAFKA_PORT) --report demo-report
 
 test: kafka lint
 	$(PY) -m pytest

@@ -30,6 +30,8 @@ SHUTDOWN_TIMEOUT = 30.0
 # The producer: how many Faker records to send (0 = until Ctrl-C) and the pause between them.
 PRODUCER_MESSAGE_COUNT = 10_000
 PRODUCER_SLEEP = 0.0
+# Or a steady rate in messages per second instead of a fixed sleep (0 = off; when set it wins over the sleep).
+PRODUCER_RATE = 0.0
 
 # Any librdkafka property (https://github.com/confluentinc/librdkafka/blob/master/CONFIGURATION.md);
 # the -X key=value flag of each script is applied after these.

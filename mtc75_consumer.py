@@ -11,9 +11,11 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-from mtc75.cli import base_parser, paint, resolve, run_main, setup_logging, use_color
+from mtc75.cli import base_parser, config_path, paint, resolve, run_main, setup_logging, use_color
 from mtc75.engine import Mtc75Consumer, Stats
+from mtc75.errors import ConfigError
 from mtc75.handlers import SimulatedWork, load_handler
 from mtc75.status import format_status
 
@@ -27,6 +29,10 @@ EPILOG = """examples:
   python mtc75_consumer.py --max-thread-count 4 --processing-sleep 0.2
   python mtc75_consumer.py --handler myapp.jobs:handle       # fn(message) in a worker thread
   python mtc75_consumer.py --max-messages 1000 --summary-json run.json
+  python mtc75_consumer.py --metrics-port 9108 --report run-report/   # Prometheus /metrics + CSV/PNG report
+
+On a terminal it shows a live dashboard (--no-dashboard: one status line a second). Saving config.py
+with a new MAX_THREAD_COUNT, PAUSE_INTERVAL or PROCESSING_SLEEP applies it within 2 seconds (--no-reload).
 
 Ctrl-C (or SIGTERM) stops fetching, waits for running handlers, commits and exits 0;
 a second Ctrl-C exits at once (uncommitted messages are then delivered again, never lost).
@@ -62,6 +68,16 @@ def _summary_line(stats: Stats) -> str:
     )
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(PROG, __doc__ or "", EPILOG, SETTINGS)
     parser.add_argument("--handler", metavar="MODULE:FUNCTION",
@@ -71,21 +87,65 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-exit", type=_positive_float, metavar="SECONDS",
                         help="exit 0 after SECONDS without a new message")
     parser.add_argument("--summary-json", type=Path, metavar="PATH", help="write the run summary as JSON")
+    parser.add_argument("--no-dashboard", action="store_true",
+                        help="print one status line a second even on a terminal")
+    parser.add_argument("--metrics-port", type=_port, metavar="PORT",
+                        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")
+    parser.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
+                        help="address for --metrics-port (default: %(default)s; 0.0.0.0 for all interfaces)")
+    parser.add_argument("--report", type=Path, metavar="DIR",
+                        help="write DIR/timeseries.csv (a row a second) and, at exit, DIR/report.png")
+    parser.add_argument("--no-reload", action="store_true",
+                        help="do not apply changes to config.py while running")
     args = parser.parse_args(argv)
 
     def run() -> int:
         setup_logging(args.verbose, args.quiet)
         settings, props = resolve(args, SETTINGS)
-        handler = load_handler(args.handler) if args.handler else SimulatedWork(settings.PROCESSING_SLEEP)
+        work = load_handler(args.handler) if args.handler else SimulatedWork(settings.PROCESSING_SLEEP)
+        handler = work
         color = use_color()
+        observers: list[Any] = []  # each has update(stats)
+        metrics = dashboard = report = watcher = None
+        if args.metrics_port is not None:
+            from mtc75.metrics import Metrics
+
+            metrics = Metrics()
+            port = metrics.serve(args.metrics_port, args.metrics_addr)
+            log.info("metrics at http://%s:%d/metrics", args.metrics_addr, port)
+            handler = metrics.timed(work)
+            observers.append(metrics)
+        if args.report is not None:
+            from mtc75.report import RunReport
+
+            report = RunReport(args.report)
+            try:
+                report.open()
+            except OSError as err:
+                raise ConfigError(f"--report {args.report}: {err.strerror or err}") from None
+            observers.append(report)
+        if sys.stdout.isatty() and not args.no_dashboard:
+            from mtc75.dashboard import Dashboard
+
+            dashboard = Dashboard(title=f"MTC75  {settings.TOPIC}  group {settings.GROUP_ID}")
+            observers.append(dashboard)
 
         def on_status(stats: Stats) -> None:
-            print(format_status(stats, color), flush=True)
+            if dashboard is None:
+                print(format_status(stats, color), flush=True)
+            for observer in observers:
+                observer.update(stats)
 
         consumer = Mtc75Consumer(
             settings, handler, overrides=props, max_messages=args.max_messages, idle_exit=args.idle_exit,
             on_status=on_status,
         )
+
+        path = config_path(args)
+        if path is not None and not args.no_reload:
+            from mtc75.reload import ConfigWatcher, retuner
+
+            watcher = ConfigWatcher(path, settings, lambda: resolve(args, SETTINGS)[0], retuner(consumer, work))
         signals = 0
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -93,15 +153,35 @@ def main(argv: list[str] | None = None) -> int:
             signals += 1
             if signals > 1:
                 # Second signal: leave now. Nothing more is committed, so unfinished work is redelivered.
-                print(f"{PROG}: exiting at once", file=sys.stderr, flush=True)
+                if dashboard is not None:
+                    sys.__stdout__.write("\x1b[?25h\n")  # the live display hid the cursor
+                    sys.__stdout__.flush()
+                print(f"{PROG}: exiting at once", file=sys.__stderr__, flush=True)
                 os._exit(128 + signum)
             log.warning("stopping: finishing in-flight messages (signal again to exit at once)")
             consumer.stop()
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
-        stats = consumer.run()
+        try:
+            if watcher is not None:
+                watcher.start()
+            if dashboard is not None:
+                dashboard.start()
+            stats = consumer.run()
+            for observer in observers:
+                observer.update(stats)  # the final snapshot, after shutdown committed
+        finally:
+            if watcher is not None:
+                watcher.close()
+            if dashboard is not None:
+                dashboard.close()
+            if metrics is not None:
+                metrics.close()
         print(paint(_summary_line(stats), "cyan", color, bold=True), flush=True)
+        if report is not None:
+            png = report.close()
+            print(f"report: {report.csv_path} and {png}", flush=True)
         if args.summary_json is not None:
             args.summary_json.write_text(json.dumps(stats.summary(), indent=2) + "\n")
         if consumer.abandoned:

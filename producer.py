@@ -8,15 +8,19 @@ import sys
 import threading
 from types import FrameType
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
 from mtc75.cli import base_parser, paint, resolve, run_main, setup_logging, use_color
-from mtc75.produce import ProducerStats, produce
+from mtc75.produce import PROGRESS_INTERVAL, ProducerStats, produce
 
 PROG = "producer.py"
-SETTINGS = ("BOOTSTRAP_SERVERS", "TOPIC", "PRODUCER_MESSAGE_COUNT", "PRODUCER_SLEEP")
+SETTINGS = ("BOOTSTRAP_SERVERS", "TOPIC", "PRODUCER_MESSAGE_COUNT", "PRODUCER_SLEEP", "PRODUCER_RATE")
 EPILOG = """examples:
   python producer.py                      # PRODUCER_MESSAGE_COUNT records from config.py, as fast as possible
+  python producer.py --count 5000 --rate 200           # 200 records/s, with a progress bar and ETA
   python producer.py --count 0 --producer-sleep 0.01   # about 100 records/s until Ctrl-C
 """
+BAR_REFRESH = 0.1  # seconds between progress-bar updates
 
 
 def _line(stats: ProducerStats, final: bool) -> str:
@@ -27,9 +31,29 @@ def _line(stats: ProducerStats, final: bool) -> str:
     )
 
 
+class _Bar:
+    """A rich progress bar over delivered records with the rate and the time left."""
+
+    def __init__(self, total: int) -> None:
+        self._progress = Progress(
+            TextColumn("producing"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>8,.0f} msg/s"), TextColumn("ETA"), TimeRemainingColumn(),
+        )
+        self._task = self._progress.add_task("produce", total=total, rate=0.0)
+        self._progress.start()
+
+    def update(self, stats: ProducerStats) -> None:
+        self._progress.update(self._task, completed=stats.delivered, rate=stats.rate)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(PROG, __doc__ or "", EPILOG, SETTINGS)
     parser.add_argument("--count", dest="PRODUCER_MESSAGE_COUNT", metavar="N", help="alias of --producer-message-count")
+    parser.add_argument("--rate", dest="PRODUCER_RATE", metavar="PER_SECOND",
+                        help="alias of --producer-rate: messages per second instead of --producer-sleep")
     args = parser.parse_args(argv)
 
     def run() -> int:
@@ -47,10 +71,19 @@ def main(argv: list[str] | None = None) -> int:
         def progress(stats: ProducerStats) -> None:
             print(paint(_line(stats, final=False), "cyan", color), flush=True)
 
-        stats = produce(
-            settings.producer_config(props), settings.TOPIC, settings.PRODUCER_MESSAGE_COUNT,
-            settings.PRODUCER_SLEEP, stop, progress,
-        )
+        count = settings.PRODUCER_MESSAGE_COUNT
+        bar = _Bar(count) if count and sys.stdout.isatty() else None
+        try:
+            stats = produce(
+                settings.producer_config(props), settings.TOPIC, count, settings.PRODUCER_SLEEP, stop,
+                bar.update if bar is not None else progress, rate=settings.PRODUCER_RATE,
+                progress_interval=BAR_REFRESH if bar is not None else PROGRESS_INTERVAL,
+            )
+            if bar is not None:
+                bar.update(stats)
+        finally:
+            if bar is not None:
+                bar.close()
         ok = stats.failed == 0
         print(paint(_line(stats, final=True), "green" if ok else "red", color, bold=True), flush=True)
         if not ok and stats.last_error:

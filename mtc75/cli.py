@@ -94,11 +94,15 @@ def base_parser(prog: str, description: str, epilog: str, settings: Sequence[str
     return parser
 
 
+def config_path(args: argparse.Namespace) -> Path | None:
+    """The settings file in use: ``--config``, or the default config.py when it exists."""
+    return args.config if args.config.exists() or args.config != DEFAULT_CONFIG else None
+
+
 def resolve(args: argparse.Namespace, settings: Sequence[str]) -> tuple[Settings, dict[str, str]]:
     """Settings and ``-X`` properties from parsed arguments (raises ConfigError)."""
-    config_path = args.config if args.config.exists() or args.config != DEFAULT_CONFIG else None
     flags = {name: getattr(args, name) for name in settings}
-    return load_settings(config_path, flags=flags), parse_properties(args.properties)
+    return load_settings(config_path(args), flags=flags), parse_properties(args.properties)
 
 
 def run_main(main: Callable[[], int], prog: str) -> int:

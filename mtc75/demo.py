@@ -35,7 +35,8 @@ def _script(name: str, *args: str) -> list[str]:
     return [sys.executable, str(ROOT / name), *args]
 
 
-def run_demo(messages: int, threads: int, sleep: float, pause_interval: float, port: int) -> int:
+def run_demo(messages: int, threads: int, sleep: float, pause_interval: float, port: int,
+             report: Path | None = None) -> int:
     color = use_color()
     env = dict(os.environ)
     broker: LocalKafka | None = None
@@ -59,17 +60,20 @@ def run_demo(messages: int, threads: int, sleep: float, pause_interval: float, p
             summary_path = Path(tmp) / "summary.json"
             _say(f"consumer: {threads} threads, {sleep}s of work per message, pause interval {pause_interval}s "
                  f"-> at most {threads / sleep:.0f} msg/s", color)
+            _say(f"producer: a burst of {messages} Faker records, faster than the threads can keep up", color)
+            extra = ["--report", str(report)] if report is not None else []
             consumer = subprocess.Popen(
                 _script(
                     "mtc75_consumer.py", *common, "--group-id", group, "--max-thread-count", str(threads),
                     "--processing-sleep", str(sleep), "--pause-interval", str(pause_interval),
                     "--max-messages", str(messages), "--idle-exit", "60", "--summary-json", str(summary_path),
+                    "--no-reload", *extra,
                 ),
                 env=env,
             )
-            _say(f"producer: a burst of {messages} Faker records, faster than the threads can keep up", color)
-            subprocess.run(_script("producer.py", *common, "--count", str(messages)), env=env, check=True,
-                           timeout=120)
+            # The consumer owns the terminal (its dashboard); the producer's output is shown afterwards.
+            produced = subprocess.run(_script("producer.py", *common, "--count", str(messages)), env=env,
+                                      check=True, timeout=120, capture_output=True, text=True)
             try:
                 code = consumer.wait(timeout=RUN_TIMEOUT)
             except subprocess.TimeoutExpired:
@@ -78,14 +82,19 @@ def run_demo(messages: int, threads: int, sleep: float, pause_interval: float, p
             if code != 0:
                 raise Mtc75Error(f"consumer exited with {code}")
             summary = json.loads(summary_path.read_text())
+        _say("producer " + (produced.stdout.strip().splitlines() or ["(no output)"])[-1], color)
         _say("summary " + json.dumps(summary), color)
         if summary["processed"] < messages or summary["pauses"] < 1:
             raise Mtc75Error(f"expected {messages} messages and at least one pause, got {summary}")
         _say(f"all {messages} messages handled; threads saturated {summary['pauses']} times and the consumer "
              f"paused {summary['paused_seconds']:.1f}s in all without leaving its group", color)
+        if report is not None:
+            _say(f"run report: {report / 'report.png'} (plot) and {report / 'timeseries.csv'}", color)
         return 0
     except subprocess.CalledProcessError as err:
-        raise Mtc75Error(f"{Path(err.cmd[1]).name} exited with {err.returncode}") from None
+        why = (err.stderr or "").strip().splitlines()
+        raise Mtc75Error(f"{Path(err.cmd[1]).name} exited with {err.returncode}"
+                         + (f": {why[-1]}" if why else "")) from None
     finally:
         try:
             futures = AdminClient({"bootstrap.servers": bootstrap}).delete_topics([topic], operation_timeout=10)
@@ -105,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processing-sleep", type=float, default=0.1)
     parser.add_argument("--pause-interval", type=float, default=1.0)
     parser.add_argument("--port", type=int, default=int(os.environ.get("KAFKA_PORT", DEFAULT_PORT)))
+    parser.add_argument("--report", type=Path, metavar="DIR", help="the consumer writes its run report here")
     args = parser.parse_args(argv)
     try:
-        return run_demo(args.messages, args.threads, args.processing_sleep, args.pause_interval, args.port)
+        return run_demo(args.messages, args.threads, args.processing_sleep, args.pause_interval, args.port,
+                        args.report)
     except Mtc75Error as err:
         print(f"demo: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -83,6 +83,7 @@ class Dispatcher:
         self._permits = Permits(max_thread_count)
         self._backlog: deque[Work] = deque()
         self._executor = ThreadPoolExecutor(max_workers=max_thread_count, thread_name_prefix="mtc75-worker")
+        self._workers = max_thread_count  # the executor's max_workers; resize() replaces it to grow
         # Notified when a worker gives its permit back, and when the backlog falls to _drain_mark.
         self._changed = threading.Condition(self._lock)
         self._drain_mark = -1  # backlog length a waiter wants to hear about (-1: nobody waits)
@@ -156,6 +157,27 @@ class Dispatcher:
     @property
     def max_thread_count(self) -> int:
         return self._permits.limit
+
+    def resize(self, limit: int) -> None:
+        """Change the bound on running handlers (poll thread only).
+
+        Growing takes the new permits at once, on a larger executor (ThreadPoolExecutor cannot grow;
+        the old one finishes its running workers and lets its threads go). Shrinking never interrupts
+        a handler: a worker gives its permit back after its current message while more permits are
+        held than the new limit, so no new message starts until the excess has drained.
+        """
+        if limit < 1:
+            raise ValueError(f"max_thread_count must be >= 1, got {limit}")
+        if limit > self._workers:
+            old = self._executor
+            self._executor = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="mtc75-worker")
+            self._workers = limit
+            old.shutdown(wait=False)
+        with self._lock:
+            self._permits.limit = limit
+            starts = self._permits.acquire(len(self._backlog))
+        for _ in range(starts):
+            self._executor.submit(self._work)
 
     @property
     def backlog(self) -> int:

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -55,6 +55,10 @@ class Stats:
     elapsed_seconds: float
     max_active_threads: int
     assigned: int
+    retried: int = 0
+    dead_lettered: int = 0
+    # end offset minus committed offset per assigned partition (refreshed with each status snapshot)
+    lag: Mapping[Partition, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """The ``--summary-json`` document."""
@@ -112,6 +116,9 @@ class Mtc75Consumer:
         self._rate_mark = (0.0, 0)
         self._error_quiet_until: dict[int, float] = {}
         self._connected = False  # set once the start-up metadata check passed
+        self._lag: dict[Partition, int] = {}
+        self._retune_lock = threading.Lock()
+        self._retune: dict[str, Any] = {}  # live changes waiting for the poll thread
         self.abandoned = 0  # handlers still running when shutdown gave up waiting
 
     # -- public -------------------------------------------------------------------------------------
@@ -119,6 +126,21 @@ class Mtc75Consumer:
     def stop(self) -> None:
         """Ask :meth:`run` to finish: stop fetching, drain in-flight work, commit, close."""
         self._stop.set()
+
+    def retune(self, *, max_thread_count: int | None = None, pause_interval: float | None = None) -> None:
+        """Change the thread bound and the pause interval of a running consumer; any thread may call.
+
+        The poll thread applies the change within one loop turn (at most ``POLL_TIMEOUT`` later).
+        """
+        if max_thread_count is not None and max_thread_count < 1:
+            raise ValueError(f"max_thread_count must be >= 1, got {max_thread_count}")
+        if pause_interval is not None and pause_interval <= 0:
+            raise ValueError(f"pause_interval must be > 0, got {pause_interval}")
+        with self._retune_lock:
+            if max_thread_count is not None:
+                self._retune["MAX_THREAD_COUNT"] = max_thread_count
+            if pause_interval is not None:
+                self._retune["PAUSE_INTERVAL"] = pause_interval
 
     def run(self) -> Stats:
         """Consume until stopped, ``max_messages`` handled, or ``idle_exit`` seconds without messages."""
@@ -166,6 +188,7 @@ class Mtc75Consumer:
             elapsed_seconds=now - self._started if self._started else 0.0,
             max_active_threads=d.max_active_threads if d else 0,
             assigned=len(self._tracker.partitions()),
+            lag=dict(self._lag),
         )
 
     # -- poll loop ----------------------------------------------------------------------------------
@@ -175,11 +198,13 @@ class Mtc75Consumer:
         dispatcher = self._dispatcher
         assert consumer is not None and dispatcher is not None
         gate = self._gate
-        limit = self._settings.MAX_THREAD_COUNT
         commit_every = self._settings.COMMIT_INTERVAL
         next_commit = next_status = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
+            if self._retune:
+                self._apply_retune()
+            limit = dispatcher.max_thread_count
             self._drain_completions()
             gate.observe(now, self._processed)
             backlog = dispatcher.backlog
@@ -219,6 +244,7 @@ class Mtc75Consumer:
                 next_commit = now + commit_every
             if now >= next_status:
                 self._update_rate(now)
+                self._refresh_lag()
                 if self._on_status is not None:
                     self._on_status(self.stats())
                 next_status = now + self._status_interval
@@ -283,6 +309,46 @@ class Mtc75Consumer:
             logger.info("no new message for %.1fs (--idle-exit); stopping", self._idle_exit)
             return True
         return False
+
+    def _apply_retune(self) -> None:
+        assert self._dispatcher is not None
+        with self._retune_lock:
+            changes, self._retune = self._retune, {}
+        self._settings = self._settings.replace(**changes)
+        if "MAX_THREAD_COUNT" in changes:
+            self._dispatcher.resize(changes["MAX_THREAD_COUNT"])
+        if "PAUSE_INTERVAL" in changes:
+            self._gate.pause_interval = changes["PAUSE_INTERVAL"]
+        logger.debug("retuned: %s", changes)
+
+    def _refresh_lag(self) -> None:
+        """Per-partition lag from librdkafka's cached high watermarks: no request to the broker."""
+        consumer = self._consumer
+        assert consumer is not None
+        lag: dict[Partition, int] = {}
+        unknown: list[TopicPartition] = []
+        for tp in self._tracker.partitions():
+            state = self._tracker.state(tp)
+            if state.committed is not None and state.committed >= 0:
+                base: int | None = state.committed
+            else:
+                base = state.pending[0] if state.pending else None
+            if base is None:
+                unknown.append(TopicPartition(*tp))
+                continue
+            high = _cached_high(consumer, TopicPartition(*tp))
+            if high is not None:
+                lag[tp] = max(0, high - base)
+        if unknown:  # nothing handled since the assignment: count from the local fetch position
+            try:
+                positions = consumer.position(unknown)
+            except KafkaException:
+                positions = []
+            for pos in positions:
+                high = _cached_high(consumer, pos)
+                if pos.offset >= 0 and high is not None:
+                    lag[(pos.topic, pos.partition)] = max(0, high - pos.offset)
+        self._lag = lag
 
     def _update_rate(self, now: float) -> None:
         mark_at, mark_count = self._rate_mark
@@ -508,6 +574,15 @@ def _is_incremental(conf: Mapping[str, Any]) -> bool:
     """Cooperative assignors and the KIP-848 protocol use incremental (un)assign."""
     strategy = str(conf.get("partition.assignment.strategy", ""))
     return "cooperative" in strategy or str(conf.get("group.protocol", "classic")).lower() == "consumer"
+
+
+def _cached_high(consumer: Consumer, tp: TopicPartition) -> int | None:
+    """The partition's end offset as of the last fetch response (None before the first one)."""
+    try:
+        offsets = consumer.get_watermark_offsets(tp, cached=True)
+    except KafkaException:
+        return None
+    return offsets[1] if offsets is not None and offsets[1] >= 0 else None
 
 
 def _as_list(message: Any) -> list[Any]:

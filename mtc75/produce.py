@@ -84,8 +84,16 @@ def produce(
     stop: threading.Event,
     on_progress: Callable[[ProducerStats], None] | None = None,
     records: Callable[[], tuple[bytes, bytes]] | None = None,
+    rate: float = 0.0,
+    progress_interval: float = PROGRESS_INTERVAL,
 ) -> ProducerStats:
-    """Send ``count`` records (0 = until ``stop``), ``sleep`` seconds apart; always flushes at the end."""
+    """Send ``count`` records (0 = until ``stop``), ``sleep`` seconds apart or ``rate`` per second.
+
+    The rate follows a schedule from the start (record n is due at n / rate seconds), so slow
+    iterations do not lower the average. Always flushes at the end.
+    """
+    if rate < 0:
+        raise ValueError(f"rate must be >= 0, got {rate}")
     make = records or FakeRecords()
     producer = Producer(dict(conf))
     require_topic(producer, str(conf.get("bootstrap.servers")), topic)
@@ -98,7 +106,7 @@ def produce(
             stats.failed += 1
             stats.last_error = err.str()
 
-    next_progress = time.monotonic() + PROGRESS_INTERVAL
+    next_progress = time.monotonic() + progress_interval
     try:
         while not stop.is_set() and (count == 0 or stats.sent < count):
             key, value = make()
@@ -106,13 +114,17 @@ def produce(
                 break
             stats.sent += 1
             producer.poll(0)
-            if sleep:
+            if rate:
+                delay = stats.started + stats.sent / rate - time.monotonic()
+                if delay > 0:
+                    stop.wait(delay)
+            elif sleep:
                 stop.wait(sleep)
             now = time.monotonic()
             if on_progress is not None and now >= next_progress:
                 stats.elapsed = now - stats.started
                 on_progress(stats)
-                next_progress = now + PROGRESS_INTERVAL
+                next_progress = now + progress_interval
     finally:
         remaining = producer.flush(FLUSH_TIMEOUT)
         if remaining:

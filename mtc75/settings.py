@@ -64,6 +64,9 @@ class Settings:
     PRODUCER_SLEEP: float = field(
         default=0.0, **_spec(float, "seconds between produced messages (0 = as fast as possible)", minimum=0)
     )
+    PRODUCER_RATE: float = field(
+        default=0.0, **_spec(float, "messages per second the producer sends (0 = use PRODUCER_SLEEP)", minimum=0)
+    )
     PRODUCER_MESSAGE_COUNT: int = field(
         default=10_000, **_spec(int, "messages producer.py sends (0 = until Ctrl-C)", minimum=0)
     )

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 
 from tests.kafka_helpers import ROOT
+from tests.test_report import count_panels
 
 DEMO_PORT = os.environ.get("MTC75_TEST_DEMO_PORT", "39192")
 
@@ -16,6 +18,7 @@ DEMO_PORT = os.environ.get("MTC75_TEST_DEMO_PORT", "39192")
 def test_make_demo_runs_end_to_end_with_its_own_broker() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MTC75_", "KAFKA_"))}
     env["NO_COLOR"] = "1"
+    started = time.time()
     if "KAFKA_BOOTSTRAP_SERVERS" in os.environ:  # an external cluster: the demo uses it too
         env["KAFKA_BOOTSTRAP_SERVERS"] = os.environ["KAFKA_BOOTSTRAP_SERVERS"]
     result = subprocess.run(
@@ -27,6 +30,11 @@ def test_make_demo_runs_end_to_end_with_its_own_broker() -> None:
     assert "PAUSED" in output and "RESUMED" in output
     assert "threads   4/4" in output  # the status line shows the pool full
     assert "all 600 messages handled" in output
+    report = ROOT / "demo-report"  # the README's example plot comes from here
+    assert "run report: demo-report/report.png" in output
+    for name in ("report.png", "timeseries.csv"):
+        assert (report / name).stat().st_mtime >= started - 1, f"{name} was not written by this run"
+    assert count_panels(report / "report.png") == 3
     if "KAFKA_BOOTSTRAP_SERVERS" not in env:
         assert "stopping the local Kafka it started" in output
         status = subprocess.run(

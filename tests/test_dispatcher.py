@@ -124,3 +124,78 @@ def test_permits_bound_and_errors() -> None:
     empty = Permits(1)
     with pytest.raises(RuntimeError):
         empty.release()
+
+
+class _Gated:
+    """A handler whose first ``held`` calls block until released; it records concurrency at each start."""
+
+    def __init__(self, held: int) -> None:
+        self._lock = threading.Lock()
+        self._held = held
+        self.release = threading.Event()
+        self.current = 0
+        self.starts: list[int] = []  # concurrency seen by each call as it started
+
+    def __call__(self, _msg: object) -> None:
+        with self._lock:
+            self.current += 1
+            self.starts.append(self.current)
+            blocked = len(self.starts) <= self._held
+        if blocked:
+            self.release.wait(30)
+        else:
+            time.sleep(0.002)
+        with self._lock:
+            self.current -= 1
+
+
+def test_resize_grow_starts_new_workers_at_once() -> None:
+    handler = _Gated(held=10)
+    tracker = OffsetTracker()
+    tracker.assign([("t", 0)])
+    d = Dispatcher(handler, max_thread_count=2)
+    try:
+        d.put(_work(tracker, 0, range(30)))
+        wait_until(lambda: handler.current == 2, timeout=5, what="two handlers blocked")
+        d.resize(6)  # no new message arrives: the backlog alone must fill the new permits
+        wait_until(lambda: handler.current == 6, timeout=5, what="six handlers blocked")
+        assert d.max_thread_count == 6 and d.active_thread_count == 6
+        handler.release.set()
+        assert d.wait_idle(20)
+        assert len(d.completions) == 30
+        assert max(handler.starts) == 6
+    finally:
+        handler.release.set()
+        d.shutdown(wait=True)
+
+
+def test_resize_shrink_lets_running_handlers_finish_and_bounds_new_work() -> None:
+    handler = _Gated(held=6)
+    tracker = OffsetTracker()
+    tracker.assign([("t", 0)])
+    d = Dispatcher(handler, max_thread_count=6)
+    try:
+        d.put(_work(tracker, 0, range(40)))
+        wait_until(lambda: handler.current == 6, timeout=5, what="six handlers blocked")
+        d.resize(2)
+        d.put(_work(tracker, 0, range(40, 45)))  # new work while shrunk starts no thread
+        time.sleep(0.05)
+        assert handler.current == 6 and len(handler.starts) == 6  # nothing cancelled, nothing new started
+        handler.release.set()
+        assert d.wait_idle(20)
+        assert len(d.completions) == 45 and not any(w.failed for w in d.completions)
+        assert max(handler.starts[6:]) <= 2  # every message started after the shrink saw at most 2 running
+        assert d.max_thread_count == 2
+    finally:
+        handler.release.set()
+        d.shutdown(wait=True)
+
+
+def test_resize_rejects_a_bound_below_one() -> None:
+    d = Dispatcher(lambda _m: None, max_thread_count=2)
+    try:
+        with pytest.raises(ValueError, match="max_thread_count must be >= 1, got 0"):
+            d.resize(0)
+        assert d.max_thread_count == 2
+    finally:
+        d.shutdown(wait=True)

@@ -180,6 +180,9 @@ def test_second_signal_exits_at_once(bootstrap: str, make_topic: Callable[..., s
         ("mtc75_consumer.py", ["--handler", "json"], "expected package.module:function"),
         ("mtc75_consumer.py", ["-X", "nonsense"], "expected key=value"),
         ("mtc75_consumer.py", ["--max-messages", "0"], "must be >= 1"),
+        ("mtc75_consumer.py", ["--metrics-port", "http"], "--metrics-port: must be a port number"),
+        ("mtc75_consumer.py", ["--metrics-port", "70000"], "must be between 0 and 65535"),
+        ("producer.py", ["--rate", "-5"], "invalid PRODUCER_RATE='-5'"),
         ("producer.py", ["--count", "-1"], "invalid PRODUCER_MESSAGE_COUNT='-1'"),
         ("create_topic.py", ["--num-partitions", "0"], "invalid NUM_PARTITIONS='0'"),
     ],
@@ -224,3 +227,25 @@ def test_help_has_examples() -> None:
         result = run_script(script, "--help", env=script_env("127.0.0.1:1"), timeout=30)
         assert result.returncode == 0
         assert "example" in result.stdout and "-X KEY=VALUE" in result.stdout
+        if script == "mtc75_consumer.py":
+            for flag in ("--no-dashboard", "--metrics-port", "--report", "--no-reload", "python mtc75_consumer.py "):
+                assert flag in result.stdout
+        if script == "producer.py":
+            assert "--rate" in result.stdout and "--count 5000 --rate 200" in result.stdout
+
+
+def test_busy_metrics_port_and_unusable_report_dir_are_one_line(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_script("mtc75_consumer.py", "--metrics-port", str(port), env=script_env("127.0.0.1:1"),
+                            timeout=30)
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in _one_error_line(result.stderr, "mtc75_consumer.py")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run_script("mtc75_consumer.py", "--report", str(blocker / "sub"), env=script_env("127.0.0.1:1"),
+                        timeout=30)
+    assert result.returncode == 2
+    assert f"--report {blocker / 'sub'}" in _one_error_line(result.stderr, "mtc75_consumer.py")

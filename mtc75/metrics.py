@@ -1,0 +1,116 @@
+"""Prometheus metrics for ``--metrics-port``: the engine's status snapshots, served at ``/metrics``.
+
+The counters and gauges are read from the latest :class:`~mtc75.engine.Stats` when Prometheus scrapes
+(a custom collector), so the engine keeps no second set of counters. Only the handler duration is
+measured here, by wrapping the handler. Everything lives in an own registry, never the global one,
+so several consumers (or tests) in one process do not collide.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from mtc75.dispatcher import Handler
+from mtc75.engine import Stats
+from mtc75.errors import ConfigError
+
+PREFIX = "mtc75"
+# Handler durations from a fast in-memory handler up to slow I/O.
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# (name, help, Stats attribute): every counter is a running total in the snapshot
+COUNTERS = (
+    ("processed", "messages whose handler finished (successfully or not)", "processed"),
+    ("failed", "messages whose handler raised", "failed"),
+    ("retried", "handler retries", "retried"),
+    ("dead_lettered", "messages sent to the dead-letter topic", "dead_lettered"),
+    ("pauses", "times the consumer paused its partitions because every thread was busy", "pauses"),
+)
+GAUGES = (
+    ("active_threads", "handlers running now (permits held; ACTIVE_THREAD_COUNT)", "active_threads"),
+    ("max_threads", "the bound on running handlers (MAX_THREAD_COUNT)", "max_thread_count"),
+    ("paused", "1 while the assigned partitions are paused", "paused"),
+    ("in_flight", "messages fetched and not yet finished (running plus waiting)", "in_flight"),
+    ("backlog", "fetched messages waiting for a free thread", "backlog"),
+    ("assigned_partitions", "partitions assigned to this consumer", "assigned"),
+)
+
+
+class StatsCollector(Collector):
+    """Serves the latest snapshot; values move once per status interval."""
+
+    def __init__(self) -> None:
+        self._stats: Stats | None = None
+
+    def update(self, stats: Stats) -> None:
+        self._stats = stats  # one reference swap: scrapes on the HTTP thread see a whole snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats
+        if stats is None:
+            return
+        for name, help_text, attr in COUNTERS:
+            yield CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=float(getattr(stats, attr)))
+        for name, help_text, attr in GAUGES:
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", help_text, value=float(getattr(stats, attr)))
+        lag = GaugeMetricFamily(
+            f"{PREFIX}_lag", "end offset minus committed offset, per partition", labels=["topic", "partition"]
+        )
+        for (topic, partition), value in sorted(stats.lag.items()):
+            lag.add_metric([topic, str(partition)], float(value))
+        yield lag
+
+
+class Metrics:
+    """The registry behind ``/metrics``: status snapshots, handler durations, and this process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._collector = StatsCollector()
+        self.registry.register(self._collector)
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes
+        self.handler_duration = Histogram(
+            f"{PREFIX}_handler_duration_seconds", "time one handler call took (failures included)",
+            buckets=DURATION_BUCKETS, registry=self.registry,
+        )
+        self._server: WSGIServer | None = None
+
+    def update(self, stats: Stats) -> None:
+        """Called with each status snapshot (on the poll thread)."""
+        self._collector.update(stats)
+
+    def timed(self, handler: Handler) -> Handler:
+        """``handler`` with its duration observed in the histogram: two clock reads and one observe."""
+        observe = self.handler_duration.observe
+        clock = time.perf_counter
+
+        def timed_handler(message: Any) -> object:
+            started = clock()
+            try:
+                return handler(message)
+            finally:
+                observe(clock() - started)
+
+        return timed_handler
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
+        """Serve ``/metrics`` on a daemon thread; returns the bound port (useful with ``port=0``)."""
+        try:
+            server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as err:
+            raise ConfigError(f"--metrics-port {port}: cannot listen on {addr}:{port}: {err.strerror or err}") from None
+        self._server = server
+        return int(server.server_address[1])
+
+    def close(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()

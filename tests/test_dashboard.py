@@ -1,0 +1,66 @@
+"""The dashboard rendered to a recording console: every figure the issue asks for is on screen."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from mtc75.dashboard import SPARKS, Dashboard, ProcessSample, ProcessSampler, render, sparkline
+from tests.stats_factory import make_stats
+
+
+def _text(renderable: object, width: int = 110) -> str:
+    console = Console(record=True, width=width, color_system=None, force_terminal=False)
+    console.print(renderable)
+    return console.export_text()
+
+
+def test_running_frame_shows_threads_rate_history_lag_failures_and_process() -> None:
+    history = [10.0, 40.0, 80.0, 71.0]
+    text = _text(render(make_stats(), history, ProcessSample(cpu_percent=12.4, rss_bytes=55 << 20), "MTC75 t"))
+    assert "3/4 busy" in text and "MAX_THREAD_COUNT 4" in text and "peak 4" in text
+    assert "running" in text and "PAUSED" not in text
+    assert "71/s" in text and sparkline(history) in text and "peak 80/s" in text
+    assert "10 (running 3, waiting 6)" in text
+    assert "total 17" in text and "p0 12" in text and "p1 0" in text and "p2 5" in text
+    assert "failed 1" in text and "retried 2" in text and "dead-lettered 1" in text
+    assert "CPU 12%" in text and "RSS 55.0 MiB" in text
+    assert "pauses 9 (3.5s paused)" in text
+    assert "MTC75 t" in text
+
+
+def test_paused_frame_shows_the_countdown() -> None:
+    stats = make_stats(paused=True, paused_for=0.7, next_check_in=0.3, active_threads=4)
+    text = _text(render(stats, []))
+    assert "4/4 busy" in text
+    assert "PAUSED 0.7s" in text and "re-check in 0.3s" in text
+    assert "CPU" not in text  # no process sample given, no process row
+
+
+def test_lag_unknown_before_the_first_fetch_and_many_partitions_are_summed() -> None:
+    assert "unknown" in _text(render(make_stats(lag={}), []))
+    lag = {("t", p): p for p in range(20)}
+    text = _text(render(make_stats(lag=lag), []), width=200)
+    assert f"total {sum(range(20))}" in text and "+8 more" in text and "p11 11" in text and "p12 12" not in text
+
+
+def test_sparkline_scales_to_the_maximum() -> None:
+    assert sparkline([]) == ""
+    assert sparkline([0, 0]) == SPARKS[0] * 2
+    line = sparkline([0, 50, 100])
+    assert line[0] == SPARKS[0] and line[-1] == SPARKS[-1] and len(line) == 3
+    assert len(sparkline(list(range(100)), width=60)) == 60
+
+
+def test_dashboard_keeps_the_history_and_draws_the_latest_snapshot() -> None:
+    console = Console(record=True, width=110, color_system=None)
+    dash = Dashboard(console=console, title="MTC75 test")
+    assert "connecting" in _text(dash._frame())
+    for rate in (5.0, 15.0, 25.0):
+        dash.update(make_stats(rate=rate, processed=int(rate)))
+    text = _text(dash._frame())
+    assert "25/s" in text and sparkline([5.0, 15.0, 25.0]) in text
+
+
+def test_process_sampler_reads_this_process() -> None:
+    sample = ProcessSampler().sample()
+    assert sample.rss_bytes > 1 << 20 and sample.cpu_percent >= 0
