@@ -441,14 +441,19 @@ class Mtc75Consumer:
             consumer.incremental_assign(partitions)
         else:
             consumer.assign(partitions)
-        if self._gate.paused and partitions:
+        if partitions and self._gate.paused:
             consumer.pause([TopicPartition(t, p) for t, p in tps])
             self._paused.update(tps)
+        elif partitions:
+            # librdkafka may keep a pause flag from an earlier assignment of the same partition
+            # (it does on some eager-rebalance paths): clear it, or the partition never fetches.
+            consumer.resume([TopicPartition(t, p) for t, p in tps])
         logger.info("assigned %s%s", _fmt(tps), " (paused: consumer is saturated)" if self._gate.paused else "")
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(tp.topic, tp.partition) for tp in partitions]
         self._release(tps, commit=True)
+        self._unpause(consumer, tps)
         if self._cooperative:
             consumer.incremental_unassign(partitions)
         else:
@@ -459,10 +464,18 @@ class Mtc75Consumer:
         tps = [(tp.topic, tp.partition) for tp in partitions]
         logger.warning("lost %s (group membership expired): their uncommitted work will be redelivered", _fmt(tps))
         self._release(tps, commit=False)
+        self._unpause(consumer, tps)
         if self._cooperative:
             consumer.incremental_unassign(partitions)
         else:
             consumer.unassign()
+
+    def _unpause(self, consumer: Consumer, tps: list[Partition]) -> None:
+        """Resume partitions we paused before giving them up, so no stale flag outlives the assignment."""
+        mine = [TopicPartition(t, p) for t, p in tps if (t, p) in self._paused]
+        if mine:
+            consumer.resume(mine)
+            self._paused.difference_update(tps)
 
     def _release(self, tps: list[Partition], commit: bool) -> None:
         """Give partitions up: drop their unstarted messages, wait (bounded) for running ones, commit."""
@@ -484,7 +497,6 @@ class Mtc75Consumer:
                 )
             self._commit(asynchronous=False, partitions=owned)
         tracker.revoke(owned)
-        self._paused.difference_update(tps)
 
     def _drop_unstarted(self, states: list[PartitionState] | None = None) -> int:
         """Take not-yet-started messages out of the backlog; they stay uncommitted, for redelivery."""
