@@ -451,19 +451,18 @@ class Mtc75Consumer:
         logger.info("assigned %s%s", _fmt(tps), " (paused: consumer is saturated)" if self._gate.paused else "")
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        tps = [(tp.topic, tp.partition) for tp in partitions]
-        self._release(tps, commit=True)
-        self._unpause(consumer, tps)
-        if self._cooperative:
-            consumer.incremental_unassign(partitions)
-        else:
-            consumer.unassign()
-        logger.info("revoked %s", _fmt(tps))
+        self._give_up(consumer, partitions, commit=True)
+        logger.info("revoked %s", _fmt([(tp.topic, tp.partition) for tp in partitions]))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(tp.topic, tp.partition) for tp in partitions]
         logger.warning("lost %s (group membership expired): their uncommitted work will be redelivered", _fmt(tps))
-        self._release(tps, commit=False)
+        self._give_up(consumer, partitions, commit=False)
+
+    def _give_up(self, consumer: Consumer, partitions: list[TopicPartition], commit: bool) -> None:
+        """Release partitions (committing their finished work if still allowed), then unassign them."""
+        tps = [(tp.topic, tp.partition) for tp in partitions]
+        self._release(tps, commit=commit)
         self._unpause(consumer, tps)
         if self._cooperative:
             consumer.incremental_unassign(partitions)
