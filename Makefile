@@ -1,6 +1,7 @@
 # MTC75: everything a fresh machine needs comes from here (venv, pinned packages, Kafka via Maven).
 # make demo   - the main job: local Kafka, topic, consumer + producer burst, summary; ends by itself
 # make test   - the whole test suite against a local Kafka it starts and stops itself
+# make faults - only the fault-injection suite (RELIABILITY.md), printing its measured figures
 # make broker / make broker-stop - a local Kafka for the three-terminal flow (KAFKA_PORT, default 9092)
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 KAFKA_PORT ?= 9092
 export KAFKA_PORT
 
-.PHONY: all setup kafka demo test lint broker broker-stop broker-status clean
+.PHONY: all setup kafka demo test faults lint broker broker-stop broker-status clean
 
 all: setup
 
@@ -28,6 +29,11 @@ demo: kafka
 
 test: kafka lint
 	$(PY) -m pytest
+
+# The fault-injection suite alone; its measured figures go to .kafka/fault-figures.jsonl (see RELIABILITY.md).
+faults: kafka
+	rm -f .kafka/fault-figures.jsonl
+	MTC75_FAULT_FIGURES=$(CURDIR)/.kafka/fault-figures.jsonl $(PY) -m pytest -m faults -v
 
 lint: setup
 	$(PY) -m ruff check .
