@@ -15,11 +15,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from confluent_kafka import KafkaError, Producer
+from confluent_kafka.admin import AdminClient
 
 from mtc75.dispatcher import Work
 from mtc75.errors import MessageFailed
 from mtc75.retry import DelayQueue
-from mtc75.topics import create_topic
+from mtc75.topics import create_topic, fetch_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,15 @@ class DeadLetters:
         self.delivered = 0
 
     def ensure_topic(self, partitions: int, replication_factor: int, admin_conf: Mapping[str, Any]) -> None:
-        """Create the DLQ topic (as many partitions as the source) unless it exists."""
+        """Create the DLQ topic (as many partitions as the source) unless it exists.
+
+        Existence is checked first, so a consumer without the right to create topics works with a
+        DLQ topic an administrator made.
+        """
+        admin = AdminClient(dict(admin_conf))
+        info = fetch_metadata(admin, str(admin_conf.get("bootstrap.servers")), self.topic).topics.get(self.topic)
+        if info is not None and info.error is None and info.partitions:
+            return
         if create_topic(admin_conf, self.topic, partitions, replication_factor):
             logger.info("created dead-letter topic %s (%d partitions)", self.topic, partitions)
 

@@ -207,10 +207,12 @@ class Mtc75Consumer:
             if self._down_since is not None and self._broker_gone(now):
                 break
             gate.observe(now, self._processed)
-            backlog = dispatcher.backlog
-            # A message waiting for its retry holds no thread but still counts against the in-flight
-            # bound, so a run of failures pauses fetching instead of piling up retries.
-            active = min(limit, dispatcher.active_thread_count + dispatcher.delayed)
+            backlog = dispatcher.backlog  # includes messages waiting for a retry: they count against the bound
+            active = dispatcher.active_thread_count
+            if dispatcher.delayed >= gate.watermarks(limit)[1]:
+                # Retries alone fill the backlog: threads are idle only because everything is waiting
+                # for its backoff, so stop fetching rather than pile up more failures.
+                active = limit
             if gate.paused:
                 if gate.should_resume(now, active, limit, backlog):
                     self._resume(now)

@@ -418,3 +418,48 @@ def test_malformed_payloads_take_the_retry_and_dlq_path_in_the_default_handler(
     assert sum("not JSON" in e for e in errors) == 2
     assert sum("exceeds MAX_PAYLOAD_BYTES=100000" in e for e in errors) == 1
     assert committed_offsets(bootstrap, group, topic) == end_offsets(bootstrap, topic)
+
+
+def test_a_message_waiting_for_its_retry_holds_no_thread_and_holds_back_the_commit(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str]
+) -> None:
+    import threading
+
+    from mtc75.engine import Mtc75Consumer
+    from mtc75.settings import Settings
+
+    topic, group, n = make_topic(partitions=1), unique("g"), 20
+    produce_numbered(bootstrap, topic, n)
+    calls: Counter[int] = Counter()
+    handled: list[int] = []
+
+    def handler(msg: object) -> None:
+        offset = msg.offset()  # type: ignore[attr-defined]
+        calls[offset] += 1
+        if offset == 0 and calls[offset] < 3:
+            raise RuntimeError("flaky downstream")
+        handled.append(offset)
+
+    settings = Settings().replace(
+        BOOTSTRAP_SERVERS=bootstrap, TOPIC=topic, GROUP_ID=group, MAX_THREAD_COUNT=1, COMMIT_INTERVAL=0.1,
+        RETRY_BACKOFF=4.0, RETRY_BACKOFF_MAX=4.0, MAX_ATTEMPTS=3,
+    )
+    consumer = Mtc75Consumer(settings, handler, max_messages=n)
+    result: list[object] = []
+    runner = threading.Thread(target=lambda: result.append(consumer.run()))
+    runner.start()
+    try:
+        # One thread: the others can only run while offset 0 waits if its backoff does not occupy it.
+        wait_until(lambda: calls[0] >= 1 and len(handled) >= 3, timeout=60, what="others handled meanwhile")
+        committed = committed_offsets(bootstrap, group, topic)[0]
+        assert 0 not in handled, "offset 0 finished too soon for the check"
+        assert committed <= 0  # the watermark waits for offset 0
+        runner.join(timeout=60)
+        assert not runner.is_alive()
+    finally:
+        consumer.stop()
+        runner.join(timeout=60)
+    stats = result[0]
+    assert calls[0] == 3 and sorted(handled) == list(range(n))
+    assert (stats.retried, stats.failed, stats.dead_lettered) == (2, 0, 0)  # type: ignore[attr-defined]
+    assert committed_offsets(bootstrap, group, topic) == {0: n}
