@@ -34,6 +34,7 @@ test: kafka lint
 faults: kafka
 	rm -f .kafka/fault-figures.jsonl
 	MTC75_FAULT_FIGURES=$(CURDIR)/.kafka/fault-figures.jsonl $(PY) -m pytest -m faults -v
+	@echo "measured figures (.kafka/fault-figures.jsonl):" && cat .kafka/fault-figures.jsonl
 
 lint: setup
 	$(PY) -m ruff check .
