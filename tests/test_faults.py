@@ -216,7 +216,9 @@ def test_broker_restart_mid_run_consumer_and_producer_recover_and_lose_nothing(
     create_topic({"bootstrap.servers": bootstrap}, topic, 3, 1)
     record, log = tmp_path / "handled.txt", tmp_path / "consumer.log"
     env = script_env(bootstrap, MTC75_TEST_RECORD=str(record), MTC75_TEST_SLEEP="0.002")
-    consumer = _start(["--topic", topic, "--group-id", group, "--max-thread-count", "4", *RECORDER], env, log)
+    # --pause-interval 2: see RELIABILITY.md, "fast handlers and the pause gate".
+    consumer = _start(["--topic", topic, "--group-id", group, "--max-thread-count", "4", "--pause-interval", "2",
+                       "--max-backlog", "1000", *RECORDER], env, log)
     producer = subprocess.Popen(
         [sys.executable, str(ROOT / "producer.py"), "--topic", topic, "--count", str(n), "--producer-sleep", "0.003",
          "-q"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -238,7 +240,7 @@ def test_broker_restart_mid_run_consumer_and_producer_recover_and_lose_nothing(
         ends = end_offsets(bootstrap, topic)
         assert sum(ends.values()) >= n
         wanted = all_offsets(ends)
-        wait_until(lambda: wanted <= set(read_records(record)), timeout=120, what="every offset handled")
+        wait_until(lambda: wanted <= set(read_records(record)), timeout=180, what="every offset handled")
         wait_until(lambda: committed_offsets(bootstrap, group, topic) == ends, timeout=30, what="commits at end")
         assert consumer.poll() is None, "the consumer gave up instead of recovering"
         consumer.send_signal(signal.SIGTERM)
