@@ -2,6 +2,7 @@
 # make demo   - the main job: local Kafka, topic, consumer + producer burst, summary; ends by itself
 # make test   - the whole test suite against a local Kafka it starts and stops itself
 # make bench  - throughput, overhead, memory and CPU figures (bench/results.json, bench/throughput.png)
+# make faults - only the fault-injection suite (RELIABILITY.md), printing its measured figures
 # make broker / make broker-stop - a local Kafka for the three-terminal flow (KAFKA_PORT, default 9092)
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 KAFKA_PORT ?= 9092
 export KAFKA_PORT
 
-.PHONY: all setup kafka demo test bench lint broker broker-stop broker-status clean
+.PHONY: all setup kafka demo test bench faults lint broker broker-stop broker-status clean
 
 all: setup
 
@@ -32,6 +33,12 @@ test: kafka lint
 
 bench: kafka
 	$(PY) -m bench.run
+
+# The fault-injection suite alone; its measured figures go to .kafka/fault-figures.jsonl (see RELIABILITY.md).
+faults: kafka
+	rm -f .kafka/fault-figures.jsonl
+	MTC75_FAULT_FIGURES=$(CURDIR)/.kafka/fault-figures.jsonl $(PY) -m pytest -m faults -v
+	@echo "measured figures (.kafka/fault-figures.jsonl):" && cat .kafka/fault-figures.jsonl
 
 lint: setup
 	$(PY) -m ruff check .

@@ -27,6 +27,19 @@ COMMIT_INTERVAL = 0.5
 REVOKE_TIMEOUT = 10.0
 SHUTDOWN_TIMEOUT = 30.0
 
+# A handler that raises is retried up to MAX_ATTEMPTS tries in all, waiting RETRY_BACKOFF seconds,
+# doubling per attempt up to RETRY_BACKOFF_MAX (jittered). The waiting message holds no thread.
+MAX_ATTEMPTS = 3
+RETRY_BACKOFF = 0.5
+RETRY_BACKOFF_MAX = 10.0
+# After the last attempt: "dlq" publishes it to <TOPIC>.dlq (created if missing), "skip" moves on,
+# "stop" commits what is safe and exits with code 5.
+ON_FAILURE = "dlq"
+# The default handler rejects (and so retries, then dead-letters) empty, non-JSON or larger payloads.
+MAX_PAYLOAD_BYTES = 100_000
+# Seconds the consumer keeps going with no broker reachable before it exits with code 3.
+BROKER_DOWN_TIMEOUT = 60.0
+
 # The producer: how many Faker records to send (0 = until Ctrl-C) and the pause between them.
 PRODUCER_MESSAGE_COUNT = 10_000
 PRODUCER_SLEEP = 0.0

@@ -23,6 +23,8 @@ PROG = "mtc75_consumer.py"
 SETTINGS = (
     "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "MAX_THREAD_COUNT", "PAUSE_INTERVAL", "PROCESSING_SLEEP",
     "AUTO_OFFSET_RESET", "MAX_BACKLOG", "COMMIT_INTERVAL", "REVOKE_TIMEOUT", "SHUTDOWN_TIMEOUT",
+    "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "MAX_PAYLOAD_BYTES", "BROKER_DOWN_TIMEOUT",
+    "REPLICATION_FACTOR",
 )
 EPILOG = """examples:
   python mtc75_consumer.py                                   # settings from config.py
@@ -36,6 +38,8 @@ with a new MAX_THREAD_COUNT, PAUSE_INTERVAL or PROCESSING_SLEEP applies it withi
 
 Ctrl-C (or SIGTERM) stops fetching, waits for running handlers, commits and exits 0;
 a second Ctrl-C exits at once (uncommitted messages are then delivered again, never lost).
+A handler that raises is retried (--max-attempts, --retry-backoff); then --on-failure decides:
+dlq publishes it to <topic>.dlq, skip moves on, stop commits what is safe and exits 5.
 """
 log = logging.getLogger(PROG)
 
@@ -62,7 +66,8 @@ def _positive_float(text: str) -> float:
 
 def _summary_line(stats: Stats) -> str:
     return (
-        f"summary: processed {stats.processed}, failed {stats.failed}, pauses {stats.pauses} "
+        f"summary: processed {stats.processed}, failed {stats.failed} (retried {stats.retried}, "
+        f"dead-lettered {stats.dead_lettered}, skipped {stats.skipped}), pauses {stats.pauses} "
         f"({stats.paused_seconds:.1f}s paused), max threads busy {stats.max_active_threads}/"
         f"{stats.max_thread_count}, {stats.elapsed_seconds:.1f}s"
     )
@@ -102,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         setup_logging(args.verbose, args.quiet)
         settings, props = resolve(args, SETTINGS)
-        work = load_handler(args.handler) if args.handler else SimulatedWork(settings.PROCESSING_SLEEP)
+        work = load_handler(args.handler) if args.handler else SimulatedWork(
+            settings.PROCESSING_SLEEP, max_payload_bytes=settings.MAX_PAYLOAD_BYTES
+        )
         handler = work
         color = use_color()
         observers: list[Any] = []  # each has update(stats)

@@ -9,6 +9,12 @@ share one lock, so "backlog empty, release" and "append, acquire" cannot race.
 Finished messages are reported on a completion queue that only the poll thread drains, because
 every Kafka call (store, commit) belongs to the poll thread.
 
+A handler that raises gets its message retried per :class:`mtc75.retry.RetryPolicy`: the message
+waits for its backoff in a delay queue, holding no thread, and re-enters the backlog when due (checked
+by workers looking for work and by the poll thread's :meth:`Dispatcher.release_due`). Only after its
+last attempt does it reach the completion queue, marked failed, for the poll thread to dead-letter,
+skip or stop on.
+
 Later ordering modes replace the plain FIFO backlog with a scheduler that hands out only messages
 whose key (or partition) has nothing running; the permit and worker logic stays as it is.
 """
@@ -24,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mtc75.offsets import PartitionState
+from mtc75.retry import DelayQueue, RetryPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +40,15 @@ Handler = Callable[[Any], object]
 class Work:
     """One fetched message on its way through the pool."""
 
-    __slots__ = ("message", "state", "offset", "failed")
+    __slots__ = ("message", "state", "offset", "failed", "attempts", "error")
 
     def __init__(self, message: Any, state: PartitionState, offset: int) -> None:
         self.message = message
         self.state = state  # the partition assignment it was fetched under
         self.offset = offset
-        self.failed = False
+        self.failed = False  # True once the last attempt failed
+        self.attempts = 0  # handler calls that raised
+        self.error = ""  # "ExceptionType: text" of the last failure
 
 
 class Permits:
@@ -77,11 +86,14 @@ class Permits:
 class Dispatcher:
     """Runs ``handler(message)`` on at most ``max_thread_count`` threads at once."""
 
-    def __init__(self, handler: Handler, max_thread_count: int) -> None:
+    def __init__(self, handler: Handler, max_thread_count: int, retry: RetryPolicy | None = None) -> None:
         self._handler = handler
+        self._retry = retry if retry is not None else RetryPolicy(max_attempts=1, base=0.0, cap=0.0)
         self._lock = threading.Lock()
         self._permits = Permits(max_thread_count)
         self._backlog: deque[Work] = deque()
+        self._delayed: DelayQueue[Work] = DelayQueue()  # failed messages waiting for their next attempt
+        self.retried = 0  # retries scheduled (a message failing 3 times with 3 attempts counts 2)
         self._executor = ThreadPoolExecutor(max_workers=max_thread_count, thread_name_prefix="mtc75-worker")
         self._workers = max_thread_count  # the executor's max_workers; resize() replaces it to grow
         # Notified when a worker gives its permit back, and when the backlog falls to _drain_mark.
@@ -95,6 +107,19 @@ class Dispatcher:
         """Queue fetched messages and start as many workers as there are free permits and work."""
         with self._lock:
             self._backlog.extend(items)
+            if self._delayed:
+                self._promote_due(time.monotonic())
+            starts = self._permits.acquire(len(self._backlog))
+        for _ in range(starts):
+            self._executor.submit(self._work)
+
+    def release_due(self) -> None:
+        """Move retries whose backoff has passed into the backlog and start workers for them."""
+        if not self._delayed:
+            return  # the common case, checked without the lock
+        with self._lock:
+            if not self._promote_due(time.monotonic()):
+                return
             starts = self._permits.acquire(len(self._backlog))
         for _ in range(starts):
             self._executor.submit(self._work)
@@ -112,12 +137,14 @@ class Dispatcher:
             except IndexError:
                 pass
             if states is None:
+                taken.extend(self._delayed.remove_if(lambda _w: True))
                 return taken
             wanted = set(map(id, states))
             dropped, kept = [], []
             for work in taken:
                 (dropped if id(work.state) in wanted else kept).append(work)
             self._backlog.extendleft(reversed(kept))  # in place: workers hold a reference to this deque
+            dropped.extend(self._delayed.remove_if(lambda w: id(w.state) in wanted))
             return dropped
 
     def wait_idle(self, timeout: float) -> bool:
@@ -181,13 +208,26 @@ class Dispatcher:
 
     @property
     def backlog(self) -> int:
-        return len(self._backlog)
+        """Messages waiting for a thread, including those waiting for a retry."""
+        return len(self._backlog) + len(self._delayed)
+
+    @property
+    def delayed(self) -> int:
+        """Failed messages waiting for their backoff to pass (they hold no thread)."""
+        return len(self._delayed)
 
     def shutdown(self, wait: bool) -> None:
         self.purge()
         self._executor.shutdown(wait=wait, cancel_futures=True)
 
     # -- worker side ------------------------------------------------------------------------------
+
+    def _promote_due(self, now: float) -> int:
+        """Caller holds the lock. Due retries go to the front: they are older than anything fetched since."""
+        due = self._delayed.pop_due(now)
+        if due:
+            self._backlog.extendleft(reversed(due))
+        return len(due)
 
     def _work(self) -> None:
         """Hold one permit and run backlog messages until none is left.
@@ -196,11 +236,18 @@ class Dispatcher:
         permit back needs the lock, to re-check the backlog against a concurrent put().
         """
         handler = self._handler
+        retry = self._retry
+        delayed = self._delayed
         lock = self._lock
         backlog = self._backlog
         permits = self._permits
         done = self.completions.append
         while True:
+            if delayed:  # a retry may be due: checked without the lock, promoted under it
+                due = delayed.next_due()
+                if due is not None and due <= time.monotonic():
+                    with lock:
+                        self._promote_due(time.monotonic())
             try:
                 if permits.in_use > permits.limit:
                     raise IndexError  # the bound shrank: give this permit back
@@ -223,11 +270,24 @@ class Dispatcher:
             try:
                 handler(work.message)
             except Exception as err:  # a handler failure must not kill the worker or stall its partition
-                work.failed = True
+                work.attempts += 1
+                work.error = f"{type(err).__name__}: {err}"
                 msg = work.message
+                if retry.should_retry(work.attempts):
+                    delay = retry.delay(work.attempts)
+                    logger.warning(
+                        "handler failed for %s[%d]@%d (attempt %d of %d): %s; retrying in %.2fs",
+                        msg.topic(), msg.partition(), work.offset, work.attempts, retry.max_attempts,
+                        work.error, delay, exc_info=logger.isEnabledFor(logging.DEBUG),
+                    )
+                    with lock:
+                        self._delayed.push(time.monotonic() + delay, work)
+                        self.retried += 1
+                    continue
+                work.failed = True
                 logger.error(
-                    "handler failed for %s[%d]@%d: %s: %s",
-                    msg.topic(), msg.partition(), work.offset, type(err).__name__, err,
+                    "handler failed for %s[%d]@%d (attempt %d of %d): %s",
+                    msg.topic(), msg.partition(), work.offset, work.attempts, retry.max_attempts, work.error,
                     exc_info=logger.isEnabledFor(logging.DEBUG),
                 )
             done(work)

@@ -18,10 +18,12 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from mtc75.deadletter import DeadLetters
 from mtc75.dispatcher import Dispatcher, Handler, Work
-from mtc75.errors import KafkaUnavailable
+from mtc75.errors import KafkaUnavailable, MessageFailed, Mtc75Error
 from mtc75.gate import PauseGate
 from mtc75.offsets import OffsetTracker, Partition, PartitionState
+from mtc75.retry import RetryPolicy
 from mtc75.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,10 @@ MAX_BATCH = 500
 SATURATION_GRACE = 0.05  # seconds a saturated pool gets to catch up before the partitions pause
 REBALANCE_POLL = 0.01  # completion polling step while a revoke waits for handlers
 ERROR_REPEAT_SECONDS = 10.0  # the same client error is logged at most once per this many seconds
+PROBE_INTERVAL = 1.0  # while no broker is reachable, check this often whether one is back
+PROBE_TIMEOUT = 0.5
+# -X properties that describe the connection, so the dead-letter producer reaches the same cluster.
+CONNECTION_PREFIXES = ("security.", "sasl.", "ssl.", "client.", "socket.", "broker.address.")
 
 
 @dataclass(frozen=True)
@@ -55,14 +61,18 @@ class Stats:
     elapsed_seconds: float
     max_active_threads: int
     assigned: int
-    retried: int = 0
-    dead_lettered: int = 0
+    retried: int = 0  # retries scheduled after a handler raised
+    dead_lettered: int = 0  # messages confirmed on <topic>.dlq after their last attempt
+    skipped: int = 0  # messages given up after their last attempt (ON_FAILURE=skip)
     # end offset minus committed offset per assigned partition (refreshed with each status snapshot)
     lag: Mapping[Partition, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """The ``--summary-json`` document."""
-        keys = ("processed", "failed", "pauses", "paused_seconds", "elapsed_seconds", "max_active_threads")
+        keys = (
+            "processed", "failed", "retried", "dead_lettered", "skipped", "pauses", "paused_seconds",
+            "elapsed_seconds", "max_active_threads",
+        )
         data = asdict(self)
         out = {k: data[k] for k in keys}
         out["paused_seconds"] = round(out["paused_seconds"], 3)
@@ -107,8 +117,14 @@ class Mtc75Consumer:
         self._tracker = OffsetTracker()
         self._gate = PauseGate(settings.PAUSE_INTERVAL, settings.MAX_BACKLOG)
         self._paused: set[Partition] = set()  # partitions *we* paused; librdkafka's flag is not trusted
+        self._retry = RetryPolicy(settings.MAX_ATTEMPTS, settings.RETRY_BACKOFF, settings.RETRY_BACKOFF_MAX)
+        self._dead_letters: DeadLetters | None = None
+        self._fatal: Mtc75Error | None = None  # why run() must fail once it has shut down cleanly
+        self._down_since: float | None = None  # when librdkafka reported every broker down
+        self._next_probe = 0.0
         self._processed = 0
         self._failed = 0
+        self._skipped = 0
         self._dropped_late = 0
         self._started = 0.0
         self._last_message_at = 0.0
@@ -151,9 +167,11 @@ class Mtc75Consumer:
         conf["on_commit"] = self._on_commit
         consumer = Consumer(conf)
         self._consumer = consumer
-        self._dispatcher = Dispatcher(self._handler, self._settings.MAX_THREAD_COUNT)
+        self._dispatcher = Dispatcher(self._handler, self._settings.MAX_THREAD_COUNT, self._retry)
         try:
-            self._check_topic()
+            partitions = self._check_topic()
+            if self._settings.ON_FAILURE == "dlq":
+                self._start_dead_letters(partitions)
             self._connected = True
             consumer.subscribe(
                 [self._settings.TOPIC], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
@@ -166,6 +184,8 @@ class Mtc75Consumer:
             self._loop()
         finally:
             self._shutdown()
+        if self._fatal is not None:
+            raise self._fatal
         return self.stats()
 
     def stats(self) -> Stats:
@@ -188,6 +208,9 @@ class Mtc75Consumer:
             elapsed_seconds=now - self._started if self._started else 0.0,
             max_active_threads=d.max_active_threads if d else 0,
             assigned=len(self._tracker.partitions()),
+            retried=d.retried if d else 0,
+            dead_lettered=self._dead_letters.delivered if self._dead_letters else 0,
+            skipped=self._skipped,
             lag=dict(self._lag),
         )
 
@@ -205,11 +228,18 @@ class Mtc75Consumer:
             if self._retune:
                 self._apply_retune()
             limit = dispatcher.max_thread_count
+            dispatcher.release_due()
             self._drain_completions()
+            if self._down_since is not None and self._broker_gone(now):
+                break
             gate.observe(now, self._processed)
-            backlog = dispatcher.backlog
+            backlog = dispatcher.backlog  # includes messages waiting for a retry: they count against the bound
             active = dispatcher.active_thread_count
             low, high = gate.watermarks(limit)
+            if dispatcher.delayed >= high:
+                # Retries alone fill the backlog: threads are idle only because everything is waiting
+                # for its backoff, so stop fetching rather than pile up more failures.
+                active = limit
             if gate.paused:
                 if gate.should_resume(now, active, limit, backlog):
                     self._resume(now)
@@ -224,9 +254,9 @@ class Mtc75Consumer:
                 # Sleep on the pool rather than in poll(): wake when the backlog drains to the low
                 # watermark, or a thread runs dry, or the interval ends; then serve the group with
                 # poll(0) (heartbeat-driven callbacks, rebalances, commit results).
-                backlog = dispatcher.backlog
+                ready = dispatcher.backlog - dispatcher.delayed  # retries waiting out a backoff do not drain
                 wait = min(POLL_TIMEOUT, max(gate.next_check_in(time.monotonic()), 0.001))
-                dispatcher.wait_backlog_at_most(low if backlog > low else -1, wait)
+                dispatcher.wait_backlog_at_most(low if ready > low else -1, wait)
                 messages = _as_list(consumer.poll(0))
             else:
                 room = high - dispatcher.backlog + (limit - dispatcher.active_thread_count)
@@ -237,9 +267,10 @@ class Mtc75Consumer:
                     messages = _as_list(consumer.poll(POLL_TIMEOUT))
             if messages:
                 self._accept(messages)
+                self._down_since = None
 
             now = time.monotonic()
-            if now >= next_commit:
+            if now >= next_commit and self._down_since is None:  # commits to no broker only pile up
                 self._commit(asynchronous=True)
                 next_commit = now + commit_every
             if now >= next_status:
@@ -283,19 +314,53 @@ class Mtc75Consumer:
             self._dispatcher.put(batch)
 
     def _drain_completions(self) -> int:
-        """Apply finished handlers to the watermarks (poll thread only)."""
+        """Apply finished handlers to the watermarks (poll thread only).
+
+        A message that failed its last attempt is done only once ON_FAILURE has dealt with it: its
+        dead-letter record confirmed (``dlq``), counted (``skip``), or never (``stop``).
+        """
         assert self._dispatcher is not None
         completions = self._dispatcher.completions
-        complete = self._tracker.complete
-        count = len(completions)
-        for _ in range(count):
+        count = 0
+        while completions:
             work = completions.popleft()
-            if work.failed:
+            if work.failed and work.state.alive:
                 self._failed += 1
-            if not complete(work.state, work.offset):
-                self._dropped_late += 1
-        self._processed += count
+                mode = self._settings.ON_FAILURE
+                if mode == "dlq":
+                    assert self._dead_letters is not None
+                    self._dead_letters.publish(work)
+                    continue
+                if mode == "stop":
+                    # never completes: abandon it so revoke and shutdown do not wait for it
+                    self._tracker.abandon(work.state, work.offset)
+                    if self._fatal is None:
+                        msg = work.message
+                        self._fatal = MessageFailed(
+                            f"{msg.topic()}[{msg.partition()}]@{work.offset} failed {work.attempts} attempts "
+                            f"({work.error}); ON_FAILURE=stop: committed up to the message before it"
+                        )
+                        self.stop()
+                    continue
+                self._skipped += 1
+            count += self._finish(work)
+        if self._dead_letters is not None and self._dead_letters.pending:
+            try:
+                confirmed = self._dead_letters.poll()
+            except MessageFailed as err:
+                if self._fatal is None:
+                    self._fatal = err
+                self.stop()
+                confirmed = []
+            for work in confirmed:
+                count += self._finish(work)
         return count
+
+    def _finish(self, work: Work) -> int:
+        self._processed += 1
+        if not self._tracker.complete(work.state, work.offset):
+            self._dropped_late += 1
+        return 1
 
     def _finished(self, now: float) -> bool:
         if self._max_messages is not None and self._processed >= self._max_messages:
@@ -412,6 +477,9 @@ class Mtc75Consumer:
     def _commit(self, asynchronous: bool, partitions: list[Partition] | None = None) -> None:
         """Commit each partition's contiguous completed watermark that moved since the last commit."""
         assert self._consumer is not None
+        if self._down_since is not None and not asynchronous:
+            logger.warning("Kafka unreachable: not committing; uncommitted messages will be redelivered")
+            return
         pending = list(self._tracker.uncommitted(partitions))
         if not pending:
             return
@@ -507,8 +575,43 @@ class Mtc75Consumer:
 
     # -- errors and shutdown ------------------------------------------------------------------------
 
-    def _check_topic(self) -> None:
-        """Fail fast, with one line, when the cluster is unreachable or the topic does not exist."""
+    def _start_dead_letters(self, partitions: int) -> None:
+        """Make sure ``<topic>.dlq`` exists before any message can need it."""
+        settings = self._settings
+        connection = {k: v for k, v in self._conf.items() if k.startswith(CONNECTION_PREFIXES)}
+        for key in ("logger", "error_cb"):
+            connection.pop(key, None)
+        self._dead_letters = DeadLetters(
+            settings.producer_config(connection), settings.TOPIC, settings.RETRY_BACKOFF_MAX or 1.0, self._on_error
+        )
+        self._dead_letters.ensure_topic(partitions, settings.REPLICATION_FACTOR, settings.admin_config(connection))
+
+    def _broker_gone(self, now: float) -> bool:
+        """While every broker is down: probe now and then; give up after BROKER_DOWN_TIMEOUT."""
+        assert self._consumer is not None and self._down_since is not None
+        if now >= self._next_probe:
+            self._next_probe = now + PROBE_INTERVAL
+            try:
+                self._consumer.list_topics(self._settings.TOPIC, timeout=PROBE_TIMEOUT)
+            except KafkaException:
+                pass
+            else:
+                logger.warning("Kafka reachable again after %.1fs", time.monotonic() - self._down_since)
+                self._down_since = None
+                return False
+        limit = self._settings.BROKER_DOWN_TIMEOUT
+        if now - self._down_since < limit:
+            return False
+        self._fatal = KafkaUnavailable(
+            f"lost Kafka at {self._settings.BOOTSTRAP_SERVERS}: no broker reachable for {limit:g}s "
+            "(BROKER_DOWN_TIMEOUT); what was handled since the last commit will be delivered again"
+        )
+        return True
+
+    def _check_topic(self) -> int:
+        """Fail fast, with one line, when the cluster is unreachable or the topic does not exist.
+
+        Returns the topic's partition count."""
         assert self._consumer is not None
         topic = self._settings.TOPIC
         try:
@@ -524,6 +627,7 @@ class Mtc75Consumer:
                 f"topic {topic!r} does not exist on {self._settings.BOOTSTRAP_SERVERS}; "
                 "create it with 'python create_topic.py'"
             )
+        return len(info.partitions)
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -533,6 +637,9 @@ class Mtc75Consumer:
         if not self._connected:
             logger.debug("Kafka: %s", err.str())  # the start-up check reports this as one error line
             return
+        if err.code() == KafkaError._ALL_BROKERS_DOWN and self._down_since is None:
+            self._down_since = time.monotonic()
+            self._next_probe = self._down_since + PROBE_INTERVAL
         # librdkafka retries by itself and repeats the same error on every attempt: say it once a while.
         now = time.monotonic()
         if now >= self._error_quiet_until.get(err.code(), 0.0):
@@ -551,12 +658,12 @@ class Mtc75Consumer:
         consumer, dispatcher = self._consumer, self._dispatcher
         if consumer is None:
             return
+        deadline = time.monotonic() + self._settings.SHUTDOWN_TIMEOUT
         try:
             if dispatcher is not None:
                 dropped = self._drop_unstarted()
                 if dropped:
                     logger.info("shutdown: %d fetched messages not started; they stay uncommitted", dropped)
-                deadline = time.monotonic() + self._settings.SHUTDOWN_TIMEOUT
                 if dispatcher.active_thread_count:
                     logger.info("shutdown: waiting up to %.0fs for %d running handlers",
                                 self._settings.SHUTDOWN_TIMEOUT, dispatcher.active_thread_count)
@@ -569,8 +676,16 @@ class Mtc75Consumer:
                 if self.abandoned:
                     logger.warning("shutdown: %d handlers still running; their messages will be redelivered",
                                    self.abandoned)
+            if self._dead_letters is not None and self._dead_letters.pending and self._down_since is None:
+                try:
+                    for work in self._dead_letters.flush(max(1.0, deadline - time.monotonic())):
+                        self._finish(work)
+                except MessageFailed as err:
+                    self._fatal = self._fatal or err
             self._commit(asynchronous=False)
         finally:
+            if self._dead_letters is not None:
+                self._dead_letters.close()
             if self._gate.paused:
                 self._gate.end_pause(time.monotonic())
             try:

@@ -25,6 +25,12 @@ class KafkaUnavailable(Mtc75Error):
     exit_code = 3
 
 
+class MessageFailed(Mtc75Error):
+    """A message failed every attempt with ON_FAILURE=stop, or could not be dead-lettered."""
+
+    exit_code = 5
+
+
 class BrokerError(Mtc75Error):
     """The local Kafka launcher could not fetch, start or stop the broker."""
 

@@ -17,22 +17,34 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[Any], object]
 
 
+class MalformedMessage(ValueError):
+    """A payload the default handler cannot work on; retried, then dead-lettered like any failure."""
+
+
 class SimulatedWork:
     """The seed's handler: sleep ``processing_sleep`` seconds per message, as I/O-bound work would.
 
+    Payloads that are empty, not JSON or over ``max_payload_bytes`` raise :class:`MalformedMessage`
+    before any work, so they take the retry / dead-letter path instead of passing silently.
     Each message gets a log line while the lines stay readable (at most ``lines_per_second``); past
     that, the consumer's status line is the only output, so a fast run is not slowed by printing.
     """
 
-    def __init__(self, processing_sleep: float, lines_per_second: float = 20.0) -> None:
+    def __init__(
+        self, processing_sleep: float, lines_per_second: float = 20.0, max_payload_bytes: int = 100_000
+    ) -> None:
         if processing_sleep < 0:
             raise ValueError(f"processing_sleep must be >= 0, got {processing_sleep}")
+        if max_payload_bytes < 1:
+            raise ValueError(f"max_payload_bytes must be >= 1, got {max_payload_bytes}")
         self.processing_sleep = processing_sleep
+        self.max_payload_bytes = max_payload_bytes
         self._min_gap = 1.0 / lines_per_second if lines_per_second > 0 else float("inf")
         self._lock = threading.Lock()
         self._next_line_at = 0.0
 
     def __call__(self, message: Any) -> None:
+        check_payload(message.value(), self.max_payload_bytes)
         if self.processing_sleep:
             time.sleep(self.processing_sleep)
         if logger.isEnabledFor(logging.INFO) and self._may_log():
@@ -49,6 +61,18 @@ class SimulatedWork:
                 return False
             self._next_line_at = now + self._min_gap
             return True
+
+
+def check_payload(value: bytes | None, max_bytes: int) -> None:
+    """Raise MalformedMessage for an empty, oversized or non-JSON payload."""
+    if not value:
+        raise MalformedMessage("empty payload")
+    if len(value) > max_bytes:
+        raise MalformedMessage(f"payload of {len(value)} bytes exceeds MAX_PAYLOAD_BYTES={max_bytes}")
+    try:
+        json.loads(value)
+    except ValueError as err:  # UnicodeDecodeError is a ValueError too
+        raise MalformedMessage(f"payload is not JSON ({err})") from None
 
 
 def _describe(value: bytes | None) -> str:

@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Any
 
 from mtc75.errors import ConfigError
+from mtc75.retry import FAILURE_MODES
 
 ENV_PREFIX = "MTC75_"
 # librdkafka logs through this logger instead of raw stderr; scripts show it only with -vv.
@@ -85,6 +86,26 @@ class Settings:
     )
     SHUTDOWN_TIMEOUT: float = field(
         default=30.0, **_spec(float, "seconds shutdown waits for in-flight handlers", minimum=0)
+    )
+    MAX_ATTEMPTS: int = field(
+        default=3, **_spec(int, "tries per message before ON_FAILURE applies", minimum=1)
+    )
+    RETRY_BACKOFF: float = field(
+        default=0.5, **_spec(float, "seconds before the first retry; doubles per attempt, jittered", minimum=0)
+    )
+    RETRY_BACKOFF_MAX: float = field(
+        default=10.0, **_spec(float, "longest wait between two attempts, in seconds", minimum=0)
+    )
+    ON_FAILURE: str = field(
+        default="dlq",
+        **_spec(str, "after the last attempt: dlq (publish to <topic>.dlq), skip, or stop", choices=FAILURE_MODES),
+    )
+    MAX_PAYLOAD_BYTES: int = field(
+        default=100_000, **_spec(int, "larger payloads are rejected by the default handler", minimum=1)
+    )
+    BROKER_DOWN_TIMEOUT: float = field(
+        default=60.0,
+        **_spec(float, "seconds without any reachable broker before the consumer gives up", minimum=0, positive=True),
     )
     CONSUMER_CONFIG: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType({}), **_spec(dict, "extra librdkafka consumer properties")

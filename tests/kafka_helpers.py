@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,3 +99,33 @@ def read_records(path: Path) -> list[tuple[int, int]]:
             p, o = line.split(":")
             out.append((int(p), int(o)))
     return out
+
+
+def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30) -> list[Message]:
+    """The first ``count`` messages of ``topic`` (all partitions, from the start); bounded by ``timeout``."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"mtc75-test-reader-{time.monotonic_ns()}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    out: list[Message] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < count and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None:
+                out.append(msg)
+    finally:
+        consumer.close()
+    return out
+
+
+def report_figures(scenario: str, **figures: object) -> None:
+    """Print a fault test's measured figures and append them to $MTC75_FAULT_FIGURES (JSON lines), if set.
+
+    RELIABILITY.md quotes these lines from a real run (``make faults`` sets the variable).
+    """
+    line = json.dumps({"scenario": scenario, **figures}, sort_keys=False)
+    print(f"FIGURES {line}")
+    path = os.environ.get("MTC75_FAULT_FIGURES")
+    if path:
+        with open(path, "a") as out:
+            out.write(line + "\n")

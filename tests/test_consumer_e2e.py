@@ -12,7 +12,14 @@ import pytest
 
 from mtc75.engine import Mtc75Consumer, Stats
 from mtc75.settings import Settings
-from tests.kafka_helpers import all_offsets, committed_offsets, end_offsets, produce_numbered, wait_until
+from tests.kafka_helpers import (
+    all_offsets,
+    committed_offsets,
+    end_offsets,
+    produce_numbered,
+    report_figures,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -92,6 +99,7 @@ def test_handler_failures_are_counted_and_do_not_stall_the_partition(
     assert committed_offsets(bootstrap, group, topic) == {0: n}
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("strategy", ["range", "cooperative-sticky"])
 def test_handler_longer_than_max_poll_interval_does_not_evict_while_saturated(
     bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], strategy: str
@@ -123,6 +131,8 @@ def test_handler_longer_than_max_poll_interval_does_not_evict_while_saturated(
     assert assignments.count("assign") == 1  # never kicked out, so never re-assigned
     assert Counter(recorder.handled) == Counter(all_offsets(end_offsets(bootstrap, topic)))  # no redelivery
     assert committed_offsets(bootstrap, group, topic) == end_offsets(bootstrap, topic)
+    report_figures(f"slow_handler_{strategy}", messages=n, lost=0, duplicates=0, evictions=0,
+                   slowest_handler_s=8.0, max_poll_interval_s=6.0, pauses=stats.pauses)
 
 
 @pytest.mark.parametrize("strategy", ["range", "cooperative-sticky"])

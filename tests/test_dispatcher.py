@@ -199,3 +199,60 @@ def test_resize_rejects_a_bound_below_one() -> None:
         assert d.max_thread_count == 2
     finally:
         d.shutdown(wait=True)
+
+
+def test_failed_message_is_retried_without_holding_a_thread_then_reported_failed() -> None:
+    from mtc75.retry import RetryPolicy
+
+    attempts: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def handler(msg: FakeMessage) -> None:
+        with lock:
+            attempts[msg.offset()] = attempts.get(msg.offset(), 0) + 1
+        if msg.offset() == 0:
+            raise RuntimeError("poison")
+        time.sleep(0.01)
+
+    tracker = OffsetTracker()
+    tracker.assign([("t", 0)])
+    # One thread, and a backoff long enough that the other messages run while offset 0 waits.
+    d = Dispatcher(handler, max_thread_count=1, retry=RetryPolicy(max_attempts=3, base=0.2, cap=0.2, jitter=0.0))
+    try:
+        d.put(_work(tracker, 0, range(5)))
+        wait_until(lambda: len(d.completions) >= 4, timeout=5, what="the healthy messages")
+        assert [w.offset for w in d.completions] == [1, 2, 3, 4]  # not stuck behind the retry
+        assert d.delayed == 1 and d.backlog == 1  # waiting, counted, holding no thread
+        wait_until(lambda: d.active_thread_count == 0, timeout=5, what="the worker to go idle")
+        deadline = time.monotonic() + 5
+        while len(d.completions) < 5 and time.monotonic() < deadline:
+            d.release_due()  # the poll thread's job when no worker is looking for work
+            time.sleep(0.01)
+        failed = [w for w in d.completions if w.failed]
+        assert len(failed) == 1 and failed[0].offset == 0
+        assert failed[0].attempts == 3 and failed[0].error == "RuntimeError: poison"
+        assert attempts == {0: 3, 1: 1, 2: 1, 3: 1, 4: 1}
+        assert d.retried == 2 and d.delayed == 0
+    finally:
+        d.shutdown(wait=True)
+
+
+def test_purge_also_drops_messages_waiting_for_a_retry() -> None:
+    from mtc75.retry import RetryPolicy
+
+    def handler(_msg: FakeMessage) -> None:
+        raise RuntimeError("down")
+
+    tracker = OffsetTracker()
+    tracker.assign([("t", 0), ("t", 1)])
+    d = Dispatcher(handler, max_thread_count=2, retry=RetryPolicy(max_attempts=5, base=60.0, cap=60.0))
+    try:
+        d.put(_work(tracker, 0, range(2)) + _work(tracker, 1, range(2)))
+        wait_until(lambda: d.delayed == 4, timeout=5, what="all four waiting for a retry")
+        dropped = d.purge([tracker.state(("t", 1))])
+        assert sorted((w.message.partition(), w.offset) for w in dropped) == [(1, 0), (1, 1)]
+        assert d.delayed == 2
+        assert len(d.purge()) == 2 and d.backlog == 0
+        assert not d.completions  # none of them was reported done
+    finally:
+        d.shutdown(wait=True)

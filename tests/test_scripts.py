@@ -18,6 +18,7 @@ from tests.kafka_helpers import (
     end_offsets,
     produce_numbered,
     read_records,
+    report_figures,
     run_script,
     script_env,
     start_script,
@@ -113,6 +114,7 @@ def test_idle_exit_ends_a_run_with_nothing_to_read(bootstrap: str, make_topic: C
     assert "summary: processed 0" in result.stdout
 
 
+@pytest.mark.faults
 def test_sigterm_while_saturated_finishes_in_flight_commits_and_restart_redelivers_nothing(
     bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
 ) -> None:
@@ -143,6 +145,8 @@ def test_sigterm_while_saturated_finishes_in_flight_commits_and_restart_redelive
     counts = Counter(read_records(record))
     assert set(counts) == all_offsets(end_offsets(bootstrap, topic))  # nothing lost
     assert max(counts.values()) == 1  # and the restart redelivered nothing
+    report_figures("graceful_stop", messages=n, handled_before_sigterm=len(first_run), lost=0,
+                   duplicates=sum(c - 1 for c in counts.values()))
 
 
 def test_second_signal_exits_at_once(bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str],
@@ -171,6 +175,7 @@ def test_second_signal_exits_at_once(bootstrap: str, make_topic: Callable[..., s
     assert all(o <= 0 for o in committed_offsets(bootstrap, group, topic).values())  # so nothing was committed
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize(
     ("script", "args", "fragment"),
     [
@@ -183,6 +188,10 @@ def test_second_signal_exits_at_once(bootstrap: str, make_topic: Callable[..., s
         ("mtc75_consumer.py", ["--metrics-port", "http"], "--metrics-port: must be a port number"),
         ("mtc75_consumer.py", ["--metrics-port", "70000"], "must be between 0 and 65535"),
         ("producer.py", ["--rate", "-5"], "invalid PRODUCER_RATE='-5'"),
+        ("mtc75_consumer.py", ["--max-attempts", "0"], "invalid MAX_ATTEMPTS='0' (from --max-attempts): must be >= 1"),
+        ("mtc75_consumer.py", ["--on-failure", "ignore"], "must be one of dlq, skip, stop"),
+        ("mtc75_consumer.py", ["--broker-down-timeout", "0"], "invalid BROKER_DOWN_TIMEOUT='0'"),
+        ("mtc75_consumer.py", ["--handler", "tests.no_such_file:handle"], "cannot import handler module"),
         ("producer.py", ["--count", "-1"], "invalid PRODUCER_MESSAGE_COUNT='-1'"),
         ("create_topic.py", ["--num-partitions", "0"], "invalid NUM_PARTITIONS='0'"),
     ],
@@ -193,6 +202,7 @@ def test_bad_input_is_one_line_and_exit_2(script: str, args: list[str], fragment
     assert fragment in _one_error_line(result.stderr, script)
 
 
+@pytest.mark.faults
 def test_bad_config_file_and_env_value(tmp_path: Path) -> None:
     bad = tmp_path / "config.py"
     bad.write_text("MAX_THREAD_COUNT = 'lots'\n")
@@ -205,6 +215,7 @@ def test_bad_config_file_and_env_value(tmp_path: Path) -> None:
     assert "from MTC75_AUTO_OFFSET_RESET" in _one_error_line(result.stderr, "mtc75_consumer.py")
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("script", ["create_topic.py", "producer.py", "mtc75_consumer.py"])
 def test_unreachable_broker_is_a_clear_error_within_15_seconds(script: str) -> None:
     started = time.monotonic()
@@ -215,6 +226,7 @@ def test_unreachable_broker_is_a_clear_error_within_15_seconds(script: str) -> N
     assert "cannot reach Kafka" in line and "make broker" in line
 
 
+@pytest.mark.faults
 def test_unknown_topic_is_a_clear_error(bootstrap: str, unique: Callable[[str], str]) -> None:
     for script in ("producer.py", "mtc75_consumer.py"):
         result = run_script(script, "--topic", unique("missing"), env=script_env(bootstrap), timeout=30)

@@ -1,0 +1,469 @@
+"""Fault injection against a real broker: what happens to the messages when things break.
+
+Every test records what was handled *outside* the consumer process (tests/recording_handler.py appends
+``partition:offset`` after the work and flushes) and checks coverage against the topic's end offsets.
+Each prints a ``FIGURES {...}`` line (and appends it to $MTC75_FAULT_FIGURES): RELIABILITY.md quotes them.
+
+Run alone with ``pytest -m faults`` (or ``make faults``). The graceful-stop, slow-handler and bad-input
+scenarios live in test_scripts.py / test_consumer_e2e.py and carry the ``faults`` marker too.
+The broker-restart tests stop and start a broker of their own (port MTC75_TEST_FAULT_KAFKA_PORT,
+default the session broker's port + 10), never the session's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+
+from mtc75.broker import LocalKafka
+from mtc75.deadletter import H_ATTEMPTS, H_ERROR, H_OFFSET, H_PARTITION, H_TOPIC
+from mtc75.topics import create_topic
+from tests.conftest import TEST_PORT
+from tests.kafka_helpers import (
+    ROOT,
+    all_offsets,
+    committed_offsets,
+    end_offsets,
+    produce_numbered,
+    read_records,
+    read_topic,
+    report_figures,
+    run_script,
+    script_env,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
+
+FAULT_PORT = int(os.environ.get("MTC75_TEST_FAULT_KAFKA_PORT", str(TEST_PORT + 10)))
+RECORDER = ("--handler", "tests.recording_handler:handle")
+PROG = "mtc75_consumer.py"
+
+
+# -- helpers --------------------------------------------------------------------------------------------
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """The consumer as a user runs it; output to a file so a long run never blocks on a full pipe."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / PROG), *args], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def _error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(f"{PROG}: error: ")]
+
+
+def _headers(msg: object) -> dict[str, str]:
+    return {k: v.decode() for k, v in (msg.headers() or [])}  # type: ignore[attr-defined]
+
+
+def _poison_offsets(bootstrap: str, topic: str, n: int, every: int) -> set[tuple[int, int]]:
+    """Where the messages with id % every == every - 1 landed (ids are unique, so read them back)."""
+    found = set()
+    for msg in read_topic(bootstrap, topic, n):
+        if json.loads(msg.value())["id"] % every == every - 1:
+            found.add((msg.partition(), msg.offset()))
+    return found
+
+
+@pytest.fixture(scope="module")
+def own_broker() -> Iterator[LocalKafka]:
+    """A broker these tests may stop and restart; shared by the module, stopped at its end."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        pytest.skip("stopping a broker needs the local one (KAFKA_BOOTSTRAP_SERVERS is set)")
+    broker = LocalKafka(port=FAULT_PORT)
+    broker.fetch()
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+# -- 1. crash loop --------------------------------------------------------------------------------------
+
+
+def test_crash_loop_kill_9_loses_nothing_and_duplicates_stay_within_the_window(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    n, threads, max_backlog, commit_interval, kills = 20_000, 8, 1_000, 0.5, 6
+    topic, group = make_topic(partitions=6), unique("g")
+    produce_numbered(bootstrap, topic, n)
+    ends = end_offsets(bootstrap, topic)
+    seed = random.randrange(1_000_000)
+    rng = random.Random(seed)
+    record, log = tmp_path / "handled.txt", tmp_path / "consumer.log"
+    env = script_env(bootstrap, MTC75_TEST_RECORD=str(record))
+    args = ["--topic", topic, "--group-id", group, "--max-thread-count", str(threads), "--max-backlog",
+            str(max_backlog), "--commit-interval", str(commit_interval), "-q", *RECORDER,
+            # A long pause interval lets the gate size the backlog for this fast handler (see RELIABILITY.md).
+            "--pause-interval", "2",
+            # Static membership: a restarted consumer takes its partitions back at once instead of waiting
+            # for the killed one's session to expire (the default 45 s per crash).
+            "-X", f"group.instance.id={group}-member", "-X", "session.timeout.ms=10000"]
+    segments: list[int] = [0]  # record-file line index where each run starts
+    peak_rates: list[float] = []
+    recover: list[float] = []
+
+    def lines() -> list[str]:
+        return record.read_text().splitlines() if record.exists() else []
+
+    for k in range(kills):
+        proc = _start(args, env, log)
+        started = time.monotonic()
+        try:
+            base = len(lines())
+            target = base + rng.randint(300, 2_000)  # a random moment: after a random amount of new work
+            samples: list[tuple[float, int]] = []
+            deadline = started + 90
+            first_at = None
+            while (count := len(lines())) < target:
+                now = time.monotonic()
+                samples.append((now, count))
+                if first_at is None and count > base:
+                    first_at = now
+                assert proc.poll() is None, f"consumer died by itself (exit {proc.returncode})"
+                assert now < deadline, f"run {k}: no progress to {target} records"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            _stop(proc)
+        handled = {(int(p), int(o)) for p, o in (ln.split(":") for ln in lines())}
+        assert len(handled) < n, "the kill came after the run was over"
+        recover.append((first_at or time.monotonic()) - started)
+        peak_rates.append(_peak_rate(samples))
+        segments.append(len(lines()))
+
+    final = _start(args, env, log)
+    try:
+        wanted = all_offsets(ends)
+        wait_until(lambda: wanted <= set(read_records(record)), timeout=180, what="every offset handled")
+        wait_until(lambda: committed_offsets(bootstrap, group, topic) == ends, timeout=30, what="commits at end")
+        final.send_signal(signal.SIGTERM)
+        assert final.wait(timeout=60) == 0
+    finally:
+        _stop(final)
+    records = read_records(record)
+    counts = Counter(records)
+    lost = all_offsets(ends) - set(counts)
+    assert not lost, f"lost {len(lost)} offsets, e.g. {sorted(lost)[:5]}"
+    assert committed_offsets(bootstrap, group, topic) == ends
+
+    # Duplicates caused by crash k: offsets the killed run k handled that a later run handled again,
+    # i.e. what run k had handled but not committed when it died. (They sum to all duplicates.)
+    segments.append(len(records))
+    runs = [records[segments[k] : segments[k + 1]] for k in range(len(segments) - 1)]
+    per_crash = []
+    for k in range(kills):
+        later = set().union(*runs[k + 1 :])
+        per_crash.append(sum(1 for r in set(runs[k]) if r in later))
+    assert sum(per_crash) == len(records) - len(counts)
+    window = threads + max_backlog
+    bounds = [window + int(rate * (commit_interval + 0.25)) + 1 for rate in peak_rates]
+    for k, (dups, bound) in enumerate(zip(per_crash, bounds, strict=True)):
+        assert dups <= bound, f"crash {k + 1}: {dups} duplicates > in-flight window {window} + one commit interval"
+    report_figures(
+        "crash_loop", seed=seed, messages=n, kills=kills, lost=len(lost), duplicates=sum(per_crash),
+        duplicates_per_crash=per_crash, duplicate_bounds=bounds, peak_rate_per_s=[round(r) for r in peak_rates],
+        restart_to_first_handled_s=[round(r, 2) for r in recover],
+    )
+
+
+def _peak_rate(samples: list[tuple[float, int]]) -> float:
+    """Most records per second over any 1-second stretch of the samples."""
+    best, j = 0.0, 0
+    for i in range(len(samples)):
+        while samples[i][0] - samples[j][0] > 1.0:
+            j += 1
+        span = samples[i][0] - samples[j][0]
+        if span >= 0.5:
+            best = max(best, (samples[i][1] - samples[j][1]) / span)
+    if best == 0.0 and len(samples) > 1:
+        span = samples[-1][0] - samples[0][0]
+        best = (samples[-1][1] - samples[0][1]) / span if span > 0 else 0.0
+    return best
+
+
+# -- 3. broker restart ------------------------------------------------------------------------------------
+
+
+def test_broker_restart_mid_run_consumer_and_producer_recover_and_lose_nothing(
+    own_broker: LocalKafka, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    own_broker.start()
+    bootstrap, n = own_broker.bootstrap, 4_000
+    topic, group = unique("restart"), unique("g")
+    create_topic({"bootstrap.servers": bootstrap}, topic, 3, 1)
+    record, log = tmp_path / "handled.txt", tmp_path / "consumer.log"
+    env = script_env(bootstrap, MTC75_TEST_RECORD=str(record), MTC75_TEST_SLEEP="0.002")
+    # --pause-interval 2: see RELIABILITY.md, "fast handlers and the pause gate".
+    consumer = _start(["--topic", topic, "--group-id", group, "--max-thread-count", "4", "--pause-interval", "2",
+                       "--max-backlog", "1000", *RECORDER], env, log)
+    producer = subprocess.Popen(
+        [sys.executable, str(ROOT / "producer.py"), "--topic", topic, "--count", str(n), "--producer-sleep", "0.003",
+         "-q"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_until(lambda: len(read_records(record)) >= 300, timeout=90, what="300 handled before the restart")
+        before = len(read_records(record))
+        stopped_at = time.monotonic()
+        own_broker.stop()
+        down_for = time.monotonic() - stopped_at
+        time.sleep(2.0)  # the outage itself: clients must notice and keep retrying
+        own_broker.start()
+        up_at = time.monotonic()
+        during = len(read_records(record))
+        wait_until(lambda: len(read_records(record)) > during, timeout=120, what="handling to resume")
+        recovered_in = time.monotonic() - up_at
+        _out, perr = producer.communicate(timeout=180)
+        assert producer.returncode == 0, perr
+        ends = end_offsets(bootstrap, topic)
+        assert sum(ends.values()) >= n
+        wanted = all_offsets(ends)
+        wait_until(lambda: wanted <= set(read_records(record)), timeout=180, what="every offset handled")
+        wait_until(lambda: committed_offsets(bootstrap, group, topic) == ends, timeout=30, what="commits at end")
+        assert consumer.poll() is None, "the consumer gave up instead of recovering"
+        consumer.send_signal(signal.SIGTERM)
+        assert consumer.wait(timeout=60) == 0
+    finally:
+        _stop(consumer)
+        if producer.poll() is None:
+            producer.kill()
+            producer.communicate()
+    counts = Counter(read_records(record))
+    lost = wanted - set(counts)
+    assert not lost
+    report_figures(
+        "broker_restart", messages=sum(ends.values()), lost=len(lost),
+        duplicates=sum(c - 1 for c in counts.values()), handled_before_stop=before,
+        broker_stop_s=round(down_for, 1), outage_s=round(up_at - stopped_at, 1),
+        broker_restart_to_first_handled_s=round(recovered_in, 2),
+    )
+
+
+# -- 6. broker gone for longer than the budget ---------------------------------------------------------------
+
+
+def test_broker_gone_longer_than_the_budget_exits_3_and_committed_only_what_was_handled(
+    own_broker: LocalKafka, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    own_broker.start()
+    bootstrap, n, budget = own_broker.bootstrap, 400, 5.0
+    topic, group = unique("gone"), unique("g")
+    create_topic({"bootstrap.servers": bootstrap}, topic, 2, 1)
+    produce_numbered(bootstrap, topic, n)
+    record, log = tmp_path / "handled.txt", tmp_path / "consumer.log"
+    env = script_env(bootstrap, MTC75_TEST_RECORD=str(record), MTC75_TEST_SLEEP="0.05")
+    consumer = _start(["--topic", topic, "--group-id", group, "--max-thread-count", "2", "--broker-down-timeout",
+                       str(budget), *RECORDER], env, log)
+    try:
+        wait_until(lambda: len(read_records(record)) >= 30, timeout=90, what="30 handled")
+        own_broker.stop()
+        stopped_at = time.monotonic()
+        code = consumer.wait(timeout=budget + 60)
+        exited_after = time.monotonic() - stopped_at
+    finally:
+        _stop(consumer)
+        own_broker.start()
+    output = log.read_text()
+    errors = _error_lines(output)
+    assert code == 3, output[-2000:]
+    assert len(errors) == 1 and "no broker reachable for 5s" in errors[0], output[-2000:]
+    assert exited_after >= budget - 1
+    handled = set(read_records(record))
+    assert len(handled) < n  # it really stopped early
+    committed = committed_offsets(bootstrap, group, topic)
+    for p, c in committed.items():
+        assert all((p, o) in handled for o in range(max(c, 0))), f"partition {p}: committed {c} past unhandled"
+    report_figures(
+        "broker_gone", messages=n, handled=len(handled), committed=sum(max(c, 0) for c in committed.values()),
+        committed_unhandled=0, budget_s=budget, exit_code=code, exited_after_s=round(exited_after, 1),
+    )
+
+
+# -- 4. poison messages, dead letters, skip, stop ---------------------------------------------------------------
+
+
+def test_poison_messages_are_retried_then_dead_lettered_and_no_partition_stalls(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    n, every, attempts = 2_000, 100, 3  # 1 % poison
+    topic, group = make_topic(partitions=3), unique("g")
+    produce_numbered(bootstrap, topic, n)
+    ends = end_offsets(bootstrap, topic)
+    poison = _poison_offsets(bootstrap, topic, n, every)
+    assert len(poison) == n // every
+    record, summary = tmp_path / "handled.txt", tmp_path / "summary.json"
+    env = script_env(bootstrap, MTC75_TEST_RECORD=str(record), MTC75_TEST_POISON_EVERY=str(every))
+    started = time.monotonic()
+    result = run_script(
+        PROG, "--topic", topic, "--group-id", group, "--max-thread-count", "8", "--max-attempts", str(attempts),
+        "--retry-backoff", "0.05", "--retry-backoff-max", "0.2", "--max-messages", str(n), "--summary-json",
+        str(summary), "-q", *RECORDER, env=env, timeout=180,
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-2000:]
+    stats = json.loads(summary.read_text())
+    assert stats["processed"] == n and stats["failed"] == len(poison)
+    assert stats["retried"] == len(poison) * (attempts - 1)
+    assert stats["dead_lettered"] == len(poison) and stats["skipped"] == 0
+    counts = Counter(read_records(record))
+    assert set(counts) == all_offsets(ends) - poison  # every other message handled
+    assert max(counts.values()) == 1
+    assert committed_offsets(bootstrap, group, topic) == ends  # no partition stalled behind a poison message
+
+    dead = read_topic(bootstrap, f"{topic}.dlq", len(poison))
+    assert len(dead) == len(poison)
+    seen = set()
+    for msg in dead:
+        h = _headers(msg)
+        where = (int(h[H_PARTITION]), int(h[H_OFFSET]))
+        seen.add(where)
+        assert h[H_TOPIC] == topic and h[H_ATTEMPTS] == str(attempts)
+        assert h[H_ERROR].startswith("ValueError: poison message")
+        assert json.loads(msg.value())["id"] % every == every - 1  # the original value
+        assert msg.key() == f"k{json.loads(msg.value())['id']}".encode()  # and key
+    assert seen == poison
+    report_figures(
+        "poison_dlq", messages=n, poison=len(poison), handled=len(counts), dead_lettered=len(dead),
+        retried=stats["retried"], lost=0, duplicates=sum(c - 1 for c in counts.values()),
+        run_seconds=round(elapsed, 1),
+    )
+
+
+def test_on_failure_skip_moves_on_and_counts(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    n, every = 200, 50
+    topic, group = make_topic(partitions=2), unique("g")
+    produce_numbered(bootstrap, topic, n)
+    record, summary = tmp_path / "handled.txt", tmp_path / "summary.json"
+    env = script_env(bootstrap, MTC75_TEST_RECORD=str(record), MTC75_TEST_POISON_EVERY=str(every))
+    result = run_script(
+        PROG, "--topic", topic, "--group-id", group, "--on-failure", "skip", "--max-attempts", "2",
+        "--retry-backoff", "0.01", "--max-messages", str(n), "--summary-json", str(summary), *RECORDER,
+        env=env, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    stats = json.loads(summary.read_text())
+    assert (stats["skipped"], stats["retried"], stats["dead_lettered"]) == (n // every, n // every, 0)
+    assert len(set(read_records(record))) == n - n // every
+    assert committed_offsets(bootstrap, group, topic) == end_offsets(bootstrap, topic)
+    assert f"{topic}.dlq" not in Producer({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics
+
+
+def test_on_failure_stop_commits_only_what_is_safe_and_exits_5(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    n, every = 200, 50
+    topic, group = make_topic(partitions=1), unique("g")
+    produce_numbered(bootstrap, topic, n)  # one partition: offset == id, the first poison is offset 49
+    record = tmp_path / "handled.txt"
+    env = script_env(bootstrap, MTC75_TEST_RECORD=str(record), MTC75_TEST_POISON_EVERY=str(every))
+    result = run_script(
+        PROG, "--topic", topic, "--group-id", group, "--on-failure", "stop", "--max-attempts", "2",
+        "--retry-backoff", "0.01", "--max-thread-count", "4", *RECORDER, env=env, timeout=120,
+    )
+    assert result.returncode == 5, result.stderr[-2000:]
+    errors = _error_lines(result.stderr)
+    assert len(errors) == 1 and "@49 failed 2 attempts" in errors[0] and "ON_FAILURE=stop" in errors[0]
+    handled = set(read_records(record))
+    committed = committed_offsets(bootstrap, group, topic)[0]
+    assert (0, 49) not in handled
+    assert 0 <= committed <= 49  # never past the failed message
+    assert all((0, o) in handled for o in range(committed))  # and nothing unhandled below it
+    report_figures("on_failure_stop", messages=n, exit_code=result.returncode, committed=committed,
+                   committed_unhandled=0)
+
+
+def test_malformed_payloads_take_the_retry_and_dlq_path_in_the_default_handler(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    topic, group = make_topic(partitions=1), unique("g")
+    bad = [None, b"", b"not json {", b"\xff\xfe binary", json.dumps({"pad": "x" * 200_000}).encode()]
+    good = [json.dumps({"id": i}).encode() for i in range(3)]
+    producer = Producer({"bootstrap.servers": bootstrap})
+    for value in [good[0], *bad[:3], good[1], *bad[3:], good[2]]:
+        producer.produce(topic, value=value, key=b"k")
+    assert producer.flush(30) == 0
+    summary = tmp_path / "summary.json"
+    result = run_script(
+        PROG, "--topic", topic, "--group-id", group, "--processing-sleep", "0", "--max-attempts", "2",
+        "--retry-backoff", "0.01", "--max-messages", "8", "--summary-json", str(summary), "-q",
+        env=script_env(bootstrap), timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    stats = json.loads(summary.read_text())
+    assert stats["processed"] == 8 and stats["failed"] == 5 and stats["dead_lettered"] == 5
+    errors = sorted(_headers(m)[H_ERROR] for m in read_topic(bootstrap, f"{topic}.dlq", 5))
+    assert len(errors) == 5
+    assert sum("empty payload" in e for e in errors) == 2
+    assert sum("not JSON" in e for e in errors) == 2
+    assert sum("exceeds MAX_PAYLOAD_BYTES=100000" in e for e in errors) == 1
+    assert committed_offsets(bootstrap, group, topic) == end_offsets(bootstrap, topic)
+
+
+def test_a_message_waiting_for_its_retry_holds_no_thread_and_holds_back_the_commit(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str]
+) -> None:
+    import threading
+
+    from mtc75.engine import Mtc75Consumer
+    from mtc75.settings import Settings
+
+    topic, group, n = make_topic(partitions=1), unique("g"), 20
+    produce_numbered(bootstrap, topic, n)
+    calls: Counter[int] = Counter()
+    handled: list[int] = []
+
+    def handler(msg: object) -> None:
+        offset = msg.offset()  # type: ignore[attr-defined]
+        calls[offset] += 1
+        if offset == 0 and calls[offset] < 3:
+            raise RuntimeError("flaky downstream")
+        handled.append(offset)
+
+    settings = Settings().replace(
+        BOOTSTRAP_SERVERS=bootstrap, TOPIC=topic, GROUP_ID=group, MAX_THREAD_COUNT=1, COMMIT_INTERVAL=0.1,
+        RETRY_BACKOFF=4.0, RETRY_BACKOFF_MAX=4.0, MAX_ATTEMPTS=3,
+    )
+    consumer = Mtc75Consumer(settings, handler, max_messages=n)
+    result: list[object] = []
+    runner = threading.Thread(target=lambda: result.append(consumer.run()))
+    runner.start()
+    try:
+        # One thread: the others can only run while offset 0 waits if its backoff does not occupy it.
+        wait_until(lambda: calls[0] >= 1 and len(handled) >= 3, timeout=60, what="others handled meanwhile")
+        committed = committed_offsets(bootstrap, group, topic)[0]
+        assert 0 not in handled, "offset 0 finished too soon for the check"
+        assert committed <= 0  # the watermark waits for offset 0
+        runner.join(timeout=60)
+        assert not runner.is_alive()
+    finally:
+        consumer.stop()
+        runner.join(timeout=60)
+    stats = result[0]
+    assert calls[0] == 3 and sorted(handled) == list(range(n))
+    assert (stats.retried, stats.failed, stats.dead_lettered) == (2, 0, 0)  # type: ignore[attr-defined]
+    assert committed_offsets(bootstrap, group, topic) == {0: n}
