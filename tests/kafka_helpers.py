@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,12 +46,30 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
         consumer.close()
 
 
+_COORDINATOR_MOVING = (
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError._TIMED_OUT,
+)
+
+
 def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offsets; retried (bounded) while the coordinator is still loading."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    deadline = time.monotonic() + 30
     try:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        result = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=10)
-        return {tp.partition: tp.offset for tp in result}
+        while True:
+            try:
+                result = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+                return {tp.partition: tp.offset for tp in result}
+            except KafkaException as err:
+                # e.g. NOT_COORDINATOR right after a broker restart, until the group is loaded again
+                code = err.args[0].code()
+                if (code not in _COORDINATOR_MOVING and not err.args[0].retriable()) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
     finally:
         consumer.close()
 

@@ -115,8 +115,6 @@ def test_crash_loop_kill_9_loses_nothing_and_duplicates_stay_within_the_window(
     env = script_env(bootstrap, MTC75_TEST_RECORD=str(record))
     args = ["--topic", topic, "--group-id", group, "--max-thread-count", str(threads), "--max-backlog",
             str(max_backlog), "--commit-interval", str(commit_interval), "-q", *RECORDER,
-            # A long pause interval lets the gate size the backlog for this fast handler (see RELIABILITY.md).
-            "--pause-interval", "2",
             # Static membership: a restarted consumer takes its partitions back at once instead of waiting
             # for the killed one's session to expire (the default 45 s per crash).
             "-X", f"group.instance.id={group}-member", "-X", "session.timeout.ms=10000"]
@@ -216,8 +214,7 @@ def test_broker_restart_mid_run_consumer_and_producer_recover_and_lose_nothing(
     create_topic({"bootstrap.servers": bootstrap}, topic, 3, 1)
     record, log = tmp_path / "handled.txt", tmp_path / "consumer.log"
     env = script_env(bootstrap, MTC75_TEST_RECORD=str(record), MTC75_TEST_SLEEP="0.002")
-    # --pause-interval 2: see RELIABILITY.md, "fast handlers and the pause gate".
-    consumer = _start(["--topic", topic, "--group-id", group, "--max-thread-count", "4", "--pause-interval", "2",
+    consumer = _start(["--topic", topic, "--group-id", group, "--max-thread-count", "4",
                        "--max-backlog", "1000", *RECORDER], env, log)
     producer = subprocess.Popen(
         [sys.executable, str(ROOT / "producer.py"), "--topic", topic, "--count", str(n), "--producer-sleep", "0.003",
