@@ -135,7 +135,9 @@ class Settings:
             # Bound what librdkafka prefetches: the engine keeps its own backlog, so a deep client
             # queue only costs memory and is dropped on every pause anyway. With the defaults
             # (64 MB queue, 50 MB fetches) a consumer of small messages peaked above 300 MB.
-            "queued.max.messages.kbytes": 2048,
+            # 4 MB: below it, fast handlers starve between fetches (measured: 2 MB halves a no-op
+            # handler's rate); above it memory grows with little gain (see BENCHMARKS.md).
+            "queued.max.messages.kbytes": 4096,
             "fetch.max.bytes": 2 * 1024 * 1024,
             "max.partition.fetch.bytes": 512 * 1024,
             # A resumed partition's first fetch waits for any fetch still outstanding at the broker;
