@@ -12,8 +12,9 @@ GROUP_ID = "mtc75-consumer"
 
 # The consumer: at most MAX_THREAD_COUNT messages are handled at once (threads = semaphore permits).
 MAX_THREAD_COUNT = 75
-# When every thread is busy and the backlog is full, the assigned partitions pause for at least this
-# many seconds; after each interval they resume if the threads caught up, else stay paused another one.
+# When every thread is busy and the backlog is full, the assigned partitions pause. The backlog holds
+# about this many seconds of work, so a pause lasts about one interval: it ends when the threads have
+# caught up (sooner if they are faster than measured), and each interval still saturated adds another.
 PAUSE_INTERVAL = 0.5
 # Simulated work per message in the default handler (the seed's time.sleep()).
 PROCESSING_SLEEP = 0.5
