@@ -118,8 +118,8 @@ class Dispatcher:
         if not self._delayed:
             return  # the common case, checked without the lock
         with self._lock:
-            if not self._promote_due(time.monotonic()):
-                return
+            self._promote_due(time.monotonic())
+            # also covers retries a busy worker promoted: it took no permits for them
             starts = self._permits.acquire(len(self._backlog))
         for _ in range(starts):
             self._executor.submit(self._work)
@@ -230,9 +230,19 @@ class Dispatcher:
         return len(due)
 
     def _work(self) -> None:
-        """Hold one permit and run backlog messages until none is left.
+        """Hold one permit and run backlog messages until none is left (the permit always comes back)."""
+        try:
+            self._work_loop()
+        except BaseException:
+            # _work_loop returns only after giving its permit back; anything escaping it still holds one
+            with self._lock:
+                self._permits.release()
+                self._changed.notify_all()
+            logger.exception("worker stopped by an unexpected error")
+            raise
 
-        The hot path takes a message without the lock (deque.popleft is atomic); only giving the
+    def _work_loop(self) -> None:
+        """The hot path takes a message without the lock (deque.popleft is atomic); only giving the
         permit back needs the lock, to re-check the backlog against a concurrent put().
         """
         handler = self._handler
@@ -273,7 +283,7 @@ class Dispatcher:
                 work.attempts += 1
                 work.error = f"{type(err).__name__}: {err}"
                 msg = work.message
-                if retry.should_retry(work.attempts):
+                if work.state.alive and retry.should_retry(work.attempts):
                     delay = retry.delay(work.attempts)
                     logger.warning(
                         "handler failed for %s[%d]@%d (attempt %d of %d): %s; retrying in %.2fs",

@@ -132,6 +132,7 @@ class Mtc75Consumer:
         self._rate_mark = (0.0, 0)
         self._error_quiet_until: dict[int, float] = {}
         self._connected = False  # set once the start-up metadata check passed
+        self._closing = False  # set by shutdown before close(), whose revoke must not wait again
         self._lag: dict[Partition, int] = {}
         self._retune_lock = threading.Lock()
         self._retune: dict[str, Any] = {}  # live changes waiting for the poll thread
@@ -182,6 +183,8 @@ class Mtc75Consumer:
                 self._settings.PAUSE_INTERVAL, "incremental" if self._cooperative else "eager",
             )
             self._loop()
+        except KafkaException as err:
+            raise KafkaUnavailable(f"Kafka error: {err.args[0].str()}") from None
         finally:
             self._shutdown()
         if self._fatal is not None:
@@ -243,8 +246,9 @@ class Mtc75Consumer:
             if gate.paused:
                 if gate.should_resume(now, active, limit, backlog):
                     self._resume(now)
-            elif gate.should_pause(active, limit, backlog) and not dispatcher.wait_backlog_at_most(
-                low, min(SATURATION_GRACE, gate.pause_interval)
+            elif gate.should_pause(active, limit, backlog) and (
+                dispatcher.delayed >= high
+                or not dispatcher.wait_backlog_at_most(low, min(SATURATION_GRACE, gate.pause_interval))
             ):
                 # Saturated, and the pool did not catch up within the grace period (a fast pool does,
                 # and pausing it would only throw away prefetched messages): pause.
@@ -324,8 +328,9 @@ class Mtc75Consumer:
         count = 0
         while completions:
             work = completions.popleft()
-            if work.failed and work.state.alive:
+            if work.failed:
                 self._failed += 1
+            if work.failed and work.state.alive:
                 mode = self._settings.ON_FAILURE
                 if mode == "dlq":
                     assert self._dead_letters is not None
@@ -357,10 +362,12 @@ class Mtc75Consumer:
         return count
 
     def _finish(self, work: Work) -> int:
-        self._processed += 1
-        if not self._tracker.complete(work.state, work.offset):
-            self._dropped_late += 1
-        return 1
+        """Count a finished message, unless its assignment is gone (a late completion, dropped)."""
+        if self._tracker.complete(work.state, work.offset):
+            self._processed += 1
+            return 1
+        self._dropped_late += 1
+        return 0
 
     def _finished(self, now: float) -> bool:
         if self._max_messages is not None and self._processed >= self._max_messages:
@@ -548,10 +555,13 @@ class Mtc75Consumer:
         """Give partitions up: drop their unstarted messages, wait (bounded) for running ones, commit."""
         tracker = self._tracker
         owned = [tp for tp in tps if tp in tracker]
-        self._drop_unstarted([tracker.state(tp) for tp in owned])
+        states = [tracker.state(tp) for tp in owned]
+        self._drop_unstarted(states)
         if commit and owned:
-            deadline = time.monotonic() + self._settings.REVOKE_TIMEOUT
+            # At close, shutdown has already waited its SHUTDOWN_TIMEOUT: commit what is done, no second wait.
+            deadline = time.monotonic() + (0.0 if self._closing else self._settings.REVOKE_TIMEOUT)
             while True:
+                self._drop_unstarted(states)  # a handler failing meanwhile may have queued a retry
                 self._drain_completions()
                 running = sum(len(tracker.outstanding(tp)) for tp in owned)
                 if not running or time.monotonic() >= deadline:
@@ -688,6 +698,7 @@ class Mtc75Consumer:
                 self._dead_letters.close()
             if self._gate.paused:
                 self._gate.end_pause(time.monotonic())
+            self._closing = True
             try:
                 consumer.close()
             except (KafkaException, RuntimeError) as err:

@@ -74,7 +74,10 @@ class DelayQueue(Generic[T]):
         heapq.heappush(self._heap, (due, next(self._seq), item))
 
     def next_due(self) -> float | None:
-        return self._heap[0][0] if self._heap else None
+        try:
+            return self._heap[0][0]  # may be read without the lock: the heap can empty meanwhile
+        except IndexError:
+            return None
 
     def pop_due(self, now: float) -> list[T]:
         """Items whose time has come, earliest first."""

@@ -256,3 +256,46 @@ def test_purge_also_drops_messages_waiting_for_a_retry() -> None:
         assert not d.completions  # none of them was reported done
     finally:
         d.shutdown(wait=True)
+
+
+def test_a_worker_killed_by_a_base_exception_gives_its_permit_back() -> None:
+    def handler(_msg: FakeMessage) -> None:
+        raise SystemExit("handler called exit")
+
+    tracker = OffsetTracker()
+    tracker.assign([("t", 0)])
+    d = Dispatcher(handler, max_thread_count=1)
+    try:
+        d.put(_work(tracker, 0, range(1)))
+        assert d.wait_idle(5)  # without the guard the permit leaks and this times out
+        assert d.active_thread_count == 0
+    finally:
+        d.shutdown(wait=True)
+
+
+def test_no_retry_is_scheduled_for_a_revoked_assignment() -> None:
+    from mtc75.retry import RetryPolicy
+
+    started = threading.Event()
+    go = threading.Event()
+
+    def handler(_msg: FakeMessage) -> None:
+        started.set()
+        go.wait(10)
+        raise RuntimeError("fails after its partition was revoked")
+
+    tracker = OffsetTracker()
+    tracker.assign([("t", 0)])
+    d = Dispatcher(handler, max_thread_count=1, retry=RetryPolicy(max_attempts=5, base=0.01, cap=0.01))
+    try:
+        d.put(_work(tracker, 0, range(1)))
+        assert started.wait(5)
+        tracker.revoke([("t", 0)])
+        go.set()
+        assert d.wait_idle(5)
+        assert d.delayed == 0 and d.retried == 0
+        (work,) = list(d.completions)
+        assert work.failed and work.attempts == 1
+    finally:
+        go.set()
+        d.shutdown(wait=True)
