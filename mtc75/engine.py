@@ -244,7 +244,7 @@ class Mtc75Consumer:
                 # for its backoff, so stop fetching rather than pile up more failures.
                 active = limit
             if gate.paused:
-                if gate.should_resume(now, active, limit, backlog):
+                if gate.should_resume(now, limit, backlog):
                     self._resume(now)
             elif gate.should_pause(active, limit, backlog) and (
                 dispatcher.delayed >= high
@@ -400,11 +400,7 @@ class Mtc75Consumer:
         lag: dict[Partition, int] = {}
         unknown: list[TopicPartition] = []
         for tp in self._tracker.partitions():
-            state = self._tracker.state(tp)
-            if state.committed is not None and state.committed >= 0:
-                base: int | None = state.committed
-            else:
-                base = state.pending[0] if state.pending else None
+            base = self._tracker.lag_base(tp)
             if base is None:
                 unknown.append(TopicPartition(*tp))
                 continue

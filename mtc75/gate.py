@@ -75,7 +75,7 @@ class PauseGate:
         self._paused_at = now
         self._recheck_at = now + self.pause_interval
 
-    def should_resume(self, now: float, active: int, limit: int, backlog: int) -> bool:
+    def should_resume(self, now: float, limit: int, backlog: int) -> bool:
         """Resume once the backlog is down to the low watermark; at each interval still above it, stay.
 
         The high watermark holds about one interval of work, so a pause normally lasts one interval.

@@ -128,6 +128,15 @@ class OffsetTracker:
         state = self._parts.get(tp)
         return None if state is None else state.position
 
+    def lag_base(self, tp: Partition) -> int | None:
+        """Where lag counts from: the last committed position, else the oldest offset still in flight."""
+        state = self._parts.get(tp)
+        if state is None:
+            return None
+        if state.committed is not None and state.committed >= 0:
+            return state.committed
+        return state.pending[0] if state.pending else None
+
     def uncommitted(self, partitions: Iterable[Partition] | None = None) -> Iterator[tuple[Partition, int]]:
         """Partitions whose watermark moved since the last :meth:`mark_committed`."""
         for tp in self._parts if partitions is None else partitions:

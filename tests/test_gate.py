@@ -20,25 +20,25 @@ def test_pause_ends_when_the_backlog_drains_to_the_low_watermark() -> None:
     gate = PauseGate(pause_interval=1.0, max_backlog=1000)
     gate.start_pause(now=10.0)
     assert gate.pauses == 1
-    assert not gate.should_resume(now=10.5, active=4, limit=4, backlog=5)  # above low (4): stay
-    assert gate.should_resume(now=10.9, active=4, limit=4, backlog=4)  # drained: resume, even mid-interval
+    assert not gate.should_resume(now=10.5, limit=4, backlog=5)  # above low (4): stay
+    assert gate.should_resume(now=10.9, limit=4, backlog=4)  # drained: resume, even mid-interval
     assert gate.end_pause(now=10.9) == pytest.approx(0.9)
     assert gate.paused_seconds == pytest.approx(0.9)
     assert not gate.paused
-    assert not gate.should_resume(now=11.0, active=0, limit=4, backlog=0)  # not paused: nothing to resume
+    assert not gate.should_resume(now=11.0, limit=4, backlog=0)  # not paused: nothing to resume
 
 
 def test_still_saturated_after_an_interval_stays_paused_another_interval() -> None:
     gate = PauseGate(pause_interval=1.0, max_backlog=1000)
     gate.start_pause(now=0.0)
-    assert not gate.should_resume(now=0.5, active=4, limit=4, backlog=50)
+    assert not gate.should_resume(now=0.5, limit=4, backlog=50)
     assert gate.extensions == 0
-    assert not gate.should_resume(now=1.0, active=4, limit=4, backlog=50)
+    assert not gate.should_resume(now=1.0, limit=4, backlog=50)
     assert gate.extensions == 1
     assert gate.next_check_in(now=1.2) == pytest.approx(0.8)
-    assert not gate.should_resume(now=3.5, active=4, limit=4, backlog=50)
+    assert not gate.should_resume(now=3.5, limit=4, backlog=50)
     assert gate.extensions == 3  # intervals ending at 1, 2 and 3 s
-    assert gate.should_resume(now=3.6, active=3, limit=4, backlog=0)
+    assert gate.should_resume(now=3.6, limit=4, backlog=0)
 
 
 def test_watermarks_follow_throughput_and_respect_the_cap() -> None:

@@ -104,3 +104,12 @@ def test_abandoned_offsets_are_not_waited_for_and_block_the_watermark() -> None:
     assert tracker.outstanding(TP) == []
     assert tracker.in_flight() == 0
     assert tracker.position(TP) == 2  # never past a message that did not run
+
+
+def test_lag_base_is_the_committed_position_else_the_oldest_in_flight() -> None:
+    tracker, states = _tracker([5, 6, 7])
+    assert tracker.lag_base(TP) == 5  # nothing committed yet: count from the oldest in flight
+    tracker.complete(states[5], 5)
+    tracker.mark_committed(TP, 6)
+    assert tracker.lag_base(TP) == 6
+    assert tracker.lag_base(("t", 9)) is None
