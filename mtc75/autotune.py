@@ -1,0 +1,321 @@
+"""``MAX_THREAD_COUNT = "auto"``: the controller that picks the permit count. Pure policy, no clock.
+
+Poll thread only (no lock): the engine calls :meth:`AutoTuner.step` about every ``interval`` seconds
+with a :class:`Sample` of what happened since the previous call, and applies the returned limit
+through the dispatcher's live resize (which never cancels running work). Time comes in with the
+sample, so tests drive it with a fake clock.
+
+The algorithm: a probing hill-climber on throughput, read through Little's law, with a latency guard.
+
+* **Measure.** A window lasts at least ``interval`` and ``min_completions`` completions, and starts
+  only once the last change has settled (one interval, or twice the handler latency if longer:
+  completions of work started under the old count would blur the reading). It yields throughput
+  ``X`` (completions per second) and mean handler latency ``L``.
+* **Probe.** While saturated (messages waiting for a permit *and*, by Little's law, ``X * L`` at least
+  0.8 of the permits busy) the controller tries a neighbouring count and keeps it only if it pays:
+  going up by a factor ``r`` must raise ``X`` by at least ``GAIN`` (half) of the ``r - 1`` that linear
+  scaling would give; going down must lose less than half of the proportional share. Up-probes
+  double (slow start) until the first one fails, then bisect towards the lowest count that failed
+  (the ceiling); the smallest step is 10 % (at least 1), large enough to read through the noise of
+  one window. A failed smallest step reverts and waits a hold-off that doubles with each failure
+  (``hold`` up to ``max_hold``), alternating down and up: at the best count it sits still, with a
+  short excursion now and then that keeps it honest when the workload moves.
+* **Latency guard.** The lowest window latency seen is the uncontended baseline. When a saturated
+  window shows ``L >= tolerance * baseline`` (2, as Gradient2's default) the count drops at once to
+  ``count / ratio`` (at most halving): overload of a downstream service shows up in latency before
+  anything else. If latency does not fall with the count, the service itself slowed down: the
+  baseline moves up to the new latency instead of the count collapsing further.
+* **Stay put** when there is nothing to learn: no completions (idle), no backlog or permits unused
+  (demand is the limit: more threads cannot help, and an idle consumer must not ratchet up), and no
+  growth while process CPU is at ``cpu_ceiling`` of the machine's cores (the process is the limit).
+  A GIL-bound handler needs no CPU rule: its throughput stops growing with threads, so up-probes fail.
+
+Why this and not Gradient2 or AIMD alone: Gradient2 (Netflix concurrency-limits) grows whenever
+latency holds, so on a pure sleep handler it would stop only at the limit even where the process
+(GIL, poll thread) already caps throughput, and its long-term latency average drifts up with the
+load it causes. AIMD on throughput saws between the knee and a fraction of it. Reading throughput per
+probe finds the knee of the issue-14 service (20 slots: 20 threads 992 msg/s, 40 threads 499) from
+both sides, stops on a flat curve, and holds still there; the latency guard adds the fast reaction.
+
+Simulated (``tests/test_autotune.py``, 1 s windows, 3 % throughput and 2 % latency noise, 20 seeds):
+the issue-14 service settles at 18-20 threads (>= 0.9 of the best fixed count within 60 s), a 20 ms
+sleep handler capped at 3,000 msg/s by the process at 54-64, a GIL-bound CPU handler at 1-2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+GAIN = 0.5  # share of linear scaling an up-probe must gain to be kept
+# share of its proportional throughput a down-probe may lose and still be kept: stricter than GAIN,
+# since a down-probe kept by noise costs throughput, an up-probe kept by noise only threads
+LOSS = 0.3
+MIN_STEP = 0.10  # smallest probe, as a fraction of the count: below ~10 % one window's noise hides it
+SATURATED_BUSY = 0.8  # Little's-law busy fraction above which the permits are the constraint
+CLOSE_CALL = 0.03  # a probe within 3 % of its bar is measured one more window before the verdict
+DRIFT = 0.25  # throughput moving this much at a steady count means the workload changed: explore again
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What happened since the previous sample (counts) and how things stand now (gauges)."""
+
+    now: float  # the caller's monotonic clock, seconds
+    completed: int  # handlers finished since the previous sample
+    latency: float  # their mean duration in seconds (ignored when completed == 0)
+    busy: int  # permits held now
+    waiting: int  # messages fetched and waiting for a permit now (not those waiting out a retry backoff)
+    cpu: float | None = None  # process CPU time / (wall time x cores) since the previous sample, 0..1
+
+
+@dataclass(frozen=True)
+class Decision:
+    limit: int  # the permit count to apply (unchanged when ``changed`` is False)
+    changed: bool
+    reason: str  # one line for the debug log
+
+
+class AutoTuner:
+    """Chooses the permit count between ``min_threads`` and ``max_threads`` from successive samples."""
+
+    def __init__(
+        self,
+        min_threads: int = 1,
+        max_threads: int = 256,
+        initial: int | None = None,
+        *,
+        interval: float = 1.0,
+        min_completions: int = 10,
+        tolerance: float = 2.0,
+        cpu_ceiling: float = 0.9,
+        hold: float = 2.0,
+        max_hold: float = 30.0,
+    ) -> None:
+        if min_threads < 1:
+            raise ValueError(f"min_threads must be >= 1, got {min_threads}")
+        if max_threads < min_threads:
+            raise ValueError(f"max_threads must be >= min_threads ({min_threads}), got {max_threads}")
+        if initial is not None and not min_threads <= initial <= max_threads:
+            raise ValueError(f"initial must be within {min_threads}..{max_threads}, got {initial}")
+        if interval <= 0 or hold <= 0 or max_hold < hold:
+            raise ValueError("interval and hold must be > 0, max_hold >= hold")
+        if min_completions < 1:
+            raise ValueError(f"min_completions must be >= 1, got {min_completions}")
+        if tolerance <= 1:
+            raise ValueError(f"tolerance must be > 1, got {tolerance}")
+        if not 0 < cpu_ceiling <= 1:
+            raise ValueError(f"cpu_ceiling must be within (0, 1], got {cpu_ceiling}")
+        self.min_threads = min_threads
+        self.max_threads = max_threads
+        self.interval = interval
+        self.min_completions = min_completions
+        self.tolerance = tolerance
+        self.cpu_ceiling = cpu_ceiling
+        self.hold = hold
+        self.max_hold = max_hold
+        self._limit = min_threads if initial is None else initial
+        self.trend = 0  # direction of the last change: +1, -1 or 0 (for the dashboard)
+        self.changes = 0
+        self._last_now: float | None = None
+        self._settle_until = -math.inf
+        self._window = _Window()
+        self._ref: list[tuple[float, float]] = []  # (throughput, latency) windows at the current count
+        self._baseline = math.inf  # lowest window latency seen: the uncontended handler latency
+        self._guarded_from: float | None = None  # latency that made the guard cut the count
+        self._probe_from: int | None = None  # count before the probe now being measured
+        self._probe_seen: list[tuple[float, float]] = []  # its windows so far
+        self._ceiling: int | None = None  # lowest count an up-probe found not to pay
+        self._direction = 1  # next probe: +1 up, -1 down
+        self._streak = 0  # probes kept in a row in this direction: each one doubles the next step
+        self._failures = 0  # probes failed in a row: the hold-off doubles with each
+        self._next_probe_at = -math.inf
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def step(self, sample: Sample) -> Decision:
+        """Take one sample; return the permit count to use from now on and why."""
+        _check(sample)
+        last, self._last_now = self._last_now, sample.now
+        if last is not None and sample.now < last:
+            raise ValueError(f"time went backwards: {sample.now} < {last}")
+        if last is None or last < self._settle_until:
+            # the first sample, or one that covers time before the last change settled: not measured
+            self._window = _Window(start=sample.now)
+            return self._keep("settling")
+        self._window.add(sample)
+        window = self._window
+        if window.completed == 0 and sample.busy == 0 and sample.waiting == 0:
+            self._window = _Window(start=sample.now)
+            return self._keep("idle")
+        if sample.now - window.start < self.interval or window.completed < self.min_completions:
+            return self._keep(f"measuring ({window.completed} completions)")
+        self._window = _Window(start=sample.now)
+        return self._evaluate(sample.now, window)
+
+    # -- decisions ----------------------------------------------------------------------------------
+
+    def _evaluate(self, now: float, w: _Window) -> Decision:
+        x, lat = w.throughput(now), w.latency()
+        self._baseline = min(self._baseline, lat)
+        saturated = w.backlogged and x * lat >= SATURATED_BUSY * self._limit
+        if self._probe_from is not None:
+            return self._judge(now, x, lat)
+        if self._guarded_from is not None:
+            guarded, self._guarded_from = self._guarded_from, None
+            if lat >= 0.9 * guarded:
+                self._baseline = lat
+                self._ref = [(x, lat)]
+                return self._keep(f"latency {lat * 1e3:.1f} ms did not fall with the count: new baseline")
+        ratio = lat / self._baseline
+        if saturated and ratio >= self.tolerance:
+            target = max(self.min_threads, min(self._limit - 1, math.floor(self._limit * max(0.5, 1 / ratio))))
+            if target < self._limit:
+                self._guarded_from = lat
+                self._ref = []
+                self._ceiling = self._limit if self._ceiling is None else min(self._ceiling, self._limit)
+                self._failures, self._direction, self._next_probe_at, self._streak = 0, 1, now, 0
+                return self._change(
+                    now, target, lat, f"latency {ratio:.1f}x the uncontended {self._baseline * 1e3:.1f} ms"
+                )
+        if self._ref and abs(x / _mean_x(self._ref) - 1) > DRIFT:
+            self._ref, self._failures, self._next_probe_at, self._ceiling = [], 0, now, None
+            self._ref.append((x, lat))
+            return self._keep(f"throughput moved to {x:.0f}/s at {self._limit}: exploring again")
+        self._ref = [*self._ref[-3:], (x, lat)]
+        if not saturated:
+            why = "no backlog" if not w.backlogged else f"permits idle ({x * lat:.1f} of {self._limit} busy)"
+            return self._keep(f"{why}: {x:.0f}/s")
+        if now < self._next_probe_at:
+            return self._keep(f"steady at {x:.0f}/s, {lat * 1e3:.1f} ms")
+        return self._start_probe(now, lat, w.cpu)
+
+    def _start_probe(self, now: float, lat: float, cpu: float | None) -> Decision:
+        n = self._limit
+        cpu_bound = cpu is not None and cpu >= self.cpu_ceiling
+        can_up = n < self.max_threads and not cpu_bound
+        can_down = n > self.min_threads
+        if not (can_up or can_down):
+            return self._keep("cpu saturated at the lowest count" if cpu_bound else "min = max")
+        up = self._direction > 0 and can_up or not can_down
+        step = max(1, round(n * MIN_STEP))
+        # strides double while probes keep paying: from a far-off count the best one is a few probes away
+        streak = self._streak if (1 if up else -1) == self._direction else 0
+        stride = max(step, round(n * min(0.5, MIN_STEP * 2**streak)))
+        if up:
+            if self._ceiling is None:
+                target, how = 2 * n, "slow start"
+            elif n + step < self._ceiling:
+                target, how = n + max(step, (self._ceiling - n) // 2), f"towards {self._ceiling}"
+            else:
+                target, how = n + stride, "probe up"
+            target = min(self.max_threads, target)
+        else:
+            target, how = max(self.min_threads, n - stride), "probe down"
+        self._probe_from = n
+        note = f" (cpu {cpu:.0%})" if cpu_bound else ""
+        return self._change(now, target, lat, how + note)
+
+    def _judge(self, now: float, x: float, lat: float) -> Decision:
+        """Keep the probed count if it paid, else go back to where it started."""
+        assert self._probe_from is not None
+        start = self._probe_from
+        n = self._limit
+        self._probe_seen.append((x, lat))
+        x = _mean_x(self._probe_seen)
+        ref_x = _mean_x(self._ref) if self._ref else 0.0
+        r = n / start
+        need = ref_x * (1 + GAIN * (r - 1)) if n > start else ref_x * (1 - LOSS * (1 - r))
+        verdict = f"{start}->{n}: {x:.0f}/s vs {ref_x:.0f}/s (needed {need:.0f})"
+        if len(self._probe_seen) < 2 and abs(x / need - 1) < CLOSE_CALL:
+            return self._keep(f"close call {verdict}: one more window")
+        self._probe_from, self._probe_seen = None, []
+        ok = x >= need and (n < start or lat < self.tolerance * self._baseline)
+        if ok:
+            if n > start and self._ceiling is not None and n > self._ceiling:
+                self._ceiling = None  # beyond the old ceiling and still paying: the workload changed
+            if n < start:  # fewer threads did as well: more than ``start`` will not do better
+                self._ceiling = start if self._ceiling is None else min(self._ceiling, start)
+            direction = 1 if n > start else -1
+            self._streak = self._streak + 1 if direction == self._direction else 1
+            self._ref = [(x, lat)]
+            self._failures, self._next_probe_at, self._direction = 0, now, direction
+            return self._keep(f"kept {verdict}")
+        self._streak = 0
+        if n > start:
+            self._ceiling = n if self._ceiling is None else min(self._ceiling, n)
+        small = abs(n - start) <= max(1, round(start * MIN_STEP))
+        if n > start and not small and x < ref_x * (1 + GAIN * (r - 1) / 2):
+            self._direction, self._next_probe_at = -1, now  # not even half the gain needed: try fewer first
+        elif n > start and not small:
+            self._next_probe_at = now  # it helped, not enough: bisect towards the ceiling next
+        else:
+            self._failures += 1
+            self._direction = -1 if n > start else 1
+            self._next_probe_at = now + min(self.max_hold, self.hold * 2 ** (self._failures - 1))
+        return self._change(now, start, lat, f"back, {verdict}")
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _change(self, now: float, target: int, lat: float, reason: str) -> Decision:
+        old = self._limit
+        self._limit = target
+        self.trend = (target > old) - (target < old)
+        self.changes += 1
+        # completions of work started under the old count would blur the next window
+        self._settle_until = now + max(self.interval, 2 * lat)
+        self._window = _Window(start=now)
+        return Decision(target, True, f"{old} -> {target}: {reason}")
+
+    def _keep(self, reason: str) -> Decision:
+        return Decision(self._limit, False, reason)
+
+
+class _Window:
+    """Samples summed since the window started."""
+
+    __slots__ = ("backlogged_n", "completed", "cpu", "cpu_n", "latency_sum", "samples", "start")
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.start = start
+        self.completed = 0
+        self.latency_sum = 0.0
+        self.samples = 0
+        self.backlogged_n = 0  # samples that found messages waiting for a permit
+        self.cpu: float | None = None
+        self.cpu_n = 0
+
+    def add(self, sample: Sample) -> None:
+        self.completed += sample.completed
+        self.latency_sum += sample.latency * sample.completed
+        self.samples += 1
+        self.backlogged_n += sample.waiting > 0
+        if sample.cpu is not None:
+            self.cpu_n += 1
+            self.cpu = sample.cpu if self.cpu is None else self.cpu + (sample.cpu - self.cpu) / self.cpu_n
+
+    @property
+    def backlogged(self) -> bool:
+        """Messages were waiting for a permit in at least half of the samples."""
+        return 2 * self.backlogged_n >= self.samples > 0
+
+    def throughput(self, now: float) -> float:
+        return self.completed / max(now - self.start, 1e-9)
+
+    def latency(self) -> float:
+        return self.latency_sum / self.completed if self.completed else 0.0
+
+
+def _mean_x(ref: list[tuple[float, float]]) -> float:
+    return sum(x for x, _ in ref) / len(ref)
+
+
+def _check(sample: Sample) -> None:
+    if sample.completed < 0 or sample.busy < 0 or sample.waiting < 0:
+        raise ValueError(f"counts must be >= 0: {sample}")
+    if sample.completed and not (sample.latency >= 0 and math.isfinite(sample.latency)):
+        raise ValueError(f"latency must be finite and >= 0: {sample}")
+    if not math.isfinite(sample.now):
+        raise ValueError(f"now must be finite: {sample}")
