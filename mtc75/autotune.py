@@ -86,7 +86,7 @@ class AutoTuner:
         initial: int | None = None,
         *,
         interval: float = 1.0,
-        min_completions: int = 10,
+        min_completions: int = 50,
         tolerance: float = 2.0,
         cpu_ceiling: float = 0.9,
         hold: float = 2.0,
@@ -125,8 +125,11 @@ class AutoTuner:
         self._guarded_from: float | None = None  # latency that made the guard cut the count
         self._probe_from: int | None = None  # count before the probe now being measured
         self._probe_seen: list[tuple[float, float]] = []  # its windows so far
-        self._ceiling: int | None = None  # lowest count an up-probe found not to pay
-        self._direction = 1  # next probe: +1 up, -1 down
+        self._ceiling: int | None = None  # lowest count found no better than a lower one
+        # doubling until the first probe fails, only from the lowest count: a count given at start is a guess
+        # (often the configured 75) and is probed downwards first
+        self._slow_start = self._limit == min_threads
+        self._direction = -1 if self._limit > min_threads else 1  # next probe: +1 up, -1 down
         self._streak = 0  # probes kept in a row in this direction: each one doubles the next step
         self._failures = 0  # probes failed in a row: the hold-off doubles with each
         self._next_probe_at = -math.inf
@@ -177,6 +180,7 @@ class AutoTuner:
                 self._ref = []
                 self._ceiling = self._limit if self._ceiling is None else min(self._ceiling, self._limit)
                 self._failures, self._direction, self._next_probe_at, self._streak = 0, 1, now, 0
+                self._slow_start = False
                 return self._change(
                     now, target, lat, f"latency {ratio:.1f}x the uncontended {self._baseline * 1e3:.1f} ms"
                 )
@@ -199,15 +203,15 @@ class AutoTuner:
         can_down = n > self.min_threads
         if not (can_up or can_down):
             return self._keep("cpu saturated at the lowest count" if cpu_bound else "min = max")
-        up = self._direction > 0 and can_up or not can_down
-        step = max(1, round(n * MIN_STEP))
+        up = (self._direction > 0 and can_up) or not can_down
+        step = max(1, math.ceil(n * MIN_STEP))
         # strides double while probes keep paying: from a far-off count the best one is a few probes away
         streak = self._streak if (1 if up else -1) == self._direction else 0
         stride = max(step, round(n * min(0.5, MIN_STEP * 2**streak)))
         if up:
-            if self._ceiling is None:
+            if self._slow_start:
                 target, how = 2 * n, "slow start"
-            elif n + step < self._ceiling:
+            elif self._ceiling is not None and n + step < self._ceiling:
                 target, how = n + max(step, (self._ceiling - n) // 2), f"towards {self._ceiling}"
             else:
                 target, how = n + stride, "probe up"
@@ -236,7 +240,7 @@ class AutoTuner:
         if ok:
             if n > start and self._ceiling is not None and n > self._ceiling:
                 self._ceiling = None  # beyond the old ceiling and still paying: the workload changed
-            if n < start:  # fewer threads did as well: more than ``start`` will not do better
+            if n < start:  # fewer threads did as well: more than ``start`` are not worth trying first
                 self._ceiling = start if self._ceiling is None else min(self._ceiling, start)
             direction = 1 if n > start else -1
             self._streak = self._streak + 1 if direction == self._direction else 1
@@ -244,9 +248,10 @@ class AutoTuner:
             self._failures, self._next_probe_at, self._direction = 0, now, direction
             return self._keep(f"kept {verdict}")
         self._streak = 0
+        self._slow_start = False
         if n > start:
             self._ceiling = n if self._ceiling is None else min(self._ceiling, n)
-        small = abs(n - start) <= max(1, round(start * MIN_STEP))
+        small = abs(n - start) <= max(1, math.ceil(start * MIN_STEP))
         if n > start and not small and x < ref_x * (1 + GAIN * (r - 1) / 2):
             self._direction, self._next_probe_at = -1, now  # not even half the gain needed: try fewer first
         elif n > start and not small:

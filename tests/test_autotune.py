@@ -59,6 +59,7 @@ def switch(at: float, before: Model, after: Model) -> Model:
 @dataclass
 class Run:
     ticks: list[tuple[float, int, float]] = field(default_factory=list)  # (t, threads, true msg/s)
+    latencies: list[float] = field(default_factory=list)  # true handler latency of each tick
     decisions: list[Decision] = field(default_factory=list)
 
     def rate(self, start: float, end: float) -> float:
@@ -78,6 +79,7 @@ def simulate(
     seconds: float = 90.0,
     demand: Callable[[float], float | None] = lambda _t: None,
     tuner: AutoTuner | None = None,
+    noise: tuple[float, float] = (0.03, 0.02),
 ) -> Run:
     """Drive ``tuner`` with ``model``; ``demand`` is the offered msg/s (None: an endless backlog)."""
     rng = random.Random(seed)
@@ -101,11 +103,12 @@ def simulate(
             x = offered
         else:
             completed, waiting, busy = seen_x * TICK, 500, n
-        completed = max(0, round(completed * (1 + rng.gauss(0, 0.03))))
-        latency = seen_lat * (1 + rng.gauss(0, 0.02))
+        completed = max(0, round(completed * (1 + rng.gauss(0, noise[0]))))
+        latency = seen_lat * (1 + rng.gauss(0, noise[1]))
         decision = tuner.step(Sample(t, completed, latency, busy, waiting, cpu))
         assert decision.limit == tuner.limit
         run.ticks.append((t, n, x))
+        run.latencies.append(lat)
         run.decisions.append(decision)
     return run
 
@@ -114,14 +117,26 @@ def best_fixed(model: Model, upto: int = 256) -> float:
     return max(model(0.0, n)[0] for n in range(1, upto + 1))
 
 
-def assert_converged_and_stable(run: Run, best: float, converge_by: float = 60.0) -> None:
-    """Issue 14's targets: >= 0.9 of the best fixed count from ``converge_by`` on, each 5 s within +-20 %."""
+def best_latency(model: Model, upto: int = 256) -> float:
+    """Handler latency at the best fixed count (the lowest count reaching the best throughput)."""
+    best = best_fixed(model, upto)
+    return next(model(0.0, n)[1] for n in range(1, upto + 1) if model(0.0, n)[0] >= best)
+
+
+def assert_converged_and_stable(
+    run: Run, best: float, converge_by: float = 60.0, latency: float | None = None
+) -> None:
+    """Issue 14's targets: >= 0.9 of the best fixed count from ``converge_by`` on, each 5 s within +-20 %,
+    and (given the best count's ``latency``) handler latency at most 1.5 times it."""
     windows = [run.rate(s, s + 5) for s in range(int(converge_by), int(converge_by) + 30, 5)]
     mean = sum(windows) / len(windows)
     assert mean >= 0.9 * best, (mean / best, windows)
     for w in windows:
         assert 0.8 * mean <= w <= 1.2 * mean, windows
         assert w >= 0.85 * best, (w / best, windows)
+    if latency is not None:
+        held = [lat for (t, _, _), lat in zip(run.ticks, run.latencies, strict=True) if converge_by < t]
+        assert max(held) <= 1.5 * latency or sorted(held)[int(0.99 * len(held))] <= 1.5 * latency
 
 
 # -- the three workloads of issue 14 --------------------------------------------------------------
@@ -134,9 +149,9 @@ def test_degrading_service_converges_to_its_20_slots(seed: int, initial: int) ->
     best = best_fixed(model)
     assert best == pytest.approx(1000)  # at 20 threads; 75 threads give 0.27 of it
     run = simulate(model, seed, tuner=AutoTuner(initial=initial))
-    assert_converged_and_stable(run, best)
+    assert_converged_and_stable(run, best, latency=best_latency(model))
     limits = run.limits(60, 90)
-    assert 17 <= min(limits) and max(limits) <= 23, sorted(set(limits))
+    assert min(limits) >= 17 and max(limits) <= 23, sorted(set(limits))
     assert run.changes(60, 90) <= 6  # an excursion (there and back) now and then, no sawtooth
 
 
@@ -144,11 +159,13 @@ def test_degrading_service_converges_to_its_20_slots(seed: int, initial: int) ->
 def test_sleep_handler_grows_until_more_threads_stop_helping(seed: int) -> None:
     model = sleeping(delay=0.02, cap=3000)  # the knee is at 60 threads
     run = simulate(model, seed)
-    assert_converged_and_stable(run, best_fixed(model))
+    assert_converged_and_stable(run, best_fixed(model), latency=best_latency(model))
     limits = run.limits(60, 90)
-    assert 40 <= min(limits) and max(limits) <= 72, sorted(set(limits))  # not on to 256: no gain there
     held = max(set(limits), key=limits.count)
     assert 54 <= held <= 66, held
+    # not on to 256, where there is no gain: above the knee only for a probe's excursion now and then
+    assert sum(n > 72 for n in limits) <= 0.1 * len(limits), sorted(set(limits))
+    assert min(limits) >= 40
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -168,8 +185,7 @@ def test_cpu_bound_handler_does_not_grow_past_the_cores(seed: int, initial: int)
     run = simulate(model, seed, tuner=AutoTuner(initial=initial))
     assert_converged_and_stable(run, best_fixed(model))
     assert max(run.limits(40, 90)) <= 2
-    if initial == 1:
-        assert max(run.limits(0, 90)) <= 2
+    assert max(run.limits(0, 90)) <= max(2, initial * 1.1 + 1)  # from a guess above the cores: down, but for a probe
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -188,6 +204,15 @@ def test_cpu_guard_is_what_holds_it() -> None:
     run = simulate(blind, 0)
     assert max(run.limits(0, 90)) > 2
     assert max(run.limits(60, 90)) <= 3
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("initial", [1, 75])
+def test_twice_the_noise_still_converges(seed: int, initial: int) -> None:
+    """6 % noise on both readings of every window (twice the model's default): slower, same place."""
+    model = degrading()
+    run = simulate(model, seed, tuner=AutoTuner(initial=initial), noise=(0.06, 0.06))
+    assert run.rate(60, 90) >= 0.9 * best_fixed(model)
 
 
 # -- overload, bounds, idle -----------------------------------------------------------------------
