@@ -5,41 +5,62 @@ with a :class:`Sample` of what happened since the previous call, and applies the
 through the dispatcher's live resize (which never cancels running work). Time comes in with the
 sample, so tests drive it with a fake clock.
 
-The algorithm: a probing hill-climber on throughput, read through Little's law, with a latency guard.
+The algorithm: a probing hill-climber on throughput, with a latency guard.
 
 * **Measure.** A window lasts at least ``interval`` and ``min_completions`` completions, and starts
   only once the last change has settled (one interval, or twice the handler latency if longer:
   completions of work started under the old count would blur the reading). It yields throughput
   ``X`` (completions per second) and mean handler latency ``L``.
-* **Probe.** While saturated (messages waiting for a permit *and*, by Little's law, ``X * L`` at least
-  0.8 of the permits busy) the controller tries a neighbouring count and keeps it only if it pays:
-  going up by a factor ``r`` must raise ``X`` by at least ``GAIN`` (half) of the ``r - 1`` that linear
-  scaling would give; going down must lose less than half of the proportional share. Up-probes
-  double (slow start) until the first one fails, then bisect towards the lowest count that failed
-  (the ceiling); the smallest step is 10 % (at least 1), large enough to read through the noise of
-  one window. A failed smallest step reverts and waits a hold-off that doubles with each failure
-  (``hold`` up to ``max_hold``), alternating down and up: at the best count it sits still, with a
-  short excursion now and then that keeps it honest when the workload moves.
+* **Probe.** While saturated (messages waiting for a permit *and*, by Little's law, ``X * L`` at
+  least 0.8 of the permits busy) the controller tries a neighbouring count and keeps it only if it
+  pays: going up by a factor ``r`` must raise ``X`` by at least half (``GAIN``) of the ``r - 1``
+  that linear scaling would give; going down may lose at most 0.3 (``LOSS``) of the proportional
+  share (stricter: a down-probe kept by noise costs throughput, an up-probe kept by noise only
+  threads). A verdict within 3 % of its bar is measured over one more window first.
+* **Step sizes.** From ``min_threads`` the count doubles (slow start) until a probe fails; a count
+  given at start is a guess (the configured 75, say) and is probed downwards first. Later up-probes
+  bisect towards the ceiling (the lowest count found no better than a lower one); probes that keep
+  paying in one direction double their stride (10 %, 20 %, 40 %, at most 50 %). The smallest step
+  is 10 % (at least 1): smaller changes hide in the noise of one window. A failed smallest step
+  reverts and waits a hold-off that doubles with each failure (``hold``, up to ``max_hold``),
+  alternating down and up: at the best count it sits still, with a short excursion now and then
+  that keeps it honest when the workload moves. Throughput moving 25 % at a steady count restarts
+  the exploration at once.
 * **Latency guard.** The lowest window latency seen is the uncontended baseline. When a saturated
-  window shows ``L >= tolerance * baseline`` (2, as Gradient2's default) the count drops at once to
-  ``count / ratio`` (at most halving): overload of a downstream service shows up in latency before
-  anything else. If latency does not fall with the count, the service itself slowed down: the
-  baseline moves up to the new latency instead of the count collapsing further.
+  window shows ``L >= tolerance * baseline`` (2, Gradient2's default) the count drops at once to
+  ``count / ratio`` (at most halving): overload of a downstream service shows up in latency first.
+  If latency does not fall with the count, the service itself slowed down: the baseline moves up
+  to the new latency instead of the count collapsing further.
 * **Stay put** when there is nothing to learn: no completions (idle), no backlog or permits unused
   (demand is the limit: more threads cannot help, and an idle consumer must not ratchet up), and no
   growth while process CPU is at ``cpu_ceiling`` of the machine's cores (the process is the limit).
   A GIL-bound handler needs no CPU rule: its throughput stops growing with threads, so up-probes fail.
 
 Why this and not Gradient2 or AIMD alone: Gradient2 (Netflix concurrency-limits) grows whenever
-latency holds, so on a pure sleep handler it would stop only at the limit even where the process
-(GIL, poll thread) already caps throughput, and its long-term latency average drifts up with the
-load it causes. AIMD on throughput saws between the knee and a fraction of it. Reading throughput per
-probe finds the knee of the issue-14 service (20 slots: 20 threads 992 msg/s, 40 threads 499) from
-both sides, stops on a flat curve, and holds still there; the latency guard adds the fast reaction.
+latency holds, so on a sleep handler it climbs to the limit even where the process (GIL, poll
+thread) already caps throughput, and its long-term latency average drifts up with the load it
+causes. AIMD saws between the knee and a fraction of it, on every cycle. Judging each probe by the
+throughput it bought finds the knee of the issue-14 service (20 slots: 20 threads 992 msg/s, 40
+threads 499) from both sides, stops on a flat curve, and then holds still; the latency guard adds
+the fast reaction to a service that degrades under a steady count.
 
-Simulated (``tests/test_autotune.py``, 1 s windows, 3 % throughput and 2 % latency noise, 20 seeds):
-the issue-14 service settles at 18-20 threads (>= 0.9 of the best fixed count within 60 s), a 20 ms
-sleep handler capped at 3,000 msg/s by the process at 54-64, a GIL-bound CPU handler at 1-2.
+Simulated (``tests/test_autotune.py``: windows of 1 s, noise 3 % on throughput and 2 % on latency;
+200 seeds each; rates against the best fixed count of a sweep; "first" is the end of the first 5 s
+window at >= 0.9 of it; "worst" the lowest 5 s window after 60 s, i.e. a probe's excursion):
+
+========================================  ===============  ========================  =====  =====
+workload                                  held count       rate 60-90 s / best       first  worst
+========================================  ===============  ========================  =====  =====
+issue-14 service, from 1 / from 75        20 / 20          0.994 / 0.994             35 s   0.96
+20 ms sleep, process capped at 3,000/s    57-64 (knee 60)  0.94-1.00 (median 0.996)  25 s   0.86
+50 ms sleep, no cap (limit 256)           256              0.99                      30 s   0.94
+CPU-bound under the GIL, from 1 / 40      1 / 1            1.00                      5 s    1.00
+CPU-bound, GIL released, 2 cores          2 (CPU guard)    0.967                     15 s   0.85
+========================================  ===============  ========================  =====  =====
+
+With twice the noise (6 % on both), 0-2 runs in 100 miss a target, and a flat curve is no longer
+walked down reliably (one run in 100 held a CPU-bound handler at its starting 40 threads, at full
+throughput): windows that noisy need a longer ``interval`` or more ``min_completions``.
 """
 
 from __future__ import annotations
