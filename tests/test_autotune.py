@@ -243,6 +243,17 @@ def test_a_service_slower_for_everyone_does_not_collapse_the_count(seed: int) ->
     assert_converged_and_stable(run, best_fixed(degrading(base=0.06)), converge_by=110)
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_follows_the_service_when_it_gains_capacity(seed: int) -> None:
+    """Settled at 20 (the slow probes every 30 s); the service grows to 40 slots: found by the next probe."""
+    model = switch(60, degrading(slots=20), degrading(slots=40))
+    run = simulate(model, seed, seconds=180)
+    assert 17 <= run.limits(59, 60)[-1] <= 23
+    assert_converged_and_stable(run, best_fixed(degrading(slots=40)), converge_by=120)
+    held = run.limits(120, 180)
+    assert 36 <= max(set(held), key=held.count) <= 44
+
+
 @pytest.mark.parametrize(
     ("model", "lo", "hi", "expect"),
     [
