@@ -23,9 +23,11 @@ Offsets are counted from ``committed + 1`` (the committed offset itself is unfin
 * bitmap: bit ``i`` (least significant bit first, byte ``i // 8``) is set when ``committed + 1 + i``
   finished; trailing zero bytes are dropped.
 
-:func:`encode` writes both sizes' worth of arithmetic, builds the smaller, and returns None when even
-that exceeds ``limit`` (the broker's ``offset.metadata.max.bytes``, 4096 by default): the caller then
-commits the prefix only, as before. The bitmap needs ``span / 6`` characters whatever the pattern, so
+:func:`encode` works out the size of both encodings first (arithmetic only, so a few finished offsets
+far apart never allocate a huge bitmap), builds the smaller, and returns None when even that exceeds
+``limit`` (the broker's ``offset.metadata.max.bytes``, 4096 by default): the caller then commits the
+offset alone, as before, and logs that at debug level. :func:`decode` raises :class:`OffsetMapError`
+for anything that is not a map of ours for this offset: the caller warns once and ignores it. The bitmap needs ``span / 6`` characters whatever the pattern, so
 a window of at most :func:`map_capacity` offsets always fits (see :class:`WindowPolicy`).
 
 Measured with ``committed = 10**12`` (18 characters of header; ``tests/test_offsetmap.py`` asserts these):
@@ -40,8 +42,10 @@ slow head: 1 stuck, the rest of a 1k / 10k span done    22 (runs)       22 (runs
 =====================================================  ==============  ==============
 
 So 10k gaps fit the default 4,096 even in the worst case (13k do not); the bitmap reaches the limit
-at a span of :func:`map_capacity` = 24,432 offsets (with a 19-digit committed offset). Encoding or
-decoding the 10k-gap worst case takes about 20 ms each on this machine's CPU.
+at a span of :func:`map_capacity` = 24,432 offsets (with a 19-digit committed offset). On this machine
+(2 shared cores) encoding the 10k-gap worst case takes about 10 ms and decoding it 13 ms; the slow
+head and the 75 random gaps in 10k encode in under 2 ms. Encode on the poll thread only when a
+partition's finished set changed since its last commit.
 """
 
 from __future__ import annotations
