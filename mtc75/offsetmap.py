@@ -27,8 +27,9 @@ Offsets are counted from ``committed + 1`` (the committed offset itself is unfin
 far apart never allocate a huge bitmap), builds the smaller, and returns None when even that exceeds
 ``limit`` (the broker's ``offset.metadata.max.bytes``, 4096 by default): the caller then commits the
 offset alone, as before, and logs that at debug level. :func:`decode` raises :class:`OffsetMapError`
-for anything that is not a map of ours for this offset: the caller warns once and ignores it. The bitmap needs ``span / 6`` characters whatever the pattern, so
-a window of at most :func:`map_capacity` offsets always fits (see :class:`WindowPolicy`).
+for anything that is not a map of ours for this offset: the caller warns once and ignores it.
+The bitmap needs ``span / 6`` characters whatever the pattern, so a window of at most
+:func:`map_capacity` offsets always fits (see :class:`WindowPolicy`).
 
 Measured with ``committed = 10**12`` (18 characters of header; ``tests/test_offsetmap.py`` asserts these):
 
