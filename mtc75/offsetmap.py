@@ -234,7 +234,10 @@ def decode(metadata: str | None, committed: int, end_offset: int | None = None) 
     """
     if not metadata:
         return None
-    _check_offset(committed)
+    if not isinstance(metadata, str):
+        raise OffsetMapError(f"offset map metadata must be a str, got {type(metadata).__name__}")
+    if not 0 <= committed <= MAX_OFFSET:  # e.g. OFFSET_INVALID (-1001): no offset to apply a map to
+        raise OffsetMapError(f"metadata without a valid committed offset ({committed})")
     if metadata.startswith(RUNS):
         kind = RUNS
     elif metadata.startswith(BITMAP):

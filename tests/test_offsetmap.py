@@ -201,6 +201,17 @@ def test_foreign_or_garbled_metadata_raises_offset_map_error(metadata: str) -> N
         decode(metadata, committed)
 
 
+def test_metadata_without_a_valid_committed_offset_or_of_another_type_raises() -> None:
+    text = encode(0, {2})
+    assert text is not None
+    for committed in (-1001, -1, MAX_OFFSET + 1):  # OFFSET_INVALID and friends
+        with pytest.raises(OffsetMapError, match="committed offset"):
+            decode(text, committed)
+    assert decode("", -1001) is None  # nothing to apply: not an error
+    with pytest.raises(OffsetMapError, match="str"):
+        decode(text.encode(), 0)  # type: ignore[arg-type]
+
+
 def test_corrupt_run_lengths_raise() -> None:
     good = encode(0, {3, 4, 90})
     assert good is not None and good.startswith("m1r:")
