@@ -465,3 +465,30 @@ def test_a_missing_topic_or_an_unreachable_cluster_is_a_typed_error_without_cli_
     cluster.unreachable = True
     with pytest.raises(BrokerUnreachable, match=r"^cannot reach Kafka at 127.0.0.1:9092 within 10s \(.*\)$"):
         start(Recorder()).join()
+
+
+# -- hostile handlers ---------------------------------------------------------------------------------------
+
+
+def test_a_handler_raising_system_exit_is_a_failure_like_any_other(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    def handler(message: Any) -> None:
+        if message.offset() == 1 and not calls:
+            calls.append(1)
+            raise SystemExit("the handler called sys.exit()")
+
+    calls: list[int] = []
+    cluster.fill(TOPIC, {0: 3})
+    stats = start(handler, MAX_ATTEMPTS=2, max_messages=3).join()
+    assert (stats.processed, stats.retried, stats.failed) == (3, 1, 0)
+    assert cluster.committed(GROUP, TOPIC, 0) == 3  # the partition did not stall behind offset 1
+
+
+def test_an_async_handler_is_not_silently_counted_as_done(cluster: FakeKafka, start: Callable[..., Run]) -> None:
+    async def handler(message: Any) -> None:
+        pass
+
+    cluster.fill(TOPIC, {0: 2})
+    stats = start(handler, ON_FAILURE="skip", max_messages=2).join()
+    assert (stats.failed, stats.skipped) == (2, 2)  # each call returned an un-awaited coroutine: a failure
