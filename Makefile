@@ -32,9 +32,10 @@ demo: kafka
 test: kafka lint
 	$(PY) -m pytest
 
-# No Kafka started or fetched: tests that need one carry the `kafka` marker (tests/conftest.py).
+# No Kafka started or fetched: tests that need one carry the `kafka` marker (tests/conftest.py);
+# the packaging test (marker `pypi`, about a minute of pip) runs only in make test.
 unit: setup
-	$(PY) -m pytest -m "not kafka"
+	$(PY) -m pytest -m "not kafka and not pypi"
 
 bench: kafka
 	$(PY) -m bench.run
