@@ -1,6 +1,7 @@
 # MTC75: everything a fresh machine needs comes from here (venv, pinned packages, Kafka via Maven).
 # make demo   - the main job: local Kafka, topic, consumer + producer burst, summary; ends by itself
 # make test   - the whole test suite against a local Kafka it starts and stops itself
+# make unit   - every test that needs no broker (engine against an in-memory Kafka fake, policies, CLI errors)
 # make bench  - throughput, overhead, memory and CPU figures (bench/results.json, bench/throughput.png)
 # make faults - only the fault-injection suite (RELIABILITY.md), printing its measured figures
 # make broker / make broker-stop - a local Kafka for the three-terminal flow (KAFKA_PORT, default 9092)
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 KAFKA_PORT ?= 9092
 export KAFKA_PORT
 
-.PHONY: all setup kafka demo test bench faults lint broker broker-stop broker-status clean
+.PHONY: all setup kafka demo test unit bench faults lint broker broker-stop broker-status clean
 
 all: setup
 
@@ -30,6 +31,11 @@ demo: kafka
 
 test: kafka lint
 	$(PY) -m pytest
+
+# No Kafka started or fetched: tests that need one carry the `kafka` marker (tests/conftest.py);
+# the packaging test (marker `pypi`, about a minute of pip) runs only in make test.
+unit: setup
+	$(PY) -m pytest -m "not kafka and not pypi"
 
 bench: kafka
 	$(PY) -m bench.run

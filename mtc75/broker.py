@@ -315,7 +315,7 @@ class LocalKafka:
             path.write_text("# Written by mtc75/broker.py on start.\n" + "".join(lines))
 
     def _format(self, java: str) -> None:
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = _cluster_id()
         _log.info("formatting %s (cluster id %s)", self._data, cluster_id)
         args = ["format", "--standalone", "-t", cluster_id, "-c", str(self._server_props)]
         res = _run([java, "-cp", self._classpath(), "kafka.tools.StorageTool", *args])
@@ -379,6 +379,18 @@ def _locked(path: Path) -> Iterator[None]:
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
+
+
+def _cluster_id() -> str:
+    """A random cluster id as Kafka makes them: URL-safe base64 of a UUID, never starting with '-'.
+
+    One in 64 ids starts with '-', and StorageTool then reads ``-t -abc...`` as a missing argument
+    (seen here: a `make demo` failed with "argument --cluster-id/-t: expected one argument").
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:

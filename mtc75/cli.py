@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from termcolor import colored
 
-from mtc75.errors import Mtc75Error
+from mtc75.errors import BrokerUnreachable, Mtc75Error, TopicNotFound
 from mtc75.settings import LIBRDKAFKA_LOGGER, SPECS, Settings, flag_name, load_settings, parse_properties
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.py"
@@ -105,12 +105,25 @@ def resolve(args: argparse.Namespace, settings: Sequence[str]) -> tuple[Settings
     return load_settings(config_path(args), flags=flags), parse_properties(args.properties)
 
 
+# Advice only a user of this repository's scripts can follow: the library's errors state facts only.
+HINTS: dict[type[Mtc75Error], str] = {
+    BrokerUnreachable: "start one with 'make broker' or set KAFKA_BOOTSTRAP_SERVERS",
+    TopicNotFound: "create it with 'python create_topic.py'",
+}
+
+
+def error_line(prog: str, err: Mtc75Error) -> str:
+    """``prog: error: <what happened>[; <what to do>]``."""
+    hint = next((text for kind, text in HINTS.items() if isinstance(err, kind)), None)
+    return f"{prog}: error: {err}" + (f"; {hint}" if hint else "")
+
+
 def run_main(main: Callable[[], int], prog: str) -> int:
     """Turn user-facing errors into one stderr line and their exit code; Ctrl-C into 130."""
     try:
         return main()
     except Mtc75Error as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(error_line(prog, err), file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

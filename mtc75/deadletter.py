@@ -14,9 +14,9 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from confluent_kafka import KafkaError, Producer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import KafkaError
 
+from mtc75.clients import REAL_CLIENTS, KafkaClients
 from mtc75.dispatcher import Work
 from mtc75.errors import MessageFailed
 from mtc75.retry import DelayQueue
@@ -58,13 +58,15 @@ class DeadLetters:
         topic: str,
         retry_delay: float,
         on_error: Callable[[KafkaError], None] | None = None,
+        clients: KafkaClients = REAL_CLIENTS,
     ) -> None:
         self.topic = dlq_topic(topic)
         self._conf = dict(producer_conf)
         if on_error is not None:
             self._conf.setdefault("error_cb", on_error)
         self._retry_delay = retry_delay
-        self._producer: Producer | None = None
+        self._clients = clients  # builds the producer and the admin client
+        self._producer: Any = None
         self._confirmed: deque[Work] = deque()
         self._failed: deque[tuple[Work, KafkaError]] = deque()
         self._republish: DelayQueue[Work] = DelayQueue()
@@ -77,17 +79,17 @@ class DeadLetters:
         Existence is checked first, so a consumer without the right to create topics works with a
         DLQ topic an administrator made.
         """
-        admin = AdminClient(dict(admin_conf))
+        admin = self._clients.admin(dict(admin_conf))
         info = fetch_metadata(admin, str(admin_conf.get("bootstrap.servers")), self.topic).topics.get(self.topic)
         if info is not None and info.error is None and info.partitions:
             return
-        if create_topic(admin_conf, self.topic, partitions, replication_factor):
+        if create_topic(admin_conf, self.topic, partitions, replication_factor, admin_factory=self._clients.admin):
             logger.info("created dead-letter topic %s (%d partitions)", self.topic, partitions)
 
     def publish(self, work: Work) -> None:
         """Send the original key, value and headers with the failure headers added."""
         if self._producer is None:
-            self._producer = Producer(self._conf)
+            self._producer = self._clients.producer(self._conf)
         self.pending += 1
         self._send(work)
 
@@ -150,4 +152,5 @@ class DeadLetters:
             logger.warning("dead-lettering %s failed: %s; retrying in %.1fs", where, err.str(), self._retry_delay)
             self._republish.push(now + self._retry_delay, work)
             return
+        self.pending -= 1  # given up: no flush may wait for it (it did, for all of SHUTDOWN_TIMEOUT)
         raise MessageFailed(f"cannot publish {where} to dead-letter topic {self.topic}: {err.str()}")

@@ -20,7 +20,7 @@ from pathlib import Path
 from confluent_kafka.admin import AdminClient
 
 from mtc75.broker import DEFAULT_PORT, LocalKafka
-from mtc75.cli import paint, use_color
+from mtc75.cli import error_line, paint, use_color
 from mtc75.errors import Mtc75Error
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(args.messages, args.threads, args.processing_sleep, args.pause_interval, args.port,
                         args.report)
     except Mtc75Error as err:
-        print(f"demo: error: {err}", file=sys.stderr)
+        print(error_line("demo", err), file=sys.stderr)
         return err.exit_code
 
 

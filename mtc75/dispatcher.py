@@ -21,6 +21,7 @@ whose key (or partition) has nothing running; the permit and worker logic stays 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -278,8 +279,13 @@ class Dispatcher:
                 with lock:
                     self._changed.notify_all()
             try:
-                handler(work.message)
-            except Exception as err:  # a handler failure must not kill the worker or stall its partition
+                result = handler(work.message)
+                if result is not None and inspect.isawaitable(result):
+                    _refuse_awaitable(result)
+            # A handler failure must not kill the worker or stall its partition: BaseException too (a
+            # handler's sys.exit() killed the worker, and its message never completed, so nothing
+            # behind it in the partition was committed again for the rest of the run).
+            except BaseException as err:
                 work.attempts += 1
                 work.error = f"{type(err).__name__}: {err}"
                 msg = work.message
@@ -301,3 +307,11 @@ class Dispatcher:
                     exc_info=logger.isEnabledFor(logging.DEBUG),
                 )
             done(work)
+
+
+def _refuse_awaitable(result: Any) -> None:
+    """An async handler returns a coroutine that would never run: a failure, not a finished message."""
+    close = getattr(result, "close", None)
+    if close is not None:
+        close()  # no "never awaited" warning: the failure says it
+    raise TypeError("the handler returned an awaitable: async handlers are not supported, give a plain function")

@@ -18,17 +18,18 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from mtc75.clients import REAL_CLIENTS, KafkaClients
 from mtc75.deadletter import DeadLetters
 from mtc75.dispatcher import Dispatcher, Handler, Work
-from mtc75.errors import KafkaUnavailable, MessageFailed, Mtc75Error
+from mtc75.errors import KafkaFatalError, KafkaUnavailable, MessageFailed, Mtc75Error
 from mtc75.gate import PauseGate
 from mtc75.offsets import OffsetTracker, Partition, PartitionState
 from mtc75.retry import RetryPolicy
 from mtc75.settings import Settings
+from mtc75.topics import require_topic
 
 logger = logging.getLogger(__name__)
 
-METADATA_TIMEOUT = 10.0  # seconds to reach the cluster at start-up before giving up
 POLL_TIMEOUT = 0.1  # longest a single poll blocks, so stop requests and timers stay responsive
 # Messages taken per consume(): the poll thread holds the GIL while it files a batch, and workers
 # waking from I/O wait for it, so batches stay small enough to keep that stall well under a millisecond.
@@ -64,6 +65,7 @@ class Stats:
     retried: int = 0  # retries scheduled after a handler raised
     dead_lettered: int = 0  # messages confirmed on <topic>.dlq after their last attempt
     skipped: int = 0  # messages given up after their last attempt (ON_FAILURE=skip)
+    dropped_late: int = 0  # completions after their partition was revoked or lost: not counted, not committed
     # end offset minus committed offset per assigned partition (refreshed with each status snapshot)
     lag: Mapping[Partition, int] = field(default_factory=dict)
 
@@ -98,6 +100,7 @@ class Mtc75Consumer:
         idle_exit: float | None = None,
         on_status: Callable[[Stats], None] | None = None,
         status_interval: float = 1.0,
+        clients: KafkaClients = REAL_CLIENTS,
     ) -> None:
         if max_messages is not None and max_messages < 1:
             raise ValueError(f"max_messages must be >= 1, got {max_messages}")
@@ -111,6 +114,8 @@ class Mtc75Consumer:
         self._idle_exit = idle_exit
         self._on_status = on_status
         self._status_interval = status_interval
+        # Every Kafka client is built through this (tests pass in-memory fakes: tests/fake_kafka.py).
+        self._clients = clients
         self._stop = threading.Event()
         self._consumer: Consumer | None = None
         self._dispatcher: Dispatcher | None = None
@@ -166,7 +171,7 @@ class Mtc75Consumer:
         conf = dict(self._conf)
         conf.setdefault("error_cb", self._on_error)
         conf["on_commit"] = self._on_commit
-        consumer = Consumer(conf)
+        consumer = self._clients.consumer(conf)
         self._consumer = consumer
         self._dispatcher = Dispatcher(self._handler, self._settings.MAX_THREAD_COUNT, self._retry)
         try:
@@ -214,6 +219,7 @@ class Mtc75Consumer:
             retried=d.retried if d else 0,
             dead_lettered=self._dead_letters.delivered if self._dead_letters else 0,
             skipped=self._skipped,
+            dropped_late=self._dropped_late,
             lag=dict(self._lag),
         )
 
@@ -588,7 +594,8 @@ class Mtc75Consumer:
         for key in ("logger", "error_cb"):
             connection.pop(key, None)
         self._dead_letters = DeadLetters(
-            settings.producer_config(connection), settings.TOPIC, settings.RETRY_BACKOFF_MAX or 1.0, self._on_error
+            settings.producer_config(connection), settings.TOPIC, settings.RETRY_BACKOFF_MAX or 1.0, self._on_error,
+            clients=self._clients,
         )
         self._dead_letters.ensure_topic(partitions, settings.REPLICATION_FACTOR, settings.admin_config(connection))
 
@@ -619,25 +626,14 @@ class Mtc75Consumer:
 
         Returns the topic's partition count."""
         assert self._consumer is not None
-        topic = self._settings.TOPIC
-        try:
-            metadata = self._consumer.list_topics(topic, timeout=METADATA_TIMEOUT)
-        except KafkaException as err:
-            raise KafkaUnavailable(
-                f"cannot reach Kafka at {self._settings.BOOTSTRAP_SERVERS} within {METADATA_TIMEOUT:.0f}s "
-                f"({err.args[0].str()}); start one with 'make broker' or set KAFKA_BOOTSTRAP_SERVERS"
-            ) from None
-        info = metadata.topics.get(topic)
-        if info is None or info.error is not None:
-            raise KafkaUnavailable(
-                f"topic {topic!r} does not exist on {self._settings.BOOTSTRAP_SERVERS}; "
-                "create it with 'python create_topic.py'"
-            )
-        return len(info.partitions)
+        return require_topic(self._consumer, self._settings.BOOTSTRAP_SERVERS, self._settings.TOPIC)
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
+            # Nothing after a fatal error is safe (e.g. a fenced static member): stop, and make run() fail.
             logger.error("fatal Kafka error: %s", err)
+            if self._fatal is None:
+                self._fatal = KafkaFatalError(f"fatal Kafka error: {err.str()}")
             self.stop()
             return
         if not self._connected:

@@ -1,7 +1,8 @@
 """Errors that end a command with one line on stderr and a defined exit code.
 
-Scripts catch :class:`Mtc75Error` at the top of ``main()`` and print ``str(err)``;
-anything else is a bug and may show a traceback.
+Scripts catch :class:`Mtc75Error` at the top of ``main()`` and print ``str(err)`` (plus, for some,
+advice only a user of this repository can follow, added by :mod:`mtc75.cli`); library users catch
+them like any exception. Anything else is a bug and may show a traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +24,18 @@ class KafkaUnavailable(Mtc75Error):
     """The cluster cannot be reached, or the topic does not exist."""
 
     exit_code = 3
+
+
+class BrokerUnreachable(KafkaUnavailable):
+    """No broker answered the start-up metadata request in time."""
+
+
+class TopicNotFound(KafkaUnavailable):
+    """The topic to consume or produce does not exist on the cluster."""
+
+
+class KafkaFatalError(KafkaUnavailable):
+    """librdkafka reported a fatal error (e.g. a fenced static member): the client is unusable."""
 
 
 class MessageFailed(Mtc75Error):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
-from mtc75.errors import KafkaUnavailable, Mtc75Error
+from mtc75.errors import BrokerUnreachable, Mtc75Error, TopicNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -18,31 +18,31 @@ METADATA_TIMEOUT = 10.0
 
 
 def fetch_metadata(client: Any, bootstrap: str, topic: str | None = None) -> ClusterMetadata:
-    """Cluster metadata, or one KafkaUnavailable line with the hint to start a broker."""
+    """Cluster metadata, or one BrokerUnreachable line (the scripts add how to start a broker)."""
     try:
         return client.list_topics(topic, timeout=METADATA_TIMEOUT)
     except KafkaException as err:
-        raise KafkaUnavailable(
-            f"cannot reach Kafka at {bootstrap} within {METADATA_TIMEOUT:.0f}s ({err.args[0].str()}); "
-            "start one with 'make broker' or set KAFKA_BOOTSTRAP_SERVERS"
+        raise BrokerUnreachable(
+            f"cannot reach Kafka at {bootstrap} within {METADATA_TIMEOUT:.0f}s ({err.args[0].str()})"
         ) from None
 
 
 def require_topic(client: Any, bootstrap: str, topic: str) -> int:
-    """The partition count of an existing topic; KafkaUnavailable when it is missing."""
+    """The partition count of an existing topic; TopicNotFound when it is missing."""
     info = fetch_metadata(client, bootstrap, topic).topics.get(topic)
     if info is None or info.error is not None:
-        raise KafkaUnavailable(
-            f"topic {topic!r} does not exist on {bootstrap}; create it with 'python create_topic.py'"
-        )
+        raise TopicNotFound(f"topic {topic!r} does not exist on {bootstrap}")
     return len(info.partitions)
 
 
 def create_topic(
-    conf: Mapping[str, Any], topic: str, partitions: int, replication_factor: int, timeout: float = 30.0
+    conf: Mapping[str, Any], topic: str, partitions: int, replication_factor: int, timeout: float = 30.0,
+    *, admin_factory: Callable[[dict[str, Any]], Any] = AdminClient,
 ) -> bool:
-    """Create ``topic`` and wait until metadata shows it; False when it already existed."""
-    admin = AdminClient(dict(conf))
+    """Create ``topic`` and wait until metadata shows it; False when it already existed.
+
+    ``admin_factory`` builds the admin client (tests pass an in-memory fake)."""
+    admin = admin_factory(dict(conf))
     bootstrap = str(conf.get("bootstrap.servers"))
     fetch_metadata(admin, bootstrap)
     future = admin.create_topics(

@@ -12,6 +12,15 @@ from mtc75.broker import LocalKafka
 from mtc75.topics import create_topic
 
 TEST_PORT = int(os.environ.get("MTC75_TEST_KAFKA_PORT", "39092"))
+# A test that asks for one of these fixtures talks to a real Kafka; `make unit` runs all the others.
+KAFKA_FIXTURES = {"local_kafka", "bootstrap", "make_topic", "own_broker"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs a broker ``kafka`` (by its fixtures), so ``-m "not kafka"`` needs none."""
+    for item in items:
+        if KAFKA_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.kafka)
 
 
 @pytest.fixture(scope="session")

@@ -400,3 +400,11 @@ def test_bad_port_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
         broker.main(["status", "--port", "nine"])
     assert caught.value.code == 2
     assert "not a usable port: 'nine'" in capsys.readouterr().err
+
+
+def test_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uuid
+
+    ids = iter([uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(bytes=b"\x01" * 16)])  # "-A..." first, then "AQE..."
+    monkeypatch.setattr(broker.uuid, "uuid4", lambda: next(ids))
+    assert broker._cluster_id() == "AQEBAQEBAQEBAQEBAQEBAQ"

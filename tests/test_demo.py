@@ -14,6 +14,7 @@ from tests.test_report import count_panels
 DEMO_PORT = os.environ.get("MTC75_TEST_DEMO_PORT", "39192")
 
 
+@pytest.mark.kafka  # starts its own broker, on DEMO_PORT
 @pytest.mark.timeout(420)
 def test_make_demo_runs_end_to_end_with_its_own_broker() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MTC75_", "KAFKA_"))}

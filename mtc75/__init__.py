@@ -1,0 +1,46 @@
+"""MTC75 (Maximum Thread Control 75): a bounded-concurrency Kafka consumer, as a library.
+
+    import mtc75
+
+    def handle(message):  # runs on a worker thread; raise to retry
+        ...
+
+    stats = mtc75.Consumer(handle, topic="orders", group_id="billing", max_thread_count=8).run(idle_exit=5)
+
+See :class:`mtc75.Consumer` and the README's "Use it as a library". The command-line scripts of the
+repository are built from the same engine; everything else in this package is internal.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mtc75.api import Consumer
+from mtc75.engine import Stats
+from mtc75.errors import (
+    BrokerUnreachable,
+    ConfigError,
+    KafkaFatalError,
+    KafkaUnavailable,
+    MessageFailed,
+    Mtc75Error,
+    TopicNotFound,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "BrokerUnreachable",
+    "ConfigError",
+    "Consumer",
+    "KafkaFatalError",
+    "KafkaUnavailable",
+    "MessageFailed",
+    "Mtc75Error",
+    "Stats",
+    "TopicNotFound",
+    "__version__",
+]
+
+# A library logs, and the application decides where records go: without its own logging set up,
+# nothing of ours reaches stderr through logging's last-resort handler.
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,0 +1,238 @@
+"""The library API: MTC75 inside your own program, as ``mtc75.Consumer``.
+
+A facade over :class:`mtc75.engine.Mtc75Consumer`: settings as lower-case keywords, checked like the
+command line's flags; ``run()`` on the calling thread, or ``start()`` / ``close()`` (and ``with``) on a
+background thread; failures as the typed errors of :mod:`mtc75.errors`. It never prints, exits or
+configures logging (records go to the ``mtc75`` loggers).
+
+Threads: one owning thread constructs the consumer and calls ``run``, ``start``, ``close`` and the
+``with`` block. ``stop()`` may be called from any thread or a signal handler (it only sets flags);
+``stats()`` and ``retune()`` from any thread. The handler runs on worker threads, at most
+``max_thread_count`` at once; ``on_status`` runs on the poll thread.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections.abc import Callable, Mapping
+from types import MappingProxyType, TracebackType
+from typing import Any
+
+from mtc75.clients import REAL_CLIENTS, KafkaClients
+from mtc75.engine import Mtc75Consumer, Stats
+from mtc75.errors import ConfigError
+from mtc75.settings import SPECS, Settings, coerce
+
+# The settings a consumer uses; the others belong to producer.py, create_topic.py or the CLI's default handler.
+CONSUMER_SETTINGS = (
+    "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "MAX_THREAD_COUNT", "PAUSE_INTERVAL", "AUTO_OFFSET_RESET",
+    "MAX_BACKLOG", "COMMIT_INTERVAL", "REVOKE_TIMEOUT", "SHUTDOWN_TIMEOUT", "MAX_ATTEMPTS", "RETRY_BACKOFF",
+    "RETRY_BACKOFF_MAX", "ON_FAILURE", "BROKER_DOWN_TIMEOUT", "REPLICATION_FACTOR", "CONSUMER_CONFIG",
+    "PRODUCER_CONFIG",
+)
+SNAPSHOT_INTERVAL = 0.25  # how stale stats() may be while running: the poll thread refreshes it this often
+_DEFAULTS = Settings()
+
+
+class Consumer:
+    """Consume ``topic`` as ``group_id``, calling ``handler(message)`` on at most ``max_thread_count`` threads.
+
+    ``handler`` gets a ``confluent_kafka.Message``; returning means done (its offset may be committed),
+    raising means failed (retried per ``max_attempts``, then ``on_failure``: ``dlq``, ``skip`` or ``stop``).
+    Any other setting of the README's table is a lower-case keyword (``pause_interval=1.0``,
+    ``on_failure="skip"``, ...); ``librdkafka`` adds consumer properties, applied last. Bad values raise
+    :class:`~mtc75.errors.ConfigError` here, before anything connects. A consumer runs once.
+    """
+
+    def __init__(
+        self,
+        handler: Callable[[Any], object],
+        *,
+        topic: str,
+        group_id: str,
+        bootstrap_servers: str = _DEFAULTS.BOOTSTRAP_SERVERS,
+        max_thread_count: int = _DEFAULTS.MAX_THREAD_COUNT,
+        librdkafka: Mapping[str, Any] | None = None,
+        on_status: Callable[[Stats], None] | None = None,
+        status_interval: float = 1.0,
+        clients: KafkaClients = REAL_CLIENTS,
+        **settings: Any,
+    ) -> None:
+        _check_handler(handler)
+        if not status_interval > 0:
+            raise ConfigError(f"invalid status_interval={status_interval!r}: must be > 0")
+        keywords = {"topic": topic, "group_id": group_id, "bootstrap_servers": bootstrap_servers,
+                    "max_thread_count": max_thread_count, **settings}
+        self._settings = _settings(keywords)
+        if librdkafka is not None and not isinstance(librdkafka, Mapping):
+            raise ConfigError(f"invalid librdkafka={librdkafka!r}: must be a dict of librdkafka properties")
+        self._librdkafka: Mapping[str, Any] = MappingProxyType(dict(librdkafka or {}))
+        self._settings.consumer_config(self._librdkafka)  # refuses enable.auto.commit=true and the like now
+        self._handler = handler
+        self._on_status = on_status
+        self._status_interval = status_interval
+        self._next_status = 0.0
+        self._clients = clients
+        self._engine: Mtc75Consumer | None = None
+        self._stop_requested = False  # a plain flag: stop() must be safe in a signal handler
+        self._launched = False
+        self._stats: Stats = _idle_stats(self._settings)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None  # what ended the background run
+
+    # -- the owning thread ----------------------------------------------------------------------------
+
+    def run(self, max_messages: int | None = None, idle_exit: float | None = None) -> Stats:
+        """Consume on this thread until :meth:`stop`, ``max_messages`` handled, or ``idle_exit`` seconds idle.
+
+        Finishes in-flight handlers (bounded by ``shutdown_timeout``), commits and closes before it
+        returns the final :class:`Stats`; raises a :class:`~mtc75.errors.Mtc75Error` on failure.
+        """
+        engine = self._launch(max_messages, idle_exit)
+        if engine is None:
+            return self._stats
+        try:
+            self._stats = engine.run()
+        except BaseException:
+            self._stats = engine.stats()
+            raise
+        return self._stats
+
+    def start(self, max_messages: int | None = None, idle_exit: float | None = None) -> None:
+        """Run on a background thread; :meth:`close` stops it, waits and re-raises its failure."""
+        engine = self._launch(max_messages, idle_exit)
+        # A daemon thread: a program that never calls close() can still exit (uncommitted work is redelivered).
+        self._thread = threading.Thread(target=self._background, args=(engine,), name="mtc75-poll", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float | None = None) -> Stats:
+        """Stop, wait for the background run to finish (at most ``timeout`` seconds) and return its Stats.
+
+        Re-raises, once, the error that ended the background run; ``TimeoutError`` if it is still
+        shutting down after ``timeout``.
+        """
+        self.stop()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                raise TimeoutError(f"MTC75 consumer still shutting down after {timeout}s")
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        return self._stats
+
+    def __enter__(self) -> Consumer:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            self.close()
+        except Exception as err:
+            if exc is None:
+                raise
+            exc.add_note(f"closing the MTC75 consumer failed too: {type(err).__name__}: {err}")
+
+    # -- any thread -----------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the run to finish (drain in-flight work, commit, close). Any thread, or a signal handler."""
+        self._stop_requested = True
+        engine = self._engine
+        if engine is not None:
+            engine.stop()
+
+    def stats(self) -> Stats:
+        """The latest snapshot: at most SNAPSHOT_INTERVAL old while running, final once finished."""
+        return self._stats
+
+    def retune(self, *, max_thread_count: int | None = None, pause_interval: float | None = None) -> None:
+        """Change the thread bound and the pause interval; a running consumer applies it within 0.1 s."""
+        changes = {"MAX_THREAD_COUNT": max_thread_count, "PAUSE_INTERVAL": pause_interval}
+        for name, value in changes.items():
+            if value is not None:
+                coerce(SPECS[name], value, f"retune({name.lower()}=)")
+        engine = self._engine
+        if engine is not None:
+            engine.retune(max_thread_count=max_thread_count, pause_interval=pause_interval)
+        else:
+            self._settings = self._settings.replace(**{k: v for k, v in changes.items() if v is not None})
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _launch(self, max_messages: int | None, idle_exit: float | None) -> Mtc75Consumer | None:
+        """Build the engine for one run (None when stop() came first); refuses a second run."""
+        if self._launched:
+            raise RuntimeError("this mtc75.Consumer has already run; make a new one")
+        if max_messages is not None and (isinstance(max_messages, bool) or not isinstance(max_messages, int)
+                                         or max_messages < 1):
+            raise ConfigError(f"invalid max_messages={max_messages!r}: must be an integer >= 1")
+        if idle_exit is not None and (isinstance(idle_exit, bool) or not isinstance(idle_exit, int | float)
+                                      or not idle_exit > 0):
+            raise ConfigError(f"invalid idle_exit={idle_exit!r}: must be a number > 0")
+        self._launched = True
+        if self._stop_requested:
+            return None
+        engine = Mtc75Consumer(
+            self._settings, self._handler, overrides=self._librdkafka, max_messages=max_messages,
+            idle_exit=idle_exit, on_status=self._snapshot,
+            status_interval=min(SNAPSHOT_INTERVAL, self._status_interval), clients=self._clients,
+        )
+        self._engine = engine
+        if self._stop_requested:  # stop() ran while the engine was being built
+            engine.stop()
+        return engine
+
+    def _background(self, engine: Mtc75Consumer | None) -> None:
+        if engine is None:
+            return
+        try:
+            self._stats = engine.run()
+        except BaseException as err:  # handed to close(), on the owning thread
+            self._stats = engine.stats()
+            self._error = err
+
+    def _snapshot(self, stats: Stats) -> None:
+        """Poll thread: keep the snapshot stats() returns; pass it on at the user's status interval."""
+        self._stats = stats
+        if self._on_status is not None:
+            now = time.monotonic()
+            if now >= self._next_status:
+                self._next_status = now + self._status_interval
+                self._on_status(stats)
+
+
+def _settings(keywords: Mapping[str, Any]) -> Settings:
+    """Validated Settings from lower-case keywords; unknown or non-consumer names are ConfigErrors."""
+    values: dict[str, Any] = {}
+    for keyword, raw in keywords.items():
+        name = keyword.upper()
+        if keyword != keyword.lower() or name not in SPECS:
+            raise ConfigError(f"unknown setting {keyword!r} (settings are lower-case names from the README table)")
+        if name not in CONSUMER_SETTINGS:
+            raise ConfigError(f"{keyword!r} is not a consumer setting")
+        values[name] = coerce(SPECS[name], raw, f"keyword {keyword}")
+    return Settings(**values)
+
+
+def _check_handler(handler: object) -> None:
+    if not callable(handler):
+        raise ConfigError(f"handler must be callable, got {type(handler).__name__}")
+    call = getattr(handler, "__call__", None)  # noqa: B004 - an object whose __call__ is async
+    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call):
+        # Its call would return a coroutine that never runs, and the message would count as handled.
+        raise ConfigError("handler is an async function: MTC75 calls handlers on threads, give it a plain function")
+
+
+def _idle_stats(settings: Settings) -> Stats:
+    """The snapshot before a run has started."""
+    return Stats(
+        active_threads=0, max_thread_count=settings.MAX_THREAD_COUNT, paused=False, paused_for=0.0,
+        next_check_in=0.0, processed=0, failed=0, rate=0.0, in_flight=0, backlog=0, pauses=0,
+        paused_seconds=0.0, elapsed_seconds=0.0, max_active_threads=0, assigned=0,
+    )

@@ -1,0 +1,590 @@
+"""An in-memory, deterministic stand-in for the confluent-kafka clients the engine uses.
+
+:class:`FakeKafka` is the cluster: topics of partitions holding messages, committed offsets per group,
+and the faults a test injects. ``FakeKafka.clients()`` is what ``Mtc75Consumer(clients=...)`` takes; the
+engine then builds a :class:`FakeConsumer` (and, for ``ON_FAILURE=dlq``, a :class:`FakeProducer` and a
+:class:`FakeAdmin`) from it. Nothing here sleeps or reads a clock except ``consume``/``poll`` waiting,
+bounded by their timeout, for something to deliver.
+
+Surface of FakeConsumer (what the engine calls): subscribe (on_assign / on_revoke / on_lost), consume,
+poll, assign / unassign, incremental_assign / incremental_unassign, assignment, pause / resume, seek,
+position, commit (sync and async, with ``on_commit``), committed, get_watermark_offsets, list_topics,
+close; ``error_cb`` from the config. Like librdkafka, every callback runs on the thread that calls
+consume / poll / close, never on the test's thread; rebalances are queued by the test
+(:meth:`FakeConsumer.rebalance`, :meth:`FakeConsumer.lose`) and served by the next consume / poll.
+With an eager assignor a rebalance revokes the whole assignment and assigns the new one, with a
+cooperative one only the difference; assign() under a cooperative assignor (and the reverse) raises,
+as librdkafka does. A pause flag survives unassign, the worst case librdkafka shows.
+
+Threads: the test thread calls FakeKafka and the rebalance / injection methods; one thread (the
+engine's poll thread) calls the client methods. One lock guards all state; callbacks run without it.
+A client call from a second thread is recorded in ``FakeKafka.violations`` (the engine promises one).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
+
+from mtc75.clients import KafkaClients
+
+Partition = tuple[str, int]
+
+
+class FakeMessage:
+    """What ``Consumer.poll`` returns: the accessor methods of confluent_kafka.Message."""
+
+    def __init__(
+        self, topic: str, partition: int, offset: int, value: bytes | None = None, key: bytes | None = None,
+        headers: list[tuple[str, bytes]] | None = None, error: KafkaError | None = None,
+    ) -> None:
+        self._topic, self._partition, self._offset = topic, partition, offset
+        self._value, self._key, self._headers, self._error = value, key, headers, error
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def headers(self) -> list[tuple[str, bytes]] | None:
+        return self._headers
+
+    def error(self) -> KafkaError | None:
+        return self._error
+
+    def timestamp(self) -> tuple[int, int]:
+        return (0, 0)
+
+    def __repr__(self) -> str:
+        return f"FakeMessage({self._topic}[{self._partition}]@{self._offset})"
+
+
+@dataclass
+class CommitCall:
+    """One ``commit()`` as the engine made it, and what became of it."""
+
+    offsets: dict[Partition, int]
+    asynchronous: bool
+    error: KafkaError | None  # the injected failure, None when it succeeded
+    outside: list[Partition]  # partitions committed while not assigned to the committer
+
+
+@dataclass
+class _TopicMeta:
+    topic: str
+    partitions: dict[int, Any]
+    error: KafkaError | None = None
+
+
+@dataclass
+class _Metadata:
+    topics: dict[str, _TopicMeta] = field(default_factory=dict)
+
+
+class FakeKafka:
+    """The in-memory cluster. Test thread: produce, inject faults, read committed offsets."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified on produce and on queued events
+        self._logs: dict[str, list[list[FakeMessage]]] = {}
+        self._committed: dict[tuple[str, Partition], int] = {}  # (group, partition) -> next offset to read
+        self.commits: list[CommitCall] = []  # every commit() call, in order
+        self.consumers: list[FakeConsumer] = []
+        self.producers: list[FakeProducer] = []
+        self.created_topics: list[str] = []  # by FakeAdmin.create_topics
+        self.violations: list[str] = []  # broken promises of the engine (e.g. a call from a second thread)
+        self.unreachable = False  # list_topics / metadata fail with _TRANSPORT while set
+        self._commit_errors: deque[KafkaError] = deque()
+        self._fetch_errors: deque[KafkaError] = deque()
+        self._client_errors: deque[KafkaError] = deque()
+        self._delivery_errors: deque[KafkaError] = deque()
+
+    def clients(self) -> KafkaClients:
+        return KafkaClients(consumer=self._new_consumer, producer=self._new_producer, admin=FakeAdmin.factory(self))
+
+    # -- the test's side ----------------------------------------------------------------------------
+
+    def create_topic(self, topic: str, partitions: int) -> None:
+        with self._lock:
+            self._logs.setdefault(topic, [[] for _ in range(partitions)])
+
+    def produce(self, topic: str, partition: int, value: bytes | None, key: bytes | None = None,
+                headers: list[tuple[str, bytes]] | None = None) -> int:
+        """Append one message; returns its offset."""
+        with self._changed:
+            log = self._logs[topic][partition]
+            log.append(FakeMessage(topic, partition, len(log), value, key, headers))
+            self._changed.notify_all()
+            return len(log) - 1
+
+    def fill(self, topic: str, counts: dict[int, int]) -> None:
+        """``counts[p]`` messages ``b'{"id": <offset>}'`` on each partition ``p``."""
+        for partition, count in counts.items():
+            for _ in range(count):
+                offset = len(self._logs[topic][partition])
+                self.produce(topic, partition, b'{"id": %d}' % offset, key=b"k%d" % offset)
+
+    def messages(self, topic: str) -> list[FakeMessage]:
+        with self._lock:
+            return [m for log in self._logs.get(topic, []) for m in log]
+
+    def committed(self, group: str, topic: str, partition: int) -> int | None:
+        with self._lock:
+            return self._committed.get((group, (topic, partition)))
+
+    def fail_commits(self, error: KafkaError, count: int = 1) -> None:
+        """The next ``count`` commits fail with ``error`` (sync: raised; async: via on_commit)."""
+        with self._lock:
+            self._commit_errors.extend([error] * count)
+
+    def fail_fetch(self, error: KafkaError) -> None:
+        """The next consume/poll returns a message whose ``error()`` is ``error``."""
+        with self._changed:
+            self._fetch_errors.append(error)
+            self._changed.notify_all()
+
+    def client_error(self, error: KafkaError) -> None:
+        """The next consume/poll calls the config's ``error_cb`` with ``error`` (fatal ones stick)."""
+        with self._changed:
+            self._client_errors.append(error)
+            self._changed.notify_all()
+
+    def fail_deliveries(self, error: KafkaError, count: int = 1) -> None:
+        """The next ``count`` produced records get ``error`` in their delivery report."""
+        with self._lock:
+            self._delivery_errors.extend([error] * count)
+
+    def consumer(self, timeout: float = 5.0) -> FakeConsumer:
+        """The consumer the engine built (waits, bounded, for it to exist)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not self.consumers:
+                if not self._changed.wait(max(0.0, deadline - time.monotonic())):
+                    raise AssertionError(f"no consumer was created within {timeout}s")
+            return self.consumers[-1]
+
+    # -- shared by the fake clients (caller holds no lock) ------------------------------------------
+
+    def _new_consumer(self, conf: dict[str, Any]) -> FakeConsumer:
+        consumer = FakeConsumer(self, conf)
+        with self._changed:
+            self.consumers.append(consumer)
+            self._changed.notify_all()
+        return consumer
+
+    def _new_producer(self, conf: dict[str, Any]) -> FakeProducer:
+        producer = FakeProducer(self, conf)
+        with self._lock:
+            self.producers.append(producer)
+        return producer
+
+    def _metadata(self, topic: str | None) -> _Metadata:
+        if self.unreachable:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "fake: no broker reachable"))
+        with self._lock:
+            names = [topic] if topic is not None else list(self._logs)
+            out = _Metadata()
+            for name in names:
+                log = self._logs.get(name)
+                if log is None:
+                    out.topics[name] = _TopicMeta(name, {}, KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+                else:
+                    out.topics[name] = _TopicMeta(name, {p: object() for p in range(len(log))})
+            return out
+
+
+class FakeConsumer:
+    """confluent_kafka.Consumer in memory. Engine's poll thread: every method; test thread: rebalance, lose."""
+
+    def __init__(self, cluster: FakeKafka, conf: dict[str, Any]) -> None:
+        self._cluster = cluster
+        self._lock = cluster._lock
+        self.conf = conf
+        self.group = str(conf["group.id"])
+        self.cooperative = "cooperative" in str(conf.get("partition.assignment.strategy", ""))
+        self._reset = str(conf.get("auto.offset.reset", "latest"))
+        self._error_cb: Callable[[KafkaError], None] | None = conf.get("error_cb")
+        self._on_commit: Callable[[KafkaError | None, list[TopicPartition]], None] | None = conf.get("on_commit")
+        self._topics: list[str] = []
+        self._callbacks: dict[str, Callable[..., None] | None] = {}
+        self._assigned: dict[Partition, int] = {}  # partition -> next offset to fetch
+        self._positions: dict[Partition, int] = {}  # partition -> last delivered + 1
+        self.paused: set[Partition] = set()  # librdkafka's flag: survives unassign
+        self._events: deque[tuple[str, list[Partition], list[Partition], threading.Event]] = deque()
+        self._commit_reports: deque[tuple[KafkaError | None, list[TopicPartition]]] = deque()
+        self._thread: int | None = None
+        self._rotation = 0
+        self.fatal: KafkaError | None = None
+        self.closed = False
+        self.calls: list[tuple[str, Any]] = []  # pause / resume / seek / assign calls, for assertions
+        self.fetched = 0  # messages handed to the engine so far
+        self.created_at = time.monotonic()
+        self._in_rebalance = False
+
+    # -- the test's side ----------------------------------------------------------------------------
+
+    def rebalance(self, revoke: Iterable[Partition] = (), assign: Iterable[Partition] = ()) -> threading.Event:
+        """Queue a rebalance; the returned event is set once its callbacks returned (on the poll thread)."""
+        return self._queue("rebalance", list(revoke), list(assign))
+
+    def lose(self) -> threading.Event:
+        """Queue the loss of the whole assignment (membership expired): ``on_lost`` is called."""
+        return self._queue("lost", [], [])
+
+    def assignment_now(self) -> set[Partition]:
+        with self._lock:
+            return set(self._assigned)
+
+    def _queue(self, kind: str, revoke: list[Partition], assign: list[Partition]) -> threading.Event:
+        done = threading.Event()
+        with self._cluster._changed:
+            self._events.append((kind, revoke, assign, done))
+            self._cluster._changed.notify_all()
+        return done
+
+    # -- confluent_kafka.Consumer -------------------------------------------------------------------
+
+    def subscribe(self, topics: list[str], on_assign: Any = None, on_revoke: Any = None, on_lost: Any = None) -> None:
+        self._enter("subscribe")
+        self._topics = list(topics)
+        self._callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost}
+        with self._lock:
+            everything = [(t, p) for t in topics for p in range(len(self._cluster._logs.get(t, [])))]
+        self._queue("rebalance", [], everything)  # the group's first assignment: all partitions
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[FakeMessage]:
+        self._enter("consume")
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            self._serve()
+            with self._cluster._changed:
+                out = self._fetch(num_messages)
+                if out or self._events or self._cluster._client_errors:
+                    if out:
+                        return out
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                self._cluster._changed.wait(remaining)
+
+    def poll(self, timeout: float = -1) -> FakeMessage | None:
+        got = self.consume(1, timeout)
+        return got[0] if got else None
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        self._enter("assign")
+        if self.cooperative:
+            raise KafkaException(KafkaError(KafkaError._STATE, "fake: assign() with a cooperative assignor"))
+        with self._lock:
+            self._assigned.clear()
+            self._add(partitions)
+        self.calls.append(("assign", _tps(partitions)))
+
+    def unassign(self) -> None:
+        self._enter("unassign")
+        if self.cooperative:
+            raise KafkaException(KafkaError(KafkaError._STATE, "fake: unassign() with a cooperative assignor"))
+        with self._lock:
+            self._assigned.clear()
+        self.calls.append(("unassign", []))
+
+    def incremental_assign(self, partitions: list[TopicPartition]) -> None:
+        self._enter("incremental_assign")
+        if not self.cooperative:
+            raise KafkaException(KafkaError(KafkaError._STATE, "fake: incremental_assign() with an eager assignor"))
+        with self._lock:
+            self._add(partitions)
+        self.calls.append(("incremental_assign", _tps(partitions)))
+
+    def incremental_unassign(self, partitions: list[TopicPartition]) -> None:
+        self._enter("incremental_unassign")
+        if not self.cooperative:
+            raise KafkaException(KafkaError(KafkaError._STATE, "fake: incremental_unassign() with an eager assignor"))
+        with self._lock:
+            for tp in _tps(partitions):
+                self._assigned.pop(tp, None)
+        self.calls.append(("incremental_unassign", _tps(partitions)))
+
+    def assignment(self) -> list[TopicPartition]:
+        self._enter("assignment")
+        with self._lock:
+            return [TopicPartition(t, p) for t, p in self._assigned]
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self._enter("pause")
+        with self._lock:
+            self.paused.update(tp for tp in _tps(partitions) if tp in self._assigned)  # unassigned: no effect
+        self.calls.append(("pause", _tps(partitions)))
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        self._enter("resume")
+        with self._cluster._changed:
+            self.paused.difference_update(_tps(partitions))
+            self._cluster._changed.notify_all()
+        self.calls.append(("resume", _tps(partitions)))
+
+    def seek(self, partition: TopicPartition) -> None:
+        self._enter("seek")
+        tp = (partition.topic, partition.partition)
+        with self._lock:
+            if tp not in self._assigned:
+                raise KafkaException(KafkaError(KafkaError._STATE, f"fake: seek on unassigned {tp}"))
+            self._assigned[tp] = partition.offset
+        self.calls.append(("seek", [(tp[0], tp[1], partition.offset)]))
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        self._enter("position")
+        with self._lock:
+            return [TopicPartition(tp.topic, tp.partition, self._positions.get((tp.topic, tp.partition),
+                                                                                OFFSET_INVALID))
+                    for tp in partitions]
+
+    def commit(self, message: Any = None, offsets: list[TopicPartition] | None = None,
+               asynchronous: bool = True) -> list[TopicPartition] | None:
+        self._enter("commit")
+        if self.fatal is not None:
+            raise KafkaException(self.fatal)
+        if offsets is None:
+            raise KafkaException(KafkaError(KafkaError._NO_OFFSET, "fake: commit() needs offsets here"))
+        cluster = self._cluster
+        with self._lock:
+            error = cluster._commit_errors.popleft() if cluster._commit_errors else None
+            wanted = {(tp.topic, tp.partition): tp.offset for tp in offsets}
+            outside = [tp for tp in wanted if tp not in self._assigned]
+            cluster.commits.append(CommitCall(dict(wanted), asynchronous, error, outside))
+            if error is None:
+                for tp, offset in wanted.items():
+                    cluster._committed[(self.group, tp)] = offset
+        result = [TopicPartition(t, p, o) for (t, p), o in wanted.items()]
+        if asynchronous:
+            self._commit_reports.append((error, result))  # reported by the next consume / poll
+            return None
+        if error is not None:
+            raise KafkaException(error)
+        return result
+
+    def committed(self, partitions: list[TopicPartition], timeout: float = -1) -> list[TopicPartition]:
+        self._enter("committed")
+        with self._lock:
+            return [TopicPartition(tp.topic, tp.partition,
+                                   self._cluster._committed.get((self.group, (tp.topic, tp.partition)),
+                                                                OFFSET_INVALID))
+                    for tp in partitions]
+
+    def get_watermark_offsets(self, partition: TopicPartition, timeout: float = -1,
+                              cached: bool = False) -> tuple[int, int]:
+        self._enter("get_watermark_offsets")
+        with self._lock:
+            return 0, len(self._cluster._logs[partition.topic][partition.partition])
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> _Metadata:
+        self._enter("list_topics")
+        return self._cluster._metadata(topic)
+
+    def close(self) -> None:
+        self._enter("close")
+        if self._topics and self._assigned and self.fatal is None:
+            revoke = self._callbacks.get("revoke")
+            tps = [TopicPartition(t, p) for t, p in self._assigned]
+            if revoke is not None:
+                revoke(self, tps)  # librdkafka revokes the assignment inside close()
+            with self._lock:
+                self._assigned.clear()
+        self.closed = True
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _enter(self, name: str) -> None:
+        if self.closed:
+            raise RuntimeError("Consumer closed")
+        me = threading.get_ident()
+        if self._thread is None:
+            self._thread = me
+        elif self._thread != me:
+            self._cluster.violations.append(f"{name}() from a second thread")
+
+    def _add(self, partitions: list[TopicPartition]) -> None:
+        """Caller holds the lock: start each partition at its committed offset, else per auto.offset.reset."""
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            if tp.offset >= 0:
+                self._assigned[key] = tp.offset
+                continue
+            committed = self._cluster._committed.get((self.group, key))
+            if committed is None:
+                end = len(self._cluster._logs[tp.topic][tp.partition])
+                committed = 0 if self._reset == "earliest" else end
+            self._assigned[key] = committed
+            self._positions.pop(key, None)
+
+    def _fetch(self, limit: int) -> list[FakeMessage]:
+        """Caller holds the lock: an injected error first, else runs of one partition, rotating."""
+        cluster = self._cluster
+        if self.fatal is not None:
+            return []
+        if cluster._fetch_errors:
+            err = cluster._fetch_errors.popleft()
+            topic = self._topics[0] if self._topics else ""
+            return [FakeMessage(topic, -1, OFFSET_INVALID, error=err)]
+        order = sorted(self._assigned)
+        if not order:
+            return []
+        self._rotation = (self._rotation + 1) % len(order)
+        order = order[self._rotation:] + order[:self._rotation]
+        out: list[FakeMessage] = []
+        for tp in order:
+            if tp in self.paused:
+                continue
+            log = cluster._logs[tp[0]][tp[1]]
+            while len(out) < limit and self._assigned[tp] < len(log):
+                out.append(log[self._assigned[tp]])
+                self.fetched += 1
+                self._assigned[tp] += 1
+                self._positions[tp] = self._assigned[tp]
+            if len(out) >= limit:
+                break
+        return out
+
+    def _serve(self) -> None:
+        """Run what librdkafka would serve from its queue: errors, commit results, rebalances."""
+        cluster = self._cluster
+        while True:
+            with self._lock:
+                error = cluster._client_errors.popleft() if cluster._client_errors else None
+                report = self._commit_reports.popleft() if self._commit_reports else None
+                event = self._events.popleft() if (error is None and report is None and self._events) else None
+            if error is None and report is None and event is None:
+                return
+            if error is not None:
+                if error.fatal():
+                    self.fatal = error
+                if self._error_cb is not None:
+                    self._error_cb(error)
+            if report is not None and self._on_commit is not None:
+                self._on_commit(*report)
+            if event is not None:
+                self._rebalance(*event)
+
+    def _rebalance(self, kind: str, revoke: list[Partition], assign: list[Partition], done: threading.Event) -> None:
+        with self._lock:
+            current = sorted(self._assigned)
+        if kind == "lost":
+            self._call("lost", current, unassign=True)
+        elif self.cooperative:
+            gone = [tp for tp in revoke if tp in current]
+            if gone:
+                self._call("revoke", gone, unassign=True)
+            added = [tp for tp in assign if tp not in current]
+            if added:
+                self._call("assign", added, unassign=False)
+        else:  # eager: everything is revoked, then the new assignment given
+            if current:
+                self._call("revoke", current, unassign=True)
+            new = sorted({tp for tp in current if tp not in revoke} | set(assign))
+            if new:
+                self._call("assign", new, unassign=False)
+        done.set()
+
+    def _call(self, which: str, partitions: list[Partition], unassign: bool) -> None:
+        """A rebalance callback; what it left undone is done after it, as confluent-kafka does."""
+        callback = self._callbacks.get(which) or (self._callbacks.get("revoke") if which == "lost" else None)
+        tps = [TopicPartition(t, p) for t, p in partitions]
+        if callback is not None:
+            callback(self, tps)
+        with self._lock:
+            if unassign:
+                for tp in partitions:
+                    self._assigned.pop(tp, None)
+            elif not all(tp in self._assigned for tp in partitions):
+                self._add([tp for tp in tps if (tp.topic, tp.partition) not in self._assigned])
+
+
+class FakeProducer:
+    """confluent_kafka.Producer in memory; delivery reports are served by poll / flush."""
+
+    def __init__(self, cluster: FakeKafka, conf: dict[str, Any]) -> None:
+        self._cluster = cluster
+        self.conf = conf
+        self._reports: deque[tuple[Callable[[KafkaError | None, Any], None] | None, KafkaError | None, Any]] = deque()
+
+    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None,
+                headers: list[tuple[str, bytes]] | None = None, on_delivery: Any = None, **_: Any) -> None:
+        cluster = self._cluster
+        with cluster._lock:
+            error = cluster._delivery_errors.popleft() if cluster._delivery_errors else None
+            if error is None and topic not in cluster._logs:
+                error = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
+        record = None
+        if error is None:
+            offset = cluster.produce(topic, 0, value, key, headers)
+            record = cluster._logs[topic][0][offset]
+        self._reports.append((on_delivery, error, record))
+
+    def poll(self, timeout: float = 0) -> int:
+        served = 0
+        while self._reports:
+            callback, error, record = self._reports.popleft()
+            if callback is not None:
+                callback(error, record)
+            served += 1
+        return served
+
+    def flush(self, timeout: float = -1) -> int:
+        self.poll(0)
+        return 0
+
+    def __len__(self) -> int:
+        return len(self._reports)
+
+
+class FakeAdmin:
+    """confluent_kafka.admin.AdminClient in memory: list_topics and create_topics."""
+
+    def __init__(self, cluster: FakeKafka, conf: dict[str, Any]) -> None:
+        self._cluster = cluster
+        self.conf = conf
+
+    @staticmethod
+    def factory(cluster: FakeKafka) -> Callable[[dict[str, Any]], FakeAdmin]:
+        return lambda conf: FakeAdmin(cluster, conf)
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> _Metadata:
+        return self._cluster._metadata(topic)
+
+    def create_topics(self, new_topics: list[Any], **_: Any) -> dict[str, Future[None]]:
+        out: dict[str, Future[None]] = {}
+        for new in new_topics:
+            future: Future[None] = Future()
+            with self._cluster._lock:
+                exists = new.topic in self._cluster._logs
+            if exists:
+                future.set_exception(KafkaException(KafkaError(KafkaError.TOPIC_ALREADY_EXISTS)))
+            else:
+                self._cluster.create_topic(new.topic, new.num_partitions)
+                self._cluster.created_topics.append(new.topic)
+                future.set_result(None)
+            out[new.topic] = future
+        return out
+
+
+def _tps(partitions: Iterable[TopicPartition]) -> list[Partition]:
+    return [(tp.topic, tp.partition) for tp in partitions]

@@ -1,0 +1,494 @@
+"""The real engine against the in-memory fake of confluent-kafka (tests/fake_kafka.py): no broker.
+
+Each test runs ``Mtc75Consumer.run`` on its own thread (the poll thread), drives rebalances and faults
+from the test thread, and checks exact outcomes: which offsets were handled, which were committed,
+what ``run`` returned or raised. Every wait is bounded; handlers that block wait on events the test
+(or its teardown) sets.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError
+
+from mtc75.deadletter import H_ATTEMPTS, H_OFFSET, H_PARTITION, H_TOPIC
+from mtc75.engine import Mtc75Consumer, Stats
+from mtc75.errors import BrokerUnreachable, KafkaFatalError, KafkaUnavailable, MessageFailed, TopicNotFound
+from mtc75.settings import Settings
+from tests.fake_kafka import FakeKafka
+from tests.kafka_helpers import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+TOPIC, GROUP = "orders", "billing"
+P0, P1, P2 = (TOPIC, 0), (TOPIC, 1), (TOPIC, 2)
+WAIT = 10.0  # bound of every wait for something that normally takes milliseconds
+
+
+def fast_settings(**changes: Any) -> Settings:
+    """Small timeouts so a whole scenario takes well under a second."""
+    values: dict[str, Any] = {
+        "TOPIC": TOPIC, "GROUP_ID": GROUP, "MAX_THREAD_COUNT": 4, "PAUSE_INTERVAL": 0.05, "COMMIT_INTERVAL": 0.02,
+        "REVOKE_TIMEOUT": 5.0, "SHUTDOWN_TIMEOUT": 5.0, "MAX_ATTEMPTS": 1, "RETRY_BACKOFF": 0.0,
+        "RETRY_BACKOFF_MAX": 0.0, "ON_FAILURE": "skip",
+    }
+    values.update(changes)
+    return Settings().replace(**values)
+
+
+class Recorder:
+    """A handler that records each call; ``block`` offsets wait for ``release``, ``fail`` ones raise."""
+
+    def __init__(self, block: set[tuple[int, int]] = frozenset(),  # type: ignore[assignment]
+                 fail: Callable[[int, int, int], bool] = lambda p, o, n: False) -> None:
+        self._lock = threading.Lock()
+        self.calls: Counter[tuple[int, int]] = Counter()
+        self.done: list[tuple[int, int]] = []
+        self.started: set[tuple[int, int]] = set()
+        self.block = block
+        self.fail = fail
+        self.release = threading.Event()
+
+    def __call__(self, message: Any) -> None:
+        where = (message.partition(), message.offset())
+        with self._lock:
+            self.calls[where] += 1
+            self.started.add(where)
+            call = self.calls[where]
+        if where in self.block:
+            self.release.wait(WAIT * 3)
+        if self.fail(where[0], where[1], call):
+            raise ValueError(f"fails at {where} (call {call})")
+        with self._lock:
+            self.done.append(where)
+
+    def handled(self) -> set[tuple[int, int]]:
+        with self._lock:
+            return set(self.done)
+
+
+class Run:
+    """``engine.run()`` on a background thread; snapshots come from the poll thread via on_status."""
+
+    def __init__(self, cluster: FakeKafka, handler: Any, settings: Settings, **kw: Any) -> None:
+        self.latest: Stats | None = None
+        self.engine = Mtc75Consumer(settings, handler, clients=cluster.clients(), on_status=self._status,
+                                    status_interval=0.01, **kw)
+        self.result: Stats | None = None
+        self.error: BaseException | None = None
+        self.returned_at = 0.0
+        self._thread = threading.Thread(target=self._run, name="test-poll-thread", daemon=True)
+        self._thread.start()
+
+    def _status(self, stats: Stats) -> None:
+        self.latest = stats
+
+    def _run(self) -> None:
+        try:
+            self.result = self.engine.run()
+        except BaseException as err:
+            self.error = err
+        self.returned_at = time.monotonic()
+
+    def stats(self) -> Stats:
+        wait_until(lambda: self.latest is not None, WAIT, step=0.002, what="a first status snapshot")
+        assert self.latest is not None
+        return self.latest
+
+    def join(self, timeout: float = WAIT) -> Stats:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"run() did not return within {timeout}s"
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+    def stop(self) -> Stats:
+        self.engine.stop()
+        return self.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+@pytest.fixture
+def cluster() -> Iterator[FakeKafka]:
+    fake = FakeKafka()
+    fake.create_topic(TOPIC, 3)
+    yield fake
+    assert fake.violations == []  # every client call came from the poll thread
+
+
+@pytest.fixture
+def start(cluster: FakeKafka) -> Iterator[Callable[..., Run]]:
+    """Start runs; at teardown release blocked handlers and stop every run (bounded)."""
+    runs: list[tuple[Run, Recorder | None]] = []
+
+    def begin(handler: Any, **changes: Any) -> Run:
+        kw = {k: changes.pop(k) for k in ("max_messages", "idle_exit") if k in changes}
+        run = Run(cluster, handler, fast_settings(**changes), **kw)
+        runs.append((run, handler if isinstance(handler, Recorder) else None))
+        return run
+
+    yield begin
+    for run, recorder in runs:
+        if recorder is not None:
+            recorder.release.set()
+        run.engine.stop()
+        run._thread.join(WAIT)
+
+
+def until(condition: Callable[[], bool], what: str) -> None:
+    wait_until(condition, WAIT, step=0.002, what=what)
+
+
+def commits_of(cluster: FakeKafka, tp: tuple[str, int], since: int = 0) -> list[int]:
+    """Offsets successfully committed for ``tp`` by commit calls number ``since`` and later."""
+    return [c.offsets[tp] for c in cluster.commits[since:] if tp in c.offsets and c.error is None]
+
+
+# -- the plain path -------------------------------------------------------------------------------------
+
+
+def test_every_message_is_handled_once_and_committed_to_the_end(cluster: FakeKafka, start: Callable[..., Run]) -> None:
+    cluster.fill(TOPIC, {0: 20, 1: 20, 2: 20})
+    recorder = Recorder()
+    stats = start(recorder, max_messages=60).join()
+    assert stats.processed == 60 and stats.failed == 0
+    assert recorder.calls == Counter({(p, o): 1 for p in range(3) for o in range(20)})
+    assert [cluster.committed(GROUP, TOPIC, p) for p in range(3)] == [20, 20, 20]
+    assert all(not c.outside for c in cluster.commits)  # never a commit of a partition not assigned
+    assert stats.max_active_threads <= 4
+
+
+# -- rebalance --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["range", "cooperative-sticky"])
+def test_revoke_waits_for_running_handlers_and_commits_their_work(
+    cluster: FakeKafka, start: Callable[..., Run], strategy: str
+) -> None:
+    cluster.fill(TOPIC, {0: 3, 1: 2})
+    recorder = Recorder(block={(0, 2)})
+    run = start(recorder, CONSUMER_CONFIG={"partition.assignment.strategy": strategy})
+    until(lambda: recorder.handled() == {(0, 0), (0, 1), (1, 0), (1, 1)} and (0, 2) in recorder.started,
+          "all but the blocked handler to finish")
+    consumer = cluster.consumer()
+    revoked = consumer.rebalance(revoke=[P0])
+    assert not revoked.wait(0.2), "the revoke returned while a handler of the partition was still running"
+    recorder.release.set()
+    assert revoked.wait(WAIT)
+    assert cluster.committed(GROUP, TOPIC, 0) == 3  # the revoke committed the running handler's work
+    assert consumer.assignment_now() == {P1, P2}
+    cluster.fill(TOPIC, {0: 1, 1: 1})  # p0 is someone else's now: only p1's new message comes here
+    until(lambda: (1, 2) in recorder.handled(), "the new p1 message")
+    stats = run.stop()
+    assert (0, 3) not in recorder.calls
+    assert stats.processed == 6 and stats.dropped_late == 0
+    assert [cluster.committed(GROUP, TOPIC, p) for p in range(2)] == [3, 3]
+    assert all(not c.outside for c in cluster.commits)
+
+
+def test_revoke_timeout_commits_the_done_prefix_and_the_late_completion_is_dropped(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    cluster.fill(TOPIC, {0: 3})
+    recorder = Recorder(block={(0, 1)})
+    run = start(recorder, REVOKE_TIMEOUT=0.2)
+    until(lambda: recorder.handled() == {(0, 0), (0, 2)} and (0, 1) in recorder.started, "offsets 0 and 2")
+    consumer = cluster.consumer()
+    assert consumer.rebalance(revoke=[P0]).wait(WAIT)
+    assert cluster.committed(GROUP, TOPIC, 0) == 1  # 1 still runs: the watermark stops before it
+    after_revoke = len(cluster.commits)
+    recorder.release.set()  # the handler of offset 1 now finishes, for an assignment that is gone
+    until(lambda: run.stats().dropped_late == 1, "the late completion to be dropped")
+    assert commits_of(cluster, P0, since=after_revoke) == []
+    assert run.stats().processed == 2
+    # The partition comes back: the next owner (us again) reads from the committed offset 1.
+    assert consumer.rebalance(assign=[P0]).wait(WAIT)
+    until(lambda: cluster.committed(GROUP, TOPIC, 0) == 3, "offsets 1 and 2 handled again and committed")
+    run.stop()
+    assert recorder.calls == Counter({(0, 0): 1, (0, 1): 2, (0, 2): 2})  # at least once, never lost
+
+
+def test_lost_partitions_are_neither_waited_for_nor_committed(cluster: FakeKafka, start: Callable[..., Run]) -> None:
+    cluster.fill(TOPIC, {0: 3})
+    recorder = Recorder(block={(0, 1)})
+    # Commit only at the start and at the end: what is finished when the loss comes is not yet committed.
+    run = start(recorder, REVOKE_TIMEOUT=30.0, COMMIT_INTERVAL=300.0)
+    until(lambda: recorder.handled() == {(0, 0), (0, 2)} and (0, 1) in recorder.started, "offsets 0 and 2")
+    consumer = cluster.consumer()
+    began = time.monotonic()
+    assert consumer.lose().wait(WAIT)
+    assert time.monotonic() - began < 5.0  # not the 30 s REVOKE_TIMEOUT: a lost partition is not waited for
+    assert consumer.assignment_now() == set()
+    recorder.release.set()
+    until(lambda: run.stats().dropped_late == 1, "the late completion to be dropped")
+    stats = run.stop()
+    assert commits_of(cluster, P0) == []  # another member may own it now: never committed by us
+    assert cluster.committed(GROUP, TOPIC, 0) is None
+    assert stats.processed == 2 and stats.assigned == 0
+
+
+def test_a_retry_waiting_at_revoke_is_dropped_and_the_next_assignment_reads_the_message_again(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    cluster.fill(TOPIC, {0: 2})
+    recorder = Recorder(fail=lambda p, o, n: (p, o, n) == (0, 0, 1))  # offset 0 fails its first call only
+    run = start(recorder, MAX_ATTEMPTS=3, RETRY_BACKOFF=60.0, RETRY_BACKOFF_MAX=60.0)
+    until(lambda: run.stats().retried == 1 and recorder.handled() == {(0, 1)}, "offset 0 to wait for its retry")
+    consumer = cluster.consumer()
+    began = time.monotonic()
+    assert consumer.rebalance(revoke=[P0]).wait(WAIT)
+    assert time.monotonic() - began < 2.0  # a message waiting for its backoff holds up no revoke
+    assert cluster.committed(GROUP, TOPIC, 0) is None  # offset 0 never finished: nothing past it committed
+    # the retry went with the partition (a snapshot taken after the revoke: 2 partitions left)
+    until(lambda: (lambda s: (s.assigned, s.backlog) == (2, 0))(run.stats()), "the retry to be dropped")
+    assert consumer.rebalance(assign=[P0]).wait(WAIT)
+    until(lambda: cluster.committed(GROUP, TOPIC, 0) == 2, "offset 0 and 1 handled by the new assignment")
+    stats = run.stop()
+    assert recorder.calls == Counter({(0, 0): 2, (0, 1): 2})
+    assert stats.retried == 1 and stats.failed == 0
+
+
+# -- failures after the last attempt ------------------------------------------------------------------------
+
+
+def test_on_failure_stop_commits_exactly_up_to_the_failed_offset(cluster: FakeKafka, start: Callable[..., Run]) -> None:
+    cluster.fill(TOPIC, {0: 10})
+    recorder = Recorder(fail=lambda p, o, n: o == 4)
+    run = start(recorder, ON_FAILURE="stop", MAX_ATTEMPTS=2)
+    with pytest.raises(MessageFailed, match=r"orders\[0\]@4 failed 2 attempts \(ValueError: fails at \(0, 4\)"):
+        run.join()
+    assert recorder.calls[(0, 4)] == 2
+    assert cluster.committed(GROUP, TOPIC, 0) == 4  # a restart begins with the failed message
+    assert max(commits_of(cluster, P0)) == 4  # and no commit ever went past it
+
+
+def test_on_failure_skip_counts_and_commits_past_the_failed_message(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    cluster.fill(TOPIC, {0: 5})
+    recorder = Recorder(fail=lambda p, o, n: o == 2)
+    stats = start(recorder, ON_FAILURE="skip", MAX_ATTEMPTS=2, max_messages=5).join()
+    assert (stats.processed, stats.failed, stats.skipped, stats.retried) == (5, 1, 1, 1)
+    assert recorder.calls[(0, 2)] == 2
+    assert cluster.committed(GROUP, TOPIC, 0) == 5
+
+
+def test_on_failure_dlq_publishes_with_headers_and_commits_only_after_the_delivery(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    cluster.fill(TOPIC, {0: 5})
+    cluster.fail_deliveries(KafkaError(KafkaError._MSG_TIMED_OUT), count=1)  # first try times out: retried
+    recorder = Recorder(fail=lambda p, o, n: o == 2)
+    stats = start(recorder, ON_FAILURE="dlq", MAX_ATTEMPTS=2, RETRY_BACKOFF_MAX=0.05, max_messages=5).join()
+    assert cluster.created_topics == ["orders.dlq"]
+    [record] = cluster.messages("orders.dlq")  # exactly one record, although the first publish failed
+    original = cluster.messages(TOPIC)[2]
+    assert (record.key(), record.value()) == (original.key(), original.value())
+    headers = dict(record.headers() or [])
+    assert (headers[H_TOPIC], headers[H_PARTITION], headers[H_OFFSET], headers[H_ATTEMPTS]) == (
+        b"orders", b"0", b"2", b"2")
+    assert (stats.processed, stats.failed, stats.dead_lettered) == (5, 1, 1)
+    assert cluster.committed(GROUP, TOPIC, 0) == 5
+
+
+def test_a_record_the_dlq_refuses_stops_the_run_without_committing_past_it(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    cluster.fill(TOPIC, {0: 5})
+    cluster.fail_deliveries(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), count=1)  # can never succeed
+    recorder = Recorder(fail=lambda p, o, n: o == 2)
+    run = start(recorder, ON_FAILURE="dlq", SHUTDOWN_TIMEOUT=20.0)
+    with pytest.raises(MessageFailed, match=r"cannot publish orders\[0\]@2 to dead-letter topic orders.dlq"):
+        run.join(30)
+    # Shutdown does not wait SHUTDOWN_TIMEOUT for a record that was given up.
+    assert run.returned_at - cluster.consumer().created_at < 5.0
+    assert cluster.messages("orders.dlq") == []
+    assert cluster.committed(GROUP, TOPIC, 0) == 2
+
+
+# -- shutdown -----------------------------------------------------------------------------------------------
+
+
+def test_shutdown_with_a_handler_that_never_returns_is_bounded_and_commits_before_it(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    cluster.fill(TOPIC, {0: 3})
+    recorder = Recorder(block={(0, 1)})  # released only by the teardown, long after run() returned
+    run = start(recorder, SHUTDOWN_TIMEOUT=0.3)
+    until(lambda: recorder.handled() == {(0, 0), (0, 2)} and (0, 1) in recorder.started, "offsets 0 and 2")
+    asked = time.monotonic()
+    run.engine.stop()
+    stats = run.join()
+    assert 0.3 <= run.returned_at - asked < 3.0  # waited SHUTDOWN_TIMEOUT for the handler, then gave up
+    assert not recorder.release.is_set()  # the handler was still running when run() returned
+    assert run.engine.abandoned == 1
+    assert stats.processed == 2
+    assert cluster.committed(GROUP, TOPIC, 0) == 1  # offset 1 will be delivered again
+    assert cluster.consumer().closed
+
+
+def test_idle_exit_ends_a_run_with_nothing_to_read(cluster: FakeKafka, start: Callable[..., Run]) -> None:
+    stats = start(Recorder(), idle_exit=0.2).join()
+    assert stats.processed == 0
+    assert cluster.consumer().closed
+
+
+# -- pause / resume -----------------------------------------------------------------------------------------
+
+
+def test_saturated_pool_pauses_every_partition_bounds_the_fetch_then_resumes(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    cluster.fill(TOPIC, {0: 50, 1: 50, 2: 50})
+    blocked = {(p, o) for p in range(3) for o in range(50)}
+    recorder = Recorder(block=blocked)
+    run = start(recorder, MAX_THREAD_COUNT=2, MAX_BACKLOG=4, PAUSE_INTERVAL=0.05)
+    consumer = cluster.consumer()
+    until(lambda: run.stats().paused and consumer.paused == {P0, P1, P2}, "every partition paused")
+    fetched = consumer.fetched
+    assert fetched <= 4 + 2  # at most MAX_BACKLOG waiting plus one message per thread
+    assert run.stats().active_threads == 2 and run.stats().backlog <= 4
+    recorder.release.set()
+    until(lambda: cluster.committed(GROUP, TOPIC, 0) == 50 and cluster.committed(GROUP, TOPIC, 1) == 50
+          and cluster.committed(GROUP, TOPIC, 2) == 50, "everything handled and committed")
+    stats = run.stop()
+    assert stats.processed == 150 and stats.pauses >= 1 and stats.max_active_threads == 2
+    assert recorder.calls == Counter({tp: 1 for tp in blocked})
+    kinds = [kind for kind, _ in consumer.calls]
+    first_resume = kinds.index("resume", kinds.index("pause"))
+    assert "seek" in kinds[first_resume:]  # the fetcher was woken at the resumed position
+
+
+# -- Kafka errors -------------------------------------------------------------------------------------------
+
+
+def test_failed_async_commits_are_retried_until_they_succeed(cluster: FakeKafka, start: Callable[..., Run]) -> None:
+    cluster.fail_commits(KafkaError(KafkaError.REBALANCE_IN_PROGRESS), count=2)
+    cluster.fill(TOPIC, {0: 5})
+    run = start(Recorder())
+    until(lambda: cluster.committed(GROUP, TOPIC, 0) == 5, "the commit to get through")
+    run.stop()
+    tried = [(c.offsets.get(P0), c.error is None) for c in cluster.commits if P0 in c.offsets]
+    assert [ok for _, ok in tried[:3]] == [False, False, True]
+    assert all(not c.outside for c in cluster.commits)
+
+
+def test_a_failed_commit_at_revoke_is_survived_and_the_work_is_delivered_again(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    cluster.fill(TOPIC, {0: 3})
+    recorder = Recorder()
+    run = start(recorder, COMMIT_INTERVAL=300.0)  # only the revoke would commit
+    until(lambda: len(recorder.handled()) == 3, "three messages")
+    cluster.fail_commits(KafkaError(KafkaError._TIMED_OUT))
+    consumer = cluster.consumer()
+    assert consumer.rebalance(revoke=[P0]).wait(WAIT)
+    assert cluster.committed(GROUP, TOPIC, 0) is None
+    assert consumer.rebalance(assign=[P0]).wait(WAIT)
+    until(lambda: sum(recorder.calls.values()) == 6, "the uncommitted messages delivered again")
+    stats = run.stop()
+    assert recorder.calls == Counter({(0, 0): 2, (0, 1): 2, (0, 2): 2})
+    assert cluster.committed(GROUP, TOPIC, 0) == 3 and stats.processed == 6
+
+
+def test_a_transient_fetch_error_is_logged_and_consumption_goes_on(
+    cluster: FakeKafka, start: Callable[..., Run], caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster.fail_fetch(KafkaError(KafkaError._TRANSPORT, "connection reset"))
+    cluster.fill(TOPIC, {1: 4})
+    stats = start(Recorder(), max_messages=4).join()
+    assert stats.processed == 4 and cluster.committed(GROUP, TOPIC, 1) == 4
+    assert "consumer error: connection reset" in caplog.text
+
+
+def test_a_fetch_error_for_a_missing_topic_ends_the_run_after_committing_what_was_done(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    cluster.fill(TOPIC, {0: 3})
+    recorder = Recorder()
+    run = start(recorder)
+    until(lambda: len(recorder.handled()) == 3, "three messages")
+    cluster.fail_fetch(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART, "topic deleted"))
+    with pytest.raises(KafkaUnavailable, match="consumer error: topic deleted"):
+        run.join()
+    assert cluster.committed(GROUP, TOPIC, 0) == 3
+
+
+def test_a_fatal_error_fails_the_run_and_nothing_is_committed_after_it(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    cluster.fill(TOPIC, {0: 3})
+    recorder = Recorder(block={(0, 2)})
+    run = start(recorder, COMMIT_INTERVAL=300.0)
+    until(lambda: recorder.handled() == {(0, 0), (0, 1)} and (0, 2) in recorder.started, "two messages")
+    before = len(cluster.commits)
+    cluster.client_error(KafkaError(KafkaError._FATAL, "fenced by a newer instance", fatal=True))
+    until(lambda: cluster.consumer().fatal is not None, "the fatal error to be served")
+    recorder.release.set()
+    with pytest.raises(KafkaFatalError, match="fatal Kafka error: fenced by a newer instance"):
+        run.join()
+    assert commits_of(cluster, P0, since=before) == []
+    assert cluster.committed(GROUP, TOPIC, 0) is None
+
+
+def test_every_broker_down_longer_than_the_budget_fails_the_run(cluster: FakeKafka, start: Callable[..., Run]) -> None:
+    cluster.fill(TOPIC, {0: 2})
+    recorder = Recorder()
+    run = start(recorder, BROKER_DOWN_TIMEOUT=0.3, COMMIT_INTERVAL=300.0)
+    until(lambda: len(recorder.handled()) == 2, "two messages")
+    before = len(cluster.commits)
+    cluster.unreachable = True
+    cluster.client_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "all brokers down"))
+    with pytest.raises(KafkaUnavailable, match=r"no broker reachable for 0.3s"):
+        run.join()
+    assert cluster.commits[before:] == []  # commits to no broker are not even tried
+
+
+# -- start-up -----------------------------------------------------------------------------------------------
+
+
+def test_a_missing_topic_or_an_unreachable_cluster_is_a_typed_error_without_cli_advice(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    with pytest.raises(TopicNotFound, match=r"topic 'missing' does not exist on 127\.0\.0\.1:9092$"):
+        start(Recorder(), TOPIC="missing").join()
+    cluster.unreachable = True
+    with pytest.raises(BrokerUnreachable, match=r"^cannot reach Kafka at 127.0.0.1:9092 within 10s \(.*\)$"):
+        start(Recorder()).join()
+
+
+# -- hostile handlers ---------------------------------------------------------------------------------------
+
+
+def test_a_handler_raising_system_exit_is_a_failure_like_any_other(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    def handler(message: Any) -> None:
+        if message.offset() == 1 and not calls:
+            calls.append(1)
+            raise SystemExit("the handler called sys.exit()")
+
+    calls: list[int] = []
+    cluster.fill(TOPIC, {0: 3})
+    stats = start(handler, MAX_ATTEMPTS=2, max_messages=3).join()
+    assert (stats.processed, stats.retried, stats.failed) == (3, 1, 0)
+    assert cluster.committed(GROUP, TOPIC, 0) == 3  # the partition did not stall behind offset 1
+
+
+def test_an_async_handler_is_not_silently_counted_as_done(cluster: FakeKafka, start: Callable[..., Run]) -> None:
+    async def handler(message: Any) -> None:
+        pass
+
+    cluster.fill(TOPIC, {0: 2})
+    stats = start(handler, ON_FAILURE="skip", max_messages=2).join()
+    assert (stats.failed, stats.skipped) == (2, 2)  # each call returned an un-awaited coroutine: a failure

@@ -1,0 +1,101 @@
+"""The in-memory Kafka fake keeps the librdkafka behaviours the engine tests rely on."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
+
+from tests.fake_kafka import FakeKafka
+
+
+@pytest.fixture
+def cluster() -> FakeKafka:
+    fake = FakeKafka()
+    fake.create_topic("t", 2)
+    fake.fill("t", {0: 3, 1: 2})
+    return fake
+
+
+def consumer(cluster: FakeKafka, **conf: Any) -> Any:
+    return cluster.clients().consumer({"group.id": "g", "auto.offset.reset": "earliest", **conf})
+
+
+def test_subscribe_assigns_on_the_polling_thread_and_messages_come_in_offset_order(cluster: FakeKafka) -> None:
+    c = consumer(cluster)
+    seen: list[tuple[str, int]] = []
+    c.subscribe(["t"], on_assign=lambda cons, tps: seen.append(("assign", threading.get_ident())))
+    assert seen == []  # nothing happens until the application polls
+    got = c.consume(10, 0)
+    assert seen == [("assign", threading.get_ident())]
+    assert sorted((m.partition(), m.offset()) for m in got) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    assert [m.offset() for m in got if m.partition() == 0] == [0, 1, 2]
+    assert c.position([TopicPartition("t", 0)])[0].offset == 3
+
+
+def test_eager_and_cooperative_assignment_calls_are_not_interchangeable(cluster: FakeKafka) -> None:
+    eager = consumer(cluster)
+    with pytest.raises(KafkaException):
+        eager.incremental_assign([TopicPartition("t", 0)])
+    coop = consumer(cluster, **{"partition.assignment.strategy": "cooperative-sticky"})
+    with pytest.raises(KafkaException):
+        coop.assign([TopicPartition("t", 0)])
+
+
+def test_eager_rebalance_revokes_everything_cooperative_only_the_difference(cluster: FakeKafka) -> None:
+    for strategy, revoked in (("range", [[("t", 0), ("t", 1)]]), ("cooperative-sticky", [[("t", 0)]])):
+        c = consumer(cluster, **{"partition.assignment.strategy": strategy})
+        calls: list[list[tuple[str, int]]] = []
+        c.subscribe(["t"], on_revoke=lambda cons, tps, calls=calls: calls.append([(t.topic, t.partition) for t in tps]))
+        c.consume(10, 0)
+        done = c.rebalance(revoke=[("t", 0)])
+        assert not done.is_set()
+        c.consume(1, 0)
+        assert done.is_set() and calls == revoked and c.assignment_now() == {("t", 1)}
+
+
+def test_pause_stops_fetching_a_partition_and_does_nothing_to_an_unassigned_one(cluster: FakeKafka) -> None:
+    c = consumer(cluster)
+    c.assign([TopicPartition("t", 0)])
+    c.pause([TopicPartition("t", 0), TopicPartition("t", 1)])
+    assert c.paused == {("t", 0)} and c.consume(10, 0) == []
+    c.resume([TopicPartition("t", 0)])
+    assert [m.offset() for m in c.consume(10, 0)] == [0, 1, 2]
+
+
+def test_commit_errors_sync_raise_async_report_on_the_next_poll(cluster: FakeKafka) -> None:
+    reports: list[KafkaError | None] = []
+    c = consumer(cluster, on_commit=lambda err, tps: reports.append(err))
+    c.assign([TopicPartition("t", 0)])
+    cluster.fail_commits(KafkaError(KafkaError._TIMED_OUT), count=2)
+    with pytest.raises(KafkaException):
+        c.commit(offsets=[TopicPartition("t", 0, 2)], asynchronous=False)
+    c.commit(offsets=[TopicPartition("t", 0, 2)], asynchronous=True)
+    assert reports == [] and cluster.committed("g", "t", 0) is None
+    c.consume(1, 0)
+    assert [r.code() if r else None for r in reports] == [KafkaError._TIMED_OUT]
+    c.commit(offsets=[TopicPartition("t", 0, 2)], asynchronous=False)
+    assert cluster.committed("g", "t", 0) == 2
+    assert c.committed([TopicPartition("t", 0), TopicPartition("t", 1)])[1].offset == OFFSET_INVALID
+
+
+def test_a_fatal_error_reaches_error_cb_and_poisons_the_client(cluster: FakeKafka) -> None:
+    errors: list[KafkaError] = []
+    c = consumer(cluster, error_cb=errors.append)
+    c.assign([TopicPartition("t", 0)])
+    cluster.client_error(KafkaError(KafkaError._FATAL, "fenced", fatal=True))
+    assert c.consume(10, 0) == []
+    assert [e.fatal() for e in errors] == [True]
+    with pytest.raises(KafkaException):
+        c.commit(offsets=[TopicPartition("t", 0, 1)], asynchronous=False)
+
+
+def test_a_call_from_a_second_thread_is_recorded(cluster: FakeKafka) -> None:
+    c = consumer(cluster)
+    c.assign([TopicPartition("t", 0)])
+    other = threading.Thread(target=lambda: c.consume(1, 0))
+    other.start()
+    other.join(5)
+    assert cluster.violations == ["consume() from a second thread"]
