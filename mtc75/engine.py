@@ -343,7 +343,10 @@ class Mtc75Consumer:
                         msg = work.message
                         self._fatal = MessageFailed(
                             f"{msg.topic()}[{msg.partition()}]@{work.offset} failed {work.attempts} attempts "
-                            f"({work.error}); ON_FAILURE=stop: committed up to the message before it"
+                            # Another failure below it in the partition (one still waiting for a retry)
+                            # may hold the commit lower: say what holds for every partition.
+                            f"({work.error}); ON_FAILURE=stop: each partition committed up to its first "
+                            "unfinished message"
                         )
                         self.stop()
                     continue
