@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import re
@@ -28,11 +29,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer
 
+import mtc75.engine
 from mtc75.broker import LocalKafka
 from mtc75.deadletter import H_ATTEMPTS, H_ERROR, H_OFFSET, H_PARTITION, H_TOPIC
-from mtc75.engine import Stats
+from mtc75.engine import Mtc75Consumer, Stats
+from mtc75.settings import Settings
 from mtc75.topics import create_topic
 from tests.conftest import TEST_PORT
 from tests.kafka_helpers import (
@@ -474,8 +477,6 @@ def test_a_message_waiting_for_its_retry_holds_no_thread_and_holds_back_the_comm
     bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str]
 ) -> None:
 
-    from mtc75.engine import Mtc75Consumer
-    from mtc75.settings import Settings
 
     topic, group, n = make_topic(partitions=1), unique("g"), 20
     produce_numbered(bootstrap, topic, n)
@@ -519,7 +520,6 @@ class _ClosedThenForwarding:
 
     Bound from the start (so nobody else takes it), listening only once opened.
     """
-
     def __init__(self, target: str) -> None:
         host, port = target.rsplit(":", 1)
         self._target = (host, int(port))
@@ -566,11 +566,6 @@ def test_a_failed_dead_letter_publish_is_retried_never_dropped(
     """The dead-letter producer cannot reach Kafka at first (its bootstrap address refuses): its records
     time out and are published again until they land. Meanwhile the two failed messages are neither
     counted done nor committed past; the DLQ topic ends with both, none dropped."""
-    import logging
-
-    from mtc75.engine import Mtc75Consumer
-    from mtc75.settings import Settings
-
     topic, group, n = unique("dlqretry"), unique("g"), 20
     create_topic({"bootstrap.servers": bootstrap}, topic, 1, 1)
     produce_numbered(bootstrap, topic, n)  # one partition: offset == id; 9 and 19 always fail
@@ -624,14 +619,6 @@ def test_nothing_is_committed_while_no_broker_is_reachable(
 ) -> None:
     """While every broker is down the handlers go on finishing work, and the consumer sends no commit
     (it would only pile up in the client); once the broker is back it commits everything."""
-    import logging
-
-    from confluent_kafka import Consumer
-
-    import mtc75.engine
-    from mtc75.engine import Mtc75Consumer
-    from mtc75.settings import Settings
-
     commits: list[float] = []  # wall-clock time of every commit() the engine makes
 
     class RecordingConsumer(Consumer):  # type: ignore[misc]
