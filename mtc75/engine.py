@@ -39,6 +39,7 @@ REBALANCE_POLL = 0.01  # completion polling step while a revoke waits for handle
 ERROR_REPEAT_SECONDS = 10.0  # the same client error is logged at most once per this many seconds
 PROBE_INTERVAL = 1.0  # while no broker is reachable, check this often whether one is back
 PROBE_TIMEOUT = 0.5
+CLOSE_TIMEOUT = 2.0  # longest shutdown waits for close() while no broker is reachable (see _close)
 # -X properties that describe the connection, so the dead-letter producer reaches the same cluster.
 CONNECTION_PREFIXES = ("security.", "sasl.", "ssl.", "client.", "socket.", "broker.address.")
 
@@ -277,7 +278,10 @@ class Mtc75Consumer:
                     messages = _as_list(consumer.poll(POLL_TIMEOUT))
             if messages:
                 self._accept(messages)
-                self._down_since = None
+                # Only a real message proves a broker answered: poll() also returns error events, and
+                # those arrive while every broker is down (a 10 s budget never ran out: they reset it).
+                if self._down_since is not None and any(m.error() is None for m in messages):
+                    self._down_since = None
 
             now = time.monotonic()
             if now >= next_commit and self._down_since is None:  # commits to no broker only pile up
@@ -349,7 +353,10 @@ class Mtc75Consumer:
                         msg = work.message
                         self._fatal = MessageFailed(
                             f"{msg.topic()}[{msg.partition()}]@{work.offset} failed {work.attempts} attempts "
-                            f"({work.error}); ON_FAILURE=stop: committed up to the message before it"
+                            # Another failure below it in the partition (one still waiting for a retry)
+                            # may hold the commit lower: say what holds for every partition.
+                            f"({work.error}); ON_FAILURE=stop: each partition committed up to its first "
+                            "unfinished message"
                         )
                         self.stop()
                     continue
@@ -691,12 +698,34 @@ class Mtc75Consumer:
             if self._gate.paused:
                 self._gate.end_pause(time.monotonic())
             self._closing = True
-            try:
-                consumer.close()
-            except (KafkaException, RuntimeError) as err:
-                logger.warning("close: %s", err)
+            self._close(consumer)
             if dispatcher is not None:
                 dispatcher.shutdown(wait=False)
+
+
+    def _close(self, consumer: Consumer) -> None:
+        """Close the consumer; bounded while no broker is reachable.
+
+        With no broker to leave the group at, librdkafka's close() may block for good (seen in one
+        run of three with the broker stopped: still blocked 25 s later, so BROKER_DOWN_TIMEOUT never
+        ended the process). Then it runs on a helper thread, and shutdown stops waiting for it after
+        CLOSE_TIMEOUT; the poll thread makes no Consumer call after this, so the two never overlap.
+        """
+        if self._down_since is None:
+            _close_quietly(consumer)
+            return
+        closer = threading.Thread(target=_close_quietly, args=(consumer,), name="mtc75-close", daemon=True)
+        closer.start()
+        closer.join(CLOSE_TIMEOUT)
+        if closer.is_alive():
+            logger.warning("close: Kafka unreachable; stopped waiting to leave the group after %.0fs", CLOSE_TIMEOUT)
+
+
+def _close_quietly(consumer: Consumer) -> None:
+    try:
+        consumer.close()
+    except (KafkaException, RuntimeError) as err:
+        logger.warning("close: %s", err)
 
 
 def _is_incremental(conf: Mapping[str, Any]) -> bool:

@@ -6,17 +6,25 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def produce_numbered(bootstrap: str, topic: str, count: int, key_prefix: str = "k") -> None:
-    """``count`` small JSON messages keyed so they spread over the partitions; all delivered or raise."""
+def produce_numbered(
+    bootstrap: str, topic: str, count: int, key_prefix: str = "k",
+    headers: Callable[[int], list[tuple[str, bytes]]] | None = None,
+) -> None:
+    """``count`` small JSON messages keyed so they spread over the partitions; all delivered or raise.
+
+    ``headers(i)``, when given, makes message ``i``'s headers.
+    """
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     failures: list[str] = []
 
@@ -28,7 +36,8 @@ def produce_numbered(bootstrap: str, topic: str, count: int, key_prefix: str = "
         while True:
             try:
                 value = json.dumps({"id": i}).encode()
-                producer.produce(topic, key=f"{key_prefix}{i}", value=value, on_delivery=report)
+                producer.produce(topic, key=f"{key_prefix}{i}", value=value, on_delivery=report,
+                                 headers=headers(i) if headers is not None else None)
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -147,3 +156,34 @@ def report_figures(scenario: str, **figures: object) -> None:
     if path:
         with open(path, "a") as out:
             out.write(line + "\n")
+
+
+class Lines:
+    """Collects a running script's stdout and stderr lines on two reader threads."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._threads = [
+            threading.Thread(target=lambda: self.out.extend(iter(proc.stdout.readline, "")), daemon=True),  # type: ignore[union-attr]
+            threading.Thread(target=lambda: self.err.extend(iter(proc.stderr.readline, "")), daemon=True),  # type: ignore[union-attr]
+        ]
+        for t in self._threads:
+            t.start()
+
+    def join(self) -> None:
+        for t in self._threads:
+            t.join(timeout=30)
+
+
+def create_topic_with_config(bootstrap: str, topic: str, config: dict[str, str], partitions: int = 1) -> None:
+    """A topic with topic-level configs (e.g. ``max.message.bytes``), visible in metadata on return."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    new = NewTopic(topic, num_partitions=partitions, replication_factor=1, config=config)
+    admin.create_topics([new], operation_timeout=30)[topic].result(timeout=30)
+
+    def visible() -> bool:
+        info = admin.list_topics(topic, timeout=10).topics.get(topic)
+        return info is not None and info.error is None and bool(info.partitions)
+
+    wait_until(visible, timeout=30, what=f"{topic} in metadata")

@@ -2,7 +2,8 @@
 
 Configured by environment: MTC75_TEST_RECORD (file to append to), MTC75_TEST_SLEEP (seconds of work),
 MTC75_TEST_POISON_EVERY (N: a message whose JSON ``id`` is N-1 modulo N always raises, so 1/N of
-the messages are poison). Each line is written and flushed *after* the work, so a line means "handled".
+the messages are poison), MTC75_TEST_STARTED (optional second file: a line when a handler *starts*).
+Each MTC75_TEST_RECORD line is written and flushed *after* the work, so a line means "handled".
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ _path = os.environ.get("MTC75_TEST_RECORD", "records.txt")
 _sleep = float(os.environ.get("MTC75_TEST_SLEEP", "0"))
 _poison_every = int(os.environ.get("MTC75_TEST_POISON_EVERY", "0"))
 _file = open(_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+_started_path = os.environ.get("MTC75_TEST_STARTED")
+_started = open(_started_path, "a", buffering=1) if _started_path else None  # noqa: SIM115
 
 
 def is_poison(value: bytes | None, every: int) -> bool:
@@ -25,6 +28,10 @@ def is_poison(value: bytes | None, every: int) -> bool:
 
 
 def handle(message: Any) -> None:
+    if _started is not None:
+        with _lock:
+            _started.write(f"{message.partition()}:{message.offset()}\n")
+            _started.flush()
     if _sleep:
         time.sleep(_sleep)
     if is_poison(message.value(), _poison_every):

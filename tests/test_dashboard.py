@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from mtc75.dashboard import SPARKS, Dashboard, ProcessSample, ProcessSampler, render, sparkline
+from mtc75.dashboard import Dashboard, ProcessSample, ProcessSampler, render, sparkline
 from tests.stats_factory import make_stats
 
 
@@ -19,7 +19,8 @@ def test_running_frame_shows_threads_rate_history_lag_failures_and_process() -> 
     text = _text(render(make_stats(), history, ProcessSample(cpu_percent=12.4, rss_bytes=55 << 20), "MTC75 t"))
     assert "3/4 busy" in text and "MAX_THREAD_COUNT 4" in text and "peak 4" in text
     assert "running" in text and "PAUSED" not in text
-    assert "71/s" in text and sparkline(history) in text and "peak 80/s" in text
+    # 10, 40, 80, 71 of a peak of 80 on the 8 block levels: 0.9, 3.5, 7, 6.2 -> levels 1, 4, 7, 6
+    assert "71/s" in text and "▂▅█▇" in text and "peak 80/s" in text
     assert "10 (running 3, waiting 6)" in text
     assert "total 17" in text and "p0 12" in text and "p1 0" in text and "p2 5" in text
     assert "failed 1" in text and "retried 2" in text and "dead-lettered 1" in text
@@ -45,10 +46,11 @@ def test_lag_unknown_before_the_first_fetch_and_many_partitions_are_summed() -> 
 
 def test_sparkline_scales_to_the_maximum() -> None:
     assert sparkline([]) == ""
-    assert sparkline([0, 0]) == SPARKS[0] * 2
-    line = sparkline([0, 50, 100])
-    assert line[0] == SPARKS[0] and line[-1] == SPARKS[-1] and len(line) == 3
-    assert len(sparkline(list(range(100)), width=60)) == 60
+    assert sparkline([0, 0]) == "▁▁"
+    assert sparkline([0, 50, 100]) == "▁▅█"  # 50 of 100 is level 3.5, rounded to 4
+    assert sparkline([3, 6]) == "▅█"  # scaled to the maximum, not to a fixed range
+    line = sparkline(list(range(100)), width=60)
+    assert len(line) == 60 and line[0] == "▄" and line[-1] == "█"  # the last 60: 40..99; 40/99 -> level 3
 
 
 def test_dashboard_keeps_the_history_and_draws_the_latest_snapshot() -> None:
@@ -58,7 +60,7 @@ def test_dashboard_keeps_the_history_and_draws_the_latest_snapshot() -> None:
     for rate in (5.0, 15.0, 25.0):
         dash.update(make_stats(rate=rate, processed=int(rate)))
     text = _text(dash._frame())
-    assert "25/s" in text and sparkline([5.0, 15.0, 25.0]) in text
+    assert "25/s" in text and "▂▅█" in text  # 5, 15, 25 of 25: levels 1.4, 4.2, 7 -> 1, 4, 7
 
 
 def test_process_sampler_reads_this_process() -> None:

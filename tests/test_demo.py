@@ -42,4 +42,6 @@ def test_make_demo_runs_end_to_end_with_its_own_broker() -> None:
             [str(ROOT / ".venv" / "bin" / "python"), "-m", "mtc75.broker", "status", "--port", DEMO_PORT],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
         )
-        assert status.returncode != 0  # it stopped what it started
+        # it stopped what it started: `status` exits 1 for "not running" (2 would be a usage error)
+        assert status.returncode == 1, status.stdout + status.stderr
+        assert f"no MTC75 broker running on port {DEMO_PORT}" in status.stdout

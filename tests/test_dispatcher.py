@@ -179,7 +179,9 @@ def test_resize_shrink_lets_running_handlers_finish_and_bounds_new_work() -> Non
         wait_until(lambda: handler.current == 6, timeout=5, what="six handlers blocked")
         d.resize(2)
         d.put(_work(tracker, 0, range(40, 45)))  # new work while shrunk starts no thread
-        time.sleep(0.05)
+        # put() takes permits and submits workers synchronously, and the six running workers are held in
+        # the handler: so right after put() returns, nothing new can be starting (no sleep needed).
+        assert d.active_thread_count == 6 and d.backlog == 40 + 5 - 6  # no permit taken for the new work
         assert handler.current == 6 and len(handler.starts) == 6  # nothing cancelled, nothing new started
         handler.release.set()
         assert d.wait_idle(20)

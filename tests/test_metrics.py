@@ -30,12 +30,14 @@ def test_snapshot_values_are_served_over_http_and_move_with_the_next_snapshot() 
     metrics = Metrics()
     port = metrics.serve(0)
     try:
-        metrics.update(make_stats(paused=True))
+        metrics.update(make_stats(paused=True, assigned=5))
         first = scrape(port)
         assert first[("mtc75_active_threads", ())] == 3
         assert first[("mtc75_max_threads", ())] == 4
         assert first[("mtc75_paused", ())] == 1
         assert first[("mtc75_in_flight", ())] == 10
+        assert first[("mtc75_backlog", ())] == 6
+        assert first[("mtc75_assigned_partitions", ())] == 5
         assert first[("mtc75_processed_total", ())] == 215
         assert first[("mtc75_failed_total", ())] == 1
         assert first[("mtc75_retried_total", ())] == 2
@@ -45,11 +47,13 @@ def test_snapshot_values_are_served_over_http_and_move_with_the_next_snapshot() 
         assert first[("mtc75_lag", (("partition", "2"), ("topic", "orders")))] == 5
         assert ("process_resident_memory_bytes", ()) in first
 
-        metrics.update(make_stats(processed=300, paused=False, active_threads=1, lag={("orders", 0): 2}))
+        metrics.update(make_stats(processed=300, paused=False, active_threads=1, backlog=0, assigned=2,
+                                  lag={("orders", 0): 2}))
         second = scrape(port)
         assert second[("mtc75_processed_total", ())] == 300
         assert second[("mtc75_paused", ())] == 0
         assert second[("mtc75_active_threads", ())] == 1
+        assert second[("mtc75_backlog", ())] == 0 and second[("mtc75_assigned_partitions", ())] == 2
         assert second[("mtc75_lag", (("partition", "0"), ("topic", "orders")))] == 2
         assert ("mtc75_lag", (("partition", "2"), ("topic", "orders"))) not in second  # revoked: gone
     finally:

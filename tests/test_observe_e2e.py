@@ -6,8 +6,6 @@ import csv
 import itertools
 import logging
 import os
-import socket
-import subprocess
 import threading
 import time
 import urllib.request
@@ -22,6 +20,8 @@ from mtc75.handlers import SimulatedWork
 from mtc75.reload import ConfigWatcher, retuner
 from mtc75.settings import load_settings
 from tests.kafka_helpers import (
+    Lines,
+    committed_offsets,
     end_offsets,
     produce_numbered,
     run_script,
@@ -34,12 +34,6 @@ from tests.test_metrics import samples
 from tests.test_report import count_panels
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_dashboard_on_a_terminal_and_plain_lines_with_no_dashboard(
@@ -71,18 +65,24 @@ def test_dashboard_on_a_terminal_and_plain_lines_with_no_dashboard(
 def test_metrics_move_during_a_run_and_the_report_has_a_row_a_second_and_three_panels(
     bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
 ) -> None:
-    topic, n = make_topic(partitions=3), 400
+    # 600 messages at 0.03 s on 3 threads: about 6 s of work, 200 per partition, so every partition
+    # still has a backlog at the first lag figure (about a second after the assignment).
+    topic, group, n = make_topic(partitions=3), unique("g"), 600
     produce_numbered(bootstrap, topic, n)
-    port = _free_port()
+    ends = end_offsets(bootstrap, topic)
     report = tmp_path / "report"
     proc = start_script(
-        "mtc75_consumer.py", "--topic", topic, "--group-id", unique("g"), "--max-thread-count", "3",
-        "--processing-sleep", "0.03", "--pause-interval", "0.3", "--max-messages", str(n),
-        "--metrics-port", str(port), "--report", str(report), "--no-reload", env=script_env(bootstrap),
+        "mtc75_consumer.py", "--topic", topic, "--group-id", group, "--max-thread-count", "3",
+        "--processing-sleep", "0.03", "--pause-interval", "0.3", "--metrics-addr", "127.0.0.1",
+        "--metrics-port", "0", "--report", str(report), "--no-reload", env=script_env(bootstrap),
     )
+    lines = Lines(proc)
     scrapes: list[dict[Any, float]] = []
 
-    def scrape() -> bool:
+    def lag(s: dict[Any, float]) -> dict[int, float]:
+        return {int(dict(labels)["partition"]): v for (name, labels), v in s.items() if name == "mtc75_lag"}
+
+    def scrape(port: int) -> bool:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
                 values = samples(response.read().decode())
@@ -90,38 +90,59 @@ def test_metrics_move_during_a_run_and_the_report_has_a_row_a_second_and_three_p
             return False
         if ("mtc75_processed_total", ()) in values:
             scrapes.append(values)
-        return len(scrapes) >= 2 and scrapes[-1][("mtc75_processed_total", ())] >= 100
+        # the end: everything handled and every partition's lag back to 0
+        return bool(scrapes) and scrapes[-1][("mtc75_processed_total", ())] == n and (
+            lag(scrapes[-1]) == dict.fromkeys(ends, 0.0))
 
     try:
-        wait_until(scrape, timeout=90, step=0.3, what="100 messages in /metrics")
-        out, err = proc.communicate(timeout=120)
+        # --metrics-port 0: the port the consumer bound, from its log line (no port picked ahead and lost)
+        wait_until(lambda: any("metrics at http://127.0.0.1:" in line for line in lines.err), timeout=30,
+                   what="the metrics address in the log")
+        line = next(line for line in lines.err if "metrics at http://127.0.0.1:" in line)
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        wait_until(lambda: scrape(port), timeout=120, step=0.3, what="all handled and lag 0 in /metrics")
+        assert committed_offsets(bootstrap, group, topic) == ends  # lag 0 means end - committed = 0
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0, "".join(lines.err[-20:])
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err
+            proc.wait()
+    lines.join()
+    out = "".join(lines.out)
     first, last = scrapes[0], scrapes[-1]
     assert last[("mtc75_processed_total", ())] > first[("mtc75_processed_total", ())]
     assert all(s[("mtc75_max_threads", ())] == 3 for s in scrapes)
     assert all(0 <= s[("mtc75_active_threads", ())] <= 3 for s in scrapes)
     assert max(s[("mtc75_active_threads", ())] for s in scrapes) >= 1
-    assert last[("mtc75_handler_duration_seconds_count", ())] >= 100
-    assert last[("mtc75_handler_duration_seconds_sum", ())] >= 100 * 0.03 * 0.9
+    assert last[("mtc75_handler_duration_seconds_count", ())] == n
+    assert last[("mtc75_handler_duration_seconds_sum", ())] >= n * 0.03 * 0.9
     assert last[("mtc75_failed_total", ())] == 0 and last[("mtc75_dead_lettered_total", ())] == 0
-    assert ("mtc75_pauses_total", ()) in last and ("mtc75_paused", ()) in last and ("mtc75_in_flight", ()) in last
+    assert ("mtc75_pauses_total", ()) in last and ("mtc75_paused", ()) in last
+    working = [s for s in scrapes if 0 < s[("mtc75_processed_total", ())] < n]
+    assert working, "no scrape while the messages were being handled"
+    assert all(s[("mtc75_assigned_partitions", ())] == 3 for s in working)
+    # fetched messages wait in the backlog for the 3 busy threads (up to the pause watermark); part of in-flight
+    assert max(s[("mtc75_backlog", ())] for s in working) > 0
+    assert all(0 <= s[("mtc75_backlog", ())] <= s[("mtc75_in_flight", ())] for s in scrapes)
+    assert last[("mtc75_backlog", ())] == 0 and last[("mtc75_in_flight", ())] == 0
 
-    def total_lag(s: dict[Any, float]) -> float:
-        return sum(v for (name, _), v in s.items() if name == "mtc75_lag")
-
-    lagged = [s for s in scrapes if any(name == "mtc75_lag" for name, _ in s)]
-    assert lagged, "no per-partition lag was reported"
-    assert total_lag(lagged[-1]) < total_lag(lagged[0]) or total_lag(lagged[-1]) < n
+    # lag per partition = end - committed. A partition's lag is unknown until its first fetch (the
+    # consumer pauses with a full backlog, so some partitions wait seconds for it); from then on it
+    # is at most the end offset, its first figure is > 0 (200 messages each, seconds of work), and at
+    # the end every partition is at 0 (the loop above waited for that; the broker's commits agree).
+    first_known = {p: next(lag(s)[p] for s in scrapes if p in lag(s)) for p in ends}
+    assert all(0 < first_known[p] <= ends[p] for p in ends), (first_known, ends)
+    assert all(0 <= v <= ends[p] for s in scrapes for p, v in lag(s).items())
+    assert lag(last) == dict.fromkeys(ends, 0.0)
 
     with (report / "timeseries.csv").open() as f:
         rows = list(csv.DictReader(f))
     times = [float(r["elapsed_seconds"]) for r in rows]
     assert len(rows) >= 3
-    assert all(b - a >= 0.85 for a, b in itertools.pairwise(times[:-1]))  # a row a second, then the final one
+    # a row a second (status snapshots come every 1.0 s of the poll loop), then the final one
+    assert all(0.85 <= b - a <= 1.5 for a, b in itertools.pairwise(times[:-1])), times
+    assert 0 < times[-1] - times[-2] <= 1.5, times
     assert int(rows[-1]["processed"]) == n
     assert max(int(r["active_threads"]) for r in rows) <= 3
     assert count_panels(report / "report.png") == 3
@@ -227,24 +248,6 @@ def test_live_retune_grows_shrinks_and_ignores_a_bad_edit(
         runner.join(timeout=60)
     assert not runner.is_alive()
     assert probe.current == 0
-
-
-class Lines:
-    """Collects a running script's stdout and stderr lines on two reader threads."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.out: list[str] = []
-        self.err: list[str] = []
-        self._threads = [
-            threading.Thread(target=lambda: self.out.extend(iter(proc.stdout.readline, "")), daemon=True),  # type: ignore[union-attr]
-            threading.Thread(target=lambda: self.err.extend(iter(proc.stderr.readline, "")), daemon=True),  # type: ignore[union-attr]
-        ]
-        for t in self._threads:
-            t.start()
-
-    def join(self) -> None:
-        for t in self._threads:
-            t.join(timeout=30)
 
 
 def test_consumer_script_reloads_config_py_and_reports_a_bad_edit_on_one_line(

@@ -91,9 +91,15 @@ def test_librdkafka_dicts_layering_and_callers_dicts_untouched(tmp_path: Path) -
         settings.CONSUMER_CONFIG["x"] = "y"  # type: ignore[index]
 
 
-def test_auto_commit_cannot_be_switched_on() -> None:
-    with pytest.raises(ConfigError, match=r"enable\.auto\.offset\.store=true is not supported"):
-        Settings().consumer_config({"enable.auto.offset.store": "true"})
+@pytest.mark.parametrize("key", ["enable.auto.commit", "enable.auto.offset.store"])
+@pytest.mark.parametrize("value", ["true", "True", "1"])
+def test_auto_commit_and_auto_offset_store_cannot_be_switched_on(key: str, value: str) -> None:
+    """Either one would commit fetched-but-unfinished messages: refused from -X and from CONSUMER_CONFIG."""
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}={value} is not supported"):
+        Settings().consumer_config({key: value})
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}={value} is not supported"):
+        Settings().replace(CONSUMER_CONFIG={key: value}).consumer_config()
+    assert Settings().consumer_config({key: "false"})[key] == "false"  # switching it off stays allowed
 
 
 def test_x_properties_parse_like_kcat() -> None:
