@@ -3,12 +3,15 @@
 # make test   - the whole test suite against a local Kafka it starts and stops itself
 # make bench  - throughput, overhead, memory and CPU figures (bench/results.json, bench/throughput.png)
 # make faults - only the fault-injection suite (RELIABILITY.md), printing its measured figures
-# make broker / make broker-stop - a local Kafka for the three-terminal flow (KAFKA_PORT, default 9092)
+# make broker / make broker-stop / make broker-status - a local Kafka for the three-terminal flow
+#   (KAFKA_PORT, default 9092); BROKERS=3 runs a 3-node cluster: node 1 on KAFKA_PORT, the others on
+#   the next free port pairs. `make broker BROKERS=3` again starts only the nodes that are not running.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 KAFKA_PORT ?= 9092
+BROKERS ?= 1
 export KAFKA_PORT
 
 .PHONY: all setup kafka demo test bench faults lint broker broker-stop broker-status clean
@@ -44,13 +47,13 @@ lint: setup
 	$(PY) -m ruff check .
 
 broker: kafka
-	$(PY) -m mtc75.broker start --port $(KAFKA_PORT)
+	$(PY) -m mtc75.broker start --port $(KAFKA_PORT) --brokers $(BROKERS)
 
 broker-stop: setup
-	$(PY) -m mtc75.broker stop --port $(KAFKA_PORT)
+	$(PY) -m mtc75.broker stop --port $(KAFKA_PORT) --brokers $(BROKERS)
 
 broker-status: setup
-	$(PY) -m mtc75.broker status --port $(KAFKA_PORT)
+	$(PY) -m mtc75.broker status --port $(KAFKA_PORT) --brokers $(BROKERS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
