@@ -1,4 +1,8 @@
-"""Fixtures: one real Kafka for the session (local unless KAFKA_BOOTSTRAP_SERVERS names one), unique topics."""
+"""Fixtures: one real Kafka for the session (local unless KAFKA_BOOTSTRAP_SERVERS names one), unique topics.
+
+The local broker is this session's own (tests/local_kafka.py): started in a temporary folder of the
+session on MTC75_TEST_KAFKA_PORT or the next free pair of ports, stopped at the end, never shared.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +14,22 @@ import pytest
 
 from mtc75.broker import LocalKafka
 from mtc75.topics import create_topic
+from tests.local_kafka import owned_broker
 
-TEST_PORT = int(os.environ.get("MTC75_TEST_KAFKA_PORT", "39092"))
+TEST_PORT = int(os.environ.get("MTC75_TEST_KAFKA_PORT", "39092"))  # preferred: the next free pair if taken
 
 
 @pytest.fixture(scope="session")
-def local_kafka() -> Iterator[LocalKafka | None]:
+def local_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka | None]:
     """The broker this session started (None when the suite runs against an external cluster)."""
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         yield None
         return
-    broker = LocalKafka(port=TEST_PORT)
-    broker.fetch()
-    started = broker.start()
+    broker = owned_broker(tmp_path_factory.mktemp("kafka"), TEST_PORT)
     try:
         yield broker
     finally:
-        if started:
-            broker.stop()
+        broker.stop()
 
 
 @pytest.fixture(scope="session")
