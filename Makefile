@@ -31,8 +31,13 @@ kafka: setup
 demo: kafka
 	$(PY) -m mtc75.demo --port $(KAFKA_PORT) --report demo-report
 
+# pytest's temporary folders under .kafka/pytest-tmp, not /tmp/pytest-of-$USER: other suites of the
+# same user on this machine prune those (seen deleting a running test's files).
+PYTEST := PYTEST_DEBUG_TEMPROOT=$(CURDIR)/.kafka/pytest-tmp $(PY) -m pytest
+
 test: kafka lint
-	$(PY) -m pytest
+	mkdir -p .kafka/pytest-tmp
+	$(PYTEST)
 
 bench: kafka
 	$(PY) -m bench.run
@@ -40,7 +45,8 @@ bench: kafka
 # The fault-injection suite alone; its measured figures go to .kafka/fault-figures.jsonl (see RELIABILITY.md).
 faults: kafka
 	rm -f .kafka/fault-figures.jsonl
-	MTC75_FAULT_FIGURES=$(CURDIR)/.kafka/fault-figures.jsonl $(PY) -m pytest -m faults -v
+	mkdir -p .kafka/pytest-tmp
+	MTC75_FAULT_FIGURES=$(CURDIR)/.kafka/fault-figures.jsonl $(PYTEST) -m faults -v
 	@echo "measured figures (.kafka/fault-figures.jsonl):" && cat .kafka/fault-figures.jsonl
 
 lint: setup

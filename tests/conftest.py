@@ -1,7 +1,7 @@
 """Fixtures: one real Kafka for the session (local unless KAFKA_BOOTSTRAP_SERVERS names one), unique topics.
 
-The local broker is this session's own (tests/local_kafka.py): started in a temporary folder of the
-session on MTC75_TEST_KAFKA_PORT or the next free pair of ports, stopped at the end, never shared.
+The local broker is this session's own (tests/local_kafka.py): started in a folder of the session on
+MTC75_TEST_KAFKA_PORT or the next free pair of ports, stopped at the end, never shared.
 """
 
 from __future__ import annotations
@@ -14,22 +14,23 @@ import pytest
 
 from mtc75.broker import LocalKafka
 from mtc75.topics import create_topic
-from tests.local_kafka import owned_broker
+from tests.local_kafka import owned_broker, session_folder
 
 TEST_PORT = int(os.environ.get("MTC75_TEST_KAFKA_PORT", "39092"))  # preferred: the next free pair if taken
 
 
 @pytest.fixture(scope="session")
-def local_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka | None]:
+def local_kafka() -> Iterator[LocalKafka | None]:
     """The broker this session started (None when the suite runs against an external cluster)."""
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         yield None
         return
-    broker = owned_broker(tmp_path_factory.mktemp("kafka"), TEST_PORT)
-    try:
-        yield broker
-    finally:
-        broker.stop()
+    with session_folder("kafka") as home:
+        broker = owned_broker(home, TEST_PORT)
+        try:
+            yield broker
+        finally:
+            broker.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,19 +1,24 @@
 """Brokers a test session owns: started in a folder of its own, on ports that were free, stopped by it alone.
 
-Two suites on one machine (another checkout, a CI run beside a developer) must never share, reuse or
-stop each other's broker. So every broker a session starts lives under the session's own temporary
-folder: its pid file names a java process whose command line holds that folder's server.properties,
-which no other session's launcher takes for its own (``LocalKafka._is_ours``); ``stop()`` signals only
-that process. Ports come from the preferred one (an ``MTC75_TEST_*`` variable, so helpers on one
-machine stay in their own ranges) or the next free pair above it; a port lost to a race between the
-check and the bind is retried on the next pair.
+Two suites on one machine (another checkout, a CI run beside a developer) must never share, reuse or stop each
+other's broker. So every broker a session starts lives under a folder of the session's own
+(``.kafka/sessions/<pid>-<random>/``, not pytest's temporary folders, which concurrent pytest runs of one user
+prune: seen here deleting a cluster's data while it started). Its pid file names a java process whose command
+line holds that folder's server.properties, which no other session's launcher takes for its own
+(``LocalKafka._is_ours``); ``stop()`` signals only that process. Ports come from the preferred one (an
+``MTC75_TEST_*`` variable, so helpers on one machine stay in their own ranges) or the next free pair above it;
+a port lost to a race between the check and the bind is retried on the next pair.
 
 Called from pytest fixtures (the main thread).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,6 +32,17 @@ PORT_SCAN = 60  # how far above the preferred port to look for a free pair
 ATTEMPTS = 4  # binds lost to another program between our check and the broker's bind
 
 T = TypeVar("T", LocalKafka, LocalCluster)
+
+
+@contextlib.contextmanager
+def session_folder(name: str) -> Iterator[Path]:
+    """A new folder for brokers of this process, removed (with their data) when the block ends."""
+    path = ROOT / ".kafka" / "sessions" / f"{os.getpid()}-{uuid.uuid4().hex[:8]}" / name
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def free_pair(preferred: int, avoid: frozenset[int] = frozenset()) -> int:

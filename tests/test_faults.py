@@ -44,7 +44,7 @@ from tests.kafka_helpers import (
     script_env,
     wait_until,
 )
-from tests.local_kafka import owned_broker
+from tests.local_kafka import owned_broker, session_folder
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
@@ -88,16 +88,17 @@ def _poison_offsets(bootstrap: str, topic: str, n: int, every: int) -> set[tuple
 
 
 @pytest.fixture(scope="module")
-def own_broker(tmp_path_factory: pytest.TempPathFactory, local_kafka: LocalKafka | None) -> Iterator[LocalKafka]:
+def own_broker(local_kafka: LocalKafka | None) -> Iterator[LocalKafka]:
     """A broker these tests may stop and restart: started by this module, shared by it, stopped at its end."""
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or local_kafka is None:
         pytest.skip("stopping a broker needs the local one (KAFKA_BOOTSTRAP_SERVERS is set)")
     taken = frozenset({local_kafka.port, local_kafka.port + 1})
-    broker = owned_broker(tmp_path_factory.mktemp("fault-kafka"), FAULT_PORT, avoid=taken)
-    try:
-        yield broker
-    finally:
-        broker.stop()
+    with session_folder("fault-kafka") as home:
+        broker = owned_broker(home, FAULT_PORT, avoid=taken)
+        try:
+            yield broker
+        finally:
+            broker.stop()
 
 
 # -- 1. crash loop --------------------------------------------------------------------------------------
