@@ -19,7 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.kafka_helpers import ROOT, all_offsets, committed_offsets, end_offsets, produce_numbered, script_env
+from tests.kafka_helpers import (
+    ROOT,
+    all_offsets,
+    committed_offsets,
+    end_offsets,
+    produce_numbered,
+    report_figures,
+    script_env,
+)
 from tests.scaleout_checks import Handled, overlaps, owners, read_handled
 
 PARTITIONS, MESSAGES, WORK_S, THREADS = 12, 9_000, 0.02, 4  # about 200 messages/s per process
@@ -51,6 +59,7 @@ def _count_by(folder: Path, pid: int) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("assignor", ["range", "cooperative-sticky"])
 def test_processes_join_and_die_every_offset_handled_one_process_per_partition_at_a_time(
@@ -99,8 +108,8 @@ def test_processes_join_and_die_every_offset_handled_one_process_per_partition_a
     moved = sum(1 for pids in owners(handled).values() if len(pids) > 1)
     assert moved >= 4, "partitions hardly moved between processes: the exclusivity check saw no handoff"
     duplicates = sum(c - 1 for c in counts.values())
-    print(f"FIGURES scaleout assignor={assignor} messages={MESSAGES} handled={len(handled)} "
-          f"duplicates={duplicates} per_process={sorted(by_pid.values())} partitions_moved={moved} overlaps=0")
+    report_figures(f"scaleout_{assignor}", messages=MESSAGES, handled=len(handled), lost=0, duplicates=duplicates,
+                   per_process=sorted(by_pid.values()), partitions_moved=moved, overlaps=0)
 
 
 # -- the checks themselves, on made-up records ------------------------------------------------------
