@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         verb = "created" if created else "already exists"
         partitions, replicas = replica_counts(settings.admin_config(props), settings.TOPIC)
         logging.getLogger(PROG).info(
-            "topic %s %s on %s: %d partitions, %d replicas each", settings.TOPIC, verb, settings.BOOTSTRAP_SERVERS,
-            partitions, replicas,
+            "topic %s %s on %s: %d partitions, %d replica%s each", settings.TOPIC, verb, settings.BOOTSTRAP_SERVERS,
+            partitions, replicas, "" if replicas == 1 else "s",
         )
         return 0
 

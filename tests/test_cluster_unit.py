@@ -174,3 +174,24 @@ def test_bad_cluster_size_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit) as caught:
         broker.main(["status", "--brokers", "0"])
     assert caught.value.code == 2 and "not a usable number of brokers" in capsys.readouterr().err
+
+
+# -- what the cluster changes for clients ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("brokers", "replicas"), [(1, 1), (2, 2), (3, 3), (5, 3), (0, 1)])
+def test_auto_replication_is_one_per_broker_at_most_three(brokers: int, replicas: int) -> None:
+    from mtc75.topics import auto_replication
+
+    assert auto_replication(brokers) == replicas
+
+
+def test_replication_defaults_to_auto_and_the_producer_waits_for_every_in_sync_replica() -> None:
+    from mtc75.settings import Settings
+    from mtc75.topics import AUTO_REPLICATION
+
+    settings = Settings()
+    assert settings.REPLICATION_FACTOR == AUTO_REPLICATION == 0
+    conf = settings.producer_config()
+    assert conf["acks"] == "all" and conf["enable.idempotence"] is True
+    assert settings.producer_config({"acks": "1"})["acks"] == "1"  # -X still wins
