@@ -19,7 +19,10 @@ def test_make_demo_runs_end_to_end_with_its_own_broker() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MTC75_", "KAFKA_"))}
     env["NO_COLOR"] = "1"
     # Its own broker on a free pair (the demo stops only what it started): never one already running there.
-    demo_port = os.environ.get("MTC75_TEST_DEMO_PORT") or str(free_pair(TEST_PORT + 100))
+    port = free_pair(TEST_PORT + 100)
+    while (ROOT / ".kafka" / str(port) / "cluster.json").exists():  # a cluster node's folder: not the demo's
+        port = free_pair(port + 2)
+    demo_port = os.environ.get("MTC75_TEST_DEMO_PORT") or str(port)
     started = time.time()
     if "KAFKA_BOOTSTRAP_SERVERS" in os.environ:  # an external cluster: the demo uses it too
         env["KAFKA_BOOTSTRAP_SERVERS"] = os.environ["KAFKA_BOOTSTRAP_SERVERS"]
