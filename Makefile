@@ -4,12 +4,15 @@
 # make unit   - every test that needs no broker (engine against an in-memory Kafka fake, policies, CLI errors)
 # make bench  - throughput, overhead, memory and CPU figures (bench/results.json, bench/throughput.png)
 # make faults - only the fault-injection suite (RELIABILITY.md), printing its measured figures
-# make broker / make broker-stop - a local Kafka for the three-terminal flow (KAFKA_PORT, default 9092)
+# make broker / make broker-stop / make broker-status - a local Kafka for the three-terminal flow
+#   (KAFKA_PORT, default 9092); BROKERS=3 runs a 3-node cluster: node 1 on KAFKA_PORT, the others on
+#   the next free port pairs. `make broker BROKERS=3` again starts only the nodes that are not running.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 KAFKA_PORT ?= 9092
+BROKERS ?= 1
 export KAFKA_PORT
 
 .PHONY: all setup kafka demo test unit bench faults lint broker broker-stop broker-status clean
@@ -29,8 +32,13 @@ kafka: setup
 demo: kafka
 	$(PY) -m mtc75.demo --port $(KAFKA_PORT) --report demo-report
 
+# pytest's temporary folders under .kafka/pytest-tmp, not /tmp/pytest-of-$USER: other suites of the
+# same user on this machine prune those (seen deleting a running test's files).
+PYTEST := PYTEST_DEBUG_TEMPROOT=$(CURDIR)/.kafka/pytest-tmp $(PY) -m pytest
+
 test: kafka lint
-	$(PY) -m pytest
+	mkdir -p .kafka/pytest-tmp
+	$(PYTEST)
 
 # No Kafka started or fetched: tests that need one carry the `kafka` marker (tests/conftest.py);
 # the packaging test (marker `pypi`, about a minute of pip) runs only in make test.
@@ -43,20 +51,21 @@ bench: kafka
 # The fault-injection suite alone; its measured figures go to .kafka/fault-figures.jsonl (see RELIABILITY.md).
 faults: kafka
 	rm -f .kafka/fault-figures.jsonl
-	MTC75_FAULT_FIGURES=$(CURDIR)/.kafka/fault-figures.jsonl $(PY) -m pytest -m faults -v
+	mkdir -p .kafka/pytest-tmp
+	MTC75_FAULT_FIGURES=$(CURDIR)/.kafka/fault-figures.jsonl $(PYTEST) -m faults -v
 	@echo "measured figures (.kafka/fault-figures.jsonl):" && cat .kafka/fault-figures.jsonl
 
 lint: setup
 	$(PY) -m ruff check .
 
 broker: kafka
-	$(PY) -m mtc75.broker start --port $(KAFKA_PORT)
+	$(PY) -m mtc75.broker start --port $(KAFKA_PORT) --brokers $(BROKERS)
 
 broker-stop: setup
-	$(PY) -m mtc75.broker stop --port $(KAFKA_PORT)
+	$(PY) -m mtc75.broker stop --port $(KAFKA_PORT) --brokers $(BROKERS)
 
 broker-status: setup
-	$(PY) -m mtc75.broker status --port $(KAFKA_PORT)
+	$(PY) -m mtc75.broker status --port $(KAFKA_PORT) --brokers $(BROKERS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -7,7 +7,9 @@ Every name here is checked at start-up: a typo or a bad value stops the script w
 BOOTSTRAP_SERVERS = "127.0.0.1:9092"
 TOPIC = "mtc75-demo"
 NUM_PARTITIONS = 6
-REPLICATION_FACTOR = 1
+# Replicas per partition for create_topic.py and <TOPIC>.dlq: 0 = one per broker, at most 3 (1 on a
+# single node, 3 on `make broker BROKERS=3`); -1 = the broker's default.replication.factor.
+REPLICATION_FACTOR = 0
 GROUP_ID = "mtc75-consumer"
 
 # The consumer: at most MAX_THREAD_COUNT messages are handled at once (threads = semaphore permits).

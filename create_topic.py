@@ -7,13 +7,14 @@ import logging
 import sys
 
 from mtc75.cli import base_parser, resolve, run_main, setup_logging
-from mtc75.topics import create_topic
+from mtc75.topics import create_topic, replica_counts
 
 PROG = "create_topic.py"
 SETTINGS = ("BOOTSTRAP_SERVERS", "TOPIC", "NUM_PARTITIONS", "REPLICATION_FACTOR")
 EPILOG = """example:
   python create_topic.py                          # the topic and partitions named in config.py
   python create_topic.py --topic orders --num-partitions 12
+  python create_topic.py --replication-factor 2   # default 0: one replica per broker, at most 3
 """
 
 
@@ -27,9 +28,10 @@ def main(argv: list[str] | None = None) -> int:
             settings.admin_config(props), settings.TOPIC, settings.NUM_PARTITIONS, settings.REPLICATION_FACTOR
         )
         verb = "created" if created else "already exists"
+        partitions, replicas = replica_counts(settings.admin_config(props), settings.TOPIC)
         logging.getLogger(PROG).info(
-            "topic %s %s on %s (%d partitions requested)", settings.TOPIC, verb, settings.BOOTSTRAP_SERVERS,
-            settings.NUM_PARTITIONS,
+            "topic %s %s on %s: %d partitions, %d replica%s each", settings.TOPIC, verb, settings.BOOTSTRAP_SERVERS,
+            partitions, replicas, "" if replicas == 1 else "s",
         )
         return 0
 

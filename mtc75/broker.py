@@ -1,17 +1,28 @@
-"""Run a local single-node Apache Kafka 4.x (KRaft) for the demo and the tests.
+"""Run a local Apache Kafka 4.x (KRaft) for the demo and the tests: one node, or a cluster of N.
 
 The broker is plain ``java`` on jars that Maven fetches once from
 ``kafka/pom.xml``, so neither Docker nor a Kafka download is needed.  State is
-kept per port under ``<repo>/.kafka`` so that the demo broker and a test broker
-on another port can run side by side::
+kept per port under ``<repo>/.kafka`` (or ``--home``) so that the demo broker and
+a test broker on another port can run side by side::
 
-    .kafka/libs/               jars, shared by all ports
-    .kafka/<port>/data/        log.dirs, formatted on first start
-    .kafka/<port>/broker.log   the broker log of the current (or last) run
-    .kafka/<port>/broker.out   JVM stdout/stderr, appended across runs
-    .kafka/<port>/broker.pid   pid of the java process
+    .kafka/libs/                  jars, shared by all ports (always under <repo>/.kafka)
+    .kafka/<port>/data/           log.dirs, formatted on first start
+    .kafka/<port>/broker.log      the broker log of the current (or last) run
+    .kafka/<port>/broker.out      JVM stdout/stderr, appended across runs
+    .kafka/<port>/broker.pid      pid of the java process
+    .kafka/<port>/cluster.json    only in a cluster's node folders: the cluster id and every node's ports
 
-Usage: ``python -m mtc75.broker {fetch,start,stop,status} [--port N]``.
+A node listens for clients on ``<port>`` and for the KRaft quorum on ``<port>+1``.
+A cluster of N (``--brokers N``) is N such nodes, each broker *and* controller
+(a static quorum of N voters): node 1 on ``KAFKA_PORT``, node k on the next pair
+of free ports above node k-1's, recorded in every node's cluster.json at the
+first start and reused after.  ``start`` starts only the nodes that are not
+running (a killed node comes back), ``stop`` stops them all, ``status`` lists them.
+
+Which thread may call: any, one call at a time per object; launchers in other
+processes are serialised by lock files in the node folders.
+
+Usage: ``python -m mtc75.broker {fetch,start,stop,status} [--port N] [--brokers N] [--home DIR]``.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import base64
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import re
@@ -34,11 +46,13 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from mtc75.errors import BrokerError
 
-__all__ = ["DEFAULT_PORT", "LocalKafka", "main"]
+__all__ = ["DEFAULT_PORT", "LocalCluster", "LocalKafka", "Node", "Quorum", "main"]
 
 DEFAULT_PORT = 9092
 JAVA_MIN_VERSION = 17
@@ -52,12 +66,69 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 _POM = _REPO_ROOT / "kafka" / "pom.xml"
 _MARKER = ".pom.sha256"  # written into libs/ last: its presence means "complete"
 _JVM_OPTS = ("-Xms256m", "-Xmx1g")
+# A cluster node gets half the single node's heap and one GC thread: three JVMs share 2 cores with the
+# test suite. Measured mid-run in tests/test_cluster.py: 330-380 MB RSS per node (1 GB heap: 400-640 MB).
+_CLUSTER_JVM_OPTS = ("-Xms128m", "-Xmx512m", "-XX:ParallelGCThreads=1", "-XX:ConcGCThreads=1")
+_LAYOUT = "cluster.json"
+_PORT_SCAN = 200  # how far above the previous node a cluster looks for a free pair of ports
 _POLL = 0.25  # seconds between readiness rounds
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _MVN_NOISE = re.compile(r"^(To see the full|Re-run Maven|For more information|\[Help \d+\])")
 _LOG_ERROR = re.compile(r"^\[[^\]]*\] (ERROR|FATAL) ")  # our log4j layout, below
 _JAVA_EXCEPTION = re.compile(r"^[\w.$]+(Exception|Error)\b")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One cluster node's identity: its KRaft node id, client port and controller port."""
+
+    node_id: int
+    port: int
+    controller_port: int
+
+
+@dataclass(frozen=True)
+class Quorum:
+    """A static KRaft quorum: every node is a broker and a voting controller."""
+
+    cluster_id: str
+    nodes: tuple[Node, ...]
+
+    def node(self, port: int) -> Node:
+        for node in self.nodes:
+            if node.port == port:
+                return node
+        raise BrokerError(f"port {port} is not a node of the cluster at port {self.nodes[0].port}")
+
+    def server_properties(self) -> dict[str, str]:
+        """What a cluster node adds to the single node's server.properties."""
+        replicas = min(len(self.nodes), 3)
+        min_isr = max(1, replicas - 1)  # 3 replicas: an acknowledged write survives losing any one node
+        return {
+            "controller.quorum.voters": ",".join(f"{n.node_id}@{_HOST}:{n.controller_port}" for n in self.nodes),
+            "default.replication.factor": str(replicas),
+            "min.insync.replicas": str(min_isr),
+            "offsets.topic.replication.factor": str(replicas),
+            "transaction.state.log.replication.factor": str(replicas),
+            "transaction.state.log.min.isr": str(min_isr),
+            "share.coordinator.state.topic.replication.factor": str(replicas),
+            "share.coordinator.state.topic.min.isr": str(min_isr),
+            "unclean.leader.election.enable": "false",
+            # Three JVMs on 2 cores: fewer request threads than the defaults (3 network, 8 I/O).
+            "num.network.threads": "2",
+            "num.io.threads": "2",
+        }
+
+    def to_json(self) -> str:
+        nodes = [{"node_id": n.node_id, "port": n.port, "controller_port": n.controller_port} for n in self.nodes]
+        return json.dumps({"cluster_id": self.cluster_id, "nodes": nodes}, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Quorum:
+        raw = json.loads(text)
+        nodes = tuple(Node(int(n["node_id"]), int(n["port"]), int(n["controller_port"])) for n in raw["nodes"])
+        return cls(str(raw["cluster_id"]), nodes)
 
 
 class LocalKafka:
@@ -68,13 +139,19 @@ class LocalKafka:
     the pid file is how later calls (``stop``, ``status``) find it again.
     """
 
-    def __init__(self, port: int = DEFAULT_PORT, home: Path | None = None) -> None:
+    def __init__(
+        self, port: int = DEFAULT_PORT, home: Path | None = None, *, libs: Path | None = None,
+        quorum: Quorum | None = None,
+    ) -> None:
         if not 0 < port <= _MAX_PORT:
             raise BrokerError(f"invalid Kafka port {port}: need 1-{_MAX_PORT} (port+1 is the controller)")
         self._port = port
         self._controller_port = port + 1
         self._home = (_REPO_ROOT / ".kafka" if home is None else home).absolute()
-        self._libs = self._home / "libs"
+        self._libs = (self._home / "libs" if libs is None else libs).absolute()
+        # None: a single node formatted --standalone; else one voter of a static quorum.
+        self._quorum = quorum
+        self._node_id = _NODE_ID if quorum is None else quorum.node(port).node_id
         self._dir = self._home / str(port)
         self._data = self._dir / "data"
         self._server_props = self._dir / "server.properties"
@@ -99,6 +176,23 @@ class LocalKafka:
     def log_path(self) -> Path:
         """The broker log of the current (or last) run."""
         return self._log
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def node_id(self) -> int:
+        return self._node_id
+
+    @property
+    def folder(self) -> Path:
+        """``<home>/<port>``: config, data, logs and the pid file of this node."""
+        return self._dir
+
+    def pid(self) -> int | None:
+        """The pid of our running broker (from our pid file, checked), or None."""
+        return self._live_pid()
 
     def fetch(self) -> None:
         """Download the Kafka jars with Maven unless ``libs/`` matches the pom.
@@ -159,19 +253,40 @@ class LocalKafka:
                 if not self._answers(timeout=min(timeout, 2.0)):
                     self.wait_ready(timeout)  # e.g. still starting from another call
                 return False
-            self._check_ports_free()
-            java = _find_java()
-            self.fetch()
-            self._write_config()
-            if not (self._data / "meta.properties").exists():
-                self._format(java)
-            self._spawn(java)
+            self._launch()
             try:
                 self.wait_ready(timeout)
             except BaseException:
                 self._kill_spawned()
                 raise
             return True
+
+    def _launch(self) -> None:
+        """Check the ports, write the config, format on first use and spawn; the caller holds our lock."""
+        self._check_folder_kind()
+        self._check_ports_free()
+        java = _find_java()
+        self.fetch()
+        self._write_config()
+        if not (self._data / "meta.properties").exists():
+            self._format(java)
+        self._spawn(java)
+
+    def _check_folder_kind(self) -> None:
+        """Refuse to run a cluster node's data as a single node, or the reverse (the node ids would clash)."""
+        layout = _read_layout(self._dir / _LAYOUT)
+        formatted = (self._data / "meta.properties").exists()
+        if self._quorum is None and layout is not None:
+            first = layout.nodes[0].port
+            raise BrokerError(
+                f"{self._dir} holds node {layout.node(self._port).node_id} of the {len(layout.nodes)}-node cluster"
+                f" at port {first}; start it with 'make broker BROKERS={len(layout.nodes)} KAFKA_PORT={first}'"
+            )
+        if self._quorum is not None and layout is None and formatted:
+            raise BrokerError(
+                f"{self._data} holds a single-node broker's data, not a cluster node's; use another KAFKA_PORT,"
+                f" or delete {self._dir} if its data is disposable"
+            )
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop the broker: SIGTERM for a clean shutdown, SIGKILL after *timeout*.
@@ -259,7 +374,7 @@ class LocalKafka:
         # log_level 0: refused connections while starting are expected, not news.
         admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
         try:
-            return _NODE_ID in admin.list_topics(timeout=timeout).brokers
+            return self._node_id in admin.list_topics(timeout=timeout).brokers
         except KafkaException:
             return False
 
@@ -281,7 +396,7 @@ class LocalKafka:
         plain, controller = f"{_HOST}:{self._port}", f"{_HOST}:{self._controller_port}"
         server = {
             "process.roles": "broker,controller",
-            "node.id": str(_NODE_ID),
+            "node.id": str(self._node_id),
             "controller.quorum.bootstrap.servers": controller,
             "listeners": f"PLAINTEXT://{plain},CONTROLLER://{controller}",
             "advertised.listeners": f"PLAINTEXT://{plain}",
@@ -300,6 +415,9 @@ class LocalKafka:
             "auto.create.topics.enable": "false",
             "delete.topic.enable": "true",
         }
+        if self._quorum is not None:
+            del server["controller.quorum.bootstrap.servers"]  # a static quorum names its voters instead
+            server.update(self._quorum.server_properties())
         log4j = {
             "appender.file.type": "File",
             "appender.file.name": "file",
@@ -315,9 +433,12 @@ class LocalKafka:
             path.write_text("# Written by mtc75/broker.py on start.\n" + "".join(lines))
 
     def _format(self, java: str) -> None:
-        cluster_id = _cluster_id()
+        if self._quorum is None:
+            cluster_id, how = _cluster_id(), ["--standalone"]
+        else:  # a static quorum (controller.quorum.voters): every node formatted with the one cluster id
+            cluster_id, how = self._quorum.cluster_id, []
         _log.info("formatting %s (cluster id %s)", self._data, cluster_id)
-        args = ["format", "--standalone", "-t", cluster_id, "-c", str(self._server_props)]
+        args = ["format", *how, "-t", cluster_id, "-c", str(self._server_props)]
         res = _run([java, "-cp", self._classpath(), "kafka.tools.StorageTool", *args])
         if res.returncode != 0:
             lines = res.stdout.splitlines()
@@ -325,7 +446,8 @@ class LocalKafka:
             raise BrokerError(f"formatting {self._data} failed: {reason}; delete {self._data} and retry")
 
     def _spawn(self, java: str) -> None:
-        cmd = [java, *_JVM_OPTS, f"-Dlog4j2.configurationFile={self._log4j_props}"]
+        jvm_opts = _JVM_OPTS if self._quorum is None else _CLUSTER_JVM_OPTS
+        cmd = [java, *jvm_opts, f"-Dlog4j2.configurationFile={self._log4j_props}"]
         cmd += ["-cp", self._classpath(), "kafka.Kafka", str(self._server_props)]
         _log.info("starting Kafka on %s (log: %s)", self.bootstrap, self._log)
         self._log.unlink(missing_ok=True)  # never quote a previous run's errors
@@ -372,6 +494,174 @@ class LocalKafka:
         return text
 
 
+class LocalCluster:
+    """A local Kafka cluster of ``size`` nodes on ``127.0.0.1``: node 1 on ``port``, the others above it.
+
+    The layout (cluster id, every node's ports) is chosen at the first start and written to each
+    node's ``cluster.json``; later calls read it, so a node killed with -9 comes back on its ports
+    with its data.  Node processes outlive this object, like :class:`LocalKafka`'s.
+    """
+
+    def __init__(self, port: int = DEFAULT_PORT, size: int = 3, home: Path | None = None, *,
+                 libs: Path | None = None) -> None:
+        if size < 1:
+            raise BrokerError(f"invalid cluster size {size}: need 1 or more brokers")
+        if not 0 < port <= _MAX_PORT:
+            raise BrokerError(f"invalid Kafka port {port}: need 1-{_MAX_PORT} (port+1 is the controller)")
+        self._port = port
+        self._size = size
+        self._home = (_REPO_ROOT / ".kafka" if home is None else home).absolute()
+        self._libs = (self._home / "libs" if libs is None else libs).absolute()
+        self._layout_file = self._home / str(port) / _LAYOUT
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._size} nodes from port {self._port} home={self._home}>"
+
+    @property
+    def bootstrap(self) -> str:
+        """``bootstrap.servers`` naming every node (the planned ports before the first start)."""
+        return ",".join(node.bootstrap for node in self.nodes())
+
+    def nodes(self) -> list[LocalKafka]:
+        """The nodes of the recorded layout, or an empty list before the first start."""
+        quorum = self._layout()
+        if quorum is None:
+            return []
+        return [LocalKafka(n.port, self._home, libs=self._libs, quorum=quorum) for n in quorum.nodes]
+
+    def node(self, node_id: int) -> LocalKafka:
+        for node in self.nodes():
+            if node.node_id == node_id:
+                return node
+        raise BrokerError(f"the cluster at port {self._port} has no node {node_id}")
+
+    def status(self) -> list[tuple[LocalKafka, int | None]]:
+        """Each node with the pid of its running broker (None when it is not running)."""
+        return [(node, node.pid()) for node in self.nodes()]
+
+    def start(self, timeout: float = 180.0) -> list[int]:
+        """Start every node that is not running and wait until all of them serve as brokers.
+
+        Returns the node ids this call started (empty when all were up).  Nodes are spawned
+        together and then awaited: a quorum of 3 elects no leader until two voters run.  If
+        startup fails, the nodes this call spawned are killed.
+        """
+        deadline = time.monotonic() + timeout
+        with _locked(self._home / str(self._port) / ".cluster.lock"):
+            quorum = self._layout() or self._plan()
+            nodes = [LocalKafka(n.port, self._home, libs=self._libs, quorum=quorum) for n in quorum.nodes]
+            spawned: list[LocalKafka] = []
+            try:
+                # In parallel: formatting and JVM start-up are seconds of CPU each (measured: 64 s for
+                # three nodes one after another on this 2-core machine under the test suite's load).
+                with ThreadPoolExecutor(len(nodes)) as pool:
+                    launches = [pool.submit(self._launch_if_down, node) for node in nodes]
+                failures = [err for launch in launches if (err := launch.exception()) is not None]
+                spawned += [node for launch in launches if not launch.exception() and (node := launch.result())]
+                if failures:
+                    raise failures[0]
+                for node in nodes:
+                    node.wait_ready(max(deadline - time.monotonic(), 1.0))
+                self._wait_all_listed(nodes, deadline)
+            except BaseException:
+                for node in spawned:
+                    node._kill_spawned()
+                raise
+            return [node.node_id for node in spawned]
+
+    @staticmethod
+    def _launch_if_down(node: LocalKafka) -> LocalKafka | None:
+        with _locked(node.folder / ".lock"):
+            if node.pid() is not None:
+                return None
+            node._launch()
+            return node
+
+    def stop(self, timeout: float = 30.0) -> list[int]:
+        """Stop every running node (SIGTERM to all at once, SIGKILL after *timeout*); returns their ids.
+
+        All at once: stopped one by one, the last nodes lose their quorum and each waits out a
+        controlled shutdown that cannot complete.
+        """
+        nodes = self.nodes()
+        with contextlib.ExitStack() as locks:
+            for node in nodes:
+                locks.enter_context(_locked(node.folder / ".lock"))
+            running = [(node, pid) for node in nodes if (pid := node.pid()) is not None]
+            for node, pid in running:
+                _log.info("stopping Kafka node %d on %s (pid %d)", node.node_id, node.bootstrap, pid)
+                _signal(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for node, pid in running:
+                if not node._wait_gone(pid, max(deadline - time.monotonic(), 0.0)):
+                    _log.warning("Kafka node %d (pid %d) still up after %gs; killing it", node.node_id, pid, timeout)
+                    _signal(pid, signal.SIGKILL)
+                    node._wait_gone(pid, 10.0)
+                node._pid_file.unlink(missing_ok=True)
+                node._proc = None
+        return [node.node_id for node, _pid in running]
+
+    def _layout(self) -> Quorum | None:
+        quorum = _read_layout(self._layout_file)
+        if quorum is not None and len(quorum.nodes) != self._size:
+            raise BrokerError(
+                f"the cluster at port {self._port} has {len(quorum.nodes)} nodes, not {self._size};"
+                f" use BROKERS={len(quorum.nodes)}, or stop it and delete its node folders under {self._home}"
+            )
+        return quorum
+
+    def _plan(self) -> Quorum:
+        """Choose the ports (node 1 on ours, each next node on the next free pair) and record them."""
+        nodes = [Node(1, self._port, self._port + 1)]
+        taken = {self._port, self._port + 1}
+        for node_id in range(2, self._size + 1):
+            port = self._next_pair(nodes[-1].port + 2, taken)
+            nodes.append(Node(node_id, port, port + 1))
+            taken |= {port, port + 1}
+        quorum = Quorum(_cluster_id(), tuple(nodes))
+        for node in nodes:
+            folder = self._home / str(node.port)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / _LAYOUT).write_text(quorum.to_json())
+        _log.info("cluster layout: %s", ", ".join(f"node {n.node_id} on {n.port}/{n.controller_port}" for n in nodes))
+        return quorum
+
+    def _next_pair(self, start: int, taken: set[int]) -> int:
+        """The first port >= start with port and port+1 free, clear of every other node folder here."""
+        for port in range(start, min(start + _PORT_SCAN, _MAX_PORT)):
+            if port in taken or port + 1 in taken:
+                continue
+            if any((self._home / str(p)).exists() for p in (port - 1, port, port + 1)):
+                continue  # a node (running or not) whose ports would overlap ours
+            if _port_free(port) and _port_free(port + 1):
+                return port
+        raise BrokerError(
+            f"no two free adjacent ports in {start}-{start + _PORT_SCAN} on {_HOST} for the next cluster node;"
+            " choose another KAFKA_PORT"
+        )
+
+    def _wait_all_listed(self, nodes: list[LocalKafka], deadline: float) -> None:
+        """Until the cluster's metadata lists every node as a broker (each one saw the others)."""
+        from confluent_kafka import KafkaException
+        from confluent_kafka.admin import AdminClient
+
+        wanted = {node.node_id for node in nodes}
+        admin = AdminClient({"bootstrap.servers": ",".join(n.bootstrap for n in nodes), "log_level": 0})
+        seen: set[int] = set()
+        while time.monotonic() < deadline:
+            try:
+                seen = set(admin.list_topics(timeout=2.0).brokers)
+            except KafkaException:
+                seen = set()
+            if wanted <= seen:
+                return
+            time.sleep(_POLL)
+        raise BrokerError(
+            f"the cluster at port {self._port} lists brokers {sorted(seen)}, not {sorted(wanted)};"
+            f" see the broker.log files under {self._home}"
+        )
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Serialise launchers that share a home (e.g. pytest-xdist workers)."""
@@ -391,6 +681,19 @@ def _cluster_id() -> str:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         if not cluster_id.startswith("-"):
             return cluster_id
+
+
+def _read_layout(path: Path) -> Quorum | None:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise BrokerError(f"cannot read {path} ({exc.strerror})") from None
+    try:
+        return Quorum.from_json(text)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BrokerError(f"{path} is damaged ({exc}); delete the cluster's node folders and start again") from None
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
@@ -532,6 +835,13 @@ def _port_arg(text: str) -> int:
     return port
 
 
+def _size_arg(text: str) -> int:
+    size = int(text) if text.isdigit() else 0
+    if not 0 < size <= 9:
+        raise argparse.ArgumentTypeError(f"not a usable number of brokers: {text!r} (1-9)")
+    return size
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m mtc75.broker`` (used by the Makefile)."""
     common = argparse.ArgumentParser(add_help=False)
@@ -541,14 +851,21 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("KAFKA_PORT", str(DEFAULT_PORT)),
         help="broker port; the controller uses port+1 (default: $KAFKA_PORT or 9092)",
     )
+    common.add_argument(
+        "--brokers",
+        type=_size_arg,
+        default=os.environ.get("BROKERS", "1"),
+        help="nodes in the cluster: node 1 on --port, the others on the next free port pairs (default: $BROKERS or 1)",
+    )
+    common.add_argument("--home", type=Path, help="folder for the node folders (default: <repo>/.kafka)")
     common.add_argument("--timeout", type=float, help="seconds to wait")
-    parser = argparse.ArgumentParser(prog="python -m mtc75.broker", description="Local single-node Kafka for MTC75.")
+    parser = argparse.ArgumentParser(prog="python -m mtc75.broker", description="Local Kafka (1 or N nodes) for MTC75.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("fetch", "download the Kafka jars (once)"),
-        ("start", "start the broker and wait until it is ready"),
-        ("stop", "stop the broker"),
-        ("status", "exit 0 if the broker is running, else 1"),
+        ("start", "start the broker (every cluster node not running) and wait until it is ready"),
+        ("stop", "stop the broker (every cluster node)"),
+        ("status", "list the node(s); exit 0 if all are running, else 1"),
     ):
         commands.add_parser(name, parents=[common], help=text)
     args = parser.parse_args(argv)
@@ -556,34 +873,70 @@ def main(argv: list[str] | None = None) -> int:
     # `start` leaves the broker running on purpose; Popen would call that a leak.
     warnings.filterwarnings("ignore", r"subprocess \d+ is still running", ResourceWarning)
 
-    kafka = LocalKafka(args.port)
+    libs = _REPO_ROOT / ".kafka" / "libs"  # the jars stay in the repo whatever --home says
     timeout = {} if args.timeout is None else {"timeout": args.timeout}
-    where = f"{kafka.bootstrap} (log: {_display(kafka.log_path)})"
     try:
         if args.command == "fetch":
-            kafka.fetch()
-            print(f"Kafka jars are in {_display(kafka._libs)}")
-        elif args.command == "start":
-            if kafka.start(**timeout):
-                print(f"Kafka is up at {where}")
-            else:
-                print(f"Kafka already running at {where}")
-        elif args.command == "stop":
-            if kafka.stop(**timeout):
-                print(f"Kafka at {kafka.bootstrap} stopped")
-            else:
-                print(f"no MTC75 broker running on port {args.port}")
-        elif kafka.is_running():
-            print(f"Kafka running at {where}")
-        else:
-            print(f"no MTC75 broker running on port {args.port}")
-            return 1
+            LocalKafka(args.port, libs=libs).fetch()
+            print(f"Kafka jars are in {_display(libs)}")
+            return 0
+        if args.brokers > 1:
+            return _cluster_command(LocalCluster(args.port, args.brokers, args.home, libs=libs), args, timeout)
+        return _single_command(LocalKafka(args.port, args.home, libs=libs), args, timeout)
     except BrokerError as err:
         print(f"broker: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _single_command(kafka: LocalKafka, args: argparse.Namespace, timeout: dict[str, float]) -> int:
+    where = f"{kafka.bootstrap} (log: {_display(kafka.log_path)})"
+    if args.command == "start":
+        if kafka.start(**timeout):
+            print(f"Kafka is up at {where}")
+        else:
+            print(f"Kafka already running at {where}")
+    elif args.command == "stop":
+        if kafka.stop(**timeout):
+            print(f"Kafka at {kafka.bootstrap} stopped")
+        else:
+            print(f"no MTC75 broker running on port {args.port}")
+    elif kafka.is_running():
+        print(f"Kafka running at {where}")
+    else:
+        print(f"no MTC75 broker running on port {args.port}")
+        return 1
     return 0
+
+
+def _cluster_command(cluster: LocalCluster, args: argparse.Namespace, timeout: dict[str, float]) -> int:
+    size = args.brokers
+    if args.command == "start":
+        started = cluster.start(**timeout)
+        what = f"started node(s) {_ids(started)}" if started else "all nodes were already running"
+        print(f"Kafka cluster of {size} is up at {cluster.bootstrap} ({what})")
+    elif args.command == "stop":
+        stopped = cluster.stop(**timeout)
+        if stopped:
+            print(f"Kafka cluster at port {args.port}: stopped node(s) {_ids(stopped)}")
+        else:
+            print(f"no MTC75 cluster node running from port {args.port}")
+    else:
+        listing = cluster.status()
+        if not listing:
+            print(f"no MTC75 cluster of {size} at port {args.port} (never started)")
+            return 1
+        for node, pid in listing:
+            state = f"running (pid {pid})" if pid is not None else "not running"
+            print(f"node {node.node_id}  {node.bootstrap}  controller :{node.port + 1}  {state}"
+                  f"  {_display(node.folder)}")
+        return 0 if all(pid is not None for _node, pid in listing) else 1
+    return 0
+
+
+def _ids(ids: list[int]) -> str:
+    return ", ".join(str(i) for i in ids)
 
 
 if __name__ == "__main__":

@@ -35,16 +35,33 @@ def require_topic(client: Any, bootstrap: str, topic: str) -> int:
     return len(info.partitions)
 
 
+AUTO_REPLICATION = 0  # REPLICATION_FACTOR meaning "as many replicas as brokers, at most 3"
+MAX_AUTO_REPLICATION = 3
+
+
+def auto_replication(brokers: int) -> int:
+    """The replication factor for a cluster of ``brokers``: one per broker, three at most.
+
+    Three copies survive losing any one broker with min.insync.replicas=2; more only cost disk and I/O.
+    """
+    return max(1, min(brokers, MAX_AUTO_REPLICATION))
+
+
 def create_topic(
     conf: Mapping[str, Any], topic: str, partitions: int, replication_factor: int, timeout: float = 30.0,
     *, admin_factory: Callable[[dict[str, Any]], Any] = AdminClient,
 ) -> bool:
     """Create ``topic`` and wait until metadata shows it; False when it already existed.
 
-    ``admin_factory`` builds the admin client (tests pass an in-memory fake)."""
+    ``replication_factor`` 0 (AUTO_REPLICATION) takes :func:`auto_replication` of the brokers the
+    cluster lists; -1 leaves it to the broker's ``default.replication.factor``.
+    ``admin_factory`` builds the admin client (tests pass an in-memory fake).
+    """
     admin = admin_factory(dict(conf))
     bootstrap = str(conf.get("bootstrap.servers"))
-    fetch_metadata(admin, bootstrap)
+    cluster = fetch_metadata(admin, bootstrap)
+    if replication_factor == AUTO_REPLICATION:
+        replication_factor = auto_replication(len(cluster.brokers))
     future = admin.create_topics(
         [NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor)],
         operation_timeout=timeout, request_timeout=timeout,
@@ -71,3 +88,12 @@ def create_topic(
         if time.monotonic() >= deadline:
             raise Mtc75Error(f"topic {topic!r} was created but did not appear in metadata within {timeout:.0f}s")
         time.sleep(0.05)  # metadata propagation on the broker: short, bounded by the deadline
+
+
+def replica_counts(conf: Mapping[str, Any], topic: str) -> tuple[int, int]:
+    """``(partitions, replicas of each)`` of an existing topic, as the cluster reports them."""
+    admin = AdminClient(dict(conf))
+    info = fetch_metadata(admin, str(conf.get("bootstrap.servers")), topic).topics.get(topic)
+    if info is None or info.error is not None or not info.partitions:
+        raise TopicNotFound(f"topic {topic!r} does not exist on {conf.get('bootstrap.servers')}")
+    return len(info.partitions), min(len(p.replicas) for p in info.partitions.values())

@@ -1,4 +1,8 @@
-"""Fixtures: one real Kafka for the session (local unless KAFKA_BOOTSTRAP_SERVERS names one), unique topics."""
+"""Fixtures: one real Kafka for the session (local unless KAFKA_BOOTSTRAP_SERVERS names one), unique topics.
+
+The local broker is this session's own (tests/local_kafka.py): started in a folder of the session on
+MTC75_TEST_KAFKA_PORT or the next free pair of ports, stopped at the end, never shared.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ import pytest
 
 from mtc75.broker import LocalKafka
 from mtc75.topics import create_topic
+from tests.local_kafka import owned_broker, session_folder
 
-TEST_PORT = int(os.environ.get("MTC75_TEST_KAFKA_PORT", "39092"))
+TEST_PORT = int(os.environ.get("MTC75_TEST_KAFKA_PORT", "39092"))  # preferred: the next free pair if taken
 # A test that asks for one of these fixtures talks to a real Kafka; `make unit` runs all the others.
 KAFKA_FIXTURES = {"local_kafka", "bootstrap", "make_topic", "own_broker"}
 
@@ -29,13 +34,11 @@ def local_kafka() -> Iterator[LocalKafka | None]:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         yield None
         return
-    broker = LocalKafka(port=TEST_PORT)
-    broker.fetch()
-    started = broker.start()
-    try:
-        yield broker
-    finally:
-        if started:
+    with session_folder("kafka") as home:
+        broker = owned_broker(home, TEST_PORT)
+        try:
+            yield broker
+        finally:
             broker.stop()
 
 

@@ -6,8 +6,9 @@ Each prints a ``FIGURES {...}`` line (and appends it to $MTC75_FAULT_FIGURES): R
 
 Run alone with ``pytest -m faults`` (or ``make faults``). The graceful-stop, slow-handler and bad-input
 scenarios live in test_scripts.py / test_consumer_e2e.py and carry the ``faults`` marker too.
-The broker-restart tests stop and start a broker of their own (port MTC75_TEST_FAULT_KAFKA_PORT,
-default the session broker's port + 10), never the session's.
+The broker-restart tests stop and start a broker of their own (in the module's own folder, on
+MTC75_TEST_FAULT_KAFKA_PORT or the next free pair; default the session broker's port + 10), never the
+session's, nor one another suite started there.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from tests.kafka_helpers import (
     script_env,
     wait_until,
 )
+from tests.local_kafka import owned_broker, session_folder
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
@@ -98,17 +100,17 @@ def _poison_offsets(bootstrap: str, topic: str, n: int, every: int) -> set[tuple
 
 
 @pytest.fixture(scope="module")
-def own_broker() -> Iterator[LocalKafka]:
-    """A broker these tests may stop and restart; shared by the module, stopped at its end."""
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+def own_broker(local_kafka: LocalKafka | None) -> Iterator[LocalKafka]:
+    """A broker these tests may stop and restart: started by this module, shared by it, stopped at its end."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or local_kafka is None:
         pytest.skip("stopping a broker needs the local one (KAFKA_BOOTSTRAP_SERVERS is set)")
-    broker = LocalKafka(port=FAULT_PORT)
-    broker.fetch()
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
+    taken = frozenset({local_kafka.port, local_kafka.port + 1})
+    with session_folder("fault-kafka") as home:
+        broker = owned_broker(home, FAULT_PORT, avoid=taken)
+        try:
+            yield broker
+        finally:
+            broker.stop()
 
 
 # -- 1. crash loop --------------------------------------------------------------------------------------

@@ -1,0 +1,87 @@
+"""Brokers a test session owns: started in a folder of its own, on ports that were free, stopped by it alone.
+
+Two suites on one machine (another checkout, a CI run beside a developer) must never share, reuse or stop each
+other's broker. So every broker a session starts lives under a folder of the session's own
+(``.kafka/sessions/<pid>-<random>/``, not pytest's temporary folders, which concurrent pytest runs of one user
+prune: seen here deleting a cluster's data while it started). Its pid file names a java process whose command
+line holds that folder's server.properties, which no other session's launcher takes for its own
+(``LocalKafka._is_ours``); ``stop()`` signals only that process. Ports come from the preferred one (an
+``MTC75_TEST_*`` variable, so helpers on one machine stay in their own ranges) or the next free pair above it;
+a port lost to a race between the check and the bind is retried on the next pair.
+
+Called from pytest fixtures (the main thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+from mtc75 import broker as launcher
+from mtc75.broker import LocalCluster, LocalKafka
+from mtc75.errors import BrokerError
+
+ROOT = Path(__file__).resolve().parent.parent
+REPO_LIBS = ROOT / ".kafka" / "libs"  # the jars are shared; only state is per session
+PORT_SCAN = 60  # how far above the preferred port to look for a free pair
+ATTEMPTS = 4  # binds lost to another program between our check and the broker's bind
+
+T = TypeVar("T", LocalKafka, LocalCluster)
+
+
+@contextlib.contextmanager
+def session_folder(name: str) -> Iterator[Path]:
+    """A new folder for brokers of this process, removed (with their data) when the block ends."""
+    path = ROOT / ".kafka" / "sessions" / f"{os.getpid()}-{uuid.uuid4().hex[:8]}" / name
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def free_pair(preferred: int, avoid: frozenset[int] = frozenset()) -> int:
+    """The first port p >= preferred with p and p+1 free now (and neither in ``avoid``)."""
+    for port in range(preferred, preferred + PORT_SCAN):
+        if {port, port + 1} & avoid:
+            continue
+        if launcher._port_free(port) and launcher._port_free(port + 1):
+            return port
+    raise BrokerError(f"no two free adjacent ports in {preferred}-{preferred + PORT_SCAN} on 127.0.0.1")
+
+
+def start_owned(make: Callable[[int], T], preferred: int, avoid: frozenset[int] = frozenset()) -> T:
+    """``make(port)`` on the first free pair from ``preferred``, started by this call (never one found running)."""
+    tried = frozenset(avoid)
+    last: BrokerError | None = None
+    for _ in range(ATTEMPTS):
+        port = free_pair(preferred, tried)
+        kafka = make(port)
+        try:
+            started = kafka.start()
+        except BrokerError as err:  # e.g. taken between free_pair() and the bind: try the next pair
+            if "in use" not in str(err):
+                raise
+            last, tried = err, tried | {port, port + 1}
+            continue
+        if not started:  # False, or no node started: then it was not ours to own
+            raise BrokerError(f"a broker was already running in this session's own folder on port {port}")
+        return kafka
+    raise BrokerError(f"no broker could bind near port {preferred}: {last}")
+
+
+def owned_broker(home: Path, preferred: int, avoid: frozenset[int] = frozenset()) -> LocalKafka:
+    """A single-node broker of this session (fetches the jars once into the repo's .kafka/libs)."""
+    LocalKafka(preferred, home=ROOT / ".kafka", libs=REPO_LIBS).fetch()
+    return start_owned(lambda port: LocalKafka(port, home=home, libs=REPO_LIBS), preferred, avoid)
+
+
+def owned_cluster(home: Path, preferred: int, size: int) -> LocalCluster:
+    """A cluster of ``size`` nodes of this session: node 1 on a free pair from ``preferred``."""
+    LocalKafka(preferred, home=ROOT / ".kafka", libs=REPO_LIBS).fetch()
+    return start_owned(lambda port: LocalCluster(port, size, home=home, libs=REPO_LIBS), preferred)
