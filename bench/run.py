@@ -8,7 +8,8 @@ contenders that are compared take turns on the same backlog, each keeping its be
 2. the peer workload (10 000 messages, 1 partition, 0-5 ms, 16 threads): MTC75, Confluent Parallel
    Consumer 0.5.3.3 (bench/parallel-consumer, when Maven is there) and arroyo, on one list of work times;
 3. topic shapes (uncompressed 150 B, lz4 100 B, uncompressed 10 KB) with a no-op handler: the engine,
-   a raw ``consume()`` loop, the plain "acquire; submit" pool and arroyo, each in its own process
+   a raw ``consume()`` loop, the plain "acquire; submit" pool, arroyo and the engine on the settings
+   before issue 16 (PREVIOUS_SETTINGS), each in its own process
    (bench/child.py) with its peak RSS;
 4. CPU per message at a fixed 2 000 msg/s.
 
@@ -72,7 +73,8 @@ class Shape:
     compression: str
     count: int  # backlog, consumed whole by the engine and the raw loop
     partitions: int = 6
-    others: int = 200_000  # messages the pool and arroyo consume (their RSS is not a target)
+    others: int = 100_000  # messages the plain pool consumes (its RSS is not a target)
+    arroyo: int = 50_000  # messages arroyo consumes (it is the slowest here: 5-10k msg/s)
 
     @property
     def rss_target(self) -> float:
@@ -86,8 +88,13 @@ class Shape:
 SHAPES = (
     Shape("uncompressed 150 B", 150, "none", 1_000_000),
     Shape("lz4 100 B", 100, "lz4", 1_000_000),
-    Shape("uncompressed 10 KB", 10_000, "none", 40_000, others=40_000),
+    Shape("uncompressed 10 KB", 10_000, "none", 40_000, others=40_000, arroyo=40_000),
 )
+
+
+# The consumer settings before issue 16, run as a contender on every shape: what the new ones are worth.
+PREVIOUS_SETTINGS = ("-X", "fetch.queue.backoff.ms=1000", "-X", "queued.min.messages=100000",
+                     "-X", "queued.max.messages.kbytes=4096")
 
 
 # -- setup --------------------------------------------------------------------------------------------
@@ -299,10 +306,11 @@ def shape_row(bootstrap: str, shape: Shape, topic: str, passes: int) -> dict[str
         runs = {
             "raw": child(bootstrap, "raw", topic, shape.count),
             "engine": child(bootstrap, "engine", topic, shape.count),
+            "engine_previous_settings": child(bootstrap, "engine", topic, shape.count, *PREVIOUS_SETTINGS),
             "pool": child(bootstrap, "pool", topic, shape.others),
         }
         for multiple in ARROYO_PENDING:
-            runs[f"arroyo_x{multiple}"] = child(bootstrap, "arroyo", topic, shape.others,
+            runs[f"arroyo_x{multiple}"] = child(bootstrap, "arroyo", topic, shape.arroyo,
                                                "--max-pending", str(75 * multiple))
         for name, r in runs.items():
             kept = best.setdefault(name, {"rate": 0.0, "peak_rss_mb": 0.0, "rates": []})
@@ -311,12 +319,13 @@ def shape_row(bootstrap: str, shape: Shape, topic: str, passes: int) -> dict[str
             kept["peak_rss_mb"] = max(kept["peak_rss_mb"], r["peak_rss_mb"])
             kept["messages"] = r["handled"]
             kept["cpu_us_per_message"] = r["cpu_s"] / max(1, r["handled"]) * 1e6
-            if name == "engine":
+            if name.startswith("engine"):
                 kept["rss_samples"] = r["rss_samples"]
     engine = best["engine"]["rate"]
     return {"shape": shape.name, "size": shape.size, "compression": shape.compression, "backlog": shape.count,
             "partitions": shape.partitions, "contenders": best,
             "vs_raw": engine / best["raw"]["rate"], "vs_pool": engine / best["pool"]["rate"],
+            "vs_previous_settings": engine / best["engine_previous_settings"]["rate"],
             "raw_target": shape.raw_target, "rss_target": shape.rss_target}
 
 
@@ -402,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                     "load_avg_at_start": os.getloadavg()},
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command,
     }
-    shapes = [Shape(s.name, s.size, s.compression, s.count // 5, s.partitions, s.others // 5) for s in SHAPES] \
+    shapes = [Shape(s.name, s.size, s.compression, s.count // 5, s.partitions, s.others // 5, s.arroyo // 5)
+              for s in SHAPES] \
         if args.quick else list(SHAPES)
     try:
         run = uuid.uuid4().hex[:8]
@@ -447,8 +457,9 @@ def main(argv: list[str] | None = None) -> int:
                 results["shapes"].append(row)
                 c = row["contenders"]
                 print(f"  {shape.name}: engine {c['engine']['rate']:,.0f}/s ({c['engine']['peak_rss_mb']:.0f} MB), "
-                      f"raw {c['raw']['rate']:,.0f}/s, pool {c['pool']['rate']:,.0f}/s -> "
-                      f"{row['vs_raw']:.2f} of raw, {row['vs_pool']:.2f}x pool", flush=True)
+                      f"raw {c['raw']['rate']:,.0f}/s, pool {c['pool']['rate']:,.0f}/s, previous settings "
+                      f"{c['engine_previous_settings']['rate']:,.0f}/s -> {row['vs_raw']:.2f} of raw, "
+                      f"{row['vs_pool']:.2f}x pool", flush=True)
 
         if "cpu" in only:
             results["cpu"] = cpu_figure(bootstrap, run, 5.0 if args.quick else 10.0)
@@ -498,15 +509,18 @@ def print_tables(r: dict[str, Any]) -> None:
             print(f"| {name} | {peer['elapsed_s']:.2f} s | {peer['ratio']:.3f} |")
     if "shapes" in r:
         print("\n| shape (no-op handler) | engine msg/s (peak RSS) | raw loop msg/s (RSS) | plain pool msg/s "
-              "| engine / raw | engine / pool | arroyo msg/s by max_pending_futures |")
-        print("|---|---|---|---|---|---|---|")
+              "| engine / raw | engine / pool | arroyo msg/s by max_pending_futures | engine, previous settings "
+              "(peak RSS) |")
+        print("|---|---|---|---|---|---|---|---|")
         for row in r["shapes"]:
             c = row["contenders"]
             arroyo = ", ".join(f"{75 * m}: {c[f'arroyo_x{m}']['rate']:,.0f}" for m in ARROYO_PENDING)
             print(f"| {row['shape']} ({row['backlog']:,} msgs) | {c['engine']['rate']:,.0f} "
                   f"({c['engine']['peak_rss_mb']:.0f} MB, target <= {row['rss_target']:.0f}) "
                   f"| {c['raw']['rate']:,.0f} ({c['raw']['peak_rss_mb']:.0f} MB) | {c['pool']['rate']:,.0f} "
-                  f"| **{row['vs_raw']:.2f}** (>= {row['raw_target']}) | **{row['vs_pool']:.2f}x** | {arroyo} |")
+                  f"| **{row['vs_raw']:.2f}** (>= {row['raw_target']}) | **{row['vs_pool']:.2f}x** | {arroyo} "
+                  f"| {c['engine_previous_settings']['rate']:,.0f} ({c['engine_previous_settings']['peak_rss_mb']:.0f}"
+                  f" MB): new settings {row['vs_previous_settings']:.2f}x |")
     if "cpu" in r:
         c = r["cpu"]
         print(f"\nCPU per message at {c['rate']:.0f} msg/s (no-op, start-up included): {c['us_per_message']:.0f} µs")
