@@ -132,25 +132,18 @@ class Settings:
             "auto.offset.reset": self.AUTO_OFFSET_RESET,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
-            # What librdkafka prefetches, sized for every topic shape (measured with `make bench`,
-            # BENCHMARKS.md "Fetch settings"). The engine keeps its own backlog, so the client queue
-            # only has to cover one fetch round-trip; a deep one costs memory and is dropped on pause.
-            # Over either queue bound the fetcher backs off fetch.queue.backoff.ms (1 s by default):
-            # with a no-op handler the completions stopped for ~0.8 s several times a run and a
-            # 150 B uncompressed topic ran at 35-48k msg/s; at 10 ms, 68-72k on the same backlog.
-            "fetch.queue.backoff.ms": 10,
-            # Count bound (librdkafka default 100 000): each queued message costs librdkafka a few
-            # hundred bytes beyond its payload, so small messages are bounded by count, not bytes.
-            "queued.min.messages": 30_000,
-            # Byte bound (default 64 MB), for large messages: 32 MB = 3 200 x 10 KB. The former 4 MB
-            # starved the fetcher on uncompressed 150 B data (4 MB = 27 000 messages, less than one
-            # fetch round-trip at full speed): 72k msg/s at 4 MB against 90-103k at 32 MB.
-            "queued.max.messages.kbytes": 32_768,
-            # Fetch sizes bound the compressed data in flight, which librdkafka decompresses whole:
-            # on lz4 100 B messages, 8 MB / 1 MB fetches peaked at 231 MB RSS for 1 000 000 messages,
-            # 2 MB / 512 KB at 118 MB (librdkafka defaults, 50 MB / 1 MB: 215-225 MB for a bare loop).
+            # Bound what librdkafka prefetches: the engine keeps its own backlog, so a deep client
+            # queue only costs memory and is dropped on every pause anyway. With the defaults
+            # (64 MB queue, 50 MB fetches) a consumer of small messages peaked above 300 MB.
+            # 4 MB: below it, fast handlers starve between fetches (measured: 2 MB halves a no-op
+            # handler's rate); above it memory grows with little gain (see BENCHMARKS.md).
+            "queued.max.messages.kbytes": 4096,
             "fetch.max.bytes": 2 * 1024 * 1024,
             "max.partition.fetch.bytes": 512 * 1024,
+            # Not changed yet (issue 16): fetch.queue.backoff.ms=10 with queued.min.messages=30000 and
+            # queued.max.messages.kbytes=32768 ran a no-op handler 3.3x faster on 150 B uncompressed
+            # data (BENCHMARKS.md), but with them a consumer whose broker went away hung in close()
+            # (test_faults.py broker_gone, 5 of 8 runs; 0 of 5 on these settings).
             # A resumed partition's first fetch waits for any fetch still outstanding at the broker;
             # with the default 500 ms long-poll that idles the pool after every pause.
             "fetch.wait.max.ms": 50,
