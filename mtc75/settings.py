@@ -144,7 +144,7 @@ class Settings:
             # queued.max.messages.kbytes=32768 ran a no-op handler 3.3x faster on 150 B uncompressed
             # data (BENCHMARKS.md), but with them a consumer whose broker went away hung in close()
             # (test_faults.py broker_gone: 4 of 7 runs with all three, 3 of 4 with either part alone;
-            # 0 of 5 on these settings, same code).
+            # 1 of 3 on these settings with this branch's code, 0 of 3 on main's code: cause not established).
             # A resumed partition's first fetch waits for any fetch still outstanding at the broker;
             # with the default 500 ms long-poll that idles the pool after every pause.
             "fetch.wait.max.ms": 50,
