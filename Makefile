@@ -2,7 +2,7 @@
 # make demo   - the main job: local Kafka, topic, consumer + producer burst, summary; ends by itself
 # make test   - the whole test suite against a local Kafka it starts and stops itself
 # make unit   - every test that needs no broker (engine against an in-memory Kafka fake, policies, CLI errors)
-# make bench  - throughput, overhead, memory and CPU figures (bench/results.json, bench/throughput.png)
+# make bench  - throughput per topic shape, peers, memory and CPU figures (bench/results.json, BENCHMARKS.md)
 # make faults - only the fault-injection suite (RELIABILITY.md), printing its measured figures
 # make broker / make broker-stop / make broker-status - a local Kafka for the three-terminal flow
 #   (KAFKA_PORT, default 9092); BROKERS=3 runs a 3-node cluster: node 1 on KAFKA_PORT, the others on
@@ -45,7 +45,17 @@ test: kafka lint
 unit: setup
 	$(PY) -m pytest -m "not kafka and not pypi"
 
-bench: kafka
+# Bench peers: sentry-arroyo (PyPI) and Confluent Parallel Consumer (bench/parallel-consumer, Maven Central;
+# skipped with a note when mvn is missing).
+$(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
+	touch $@
+
+bench/parallel-consumer/target/classpath.txt: bench/parallel-consumer/pom.xml bench/parallel-consumer/src/main/java/mtc75/bench/PcPeer.java
+	if command -v mvn >/dev/null; then mvn -q -B -f bench/parallel-consumer/pom.xml compile \
+		dependency:build-classpath -Dmdep.outputFile=target/classpath.txt; fi
+
+bench: kafka $(VENV)/.bench-installed bench/parallel-consumer/target/classpath.txt
 	$(PY) -m bench.run
 
 # The fault-injection suite alone; its measured figures go to .kafka/fault-figures.jsonl (see RELIABILITY.md).

@@ -1,18 +1,36 @@
-"""A consumer process for the memory and CPU figures: the engine with a no-op handler.
+"""One contender of a bench figure in its own process, so each gets its own peak RSS and its own GIL.
 
-Prints one JSON line, read by bench/run.py: messages handled, peak RSS (VmHWM), and RSS at each
-tenth of the run (to tell a plateau from growth).
+    python bench/child.py MODE --topic T --count N [--threads 75] [--work noop|sleep:S|file:PATH]
+                          [--seconds S] [--max-pending P] [-X key=value ...]
+
+MODE is one of:
+  engine  MTC75 (``mtc75.engine.Mtc75Consumer``, default settings, ``-X`` overrides on top)
+  raw     a bare ``consume()`` loop that records each message (last offset per partition, count):
+          the client's own limit, on librdkafka's default settings
+  pool    the plain pattern: ``semaphore.acquire(); executor.submit(handler)`` per message, no commits
+  arroyo  sentry-arroyo's ``RunTaskInThreads`` (``--threads`` = concurrency, ``--max-pending`` =
+          max_pending_futures) followed by ``CommitOffsets``, on arroyo's own consumer configuration
+
+Stops after ``--count`` handled messages, or ``--seconds`` after the first completion when given.
+Prints one JSON line, read by bench/run.py: handled messages, the time from the first fetched message
+to the last completion, completion time stamps when ``--stamps`` is given (for steady-state rates),
+peak RSS (VmHWM) and RSS at each tenth of the run, CPU seconds of the process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mtc75.engine import Mtc75Consumer, Stats
-from mtc75.settings import load_settings, parse_properties
+KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 
 
 def _status_mb(field: str) -> float:
@@ -23,30 +41,188 @@ def _status_mb(field: str) -> float:
     return float("nan")
 
 
-def noop(_msg: Any) -> None:
-    return None
+class Recorder:
+    """Completion bookkeeping shared by every mode: counts, first/last times, RSS at each tenth."""
+
+    def __init__(self, count: int, seconds: float | None, stamps: bool) -> None:
+        self.count = count
+        self.seconds = seconds
+        self.keep_stamps = stamps
+        self.stamps: list[float] = []
+        self.handled = 0
+        self.first_seen = 0.0  # first message out of the client
+        self.first_done = 0.0
+        self.last_done = 0.0
+        self.samples: list[tuple[int, float]] = []
+        self.finished = threading.Event()
+        self._lock = threading.Lock()
+
+    def seen(self) -> None:
+        if not self.first_seen:
+            self.first_seen = time.monotonic()
+
+    def done(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.handled += 1
+            if not self.first_done:
+                self.first_done = now
+            self.last_done = now
+            if self.keep_stamps:
+                self.stamps.append(now)
+            if self.handled >= (len(self.samples) + 1) * self.count / 10:
+                self.samples.append((self.handled, round(_status_mb("VmRSS:"), 1)))
+            if self.handled >= self.count or (self.seconds is not None and now - self.first_done >= self.seconds):
+                self.finished.set()
+
+    def report(self) -> dict[str, Any]:
+        elapsed = self.last_done - (self.first_seen or self.first_done)
+        cpu = os.times()
+        return {
+            "handled": self.handled, "elapsed_s": elapsed, "rate": self.handled / elapsed if elapsed > 0 else 0.0,
+            "peak_rss_mb": _status_mb("VmHWM:"), "rss_samples": self.samples, "cpu_s": cpu.user + cpu.system,
+            "stamps": self.stamps if self.keep_stamps else [],
+        }
+
+
+def make_work(spec: str) -> Callable[[int], None] | None:
+    """The handler's work for a message at ``offset``: None for a no-op."""
+    if spec == "noop":
+        return None
+    kind, _, arg = spec.partition(":")
+    if kind == "sleep":
+        seconds = float(arg)
+        return lambda _offset: time.sleep(seconds)
+    if kind == "file":
+        with open(arg) as f:
+            table = [float(line) for line in f if line.strip()]
+        return lambda offset: time.sleep(table[offset])
+    raise SystemExit(f"bench child: unknown --work {spec!r}")
+
+
+def plain_conf(topic: str) -> dict[str, Any]:
+    return {"bootstrap.servers": KAFKA, "group.id": f"bench-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest", "enable.auto.commit": False}
+
+
+def run_raw(args: argparse.Namespace, rec: Recorder) -> None:
+    from confluent_kafka import Consumer
+
+    consumer = Consumer(plain_conf(args.topic))
+    consumer.subscribe([args.topic])
+    last: dict[int, int] = {}
+    while not rec.finished.is_set():
+        for msg in consumer.consume(1000, timeout=1):
+            if msg.error() is not None:
+                continue
+            rec.seen()
+            last[msg.partition()] = msg.offset()
+            rec.done()
+    consumer.close()
+
+
+def run_pool(args: argparse.Namespace, rec: Recorder, work: Callable[[int], None] | None) -> None:
+    from confluent_kafka import Consumer
+
+    consumer = Consumer(plain_conf(args.topic))
+    consumer.subscribe([args.topic])
+    sem = threading.Semaphore(args.threads)
+
+    def task(offset: int) -> None:
+        if work is not None:
+            work(offset)
+        rec.done()
+        sem.release()
+
+    with ThreadPoolExecutor(args.threads) as pool:
+        while not rec.finished.is_set():
+            for msg in consumer.consume(500, timeout=0.1):
+                if msg.error() is not None:
+                    continue
+                rec.seen()
+                sem.acquire()
+                pool.submit(task, msg.offset())
+                if rec.finished.is_set():
+                    break
+    consumer.close()
+
+
+def run_engine(args: argparse.Namespace, rec: Recorder, work: Callable[[int], None] | None) -> None:
+    from mtc75.engine import Mtc75Consumer, Stats
+    from mtc75.settings import load_settings, parse_properties
+
+    settings = load_settings(None, flags={"TOPIC": args.topic, "GROUP_ID": f"bench-{uuid.uuid4().hex[:8]}",
+                                          "MAX_THREAD_COUNT": args.threads})
+    consumer: Mtc75Consumer | None = None
+
+    def handle(msg: Any) -> None:
+        rec.seen()
+        if work is not None:
+            work(msg.offset())
+        rec.done()
+
+    def on_status(_stats: Stats) -> None:
+        if rec.finished.is_set() and consumer is not None:
+            consumer.stop()
+
+    consumer = Mtc75Consumer(settings, handle, overrides=parse_properties(args.properties),
+                             max_messages=args.count, idle_exit=args.idle_exit, on_status=on_status,
+                             status_interval=0.05)
+    consumer.run()
+
+
+def run_arroyo(args: argparse.Namespace, rec: Recorder, work: Callable[[int], None] | None) -> None:
+    from arroyo.backends.kafka import KafkaConsumer
+    from arroyo.backends.kafka.configuration import build_kafka_consumer_configuration
+    from arroyo.processing import StreamProcessor
+    from arroyo.processing.strategies import CommitOffsets, RunTaskInThreads
+    from arroyo.processing.strategies.abstract import ProcessingStrategy, ProcessingStrategyFactory
+    from arroyo.types import Commit, Message, Partition, Topic
+
+    processor: StreamProcessor[Any] | None = None
+
+    def handle(message: Message[Any]) -> None:
+        rec.seen()
+        if work is not None:
+            work(message.value.offset)
+        rec.done()
+        if rec.finished.is_set() and processor is not None:
+            processor.signal_shutdown()
+
+    class Factory(ProcessingStrategyFactory[Any]):
+        def create_with_partitions(self, commit: Commit, partitions: dict[Partition, int]) -> ProcessingStrategy[Any]:
+            return RunTaskInThreads(handle, args.threads, args.max_pending, CommitOffsets(commit))
+
+    conf = build_kafka_consumer_configuration({}, bootstrap_servers=[KAFKA],
+                                              group_id=f"bench-{uuid.uuid4().hex[:8]}", auto_offset_reset="earliest")
+    processor = StreamProcessor(KafkaConsumer(conf), Topic(args.topic), Factory())
+    processor.run()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=("engine", "raw", "pool", "arroyo"))
     parser.add_argument("--topic", required=True)
-    parser.add_argument("--group-id", required=True)
-    parser.add_argument("--max-messages", type=int, required=True)
-    parser.add_argument("--handler", default="noop")
-    parser.add_argument("-q", action="store_true")
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--threads", type=int, default=75)
+    parser.add_argument("--work", default="noop")
+    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--stamps", action="store_true")
+    parser.add_argument("--max-pending", type=int, default=1000)
+    parser.add_argument("--idle-exit", type=float, default=None, help="engine: stop after this long without messages")
     parser.add_argument("-X", dest="properties", action="append", default=[])
     args = parser.parse_args(argv)
-    settings = load_settings(None, flags={"TOPIC": args.topic, "GROUP_ID": args.group_id})
-    overrides = parse_properties(args.properties)
-    samples: list[tuple[int, float]] = []  # (messages handled, RSS MB) at each tenth of the run
-
-    def on_status(stats: Stats) -> None:
-        if stats.processed >= (len(samples) + 1) * args.max_messages / 10:
-            samples.append((stats.processed, round(_status_mb("VmRSS:"), 1)))
-
-    stats = Mtc75Consumer(settings, noop, overrides=overrides, max_messages=args.max_messages, idle_exit=20,
-                          on_status=on_status, status_interval=0.1).run()
-    print(json.dumps({"processed": stats.processed, "peak_rss_mb": _status_mb("VmHWM:"), "rss_samples": samples}))
+    rec = Recorder(args.count, args.seconds, args.stamps)
+    work = make_work(args.work)
+    if args.mode == "raw":
+        run_raw(args, rec)
+    elif args.mode == "pool":
+        run_pool(args, rec, work)
+    elif args.mode == "engine":
+        run_engine(args, rec, work)
+    else:
+        run_arroyo(args, rec, work)
+    print(json.dumps({"mode": args.mode, **rec.report()}))
     return 0
 
 

@@ -1,9 +1,19 @@
 """``make bench``: MTC75's throughput, overhead, memory and CPU against the local Kafka, as ratios.
 
-Every figure is a ratio of two numbers taken in this one run (the machine is shared and noisy):
-throughput against the ideal N/W, the engine against a raw consume() loop and against the plain
-"acquire; submit" pool, peak RSS at two backlog sizes. Results go to stdout (a table),
-bench/results.json and bench/throughput.png.
+Every figure is a ratio of numbers taken in this one run (the machine is shared and noisy), and
+contenders that are compared take turns on the same backlog, each keeping its best pass:
+
+1. saturation: throughput against the ideal N/W for a ``sleep(W)`` handler; the plain pool and
+   sentry-arroyo's RunTaskInThreads at N = 75, W = 10 ms, timed the same way (same warm-up, same window);
+2. the peer workload (10 000 messages, 1 partition, 0-5 ms, 16 threads): MTC75, Confluent Parallel
+   Consumer 0.5.3.3 (bench/parallel-consumer, when Maven is there) and arroyo, on one list of work times;
+3. topic shapes (uncompressed 150 B, lz4 100 B, uncompressed 10 KB) with a no-op handler: the engine,
+   a raw ``consume()`` loop, the plain "acquire; submit" pool, arroyo and the engine on the fetch
+   settings proposed in issue 16 (PROPOSED_SETTINGS), each in its own process
+   (bench/child.py) with its peak RSS;
+4. CPU per message at a fixed 2 000 msg/s.
+
+Results go to stdout (tables), bench/results.json and bench/throughput.png.
 """
 
 from __future__ import annotations
@@ -14,12 +24,15 @@ import os
 import platform
 import random
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,39 +45,85 @@ from mtc75.topics import create_topic
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).resolve().parent
+PC_DIR = OUT / "parallel-consumer"
 BENCH_PORT = int(os.environ.get("MTC75_BENCH_KAFKA_PORT", "39892"))
-PAYLOAD = b'{"id": 0, "name": "Jane Doe", "email": "jane@example.com", "company": "Example Ltd"}'
 
 THREADS = (1, 16, 75, 200)
 WORK_SECONDS = (0.001, 0.010, 0.050)
+WARMUP = 1.0  # seconds after the first completion not counted in a steady-state rate
+PASSES = 2  # turns each contender takes on a shape; the best one counts
+ARROYO_PENDING = (1, 10)  # arroyo's max_pending_futures, as multiples of its concurrency
 TARGETS = {
     "saturation_75_10ms": 0.97,
     "peer_workload_ratio": 0.90,
-    "overhead_vs_plain_pool": 3.0,
-    "overhead_vs_raw_consume": 0.25,
-    "memory_flatness": 1.1,
-    "memory_peak_mb": 150.0,
+    "noop_vs_plain_pool": 3.0,  # uncompressed shapes
+    "noop_vs_raw": 0.8,  # uncompressed shapes
+    "noop_vs_raw_lz4": 0.5,
+    "rss_small_mb": 150.0,  # 1 000 000 small messages
+    "rss_large_mb": 200.0,  # 10 KB messages
 }
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One kind of topic a user has: message size, compression, backlog."""
+
+    name: str
+    size: int  # bytes per message value
+    compression: str
+    count: int  # backlog, consumed whole by the engine and the raw loop
+    partitions: int = 6
+    others: int = 100_000  # messages the plain pool consumes (its RSS is not a target)
+    arroyo: int = 50_000  # messages arroyo consumes (it is the slowest here: 5-10k msg/s)
+
+    @property
+    def rss_target(self) -> float:
+        return TARGETS["rss_large_mb"] if self.size > 1000 else TARGETS["rss_small_mb"]
+
+    @property
+    def raw_target(self) -> float:
+        return TARGETS["noop_vs_raw_lz4"] if self.compression != "none" else TARGETS["noop_vs_raw"]
+
+
+SHAPES = (
+    Shape("uncompressed 150 B", 150, "none", 1_000_000),
+    Shape("lz4 100 B", 100, "lz4", 1_000_000),
+    Shape("uncompressed 10 KB", 10_000, "none", 40_000, others=40_000, arroyo=40_000),
+)
+
+
+# Fetch settings proposed in issue 16 and not yet the default (see BENCHMARKS.md), run as a contender.
+PROPOSED_SETTINGS = ("-X", "fetch.queue.backoff.ms=10", "-X", "queued.min.messages=30000",
+                     "-X", "queued.max.messages.kbytes=32768")
 
 
 # -- setup --------------------------------------------------------------------------------------------
 
 
-def produce_backlog(bootstrap: str, topic: str, count: int, partitions: int) -> None:
-    """``count`` small messages, produced as fast as the client allows (no Faker: this is not timed)."""
+def payload(i: int, size: int) -> bytes:
+    """A JSON record of ``size`` bytes; the id makes each one different, the filler compresses like text."""
+    head = b'{"id": %d, "name": "Jane Doe", "email": "jane@example.com", "company": "Example Ltd", "note": "' % i
+    return head + b"lorem ipsum " * max(0, (size - len(head) - 2) // 12) + b" " * ((size - len(head) - 2) % 12) + b'"}'
+
+
+def produce_backlog(bootstrap: str, topic: str, count: int, partitions: int, size: int = 100,
+                    compression: str = "lz4") -> None:
+    """``count`` messages of ``size`` bytes, produced as fast as the client allows (this is not timed)."""
     create_topic({"bootstrap.servers": bootstrap}, topic, partitions, 1)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000,
-                         "queue.buffering.max.messages": 500000, "compression.type": "lz4"})
+                         "queue.buffering.max.messages": 500000, "queue.buffering.max.kbytes": 1048576,
+                         "compression.type": compression})
     for i in range(count):
+        value = payload(i, size)
         while True:
             try:
-                producer.produce(topic, value=PAYLOAD, key=str(i).encode())
+                producer.produce(topic, value=value, key=str(i).encode())
                 break
             except BufferError:
                 producer.poll(0.05)
         if i % 10000 == 0:
             producer.poll(0)
-    if producer.flush(120):
+    if producer.flush(300):
         raise SystemExit("bench: backlog not fully delivered")
 
 
@@ -73,17 +132,52 @@ def _settings(bootstrap: str, topic: str, threads: int, **kw: Any) -> Settings:
                               MAX_THREAD_COUNT=threads, **kw)
 
 
+def _group() -> str:
+    return f"bench-{uuid.uuid4().hex[:8]}"
+
+
+def steady_rate(stamps: list[float], warmup: float = WARMUP) -> tuple[float, float, int]:
+    """(rate, window seconds, messages) of completions from ``warmup`` after the first one to the last.
+
+    Every steady-state figure (the engine's, the plain pool's, arroyo's) goes through this one function.
+    """
+    stamps = sorted(stamps)
+    start_at = stamps[0] + warmup
+    window = [t for t in stamps if t >= start_at]
+    if len(window) < 2:
+        raise SystemExit("bench: too few completions after the warm-up to time a steady rate")
+    span = window[-1] - window[0]
+    return (len(window) - 1) / span, span, len(window)
+
+
+def window_for(threads: int, work: float) -> float:
+    """Seconds counted for a steady rate: at least 3 s or 2 000 messages, at most 8 s."""
+    return min(8.0, max(3.0, 2000.0 / (threads / work)))
+
+
+# -- children (bench/child.py) ----------------------------------------------------------------------
+
+
+def child(bootstrap: str, mode: str, topic: str, count: int, *extra: str) -> dict[str, Any]:
+    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=bootstrap, NO_COLOR="1", PYTHONPATH=str(ROOT))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run([sys.executable, str(OUT / "child.py"), mode, "--topic", topic, "--count", str(count),
+                           *extra], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: {mode} child failed: {proc.stderr.strip()[-800:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return report
+
+
 # -- figure 1: saturation efficiency ------------------------------------------------------------------
 
 
-def measure_rate(bootstrap: str, topic: str, threads: int, work: float, warmup: float = 1.0) -> dict[str, float]:
-    """Steady-state throughput of the engine with a ``time.sleep(work)`` handler.
-
-    Completion times are taken in the handler; the rate is the count of completions between the
-    end of a warm-up and the last one, over that time (at least 3 s or 2 000 messages, at most 8 s).
-    """
+def measure_rate(bootstrap: str, topic: str, threads: int, work: float) -> dict[str, float]:
+    """Steady-state throughput of the engine with a ``time.sleep(work)`` handler (see :func:`steady_rate`)."""
     ideal = threads / work
-    window = min(8.0, max(3.0, 2000.0 / ideal))
+    window = window_for(threads, work)
     done: list[float] = []
     consumer: Mtc75Consumer | None = None
 
@@ -92,61 +186,71 @@ def measure_rate(bootstrap: str, topic: str, threads: int, work: float, warmup: 
         done.append(time.monotonic())
 
     def on_status(_stats: Stats) -> None:
-        if done and time.monotonic() - done[0] >= warmup + window:
+        if done and time.monotonic() - done[0] >= WARMUP + window:
             assert consumer is not None
             consumer.stop()
 
     consumer = Mtc75Consumer(_settings(bootstrap, topic, threads), handle, on_status=on_status,
                              status_interval=0.05)
     final = consumer.run()
-    start_at = done[0] + warmup
-    stamps = [t for t in done if t >= start_at]
-    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    rate, span, messages = steady_rate(done)
     return {"threads": threads, "work_s": work, "rate": rate, "ideal": ideal, "ratio": rate / ideal,
-            "pauses": final.pauses, "window_s": stamps[-1] - stamps[0], "messages": len(stamps)}
+            "pauses": final.pauses, "window_s": span, "messages": messages}
 
 
-def plain_pool_rate(bootstrap: str, topic: str, threads: int, work: float, seconds: float) -> float:
-    """The plain pattern for reference: semaphore.acquire(); executor.submit() per message."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex[:8]}",
+def plain_pool_rate(bootstrap: str, topic: str, threads: int, work: float) -> dict[str, float]:
+    """The plain pattern, semaphore.acquire(); executor.submit() per message, timed like the engine."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": _group(),
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})
     consumer.subscribe([topic])
     sem = threading.Semaphore(threads)
-    done = [0]
-    lock = threading.Lock()
+    done: list[float] = []
+    stop_after = WARMUP + window_for(threads, work)
 
     def task() -> None:
         time.sleep(work)
-        with lock:
-            done[0] += 1
+        done.append(time.monotonic())
         sem.release()
 
     with ThreadPoolExecutor(threads) as pool:
-        start = None
-        while True:
+        while not (done and time.monotonic() - done[0] >= stop_after):
             for msg in consumer.consume(500, timeout=0.1):
                 if msg.error():
                     continue
-                if start is None:
-                    start = (time.monotonic(), done[0])
                 sem.acquire()
                 pool.submit(task)
-            if start is not None and time.monotonic() - start[0] >= seconds:
-                break
-        rate = (done[0] - start[1]) / (time.monotonic() - start[0])
     consumer.close()
-    return rate
+    rate, span, messages = steady_rate(done)
+    ideal = threads / work
+    return {"threads": threads, "work_s": work, "rate": rate, "ratio": rate / ideal, "window_s": span,
+            "messages": messages}
 
 
-# -- figure 2: the peer's workload ------------------------------------------------------------------
+def arroyo_rate(bootstrap: str, topic: str, threads: int, work: float, pending: int) -> dict[str, float]:
+    """sentry-arroyo's RunTaskInThreads on the same workload, timed like the engine."""
+    seconds = WARMUP + window_for(threads, work)
+    report = child(bootstrap, "arroyo", topic, 10_000_000, "--threads", str(threads), "--work", f"sleep:{work}",
+                   "--max-pending", str(pending), "--seconds", str(seconds), "--stamps")
+    rate, span, messages = steady_rate(report["stamps"])
+    return {"threads": threads, "work_s": work, "max_pending_futures": pending, "rate": rate,
+            "ratio": rate / (threads / work), "window_s": span, "messages": messages}
 
 
-def peer_workload(bootstrap: str, count: int = 10_000, threads: int = 16) -> dict[str, float]:
-    """10 000 messages, 1 partition, uniformly random 0-5 ms of work, 16 threads."""
+# -- figure 2: the peer workload ------------------------------------------------------------------
+
+
+def peer_workload(bootstrap: str, count: int = 10_000, threads: int = 16) -> dict[str, Any]:
+    """10 000 messages, 1 partition, uniformly random 0-5 ms of work, 16 threads: MTC75 and the peers.
+
+    Each one's time runs from its first handler start to its last handler end; ideal = total work / threads.
+    """
     topic = f"bench-peer-{uuid.uuid4().hex[:8]}"
     produce_backlog(bootstrap, topic, count, partitions=1)
     rng = random.Random(75)
     work = [rng.uniform(0.0, 0.005) for _ in range(count)]
+    ideal = sum(work) / threads
+    work_file = Path(tempfile.mkstemp(prefix="mtc75-bench-work-", suffix=".txt")[1])
+    work_file.write_text("".join(f"{w:.9f}\n" for w in work))
     first: list[float] = []
     last = [0.0]
 
@@ -156,87 +260,76 @@ def peer_workload(bootstrap: str, count: int = 10_000, threads: int = 16) -> dic
         time.sleep(work[msg.offset()])
         last[0] = max(last[0], time.monotonic())
 
-    consumer = Mtc75Consumer(_settings(bootstrap, topic, threads), handle, max_messages=count)
-    consumer.run()
-    elapsed = last[0] - first[0]  # first handler start to last handler end
-    ideal = sum(work) / threads
-    return {"messages": count, "threads": threads, "elapsed_s": elapsed, "ideal_s": ideal, "ratio": ideal / elapsed,
-            "peer_elapsed_s": 2.8}
+    Mtc75Consumer(_settings(bootstrap, topic, threads), handle, max_messages=count).run()
+    elapsed = last[0] - first[0]
+    result: dict[str, Any] = {"messages": count, "threads": threads, "ideal_s": ideal, "elapsed_s": elapsed,
+                              "ratio": ideal / elapsed, "peers": []}
+    try:
+        for multiple in ARROYO_PENDING:
+            pending = multiple * threads
+            r = child(bootstrap, "arroyo", topic, count, "--threads", str(threads), "--work", f"file:{work_file}",
+                      "--max-pending", str(pending))
+            result["peers"].append({"peer": "sentry-arroyo RunTaskInThreads", "max_pending_futures": pending,
+                                    "elapsed_s": r["elapsed_s"], "ratio": ideal / r["elapsed_s"]})
+        pc = parallel_consumer(bootstrap, topic, threads, work_file)
+        if pc is not None:
+            result["peers"].append({"peer": "Confluent Parallel Consumer 0.5.3.3 (UNORDERED)",
+                                    "elapsed_s": pc["elapsed_s"], "ratio": ideal / pc["elapsed_s"]})
+    finally:
+        work_file.unlink()
+    return result
 
 
-# -- figure 3: dispatch overhead --------------------------------------------------------------------
-
-
-def raw_consume_rate(bootstrap: str, topic: str, count: int) -> float:
-    """The client's limit: a bare consume() loop that does nothing with the messages."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex[:8]}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    consumer.subscribe([topic])
-    got, start = 0, None
-    while got < count:
-        batch = consumer.consume(1000, timeout=1)
-        if batch and start is None:
-            start = time.monotonic()
-        got += sum(1 for m in batch if not m.error())
-    rate = got / (time.monotonic() - start)
-    consumer.close()
-    return rate
-
-
-def engine_count_rate(bootstrap: str, topic: str, count: int, threads: int) -> float:
-    """The engine with a no-op handler over ``count`` messages, timed from the first message."""
-    first: list[float] = []
-
-    def handle(_msg: Any) -> None:
-        if not first:
-            first.append(time.monotonic())
-
-    consumer = Mtc75Consumer(_settings(bootstrap, topic, threads), handle, max_messages=count)
-    stats = consumer.run()
-    return stats.processed / (time.monotonic() - first[0])
-
-
-def plain_pool_count_rate(bootstrap: str, topic: str, count: int, threads: int) -> float:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex[:8]}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    consumer.subscribe([topic])
-    sem = threading.Semaphore(threads)
-    got, start = 0, None
-    with ThreadPoolExecutor(threads) as pool:
-        while got < count:
-            for msg in consumer.consume(1000, timeout=1):
-                if msg.error():
-                    continue
-                if start is None:
-                    start = time.monotonic()
-                sem.acquire()
-                pool.submit(sem.release)
-                got += 1
-    rate = got / (time.monotonic() - start)
-    consumer.close()
-    return rate
-
-
-# -- figures 4 and 5: memory and CPU (the consumer script in a child process) ----------------------
-
-
-def child_run(bootstrap: str, topic: str, count: int, extra: list[str]) -> dict[str, float]:
-    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=bootstrap, NO_COLOR="1", PYTHONPATH=str(ROOT))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "child.py"), "--topic", topic,
-         "--group-id", f"bench-{uuid.uuid4().hex[:8]}", "--max-messages", str(count), "-q", *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    out, err = proc.communicate(timeout=600)
+def parallel_consumer(bootstrap: str, topic: str, threads: int, work_file: Path) -> dict[str, Any] | None:
+    """Run bench/parallel-consumer (built by ``make bench``); None when Java or its build is missing."""
+    classpath = PC_DIR / "target" / "classpath.txt"
+    classes = PC_DIR / "target" / "classes"
+    java = shutil.which("java")
+    if java is None or not classpath.exists() or not classes.exists():
+        print("  (Parallel Consumer not built: run 'make bench' with Maven and Java to include it)", flush=True)
+        return None
+    cp = f"{classes}{os.pathsep}{classpath.read_text().strip()}"
+    proc = subprocess.run([java, "-cp", cp, "mtc75.bench.PcPeer", bootstrap, topic, str(threads), str(work_file)],
+                          capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
-        raise SystemExit(f"bench: consumer child failed: {err.strip()[-500:]}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    report = json.loads(out.strip().splitlines()[-1])
-    report["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    report["wall_s"] = time.monotonic() - started
-    return report
+        raise SystemExit(f"bench: Parallel Consumer run failed: {proc.stderr.strip()[-800:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- figure 3: topic shapes, no-op handler ----------------------------------------------------------
+
+
+def shape_row(bootstrap: str, shape: Shape, topic: str, passes: int) -> dict[str, Any]:
+    """The contenders take turns on the same backlog; each keeps its best rate and its highest peak RSS."""
+    best: dict[str, dict[str, Any]] = {}
+    for _ in range(passes):
+        runs = {
+            "raw": child(bootstrap, "raw", topic, shape.count),
+            "engine": child(bootstrap, "engine", topic, shape.count),
+            "engine_proposed_settings": child(bootstrap, "engine", topic, shape.count, *PROPOSED_SETTINGS),
+            "pool": child(bootstrap, "pool", topic, shape.others),
+        }
+        for multiple in ARROYO_PENDING:
+            runs[f"arroyo_x{multiple}"] = child(bootstrap, "arroyo", topic, shape.arroyo,
+                                               "--max-pending", str(75 * multiple))
+        for name, r in runs.items():
+            kept = best.setdefault(name, {"rate": 0.0, "peak_rss_mb": 0.0, "rates": []})
+            kept["rates"].append(round(r["rate"]))
+            kept["rate"] = max(kept["rate"], r["rate"])
+            kept["peak_rss_mb"] = max(kept["peak_rss_mb"], r["peak_rss_mb"])
+            kept["messages"] = r["handled"]
+            kept["cpu_us_per_message"] = r["cpu_s"] / max(1, r["handled"]) * 1e6
+            if name.startswith("engine"):
+                kept["rss_samples"] = r["rss_samples"]
+    engine = best["engine"]["rate"]
+    return {"shape": shape.name, "size": shape.size, "compression": shape.compression, "backlog": shape.count,
+            "partitions": shape.partitions, "contenders": best,
+            "vs_raw": engine / best["raw"]["rate"], "vs_pool": engine / best["pool"]["rate"],
+            "proposed_vs_default": best["engine_proposed_settings"]["rate"] / engine,
+            "raw_target": shape.raw_target, "rss_target": shape.rss_target}
+
+
+# -- figure 4: CPU per message at a fixed rate ------------------------------------------------------
 
 
 def rate_feeder(bootstrap: str, topic: str, rate: float, seconds: float, stop: threading.Event) -> int:
@@ -245,12 +338,28 @@ def rate_feeder(bootstrap: str, topic: str, rate: float, seconds: float, stop: t
     while not stop.is_set() and time.monotonic() - start < seconds:
         due = int((time.monotonic() - start) * rate)
         while sent < due:
-            producer.produce(topic, value=PAYLOAD)
+            producer.produce(topic, value=payload(sent, 100))
             sent += 1
         producer.poll(0)
         time.sleep(0.005)
     producer.flush(30)
     return sent
+
+
+def cpu_figure(bootstrap: str, run: str, seconds: float, rate: float = 2000.0) -> dict[str, float]:
+    topic = f"bench-cpu-{run}"
+    create_topic({"bootstrap.servers": bootstrap}, topic, 4, 1)
+    stop = threading.Event()
+    feeder = threading.Thread(target=rate_feeder, args=(bootstrap, topic, rate, seconds, stop))
+    feeder.start()
+    expected = int(rate * seconds)
+    try:
+        cpu = child(bootstrap, "engine", topic, expected, "--idle-exit", "20")
+    finally:
+        stop.set()
+        feeder.join()
+    return {"rate": rate, "messages": cpu["handled"], "cpu_s": cpu["cpu_s"],
+            "us_per_message": cpu["cpu_s"] / max(1, cpu["handled"]) * 1e6}
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -281,118 +390,140 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="make bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="make bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer points, smaller backlogs (a smoke run)")
+    parser.add_argument("--only", choices=("saturation", "peer", "shapes", "cpu"), action="append",
+                        help="run only these figures (repeatable)")
     args = parser.parse_args(argv)
+    only = set(args.only or ("saturation", "peer", "shapes", "cpu"))
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    broker = None
+    broker, started = None, False
     if not bootstrap:
         broker = LocalKafka(port=BENCH_PORT)
         broker.fetch()
         started = broker.start()
         bootstrap = broker.bootstrap
     t0 = time.monotonic()
+    command = "make bench" if not argv else "python -m bench.run " + " ".join(argv)
     results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": "make bench" + (" --quick" if args.quick else ""),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "load_avg_at_start": os.getloadavg()},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command,
     }
+    shapes = [Shape(s.name, s.size, s.compression, s.count // 5, s.partitions, s.others // 5, s.arroyo // 5)
+              for s in SHAPES] \
+        if args.quick else list(SHAPES)
     try:
         run = uuid.uuid4().hex[:8]
-        big = f"bench-backlog-{run}"
-        backlog = 100_000 if args.quick else 400_000
-        print(f"producing a backlog of {backlog} messages to {big} ...", flush=True)
-        produce_backlog(bootstrap, big, backlog, partitions=8)
+        topics = {}
+        for shape in shapes:
+            topics[shape.name] = f"bench-{shape.compression}-{shape.size}-{run}"
+            print(f"producing {shape.count:,} x {shape.name} to {topics[shape.name]} ...", flush=True)
+            produce_backlog(bootstrap, topics[shape.name], shape.count, shape.partitions, shape.size,
+                            shape.compression)
+        lz4_topic = topics[SHAPES[1].name]
 
-        threads = (1, 16, 75) if args.quick else THREADS
-        results["saturation"] = []
-        for work in WORK_SECONDS:
-            for n in threads:
-                row = measure_rate(bootstrap, big, n, work)
-                results["saturation"].append(row)
-                print(f"  saturation N={n:>3} W={work * 1000:>4g} ms: {row['rate']:9.1f} msg/s "
-                      f"= {row['ratio']:.3f} of ideal ({row['pauses']} pauses)", flush=True)
-        results["plain_pool_75_10ms"] = plain_pool_rate(bootstrap, big, 75, 0.010, 4.0) / 7500.0
+        if "saturation" in only:
+            threads = (1, 16, 75) if args.quick else THREADS
+            results["saturation"] = []
+            for work in WORK_SECONDS:
+                for n in threads:
+                    row = measure_rate(bootstrap, lz4_topic, n, work)
+                    results["saturation"].append(row)
+                    print(f"  saturation N={n:>3} W={work * 1000:>4g} ms: {row['rate']:9.1f} msg/s "
+                          f"= {row['ratio']:.3f} of ideal ({row['pauses']} pauses)", flush=True)
+            results["saturation_peers"] = [plain_pool_rate(bootstrap, lz4_topic, 75, 0.010) | {"peer": "plain pool"}]
+            for multiple in ARROYO_PENDING:
+                row = arroyo_rate(bootstrap, lz4_topic, 75, 0.010, 75 * multiple)
+                results["saturation_peers"].append(row | {"peer": "sentry-arroyo RunTaskInThreads"})
+            for row in results["saturation_peers"]:
+                pending = row.get("max_pending_futures", "")
+                print(f"  saturation N=75 W=10 ms, {row['peer']} {pending}: {row['rate']:.1f} msg/s "
+                      f"= {row['ratio']:.3f} of ideal", flush=True)
 
-        results["peer"] = peer_workload(bootstrap)
-        print(f"  peer workload: {results['peer']['elapsed_s']:.2f} s = {results['peer']['ratio']:.3f} of ideal",
-              flush=True)
+        if "peer" in only:
+            results["peer"] = peer_workload(bootstrap)
+            p = results["peer"]
+            print(f"  peer workload: MTC75 {p['elapsed_s']:.2f} s = {p['ratio']:.3f} of ideal", flush=True)
+            for peer in p["peers"]:
+                print(f"  peer workload: {peer['peer']} {peer.get('max_pending_futures', '')} "
+                      f"{peer['elapsed_s']:.2f} s = {peer['ratio']:.3f}", flush=True)
 
-        count = 50_000 if args.quick else 200_000
-        # The three contenders take turns, twice, and each keeps its better pass: the broker's JVM is
-        # still warming up here, and fetch latency hurts the engine (which pauses) more than the others.
-        raw = engine = plain = 0.0
-        for _ in range(2):
-            raw = max(raw, raw_consume_rate(bootstrap, big, count))
-            engine = max(engine, engine_count_rate(bootstrap, big, count, threads=75))
-            plain = max(plain, plain_pool_count_rate(bootstrap, big, count, threads=75))
-        results["overhead"] = {"messages": count, "raw_consume": raw, "engine_noop": engine, "plain_pool_noop": plain,
-                               "vs_raw": engine / raw, "vs_plain": engine / plain}
-        print(f"  no-op: engine {engine:,.0f}/s, raw consume {raw:,.0f}/s, plain pool {plain:,.0f}/s", flush=True)
+        if "shapes" in only:
+            results["shapes"] = []
+            for shape in shapes:
+                row = shape_row(bootstrap, shape, topics[shape.name], 1 if args.quick else PASSES)
+                results["shapes"].append(row)
+                c = row["contenders"]
+                print(f"  {shape.name}: engine {c['engine']['rate']:,.0f}/s ({c['engine']['peak_rss_mb']:.0f} MB), "
+                      f"raw {c['raw']['rate']:,.0f}/s, pool {c['pool']['rate']:,.0f}/s, proposed settings "
+                      f"{c['engine_proposed_settings']['rate']:,.0f}/s -> {row['vs_raw']:.2f} of raw, "
+                      f"{row['vs_pool']:.2f}x pool", flush=True)
 
-        mem = {}
-        sizes = (20_000, 100_000) if args.quick else (100_000, 1_000_000)
-        for size in sizes:
-            topic = f"bench-mem-{size}-{run}"
-            produce_backlog(bootstrap, topic, size, partitions=8)
-            mem[size] = child_run(bootstrap, topic, size, ["--handler", "noop"])
-            print(f"  memory: {size} messages, peak RSS {mem[size]['peak_rss_mb']:.1f} MB", flush=True)
-        small, large = (mem[s]["peak_rss_mb"] for s in sizes)
-        results["memory"] = {"sizes": list(sizes), "peak_rss_mb": [small, large], "flatness": large / small,
-                             "rss_samples": {str(s): mem[s]["rss_samples"] for s in sizes}}
-
-        rate, seconds = 2000.0, 10.0 if not args.quick else 5.0
-        topic = f"bench-cpu-{run}"
-        create_topic({"bootstrap.servers": bootstrap}, topic, 4, 1)
-        stop = threading.Event()
-        sent = [0]
-        feeder = threading.Thread(
-            target=lambda: sent.__setitem__(0, rate_feeder(bootstrap, topic, rate, seconds, stop))
-        )
-        feeder.start()
-        expected = int(rate * seconds)
-        cpu = child_run(bootstrap, topic, expected, ["--handler", "noop"])
-        stop.set()
-        feeder.join()
-        results["cpu"] = {"rate": rate, "messages": cpu["processed"], "cpu_s": cpu["cpu_s"],
-                          "us_per_message": cpu["cpu_s"] / max(1, cpu["processed"]) * 1e6}
-        print(f"  CPU at {rate:.0f} msg/s: {results['cpu']['us_per_message']:.0f} µs per message", flush=True)
+        if "cpu" in only:
+            results["cpu"] = cpu_figure(bootstrap, run, 5.0 if args.quick else 10.0)
+            print(f"  CPU at {results['cpu']['rate']:.0f} msg/s: {results['cpu']['us_per_message']:.0f} µs per message",
+                  flush=True)
     finally:
         if broker is not None and started:
             broker.stop()
     results["elapsed_s"] = time.monotonic() - t0
+    results["load_avg_at_end"] = os.getloadavg()
     (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, OUT / "throughput.png")
-    print_table(results)
+    if "saturation" in results:
+        plot(results, OUT / "throughput.png")
+    print_tables(results)
     return 0
 
 
-def print_table(r: dict[str, Any]) -> None:
-    sat = {(row["threads"], row["work_s"]): row for row in r["saturation"]}
-    print()
-    print("| figure | measured | target |")
-    print("|---|---|---|")
-    key = sat.get((75, 0.010))
-    if key:
-        print(f"| saturation efficiency N=75 W=10 ms | {key['ratio']:.3f} | >= {TARGETS['saturation_75_10ms']} |")
-    print(f"| plain acquire+submit pool N=75 W=10 ms (reference) | {r['plain_pool_75_10ms']:.3f} | - |")
-    p = r["peer"]
-    print(f"| peer workload (10k msgs, 0-5 ms, 16 threads) | {p['elapsed_s']:.2f} s = {p['ratio']:.3f} of ideal "
-          f"| >= {TARGETS['peer_workload_ratio']} (peer: 2.8 s, 0.56) |")
-    o = r["overhead"]
-    print(f"| no-op engine / plain pool | {o['vs_plain']:.2f}x | >= {TARGETS['overhead_vs_plain_pool']}x |")
-    print(f"| no-op engine / raw consume | {o['vs_raw']:.3f} | >= {TARGETS['overhead_vs_raw_consume']} |")
-    m = r["memory"]
-    print(f"| peak RSS {m['sizes'][0]:,} / {m['sizes'][1]:,} backlog | {m['peak_rss_mb'][0]:.0f} / "
-          f"{m['peak_rss_mb'][1]:.0f} MB, {m['flatness']:.2f}x | <= {TARGETS['memory_flatness']}x, "
-          f"<= {TARGETS['memory_peak_mb']:.0f} MB |")
-    c = r["cpu"]
-    print(f"| CPU per message at {c['rate']:.0f} msg/s | {c['us_per_message']:.0f} µs | - |")
-    print()
-    print("| W \\ N | " + " | ".join(str(n) for n in sorted({k[0] for k in sat})) + " |")
-    print("|---|" + "---|" * len({k[0] for k in sat}))
-    for work in WORK_SECONDS:
-        cells = [f"{sat[(n, work)]['ratio']:.3f}" for n in sorted({k[0] for k in sat}) if (n, work) in sat]
-        print(f"| {work * 1000:g} ms | " + " | ".join(cells) + " |")
+def print_tables(r: dict[str, Any]) -> None:
+    print(f"\n{r['command']} on {r['date']}, {r['elapsed_s']:.0f} s, load average at start "
+          f"{r['machine']['load_avg_at_start'][0]:.1f}")
+    if "saturation" in r:
+        sat = {(row["threads"], row["work_s"]): row for row in r["saturation"]}
+        ns = sorted({k[0] for k in sat})
+        print("\n| W \\ N | " + " | ".join(str(n) for n in ns) + " |")
+        print("|---|" + "---|" * len(ns))
+        for work in WORK_SECONDS:
+            cells = [f"{sat[(n, work)]['ratio']:.3f}" for n in ns if (n, work) in sat]
+            print(f"| {work * 1000:g} ms | " + " | ".join(cells) + " |")
+        print("\n| N = 75, W = 10 ms | msg/s | of ideal |")
+        print("|---|---|---|")
+        key = sat.get((75, 0.010))
+        if key:
+            target = TARGETS["saturation_75_10ms"]
+            print(f"| MTC75 | {key['rate']:,.0f} | **{key['ratio']:.3f}** (target >= {target}) |")
+        for row in r["saturation_peers"]:
+            name = row["peer"] + (f", max_pending_futures={row['max_pending_futures']}"
+                                  if "max_pending_futures" in row else "")
+            print(f"| {name} | {row['rate']:,.0f} | {row['ratio']:.3f} |")
+    if "peer" in r:
+        p = r["peer"]
+        print(f"\n| 10 000 msgs, 1 partition, 0-5 ms, 16 threads (ideal {p['ideal_s']:.2f} s) | elapsed | of ideal |")
+        print("|---|---|---|")
+        print(f"| MTC75 | {p['elapsed_s']:.2f} s | **{p['ratio']:.3f}** (target >= {TARGETS['peer_workload_ratio']}) |")
+        for peer in p["peers"]:
+            name = peer["peer"] + (f", max_pending_futures={peer['max_pending_futures']}"
+                                   if "max_pending_futures" in peer else "")
+            print(f"| {name} | {peer['elapsed_s']:.2f} s | {peer['ratio']:.3f} |")
+    if "shapes" in r:
+        print("\n| shape (no-op handler) | engine msg/s (peak RSS) | raw loop msg/s (RSS) | plain pool msg/s "
+              "| engine / raw | engine / pool | arroyo msg/s by max_pending_futures | engine, proposed settings "
+              "(peak RSS) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for row in r["shapes"]:
+            c = row["contenders"]
+            arroyo = ", ".join(f"{75 * m}: {c[f'arroyo_x{m}']['rate']:,.0f}" for m in ARROYO_PENDING)
+            print(f"| {row['shape']} ({row['backlog']:,} msgs) | {c['engine']['rate']:,.0f} "
+                  f"({c['engine']['peak_rss_mb']:.0f} MB, target <= {row['rss_target']:.0f}) "
+                  f"| {c['raw']['rate']:,.0f} ({c['raw']['peak_rss_mb']:.0f} MB) | {c['pool']['rate']:,.0f} "
+                  f"| **{row['vs_raw']:.2f}** (>= {row['raw_target']}) | **{row['vs_pool']:.2f}x** | {arroyo} "
+                  f"| {c['engine_proposed_settings']['rate']:,.0f} ({c['engine_proposed_settings']['peak_rss_mb']:.0f}"
+                  f" MB): {row['proposed_vs_default']:.2f}x the default |")
+    if "cpu" in r:
+        c = r["cpu"]
+        print(f"\nCPU per message at {c['rate']:.0f} msg/s (no-op, start-up included): {c['us_per_message']:.0f} µs")
 
 
 if __name__ == "__main__":

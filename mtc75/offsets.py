@@ -84,6 +84,23 @@ class OffsetTracker:
         pending.append(offset)
         return True
 
+    @classmethod
+    def admit_run(cls, state: PartitionState, offsets: list[int]) -> list[bool] | None:
+        """Record a run of fetched offsets of one partition, as one step when it can.
+
+        None means every offset was admitted: the run is contiguous and ascending (as one fetch
+        returns it) and starts past everything already handed out or completed. Otherwise each
+        offset goes through :meth:`admit` and the answer says which ones were admitted.
+        Measured (bench/noop_path.py): one step per run instead of one call per message.
+        """
+        first, last = offsets[0], offsets[-1]
+        pending = state.pending
+        floor = pending[-1] if pending else (state.position - 1 if state.position is not None else first - 1)
+        if first > floor and last - first == len(offsets) - 1 and offsets == list(range(first, last + 1)):
+            pending.extend(offsets)
+            return None
+        return [cls.admit(state, offset) for offset in offsets]
+
     @staticmethod
     def complete(state: PartitionState, offset: int) -> bool:
         """Mark an offset done; False when its assignment was revoked since (a late completion)."""

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from mtc75.dispatcher import Dispatcher, Permits, Work
+from mtc75.dispatcher import FAST_HANDLER, MIN_ACTIVE, Dispatcher, Permits, Work
 from mtc75.offsets import OffsetTracker
 from tests.kafka_helpers import wait_until
 
@@ -300,4 +300,42 @@ def test_no_retry_is_scheduled_for_a_revoked_assignment() -> None:
         assert work.failed and work.attempts == 1
     finally:
         go.set()
+        d.shutdown(wait=True)
+
+
+def test_fast_handlers_start_few_workers_and_a_stalled_backlog_gets_every_free_one() -> None:
+    release = threading.Event()
+    slow = [False]
+
+    def handler(_msg: object) -> None:
+        if slow[0]:
+            release.wait(10)
+
+    tracker = OffsetTracker()
+    tracker.assign([("t", 0)])
+    d = Dispatcher(handler, max_thread_count=20)
+    try:
+        # until a first measure every free worker starts, as before
+        d.put(_work(tracker, 0, range(0, 40)))
+        assert d.max_active_threads == 20
+        assert d.wait_idle(10)
+        assert d._per_message is not None and d._per_message < FAST_HANDLER  # a no-op is fast
+        d.completions.clear()
+        # the handler turns slow: a burst of 10 starts only MIN_ACTIVE workers ...
+        slow[0] = True
+        d.put(_work(tracker, 0, range(40, 50)))
+        assert d.active_thread_count == MIN_ACTIVE
+        wait_until(lambda: d.backlog == 10 - MIN_ACTIVE, timeout=5, what="the two workers to take a message each")
+        # ... and once nothing was taken for STALL_SECONDS, the poll thread's turn starts the rest
+        def unstalled() -> bool:
+            d.release_due()
+            return d.active_thread_count == 10
+
+        wait_until(unstalled, timeout=5, what="every waiting message to get a worker")
+        wait_until(lambda: d.backlog == 0, timeout=5, what="the backlog to be taken")
+        release.set()
+        assert d.wait_idle(10)
+        assert sorted(w.offset for w in d.completions) == list(range(40, 50))
+    finally:
+        release.set()
         d.shutdown(wait=True)

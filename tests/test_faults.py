@@ -156,6 +156,7 @@ def test_crash_loop_kill_9_loses_nothing_and_duplicates_stay_within_the_window(
                 assert proc.poll() is None, f"consumer died by itself (exit {proc.returncode})"
                 assert now < deadline, f"run {k}: no progress to {target} records"
                 time.sleep(0.02)
+            samples.append((time.monotonic(), count))  # the burst that reached the target counts too
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
         finally:
@@ -202,13 +203,18 @@ def test_crash_loop_kill_9_loses_nothing_and_duplicates_stay_within_the_window(
 
 
 def _peak_rate(samples: list[tuple[float, int]]) -> float:
-    """Most records per second over any 1-second stretch of the samples."""
+    """Most records per second over any 0.1-1 s stretch of the samples.
+
+    A run can reach its kill target within a few tenths of a second of its first record; a 0.5 s
+    minimum stretch then fell back to an average that included the group join, and understated the
+    rate (and with it the bound) several times over.
+    """
     best, j = 0.0, 0
     for i in range(len(samples)):
         while samples[i][0] - samples[j][0] > 1.0:
             j += 1
         span = samples[i][0] - samples[j][0]
-        if span >= 0.5:
+        if span >= 0.1:
             best = max(best, (samples[i][1] - samples[j][1]) / span)
     if best == 0.0 and len(samples) > 1:
         span = samples[-1][0] - samples[0][0]

@@ -113,3 +113,36 @@ def test_lag_base_is_the_committed_position_else_the_oldest_in_flight() -> None:
     tracker.mark_committed(TP, 6)
     assert tracker.lag_base(TP) == 6
     assert tracker.lag_base(("t", 9)) is None
+
+
+def test_admit_run_takes_a_contiguous_run_in_one_step() -> None:
+    tracker = OffsetTracker()
+    tracker.assign([TP])
+    state = tracker.state(TP)
+    assert tracker.admit_run(state, [0, 1, 2]) is None
+    assert tracker.admit_run(state, [3, 4]) is None
+    assert list(state.pending) == [0, 1, 2, 3, 4]
+
+
+def test_admit_run_skips_offsets_already_in_flight_or_completed() -> None:
+    tracker = OffsetTracker()
+    tracker.assign([TP])
+    state = tracker.state(TP)
+    assert tracker.admit_run(state, [0, 1, 2]) is None
+    # a redelivery overlapping what is in flight: only the new offsets are admitted
+    assert tracker.admit_run(state, [1, 2, 3, 4]) == [False, False, True, True]
+    for o in range(5):
+        tracker.complete(state, o)
+    assert state.position == 5 and not state.pending
+    # after completion the floor is the watermark: 3 and 4 are done, 5 is new
+    assert tracker.admit_run(state, [3, 4, 5]) == [False, False, True]
+    assert list(state.pending) == [5]
+
+
+def test_admit_run_with_gaps_or_disorder_goes_offset_by_offset() -> None:
+    tracker = OffsetTracker()
+    tracker.assign([TP])
+    state = tracker.state(TP)
+    assert tracker.admit_run(state, [0, 1, 5, 6]) == [True, True, True, True]  # compaction holes
+    assert tracker.admit_run(state, [9, 8, 10]) == [True, False, True]  # 8 after 9: not ascending
+    assert list(state.pending) == [0, 1, 5, 6, 9, 10]

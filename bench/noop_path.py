@@ -1,0 +1,102 @@
+"""The engine's own cost per message on the no-op path, without a broker: ``python -m bench.noop_path``.
+
+Feeds pre-built ``confluent_kafka.Message`` objects (batches of 500 in runs of one partition, as
+``consume()`` returns them) through the poll thread's real steps — ``_accept`` (tracker + backlog),
+the dispatcher's workers running a no-op handler, ``_drain_completions`` (watermarks) — and reports
+wall-clock and process CPU microseconds per message, for several thread counts. With ``--profile``
+it prints the poll thread's cProfile (the workers' share is the difference to the total).
+No Kafka call is made: this is what MTC75 adds on top of the client, measured without the noise of
+a broker sharing the two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import time
+from typing import Any
+
+from confluent_kafka import Message
+
+from mtc75.dispatcher import Dispatcher
+from mtc75.engine import Mtc75Consumer
+from mtc75.settings import Settings
+
+BATCH = 500
+PARTITIONS = 6
+
+
+def batches(count: int) -> list[list[Any]]:
+    """``count`` messages over PARTITIONS partitions, in batches of BATCH made of per-partition runs."""
+    out: list[list[Any]] = []
+    next_offset = [0] * PARTITIONS
+    run = BATCH // PARTITIONS
+    made = 0
+    while made < count:
+        batch = []
+        for p in range(PARTITIONS):
+            for _ in range(run):
+                batch.append(Message(topic="t", partition=p, offset=next_offset[p], value=b"x" * 100))
+                next_offset[p] += 1
+        made += len(batch)
+        out.append(batch)
+    return out
+
+
+def measure(count: int, threads: int, profile: bool = False) -> dict[str, float]:
+    handled = [0]
+
+    def noop(_msg: Any) -> None:
+        return None
+
+    engine = Mtc75Consumer(Settings().replace(TOPIC="t", MAX_THREAD_COUNT=threads), noop)
+    engine._dispatcher = Dispatcher(noop, threads)
+    engine._tracker.assign([("t", p) for p in range(PARTITIONS)])
+    work = batches(count)
+    total = sum(len(b) for b in work)
+    prof = cProfile.Profile() if profile else None
+    cpu0, wall0 = os.times(), time.perf_counter()
+    if prof:
+        prof.enable()
+    for batch in work:
+        engine._accept(batch)
+        engine._drain_completions()
+        # keep at most ~2 batches waiting, as the engine's high watermark does
+        while engine._dispatcher.backlog > 2 * BATCH:
+            engine._dispatcher.wait_backlog_at_most(BATCH, 0.01)
+            engine._drain_completions()
+    while engine._processed < total:
+        engine._dispatcher.wait_idle(0.01)
+        engine._drain_completions()
+    if prof:
+        prof.disable()
+    wall = time.perf_counter() - wall0
+    cpu1 = os.times()
+    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    engine._dispatcher.shutdown(wait=True)
+    handled[0] = engine._processed
+    if prof:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+    return {"threads": threads, "messages": handled[0], "wall_us": wall / total * 1e6, "cpu_us": cpu / total * 1e6,
+            "rate": total / wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=300_000)
+    parser.add_argument("--threads", type=int, action="append")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per thread count; the least CPU counts")
+    args = parser.parse_args(argv)
+    for threads in args.threads or (1, 4, 75):
+        r = min((measure(args.count, threads, args.profile) for _ in range(args.repeat)), key=lambda x: x["cpu_us"])
+        print(f"threads={threads:>3}: {r['wall_us']:.2f} µs wall, {r['cpu_us']:.2f} µs CPU per message "
+              f"({r['rate']:,.0f} msg/s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
