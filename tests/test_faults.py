@@ -32,8 +32,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer
 
-import mtc75.engine
 from mtc75.broker import LocalKafka
+from mtc75.clients import KafkaClients
 from mtc75.deadletter import H_ATTEMPTS, H_ERROR, H_OFFSET, H_PARTITION, H_TOPIC
 from mtc75.engine import Mtc75Consumer, Stats
 from mtc75.settings import Settings
@@ -623,7 +623,6 @@ def test_a_failed_dead_letter_publish_is_retried_never_dropped(
 
 def test_nothing_is_committed_while_no_broker_is_reachable(
     own_broker: LocalKafka, unique: Callable[[str], str], caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """While every broker is down the handlers go on finishing work, and the consumer sends no commit
     (it would only pile up in the client); once the broker is back it commits everything."""
@@ -634,7 +633,6 @@ def test_nothing_is_committed_while_no_broker_is_reachable(
             commits.append(time.time())
             return super().commit(*args, **kwargs)
 
-    monkeypatch.setattr(mtc75.engine, "Consumer", RecordingConsumer)
     own_broker.start()
     bootstrap, n = own_broker.bootstrap, 1_500
     topic, group = unique("nocommit"), unique("g")
@@ -652,7 +650,7 @@ def test_nothing_is_committed_while_no_broker_is_reachable(
         PAUSE_INTERVAL=5.0,  # the backlog holds about one interval of work: 5 s to finish during the outage
     )
     # No --max-messages: the run could end during the outage; it is stopped once all is committed.
-    consumer = Mtc75Consumer(settings, handler)
+    consumer = Mtc75Consumer(settings, handler, clients=KafkaClients(consumer=RecordingConsumer))
     caplog.set_level(logging.WARNING, logger="mtc75.engine")
     runner = threading.Thread(target=consumer.run)
     runner.start()
