@@ -24,6 +24,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
+from mtc75.clients import new_client
 from mtc75.dispatcher import Work
 from mtc75.errors import MessageFailed
 from mtc75.retry import DelayQueue
@@ -90,7 +91,9 @@ class DeadLetters:
         Existence is checked first, so a consumer without the right to create topics works with a
         DLQ topic an administrator made.
         """
-        admin = AdminClient(dict(admin_conf))
+        admin = new_client(AdminClient, admin_conf, "librdkafka admin")
+        # Created now, so a property the producer refuses is a start-up error, not one at the first failure.
+        self._producer = self._producer or new_client(Producer, self._conf, "dead-letter producer")
         info = fetch_metadata(admin, str(admin_conf.get("bootstrap.servers")), self.topic).topics.get(self.topic)
         if info is not None and info.error is None and info.partitions:
             return
@@ -100,7 +103,7 @@ class DeadLetters:
     def publish(self, work: Work) -> None:
         """Send the original key, value and headers with the failure headers added."""
         if self._producer is None:
-            self._producer = Producer(self._conf)
+            self._producer = new_client(Producer, self._conf, "dead-letter producer")
         self.pending += 1
         try:
             self._send(work)

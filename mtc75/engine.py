@@ -18,9 +18,10 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
 
+from mtc75.clients import new_client
 from mtc75.deadletter import DeadLetters
 from mtc75.dispatcher import Dispatcher, Handler, Work
-from mtc75.errors import ConfigError, KafkaFatal, KafkaUnavailable, MessageFailed, Mtc75Error, TopicGone
+from mtc75.errors import KafkaFatal, KafkaUnavailable, MessageFailed, Mtc75Error, TopicGone
 from mtc75.gate import PauseGate
 from mtc75.handlers import prepare_handler
 from mtc75.offsets import OffsetTracker, Partition, PartitionState
@@ -183,7 +184,7 @@ class Mtc75Consumer:
         conf = dict(self._conf)
         conf.setdefault("error_cb", self._on_error)
         conf["on_commit"] = self._on_commit
-        consumer = _new_client(Consumer, conf, "consumer")
+        consumer = new_client(Consumer, conf, "librdkafka consumer")
         self._consumer = consumer
         self._dispatcher = Dispatcher(self._handler, self._settings.MAX_THREAD_COUNT, self._retry)
         try:
@@ -790,8 +791,9 @@ class Mtc75Consumer:
         """Learn the topic's id now, so a delete + re-create while running is noticed (topicwatch.py)."""
         connection = {k: v for k, v in self._conf.items() if k.startswith(CONNECTION_PREFIXES)}
         connection.pop("error_cb", None)
-        self._watch = _new_client(
-            lambda conf: TopicWatch(conf, self._settings.TOPIC), self._settings.admin_config(connection), "admin"
+        self._watch = new_client(
+            lambda conf: TopicWatch(conf, self._settings.TOPIC), self._settings.admin_config(connection),
+            "librdkafka admin",
         )
         self._watch.start(METADATA_TIMEOUT)
 
@@ -917,16 +919,6 @@ def _revoke_budget(revoke_timeout: float, conf: Mapping[str, Any]) -> float:
     except (TypeError, ValueError):
         poll_interval = 300.0  # an invalid value is reported when the consumer is created
     return min(revoke_timeout, REVOKE_SHARE_OF_POLL_INTERVAL * poll_interval)
-
-
-def _new_client(factory: Callable[[dict[str, Any]], Any], conf: Mapping[str, Any], kind: str) -> Any:
-    """Create a librdkafka client; an invalid or unknown property is a ConfigError (exit 2), not a traceback."""
-    try:
-        return factory(dict(conf))
-    except KafkaException as err:
-        raise ConfigError(f"invalid librdkafka {kind} configuration: {err.args[0].str()}") from None
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"invalid librdkafka {kind} configuration: {err}") from None
 
 
 def _is_incremental(conf: Mapping[str, Any]) -> bool:

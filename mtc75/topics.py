@@ -10,6 +10,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
+from mtc75.clients import new_client
 from mtc75.errors import KafkaUnavailable, Mtc75Error
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def create_topic(
     conf: Mapping[str, Any], topic: str, partitions: int, replication_factor: int, timeout: float = 30.0
 ) -> bool:
     """Create ``topic`` and wait until metadata shows it; False when it already existed."""
-    admin = AdminClient(dict(conf))
+    admin = new_client(AdminClient, conf, "librdkafka admin")
     bootstrap = str(conf.get("bootstrap.servers"))
     fetch_metadata(admin, bootstrap)
     future = admin.create_topics(
