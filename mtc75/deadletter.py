@@ -40,7 +40,7 @@ H_ATTEMPTS, H_ERROR = "mtc75.attempts", "mtc75.error"
 H_TRUNCATED = "mtc75.truncated"  # on a record sent smaller than the original: the original value's size
 TRUNCATED_VALUE_BYTES = 64 * 1024  # first shrink step: far below every default size limit (1 MB)
 MAX_KEY_BYTES = 1024  # last shrink step: key cut to this, value and original headers dropped
-SIZE_CODES = (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError._MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE)
+SIZE_CODES = (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE)  # local and broker-side
 
 
 def dlq_topic(topic: str) -> str:
