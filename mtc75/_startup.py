@@ -7,8 +7,8 @@ their own); the script replaces it with its own handler once it is ready. Main t
 
 from __future__ import annotations
 
+import _signal  # the C module: `signal` itself imports enum, a few ms more without a handler
 import os
-import signal
 import sys
 from types import FrameType
 
@@ -26,4 +26,4 @@ def _is_our_script() -> bool:
 
 
 if _is_our_script():
-    signal.signal(signal.SIGINT, _interrupted)
+    _signal.signal(_signal.SIGINT, _interrupted)
