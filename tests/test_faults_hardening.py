@@ -638,3 +638,81 @@ def test_idle_exit_counts_from_the_first_assignment(
     assert {r[2] for r in _records(record)} == set(range(50)), f"handled {len(_records(record))} of 50"
     assert took > 5, "the rebalance did not wait for the dead member: the test proves nothing"
     report_figures("idle_exit_after_rebalance", messages=50, handled=50, run_s=round(took, 1), idle_exit_s=3)
+
+
+# -- policies without a broker ---------------------------------------------------------------------------
+
+
+def test_topic_id_answers_are_classified_without_a_broker() -> None:
+    from mtc75.topicwatch import Change, classify
+
+    gone = KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+    assert classify("a", "a") is Change.SAME
+    assert classify("a", "b") is Change.RECREATED
+    assert classify("a", gone) is Change.GONE
+    assert classify("a", KafkaException(KafkaError(KafkaError._TIMED_OUT))) is Change.UNKNOWN
+    assert classify(None, "b") is Change.SAME  # the first answer is the incarnation we consume
+
+
+def test_dead_letter_record_refused_for_its_size_is_resent_smaller_and_counted_once() -> None:
+    from mtc75.deadletter import DeadLetters
+    from mtc75.errors import MessageFailed
+
+    class Msg:
+        def __init__(self, value: bytes) -> None:
+            self._value = value
+
+        def topic(self) -> str:
+            return "t"
+
+        def partition(self) -> int:
+            return 0
+
+        def key(self) -> bytes:
+            return b"k"
+
+        def value(self) -> bytes:
+            return self._value
+
+        def headers(self) -> list[tuple[str, bytes]]:
+            return []
+
+    class Producer_:
+        """Refuses, like librdkafka's produce(), records over ``limit`` bytes; confirms the rest."""
+
+        def __init__(self, limit: int) -> None:
+            self.limit, self.sent, self._reports = limit, [], []
+
+        def produce(self, topic: str, key: bytes, value: bytes | None, headers: list, on_delivery: Callable) -> None:
+            if len(value or b"") > self.limit:
+                raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+            self.sent.append((value, dict(headers)))
+            self._reports.append(on_delivery)
+
+        def poll(self, _timeout: float) -> None:
+            for report in self._reports:
+                report(None, None)
+            self._reports.clear()
+
+    tracker = OffsetTracker()
+    tracker.assign([("t", 0)])
+    state = tracker.state(("t", 0))
+    for limit, expected in ((100_000, TRUNCATED_VALUE_BYTES), (10, 0)):
+        dlq = DeadLetters({}, "t", 0.1)
+        dlq._producer = Producer_(limit)  # type: ignore[assignment]
+        work = Work(Msg(b"x" * 1_000_000), state, 7)
+        dlq.publish(work)
+        assert dlq.pending == 1
+        assert dlq.poll() == [work] and dlq.pending == 0
+        value, headers = dlq._producer.sent[-1]  # type: ignore[attr-defined]
+        assert len(value or b"") == expected and headers[H_TRUNCATED] == b"1000000"
+    dlq = DeadLetters({}, "t", 0.1)
+
+    class Forbidden(Producer_):
+        def produce(self, *args: object, **kwargs: object) -> None:
+            raise KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
+
+    dlq._producer = Forbidden(0)  # type: ignore[assignment]
+    with pytest.raises(MessageFailed, match="@7"):
+        dlq.publish(Work(Msg(b"x"), state, 7))
+    assert dlq.pending == 0  # a record produce() refused is not counted as pending
