@@ -216,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     code = run_main(run, PROG)
-    if started and started[0].abandoned:
-        # Abandoned handlers still run in worker threads, and the interpreter would wait for them at exit
-        # for ever: leave now, with the code the run ended with. Their messages are uncommitted.
+    if started and (started[0].abandoned or started[0].close_timed_out):
+        # Abandoned handlers still run in worker threads (or the Kafka client is stuck closing), and the
+        # interpreter would wait for them at exit for ever: leave now, with the code the run ended with.
+        # Their messages are uncommitted.
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
