@@ -333,6 +333,28 @@ def test_record_too_large_for_the_dlq_is_dead_lettered_truncated_and_never_stick
                    exit_code=first.returncode, committed=10, restart_exit_code=again.returncode, run_s=round(took, 1))
 
 
+def test_dlq_record_that_fits_no_way_stops_with_exit_5_naming_the_offset(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """The other side of the rule: when even the bare record cannot be published, exit 5, commit below it."""
+    topic, group = make_topic(partitions=1), unique("g")
+    admin = _admin(bootstrap)
+    # A DLQ topic whose records may not exceed 64 bytes: nothing with the mtc75.* headers fits.
+    admin.create_topics([NewTopic(topic + ".dlq", 1, 1, config={"max.message.bytes": "64"})])[
+        topic + ".dlq"].result(timeout=30)
+    record = tmp_path / "handled.txt"
+    _produce(bootstrap, topic, [{"id": 0}, {"id": 1, "act": "fail"}, *({"id": i} for i in range(2, 6))], partition=0)
+    result = run_script(PROG, *_base_args(topic, group, "--on-failure", "dlq", "--max-attempts", "1",
+                                          "--idle-exit", "5"),
+                        env=script_env(bootstrap, MTC75_TEST_RECORD=str(record)), timeout=90)
+    assert result.returncode == 5, result.stderr[-3000:]
+    errors = _error_lines(result.stderr)
+    assert len(errors) == 1 and f"{topic}[0]@1" in errors[0] and "dead-letter" in errors[0], result.stderr[-2000:]
+    committed = committed_offsets(bootstrap, group, topic)[0]
+    assert committed <= 1, f"committed {committed}: past the message that was never dead-lettered"
+    report_figures("dlq_unpublishable", exit_code=result.returncode, committed=committed, failed_offset=1)
+
+
 # -- 6: a handler that never returns, on every exit path ------------------------------------------------------
 
 
