@@ -20,10 +20,12 @@ from mtc75.engine import Stats
 from mtc75.errors import (
     BrokerUnreachable,
     ConfigError,
+    HandlerRefused,
     KafkaFatalError,
     KafkaUnavailable,
     MessageFailed,
     Mtc75Error,
+    TopicGone,
     TopicNotFound,
 )
 
@@ -32,11 +34,13 @@ __all__ = [
     "BrokerUnreachable",
     "ConfigError",
     "Consumer",
+    "HandlerRefused",
     "KafkaFatalError",
     "KafkaUnavailable",
     "MessageFailed",
     "Mtc75Error",
     "Stats",
+    "TopicGone",
     "TopicNotFound",
     "__version__",
 ]
