@@ -13,6 +13,11 @@ repository are built from the same engine; everything else in this package is in
 
 from __future__ import annotations
 
+# First, before the imports below (logging, confluent_kafka, the engine: most of a script's start-up): a
+# script's ``import mtc75._startup`` runs this file first, and Ctrl-C meanwhile must be exit 130, not a
+# traceback. It does nothing unless ``__main__`` is one of the repository's scripts.
+import mtc75._startup  # noqa: F401
+
 import logging
 
 from mtc75.api import Consumer

@@ -553,7 +553,9 @@ def test_ctrl_c_in_the_first_instant_of_start_up_is_exit_130_without_a_traceback
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=60)
-        ours = [line for line in err.splitlines() if str(ROOT) in line]
+        # Frames of our code: the venv lives under ROOT too, and a Ctrl-C while Python's own `site`
+        # start-up imports from it (seen at 0.1 s on the loaded 2-core box) is not ours to handle.
+        ours = [line for line in err.splitlines() if str(ROOT) in line and "site-packages" not in line]
         if all("mtc75_consumer.py\", line 6," in line for line in ours) and proc.returncode != 130:
             # So early that Python was still starting, or importing the first line (mtc75._startup, which
             # installs the handler): nothing of ours had run. Not what this test is about.
