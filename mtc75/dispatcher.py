@@ -338,4 +338,3 @@ class Dispatcher:
                     exc_info=logger.isEnabledFor(logging.DEBUG),
                 )
             done(work)
-
