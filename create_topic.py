@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import mtc75._startup  # noqa: F401 - first: Ctrl-C during the imports is exit 130, not a traceback
+
 import logging
 import sys
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import mtc75._startup  # noqa: F401 - first: Ctrl-C during the imports is exit 130, not a traceback
+
 import argparse
 import json
 import logging
@@ -13,7 +15,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from mtc75.cli import base_parser, config_path, paint, resolve, run_main, setup_logging, use_color
+from mtc75.cli import (
+    StdoutLines,
+    base_parser,
+    check_writable,
+    config_path,
+    paint,
+    resolve,
+    run_main,
+    setup_logging,
+    use_color,
+)
 from mtc75.engine import Mtc75Consumer, Stats
 from mtc75.errors import ConfigError
 from mtc75.handlers import SimulatedWork, load_handler
@@ -36,7 +48,8 @@ EPILOG = """examples:
 On a terminal it shows a live dashboard (--no-dashboard: one status line a second). Saving config.py
 with a new MAX_THREAD_COUNT, PAUSE_INTERVAL or PROCESSING_SLEEP applies it within 2 seconds (--no-reload).
 
-Ctrl-C (or SIGTERM) stops fetching, waits for running handlers, commits and exits 0;
+Ctrl-C (or SIGTERM) stops fetching, waits up to SHUTDOWN_TIMEOUT for running handlers, commits and
+exits 0 (handlers still running then are abandoned, counted and delivered again next time);
 a second Ctrl-C exits at once (uncommitted messages are then delivered again, never lost).
 A handler that raises is retried (--max-attempts, --retry-backoff); then --on-failure decides:
 dlq publishes it to <topic>.dlq, skip moves on, stop commits what is safe and exits 5.
@@ -70,6 +83,7 @@ def _summary_line(stats: Stats) -> str:
         f"dead-lettered {stats.dead_lettered}, skipped {stats.skipped}), pauses {stats.pauses} "
         f"({stats.paused_seconds:.1f}s paused), max threads busy {stats.max_active_threads}/"
         f"{stats.max_thread_count}, {stats.elapsed_seconds:.1f}s"
+        + (f", abandoned {stats.abandoned} running handlers" if stats.abandoned else "")
     )
 
 
@@ -90,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-messages", type=_positive_int, metavar="N",
                         help="exit 0 once N messages are handled and committed")
     parser.add_argument("--idle-exit", type=_positive_float, metavar="SECONDS",
-                        help="exit 0 after SECONDS without a new message")
+                        help="exit 0 after SECONDS without a new message, counted from the first assignment")
     parser.add_argument("--summary-json", type=Path, metavar="PATH", help="write the run summary as JSON")
     parser.add_argument("--no-dashboard", action="store_true",
                         help="print one status line a second even on a terminal")
@@ -103,10 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reload", action="store_true",
                         help="do not apply changes to config.py while running")
     args = parser.parse_args(argv)
+    out = StdoutLines()
+    started: list[Mtc75Consumer] = []  # the consumer, once built: its abandoned handlers decide how to exit
 
     def run() -> int:
         setup_logging(args.verbose, args.quiet)
         settings, props = resolve(args, SETTINGS)
+        if args.summary_json is not None:
+            check_writable(args.summary_json, "--summary-json")
         work = load_handler(args.handler) if args.handler else SimulatedWork(
             settings.PROCESSING_SLEEP, max_payload_bytes=settings.MAX_PAYLOAD_BYTES
         )
@@ -139,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def on_status(stats: Stats) -> None:
             if dashboard is None:
-                print(format_status(stats, color), flush=True)
+                out.say(format_status(stats, color))
             for observer in observers:
                 observer.update(stats)
 
@@ -147,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             settings, handler, overrides=props, max_messages=args.max_messages, idle_exit=args.idle_exit,
             on_status=on_status,
         )
+        started.append(consumer)
 
         path = config_path(args)
         if path is not None and not args.no_reload:
@@ -185,19 +204,29 @@ def main(argv: list[str] | None = None) -> int:
                 dashboard.close()
             if metrics is not None:
                 metrics.close()
-        print(paint(_summary_line(stats), "cyan", color, bold=True), flush=True)
+        out.say(paint(_summary_line(stats), "cyan", color, bold=True))
         if report is not None:
             png = report.close()
-            print(f"report: {report.csv_path} and {png}", flush=True)
+            out.say(f"report: {report.csv_path} and {png}")
         if args.summary_json is not None:
-            args.summary_json.write_text(json.dumps(stats.summary(), indent=2) + "\n")
-        if consumer.abandoned:
-            # Handlers still running would keep the interpreter alive; their work is uncommitted.
-            sys.stderr.flush()
-            os._exit(1)
+            try:
+                args.summary_json.write_text(json.dumps(stats.summary(), indent=2) + "\n")
+            except OSError as err:
+                raise ConfigError(f"--summary-json {args.summary_json}: {err.strerror or err}") from None
         return 0
 
-    return run_main(run, PROG)
+    code = run_main(run, PROG)
+    if started and (started[0].abandoned or started[0].close_timed_out):
+        # Abandoned handlers still run in worker threads (or the Kafka client is stuck closing), and the
+        # interpreter would wait for them at exit for ever: leave now, with the code the run ended with.
+        # Their messages are uncommitted.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ repository are built from the same engine; everything else in this package is in
 
 from __future__ import annotations
 
+# First, before the imports below (logging, confluent_kafka, the engine: most of a script's start-up): a
+# script's ``import mtc75._startup`` runs this file first, and Ctrl-C meanwhile must be exit 130, not a
+# traceback. It does nothing unless ``__main__`` is one of the repository's scripts.
+import mtc75._startup  # noqa: F401
+
 import logging
 
 from mtc75.api import Consumer
@@ -20,10 +25,12 @@ from mtc75.engine import Stats
 from mtc75.errors import (
     BrokerUnreachable,
     ConfigError,
+    HandlerRefused,
     KafkaFatalError,
     KafkaUnavailable,
     MessageFailed,
     Mtc75Error,
+    TopicGone,
     TopicNotFound,
 )
 
@@ -32,11 +39,13 @@ __all__ = [
     "BrokerUnreachable",
     "ConfigError",
     "Consumer",
+    "HandlerRefused",
     "KafkaFatalError",
     "KafkaUnavailable",
     "MessageFailed",
     "Mtc75Error",
     "Stats",
+    "TopicGone",
     "TopicNotFound",
     "__version__",
 ]

@@ -13,7 +13,6 @@ Threads: one owning thread constructs the consumer and calls ``run``, ``start``,
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -23,6 +22,7 @@ from typing import Any
 from mtc75.clients import REAL_CLIENTS, KafkaClients
 from mtc75.engine import Mtc75Consumer, Stats
 from mtc75.errors import ConfigError
+from mtc75.handlers import prepare_handler
 from mtc75.settings import SPECS, Settings, coerce
 
 # The settings a consumer uses; the others belong to producer.py, create_topic.py or the CLI's default handler.
@@ -60,7 +60,7 @@ class Consumer:
         clients: KafkaClients = REAL_CLIENTS,
         **settings: Any,
     ) -> None:
-        _check_handler(handler)
+        handler = prepare_handler(handler)  # refuses what the workers cannot run (async handlers)
         if not status_interval > 0:
             raise ConfigError(f"invalid status_interval={status_interval!r}: must be > 0")
         keywords = {"topic": topic, "group_id": group_id, "bootstrap_servers": bootstrap_servers,
@@ -218,15 +218,6 @@ def _settings(keywords: Mapping[str, Any]) -> Settings:
             raise ConfigError(f"{keyword!r} is not a consumer setting")
         values[name] = coerce(SPECS[name], raw, f"keyword {keyword}")
     return Settings(**values)
-
-
-def _check_handler(handler: object) -> None:
-    if not callable(handler):
-        raise ConfigError(f"handler must be callable, got {type(handler).__name__}")
-    call = getattr(handler, "__call__", None)  # noqa: B004 - an object whose __call__ is async
-    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call):
-        # Its call would return a coroutine that never runs, and the message would count as handled.
-        raise ConfigError("handler is an async function: MTC75 calls handlers on threads, give it a plain function")
 
 
 def _idle_stats(settings: Settings) -> Stats:

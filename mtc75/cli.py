@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from termcolor import colored
 
-from mtc75.errors import BrokerUnreachable, Mtc75Error, TopicNotFound
+from mtc75.errors import BrokerUnreachable, ConfigError, Mtc75Error, TopicNotFound
 from mtc75.settings import LIBRDKAFKA_LOGGER, SPECS, Settings, flag_name, load_settings, parse_properties
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.py"
@@ -116,6 +116,44 @@ def error_line(prog: str, err: Mtc75Error) -> str:
     """``prog: error: <what happened>[; <what to do>]``."""
     hint = next((text for kind, text in HINTS.items() if isinstance(err, kind)), None)
     return f"{prog}: error: {err}" + (f"; {hint}" if hint else "")
+
+
+class StdoutLines:
+    """Lines on stdout that stop, quietly, when the reader goes away (``... | head -5``), as Unix tools do.
+
+    The first write to a closed pipe points stdout at /dev/null (so nothing later, not even the
+    interpreter's last flush, fails again) and logs one line on stderr; the run goes on. Main thread.
+    """
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def say(self, text: str) -> None:
+        if self.closed:
+            return
+        try:
+            print(text, flush=True)
+        except (BrokenPipeError, ValueError):  # ValueError: sys.stdout itself was closed
+            self.closed = True
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
+            logging.getLogger("mtc75").warning("stdout closed: no more status lines (still running)")
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """Fail at start, not after the run, when ``path`` cannot be written (raises ConfigError)."""
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: directory {parent} does not exist")
+    target = path if path.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise ConfigError(f"{flag} {path}: not writable")
 
 
 def run_main(main: Callable[[], int], prog: str) -> int:

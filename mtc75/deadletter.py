@@ -1,9 +1,16 @@
 """The dead-letter topic: where a message goes after its last failed attempt (``ON_FAILURE=dlq``).
 
 A dead-lettered message counts as done -- and may be committed past -- only once Kafka confirmed
-the DLQ record. A failed publish is retried (the message stays outstanding meanwhile); one that can
-never succeed stops the consumer rather than drop the message. Used only by the poll thread: the
-delivery reports arrive in :meth:`DeadLetters.poll`, on the thread that calls it.
+the DLQ record. A failed publish is retried (the message stays outstanding meanwhile).
+
+A record too large for the DLQ (the original value plus the ``mtc75.*`` headers over
+``message.max.bytes`` of the producer, the broker or the topic) would fail the same way on every
+restart and stick its partition for good. So it is sent again smaller -- first with the value cut to
+``TRUNCATED_VALUE_BYTES``, then without value and original headers -- and carries the header
+``mtc75.truncated`` with the original value's size; the full message stays in the source topic at the
+offset the headers name. Any other permanent publish error (e.g. not authorized to write the DLQ
+topic) stops the consumer with exit 5 naming the offset, rather than drop the message. Used only by
+the poll thread: the delivery reports arrive in :meth:`DeadLetters.poll`, on the thread that calls it.
 """
 
 from __future__ import annotations
@@ -14,9 +21,9 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
 
-from mtc75.clients import REAL_CLIENTS, KafkaClients
+from mtc75.clients import REAL_CLIENTS, KafkaClients, new_client
 from mtc75.dispatcher import Work
 from mtc75.errors import MessageFailed
 from mtc75.retry import DelayQueue
@@ -29,16 +36,20 @@ MAX_ERROR_CHARS = 2000  # the error header is for people: keep a huge message fr
 # Headers added to the original key, value and headers.
 H_TOPIC, H_PARTITION, H_OFFSET = "mtc75.original.topic", "mtc75.original.partition", "mtc75.original.offset"
 H_ATTEMPTS, H_ERROR = "mtc75.attempts", "mtc75.error"
+H_TRUNCATED = "mtc75.truncated"  # on a record sent smaller than the original: the original value's size
+TRUNCATED_VALUE_BYTES = 64 * 1024  # first shrink step: far below every default size limit (1 MB)
+MAX_KEY_BYTES = 1024  # last shrink step: key cut to this, value and original headers dropped
+SIZE_CODES = (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE)  # local and broker-side
 
 
 def dlq_topic(topic: str) -> str:
     return topic + SUFFIX
 
 
-def dlq_headers(work: Work) -> list[tuple[str, bytes]]:
-    """The original headers, then where the message came from and why it failed."""
+def dlq_headers(work: Work, keep_original: bool = True) -> list[tuple[str, bytes]]:
+    """The original headers (unless dropped to fit), then where the message came from and why it failed."""
     msg = work.message
-    headers = list(msg.headers() or [])
+    headers = list(msg.headers() or []) if keep_original else []
     headers += [
         (H_TOPIC, msg.topic().encode()),
         (H_PARTITION, str(msg.partition()).encode()),
@@ -70,8 +81,10 @@ class DeadLetters:
         self._confirmed: deque[Work] = deque()
         self._failed: deque[tuple[Work, KafkaError]] = deque()
         self._republish: DelayQueue[Work] = DelayQueue()
-        self.pending = 0  # published or waiting to be republished, not yet confirmed
+        self._shrink: dict[int, int] = {}  # id(work) -> shrink step (0: as is, 1: value cut, 2: bare)
+        self.pending = 0  # messages handed to publish(), neither confirmed nor given up
         self.delivered = 0
+        self.truncated = 0  # records sent smaller than the original to fit the size limit
 
     def ensure_topic(self, partitions: int, replication_factor: int, admin_conf: Mapping[str, Any]) -> None:
         """Create the DLQ topic (as many partitions as the source) unless it exists.
@@ -79,7 +92,11 @@ class DeadLetters:
         Existence is checked first, so a consumer without the right to create topics works with a
         DLQ topic an administrator made.
         """
-        admin = self._clients.admin(dict(admin_conf))
+        admin = new_client(self._clients.admin, admin_conf, "librdkafka admin")
+        # A property the producer refuses must be a start-up error, not one at the first failure: build one
+        # now and let it go. It is not kept: an idle idempotent producer left open kept the process from
+        # exiting after the broker went away (measured: still running 30 s after BROKER_DOWN_TIMEOUT).
+        new_client(self._clients.producer, self._conf, "dead-letter producer")
         info = fetch_metadata(admin, str(admin_conf.get("bootstrap.servers")), self.topic).topics.get(self.topic)
         if info is not None and info.error is None and info.partitions:
             return
@@ -89,9 +106,13 @@ class DeadLetters:
     def publish(self, work: Work) -> None:
         """Send the original key, value and headers with the failure headers added."""
         if self._producer is None:
-            self._producer = self._clients.producer(self._conf)
+            self._producer = new_client(self._clients.producer, self._conf, "dead-letter producer")
         self.pending += 1
-        self._send(work)
+        try:
+            self._send(work)
+        except MessageFailed:
+            self.pending -= 1  # given up: the caller stops the consumer; nothing stays counted
+            raise
 
     def poll(self, now: float | None = None) -> list[Work]:
         """Serve delivery reports; returns messages whose DLQ record is confirmed (now done)."""
@@ -101,11 +122,21 @@ class DeadLetters:
         now = time.monotonic() if now is None else now
         while self._failed:
             work, err = self._failed.popleft()
-            self._on_failed(work, err, now)
+            try:
+                self._on_failed(work, err, now)
+            except MessageFailed:
+                self.pending -= 1
+                raise
         for work in self._republish.pop_due(now):
-            self._send(work)
+            try:
+                self._send(work)
+            except MessageFailed:
+                self.pending -= 1
+                raise
         done = list(self._confirmed)
         self._confirmed.clear()
+        for work in done:
+            self._shrink.pop(id(work), None)
         self.pending -= len(done)
         self.delivered += len(done)
         return done
@@ -139,18 +170,37 @@ class DeadLetters:
             else:
                 self._failed.append((work, err))
 
+        step = self._shrink.get(id(work), 0)
+        key, value = msg.key(), msg.value()
+        headers = dlq_headers(work, keep_original=step < 2)
+        if step:
+            headers.append((H_TRUNCATED, str(len(value or b"")).encode()))
+            value = value[:TRUNCATED_VALUE_BYTES] if step == 1 and value is not None else None
+            if step == 2 and key is not None:
+                key = key[:MAX_KEY_BYTES]
         try:
-            self._producer.produce(
-                self.topic, key=msg.key(), value=msg.value(), headers=dlq_headers(work), on_delivery=report
-            )
+            self._producer.produce(self.topic, key=key, value=value, headers=headers, on_delivery=report)
         except BufferError:
             self._republish.push(time.monotonic() + self._retry_delay, work)
+        except KafkaException as err:
+            # Refused before it was queued (e.g. over the producer's message.max.bytes): same rules as a
+            # failed delivery. Nothing was queued, so nothing else counts it.
+            self._on_failed(work, err.args[0], time.monotonic())
 
     def _on_failed(self, work: Work, err: KafkaError, now: float) -> None:
         where = f"{work.message.topic()}[{work.message.partition()}]@{work.offset}"
+        if err.code() in SIZE_CODES and self._shrink.get(id(work), 0) < 2:
+            step = self._shrink[id(work)] = self._shrink.get(id(work), 0) + 1
+            logger.warning("dead-letter record of %s too large (%s): sending it %s, with header %s",
+                           where, err.str(), f"with its value cut to {TRUNCATED_VALUE_BYTES} bytes"
+                           if step == 1 else "without value and original headers", H_TRUNCATED)
+            if step == 1:
+                self.truncated += 1
+            self._send(work)
+            return
         if err.retriable() or err.code() in (KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT):
             logger.warning("dead-lettering %s failed: %s; retrying in %.1fs", where, err.str(), self._retry_delay)
             self._republish.push(now + self._retry_delay, work)
             return
-        self.pending -= 1  # given up: no flush may wait for it (it did, for all of SHUTDOWN_TIMEOUT)
+        self._shrink.pop(id(work), None)
         raise MessageFailed(f"cannot publish {where} to dead-letter topic {self.topic}: {err.str()}")

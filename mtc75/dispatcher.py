@@ -29,7 +29,6 @@ whose key (or partition) has nothing running; the permit and worker logic stays 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import threading
@@ -39,6 +38,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from mtc75.handlers import awaitable_result_error
 from mtc75.offsets import PartitionState
 from mtc75.retry import DelayQueue, RetryPolicy
 
@@ -52,6 +52,24 @@ DRAIN_TARGET = 0.001  # seconds within which the started workers should drain th
 FAST_HANDLER = 0.0001  # seconds per message below which put() starts only the workers needed
 MIN_ACTIVE = 2  # workers a fast backlog gets at least
 STALL_SECONDS = 0.005  # no message taken for this long while work waits: start every free worker
+
+
+class NotRunError(TypeError):
+    """The handler returned without doing the work (it returned an awaitable nobody awaits)."""
+
+
+def describe_error(err: BaseException) -> str:
+    """``"Type: text"`` of a handler's exception, built so that it never raises itself.
+
+    A handler's exception class is user code: its ``__str__`` may raise, or return something that is
+    not a string. The failure must still be reported and retried, not kill the worker.
+    """
+    name = type(err).__name__
+    try:
+        text = str(err)
+    except BaseException as inner:  # whatever __str__ raises, the failure is still reported
+        text = f"<str() failed: {type(inner).__name__}>"
+    return f"{name}: {text}" if text else name
 
 
 class Work:
@@ -256,6 +274,16 @@ class Dispatcher:
         for _ in range(starts):
             self._executor.submit(self._work)
 
+    def close_intake(self) -> None:
+        """Start nothing more (poll thread; at shutdown or after a fatal error).
+
+        The bound drops to 0 permits: each worker gives its permit back after its current message (the
+        shrink path of :meth:`resize`), so neither a backlog message nor a due retry starts again.
+        """
+        with self._lock:
+            self._permits.limit = 0
+            self._changed.notify_all()
+
     @property
     def backlog(self) -> int:
         """Messages waiting for a thread, including those waiting for a retry."""
@@ -337,14 +365,17 @@ class Dispatcher:
                     self._changed.notify_all()
             try:
                 result = handler(work.message)
-                if result is not None and inspect.isawaitable(result):
-                    _refuse_awaitable(result)
-            # A handler failure must not kill the worker or stall its partition: BaseException too (a
-            # handler's sys.exit() killed the worker, and its message never completed, so nothing
-            # behind it in the partition was committed again for the rest of the run).
+                if result is not None:
+                    # A returned awaitable (e.g. a coroutine) means the work never ran: a failure, not done.
+                    refused = awaitable_result_error(result)
+                    if refused is not None:
+                        raise NotRunError(refused)
             except BaseException as err:
+                # Any handler failure -- BaseExceptions too (SystemExit, KeyboardInterrupt or a
+                # CancelledError leaking from library code) -- is retried and then goes to ON_FAILURE:
+                # it must not kill the worker, lose its permit or strand its partition's commit.
                 work.attempts += 1
-                work.error = f"{type(err).__name__}: {err}"
+                work.error = describe_error(err)
                 msg = work.message
                 if work.state.alive and retry.should_retry(work.attempts):
                     delay = retry.delay(work.attempts)
@@ -364,11 +395,3 @@ class Dispatcher:
                     exc_info=logger.isEnabledFor(logging.DEBUG),
                 )
             done(work)
-
-
-def _refuse_awaitable(result: Any) -> None:
-    """An async handler returns a coroutine that would never run: a failure, not a finished message."""
-    close = getattr(result, "close", None)
-    if close is not None:
-        close()  # no "never awaited" warning: the failure says it
-    raise TypeError("the handler returned an awaitable: async handlers are not supported, give a plain function")

@@ -15,9 +15,13 @@ class Mtc75Error(Exception):
 
 
 class ConfigError(Mtc75Error):
-    """A setting, flag or config file is invalid."""
+    """A setting, flag, config file or handler is invalid."""
 
     exit_code = 2
+
+
+class HandlerRefused(ConfigError):
+    """The handler cannot be run as given (e.g. an ``async def`` handler, not supported yet)."""
 
 
 class KafkaUnavailable(Mtc75Error):
@@ -34,14 +38,23 @@ class TopicNotFound(KafkaUnavailable):
     """The topic to consume or produce does not exist on the cluster."""
 
 
-class KafkaFatalError(KafkaUnavailable):
-    """librdkafka reported a fatal error (e.g. a fenced static member): the client is unusable."""
+class TopicGone(KafkaUnavailable):
+    """The topic was deleted while the consumer ran and did not come back within the grace period."""
 
 
 class MessageFailed(Mtc75Error):
     """A message failed every attempt with ON_FAILURE=stop, or could not be dead-lettered."""
 
     exit_code = 5
+
+
+class KafkaFatalError(Mtc75Error):
+    """librdkafka reported a fatal error (e.g. a fenced static member): nothing after it is safe."""
+
+    exit_code = 6
+
+
+KafkaFatal = KafkaFatalError  # the name the engine and the hardening tests use; one type
 
 
 class BrokerError(Mtc75Error):

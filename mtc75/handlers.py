@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
+import inspect
 import json
 import logging
 import threading
@@ -10,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mtc75.errors import ConfigError
+from mtc75.errors import ConfigError, HandlerRefused
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +98,8 @@ def load_handler(spec: str) -> Handler:
         raise ConfigError(f"invalid --handler {spec!r}: expected package.module:function")
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as err:  # sys.exit() at import: a silent exit 0 would look like success
+        raise ConfigError(f"handler module {module_name!r} called sys.exit({err.code!r}) while importing") from None
     except Exception as err:
         raise ConfigError(f"cannot import handler module {module_name!r}: {type(err).__name__}: {err}") from None
     target: Any = module
@@ -105,4 +110,55 @@ def load_handler(spec: str) -> Handler:
             raise ConfigError(f"handler {spec!r}: {module_name} has no attribute {attr!r}") from None
     if not callable(target):
         raise ConfigError(f"handler {spec!r} is not callable")
-    return target
+    return prepare_handler(target, spec)
+
+
+def prepare_handler(handler: Handler, name: str | None = None) -> Handler:
+    """The callable the worker threads run for ``handler``; refuses what they cannot run.
+
+    Today only plain functions are run: an ``async def`` handler (or a callable object whose
+    ``__call__`` is one, or a ``functools.partial`` of one) would return a coroutine that never runs,
+    and counting it done would commit work that never happened. It is refused here, before any
+    message is fetched. When async handlers are supported, this is where one gets wrapped instead.
+    A handler that hides its coroutine (a plain function returning one) is caught at run time by the
+    dispatcher, which counts such a call as a failure (:func:`awaitable_result_error`).
+    """
+    if not callable(handler):
+        raise ConfigError(f"handler {name!r} is not callable" if name else
+                          f"handler must be callable, got {type(handler).__name__}")
+    if _is_async(handler):
+        raise HandlerRefused(
+            f"handler {name or _name(handler)} is an async function; async handlers are not supported yet "
+            "(wrap it: def handle(msg): asyncio.run(handle_async(msg)))"
+        )
+    return handler
+
+
+def awaitable_result_error(result: object) -> str | None:
+    """Why a handler's return value means the work did not run (an awaitable nobody awaits), else None.
+
+    A returned coroutine is closed, so Python does not warn about it later.
+    """
+    if not inspect.isawaitable(result):
+        return None
+    close = getattr(result, "close", None)
+    if callable(close):
+        with contextlib.suppress(Exception):  # closing is a courtesy; the failure is reported either way
+            close()
+    return f"handler returned {type(result).__name__} (an awaitable); async handlers are not supported yet"
+
+
+def _is_async(handler: object) -> bool:
+    target = handler
+    while isinstance(target, functools.partial):
+        target = target.func
+    if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
+        return True
+    if inspect.isfunction(target) or inspect.ismethod(target):
+        return False
+    call = type(target).__dict__.get("__call__") or getattr(type(target), "__call__", None)  # noqa: B004
+    return inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
+
+
+def _name(handler: object) -> str:
+    return getattr(handler, "__qualname__", None) or type(handler).__name__

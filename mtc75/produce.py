@@ -15,6 +15,7 @@ from typing import Any
 from confluent_kafka import KafkaError, Message, Producer
 from faker import Faker
 
+from mtc75.clients import new_client
 from mtc75.topics import require_topic
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def produce(
     if rate < 0:
         raise ValueError(f"rate must be >= 0, got {rate}")
     make = records or FakeRecords()
-    producer = Producer(dict(conf))
+    producer = new_client(Producer, conf, "librdkafka producer")
     require_topic(producer, str(conf.get("bootstrap.servers")), topic)
     stats = ProducerStats()
 

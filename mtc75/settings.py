@@ -150,6 +150,10 @@ class Settings:
             # A resumed partition's first fetch waits for any fetch still outstanding at the broker;
             # with the default 500 ms long-poll that idles the pool after every pause.
             "fetch.wait.max.ms": 50,
+            # Partitions added to the topic are seen at the next metadata refresh: librdkafka's 5 min
+            # default left them unread that long. 10 s: new partitions consumed within ~10-15 s
+            # (test_faults_hardening.py), for one small metadata request per 10 s.
+            "topic.metadata.refresh.interval.ms": 10_000,
         }
         conf.update(self.CONSUMER_CONFIG)
         conf.update(overrides)

@@ -10,6 +10,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
+from mtc75.clients import new_client
 from mtc75.errors import BrokerUnreachable, Mtc75Error, TopicNotFound
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def create_topic(
     cluster lists; -1 leaves it to the broker's ``default.replication.factor``.
     ``admin_factory`` builds the admin client (tests pass an in-memory fake).
     """
-    admin = admin_factory(dict(conf))
+    admin = new_client(admin_factory, conf, "librdkafka admin")
     bootstrap = str(conf.get("bootstrap.servers"))
     cluster = fetch_metadata(admin, bootstrap)
     if replication_factor == AUTO_REPLICATION:

@@ -7,18 +7,27 @@ engine then builds a :class:`FakeConsumer` (and, for ``ON_FAILURE=dlq``, a :clas
 bounded by their timeout, for something to deliver.
 
 Surface of FakeConsumer (what the engine calls): subscribe (on_assign / on_revoke / on_lost), consume,
-poll, assign / unassign, incremental_assign / incremental_unassign, assignment, pause / resume, seek,
-position, commit (sync and async, with ``on_commit``), committed, get_watermark_offsets, list_topics,
-close; ``error_cb`` from the config. Like librdkafka, every callback runs on the thread that calls
+poll, assign / unassign, incremental_assign / incremental_unassign, assignment, pause / resume, seek
+(logical offsets too), position, commit (sync and async, with ``on_commit``), committed,
+get_watermark_offsets, list_topics, close; ``error_cb`` from the config. FakeAdmin: list_topics,
+create_topics, describe_topics (the topic id the engine's topic watch asks for).
+Like librdkafka, every callback runs on the thread that calls
 consume / poll / close, never on the test's thread; rebalances are queued by the test
 (:meth:`FakeConsumer.rebalance`, :meth:`FakeConsumer.lose`) and served by the next consume / poll.
 With an eager assignor a rebalance revokes the whole assignment and assigns the new one, with a
 cooperative one only the difference; assign() under a cooperative assignor (and the reverse) raises,
 as librdkafka does. A pause flag survives unassign, the worst case librdkafka shows.
 
+Topics carry an id, as in Kafka 4: :meth:`FakeKafka.delete_topic` and :meth:`FakeKafka.recreate_topic`
+do what an administrator does while a consumer runs. Like librdkafka, a consumer goes on fetching a
+re-created topic at its old positions (it does not notice the new id by itself); a deleted topic's
+partitions deliver nothing.
+
 Threads: the test thread calls FakeKafka and the rebalance / injection methods; one thread (the
 engine's poll thread) calls the client methods. One lock guards all state; callbacks run without it.
 A client call from a second thread is recorded in ``FakeKafka.violations`` (the engine promises one).
+The one handover allowed is ``close()``: the engine runs it on a helper thread while the poll thread
+waits for it (bounded), so from then on that thread owns the consumer (close's revoke callback runs there).
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 
 from mtc75.clients import KafkaClients
 
@@ -94,6 +103,13 @@ class _TopicMeta:
 
 
 @dataclass
+class _TopicDescription:
+    name: str
+    topic_id: str  # confluent-kafka's is a Uuid; the engine only compares its str()
+    partitions: list[int]
+
+
+@dataclass
 class _Metadata:
     topics: dict[str, _TopicMeta] = field(default_factory=dict)
     brokers: dict[int, object] = field(default_factory=lambda: {1: object()})  # one broker, as ClusterMetadata
@@ -111,6 +127,10 @@ class FakeKafka:
         self.consumers: list[FakeConsumer] = []
         self.producers: list[FakeProducer] = []
         self.created_topics: list[str] = []  # by FakeAdmin.create_topics
+        self._topic_ids: dict[str, str] = {}  # topic -> id of its current incarnation
+        self._next_id = 0
+        self.describes = 0  # describe_topics requests served (the topic watch's checks)
+        self.describe_error: KafkaError | None = None  # describe_topics fails with this while set
         self.violations: list[str] = []  # broken promises of the engine (e.g. a call from a second thread)
         self.unreachable = False  # list_topics / metadata fail with _TRANSPORT while set
         self._commit_errors: deque[KafkaError] = deque()
@@ -125,7 +145,33 @@ class FakeKafka:
 
     def create_topic(self, topic: str, partitions: int) -> None:
         with self._lock:
-            self._logs.setdefault(topic, [[] for _ in range(partitions)])
+            if topic not in self._logs:
+                self._logs[topic] = [[] for _ in range(partitions)]
+                self._new_id(topic)
+
+    def delete_topic(self, topic: str) -> None:
+        """The topic, its messages and its group offsets go away (as a delete does in Kafka)."""
+        with self._changed:
+            del self._logs[topic]
+            self._topic_ids.pop(topic)
+            for key in [k for k in self._committed if k[1][0] == topic]:
+                del self._committed[key]
+            self._changed.notify_all()
+
+    def recreate_topic(self, topic: str, partitions: int) -> None:
+        """Delete ``topic`` (if it exists) and create it again, empty, with a new topic id."""
+        if self.topic_id(topic) is not None:
+            self.delete_topic(topic)
+        self.create_topic(topic, partitions)
+
+    def topic_id(self, topic: str) -> str | None:
+        with self._lock:
+            return self._topic_ids.get(topic)
+
+    def _new_id(self, topic: str) -> None:
+        """Caller holds the lock."""
+        self._next_id += 1
+        self._topic_ids[topic] = f"fake-topic-id-{self._next_id}"
 
     def produce(self, topic: str, partition: int, value: bytes | None, key: bytes | None = None,
                 headers: list[tuple[str, bytes]] | None = None) -> int:
@@ -210,6 +256,23 @@ class FakeKafka:
                 else:
                     out.topics[name] = _TopicMeta(name, {p: object() for p in range(len(log))})
             return out
+
+    def _describe(self, topic: str) -> Future[Any]:
+        """What ``AdminClient.describe_topics`` returns for one topic: a future of its description."""
+        future: Future[Any] = Future()
+        with self._lock:
+            self.describes += 1
+            topic_id = self._topic_ids.get(topic)
+            partitions = len(self._logs.get(topic, []))
+        if self.unreachable:
+            future.set_exception(KafkaException(KafkaError(KafkaError._TRANSPORT, "fake: no broker reachable")))
+        elif self.describe_error is not None:
+            future.set_exception(KafkaException(self.describe_error))
+        elif topic_id is None:
+            future.set_exception(KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)))
+        else:
+            future.set_result(_TopicDescription(topic, topic_id, list(range(partitions))))
+        return future
 
 
 class FakeConsumer:
@@ -349,7 +412,11 @@ class FakeConsumer:
         with self._lock:
             if tp not in self._assigned:
                 raise KafkaException(KafkaError(KafkaError._STATE, f"fake: seek on unassigned {tp}"))
-            self._assigned[tp] = partition.offset
+            offset = partition.offset
+            if offset in (OFFSET_BEGINNING, OFFSET_END):
+                logs = self._cluster._logs.get(tp[0])
+                offset = 0 if offset == OFFSET_BEGINNING or logs is None else len(logs[tp[1]])
+            self._assigned[tp] = offset
         self.calls.append(("seek", [(tp[0], tp[1], partition.offset)]))
 
     def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
@@ -395,14 +462,17 @@ class FakeConsumer:
                               cached: bool = False) -> tuple[int, int]:
         self._enter("get_watermark_offsets")
         with self._lock:
-            return 0, len(self._cluster._logs[partition.topic][partition.partition])
+            logs = self._cluster._logs.get(partition.topic)
+            if logs is None:
+                raise KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+            return 0, len(logs[partition.partition])
 
     def list_topics(self, topic: str | None = None, timeout: float = -1) -> _Metadata:
         self._enter("list_topics")
         return self._cluster._metadata(topic)
 
     def close(self) -> None:
-        self._enter("close")
+        self._enter("close", handover=True)
         if self._topics and self._assigned and self.fatal is None:
             revoke = self._callbacks.get("revoke")
             tps = [TopicPartition(t, p) for t, p in self._assigned]
@@ -414,13 +484,11 @@ class FakeConsumer:
 
     # -- internals ------------------------------------------------------------------------------------
 
-    def _enter(self, name: str) -> None:
+    def _enter(self, name: str, handover: bool = False) -> None:
         if self.closed:
             raise RuntimeError("Consumer closed")
         me = threading.get_ident()
-        if self._thread is None or name == "close":
-            # close() may be handed to a helper thread (engine._close, while no broker answers): it is
-            # the last call, so it takes the consumer over, and any later call from the poll thread is flagged.
+        if self._thread is None or handover:
             self._thread = me
         elif self._thread != me:
             self._cluster.violations.append(f"{name}() from a second thread")
@@ -434,7 +502,8 @@ class FakeConsumer:
                 continue
             committed = self._cluster._committed.get((self.group, key))
             if committed is None:
-                end = len(self._cluster._logs[tp.topic][tp.partition])
+                logs = self._cluster._logs.get(tp.topic)
+                end = len(logs[tp.partition]) if logs is not None else 0
                 committed = 0 if self._reset == "earliest" else end
             self._assigned[key] = committed
             self._positions.pop(key, None)
@@ -455,7 +524,7 @@ class FakeConsumer:
         order = order[self._rotation:] + order[:self._rotation]
         out: list[FakeMessage] = []
         for tp in order:
-            if tp in self.paused:
+            if tp in self.paused or tp[0] not in cluster._logs:  # a deleted topic delivers nothing
                 continue
             log = cluster._logs[tp[0]][tp[1]]
             while len(out) < limit and self._assigned[tp] < len(log):
@@ -560,7 +629,7 @@ class FakeProducer:
 
 
 class FakeAdmin:
-    """confluent_kafka.admin.AdminClient in memory: list_topics and create_topics."""
+    """confluent_kafka.admin.AdminClient in memory: list_topics, create_topics and describe_topics."""
 
     def __init__(self, cluster: FakeKafka, conf: dict[str, Any]) -> None:
         self._cluster = cluster
@@ -572,6 +641,10 @@ class FakeAdmin:
 
     def list_topics(self, topic: str | None = None, timeout: float = -1) -> _Metadata:
         return self._cluster._metadata(topic)
+
+    def describe_topics(self, topics: Any, **_: Any) -> dict[str, Future[Any]]:
+        """``topics`` is a ``confluent_kafka.TopicCollection``; one future per topic name."""
+        return {name: self._cluster._describe(name) for name in topics.topic_names}
 
     def create_topics(self, new_topics: list[Any], **_: Any) -> dict[str, Future[None]]:
         out: dict[str, Future[None]] = {}

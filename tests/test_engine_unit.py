@@ -17,9 +17,18 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError
 
-from mtc75.deadletter import H_ATTEMPTS, H_OFFSET, H_PARTITION, H_TOPIC
+from mtc75 import engine as engine_module
+from mtc75.deadletter import H_ATTEMPTS, H_OFFSET, H_PARTITION, H_TOPIC, H_TRUNCATED, TRUNCATED_VALUE_BYTES
 from mtc75.engine import Mtc75Consumer, Stats
-from mtc75.errors import BrokerUnreachable, KafkaFatalError, KafkaUnavailable, MessageFailed, TopicNotFound
+from mtc75.errors import (
+    BrokerUnreachable,
+    HandlerRefused,
+    KafkaFatalError,
+    KafkaUnavailable,
+    MessageFailed,
+    TopicGone,
+    TopicNotFound,
+)
 from mtc75.settings import Settings
 from tests.fake_kafka import FakeKafka
 from tests.kafka_helpers import wait_until
@@ -301,11 +310,32 @@ def test_on_failure_dlq_publishes_with_headers_and_commits_only_after_the_delive
     assert cluster.committed(GROUP, TOPIC, 0) == 5
 
 
-def test_a_record_the_dlq_refuses_stops_the_run_without_committing_past_it(
+def test_a_dlq_record_too_large_is_sent_truncated_and_the_partition_moves_on(
     cluster: FakeKafka, start: Callable[..., Run]
 ) -> None:
+    cluster.fill(TOPIC, {0: 2})
+    cluster.produce(TOPIC, 0, b"x" * (TRUNCATED_VALUE_BYTES + 10), key=b"big")
+    cluster.fill(TOPIC, {0: 2})
+    cluster.fail_deliveries(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), count=1)  # the full record does not fit
+    recorder = Recorder(fail=lambda p, o, n: o == 2)
+    stats = start(recorder, ON_FAILURE="dlq", max_messages=5).join()
+    [record] = cluster.messages("orders.dlq")
+    assert record.value() == b"x" * TRUNCATED_VALUE_BYTES and record.key() == b"big"
+    headers = dict(record.headers() or [])
+    assert (headers[H_OFFSET], headers[H_TRUNCATED]) == (b"2", str(TRUNCATED_VALUE_BYTES + 10).encode())
+    assert (stats.processed, stats.dead_lettered) == (5, 1)
+    assert cluster.committed(GROUP, TOPIC, 0) == 5
+
+
+@pytest.mark.parametrize("error, count", [
+    (KafkaError.MSG_SIZE_TOO_LARGE, 3),  # as is, value cut, bare: it fits no way
+    (KafkaError.TOPIC_AUTHORIZATION_FAILED, 1),  # a permanent error that is not about size
+])
+def test_a_record_the_dlq_refuses_stops_the_run_without_committing_past_it(
+    cluster: FakeKafka, start: Callable[..., Run], error: int, count: int
+) -> None:
     cluster.fill(TOPIC, {0: 5})
-    cluster.fail_deliveries(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), count=1)  # can never succeed
+    cluster.fail_deliveries(KafkaError(error), count=count)  # can never succeed
     recorder = Recorder(fail=lambda p, o, n: o == 2)
     run = start(recorder, ON_FAILURE="dlq", SHUTDOWN_TIMEOUT=20.0)
     with pytest.raises(MessageFailed, match=r"cannot publish orders\[0\]@2 to dead-letter topic orders.dlq"):
@@ -411,9 +441,10 @@ def test_a_transient_fetch_error_is_logged_and_consumption_goes_on(
     assert "consumer error: connection reset" in caplog.text
 
 
-def test_a_fetch_error_for_a_missing_topic_ends_the_run_after_committing_what_was_done(
+def test_without_topic_ids_a_fetch_error_for_a_missing_topic_ends_the_run_after_committing_what_was_done(
     cluster: FakeKafka, start: Callable[..., Run]
 ) -> None:
+    cluster.describe_error = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)  # the topic watch is off
     cluster.fill(TOPIC, {0: 3})
     recorder = Recorder()
     run = start(recorder)
@@ -485,10 +516,72 @@ def test_a_handler_raising_system_exit_is_a_failure_like_any_other(
     assert cluster.committed(GROUP, TOPIC, 0) == 3  # the partition did not stall behind offset 1
 
 
-def test_an_async_handler_is_not_silently_counted_as_done(cluster: FakeKafka, start: Callable[..., Run]) -> None:
+def test_an_async_handler_is_refused_before_any_client_is_built(cluster: FakeKafka, start: Callable[..., Run]) -> None:
     async def handler(message: Any) -> None:
         pass
 
+    with pytest.raises(HandlerRefused, match="is an async function"):
+        start(handler)
+    assert cluster.consumers == []
+
+
+def test_an_async_handler_is_not_silently_counted_as_done(cluster: FakeKafka, start: Callable[..., Run]) -> None:
+    async def work(message: Any) -> None:
+        ran.append(message.offset())
+
+    def handler(message: Any) -> Any:  # a plain function that hides a coroutine: caught at run time
+        return work(message)
+
+    ran: list[int] = []
     cluster.fill(TOPIC, {0: 2})
     stats = start(handler, ON_FAILURE="skip", max_messages=2).join()
     assert (stats.failed, stats.skipped) == (2, 2)  # each call returned an un-awaited coroutine: a failure
+    assert ran == []
+
+
+# -- the topic deleted or re-created (topic ids) ------------------------------------------------------------
+
+
+def test_a_recreated_topic_is_read_from_the_start_and_no_offset_of_it_is_committed_unhandled(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    cluster.fill(TOPIC, {0: 5, 1: 5, 2: 5})
+    seen: list[bytes] = []
+    lock = threading.Lock()
+
+    def handler(message: Any) -> None:
+        with lock:
+            seen.append(message.value())
+
+    run = start(handler)
+    until(lambda: [cluster.committed(GROUP, TOPIC, p) for p in range(3)] == [5, 5, 5], "the old topic committed")
+    cluster.recreate_topic(TOPIC, 3)
+    for p in range(3):
+        for i in range(8):
+            cluster.produce(TOPIC, p, b"new %d/%d" % (p, i))
+    # librdkafka would go on at offset 5 and skip 0-4 of the new topic: the topic id check resets it.
+    until(lambda: [cluster.committed(GROUP, TOPIC, p) for p in range(3)] == [8, 8, 8], "the new topic committed")
+    run.stop()
+    with lock:
+        new = {v for v in seen if v.startswith(b"new")}
+    # Every new message handled (at least once: what was fetched at the old positions before the check
+    # noticed the new id is handled again after the reset, never committed from the old positions).
+    assert new == {b"new %d/%d" % (p, i) for p in range(3) for i in range(8)}
+    assert cluster.describes > 0
+
+
+def test_a_deleted_topic_stops_the_run_after_the_grace_and_nothing_is_committed_meanwhile(
+    cluster: FakeKafka, start: Callable[..., Run], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "TOPIC_GONE_GRACE", 0.3)
+    cluster.fill(TOPIC, {0: 3})
+    recorder = Recorder()
+    run = start(recorder)
+    until(lambda: cluster.committed(GROUP, TOPIC, 0) == 3, "three messages committed")
+    cluster.delete_topic(TOPIC)
+    before = len(cluster.commits)
+    cluster.fail_fetch(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART, "topic deleted"))
+    with pytest.raises(TopicGone, match=r"topic 'orders' was deleted while consuming and not re-created"):
+        run.join()
+    assert TopicGone.exit_code == 3
+    assert [c for c in cluster.commits[before:] if c.error is None] == []

@@ -6,7 +6,14 @@ import threading
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_INVALID,
+    KafkaError,
+    KafkaException,
+    TopicCollection,
+    TopicPartition,
+)
 
 from tests.fake_kafka import FakeKafka
 
@@ -99,3 +106,39 @@ def test_a_call_from_a_second_thread_is_recorded(cluster: FakeKafka) -> None:
     other.start()
     other.join(5)
     assert cluster.violations == ["consume() from a second thread"]
+
+
+def test_close_may_be_handed_to_another_thread_but_nothing_after_it(cluster: FakeKafka) -> None:
+    c = consumer(cluster)
+    c.assign([TopicPartition("t", 0)])
+    other = threading.Thread(target=c.close)  # the engine's bounded close runs on a helper thread
+    other.start()
+    other.join(5)
+    assert cluster.violations == [] and c.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        c.consume(1, 0)
+
+
+def test_topic_ids_change_on_recreation_and_a_consumer_goes_on_at_its_old_position(cluster: FakeKafka) -> None:
+    admin = cluster.clients().admin({})
+
+    def described() -> Any:
+        future = admin.describe_topics(TopicCollection(["t"]))["t"]
+        return future.exception() or future.result().topic_id
+
+    first = described()
+    c = consumer(cluster)
+    c.assign([TopicPartition("t", 0)])
+    assert [m.offset() for m in c.consume(10, 0)] == [0, 1, 2]
+    cluster.delete_topic("t")
+    gone = described()
+    assert isinstance(gone, KafkaException) and gone.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+    assert c.consume(10, 0) == []  # a deleted topic delivers nothing
+    cluster.recreate_topic("t", 2)
+    cluster.fill("t", {0: 5})
+    second = described()
+    assert isinstance(first, str) and isinstance(second, str) and first != second
+    # Like librdkafka: the old position (3) is kept, so offsets 0-2 of the new topic would be skipped.
+    assert [m.offset() for m in c.consume(10, 0)] == [3, 4]
+    c.seek(TopicPartition("t", 0, OFFSET_BEGINNING))
+    assert [m.offset() for m in c.consume(10, 0)] == [0, 1, 2, 3, 4]
