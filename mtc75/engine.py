@@ -27,6 +27,8 @@ from mtc75.dispatcher import Dispatcher, Handler, Work
 from mtc75.errors import KafkaFatal, KafkaUnavailable, MessageFailed, Mtc75Error, TopicGone
 from mtc75.gate import PauseGate
 from mtc75.handlers import prepare_handler
+from mtc75.offsetmap import DEFAULT_LIMIT as MAP_LIMIT
+from mtc75.offsetmap import FinishedOffsets, OffsetMapError, decode, encode
 from mtc75.offsets import OffsetTracker, Partition, PartitionState
 from mtc75.retry import RetryPolicy
 from mtc75.settings import Settings
@@ -51,6 +53,7 @@ REVOKE_SHARE_OF_POLL_INTERVAL = 0.5
 TOPIC_GONE_GRACE = 10.0
 CONFIRM_TIMEOUT = 5.0  # longest a synchronous commit (revoke, shutdown) waits to confirm the topic id
 CLOSE_TIMEOUT = 10.0  # longest shutdown waits for librdkafka's close() (see _close)
+COMMITTED_TIMEOUT = 5.0  # longest an assignment waits to read the committed offset maps (then: no map)
 # -X properties that describe the connection, so the dead-letter producer reaches the same cluster.
 CONNECTION_PREFIXES = ("security.", "sasl.", "ssl.", "client.", "socket.", "broker.address.")
 
@@ -147,7 +150,8 @@ class Mtc75Consumer:
         self._revoke_wait = _revoke_budget(settings.REVOKE_TIMEOUT, self._conf)
         self._halted = False  # a fatal error: nothing more is handled or committed
         self._watch: TopicWatch | None = None  # the topic's id, so a re-created topic is noticed
-        self._commit_snapshot: list[tuple[PartitionState, int]] = []  # waiting for the topic id check
+        self._commit_snapshot: list[tuple[PartitionState, int, str, int]] = []  # waiting for the topic id check
+        self._map_limit = MAP_LIMIT  # the broker's offset.metadata.max.bytes (0 once it refused a map)
         self._gone_reported = False
         self._rate = 0.0
         self._rate_mark = (0.0, 0)
@@ -320,6 +324,7 @@ class Mtc75Consumer:
         partition changes (consume() returns runs of one partition).
         """
         admit = self._tracker.admit
+        skip = self._tracker.skip_finished
         lookup = self._tracker.get
         batch: list[Work] = []
         topic: str | None = None
@@ -340,6 +345,8 @@ class Mtc75Consumer:
                 # already in flight: the current owner / the running handler covers it.
                 logger.debug("skipping %s[%d]@%d: not owned or already in flight", topic, partition, offset)
                 continue
+            if skip(state, offset):
+                continue  # finished under an earlier owner (its offset map): completed without a handler
             batch.append(Work(msg, state, offset))
         if batch:
             self._last_message_at = time.monotonic()
@@ -529,24 +536,54 @@ class Mtc75Consumer:
         if self._down_since is not None and not asynchronous:
             logger.warning("Kafka unreachable: not committing; uncommitted messages will be redelivered")
             return
-        pending = list(self._tracker.uncommitted(partitions))
+        pending = self._commit_points(partitions)
         if not pending:
             return
         if not asynchronous and not self._topic_confirmed():
             return
-        self._send_commit(pending, asynchronous)
+        self._send_commit([(state.tp, pos, meta, version) for state, pos, meta, version in pending], asynchronous)
 
-    def _send_commit(self, pending: list[tuple[Partition, int]], asynchronous: bool) -> None:
+    def _commit_points(self, partitions: list[Partition] | None = None) -> list[tuple[PartitionState, int, str, int]]:
+        """``(state, position, offset map, version)`` of each partition with something new to commit."""
+        tracker = self._tracker
+        points = []
+        for tp, pos in tracker.uncommitted(partitions):
+            state = tracker.state(tp)
+            points.append((state, pos, self._offset_map(state, pos), state.version))
+        return points
+
+    def _offset_map(self, state: PartitionState, position: int) -> str:
+        """The commit metadata: the finished offsets above ``position`` (see mtc75.offsetmap)."""
+        if not state.done:
+            return ""
+        text = encode(position, state.done, self._map_limit)
+        if text is None:
+            # Too many gaps for offset.metadata.max.bytes: commit the offset alone, as before the map.
+            logger.debug("%s[%d]: offset map of %d finished offsets above %d does not fit %d bytes; "
+                         "committing the offset alone", state.tp[0], state.tp[1], len(state.done), position,
+                         self._map_limit)
+            return ""
+        return text
+
+    def _send_commit(self, pending: list[tuple[Partition, int, str, int]], asynchronous: bool) -> None:
         assert self._consumer is not None
-        offsets = [TopicPartition(t, p, pos) for (t, p), pos in pending]
+        offsets = [TopicPartition(t, p, pos, metadata=meta) for (t, p), pos, meta, _ in pending]
         try:
             self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
         except KafkaException as err:
             if not self._check_fatal(err.args[0]):
+                self._map_refused(err.args[0])
                 self._warn_rarely(err.args[0], f"commit of {len(offsets)} partitions failed: {err.args[0].str()}")
             return
-        for tp, pos in pending:
-            self._tracker.mark_committed(tp, pos)
+        for tp, pos, _, version in pending:
+            self._tracker.mark_committed(tp, pos, version)
+
+    def _map_refused(self, err: KafkaError) -> None:
+        """A broker with a smaller offset.metadata.max.bytes refuses the map: commit offsets alone from now on."""
+        if err.code() == KafkaError.OFFSET_METADATA_TOO_LARGE and self._map_limit:
+            self._map_limit = 0
+            logger.warning("the broker refused the offset map (offset.metadata.max.bytes below %d?): "
+                           "committing offsets without it from now on", MAP_LIMIT)
 
     def _commit_tick(self, now: float) -> None:
         """The periodic commit. With the topic watch on, it snapshots what is finished now and commits it
@@ -561,8 +598,7 @@ class Mtc75Consumer:
         if watch.busy:
             self._watch_turn(now)
             return
-        tracker = self._tracker
-        self._commit_snapshot = [(tracker.state(tp), pos) for tp, pos in tracker.uncommitted()]
+        self._commit_snapshot = self._commit_points()
         watch.poll(now)  # starts the check
 
     def _watch_turn(self, now: float) -> None:
@@ -577,8 +613,9 @@ class Mtc75Consumer:
                 logger.warning("topic %s is there again (same topic id)", self._settings.TOPIC)
                 self._gone_reported = False
             current = [
-                (state.tp, pos) for state, pos in snapshot
-                if state.alive and pos != state.committed and self._tracker.get(state.tp) is state
+                (state.tp, pos, meta, version) for state, pos, meta, version in snapshot
+                if state.alive and (pos != state.committed or version != state.committed_version)
+                and self._tracker.get(state.tp) is state
             ]
             if current and not self._halted and self._down_since is None:
                 self._send_commit(current, asynchronous=True)
@@ -647,6 +684,7 @@ class Mtc75Consumer:
             return
         if self._check_fatal(err):
             return
+        self._map_refused(err)
         self._warn_rarely(err, f"commit failed: {err.str()} (will retry)")
         for tp in partitions:
             self._tracker.mark_committed((tp.topic, tp.partition), -1)  # forces a retry next time
@@ -658,7 +696,7 @@ class Mtc75Consumer:
         if not self._assigned_once:  # --idle-exit counts from here: waiting for the group is not idleness
             self._assigned_once = True
             self._last_message_at = self._last_progress_at = time.monotonic()
-        self._tracker.assign(tps)
+        self._tracker.assign(tps, self._read_maps(consumer, partitions))
         # Assign first, then pause: pausing a partition that is not yet assigned has no effect.
         if self._cooperative:
             consumer.incremental_assign(partitions)
@@ -672,6 +710,47 @@ class Mtc75Consumer:
             # (it does on some eager-rebalance paths): clear it, or the partition never fetches.
             consumer.resume([TopicPartition(t, p) for t, p in tps])
         logger.info("assigned %s%s", _fmt(tps), " (paused: consumer is saturated)" if self._gate.paused else "")
+
+    def _read_maps(self, consumer: Consumer, partitions: list[TopicPartition]) -> dict[Partition, FinishedOffsets]:
+        """The offset maps committed with the group's offsets: work an earlier owner already finished.
+
+        Bounded (COMMITTED_TIMEOUT); on error the partitions are read without a map (more repeats, never
+        a loss). Metadata that is not our map (another tool's, garbled, stale) is ignored with a warning.
+        """
+        if not partitions:
+            return {}
+        try:
+            committed = consumer.committed([TopicPartition(tp.topic, tp.partition) for tp in partitions],
+                                           timeout=COMMITTED_TIMEOUT)
+        except KafkaException as err:
+            logger.warning("could not read the committed offset maps (%s): finished work above the committed "
+                           "offsets may run again", err.args[0].str())
+            return {}
+        maps: dict[Partition, FinishedOffsets] = {}
+        for tp in committed:
+            if tp.error is not None or not tp.metadata:
+                continue
+            high = self._end_offset(consumer, tp)
+            try:
+                finished = decode(tp.metadata, tp.offset, high)
+            except OffsetMapError as err:
+                logger.warning("%s[%d]: ignoring the commit metadata at offset %d (%s): not an MTC75 offset map",
+                               tp.topic, tp.partition, tp.offset, err)
+                continue
+            if finished:
+                maps[(tp.topic, tp.partition)] = finished
+                logger.info("%s[%d]: %d offsets above the committed %d finished before (offset map): not run again",
+                            tp.topic, tp.partition, finished.count, tp.offset)
+        return maps
+
+    @staticmethod
+    def _end_offset(consumer: Consumer, tp: TopicPartition) -> int | None:
+        """The partition's end offset, so a map claiming offsets not written yet is refused (None: unknown)."""
+        try:
+            offsets = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=COMMITTED_TIMEOUT)
+        except KafkaException:
+            return None
+        return offsets[1] if offsets is not None and offsets[1] >= 0 else None
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._give_up(consumer, partitions, commit=True)
