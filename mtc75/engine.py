@@ -33,6 +33,7 @@ from mtc75.offsets import OffsetTracker, Partition, PartitionState
 from mtc75.retry import RetryPolicy
 from mtc75.settings import Settings
 from mtc75.topicwatch import Change, TopicWatch
+from mtc75.window import WindowHolds
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class Mtc75Consumer:
         self._tracker = OffsetTracker()
         self._gate = PauseGate(settings.PAUSE_INTERVAL, settings.MAX_BACKLOG)
         self._paused: set[Partition] = set()  # partitions *we* paused; librdkafka's flag is not trusted
+        self._holds = WindowHolds(settings.offset_window())  # partitions paused alone: span over OFFSET_WINDOW
         self._retry = RetryPolicy(settings.MAX_ATTEMPTS, settings.RETRY_BACKOFF, settings.RETRY_BACKOFF_MAX)
         self._dead_letters: DeadLetters | None = None
         self._fatal: Mtc75Error | None = None  # why run() must fail once it has shut down cleanly
@@ -301,6 +303,7 @@ class Mtc75Consumer:
             if messages:
                 self._accept(messages)
                 self._down_since = None
+            self._update_holds()
 
             now = time.monotonic()
             if now >= next_commit and self._down_since is None:  # commits to no broker only pile up
@@ -489,7 +492,7 @@ class Mtc75Consumer:
     def _resume(self, now: float) -> None:
         assert self._consumer is not None and self._dispatcher is not None
         lasted = self._gate.end_pause(now)
-        mine = [TopicPartition(t, p) for t, p in self._paused if (t, p) in self._tracker]
+        mine = [TopicPartition(t, p) for t, p in self._paused if (t, p) in self._tracker and (t, p) not in self._holds]
         if mine:
             self._consumer.resume(mine)
             self._wake_fetcher(mine)
@@ -499,6 +502,22 @@ class Mtc75Consumer:
             len(mine), lasted, self._dispatcher.active_thread_count, self._dispatcher.max_thread_count,
             self._dispatcher.backlog,
         )
+
+    def _update_holds(self) -> None:
+        """Pause alone a partition whose window is full (a stuck message), resume it once its watermark moved."""
+        assert self._consumer is not None
+        to_pause, to_resume = self._holds.update(self._tracker, self._paused)
+        if to_pause:
+            self._consumer.pause([TopicPartition(t, p) for t, p in to_pause])
+            for t, p in to_pause:
+                low, high = self._tracker.span(self._tracker.state((t, p)))
+                logger.warning("HELD %s[%d]: %d offsets from its oldest unfinished one (%d) reached OFFSET_WINDOW "
+                               "%d; other partitions go on", t, p, high - low, low, self._holds.bound)
+        if to_resume:
+            resumed = [TopicPartition(t, p) for t, p in to_resume]
+            self._consumer.resume(resumed)
+            self._wake_fetcher(resumed)
+            logger.info("released %s: its watermark moved", _fmt(to_resume))
 
     def _wake_fetcher(self, partitions: list[TopicPartition]) -> None:
         """Make the resumed partitions fetch now rather than at the broker thread's next wake-up.
@@ -673,6 +692,9 @@ class Mtc75Consumer:
         tps = self._tracker.partitions()
         self._drop_unstarted([self._tracker.state(tp) for tp in tps])
         self._tracker.assign(tps)  # fresh states: the old ones are dead, their completions dropped
+        held = [TopicPartition(t, p) for t, p in self._holds.forget(tps) if (t, p) not in self._paused]
+        if held:  # the new topic starts with an empty window
+            self._consumer.resume(held)
         for t, p in tps:
             try:
                 self._consumer.seek(TopicPartition(t, p, logical))  # also drops what librdkafka prefetched
@@ -697,6 +719,7 @@ class Mtc75Consumer:
             self._assigned_once = True
             self._last_message_at = self._last_progress_at = time.monotonic()
         self._tracker.assign(tps, self._read_maps(consumer, partitions))
+        self._holds.forget(tps)  # fresh states: a hold of an earlier assignment does not carry over
         # Assign first, then pause: pausing a partition that is not yet assigned has no effect.
         if self._cooperative:
             consumer.incremental_assign(partitions)
@@ -773,7 +796,8 @@ class Mtc75Consumer:
 
     def _unpause(self, consumer: Consumer, tps: list[Partition]) -> None:
         """Resume partitions we paused before giving them up, so no stale flag outlives the assignment."""
-        mine = [TopicPartition(t, p) for t, p in tps if (t, p) in self._paused]
+        held = set(self._holds.forget(tps))
+        mine = [TopicPartition(t, p) for t, p in tps if (t, p) in self._paused or (t, p) in held]
         if mine:
             consumer.resume(mine)
             self._paused.difference_update(tps)
