@@ -139,7 +139,6 @@ def test_slow_head_crash_repeats_only_running_handlers_and_one_commit_interval(
     assert not lost, f"lost {len(lost)} offsets, e.g. {sorted(lost)[:5]}"
     assert (0, 0) in run2
     assert repeated <= bound, f"{repeated} repeated > running handlers + one commit interval ({bound})"
-    assert "not run again" in log.read_text()
 
 
 def test_rebalance_the_new_owner_skips_the_mapped_offsets(
@@ -161,7 +160,7 @@ def test_rebalance_the_new_owner_skips_the_mapped_offsets(
         # everything but the two heads handled by A
         wait_until(lambda: len(_by_tag(record, "a")) >= n - 2, timeout=60, what="A handled all but the heads")
         before_b = _by_tag(record, "a")
-        b = _start(args, env, log_b, "b")
+        b = _start([x for x in args if x != "-q"], env, log_b, "b")  # info level: its "not run again" line
         wait_until(lambda: bool(_by_tag(record, "b")), timeout=60, what="B handled something")
         _finish(bootstrap, group, topic, record, ends, timeout=head_s + 60)
         for proc in (a, b):
@@ -230,15 +229,20 @@ def test_window_a_stuck_message_holds_only_its_partition(
     bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
 ) -> None:
     """OFFSET_WINDOW 200: partition 0's head takes 15 s; partition 1 is all handled meanwhile, partition 0
-    takes at most the window (+ one fetch batch of 500) until the head finishes, then the rest."""
-    n, threads, head_s, window, batch = 4_000, 4, 15.0, 200, 500
+    takes at most the window (+ one fetch batch, at most MAX_BACKLOG + threads) until the head finishes.
+
+    MAX_BACKLOG 50, so a healthy partition's span (backlog + running) stays under the window: a
+    window below MAX_BACKLOG holds healthy partitions too (seen with 5,000: both were held).
+    """
+    n, threads, head_s, window, backlog = 4_000, 4, 15.0, 200, 50
+    batch = backlog + threads
     topic, group = make_topic(partitions=2), unique("g")
     produce_numbered(bootstrap, topic, n)
     ends = end_offsets(bootstrap, topic)
     record, log = tmp_path / "handled.txt", tmp_path / "consumer.log"
     env = _env(bootstrap, record, "0:0", head_s, sleep=0.001)
     args = ["--topic", topic, "--group-id", group, "--max-thread-count", str(threads), "--offset-window",
-            str(window), "--commit-interval", str(COMMIT_INTERVAL), "-q", *HANDLER]
+            str(window), "--max-backlog", str(backlog), "--commit-interval", str(COMMIT_INTERVAL), "-q", *HANDLER]
     started = time.monotonic()
     proc = _start(args, env, log, "run")
     try:
