@@ -7,6 +7,7 @@ one. Figures go to report_figures (RELIABILITY.md quotes them).
 
 from __future__ import annotations
 
+import random
 import signal
 import subprocess
 import sys
@@ -265,3 +266,59 @@ def test_window_a_stuck_message_holds_only_its_partition(
     assert len(held) <= window + batch, f"{len(held)} handled behind the stuck head > window {window} + {batch}"
     assert ends[0] > window + batch + 100, "too few messages in partition 0 for the window to matter"
     assert f"HELD {topic}[0]" in text and f"HELD {topic}[1]" not in text
+
+
+def test_crash_loop_with_random_handler_times_repeats_only_the_last_commit_interval(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """kill -9 x 6; handlers take 1-15 ms at random and every 101st offset 1.5 s, so completions are out of
+    order and work piles up above slow messages. With the map a crash repeats at most the running handlers
+    plus one commit interval (+ its round trip) of progress, not the in-flight window."""
+    n, threads, kills, seed = 12_000, 8, 6, int(time.time()) % 1_000_000
+    topic, group = make_topic(partitions=3), unique("g")
+    produce_numbered(bootstrap, topic, n)
+    ends = end_offsets(bootstrap, topic)
+    rng = random.Random(seed)
+    record, log = tmp_path / "handled.txt", tmp_path / "consumer.log"
+    env = {**_env(bootstrap, record, "", 1.5, sleep=0.001), "MTC75_TEST_SLEEP_MAX": "0.015",
+           "MTC75_TEST_SLOW_EVERY": "101"}
+    args = ["--topic", topic, "--group-id", group, "--max-thread-count", str(threads), "--commit-interval",
+            str(COMMIT_INTERVAL), "-q", *HANDLER, "-X", f"group.instance.id={group}-member",
+            "-X", "session.timeout.ms=10000"]
+    rates: list[float] = []
+    for k in range(kills):
+        proc = _start(args, env, log, f"r{k}")
+        samples: list[tuple[float, int]] = []
+        try:
+            target = rng.randint(500, 1_500)
+            deadline = time.monotonic() + 90
+            while (count := len(_by_tag(record, f"r{k}"))) < target:
+                samples.append((time.monotonic(), count))
+                assert proc.poll() is None, f"consumer died by itself (exit {proc.returncode})"
+                assert time.monotonic() < deadline, f"run {k}: no progress to {target} records"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            _stop(proc)
+        rates.append(_peak_rate(samples))
+    final = _start(args, env, log, "final")
+    try:
+        _finish(bootstrap, group, topic, record, ends, timeout=180)
+        final.send_signal(signal.SIGTERM)
+        assert final.wait(timeout=60) == 0
+    finally:
+        _stop(final)
+    tags = [f"r{k}" for k in range(kills)] + ["final"]
+    runs = {t: _by_tag(record, t) for t in tags}
+    per_crash = [len(runs[t] & set().union(*(runs[u] for u in tags[i + 1 :]))) for i, t in enumerate(tags[:-1])]
+    bounds = [threads + int(rate * (COMMIT_INTERVAL + 0.5)) + 1 for rate in rates]
+    lost = all_offsets(ends) - set().union(*runs.values())
+    report_figures(
+        "offset_map_crash_loop_random_times", seed=seed, messages=n, kills=kills, lost=len(lost),
+        duplicates=sum(per_crash), duplicates_per_crash=per_crash, duplicate_bounds=bounds,
+        handled_per_run=[len(runs[t]) for t in tags[:-1]], peak_rate_per_s=[round(r) for r in rates],
+    )
+    assert not lost, f"lost {len(lost)} offsets, e.g. {sorted(lost)[:5]}"
+    for k, (dups, bound) in enumerate(zip(per_crash, bounds, strict=True)):
+        assert dups <= bound, f"crash {k + 1}: {dups} repeated > running handlers + one commit interval ({bound})"
