@@ -4,9 +4,11 @@ The thread that calls :meth:`Mtc75Consumer.run` is the poll thread and makes eve
 fetching, pause/resume, rebalance callbacks and commits. Worker threads only run handlers and report
 completions on a queue. A message is committed only after its handler finished, and only as part of
 its partition's contiguous completed prefix (see :mod:`mtc75.offsets`), and only once the topic's id
-was confirmed after the message was fetched (see :mod:`mtc75.topicwatch`). The one exception to "the
-poll thread makes every Consumer call" is the final ``close()``, run on a helper thread while the poll
-thread waits for it (bounded, see ``Mtc75Consumer._close``).
+was confirmed after the message was fetched (see :mod:`mtc75.topicwatch`). Each commit carries the
+offsets finished above that prefix as an offset map (:mod:`mtc75.offsetmap`), read back at assignment
+so they do not run again; a partition whose span reaches OFFSET_WINDOW is paused alone
+(:mod:`mtc75.window`). The one exception to "the poll thread makes every Consumer call" is the final
+``close()``, run on a helper thread while the poll thread waits for it (bounded, see ``Mtc75Consumer._close``).
 """
 
 from __future__ import annotations
