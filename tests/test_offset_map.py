@@ -322,3 +322,39 @@ def test_crash_loop_with_random_handler_times_repeats_only_the_last_commit_inter
     assert not lost, f"lost {len(lost)} offsets, e.g. {sorted(lost)[:5]}"
     for k, (dups, bound) in enumerate(zip(per_crash, bounds, strict=True)):
         assert dups <= bound, f"crash {k + 1}: {dups} repeated > running handlers + one commit interval ({bound})"
+
+
+def test_window_hold_survives_a_rebalance_without_leaving_a_partition_paused(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """Partition 0 is held behind its 12 s head when a second member joins: after the rebalance every
+    offset is handled and committed (a partition left paused would never finish), mapped ones once."""
+    n, threads, head_s, window, backlog = 3_000, 4, 12.0, 200, 50
+    topic, group = make_topic(partitions=2), unique("g")
+    produce_numbered(bootstrap, topic, n)
+    ends = end_offsets(bootstrap, topic)
+    record, log_a, log_b = tmp_path / "handled.txt", tmp_path / "a.log", tmp_path / "b.log"
+    env = _env(bootstrap, record, "0:0", head_s, sleep=0.001)
+    args = ["--topic", topic, "--group-id", group, "--max-thread-count", str(threads), "--offset-window",
+            str(window), "--max-backlog", str(backlog), "--commit-interval", str(COMMIT_INTERVAL),
+            "--revoke-timeout", "1", "-q", *HANDLER]
+    a = _start(args, env, log_a, "a")
+    b = None
+    try:
+        wait_until(lambda: f"HELD {topic}[0]" in log_a.read_text(), timeout=30, what="partition 0 held")
+        b = _start(args, env, log_b, "b")
+        _finish(bootstrap, group, topic, record, ends, timeout=2 * head_s + 60)
+        for proc in (a, b):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (a, b):
+            assert proc.wait(timeout=60) == 0
+    finally:
+        _stop(a)
+        if b is not None:
+            _stop(b)
+    counts = Counter((p, o) for p, o, _ in _records(record))
+    repeated = sorted(k for k, c in counts.items() if c > 1)
+    report_figures("offset_window_rebalance", window=window, head_s=head_s, repeated=len(repeated),
+                   b_handled=len(_by_tag(record, "b")))
+    assert _by_tag(record, "b"), "B was given no partition: no rebalance happened"
+    assert set(repeated) <= {(0, 0)}, f"offsets ran twice: {repeated[:5]}"
