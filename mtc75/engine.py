@@ -577,7 +577,11 @@ class Mtc75Consumer:
         """The commit metadata: the finished offsets above ``position`` (see mtc75.offsetmap)."""
         if not state.done:
             return ""
-        text = encode(position, state.done, self._map_limit)
+        try:
+            text = encode(position, state.done, self._map_limit)
+        except ValueError as err:  # a finished offset not above the position: never seen; commit the offset alone
+            logger.warning("%s[%d]: no offset map at %d (%s)", state.tp[0], state.tp[1], position, err)
+            return ""
         if text is None:
             # Too many gaps for offset.metadata.max.bytes: commit the offset alone, as before the map.
             logger.debug("%s[%d]: offset map of %d finished offsets above %d does not fit %d bytes; "
