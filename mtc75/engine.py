@@ -4,9 +4,11 @@ The thread that calls :meth:`Mtc75Consumer.run` is the poll thread and makes eve
 fetching, pause/resume, rebalance callbacks and commits. Worker threads only run handlers and report
 completions on a queue. A message is committed only after its handler finished, and only as part of
 its partition's contiguous completed prefix (see :mod:`mtc75.offsets`), and only once the topic's id
-was confirmed after the message was fetched (see :mod:`mtc75.topicwatch`). The one exception to "the
-poll thread makes every Consumer call" is the final ``close()``, run on a helper thread while the poll
-thread waits for it (bounded, see ``Mtc75Consumer._close``).
+was confirmed after the message was fetched (see :mod:`mtc75.topicwatch`). Each commit carries the
+offsets finished above that prefix as an offset map (:mod:`mtc75.offsetmap`), read back at assignment
+so they do not run again; a partition whose span reaches OFFSET_WINDOW is paused alone
+(:mod:`mtc75.window`). The one exception to "the poll thread makes every Consumer call" is the final
+``close()``, run on a helper thread while the poll thread waits for it (bounded, see ``Mtc75Consumer._close``).
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ from mtc75.dispatcher import Dispatcher, Handler, Work
 from mtc75.errors import KafkaFatal, KafkaUnavailable, MessageFailed, Mtc75Error, TopicGone
 from mtc75.gate import PauseGate
 from mtc75.handlers import prepare_handler
+from mtc75.offsetmap import DEFAULT_LIMIT as MAP_LIMIT
+from mtc75.offsetmap import FinishedOffsets, OffsetMapError, decode, encode
 from mtc75.offsets import OffsetTracker, Partition, PartitionState
 from mtc75.retry import RetryPolicy
 from mtc75.settings import Settings
 from mtc75.topics import METADATA_TIMEOUT, require_topic
 from mtc75.topicwatch import Change, TopicWatch
+from mtc75.window import WindowHolds
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +58,7 @@ TOPIC_GONE_GRACE = 10.0
 CONFIRM_TIMEOUT = 5.0  # longest a synchronous commit (revoke, shutdown) waits to confirm the topic id
 CLOSE_TIMEOUT = 10.0  # longest shutdown waits for librdkafka's close() (see _close)
 CLOSE_TIMEOUT_DOWN = 2.0  # the same while no broker is reachable: there is no group left to leave
+COMMITTED_TIMEOUT = 5.0  # longest an assignment waits to read the committed offset maps (then: no map)
 # -X properties that describe the connection, so the dead-letter producer reaches the same cluster.
 CONNECTION_PREFIXES = ("security.", "sasl.", "ssl.", "client.", "socket.", "broker.address.")
 
@@ -137,6 +143,7 @@ class Mtc75Consumer:
         self._tracker = OffsetTracker()
         self._gate = PauseGate(settings.PAUSE_INTERVAL, settings.MAX_BACKLOG)
         self._paused: set[Partition] = set()  # partitions *we* paused; librdkafka's flag is not trusted
+        self._holds = WindowHolds(settings.offset_window())  # partitions paused alone: span over OFFSET_WINDOW
         self._retry = RetryPolicy(settings.MAX_ATTEMPTS, settings.RETRY_BACKOFF, settings.RETRY_BACKOFF_MAX)
         self._dead_letters: DeadLetters | None = None
         self._fatal: Mtc75Error | None = None  # why run() must fail once it has shut down cleanly
@@ -153,7 +160,8 @@ class Mtc75Consumer:
         self._revoke_wait = _revoke_budget(settings.REVOKE_TIMEOUT, self._conf)
         self._halted = False  # a fatal error: nothing more is handled or committed
         self._watch: TopicWatch | None = None  # the topic's id, so a re-created topic is noticed
-        self._commit_snapshot: list[tuple[PartitionState, int]] = []  # waiting for the topic id check
+        self._commit_snapshot: list[tuple[PartitionState, int, str, int]] = []  # waiting for the topic id check
+        self._map_limit = MAP_LIMIT  # the broker's offset.metadata.max.bytes (0 once it refused a map)
         self._gone_reported = False
         self._rate = 0.0
         self._rate_mark = (0.0, 0)
@@ -307,6 +315,7 @@ class Mtc75Consumer:
                 # those arrive while every broker is down (a 10 s budget never ran out: they reset it).
                 if self._down_since is not None and any(m.error() is None for m in messages):
                     self._down_since = None
+            self._update_holds()
 
             now = time.monotonic()
             if now >= next_commit and self._down_since is None:  # commits to no broker only pile up
@@ -365,14 +374,17 @@ class Mtc75Consumer:
         # flight: the current owner / the running handler covers it.
         admitted = None if state is None else self._tracker.admit_run(state, offsets)
         if admitted is None and state is not None:
-            batch.extend(map(Work, run, repeat(state), offsets))
-            return
+            if state.finished is None:  # the common case: no offset map from an earlier owner
+                batch.extend(map(Work, run, repeat(state), offsets))
+                return
+            admitted = [True] * len(offsets)
+        skip = self._tracker.skip_finished
         for msg, offset, ok in zip(run, offsets, admitted or repeat(False), strict=False):
-            if ok:
+            if not ok:
+                logger.debug("skipping %s[%d]@%d: not owned or already in flight", topic, partition, offset)
+            elif not skip(state, offset):  # else finished under an earlier owner: completed without a handler
                 assert state is not None
                 batch.append(Work(msg, state, offset))
-            else:
-                logger.debug("skipping %s[%d]@%d: not owned or already in flight", topic, partition, offset)
 
     def _drain_completions(self) -> int:
         """Apply finished handlers to the watermarks (poll thread only).
@@ -521,7 +533,7 @@ class Mtc75Consumer:
     def _resume(self, now: float) -> None:
         assert self._consumer is not None and self._dispatcher is not None
         lasted = self._gate.end_pause(now)
-        mine = [TopicPartition(t, p) for t, p in self._paused if (t, p) in self._tracker]
+        mine = [TopicPartition(t, p) for t, p in self._paused if (t, p) in self._tracker and (t, p) not in self._holds]
         if mine:
             self._consumer.resume(mine)
             self._wake_fetcher(mine)
@@ -531,6 +543,22 @@ class Mtc75Consumer:
             len(mine), lasted, self._dispatcher.active_thread_count, self._dispatcher.max_thread_count,
             self._dispatcher.backlog,
         )
+
+    def _update_holds(self) -> None:
+        """Pause alone a partition whose window is full (a stuck message), resume it once its watermark moved."""
+        assert self._consumer is not None
+        to_pause, to_resume = self._holds.update(self._tracker, self._paused)
+        if to_pause:
+            self._consumer.pause([TopicPartition(t, p) for t, p in to_pause])
+            for t, p in to_pause:
+                low, high = self._tracker.span(self._tracker.state((t, p)))
+                logger.warning("HELD %s[%d]: %d offsets from its oldest unfinished one (%d) reached OFFSET_WINDOW "
+                               "%d; other partitions go on", t, p, high - low, low, self._holds.bound)
+        if to_resume:
+            resumed = [TopicPartition(t, p) for t, p in to_resume]
+            self._consumer.resume(resumed)
+            self._wake_fetcher(resumed)
+            logger.info("released %s: its watermark moved", _fmt(to_resume))
 
     def _wake_fetcher(self, partitions: list[TopicPartition]) -> None:
         """Make the resumed partitions fetch now rather than at the broker thread's next wake-up.
@@ -568,24 +596,58 @@ class Mtc75Consumer:
         if self._down_since is not None and not asynchronous:
             logger.warning("Kafka unreachable: not committing; uncommitted messages will be redelivered")
             return
-        pending = list(self._tracker.uncommitted(partitions))
+        pending = self._commit_points(partitions)
         if not pending:
             return
         if not asynchronous and not self._topic_confirmed():
             return
-        self._send_commit(pending, asynchronous)
+        self._send_commit([(state.tp, pos, meta, version) for state, pos, meta, version in pending], asynchronous)
 
-    def _send_commit(self, pending: list[tuple[Partition, int]], asynchronous: bool) -> None:
+    def _commit_points(self, partitions: list[Partition] | None = None) -> list[tuple[PartitionState, int, str, int]]:
+        """``(state, position, offset map, version)`` of each partition with something new to commit."""
+        tracker = self._tracker
+        points = []
+        for tp, pos in tracker.uncommitted(partitions):
+            state = tracker.state(tp)
+            points.append((state, pos, self._offset_map(state, pos), state.version))
+        return points
+
+    def _offset_map(self, state: PartitionState, position: int) -> str:
+        """The commit metadata: the finished offsets above ``position`` (see mtc75.offsetmap)."""
+        if not state.done:
+            return ""
+        try:
+            text = encode(position, state.done, self._map_limit)
+        except ValueError as err:  # a finished offset not above the position: never seen; commit the offset alone
+            logger.warning("%s[%d]: no offset map at %d (%s)", state.tp[0], state.tp[1], position, err)
+            return ""
+        if text is None:
+            # Too many gaps for offset.metadata.max.bytes: commit the offset alone, as before the map.
+            logger.debug("%s[%d]: offset map of %d finished offsets above %d does not fit %d bytes; "
+                         "committing the offset alone", state.tp[0], state.tp[1], len(state.done), position,
+                         self._map_limit)
+            return ""
+        return text
+
+    def _send_commit(self, pending: list[tuple[Partition, int, str, int]], asynchronous: bool) -> None:
         assert self._consumer is not None
-        offsets = [TopicPartition(t, p, pos) for (t, p), pos in pending]
+        offsets = [TopicPartition(t, p, pos, metadata=meta) for (t, p), pos, meta, _ in pending]
         try:
             self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
         except KafkaException as err:
             if not self._check_fatal(err.args[0]):
+                self._map_refused(err.args[0])
                 self._warn_rarely(err.args[0], f"commit of {len(offsets)} partitions failed: {err.args[0].str()}")
             return
-        for tp, pos in pending:
-            self._tracker.mark_committed(tp, pos)
+        for tp, pos, _, version in pending:
+            self._tracker.mark_committed(tp, pos, version)
+
+    def _map_refused(self, err: KafkaError) -> None:
+        """A broker with a smaller offset.metadata.max.bytes refuses the map: commit offsets alone from now on."""
+        if err.code() == KafkaError.OFFSET_METADATA_TOO_LARGE and self._map_limit:
+            self._map_limit = 0
+            logger.warning("the broker refused the offset map (offset.metadata.max.bytes below %d?): "
+                           "committing offsets without it from now on", MAP_LIMIT)
 
     def _commit_tick(self, now: float) -> None:
         """The periodic commit. With the topic watch on, it snapshots what is finished now and commits it
@@ -600,8 +662,7 @@ class Mtc75Consumer:
         if watch.busy:
             self._watch_turn(now)
             return
-        tracker = self._tracker
-        self._commit_snapshot = [(tracker.state(tp), pos) for tp, pos in tracker.uncommitted()]
+        self._commit_snapshot = self._commit_points()
         watch.poll(now)  # starts the check
 
     def _watch_turn(self, now: float) -> None:
@@ -616,8 +677,9 @@ class Mtc75Consumer:
                 logger.warning("topic %s is there again (same topic id)", self._settings.TOPIC)
                 self._gone_reported = False
             current = [
-                (state.tp, pos) for state, pos in snapshot
-                if state.alive and pos != state.committed and self._tracker.get(state.tp) is state
+                (state.tp, pos, meta, version) for state, pos, meta, version in snapshot
+                if state.alive and (pos != state.committed or version != state.committed_version)
+                and self._tracker.get(state.tp) is state
             ]
             if current and not self._halted and self._down_since is None:
                 self._send_commit(current, asynchronous=True)
@@ -675,6 +737,9 @@ class Mtc75Consumer:
         tps = self._tracker.partitions()
         self._drop_unstarted([self._tracker.state(tp) for tp in tps])
         self._tracker.assign(tps)  # fresh states: the old ones are dead, their completions dropped
+        held = [TopicPartition(t, p) for t, p in self._holds.forget(tps) if (t, p) not in self._paused]
+        if held:  # the new topic starts with an empty window
+            self._consumer.resume(held)
         for t, p in tps:
             try:
                 self._consumer.seek(TopicPartition(t, p, logical))  # also drops what librdkafka prefetched
@@ -686,6 +751,7 @@ class Mtc75Consumer:
             return
         if self._check_fatal(err):
             return
+        self._map_refused(err)
         self._warn_rarely(err, f"commit failed: {err.str()} (will retry)")
         for tp in partitions:
             self._tracker.mark_committed((tp.topic, tp.partition), -1)  # forces a retry next time
@@ -697,7 +763,8 @@ class Mtc75Consumer:
         if not self._assigned_once:  # --idle-exit counts from here: waiting for the group is not idleness
             self._assigned_once = True
             self._last_message_at = self._last_progress_at = time.monotonic()
-        self._tracker.assign(tps)
+        self._tracker.assign(tps, self._read_maps(consumer, partitions))
+        self._holds.forget(tps)  # fresh states: a hold of an earlier assignment does not carry over
         # Assign first, then pause: pausing a partition that is not yet assigned has no effect.
         if self._cooperative:
             consumer.incremental_assign(partitions)
@@ -711,6 +778,47 @@ class Mtc75Consumer:
             # (it does on some eager-rebalance paths): clear it, or the partition never fetches.
             consumer.resume([TopicPartition(t, p) for t, p in tps])
         logger.info("assigned %s%s", _fmt(tps), " (paused: consumer is saturated)" if self._gate.paused else "")
+
+    def _read_maps(self, consumer: Consumer, partitions: list[TopicPartition]) -> dict[Partition, FinishedOffsets]:
+        """The offset maps committed with the group's offsets: work an earlier owner already finished.
+
+        Bounded (COMMITTED_TIMEOUT); on error the partitions are read without a map (more repeats, never
+        a loss). Metadata that is not our map (another tool's, garbled, stale) is ignored with a warning.
+        """
+        if not partitions:
+            return {}
+        try:
+            committed = consumer.committed([TopicPartition(tp.topic, tp.partition) for tp in partitions],
+                                           timeout=COMMITTED_TIMEOUT)
+        except KafkaException as err:
+            logger.warning("could not read the committed offset maps (%s): finished work above the committed "
+                           "offsets may run again", err.args[0].str())
+            return {}
+        maps: dict[Partition, FinishedOffsets] = {}
+        for tp in committed:
+            if tp.error is not None or not tp.metadata:
+                continue
+            high = self._end_offset(consumer, tp)
+            try:
+                finished = decode(tp.metadata, tp.offset, high)
+            except OffsetMapError as err:
+                logger.warning("%s[%d]: ignoring the commit metadata at offset %d (%s): not an MTC75 offset map",
+                               tp.topic, tp.partition, tp.offset, err)
+                continue
+            if finished:
+                maps[(tp.topic, tp.partition)] = finished
+                logger.info("%s[%d]: %d offsets above the committed %d finished before (offset map): not run again",
+                            tp.topic, tp.partition, finished.count, tp.offset)
+        return maps
+
+    @staticmethod
+    def _end_offset(consumer: Consumer, tp: TopicPartition) -> int | None:
+        """The partition's end offset, so a map claiming offsets not written yet is refused (None: unknown)."""
+        try:
+            offsets = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=COMMITTED_TIMEOUT)
+        except KafkaException:
+            return None
+        return offsets[1] if offsets is not None and offsets[1] >= 0 else None
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._give_up(consumer, partitions, commit=True)
@@ -733,7 +841,8 @@ class Mtc75Consumer:
 
     def _unpause(self, consumer: Consumer, tps: list[Partition]) -> None:
         """Resume partitions we paused before giving them up, so no stale flag outlives the assignment."""
-        mine = [TopicPartition(t, p) for t, p in tps if (t, p) in self._paused]
+        held = set(self._holds.forget(tps))
+        mine = [TopicPartition(t, p) for t, p in tps if (t, p) in self._paused or (t, p) in held]
         if mine:
             consumer.resume(mine)
             self._paused.difference_update(tps)

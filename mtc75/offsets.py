@@ -2,13 +2,18 @@
 
 Handlers finish out of order; committing the highest finished offset would skip messages still
 running. The tracker remembers the offsets handed out per partition (in fetch order) and advances a
-partition's watermark only past offsets that are all done. Used only by the poll thread: no locks.
+partition's watermark only past offsets that are all done. The finished offsets above the watermark
+(``done``) go with each commit as an offset map (:mod:`mtc75.offsetmap`); a map read back at
+assignment makes its offsets complete at once when fetched again, without a handler
+(:meth:`OffsetTracker.skip_finished`). Used only by the poll thread: no locks.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+
+from mtc75.offsetmap import FinishedOffsets
 
 Partition = tuple[str, int]
 
@@ -16,9 +21,12 @@ Partition = tuple[str, int]
 class PartitionState:
     """One assignment of one partition; completions carry it, so a stale one is recognised."""
 
-    __slots__ = ("tp", "alive", "pending", "done", "abandoned", "position", "committed")
+    __slots__ = (
+        "tp", "alive", "pending", "done", "abandoned", "position", "committed", "finished", "version",
+        "committed_version",
+    )
 
-    def __init__(self, tp: Partition) -> None:
+    def __init__(self, tp: Partition, finished: FinishedOffsets | None = None) -> None:
         self.tp = tp
         self.alive = True  # False once revoked: its completions are late and dropped
         self.pending: deque[int] = deque()  # offsets handed out and not yet below the watermark
@@ -26,6 +34,10 @@ class PartitionState:
         self.abandoned: set[int] = set()  # dropped before they ran: the watermark stops at them
         self.position: int | None = None  # next offset to commit (last contiguous completed + 1)
         self.committed: int | None = None  # position last handed to commit()
+        # The offset map read at assignment: offsets that finished under an earlier owner (skipped)
+        self.finished = finished or None
+        self.version = 0  # bumped whenever ``done`` grows: the commit's map must be re-sent
+        self.committed_version = 0  # ``version`` as of the last commit
 
 
 class OffsetTracker:
@@ -34,13 +46,19 @@ class OffsetTracker:
     def __init__(self) -> None:
         self._parts: dict[Partition, PartitionState] = {}
 
-    def assign(self, partitions: Iterable[Partition]) -> None:
-        """Start tracking partitions (a re-assigned partition starts clean)."""
+    def assign(
+        self, partitions: Iterable[Partition], finished: Mapping[Partition, FinishedOffsets] | None = None
+    ) -> None:
+        """Start tracking partitions (a re-assigned partition starts clean).
+
+        ``finished``: the offset maps read from the group's commits; their offsets are not run again.
+        """
+        finished = finished or {}
         for tp in partitions:
             old = self._parts.get(tp)
             if old is not None:
                 old.alive = False
-            self._parts[tp] = PartitionState(tp)
+            self._parts[tp] = PartitionState(tp, finished.get(tp))
 
     def revoke(self, partitions: Iterable[Partition]) -> None:
         """Forget partitions; completions that arrive for them later are ignored."""
@@ -101,6 +119,31 @@ class OffsetTracker:
             return None
         return [cls.admit(state, offset) for offset in offsets]
 
+    @classmethod
+    def skip_finished(cls, state: PartitionState, offset: int) -> bool:
+        """After :meth:`admit`: True when the offset map says ``offset`` already finished.
+
+        It is then completed at once and must not be handed to a handler. The map is dropped once
+        an offset at or past its end is admitted (offsets are admitted in ascending order).
+        """
+        finished = state.finished
+        if finished is None:
+            return False
+        if offset >= finished.end:
+            state.finished = None
+            return False
+        if offset not in finished:
+            return False
+        cls.complete(state, offset)
+        return True
+
+    @classmethod
+    def to_run(cls, state: PartitionState, offsets: Iterable[int]) -> list[int]:
+        """Admitted ``offsets`` less those the offset map says finished (completed here, at once)."""
+        if state.finished is None:
+            return list(offsets)
+        return [o for o in offsets if not cls.skip_finished(state, o)]
+
     @staticmethod
     def complete(state: PartitionState, offset: int) -> bool:
         """Mark an offset done; False when its assignment was revoked since (a late completion)."""
@@ -111,6 +154,7 @@ class OffsetTracker:
             return True  # already below the watermark (a duplicate completion)
         if offset != pending[0]:
             state.done.add(offset)
+            state.version += 1
             return True
         pending.popleft()
         done = state.done
@@ -154,14 +198,43 @@ class OffsetTracker:
             return state.committed
         return state.pending[0] if state.pending else None
 
+    @staticmethod
+    def watermark(state: PartitionState) -> int | None:
+        """The offset a commit stores: the first unfinished one.
+
+        Before the first contiguous completion that is the oldest offset in flight, committed only
+        when something above it finished (so its offset map has something to say).
+        """
+        if state.position is not None:
+            return state.position
+        if state.done and state.pending:
+            return state.pending[0]
+        return None
+
+    @staticmethod
+    def span(state: PartitionState) -> tuple[int, int]:
+        """``(first unfinished offset, next offset)``: what :class:`mtc75.offsetmap.WindowPolicy` bounds."""
+        pending = state.pending
+        if not pending:
+            pos = state.position if state.position is not None else 0
+            return pos, pos
+        low = state.position if state.position is not None else pending[0]
+        return low, pending[-1] + 1
+
     def uncommitted(self, partitions: Iterable[Partition] | None = None) -> Iterator[tuple[Partition, int]]:
-        """Partitions whose watermark moved since the last :meth:`mark_committed`."""
+        """Partitions whose watermark moved, or whose finished set grew, since the last :meth:`mark_committed`."""
         for tp in self._parts if partitions is None else partitions:
             state = self._parts.get(tp)
-            if state is not None and state.position is not None and state.position != state.committed:
-                yield tp, state.position
+            if state is None:
+                continue
+            position = self.watermark(state)
+            if position is not None and (position != state.committed or state.version != state.committed_version):
+                yield tp, position
 
-    def mark_committed(self, tp: Partition, position: int) -> None:
+    def mark_committed(self, tp: Partition, position: int, version: int | None = None) -> None:
+        """``version``: the state's :attr:`PartitionState.version` when its map was encoded."""
         state = self._parts.get(tp)
         if state is not None:
             state.committed = position
+            if version is not None:
+                state.committed_version = version

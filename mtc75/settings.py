@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Any
 
 from mtc75.errors import ConfigError
+from mtc75.offsetmap import default_window
 from mtc75.retry import FAILURE_MODES
 
 ENV_PREFIX = "MTC75_"
@@ -80,6 +81,11 @@ class Settings:
         default=5_000,
         **_spec(int, "most fetched messages held waiting for a free thread", minimum=1),
     )
+    OFFSET_WINDOW: int = field(
+        default=0,
+        **_spec(int, "most offsets between a partition's oldest unfinished message and its next one before that "
+                "partition alone is paused (0 = 2 x MAX_BACKLOG, capped so the offset map fits)", minimum=0),
+    )
     COMMIT_INTERVAL: float = field(
         default=0.5, **_spec(float, "seconds between commits of completed offsets", minimum=0, positive=True)
     )
@@ -115,6 +121,10 @@ class Settings:
     PRODUCER_CONFIG: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType({}), **_spec(dict, "extra librdkafka producer properties")
     )
+
+    def offset_window(self) -> int:
+        """OFFSET_WINDOW, or its default: offsetmap.default_window(MAX_BACKLOG) (10,000 for 5,000)."""
+        return self.OFFSET_WINDOW or default_window(self.MAX_BACKLOG)
 
     def replace(self, **changes: Any) -> Settings:
         """A validated copy with ``changes`` applied (used by tests and the demo)."""

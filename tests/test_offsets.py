@@ -146,3 +146,84 @@ def test_admit_run_with_gaps_or_disorder_goes_offset_by_offset() -> None:
     assert tracker.admit_run(state, [0, 1, 5, 6]) == [True, True, True, True]  # compaction holes
     assert tracker.admit_run(state, [9, 8, 10]) == [True, False, True]  # 8 after 9: not ascending
     assert list(state.pending) == [0, 1, 5, 6, 9, 10]
+
+
+# -- offset map (issue 9) -----------------------------------------------------------------------------
+
+
+def _mapped(committed: int, ranges: list[tuple[int, int]]) -> tuple[OffsetTracker, object]:
+    from mtc75.offsetmap import FinishedOffsets
+
+    tracker = OffsetTracker()
+    tracker.assign([TP], {TP: FinishedOffsets(committed, ranges)})
+    return tracker, tracker.state(TP)
+
+
+def test_mapped_offsets_complete_at_once_and_the_rest_run() -> None:
+    tracker, state = _mapped(10, [(12, 14), (16, 17)])  # 12, 13, 16 finished under the earlier owner
+    ran = []
+    for o in range(10, 19):
+        assert tracker.admit(state, o)
+        if not tracker.skip_finished(state, o):
+            ran.append(o)
+    assert ran == [10, 11, 14, 15, 17, 18]
+    assert state.finished is None  # dropped once an offset at or past its end (17) was admitted
+    assert tracker.position(TP) is None  # 10 still runs: the map never moves the watermark past it
+    for o in (10, 11, 14, 15):
+        tracker.complete(state, o)
+    assert tracker.position(TP) == 17
+    assert tracker.outstanding(TP) == [17, 18]
+
+
+def test_to_run_splits_a_run_of_admitted_offsets() -> None:
+    tracker, state = _mapped(0, [(2, 5)])
+    for o in range(0, 7):
+        tracker.admit(state, o)
+    assert tracker.to_run(state, range(0, 7)) == [0, 1, 5, 6]
+    assert state.done == {2, 3, 4}
+
+
+def test_no_map_runs_everything_and_a_redelivery_below_the_map_is_not_skipped() -> None:
+    tracker, states = _tracker([5, 6])
+    assert not tracker.skip_finished(states[5], 5)
+    assert tracker.to_run(states[5], [5, 6]) == [5, 6]
+    tracker2, state = _mapped(10, [(12, 13)])
+    tracker2.admit(state, 11)
+    assert not tracker2.skip_finished(state, 11)  # 11 is not in the map
+
+
+def test_commit_point_before_the_first_contiguous_completion_is_the_oldest_in_flight() -> None:
+    tracker, states = _tracker([0, 1, 2])
+    assert list(tracker.uncommitted()) == []  # nothing finished: nothing to say
+    tracker.complete(states[2], 2)
+    assert list(tracker.uncommitted()) == [(TP, 0)]  # 0 and 1 run; 2 goes in the map at offset 0
+    state = tracker.state(TP)
+    tracker.mark_committed(TP, 0, state.version)
+    assert list(tracker.uncommitted()) == []
+
+
+def test_a_grown_done_set_needs_a_commit_though_the_position_did_not_move() -> None:
+    tracker, states = _tracker([0, 1, 2, 3])
+    tracker.complete(states[0], 0)
+    state = tracker.state(TP)
+    tracker.mark_committed(TP, 1, state.version)
+    assert list(tracker.uncommitted()) == []
+    tracker.complete(states[3], 3)  # position still 1, but the map changed
+    assert list(tracker.uncommitted()) == [(TP, 1)]
+    version = state.version
+    tracker.complete(states[2], 2)  # grows again after the map was encoded: still due
+    tracker.mark_committed(TP, 1, version)
+    assert list(tracker.uncommitted()) == [(TP, 1)]
+    tracker.mark_committed(TP, 1, state.version)
+    assert list(tracker.uncommitted()) == []
+
+
+def test_span_is_next_offset_minus_first_unfinished() -> None:
+    tracker, states = _tracker([3, 4, 5, 9])
+    state = tracker.state(TP)
+    assert tracker.span(state) == (3, 10)
+    tracker.complete(states[3], 3)
+    assert tracker.span(state) == (4, 10)
+    for o in (4, 5, 9):
+        tracker.complete(states[o], o)
+    assert tracker.span(state) == (10, 10)
