@@ -37,7 +37,7 @@ from mtc75.topics import create_topic
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).resolve().parent / "scaleout.json"
-PORT = int(os.environ.get("MTC75_BENCH_SCALEOUT_PORT", "39992"))
+PORT = int(os.environ.get("MTC75_BENCH_SCALEOUT_PORT", "29992"))
 RUN_TIMEOUT = 300.0
 
 
