@@ -27,10 +27,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 setup: $(VENV)/.installed
 
 kafka: setup
-	$(PY) -m mtc75.broker fetch
+	$(PY) -m mtc75.tools.broker fetch
 
 demo: kafka
-	$(PY) -m mtc75.demo --port $(KAFKA_PORT) --report demo-report
+	$(PY) -m mtc75.tools.demo --port $(KAFKA_PORT) --report demo-report
 
 # pytest's temporary folders under .kafka/pytest-tmp, not /tmp/pytest-of-$USER: other suites of the
 # same user on this machine prune those (seen deleting a running test's files).
@@ -69,13 +69,13 @@ lint: setup
 	$(PY) -m ruff check .
 
 broker: kafka
-	$(PY) -m mtc75.broker start --port $(KAFKA_PORT) --brokers $(BROKERS)
+	$(PY) -m mtc75.tools.broker start --port $(KAFKA_PORT) --brokers $(BROKERS)
 
 broker-stop: setup
-	$(PY) -m mtc75.broker stop --port $(KAFKA_PORT) --brokers $(BROKERS)
+	$(PY) -m mtc75.tools.broker stop --port $(KAFKA_PORT) --brokers $(BROKERS)
 
 broker-status: setup
-	$(PY) -m mtc75.broker status --port $(KAFKA_PORT) --brokers $(BROKERS)
+	$(PY) -m mtc75.tools.broker status --port $(KAFKA_PORT) --brokers $(BROKERS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -8,8 +8,8 @@ import mtc75._startup  # noqa: F401 - first: Ctrl-C during the imports is exit 1
 import logging
 import sys
 
-from mtc75.cli import base_parser, resolve, run_main, setup_logging
-from mtc75.topics import create_topic, replica_counts
+from mtc75.app.cli import base_parser, resolve, run_main, setup_logging
+from mtc75.kafka.topics import create_topic, replica_counts
 
 PROG = "create_topic.py"
 SETTINGS = ("BOOTSTRAP_SERVERS", "TOPIC", "NUM_PARTITIONS", "REPLICATION_FACTOR")

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from mtc75.cli import (
+from mtc75.app.cli import (
     StdoutLines,
     base_parser,
     check_writable,
@@ -26,10 +26,10 @@ from mtc75.cli import (
     setup_logging,
     use_color,
 )
-from mtc75.engine import Mtc75Consumer, Stats
+from mtc75.app.status import format_status
+from mtc75.engine.consumer import Mtc75Consumer, Stats
 from mtc75.errors import ConfigError
-from mtc75.handlers import SimulatedWork, load_handler
-from mtc75.status import format_status
+from mtc75.runtime.handlers import SimulatedWork, load_handler
 
 PROG = "mtc75_consumer.py"
 SETTINGS = (
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         observers: list[Any] = []  # each has update(stats)
         metrics = dashboard = report = watcher = None
         if args.metrics_port is not None:
-            from mtc75.metrics import Metrics
+            from mtc75.app.metrics import Metrics
 
             metrics = Metrics()
             port = metrics.serve(args.metrics_port, args.metrics_addr)
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             handler = metrics.timed(work)
             observers.append(metrics)
         if args.report is not None:
-            from mtc75.report import RunReport
+            from mtc75.app.report import RunReport
 
             report = RunReport(args.report)
             try:
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--report {args.report}: {err.strerror or err}") from None
             observers.append(report)
         if sys.stdout.isatty() and not args.no_dashboard:
-            from mtc75.dashboard import Dashboard
+            from mtc75.app.dashboard import Dashboard
 
             dashboard = Dashboard(title=f"MTC75  {settings.TOPIC}  group {settings.GROUP_ID}")
             observers.append(dashboard)
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
         path = config_path(args)
         if path is not None and not args.no_reload:
-            from mtc75.reload import ConfigWatcher, retuner
+            from mtc75.app.reload import ConfigWatcher, retuner
 
             watcher = ConfigWatcher(path, settings, lambda: resolve(args, SETTINGS)[0], retuner(consumer, work))
         signals = 0

@@ -12,8 +12,8 @@ from types import FrameType
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from mtc75.cli import base_parser, paint, resolve, run_main, setup_logging, use_color
-from mtc75.produce import PROGRESS_INTERVAL, ProducerStats, produce
+from mtc75.app.cli import base_parser, paint, resolve, run_main, setup_logging, use_color
+from mtc75.tools.produce import PROGRESS_INTERVAL, ProducerStats, produce
 
 PROG = "producer.py"
 SETTINGS = ("BOOTSTRAP_SERVERS", "TOPIC", "PRODUCER_MESSAGE_COUNT", "PRODUCER_SLEEP", "PRODUCER_RATE")

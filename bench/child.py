@@ -4,7 +4,7 @@
                           [--seconds S] [--max-pending P] [-X key=value ...]
 
 MODE is one of:
-  engine  MTC75 (``mtc75.engine.Mtc75Consumer``, default settings, ``-X`` overrides on top)
+  engine  MTC75 (``mtc75.engine.consumer.Mtc75Consumer``, default settings, ``-X`` overrides on top)
   raw     a bare ``consume()`` loop that records each message (last offset per partition, count):
           the client's own limit, on librdkafka's default settings
   pool    the plain pattern: ``semaphore.acquire(); executor.submit(handler)`` per message, no commits
@@ -148,7 +148,7 @@ def run_pool(args: argparse.Namespace, rec: Recorder, work: Callable[[int], None
 
 
 def run_engine(args: argparse.Namespace, rec: Recorder, work: Callable[[int], None] | None) -> None:
-    from mtc75.engine import Mtc75Consumer, Stats
+    from mtc75.engine.consumer import Mtc75Consumer, Stats
     from mtc75.settings import load_settings, parse_properties
 
     settings = load_settings(None, flags={"TOPIC": args.topic, "GROUP_ID": f"bench-{uuid.uuid4().hex[:8]}",

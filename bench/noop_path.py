@@ -21,8 +21,8 @@ from typing import Any
 
 from confluent_kafka import Message
 
-from mtc75.dispatcher import Dispatcher
-from mtc75.engine import Mtc75Consumer
+from mtc75.engine.consumer import Mtc75Consumer
+from mtc75.runtime.dispatcher import Dispatcher
 from mtc75.settings import Settings
 
 BATCH = 500

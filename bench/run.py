@@ -38,10 +38,10 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer
 
-from mtc75.broker import LocalKafka
-from mtc75.engine import Mtc75Consumer, Stats
+from mtc75.engine.consumer import Mtc75Consumer, Stats
+from mtc75.kafka.topics import create_topic
 from mtc75.settings import Settings
-from mtc75.topics import create_topic
+from mtc75.tools.broker import LocalKafka
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).resolve().parent

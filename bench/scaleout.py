@@ -31,9 +31,9 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from mtc75.broker import LocalKafka
 from mtc75.errors import BrokerError
-from mtc75.topics import create_topic
+from mtc75.kafka.topics import create_topic
+from mtc75.tools.broker import LocalKafka
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).resolve().parent / "scaleout.json"

@@ -1,6 +1,6 @@
 """The library API: MTC75 inside your own program, as ``mtc75.Consumer``.
 
-A facade over :class:`mtc75.engine.Mtc75Consumer`: settings as lower-case keywords, checked like the
+A facade over :class:`mtc75.engine.consumer.Mtc75Consumer`: settings as lower-case keywords, checked like the
 command line's flags; ``run()`` on the calling thread, or ``start()`` / ``close()`` (and ``with``) on a
 background thread; failures as the typed errors of :mod:`mtc75.errors`. It never prints, exits or
 configures logging (records go to the ``mtc75`` loggers).
@@ -19,10 +19,10 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any
 
-from mtc75.clients import REAL_CLIENTS, KafkaClients
-from mtc75.engine import Mtc75Consumer, Stats
+from mtc75.engine.consumer import Mtc75Consumer, Stats
 from mtc75.errors import ConfigError
-from mtc75.handlers import prepare_handler
+from mtc75.kafka.clients import REAL_CLIENTS, KafkaClients
+from mtc75.runtime.handlers import prepare_handler
 from mtc75.settings import SPECS, Settings, coerce
 
 # The settings a consumer uses; the others belong to producer.py, create_topic.py or the CLI's default handler.

@@ -1,7 +1,7 @@
 """Errors that end a command with one line on stderr and a defined exit code.
 
 Scripts catch :class:`Mtc75Error` at the top of ``main()`` and print ``str(err)`` (plus, for some,
-advice only a user of this repository can follow, added by :mod:`mtc75.cli`); library users catch
+advice only a user of this repository can follow, added by :mod:`mtc75.app.cli`); library users catch
 them like any exception. Anything else is a bug and may show a traceback.
 """
 

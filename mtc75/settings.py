@@ -18,9 +18,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from mtc75.core.offsetmap import default_window
+from mtc75.core.retry import FAILURE_MODES
 from mtc75.errors import ConfigError
-from mtc75.offsetmap import default_window
-from mtc75.retry import FAILURE_MODES
 
 ENV_PREFIX = "MTC75_"
 # librdkafka logs through this logger instead of raw stderr; scripts show it only with -vv.

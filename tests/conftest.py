@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from mtc75.broker import LocalKafka
-from mtc75.topics import create_topic
+from mtc75.kafka.topics import create_topic
+from mtc75.tools.broker import LocalKafka
 from tests.local_kafka import owned_broker, session_folder
 
 # Below the kernel's ephemeral range (32768-60999 here): a client that keeps reconnecting to a stopped broker

@@ -42,7 +42,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 
-from mtc75.clients import KafkaClients
+from mtc75.kafka.clients import KafkaClients
 
 Partition = tuple[str, int]
 

@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from mtc75 import broker as launcher
-from mtc75.broker import LocalCluster, LocalKafka
 from mtc75.errors import BrokerError
+from mtc75.tools import broker as launcher
+from mtc75.tools.broker import LocalCluster, LocalKafka
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO_LIBS = ROOT / ".kafka" / "libs"  # the jars are shared; only state is per session

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mtc75.autotune import AutoTuner, Decision, Sample
+from mtc75.core.autotune import AutoTuner, Decision, Sample
 
 TICK = 0.5
 SEEDS = range(20)

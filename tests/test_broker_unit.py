@@ -1,4 +1,4 @@
-"""Unit tests for mtc75.broker that need neither Kafka nor Maven nor a network."""
+"""Unit tests for mtc75.tools.broker that need neither Kafka nor Maven nor a network."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from mtc75 import broker
-from mtc75.broker import LocalKafka
 from mtc75.errors import BrokerError
+from mtc75.tools import broker
+from mtc75.tools.broker import LocalKafka
 
 MAVEN_FAILURE = """\
 \x1b[0m\x1b[0m[ERROR] Failed to execute goal on project mtc75-local-kafka: Could not resolve dependencies \
@@ -116,7 +116,7 @@ def test_server_properties_follow_the_port(tmp_path: Path, port: int) -> None:
 
 
 def test_default_home_is_dot_kafka_in_the_repo() -> None:
-    repo = Path(broker.__file__).resolve().parent.parent
+    repo = Path(broker.__file__).resolve().parents[2]
     assert LocalKafka(port=29092).log_path == repo / ".kafka" / "29092" / "broker.log"
 
 

@@ -22,7 +22,7 @@ import pytest
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, PartitionMetadata
 
-from mtc75.broker import LocalCluster
+from mtc75.tools.broker import LocalCluster
 from tests.conftest import TEST_PORT
 from tests.kafka_helpers import (
     ROOT,
@@ -81,7 +81,7 @@ def _rss_mb(pid: int) -> float:
 def _launcher(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
     """The launcher's command line, as ``make broker BROKERS=3`` runs it (on this module's folder)."""
     node1 = cluster.nodes()[0]
-    cmd = [sys.executable, "-m", "mtc75.broker", *args, "--port", str(node1.port), "--brokers", str(SIZE),
+    cmd = [sys.executable, "-m", "mtc75.tools.broker", *args, "--port", str(node1.port), "--brokers", str(SIZE),
            "--home", str(node1.folder.parent)]
     assert REPO_LIBS.exists()
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

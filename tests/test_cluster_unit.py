@@ -1,4 +1,4 @@
-"""Unit tests for the cluster side of mtc75.broker: layout, config, folder checks, start/stop/status bookkeeping.
+"""Unit tests for the cluster side of mtc75.tools.broker: layout, config, folder checks, start/stop/status bookkeeping.
 
 No Kafka, Maven or java: processes that look like brokers stand in for them (as in test_broker_unit.py).
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from mtc75 import broker
-from mtc75.broker import LocalCluster, LocalKafka, Node, Quorum
 from mtc75.errors import BrokerError
+from mtc75.tools import broker
+from mtc75.tools.broker import LocalCluster, LocalKafka, Node, Quorum
 
 
 def _props(path: Path) -> dict[str, str]:
@@ -181,14 +181,14 @@ def test_bad_cluster_size_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -
 
 @pytest.mark.parametrize(("brokers", "replicas"), [(1, 1), (2, 2), (3, 3), (5, 3), (0, 1)])
 def test_auto_replication_is_one_per_broker_at_most_three(brokers: int, replicas: int) -> None:
-    from mtc75.topics import auto_replication
+    from mtc75.kafka.topics import auto_replication
 
     assert auto_replication(brokers) == replicas
 
 
 def test_replication_defaults_to_auto_and_the_producer_waits_for_every_in_sync_replica() -> None:
+    from mtc75.kafka.topics import AUTO_REPLICATION
     from mtc75.settings import Settings
-    from mtc75.topics import AUTO_REPLICATION
 
     settings = Settings()
     assert settings.REPLICATION_FACTOR == AUTO_REPLICATION == 0

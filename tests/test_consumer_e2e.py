@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from mtc75.engine import Mtc75Consumer, Stats
+from mtc75.engine.consumer import Mtc75Consumer, Stats
 from mtc75.settings import Settings
 from tests.kafka_helpers import (
     all_offsets,
@@ -76,7 +76,7 @@ def test_saturated_run_handles_each_message_once_within_the_bound_and_commits_to
     consumer = Mtc75Consumer(
         _settings(bootstrap, topic, group, MAX_THREAD_COUNT=threads, PAUSE_INTERVAL=0.2), recorder, max_messages=n,
     )
-    caplog.set_level(logging.WARNING, logger="mtc75.engine")
+    caplog.set_level(logging.WARNING, logger="mtc75.engine.consumer")
     stats = consumer.run()
 
     ends = end_offsets(bootstrap, topic)
@@ -122,7 +122,7 @@ def test_handler_longer_than_max_poll_interval_does_not_evict_while_saturated(
     # Two threads, and the first two messages each take longer than max.poll.interval.ms.
     slow_offsets = {(0, 0), (1, 0)}
     recorder = Recorder(0.05, slow=lambda m: 8.0 if (m.partition(), m.offset()) in slow_offsets else 0.05)
-    caplog.set_level(logging.INFO, logger="mtc75.engine")
+    caplog.set_level(logging.INFO, logger="mtc75.engine.consumer")
     overrides = {
         "session.timeout.ms": "6000",
         "max.poll.interval.ms": "6000",
@@ -145,7 +145,7 @@ def test_handler_longer_than_max_poll_interval_does_not_evict_while_saturated(
     assert stats.pauses >= 1
     # Evictions, counted from the log: the engine logs "lost ..." when librdkafka takes the partitions
     # away (on_lost), and every eviction ends in a new "assigned ..." line with partitions.
-    messages = [r.getMessage() for r in caplog.records if r.name == "mtc75.engine"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "mtc75.engine.consumer"]
     lost_lines = [m for m in messages if m.startswith("lost ")]
     assigned_lines = [m for m in messages if m.startswith("assigned ") and "no partitions" not in m]
     evictions = len(lost_lines) + max(0, len(assigned_lines) - 1)

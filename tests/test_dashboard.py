@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from mtc75.dashboard import Dashboard, ProcessSample, ProcessSampler, render, sparkline
+from mtc75.app.dashboard import Dashboard, ProcessSample, ProcessSampler, render, sparkline
 from tests.stats_factory import make_stats
 
 

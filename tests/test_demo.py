@@ -44,7 +44,7 @@ def test_make_demo_runs_end_to_end_with_its_own_broker() -> None:
     if "KAFKA_BOOTSTRAP_SERVERS" not in env:
         assert "stopping the local Kafka it started" in output
         status = subprocess.run(
-            [str(ROOT / ".venv" / "bin" / "python"), "-m", "mtc75.broker", "status", "--port", demo_port],
+            [str(ROOT / ".venv" / "bin" / "python"), "-m", "mtc75.tools.broker", "status", "--port", demo_port],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
         )
         # it stopped what it started: `status` exits 1 for "not running" (2 would be a usage error)

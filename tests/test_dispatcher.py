@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
-from mtc75.dispatcher import FAST_HANDLER, MIN_ACTIVE, Dispatcher, Permits, Work
-from mtc75.offsets import OffsetTracker
+from mtc75.core.offsets import OffsetTracker
+from mtc75.runtime.dispatcher import FAST_HANDLER, MIN_ACTIVE, Dispatcher, Permits, Work
 from tests.kafka_helpers import wait_until
 
 
@@ -204,7 +204,7 @@ def test_resize_rejects_a_bound_below_one() -> None:
 
 
 def test_failed_message_is_retried_without_holding_a_thread_then_reported_failed() -> None:
-    from mtc75.retry import RetryPolicy
+    from mtc75.core.retry import RetryPolicy
 
     attempts: dict[int, int] = {}
     lock = threading.Lock()
@@ -240,7 +240,7 @@ def test_failed_message_is_retried_without_holding_a_thread_then_reported_failed
 
 
 def test_purge_also_drops_messages_waiting_for_a_retry() -> None:
-    from mtc75.retry import RetryPolicy
+    from mtc75.core.retry import RetryPolicy
 
     def handler(_msg: FakeMessage) -> None:
         raise RuntimeError("down")
@@ -276,7 +276,7 @@ def test_a_worker_killed_by_a_base_exception_gives_its_permit_back() -> None:
 
 
 def test_no_retry_is_scheduled_for_a_revoked_assignment() -> None:
-    from mtc75.retry import RetryPolicy
+    from mtc75.core.retry import RetryPolicy
 
     started = threading.Event()
     go = threading.Event()

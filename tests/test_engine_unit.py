@@ -17,9 +17,8 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError
 
-from mtc75 import engine as engine_module
-from mtc75.deadletter import H_ATTEMPTS, H_OFFSET, H_PARTITION, H_TOPIC, H_TRUNCATED, TRUNCATED_VALUE_BYTES
-from mtc75.engine import Mtc75Consumer, Stats
+from mtc75.engine import consumer as engine_module
+from mtc75.engine.consumer import Mtc75Consumer, Stats
 from mtc75.errors import (
     BrokerUnreachable,
     HandlerRefused,
@@ -29,6 +28,7 @@ from mtc75.errors import (
     TopicGone,
     TopicNotFound,
 )
+from mtc75.kafka.deadletter import H_ATTEMPTS, H_OFFSET, H_PARTITION, H_TOPIC, H_TRUNCATED, TRUNCATED_VALUE_BYTES
 from mtc75.settings import Settings
 from tests.fake_kafka import FakeKafka
 from tests.kafka_helpers import wait_until

@@ -32,12 +32,12 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from mtc75.broker import LocalKafka
-from mtc75.clients import KafkaClients
-from mtc75.deadletter import H_ATTEMPTS, H_ERROR, H_OFFSET, H_PARTITION, H_TOPIC
-from mtc75.engine import Mtc75Consumer, Stats
+from mtc75.engine.consumer import Mtc75Consumer, Stats
+from mtc75.kafka.clients import KafkaClients
+from mtc75.kafka.deadletter import H_ATTEMPTS, H_ERROR, H_OFFSET, H_PARTITION, H_TOPIC
+from mtc75.kafka.topics import create_topic
 from mtc75.settings import Settings
-from mtc75.topics import create_topic
+from mtc75.tools.broker import LocalKafka
 from tests.conftest import TEST_PORT
 from tests.kafka_helpers import (
     ROOT,
@@ -594,7 +594,7 @@ def test_a_failed_dead_letter_publish_is_retried_never_dropped(
     consumer = Mtc75Consumer(settings, handler, max_messages=n)
     result: list[Stats] = []
     runner = threading.Thread(target=lambda: result.append(consumer.run()))
-    caplog.set_level(logging.WARNING, logger="mtc75.deadletter")
+    caplog.set_level(logging.WARNING, logger="mtc75.kafka.deadletter")
 
     def refused() -> int:
         return sum("dead-lettering" in r.getMessage() and "retrying" in r.getMessage() for r in caplog.records)
@@ -651,7 +651,7 @@ def test_nothing_is_committed_while_no_broker_is_reachable(
     )
     # No --max-messages: the run could end during the outage; it is stopped once all is committed.
     consumer = Mtc75Consumer(settings, handler, clients=KafkaClients(consumer=RecordingConsumer))
-    caplog.set_level(logging.WARNING, logger="mtc75.engine")
+    caplog.set_level(logging.WARNING, logger="mtc75.engine.consumer")
     runner = threading.Thread(target=consumer.run)
     runner.start()
     try:

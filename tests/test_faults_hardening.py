@@ -21,11 +21,11 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
-from mtc75.deadletter import H_OFFSET, H_TRUNCATED, TRUNCATED_VALUE_BYTES
-from mtc75.dispatcher import Dispatcher, Work, describe_error
+from mtc75.core.offsets import OffsetTracker
 from mtc75.errors import HandlerRefused
-from mtc75.handlers import prepare_handler
-from mtc75.offsets import OffsetTracker
+from mtc75.kafka.deadletter import H_OFFSET, H_TRUNCATED, TRUNCATED_VALUE_BYTES
+from mtc75.runtime.dispatcher import Dispatcher, Work, describe_error
+from mtc75.runtime.handlers import prepare_handler
 from tests.kafka_helpers import (
     ROOT,
     committed_offsets,
@@ -668,7 +668,7 @@ def test_idle_exit_counts_from_the_first_assignment(
 
 
 def test_topic_id_answers_are_classified_without_a_broker() -> None:
-    from mtc75.topicwatch import Change, classify
+    from mtc75.kafka.topicwatch import Change, classify
 
     gone = KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
     assert classify("a", "a") is Change.SAME
@@ -679,8 +679,8 @@ def test_topic_id_answers_are_classified_without_a_broker() -> None:
 
 
 def test_dead_letter_record_refused_for_its_size_is_resent_smaller_and_counted_once() -> None:
-    from mtc75.deadletter import DeadLetters
     from mtc75.errors import MessageFailed
+    from mtc75.kafka.deadletter import DeadLetters
 
     class Msg:
         def __init__(self, value: bytes) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mtc75.gate import PauseGate
+from mtc75.core.gate import PauseGate
 
 
 def test_no_pause_while_a_thread_is_free_or_backlog_is_short() -> None:

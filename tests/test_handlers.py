@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mtc75.handlers import MalformedMessage, SimulatedWork
+from mtc75.runtime.handlers import MalformedMessage, SimulatedWork
 
 
 class Msg:

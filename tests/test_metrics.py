@@ -8,8 +8,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mtc75.app.metrics import Metrics
 from mtc75.errors import ConfigError
-from mtc75.metrics import Metrics
 from tests.stats_factory import make_stats
 
 

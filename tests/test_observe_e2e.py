@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from mtc75.engine import Mtc75Consumer, Stats
-from mtc75.handlers import SimulatedWork
-from mtc75.reload import ConfigWatcher, retuner
+from mtc75.app.reload import ConfigWatcher, retuner
+from mtc75.engine.consumer import Mtc75Consumer, Stats
+from mtc75.runtime.handlers import SimulatedWork
 from mtc75.settings import load_settings
 from tests.kafka_helpers import (
     Lines,
@@ -205,7 +205,7 @@ def test_live_retune_grows_shrinks_and_ignores_a_bad_edit(
     consumer = Mtc75Consumer(settings, probe, on_status=latest.append, status_interval=0.1)
     watcher = ConfigWatcher(config, settings, load, retuner(consumer, work))
     runner = threading.Thread(target=consumer.run)
-    caplog.set_level(logging.INFO, logger="mtc75.reload")
+    caplog.set_level(logging.INFO, logger="mtc75.app.reload")
     runner.start()
     watcher.start()
     try:

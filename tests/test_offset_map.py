@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from mtc75.offsetmap import encode
+from mtc75.core.offsetmap import encode
 from tests.kafka_helpers import (
     ROOT,
     all_offsets,

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from mtc75.offsetmap import (
+from mtc75.core.offsetmap import (
     DEFAULT_LIMIT,
     MAX_OFFSET,
     FinishedOffsets,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mtc75.offsets import OffsetTracker
+from mtc75.core.offsets import OffsetTracker
 
 TP = ("t", 0)
 
@@ -152,7 +152,7 @@ def test_admit_run_with_gaps_or_disorder_goes_offset_by_offset() -> None:
 
 
 def _mapped(committed: int, ranges: list[tuple[int, int]]) -> tuple[OffsetTracker, object]:
-    from mtc75.offsetmap import FinishedOffsets
+    from mtc75.core.offsetmap import FinishedOffsets
 
     tracker = OffsetTracker()
     tracker.assign([TP], {TP: FinishedOffsets(committed, ranges)})

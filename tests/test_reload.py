@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from mtc75.app.reload import LIVE_SETTINGS, ConfigWatcher, diff
 from mtc75.errors import ConfigError
-from mtc75.reload import LIVE_SETTINGS, ConfigWatcher, diff
 from mtc75.settings import Settings, load_settings
 
 BASE = "MAX_THREAD_COUNT = 4\nPAUSE_INTERVAL = 0.5\nPROCESSING_SLEEP = 0.2\n"
@@ -72,7 +72,7 @@ def test_bad_edit_is_one_error_line_and_keeps_the_running_values(
 ) -> None:
     watcher, applied = _watcher(tmp_path)
     _write(watcher.path, text)
-    with caplog.at_level(logging.INFO, logger="mtc75.reload"):
+    with caplog.at_level(logging.INFO, logger="mtc75.app.reload"):
         assert watcher.check() is False
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "\n" not in errors[0].getMessage()
@@ -91,7 +91,7 @@ def test_a_flag_still_wins_over_the_edited_file(tmp_path: Path) -> None:
 def test_other_settings_are_named_for_a_restart_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     watcher, applied = _watcher(tmp_path)
     _write(watcher.path, BASE + "TOPIC = 'elsewhere'\n")
-    with caplog.at_level(logging.WARNING, logger="mtc75.reload"):
+    with caplog.at_level(logging.WARNING, logger="mtc75.app.reload"):
         assert watcher.check() is False
         _write(watcher.path, BASE + "TOPIC = 'elsewhere'\n# touched\n")
         watcher.check()

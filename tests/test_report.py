@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mtc75.report import COLUMNS, RunReport, pause_spans, plot, read_rows
+from mtc75.app.report import COLUMNS, RunReport, pause_spans, plot, read_rows
 from tests.stats_factory import make_stats
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mtc75.retry import DelayQueue, RetryPolicy
+from mtc75.core.retry import DelayQueue, RetryPolicy
 
 
 def test_attempts_are_counted_up_to_max_attempts() -> None:

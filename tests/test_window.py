@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mtc75.offsets import OffsetTracker
-from mtc75.window import WindowHolds
+from mtc75.core.offsets import OffsetTracker
+from mtc75.core.window import WindowHolds
 
 A, B = ("t", 0), ("t", 1)
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
-from mtc75.broker import DEFAULT_PORT, LocalKafka
-from mtc75.cli import error_line, paint, use_color
+from mtc75.app.cli import error_line, paint, use_color
 from mtc75.errors import Mtc75Error
+from mtc75.tools.broker import DEFAULT_PORT, LocalKafka
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 240.0  # the whole demo takes well under a minute; this only guards against a hang
 
 

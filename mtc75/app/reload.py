@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mtc75.engine import Mtc75Consumer
+from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.errors import ConfigError
-from mtc75.handlers import SimulatedWork
+from mtc75.runtime.handlers import SimulatedWork
 from mtc75.settings import SPECS, Settings
 
 logger = logging.getLogger(__name__)

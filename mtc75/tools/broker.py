@@ -22,7 +22,7 @@ running (a killed node comes back), ``stop`` stops them all, ``status`` lists th
 Which thread may call: any, one call at a time per object; launchers in other
 processes are serialised by lock files in the node folders.
 
-Usage: ``python -m mtc75.broker {fetch,start,stop,status} [--port N] [--brokers N] [--home DIR]``.
+Usage: ``python -m mtc75.tools.broker {fetch,start,stop,status} [--port N] [--brokers N] [--home DIR]``.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ _log = logging.getLogger(__name__)
 _HOST = "127.0.0.1"
 _MAX_PORT = 65534  # port + 1 is the controller
 _NODE_ID = 1
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 _POM = _REPO_ROOT / "kafka" / "pom.xml"
 _MARKER = ".pom.sha256"  # written into libs/ last: its presence means "complete"
 _JVM_OPTS = ("-Xms256m", "-Xmx1g")
@@ -430,7 +430,7 @@ class LocalKafka:
         }
         for path, props in ((self._server_props, server), (self._log4j_props, log4j)):
             lines = [f"{key}={value}\n" for key, value in props.items()]
-            path.write_text("# Written by mtc75/broker.py on start.\n" + "".join(lines))
+            path.write_text("# Written by mtc75/tools/broker.py on start.\n" + "".join(lines))
 
     def _format(self, java: str) -> None:
         if self._quorum is None:
@@ -843,7 +843,7 @@ def _size_arg(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m mtc75.broker`` (used by the Makefile)."""
+    """Entry point of ``python -m mtc75.tools.broker`` (used by the Makefile)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--port",
@@ -859,7 +859,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     common.add_argument("--home", type=Path, help="folder for the node folders (default: <repo>/.kafka)")
     common.add_argument("--timeout", type=float, help="seconds to wait")
-    parser = argparse.ArgumentParser(prog="python -m mtc75.broker", description="Local Kafka (1 or N nodes) for MTC75.")
+    parser = argparse.ArgumentParser(
+        prog="python -m mtc75.tools.broker", description="Local Kafka (1 or N nodes) for MTC75."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("fetch", "download the Kafka jars (once)"),

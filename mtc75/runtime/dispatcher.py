@@ -17,7 +17,7 @@ without a lock; the poll thread only compares it with its last reading.
 Finished messages are reported on a completion queue that only the poll thread drains, because
 every Kafka call (store, commit) belongs to the poll thread.
 
-A handler that raises gets its message retried per :class:`mtc75.retry.RetryPolicy`: the message
+A handler that raises gets its message retried per :class:`mtc75.core.retry.RetryPolicy`: the message
 waits for its backoff in a delay queue, holding no thread, and re-enters the backlog when due (checked
 by workers looking for work and by the poll thread's :meth:`Dispatcher.release_due`). Only after its
 last attempt does it reach the completion queue, marked failed, for the poll thread to dead-letter,
@@ -38,9 +38,10 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mtc75.handlers import awaitable_result_error
-from mtc75.offsets import PartitionState
-from mtc75.retry import DelayQueue, RetryPolicy
+from mtc75.core.offsets import PartitionState
+from mtc75.core.retry import DelayQueue, RetryPolicy
+from mtc75.core.work import Work
+from mtc75.runtime.handlers import awaitable_result_error
 
 logger = logging.getLogger(__name__)
 
@@ -70,20 +71,6 @@ def describe_error(err: BaseException) -> str:
     except BaseException as inner:  # whatever __str__ raises, the failure is still reported
         text = f"<str() failed: {type(inner).__name__}>"
     return f"{name}: {text}" if text else name
-
-
-class Work:
-    """One fetched message on its way through the pool."""
-
-    __slots__ = ("message", "state", "offset", "failed", "attempts", "error")
-
-    def __init__(self, message: Any, state: PartitionState, offset: int) -> None:
-        self.message = message
-        self.state = state  # the partition assignment it was fetched under
-        self.offset = offset
-        self.failed = False  # True once the last attempt failed
-        self.attempts = 0  # handler calls that raised
-        self.error = ""  # "ExceptionType: text" of the last failure
 
 
 class Permits:

@@ -15,8 +15,8 @@ from typing import Any
 from confluent_kafka import KafkaError, Message, Producer
 from faker import Faker
 
-from mtc75.clients import new_client
-from mtc75.topics import require_topic
+from mtc75.kafka.clients import new_client
+from mtc75.kafka.topics import require_topic
 
 logger = logging.getLogger(__name__)
 

@@ -3,11 +3,11 @@
 The thread that calls :meth:`Mtc75Consumer.run` is the poll thread and makes every ``Consumer`` call:
 fetching, pause/resume, rebalance callbacks and commits. Worker threads only run handlers and report
 completions on a queue. A message is committed only after its handler finished, and only as part of
-its partition's contiguous completed prefix (see :mod:`mtc75.offsets`), and only once the topic's id
-was confirmed after the message was fetched (see :mod:`mtc75.topicwatch`). Each commit carries the
-offsets finished above that prefix as an offset map (:mod:`mtc75.offsetmap`), read back at assignment
+its partition's contiguous completed prefix (see :mod:`mtc75.core.offsets`), and only once the topic's id
+was confirmed after the message was fetched (see :mod:`mtc75.kafka.topicwatch`). Each commit carries the
+offsets finished above that prefix as an offset map (:mod:`mtc75.core.offsetmap`), read back at assignment
 so they do not run again; a partition whose span reaches OFFSET_WINDOW is paused alone
-(:mod:`mtc75.window`). The one exception to "the poll thread makes every Consumer call" is the final
+(:mod:`mtc75.core.window`). The one exception to "the poll thread makes every Consumer call" is the final
 ``close()``, run on a helper thread while the poll thread waits for it (bounded, see ``Mtc75Consumer._close``).
 """
 
@@ -24,20 +24,20 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
 
-from mtc75.clients import REAL_CLIENTS, KafkaClients, new_client
-from mtc75.deadletter import DeadLetters
-from mtc75.dispatcher import Dispatcher, Handler, Work
+from mtc75.core.gate import PauseGate
+from mtc75.core.offsetmap import DEFAULT_LIMIT as MAP_LIMIT
+from mtc75.core.offsetmap import FinishedOffsets, OffsetMapError, decode, encode
+from mtc75.core.offsets import OffsetTracker, Partition, PartitionState
+from mtc75.core.retry import RetryPolicy
+from mtc75.core.window import WindowHolds
 from mtc75.errors import KafkaFatal, KafkaUnavailable, MessageFailed, Mtc75Error, TopicGone
-from mtc75.gate import PauseGate
-from mtc75.handlers import prepare_handler
-from mtc75.offsetmap import DEFAULT_LIMIT as MAP_LIMIT
-from mtc75.offsetmap import FinishedOffsets, OffsetMapError, decode, encode
-from mtc75.offsets import OffsetTracker, Partition, PartitionState
-from mtc75.retry import RetryPolicy
+from mtc75.kafka.clients import REAL_CLIENTS, KafkaClients, new_client
+from mtc75.kafka.deadletter import DeadLetters
+from mtc75.kafka.topics import METADATA_TIMEOUT, require_topic
+from mtc75.kafka.topicwatch import Change, TopicWatch
+from mtc75.runtime.dispatcher import Dispatcher, Handler, Work
+from mtc75.runtime.handlers import prepare_handler
 from mtc75.settings import Settings
-from mtc75.topics import METADATA_TIMEOUT, require_topic
-from mtc75.topicwatch import Change, TopicWatch
-from mtc75.window import WindowHolds
 
 logger = logging.getLogger(__name__)
 
@@ -587,7 +587,7 @@ class Mtc75Consumer:
     def _commit(self, asynchronous: bool, partitions: list[Partition] | None = None) -> None:
         """Commit each partition's contiguous completed watermark that moved since the last commit.
 
-        Synchronous commits (revoke, shutdown) first confirm the topic id (see :mod:`mtc75.topicwatch`);
+        Synchronous commits (revoke, shutdown) first confirm the topic id (see :mod:`mtc75.kafka.topicwatch`);
         the periodic ones go through :meth:`_commit_tick`, which confirms it without blocking.
         """
         assert self._consumer is not None
@@ -613,7 +613,7 @@ class Mtc75Consumer:
         return points
 
     def _offset_map(self, state: PartitionState, position: int) -> str:
-        """The commit metadata: the finished offsets above ``position`` (see mtc75.offsetmap)."""
+        """The commit metadata: the finished offsets above ``position`` (see mtc75.core.offsetmap)."""
         if not state.done:
             return ""
         try:

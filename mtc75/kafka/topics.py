@@ -10,8 +10,8 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
-from mtc75.clients import new_client
 from mtc75.errors import BrokerUnreachable, Mtc75Error, TopicNotFound
+from mtc75.kafka.clients import new_client
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from termcolor import colored
 from mtc75.errors import BrokerUnreachable, ConfigError, Mtc75Error, TopicNotFound
 from mtc75.settings import LIBRDKAFKA_LOGGER, SPECS, Settings, flag_name, load_settings, parse_properties
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.py"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config.py"
 
 
 def use_color(stream: object = sys.stdout) -> bool:

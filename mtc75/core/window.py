@@ -3,9 +3,9 @@
 Pure: no Kafka, no clock. Used by the poll thread only (no locks).
 
 Behind a stuck message the finished-but-uncommitted offsets of its partition pile up; the offset map
-(:mod:`mtc75.offsetmap`) must cover them and the tracker keeps them in memory. So once a partition's
+(:mod:`mtc75.core.offsetmap`) must cover them and the tracker keeps them in memory. So once a partition's
 span (next offset - first unfinished offset) reaches the bound, that partition alone stops taking
-messages until :class:`mtc75.offsetmap.WindowPolicy` releases it; the other partitions go on.
+messages until :class:`mtc75.core.offsetmap.WindowPolicy` releases it; the other partitions go on.
 
 The hold is separate from the pause gate's pause-all: :meth:`WindowHolds.update` is told which
 partitions the gate paused, so it never resumes one of those (the gate resumes them) and the engine's
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 
-from mtc75.offsetmap import WindowPolicy
-from mtc75.offsets import OffsetTracker, Partition
+from mtc75.core.offsetmap import WindowPolicy
+from mtc75.core.offsets import OffsetTracker, Partition
 
 
 class WindowHolds:

@@ -23,11 +23,11 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 
-from mtc75.clients import REAL_CLIENTS, KafkaClients, new_client
-from mtc75.dispatcher import Work
+from mtc75.core.retry import DelayQueue
+from mtc75.core.work import Work
 from mtc75.errors import MessageFailed
-from mtc75.retry import DelayQueue
-from mtc75.topics import create_topic, fetch_metadata
+from mtc75.kafka.clients import REAL_CLIENTS, KafkaClients, new_client
+from mtc75.kafka.topics import create_topic, fetch_metadata
 
 logger = logging.getLogger(__name__)
 

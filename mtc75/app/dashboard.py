@@ -1,6 +1,6 @@
 """The live terminal dashboard: what the threads do, redrawn in place (the seed's "system monitor").
 
-:func:`render` is pure -- a :class:`~mtc75.engine.Stats` snapshot, the recent throughput and a
+:func:`render` is pure -- a :class:`~mtc75.engine.consumer.Stats` snapshot, the recent throughput and a
 process sample in, a rich renderable out -- so tests render it to a recording console. The
 :class:`Dashboard` only keeps the latest snapshot: the engine hands it one per status interval on
 the poll thread (a cheap append), and rich's own refresh thread does the drawing.
@@ -24,9 +24,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from mtc75.engine import Stats
-from mtc75.offsets import Partition
-from mtc75.status import status_color
+from mtc75.app.status import status_color
+from mtc75.core.offsets import Partition
+from mtc75.engine.consumer import Stats
 
 HISTORY = 60  # throughput samples kept for the sparkline (one per status interval)
 SPARKS = "▁▂▃▄▅▆▇█"

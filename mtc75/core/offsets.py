@@ -3,7 +3,7 @@
 Handlers finish out of order; committing the highest finished offset would skip messages still
 running. The tracker remembers the offsets handed out per partition (in fetch order) and advances a
 partition's watermark only past offsets that are all done. The finished offsets above the watermark
-(``done``) go with each commit as an offset map (:mod:`mtc75.offsetmap`); a map read back at
+(``done``) go with each commit as an offset map (:mod:`mtc75.core.offsetmap`); a map read back at
 assignment makes its offsets complete at once when fetched again, without a handler
 (:meth:`OffsetTracker.skip_finished`). Used only by the poll thread: no locks.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 
-from mtc75.offsetmap import FinishedOffsets
+from mtc75.core.offsetmap import FinishedOffsets
 
 Partition = tuple[str, int]
 
@@ -213,7 +213,7 @@ class OffsetTracker:
 
     @staticmethod
     def span(state: PartitionState) -> tuple[int, int]:
-        """``(first unfinished offset, next offset)``: what :class:`mtc75.offsetmap.WindowPolicy` bounds."""
+        """``(first unfinished offset, next offset)``: what :class:`mtc75.core.offsetmap.WindowPolicy` bounds."""
         pending = state.pending
         if not pending:
             pos = state.position if state.position is not None else 0
