@@ -149,15 +149,44 @@ def awaitable_result_error(result: object) -> str | None:
 
 
 def _is_async(handler: object) -> bool:
+    return _call_kind(handler) != "sync"
+
+
+def is_async_handler(handler: object) -> bool:
+    """True for a handler to run on the event loop: an ``async def`` function or method, an object
+    whose ``__call__`` is ``async def``, or a ``functools.partial`` of either (nested too).
+
+    A plain function that returns an awaitable is not one: nothing can tell before calling it, so it
+    stays a plain handler, and its returned awaitable is a failure (:func:`awaitable_result_error`).
+    An ``async def`` with ``yield`` (an async generator) is neither: :func:`prepare_handler` refuses it.
+    """
+    return _call_kind(handler) == "coroutine"
+
+
+def _call_kind(handler: object) -> str:
+    """``"coroutine"``, ``"asyncgen"`` or ``"sync"``: what calling ``handler`` returns, by its definition."""
     target = handler
     while isinstance(target, functools.partial):
         target = target.func
-    if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
-        return True
-    if inspect.isfunction(target) or inspect.ismethod(target):
-        return False
-    call = type(target).__dict__.get("__call__") or getattr(type(target), "__call__", None)  # noqa: B004
-    return inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
+    if not (inspect.isfunction(target) or inspect.ismethod(target)):
+        call = getattr(type(target), "__call__", None)  # noqa: B004 - the class's, as a call uses it
+        if call is not None:
+            target = call
+    if inspect.iscoroutinefunction(target):
+        return "coroutine"
+    if inspect.isasyncgenfunction(target):
+        return "asyncgen"
+    return "sync"
+
+
+def handler_name(handler: object) -> str:
+    """A readable name for logs: ``module.qualname`` of the function behind partials and objects."""
+    target = handler
+    while isinstance(target, functools.partial):
+        target = target.func
+    module = getattr(target, "__module__", None) or type(target).__module__
+    qualname = getattr(target, "__qualname__", None) or type(target).__qualname__
+    return f"{module}.{qualname}" if module and module != "builtins" else qualname
 
 
 def _name(handler: object) -> str:
