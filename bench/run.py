@@ -393,10 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer points, smaller backlogs (a smoke run)")
-    parser.add_argument("--only", choices=("saturation", "peer", "shapes", "cpu"), action="append",
+    parser.add_argument("--only", choices=("saturation", "peer", "shapes", "cpu", "async"), action="append",
                         help="run only these figures (repeatable)")
     args = parser.parse_args(argv)
-    only = set(args.only or ("saturation", "peer", "shapes", "cpu"))
+    only = set(args.only or ("saturation", "peer", "shapes", "cpu", "async"))
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     broker, started = None, False
     if not bootstrap:
@@ -417,12 +417,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = uuid.uuid4().hex[:8]
         topics = {}
-        for shape in shapes:
+        for shape in shapes if only - {"async"} else ():  # the async figure produces its own backlog
             topics[shape.name] = f"bench-{shape.compression}-{shape.size}-{run}"
             print(f"producing {shape.count:,} x {shape.name} to {topics[shape.name]} ...", flush=True)
             produce_backlog(bootstrap, topics[shape.name], shape.count, shape.partitions, shape.size,
                             shape.compression)
-        lz4_topic = topics[SHAPES[1].name]
+        lz4_topic = topics.get(SHAPES[1].name, "")
 
         if "saturation" in only:
             threads = (1, 16, 75) if args.quick else THREADS
@@ -465,6 +465,12 @@ def main(argv: list[str] | None = None) -> int:
             results["cpu"] = cpu_figure(bootstrap, run, 5.0 if args.quick else 10.0)
             print(f"  CPU at {results['cpu']['rate']:.0f} msg/s: {results['cpu']['us_per_message']:.0f} µs per message",
                   flush=True)
+
+        if "async" in only:  # async handlers against threads (bench/async_bench.py, issue 12)
+            from bench import async_bench
+
+            results["async"] = async_bench.figure(bootstrap, 1 if args.quick else async_bench.PASSES)
+            async_bench.print_table(results["async"])
     finally:
         if broker is not None and started:
             broker.stop()

@@ -29,6 +29,17 @@ def test_running_frame_shows_threads_rate_history_lag_failures_and_process() -> 
     assert "MTC75 t" in text
 
 
+def test_an_async_handler_s_bound_counts_coroutines_on_the_frame_and_the_status_line() -> None:
+    from mtc75.app.status import format_status
+
+    threads, coroutines = make_stats(), make_stats(workers="coroutines", active_threads=900, max_thread_count=1000)
+    assert "threads" in _text(render(threads, [])) and "coroutines" not in _text(render(threads, []))
+    text = _text(render(coroutines, []))
+    assert "coroutines" in text and "threads " not in text and "900/1000 busy" in text
+    assert format_status(coroutines, color=False).startswith("coroutines 900/1000 running")
+    assert format_status(threads, color=False).startswith("threads   3/4   running")
+
+
 def test_paused_frame_shows_the_countdown() -> None:
     stats = make_stats(paused=True, paused_for=0.7, next_check_in=0.3, active_threads=4)
     text = _text(render(stats, []))

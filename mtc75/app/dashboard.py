@@ -104,7 +104,7 @@ def render(
         Text(f"{stats.active_threads}/{stats.max_thread_count} busy", style=color),
         Text(f"(MAX_THREAD_COUNT {stats.max_thread_count}, peak {stats.max_active_threads})", style="dim"),
     )
-    grid.add_row("threads", bar)
+    grid.add_row(stats.workers, bar)  # "threads", or "coroutines" for an async handler
     if stats.paused:
         state = Text(f"PAUSED {stats.paused_for:.1f}s", style="bold red")
         state.append(f"  re-check in {stats.next_check_in:.1f}s", style="red")

@@ -23,7 +23,7 @@ def format_status(stats: Stats, color: bool) -> str:
     else:
         state = "running"
     line = (
-        f"threads {stats.active_threads:>3}/{stats.max_thread_count:<3} {state} | "
+        f"{stats.workers} {stats.active_threads:>3}/{stats.max_thread_count:<3} {state} | "
         f"processed {stats.processed} ({stats.rate:,.0f}/s) | in-flight {stats.in_flight} "
         f"(waiting {stats.backlog}) | pauses {stats.pauses} | failed {stats.failed}"
     )

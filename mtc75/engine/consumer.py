@@ -87,6 +87,7 @@ class Stats:
     skipped: int = 0  # messages given up after their last attempt (ON_FAILURE=skip)
     dropped_late: int = 0  # completions after their partition was revoked or lost: not counted, not committed
     abandoned: int = 0  # handlers still running when a revoke or shutdown stopped waiting for them
+    workers: str = "threads"  # what MAX_THREAD_COUNT bounds: "threads", or "coroutines" for an async handler
     # end offset minus committed offset per assigned partition (refreshed with each status snapshot)
     lag: Mapping[Partition, int] = field(default_factory=dict)
 

@@ -46,7 +46,10 @@ class RevokeCancelled(asyncio.CancelledError):
 class AsyncRunner:
     """Runs each worker shift as a task on one :class:`EventLoopThread` (started here)."""
 
-    def __init__(self, steps: WorkerSteps, handler: AsyncHandler, *, label: str, use_uvloop: bool = True) -> None:
+    def __init__(
+        self, steps: WorkerSteps, handler: AsyncHandler, limit: int = 0, *, label: str, use_uvloop: bool = True
+    ) -> None:
+        # ``limit`` (the permits) is accepted for the runner factory's signature: tasks need no pool size
         self._steps = steps
         self._handler = handler
         self.loop_thread = EventLoopThread(label, use_uvloop=use_uvloop)
