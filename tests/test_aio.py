@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from mtc75.runtime.aio import LAG_THRESHOLD, EventLoopThread, LoopError, LoopLag
+from mtc75.runtime.aio import LAG_THRESHOLD, EventLoopThread, LoopError, LoopLag, StuckFrames
 from mtc75.runtime.handlers import handler_name, is_async_handler
 
 
@@ -200,17 +200,43 @@ def test_a_handler_blocking_the_loop_is_named_once(loop_thread: Any, caplog: pyt
     assert runner.blocked_warnings == 1 and runner.worst_block >= 0.4
 
 
-def test_a_block_the_watchdog_missed_is_still_caught_by_the_heartbeat(
-    loop_thread: Any, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_an_overloaded_loop_is_not_blamed_on_a_handler(loop_thread: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Lag without a stuck coroutine: one loop turn runs 0.6 s of short callbacks, each of them brief."""
     caplog.set_level(logging.WARNING, logger="mtc75.runtime.aio")
-    runner = loop_thread(watchdog=False)  # as if the watchdog never woke in time (a starved process)
-    assert runner._watchdog is None
-    runner.submit(blocking_handler(0.5)).result(5.0)
+    runner = loop_thread()
+
+    def brief() -> None:
+        spin_until = time.perf_counter() + 0.0001
+        while time.perf_counter() < spin_until:
+            pass
+
+    async def step() -> None:  # coroutines too, each on the stack for 0.1 ms only
+        brief()
+
+    def flood() -> None:
+        for _ in range(3000):
+            runner.loop.call_soon(brief)
+            runner.loop.create_task(step())
+
+    runner.call_soon(flood)
+    deadline = time.monotonic() + 10
+    while runner.worst_lag < 0.4 and time.monotonic() < deadline:
+        time.sleep(0.05)
     time.sleep(0.2)
-    lines = _warnings(caplog)
-    assert len(lines) == 1 and "tests.handler:handle blocked the event loop for 0." in lines[0], lines
-    assert " at " not in lines[0]  # the heartbeat sees the block only after it ended: no place to name
+    assert runner.worst_lag >= LAG_THRESHOLD  # the loop did lag...
+    assert _warnings(caplog) == []  # ...but no coroutine held it: no handler is named
+
+
+def test_stuck_frames_need_one_frame_in_every_sample() -> None:
+    stuck = StuckFrames()
+    assert stuck.longest(0.0) == (0.0, 0)
+    one, two, three = object(), object(), object()
+    stuck.sample(0.0, [one, two])
+    stuck.sample(0.05, [two, three])  # one left: it starts over if it comes back
+    stuck.sample(0.10, [two, one])
+    assert stuck.longest(0.10) == (pytest.approx(0.10), 3)  # frame 2, in all three samples
+    stuck.sample(0.15, [])  # the loop went back to idle
+    assert stuck.longest(0.15) == (0.0, 0)
 
 
 def test_a_healthy_loop_is_not_reported(loop_thread: Any, caplog: pytest.LogCaptureFixture) -> None:
@@ -220,8 +246,7 @@ def test_a_healthy_loop_is_not_reported(loop_thread: Any, caplog: pytest.LogCapt
     for f in futures:
         f.result(10.0)
     time.sleep(0.2)
-    assert _warnings(caplog) == []
-    assert runner.worst_lag < LAG_THRESHOLD and runner.lag() < LAG_THRESHOLD
+    assert _warnings(caplog) == []  # (the flood of submissions itself may lag the loop: that is no block)
 
 
 # -- which handlers run on the loop -------------------------------------------------------------------

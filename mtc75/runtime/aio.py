@@ -6,14 +6,17 @@ it starts it (uvloop when importable, plain asyncio otherwise), runs callbacks a
 in from other threads, cancels tasks on request and stops it with a bounded join.
 
 It also watches the loop for a handler that blocks it (``time.sleep``, a blocking client inside
-``async def``): every coroutine in flight stalls while one does. A heartbeat on the loop and a
-watchdog thread measure the loop's lag (:class:`LoopLag`, pure); past ``LAG_THRESHOLD`` a warning
-names the handler, once per loop (a blocking handler blocks on every message: one line says it all).
+``async def``): every coroutine in flight stalls while one does. A heartbeat on the loop measures its
+lag (:class:`LoopLag`, pure); a watchdog thread samples the loop thread's stack 20 times a second. A
+block is a lag over ``LAG_THRESHOLD`` during which one coroutine stayed on the stack in every sample
+(:class:`StuckFrames`, pure): a loop merely overloaded (thousands of short callbacks, a starved CPU)
+runs a different callback at each sample and is not blamed on a handler. Then one warning names the
+handler and the line it blocked on, once per loop (a blocking handler blocks on every message).
 
 Thread contract: ``start`` and ``stop`` are called by the owner (the poll thread) only; ``call_soon``,
 ``submit``, ``cancel`` and ``lag`` from any thread; tasks and the loop's state are touched only on the
-loop thread (``cancel`` hands its work to it). The warn-once decision takes ``_warn_lock``, as the
-heartbeat (loop thread) and the watchdog (its own thread) may both see the same block.
+loop thread (``cancel`` hands its work to it). The heartbeat writes ``_lag`` on the loop thread; the
+watchdog thread reads it and alone owns ``_stuck`` and the warn-once flag.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import importlib
+import inspect
 import logging
 import sys
 import threading
@@ -31,13 +35,15 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# A healthy loop answers its heartbeat within a few ms: measured here (2 shared cores, load ~2) the
-# largest lag of a loop running 1,000 coroutines at 10,000 msg/s beside the poll thread was 0.02-0.06 s
-# (GIL hand-offs, batch starts). asyncio's own debug mode flags callbacks from 0.1 s. 0.25 s is 4x the
-# worst healthy figure, and well below any blocking call worth warning about (a 0.3 s time.sleep).
+# A healthy but busy loop runs its heartbeat late by its own long turns: 1,000 coroutines going through
+# 20,000 `await asyncio.sleep(0.1)` (AsyncRunner without a broker) delayed it by at most 0.10-0.14 s here
+# (2 shared cores, load average 12-14). A lag alone is never blamed on a handler (StuckFrames); 0.25 s is
+# past that worst healthy figure and still catches a 0.3 s blocking call.
 LAG_THRESHOLD = 0.25
 LAG_INTERVAL = 0.05  # seconds between heartbeats, and between watchdog looks: 20 wake-ups a second each
 START_TIMEOUT = 5.0  # seconds the loop thread may take to start running its loop
+MIN_SAMPLES = 3  # stack samples a coroutine must stay in before a lag is blamed on it
+_COROUTINE_FLAGS = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
 class LoopError(RuntimeError):
@@ -73,6 +79,30 @@ class LoopLag:
         return max(self.last, now - self._due)
 
 
+class StuckFrames:
+    """How long one coroutine frame has stayed on a thread's stack, from samples (pure: time passed in).
+
+    ``sample`` gets the coroutine frames running at one moment; a frame missing from one sample starts
+    over. A coroutine that blocks stays in every sample; on a busy loop each sample catches another of
+    its many short steps. Frames are held (not their ids): a finished coroutine's frame memory is
+    reused by the next one at once, and equal ids would make a busy loop look stuck.
+    """
+
+    def __init__(self) -> None:
+        self._since: dict[object, tuple[float, int]] = {}  # frame -> (first seen, samples seen in)
+
+    def sample(self, now: float, frames: Iterable[object]) -> None:
+        since = self._since
+        self._since = {f: (since[f][0], since[f][1] + 1) if f in since else (now, 1) for f in frames}
+
+    def longest(self, now: float) -> tuple[float, int]:
+        """(seconds, samples) of the frame present longest without a break; (0, 0) when none is."""
+        if not self._since:
+            return 0.0, 0
+        first, samples = min(self._since.values(), key=lambda v: v[0])
+        return now - first, samples
+
+
 def _new_loop(use_uvloop: bool) -> tuple[asyncio.AbstractEventLoop, str]:
     """A fresh loop: uvloop's when asked for and importable (it is optional), else asyncio's."""
     if use_uvloop:
@@ -100,7 +130,6 @@ class EventLoopThread:
         use_uvloop: bool = True,
         threshold: float = LAG_THRESHOLD,
         interval: float = LAG_INTERVAL,
-        watchdog: bool = True,
     ) -> None:
         if threshold <= 0:
             raise ValueError(f"threshold must be > 0, got {threshold}")
@@ -109,7 +138,6 @@ class EventLoopThread:
         self._name = name
         self._use_uvloop = use_uvloop
         self._interval = interval
-        self._with_watchdog = watchdog  # False only in tests: the heartbeat alone must catch a block
         self._loop: asyncio.AbstractEventLoop | None = None
         self.kind = ""  # "uvloop" or "asyncio" once started
         self._thread: threading.Thread | None = None
@@ -118,7 +146,7 @@ class EventLoopThread:
         self._stopping = threading.Event()
         self._start_error: BaseException | None = None
         self._lag = LoopLag(interval, time.monotonic())
-        self._warn_lock = threading.Lock()
+        self._stuck = StuckFrames()
         self.blocked_warnings = 0  # warnings logged (0 or 1)
         self.worst_block = 0.0  # largest lag above the threshold seen, seconds
 
@@ -132,9 +160,8 @@ class EventLoopThread:
         self._thread.start()
         if not self._ready.wait(timeout) or self._start_error is not None:
             raise LoopError(f"event loop did not start: {self._start_error or f'not running after {timeout:g}s'}")
-        if self._with_watchdog:
-            self._watchdog = threading.Thread(target=self._watch, name=f"{self._name}-watchdog", daemon=True)
-            self._watchdog.start()
+        self._watchdog = threading.Thread(target=self._watch, name=f"{self._name}-watchdog", daemon=True)
+        self._watchdog.start()
 
     def stop(self, timeout: float) -> bool:
         """Cancel what still runs on the loop, stop it and join its thread within ``timeout`` seconds.
@@ -226,9 +253,7 @@ class EventLoopThread:
         self._loop.call_later(self._interval, callback)
 
     def _beat(self) -> None:
-        late = self._lag.beat(time.monotonic())
-        if late > self.threshold:
-            self._blocked(late, None)  # the block has ended: where it was is no longer known
+        self._lag.beat(time.monotonic())
         if not self._stopping.is_set():
             self._loop_call_later(self._beat)
 
@@ -241,34 +266,50 @@ class EventLoopThread:
     # -- watchdog thread ----------------------------------------------------------------------------
 
     def _watch(self) -> None:
-        """Sees a block while it lasts (the heartbeat only sees it once it ended), and where it is."""
-        while not self._stopping.wait(self._interval):
-            lag = self._lag.lag(time.monotonic())
-            if lag > self.threshold:
-                self._blocked(lag, self._where())
-
-    def _where(self) -> str | None:
-        """``file:line in function`` of the innermost frame the loop thread runs, if known."""
+        """Samples the loop thread's stack; blames a lag over the threshold on a coroutine stuck in it."""
         thread = self._thread
-        frame = sys._current_frames().get(thread.ident) if thread is not None and thread.ident else None
-        if frame is None:
-            return None
-        return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
-
-    # -- either -------------------------------------------------------------------------------------
+        assert thread is not None
+        while not self._stopping.wait(self._interval):
+            frame = sys._current_frames().get(thread.ident)  # type: ignore[arg-type]
+            now = time.monotonic()
+            self._stuck.sample(now, _coroutine_frames(frame))
+            lag = self._lag.lag(now)
+            if lag <= self.threshold:
+                continue
+            stuck_for, samples = self._stuck.longest(now)
+            # sampled every interval: a frame there since the block began was first seen up to one interval late
+            if samples >= MIN_SAMPLES and stuck_for >= self.threshold - self._interval:
+                self._blocked(lag, _where(frame))
+            del frame
 
     def _blocked(self, lag: float, where: str | None) -> None:
-        with self._warn_lock:
-            self.worst_block = max(self.worst_block, lag)
-            if self.blocked_warnings:
-                return
-            self.blocked_warnings = 1
+        self.worst_block = max(self.worst_block, lag)
+        if self.blocked_warnings:
+            return
+        self.blocked_warnings = 1
         logger.warning(
             "handler %s blocked the event loop for %.2fs%s (over %.2fs): every coroutine in flight waits "
             "while it does; use await (e.g. asyncio.sleep, an async client) or asyncio.to_thread for "
             "blocking calls. Said once.",
             self.label, lag, f" at {where}" if where else "", self.threshold,
         )
+
+
+def _coroutine_frames(frame: Any) -> list[object]:
+    """The coroutine (and async generator) frames on a stack, innermost first."""
+    out = []
+    while frame is not None:
+        if frame.f_code.co_flags & _COROUTINE_FLAGS:
+            out.append(frame)
+        frame = frame.f_back
+    return out
+
+
+def _where(frame: Any) -> str | None:
+    """``file:line in function`` of the innermost frame of a stack (None for none)."""
+    if frame is None:
+        return None
+    return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
 
 
 def _cancel_each(tasks: Iterable[asyncio.Future[Any]]) -> None:
