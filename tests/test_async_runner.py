@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import pytest
@@ -34,35 +34,32 @@ class Msg:
 
 
 class Steps:
-    """A queue of messages handed out to shifts; settled results in order of settling."""
+    """A queue of messages handed out by shift generators, as the dispatcher's ``shift()`` does."""
 
     def __init__(self, works: list[Work]) -> None:
         self.queue: deque[Work] = deque(works)
         self.settled: dict[int, BaseException | None] = {}
         self.shifts = 0  # shifts begun and not ended
         self.begun = 0
-        self.abandoned = 0
+        self.closed_early = 0  # shifts closed by the runner before they returned
         self.all_settled = threading.Event()
         self._total = len(works)
 
-    def begin_shift(self) -> object:
+    def shift(self) -> Generator[Work, BaseException | None, None]:
         self.shifts += 1
         self.begun += 1
-        return object()
-
-    def next_work(self, shift: object) -> Work | None:
-        if self.queue:
-            return self.queue.popleft()
-        self.shifts -= 1
-        return None
-
-    def settle(self, work: Work, error: BaseException | None) -> None:
-        self.settled[work.offset] = error
-        if len(self.settled) == self._total:
-            self.all_settled.set()
-
-    def abandon_shift(self, shift: object) -> None:
-        self.abandoned += 1
+        try:
+            while self.queue:
+                work = self.queue.popleft()
+                error = yield work
+                self.settled[work.offset] = error
+                if len(self.settled) == self._total:
+                    self.all_settled.set()
+        except GeneratorExit:
+            self.closed_early += 1
+            raise
+        finally:
+            self.shifts -= 1
 
 
 def works(count: int, partition: int = 0, state: PartitionState | None = None, start: int = 0) -> list[Work]:
@@ -130,7 +127,7 @@ def test_every_failure_is_settled_and_the_shift_goes_on(make_runner: Any) -> Non
     runner.spawn(1)  # one shift runs all eight: a failure must not end it
     assert steps.all_settled.wait(5.0)
     assert {o: e for o, e in steps.settled.items() if e is not None} == raised
-    assert steps.begun == 1 and steps.abandoned == 0
+    assert steps.begun == 1 and steps.closed_early == 0
     assert not isinstance(steps.settled[3], RevokeCancelled)  # the handler's own CancelledError, not ours
 
 

@@ -1,10 +1,11 @@
 """The runner for ``async def`` handlers: each worker shift is a task on one event-loop thread.
 
-Same dispatcher, same permits, same steps as :class:`mtc75.runtime.runner.ThreadRunner`: a shift takes
-``next_work``, *awaits* the handler, then ``settle``s, until ``next_work`` returns None (its permit went
-back). ``MAX_THREAD_COUNT`` therefore bounds the coroutines in flight exactly as it bounds threads, a
-retry waiting out its backoff holds no task (the dispatcher's delay queue holds it), and resizing is the
-permits' business alone: a task costs no thread, so :meth:`AsyncRunner.grow` has nothing to grow.
+Same dispatcher, same permits, same steps as :class:`mtc75.runtime.runner.ThreadRunner`: a shift is the
+dispatcher's generator (``WorkerSteps.shift``); it yields a message, the task *awaits* the handler and
+sends back its error, until the generator returns (its permit went back). ``MAX_THREAD_COUNT``
+therefore bounds the coroutines in flight exactly as it bounds threads, a retry waiting out its backoff
+holds no task (the dispatcher's delay queue holds it), and resizing is the permits' business alone: a
+task costs no thread, so :meth:`AsyncRunner.grow` has nothing to grow.
 
 What a thread cannot do and a task can: be cancelled. :meth:`AsyncRunner.cancel` cancels the handlers
 running messages of given assignments (a revoke that waited its REVOKE_TIMEOUT for them); the cancelled
@@ -14,7 +15,9 @@ dropped). :meth:`AsyncRunner.shutdown` cancels whatever still runs and stops the
 
 Thread contract: ``spawn``, ``grow``, ``cancel``, ``shutdown`` and the ``running`` / ``loop_thread``
 reads from the poll thread (any thread would do: they hand work to the loop with
-``call_soon_threadsafe``); shifts, ``_running`` and ``_cancelled`` live on the loop thread only.
+``call_soon_threadsafe``); shifts, ``_running`` and ``_cancelled`` live on the loop thread only. A shift
+task cancelled before its first step (only at shutdown: revoke cancels running handlers) never took
+its shift, and its permit goes with the dispatcher.
 """
 
 from __future__ import annotations
@@ -131,18 +134,16 @@ class AsyncRunner:
             await asyncio.wait(shifts)
 
     async def _shift(self) -> None:
-        """One shift: next_work -> await handler -> settle, until the permit went back."""
-        steps = self._steps
+        """One shift: the dispatcher's generator yields a message, the handler is awaited, its error
+        (None when it returned) is sent back, until StopIteration (the permit went back)."""
         task = asyncio.current_task()
         assert task is not None
-        shift = steps.begin_shift()
+        shift = self._steps.shift()
+        send = shift.send
+        handler, running, cancelled = self._handler, self._running, self._cancelled
         try:
-            handler, next_work, settle = self._handler, steps.next_work, steps.settle
-            running, cancelled = self._running, self._cancelled
+            work = next(shift)
             while True:
-                work = next_work(shift)
-                if work is None:
-                    return
                 running[task] = work
                 error: BaseException | None = None
                 try:
@@ -161,9 +162,8 @@ class AsyncRunner:
                     if task in cancelled:
                         cancelled.discard(task)
                         task.uncancel()  # the request was for that handler; the shift goes on
-                settle(work, error)
-        except BaseException:
-            # next_work returns None only after giving the permit back; anything escaping still holds one
-            steps.abandon_shift(shift)
-            logger.exception("async worker stopped by an unexpected error")
-            raise
+                work = send(error)
+        except StopIteration:
+            return  # the permit went back
+        finally:
+            shift.close()  # a no-op once it returned; otherwise (an unexpected error) the permit comes back
