@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import pytest
+
 from mtc75.core.offsets import OffsetTracker
 from mtc75.core.retry import RetryPolicy
 from mtc75.core.scheduler import FifoScheduler
@@ -40,11 +42,15 @@ def _offsets(items: Iterable[Work]) -> list[tuple[int, int]]:
 
 def test_fifo_takes_in_put_order_and_says_when_empty() -> None:
     s = FifoScheduler()
-    assert s.take() is None and len(s) == 0 and s.ready == 0 and s.blocked == 0
+    assert len(s) == 0 and s.ready == 0 and s.blocked == 0
+    with pytest.raises(IndexError):
+        s.take()
     s.put(_items(_tracker(0), 0, range(4)))
     assert len(s) == 4 and s.ready == 4 and s.blocked == 0
-    assert [s.take().offset for _ in range(4)] == [0, 1, 2, 3]  # type: ignore[union-attr]
-    assert s.take() is None and len(s) == 0
+    assert [s.take().offset for _ in range(4)] == [0, 1, 2, 3]
+    with pytest.raises(IndexError):
+        s.take()
+    assert len(s) == 0
 
 
 def test_fifo_requeued_retries_go_before_anything_fetched_since_in_their_own_order() -> None:
@@ -53,7 +59,7 @@ def test_fifo_requeued_retries_go_before_anything_fetched_since_in_their_own_ord
     retries = _items(tracker, 1, range(2))
     s.put(_items(tracker, 0, range(10, 13)))
     s.requeue(retries)
-    assert _offsets([s.take(), s.take(), s.take()]) == [(1, 0), (1, 1), (0, 10)]  # type: ignore[list-item]
+    assert _offsets([s.take(), s.take(), s.take()]) == [(1, 0), (1, 1), (0, 10)]
 
 
 def test_fifo_release_changes_nothing_and_it_declares_itself_lock_free() -> None:
@@ -87,9 +93,10 @@ def test_fifo_lock_free_takes_racing_purges_never_lose_or_duplicate_a_message() 
 
     def taker(out: list[Work]) -> None:
         while not stop.is_set():
-            work = s.take()
-            if work is not None:
-                out.append(work)
+            try:
+                out.append(s.take())
+            except IndexError:
+                pass
 
     threads = [threading.Thread(target=taker, args=(out,)) for out in taken]
     interval = sys.getswitchinterval()
@@ -141,11 +148,10 @@ class RecordingScheduler:
         self._check("requeue")
         self._fifo.requeue(items)
 
-    def take(self) -> Work | None:
+    def take(self) -> Work:
         self._check("take")
         work = self._fifo.take()
-        if work is not None:
-            self.taken.append(work)
+        self.taken.append(work)
         return work
 
     def release(self, work: Work) -> None:
@@ -297,7 +303,7 @@ def test_a_purged_requeued_retry_is_released_once_and_a_never_taken_message_is_n
 
 def test_a_worker_whose_scheduler_breaks_gives_its_permit_back() -> None:
     class Broken(RecordingScheduler):
-        def take(self) -> Work | None:
+        def take(self) -> Work:
             raise RuntimeError("scheduler bug")
 
     tracker = _tracker(0)
@@ -305,7 +311,7 @@ def test_a_worker_whose_scheduler_breaks_gives_its_permit_back() -> None:
     try:
         d.put(_items(tracker, 0, range(3)))
         assert d.max_active_threads == 2  # two workers started, each with a permit
-        assert d.wait_idle(5) and d.active_thread_count == 0  # without abandon_shift this times out
+        assert d.wait_idle(5) and d.active_thread_count == 0  # without the shift's guard this times out
     finally:
         d.shutdown(wait=True)
 
@@ -323,14 +329,18 @@ class InlineRunner:
     def spawn(self, count: int) -> None:
         for _ in range(count):
             self.shifts += 1
-            shift = self._steps.begin_shift()
-            while (work := self._steps.next_work(shift)) is not None:
-                try:
-                    self._handler(work.message)
-                    error = None
-                except BaseException as err:
-                    error = err
-                self._steps.settle(work, error)
+            shift = self._steps.shift()
+            try:
+                work = next(shift)
+                while True:
+                    try:
+                        self._handler(work.message)
+                        error = None
+                    except BaseException as err:
+                        error = err
+                    work = shift.send(error)
+            except StopIteration:
+                pass
 
     def grow(self, limit: int) -> None:
         pass

@@ -48,8 +48,11 @@ class Scheduler(Protocol):
     def requeue(self, items: list[Work]) -> None:
         """Add retries whose backoff passed: they go before anything fetched since."""
 
-    def take(self) -> Work | None:
-        """The next message that may start now, or None."""
+    def take(self) -> Work:
+        """The next message that may start now; raises IndexError when none may.
+
+        IndexError rather than None so that a deque's own ``popleft`` can be the FIFO's ``take``.
+        """
 
     def release(self, work: Work) -> None:
         """``work`` is done for good: whatever it blocked (its key, its partition) may run."""
@@ -77,6 +80,9 @@ class FifoScheduler:
 
     def __init__(self) -> None:
         self._queue: deque[Work] = deque()
+        # The deque's own popleft, bound: atomic, raises IndexError when empty, and no Python frame on
+        # the hot path (a Python-level take cost the no-op path ~0.1 us of its ~2.5 us per message).
+        self.take = self._queue.popleft  # type: ignore[method-assign]
 
     def put(self, items: Iterable[Work]) -> None:
         self._queue.extend(items)
@@ -84,11 +90,8 @@ class FifoScheduler:
     def requeue(self, items: list[Work]) -> None:
         self._queue.extendleft(reversed(items))
 
-    def take(self) -> Work | None:
-        try:
-            return self._queue.popleft()  # atomic: workers call it without the lock
-        except IndexError:
-            return None
+    def take(self) -> Work:  # replaced per instance by the deque's popleft (see __init__)
+        return self._queue.popleft()  # atomic: workers call it without the lock
 
     def release(self, work: Work) -> None:
         pass  # nothing is ever blocked

@@ -2,8 +2,8 @@
 
 Thread contract. The poll thread (the dispatcher's owner) calls everything public except the worker
 steps: ``put``, ``release_due``, ``purge``, ``resize``, ``close_intake``, ``shutdown``, the waits and
-the counts. The runner's workers call only the steps (``begin_shift``, ``next_work``, ``settle``,
-``abandon_shift``). ``completions`` is appended by workers and drained by the poll thread alone.
+the counts. The runner's workers only drive their ``shift()`` generator (the worker steps: take the
+next message, settle the last one). ``completions`` is appended by workers and drained by the poll thread alone.
 One lock (``_lock``) guards the permits, the retry delay queue and every scheduler call, except
 ``take`` and ``release`` on a scheduler that declares them lock-free (``LOCK_FREE_TAKE`` /
 ``LOCK_FREE_RELEASE``, the FIFO: see mtc75/core/scheduler.py for what that promises). Counts read
@@ -19,8 +19,9 @@ lock (``deque.popleft`` is atomic); giving a permit back and adding work share o
 ready, release" and "put, acquire" cannot race.
 
 The workers come from a runner (:mod:`mtc75.runtime.runner`; threads today): a worker loops
-``next_work`` -> handler -> ``settle``, and all permit, scheduler and retry bookkeeping is in those
-two steps, so another runner (asyncio) can sit beside the thread one.
+"next message" -> handler -> "settle it" through its shift (:meth:`Dispatcher.shift`), and all
+permit, scheduler and retry bookkeeping is in those steps, so another runner (asyncio) can sit
+beside the thread one.
 
 How many workers a batch starts follows the handler's measured time per message: a started worker
 is a thread woken to compete for the GIL, and with fast handlers the running ones drain the backlog
@@ -104,6 +105,7 @@ class Dispatcher:
         self._changed = threading.Condition(self._lock)
         self._drain_mark = -1  # backlog length a waiter wants to hear about (-1: nobody waits)
         self.completions: deque[Work] = deque()  # appended by workers, drained by the poll thread
+        self._done = self.completions.append
         self._per_message: float | None = None  # seconds a worker spends per message (smoothed), under the lock
         self._takes = 0  # messages taken by workers (no lock: only compared for a change)
         self._takes_seen = 0  # poll thread: _takes at its last look
@@ -275,7 +277,7 @@ class Dispatcher:
 
     # -- worker steps (called by the runner's workers; see mtc75/runtime/runner.py) ------------------
 
-    def _locked_take(self) -> Work | None:
+    def _locked_take(self) -> Work:
         with self._lock:
             return self._scheduler.take()
 
@@ -290,55 +292,87 @@ class Dispatcher:
             self._scheduler.requeue(due)
         return len(due)
 
-    def begin_shift(self) -> Shift:
-        return Shift(time.monotonic())
+    def shift(self) -> Shift:
+        """One worker's shift: it holds one permit from its spawn until this generator returns.
 
-    def next_work(self, shift: Shift) -> Work | None:
-        """The next message for the worker holding ``shift``, or None after giving its permit back.
-
-        The hot path takes a message without the lock on a lock-free scheduler; only giving the
-        permit back needs the lock, to re-check the scheduler against a concurrent put().
+        The runner drives it: ``work = next(shift)``, call the handler, ``work = shift.send(error)``
+        (None if the handler returned) ... until StopIteration, which means the permit went back.
+        Everything between two handler calls happens here: settling the last message (release and
+        completion, or its retry), promoting due retries, taking the next one -- lock-free on a
+        lock-free scheduler; only giving the permit back needs the lock, to re-check the scheduler
+        against a concurrent put(). A generator rather than two methods per message: its locals stay
+        bound for the whole shift, and one resume costs less than two calls. Measured, one worker
+        draining 300 000 no-op messages (CPU per message, best of 5, on the shared 2-core machine):
+        the old inline loop 306-428 ns, two step methods (next_work/settle) 520-835 ns, this 381-466 ns.
+        Whatever escapes -- a scheduler bug, or the runner closing it -- gives the permit back first.
         """
-        delayed = self._delayed
         permits = self._permits
+        take = self._take
+        release = self._release
+        done = self._done
         scheduler = self._scheduler
-        while True:
-            if delayed:  # a retry may be due: checked without the lock, promoted under it
-                due = delayed.next_due()
-                if due is not None and due <= time.monotonic():
-                    with self._lock:
-                        self._promote_due(time.monotonic())
-            # the bound shrank: give this permit back rather than take
-            work = self._take() if permits.in_use <= permits.limit else None
-            if work is not None:
-                shift.handled += 1
+        started = time.monotonic()
+        handled = 0
+        holding = True
+        try:
+            while True:
+                delayed = self._delayed
+                if delayed:  # a retry may be due: checked without the lock, promoted under it
+                    due = delayed.next_due()
+                    if due is not None and due <= time.monotonic():
+                        with self._lock:
+                            self._promote_due(time.monotonic())
+                try:
+                    if permits.in_use > permits.limit:
+                        raise IndexError  # the bound shrank: give this permit back
+                    work = take()
+                except IndexError:
+                    if self._give_back(started, handled):
+                        holding = False
+                        return
+                    continue
+                handled += 1
                 self._takes += 1
                 mark = self._drain_mark
                 if mark >= 0 and len(scheduler) <= mark:  # -1 (nobody waits) skips the len() call
                     with self._lock:
                         self._changed.notify_all()
-                return work
-            # Before giving the permit back, let the poll thread run once: with fast handlers
-            # it is usually refilling the backlog right now, and a restart costs a spawn.
-            time.sleep(0)
-            if scheduler.ready and permits.in_use <= permits.limit:
-                continue
-            with self._lock:
-                if not scheduler.ready or permits.in_use > permits.limit:
-                    if shift.handled:
-                        sample = (time.monotonic() - shift.started) / shift.handled
-                        old = self._per_message
-                        self._per_message = sample if old is None else 0.7 * old + 0.3 * sample
-                    permits.release()
+                error = yield work
+                if error is None:  # done for good: whatever it blocked may run
+                    release(work)
+                    done(work)
+                else:
+                    self.settle_failure(work, error)
+        except BaseException as exc:
+            if holding:
+                with self._lock:
+                    self._permits.release()
                     self._changed.notify_all()
-                    return None
+                if not isinstance(exc, GeneratorExit):
+                    logger.exception("worker stopped by an unexpected error")
+            raise
 
-    def settle(self, work: Work, error: BaseException | None) -> None:
-        """After the handler: complete ``work`` (release + completion queue) or schedule its retry."""
-        if error is None:
-            self._release(work)
-            self.completions.append(work)
-            return
+    def _give_back(self, started: float, handled: int) -> bool:
+        """Nothing ready (or the bound shrank): give the permit back unless work turned up meanwhile."""
+        # Before giving the permit back, let the poll thread run once: with fast handlers
+        # it is usually refilling the backlog right now, and a restart costs a spawn.
+        time.sleep(0)
+        scheduler, permits = self._scheduler, self._permits
+        if scheduler.ready and permits.in_use <= permits.limit:
+            return False
+        with self._lock:
+            if scheduler.ready and permits.in_use <= permits.limit:
+                return False  # a put() came in between: its acquire saw this permit still held
+            if handled:
+                sample = (time.monotonic() - started) / handled
+                old = self._per_message
+                self._per_message = sample if old is None else 0.7 * old + 0.3 * sample
+            permits.release()
+            self._changed.notify_all()
+            return True
+
+    def settle_failure(self, work: Work, error: BaseException) -> None:
+        """The handler raised ``error`` (any BaseException): schedule a retry, or complete it failed."""
         retry = self._retry
         work.attempts += 1
         work.error = describe_error(error)
@@ -364,10 +398,4 @@ class Dispatcher:
             exc_info=logger.isEnabledFor(logging.DEBUG),
         )
         self._release(work)
-        self.completions.append(work)
-
-    def abandon_shift(self, shift: Shift) -> None:
-        """The worker is dying of an error outside its handler: its permit comes back."""
-        with self._lock:
-            self._permits.release()
-            self._changed.notify_all()
+        self._done(work)

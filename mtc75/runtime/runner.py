@@ -1,59 +1,41 @@
 """Runners: what executes handlers. The dispatcher decides what runs; a runner only provides workers.
 
 Thread contract: the dispatcher calls ``spawn``, ``grow`` and ``shutdown`` from the poll thread (the
-dispatcher's owner) only. A runner's workers call nothing but the :class:`WorkerSteps` the dispatcher
-hands it (``begin_shift``, ``next_work``, ``settle``, ``abandon_shift``), each from the worker that
-holds the shift, and the handler between ``next_work`` and ``settle``.
+dispatcher's owner) only. A runner's workers call nothing but :meth:`WorkerSteps.shift` and the
+generator it returns, each shift driven by one worker at a time, and the handler between its steps.
 
 A worker's life is one *shift*: it starts holding one permit the dispatcher already took for it (the
-reason it was spawned), then loops ``next_work`` -> handler -> ``settle`` until ``next_work`` returns
-None, which means the permit went back. The permit, scheduler and retry bookkeeping all live in those
-steps, so a runner is only "call the handler": :class:`ThreadRunner` runs each shift on a pool thread
-today; an asyncio runner (async handlers, next) runs each shift as a task on one event-loop thread,
-``await``-ing the handler between the same steps, bounded by the same permits. Such a runner would
-hand its ``spawn`` calls to the loop with ``call_soon_threadsafe``; the steps themselves never block
-for long (``next_work`` may take the dispatcher's lock and yield once with ``time.sleep(0)``).
+reason it was spawned) and drives its shift generator -- ``work = next(shift)``, call the handler,
+``work = shift.send(error)`` (None when the handler returned) -- until StopIteration, which means the
+permit went back. The steps between two handler calls (settle the last message: release it and
+report it, or schedule its retry; promote due retries; take the next message or give the permit
+back) all live in the dispatcher, so a runner is only "call the handler": :class:`ThreadRunner` runs
+each shift on a pool thread today; an asyncio runner (async handlers, next) runs each shift as a task
+on one event-loop thread, ``await``-ing the handler between the same steps, bounded by the same
+permits. Its ``spawn`` would hand the tasks to the loop with ``call_soon_threadsafe``; the steps
+themselves never block for long (they may take the dispatcher's lock and yield once with
+``time.sleep(0)``). A runner that drops a shift half-way closes it: the permit still comes back.
 """
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from mtc75.core.work import Work
 from mtc75.runtime.handlers import Handler, result_error
 
-logger = logging.getLogger(__name__)
-
-
-class Shift:
-    """One worker's hold on one permit, from its start until ``next_work`` returns None.
-
-    Owned by that worker alone; the dispatcher reads it when the shift ends (time per message).
-    """
-
-    __slots__ = ("started", "handled")
-
-    def __init__(self, started: float) -> None:
-        self.started = started  # time.monotonic() when the worker began
-        self.handled = 0  # messages taken during the shift
+# A worker's shift (see the module notes): yields the next message to run, is sent the handler's
+# error (None for success) for it, and returns once the permit went back.
+Shift = Generator[Work, "BaseException | None", None]
 
 
 class WorkerSteps(Protocol):
-    """What the dispatcher offers a runner's workers (see the module notes)."""
+    """What the dispatcher offers a runner's workers."""
 
-    def begin_shift(self) -> Shift:
-        """Called first by a spawned worker, which holds one permit."""
-
-    def next_work(self, shift: Shift) -> Work | None:
-        """The next message to run, or None once the permit went back (the worker ends)."""
-
-    def settle(self, work: Work, error: BaseException | None) -> None:
-        """The handler returned (``error`` None) or raised ``error``: retry it or complete it."""
-
-    def abandon_shift(self, shift: Shift) -> None:
-        """The worker stops on an unexpected error outside the handler: give its permit back."""
+    def shift(self) -> Shift:
+        """A new shift for a spawned worker, which holds one permit."""
 
 
 class Runner(Protocol):
@@ -97,15 +79,13 @@ class ThreadRunner:
         self._executor.shutdown(wait=wait, cancel_futures=True)
 
     def _work(self) -> None:
-        """One shift: only the handler call is the runner's own; the permit always comes back."""
-        steps = self._steps
-        shift = steps.begin_shift()
+        """One shift: only the handler call is the runner's own (the shift settles and takes)."""
+        shift = self._steps.shift()
+        handler = self._handler
+        send = shift.send
         try:
-            handler, next_work, settle = self._handler, steps.next_work, steps.settle
+            work = next(shift)
             while True:
-                work = next_work(shift)
-                if work is None:
-                    return
                 try:
                     result = handler(work.message)
                     error = None if result is None else result_error(result)
@@ -114,9 +94,6 @@ class ThreadRunner:
                     # CancelledError leaking from library code) -- is retried and then goes to
                     # ON_FAILURE: it must not kill the worker, lose its permit or strand its commit.
                     error = err
-                settle(work, error)
-        except BaseException:
-            # next_work returns None only after giving the permit back; anything escaping holds one
-            steps.abandon_shift(shift)
-            logger.exception("worker stopped by an unexpected error")
-            raise
+                work = send(error)
+        except StopIteration:
+            return  # the permit went back
