@@ -6,6 +6,7 @@ program against the real broker.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -80,16 +81,30 @@ def test_bad_settings_are_config_errors_before_anything_connects(
 
 
 def test_a_handler_that_cannot_work_is_refused(cluster: FakeKafka) -> None:
-    async def handle(message: Any) -> None:
-        pass
+    async def handle(message: Any) -> Any:
+        yield message
 
-    class AsyncCallable:
-        async def __call__(self, message: Any) -> None:
-            pass
+    class AsyncGenCallable:
+        async def __call__(self, message: Any) -> Any:
+            yield message
 
-    for bad, message in [(handle, "async function"), (AsyncCallable(), "async function"), (42, "must be callable")]:
+    for bad, message in [(handle, "async generator"), (AsyncGenCallable(), "async generator"),
+                         (42, "must be callable")]:
         with pytest.raises(mtc75.ConfigError, match=message):
             make(cluster, handler=bad)  # type: ignore[arg-type]
+
+
+def test_an_async_handler_is_taken_the_same_way(cluster: FakeKafka) -> None:
+    cluster.fill(TOPIC, {0: 3, 1: 3})
+    seen: list[int] = []
+
+    async def handle(message: Any) -> None:
+        await asyncio.sleep(0.001)
+        seen.append(message.offset())
+
+    stats = make(cluster, handler=handle, max_thread_count=3).run(max_messages=6)
+    assert sorted(seen) == [0, 0, 1, 1, 2, 2] and stats.processed == 6
+    assert stats.workers == "coroutines" and stats.max_active_threads <= 3
 
 
 def test_run_blocks_and_returns_the_final_stats_without_printing(

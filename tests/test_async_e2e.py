@@ -140,17 +140,18 @@ def test_a_retry_waiting_its_backoff_holds_no_slot_and_the_last_failure_is_dead_
             raise ValueError(f"service refused {msg.offset()}")
 
     consumer = mtc75.Consumer(handle, topic=topic, group_id=group, bootstrap_servers=bootstrap,
-                              max_thread_count=1, max_attempts=3, retry_backoff=1.5, retry_backoff_max=1.5,
+                              max_thread_count=1, max_attempts=3, retry_backoff=3.0, retry_backoff_max=3.0,
                               on_failure="dlq", **FAST)
     stats = consumer.run(max_messages=n)
     attempts = Counter(o for o, _ in calls)
     assert attempts[3] == 3 and attempts[5] == 2 and all(attempts[o] == 1 for o in range(n) if o not in (3, 5))
     first_try_of_3 = next(t for o, t in calls if o == 3)
     second_try_of_3 = [t for o, t in calls if o == 3][1]
-    assert second_try_of_3 - first_try_of_3 >= 1.4  # the backoff was waited
-    # One slot, and every other message ran while offset 3 waited its backoff: the wait held no slot.
+    assert second_try_of_3 - first_try_of_3 >= 3.0 * 0.5  # the backoff was waited (less its jitter, at most half)
+    # One slot, and other messages ran while offset 3 waited its backoff: the wait held no slot (had it
+    # held the only one, nothing could have started in between).
     during = {o for o, t in calls if first_try_of_3 < t < second_try_of_3}
-    assert set(range(4, n)) - {5} <= during, sorted(during)
+    assert {4, 5, 6} <= during, sorted(during)
     assert (stats.processed, stats.retried, stats.dead_lettered) == (n, 3, 1)
     dead = read_topic(bootstrap, f"{topic}.dlq", 1)
     assert len(dead) == 1 and json.loads(dead[0].value())["id"] is not None
@@ -214,12 +215,14 @@ def test_revoke_waits_for_the_partitions_coroutines_then_cancels_only_them_uncom
         wait_until(lambda: committed_offsets(bootstrap, group, topic) == ends, timeout=30, what="commits at the end")
     finally:
         first.release.set()
-        stats_a, stats_b = a.close(60), b.close(60)
+        stats_a = a.close(60)
+        b.close(60)
     assert (moved, 2) not in first.handled  # cancelled, so never counted done by a
     assert stats_a.abandoned >= 1  # the revoke gave up waiting for it
     # every offset handled by someone, the moved partition's offset 2 by b (a's commit stayed below it)
     assert set(first.handled) | set(second.handled) == all_offsets(ends)
-    assert stats_b.processed >= ends[moved] - 2
+    # b ran only what a had not finished: the offset map of a's commit skips the rest (issue 9)
+    assert {o for p, o in second.handled if p == moved} == {2}
     report_figures("async_revoke_cancel", revoke_timeout=revoke_timeout,
                    cancelled_after_s=round(cancelled_at - joined, 2), load_avg=os.getloadavg()[0])
 
@@ -291,7 +294,7 @@ def test_retune_raises_and_lowers_the_coroutine_bound_while_running(
         assert handler.peak == 5
         consumer.retune(max_thread_count=60)
         wait_until(lambda: handler.current >= 50, timeout=10, what="the raised bound used")
-        assert consumer.stats().max_thread_count == 60
+        wait_until(lambda: consumer.stats().max_thread_count == 60, timeout=5, what="the stats to show 60")
         consumer.retune(max_thread_count=2)
         time.sleep(0.6)  # every running coroutine ends within 0.2 s; no new one starts over the bound
         samples = []

@@ -89,7 +89,8 @@ def test_revoke_waits_then_cancels_the_partitions_coroutines_and_commits_below_t
 ) -> None:
     cluster.fill(TOPIC, {0: 4, 1: 3})
     handler = AsyncRecorder(hang={(0, 2), (1, 1)})
-    run = start(handler, REVOKE_TIMEOUT=1.0, MAX_THREAD_COUNT=10)
+    run = start(handler, REVOKE_TIMEOUT=1.0, MAX_THREAD_COUNT=10,
+                CONSUMER_CONFIG={"partition.assignment.strategy": "cooperative-sticky"})  # p0 alone is revoked
     until(lambda: {(0, 0), (0, 1), (0, 3), (1, 0), (1, 2)} <= set(handler.done) and handler.current == 2,
           "all but the hangs done")
     consumer = cluster.consumer()

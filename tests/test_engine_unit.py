@@ -517,11 +517,13 @@ def test_a_handler_raising_system_exit_is_a_failure_like_any_other(
     assert cluster.committed(GROUP, TOPIC, 0) == 3  # the partition did not stall behind offset 1
 
 
-def test_an_async_handler_is_refused_before_any_client_is_built(cluster: FakeKafka, start: Callable[..., Run]) -> None:
-    async def handler(message: Any) -> None:
-        pass
+def test_an_async_generator_handler_is_refused_before_any_client_is_built(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    async def handler(message: Any) -> Any:
+        yield message
 
-    with pytest.raises(HandlerRefused, match="is an async function"):
+    with pytest.raises(HandlerRefused, match="is an async generator"):
         start(handler)
     assert cluster.consumers == []
 

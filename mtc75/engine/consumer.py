@@ -35,6 +35,7 @@ from mtc75.kafka.clients import REAL_CLIENTS, KafkaClients, new_client
 from mtc75.kafka.deadletter import DeadLetters
 from mtc75.kafka.topics import METADATA_TIMEOUT, require_topic
 from mtc75.kafka.topicwatch import Change, TopicWatch
+from mtc75.runtime.async_runner import pick_runner
 from mtc75.runtime.dispatcher import Dispatcher, Handler, Work
 from mtc75.runtime.handlers import prepare_handler
 from mtc75.settings import Settings
@@ -206,7 +207,8 @@ class Mtc75Consumer:
         conf["on_commit"] = self._on_commit
         consumer = new_client(self._clients.consumer, conf, "librdkafka consumer")
         self._consumer = consumer
-        self._dispatcher = Dispatcher(self._handler, self._settings.MAX_THREAD_COUNT, self._retry)
+        self._dispatcher = Dispatcher(self._handler, self._settings.MAX_THREAD_COUNT, self._retry,
+                                      runner=pick_runner(self._handler))  # async def: coroutines on one loop
         try:
             partitions = self._check_topic()
             self._start_watch()
@@ -217,8 +219,9 @@ class Mtc75Consumer:
                 [self._settings.TOPIC], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
             )
             logger.info(
-                "consuming %s as group %s with %d threads (pause interval %.2fs, %s assignment)",
+                "consuming %s as group %s with %d %s (pause interval %.2fs, %s assignment)",
                 self._settings.TOPIC, self._settings.GROUP_ID, self._settings.MAX_THREAD_COUNT,
+                self._dispatcher.workers,
                 self._settings.PAUSE_INTERVAL, "incremental" if self._cooperative else "eager",
             )
             self._loop()
@@ -249,6 +252,7 @@ class Mtc75Consumer:
             paused_seconds=gate.paused_seconds + gate.paused_for(now),
             elapsed_seconds=now - self._started if self._started else 0.0,
             max_active_threads=d.max_active_threads if d else 0,
+            workers=d.workers if d else "threads",
             assigned=len(self._tracker.partitions()),
             retried=d.retried if d else 0,
             dead_lettered=self._dead_letters.delivered if self._dead_letters else 0,
@@ -526,8 +530,8 @@ class Mtc75Consumer:
             self._consumer.pause([TopicPartition(t, p) for t, p in to_pause])
             self._paused.update(to_pause)
         logger.warning(
-            "PAUSED %d partitions: all %d threads busy, %d messages waiting (re-check in %.2fs)",
-            len(self._paused), self._dispatcher.max_thread_count, self._dispatcher.backlog,
+            "PAUSED %d partitions: all %d %s busy, %d messages waiting (re-check in %.2fs)",
+            len(self._paused), self._dispatcher.max_thread_count, self._dispatcher.workers, self._dispatcher.backlog,
             self._gate.pause_interval,
         )
 
@@ -540,9 +544,9 @@ class Mtc75Consumer:
             self._wake_fetcher(mine)
         self._paused.clear()
         logger.warning(
-            "RESUMED %d partitions after %.2fs paused: %d/%d threads busy, %d waiting",
+            "RESUMED %d partitions after %.2fs paused: %d/%d %s busy, %d waiting",
             len(mine), lasted, self._dispatcher.active_thread_count, self._dispatcher.max_thread_count,
-            self._dispatcher.backlog,
+            self._dispatcher.workers, self._dispatcher.backlog,
         )
 
     def _update_holds(self) -> None:
@@ -876,6 +880,8 @@ class Mtc75Consumer:
                 )
             self._commit(asynchronous=False, partitions=owned)
         tracker.revoke(owned)
+        if owned and self._dispatcher is not None:  # coroutines still running are cancelled: never committed
+            self._dispatcher.cancel_running(states)
 
     def _drop_unstarted(self, states: list[PartitionState] | None = None) -> int:
         """Take not-yet-started messages out of the backlog; they stay uncommitted, for redelivery."""

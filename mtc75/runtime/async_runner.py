@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 from mtc75.core.offsets import PartitionState
 from mtc75.core.work import Work
 from mtc75.runtime.aio import EventLoopThread, LoopError
+from mtc75.runtime.handlers import Handler, handler_name, is_async_handler
+from mtc75.runtime.runner import Runner, ThreadRunner
 
 if TYPE_CHECKING:
     from mtc75.runtime.runner import WorkerSteps
@@ -42,12 +44,26 @@ AsyncHandler = Callable[[Any], Awaitable[object]]
 STOP_TIMEOUT = 2.0  # seconds shutdown waits for cancelled handlers to end and the loop thread to join
 
 
+def pick_runner(handler: Handler) -> Callable[[WorkerSteps, Handler, int], Runner]:
+    """The runner factory for ``handler``: AsyncRunner for an ``async def`` one, ThreadRunner otherwise."""
+    if not is_async_handler(handler):
+        return ThreadRunner
+    label = handler_name(handler)
+
+    def make(steps: WorkerSteps, handler: Handler, limit: int) -> Runner:
+        return AsyncRunner(steps, handler, limit, label=label)  # type: ignore[arg-type]
+
+    return make
+
+
 class RevokeCancelled(asyncio.CancelledError):
     """Stands for a handler cancelled because its partition was revoked (the error its message settles with)."""
 
 
 class AsyncRunner:
     """Runs each worker shift as a task on one :class:`EventLoopThread` (started here)."""
+
+    WORKERS = "coroutines"  # what MAX_THREAD_COUNT bounds, for the status line and dashboard
 
     def __init__(
         self, steps: WorkerSteps, handler: AsyncHandler, limit: int = 0, *, label: str, use_uvloop: bool = True

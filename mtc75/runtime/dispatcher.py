@@ -241,6 +241,19 @@ class Dispatcher:
             starts = self._permits.acquire(self._scheduler.ready)
         self._runner.spawn(starts)
 
+    def cancel_running(self, states: Iterable[PartitionState]) -> None:
+        """Cancel the running handlers of messages fetched under ``states`` (revoked assignments), if the
+        runner can: coroutines can be cancelled (AsyncRunner), threads cannot (their completions are
+        dropped as late instead). Poll thread."""
+        cancel = getattr(self._runner, "cancel", None)
+        if cancel is not None:
+            cancel(states)
+
+    @property
+    def workers(self) -> str:
+        """What the bound counts: ``"coroutines"`` on the async runner, else ``"threads"``."""
+        return str(getattr(self._runner, "WORKERS", "threads"))
+
     def close_intake(self) -> None:
         """Start nothing more (poll thread; at shutdown or after a fatal error).
 
@@ -392,7 +405,10 @@ class Dispatcher:
                 self.retried += 1
             return
         work.failed = True
-        logger.error(
+        # A revoked assignment's message (e.g. a coroutine cancelled at revoke) is not this consumer's
+        # failure: its completion is dropped and the partition's next owner runs it again.
+        logger.log(
+            logging.ERROR if work.state.alive else logging.DEBUG,
             "handler failed for %s[%d]@%d (attempt %d of %d): %s",
             msg.topic(), msg.partition(), work.offset, work.attempts, retry.max_attempts, work.error,
             exc_info=logger.isEnabledFor(logging.DEBUG),

@@ -138,22 +138,21 @@ def load_handler(spec: str) -> Handler:
 
 
 def prepare_handler(handler: Handler, name: str | None = None) -> Handler:
-    """The callable the worker threads run for ``handler``; refuses what they cannot run.
+    """``handler`` checked before any message is fetched; refuses what no runner can run.
 
-    Today only plain functions are run: an ``async def`` handler (or a callable object whose
-    ``__call__`` is one, or a ``functools.partial`` of one) would return a coroutine that never runs,
-    and counting it done would commit work that never happened. It is refused here, before any
-    message is fetched. When async handlers are supported, this is where one gets wrapped instead.
-    A handler that hides its coroutine (a plain function returning one) is caught at run time by the
-    dispatcher, which counts such a call as a failure (:func:`awaitable_result_error`).
+    A plain function runs on worker threads; an ``async def`` one (a callable object whose
+    ``__call__`` is one, a ``functools.partial`` of one) is awaited on the event loop
+    (:func:`is_async_handler`; the engine picks the runner). An async generator is refused: calling it
+    returns no awaitable, so nothing would ever run. A handler that hides its coroutine (a plain
+    function returning one) is caught at run time, a failure (:func:`awaitable_result_error`).
     """
     if not callable(handler):
         raise ConfigError(f"handler {name!r} is not callable" if name else
                           f"handler must be callable, got {type(handler).__name__}")
-    if _is_async(handler):
+    if _call_kind(handler) == "asyncgen":
         raise HandlerRefused(
-            f"handler {name or _name(handler)} is an async function; async handlers are not supported yet "
-            "(wrap it: def handle(msg): asyncio.run(handle_async(msg)))"
+            f"handler {name or _name(handler)} is an async generator (async def with yield): it returns no "
+            "awaitable, so its work would never run; make it a plain async def"
         )
     return handler
 
@@ -169,17 +168,16 @@ def awaitable_result_error(result: object) -> str | None:
     if callable(close):
         with contextlib.suppress(Exception):  # closing is a courtesy; the failure is reported either way
             close()
-    return f"handler returned {type(result).__name__} (an awaitable); async handlers are not supported yet"
+    return (
+        f"handler returned {type(result).__name__} (an awaitable) from a plain function, and nothing awaits it; "
+        "make the handler itself async def to have it awaited"
+    )
 
 
 def result_error(result: object) -> NotRunError | None:
     """The failure a handler's non-None return value stands for (a returned awaitable), else None."""
     refused = awaitable_result_error(result)
     return None if refused is None else NotRunError(refused)
-
-
-def _is_async(handler: object) -> bool:
-    return _call_kind(handler) != "sync"
 
 
 def is_async_handler(handler: object) -> bool:
