@@ -84,12 +84,17 @@ def run_child(bootstrap: str, topic: str, mode: str, bound: int, count: int) -> 
     settings = Settings().replace(BOOTSTRAP_SERVERS=bootstrap, TOPIC=topic, MAX_THREAD_COUNT=bound,
                                   GROUP_ID=f"bench-async-{uuid.uuid4().hex[:8]}")
     consumer = Mtc75Consumer(settings, handler, max_messages=count, on_status=on_status, status_interval=0.05)
+    cpu_before = os.times()
     final = consumer.run()
+    cpu_after = os.times()
     elapsed = max(ends) - min(starts)
     report: dict[str, Any] = {
         "mode": mode, "bound": bound, "handled": len(ends), "processed": final.processed, "elapsed_s": elapsed,
         "rate": len(ends) / elapsed, "peak_threads": peak_threads[0], "peak_rss_mb": _status("VmHWM:") / 1024,
         "max_in_flight": final.max_active_threads,
+        # CPU of the whole run (group join and shutdown included) per message: what a loaded machine cannot hide
+        "cpu_us_per_message": ((cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system))
+        / max(1, len(ends)) * 1e6,
     }
     loop = _loop_of(consumer)
     if loop is not None:
@@ -164,12 +169,12 @@ def print_table(fig: dict[str, Any]) -> None:
     print(f"\n{fig['messages']:,} messages, await/sleep {fig['work_s']:g} s, {fig['in_flight']:,} in flight "
           f"(ideal {fig['ideal_rate']:,.0f} msg/s); load average {fig['load_avg_at_start'][0]:.1f} -> "
           f"{fig['load_avg_at_end'][0]:.1f}")
-    print("\n| runner | bound | msg/s | of ideal | OS threads (peak) | peak RSS |")
-    print("|---|---|---|---|---|---|")
+    print("\n| runner | bound | msg/s | of ideal | OS threads (peak) | peak RSS | CPU per message |")
+    print("|---|---|---|---|---|---|---|")
     for run in sorted(fig["runs"], key=lambda r: (r["mode"], r["bound"], -r["rate"])):
         best = " (best)" if run is fig["async"] or run is fig["thread_best"] else ""
         print(f"| {run['mode']}{best} | {run['bound']} | {run['rate']:,.0f} | {run['ratio']:.3f} "
-              f"| {run['peak_threads']} | {run['peak_rss_mb']:.0f} MB |")
+              f"| {run['peak_threads']} | {run['peak_rss_mb']:.0f} MB | {run['cpu_us_per_message']:.0f} µs |")
     a = fig["async"]
     print(f"\nasync: {a['ratio']:.3f} of ideal (target >= {TARGET_RATIO}), {a['peak_threads']} OS threads "
           f"(target <= {TARGET_THREADS}), worst loop lag {a.get('worst_loop_lag_s', float('nan')):.3f} s "
