@@ -145,7 +145,7 @@ def prepare_handler(handler: Handler, name: str | None = None) -> Handler:
     and counting it done would commit work that never happened. It is refused here, before any
     message is fetched. When async handlers are supported, this is where one gets wrapped instead.
     A handler that hides its coroutine (a plain function returning one) is caught at run time by the
-    dispatcher, which counts such a call as a failure (:func:`awaitable_result_error`).
+    runner, which counts such a call as a failure (:func:`result_error`).
     """
     if not callable(handler):
         raise ConfigError(f"handler {name!r} is not callable" if name else
