@@ -144,7 +144,7 @@ def prepare_handler(handler: Handler, name: str | None = None) -> Handler:
     ``__call__`` is one, a ``functools.partial`` of one) is awaited on the event loop
     (:func:`is_async_handler`; the engine picks the runner). An async generator is refused: calling it
     returns no awaitable, so nothing would ever run. A handler that hides its coroutine (a plain
-    function returning one) is caught at run time, a failure (:func:`awaitable_result_error`).
+    function returning one) is caught at run time by the thread runner, a failure (:func:`result_error`).
     """
     if not callable(handler):
         raise ConfigError(f"handler {name!r} is not callable" if name else
