@@ -2,8 +2,8 @@
 
 Thread contract: ``load_handler`` and ``prepare_handler`` run on the thread that builds the consumer
 (before any worker exists). A handler itself -- ``SimulatedWork`` included, whose log limiter has its
-own lock -- is called by the runner's workers, many at once. ``describe_error`` and
-``awaitable_result_error`` are pure and may be called from any thread.
+own lock -- is called by the runner's workers, many at once. ``describe_error``, ``is_async_handler``,
+``handler_name`` and ``awaitable_result_error`` are pure and may be called from any thread.
 """
 
 from __future__ import annotations
