@@ -39,7 +39,9 @@ _DEFAULTS = Settings()
 class Consumer:
     """Consume ``topic`` as ``group_id``, calling ``handler(message)`` on at most ``max_thread_count`` threads.
 
-    ``handler`` gets a ``confluent_kafka.Message``; returning means done (its offset may be committed),
+    ``handler`` gets a ``confluent_kafka.Message``; an ``async def`` handler is awaited on one event-loop
+    thread instead, ``max_thread_count`` then bounding the coroutines in flight (README "Async handlers").
+    Returning means done (its offset may be committed),
     raising means failed (retried per ``max_attempts``, then ``on_failure``: ``dlq``, ``skip`` or ``stop``).
     Any other setting of the README's table is a lower-case keyword (``pause_interval=1.0``,
     ``on_failure="skip"``, ...); ``librdkafka`` adds consumer properties, applied last. Bad values raise
@@ -60,7 +62,7 @@ class Consumer:
         clients: KafkaClients = REAL_CLIENTS,
         **settings: Any,
     ) -> None:
-        handler = prepare_handler(handler)  # refuses what the workers cannot run (async handlers)
+        handler = prepare_handler(handler)  # refuses what no runner can run (an async generator)
         if not status_interval > 0:
             raise ConfigError(f"invalid status_interval={status_interval!r}: must be > 0")
         keywords = {"topic": topic, "group_id": group_id, "bootstrap_servers": bootstrap_servers,

@@ -21,7 +21,7 @@ class ConfigError(Mtc75Error):
 
 
 class HandlerRefused(ConfigError):
-    """The handler cannot be run as given (e.g. an ``async def`` handler, not supported yet)."""
+    """The handler cannot be run as given (e.g. an async generator: ``async def`` with ``yield``)."""
 
 
 class KafkaUnavailable(Mtc75Error):

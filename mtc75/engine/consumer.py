@@ -132,7 +132,7 @@ class Mtc75Consumer:
         self._settings = settings
         self._conf = settings.consumer_config(overrides)
         self._cooperative = _is_incremental(self._conf)
-        self._handler = prepare_handler(handler)  # refuses what the workers cannot run (async handlers)
+        self._handler = prepare_handler(handler)  # refuses what no runner can run (an async generator)
         self._max_messages = max_messages
         self._idle_exit = idle_exit
         self._on_status = on_status
