@@ -296,7 +296,8 @@ def test_retune_raises_and_lowers_the_coroutine_bound_while_running(
         wait_until(lambda: handler.current >= 50, timeout=10, what="the raised bound used")
         wait_until(lambda: consumer.stats().max_thread_count == 60, timeout=5, what="the stats to show 60")
         consumer.retune(max_thread_count=2)
-        time.sleep(0.6)  # every running coroutine ends within 0.2 s; no new one starts over the bound
+        # every running coroutine ends within 0.2 s of work; after that none starts over the new bound
+        wait_until(lambda: handler.current <= 2, timeout=10, what="the lowered bound reached")
         samples = []
         for _ in range(20):
             samples.append(handler.current)
