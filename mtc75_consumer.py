@@ -27,7 +27,8 @@ from mtc75.app.cli import (
     use_color,
 )
 from mtc75.app.status import format_status
-from mtc75.engine.consumer import Mtc75Consumer, Stats
+from mtc75.core.stats import Stats
+from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.errors import ConfigError
 from mtc75.runtime.handlers import SimulatedWork, load_handler
 

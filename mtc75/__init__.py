@@ -21,7 +21,7 @@ import mtc75._startup  # noqa: F401
 import logging
 
 from mtc75.api import Consumer
-from mtc75.engine.consumer import Stats
+from mtc75.core.stats import Stats
 from mtc75.errors import (
     BrokerUnreachable,
     ConfigError,

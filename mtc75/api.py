@@ -19,7 +19,8 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any
 
-from mtc75.engine.consumer import Mtc75Consumer, Stats
+from mtc75.core.stats import Stats
+from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.errors import ConfigError
 from mtc75.kafka.clients import REAL_CLIENTS, KafkaClients
 from mtc75.runtime.handlers import prepare_handler

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError
 
+from mtc75.core.stats import Stats
 from mtc75.engine import consumer as engine_module
-from mtc75.engine.consumer import Mtc75Consumer, Stats
+from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.errors import (
     BrokerUnreachable,
     HandlerRefused,

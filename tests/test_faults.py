@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from mtc75.engine.consumer import Mtc75Consumer, Stats
+from mtc75.core.stats import Stats
+from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.kafka.clients import KafkaClients
 from mtc75.kafka.deadletter import H_ATTEMPTS, H_ERROR, H_OFFSET, H_PARTITION, H_TOPIC
 from mtc75.kafka.topics import create_topic

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mtc75.engine.consumer import Mtc75Consumer
+from mtc75.api import Consumer
 from mtc75.errors import ConfigError
 from mtc75.runtime.handlers import SimulatedWork
 from mtc75.settings import SPECS, Settings
@@ -34,7 +34,7 @@ def diff(old: Settings, new: Settings) -> tuple[dict[str, Any], list[str]]:
     return live, restart
 
 
-def retuner(consumer: Mtc75Consumer, work: object) -> Callable[[dict[str, Any]], None]:
+def retuner(consumer: Consumer, work: object) -> Callable[[dict[str, Any]], None]:
     """The ``apply`` for a running consumer: threads and pause interval to the engine, sleep to the handler."""
 
     def apply(changes: dict[str, Any]) -> None:

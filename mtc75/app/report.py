@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import IO, Any
 
-from mtc75.engine.consumer import Stats
+from mtc75.core.stats import Stats
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mtc75.app.cli import paint
-from mtc75.engine.consumer import Stats
+from mtc75.core.stats import Stats
 
 BUSY_WARN = 0.8  # fraction of threads busy from which the line turns yellow
 
