@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError
 
+from mtc75.core.offsetmap import decode
 from mtc75.core.stats import Stats
 from mtc75.engine import consumer as engine_module
 from mtc75.engine.consumer import Mtc75Consumer
@@ -267,6 +268,32 @@ def test_a_retry_waiting_at_revoke_is_dropped_and_the_next_assignment_reads_the_
     stats = run.stop()
     assert recorder.calls == Counter({(0, 0): 2, (0, 1): 2})
     assert stats.retried == 1 and stats.failed == 0
+
+
+# -- the offset map --------------------------------------------------------------------------------------
+
+
+def test_the_offset_map_travels_with_the_commit_and_the_next_member_skips_what_finished(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    cluster.fill(TOPIC, {0: 10})
+    first = Recorder(block={(0, 2)})  # offset 2 never finishes under the first member
+    run = start(first, SHUTDOWN_TIMEOUT=0.2)
+    until(lambda: len(first.handled()) == 9 and (0, 2) in first.started, "every offset but 2")
+
+    def carries_the_map() -> bool:
+        done = [c for c in cluster.commits if c.error is None and c.offsets.get(P0) == 2 and c.metadata.get(P0)]
+        return bool(done) and set(decode(done[-1].metadata[P0], 2) or ()) == set(range(3, 10))
+
+    until(carries_the_map, "a commit at the unfinished offset 2 carrying 3..9 as finished")
+    run.engine.stop()
+    run.join()
+    assert cluster.committed(GROUP, TOPIC, 0) == 2
+
+    second = Recorder()
+    start(second, max_messages=1).join()  # a new member of the same group on the same cluster
+    assert dict(second.calls) == {(0, 2): 1}  # 3..9 finished under the first member: not run again
+    assert cluster.committed(GROUP, TOPIC, 0) == 10
 
 
 # -- failures after the last attempt ------------------------------------------------------------------------
