@@ -1,6 +1,8 @@
 """What the three scripts share: setting flags, ``-X`` properties, logging, colors and exit codes.
 
-Only scripts call into this module; the engine never prints or configures logging.
+Only scripts call into this module, from their main thread; the engine never prints or configures
+logging. The log formatter runs on whichever thread logs (it keeps no state); ``StdoutLines`` on the
+main thread, which in mtc75_consumer.py is also the poll thread (it calls ``run()`` itself).
 """
 
 from __future__ import annotations

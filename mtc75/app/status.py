@@ -1,4 +1,8 @@
-"""The once-a-second status line: threads busy, paused or running, throughput, in-flight, failures."""
+"""The once-a-second status line: threads busy, paused or running, throughput, in-flight, failures.
+
+Pure formatting of a frozen :class:`~mtc75.core.stats.Stats`: any thread may call it (the CLI calls it
+from its status callback, on the poll thread).
+"""
 
 from __future__ import annotations
 
