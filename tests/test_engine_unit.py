@@ -222,11 +222,12 @@ def test_revoke_timeout_commits_the_done_prefix_and_the_late_completion_is_dropp
     until(lambda: run.stats().dropped_late == 1, "the late completion to be dropped")
     assert commits_of(cluster, P0, since=after_revoke) == []
     assert run.stats().processed == 2
-    # The partition comes back: the next owner (us again) reads from the committed offset 1.
+    # The partition comes back: the next owner (us again) reads from the committed offset 1; offset 2
+    # finished before the revoke, and the offset map committed with 1 says so: it is not run again.
     assert consumer.rebalance(assign=[P0]).wait(WAIT)
-    until(lambda: cluster.committed(GROUP, TOPIC, 0) == 3, "offsets 1 and 2 handled again and committed")
+    until(lambda: cluster.committed(GROUP, TOPIC, 0) == 3, "offset 1 handled again and 1..2 committed")
     run.stop()
-    assert recorder.calls == Counter({(0, 0): 1, (0, 1): 2, (0, 2): 2})  # at least once, never lost
+    assert recorder.calls == Counter({(0, 0): 1, (0, 1): 2, (0, 2): 1})  # at least once, never lost
 
 
 def test_lost_partitions_are_neither_waited_for_nor_committed(cluster: FakeKafka, start: Callable[..., Run]) -> None:
@@ -264,9 +265,9 @@ def test_a_retry_waiting_at_revoke_is_dropped_and_the_next_assignment_reads_the_
     # the retry went with the partition (a snapshot taken after the revoke: 2 partitions left)
     until(lambda: (lambda s: (s.assigned, s.backlog) == (2, 0))(run.stats()), "the retry to be dropped")
     assert consumer.rebalance(assign=[P0]).wait(WAIT)
-    until(lambda: cluster.committed(GROUP, TOPIC, 0) == 2, "offset 0 and 1 handled by the new assignment")
+    until(lambda: cluster.committed(GROUP, TOPIC, 0) == 2, "offset 0 handled by the new assignment")
     stats = run.stop()
-    assert recorder.calls == Counter({(0, 0): 2, (0, 1): 2})
+    assert recorder.calls == Counter({(0, 0): 2, (0, 1): 1})  # 1 finished before: the offset map skips it
     assert stats.retried == 1 and stats.failed == 0
 
 
