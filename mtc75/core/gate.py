@@ -25,7 +25,7 @@ REFETCH_SECONDS = 0.05  # work kept in the backlog at resume, to cover the refet
 class PauseGate:
     """Decides pause/resume from the thread count, the backlog and the time; the caller acts."""
 
-    def __init__(self, pause_interval: float, max_backlog: int, throughput: Throughput | None = None) -> None:
+    def __init__(self, pause_interval: float, max_backlog: int) -> None:
         if pause_interval <= 0:
             raise ValueError(f"pause_interval must be > 0, got {pause_interval}")
         if max_backlog < 1:
@@ -38,7 +38,7 @@ class PauseGate:
         self.paused_seconds = 0.0  # total over finished pauses
         self._paused_at = 0.0
         self._recheck_at = 0.0
-        self.throughput = throughput if throughput is not None else Throughput()  # the consumer's one estimator
+        self.throughput = Throughput()  # the consumer's one estimator: the status snapshot shows its rate
 
     # -- throughput ---------------------------------------------------------------------------------
 

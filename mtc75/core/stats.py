@@ -59,7 +59,7 @@ class Stats:
     next_check_in: float
     processed: int
     failed: int
-    rate: float
+    rate: float  # finished messages per second (Throughput: samples every RATE_WINDOW, smoothed)
     in_flight: int
     backlog: int
     pauses: int
