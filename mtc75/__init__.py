@@ -9,6 +9,7 @@
 
 See :class:`mtc75.Consumer` and the README's "Use it as a library". The command-line scripts of the
 repository are built from the same engine; everything else in this package is internal.
+Which thread may call what: see :class:`mtc75.Consumer` (mtc75/api.py); importing is thread-agnostic.
 """
 
 from __future__ import annotations
