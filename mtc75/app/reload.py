@@ -5,6 +5,10 @@ settings again exactly as at start-up (defaults, config file, environment, flags
 flag or environment variable still wins) and hands the live-tunable ones that changed to ``apply``.
 A file that does not load -- a syntax error, a bad value -- is reported in one log line and the
 running values stay; other changed settings are named once as needing a restart.
+
+Threads: the script's main thread starts and closes the watcher; ``apply`` runs on the watcher's
+thread, so :func:`retuner` only calls what any thread may: ``Consumer.retune`` (the API takes a lock)
+and one float assignment the workers read (``SimulatedWork.processing_sleep``).
 """
 
 from __future__ import annotations
