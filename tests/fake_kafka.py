@@ -462,11 +462,10 @@ class FakeConsumer:
             out = []
             for tp in partitions:
                 key = (self.group, (tp.topic, tp.partition))
-                found = TopicPartition(tp.topic, tp.partition, self._cluster._committed.get(key, OFFSET_INVALID))
-                if self._cluster._commit_metadata.get(key):  # like librdkafka: the metadata the commit carried
-                    found = TopicPartition(found.topic, found.partition, found.offset,
-                                           metadata=self._cluster._commit_metadata[key])
-                out.append(found)
+                offset = self._cluster._committed.get(key, OFFSET_INVALID)
+                meta = self._cluster._commit_metadata.get(key)  # like librdkafka: what the commit carried
+                out.append(TopicPartition(tp.topic, tp.partition, offset, metadata=meta) if meta
+                           else TopicPartition(tp.topic, tp.partition, offset))
             return out
 
     def get_watermark_offsets(self, partition: TopicPartition, timeout: float = -1,
