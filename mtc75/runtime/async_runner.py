@@ -94,10 +94,12 @@ class AsyncRunner:
 
     def cancel(self, states: Iterable[PartitionState]) -> None:
         """Cancel the running handlers of messages fetched under ``states`` (their assignments ended)."""
-        wanted = {id(s) for s in states}
+        # the states themselves (identity-hashed), not their ids: a freed state's id may be reused by
+        # the next assignment's before the loop gets to this
+        wanted = set(states)
         if wanted:
             try:
-                self.loop_thread.call_soon(self._cancel_where, lambda w: id(w.state) in wanted)
+                self.loop_thread.call_soon(self._cancel_where, lambda w: w.state in wanted)
             except LoopError:
                 pass  # stopped: nothing runs any more
 
