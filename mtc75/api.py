@@ -27,7 +27,8 @@ from mtc75.settings import SPECS, Settings, coerce
 
 # The settings a consumer uses; the others belong to producer.py, create_topic.py or the CLI's default handler.
 CONSUMER_SETTINGS = (
-    "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "MAX_THREAD_COUNT", "PAUSE_INTERVAL", "AUTO_OFFSET_RESET",
+    "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "MAX_THREAD_COUNT", "MIN_THREAD_COUNT", "MAX_THREAD_LIMIT",
+    "PAUSE_INTERVAL", "AUTO_OFFSET_RESET",
     "MAX_BACKLOG", "COMMIT_INTERVAL", "REVOKE_TIMEOUT", "SHUTDOWN_TIMEOUT", "MAX_ATTEMPTS", "RETRY_BACKOFF",
     "RETRY_BACKOFF_MAX", "ON_FAILURE", "BROKER_DOWN_TIMEOUT", "REPLICATION_FACTOR", "CONSUMER_CONFIG",
     "PRODUCER_CONFIG",
@@ -53,7 +54,7 @@ class Consumer:
         topic: str,
         group_id: str,
         bootstrap_servers: str = _DEFAULTS.BOOTSTRAP_SERVERS,
-        max_thread_count: int = _DEFAULTS.MAX_THREAD_COUNT,
+        max_thread_count: int | str = _DEFAULTS.MAX_THREAD_COUNT,
         librdkafka: Mapping[str, Any] | None = None,
         on_status: Callable[[Stats], None] | None = None,
         status_interval: float = 1.0,
@@ -151,15 +152,16 @@ class Consumer:
         """The latest snapshot: at most SNAPSHOT_INTERVAL old while running, final once finished."""
         return self._stats
 
-    def retune(self, *, max_thread_count: int | None = None, pause_interval: float | None = None) -> None:
-        """Change the thread bound and the pause interval; a running consumer applies it within 0.1 s."""
+    def retune(self, *, max_thread_count: int | str | None = None, pause_interval: float | None = None) -> None:
+        """Change the thread bound (a count or "auto") and the pause interval; a running consumer applies it
+        within 0.1 s."""
         changes = {"MAX_THREAD_COUNT": max_thread_count, "PAUSE_INTERVAL": pause_interval}
         for name, value in changes.items():
             if value is not None:
-                coerce(SPECS[name], value, f"retune({name.lower()}=)")
+                changes[name] = coerce(SPECS[name], value, f"retune({name.lower()}=)")
         engine = self._engine
         if engine is not None:
-            engine.retune(max_thread_count=max_thread_count, pause_interval=pause_interval)
+            engine.retune(max_thread_count=changes["MAX_THREAD_COUNT"], pause_interval=changes["PAUSE_INTERVAL"])
         else:
             self._settings = self._settings.replace(**{k: v for k, v in changes.items() if v is not None})
 
@@ -223,7 +225,8 @@ def _settings(keywords: Mapping[str, Any]) -> Settings:
 def _idle_stats(settings: Settings) -> Stats:
     """The snapshot before a run has started."""
     return Stats(
-        active_threads=0, max_thread_count=settings.MAX_THREAD_COUNT, paused=False, paused_for=0.0,
+        active_threads=0, max_thread_count=settings.initial_threads(), paused=False, paused_for=0.0,
         next_check_in=0.0, processed=0, failed=0, rate=0.0, in_flight=0, backlog=0, pauses=0,
         paused_seconds=0.0, elapsed_seconds=0.0, max_active_threads=0, assigned=0,
+        thread_mode="auto" if settings.auto_threads else "fixed",
     )

@@ -30,6 +30,7 @@ from mtc75.core.offsetmap import FinishedOffsets, OffsetMapError, decode, encode
 from mtc75.core.offsets import OffsetTracker, Partition, PartitionState
 from mtc75.core.retry import RetryPolicy
 from mtc75.core.window import WindowHolds
+from mtc75.engine.autothreads import AutoThreads
 from mtc75.errors import KafkaFatal, KafkaUnavailable, MessageFailed, Mtc75Error, TopicGone
 from mtc75.kafka.clients import REAL_CLIENTS, KafkaClients, new_client
 from mtc75.kafka.deadletter import DeadLetters
@@ -37,7 +38,7 @@ from mtc75.kafka.topics import METADATA_TIMEOUT, require_topic
 from mtc75.kafka.topicwatch import Change, TopicWatch
 from mtc75.runtime.dispatcher import Dispatcher, Handler, Work
 from mtc75.runtime.handlers import prepare_handler
-from mtc75.settings import Settings
+from mtc75.settings import AUTO, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ class Stats:
     abandoned: int = 0  # handlers still running when a revoke or shutdown stopped waiting for them
     # end offset minus committed offset per assigned partition (refreshed with each status snapshot)
     lag: Mapping[Partition, int] = field(default_factory=dict)
+    thread_mode: str = "fixed"  # "auto" while MAX_THREAD_COUNT = "auto" tunes max_thread_count
+    thread_trend: int = 0  # +1 / -1 just after auto stepped the count up / down, 0 holding (or fixed)
 
     def summary(self) -> dict[str, Any]:
         """The ``--summary-json`` document."""
@@ -101,6 +104,7 @@ class Stats:
         out["paused_seconds"] = round(out["paused_seconds"], 3)
         out["elapsed_seconds"] = round(out["elapsed_seconds"], 3)
         out["max_thread_count"] = self.max_thread_count
+        out["thread_mode"] = self.thread_mode
         return out
 
 
@@ -130,7 +134,8 @@ class Mtc75Consumer:
         self._settings = settings
         self._conf = settings.consumer_config(overrides)
         self._cooperative = _is_incremental(self._conf)
-        self._handler = prepare_handler(handler)  # refuses what the workers cannot run (async handlers)
+        self._threads = AutoThreads(settings)  # MAX_THREAD_COUNT = "auto" (a fixed count: it only watches)
+        self._handler = self._threads.timed(prepare_handler(handler))  # refuses what the workers cannot run
         self._max_messages = max_messages
         self._idle_exit = idle_exit
         self._on_status = on_status
@@ -181,12 +186,12 @@ class Mtc75Consumer:
         """Ask :meth:`run` to finish: stop fetching, drain in-flight work, commit, close."""
         self._stop.set()
 
-    def retune(self, *, max_thread_count: int | None = None, pause_interval: float | None = None) -> None:
-        """Change the thread bound and the pause interval of a running consumer; any thread may call.
+    def retune(self, *, max_thread_count: int | str | None = None, pause_interval: float | None = None) -> None:
+        """Change the thread bound (a count, or "auto") and the pause interval of a running consumer; any thread.
 
         The poll thread applies the change within one loop turn (at most ``POLL_TIMEOUT`` later).
         """
-        if max_thread_count is not None and max_thread_count < 1:
+        if max_thread_count is not None and max_thread_count != AUTO and int(max_thread_count) < 1:
             raise ValueError(f"max_thread_count must be >= 1, got {max_thread_count}")
         if pause_interval is not None and pause_interval <= 0:
             raise ValueError(f"pause_interval must be > 0, got {pause_interval}")
@@ -205,7 +210,7 @@ class Mtc75Consumer:
         conf["on_commit"] = self._on_commit
         consumer = new_client(self._clients.consumer, conf, "librdkafka consumer")
         self._consumer = consumer
-        self._dispatcher = Dispatcher(self._handler, self._settings.MAX_THREAD_COUNT, self._retry)
+        self._dispatcher = Dispatcher(self._handler, self._threads.initial, self._retry)
         try:
             partitions = self._check_topic()
             self._start_watch()
@@ -216,7 +221,7 @@ class Mtc75Consumer:
                 [self._settings.TOPIC], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
             )
             logger.info(
-                "consuming %s as group %s with %d threads (pause interval %.2fs, %s assignment)",
+                "consuming %s as group %s with %s threads (pause interval %.2fs, %s assignment)",
                 self._settings.TOPIC, self._settings.GROUP_ID, self._settings.MAX_THREAD_COUNT,
                 self._settings.PAUSE_INTERVAL, "incremental" if self._cooperative else "eager",
             )
@@ -235,7 +240,7 @@ class Mtc75Consumer:
         gate = self._gate
         return Stats(
             active_threads=d.active_thread_count if d else 0,
-            max_thread_count=self._settings.MAX_THREAD_COUNT,
+            max_thread_count=d.max_thread_count if d else self._threads.initial,
             paused=gate.paused,
             paused_for=gate.paused_for(now),
             next_check_in=gate.next_check_in(now),
@@ -255,6 +260,8 @@ class Mtc75Consumer:
             dropped_late=self._dropped_late,
             abandoned=self.abandoned + self.abandoned_at_revoke,
             lag=dict(self._lag),
+            thread_mode=self._threads.mode,
+            thread_trend=self._threads.trend,
         )
 
     # -- poll loop ----------------------------------------------------------------------------------
@@ -270,6 +277,7 @@ class Mtc75Consumer:
             now = time.monotonic()
             if self._retune:
                 self._apply_retune()
+            self._threads.tick(self._processed, dispatcher)
             limit = dispatcher.max_thread_count
             dispatcher.release_due()
             self._drain_completions()
@@ -479,7 +487,7 @@ class Mtc75Consumer:
             changes, self._retune = self._retune, {}
         self._settings = self._settings.replace(**changes)
         if "MAX_THREAD_COUNT" in changes:
-            self._dispatcher.resize(changes["MAX_THREAD_COUNT"])
+            self._threads.retune(changes["MAX_THREAD_COUNT"], self._dispatcher)
         if "PAUSE_INTERVAL" in changes:
             self._gate.pause_interval = changes["PAUSE_INTERVAL"]
         logger.debug("retuned: %s", changes)
