@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import threading
@@ -75,6 +76,17 @@ WORKLOADS = (
 )
 
 
+class Decisions(logging.Handler):
+    """Keeps the tuner's change lines (mtc75.engine.autothreads, debug) with their time."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((time.monotonic(), record.getMessage()))
+
+
 class Recorder:
     """Wraps a handler: (start, end) per call, appended from worker threads (list.append is atomic)."""
 
@@ -101,6 +113,10 @@ def run_one(bootstrap: str, topic: str, threads: int | str, seconds: float, hand
     def on_status(stats: Stats) -> None:
         timeline.append((time.monotonic(), stats.max_thread_count, stats.active_threads))
 
+    decisions = Decisions()
+    glue_log = logging.getLogger("mtc75.engine.autothreads")
+    glue_log.addHandler(decisions)
+    glue_log.setLevel(logging.DEBUG)
     engine = Mtc75Consumer(settings, recorder, on_status=on_status, status_interval=0.5)
     cpu0 = time.process_time()
     runner = threading.Thread(target=engine.run, name="bench-poll", daemon=True)
@@ -115,11 +131,13 @@ def run_one(bootstrap: str, topic: str, threads: int | str, seconds: float, hand
     time.sleep(max(0.0, t0 + seconds - time.monotonic()))
     engine.stop()
     runner.join(60)
+    glue_log.removeHandler(decisions)
     cpu = time.process_time() - cpu0
     spans = [(s - t0, e - t0) for s, e in recorder.spans if e - t0 <= seconds]
     return {
         "threads": threads, "seconds": seconds, "cpu_s": round(cpu, 2),
         "spans": spans, "timeline": [(t - t0, n, a) for t, n, a in timeline if 0 <= t - t0 <= seconds],
+        "decisions": [(round(t - t0, 2), line) for t, line in decisions.lines],
     }
 
 
@@ -189,7 +207,7 @@ def bench_workload(bootstrap: str, w: Workload, quick: bool) -> dict[str, Any]:
     print(f"  {w.name} auto: counts {min(counts)}..{max(counts)}, final {counts[-1]}; {verdict}", flush=True)
     return {
         "workload": w.name, "note": w.note, "fixed": fixed, "best": best,
-        "auto": {"timeline": auto["timeline"], "cpu_s": auto["cpu_s"],
+        "auto": {"timeline": auto["timeline"], "cpu_s": auto["cpu_s"], "decisions": auto["decisions"],
                  "rates": windows(auto["spans"], 0.0, auto_seconds), **verdict},
     }
 

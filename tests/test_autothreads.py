@@ -130,6 +130,7 @@ def test_degrading_service_settles_on_its_20_slots(caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.DEBUG, logger="mtc75.engine.autothreads"):
         h.run(90)
     assert 18 <= h.pool.max_thread_count <= 24, h.pool.resizes
+    assert h.glue.limit == h.pool.max_thread_count  # what Stats reports
     assert h.rate(60, 90) >= 0.9 * 1000  # the best fixed count (20) serves 1000/s
     assert h.pool.resizes and h.pool.resizes[0] == 2  # slow start doubles from 1
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("auto threads")]
@@ -209,7 +210,7 @@ def test_retune_switches_modes_and_clamps_to_the_bounds() -> None:
     assert h.glue.mode == "auto" and h.meter.enabled and h.pool.resizes == [64]
     h.run(10)
     h.glue.retune(12, h.pool)
-    assert h.glue.mode == "fixed" and not h.meter.enabled and h.pool.max_thread_count == 12
+    assert h.glue.mode == "fixed" and not h.meter.enabled and h.pool.max_thread_count == h.glue.limit == 12
     changes = len(h.pool.resizes)
     h.run(10)
     assert len(h.pool.resizes) == changes  # fixed again: the tuner is gone

@@ -171,6 +171,7 @@ class AutoThreads:
         self.min_threads = settings.MIN_THREAD_COUNT
         self.max_threads = settings.MAX_THREAD_LIMIT
         self.initial = settings.initial_threads()
+        self.limit = self.initial  # the permit count in effect (what Stats.max_thread_count reports)
         self.meter = meter if meter is not None else LatencyMeter()
         self._clock = clock
         self._cpu_clock = cpu_clock
@@ -222,22 +223,26 @@ class AutoThreads:
         decision = tuner.step(sample)
         if decision.changed:
             self._changed_at = now
-            pool.resize(decision.limit)
+            self._resize(pool, decision.limit)
             logger.debug("auto threads %s", decision.reason)
 
     def retune(self, value: int | str, pool: Pool) -> None:
         """MAX_THREAD_COUNT changed while running: "auto" starts tuning from the current count; a number stops it."""
         if value == AUTO:
             if self._tuner is None:
-                start = min(self.max_threads, max(self.min_threads, pool.max_thread_count))
-                if start != pool.max_thread_count:
-                    pool.resize(start)
+                start = min(self.max_threads, max(self.min_threads, self.limit))
+                if start != self.limit:
+                    self._resize(pool, start)
                 self._start(start)
                 logger.debug("auto threads: tuning from %d (bounds %d..%d)", start, self.min_threads, self.max_threads)
             return
         self._tuner = None
         self.meter.enabled = False
-        pool.resize(int(value))
+        self._resize(pool, int(value))
+
+    def _resize(self, pool: Pool, limit: int) -> None:
+        pool.resize(limit)
+        self.limit = limit
 
     def _start(self, initial: int) -> None:
         self._tuner = AutoTuner(self.min_threads, self.max_threads, initial)

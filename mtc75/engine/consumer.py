@@ -240,7 +240,7 @@ class Mtc75Consumer:
         gate = self._gate
         return Stats(
             active_threads=d.active_thread_count if d else 0,
-            max_thread_count=d.max_thread_count if d else self._threads.initial,
+            max_thread_count=self._threads.limit,
             paused=gate.paused,
             paused_for=gate.paused_for(now),
             next_check_in=gate.next_check_in(now),
