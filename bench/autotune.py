@@ -45,17 +45,19 @@ OUT = Path(__file__).resolve().parent
 PORT = int(os.environ.get("MTC75_BENCH_AUTOTUNE_PORT", "29992"))  # below the ephemeral range
 WINDOW = 5.0  # seconds per rate window (the issue's "rate per 5 s")
 WARMUP = 5.0  # seconds of a fixed run not counted (join, first fetch, pool start)
-FIXED_SECONDS = 25.0
+FIXED_SECONDS = 20.0
 AUTO_SECONDS = 90.0
-SLEEP = 0.05
+SLEEP = 0.1  # 256 threads (MAX_THREAD_LIMIT) at most 2 560 msg/s: a backlog this machine can produce in time
 CPU_WORK = 0.002
+# One backlog for every run (each run is a new group): more than the fastest run consumes in AUTO_SECONDS
+# (the sleep workload at 256 threads: 90 s x 2 560 msg/s = 230 400).
+MESSAGES = 250_000
 
 
 @dataclass(frozen=True)
 class Workload:
     name: str
     sweep: tuple[int, ...]
-    messages: int  # backlog: more than the fastest run consumes
     make: Callable[[], Callable[[Any], None]]  # a fresh handler per run (the service keeps state)
     note: str
 
@@ -69,10 +71,10 @@ def _cpu_handler() -> Callable[[Any], None]:
 
 
 WORKLOADS = (
-    Workload("degrading", (10, 20, 30, 40, 75), 140_000, lambda: DegradingService(20, 0.02).handler,
+    Workload("degrading", (10, 20, 30, 40, 75), lambda: DegradingService(20, 0.02).handler,
              "issue-14 service: 20 slots x 20 ms, degrading beyond 20 outstanding"),
-    Workload("sleep", (16, 64, 128, 256), 600_000, _sleep_handler, f"time.sleep({SLEEP})"),
-    Workload("cpu", (1, 2, 4, 16, 75), 80_000, _cpu_handler, f"{CPU_WORK * 1e3:g} ms of pure-Python CPU"),
+    Workload("sleep", (32, 128, 256), _sleep_handler, f"time.sleep({SLEEP})"),
+    Workload("cpu", (1, 2, 4, 16), _cpu_handler, f"{CPU_WORK * 1e3:g} ms of pure-Python CPU"),
 )
 
 
@@ -185,11 +187,7 @@ def judge(auto: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def bench_workload(bootstrap: str, w: Workload, quick: bool) -> dict[str, Any]:
-    topic = f"bench-auto-{w.name}-{uuid.uuid4().hex[:8]}"
-    count = w.messages // 3 if quick else w.messages
-    print(f"{w.name}: producing {count:,} messages to {topic} ...", flush=True)
-    produce_backlog(bootstrap, topic, count, partitions=6, size=100)
+def bench_workload(bootstrap: str, topic: str, w: Workload, quick: bool) -> dict[str, Any]:
     fixed = []
     fixed_seconds = 12.0 if quick else FIXED_SECONDS
     for n in (w.sweep[:3] if quick else w.sweep):
@@ -265,10 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = []
     try:
+        topic = f"bench-auto-{uuid.uuid4().hex[:8]}"
+        count = MESSAGES // 4 if args.quick else MESSAGES
+        print(f"producing {count:,} messages to {topic} ...", flush=True)
+        t0 = time.monotonic()
+        produce_backlog(bootstrap, topic, count, partitions=6, size=100)
+        print(f"  produced in {time.monotonic() - t0:.0f} s", flush=True)
         for w in WORKLOADS:
             if args.only and w.name not in args.only:
                 continue
-            rows.append(bench_workload(bootstrap, w, args.quick))
+            rows.append(bench_workload(bootstrap, topic, w, args.quick))
     finally:
         if broker is not None and started:
             broker.stop()
