@@ -189,10 +189,12 @@ def test_no_backlog_no_growth() -> None:
 
 
 def test_retries_waiting_out_a_backoff_are_not_demand() -> None:
-    h = Harness(sleeping, waiting=0)
+    """4 threads serve all 200 msg/s arriving; 400 failed messages wait out a backoff: nothing to grow for."""
+    h = Harness(sleeping, MIN_THREAD_COUNT=4)
+    h.pool.demand = 200.0
     h.pool.delayed = 400
-    h.run(20)
-    assert h.pool.resizes == []
+    h.run(30)
+    assert h.pool.resizes == [] and h.pool.processed >= 200 * 29
 
 
 def test_fixed_mode_never_resizes_and_does_not_time() -> None:
