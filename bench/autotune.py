@@ -193,8 +193,11 @@ def bench_workload(bootstrap: str, topic: str, w: Workload, quick: bool) -> dict
     for n in (w.sweep[:3] if quick else w.sweep):
         run = run_one(bootstrap, topic, n, fixed_seconds, w.make())
         rates = windows(run["spans"], WARMUP, fixed_seconds)
-        row = {"threads": n, "rate": sum(rates) / len(rates), "p99_s": p99(run["spans"], WARMUP, fixed_seconds),
-               "cpu_s": run["cpu_s"]}
+        mean = sum(rates) / len(rates)
+        # how steady a fixed count's own 5 s windows are on this machine: the yardstick for target 2
+        row = {"threads": n, "rate": mean, "p99_s": p99(run["spans"], WARMUP, fixed_seconds),
+               "cpu_s": run["cpu_s"], "windows": [round(r, 1) for r in rates],
+               "max_deviation": round(max(abs(r / mean - 1) for r in rates), 3) if mean else None}
         fixed.append(row)
         print(f"  {w.name} fixed {n:>3}: {row['rate']:8.1f} msg/s, p99 {row['p99_s'] * 1e3:7.1f} ms", flush=True)
     best = max(fixed, key=lambda r: r["rate"])
@@ -241,13 +244,40 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path)
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The BENCHMARKS.md tables of one run."""
+    out = ["| workload | fixed counts: msg/s (p99 ms) | best | auto 60-90 s | vs best | first 5 s window >= 0.9 "
+           "| 5 s windows 60-90 s: max deviation | p99 60-90 s (vs best) | auto's count 60-90 s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["workloads"]:
+        a = r["auto"]
+        sweep = ", ".join(f"{f['threads']}: {f['rate']:.0f} ({f['p99_s'] * 1e3:.0f})" for f in r["fixed"])
+        met = a.get("targets", {})
+
+        def mark(key: str, met: dict[str, bool] = met) -> str:
+            return "" if met.get(key) else " **missed**"
+
+        first = f"{a['first_0_9_at_s']:.0f} s" if a.get("first_0_9_at_s") is not None else "never"
+        out.append(
+            f"| {r['workload']} | {sweep} | {r['best']['threads']} | {a['rate_60_90']:.0f} | {a['vs_best']:.2f} "
+            f"| {first}{mark('0.9_within_60s')} | {a['max_deviation_60_90'] * 100:.0f} %{mark('steady_20pct_60_90s')} "
+            f"| {a['p99_ms_60_90']:.1f} ms ({a['p99_vs_best']:.2f}x){mark('p99_within_1.5x')} "
+            f"| {a['count_60_90'][0]}-{a['count_60_90'][1]} |"
+        )
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.autotune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter runs, fewer counts (a smoke run)")
     parser.add_argument("--port", type=int, default=PORT, help="port of the broker this run starts")
     parser.add_argument("--only", choices=[w.name for w in WORKLOADS], action="append")
+    parser.add_argument("--markdown", type=Path, metavar="JSON", help="print the tables of an earlier run's JSON")
     args = parser.parse_args(argv)
+    if args.markdown is not None:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     broker, started = None, False
     if not bootstrap:
@@ -281,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "-quick" if args.quick else ""
     (OUT / f"autotune{suffix}.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(rows, OUT / f"autotune{suffix}.png")
+    if not args.quick:
+        print(markdown(results))
     print(f"load average at start {results['machine']['load_avg_at_start']}, at end {results['load_avg_at_end']}")
     print(f"results: bench/autotune{suffix}.json, bench/autotune{suffix}.png")
     return 0
