@@ -42,7 +42,7 @@ from mtc75.tools.broker import LocalKafka
 from mtc75.tools.simservice import DegradingService, burn
 
 OUT = Path(__file__).resolve().parent
-PORT = int(os.environ.get("MTC75_BENCH_AUTOTUNE_PORT", "29992"))  # below the ephemeral range
+PORT = int(os.environ.get("MTC75_BENCH_AUTOTUNE_PORT", "29792"))  # below the ephemeral range; not scaleout's 29992
 WINDOW = 5.0  # seconds per rate window (the "rate per 5 s")
 WARMUP = 5.0  # seconds of a fixed run not counted (join, first fetch, pool start)
 FIXED_SECONDS = 20.0
