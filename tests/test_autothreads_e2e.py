@@ -1,4 +1,5 @@
-"""MAX_THREAD_COUNT = "auto" against the real broker: it beats the default 75 threads on the issue-14 service.
+"""MAX_THREAD_COUNT = "auto" against the real broker: it beats the default 75 threads on the issue-14 service,
+and saving config.py switches a running consumer script between a number and "auto" within 2 s.
 
 The handler calls the simulated service of issue 14 (mtc75/tools/simservice.py: 20 slots of 20 ms,
 slower for everyone beyond 20 outstanding calls), where 75 threads serve about 266 msg/s and 20
@@ -9,16 +10,18 @@ their first completed message.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from mtc75.engine.consumer import Mtc75Consumer, Stats
 from mtc75.settings import Settings
 from mtc75.tools.simservice import DegradingService
-from tests.kafka_helpers import produce_numbered, report_figures, wait_until
+from tests.kafka_helpers import Lines, produce_numbered, report_figures, script_env, start_script, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -81,3 +84,48 @@ def test_auto_beats_the_default_75_threads_on_the_degrading_service(
     assert 8 <= auto_stats.max_thread_count <= 40, counts
     assert max(counts) <= 64  # it probed, but never ran away towards the limit
     assert changes and all(": " in line for line in changes)  # each change logged with its reason
+
+
+def _write(path: Path, text: str) -> float:
+    """Write and move the mtime forward (a coarse-clock file system still sees the change); returns when."""
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_text(text)
+    os.utime(path, ns=(before + 10_000_000, before + 10_000_000))
+    return time.monotonic()
+
+
+def test_saving_config_py_switches_between_a_number_and_auto_within_2_s(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    topic = make_topic(partitions=2)
+    produce_numbered(bootstrap, topic, 3000)
+    config = tmp_path / "config.py"
+    _write(config, "MAX_THREAD_COUNT = 3\nPROCESSING_SLEEP = 0.05\n")
+    proc = start_script("mtc75_consumer.py", "--config", str(config), "--topic", topic, "--group-id", unique("g"),
+                        env=script_env(bootstrap))
+    lines = Lines(proc)
+    seen: dict[str, float] = {}
+
+    def status_with(fragment: str) -> bool:
+        if any(line.startswith("threads") and fragment in line for line in list(lines.out)):
+            seen.setdefault(fragment, time.monotonic())
+            return True
+        return False
+
+    try:
+        wait_until(lambda: status_with("/3 "), timeout=60, what="a status line with 3 threads")
+        to_auto = _write(config, "MAX_THREAD_COUNT = 'auto'\nPROCESSING_SLEEP = 0.05\n")
+        wait_until(lambda: status_with("/auto "), timeout=5, what='a status line with "auto"')
+        to_fixed = _write(config, "MAX_THREAD_COUNT = 4\nPROCESSING_SLEEP = 0.05\n")
+        wait_until(lambda: status_with("/4 "), timeout=5, what="a status line with 4 threads")
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines.join()
+    # a status line a second: seen within 2 s of the save means applied within 2 s, at the latest
+    assert seen["/auto "] - to_auto <= 2.0 + 1.0 and seen["/4 "] - to_fixed <= 2.0 + 1.0, seen
+    reloaded = [line for line in lines.err if "reloaded" in line]
+    assert "MAX_THREAD_COUNT 3 -> 'auto'" in reloaded[0] and "MAX_THREAD_COUNT 'auto' -> 4" in reloaded[1], reloaded
