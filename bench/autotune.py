@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             broker.stop()
     results["load_avg_at_end"] = os.getloadavg()
     results["workloads"] = rows
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-quick" if args.quick else "") + ("-" + "-".join(args.only) if args.only else "")
     (OUT / f"autotune{suffix}.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(rows, OUT / f"autotune{suffix}.png")
     if not args.quick:
