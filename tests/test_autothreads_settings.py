@@ -123,6 +123,42 @@ def test_library_keyword_auto_starts_at_min_and_tunes(cluster: FakeKafka) -> Non
         consumer.close(timeout=WAIT)
 
 
+def test_auto_in_the_engine_grows_a_sleeping_handler_to_the_limit(cluster: FakeKafka) -> None:
+    """The whole path without a broker: timed handler, processed count, samples, resize, Stats and the log."""
+    import logging
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    glue_log = logging.getLogger("mtc75.engine.autothreads")
+    keep = Keep(logging.DEBUG)
+    glue_log.addHandler(keep)
+    old_level = glue_log.level
+    glue_log.setLevel(logging.DEBUG)
+    seen: list[mtc75.Stats] = []
+    consumer = mtc75.Consumer(lambda m: threading.Event().wait(0.01), topic=TOPIC, group_id=GROUP,
+                              clients=cluster.clients(), max_thread_count="auto", max_thread_limit=8,
+                              commit_interval=0.05, on_status=seen.append, status_interval=0.05)
+    cluster.fill(TOPIC, {0: 4000, 1: 4000})
+    consumer.start()
+    try:
+        # 1 thread does ~100 msg/s of 10 ms sleeps: slow start doubles 1 -> 2 -> 4 -> 8 within a few seconds
+        wait_until(lambda: consumer.stats().max_thread_count == 8, 30, step=0.05, what="auto at its limit of 8")
+    finally:
+        consumer.close(timeout=WAIT)
+        glue_log.removeHandler(keep)
+        glue_log.setLevel(old_level)
+    counts = [s.max_thread_count for s in seen]
+    assert counts[0] == 1 and max(counts) == 8 and {s.thread_mode for s in seen} == {"auto"}
+    assert any(s.thread_trend == 1 for s in seen)
+    ramp = [r for r in records if "slow start" in r]
+    assert len(ramp) >= 3, records
+    assert "1 -> 2: slow start" in ramp[0] and "2 -> 4: slow start" in ramp[1] and "4 -> 8: slow start" in ramp[2]
+
+
 def test_live_switch_between_a_number_and_auto_within_two_seconds(cluster: FakeKafka) -> None:
     release = threading.Event()
     consumer = mtc75.Consumer(lambda m: release.wait(WAIT), topic=TOPIC, group_id=GROUP, clients=cluster.clients(),
