@@ -341,6 +341,15 @@ def test_slow_start_is_quick_for_a_slow_handler() -> None:
     assert run.limits(0, 60)[:2] == [1, 1]  # it still measured 1 thread before doubling
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_failed_doubling_bisects_up_before_trying_fewer(seed: int) -> None:
+    """16 -> 32 fails on the issue-14 service; 8 -> 16 paid, so 24 is tried before 14."""
+    run = simulate(degrading(), seed, seconds=20)
+    moves = [(d.limit, d.reason) for d in run.decisions if d.changed]
+    back = next(i for i, (n, why) in enumerate(moves) if why.startswith("32 -> 16: back"))
+    assert moves[back + 1][0] == 24 and "towards 32" in moves[back + 1][1], moves
+
+
 def test_slow_start_needs_fewer_completions_only_while_doubling() -> None:
     tuner = AutoTuner(min_completions=50)
     tuner.step(Sample(0.0, 0, 0.0, 1, 50))

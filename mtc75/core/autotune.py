@@ -19,7 +19,8 @@ The algorithm: a probing hill-climber on throughput, with a latency guard.
   threads). A verdict within 3 % of its bar is measured over one more window first.
 * **Step sizes.** From ``min_threads`` the count doubles (slow start) until a probe fails: each
   doubling is judged on 10 completions per thread (not ``min_completions``) and, when kept, the next
-  one starts at once. A count given at start is a guess (the configured 75, say) and is probed
+  one starts at once; after the doubling that fails, the next probe bisects upwards (the doubling
+  before it paid). A count given at start is a guess (the configured 75, say) and is probed
   downwards first. Later up-probes
   bisect towards the ceiling (the lowest count found no better than a lower one); probes that keep
   paying in one direction double their stride (10 %, 20 %, 40 %, at most 50 %). The smallest step
@@ -53,7 +54,7 @@ window at >= 0.9 of it; "worst" the lowest 5 s window after 60 s, i.e. a probe's
 ========================================  ===============  ========================  =====  =====
 workload                                  held count       rate 60-90 s / best       first  worst
 ========================================  ===============  ========================  =====  =====
-issue-14 service, from 1 / from 75        20 / 20          0.994 / 0.994             30 s   0.97
+issue-14 service, from 1 / from 75        20 / 20          0.994 / 0.994             25 s   0.96
 20 ms sleep, process capped at 3,000/s    57-64 (knee 60)  0.94-1.00 (median 0.996)  20 s   0.86
 50 ms sleep, no cap (limit 256)           256              0.995                     20 s   0.97
 500 ms sleep (the seed's default handler) 256              0.98-0.99                 40 s   0.94
@@ -291,11 +292,13 @@ class AutoTuner:
                 return Decision(decision.limit, decision.changed, f"kept {verdict}; {decision.reason}")
             return self._keep(f"kept {verdict}")
         self._streak = 0
-        self._slow_start = False
+        # a failed doubling of slow start: its previous doubling paid, so the best count is more likely
+        # between the two than below -- bisect up first rather than try fewer
+        doubled, self._slow_start = self._slow_start, False
         if n > start:
             self._ceiling = n if self._ceiling is None else min(self._ceiling, n)
         small = abs(n - start) <= max(1, math.ceil(start * MIN_STEP))
-        if n > start and not small and x < ref_x * (1 + GAIN * (r - 1) / 2):
+        if n > start and not small and not doubled and x < ref_x * (1 + GAIN * (r - 1) / 2):
             self._direction, self._next_probe_at = -1, now  # not even half the gain needed: try fewer first
         elif n > start and not small:
             self._next_probe_at = now  # it helped, not enough: bisect towards the ceiling next
