@@ -26,6 +26,7 @@ ENV_PREFIX = "MTC75_"
 # librdkafka logs through this logger instead of raw stderr; scripts show it only with -vv.
 LIBRDKAFKA_LOGGER = logging.getLogger("mtc75.librdkafka")
 OFFSET_RESETS = ("earliest", "latest", "error")
+AUTO = "auto"  # MAX_THREAD_COUNT = "auto"
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Spec:
     minimum: float | None = None
     choices: tuple[str, ...] = ()
     positive: bool = False  # strictly greater than ``minimum``
+    auto: bool = False  # also accepts the word "auto" (MAX_THREAD_COUNT: the count is tuned while running)
 
 
 def _spec(kind: type, help: str, **kw: Any) -> dict[str, Any]:
@@ -57,7 +59,17 @@ class Settings:
                 minimum=-1),
     )
     GROUP_ID: str = field(default="mtc75-consumer", **_spec(str, "consumer group id"))
-    MAX_THREAD_COUNT: int = field(default=75, **_spec(int, "worker threads = semaphore permits", minimum=1))
+    MAX_THREAD_COUNT: int | str = field(
+        default=75,
+        **_spec(int, 'worker threads = semaphore permits, or "auto": tuned while running between MIN_THREAD_COUNT '
+                "and MAX_THREAD_LIMIT", minimum=1, auto=True),
+    )
+    MIN_THREAD_COUNT: int = field(
+        default=1, **_spec(int, 'fewest threads MAX_THREAD_COUNT="auto" uses (and where it starts)', minimum=1)
+    )
+    MAX_THREAD_LIMIT: int = field(
+        default=256, **_spec(int, 'most threads MAX_THREAD_COUNT="auto" may use', minimum=1)
+    )
     PAUSE_INTERVAL: float = field(
         default=0.5,
         **_spec(float, "seconds a saturated consumer stays paused before re-checking", minimum=0, positive=True),
@@ -121,6 +133,21 @@ class Settings:
     PRODUCER_CONFIG: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType({}), **_spec(dict, "extra librdkafka producer properties")
     )
+
+    def __post_init__(self) -> None:
+        if self.MIN_THREAD_COUNT > self.MAX_THREAD_LIMIT:
+            raise ConfigError(
+                f"invalid MIN_THREAD_COUNT={self.MIN_THREAD_COUNT}: must be <= MAX_THREAD_LIMIT={self.MAX_THREAD_LIMIT}"
+            )
+
+    @property
+    def auto_threads(self) -> bool:
+        """MAX_THREAD_COUNT = "auto": the thread count is tuned while running (mtc75.engine.autothreads)."""
+        return self.MAX_THREAD_COUNT == AUTO
+
+    def initial_threads(self) -> int:
+        """The permit count a run starts with: MAX_THREAD_COUNT, or MIN_THREAD_COUNT under "auto"."""
+        return self.MIN_THREAD_COUNT if self.MAX_THREAD_COUNT == AUTO else int(self.MAX_THREAD_COUNT)
 
     def offset_window(self) -> int:
         """OFFSET_WINDOW, or its default: offsetmap.default_window(MAX_BACKLOG) (10,000 for 5,000)."""
@@ -225,7 +252,9 @@ def coerce(spec: Spec, raw: Any, source: str) -> Any:
         if spec.choices and value not in spec.choices:
             raise bad("must be one of " + ", ".join(spec.choices))
         return value
-    value = _number(spec.kind, raw, bad)
+    if spec.auto and isinstance(raw, str) and raw.strip().lower() == AUTO:
+        return AUTO
+    value = _number(spec.kind, raw, bad, spec.auto)
     if spec.minimum is not None:
         if spec.positive and value <= spec.minimum:
             raise bad(f"must be > {spec.minimum:g}")
@@ -234,7 +263,7 @@ def coerce(spec: Spec, raw: Any, source: str) -> Any:
     return value
 
 
-def _number(kind: type, raw: Any, bad: Callable[[str], ConfigError]) -> int | float:
+def _number(kind: type, raw: Any, bad: Callable[[str], ConfigError], auto: bool = False) -> int | float:
     if isinstance(raw, bool):
         raise bad(f"must be {'an integer' if kind is int else 'a number'}")
     if kind is int:
@@ -243,7 +272,7 @@ def _number(kind: type, raw: Any, bad: Callable[[str], ConfigError]) -> int | fl
         try:
             return int(str(raw).strip().replace("_", ""))
         except ValueError:
-            raise bad("must be an integer") from None
+            raise bad('must be an integer or "auto"' if auto else "must be an integer") from None
     try:
         value = float(raw)
     except (TypeError, ValueError):
