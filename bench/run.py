@@ -426,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         started = broker.start()
         bootstrap = broker.bootstrap
     t0 = time.monotonic()
-    command = "make bench" if not argv else "python -m bench.run " + " ".join(argv)
+    given = sys.argv[1:] if argv is None else argv
+    command = "make bench" if not given else "python -m bench.run " + " ".join(given)
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "load_avg_at_start": os.getloadavg()},

@@ -145,18 +145,21 @@ class Settings:
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             # Bound what librdkafka prefetches: the engine keeps its own backlog, so a deep client
-            # queue only costs memory and is dropped on every pause anyway. With librdkafka's defaults
-            # (64 MB / 100,000 messages queued, 50 MB fetches) a bare loop on lz4 100 B peaked at 230 MB.
+            # queue only costs memory and is dropped on every pause anyway. On librdkafka's defaults
+            # (64 MB / 100,000 messages queued, 50 MB fetches) a bare loop on lz4 100 B peaked at 223 MB.
             # Over either queue bound the fetcher backs off fetch.queue.backoff.ms (1 s by default):
-            # a no-op handler's completions stopped for ~0.8 s several times per run. 10 ms, with the
-            # count bound 30,000 (the same rate as 60,000 on lz4 100 B, 20 MB less) and the byte bound
-            # 32 MB (3,200 x 10 KB; the former 4 MB = 27,000 x 150 B starved the fetcher) ran 150 B
-            # uncompressed 3.3x faster (134k vs 41k msg/s, 1.05 of a raw consume() loop) at 60 MB RSS.
+            # a no-op handler's completions stopped for ~0.8 s several times per run. Backoff 10 ms, the
+            # count bound 30,000 (the rate of 60,000 on lz4 100 B, 20 MB less) and the byte bound 32 MB
+            # (3,200 x 10 KB; the former 4 MB = 27,000 x 150 B starved the fetcher): 150 B uncompressed
+            # 1.76x and 10 KB 1.43x the former 1 s / 100,000 / 4 MB, lz4 100 B 0.90x (noise: 0.64-1.34
+            # per pass), at 60 / 60 / 117 MB peak RSS (make bench, median of 3 passes; BENCHMARKS.md).
             "fetch.queue.backoff.ms": 10,
             "queued.min.messages": 30_000,
             "queued.max.messages.kbytes": 32 * 1024,
-            # These bound the compressed bytes in flight, which librdkafka decompresses whole: on lz4
-            # 100 B, 8 MB / 1 MB fetches peaked at 231 MB, 2 MB / 512 KB at 118 MB, same rate.
+            # These bound the compressed bytes in flight, which librdkafka decompresses whole: lz4 100 B
+            # peaked at 117 MB with 2 MB / 512 KB, 231 MB with 50 MB / 1 MB. They cost large uncompressed
+            # records: 10 KB ran at 0.59 of a raw loop, 1.06 with 50 MB / 1 MB (99 MB). Fetch sizes are
+            # fixed for a client's life; BENCHMARKS.md says what a run-time choice would need.
             "fetch.max.bytes": 2 * 1024 * 1024,
             "max.partition.fetch.bytes": 512 * 1024,
             # A resumed partition's first fetch waits for any fetch still outstanding at the broker;
