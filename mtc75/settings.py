@@ -172,18 +172,23 @@ class Settings:
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             # Bound what librdkafka prefetches: the engine keeps its own backlog, so a deep client
-            # queue only costs memory and is dropped on every pause anyway. With the defaults
-            # (64 MB queue, 50 MB fetches) a consumer of small messages peaked above 300 MB.
-            # 4 MB: below it, fast handlers starve between fetches (measured: 2 MB halves a no-op
-            # handler's rate); above it memory grows with little gain (see BENCHMARKS.md).
-            "queued.max.messages.kbytes": 4096,
+            # queue only costs memory and is dropped on every pause anyway. On librdkafka's defaults
+            # (64 MB / 100,000 messages queued, 50 MB fetches) a bare loop on lz4 100 B peaked at 223 MB.
+            # Over either queue bound the fetcher backs off fetch.queue.backoff.ms (1 s by default):
+            # a no-op handler's completions stopped for ~0.8 s several times per run. Backoff 10 ms, the
+            # count bound 30,000 (the rate of 60,000 on lz4 100 B, 20 MB less) and the byte bound 32 MB
+            # (3,200 x 10 KB; the former 4 MB = 27,000 x 150 B starved the fetcher): 150 B uncompressed
+            # 1.76x and 10 KB 1.43x the former 1 s / 100,000 / 4 MB, lz4 100 B 0.90x (noise: 0.64-1.34
+            # per pass), at 60 / 60 / 117 MB peak RSS (make bench, median of 3 passes; BENCHMARKS.md).
+            "fetch.queue.backoff.ms": 10,
+            "queued.min.messages": 30_000,
+            "queued.max.messages.kbytes": 32 * 1024,
+            # These bound the compressed bytes in flight, which librdkafka decompresses whole: lz4 100 B
+            # peaked at 117 MB with 2 MB / 512 KB, 231 MB with 50 MB / 1 MB. They cost large uncompressed
+            # records: 10 KB ran at 0.59 of a raw loop, 1.06 with 50 MB / 1 MB (99 MB). Fetch sizes are
+            # fixed for a client's life; BENCHMARKS.md says what a run-time choice would need.
             "fetch.max.bytes": 2 * 1024 * 1024,
             "max.partition.fetch.bytes": 512 * 1024,
-            # Not changed yet (issue 16): fetch.queue.backoff.ms=10 with queued.min.messages=30000 and
-            # queued.max.messages.kbytes=32768 ran a no-op handler 3.3x faster on 150 B uncompressed
-            # data (BENCHMARKS.md), but with them a consumer whose broker went away hung in close()
-            # (test_faults.py broker_gone: 4 of 7 runs with all three, 3 of 4 with either part alone;
-            # 1 of 3 on these settings with this branch's code, 0 of 3 on main's code: cause not established).
             # A resumed partition's first fetch waits for any fetch still outstanding at the broker;
             # with the default 500 ms long-poll that idles the pool after every pause.
             "fetch.wait.max.ms": 50,
