@@ -37,6 +37,7 @@ from mtc75.core.retry import RetryPolicy
 from mtc75.core.stats import Stats
 from mtc75.core.window import WindowHolds
 from mtc75.core.work import Work
+from mtc75.engine.autothreads import AutoThreads
 from mtc75.engine.commits import Committer
 from mtc75.engine.failure import DeadLetter, FailurePolicy, Skip, StopRun
 from mtc75.errors import KafkaFatal, KafkaUnavailable, Mtc75Error, TopicGone
@@ -48,7 +49,7 @@ from mtc75.kafka.topicwatch import Change, TopicWatch
 from mtc75.runtime.async_runner import pick_runner
 from mtc75.runtime.dispatcher import Dispatcher
 from mtc75.runtime.handlers import Handler, prepare_handler
-from mtc75.settings import Settings
+from mtc75.settings import AUTO, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,10 @@ class Mtc75Consumer:
             raise ValueError(f"idle_exit must be > 0, got {idle_exit}")
         self._settings = settings
         self._conf = settings.consumer_config(overrides)
-        self._handler = prepare_handler(handler)  # refuses what no runner can run (an async generator)
+        self._threads = AutoThreads(settings)  # MAX_THREAD_COUNT = "auto" (a fixed count: it only watches)
+        prepared = prepare_handler(handler)  # refuses what no runner can run (an async generator)
+        self._runner = pick_runner(prepared)  # async def: coroutines on one event loop; else threads
+        self._handler = self._threads.timed(prepared)
         self._max_messages = max_messages
         self._idle_exit = idle_exit
         self._on_status = on_status
@@ -137,12 +141,12 @@ class Mtc75Consumer:
         """Ask :meth:`run` to finish: stop fetching, drain in-flight work, commit, close."""
         self._stop.set()
 
-    def retune(self, *, max_thread_count: int | None = None, pause_interval: float | None = None) -> None:
-        """Change the thread bound and the pause interval of a running consumer; any thread may call.
+    def retune(self, *, max_thread_count: int | str | None = None, pause_interval: float | None = None) -> None:
+        """Change the thread bound (a count, or "auto") and the pause interval of a running consumer; any thread.
 
         The poll thread applies the change within one loop turn (at most ``POLL_TIMEOUT`` later).
         """
-        if max_thread_count is not None and max_thread_count < 1:
+        if max_thread_count is not None and max_thread_count != AUTO and int(max_thread_count) < 1:
             raise ValueError(f"max_thread_count must be >= 1, got {max_thread_count}")
         if pause_interval is not None and pause_interval <= 0:
             raise ValueError(f"pause_interval must be > 0, got {pause_interval}")
@@ -166,8 +170,7 @@ class Mtc75Consumer:
         consumer = new_client(self._clients.consumer, conf, "librdkafka consumer")
         client = self._client = KafkaClient(consumer, self._settings.TOPIC, cooperative=is_incremental(self._conf))
         self._committer = Committer(client, self._tracker, self._settings.TOPIC, self._check_fatal)
-        self._dispatcher = Dispatcher(self._handler, self._settings.MAX_THREAD_COUNT, self._retry,
-                                      runner=pick_runner(self._handler))  # async def: coroutines on one loop
+        self._dispatcher = Dispatcher(self._handler, self._threads.initial, self._retry, runner=self._runner)
         try:
             # Fail fast, with one line, when the cluster is unreachable or the topic does not exist.
             partitions = require_topic(consumer, self._settings.BOOTSTRAP_SERVERS, self._settings.TOPIC)
@@ -177,7 +180,7 @@ class Mtc75Consumer:
             self._connected = True
             client.subscribe(self._on_assign, self._on_revoke, self._on_lost)
             logger.info(
-                "consuming %s as group %s with %d %s (pause interval %.2fs, %s assignment)",
+                "consuming %s as group %s with %s %s (pause interval %.2fs, %s assignment)",
                 self._settings.TOPIC, self._settings.GROUP_ID, self._settings.MAX_THREAD_COUNT,
                 self._dispatcher.workers,
                 self._settings.PAUSE_INTERVAL, "incremental" if is_incremental(self._conf) else "eager",
@@ -197,7 +200,7 @@ class Mtc75Consumer:
         gate = self._gate
         return Stats(
             active_threads=d.active_thread_count if d else 0,
-            max_thread_count=self._settings.MAX_THREAD_COUNT,
+            max_thread_count=self._threads.limit,
             paused=gate.paused,
             paused_for=gate.paused_for(now),
             next_check_in=gate.next_check_in(now),
@@ -218,6 +221,8 @@ class Mtc75Consumer:
             dropped_late=self._dropped_late,
             abandoned=self.abandoned + self.abandoned_at_revoke,
             lag=dict(self._lag),
+            thread_mode=self._threads.mode,
+            thread_trend=self._threads.trend,
         )
 
     # -- poll loop ----------------------------------------------------------------------------------
@@ -231,6 +236,7 @@ class Mtc75Consumer:
             now = time.monotonic()
             if self._retune:
                 self._apply_retune()
+            self._threads.tick(self._processed, dispatcher)
             dispatcher.release_due()
             self._drain_completions()
             if client.down_since is not None and self._broker_gone(now):
@@ -419,7 +425,7 @@ class Mtc75Consumer:
             changes, self._retune = self._retune, {}
         self._settings = self._settings.replace(**changes)
         if "MAX_THREAD_COUNT" in changes:
-            self._dispatcher.resize(changes["MAX_THREAD_COUNT"])
+            self._threads.retune(changes["MAX_THREAD_COUNT"], self._dispatcher)
         if "PAUSE_INTERVAL" in changes:
             self._gate.pause_interval = changes["PAUSE_INTERVAL"]
         logger.debug("retuned: %s", changes)
