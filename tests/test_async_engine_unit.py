@@ -157,3 +157,15 @@ def test_retune_resizes_the_coroutine_bound(cluster: FakeKafka, start: Callable[
     assert max(samples) <= 2, samples
     run.stop()
     assert handler.peak <= 30
+
+
+def test_an_async_handler_under_the_auto_thread_count_still_runs_on_the_loop(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    """MAX_THREAD_COUNT="auto" times the handler with a wrapper: the wrapper must stay awaited on the loop."""
+    cluster.fill(TOPIC, {0: 20, 1: 20, 2: 20})
+    handler = AsyncRecorder(wait=0.01)
+    stats = start(handler, MAX_THREAD_COUNT="auto", max_messages=60).join(WAIT * 2)
+    assert handler.threads == {"mtc75-loop"} and stats.workers == "coroutines"
+    assert stats.processed == 60 and stats.failed == 0
+    assert [cluster.committed(GROUP, TOPIC, p) for p in range(3)] == [20, 20, 20]
