@@ -631,6 +631,10 @@ class Mtc75Consumer:
                 )
             self._commit_now(owned)
         tracker.revoke(owned)
+        # A handler that failed after the last purge above queued a retry while its partition was still
+        # alive: drop it now (its state is dead, so no later failure queues another), or it would run
+        # again for a partition the next owner is already reading.
+        self._drop_unstarted(states)
 
     def _drop_unstarted(self, states: list[PartitionState] | None = None) -> int:
         """Take not-yet-started messages out of the backlog; they stay uncommitted, for redelivery."""
