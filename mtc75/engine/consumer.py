@@ -637,6 +637,10 @@ class Mtc75Consumer:
                 )
             self._commit_now(owned)
         tracker.revoke(owned)
+        # A handler that failed after the last purge above queued a retry while its partition was still
+        # alive: drop it now (its state is dead, so no later failure queues another), or it would run
+        # again for a partition the next owner is already reading.
+        self._drop_unstarted(states)
         if owned and self._dispatcher is not None:  # coroutines still running are cancelled: never committed
             self._dispatcher.cancel_running(states)
 
