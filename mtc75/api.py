@@ -30,7 +30,7 @@ CONSUMER_SETTINGS = (
     "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "MAX_THREAD_COUNT", "PAUSE_INTERVAL", "AUTO_OFFSET_RESET",
     "MAX_BACKLOG", "COMMIT_INTERVAL", "REVOKE_TIMEOUT", "SHUTDOWN_TIMEOUT", "MAX_ATTEMPTS", "RETRY_BACKOFF",
     "RETRY_BACKOFF_MAX", "ON_FAILURE", "BROKER_DOWN_TIMEOUT", "REPLICATION_FACTOR", "CONSUMER_CONFIG",
-    "PRODUCER_CONFIG",
+    "PRODUCER_CONFIG", "ORDERING",
 )
 SNAPSHOT_INTERVAL = 0.25  # how stale stats() may be while running: the poll thread refreshes it this often
 _DEFAULTS = Settings()
@@ -42,8 +42,9 @@ class Consumer:
     ``handler`` gets a ``confluent_kafka.Message``; returning means done (its offset may be committed),
     raising means failed (retried per ``max_attempts``, then ``on_failure``: ``dlq``, ``skip`` or ``stop``).
     Any other setting of the README's table is a lower-case keyword (``pause_interval=1.0``,
-    ``on_failure="skip"``, ...); ``librdkafka`` adds consumer properties, applied last. Bad values raise
-    :class:`~mtc75.errors.ConfigError` here, before anything connects. A consumer runs once.
+    ``on_failure="skip"``, ``ordering="key"``, ...); ``librdkafka`` adds consumer properties, applied
+    last. Bad values raise :class:`~mtc75.errors.ConfigError` here, before anything connects. A
+    consumer runs once.
     """
 
     def __init__(
@@ -225,5 +226,5 @@ def _idle_stats(settings: Settings) -> Stats:
     return Stats(
         active_threads=0, max_thread_count=settings.MAX_THREAD_COUNT, paused=False, paused_for=0.0,
         next_check_in=0.0, processed=0, failed=0, rate=0.0, in_flight=0, backlog=0, pauses=0,
-        paused_seconds=0.0, elapsed_seconds=0.0, max_active_threads=0, assigned=0,
+        paused_seconds=0.0, elapsed_seconds=0.0, max_active_threads=0, assigned=0, ordering=settings.ORDERING,
     )

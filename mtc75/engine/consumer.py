@@ -89,6 +89,8 @@ class Stats:
     abandoned: int = 0  # handlers still running when a revoke or shutdown stopped waiting for them
     # end offset minus committed offset per assigned partition (refreshed with each status snapshot)
     lag: Mapping[Partition, int] = field(default_factory=dict)
+    ordering: str = "unordered"  # ORDERING: unordered, partition or key
+    blocked: int = 0  # waiting messages that must wait for an earlier one of their key or partition
 
     def summary(self) -> dict[str, Any]:
         """The ``--summary-json`` document."""
@@ -101,6 +103,7 @@ class Stats:
         out["paused_seconds"] = round(out["paused_seconds"], 3)
         out["elapsed_seconds"] = round(out["elapsed_seconds"], 3)
         out["max_thread_count"] = self.max_thread_count
+        out["ordering"] = self.ordering
         return out
 
 
@@ -255,6 +258,7 @@ class Mtc75Consumer:
             dropped_late=self._dropped_late,
             abandoned=self.abandoned + self.abandoned_at_revoke,
             lag=dict(self._lag),
+            ordering=self._settings.ORDERING,
         )
 
     # -- poll loop ----------------------------------------------------------------------------------

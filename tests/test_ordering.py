@@ -1,0 +1,382 @@
+"""Ordering schedulers without a broker: order, blocking, fairness, counts, purge, requeue, hot keys."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+
+from mtc75.core.offsets import PartitionState
+from mtc75.core.ordering import (
+    FRONT,
+    FairFifoScheduler,
+    KeyScheduler,
+    PartitionScheduler,
+    new_scheduler,
+)
+from mtc75.core.scheduler import FifoScheduler
+from mtc75.core.work import Work
+
+
+class Msg:
+    def __init__(self, partition: int, offset: int, key: bytes | None) -> None:
+        self._p, self._o, self._k = partition, offset, key
+
+    def topic(self) -> str:
+        return "t"
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def key(self) -> bytes | None:
+        return self._k
+
+
+def _states(n: int) -> list[PartitionState]:
+    return [PartitionState(("t", p)) for p in range(n)]
+
+
+def _works(state: PartitionState, keys: list[bytes | None], start: int = 0) -> list[Work]:
+    return [Work(Msg(state.tp[1], start + i, k), state, start + i) for i, k in enumerate(keys)]
+
+
+def _key(work: Work) -> tuple[int, bytes | None]:
+    return work.state.tp[1], work.message.key()
+
+
+def _drain_all(sched: KeyScheduler | PartitionScheduler) -> list[Work]:
+    order = []
+    while (w := sched.take()) is not None:
+        order.append(w)
+        sched.release(w)
+    return order
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_key_mode_never_runs_a_key_twice_at_once_and_keeps_offset_order(seed: int) -> None:
+    rng = random.Random(seed)
+    sched = KeyScheduler()
+    states = _states(3)
+    put = 0
+    for state in states:
+        keys = [rng.choice([b"a", b"b", b"c", b"d", None]) for _ in range(200)]
+        sched.put(_works(state, keys))
+        put += len(keys)
+    running: list[Work] = []
+    last: dict[tuple[int, bytes | None], int] = {}
+    taken = 0
+    while taken < put or running:
+        if running and (rng.random() < 0.5 or sched.ready == 0):
+            sched.release(running.pop(rng.randrange(len(running))))
+            continue
+        work = sched.take()
+        assert work is not None, "a ready message exists: nothing runs that could block it"
+        taken += 1
+        if work.message.key() is not None:
+            k = _key(work)
+            assert all(_key(r) != k for r in running), f"key {k} started twice at once"
+            assert last.get(k, -1) < work.offset, f"key {k} out of offset order"
+            last[k] = work.offset
+        running.append(work)
+    assert len(sched) == 0 and sched.lanes == 0 and sched.running == 0
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_partition_mode_one_message_per_partition_in_offset_order(seed: int) -> None:
+    rng = random.Random(seed)
+    sched = PartitionScheduler()
+    states = _states(4)
+    for state in states:
+        sched.put(_works(state, [b"x"] * 50))
+    running: list[Work] = []
+    last = {s.tp: -1 for s in states}
+    done = 0
+    while done < 200:
+        work = sched.take() if rng.random() < 0.6 else None
+        if work is None:
+            if running:
+                sched.release(running.pop(rng.randrange(len(running))))
+                done += 1
+            continue
+        assert all(r.state is not work.state for r in running)
+        assert work.offset == last[work.state.tp] + 1
+        last[work.state.tp] = work.offset
+        running.append(work)
+        assert len(running) <= 4
+
+
+def test_a_busy_key_blocks_only_its_own_messages() -> None:
+    sched = KeyScheduler()
+    (state,) = _states(1)
+    sched.put(_works(state, [b"a", b"a", b"b"]))
+    assert (len(sched), sched.ready, sched.blocked) == (3, 2, 1)
+    a0 = sched.take()
+    assert a0 is not None and a0.offset == 0
+    b = sched.take()
+    assert b is not None and b.offset == 2
+    assert sched.take() is None, "a@1 must wait for a@0"
+    assert (len(sched), sched.ready, sched.blocked) == (1, 0, 1)
+    sched.release(b)
+    assert sched.take() is None
+    sched.release(a0)
+    assert (sched.ready, sched.blocked) == (1, 0)
+    a1 = sched.take()
+    assert a1 is not None and a1.offset == 1
+
+
+def test_messages_without_a_key_are_each_their_own_key() -> None:
+    sched = KeyScheduler()
+    (state,) = _states(1)
+    sched.put(_works(state, [None, None, None]))
+    taken = [sched.take() for _ in range(3)]
+    assert [w.offset for w in taken if w] == [0, 1, 2]
+    assert sched.lanes == 3
+    for w in taken:
+        assert w is not None
+        sched.release(w)
+    assert sched.lanes == 0
+
+
+@pytest.mark.parametrize("kind", [PartitionScheduler, KeyScheduler, FairFifoScheduler])
+def test_partitions_take_turns_so_a_late_partition_starts_at_once(kind: type) -> None:
+    sched = kind()
+    p0, p1, p2 = _states(3)
+    sched.put(_works(p0, [None] * 200))
+    sched.put(_works(p1, [None] * 200))
+    first = sched.take()
+    sched.put(_works(p2, [None] * 200))
+    # the unordered front already dealt FRONT messages of partition 0 before the others arrived
+    ahead = FRONT if kind is FairFifoScheduler else 0
+    seen = [first] + [sched.take() for _ in range(ahead + 5)]
+    parts = [w.state.tp[1] for w in seen if w is not None]
+    assert parts.index(2) <= ahead + 3 and parts.index(1) <= ahead + 1, f"a partition waited: {parts}"
+    for w in seen:
+        if w is not None:
+            sched.release(w)
+    rest = [w.state.tp[1] for w in iter(sched.take, None)][:30]
+    assert rest.count(0) <= 11 and rest.count(1) <= 11 and rest.count(2) <= 11, f"not round-robin: {rest}"
+
+
+def test_the_plain_fifo_is_unfair_which_is_what_the_fair_one_fixes() -> None:
+    p0, p1 = _states(2)
+    sched = FifoScheduler()
+    sched.put(_works(p0, [None] * 50))
+    sched.put(_works(p1, [None] * 50))
+    parts = [w.state.tp[1] for w in (sched.take() for _ in range(50)) if w]
+    assert parts == [0] * 50  # the reference: p1 waits for all of p0
+
+
+def test_keys_take_turns_and_a_hot_key_does_not_delay_others() -> None:
+    sched = KeyScheduler()
+    (state,) = _states(1)
+    sched.put(_works(state, [b"hot"] * 10_000 + [b"cold"]))
+    order = [(w.message.key(), w.offset) for w in _drain_all_n(sched, 4)]
+    assert order[:2] == [(b"hot", 0), (b"cold", 10_000)]
+    assert (len(sched), sched.blocked, sched.ready) == (9_997, 9_996, 1)
+
+
+def _drain_all_n(sched: KeyScheduler, n: int) -> list[Work]:
+    out = []
+    for _ in range(n):
+        w = sched.take()
+        if w is None:
+            break
+        out.append(w)
+        sched.release(w)
+    return out
+
+
+def test_ten_thousand_keys_leave_nothing_behind() -> None:
+    sched = KeyScheduler()
+    (state,) = _states(1)
+    sched.put(_works(state, [str(i).encode() for i in range(10_000)]))
+    assert sched.ready == 10_000 and sched.blocked == 0
+    assert len(_drain_all(sched)) == 10_000
+    assert sched.lanes == 0 and len(sched) == 0
+
+
+def test_a_waiting_retry_blocks_its_key_and_requeue_runs_it_first() -> None:
+    sched = KeyScheduler()
+    (state,) = _states(1)
+    sched.put(_works(state, [b"a", b"a", b"b"]))
+    a0 = sched.take()
+    assert a0 is not None and a0.offset == 0
+    # a0 failed: it waits for its backoff in the dispatcher's delay queue, neither released nor queued
+    b = sched.take()
+    assert b is not None and b.message.key() == b"b"
+    sched.release(b)
+    assert sched.take() is None, "a@1 must not pass a@0 while a@0 waits for its retry"
+    sched.put(_works(state, [b"a"], start=3))
+    sched.requeue([a0])
+    assert (sched.ready, sched.blocked) == (1, 2)
+    again = sched.take()
+    assert again is a0
+    assert sched.take() is None
+    sched.release(a0)
+    assert [w.offset for w in _drain_all(sched)] == [1, 3]
+
+
+def test_partition_mode_retry_blocks_the_partition() -> None:
+    sched = PartitionScheduler()
+    p0, p1 = _states(2)
+    sched.put(_works(p0, [None, None]))
+    sched.put(_works(p1, [None]))
+    w = sched.take()
+    assert w is not None and w.state is p0
+    other = sched.take()
+    assert other is not None and other.state is p1
+    assert sched.take() is None
+    sched.requeue([w])
+    assert sched.take() is w
+    sched.release(w)
+    nxt = sched.take()
+    assert nxt is not None and nxt.offset == 1
+
+
+def test_purge_drops_one_partition_and_forgets_its_lanes() -> None:
+    sched = KeyScheduler()
+    p0, p1 = _states(2)
+    sched.put(_works(p0, [b"a", b"a", b"b"]))
+    sched.put(_works(p1, [b"a", b"c"]))
+    running = sched.take()  # p0 a@0
+    assert running is not None and running.state is p0
+    dropped = sched.purge(lambda w: w.state is p0)
+    assert sorted(w.offset for w in dropped) == [1, 2]
+    assert (len(sched), sched.ready, sched.blocked) == (2, 2, 0)
+    rest = [sched.take(), sched.take()]
+    assert {w.state.tp[1] for w in rest if w} == {1}
+    assert sched.take() is None
+    for w in [*rest, running]:
+        assert w is not None
+        sched.release(w)  # a revoked message finishing late releases a lane nobody waits on
+    assert sched.lanes == 0 and sched.running == 0 and len(sched) == 0
+
+
+def test_purge_of_a_blocked_key_then_a_new_assignment_is_not_blocked_by_the_old_one() -> None:
+    sched = KeyScheduler()
+    (old,) = _states(1)
+    sched.put(_works(old, [b"a", b"a"]))
+    running = sched.take()
+    assert running is not None
+    assert [w.offset for w in sched.purge()] == [1]
+    assert (len(sched), sched.ready, sched.blocked) == (0, 0, 0)
+    new = PartitionState(("t", 0))  # the partition assigned again
+    sched.put(_works(new, [b"a"], start=1))
+    again = sched.take()
+    assert again is not None and again.state is new
+    sched.release(running)
+    assert sched.take() is None
+    sched.release(again)
+    assert sched.lanes == 0
+
+
+def test_fair_fifo_purge_keeps_the_rest_in_partition_order() -> None:
+    sched = FairFifoScheduler(front=4)
+    p0, p1 = _states(2)
+    sched.put(_works(p0, [None] * 10))
+    sched.put(_works(p1, [None] * 10))
+    dropped = sched.purge(lambda w: w.state is p0)
+    assert sorted(w.offset for w in dropped) == list(range(10))
+    assert len(sched) == 10
+    assert [w.offset for w in iter(sched.take, None)] == list(range(10))
+    assert sched.purge() == []
+
+
+def test_fair_fifo_requeue_goes_first() -> None:
+    sched = FairFifoScheduler(front=4)
+    (p0,) = _states(1)
+    sched.put(_works(p0, [None] * 10))
+    first = sched.take()
+    assert first is not None
+    sched.requeue([first])
+    assert sched.take() is first
+    assert (sched.ready, sched.blocked) == (9, 0)
+
+
+def test_fair_fifo_lock_free_takes_hand_out_every_message_once_in_partition_order() -> None:
+    sched = FairFifoScheduler()
+    states = _states(3)
+    total = 3 * 3000
+    got: list[list[Work]] = [[] for _ in range(4)]
+    stop = threading.Event()
+
+    def worker(out: list[Work]) -> None:
+        while not stop.is_set() or len(sched):
+            w = sched.take()
+            if w is not None:
+                out.append(w)
+
+    threads = [threading.Thread(target=worker, args=(g,)) for g in got]
+    for t in threads:
+        t.start()
+    for start in range(0, 3000, 100):
+        for state in states:
+            sched.put(_works(state, [None] * 100, start=start))
+    stop.set()
+    for t in threads:
+        t.join(10)
+    everything = [w for g in got for w in g]
+    assert len(everything) == total
+    assert len({id(w) for w in everything}) == total
+    for g in got:  # each worker sees each partition's messages in offset order (one FIFO per partition)
+        for state in states:
+            offsets = [w.offset for w in g if w.state is state]
+            assert offsets == sorted(offsets)
+
+
+def test_fair_fifo_front_bounds_the_wait_of_a_new_partition() -> None:
+    sched = FairFifoScheduler()
+    p0, p1 = _states(2)
+    sched.put(_works(p0, [None] * 500))
+    taken = [sched.take() for _ in range(3)]
+    sched.put(_works(p1, [None]))
+    waited = 0
+    while (w := sched.take()) is not None and w.state is p0:
+        waited += 1
+    assert w is not None and w.state is p1
+    assert waited <= FRONT, f"partition 1 waited {waited} messages"
+    assert all(taken)
+
+
+def test_new_scheduler_names() -> None:
+    assert isinstance(new_scheduler("unordered"), FairFifoScheduler)
+    assert isinstance(new_scheduler("partition"), PartitionScheduler)
+    assert isinstance(new_scheduler("key"), KeyScheduler)
+    with pytest.raises(ValueError, match="ORDERING"):
+        new_scheduler("keys")
+
+
+def test_ordering_setting_from_env_flag_keyword_and_its_errors() -> None:
+    from mtc75.api import Consumer
+    from mtc75.errors import ConfigError
+    from mtc75.settings import load_settings
+
+    assert load_settings(None, env={}).ORDERING == "unordered"
+    assert load_settings(None, env={"MTC75_ORDERING": "key"}).ORDERING == "key"
+    assert load_settings(None, env={"MTC75_ORDERING": "key"}, flags={"ORDERING": "partition"}).ORDERING == "partition"
+    with pytest.raises(ConfigError, match="ORDERING.*must be one of unordered, partition, key"):
+        load_settings(None, env={"MTC75_ORDERING": "keys"})
+    consumer = Consumer(lambda _m: None, topic="t", group_id="g", ordering="key")
+    assert consumer.stats().ordering == "key"
+    with pytest.raises(ConfigError, match="ordering"):
+        Consumer(lambda _m: None, topic="t", group_id="g", ordering="fifo")
+
+
+def test_dashboard_and_summary_show_the_ordering() -> None:
+    from rich.console import Console
+
+    from mtc75.app.dashboard import render
+    from tests.stats_factory import make_stats
+
+    def text(**changes: object) -> str:
+        console = Console(record=True, width=110, color_system=None, force_terminal=False)
+        console.print(render(make_stats(**changes), [1.0]))
+        return console.export_text()
+
+    assert "ordering   key" in text(ordering="key", blocked=5) and "5 behind their key" in text(ordering="key", blocked=5)
+    assert "ordering   unordered" in text() and "behind" not in text()
+    assert make_stats(ordering="partition").summary()["ordering"] == "partition"
