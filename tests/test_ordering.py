@@ -358,7 +358,7 @@ def test_ordering_setting_from_env_flag_keyword_and_its_errors() -> None:
     assert load_settings(None, env={}).ORDERING == "unordered"
     assert load_settings(None, env={"MTC75_ORDERING": "key"}).ORDERING == "key"
     assert load_settings(None, env={"MTC75_ORDERING": "key"}, flags={"ORDERING": "partition"}).ORDERING == "partition"
-    with pytest.raises(ConfigError, match="ORDERING.*must be one of unordered, partition, key"):
+    with pytest.raises(ConfigError, match=r"ORDERING.*must be one of unordered, partition, key"):
         load_settings(None, env={"MTC75_ORDERING": "keys"})
     consumer = Consumer(lambda _m: None, topic="t", group_id="g", ordering="key")
     assert consumer.stats().ordering == "key"
@@ -377,6 +377,7 @@ def test_dashboard_and_summary_show_the_ordering() -> None:
         console.print(render(make_stats(**changes), [1.0]))
         return console.export_text()
 
-    assert "ordering   key" in text(ordering="key", blocked=5) and "5 behind their key" in text(ordering="key", blocked=5)
+    shown = text(ordering="key", blocked=5)
+    assert "ordering   key" in shown and "5 behind their key" in shown
     assert "ordering   unordered" in text() and "behind" not in text()
     assert make_stats(ordering="partition").summary()["ordering"] == "partition"
