@@ -381,3 +381,87 @@ def test_dashboard_and_summary_show_the_ordering() -> None:
     assert "ordering   key" in shown and "5 behind their key" in shown
     assert "ordering   unordered" in text() and "behind" not in text()
     assert make_stats(ordering="partition").summary()["ordering"] == "partition"
+
+
+def test_fair_share_is_a_part_of_the_backlog_but_never_below_threads_or_half_a_second() -> None:
+    from mtc75.core.ordering import fair_share
+
+    assert fair_share(high=44, limit=4, partitions=3, rate=40.0) == 20  # demo: half a second of work
+    assert fair_share(high=44, limit=4, partitions=3, rate=0.0) == 14  # before a rate: its part of the backlog
+    assert fair_share(high=8, limit=4, partitions=3, rate=0.0) == 4  # one per thread at least
+    assert fair_share(high=5000, limit=75, partitions=6, rate=100_000.0) == 50_000  # fast: never cut
+
+
+def test_fair_cuts_keep_each_partition_to_its_share_in_fetch_order() -> None:
+    from mtc75.core.ordering import fair_cuts
+
+    a, b, c = ("t", 0), ("t", 1), ("t", 2)
+    runs = [(a, list(range(0, 30))), (b, list(range(100, 105))), (a, list(range(30, 40)))]
+    assert fair_cuts({a: 0, b: 0}, runs, share=20) == {a: 20}
+    assert fair_cuts({a: 25, b: 0}, runs, share=20) == {a: 0}  # already over: nothing more of it
+    assert fair_cuts({a: 0, b: 18}, runs, share=40) == {}
+    assert fair_cuts({a: 0, b: 18}, runs, share=35) == {a: 35}  # the second run of a passes it
+    assert fair_cuts({b: 0}, runs, share=1) == {b: 101}  # a is not ours: left to the intake to drop
+    assert fair_cuts({a: 0, c: 0}, [], share=1) == {}
+
+
+class _Fetched:
+    def __init__(self, partition: int, offset: int) -> None:
+        self._p, self._o = partition, offset
+
+    def topic(self) -> str:
+        return "t"
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def error(self) -> None:
+        return None
+
+
+class _Consumer:
+    def __init__(self, end: int, refuse_seek: bool = False) -> None:
+        self.end = end
+        self.refuse_seek = refuse_seek
+        self.seeks: list[tuple[int, int]] = []
+
+    def seek(self, tp: object) -> None:
+        from confluent_kafka import KafkaError, KafkaException
+
+        if self.refuse_seek:
+            raise KafkaException(KafkaError(KafkaError._STATE))
+        self.seeks.append((tp.partition, tp.offset))  # type: ignore[attr-defined]
+
+    def get_watermark_offsets(self, _tp: object, cached: bool = False) -> tuple[int, int]:
+        return 0, self.end
+
+
+def _intake(pending_b: range) -> tuple[object, object]:
+    from mtc75.core.offsets import OffsetTracker
+    from mtc75.kafka.fairness import FairIntake
+
+    tracker = OffsetTracker()
+    tracker.assign([("t", 0), ("t", 1)])
+    for o in pending_b:
+        tracker.add(("t", 1), o)
+    for o in pending_b:
+        tracker.complete(tracker.state(("t", 1)), o)
+    return tracker, FairIntake(tracker)
+
+
+def test_fair_intake_cuts_a_long_run_while_another_partition_waits_and_seeks_it_back() -> None:
+    tracker, intake = _intake(range(0, 5))  # partition 1: offsets 0-4 done, the broker has up to 200
+    batch = [_Fetched(0, o) for o in range(50)]
+    consumer = _Consumer(end=200)
+    kept = intake.cut(consumer, batch, high=44, limit=4, rate=40.0)  # type: ignore[attr-defined]
+    assert [m.offset() for m in kept] == list(range(22)) and consumer.seeks == [(0, 22)]  # share 44 // 2
+    # partition 1 has nothing more on the broker: nobody waits, nothing is cut
+    consumer = _Consumer(end=5)
+    assert intake.cut(consumer, batch, high=44, limit=4, rate=40.0) == batch and not consumer.seeks  # type: ignore[attr-defined]
+    # a seek that fails keeps the messages (dropping them without it would skip them for good)
+    consumer = _Consumer(end=200, refuse_seek=True)
+    assert intake.cut(consumer, batch, high=44, limit=4, rate=40.0) == batch  # type: ignore[attr-defined]
+    assert tracker is not None

@@ -33,6 +33,7 @@ from mtc75.core.window import WindowHolds
 from mtc75.errors import KafkaFatal, KafkaUnavailable, MessageFailed, Mtc75Error, TopicGone
 from mtc75.kafka.clients import REAL_CLIENTS, KafkaClients, new_client
 from mtc75.kafka.deadletter import DeadLetters
+from mtc75.kafka.fairness import FairIntake
 from mtc75.kafka.topics import METADATA_TIMEOUT, require_topic
 from mtc75.kafka.topicwatch import Change, TopicWatch
 from mtc75.runtime.dispatcher import Dispatcher, Handler, Work
@@ -146,6 +147,7 @@ class Mtc75Consumer:
         self._tracker = OffsetTracker()
         self._gate = PauseGate(settings.PAUSE_INTERVAL, settings.MAX_BACKLOG)
         self._paused: set[Partition] = set()  # partitions *we* paused; librdkafka's flag is not trusted
+        self._fair = FairIntake(self._tracker)  # a partition's long run does not starve the others
         self._holds = WindowHolds(settings.offset_window())  # partitions paused alone: span over OFFSET_WINDOW
         self._retry = RetryPolicy(settings.MAX_ATTEMPTS, settings.RETRY_BACKOFF, settings.RETRY_BACKOFF_MAX)
         self._dead_letters: DeadLetters | None = None
@@ -314,6 +316,7 @@ class Mtc75Consumer:
                 if not messages:
                     messages = _as_list(consumer.poll(POLL_TIMEOUT))
             if messages:
+                messages = self._fair.cut(consumer, messages, high, limit, gate.rate)  # every partition its turn
                 self._accept(messages)
                 # Only a real message proves a broker answered: poll() also returns error events, and
                 # those arrive while every broker is down (a 10 s budget never ran out: they reset it).
