@@ -27,10 +27,12 @@ backlog bound, so a hot key holds the consumer's memory to that bound, and ``rea
 waiting and threads free tells the engine that fetching more could only pile up blocked messages.
 
 Thread contract: :class:`PartitionScheduler` and :class:`KeyScheduler` are called only with the
-dispatcher's lock held (``LOCK_FREE_TAKE`` is False). :class:`FairFifoScheduler` keeps the unordered
-hot path lock-free: workers ``take`` from a short interleaved *front* deque with one atomic ``popleft``;
-``put``/``requeue``/``purge`` (dispatcher lock held) and a worker that finds the front empty refill it
-from the per-partition queues under the scheduler's own lock (once per ``FRONT`` messages at most).
+dispatcher's lock held (``LOCK_FREE_TAKE`` and ``LOCK_FREE_RELEASE`` are False).
+:class:`FairFifoScheduler` keeps the unordered hot path lock-free: workers ``take`` from a short
+interleaved *front* deque with one atomic ``popleft``; ``put``/``requeue``/``purge`` (dispatcher lock
+held) and a worker that finds the front empty refill it from the per-partition queues under the
+scheduler's own lock (once per ``FRONT`` messages at most). Its ``release`` is a no-op
+(``LOCK_FREE_RELEASE``).
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class _LaneScheduler:
     """Lanes with one message in flight each, served round-robin across partitions and lanes."""
 
     LOCK_FREE_TAKE = False
+    LOCK_FREE_RELEASE = False
 
     def __init__(self) -> None:
         self._parts: dict[object, _Part] = {}  # PartitionState -> _Part (identity: a new assignment is new)
@@ -265,6 +268,7 @@ class FairFifoScheduler:
     """
 
     LOCK_FREE_TAKE = True
+    LOCK_FREE_RELEASE = True  # nothing is ever blocked: release has nothing to guard
 
     def __init__(self, front: int = FRONT) -> None:
         if front < 1:
