@@ -4,7 +4,8 @@ Environment: MTC75_TEST_RECORD (file to append ``partition:offset:tag`` to, afte
 MTC75_TEST_TAG (which run wrote the line), MTC75_TEST_SLOW (``p:o,p:o`` offsets that take
 MTC75_TEST_SLOW_SECONDS), MTC75_TEST_SLOW_EVERY (N: also every offset divisible by N, except 0),
 MTC75_TEST_SLEEP (seconds every other message takes; with MTC75_TEST_SLEEP_MAX, a time drawn
-between the two, the same for an offset in every run).
+between the two, the same for an offset in every run), MTC75_TEST_SLOW_UNTIL (a file: slow offsets also
+wait until it exists, at most RELEASE_WAIT seconds, so a test can hold them until it saw what it needs).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ _slow_s = float(os.environ.get("MTC75_TEST_SLOW_SECONDS", "0"))
 _slow = {
     (int(p), int(o)) for p, o in (item.split(":") for item in os.environ.get("MTC75_TEST_SLOW", "").split(",") if item)
 }
+_release = os.environ.get("MTC75_TEST_SLOW_UNTIL", "")
+RELEASE_WAIT = 120.0  # seconds a slow offset waits at most for MTC75_TEST_SLOW_UNTIL
 _file = open(_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
 
 
@@ -32,6 +35,9 @@ def handle(message: Any) -> None:
     key = (message.partition(), message.offset())
     if key in _slow or (_slow_every and key[1] and key[1] % _slow_every == 0):
         time.sleep(_slow_s)
+        deadline = time.monotonic() + RELEASE_WAIT
+        while _release and not os.path.exists(_release) and time.monotonic() < deadline:
+            time.sleep(0.05)
     elif _sleep_max > _sleep:
         time.sleep(random.Random(key[0] * 1_000_003 + key[1]).uniform(_sleep, _sleep_max))
     else:

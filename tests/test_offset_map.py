@@ -336,7 +336,8 @@ def test_window_hold_survives_a_rebalance_without_leaving_a_partition_paused(
     produce_numbered(bootstrap, topic, n)
     ends = end_offsets(bootstrap, topic)
     record, log_a, log_b = tmp_path / "handled.txt", tmp_path / "a.log", tmp_path / "b.log"
-    env = _env(bootstrap, record, "0:0", head_s, sleep=0.001)
+    release = tmp_path / "release"  # the head also waits for this file: B must have joined first
+    env = {**_env(bootstrap, record, "0:0", head_s, sleep=0.001), "MTC75_TEST_SLOW_UNTIL": str(release)}
     args = ["--topic", topic, "--group-id", group, "--max-thread-count", str(threads), "--offset-window",
             str(window), "--max-backlog", str(backlog), "--commit-interval", str(COMMIT_INTERVAL),
             "--revoke-timeout", "1", "-q", *HANDLER]
@@ -345,6 +346,10 @@ def test_window_hold_survives_a_rebalance_without_leaving_a_partition_paused(
     try:
         wait_until(lambda: f"HELD {topic}[0]" in log_a.read_text(), timeout=30, what="partition 0 held")
         b = _start(args, env, log_b, "b")
+        # The head waits until the rebalance took it from A (A gave up waiting for it): without that,
+        # a slow start of B once came after A had finished everything, and no rebalance met a hold.
+        wait_until(lambda: "revoke: abandoned 1 handlers" in log_a.read_text(), timeout=60, what="A's revoke")
+        release.touch()
         _finish(bootstrap, group, topic, record, ends, timeout=2 * head_s + 60)
         for proc in (a, b):
             proc.send_signal(signal.SIGTERM)
@@ -358,5 +363,6 @@ def test_window_hold_survives_a_rebalance_without_leaving_a_partition_paused(
     repeated = sorted(k for k, c in counts.items() if c > 1)
     report_figures("offset_window_rebalance", window=window, head_s=head_s, repeated=len(repeated),
                    b_handled=len(_by_tag(record, "b")))
-    assert _by_tag(record, "b"), "B was given no partition: no rebalance happened"
+    # (Which member gets partition 0 is the assignor's choice; partition 1 is often drained by A before B
+    # joins, so B may handle nothing: the rebalance is proven by A's revoke above, not by B's records.)
     assert set(repeated) <= {(0, 0)}, f"offsets ran twice: {repeated[:5]}"

@@ -257,8 +257,11 @@ def test_unreachable_broker_is_a_clear_error_within_10_seconds() -> None:
         assert code == 3
         line = _one_error_line(gave_up[script][0][1], script)
         assert "cannot reach Kafka" in line and "within 10s" in line and "make broker" in line
-        # It tries for the 10 s the line names, and gives up then (not at 15 s; ±1.5 s: start-up runs three at once).
-        assert 8.5 <= elapsed - startup[script][1] <= 11.5, (script, elapsed, startup[script][1])
+        # It tries for the 10 s the line names (the whole run lasts at least that), and gives up then: not at
+        # 15 s (+1.5 s: start-up runs three at once). The start-up measured apart is no lower bound: on a
+        # loaded machine it took 5.2 s there and 3.5 s here (one run: 13.68 - 5.20 = 8.48 s).
+        assert elapsed >= 9.9, (script, elapsed)
+        assert elapsed - startup[script][1] <= 11.5, (script, elapsed, startup[script][1])
 
 
 def _exit_times(procs: dict[str, subprocess.Popen[str]]) -> dict[str, tuple[tuple[int, str], float]]:

@@ -1,0 +1,1 @@
+"""The pure core: policies and data structures with no Kafka, no threads of their own and no clock."""

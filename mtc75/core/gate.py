@@ -1,5 +1,7 @@
 """When to pause and resume the assigned partitions: pure policy, no Kafka, no clock of its own.
 
+Thread contract: poll thread only (no lock): the engine asks it once per loop turn and acts itself.
+
 Pausing is how a saturated consumer keeps calling ``poll()`` (heartbeats, rebalances,
 ``max.poll.interval.ms``) without taking more messages than it can hold. It is not free: librdkafka
 drops a paused partition's prefetched messages and fetches them again on resume. So the gate pauses

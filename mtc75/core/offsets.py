@@ -1,11 +1,17 @@
 """Per-partition commit watermarks: commit only the contiguous prefix of completed offsets.
 
+Thread contract: poll thread only, no locks -- with one exception: ``PartitionState.alive`` is read
+by worker threads without a lock (to skip retrying a message of a revoked assignment). It is a single
+bool that only the poll thread writes (False at revoke or re-assignment, never back to True), so a
+reader sees either value; a stale True costs one needless retry, whose completion the poll thread
+then drops as late. No other field may be read off the poll thread.
+
 Handlers finish out of order; committing the highest finished offset would skip messages still
 running. The tracker remembers the offsets handed out per partition (in fetch order) and advances a
 partition's watermark only past offsets that are all done. The finished offsets above the watermark
 (``done``) go with each commit as an offset map (:mod:`mtc75.core.offsetmap`); a map read back at
 assignment makes its offsets complete at once when fetched again, without a handler
-(:meth:`OffsetTracker.skip_finished`). Used only by the poll thread: no locks.
+(:meth:`OffsetTracker.skip_finished`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ class PartitionState:
 
     def __init__(self, tp: Partition, finished: FinishedOffsets | None = None) -> None:
         self.tp = tp
-        self.alive = True  # False once revoked: its completions are late and dropped
+        # False once revoked: its completions are late and dropped. The one field workers read (no lock).
+        self.alive = True
         self.pending: deque[int] = deque()  # offsets handed out and not yet below the watermark
         self.done: set[int] = set()  # completed offsets above the watermark
         self.abandoned: set[int] = set()  # dropped before they ran: the watermark stops at them

@@ -1,5 +1,10 @@
 """Retry policy and the delay queue of messages waiting for their next attempt: pure, no Kafka, no clock.
 
+Thread contract: :class:`RetryPolicy` is immutable after construction and may be called from any
+thread (workers ask it after a failure; ``random.random`` is thread-safe). :class:`DelayQueue` has
+no lock: its owner supplies one (the dispatcher's); ``len`` and ``next_due`` may be read without it
+as hints (the heap can change meanwhile; a decision re-reads under the lock).
+
 A failed message must not hold a worker thread while it waits for its backoff, so it waits in a
 :class:`DelayQueue` (a heap ordered by due time) and goes back to the backlog when due. Until it is
 finally done it stays outstanding in the offset tracker, so the commit watermark cannot pass it.

@@ -1,8 +1,11 @@
 """One fetched message on its way from the poll thread through a scheduler and a runner to its commit.
 
-Created by the poll thread; then owned by exactly one party at a time: the scheduler (waiting), a
-worker (running), the retry delay queue (waiting out a backoff), or the completion queue (done).
-The hand-over between them is the synchronisation, so a ``Work`` has no lock of its own.
+Thread contract: created by the poll thread; then owned by exactly one party at a time, which alone
+may touch it: the scheduler (waiting), a worker (running), the retry delay queue (waiting out a
+backoff), or the completion queue (done, read by the poll thread). The hand-over between them is the
+synchronisation (each hand-over goes through the dispatcher's lock or one atomic deque operation),
+so a ``Work`` has no lock of its own. ``work.state`` is shared: see mtc75/core/offsets.py for the one
+field of it a worker may read.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""The runtime: permits, the dispatcher, runners and handlers -- everything that runs on more than one thread."""

@@ -1,10 +1,27 @@
-"""Bounded concurrency: a ThreadPoolExecutor behind a semaphore of ``max_thread_count`` permits.
+"""Bounded concurrency: a scheduler of waiting messages, ``max_thread_count`` permits, a runner's workers.
 
-The poll thread puts fetched messages into a backlog; a message starts only when a permit is free.
-A worker that holds a permit keeps taking the next backlog message until the backlog is empty, and
-only then gives its permit back, so a busy pool never waits for the poll thread to hand out work.
-Taking a message needs no lock (``deque.popleft`` is atomic); giving a permit back and adding work
-share one lock, so "backlog empty, release" and "append, acquire" cannot race.
+Thread contract. The poll thread (the dispatcher's owner) calls everything public except the worker
+steps: ``put``, ``release_due``, ``purge``, ``resize``, ``close_intake``, ``shutdown``, the waits and
+the counts. The runner's workers only drive their ``shift()`` generator (the worker steps: take the
+next message, settle the last one). ``completions`` is appended by workers and drained by the poll thread alone.
+One lock (``_lock``) guards the permits, the retry delay queue and every scheduler call, except
+``take`` and ``release`` on a scheduler that declares them lock-free (``LOCK_FREE_TAKE`` /
+``LOCK_FREE_RELEASE``, the FIFO: see mtc75/core/scheduler.py for what that promises). Counts read
+without the lock (``len``/``ready`` of the scheduler, ``len`` of the delay queue, ``_takes``, the
+permits) are hints: every decision that could strand a message -- a worker giving its permit back --
+re-checks them under the lock.
+
+The poll thread puts fetched messages into the scheduler (:mod:`mtc75.core.scheduler`, the only
+place waiting messages live); a message starts only when a permit is free. A worker that holds a
+permit keeps taking the next message until none is ready, and only then gives its permit back, so a
+busy pool never waits for the poll thread to hand out work. With the FIFO, taking a message needs no
+lock (``deque.popleft`` is atomic); giving a permit back and adding work share one lock, so "nothing
+ready, release" and "put, acquire" cannot race.
+
+The workers come from a runner (:mod:`mtc75.runtime.runner`; threads today): a worker loops
+"next message" -> handler -> "settle it" through its shift (:meth:`Dispatcher.shift`), and all
+permit, scheduler and retry bookkeeping is in those steps, so another runner (asyncio) can sit
+beside the thread one.
 
 How many workers a batch starts follows the handler's measured time per message: a started worker
 is a thread woken to compete for the GIL, and with fast handlers the running ones drain the backlog
@@ -18,13 +35,14 @@ Finished messages are reported on a completion queue that only the poll thread d
 every Kafka call (store, commit) belongs to the poll thread.
 
 A handler that raises gets its message retried per :class:`mtc75.core.retry.RetryPolicy`: the message
-waits for its backoff in a delay queue, holding no thread, and re-enters the backlog when due (checked
-by workers looking for work and by the poll thread's :meth:`Dispatcher.release_due`). Only after its
-last attempt does it reach the completion queue, marked failed, for the poll thread to dead-letter,
-skip or stop on.
+waits for its backoff in a delay queue, holding no thread (but still holding its place in the
+scheduler: it is not released), and re-enters the scheduler through ``requeue`` when due (checked by
+workers looking for work and by the poll thread's :meth:`Dispatcher.release_due`). Only after its
+last attempt is it released and put on the completion queue, marked failed, for the poll thread to
+dead-letter, skip or stop on. A purged retry (revoke, shutdown) is released too.
 
-Later ordering modes replace the plain FIFO backlog with a scheduler that hands out only messages
-whose key (or partition) has nothing running; the permit and worker logic stays as it is.
+Ordering modes plug a scheduler that hands out only messages whose key (or partition) has nothing
+running in through ``Dispatcher(scheduler=...)``; the permit and worker logic stays as it is.
 """
 
 from __future__ import annotations
@@ -35,17 +53,24 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from mtc75.core.offsets import PartitionState
 from mtc75.core.retry import DelayQueue, RetryPolicy
+from mtc75.core.scheduler import FifoScheduler, Scheduler
 from mtc75.core.work import Work
-from mtc75.runtime.handlers import awaitable_result_error
+from mtc75.runtime.handlers import Handler, NotRunError, describe_error
+from mtc75.runtime.permits import Permits
+from mtc75.runtime.runner import Runner, Shift, ThreadRunner, WorkerSteps
+
+__all__ = [
+    "DRAIN_TARGET", "FAST_HANDLER", "MIN_ACTIVE", "STALL_SECONDS", "Dispatcher", "Handler", "NotRunError",
+    "Permits", "RunnerFactory", "Work", "describe_error",
+]
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[Any], object]
+# Builds the runner for a dispatcher: (its worker steps, the handler, max_thread_count) -> Runner.
+RunnerFactory = Callable[[WorkerSteps, Handler, int], Runner]
 
 # Measured with a no-op handler (bench/child.py, lz4 100 B, 500 000 messages): 75 started threads cost
 # 9.9 us of CPU per message, 4 threads 5.2 us, for the same work; the extra threads only fought for the GIL.
@@ -55,89 +80,48 @@ MIN_ACTIVE = 2  # workers a fast backlog gets at least
 STALL_SECONDS = 0.005  # no message taken for this long while work waits: start every free worker
 
 
-class NotRunError(TypeError):
-    """The handler returned without doing the work (it returned an awaitable nobody awaits)."""
-
-
-def describe_error(err: BaseException) -> str:
-    """``"Type: text"`` of a handler's exception, built so that it never raises itself.
-
-    A handler's exception class is user code: its ``__str__`` may raise, or return something that is
-    not a string. The failure must still be reported and retried, not kill the worker.
-    """
-    name = type(err).__name__
-    try:
-        text = str(err)
-    except BaseException as inner:  # whatever __str__ raises, the failure is still reported
-        text = f"<str() failed: {type(inner).__name__}>"
-    return f"{name}: {text}" if text else name
-
-
-class Permits:
-    """A counting semaphore whose size can change; the caller holds the dispatcher lock.
-
-    ``threading.Semaphore`` cannot shrink, and its own lock would be a second round-trip per message.
-    """
-
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError(f"max_thread_count must be >= 1, got {limit}")
-        self.limit = limit
-        self.in_use = 0
-        self.max_in_use = 0
-
-    @property
-    def free(self) -> int:
-        return max(0, self.limit - self.in_use)
-
-    def acquire(self, count: int) -> int:
-        """Take up to ``count`` permits without blocking; returns how many were taken."""
-        taken = min(count, self.free)
-        if taken:
-            self.in_use += taken
-            if self.in_use > self.max_in_use:
-                self.max_in_use = self.in_use
-        return taken
-
-    def release(self) -> None:
-        if self.in_use <= 0:
-            raise RuntimeError("permit released more often than acquired")
-        self.in_use -= 1
-
-
 class Dispatcher:
-    """Runs ``handler(message)`` on at most ``max_thread_count`` threads at once."""
+    """Runs ``handler(message)`` on at most ``max_thread_count`` workers at once."""
 
-    def __init__(self, handler: Handler, max_thread_count: int, retry: RetryPolicy | None = None) -> None:
-        self._handler = handler
+    def __init__(
+        self,
+        handler: Handler,
+        max_thread_count: int,
+        retry: RetryPolicy | None = None,
+        *,
+        scheduler: Scheduler | None = None,
+        runner: RunnerFactory = ThreadRunner,
+    ) -> None:
         self._retry = retry if retry is not None else RetryPolicy(max_attempts=1, base=0.0, cap=0.0)
         self._lock = threading.Lock()
         self._permits = Permits(max_thread_count)
-        self._backlog: deque[Work] = deque()
+        self._scheduler: Scheduler = scheduler if scheduler is not None else FifoScheduler()
+        # The scheduler's take/release, bound once: lock-free where its class allows it (the FIFO).
+        self._take = self._scheduler.take if self._scheduler.LOCK_FREE_TAKE else self._locked_take
+        self._release = self._scheduler.release if self._scheduler.LOCK_FREE_RELEASE else self._locked_release
         self._delayed: DelayQueue[Work] = DelayQueue()  # failed messages waiting for their next attempt
         self.retried = 0  # retries scheduled (a message failing 3 times with 3 attempts counts 2)
-        self._executor = ThreadPoolExecutor(max_workers=max_thread_count, thread_name_prefix="mtc75-worker")
-        self._workers = max_thread_count  # the executor's max_workers; resize() replaces it to grow
         # Notified when a worker gives its permit back, and when the backlog falls to _drain_mark.
         self._changed = threading.Condition(self._lock)
         self._drain_mark = -1  # backlog length a waiter wants to hear about (-1: nobody waits)
         self.completions: deque[Work] = deque()  # appended by workers, drained by the poll thread
+        self._done = self.completions.append
         self._per_message: float | None = None  # seconds a worker spends per message (smoothed), under the lock
         self._takes = 0  # messages taken by workers (no lock: only compared for a change)
         self._takes_seen = 0  # poll thread: _takes at its last look
         self._takes_at = 0.0  # poll thread: when _takes last changed
+        self._runner: Runner = runner(self, handler, max_thread_count)
 
     # -- poll-thread side -------------------------------------------------------------------------
 
     def put(self, items: Iterable[Work]) -> None:
         """Queue fetched messages and start as many workers as there are free permits and work."""
         with self._lock:
-            self._backlog.extend(items)
+            self._scheduler.put(items)
             if self._delayed:
                 self._promote_due(time.monotonic())
-            starts = self._permits.acquire(self._wanted(len(self._backlog)))
-        for _ in range(starts):
-            self._executor.submit(self._work)
+            starts = self._permits.acquire(self._wanted(self._scheduler.ready))
+        self._runner.spawn(starts)
 
     def _wanted(self, waiting: int) -> int:
         """Caller holds the lock. Workers to start for ``waiting`` messages (see the module notes)."""
@@ -159,14 +143,13 @@ class Dispatcher:
         with self._lock:
             self._promote_due(time.monotonic())
             # also covers retries a busy worker promoted: it took no permits for them
-            starts = self._permits.acquire(len(self._backlog))
-        for _ in range(starts):
-            self._executor.submit(self._work)
+            starts = self._permits.acquire(self._scheduler.ready)
+        self._runner.spawn(starts)
 
     def _unstall(self) -> None:
         """Start every free worker when messages wait and none was taken for STALL_SECONDS."""
-        if not self._backlog or self._permits.in_use >= self._permits.limit:
-            return
+        if not self._scheduler.ready or self._permits.in_use >= self._permits.limit:
+            return  # hints read without the lock: a wrong reading only delays this to the next turn
         now = time.monotonic()
         if self._takes != self._takes_seen:
             self._takes_seen, self._takes_at = self._takes, now
@@ -174,32 +157,32 @@ class Dispatcher:
         if now - self._takes_at < STALL_SECONDS:
             return
         with self._lock:
-            starts = self._permits.acquire(len(self._backlog))
+            starts = self._permits.acquire(self._scheduler.ready)
         self._takes_at = now
-        for _ in range(starts):
-            self._executor.submit(self._work)
+        self._runner.spawn(starts)
 
     def purge(self, states: Iterable[PartitionState] | None = None) -> list[Work]:
-        """Drop backlog messages not yet started (of the given assignments, or all) and return them.
+        """Drop messages not yet started (of the given assignments, or all) and return them.
 
-        Dropped messages were never handled and are never committed, so the next owner reads them again.
+        Dropped messages were never handled and are never committed, so the next owner reads them
+        again. That includes retries waiting out a backoff or requeued: they were taken once, so the
+        scheduler releases them here. A worker taking lock-free while this runs may still get a message of a
+        dropped assignment; it then counts as started (its completion arrives late and is dropped).
         """
         with self._lock:
-            taken: list[Work] = []
-            try:
-                while True:  # pop one by one: a worker popping concurrently gets each item or we do
-                    taken.append(self._backlog.popleft())
-            except IndexError:
-                pass
             if states is None:
-                taken.extend(self._delayed.remove_if(lambda _w: True))
-                return taken
-            wanted = set(map(id, states))
-            dropped, kept = [], []
-            for work in taken:
-                (dropped if id(work.state) in wanted else kept).append(work)
-            self._backlog.extendleft(reversed(kept))  # in place: workers hold a reference to this deque
-            dropped.extend(self._delayed.remove_if(lambda w: id(w.state) in wanted))
+                dropped = self._scheduler.purge()
+                retries = self._delayed.remove_if(lambda _w: True)
+            else:
+                wanted = set(map(id, states))
+                dropped = self._scheduler.purge(lambda w: id(w.state) in wanted)
+                retries = self._delayed.remove_if(lambda w: id(w.state) in wanted)
+            dropped.extend(retries)
+            for work in dropped:
+                if work.attempts:  # a retry (delayed, or requeued and not taken again): it was taken
+                    self._scheduler.release(work)
+            if dropped:
+                self._changed.notify_all()  # a wait_backlog_at_most may now be satisfied
             return dropped
 
     def wait_idle(self, timeout: float) -> bool:
@@ -214,22 +197,25 @@ class Dispatcher:
         return True
 
     def wait_backlog_at_most(self, mark: int, timeout: float) -> bool:
-        """Block until at most ``mark`` messages wait (or a worker went idle), or ``timeout`` passes.
+        """Block until at most ``mark`` messages wait in the scheduler (or a worker went idle), or
+        ``timeout`` passes.
 
         Lets the poll thread sleep on the pool instead of in ``poll()``, and wake the moment the
-        threads catch up. ``mark=-1`` waits only for a worker to go idle.
+        threads catch up. ``mark=-1`` waits only for a worker to go idle. The length is read under
+        the lock here; a worker taking lock-free reads it without (a hint: it only decides whether to
+        notify, and a missed notification costs at most ``timeout``).
         """
         with self._changed:
-            if len(self._backlog) <= mark:
+            if len(self._scheduler) <= mark:
                 return True
             self._drain_mark = mark
             self._changed.wait(timeout)
             self._drain_mark = -1
-            return len(self._backlog) <= mark
+            return len(self._scheduler) <= mark
 
     @property
     def active_thread_count(self) -> int:
-        """ACTIVE_THREAD_COUNT: permits held by threads running (or about to run) a handler."""
+        """ACTIVE_THREAD_COUNT: permits held by workers running (or about to run) a handler."""
         return self._permits.in_use
 
     @property
@@ -243,29 +229,23 @@ class Dispatcher:
     def resize(self, limit: int) -> None:
         """Change the bound on running handlers (poll thread only).
 
-        Growing takes the new permits at once, on a larger executor (ThreadPoolExecutor cannot grow;
-        the old one finishes its running workers and lets its threads go). Shrinking never interrupts
-        a handler: a worker gives its permit back after its current message while more permits are
+        Growing takes the new permits at once (the runner grows first). Shrinking never interrupts a
+        handler: a worker gives its permit back after its current message while more permits are
         held than the new limit, so no new message starts until the excess has drained.
         """
         if limit < 1:
             raise ValueError(f"max_thread_count must be >= 1, got {limit}")
-        if limit > self._workers:
-            old = self._executor
-            self._executor = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="mtc75-worker")
-            self._workers = limit
-            old.shutdown(wait=False)
+        self._runner.grow(limit)
         with self._lock:
             self._permits.limit = limit
-            starts = self._permits.acquire(len(self._backlog))
-        for _ in range(starts):
-            self._executor.submit(self._work)
+            starts = self._permits.acquire(self._scheduler.ready)
+        self._runner.spawn(starts)
 
     def close_intake(self) -> None:
         """Start nothing more (poll thread; at shutdown or after a fatal error).
 
         The bound drops to 0 permits: each worker gives its permit back after its current message (the
-        shrink path of :meth:`resize`), so neither a backlog message nor a due retry starts again.
+        shrink path of :meth:`resize`), so neither a waiting message nor a due retry starts again.
         """
         with self._lock:
             self._permits.limit = 0
@@ -273,8 +253,18 @@ class Dispatcher:
 
     @property
     def backlog(self) -> int:
-        """Messages waiting for a thread, including those waiting for a retry."""
-        return len(self._backlog) + len(self._delayed)
+        """Messages waiting for a worker (ready or blocked), including those waiting for a retry."""
+        return len(self._scheduler) + len(self._delayed)
+
+    @property
+    def ready(self) -> int:
+        """Waiting messages the scheduler could hand out now (a hint: read without the lock)."""
+        return self._scheduler.ready
+
+    @property
+    def blocked(self) -> int:
+        """Waiting messages held back behind a running one of their key or partition (a hint)."""
+        return self._scheduler.blocked
 
     @property
     def delayed(self) -> int:
@@ -283,102 +273,129 @@ class Dispatcher:
 
     def shutdown(self, wait: bool) -> None:
         self.purge()
-        self._executor.shutdown(wait=wait, cancel_futures=True)
+        self._runner.shutdown(wait)
 
-    # -- worker side ------------------------------------------------------------------------------
+    # -- worker steps (called by the runner's workers; see mtc75/runtime/runner.py) ------------------
+
+    def _locked_take(self) -> Work:
+        with self._lock:
+            return self._scheduler.take()
+
+    def _locked_release(self, work: Work) -> None:
+        with self._lock:
+            self._scheduler.release(work)
 
     def _promote_due(self, now: float) -> int:
-        """Caller holds the lock. Due retries go to the front: they are older than anything fetched since."""
+        """Caller holds the lock. Due retries go back to the scheduler, before anything fetched since."""
         due = self._delayed.pop_due(now)
         if due:
-            self._backlog.extendleft(reversed(due))
+            self._scheduler.requeue(due)
         return len(due)
 
-    def _work(self) -> None:
-        """Hold one permit and run backlog messages until none is left (the permit always comes back)."""
-        try:
-            self._work_loop()
-        except BaseException:
-            # _work_loop returns only after giving its permit back; anything escaping it still holds one
-            with self._lock:
-                self._permits.release()
-                self._changed.notify_all()
-            logger.exception("worker stopped by an unexpected error")
-            raise
+    def shift(self) -> Shift:
+        """One worker's shift: it holds one permit from its spawn until this generator returns.
 
-    def _work_loop(self) -> None:
-        """The hot path takes a message without the lock (deque.popleft is atomic); only giving the
-        permit back needs the lock, to re-check the backlog against a concurrent put().
+        The runner drives it: ``work = next(shift)``, call the handler, ``work = shift.send(error)``
+        (None if the handler returned) ... until StopIteration, which means the permit went back.
+        Everything between two handler calls happens here: settling the last message (release and
+        completion, or its retry), promoting due retries, taking the next one -- lock-free on a
+        lock-free scheduler; only giving the permit back needs the lock, to re-check the scheduler
+        against a concurrent put(). A generator rather than two methods per message: its locals stay
+        bound for the whole shift, and one resume costs less than two calls. Measured, one worker
+        draining 300 000 no-op messages (CPU per message, best of 5, on the shared 2-core machine):
+        the old inline loop 306-428 ns, two step methods (next_work/settle) 520-835 ns, this 381-466 ns.
+        Whatever escapes -- a scheduler bug, or the runner closing it -- gives the permit back first.
         """
-        handler = self._handler
-        retry = self._retry
-        delayed = self._delayed
-        lock = self._lock
-        backlog = self._backlog
         permits = self._permits
-        done = self.completions.append
+        take = self._take
+        release = self._release
+        done = self._done
+        scheduler = self._scheduler
         started = time.monotonic()
         handled = 0
-        while True:
-            if delayed:  # a retry may be due: checked without the lock, promoted under it
-                due = delayed.next_due()
-                if due is not None and due <= time.monotonic():
-                    with lock:
-                        self._promote_due(time.monotonic())
-            try:
-                if permits.in_use > permits.limit:
-                    raise IndexError  # the bound shrank: give this permit back
-                work = backlog.popleft()
-            except IndexError:
-                # Before giving the permit back, let the poll thread run once: with fast handlers
-                # it is usually refilling the backlog right now, and a restart costs a submit().
-                time.sleep(0)
-                if backlog and permits.in_use <= permits.limit:
-                    continue
-                with lock:
-                    if not backlog or permits.in_use > permits.limit:
-                        permits.release()
-                        self._changed.notify_all()
-                        if handled:
-                            sample = (time.monotonic() - started) / handled
-                            old = self._per_message
-                            self._per_message = sample if old is None else 0.7 * old + 0.3 * sample
+        holding = True
+        try:
+            while True:
+                delayed = self._delayed
+                if delayed:  # a retry may be due: checked without the lock, promoted under it
+                    due = delayed.next_due()
+                    if due is not None and due <= time.monotonic():
+                        with self._lock:
+                            self._promote_due(time.monotonic())
+                try:
+                    if permits.in_use > permits.limit:
+                        raise IndexError  # the bound shrank: give this permit back
+                    work = take()
+                except IndexError:
+                    if self._give_back(started, handled):
+                        holding = False
                         return
-                continue
-            handled += 1
-            self._takes += 1
-            if len(backlog) <= self._drain_mark:
-                with lock:
-                    self._changed.notify_all()
-            try:
-                result = handler(work.message)
-                if result is not None:
-                    # A returned awaitable (e.g. a coroutine) means the work never ran: a failure, not done.
-                    refused = awaitable_result_error(result)
-                    if refused is not None:
-                        raise NotRunError(refused)
-            except BaseException as err:
-                # Any handler failure -- BaseExceptions too (SystemExit, KeyboardInterrupt or a
-                # CancelledError leaking from library code) -- is retried and then goes to ON_FAILURE:
-                # it must not kill the worker, lose its permit or strand its partition's commit.
-                work.attempts += 1
-                work.error = describe_error(err)
-                msg = work.message
-                if work.state.alive and retry.should_retry(work.attempts):
-                    delay = retry.delay(work.attempts)
-                    logger.warning(
-                        "handler failed for %s[%d]@%d (attempt %d of %d): %s; retrying in %.2fs",
-                        msg.topic(), msg.partition(), work.offset, work.attempts, retry.max_attempts,
-                        work.error, delay, exc_info=logger.isEnabledFor(logging.DEBUG),
-                    )
-                    with lock:
-                        self._delayed.push(time.monotonic() + delay, work)
-                        self.retried += 1
                     continue
-                work.failed = True
-                logger.error(
-                    "handler failed for %s[%d]@%d (attempt %d of %d): %s",
-                    msg.topic(), msg.partition(), work.offset, work.attempts, retry.max_attempts, work.error,
-                    exc_info=logger.isEnabledFor(logging.DEBUG),
-                )
-            done(work)
+                handled += 1
+                self._takes += 1
+                mark = self._drain_mark
+                if mark >= 0 and len(scheduler) <= mark:  # -1 (nobody waits) skips the len() call
+                    with self._lock:
+                        self._changed.notify_all()
+                error = yield work
+                if error is None:  # done for good: whatever it blocked may run
+                    release(work)
+                    done(work)
+                else:
+                    self.settle_failure(work, error)
+        except BaseException as exc:
+            if holding:
+                with self._lock:
+                    self._permits.release()
+                    self._changed.notify_all()
+                if not isinstance(exc, GeneratorExit):
+                    logger.exception("worker stopped by an unexpected error")
+            raise
+
+    def _give_back(self, started: float, handled: int) -> bool:
+        """Nothing ready (or the bound shrank): give the permit back unless work turned up meanwhile."""
+        # Before giving the permit back, let the poll thread run once: with fast handlers
+        # it is usually refilling the backlog right now, and a restart costs a spawn.
+        time.sleep(0)
+        scheduler, permits = self._scheduler, self._permits
+        if scheduler.ready and permits.in_use <= permits.limit:
+            return False
+        with self._lock:
+            if scheduler.ready and permits.in_use <= permits.limit:
+                return False  # a put() came in between: its acquire saw this permit still held
+            if handled:
+                sample = (time.monotonic() - started) / handled
+                old = self._per_message
+                self._per_message = sample if old is None else 0.7 * old + 0.3 * sample
+            permits.release()
+            self._changed.notify_all()
+            return True
+
+    def settle_failure(self, work: Work, error: BaseException) -> None:
+        """The handler raised ``error`` (any BaseException): schedule a retry, or complete it failed."""
+        retry = self._retry
+        work.attempts += 1
+        work.error = describe_error(error)
+        msg = work.message
+        # state.alive: the one PartitionState field workers read, without a lock (a bool the poll
+        # thread writes at revoke). A stale True schedules one more retry; its completion then
+        # carries a dead assignment and the poll thread drops it as late, as for any late completion.
+        if work.state.alive and retry.should_retry(work.attempts):
+            delay = retry.delay(work.attempts)
+            logger.warning(
+                "handler failed for %s[%d]@%d (attempt %d of %d): %s; retrying in %.2fs",
+                msg.topic(), msg.partition(), work.offset, work.attempts, retry.max_attempts,
+                work.error, delay, exc_info=logger.isEnabledFor(logging.DEBUG),
+            )
+            with self._lock:  # not released: an ordered scheduler keeps its key blocked meanwhile
+                self._delayed.push(time.monotonic() + delay, work)
+                self.retried += 1
+            return
+        work.failed = True
+        logger.error(
+            "handler failed for %s[%d]@%d (attempt %d of %d): %s",
+            msg.topic(), msg.partition(), work.offset, work.attempts, retry.max_attempts, work.error,
+            exc_info=logger.isEnabledFor(logging.DEBUG),
+        )
+        self._release(work)
+        self._done(work)

@@ -1,4 +1,10 @@
-"""Message handlers: the seed's simulated work, and loading a user's ``package.module:function``."""
+"""Message handlers: the ``Handler`` type, the seed's simulated work, loading ``package.module:function``.
+
+Thread contract: ``load_handler`` and ``prepare_handler`` run on the thread that builds the consumer
+(before any worker exists). A handler itself -- ``SimulatedWork`` included, whose log limiter has its
+own lock -- is called by the runner's workers, many at once. ``describe_error`` and
+``awaitable_result_error`` are pure and may be called from any thread.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,25 @@ from mtc75.errors import ConfigError, HandlerRefused
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[Any], object]
+Handler = Callable[[Any], object]  # the one definition: called with a confluent_kafka.Message
+
+
+class NotRunError(TypeError):
+    """The handler returned without doing the work (it returned an awaitable nobody awaits)."""
+
+
+def describe_error(err: BaseException) -> str:
+    """``"Type: text"`` of a handler's exception, built so that it never raises itself.
+
+    A handler's exception class is user code: its ``__str__`` may raise, or return something that is
+    not a string. The failure must still be reported and retried, not kill the worker.
+    """
+    name = type(err).__name__
+    try:
+        text = str(err)
+    except BaseException as inner:  # whatever __str__ raises, the failure is still reported
+        text = f"<str() failed: {type(inner).__name__}>"
+    return f"{name}: {text}" if text else name
 
 
 class MalformedMessage(ValueError):
@@ -121,7 +145,7 @@ def prepare_handler(handler: Handler, name: str | None = None) -> Handler:
     and counting it done would commit work that never happened. It is refused here, before any
     message is fetched. When async handlers are supported, this is where one gets wrapped instead.
     A handler that hides its coroutine (a plain function returning one) is caught at run time by the
-    dispatcher, which counts such a call as a failure (:func:`awaitable_result_error`).
+    runner, which counts such a call as a failure (:func:`result_error`).
     """
     if not callable(handler):
         raise ConfigError(f"handler {name!r} is not callable" if name else
@@ -146,6 +170,12 @@ def awaitable_result_error(result: object) -> str | None:
         with contextlib.suppress(Exception):  # closing is a courtesy; the failure is reported either way
             close()
     return f"handler returned {type(result).__name__} (an awaitable); async handlers are not supported yet"
+
+
+def result_error(result: object) -> NotRunError | None:
+    """The failure a handler's non-None return value stands for (a returned awaitable), else None."""
+    refused = awaitable_result_error(result)
+    return None if refused is None else NotRunError(refused)
 
 
 def _is_async(handler: object) -> bool:
