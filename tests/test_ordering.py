@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import random
 import threading
+import time
+from collections.abc import Callable
+from itertools import pairwise
 
 import pytest
 
@@ -465,3 +468,119 @@ def test_fair_intake_cuts_a_long_run_while_another_partition_waits_and_seeks_it_
     consumer = _Consumer(end=200, refuse_seek=True)
     assert intake.cut(consumer, batch, high=44, limit=4, rate=40.0) == batch  # type: ignore[attr-defined]
     assert tracker is not None
+
+
+# -- through the dispatcher (worker threads, retries, purges), no broker ------------------------------
+
+
+def _dispatch(sched: object, handler: Callable[[Msg], None], threads: int, attempts: int = 1) -> object:
+    from mtc75.core.retry import RetryPolicy
+    from mtc75.runtime.dispatcher import Dispatcher
+
+    return Dispatcher(handler, threads, RetryPolicy(attempts, 0.01, 0.02), scheduler=sched)  # type: ignore[arg-type]
+
+
+def test_key_mode_through_the_dispatcher_with_retries_keeps_each_key_in_order() -> None:
+    from tests.kafka_helpers import wait_until
+
+    lock = threading.Lock()
+    calls: list[tuple[bytes | None, int, float, float, bool]] = []
+    failed_once: set[int] = set()
+
+    def handler(msg: Msg) -> None:
+        started = time.monotonic()
+        fail = False
+        try:
+            time.sleep(random.Random(msg.offset()).uniform(0, 0.002))
+            with lock:
+                fail = msg.offset() % 5 == 1 and msg.offset() not in failed_once
+                failed_once.add(msg.offset())
+            if fail:
+                raise RuntimeError("first attempt fails")
+        finally:
+            with lock:
+                calls.append((msg.key(), msg.offset(), started, time.monotonic(), fail))
+
+    sched = KeyScheduler()
+    d = _dispatch(sched, handler, threads=16, attempts=3)
+    (state,) = _states(1)
+    items = _works(state, [b"k%d" % (i % 8) for i in range(800)])
+    try:
+        for start in range(0, 800, 100):
+            d.put(items[start:start + 100])  # type: ignore[attr-defined]
+
+        def finished() -> bool:
+            d.release_due()  # type: ignore[attr-defined]  # the poll thread's turn: due retries start
+            return len(d.completions) == 800  # type: ignore[attr-defined]
+
+        wait_until(finished, timeout=60, step=0.005, what="800 completions")
+        assert d.wait_idle(5)  # type: ignore[attr-defined]
+    finally:
+        d.shutdown(wait=True)  # type: ignore[attr-defined]
+    assert not any(w.failed for w in d.completions)  # type: ignore[attr-defined]
+    by_key: dict[bytes | None, list[tuple[bytes | None, int, float, float, bool]]] = {}
+    for call in sorted(calls, key=lambda c: c[2]):
+        by_key.setdefault(call[0], []).append(call)
+    for lane in by_key.values():
+        for before, after in pairwise(lane):
+            assert after[2] >= before[3], "two messages of one key ran at once"
+            assert after[1] == before[1] if before[4] else after[1] > before[1], "out of order"
+    assert sched.lanes == 0 and sched.running == 0 and len(sched) == 0
+
+
+def test_a_purged_retry_frees_its_key_for_the_next_assignment() -> None:
+    from tests.kafka_helpers import wait_until
+
+    def handler(msg: Msg) -> None:
+        raise RuntimeError("fails")
+
+    sched = KeyScheduler()
+    d = _dispatch(sched, handler, threads=2, attempts=5)
+    (old,) = _states(1)
+    try:
+        d.put(_works(old, [b"a", b"a"]))  # type: ignore[attr-defined]
+        wait_until(lambda: d.retried >= 1, timeout=10, what="a retry")  # type: ignore[attr-defined]
+        assert d.wait_idle(5)  # type: ignore[attr-defined]
+        assert sched.blocked >= 1 or sched.running == 1
+        dropped = d.purge([old])  # type: ignore[attr-defined]
+        assert sorted(w.offset for w in dropped) == [0, 1]
+        assert sched.lanes == 0 and sched.running == 0 and len(sched) == 0  # the retry was released
+    finally:
+        d.shutdown(wait=True)  # type: ignore[attr-defined]
+
+
+def test_fair_fifo_lock_free_takes_racing_purges_never_lose_or_duplicate_a_message() -> None:
+    import sys
+
+    sched = FairFifoScheduler()
+    states = _states(3)
+    items = [w for start in range(0, 1500, 50) for s in states for w in _works(s, [None] * 50, start=start)]
+    taken: list[list[Work]] = [[], []]
+    stop = threading.Event()
+
+    def taker(out: list[Work]) -> None:
+        while not stop.is_set():
+            w = sched.take()
+            if w is not None:
+                out.append(w)
+
+    threads = [threading.Thread(target=taker, args=(out,)) for out in taken]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    for t in threads:
+        t.start()
+    dropped: list[Work] = []
+    try:
+        for start in range(0, len(items), 90):
+            sched.put(items[start:start + 90])
+            deadline = time.monotonic() + 5
+            while len(sched) and time.monotonic() < deadline:
+                dropped.extend(sched.purge(lambda w: w.offset % 7 == 0))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        sys.setswitchinterval(interval)
+    rest = sched.purge()
+    seen = [id(w) for w in dropped] + [id(w) for out in taken for w in out] + [id(w) for w in rest]
+    assert len(seen) == len(items) and set(seen) == {id(w) for w in items}

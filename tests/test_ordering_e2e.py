@@ -151,6 +151,8 @@ def test_partition_mode_never_overlaps_within_a_partition(
     consumer = Mtc75Consumer(_settings(bootstrap, topic, group, MAX_THREAD_COUNT=75, ORDERING="partition"), journal)
     stats = _run(consumer, journal, n, 120)
     overlaps, disorder = _violations(journal.calls, by_key=False)
+    report_figures("ordering partition: 75 threads, 3 partitions", messages=n, overlaps=overlaps, disorder=disorder,
+                   peak=journal.peak)
     assert (overlaps, disorder) == (0, 0)
     assert journal.peak >= 2, "different partitions must run in parallel"
     assert journal.peak <= 3
@@ -173,6 +175,7 @@ def test_key_mode_retries_keep_the_order_of_their_key(
     failures = sum(1 for c in journal.calls if c[5])
     assert failures > 20 and stats.retried == failures
     overlaps, disorder = _violations(journal.calls, by_key=True)
+    report_figures("ordering key: retries", messages=n, retried=failures, overlaps=overlaps, disorder=disorder)
     assert (overlaps, disorder) == (0, 0)
     # after a failure, the next call of that key is the same message again
     for lane in _lanes(journal.calls, by_key=True).values():
@@ -220,3 +223,70 @@ def test_every_partition_starts_within_2s_and_never_waits_while_others_drain_in_
                    longest_wait_s=gaps, elapsed_s=round(result[0].elapsed_seconds, 1))
     assert len(waits) == 3 and max(waits.values()) <= 2.0, f"a partition's first message waited: {waits}"
     assert max(gaps.values()) <= 2.0, f"a partition waited while the others drained: {gaps}"
+
+
+def test_a_hot_key_keeps_the_backlog_bounded_and_the_consumer_pauses(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str]
+) -> None:
+    topic, group, n = make_topic(partitions=1), unique("g"), 3000
+    _produce(bootstrap, topic, n, keys=1)  # one key: everything waits behind the running message
+    backlogs: list[int] = []
+    journal = Journal(most=0.01)
+
+    def on_status(stats: Stats) -> None:
+        backlogs.append(stats.backlog)
+        if len(journal.calls) >= 300:
+            consumer.stop()
+
+    consumer = Mtc75Consumer(
+        _settings(bootstrap, topic, group, MAX_THREAD_COUNT=75, ORDERING="key", PAUSE_INTERVAL=0.2), journal,
+        on_status=on_status, status_interval=0.05,
+    )
+    stats = consumer.run()
+    overlaps, disorder = _violations(journal.calls, by_key=True)
+    report_figures("ordering key: one hot key, 75 threads", peak_backlog=max(backlogs), pauses=stats.pauses,
+                   handled=len(journal.calls), peak_threads=journal.peak)
+    assert (overlaps, disorder) == (0, 0) and journal.peak == 1
+    assert stats.pauses >= 1, "every waiting message blocked and threads free: the consumer must pause"
+    # the gate's high watermark with 75 threads is at least 150 (2 x threads) and grows with the rate;
+    # unbounded intake would have taken the whole 3000-message backlog within a second
+    assert max(backlogs) <= 1000, f"backlog grew to {max(backlogs)}"
+
+
+def test_key_mode_through_a_rebalance_keeps_order_loses_nothing_and_redoes_nothing(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str]
+) -> None:
+    topic, group, n = make_topic(partitions=4), unique("g"), 1200
+    _produce(bootstrap, topic, n, keys=20)
+    # Slow enough (4 threads, 20 ms on average: ~6 s in all) that the first one does not finish alone.
+    leaving, staying = Journal(most=0.04), Journal(most=0.04)
+    settings = _settings(bootstrap, topic, group, MAX_THREAD_COUNT=4, ORDERING="key", PAUSE_INTERVAL=0.2)
+    leaver, stayer = Mtc75Consumer(settings, leaving), Mtc75Consumer(settings, staying)
+    results: dict[str, Stats] = {}
+    threads = [
+        threading.Thread(target=lambda: results.__setitem__("leaver", leaver.run()), daemon=True),
+        threading.Thread(target=lambda: results.__setitem__("stayer", stayer.run()), daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(leaving.calls) > 0 and len(staying.calls) > 0, 60, what="both consumers working")
+        leaver.stop()  # leaves mid-run, with keys running and messages waiting behind them
+        threads[0].join(60)
+        assert len(leaving.done() | staying.done()) < n, "the leaver left mid-run"
+        wait_until(lambda: len(leaving.done() | staying.done()) >= n, 120, what="every message handled")
+        ends = end_offsets(bootstrap, topic)
+        wait_until(lambda: committed_offsets(bootstrap, group, topic) == ends, 30, what="commits at the end")
+    finally:
+        leaver.stop()
+        stayer.stop()
+        for t in threads:
+            t.join(60)
+    calls = leaving.calls + staying.calls
+    handled = [(p, o) for p, _k, o, _s, _e, raised in calls if not raised]
+    report_figures("ordering key: one of two consumers leaves", messages=n, handled=len(handled),
+                   distinct=len(set(handled)), leaver=results["leaver"].processed,
+                   overlaps_disorder=_violations(calls, by_key=True))
+    assert len(handled) == len(set(handled)) == n, "a message was lost or handled twice"
+    assert _violations(calls, by_key=True) == (0, 0)
+    assert results["leaver"].processed > 0 and results["stayer"].processed > 0

@@ -28,6 +28,7 @@ from mtc75.core.gate import PauseGate
 from mtc75.core.offsetmap import DEFAULT_LIMIT as MAP_LIMIT
 from mtc75.core.offsetmap import FinishedOffsets, OffsetMapError, decode, encode
 from mtc75.core.offsets import OffsetTracker, Partition, PartitionState
+from mtc75.core.ordering import new_scheduler
 from mtc75.core.retry import RetryPolicy
 from mtc75.core.window import WindowHolds
 from mtc75.errors import KafkaFatal, KafkaUnavailable, MessageFailed, Mtc75Error, TopicGone
@@ -210,7 +211,8 @@ class Mtc75Consumer:
         conf["on_commit"] = self._on_commit
         consumer = new_client(self._clients.consumer, conf, "librdkafka consumer")
         self._consumer = consumer
-        self._dispatcher = Dispatcher(self._handler, self._settings.MAX_THREAD_COUNT, self._retry)
+        self._dispatcher = Dispatcher(self._handler, self._settings.MAX_THREAD_COUNT, self._retry,
+                                      scheduler=new_scheduler(self._settings.ORDERING))
         try:
             partitions = self._check_topic()
             self._start_watch()
@@ -261,6 +263,7 @@ class Mtc75Consumer:
             abandoned=self.abandoned + self.abandoned_at_revoke,
             lag=dict(self._lag),
             ordering=self._settings.ORDERING,
+            blocked=d.blocked if d else 0,
         )
 
     # -- poll loop ----------------------------------------------------------------------------------
@@ -288,6 +291,10 @@ class Mtc75Consumer:
             if dispatcher.delayed >= high:
                 # Retries alone fill the backlog: threads are idle only because everything is waiting
                 # for its backoff, so stop fetching rather than pile up more failures.
+                active = limit
+            elif backlog >= high and dispatcher.ready <= limit - active:
+                # Ordered modes: the free threads have nothing they may start (the rest waits behind its
+                # key or partition); fetching on would grow the backlog past its bound: pause.
                 active = limit
             if gate.paused:
                 if gate.should_resume(now, limit, backlog):
