@@ -47,13 +47,21 @@ def _works(state: PartitionState, keys: list[bytes | None], start: int = 0) -> l
     return [Work(Msg(state.tp[1], start + i, k), state, start + i) for i, k in enumerate(keys)]
 
 
+def _take(sched: object) -> Work | None:
+    """``take()``, None when nothing may start (the interface raises IndexError)."""
+    try:
+        return sched.take()  # type: ignore[attr-defined,no-any-return]
+    except IndexError:
+        return None
+
+
 def _key(work: Work) -> tuple[int, bytes | None]:
     return work.state.tp[1], work.message.key()
 
 
 def _drain_all(sched: KeyScheduler | PartitionScheduler) -> list[Work]:
     order = []
-    while (w := sched.take()) is not None:
+    while (w := _take(sched)) is not None:
         order.append(w)
         sched.release(w)
     return order
@@ -76,7 +84,7 @@ def test_key_mode_never_runs_a_key_twice_at_once_and_keeps_offset_order(seed: in
         if running and (rng.random() < 0.5 or sched.ready == 0):
             sched.release(running.pop(rng.randrange(len(running))))
             continue
-        work = sched.take()
+        work = _take(sched)
         assert work is not None, "a ready message exists: nothing runs that could block it"
         taken += 1
         if work.message.key() is not None:
@@ -99,7 +107,7 @@ def test_partition_mode_one_message_per_partition_in_offset_order(seed: int) -> 
     last = {s.tp: -1 for s in states}
     done = 0
     while done < 200:
-        work = sched.take() if rng.random() < 0.6 else None
+        work = _take(sched) if rng.random() < 0.6 else None
         if work is None:
             if running:
                 sched.release(running.pop(rng.randrange(len(running))))
@@ -117,17 +125,17 @@ def test_a_busy_key_blocks_only_its_own_messages() -> None:
     (state,) = _states(1)
     sched.put(_works(state, [b"a", b"a", b"b"]))
     assert (len(sched), sched.ready, sched.blocked) == (3, 2, 1)
-    a0 = sched.take()
+    a0 = _take(sched)
     assert a0 is not None and a0.offset == 0
-    b = sched.take()
+    b = _take(sched)
     assert b is not None and b.offset == 2
-    assert sched.take() is None, "a@1 must wait for a@0"
+    assert _take(sched) is None, "a@1 must wait for a@0"
     assert (len(sched), sched.ready, sched.blocked) == (1, 0, 1)
     sched.release(b)
-    assert sched.take() is None
+    assert _take(sched) is None
     sched.release(a0)
     assert (sched.ready, sched.blocked) == (1, 0)
-    a1 = sched.take()
+    a1 = _take(sched)
     assert a1 is not None and a1.offset == 1
 
 
@@ -135,7 +143,7 @@ def test_messages_without_a_key_are_each_their_own_key() -> None:
     sched = KeyScheduler()
     (state,) = _states(1)
     sched.put(_works(state, [None, None, None]))
-    taken = [sched.take() for _ in range(3)]
+    taken = [_take(sched) for _ in range(3)]
     assert [w.offset for w in taken if w] == [0, 1, 2]
     assert sched.lanes == 3
     for w in taken:
@@ -150,17 +158,17 @@ def test_partitions_take_turns_so_a_late_partition_starts_at_once(kind: type) ->
     p0, p1, p2 = _states(3)
     sched.put(_works(p0, [None] * 200))
     sched.put(_works(p1, [None] * 200))
-    first = sched.take()
+    first = _take(sched)
     sched.put(_works(p2, [None] * 200))
     # the unordered front already dealt FRONT messages of partition 0 before the others arrived
     ahead = FRONT if kind is FairFifoScheduler else 0
-    seen = [first] + [sched.take() for _ in range(ahead + 5)]
+    seen = [first] + [_take(sched) for _ in range(ahead + 5)]
     parts = [w.state.tp[1] for w in seen if w is not None]
     assert parts.index(2) <= ahead + 3 and parts.index(1) <= ahead + 1, f"a partition waited: {parts}"
     for w in seen:
         if w is not None:
             sched.release(w)
-    rest = [w.state.tp[1] for w in iter(sched.take, None)][:30]
+    rest = [w.state.tp[1] for w in iter(lambda: _take(sched), None)][:30]
     assert rest.count(0) <= 11 and rest.count(1) <= 11 and rest.count(2) <= 11, f"not round-robin: {rest}"
 
 
@@ -169,7 +177,7 @@ def test_the_plain_fifo_is_unfair_which_is_what_the_fair_one_fixes() -> None:
     sched = FifoScheduler()
     sched.put(_works(p0, [None] * 50))
     sched.put(_works(p1, [None] * 50))
-    parts = [w.state.tp[1] for w in (sched.take() for _ in range(50)) if w]
+    parts = [w.state.tp[1] for w in (_take(sched) for _ in range(50)) if w]
     assert parts == [0] * 50  # the reference: p1 waits for all of p0
 
 
@@ -185,7 +193,7 @@ def test_keys_take_turns_and_a_hot_key_does_not_delay_others() -> None:
 def _drain_all_n(sched: KeyScheduler, n: int) -> list[Work]:
     out = []
     for _ in range(n):
-        w = sched.take()
+        w = _take(sched)
         if w is None:
             break
         out.append(w)
@@ -206,19 +214,19 @@ def test_a_waiting_retry_blocks_its_key_and_requeue_runs_it_first() -> None:
     sched = KeyScheduler()
     (state,) = _states(1)
     sched.put(_works(state, [b"a", b"a", b"b"]))
-    a0 = sched.take()
+    a0 = _take(sched)
     assert a0 is not None and a0.offset == 0
     # a0 failed: it waits for its backoff in the dispatcher's delay queue, neither released nor queued
-    b = sched.take()
+    b = _take(sched)
     assert b is not None and b.message.key() == b"b"
     sched.release(b)
-    assert sched.take() is None, "a@1 must not pass a@0 while a@0 waits for its retry"
+    assert _take(sched) is None, "a@1 must not pass a@0 while a@0 waits for its retry"
     sched.put(_works(state, [b"a"], start=3))
     sched.requeue([a0])
     assert (sched.ready, sched.blocked) == (1, 2)
-    again = sched.take()
+    again = _take(sched)
     assert again is a0
-    assert sched.take() is None
+    assert _take(sched) is None
     sched.release(a0)
     assert [w.offset for w in _drain_all(sched)] == [1, 3]
 
@@ -228,15 +236,15 @@ def test_partition_mode_retry_blocks_the_partition() -> None:
     p0, p1 = _states(2)
     sched.put(_works(p0, [None, None]))
     sched.put(_works(p1, [None]))
-    w = sched.take()
+    w = _take(sched)
     assert w is not None and w.state is p0
-    other = sched.take()
+    other = _take(sched)
     assert other is not None and other.state is p1
-    assert sched.take() is None
+    assert _take(sched) is None
     sched.requeue([w])
-    assert sched.take() is w
+    assert _take(sched) is w
     sched.release(w)
-    nxt = sched.take()
+    nxt = _take(sched)
     assert nxt is not None and nxt.offset == 1
 
 
@@ -245,14 +253,14 @@ def test_purge_drops_one_partition_and_forgets_its_lanes() -> None:
     p0, p1 = _states(2)
     sched.put(_works(p0, [b"a", b"a", b"b"]))
     sched.put(_works(p1, [b"a", b"c"]))
-    running = sched.take()  # p0 a@0
+    running = _take(sched)  # p0 a@0
     assert running is not None and running.state is p0
     dropped = sched.purge(lambda w: w.state is p0)
     assert sorted(w.offset for w in dropped) == [1, 2]
     assert (len(sched), sched.ready, sched.blocked) == (2, 2, 0)
-    rest = [sched.take(), sched.take()]
+    rest = [_take(sched), _take(sched)]
     assert {w.state.tp[1] for w in rest if w} == {1}
-    assert sched.take() is None
+    assert _take(sched) is None
     for w in [*rest, running]:
         assert w is not None
         sched.release(w)  # a revoked message finishing late releases a lane nobody waits on
@@ -263,16 +271,16 @@ def test_purge_of_a_blocked_key_then_a_new_assignment_is_not_blocked_by_the_old_
     sched = KeyScheduler()
     (old,) = _states(1)
     sched.put(_works(old, [b"a", b"a"]))
-    running = sched.take()
+    running = _take(sched)
     assert running is not None
     assert [w.offset for w in sched.purge()] == [1]
     assert (len(sched), sched.ready, sched.blocked) == (0, 0, 0)
     new = PartitionState(("t", 0))  # the partition assigned again
     sched.put(_works(new, [b"a"], start=1))
-    again = sched.take()
+    again = _take(sched)
     assert again is not None and again.state is new
     sched.release(running)
-    assert sched.take() is None
+    assert _take(sched) is None
     sched.release(again)
     assert sched.lanes == 0
 
@@ -285,7 +293,7 @@ def test_fair_fifo_purge_keeps_the_rest_in_partition_order() -> None:
     dropped = sched.purge(lambda w: w.state is p0)
     assert sorted(w.offset for w in dropped) == list(range(10))
     assert len(sched) == 10
-    assert [w.offset for w in iter(sched.take, None)] == list(range(10))
+    assert [w.offset for w in iter(lambda: _take(sched), None)] == list(range(10))
     assert sched.purge() == []
 
 
@@ -293,10 +301,10 @@ def test_fair_fifo_requeue_goes_first() -> None:
     sched = FairFifoScheduler(front=4)
     (p0,) = _states(1)
     sched.put(_works(p0, [None] * 10))
-    first = sched.take()
+    first = _take(sched)
     assert first is not None
     sched.requeue([first])
-    assert sched.take() is first
+    assert _take(sched) is first
     assert (sched.ready, sched.blocked) == (9, 0)
 
 
@@ -309,7 +317,7 @@ def test_fair_fifo_lock_free_takes_hand_out_every_message_once_in_partition_orde
 
     def worker(out: list[Work]) -> None:
         while not stop.is_set() or len(sched):
-            w = sched.take()
+            w = _take(sched)
             if w is not None:
                 out.append(w)
 
@@ -335,10 +343,10 @@ def test_fair_fifo_front_bounds_the_wait_of_a_new_partition() -> None:
     sched = FairFifoScheduler()
     p0, p1 = _states(2)
     sched.put(_works(p0, [None] * 500))
-    taken = [sched.take() for _ in range(3)]
+    taken = [_take(sched) for _ in range(3)]
     sched.put(_works(p1, [None]))
     waited = 0
-    while (w := sched.take()) is not None and w.state is p0:
+    while (w := _take(sched)) is not None and w.state is p0:
         waited += 1
     assert w is not None and w.state is p1
     assert waited <= FRONT, f"partition 1 waited {waited} messages"
@@ -456,18 +464,29 @@ def _intake(pending_b: range) -> tuple[object, object]:
 
 
 def test_fair_intake_cuts_a_long_run_while_another_partition_waits_and_seeks_it_back() -> None:
-    tracker, intake = _intake(range(0, 5))  # partition 1: offsets 0-4 done, the broker has up to 200
+    _tracker, intake = _intake(range(0, 5))  # partition 1: offsets 0-4 done, the broker has up to 200
     batch = [_Fetched(0, o) for o in range(50)]
+
+    def cut(consumer: _Consumer, now: float, held: tuple[tuple[str, int], ...] = ()) -> list[_Fetched]:
+        return intake.cut(consumer, batch, high=44, limit=4, rate=40.0, now=now, held=held)  # type: ignore[attr-defined]
+
     consumer = _Consumer(end=200)
-    kept = intake.cut(consumer, batch, high=44, limit=4, rate=40.0)  # type: ignore[attr-defined]
+    kept = cut(consumer, now=10.0)
     assert [m.offset() for m in kept] == list(range(22)) and consumer.seeks == [(0, 22)]  # share 44 // 2
-    # partition 1 has nothing more on the broker: nobody waits, nothing is cut
-    consumer = _Consumer(end=5)
-    assert intake.cut(consumer, batch, high=44, limit=4, rate=40.0) == batch and not consumer.seeks  # type: ignore[attr-defined]
+    # cut again only after the cooldown (a partition that only looks as if it waited costs little)
+    consumer = _Consumer(end=200)
+    assert cut(consumer, now=10.01) == batch and not consumer.seeks
+    assert len(cut(consumer, now=10.2)) == 22 and consumer.seeks == [(0, 22)]
+    # partition 1 has nothing more on the broker (a commit marker at most): nobody waits, nothing is cut
+    for end in (5, 6):
+        consumer = _Consumer(end=end)
+        assert cut(consumer, now=20.0 + end) == batch and not consumer.seeks
+    # partition 1 paused alone (the window's hold) cannot take a turn: it does not wait
+    consumer = _Consumer(end=200)
+    assert cut(consumer, now=30.0, held=(("t", 1),)) == batch and not consumer.seeks
     # a seek that fails keeps the messages (dropping them without it would skip them for good)
     consumer = _Consumer(end=200, refuse_seek=True)
-    assert intake.cut(consumer, batch, high=44, limit=4, rate=40.0) == batch  # type: ignore[attr-defined]
-    assert tracker is not None
+    assert cut(consumer, now=40.0) == batch
 
 
 # -- through the dispatcher (worker threads, retries, purges), no broker ------------------------------
@@ -560,7 +579,7 @@ def test_fair_fifo_lock_free_takes_racing_purges_never_lose_or_duplicate_a_messa
 
     def taker(out: list[Work]) -> None:
         while not stop.is_set():
-            w = sched.take()
+            w = _take(sched)
             if w is not None:
                 out.append(w)
 
@@ -584,3 +603,17 @@ def test_fair_fifo_lock_free_takes_racing_purges_never_lose_or_duplicate_a_messa
     rest = sched.purge()
     seen = [id(w) for w in dropped] + [id(w) for out in taken for w in out] + [id(w) for w in rest]
     assert len(seen) == len(items) and set(seen) == {id(w) for w in items}
+
+
+@pytest.mark.parametrize("kind", [PartitionScheduler, KeyScheduler, FairFifoScheduler])
+def test_take_raises_index_error_when_nothing_may_start(kind: type) -> None:
+    """The interface (mtc75/core/scheduler.py): IndexError, never None, so a deque's popleft can be a take."""
+    sched = kind()
+    with pytest.raises(IndexError):
+        sched.take()
+    (state,) = _states(1)
+    sched.put(_works(state, [b"a"]))
+    work = sched.take()
+    assert isinstance(work, Work)
+    with pytest.raises(IndexError):
+        sched.take()

@@ -122,10 +122,10 @@ class _LaneScheduler:
             if not lane.busy and not lane.ready:
                 self._make_ready(lane, front=True)
 
-    def take(self) -> Work | None:
+    def take(self) -> Work:
         ring = self._ring
         if not ring:
-            return None
+            raise IndexError("nothing may start now")
         part = ring.popleft()
         lane = part.ready.popleft()
         if part.ready:
@@ -318,19 +318,17 @@ class FairFifoScheduler:
     def requeue(self, items: list[Work]) -> None:
         self._front.extendleft(reversed(items))  # retries first: older than anything fetched since
 
-    def take(self) -> Work | None:
-        try:
-            return self._front.popleft()  # atomic: workers call it without any lock
-        except IndexError:
-            pass
-        if not self._back:
-            return None
-        with self._lock:
-            self._fill()
-        try:
-            return self._front.popleft()
-        except IndexError:
-            return None  # another worker took what was refilled
+    def take(self) -> Work:
+        front = self._front
+        if front:
+            try:
+                return front.popleft()  # atomic: workers call it without any lock
+            except IndexError:
+                pass  # another worker took the last one
+        if self._back:
+            with self._lock:
+                self._fill()
+        return front.popleft()  # IndexError when nothing is left (or another worker took the refill)
 
     def release(self, work: Work) -> None:
         pass  # nothing is ever blocked

@@ -323,7 +323,8 @@ class Mtc75Consumer:
                 if not messages:
                     messages = _as_list(consumer.poll(POLL_TIMEOUT))
             if messages:
-                messages = self._fair.cut(consumer, messages, high, limit, gate.rate)  # every partition its turn
+                # every partition its turn (not one partition's long run while another waits)
+                messages = self._fair.cut(consumer, messages, high, limit, gate.rate, time.monotonic(), self._holds)
                 self._accept(messages)
                 # Only a real message proves a broker answered: poll() also returns error events, and
                 # those arrive while every broker is down (a 10 s budget never ran out: they reset it).
