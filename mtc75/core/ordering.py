@@ -23,8 +23,8 @@ back. So one partition (or one hot key) never makes another wait for more than o
 Counts: ``ready`` is the number of messages ``take`` could hand out *now*, one per ready lane -- what
 free threads can start; ``blocked`` is every other waiting message (behind a running message of its key
 or partition, or behind an earlier waiting one of its lane). The dispatcher counts both toward its
-backlog bound, so a hot key holds the consumer's memory to that bound, and ``ready == 0`` with messages
-waiting and threads free tells the engine that fetching more could only pile up blocked messages.
+backlog bound, so a hot key holds the consumer's memory to that bound: with the backlog at its bound
+and no more ``ready`` than free threads, the engine pauses rather than piling up blocked messages.
 
 Thread contract: :class:`PartitionScheduler` and :class:`KeyScheduler` are called only with the
 dispatcher's lock held (``LOCK_FREE_TAKE`` and ``LOCK_FREE_RELEASE`` are False).
@@ -103,12 +103,29 @@ class _LaneScheduler:
     # -- interface ------------------------------------------------------------------------------------
 
     def put(self, items: Iterable[Work]) -> None:
+        # The poll thread's per-message path, with the dispatcher's lock held: lookups bound once and
+        # the new-ready step inlined (10 000 keys, no-op handler: key mode ran at 0.67-0.70 of unordered).
+        lanes = self._lanes
+        key_of = self._key
+        ring = self._ring
+        count = ready = 0
         for work in items:
-            lane = self._lane(work)
+            key = key_of(work)
+            lane = lanes.get(key)
+            if lane is None:
+                lane = self._new_lane(key, work.state)
             lane.queue.append(work)
-            self._waiting += 1
+            count += 1
             if not lane.busy and not lane.ready:
-                self._make_ready(lane, front=False)
+                lane.ready = True
+                ready += 1
+                part = lane.part
+                part.ready.append(lane)
+                if not part.in_ring:
+                    part.in_ring = True
+                    ring.append(part)
+        self._waiting += count
+        self._ready += ready
 
     def requeue(self, items: list[Work]) -> None:
         for work in reversed(items):
@@ -205,12 +222,14 @@ class _LaneScheduler:
     def _lane(self, work: Work) -> _Lane:
         key = self._key(work)
         lane = self._lanes.get(key)
-        if lane is None:
-            part = self._parts.get(work.state)
-            if part is None:
-                part = self._parts[work.state] = _Part(work.state)
-            part.lanes += 1
-            lane = self._lanes[key] = _Lane(key, part)
+        return lane if lane is not None else self._new_lane(key, work.state)
+
+    def _new_lane(self, key: Hashable, state: object) -> _Lane:
+        part = self._parts.get(state)
+        if part is None:
+            part = self._parts[state] = _Part(state)
+        part.lanes += 1
+        lane = self._lanes[key] = _Lane(key, part)
         return lane
 
     def _make_ready(self, lane: _Lane, front: bool) -> None:
