@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from mtc75.api import Consumer
 from mtc75.app.cli import (
     StdoutLines,
     base_parser,
@@ -27,7 +28,7 @@ from mtc75.app.cli import (
     use_color,
 )
 from mtc75.app.status import format_status
-from mtc75.engine.consumer import Mtc75Consumer, Stats
+from mtc75.core.stats import Stats
 from mtc75.errors import ConfigError
 from mtc75.runtime.handlers import SimulatedWork, load_handler
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="do not apply changes to config.py while running")
     args = parser.parse_args(argv)
     out = StdoutLines()
-    started: list[Mtc75Consumer] = []  # the consumer, once built: its abandoned handlers decide how to exit
+    started: list[Consumer] = []  # the consumer, once built: what it left running decides how to exit
 
     def run() -> int:
         setup_logging(args.verbose, args.quiet)
@@ -161,10 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             for observer in observers:
                 observer.update(stats)
 
-        consumer = Mtc75Consumer(
-            settings, handler, overrides=props, max_messages=args.max_messages, idle_exit=args.idle_exit,
-            on_status=on_status,
-        )
+        consumer = Consumer.from_settings(handler, settings, librdkafka=props, on_status=on_status)
         started.append(consumer)
 
         path = config_path(args)
@@ -194,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 watcher.start()
             if dashboard is not None:
                 dashboard.start()
-            stats = consumer.run()
+            stats = consumer.run(max_messages=args.max_messages, idle_exit=args.idle_exit)
             for observer in observers:
                 observer.update(stats)  # the final snapshot, after shutdown committed
         finally:
@@ -216,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     code = run_main(run, PROG)
-    if started and (started[0].abandoned or started[0].close_timed_out):
+    if started and started[0].lingering:
         # Abandoned handlers still run in worker threads (or the Kafka client is stuck closing), and the
         # interpreter would wait for them at exit for ever: leave now, with the code the run ended with.
         # Their messages are uncommitted.

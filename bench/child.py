@@ -148,7 +148,8 @@ def run_pool(args: argparse.Namespace, rec: Recorder, work: Callable[[int], None
 
 
 def run_engine(args: argparse.Namespace, rec: Recorder, work: Callable[[int], None] | None) -> None:
-    from mtc75.engine.consumer import Mtc75Consumer, Stats
+    from mtc75.core.stats import Stats
+    from mtc75.engine.consumer import Mtc75Consumer
     from mtc75.settings import load_settings, parse_properties
 
     settings = load_settings(None, flags={"TOPIC": args.topic, "GROUP_ID": f"bench-{uuid.uuid4().hex[:8]}",

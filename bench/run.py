@@ -38,7 +38,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer
 
-from mtc75.engine.consumer import Mtc75Consumer, Stats
+from mtc75.core.stats import Stats
+from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.kafka.topics import create_topic
 from mtc75.settings import Settings
 from mtc75.tools.broker import LocalKafka

@@ -9,6 +9,7 @@
 
 See :class:`mtc75.Consumer` and the README's "Use it as a library". The command-line scripts of the
 repository are built from the same engine; everything else in this package is internal.
+Which thread may call what: see :class:`mtc75.Consumer` (mtc75/api.py); importing is thread-agnostic.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import mtc75._startup  # noqa: F401
 import logging
 
 from mtc75.api import Consumer
-from mtc75.engine.consumer import Stats
+from mtc75.core.stats import Stats
 from mtc75.errors import (
     BrokerUnreachable,
     ConfigError,

@@ -7,7 +7,7 @@ configures logging (records go to the ``mtc75`` loggers).
 
 Threads: one owning thread constructs the consumer and calls ``run``, ``start``, ``close`` and the
 ``with`` block. ``stop()`` may be called from any thread or a signal handler (it only sets flags);
-``stats()`` and ``retune()`` from any thread. The handler runs on worker threads, at most
+``stats()``, ``retune()`` and ``lingering`` from any thread. The handler runs on worker threads, at most
 ``max_thread_count`` at once; ``on_status`` runs on the poll thread.
 """
 
@@ -19,7 +19,8 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any
 
-from mtc75.engine.consumer import Mtc75Consumer, Stats
+from mtc75.core.stats import Stats
+from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.errors import ConfigError
 from mtc75.kafka.clients import REAL_CLIENTS, KafkaClients
 from mtc75.runtime.handlers import prepare_handler
@@ -28,8 +29,8 @@ from mtc75.settings import SPECS, Settings, coerce
 # The settings a consumer uses; the others belong to producer.py, create_topic.py or the CLI's default handler.
 CONSUMER_SETTINGS = (
     "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "MAX_THREAD_COUNT", "PAUSE_INTERVAL", "AUTO_OFFSET_RESET",
-    "MAX_BACKLOG", "COMMIT_INTERVAL", "REVOKE_TIMEOUT", "SHUTDOWN_TIMEOUT", "MAX_ATTEMPTS", "RETRY_BACKOFF",
-    "RETRY_BACKOFF_MAX", "ON_FAILURE", "BROKER_DOWN_TIMEOUT", "REPLICATION_FACTOR", "CONSUMER_CONFIG",
+    "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT", "SHUTDOWN_TIMEOUT", "MAX_ATTEMPTS",
+    "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "BROKER_DOWN_TIMEOUT", "REPLICATION_FACTOR", "CONSUMER_CONFIG",
     "PRODUCER_CONFIG", "ORDERING",
 )
 SNAPSHOT_INTERVAL = 0.25  # how stale stats() may be while running: the poll thread refreshes it this often
@@ -45,6 +46,8 @@ class Consumer:
     ``on_failure="skip"``, ``ordering="key"``, ...); ``librdkafka`` adds consumer properties, applied
     last. Bad values raise :class:`~mtc75.errors.ConfigError` here, before anything connects. A
     consumer runs once.
+    ``on_status(stats)`` is called on the poll thread about every ``status_interval`` seconds while it
+    runs (a dashboard, a metrics exporter); :meth:`from_settings` takes a whole Settings instead of keywords.
     """
 
     def __init__(
@@ -61,12 +64,39 @@ class Consumer:
         clients: KafkaClients = REAL_CLIENTS,
         **settings: Any,
     ) -> None:
+        keywords = {"topic": topic, "group_id": group_id, "bootstrap_servers": bootstrap_servers,
+                    "max_thread_count": max_thread_count, **settings}
+        self._setup(handler, _settings(keywords), librdkafka, on_status, status_interval, clients)
+
+    @classmethod
+    def from_settings(
+        cls,
+        handler: Callable[[Any], object],
+        settings: Settings,
+        *,
+        librdkafka: Mapping[str, Any] | None = None,
+        on_status: Callable[[Stats], None] | None = None,
+        status_interval: float = 1.0,
+        clients: KafkaClients = REAL_CLIENTS,
+    ) -> Consumer:
+        """A consumer from a whole :class:`~mtc75.settings.Settings` (e.g. ``mtc75.settings.load_settings``:
+        defaults, a config file, ``MTC75_*`` environment variables), instead of keywords.
+
+        The other keywords are those of the constructor; settings a consumer does not use (the
+        producer's, the default handler's) are ignored.
+        """
+        consumer = cls.__new__(cls)
+        consumer._setup(handler, settings, librdkafka, on_status, status_interval, clients)
+        return consumer
+
+    def _setup(
+        self, handler: Callable[[Any], object], settings: Settings, librdkafka: Mapping[str, Any] | None,
+        on_status: Callable[[Stats], None] | None, status_interval: float, clients: KafkaClients,
+    ) -> None:
         handler = prepare_handler(handler)  # refuses what the workers cannot run (async handlers)
         if not status_interval > 0:
             raise ConfigError(f"invalid status_interval={status_interval!r}: must be > 0")
-        keywords = {"topic": topic, "group_id": group_id, "bootstrap_servers": bootstrap_servers,
-                    "max_thread_count": max_thread_count, **settings}
-        self._settings = _settings(keywords)
+        self._settings = settings
         if librdkafka is not None and not isinstance(librdkafka, Mapping):
             raise ConfigError(f"invalid librdkafka={librdkafka!r}: must be a dict of librdkafka properties")
         self._librdkafka: Mapping[str, Any] = MappingProxyType(dict(librdkafka or {}))
@@ -79,7 +109,7 @@ class Consumer:
         self._engine: Mtc75Consumer | None = None
         self._stop_requested = False  # a plain flag: stop() must be safe in a signal handler
         self._launched = False
-        self._stats: Stats = _idle_stats(self._settings)
+        self._stats: Stats = Stats.idle(self._settings.MAX_THREAD_COUNT, self._settings.ORDERING)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None  # what ended the background run
 
@@ -152,6 +182,14 @@ class Consumer:
         """The latest snapshot: at most SNAPSHOT_INTERVAL old while running, final once finished."""
         return self._stats
 
+    @property
+    def lingering(self) -> bool:
+        """After a run: handlers it stopped waiting for are still running on worker threads, or the Kafka
+        client did not finish closing (no broker answered). The interpreter waits for both at exit;
+        their messages are uncommitted and will be delivered again."""
+        engine = self._engine
+        return engine is not None and (engine.abandoned > 0 or engine.close_timed_out)
+
     def retune(self, *, max_thread_count: int | None = None, pause_interval: float | None = None) -> None:
         """Change the thread bound and the pause interval; a running consumer applies it within 0.1 s."""
         changes = {"MAX_THREAD_COUNT": max_thread_count, "PAUSE_INTERVAL": pause_interval}
@@ -219,12 +257,3 @@ def _settings(keywords: Mapping[str, Any]) -> Settings:
             raise ConfigError(f"{keyword!r} is not a consumer setting")
         values[name] = coerce(SPECS[name], raw, f"keyword {keyword}")
     return Settings(**values)
-
-
-def _idle_stats(settings: Settings) -> Stats:
-    """The snapshot before a run has started."""
-    return Stats(
-        active_threads=0, max_thread_count=settings.MAX_THREAD_COUNT, paused=False, paused_for=0.0,
-        next_check_in=0.0, processed=0, failed=0, rate=0.0, in_flight=0, backlog=0, pauses=0,
-        paused_seconds=0.0, elapsed_seconds=0.0, max_active_threads=0, assigned=0, ordering=settings.ORDERING,
-    )

@@ -8,7 +8,8 @@ bounded by their timeout, for something to deliver.
 
 Surface of FakeConsumer (what the engine calls): subscribe (on_assign / on_revoke / on_lost), consume,
 poll, assign / unassign, incremental_assign / incremental_unassign, assignment, pause / resume, seek
-(logical offsets too), position, commit (sync and async, with ``on_commit``), committed,
+(logical offsets too), position, commit (sync and async, with ``on_commit``; each partition's
+``metadata`` -- the offset map -- is stored and ``committed()`` returns it), committed,
 get_watermark_offsets, list_topics, close; ``error_cb`` from the config. FakeAdmin: list_topics,
 create_topics, describe_topics (the topic id the engine's topic watch asks for).
 Like librdkafka, every callback runs on the thread that calls
@@ -93,6 +94,7 @@ class CommitCall:
     asynchronous: bool
     error: KafkaError | None  # the injected failure, None when it succeeded
     outside: list[Partition]  # partitions committed while not assigned to the committer
+    metadata: dict[Partition, str] = field(default_factory=dict)  # TopicPartition.metadata of each (the offset map)
 
 
 @dataclass
@@ -123,6 +125,7 @@ class FakeKafka:
         self._changed = threading.Condition(self._lock)  # notified on produce and on queued events
         self._logs: dict[str, list[list[FakeMessage]]] = {}
         self._committed: dict[tuple[str, Partition], int] = {}  # (group, partition) -> next offset to read
+        self._commit_metadata: dict[tuple[str, Partition], str] = {}  # (group, partition) -> the commit's metadata
         self.commits: list[CommitCall] = []  # every commit() call, in order
         self.consumers: list[FakeConsumer] = []
         self.producers: list[FakeProducer] = []
@@ -156,6 +159,7 @@ class FakeKafka:
             self._topic_ids.pop(topic)
             for key in [k for k in self._committed if k[1][0] == topic]:
                 del self._committed[key]
+                self._commit_metadata.pop(key, None)
             self._changed.notify_all()
 
     def recreate_topic(self, topic: str, partitions: int) -> None:
@@ -437,11 +441,13 @@ class FakeConsumer:
         with self._lock:
             error = cluster._commit_errors.popleft() if cluster._commit_errors else None
             wanted = {(tp.topic, tp.partition): tp.offset for tp in offsets}
+            metadata = {(tp.topic, tp.partition): tp.metadata or "" for tp in offsets}
             outside = [tp for tp in wanted if tp not in self._assigned]
-            cluster.commits.append(CommitCall(dict(wanted), asynchronous, error, outside))
+            cluster.commits.append(CommitCall(dict(wanted), asynchronous, error, outside, metadata))
             if error is None:
                 for tp, offset in wanted.items():
                     cluster._committed[(self.group, tp)] = offset
+                    cluster._commit_metadata[(self.group, tp)] = metadata[tp]
         result = [TopicPartition(t, p, o) for (t, p), o in wanted.items()]
         if asynchronous:
             self._commit_reports.append((error, result))  # reported by the next consume / poll
@@ -453,10 +459,14 @@ class FakeConsumer:
     def committed(self, partitions: list[TopicPartition], timeout: float = -1) -> list[TopicPartition]:
         self._enter("committed")
         with self._lock:
-            return [TopicPartition(tp.topic, tp.partition,
-                                   self._cluster._committed.get((self.group, (tp.topic, tp.partition)),
-                                                                OFFSET_INVALID))
-                    for tp in partitions]
+            out = []
+            for tp in partitions:
+                key = (self.group, (tp.topic, tp.partition))
+                offset = self._cluster._committed.get(key, OFFSET_INVALID)
+                meta = self._cluster._commit_metadata.get(key)  # like librdkafka: what the commit carried
+                out.append(TopicPartition(tp.topic, tp.partition, offset, metadata=meta) if meta
+                           else TopicPartition(tp.topic, tp.partition, offset))
+            return out
 
     def get_watermark_offsets(self, partition: TopicPartition, timeout: float = -1,
                               cached: bool = False) -> tuple[int, int]:

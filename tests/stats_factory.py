@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mtc75.engine.consumer import Stats
+from mtc75.core.stats import Stats
 
 
 def make_stats(**changes: Any) -> Stats:

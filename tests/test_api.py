@@ -20,6 +20,7 @@ import pytest
 from confluent_kafka import KafkaError
 
 import mtc75
+from mtc75.settings import Settings
 from tests.fake_kafka import FakeKafka
 from tests.kafka_helpers import ROOT, committed_offsets, end_offsets, produce_numbered, wait_until
 
@@ -114,6 +115,30 @@ def test_run_blocks_and_returns_the_final_stats_without_printing(
 def test_bad_run_arguments_are_config_errors(cluster: FakeKafka, kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(mtc75.ConfigError, match=message):
         make(cluster).run(**kwargs)
+
+
+def test_from_settings_runs_a_whole_settings_and_lingering_tells_of_an_abandoned_handler(cluster: FakeKafka) -> None:
+    cluster.fill(TOPIC, {0: 3})
+    release = threading.Event()
+    statuses: list[mtc75.Stats] = []
+
+    def handler(message: Any) -> None:
+        if message.offset() == 1:
+            release.wait(WAIT)  # still running when the run gives up on it
+
+    settings = Settings().replace(TOPIC=TOPIC, GROUP_ID=GROUP, SHUTDOWN_TIMEOUT=0.2, COMMIT_INTERVAL=0.02,
+                                  OFFSET_WINDOW=50)
+    consumer = mtc75.Consumer.from_settings(handler, settings, clients=cluster.clients(),
+                                            on_status=statuses.append, status_interval=0.05)
+    assert not consumer.lingering  # nothing ran yet
+    try:
+        stats = consumer.run(idle_exit=0.3)
+        assert stats.processed == 2 and stats.abandoned == 1 and consumer.lingering
+        assert statuses and cluster.committed(GROUP, TOPIC, 0) == 1
+    finally:
+        release.set()
+    with pytest.raises(mtc75.ConfigError, match="offset_window"):
+        mtc75.Consumer(handler, topic=TOPIC, group_id=GROUP, offset_window=-1)
 
 
 def test_start_runs_in_the_background_stats_move_and_close_commits(cluster: FakeKafka) -> None:

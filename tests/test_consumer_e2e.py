@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from mtc75.engine.consumer import Mtc75Consumer, Stats
+from mtc75.core.stats import Stats
+from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.settings import Settings
 from tests.kafka_helpers import (
     all_offsets,

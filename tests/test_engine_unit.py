@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError
 
+from mtc75.core.offsetmap import decode
+from mtc75.core.stats import Stats
 from mtc75.engine import consumer as engine_module
-from mtc75.engine.consumer import Mtc75Consumer, Stats
+from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.errors import (
     BrokerUnreachable,
     HandlerRefused,
@@ -220,11 +222,12 @@ def test_revoke_timeout_commits_the_done_prefix_and_the_late_completion_is_dropp
     until(lambda: run.stats().dropped_late == 1, "the late completion to be dropped")
     assert commits_of(cluster, P0, since=after_revoke) == []
     assert run.stats().processed == 2
-    # The partition comes back: the next owner (us again) reads from the committed offset 1.
+    # The partition comes back: the next owner (us again) reads from the committed offset 1; offset 2
+    # finished before the revoke, and the offset map committed with 1 says so: it is not run again.
     assert consumer.rebalance(assign=[P0]).wait(WAIT)
-    until(lambda: cluster.committed(GROUP, TOPIC, 0) == 3, "offsets 1 and 2 handled again and committed")
+    until(lambda: cluster.committed(GROUP, TOPIC, 0) == 3, "offset 1 handled again and 1..2 committed")
     run.stop()
-    assert recorder.calls == Counter({(0, 0): 1, (0, 1): 2, (0, 2): 2})  # at least once, never lost
+    assert recorder.calls == Counter({(0, 0): 1, (0, 1): 2, (0, 2): 1})  # at least once, never lost
 
 
 def test_lost_partitions_are_neither_waited_for_nor_committed(cluster: FakeKafka, start: Callable[..., Run]) -> None:
@@ -262,10 +265,36 @@ def test_a_retry_waiting_at_revoke_is_dropped_and_the_next_assignment_reads_the_
     # the retry went with the partition (a snapshot taken after the revoke: 2 partitions left)
     until(lambda: (lambda s: (s.assigned, s.backlog) == (2, 0))(run.stats()), "the retry to be dropped")
     assert consumer.rebalance(assign=[P0]).wait(WAIT)
-    until(lambda: cluster.committed(GROUP, TOPIC, 0) == 2, "offset 0 and 1 handled by the new assignment")
+    until(lambda: cluster.committed(GROUP, TOPIC, 0) == 2, "offset 0 handled by the new assignment")
     stats = run.stop()
-    assert recorder.calls == Counter({(0, 0): 2, (0, 1): 2})
+    assert recorder.calls == Counter({(0, 0): 2, (0, 1): 1})  # 1 finished before: the offset map skips it
     assert stats.retried == 1 and stats.failed == 0
+
+
+# -- the offset map --------------------------------------------------------------------------------------
+
+
+def test_the_offset_map_travels_with_the_commit_and_the_next_member_skips_what_finished(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    cluster.fill(TOPIC, {0: 10})
+    first = Recorder(block={(0, 2)})  # offset 2 never finishes under the first member
+    run = start(first, SHUTDOWN_TIMEOUT=0.2)
+    until(lambda: len(first.handled()) == 9 and (0, 2) in first.started, "every offset but 2")
+
+    def carries_the_map() -> bool:
+        done = [c for c in cluster.commits if c.error is None and c.offsets.get(P0) == 2 and c.metadata.get(P0)]
+        return bool(done) and set(decode(done[-1].metadata[P0], 2) or ()) == set(range(3, 10))
+
+    until(carries_the_map, "a commit at the unfinished offset 2 carrying 3..9 as finished")
+    run.engine.stop()
+    run.join()
+    assert cluster.committed(GROUP, TOPIC, 0) == 2
+
+    second = Recorder()
+    start(second, max_messages=1).join()  # a new member of the same group on the same cluster
+    assert dict(second.calls) == {(0, 2): 1}  # 3..9 finished under the first member: not run again
+    assert cluster.committed(GROUP, TOPIC, 0) == 10
 
 
 # -- failures after the last attempt ------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from mtc75.engine.consumer import Mtc75Consumer, Stats
+from mtc75.core.stats import Stats
+from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.kafka.clients import KafkaClients
 from mtc75.kafka.deadletter import H_ATTEMPTS, H_ERROR, H_OFFSET, H_PARTITION, H_TOPIC
 from mtc75.kafka.topics import create_topic
@@ -591,7 +592,8 @@ def test_a_failed_dead_letter_publish_is_retried_never_dropped(
         # only the dead-letter producer goes through the door; 1 s is as long as a DLQ record waits
         PRODUCER_CONFIG={"bootstrap.servers": door.address, "message.timeout.ms": "1000"},
     )
-    consumer = Mtc75Consumer(settings, handler, max_messages=n)
+    snapshots: list[Stats] = []  # from the poll thread: stats() belongs to it
+    consumer = Mtc75Consumer(settings, handler, max_messages=n, on_status=snapshots.append, status_interval=0.05)
     result: list[Stats] = []
     runner = threading.Thread(target=lambda: result.append(consumer.run()))
     caplog.set_level(logging.WARNING, logger="mtc75.kafka.deadletter")
@@ -603,7 +605,7 @@ def test_a_failed_dead_letter_publish_is_retried_never_dropped(
     try:
         wait_until(lambda: refused() >= 4, timeout=60, what="DLQ publishes failing and retried")
         wait_until(lambda: len(handled) == n - 2, timeout=30, what="the other messages handled")
-        assert runner.is_alive() and consumer.stats().dead_lettered == 0  # the two are not done
+        assert runner.is_alive() and snapshots[-1].dead_lettered == 0  # the two are not done
         assert committed_offsets(bootstrap, group, topic)[0] <= 9  # nor committed past
         door.open()
         runner.join(timeout=90)
@@ -650,12 +652,14 @@ def test_nothing_is_committed_while_no_broker_is_reachable(
         PAUSE_INTERVAL=5.0,  # the backlog holds about one interval of work: 5 s to finish during the outage
     )
     # No --max-messages: the run could end during the outage; it is stopped once all is committed.
-    consumer = Mtc75Consumer(settings, handler, clients=KafkaClients(consumer=RecordingConsumer))
+    snapshots: list[Stats] = []  # from the poll thread: stats() belongs to it
+    consumer = Mtc75Consumer(settings, handler, clients=KafkaClients(consumer=RecordingConsumer),
+                             on_status=snapshots.append, status_interval=0.05)
     caplog.set_level(logging.WARNING, logger="mtc75.engine.consumer")
     runner = threading.Thread(target=consumer.run)
     runner.start()
     try:
-        wait_until(lambda: len(commits) >= 3 and consumer.stats().backlog >= 300, timeout=60,
+        wait_until(lambda: len(commits) >= 3 and bool(snapshots) and snapshots[-1].backlog >= 300, timeout=60,
                    what="commits, and a backlog to work on during the outage")
         own_broker.stop()
 

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from mtc75.app.reload import ConfigWatcher, retuner
-from mtc75.engine.consumer import Mtc75Consumer, Stats
+from mtc75.core.stats import Stats
+from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.runtime.handlers import SimulatedWork
 from mtc75.settings import load_settings
 from tests.kafka_helpers import (

@@ -1,6 +1,8 @@
 """What the three scripts share: setting flags, ``-X`` properties, logging, colors and exit codes.
 
-Only scripts call into this module; the engine never prints or configures logging.
+Only scripts call into this module, from their main thread; the engine never prints or configures
+logging. The log formatter runs on whichever thread logs (it keeps no state); ``StdoutLines`` on the
+main thread, which in mtc75_consumer.py is also the poll thread (it calls ``run()`` itself).
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ def paint(text: str, color: str | None, enabled: bool, bold: bool = False) -> st
 _LEVEL_COLORS = {logging.WARNING: "yellow", logging.ERROR: "red", logging.CRITICAL: "red"}
 
 
+# The engine marks its pause and resume records with ``extra={"mtc75_event": ...}``
+# (mtc75.engine.consumer.PAUSE_EVENT / RESUME_EVENT): colours follow that field, never the wording.
+_EVENT_COLORS = {"pause": "red", "resume": "green"}
+
+
 class _ColorFormatter(logging.Formatter):
     """Warnings yellow, errors red; the pause and resume lines stand out in bold red and green."""
 
@@ -45,11 +52,9 @@ class _ColorFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        msg = str(record.msg)
-        if msg.startswith("PAUSED"):
-            return paint(text, "red", self._color, bold=True)
-        if msg.startswith("RESUMED"):
-            return paint(text, "green", self._color, bold=True)
+        event = _EVENT_COLORS.get(getattr(record, "mtc75_event", ""))
+        if event is not None:
+            return paint(text, event, self._color, bold=True)
         return paint(text, _LEVEL_COLORS.get(record.levelno), self._color)
 
 

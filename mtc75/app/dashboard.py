@@ -1,6 +1,6 @@
 """The live terminal dashboard: what the threads do, redrawn in place (the seed's "system monitor").
 
-:func:`render` is pure -- a :class:`~mtc75.engine.consumer.Stats` snapshot, the recent throughput and a
+:func:`render` is pure -- a :class:`~mtc75.core.stats.Stats` snapshot, the recent throughput and a
 process sample in, a rich renderable out -- so tests render it to a recording console. The
 :class:`Dashboard` only keeps the latest snapshot: the engine hands it one per status interval on
 the poll thread (a cheap append), and rich's own refresh thread does the drawing.
@@ -26,7 +26,7 @@ from rich.text import Text
 
 from mtc75.app.status import status_color
 from mtc75.core.offsets import Partition
-from mtc75.engine.consumer import Stats
+from mtc75.core.stats import Stats
 
 HISTORY = 60  # throughput samples kept for the sparkline (one per status interval)
 SPARKS = "▁▂▃▄▅▆▇█"

@@ -1,9 +1,13 @@
 """Prometheus metrics for ``--metrics-port``: the engine's status snapshots, served at ``/metrics``.
 
-The counters and gauges are read from the latest :class:`~mtc75.engine.consumer.Stats` when Prometheus scrapes
+The counters and gauges are read from the latest :class:`~mtc75.core.stats.Stats` when Prometheus scrapes
 (a custom collector), so the engine keeps no second set of counters. Only the handler duration is
 measured here, by wrapping the handler. Everything lives in an own registry, never the global one,
 so several consumers (or tests) in one process do not collide.
+
+Threads: the script's main thread builds, serves and closes; ``update`` runs on the poll thread (the
+status callback) and swaps one reference that scrapes on the HTTP server's thread read; the timed
+handler runs on worker threads (prometheus_client's Histogram has its own lock).
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, st
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mtc75.engine.consumer import Stats
+from mtc75.core.stats import Stats
 from mtc75.errors import ConfigError
-from mtc75.runtime.dispatcher import Handler
+from mtc75.runtime.handlers import Handler
 
 PREFIX = "mtc75"
 # Handler durations from a fast in-memory handler up to slow I/O.

@@ -5,6 +5,10 @@ settings again exactly as at start-up (defaults, config file, environment, flags
 flag or environment variable still wins) and hands the live-tunable ones that changed to ``apply``.
 A file that does not load -- a syntax error, a bad value -- is reported in one log line and the
 running values stay; other changed settings are named once as needing a restart.
+
+Threads: the script's main thread starts and closes the watcher; ``apply`` runs on the watcher's
+thread, so :func:`retuner` only calls what any thread may: ``Consumer.retune`` (the API takes a lock)
+and one float assignment the workers read (``SimulatedWork.processing_sleep``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mtc75.engine.consumer import Mtc75Consumer
+from mtc75.api import Consumer
 from mtc75.errors import ConfigError
 from mtc75.runtime.handlers import SimulatedWork
 from mtc75.settings import SPECS, Settings
@@ -34,7 +38,7 @@ def diff(old: Settings, new: Settings) -> tuple[dict[str, Any], list[str]]:
     return live, restart
 
 
-def retuner(consumer: Mtc75Consumer, work: object) -> Callable[[dict[str, Any]], None]:
+def retuner(consumer: Consumer, work: object) -> Callable[[dict[str, Any]], None]:
     """The ``apply`` for a running consumer: threads and pause interval to the engine, sleep to the handler."""
 
     def apply(changes: dict[str, Any]) -> None:

@@ -3,6 +3,9 @@
 The CSV gets one row a second from the status snapshots (written and flushed as it goes, so a
 crashed run still leaves its data); the PNG has three panels sharing the time axis: active threads
 against MAX_THREAD_COUNT with the paused time shaded, throughput, and total lag.
+
+Threads: one thread at a time: the script's main thread opens and closes it, and ``update`` runs in the
+status callback on the poll thread -- the same main thread in mtc75_consumer.py, which calls ``run()``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import IO, Any
 
-from mtc75.engine.consumer import Stats
+from mtc75.core.stats import Stats
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,13 @@
-"""The once-a-second status line: threads busy, paused or running, throughput, in-flight, failures."""
+"""The once-a-second status line: threads busy, paused or running, throughput, in-flight, failures.
+
+Pure formatting of a frozen :class:`~mtc75.core.stats.Stats`: any thread may call it (the CLI calls it
+from its status callback, on the poll thread).
+"""
 
 from __future__ import annotations
 
 from mtc75.app.cli import paint
-from mtc75.engine.consumer import Stats
+from mtc75.core.stats import Stats
 
 BUSY_WARN = 0.8  # fraction of threads busy from which the line turns yellow
 

@@ -12,12 +12,16 @@ above it extends the pause by another interval.
 The watermarks follow the measured throughput: the high one holds enough work to keep every thread
 busy for one pause interval (so a pause lasts about ``pause_interval``), the low one enough to bridge
 the refetch after a resume. The pause exists to keep the consumer alive, not to idle the pool.
+
+Threads: the poll thread only (no lock); the throughput comes from the consumer's one
+:class:`~mtc75.core.stats.Throughput`, which the status snapshot shows too.
 """
 
 from __future__ import annotations
 
+from mtc75.core.stats import Throughput
+
 REFETCH_SECONDS = 0.05  # work kept in the backlog at resume, to cover the refetch round-trip
-RATE_WINDOW = 0.25  # seconds between throughput samples
 
 
 class PauseGate:
@@ -36,32 +40,22 @@ class PauseGate:
         self.paused_seconds = 0.0  # total over finished pauses
         self._paused_at = 0.0
         self._recheck_at = 0.0
-        self._rate = 0.0  # completions per second, smoothed
-        self._sample_at: float | None = None
-        self._sample_count = 0
+        self.throughput = Throughput()  # the consumer's one estimator: the status snapshot shows its rate
 
     # -- throughput ---------------------------------------------------------------------------------
 
     def observe(self, now: float, completed_total: int) -> None:
         """Feed the running count of finished messages; cheap enough to call every loop."""
-        if self._sample_at is None:
-            self._sample_at, self._sample_count = now, completed_total
-            return
-        elapsed = now - self._sample_at
-        if elapsed < RATE_WINDOW:
-            return
-        rate = (completed_total - self._sample_count) / elapsed
-        self._rate = rate if self._rate == 0 else 0.5 * self._rate + 0.5 * rate
-        self._sample_at, self._sample_count = now, completed_total
+        self.throughput.observe(now, completed_total)
 
     @property
     def rate(self) -> float:
-        return self._rate
+        return self.throughput.rate
 
     def watermarks(self, limit: int) -> tuple[int, int]:
         """(low, high) backlog sizes for a pool of ``limit`` threads."""
-        low = max(limit, int(self._rate * REFETCH_SECONDS))
-        high = max(low + limit, low + int(self._rate * self.pause_interval))
+        low = max(limit, int(self.throughput.rate * REFETCH_SECONDS))
+        high = max(low + limit, low + int(self.throughput.rate * self.pause_interval))
         high = min(high, self.max_backlog)
         return min(low, high), high
 

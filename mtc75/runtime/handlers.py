@@ -119,7 +119,7 @@ def load_handler(spec: str) -> Handler:
     """Import ``package.module:function``; any failure is one ConfigError line naming the spec."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ConfigError(f"invalid --handler {spec!r}: expected package.module:function")
+        raise ConfigError(f"invalid handler {spec!r}: expected package.module:function")
     try:
         module = importlib.import_module(module_name)
     except SystemExit as err:  # sys.exit() at import: a silent exit 0 would look like success

@@ -1,0 +1,101 @@
+"""What a running consumer reports: the :class:`Stats` snapshot and the one throughput estimator.
+
+Pure: no Kafka, no clock of its own (callers pass ``now``). Threads: the poll thread builds ``Stats``
+and feeds :class:`Throughput`; a ``Stats`` is frozen, so any thread may read one it was handed
+(observers: the app's dashboard, status line, metrics and report, the library API).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mtc75.core.offsets import Partition
+
+RATE_WINDOW = 0.25  # seconds between throughput samples
+RATE_SMOOTHING = 0.5  # weight of the newest sample in the smoothed rate
+
+
+class Throughput:
+    """Completions per second, sampled at most every ``window`` seconds and smoothed.
+
+    One instance per consumer: the pause gate sizes its watermarks from it and the status snapshot
+    shows it. Poll thread only (no lock).
+    """
+
+    def __init__(self, window: float = RATE_WINDOW, smoothing: float = RATE_SMOOTHING) -> None:
+        self._window = window
+        self._smoothing = smoothing
+        self._rate = 0.0
+        self._sample_at: float | None = None
+        self._sample_count = 0
+
+    def observe(self, now: float, completed_total: int) -> None:
+        """Feed the running count of finished messages; cheap enough to call every loop turn."""
+        if self._sample_at is None:
+            self._sample_at, self._sample_count = now, completed_total
+            return
+        elapsed = now - self._sample_at
+        if elapsed < self._window:
+            return
+        rate = (completed_total - self._sample_count) / elapsed
+        self._rate = rate if self._rate == 0 else (1 - self._smoothing) * self._rate + self._smoothing * rate
+        self._sample_at, self._sample_count = now, completed_total
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A snapshot for status lines and summaries (taken on the poll thread)."""
+
+    active_threads: int
+    max_thread_count: int
+    paused: bool
+    paused_for: float
+    next_check_in: float
+    processed: int
+    failed: int
+    rate: float  # finished messages per second (Throughput: samples every RATE_WINDOW, smoothed)
+    in_flight: int
+    backlog: int
+    pauses: int
+    paused_seconds: float
+    elapsed_seconds: float
+    max_active_threads: int
+    assigned: int
+    retried: int = 0  # retries scheduled after a handler raised
+    dead_lettered: int = 0  # messages confirmed on <topic>.dlq after their last attempt
+    skipped: int = 0  # messages given up after their last attempt (ON_FAILURE=skip)
+    dropped_late: int = 0  # completions after their partition was revoked or lost: not counted, not committed
+    abandoned: int = 0  # handlers still running when a revoke or shutdown stopped waiting for them
+    # end offset minus committed offset per assigned partition (refreshed with each status snapshot)
+    lag: Mapping[Partition, int] = field(default_factory=dict)
+    ordering: str = "unordered"  # ORDERING: unordered, partition or key
+    blocked: int = 0  # waiting messages that must wait for an earlier one of their key or partition
+
+    @classmethod
+    def idle(cls, max_thread_count: int, ordering: str = "unordered") -> Stats:
+        """The snapshot before a run has started."""
+        return cls(
+            active_threads=0, max_thread_count=max_thread_count, paused=False, paused_for=0.0, next_check_in=0.0,
+            processed=0, failed=0, rate=0.0, in_flight=0, backlog=0, pauses=0, paused_seconds=0.0,
+            elapsed_seconds=0.0, max_active_threads=0, assigned=0, ordering=ordering,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The run summary as a JSON-ready dict (the CLI's ``--summary-json`` document)."""
+        keys = (
+            "processed", "failed", "retried", "dead_lettered", "skipped", "pauses", "paused_seconds",
+            "elapsed_seconds", "max_active_threads", "abandoned",
+        )
+        data = asdict(self)
+        out = {k: data[k] for k in keys}
+        out["paused_seconds"] = round(out["paused_seconds"], 3)
+        out["elapsed_seconds"] = round(out["elapsed_seconds"], 3)
+        out["max_thread_count"] = self.max_thread_count
+        out["ordering"] = self.ordering
+        return out

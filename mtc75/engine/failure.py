@@ -1,0 +1,137 @@
+"""ON_FAILURE as policy objects: what happens to a message whose last attempt failed.
+
+The completion drain (:meth:`mtc75.engine.consumer.Mtc75Consumer._drain_completions`) hands every
+such message of a live assignment to :meth:`FailurePolicy.failed`, which says whether it is finished
+now (its offset may be committed past). A message not finished now either finishes later -- its
+dead-letter record confirmed, handed back by :meth:`FailurePolicy.confirmed` -- or never: it is
+abandoned in the offset tracker, so revoke and shutdown do not wait for it and the commit stops
+below it. A policy that must end the run calls ``fail(error)``; the engine keeps the first error,
+stops, and raises it from ``run()``.
+
+- :class:`Skip` (``skip``): counted, finished, the partition moves on.
+- :class:`StopRun` (``stop``): abandoned; the run stops with :class:`~mtc75.errors.MessageFailed` (exit 5).
+- :class:`DeadLetter` (``dlq``): published to ``<topic>.dlq``; finished once Kafka confirmed the record.
+
+Threads: the poll thread only, like the completion drain that calls it (no lock).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mtc75.core.offsets import OffsetTracker
+from mtc75.core.work import Work
+from mtc75.errors import MessageFailed, Mtc75Error
+from mtc75.kafka.deadletter import DeadLetters
+
+Fail = Callable[[Mtc75Error], None]  # the engine's "stop the run with this error" (the first one wins)
+
+
+class FailurePolicy:
+    """Skip's behaviour is the base: every failed message is finished at once."""
+
+    name = "skip"
+
+    def __init__(self) -> None:
+        self.skipped = 0  # messages given up after their last attempt
+
+    def failed(self, work: Work) -> bool:
+        """A message of a live assignment failed its last attempt: True when it is finished now."""
+        self.skipped += 1
+        return True
+
+    @property
+    def dead_lettered(self) -> int:
+        """Messages whose dead-letter record Kafka confirmed."""
+        return 0
+
+    @property
+    def pending(self) -> bool:
+        """Messages handed over and neither finished nor given up (dead letters awaiting delivery)."""
+        return False
+
+    def confirmed(self) -> list[Work]:
+        """Messages that finished since the last call (dead letters Kafka confirmed)."""
+        return []
+
+    def flush(self, timeout: float) -> list[Work]:
+        """At shutdown: finish what is pending within ``timeout``; returns the messages finished."""
+        return []
+
+    def close(self) -> None:
+        """Release what the policy holds (the dead-letter producer)."""
+
+
+class Skip(FailurePolicy):
+    """``ON_FAILURE=skip``."""
+
+
+class StopRun(FailurePolicy):
+    """``ON_FAILURE=stop``: the message never completes; each partition is committed up to it."""
+
+    name = "stop"
+
+    def __init__(self, tracker: OffsetTracker, fail: Fail) -> None:
+        super().__init__()
+        self._tracker = tracker
+        self._fail = fail
+
+    def failed(self, work: Work) -> bool:
+        self._tracker.abandon(work.state, work.offset)  # revoke and shutdown do not wait for it
+        msg = work.message
+        self._fail(MessageFailed(
+            f"{msg.topic()}[{msg.partition()}]@{work.offset} failed {work.attempts} attempts "
+            # Another failure below it in the partition (one still waiting for a retry) may hold the
+            # commit lower: say what holds for every partition.
+            f"({work.error}); ON_FAILURE=stop: each partition committed up to its first unfinished message"
+        ))
+        return False
+
+
+class DeadLetter(FailurePolicy):
+    """``ON_FAILURE=dlq``: finished once its record on ``<topic>.dlq`` is confirmed."""
+
+    name = "dlq"
+
+    def __init__(self, letters: DeadLetters, tracker: OffsetTracker, fail: Fail) -> None:
+        super().__init__()
+        self._letters = letters
+        self._tracker = tracker
+        self._fail = fail
+
+    def failed(self, work: Work) -> bool:
+        try:
+            self._letters.publish(work)
+        except MessageFailed as err:  # can never be dead-lettered: stop, commit below it
+            self._tracker.abandon(work.state, work.offset)
+            self._fail(err)
+        return False
+
+    @property
+    def dead_lettered(self) -> int:
+        return self._letters.delivered
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._letters.pending)
+
+    def confirmed(self) -> list[Work]:
+        if not self._letters.pending:
+            return []
+        try:
+            done = self._letters.poll()
+        except MessageFailed as err:
+            self._fail(err)
+            return []
+        return done
+
+    def flush(self, timeout: float) -> list[Work]:
+        try:
+            done = self._letters.flush(timeout)
+        except MessageFailed as err:
+            self._fail(err)
+            return []
+        return done
+
+    def close(self) -> None:
+        self._letters.close()

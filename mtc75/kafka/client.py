@@ -1,0 +1,271 @@
+"""The engine's librdkafka ``Consumer``, wrapped: pause set, fetch wake-up, lag, broker probe, error kinds.
+
+What the engine needs from Kafka besides fetching and committing, and what librdkafka gets wrong or
+leaves to us, lives here: the set of partitions *we* paused (librdkafka's pause flags survive some
+rebalances, so they are not trusted), the seek that wakes the fetcher after a resume, lag from the
+cached watermarks (no broker request), "every broker is down" tracking with a cheap probe, the
+classification of librdkafka errors, and warnings limited to one per kind and ERROR_REPEAT_SECONDS.
+
+Threads: the poll thread only -- every method, and the callbacks librdkafka runs from ``poll``,
+``consume`` and ``commit`` (``error_cb``, ``on_commit``, the rebalance callbacks). The one exception is
+:meth:`KafkaClient.close`, which runs ``Consumer.close()`` on a helper thread while the poll thread waits
+for it and makes no other call (see there). No lock: nothing here is shared with the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from enum import Enum
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from mtc75.core.offsets import Partition
+
+logger = logging.getLogger(__name__)
+
+ERROR_REPEAT_SECONDS = 10.0  # the same client error is logged at most once per this many seconds
+PROBE_INTERVAL = 1.0  # while no broker is reachable, check this often whether one is back
+PROBE_TIMEOUT = 0.5
+CLOSE_TIMEOUT = 10.0  # longest shutdown waits for librdkafka's close() (see KafkaClient.close)
+CLOSE_TIMEOUT_DOWN = 2.0  # the same while no broker is reachable: there is no group left to leave
+WATERMARK_TIMEOUT = 5.0  # longest a (non-cached) end-offset query waits
+TOPIC_MISSING_CODES = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.UNKNOWN_TOPIC_ID)
+
+
+class ErrorKind(Enum):
+    """What a librdkafka error means for the engine."""
+
+    FATAL = "fatal"  # e.g. a fenced static member: stop at once, nothing after it is safe
+    END_OF_PARTITION = "eof"  # not an error: the fetcher reached the end of a partition
+    TOPIC_MISSING = "topic missing"  # deleted (maybe being re-created) or never there
+    REFUSED = "refused"  # not authorized for the topic: retrying will not help
+    BROKERS_DOWN = "brokers down"  # no broker reachable: librdkafka keeps retrying
+    TRANSIENT = "transient"  # anything else: librdkafka retries it
+
+
+def classify(err: KafkaError) -> ErrorKind:
+    """Pure: the kind of a librdkafka error.
+
+    A fatal error reaches ``error_cb`` with the code ``_FATAL`` (and ``fatal()`` is not always set on
+    that object), or shows as ``fatal()`` on the error of a later call: both count.
+    """
+    code = err.code()
+    if err.fatal() or code == KafkaError._FATAL:
+        return ErrorKind.FATAL
+    if code == KafkaError._PARTITION_EOF:
+        return ErrorKind.END_OF_PARTITION
+    if code in TOPIC_MISSING_CODES:
+        return ErrorKind.TOPIC_MISSING
+    if code == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+        return ErrorKind.REFUSED
+    if code == KafkaError._ALL_BROKERS_DOWN:
+        return ErrorKind.BROKERS_DOWN
+    return ErrorKind.TRANSIENT
+
+
+class KafkaClient:
+    """One librdkafka ``Consumer`` for the engine; ``consume`` and ``poll`` are the consumer's own methods."""
+
+    def __init__(self, consumer: Consumer, topic: str, *, cooperative: bool) -> None:
+        self.consumer = consumer
+        self.consume = consumer.consume  # the hot path: no wrapper call per fetch
+        self.poll = consumer.poll
+        self._topic = topic
+        self._cooperative = cooperative  # incremental (un)assign: cooperative assignors and KIP-848
+        self.paused: set[Partition] = set()  # partitions *we* paused; librdkafka's flag is not trusted
+        self.down_since: float | None = None  # when librdkafka reported every broker down
+        self._next_probe = 0.0
+        self._quiet_until: dict[int, float] = {}  # error code -> when it may be logged again
+        self.close_timed_out = False  # close() did not return in time: the process must not wait for it
+
+    # -- assignment ----------------------------------------------------------------------------------
+
+    def subscribe(self, on_assign: Callable[..., None], on_revoke: Callable[..., None],
+                  on_lost: Callable[..., None]) -> None:
+        self.consumer.subscribe([self._topic], on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost)
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        if self._cooperative:
+            self.consumer.incremental_assign(partitions)
+        else:
+            self.consumer.assign(partitions)
+
+    def unassign(self, partitions: list[TopicPartition]) -> None:
+        if self._cooperative:
+            self.consumer.incremental_unassign(partitions)
+        else:
+            self.consumer.unassign()
+
+    # -- pause / resume ------------------------------------------------------------------------------
+
+    def pause(self, tps: Iterable[Partition], track: bool = True) -> list[Partition]:
+        """Pause ``tps`` not paused yet; ``track=False`` for partitions held by someone else (the window)."""
+        todo = [tp for tp in tps if tp not in self.paused] if track else list(tps)
+        if todo:
+            self.consumer.pause([TopicPartition(t, p) for t, p in todo])
+            if track:
+                self.paused.update(todo)
+        return todo
+
+    def resume(self, tps: Iterable[Partition], wake: bool = True) -> None:
+        """Resume ``tps`` (and forget them as paused); ``wake``: fetch now (see :meth:`wake_fetcher`)."""
+        partitions = [TopicPartition(t, p) for t, p in tps]
+        if not partitions:
+            return
+        self.consumer.resume(partitions)
+        self.paused.difference_update((tp.topic, tp.partition) for tp in partitions)
+        if wake:
+            self.wake_fetcher(partitions)
+
+    def wake_fetcher(self, partitions: list[TopicPartition]) -> None:
+        """Make the resumed partitions fetch now rather than at the broker thread's next wake-up.
+
+        With every partition paused, librdkafka's broker thread sleeps up to a second, and resume()
+        does not wake it: measured here, the first message after a resume came 0.7-1.0 s later,
+        time the pool spends idle. A seek to the current position (where resume would continue
+        anyway) does wake it: 2-4 ms, together with a short ``fetch.wait.max.ms`` (see settings.py).
+        Partitions with no position yet are left to resume() alone.
+        """
+        try:
+            positions = self.consumer.position(partitions)
+        except KafkaException as err:
+            logger.debug("position after resume: %s", err)
+            return
+        for tp in positions:
+            if tp.offset >= 0:
+                try:
+                    self.consumer.seek(tp)
+                except KafkaException as err:
+                    logger.debug("seek %s[%d]@%d after resume: %s", tp.topic, tp.partition, tp.offset, err)
+
+    def seek(self, tp: Partition, offset: int) -> None:
+        """Move the fetch position (also drops what librdkafka prefetched for the partition)."""
+        try:
+            self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
+        except KafkaException as err:
+            logger.debug("seek %s[%d] to %d: %s", tp[0], tp[1], offset, err)
+
+    # -- offsets -------------------------------------------------------------------------------------
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> KafkaError | None:
+        """Send a commit; the error of a refused one (a synchronous one, or one the client refused at once)."""
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=asynchronous)
+        except KafkaException as err:
+            return err.args[0]
+        return None
+
+    def committed(self, partitions: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        """The group's committed offsets with their metadata (raises ``KafkaException``)."""
+        return self.consumer.committed([TopicPartition(tp.topic, tp.partition) for tp in partitions],
+                                       timeout=timeout)
+
+    def end_offset(self, tp: Partition, cached: bool = False) -> int | None:
+        """The partition's end offset (None: unknown). ``cached``: as of the last fetch response, no request."""
+        try:
+            if cached:
+                offsets = self.consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
+            else:
+                offsets = self.consumer.get_watermark_offsets(TopicPartition(*tp), timeout=WATERMARK_TIMEOUT)
+        except KafkaException:
+            return None
+        return offsets[1] if offsets is not None and offsets[1] >= 0 else None
+
+    def lag(self, bases: Mapping[Partition, int | None]) -> dict[Partition, int]:
+        """End offset minus ``bases[tp]`` per partition, from librdkafka's cached high watermarks (no request).
+
+        A partition with no base (nothing handled since the assignment) counts from the local fetch position.
+        """
+        lag: dict[Partition, int] = {}
+        unknown: list[TopicPartition] = []
+        for tp, base in bases.items():
+            if base is None:
+                unknown.append(TopicPartition(*tp))
+                continue
+            high = self.end_offset(tp, cached=True)
+            if high is not None:
+                lag[tp] = max(0, high - base)
+        if unknown:
+            try:
+                positions = self.consumer.position(unknown)
+            except KafkaException:
+                positions = []
+            for pos in positions:
+                high = self.end_offset((pos.topic, pos.partition), cached=True)
+                if pos.offset >= 0 and high is not None:
+                    lag[(pos.topic, pos.partition)] = max(0, high - pos.offset)
+        return lag
+
+    # -- errors and broker probing ---------------------------------------------------------------------
+
+    def warn_rarely(self, err: KafkaError, text: str) -> None:
+        """librdkafka repeats the same error on every retry: say each kind once per ERROR_REPEAT_SECONDS."""
+        now = time.monotonic()
+        if now >= self._quiet_until.get(err.code(), 0.0):
+            self._quiet_until[err.code()] = now + ERROR_REPEAT_SECONDS
+            logger.warning("%s", text)
+
+    def note_brokers_down(self) -> None:
+        """librdkafka said every broker is down: start the clock (once) and probe from now on."""
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            self._next_probe = self.down_since + PROBE_INTERVAL
+
+    def note_message(self) -> None:
+        """A real message arrived: a broker answered."""
+        self.down_since = None
+
+    def probe(self, now: float) -> bool:
+        """While every broker is down, ask for the topic's metadata now and then; True once one answered."""
+        if self.down_since is None:
+            return True
+        if now < self._next_probe:
+            return False
+        self._next_probe = now + PROBE_INTERVAL
+        try:
+            self.consumer.list_topics(self._topic, timeout=PROBE_TIMEOUT)
+        except KafkaException:
+            return False
+        logger.warning("Kafka reachable again after %.1fs", time.monotonic() - self.down_since)
+        self.down_since = None
+        return True
+
+    # -- close ---------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """``Consumer.close()``, bounded by CLOSE_TIMEOUT (CLOSE_TIMEOUT_DOWN while no broker is reachable).
+
+        With no broker left, librdkafka's close() can wait for ever for a commit queued "waiting for
+        coordinator" (seen in 1 of 3 runs of the broker-gone test). So it runs on a helper thread while
+        this one waits; the poll thread makes no other Consumer call meanwhile, so the rebalance callback
+        close() triggers on the helper thread still has the consumer to itself. Past the timeout the
+        close is left behind and :attr:`close_timed_out` tells the script to exit without waiting.
+        """
+        finished = threading.Event()
+        consumer = self.consumer
+
+        def close() -> None:
+            try:
+                consumer.close()
+            except (KafkaException, RuntimeError) as err:
+                logger.warning("close: %s", err)
+            finally:
+                finished.set()
+
+        # With no broker reachable there is no group to leave and no commit that can land: waiting the
+        # full CLOSE_TIMEOUT would only push the exit past BROKER_DOWN_TIMEOUT + a few seconds.
+        timeout = CLOSE_TIMEOUT_DOWN if self.down_since is not None else CLOSE_TIMEOUT
+        threading.Thread(target=close, name="mtc75-close", daemon=True).start()
+        if not finished.wait(timeout):
+            self.close_timed_out = True
+            logger.warning("close: the Kafka client did not close within %.0fs; leaving it", timeout)
+
+
+def is_incremental(conf: Mapping[str, Any]) -> bool:
+    """Cooperative assignors and the KIP-848 protocol use incremental (un)assign."""
+    strategy = str(conf.get("partition.assignment.strategy", ""))
+    return "cooperative" in strategy or str(conf.get("group.protocol", "classic")).lower() == "consumer"

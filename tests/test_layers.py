@@ -1,0 +1,55 @@
+"""The layers of ARCHITECTURE.md, enforced: each package of mtc75 imports only the layers below it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "mtc75"
+# layer -> what its modules may import from mtc75 (besides themselves); see ARCHITECTURE.md
+ALLOWED: dict[str, set[str]] = {
+    "core": set(),
+    "errors": set(),
+    "settings": {"core", "errors"},
+    "runtime": {"core", "errors"},
+    "kafka": {"core", "errors"},
+    "engine": {"core", "errors", "settings", "runtime", "kafka"},
+    "api": {"core", "errors", "settings", "runtime", "kafka", "engine"},
+    "app": {"core", "errors", "settings", "runtime", "api"},
+    "tools": {"core", "errors", "settings", "kafka", "app"},
+}
+
+
+def _layer(module: str) -> str:
+    """``mtc75.engine.consumer`` -> ``engine``; ``mtc75.api`` -> ``api``."""
+    return module.split(".")[1]
+
+
+def _imports(path: Path) -> set[str]:
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mtc75."):
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names if alias.name.startswith("mtc75."))
+    return out
+
+
+def _modules() -> list[Path]:
+    return [p for p in sorted(PACKAGE.rglob("*.py")) if p.name != "__init__.py" and not p.name.startswith("_")]
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_a_module_imports_only_the_layers_below_its_own(path: Path) -> None:
+    own = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+    assert own in ALLOWED, f"{own}: a new layer? add it to ALLOWED and ARCHITECTURE.md"
+    wrong = sorted(m for m in _imports(path) if _layer(m) not in ALLOWED[own] | {own} and m != "mtc75._startup")
+    assert not wrong, f"{path.relative_to(PACKAGE)} ({own}) imports {wrong}"
+
+
+def test_the_check_sees_a_forbidden_import(tmp_path: Path) -> None:
+    bad = tmp_path / "x.py"
+    bad.write_text("from mtc75.engine.consumer import Mtc75Consumer\n")
+    assert {_layer(m) for m in _imports(bad)} - ALLOWED["app"] == {"engine"}
