@@ -13,7 +13,11 @@ REPLICATION_FACTOR = 0
 GROUP_ID = "mtc75-consumer"
 
 # The consumer: at most MAX_THREAD_COUNT messages are handled at once (threads = semaphore permits).
+# "auto": the consumer finds the count that serves best while it runs, between MIN_THREAD_COUNT and
+# MAX_THREAD_LIMIT (README: MAX_THREAD_COUNT = "auto"); saving this file switches modes live.
 MAX_THREAD_COUNT = 75
+MIN_THREAD_COUNT = 1
+MAX_THREAD_LIMIT = 256
 # When every thread is busy and the backlog is full, the assigned partitions pause. The backlog holds
 # about this many seconds of work, so a pause lasts about one interval: it ends when the threads have
 # caught up (sooner if they are faster than measured), and each interval still saturated adds another.

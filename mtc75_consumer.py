@@ -34,7 +34,8 @@ from mtc75.runtime.handlers import SimulatedWork, load_handler
 
 PROG = "mtc75_consumer.py"
 SETTINGS = (
-    "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "MAX_THREAD_COUNT", "PAUSE_INTERVAL", "PROCESSING_SLEEP",
+    "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "MAX_THREAD_COUNT", "MIN_THREAD_COUNT", "MAX_THREAD_LIMIT",
+    "PAUSE_INTERVAL", "PROCESSING_SLEEP",
     "AUTO_OFFSET_RESET", "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT", "SHUTDOWN_TIMEOUT",
     "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "MAX_PAYLOAD_BYTES", "BROKER_DOWN_TIMEOUT",
     "REPLICATION_FACTOR", "ORDERING",
@@ -42,6 +43,7 @@ SETTINGS = (
 EPILOG = """examples:
   python mtc75_consumer.py                                   # settings from config.py
   python mtc75_consumer.py --max-thread-count 4 --processing-sleep 0.2
+  python mtc75_consumer.py --max-thread-count auto          # the count that serves best, tuned while running
   python mtc75_consumer.py --handler myapp.jobs:handle       # fn(message) in a worker thread
   python mtc75_consumer.py --max-messages 1000 --summary-json run.json
   python mtc75_consumer.py --metrics-port 9108 --report run-report/   # Prometheus /metrics + CSV/PNG report
@@ -83,7 +85,8 @@ def _summary_line(stats: Stats) -> str:
         f"summary: processed {stats.processed}, failed {stats.failed} (retried {stats.retried}, "
         f"dead-lettered {stats.dead_lettered}, skipped {stats.skipped}), pauses {stats.pauses} "
         f"({stats.paused_seconds:.1f}s paused), max threads busy {stats.max_active_threads}/"
-        f"{stats.max_thread_count}, ordering {stats.ordering}, {stats.elapsed_seconds:.1f}s"
+        f"{stats.max_thread_count}{' (auto)' if stats.thread_mode == 'auto' else ''}, ordering {stats.ordering}, "
+        f"{stats.elapsed_seconds:.1f}s"
         + (f", abandoned {stats.abandoned} running handlers" if stats.abandoned else "")
     )
 

@@ -1,15 +1,16 @@
 """``make bench``: MTC75's throughput, overhead, memory and CPU against the local Kafka, as ratios.
 
 Every figure is a ratio of numbers taken in this one run (the machine is shared and noisy), and
-contenders that are compared take turns on the same backlog, each keeping its best pass:
+contenders that are compared take turns on the same backlog (figure 3: each pass's ratios, the median
+of PASSES passes; figures 1-2: each keeping its best pass):
 
 1. saturation: throughput against the ideal N/W for a ``sleep(W)`` handler; the plain pool and
    sentry-arroyo's RunTaskInThreads at N = 75, W = 10 ms, timed the same way (same warm-up, same window);
 2. the peer workload (10 000 messages, 1 partition, 0-5 ms, 16 threads): MTC75, Confluent Parallel
    Consumer 0.5.3.3 (bench/parallel-consumer, when Maven is there) and arroyo, on one list of work times;
 3. topic shapes (uncompressed 150 B, lz4 100 B, uncompressed 10 KB) with a no-op handler: the engine,
-   a raw ``consume()`` loop, the plain "acquire; submit" pool, arroyo and the engine on the fetch
-   settings proposed in issue 16 (PROPOSED_SETTINGS), each in its own process
+   a raw ``consume()`` loop, the plain "acquire; submit" pool, arroyo, and the engine on its previous
+   queue settings (PREVIOUS_SETTINGS) and with large fetches (LARGE_FETCHES), each in its own process
    (bench/child.py) with its peak RSS;
 4. CPU per message at a fixed 2 000 msg/s.
 
@@ -25,6 +26,7 @@ import platform
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +54,7 @@ BENCH_PORT = int(os.environ.get("MTC75_BENCH_KAFKA_PORT", "39892"))
 THREADS = (1, 16, 75, 200)
 WORK_SECONDS = (0.001, 0.010, 0.050)
 WARMUP = 1.0  # seconds after the first completion not counted in a steady-state rate
-PASSES = 2  # turns each contender takes on a shape; the best one counts
+PASSES = 3  # turns each contender takes on a shape (figure 3: the median counts; 1-2: the best)
 ARROYO_PENDING = (1, 10)  # arroyo's max_pending_futures, as multiples of its concurrency
 TARGETS = {
     "saturation_75_10ms": 0.97,
@@ -93,9 +95,13 @@ SHAPES = (
 )
 
 
-# Fetch settings proposed in issue 16 and not yet the default (see BENCHMARKS.md), run as a contender.
-PROPOSED_SETTINGS = ("-X", "fetch.queue.backoff.ms=10", "-X", "queued.min.messages=30000",
-                     "-X", "queued.max.messages.kbytes=32768")
+# The queue settings before issue 16 (librdkafka's backoff and count bound, a 4 MB byte bound): what the
+# current defaults are worth. And librdkafka's own fetch sizes on top of the defaults: what large
+# uncompressed records gain from them, and what they cost compressed small ones (BENCHMARKS.md).
+PREVIOUS_SETTINGS = ("-X", "fetch.queue.backoff.ms=1000", "-X", "queued.min.messages=100000",
+                     "-X", "queued.max.messages.kbytes=4096")
+LARGE_FETCHES = ("-X", "fetch.max.bytes=52428800", "-X", "max.partition.fetch.bytes=1048576")
+ENGINE_VARIANTS = {"engine_previous_settings": PREVIOUS_SETTINGS, "engine_large_fetches": LARGE_FETCHES}
 
 
 # -- setup --------------------------------------------------------------------------------------------
@@ -301,32 +307,47 @@ def parallel_consumer(bootstrap: str, topic: str, threads: int, work_file: Path)
 
 
 def shape_row(bootstrap: str, shape: Shape, topic: str, passes: int) -> dict[str, Any]:
-    """The contenders take turns on the same backlog; each keeps its best rate and its highest peak RSS."""
-    best: dict[str, dict[str, Any]] = {}
+    """The contenders take turns on the same backlog, ``passes`` times.
+
+    A pass's ratios (engine / raw loop, engine / pool) compare runs made minutes apart, so the machine's
+    load moves them less than it moves the rates; the row gives the median of each, the median rate of
+    each contender, its highest peak RSS, and the load average at the start of each pass.
+    """
+    kept: dict[str, dict[str, Any]] = {}
+    ratios: dict[str, list[float]] = {"vs_raw": [], "vs_pool": [], "default_vs_previous": [],
+                                      "large_fetches_vs_raw": []}
+    loads = []
     for _ in range(passes):
+        loads.append(round(os.getloadavg()[0], 1))
         runs = {
             "raw": child(bootstrap, "raw", topic, shape.count),
             "engine": child(bootstrap, "engine", topic, shape.count),
-            "engine_proposed_settings": child(bootstrap, "engine", topic, shape.count, *PROPOSED_SETTINGS),
+            **{name: child(bootstrap, "engine", topic, shape.count, *extra) for name, extra in ENGINE_VARIANTS.items()},
             "pool": child(bootstrap, "pool", topic, shape.others),
         }
         for multiple in ARROYO_PENDING:
             runs[f"arroyo_x{multiple}"] = child(bootstrap, "arroyo", topic, shape.arroyo,
                                                "--max-pending", str(75 * multiple))
+        engine = runs["engine"]["rate"]
+        ratios["vs_raw"].append(engine / runs["raw"]["rate"])
+        ratios["vs_pool"].append(engine / runs["pool"]["rate"])
+        ratios["default_vs_previous"].append(engine / runs["engine_previous_settings"]["rate"])
+        ratios["large_fetches_vs_raw"].append(runs["engine_large_fetches"]["rate"] / runs["raw"]["rate"])
         for name, r in runs.items():
-            kept = best.setdefault(name, {"rate": 0.0, "peak_rss_mb": 0.0, "rates": []})
-            kept["rates"].append(round(r["rate"]))
-            kept["rate"] = max(kept["rate"], r["rate"])
-            kept["peak_rss_mb"] = max(kept["peak_rss_mb"], r["peak_rss_mb"])
-            kept["messages"] = r["handled"]
-            kept["cpu_us_per_message"] = r["cpu_s"] / max(1, r["handled"]) * 1e6
+            k = kept.setdefault(name, {"peak_rss_mb": 0.0, "rates": [], "cpu_us": []})
+            k["rates"].append(round(r["rate"]))
+            k["peak_rss_mb"] = max(k["peak_rss_mb"], r["peak_rss_mb"])
+            k["messages"] = r["handled"]
+            k["cpu_us"].append(r["cpu_s"] / max(1, r["handled"]) * 1e6)
             if name.startswith("engine"):
-                kept["rss_samples"] = r["rss_samples"]
-    engine = best["engine"]["rate"]
+                k["rss_samples"] = r["rss_samples"]
+    for k in kept.values():
+        k["rate"] = statistics.median(k["rates"])
+        k["cpu_us_per_message"] = statistics.median(k.pop("cpu_us"))
     return {"shape": shape.name, "size": shape.size, "compression": shape.compression, "backlog": shape.count,
-            "partitions": shape.partitions, "contenders": best,
-            "vs_raw": engine / best["raw"]["rate"], "vs_pool": engine / best["pool"]["rate"],
-            "proposed_vs_default": best["engine_proposed_settings"]["rate"] / engine,
+            "partitions": shape.partitions, "contenders": kept, "load_avg_at_passes": loads,
+            **{name: statistics.median(values) for name, values in ratios.items()},
+            "ratios_per_pass": {name: [round(v, 3) for v in values] for name, values in ratios.items()},
             "raw_target": shape.raw_target, "rss_target": shape.rss_target}
 
 
@@ -406,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         started = broker.start()
         bootstrap = broker.bootstrap
     t0 = time.monotonic()
-    command = "make bench" if not argv else "python -m bench.run " + " ".join(argv)
+    given = sys.argv[1:] if argv is None else argv
+    command = "make bench" if not given else "python -m bench.run " + " ".join(given)
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "load_avg_at_start": os.getloadavg()},
@@ -458,9 +480,11 @@ def main(argv: list[str] | None = None) -> int:
                 results["shapes"].append(row)
                 c = row["contenders"]
                 print(f"  {shape.name}: engine {c['engine']['rate']:,.0f}/s ({c['engine']['peak_rss_mb']:.0f} MB), "
-                      f"raw {c['raw']['rate']:,.0f}/s, pool {c['pool']['rate']:,.0f}/s, proposed settings "
-                      f"{c['engine_proposed_settings']['rate']:,.0f}/s -> {row['vs_raw']:.2f} of raw, "
-                      f"{row['vs_pool']:.2f}x pool", flush=True)
+                      f"raw {c['raw']['rate']:,.0f}/s, pool {c['pool']['rate']:,.0f}/s, previous settings "
+                      f"{c['engine_previous_settings']['rate']:,.0f}/s, large fetches "
+                      f"{c['engine_large_fetches']['rate']:,.0f}/s ({c['engine_large_fetches']['peak_rss_mb']:.0f} MB)"
+                      f" -> {row['vs_raw']:.2f} of raw, {row['vs_pool']:.2f}x pool (medians; load "
+                      f"{row['load_avg_at_passes']})", flush=True)
 
         if "cpu" in only:
             results["cpu"] = cpu_figure(bootstrap, run, 5.0 if args.quick else 10.0)
@@ -510,18 +534,20 @@ def print_tables(r: dict[str, Any]) -> None:
             print(f"| {name} | {peer['elapsed_s']:.2f} s | {peer['ratio']:.3f} |")
     if "shapes" in r:
         print("\n| shape (no-op handler) | engine msg/s (peak RSS) | raw loop msg/s (RSS) | plain pool msg/s "
-              "| engine / raw | engine / pool | arroyo msg/s by max_pending_futures | engine, proposed settings "
-              "(peak RSS) |")
-        print("|---|---|---|---|---|---|---|---|")
+              "| engine / raw | engine / pool | arroyo msg/s by max_pending_futures | engine, previous settings "
+              "(peak RSS) | engine, large fetches (peak RSS) | load average |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for row in r["shapes"]:
             c = row["contenders"]
             arroyo = ", ".join(f"{75 * m}: {c[f'arroyo_x{m}']['rate']:,.0f}" for m in ARROYO_PENDING)
+            prev, large = c["engine_previous_settings"], c["engine_large_fetches"]
             print(f"| {row['shape']} ({row['backlog']:,} msgs) | {c['engine']['rate']:,.0f} "
                   f"({c['engine']['peak_rss_mb']:.0f} MB, target <= {row['rss_target']:.0f}) "
                   f"| {c['raw']['rate']:,.0f} ({c['raw']['peak_rss_mb']:.0f} MB) | {c['pool']['rate']:,.0f} "
                   f"| **{row['vs_raw']:.2f}** (>= {row['raw_target']}) | **{row['vs_pool']:.2f}x** | {arroyo} "
-                  f"| {c['engine_proposed_settings']['rate']:,.0f} ({c['engine_proposed_settings']['peak_rss_mb']:.0f}"
-                  f" MB): {row['proposed_vs_default']:.2f}x the default |")
+                  f"| {prev['rate']:,.0f} ({prev['peak_rss_mb']:.0f} MB): default {row['default_vs_previous']:.2f}x"
+                  f" | {large['rate']:,.0f} ({large['peak_rss_mb']:.0f} MB): {row['large_fetches_vs_raw']:.2f} of raw "
+                  f"| {', '.join(str(x) for x in row['load_avg_at_passes'])} |")
     if "cpu" in r:
         c = r["cpu"]
         print(f"\nCPU per message at {c['rate']:.0f} msg/s (no-op, start-up included): {c['us_per_message']:.0f} µs")

@@ -28,9 +28,10 @@ from mtc75.settings import SPECS, Settings, coerce
 
 # The settings a consumer uses; the others belong to producer.py, create_topic.py or the CLI's default handler.
 CONSUMER_SETTINGS = (
-    "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "MAX_THREAD_COUNT", "PAUSE_INTERVAL", "AUTO_OFFSET_RESET",
-    "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT", "SHUTDOWN_TIMEOUT", "MAX_ATTEMPTS",
-    "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "BROKER_DOWN_TIMEOUT", "REPLICATION_FACTOR", "CONSUMER_CONFIG",
+    "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "MAX_THREAD_COUNT", "MIN_THREAD_COUNT", "MAX_THREAD_LIMIT",
+    "PAUSE_INTERVAL", "AUTO_OFFSET_RESET", "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT",
+    "SHUTDOWN_TIMEOUT", "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "BROKER_DOWN_TIMEOUT",
+    "REPLICATION_FACTOR", "CONSUMER_CONFIG",
     "PRODUCER_CONFIG", "ORDERING",
 )
 SNAPSHOT_INTERVAL = 0.25  # how stale stats() may be while running: the poll thread refreshes it this often
@@ -57,7 +58,7 @@ class Consumer:
         topic: str,
         group_id: str,
         bootstrap_servers: str = _DEFAULTS.BOOTSTRAP_SERVERS,
-        max_thread_count: int = _DEFAULTS.MAX_THREAD_COUNT,
+        max_thread_count: int | str = _DEFAULTS.MAX_THREAD_COUNT,
         librdkafka: Mapping[str, Any] | None = None,
         on_status: Callable[[Stats], None] | None = None,
         status_interval: float = 1.0,
@@ -109,7 +110,10 @@ class Consumer:
         self._engine: Mtc75Consumer | None = None
         self._stop_requested = False  # a plain flag: stop() must be safe in a signal handler
         self._launched = False
-        self._stats: Stats = Stats.idle(self._settings.MAX_THREAD_COUNT, self._settings.ORDERING)
+        self._stats: Stats = Stats.idle(
+            self._settings.initial_threads(), "auto" if self._settings.auto_threads else "fixed",
+            self._settings.ORDERING,
+        )
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None  # what ended the background run
 
@@ -190,15 +194,16 @@ class Consumer:
         engine = self._engine
         return engine is not None and (engine.abandoned > 0 or engine.close_timed_out)
 
-    def retune(self, *, max_thread_count: int | None = None, pause_interval: float | None = None) -> None:
-        """Change the thread bound and the pause interval; a running consumer applies it within 0.1 s."""
+    def retune(self, *, max_thread_count: int | str | None = None, pause_interval: float | None = None) -> None:
+        """Change the thread bound (a count or "auto") and the pause interval; a running consumer applies it
+        within 0.1 s."""
         changes = {"MAX_THREAD_COUNT": max_thread_count, "PAUSE_INTERVAL": pause_interval}
         for name, value in changes.items():
             if value is not None:
-                coerce(SPECS[name], value, f"retune({name.lower()}=)")
+                changes[name] = coerce(SPECS[name], value, f"retune({name.lower()}=)")
         engine = self._engine
         if engine is not None:
-            engine.retune(max_thread_count=max_thread_count, pause_interval=pause_interval)
+            engine.retune(max_thread_count=changes["MAX_THREAD_COUNT"], pause_interval=changes["PAUSE_INTERVAL"])
         else:
             self._settings = self._settings.replace(**{k: v for k, v in changes.items() if v is not None})
 
@@ -257,3 +262,4 @@ def _settings(keywords: Mapping[str, Any]) -> Settings:
             raise ConfigError(f"{keyword!r} is not a consumer setting")
         values[name] = coerce(SPECS[name], raw, f"keyword {keyword}")
     return Settings(**values)
+

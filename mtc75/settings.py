@@ -27,6 +27,7 @@ ENV_PREFIX = "MTC75_"
 # librdkafka logs through this logger instead of raw stderr; scripts show it only with -vv.
 LIBRDKAFKA_LOGGER = logging.getLogger("mtc75.librdkafka")
 OFFSET_RESETS = ("earliest", "latest", "error")
+AUTO = "auto"  # MAX_THREAD_COUNT = "auto"
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Spec:
     minimum: float | None = None
     choices: tuple[str, ...] = ()
     positive: bool = False  # strictly greater than ``minimum``
+    auto: bool = False  # also accepts the word "auto" (MAX_THREAD_COUNT: the count is tuned while running)
 
 
 def _spec(kind: type, help: str, **kw: Any) -> dict[str, Any]:
@@ -58,7 +60,17 @@ class Settings:
                 minimum=-1),
     )
     GROUP_ID: str = field(default="mtc75-consumer", **_spec(str, "consumer group id"))
-    MAX_THREAD_COUNT: int = field(default=75, **_spec(int, "worker threads = semaphore permits", minimum=1))
+    MAX_THREAD_COUNT: int | str = field(
+        default=75,
+        **_spec(int, 'worker threads = semaphore permits, or "auto": tuned while running between MIN_THREAD_COUNT '
+                "and MAX_THREAD_LIMIT", minimum=1, auto=True),
+    )
+    MIN_THREAD_COUNT: int = field(
+        default=1, **_spec(int, 'fewest threads MAX_THREAD_COUNT="auto" uses (and where it starts)', minimum=1)
+    )
+    MAX_THREAD_LIMIT: int = field(
+        default=256, **_spec(int, 'most threads MAX_THREAD_COUNT="auto" may use', minimum=1)
+    )
     PAUSE_INTERVAL: float = field(
         default=0.5,
         **_spec(float, "seconds a saturated consumer stays paused before re-checking", minimum=0, positive=True),
@@ -129,6 +141,21 @@ class Settings:
         default_factory=lambda: MappingProxyType({}), **_spec(dict, "extra librdkafka producer properties")
     )
 
+    def __post_init__(self) -> None:
+        if self.MIN_THREAD_COUNT > self.MAX_THREAD_LIMIT:
+            raise ConfigError(
+                f"invalid MIN_THREAD_COUNT={self.MIN_THREAD_COUNT}: must be <= MAX_THREAD_LIMIT={self.MAX_THREAD_LIMIT}"
+            )
+
+    @property
+    def auto_threads(self) -> bool:
+        """MAX_THREAD_COUNT = "auto": the thread count is tuned while running (mtc75.engine.autothreads)."""
+        return self.MAX_THREAD_COUNT == AUTO
+
+    def initial_threads(self) -> int:
+        """The permit count a run starts with: MAX_THREAD_COUNT, or MIN_THREAD_COUNT under "auto"."""
+        return self.MIN_THREAD_COUNT if self.MAX_THREAD_COUNT == AUTO else int(self.MAX_THREAD_COUNT)
+
     def offset_window(self) -> int:
         """OFFSET_WINDOW, or its default: offsetmap.default_window(MAX_BACKLOG) (10,000 for 5,000)."""
         return self.OFFSET_WINDOW or default_window(self.MAX_BACKLOG)
@@ -152,18 +179,23 @@ class Settings:
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             # Bound what librdkafka prefetches: the engine keeps its own backlog, so a deep client
-            # queue only costs memory and is dropped on every pause anyway. With the defaults
-            # (64 MB queue, 50 MB fetches) a consumer of small messages peaked above 300 MB.
-            # 4 MB: below it, fast handlers starve between fetches (measured: 2 MB halves a no-op
-            # handler's rate); above it memory grows with little gain (see BENCHMARKS.md).
-            "queued.max.messages.kbytes": 4096,
+            # queue only costs memory and is dropped on every pause anyway. On librdkafka's defaults
+            # (64 MB / 100,000 messages queued, 50 MB fetches) a bare loop on lz4 100 B peaked at 223 MB.
+            # Over either queue bound the fetcher backs off fetch.queue.backoff.ms (1 s by default):
+            # a no-op handler's completions stopped for ~0.8 s several times per run. Backoff 10 ms, the
+            # count bound 30,000 (the rate of 60,000 on lz4 100 B, 20 MB less) and the byte bound 32 MB
+            # (3,200 x 10 KB; the former 4 MB = 27,000 x 150 B starved the fetcher): 150 B uncompressed
+            # 1.76x and 10 KB 1.43x the former 1 s / 100,000 / 4 MB, lz4 100 B 0.90x (noise: 0.64-1.34
+            # per pass), at 60 / 60 / 117 MB peak RSS (make bench, median of 3 passes; BENCHMARKS.md).
+            "fetch.queue.backoff.ms": 10,
+            "queued.min.messages": 30_000,
+            "queued.max.messages.kbytes": 32 * 1024,
+            # These bound the compressed bytes in flight, which librdkafka decompresses whole: lz4 100 B
+            # peaked at 117 MB with 2 MB / 512 KB, 231 MB with 50 MB / 1 MB. They cost large uncompressed
+            # records: 10 KB ran at 0.59 of a raw loop, 1.06 with 50 MB / 1 MB (99 MB). Fetch sizes are
+            # fixed for a client's life; BENCHMARKS.md says what a run-time choice would need.
             "fetch.max.bytes": 2 * 1024 * 1024,
             "max.partition.fetch.bytes": 512 * 1024,
-            # Not changed yet (issue 16): fetch.queue.backoff.ms=10 with queued.min.messages=30000 and
-            # queued.max.messages.kbytes=32768 ran a no-op handler 3.3x faster on 150 B uncompressed
-            # data (BENCHMARKS.md), but with them a consumer whose broker went away hung in close()
-            # (test_faults.py broker_gone: 4 of 7 runs with all three, 3 of 4 with either part alone;
-            # 1 of 3 on these settings with this branch's code, 0 of 3 on main's code: cause not established).
             # A resumed partition's first fetch waits for any fetch still outstanding at the broker;
             # with the default 500 ms long-poll that idles the pool after every pause.
             "fetch.wait.max.ms": 50,
@@ -232,7 +264,9 @@ def coerce(spec: Spec, raw: Any, source: str) -> Any:
         if spec.choices and value not in spec.choices:
             raise bad("must be one of " + ", ".join(spec.choices))
         return value
-    value = _number(spec.kind, raw, bad)
+    if spec.auto and isinstance(raw, str) and raw.strip().lower() == AUTO:
+        return AUTO
+    value = _number(spec.kind, raw, bad, spec.auto)
     if spec.minimum is not None:
         if spec.positive and value <= spec.minimum:
             raise bad(f"must be > {spec.minimum:g}")
@@ -241,7 +275,7 @@ def coerce(spec: Spec, raw: Any, source: str) -> Any:
     return value
 
 
-def _number(kind: type, raw: Any, bad: Callable[[str], ConfigError]) -> int | float:
+def _number(kind: type, raw: Any, bad: Callable[[str], ConfigError], auto: bool = False) -> int | float:
     if isinstance(raw, bool):
         raise bad(f"must be {'an integer' if kind is int else 'a number'}")
     if kind is int:
@@ -250,7 +284,7 @@ def _number(kind: type, raw: Any, bad: Callable[[str], ConfigError]) -> int | fl
         try:
             return int(str(raw).strip().replace("_", ""))
         except ValueError:
-            raise bad("must be an integer") from None
+            raise bad('must be an integer or "auto"' if auto else "must be an integer") from None
     try:
         value = float(raw)
     except (TypeError, ValueError):

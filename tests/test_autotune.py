@@ -328,7 +328,33 @@ def test_a_change_is_measured_only_after_it_settles() -> None:
     # the next second looks terrible, but it is the settling second: ignored
     assert not tuner.step(Sample(2.0, 1, 5.0, 2, 50)).changed
     kept = tuner.step(Sample(3.0, 100, 0.02, 2, 50))
-    assert not kept.changed and "kept" in kept.reason and tuner.limit == 2
+    # kept, and in slow start the next doubling follows at once (its reference is the window just judged)
+    assert kept.changed and kept.reason.startswith("kept 1->2") and tuner.limit == 4
+
+
+def test_slow_start_is_quick_for_a_slow_handler() -> None:
+    """The seed's default handler sleeps 0.5 s: 2 msg/s at 1 thread. 10 completions per thread per slow-start
+    window and no second window before the next doubling: 256 threads within 40 s (90 s with 50 and two)."""
+    run = simulate(sleeping(delay=0.5, cap=1e9), 0, seconds=60)
+    reached = next(t for t, n, _ in run.ticks if n == 256)
+    assert reached <= 40, reached
+    assert run.limits(0, 60)[:2] == [1, 1]  # it still measured 1 thread before doubling
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_failed_doubling_bisects_up_before_trying_fewer(seed: int) -> None:
+    """16 -> 32 fails on the issue-14 service; 8 -> 16 paid, so 24 is tried before 14."""
+    run = simulate(degrading(), seed, seconds=20)
+    moves = [(d.limit, d.reason) for d in run.decisions if d.changed]
+    back = next(i for i, (n, why) in enumerate(moves) if why.startswith("32 -> 16: back"))
+    assert moves[back + 1][0] == 24 and "towards 32" in moves[back + 1][1], moves
+
+
+def test_slow_start_needs_fewer_completions_only_while_doubling() -> None:
+    tuner = AutoTuner(min_completions=50)
+    tuner.step(Sample(0.0, 0, 0.0, 1, 50))
+    assert not tuner.step(Sample(1.0, 9, 0.15, 1, 50)).changed  # 9 < 10 x 1 thread: still measuring
+    assert tuner.step(Sample(1.5, 1, 0.15, 1, 50)).changed  # 10 (not min_completions=50): slow start doubles
 
 
 def test_bad_samples_are_rejected() -> None:

@@ -24,7 +24,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from mtc75.app.status import status_color
+from mtc75.app.status import status_color, thread_bound
 from mtc75.core.offsets import Partition
 from mtc75.core.stats import Stats
 
@@ -102,7 +102,7 @@ def render(
         ProgressBar(total=max(1, stats.max_thread_count), completed=stats.active_threads, width=BAR_WIDTH,
                     complete_style=color, finished_style=color),
         Text(f"{stats.active_threads}/{stats.max_thread_count} busy", style=color),
-        Text(f"(MAX_THREAD_COUNT {stats.max_thread_count}, peak {stats.max_active_threads})", style="dim"),
+        Text(f"(MAX_THREAD_COUNT {thread_bound(stats)}, peak {stats.max_active_threads})", style="dim"),
     )
     grid.add_row("threads", bar)
     if stats.paused:

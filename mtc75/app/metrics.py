@@ -39,7 +39,8 @@ COUNTERS = (
 )
 GAUGES = (
     ("active_threads", "handlers running now (permits held; ACTIVE_THREAD_COUNT)", "active_threads"),
-    ("max_threads", "the bound on running handlers (MAX_THREAD_COUNT)", "max_thread_count"),
+    ("max_threads", 'the bound on running handlers (MAX_THREAD_COUNT; under "auto" the tuned count)',
+     "max_thread_count"),
     ("paused", "1 while the assigned partitions are paused", "paused"),
     ("in_flight", "messages fetched and not yet finished (running plus waiting)", "in_flight"),
     ("backlog", "fetched messages waiting for a free thread", "backlog"),
@@ -64,6 +65,17 @@ class StatsCollector(Collector):
             yield CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=float(getattr(stats, attr)))
         for name, help_text, attr in GAUGES:
             yield GaugeMetricFamily(f"{PREFIX}_{name}", help_text, value=float(getattr(stats, attr)))
+        mode = GaugeMetricFamily(
+            f"{PREFIX}_thread_mode", 'the thread count\'s mode: 1 for the one in effect ("auto" or "fixed")',
+            labels=["mode"],
+        )
+        for name in ("auto", "fixed"):
+            mode.add_metric([name], float(stats.thread_mode == name))
+        yield mode
+        yield GaugeMetricFamily(
+            f"{PREFIX}_thread_trend", "+1 / -1 just after auto stepped the thread count up / down, 0 holding",
+            value=float(stats.thread_trend),
+        )
         lag = GaugeMetricFamily(
             f"{PREFIX}_lag", "end offset minus committed offset, per partition", labels=["topic", "partition"]
         )

@@ -23,7 +23,7 @@ CSV_NAME = "timeseries.csv"
 PNG_NAME = "report.png"
 COLUMNS = (
     "elapsed_seconds", "active_threads", "max_thread_count", "paused", "paused_seconds", "pauses",
-    "processed", "rate", "in_flight", "backlog", "failed", "retried", "dead_lettered", "lag",
+    "processed", "rate", "in_flight", "backlog", "failed", "retried", "dead_lettered", "lag", "auto",
 )
 PANELS = 3
 
@@ -44,6 +44,7 @@ def row_of(stats: Stats) -> dict[str, Any]:
         "retried": stats.retried,
         "dead_lettered": stats.dead_lettered,
         "lag": sum(stats.lag.values()) if stats.lag else "",  # empty: not known yet
+        "auto": int(stats.thread_mode == "auto"),  # 1 while MAX_THREAD_COUNT = "auto" tunes max_thread_count
     }
 
 
@@ -133,13 +134,14 @@ def plot(rows: list[dict[str, float]], path: Path) -> None:
     for start, end in pause_spans(rows):
         threads.axvspan(start, end, color="tab:red", alpha=0.2, linewidth=0)
     threads.step(t, [r["active_threads"] for r in rows], where="post", color="tab:blue", label="active threads")
+    auto = any(r.get("auto", 0) == 1 for r in rows)
     threads.step(t, [r["max_thread_count"] for r in rows], where="post", color="black", linestyle="--",
-                 label="MAX_THREAD_COUNT")
+                 label='MAX_THREAD_COUNT ("auto": the tuned count)' if auto else "MAX_THREAD_COUNT")
     threads.fill_between([], [], color="tab:red", alpha=0.2, label="paused")  # legend entry for the shading
     threads.set_ylabel("threads")
     threads.set_ylim(bottom=0)
     threads.legend(loc="upper right", fontsize="small")
-    threads.set_title("active threads (paused time shaded)")
+    threads.set_title("active threads and thread count over time (paused time shaded)")
     rate.plot(t, [r["rate"] for r in rows], color="tab:green")
     rate.set_ylabel("messages/s")
     rate.set_ylim(bottom=0)

@@ -10,6 +10,14 @@ from mtc75.app.cli import paint
 from mtc75.core.stats import Stats
 
 BUSY_WARN = 0.8  # fraction of threads busy from which the line turns yellow
+TREND_ARROWS = {1: "↑", -1: "↓", 0: "→"}
+
+
+def thread_bound(stats: Stats) -> str:
+    """``"75"``, or ``"auto 20↑"`` while MAX_THREAD_COUNT = "auto" tunes the count (arrow: its last step)."""
+    if stats.thread_mode != "auto":
+        return str(stats.max_thread_count)
+    return f"auto {stats.max_thread_count}{TREND_ARROWS.get(stats.thread_trend, '')}"
 
 
 def status_color(stats: Stats) -> str:
@@ -27,7 +35,7 @@ def format_status(stats: Stats, color: bool) -> str:
     else:
         state = "running"
     line = (
-        f"threads {stats.active_threads:>3}/{stats.max_thread_count:<3} {state} | "
+        f"threads {stats.active_threads:>3}/{thread_bound(stats):<3} {state} | "
         f"processed {stats.processed} ({stats.rate:,.0f}/s) | in-flight {stats.in_flight} "
         f"(waiting {stats.backlog}) | pauses {stats.pauses} | failed {stats.failed}"
     )

@@ -17,8 +17,11 @@ The algorithm: a probing hill-climber on throughput, with a latency guard.
   that linear scaling would give; going down may lose at most 0.3 (``LOSS``) of the proportional
   share (stricter: a down-probe kept by noise costs throughput, an up-probe kept by noise only
   threads). A verdict within 3 % of its bar is measured over one more window first.
-* **Step sizes.** From ``min_threads`` the count doubles (slow start) until a probe fails; a count
-  given at start is a guess (the configured 75, say) and is probed downwards first. Later up-probes
+* **Step sizes.** From ``min_threads`` the count doubles (slow start) until a probe fails: each
+  doubling is judged on 10 completions per thread (not ``min_completions``) and, when kept, the next
+  one starts at once; after the doubling that fails, the next probe bisects upwards (the doubling
+  before it paid). A count given at start is a guess (the configured 75, say) and is probed
+  downwards first. Later up-probes
   bisect towards the ceiling (the lowest count found no better than a lower one); probes that keep
   paying in one direction double their stride (10 %, 20 %, 40 %, at most 50 %). The smallest step
   is 10 % (at least 1): smaller changes hide in the noise of one window. A failed smallest step
@@ -51,11 +54,12 @@ window at >= 0.9 of it; "worst" the lowest 5 s window after 60 s, i.e. a probe's
 ========================================  ===============  ========================  =====  =====
 workload                                  held count       rate 60-90 s / best       first  worst
 ========================================  ===============  ========================  =====  =====
-issue-14 service, from 1 / from 75        20 / 20          0.994 / 0.994             35 s   0.96
-20 ms sleep, process capped at 3,000/s    57-64 (knee 60)  0.94-1.00 (median 0.996)  25 s   0.86
-50 ms sleep, no cap (limit 256)           256              0.99                      30 s   0.94
+issue-14 service, from 1 / from 75        20 / 20          0.994 / 0.994             25 s   0.96
+20 ms sleep, process capped at 3,000/s    57-64 (knee 60)  0.94-1.00 (median 0.996)  20 s   0.86
+50 ms sleep, no cap (limit 256)           256              0.995                     20 s   0.97
+500 ms sleep (the seed's default handler) 256              0.98-0.99                 40 s   0.94
 CPU-bound under the GIL, from 1 / 40      1 / 1            1.00                      5 s    1.00
-CPU-bound, GIL released, 2 cores          2 (CPU guard)    0.967                     15 s   0.85
+CPU-bound, GIL released, 2 cores          2 (CPU guard)    0.967                     20 s   0.85
 ========================================  ===============  ========================  =====  =====
 
 With twice the noise (6 % on both), 0-2 runs in 100 miss a target, and a flat curve is no longer
@@ -76,6 +80,7 @@ MIN_STEP = 0.10  # smallest probe, as a fraction of the count: below ~10 % one w
 SATURATED_BUSY = 0.8  # Little's-law busy fraction above which the permits are the constraint
 CLOSE_CALL = 0.03  # a probe within 3 % of its bar is measured one more window before the verdict
 DRIFT = 0.25  # throughput moving this much at a steady count means the workload changed: explore again
+SLOW_START_PER_THREAD = 10  # completions per thread a slow-start window needs (see AutoTuner._min_completions)
 
 
 @dataclass(frozen=True)
@@ -174,10 +179,20 @@ class AutoTuner:
         if window.completed == 0 and sample.busy == 0 and sample.waiting == 0:
             self._window = _Window(start=sample.now)
             return self._keep("idle")
-        if sample.now - window.start < self.interval or window.completed < self.min_completions:
+        if sample.now - window.start < self.interval or window.completed < self._min_completions():
             return self._keep(f"measuring ({window.completed} completions)")
         self._window = _Window(start=sample.now)
         return self._evaluate(sample.now, window)
+
+    def _min_completions(self) -> int:
+        """Completions a window needs. In slow start 10 per thread do: a doubling must show +50 %, and
+        the edges of a window blur it by at most one completion per thread (10 %). A 0.5 s handler from
+        1 thread waited 25 s for its first window of 50 and reached 256 threads after 90 s (simulated,
+        tests/test_autotune.py); with 10 per thread, after 45 s.
+        """
+        if self._slow_start:
+            return min(self.min_completions, SLOW_START_PER_THREAD * self._limit)
+        return self.min_completions
 
     # -- decisions ----------------------------------------------------------------------------------
 
@@ -186,7 +201,7 @@ class AutoTuner:
         self._baseline = min(self._baseline, lat)
         saturated = w.backlogged and x * lat >= SATURATED_BUSY * self._limit
         if self._probe_from is not None:
-            return self._judge(now, x, lat)
+            return self._judge(now, x, lat, w.cpu if saturated else None, saturated)
         if self._guarded_from is not None:
             guarded, self._guarded_from = self._guarded_from, None
             if lat >= 0.9 * guarded:
@@ -243,8 +258,13 @@ class AutoTuner:
         note = f" (cpu {cpu:.0%})" if cpu_bound else ""
         return self._change(now, target, lat, how + note)
 
-    def _judge(self, now: float, x: float, lat: float) -> Decision:
-        """Keep the probed count if it paid, else go back to where it started."""
+    def _judge(self, now: float, x: float, lat: float, cpu: float | None = None, saturated: bool = False) -> Decision:
+        """Keep the probed count if it paid, else go back to where it started.
+
+        A doubling kept in slow start is followed at once by the next one (still saturated): the window
+        that judged it is the reference for the next, so a second window at the same count would only
+        double the ramp (a 0.5 s handler reached 256 threads after 45 s with it, after 28 s without).
+        """
         assert self._probe_from is not None
         start = self._probe_from
         n = self._limit
@@ -267,13 +287,18 @@ class AutoTuner:
             self._streak = self._streak + 1 if direction == self._direction else 1
             self._ref = [(x, lat)]
             self._failures, self._next_probe_at, self._direction = 0, now, direction
+            if self._slow_start and direction > 0 and saturated and n < self.max_threads:
+                decision = self._start_probe(now, lat, cpu)
+                return Decision(decision.limit, decision.changed, f"kept {verdict}; {decision.reason}")
             return self._keep(f"kept {verdict}")
         self._streak = 0
-        self._slow_start = False
+        # a failed doubling of slow start: its previous doubling paid, so the best count is more likely
+        # between the two than below -- bisect up first rather than try fewer
+        doubled, self._slow_start = self._slow_start, False
         if n > start:
             self._ceiling = n if self._ceiling is None else min(self._ceiling, n)
         small = abs(n - start) <= max(1, math.ceil(start * MIN_STEP))
-        if n > start and not small and x < ref_x * (1 + GAIN * (r - 1) / 2):
+        if n > start and not small and not doubled and x < ref_x * (1 + GAIN * (r - 1) / 2):
             self._direction, self._next_probe_at = -1, now  # not even half the gain needed: try fewer first
         elif n > start and not small:
             self._next_probe_at = now  # it helped, not enough: bisect towards the ceiling next

@@ -38,6 +38,7 @@ from mtc75.core.retry import RetryPolicy
 from mtc75.core.stats import Stats
 from mtc75.core.window import WindowHolds
 from mtc75.core.work import Work
+from mtc75.engine.autothreads import AutoThreads
 from mtc75.engine.commits import Committer
 from mtc75.engine.failure import DeadLetter, FailurePolicy, Skip, StopRun
 from mtc75.errors import KafkaFatal, KafkaUnavailable, Mtc75Error, TopicGone
@@ -49,7 +50,7 @@ from mtc75.kafka.topics import METADATA_TIMEOUT, require_topic
 from mtc75.kafka.topicwatch import Change, TopicWatch
 from mtc75.runtime.dispatcher import Dispatcher
 from mtc75.runtime.handlers import Handler, prepare_handler
-from mtc75.settings import Settings
+from mtc75.settings import AUTO, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ class Mtc75Consumer:
             raise ValueError(f"idle_exit must be > 0, got {idle_exit}")
         self._settings = settings
         self._conf = settings.consumer_config(overrides)
-        self._handler = prepare_handler(handler)  # refuses what the workers cannot run (async handlers)
+        self._threads = AutoThreads(settings)  # MAX_THREAD_COUNT = "auto" (a fixed count: it only watches)
+        self._handler = self._threads.timed(prepare_handler(handler))  # refuses what the workers cannot run
         self._max_messages = max_messages
         self._idle_exit = idle_exit
         self._on_status = on_status
@@ -139,12 +141,12 @@ class Mtc75Consumer:
         """Ask :meth:`run` to finish: stop fetching, drain in-flight work, commit, close."""
         self._stop.set()
 
-    def retune(self, *, max_thread_count: int | None = None, pause_interval: float | None = None) -> None:
-        """Change the thread bound and the pause interval of a running consumer; any thread may call.
+    def retune(self, *, max_thread_count: int | str | None = None, pause_interval: float | None = None) -> None:
+        """Change the thread bound (a count, or "auto") and the pause interval of a running consumer; any thread.
 
         The poll thread applies the change within one loop turn (at most ``POLL_TIMEOUT`` later).
         """
-        if max_thread_count is not None and max_thread_count < 1:
+        if max_thread_count is not None and max_thread_count != AUTO and int(max_thread_count) < 1:
             raise ValueError(f"max_thread_count must be >= 1, got {max_thread_count}")
         if pause_interval is not None and pause_interval <= 0:
             raise ValueError(f"pause_interval must be > 0, got {pause_interval}")
@@ -168,7 +170,7 @@ class Mtc75Consumer:
         consumer = new_client(self._clients.consumer, conf, "librdkafka consumer")
         client = self._client = KafkaClient(consumer, self._settings.TOPIC, cooperative=is_incremental(self._conf))
         self._committer = Committer(client, self._tracker, self._settings.TOPIC, self._check_fatal)
-        self._dispatcher = Dispatcher(self._handler, self._settings.MAX_THREAD_COUNT, self._retry,
+        self._dispatcher = Dispatcher(self._handler, self._threads.initial, self._retry,
                                       scheduler=new_scheduler(self._settings.ORDERING))
         try:
             # Fail fast, with one line, when the cluster is unreachable or the topic does not exist.
@@ -179,7 +181,7 @@ class Mtc75Consumer:
             self._connected = True
             client.subscribe(self._on_assign, self._on_revoke, self._on_lost)
             logger.info(
-                "consuming %s as group %s with %d threads (pause interval %.2fs, %s assignment)",
+                "consuming %s as group %s with %s threads (pause interval %.2fs, %s assignment)",
                 self._settings.TOPIC, self._settings.GROUP_ID, self._settings.MAX_THREAD_COUNT,
                 self._settings.PAUSE_INTERVAL, "incremental" if is_incremental(self._conf) else "eager",
             )
@@ -198,7 +200,7 @@ class Mtc75Consumer:
         gate = self._gate
         return Stats(
             active_threads=d.active_thread_count if d else 0,
-            max_thread_count=self._settings.MAX_THREAD_COUNT,
+            max_thread_count=self._threads.limit,
             paused=gate.paused,
             paused_for=gate.paused_for(now),
             next_check_in=gate.next_check_in(now),
@@ -218,6 +220,8 @@ class Mtc75Consumer:
             dropped_late=self._dropped_late,
             abandoned=self.abandoned + self.abandoned_at_revoke,
             lag=dict(self._lag),
+            thread_mode=self._threads.mode,
+            thread_trend=self._threads.trend,
             ordering=self._settings.ORDERING,
             blocked=d.blocked if d else 0,
         )
@@ -233,6 +237,7 @@ class Mtc75Consumer:
             now = time.monotonic()
             if self._retune:
                 self._apply_retune()
+            self._threads.tick(self._processed, dispatcher)
             dispatcher.release_due()
             self._drain_completions()
             if client.down_since is not None and self._broker_gone(now):
@@ -428,7 +433,7 @@ class Mtc75Consumer:
             changes, self._retune = self._retune, {}
         self._settings = self._settings.replace(**changes)
         if "MAX_THREAD_COUNT" in changes:
-            self._dispatcher.resize(changes["MAX_THREAD_COUNT"])
+            self._threads.retune(changes["MAX_THREAD_COUNT"], self._dispatcher)
         if "PAUSE_INTERVAL" in changes:
             self._gate.pause_interval = changes["PAUSE_INTERVAL"]
         logger.debug("retuned: %s", changes)
@@ -639,6 +644,10 @@ class Mtc75Consumer:
                 )
             self._commit_now(owned)
         tracker.revoke(owned)
+        # A handler that failed after the last purge above queued a retry while its partition was still
+        # alive: drop it now (its state is dead, so no later failure queues another), or it would run
+        # again for a partition the next owner is already reading.
+        self._drop_unstarted(states)
 
     def _drop_unstarted(self, states: list[PartitionState] | None = None) -> int:
         """Take not-yet-started messages out of the backlog; they stay uncommitted, for redelivery."""
