@@ -4,6 +4,7 @@
 # make unit   - every test that needs no broker (engine against an in-memory Kafka fake, policies, CLI errors)
 # make bench  - throughput per topic shape, peers, memory and CPU figures (bench/results.json, BENCHMARKS.md),
 #               then MAX_THREAD_COUNT="auto" against fixed counts (bench/autotune.json, bench/autotune.png)
+#               and ordering modes against unordered (bench/ordering.json)
 # make faults - only the fault-injection suite (RELIABILITY.md), printing its measured figures
 # make broker / make broker-stop / make broker-status - a local Kafka for the three-terminal flow
 #   (KAFKA_PORT, default 9092); BROKERS=3 runs a 3-node cluster: node 1 on KAFKA_PORT, the others on
@@ -59,6 +60,7 @@ bench/parallel-consumer/target/classpath.txt: bench/parallel-consumer/pom.xml be
 bench: kafka $(VENV)/.bench-installed bench/parallel-consumer/target/classpath.txt
 	$(PY) -m bench.run
 	$(PY) -m bench.autotune
+	$(PY) -m bench.ordering --with-fifo
 
 # The fault-injection suite alone; its measured figures go to .kafka/fault-figures.jsonl (see RELIABILITY.md).
 faults: kafka

@@ -42,6 +42,10 @@ RETRY_BACKOFF_MAX = 10.0
 # After the last attempt: "dlq" publishes it to <TOPIC>.dlq (created if missing), "skip" moves on,
 # "stop" commits what is safe and exits with code 5.
 ON_FAILURE = "dlq"
+# Which messages may run at the same time: "unordered" (any, as soon as a thread is free), "partition"
+# (one per partition, in offset order) or "key" (one per key within a partition, in offset order; different
+# keys in parallel; a message without a key is its own key). Waiting partitions and keys take turns.
+ORDERING = "unordered"
 # The default handler rejects (and so retries, then dead-letters) empty, non-JSON or larger payloads.
 MAX_PAYLOAD_BYTES = 100_000
 # Seconds the consumer keeps going with no broker reachable before it exits with code 3.

@@ -32,7 +32,7 @@ CONSUMER_SETTINGS = (
     "PAUSE_INTERVAL", "AUTO_OFFSET_RESET", "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT",
     "SHUTDOWN_TIMEOUT", "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "BROKER_DOWN_TIMEOUT",
     "REPLICATION_FACTOR", "CONSUMER_CONFIG",
-    "PRODUCER_CONFIG",
+    "PRODUCER_CONFIG", "ORDERING",
 )
 SNAPSHOT_INTERVAL = 0.25  # how stale stats() may be while running: the poll thread refreshes it this often
 _DEFAULTS = Settings()
@@ -46,8 +46,9 @@ class Consumer:
     Returning means done (its offset may be committed),
     raising means failed (retried per ``max_attempts``, then ``on_failure``: ``dlq``, ``skip`` or ``stop``).
     Any other setting of the README's table is a lower-case keyword (``pause_interval=1.0``,
-    ``on_failure="skip"``, ...); ``librdkafka`` adds consumer properties, applied last. Bad values raise
-    :class:`~mtc75.errors.ConfigError` here, before anything connects. A consumer runs once.
+    ``on_failure="skip"``, ``ordering="key"``, ...); ``librdkafka`` adds consumer properties, applied
+    last. Bad values raise :class:`~mtc75.errors.ConfigError` here, before anything connects. A
+    consumer runs once.
     ``on_status(stats)`` is called on the poll thread about every ``status_interval`` seconds while it
     runs (a dashboard, a metrics exporter); :meth:`from_settings` takes a whole Settings instead of keywords.
     """
@@ -112,7 +113,8 @@ class Consumer:
         self._stop_requested = False  # a plain flag: stop() must be safe in a signal handler
         self._launched = False
         self._stats: Stats = Stats.idle(
-            self._settings.initial_threads(), "auto" if self._settings.auto_threads else "fixed"
+            self._settings.initial_threads(), "auto" if self._settings.auto_threads else "fixed",
+            self._settings.ORDERING,
         )
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None  # what ended the background run

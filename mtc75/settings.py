@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Any
 
 from mtc75.core.offsetmap import default_window
+from mtc75.core.ordering import ORDERINGS
 from mtc75.core.retry import FAILURE_MODES
 from mtc75.errors import ConfigError
 
@@ -119,6 +120,12 @@ class Settings:
     ON_FAILURE: str = field(
         default="dlq",
         **_spec(str, "after the last attempt: dlq (publish to <topic>.dlq), skip, or stop", choices=FAILURE_MODES),
+    )
+    ORDERING: str = field(
+        default="unordered",
+        **_spec(str, "unordered (any message when a thread is free), partition (one at a time per partition, "
+                "in offset order) or key (one at a time per key, in offset order; keyless: each its own key)",
+                choices=ORDERINGS),
     )
     MAX_PAYLOAD_BYTES: int = field(
         default=100_000, **_spec(int, "larger payloads are rejected by the default handler", minimum=1)

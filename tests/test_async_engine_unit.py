@@ -169,3 +169,31 @@ def test_an_async_handler_under_the_auto_thread_count_still_runs_on_the_loop(
     assert handler.threads == {"mtc75-loop"} and stats.workers == "coroutines"
     assert stats.processed == 60 and stats.failed == 0
     assert [cluster.committed(GROUP, TOPIC, p) for p in range(3)] == [20, 20, 20]
+
+
+@pytest.mark.parametrize("ordering", ["partition", "key"])
+def test_ordering_modes_hold_for_coroutines(cluster: FakeKafka, start: Callable[..., Run], ordering: str) -> None:
+    """The ordering schedulers hand coroutines the same work as threads: one at a time per partition/key."""
+    for p in range(3):
+        for o in range(30):
+            cluster.produce(TOPIC, p, b'{"id": %d}' % o, key=b"k%d" % (o % 3))  # 3 keys per partition
+    running: Counter[tuple[int, ...]] = Counter()
+    peak_per_group = 0
+    peak = 0
+    order: dict[tuple[int, ...], list[int]] = {}
+
+    async def handle(message: Any) -> None:
+        nonlocal peak_per_group, peak
+        group = (message.partition(),) if ordering == "partition" else (message.partition(), message.key())
+        running[group] += 1
+        peak_per_group = max(peak_per_group, running[group])
+        peak = max(peak, sum(running.values()))
+        order.setdefault(group, []).append(message.offset())
+        await asyncio.sleep(0.003)
+        running[group] -= 1
+
+    stats = start(handle, MAX_THREAD_COUNT=20, ORDERING=ordering, max_messages=90).join(WAIT * 2)
+    assert stats.processed == 90 and stats.workers == "coroutines"
+    assert peak_per_group == 1  # never two coroutines of one partition (key) at once...
+    assert all(offsets == sorted(offsets) for offsets in order.values())  # ...and in offset order
+    assert peak > 1  # while different partitions (keys) ran side by side

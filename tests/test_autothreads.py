@@ -64,7 +64,8 @@ class FakePool:
         self.meter = meter
         self.cores = cores
         self.waiting = waiting
-        self.delayed = 0
+        self.delayed = 0  # failed messages waiting out a backoff
+        self.blocked = 0  # messages waiting behind a running one of their key (ORDERING=key)
         self.resizes: list[int] = []
         self.processed = 0
         self.cpu = 0.0
@@ -79,8 +80,12 @@ class FakePool:
         return self.max_thread_count if self.waiting else 0
 
     @property
-    def backlog(self) -> int:
-        return self.waiting + self.delayed
+    def ready(self) -> int:
+        return self.waiting
+
+    @property
+    def backlog(self) -> int:  # what a glue reading the wrong figure would see
+        return self.waiting + self.delayed + self.blocked
 
     def resize(self, limit: int) -> None:
         assert limit >= 1
@@ -188,11 +193,13 @@ def test_no_backlog_no_growth() -> None:
     assert 40 <= h.pool.max_thread_count <= 90, h.pool.resizes
 
 
-def test_retries_waiting_out_a_backoff_are_not_demand() -> None:
-    """4 threads serve all 200 msg/s arriving; 400 failed messages wait out a backoff: nothing to grow for."""
+def test_retries_and_blocked_messages_are_not_demand() -> None:
+    """4 threads serve all 200 msg/s arriving; 400 failed messages wait out a backoff and 400 wait behind a
+    busy key: no thread could start them, so nothing to grow for."""
     h = Harness(sleeping, MIN_THREAD_COUNT=4)
     h.pool.demand = 200.0
     h.pool.delayed = 400
+    h.pool.blocked = 400
     h.run(30)
     assert h.pool.resizes == [] and h.pool.processed >= 200 * 29
 

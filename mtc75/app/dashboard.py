@@ -117,7 +117,11 @@ def render(
     rate.append(f"  (last {min(len(history), HISTORY)}s, peak {max(history, default=0.0):,.0f}/s)", style="dim")
     grid.add_row("messages", rate)
     grid.add_row("processed", Text(f"{stats.processed:,}"))
-    grid.add_row("in-flight", Text(f"{stats.in_flight} (running {stats.active_threads}, waiting {stats.backlog})"))
+    waiting = f"waiting {stats.backlog}"
+    if stats.ordering != "unordered":
+        waiting += f", {stats.blocked} behind their {stats.ordering}"
+    grid.add_row("in-flight", Text(f"{stats.in_flight} (running {stats.active_threads}, {waiting})"))
+    grid.add_row("ordering", Text(stats.ordering, style="bold" if stats.ordering != "unordered" else "dim"))
     grid.add_row("lag", _lag_text(stats.lag))
     problems = Text(f"failed {stats.failed}   retried {stats.retried}   dead-lettered {stats.dead_lettered}",
                     style="red" if stats.failed or stats.dead_lettered else "")

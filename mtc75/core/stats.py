@@ -78,13 +78,17 @@ class Stats:
     thread_mode: str = "fixed"  # "auto" while MAX_THREAD_COUNT = "auto" tunes max_thread_count
     thread_trend: int = 0  # +1 / -1 just after auto stepped the count up / down, 0 holding (or fixed)
 
+    ordering: str = "unordered"  # ORDERING: unordered, partition or key
+    blocked: int = 0  # waiting messages that must wait for an earlier one of their key or partition
+
     @classmethod
-    def idle(cls, max_thread_count: int, thread_mode: str = "fixed") -> Stats:
+    def idle(cls, max_thread_count: int, thread_mode: str = "fixed", ordering: str = "unordered") -> Stats:
         """The snapshot before a run has started."""
         return cls(
             active_threads=0, max_thread_count=max_thread_count, paused=False, paused_for=0.0, next_check_in=0.0,
             processed=0, failed=0, rate=0.0, in_flight=0, backlog=0, pauses=0, paused_seconds=0.0,
             elapsed_seconds=0.0, max_active_threads=0, assigned=0, thread_mode=thread_mode,
+            ordering=ordering,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -99,4 +103,5 @@ class Stats:
         out["elapsed_seconds"] = round(out["elapsed_seconds"], 3)
         out["max_thread_count"] = self.max_thread_count
         out["thread_mode"] = self.thread_mode
+        out["ordering"] = self.ordering
         return out

@@ -7,7 +7,8 @@ engine makes three calls: :meth:`AutoThreads.timed` once, where it prepares the 
 
 Every ``SAMPLE_INTERVAL`` a :class:`~mtc75.core.autotune.Sample` is built from: completions (the engine's
 processed count), handler latency (the mean of the calls that ended since the last sample, measured by
-the timing wrapper), busy permits, messages waiting for one (retries waiting out a backoff excluded)
+the timing wrapper), busy permits, messages that could start now (the dispatcher's ``ready``:
+retries waiting out a backoff and messages blocked behind their key or partition are no demand)
 and the process's CPU time over wall time and cores. A changed limit goes through
 ``dispatcher.resize`` -- the live resize, which never cancels a running handler -- and one debug line
 with the tuner's reason.
@@ -51,10 +52,7 @@ class Pool(Protocol):
     def active_thread_count(self) -> int: ...
 
     @property
-    def backlog(self) -> int: ...
-
-    @property
-    def delayed(self) -> int: ...
+    def ready(self) -> int: ...
 
     def resize(self, limit: int) -> None: ...
 
@@ -223,7 +221,7 @@ class AutoThreads:
         completed = max(0, processed - mark[2])
         sample = Sample(
             now=now, completed=completed, latency=latency if calls else 0.0,
-            busy=pool.active_thread_count, waiting=max(0, pool.backlog - pool.delayed), cpu=cpu,
+            busy=pool.active_thread_count, waiting=pool.ready, cpu=cpu,
         )
         decision = tuner.step(sample)
         if decision.changed:

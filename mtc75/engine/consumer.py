@@ -33,6 +33,7 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, 
 from mtc75.core.gate import PauseGate
 from mtc75.core.offsetmap import FinishedOffsets, OffsetMapError, decode
 from mtc75.core.offsets import OffsetTracker, Partition, PartitionState
+from mtc75.core.ordering import new_scheduler
 from mtc75.core.retry import RetryPolicy
 from mtc75.core.stats import Stats
 from mtc75.core.window import WindowHolds
@@ -44,6 +45,7 @@ from mtc75.errors import KafkaFatal, KafkaUnavailable, Mtc75Error, TopicGone
 from mtc75.kafka.client import ErrorKind, KafkaClient, classify, is_incremental
 from mtc75.kafka.clients import REAL_CLIENTS, KafkaClients, new_client
 from mtc75.kafka.deadletter import DeadLetters
+from mtc75.kafka.fairness import FairIntake
 from mtc75.kafka.topics import METADATA_TIMEOUT, require_topic
 from mtc75.kafka.topicwatch import Change, TopicWatch
 from mtc75.runtime.async_runner import pick_runner
@@ -112,6 +114,7 @@ class Mtc75Consumer:
         self._dispatcher: Dispatcher | None = None
         self._tracker = OffsetTracker()
         self._gate = PauseGate(settings.PAUSE_INTERVAL, settings.MAX_BACKLOG)
+        self._fair = FairIntake(self._tracker)  # a partition's long run does not starve the others
         self._holds = WindowHolds(settings.offset_window())  # partitions paused alone: span over OFFSET_WINDOW
         self._retry = RetryPolicy(settings.MAX_ATTEMPTS, settings.RETRY_BACKOFF, settings.RETRY_BACKOFF_MAX)
         # ON_FAILURE; a dlq policy is built by run(), once the topic is known to exist
@@ -170,7 +173,8 @@ class Mtc75Consumer:
         consumer = new_client(self._clients.consumer, conf, "librdkafka consumer")
         client = self._client = KafkaClient(consumer, self._settings.TOPIC, cooperative=is_incremental(self._conf))
         self._committer = Committer(client, self._tracker, self._settings.TOPIC, self._check_fatal)
-        self._dispatcher = Dispatcher(self._handler, self._threads.initial, self._retry, runner=self._runner)
+        self._dispatcher = Dispatcher(self._handler, self._threads.initial, self._retry,
+                                      scheduler=new_scheduler(self._settings.ORDERING), runner=self._runner)
         try:
             # Fail fast, with one line, when the cluster is unreachable or the topic does not exist.
             partitions = require_topic(consumer, self._settings.BOOTSTRAP_SERVERS, self._settings.TOPIC)
@@ -223,6 +227,8 @@ class Mtc75Consumer:
             lag=dict(self._lag),
             thread_mode=self._threads.mode,
             thread_trend=self._threads.trend,
+            ordering=self._settings.ORDERING,
+            blocked=d.blocked if d else 0,
         )
 
     # -- poll loop ----------------------------------------------------------------------------------
@@ -278,6 +284,10 @@ class Mtc75Consumer:
             # Retries alone fill the backlog: threads are idle only because everything is waiting
             # for its backoff, so stop fetching rather than pile up more failures.
             active = limit
+        elif backlog >= high and dispatcher.ready <= limit - active:
+            # Ordered modes: the free threads have nothing they may start (the rest waits behind its
+            # key or partition); fetching on would grow the backlog past its bound: pause.
+            active = limit
         if gate.paused:
             if gate.should_resume(now, limit, backlog):
                 self._resume(now)
@@ -307,7 +317,10 @@ class Mtc75Consumer:
         # consume() waits for a full batch until its timeout; take what is there without
         # waiting, and block (in poll, which returns on the first message) only when idle.
         messages = client.consume(num_messages=max(1, min(room, MAX_BATCH)), timeout=0)
-        return messages if messages else _as_list(client.poll(POLL_TIMEOUT))
+        if not messages:
+            messages = _as_list(client.poll(POLL_TIMEOUT))
+        # every partition its turn (not one partition's long run while another waits)
+        return self._fair.cut(client.consumer, messages, high, limit, gate.rate, time.monotonic(), self._holds)
 
     def _accept(self, messages: list[Any]) -> None:
         """Hand fetched messages to the pool. Every returned message is kept: none is dropped here.

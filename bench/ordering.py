@@ -1,0 +1,192 @@
+"""Ordering modes against unordered, on the same backlog: ``ORDERING=key`` with 1, 5, 20, 100 and 10 000 keys.
+
+For each key count one topic (1 partition, lz4, 100 B records keyed ``k<i % keys>``) is produced once;
+then every contender reads it from the start with a new group, taking turns, each keeping its best
+pass, with two handlers:
+
+- ``sleep``: ``time.sleep(0.002)`` on ``--threads`` (16) threads, the shape of issue 11's measurement;
+  the rate is steady-state (bench/run.py ``steady_rate``: from 1 s after the first completion, over
+  about ``--window`` seconds);
+- ``noop``: a handler that returns at once; the same rate over the whole backlog after the warm-up.
+
+Contenders: ``unordered`` (the default: partitions take turns, FairFifoScheduler), ``key`` and, as the
+reference for what fairness costs, ``fifo`` (the plain first-fetched-first-run FIFO of earlier
+releases; only with ``--with-fifo``, set by ``make bench``). Every figure is a ratio of rates taken in
+this one run; the load average is printed because the machine is shared.
+
+    .venv/bin/python -m bench.ordering                     # own broker on 127.0.0.1:29892 (or the next free pair)
+    .venv/bin/python -m bench.ordering --bootstrap host:9092
+    .venv/bin/python -m bench.ordering --quick             # one pass, smaller backlogs
+
+Writes bench/ordering.json. Targets (issue 11): key mode >= 0.9 of unordered at >= 20 keys with 2 ms of
+work; no-op key mode >= 0.5 of no-op unordered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Producer
+
+import mtc75.engine.consumer as engine
+from bench.run import payload, steady_rate
+from bench.scaleout import own_broker
+from mtc75.core.scheduler import FifoScheduler
+from mtc75.kafka.topics import create_topic
+from mtc75.settings import Settings
+from mtc75.tools.broker import LocalKafka
+
+OUT = Path(__file__).resolve().parent / "ordering.json"
+PORT = int(os.environ.get("MTC75_BENCH_ORDERING_PORT", "29892"))
+KEYS = (1, 5, 20, 100, 10_000)
+WORK = 0.002
+TARGET_SLEEP = 0.9  # key / unordered at >= 20 keys, 2 ms of work
+TARGET_NOOP = 0.5  # key / unordered, no-op handler
+
+
+def produce(bootstrap: str, topic: str, count: int, keys: int) -> None:
+    create_topic({"bootstrap.servers": bootstrap}, topic, 1, 1)
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000,
+                         "queue.buffering.max.messages": 500000, "compression.type": "lz4"})
+    for i in range(count):
+        while True:
+            try:
+                producer.produce(topic, value=payload(i, 100), key=b"k%d" % (i % keys))
+                break
+            except BufferError:
+                producer.poll(0.05)
+        if i % 10000 == 0:
+            producer.poll(0)
+    if producer.flush(300):
+        raise SystemExit("bench: backlog not fully delivered")
+
+
+def run_once(bootstrap: str, topic: str, ordering: str, threads: int, work: float, count: int,
+             window: float) -> dict[str, Any]:
+    """One contender reads ``topic`` from the start: its steady rate (messages per second)."""
+    done: list[float] = []
+    stamp = time.monotonic
+    append = done.append
+    consumer: engine.Mtc75Consumer | None = None
+
+    if work > 0:
+        def handle(_msg: Any) -> None:
+            time.sleep(work)
+            append(stamp())
+    else:
+        def handle(_msg: Any) -> None:
+            append(stamp())
+
+    def on_status(_stats: engine.Stats) -> None:
+        if done and stamp() - done[0] >= 1.0 + window:
+            assert consumer is not None
+            consumer.stop()
+
+    mode = "unordered" if ordering == "fifo" else ordering
+    settings = Settings().replace(BOOTSTRAP_SERVERS=bootstrap, TOPIC=topic, GROUP_ID=f"bench-{uuid.uuid4().hex[:8]}",
+                                  MAX_THREAD_COUNT=threads, ORDERING=mode)
+    factory = engine.new_scheduler
+    if ordering == "fifo":  # the earlier default, for the cost of fairness: swapped in for this run only
+        engine.new_scheduler = lambda _mode: FifoScheduler()  # type: ignore[assignment]
+    try:
+        consumer = engine.Mtc75Consumer(settings, handle, on_status=on_status, status_interval=0.05,
+                                        max_messages=count)
+        stats = consumer.run()
+    finally:
+        engine.new_scheduler = factory  # type: ignore[assignment]
+    rate, span, messages = steady_rate(done)
+    return {"ordering": ordering, "rate": rate, "window_s": span, "messages": messages, "pauses": stats.pauses}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ordering", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bootstrap", help="an existing cluster (default: a broker of this run)")
+    parser.add_argument("--port", type=int, default=PORT, help="port of the broker this run starts (< 32768)")
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--count", type=int, default=200_000, help="messages per topic")
+    parser.add_argument("--window", type=float, default=3.0, help="seconds of steady state timed per run")
+    parser.add_argument("--passes", type=int, default=2)
+    parser.add_argument("--keys", type=int, nargs="+", default=list(KEYS))
+    parser.add_argument("--with-fifo", action="store_true", help="also time the plain FIFO (fairness's cost)")
+    parser.add_argument("--quick", action="store_true", help="one pass, 60 000 messages per topic")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.passes, args.count = 1, 60_000
+    home = Path(tempfile.mkdtemp(prefix="mtc75-bench-ordering-"))
+    broker: LocalKafka | None = None
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    load_start = os.getloadavg()
+    try:
+        if args.bootstrap:
+            bootstrap = args.bootstrap
+        else:
+            broker = own_broker(home, args.port)
+            bootstrap = broker.bootstrap
+        contenders = ["unordered", "key"] + (["fifo"] if args.with_fifo else [])
+        rows = []
+        for keys in args.keys:
+            topic = f"bench-ordering-{keys}-{uuid.uuid4().hex[:8]}"
+            print(f"producing {args.count:,} messages with {keys:,} keys to {topic} ...", flush=True)
+            produce(bootstrap, topic, args.count, keys)
+            row: dict[str, Any] = {"keys": keys, "sleep": {}, "noop": {}}
+            for handler, work in (("sleep", WORK), ("noop", 0.0)):
+                best: dict[str, dict[str, Any]] = {}
+                for turn in range(args.passes):
+                    order = contenders if turn % 2 == 0 else list(reversed(contenders))
+                    for ordering in order:
+                        r = run_once(bootstrap, topic, ordering, args.threads, work, args.count, args.window)
+                        if ordering not in best or r["rate"] > best[ordering]["rate"]:
+                            best[ordering] = r
+                for ordering, r in best.items():
+                    row[handler][ordering] = r
+                ratio = best["key"]["rate"] / best["unordered"]["rate"]
+                row[handler]["key_vs_unordered"] = ratio
+                extra = ""
+                if "fifo" in best:
+                    row[handler]["unordered_vs_fifo"] = best["unordered"]["rate"] / best["fifo"]["rate"]
+                    extra = f", unordered/fifo {row[handler]['unordered_vs_fifo']:.2f}"
+                print(f"  {keys:>6,} keys, {handler:>5}: unordered {best['unordered']['rate']:9,.0f}/s, "
+                      f"key {best['key']['rate']:9,.0f}/s -> key/unordered {ratio:.2f}{extra}", flush=True)
+            rows.append(row)
+    finally:
+        if broker is not None:
+            broker.stop()
+        shutil.rmtree(home, ignore_errors=True)
+    result = {
+        "command": "python -m bench.ordering " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": started, "threads": args.threads, "work_s": WORK, "count": args.count, "passes": args.passes,
+        "load_avg_at_start": load_start, "load_avg_at_end": os.getloadavg(),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "rows": rows,
+    }
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nload average {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+    print("| keys | 2 ms: key / unordered | no-op: key / unordered | no-op: unordered / fifo |")
+    print("|---:|---:|---:|---:|")
+    misses = 0
+    for row in rows:
+        s, n = row["sleep"]["key_vs_unordered"], row["noop"]["key_vs_unordered"]
+        fifo = row["noop"].get("unordered_vs_fifo")
+        print(f"| {row['keys']:,} | {s:.2f} | {n:.2f} | {'' if fifo is None else f'{fifo:.2f}'} |")
+        if row["keys"] >= 20 and s < TARGET_SLEEP:
+            misses += 1
+        if n < TARGET_NOOP and row["keys"] >= 20:
+            misses += 1
+    print(f"targets: 2 ms key/unordered >= {TARGET_SLEEP} at >= 20 keys, no-op key/unordered >= {TARGET_NOOP}: "
+          f"{'met' if not misses else f'{misses} missed'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
