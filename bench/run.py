@@ -49,7 +49,7 @@ from mtc75.tools.broker import LocalKafka
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).resolve().parent
 PC_DIR = OUT / "parallel-consumer"
-BENCH_PORT = int(os.environ.get("MTC75_BENCH_KAFKA_PORT", "39892"))
+BENCH_PORT = int(os.environ.get("MTC75_BENCH_KAFKA_PORT", "29692"))  # below the ephemeral range (32768+)
 
 THREADS = (1, 16, 75, 200)
 WORK_SECONDS = (0.001, 0.010, 0.050)
