@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,7 @@ class FakeMeter:
     def __init__(self) -> None:
         self.enabled = False
         self.pending = (0, 0.0)
+        self.share: float | None = None  # the handlers' CPU share of their time (None: not measured)
 
     def wrap(self, handler: Any) -> Any:
         return handler
@@ -52,6 +54,9 @@ class FakeMeter:
     def read(self) -> tuple[int, float]:
         out, self.pending = self.pending, (0, 0.0)
         return out
+
+    def read_cpu(self) -> float | None:
+        return self.share
 
 
 class FakePool:
@@ -70,6 +75,7 @@ class FakePool:
         self.processed = 0
         self.cpu = 0.0
         self.history: list[tuple[float, int, float]] = []  # (t, limit, rate)
+        self.share_of: Callable[[int], float | None] = lambda _n: None  # threads -> handlers' CPU share
         self._carry = 0.0
 
     @property
@@ -104,6 +110,7 @@ class FakePool:
         self._carry -= done
         self.processed += done
         self.meter.pending = (self.meter.pending[0] + done, latency)
+        self.meter.share = self.share_of(self.max_thread_count)
         self.cpu += cpu * self.cores * seconds
         self.history.append((t, self.max_thread_count, rate))
 
@@ -157,6 +164,29 @@ def test_cpu_bound_handler_stays_at_the_bottom() -> None:
     h.run(60)
     assert max(n for _, n, _ in h.pool.history) <= 2  # flat throughput: more threads never paid
     assert h.pool.max_thread_count <= 2
+
+
+def test_gil_bound_handler_is_probed_up_once_then_held() -> None:
+    """5 ms of CPU under the GIL: each of n threads gets 1/n of a core (0.9 of it: the poll thread takes
+    the rest). One up-probe to 2 finds that; no more excursions after it (each doubled the latency)."""
+    h = Harness(cpu_bound, cores=2)
+    h.pool.share_of = lambda n: 0.9 / n
+    h.run(120)
+    assert h.pool.resizes == [2, 1]
+    assert [n for t, n, _ in h.pool.history if t >= 10] == [1] * len([t for t, _, _ in h.pool.history if t >= 10])
+
+
+def test_handler_cpu_is_their_cpu_share_times_their_busy_time() -> None:
+    seen: list[Any] = []
+    h = Harness(lambda n: (100.0, 0.02, 0.25), cores=4)  # 100 calls of 20 ms a second: two in progress
+    h.pool.share_of = lambda _n: 0.5
+    h.glue._tuner.step = lambda sample: seen.append(sample) or _keep()  # type: ignore[union-attr, method-assign]
+    h.run(3)
+    assert len(seen) >= 8 and all(s.handler_cpu == pytest.approx(1.0, rel=0.3) for s in seen[1:])
+    h.pool.share_of = lambda _n: None  # nothing measured (async handlers): nothing claimed
+    seen.clear()
+    h.run(1)
+    assert seen and all(s.handler_cpu is None for s in seen)
 
 
 def test_full_cpu_stops_growth_even_when_threads_would_pay() -> None:
@@ -274,6 +304,47 @@ def test_meter_times_calls_on_many_threads_without_losing_any() -> None:
     assert calls == 8000 and mean == pytest.approx(0.25)
     assert meter.read() == (0, 0.0)  # only what ended since the last read
     assert timed(21) == 42
+
+
+def test_meter_tells_a_cpu_bound_handler_from_a_waiting_one() -> None:
+    def spin(_m: Any) -> None:
+        end = time.thread_time() + 0.002
+        while time.thread_time() < end:
+            pass
+
+    meter = LatencyMeter()
+    meter.enabled = True
+    for handler, low, high in ((spin, 0.5, 1.0), (lambda _m: time.sleep(0.002), 0.0, 0.3)):
+        timed = meter.wrap(handler)
+        for i in range(50):
+            timed(i)
+        meter.read()
+        share = meter.read_cpu()
+        assert share is not None and low <= share <= high, (handler, share)
+    assert meter.read_cpu() is None  # no calls since the last read
+
+
+def test_meter_samples_cpu_on_short_calls_only_now_and_then(monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = [0]
+
+    def thread_time() -> float:
+        reads[0] += 1
+        return 0.0
+
+    monkeypatch.setattr(time, "thread_time", thread_time)
+    slow = LatencyMeter(clock=iter(range(10**6)).__next__)  # every call "takes" 1 s
+    slow.enabled = True
+    timed = slow.wrap(lambda m: m)
+    for i in range(32):
+        timed(i)
+    assert reads[0] == 64  # slow calls: every one measured (two clock reads each)
+    reads[0] = 0
+    fast = LatencyMeter(clock=lambda: 0.0)  # every call "takes" 0 s
+    fast.enabled = True
+    timed = fast.wrap(lambda m: m)
+    for i in range(64):
+        timed(i)
+    assert reads[0] == 2 * 64 // 16  # calls 0, 16, 32 and 48 of the thread
 
 
 def test_meter_counts_failures_and_reraises() -> None:

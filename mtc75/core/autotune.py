@@ -37,7 +37,14 @@ The algorithm: a probing hill-climber on throughput, with a latency guard.
 * **Stay put** when there is nothing to learn: no completions (idle), no backlog or permits unused
   (demand is the limit: more threads cannot help, and an idle consumer must not ratchet up), and no
   growth while process CPU is at ``cpu_ceiling`` of the machine's cores (the process is the limit).
-  A GIL-bound handler needs no CPU rule: its throughput stops growing with threads, so up-probes fail.
+* **The GIL.** Handlers whose CPU adds up to a core's worth (``GIL_BUSY``) may be held by the GIL:
+  then another thread only halves each call's speed (a CPU-bound handler at 2 threads: the same
+  throughput, twice the latency). One up-probe tells: if it fails and the handlers still use no more
+  than a core (``GIL_FREE``), the count stops growing while they keep a core busy, with no later
+  up-probes (each one doubled the p99 latency for its window: 2.12x the best fixed count's p99 on the
+  CPU-bound bench, ``python -m bench.autotune --only cpu``). Handlers using more than a core during
+  the probe release the GIL; only the CPU guard bounds them. Throughput drifting 25 % forgets the verdict and
+  the latency baseline.
 
 Why this and not Gradient2 or AIMD alone: Gradient2 (Netflix concurrency-limits) grows whenever
 latency holds, so on a sleep handler it climbs to the limit even where the process (GIL, poll
@@ -81,6 +88,12 @@ SATURATED_BUSY = 0.8  # Little's-law busy fraction above which the permits are t
 CLOSE_CALL = 0.03  # a probe within 3 % of its bar is measured one more window before the verdict
 DRIFT = 0.25  # throughput moving this much at a steady count means the workload changed: explore again
 SLOW_START_PER_THREAD = 10  # completions per thread a slow-start window needs (see AutoTuner._min_completions)
+# Handlers using this many cores' worth of CPU between them already fill the one core the GIL allows
+# (the poll thread takes the rest): a CPU-bound handler measured 0.85-0.95 at 1 thread here.
+GIL_BUSY = 0.75
+# Handlers using more than this many cores during an up-probe run with the GIL released (C code): the
+# process CPU guard (``cpu_ceiling``), not the GIL rule, bounds them.
+GIL_FREE = 1.25
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,8 @@ class Sample:
     busy: int  # permits held now
     waiting: int  # messages fetched and waiting for a permit now (not those waiting out a retry backoff)
     cpu: float | None = None  # process CPU time / (wall time x cores) since the previous sample, 0..1
+    # CPU the handlers used since the previous sample, in cores (their thread CPU seconds per wall second)
+    handler_cpu: float | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +174,10 @@ class AutoTuner:
         self._streak = 0  # probes kept in a row in this direction: each one doubles the next step
         self._failures = 0  # probes failed in a row: the hold-off doubles with each
         self._next_probe_at = -math.inf
+        # an up-probe from a core's worth of handler CPU failed, and the handlers still used no more than
+        # about a core: they take turns on the GIL
+        self._gil = False
+        self._probe_cpu: float | None = None  # handler CPU (cores) when the probe now measured started
 
     @property
     def limit(self) -> int:
@@ -201,7 +220,7 @@ class AutoTuner:
         self._baseline = min(self._baseline, lat)
         saturated = w.backlogged and x * lat >= SATURATED_BUSY * self._limit
         if self._probe_from is not None:
-            return self._judge(now, x, lat, w.cpu if saturated else None, saturated)
+            return self._judge(now, x, lat, w.cpu if saturated else None, saturated, w.handler_cpu)
         if self._guarded_from is not None:
             guarded, self._guarded_from = self._guarded_from, None
             if lat >= 0.9 * guarded:
@@ -222,6 +241,9 @@ class AutoTuner:
                 )
         if self._ref and abs(x / _mean_x(self._ref) - 1) > DRIFT:
             self._ref, self._failures, self._next_probe_at, self._ceiling = [], 0, now, None
+            # a new workload: its handler's latency and CPU are not the old one's (a 5 ms CPU-bound handler
+            # turning into a 20 ms wait kept failing its up-probes on the old 5 ms baseline)
+            self._baseline, self._gil = lat, False
             self._ref.append((x, lat))
             return self._keep(f"throughput moved to {x:.0f}/s at {self._limit}: exploring again")
         self._ref = [*self._ref[-3:], (x, lat)]
@@ -230,14 +252,17 @@ class AutoTuner:
             return self._keep(f"{why}: {x:.0f}/s")
         if now < self._next_probe_at:
             return self._keep(f"steady at {x:.0f}/s, {lat * 1e3:.1f} ms")
-        return self._start_probe(now, lat, w.cpu)
+        return self._start_probe(now, lat, w.cpu, w.handler_cpu)
 
-    def _start_probe(self, now: float, lat: float, cpu: float | None) -> Decision:
+    def _start_probe(self, now: float, lat: float, cpu: float | None, handler_cpu: float | None = None) -> Decision:
         n = self._limit
         cpu_bound = cpu is not None and cpu >= self.cpu_ceiling
-        can_up = n < self.max_threads and not cpu_bound
+        gil_bound = self._gil and handler_cpu is not None and handler_cpu >= GIL_BUSY
+        can_up = n < self.max_threads and not cpu_bound and not gil_bound
         can_down = n > self.min_threads
         if not (can_up or can_down):
+            if gil_bound:
+                return self._keep(f"handlers use {handler_cpu:.2f} cores: the GIL is the limit at the lowest count")
             return self._keep("cpu saturated at the lowest count" if cpu_bound else "min = max")
         up = (self._direction > 0 and can_up) or not can_down
         step = max(1, math.ceil(n * MIN_STEP))
@@ -255,10 +280,14 @@ class AutoTuner:
         else:
             target, how = max(self.min_threads, n - stride), "probe down"
         self._probe_from = n
-        note = f" (cpu {cpu:.0%})" if cpu_bound else ""
+        self._probe_cpu = handler_cpu
+        note = f" (cpu {cpu:.0%})" if cpu_bound else " (handlers hold the GIL)" if gil_bound else ""
         return self._change(now, target, lat, how + note)
 
-    def _judge(self, now: float, x: float, lat: float, cpu: float | None = None, saturated: bool = False) -> Decision:
+    def _judge(
+        self, now: float, x: float, lat: float, cpu: float | None = None, saturated: bool = False,
+        handler_cpu: float | None = None,
+    ) -> Decision:
         """Keep the probed count if it paid, else go back to where it started.
 
         A doubling kept in slow start is followed at once by the next one (still saturated): the window
@@ -292,6 +321,8 @@ class AutoTuner:
                 return Decision(decision.limit, decision.changed, f"kept {verdict}; {decision.reason}")
             return self._keep(f"kept {verdict}")
         self._streak = 0
+        if n > start and _within_a_core(self._probe_cpu, handler_cpu):
+            self._gil = True  # more threads, no more CPU for the handlers: they take turns on the GIL
         # a failed doubling of slow start: its previous doubling paid, so the best count is more likely
         # between the two than below -- bisect up first rather than try fewer
         doubled, self._slow_start = self._slow_start, False
@@ -327,7 +358,8 @@ class AutoTuner:
 class _Window:
     """Samples summed since the window started."""
 
-    __slots__ = ("backlogged_n", "completed", "cpu", "cpu_n", "latency_sum", "samples", "start")
+    __slots__ = ("backlogged_n", "completed", "cpu", "cpu_n", "handler_cpu", "handler_cpu_n", "latency_sum",
+                 "samples", "start")
 
     def __init__(self, start: float = 0.0) -> None:
         self.start = start
@@ -337,6 +369,8 @@ class _Window:
         self.backlogged_n = 0  # samples that found messages waiting for a permit
         self.cpu: float | None = None
         self.cpu_n = 0
+        self.handler_cpu: float | None = None
+        self.handler_cpu_n = 0
 
     def add(self, sample: Sample) -> None:
         self.completed += sample.completed
@@ -345,7 +379,10 @@ class _Window:
         self.backlogged_n += sample.waiting > 0
         if sample.cpu is not None:
             self.cpu_n += 1
-            self.cpu = sample.cpu if self.cpu is None else self.cpu + (sample.cpu - self.cpu) / self.cpu_n
+            self.cpu = _running_mean(self.cpu, sample.cpu, self.cpu_n)
+        if sample.handler_cpu is not None:
+            self.handler_cpu_n += 1
+            self.handler_cpu = _running_mean(self.handler_cpu, sample.handler_cpu, self.handler_cpu_n)
 
     @property
     def backlogged(self) -> bool:
@@ -357,6 +394,15 @@ class _Window:
 
     def latency(self) -> float:
         return self.latency_sum / self.completed if self.completed else 0.0
+
+
+def _running_mean(mean: float | None, value: float, n: int) -> float:
+    return value if mean is None else mean + (value - mean) / n
+
+
+def _within_a_core(before: float | None, after: float | None) -> bool:
+    """Handlers used a core's worth of CPU before a probe and no more than about one during it."""
+    return before is not None and after is not None and before >= GIL_BUSY and after <= GIL_FREE
 
 
 def _mean_x(ref: list[tuple[float, float]]) -> float:

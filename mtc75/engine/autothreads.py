@@ -8,8 +8,10 @@ engine makes three calls: :meth:`AutoThreads.timed` once, where it prepares the 
 Every ``SAMPLE_INTERVAL`` a :class:`~mtc75.core.autotune.Sample` is built from: completions (the engine's
 processed count), handler latency (the mean of the calls that ended since the last sample, measured by
 the timing wrapper), busy permits, messages that could start now (the dispatcher's ``ready``:
-retries waiting out a backoff and messages blocked behind their key or partition are no demand)
-and the process's CPU time over wall time and cores. A changed limit goes through
+retries waiting out a backoff and messages blocked behind their key or partition are no demand),
+the process's CPU time over wall time and cores, and the handlers' CPU in cores (their time in
+progress times the share of it their threads spent on a CPU: a core's worth that another thread
+does not raise is the GIL, see :mod:`mtc75.core.autotune`). A changed limit goes through
 ``dispatcher.resize`` -- the live resize, which never cancels a running handler -- and one debug line
 with the tuner's reason.
 
@@ -57,22 +59,35 @@ class Pool(Protocol):
     def resize(self, limit: int) -> None: ...
 
 
+# A call this long (wall seconds) makes the next call on its thread measure its CPU time too. A thread
+# CPU clock read costs ~1 us here (timeit, time.thread_time), two per call: on every call of a 100 us
+# handler that is 2 %; shorter calls are measured one in CPU_SAMPLE_EVERY.
+SLOW_CALL = 1e-4
+CPU_SAMPLE_EVERY = 16  # a power of two: the check is a mask
+
+
 class _Tally:
     """One thread's handler calls: written only by that thread."""
 
-    __slots__ = ("count", "thread", "total")
+    __slots__ = ("count", "cpu", "cpu_wall", "slow", "thread", "total")
 
     def __init__(self, thread: threading.Thread) -> None:
         self.thread = thread
         self.total = 0.0  # seconds spent in the handler
         self.count = 0  # calls ended
+        self.cpu = 0.0  # thread CPU seconds of the calls whose CPU was measured
+        self.cpu_wall = 0.0  # wall seconds of those same calls
+        self.slow = True  # the last call took SLOW_CALL or more: measure the next one's CPU
 
 
 class LatencyMeter:
     """Handler durations, summed per thread without a lock; :meth:`read` returns what ended since the last read.
 
     ``enabled`` is checked per call, so a consumer started with a fixed count pays one attribute read
-    per message until it is switched to "auto".
+    per message until it is switched to "auto". Calls of a plain handler also measure their thread's
+    CPU time (every call after a slow one, one in ``CPU_SAMPLE_EVERY`` otherwise): :meth:`read_cpu`
+    gives the share of handler time spent on a CPU, which tells a GIL-bound handler from one that
+    waits. A coroutine's thread runs other coroutines between its awaits, so async calls measure none.
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -84,6 +99,8 @@ class LatencyMeter:
         self._gone_count = 0  # totals of threads that ended (their tallies are dropped)
         self._gone_total = 0.0
         self._seen = (0, 0.0)  # (count, total) at the last read
+        self._gone_cpu = (0.0, 0.0)  # (cpu, cpu_wall) of threads that ended
+        self._seen_cpu = (0.0, 0.0)  # (cpu, cpu_wall) at the last read_cpu
 
     def wrap(self, handler: Handler) -> Handler:
         """``handler`` timed: an ``async def`` wrapper for an async handler, else a plain one."""
@@ -92,21 +109,31 @@ class LatencyMeter:
         clock = self._clock
         local = self._local
         tally = self._tally
+        cpu_clock = time.thread_time
+        sample_mask = CPU_SAMPLE_EVERY - 1
 
         # The hot path. Measured (timeit, no-op handler of 100 ns): +35-80 ns per call in fixed mode,
-        # +500 ns timed, against the engine's 5-10 us per message; the tally is looked up inline for that.
+        # +500 ns timed (+~120 ns more for the CPU sample one call in 16), against the engine's
+        # 5-10 us per message; the tally is looked up inline for that.
         def timed(message: Any) -> object:
             if not self.enabled:
                 return handler(message)
+            try:
+                t = local.tally
+            except AttributeError:
+                t = tally()
+            on_cpu = t.slow or not t.count & sample_mask
+            cpu_started = cpu_clock() if on_cpu else 0.0
             started = clock()
             try:
                 return handler(message)
             finally:
-                try:
-                    t = local.tally
-                except AttributeError:
-                    t = tally()
-                t.total += clock() - started
+                elapsed = clock() - started
+                if on_cpu:
+                    t.cpu += cpu_clock() - cpu_started
+                    t.cpu_wall += elapsed
+                t.slow = elapsed >= SLOW_CALL
+                t.total += elapsed
                 t.count += 1  # after total: a read between the two sees the old count, never a short total
 
         return timed
@@ -150,12 +177,27 @@ class LatencyMeter:
         for t in ended:
             self._gone_count += t.count
             self._gone_total += t.total
+            self._gone_cpu = (self._gone_cpu[0] + t.cpu, self._gone_cpu[1] + t.cpu_wall)
         count = self._gone_count + sum(t.count for t in tallies)
         total = self._gone_total + sum(t.total for t in tallies)
         seen_count, seen_total = self._seen
         self._seen = (count, total)
         calls = count - seen_count
         return calls, ((total - seen_total) / calls if calls > 0 else 0.0)
+
+    def read_cpu(self) -> float | None:
+        """CPU share of the handler calls measured since the last call (0..1), None if none were. Poll thread
+        only; call it after :meth:`read`, which retires the tallies of ended threads. A call ending during
+        the read may count its CPU and not its wall time (or the reverse): one call in a window, at most."""
+        with self._lock:
+            tallies = list(self._tallies)
+        cpu = self._gone_cpu[0] + sum(t.cpu for t in tallies)
+        wall = self._gone_cpu[1] + sum(t.cpu_wall for t in tallies)
+        seen_cpu, seen_wall = self._seen_cpu
+        self._seen_cpu = (cpu, wall)
+        if wall - seen_wall <= 0:
+            return None
+        return min(1.0, max(0.0, (cpu - seen_cpu) / (wall - seen_wall)))
 
 
 class AutoThreads:
@@ -214,14 +256,17 @@ class AutoThreads:
         cpu_now = self._cpu_clock()
         mark, self._mark = self._mark, (now, cpu_now, processed)
         calls, latency = self.meter.read()
+        share = self.meter.read_cpu()
         if mark is None:
             return  # the first sample only sets the reference point
         wall = now - mark[0]
         cpu = min(1.0, max(0.0, (cpu_now - mark[1]) / (wall * self._cores))) if wall > 0 else None
+        # handler seconds per second (the mean number of calls in progress) times their CPU share
+        handler_cpu = share * calls * latency / wall if share is not None and wall > 0 else None
         completed = max(0, processed - mark[2])
         sample = Sample(
             now=now, completed=completed, latency=latency if calls else 0.0,
-            busy=pool.active_thread_count, waiting=pool.ready, cpu=cpu,
+            busy=pool.active_thread_count, waiting=pool.ready, cpu=cpu, handler_cpu=handler_cpu,
         )
         decision = tuner.step(sample)
         if decision.changed:
@@ -253,6 +298,7 @@ class AutoThreads:
         self._next = 0.0
         self.meter.enabled = True
         self.meter.read()  # forget calls timed before this start
+        self.meter.read_cpu()
 
 
 def _cores() -> int:
