@@ -40,11 +40,11 @@ The algorithm: a probing hill-climber on throughput, with a latency guard.
 * **The GIL.** Handlers whose CPU adds up to a core's worth (``GIL_BUSY``) may be held by the GIL:
   then another thread only halves each call's speed (a CPU-bound handler at 2 threads: the same
   throughput, twice the latency). One up-probe tells: if it fails and the handlers still use no more
-  than a core (``GIL_FREE``), the count stops growing while they keep a core busy, with no later
-  up-probes (each one doubled the p99 latency for its window: 2.12x the best fixed count's p99 on the
-  CPU-bound bench, ``python -m bench.autotune --only cpu``). Handlers using more than a core during
-  the probe release the GIL; only the CPU guard bounds them. Throughput drifting 25 % forgets the verdict and
-  the latency baseline.
+  than a core (``GIL_FREE``), the count stops growing while they keep a core busy, and the next
+  up-probe waits ``GIL_RECHECK`` (300 s) instead of the hold-off (each probe doubled the latency for
+  its window: 2.12x the best fixed count's p99 on the CPU-bound bench, ``python -m bench.autotune
+  --only cpu``). Handlers using more than a core during the probe release the GIL; only the CPU
+  guard bounds them. Handlers whose CPU falls below a core are probed as usual.
 
 Why this and not Gradient2 or AIMD alone: Gradient2 (Netflix concurrency-limits) grows whenever
 latency holds, so on a sleep handler it climbs to the limit even where the process (GIL, poll
@@ -94,6 +94,11 @@ GIL_BUSY = 0.75
 # Handlers using more than this many cores during an up-probe run with the GIL released (C code): the
 # process CPU guard (``cpu_ceiling``), not the GIL rule, bounds them.
 GIL_FREE = 1.25
+# How long a GIL verdict holds before one up-probe checks it again. Each check doubles the latency for
+# its ~2 s: one in 300 s is 0.7 % of the time, below what a p99 sees. Not cleared when throughput
+# drifts: on the CPU-bound bench a 1 s window 25 % off (a shared machine) cleared it, and the probe
+# that followed put 2 threads into the 60-90 s window (``python -m bench.autotune --only cpu``).
+GIL_RECHECK = 300.0
 
 
 @dataclass(frozen=True)
@@ -174,9 +179,9 @@ class AutoTuner:
         self._streak = 0  # probes kept in a row in this direction: each one doubles the next step
         self._failures = 0  # probes failed in a row: the hold-off doubles with each
         self._next_probe_at = -math.inf
-        # an up-probe from a core's worth of handler CPU failed, and the handlers still used no more than
-        # about a core: they take turns on the GIL
-        self._gil = False
+        # until when an up-probe from a core's worth of handler CPU is known to fail: the last one did, and
+        # the handlers still used no more than about a core (they take turns on the GIL)
+        self._gil_until = -math.inf
         self._probe_cpu: float | None = None  # handler CPU (cores) when the probe now measured started
 
     @property
@@ -241,9 +246,9 @@ class AutoTuner:
                 )
         if self._ref and abs(x / _mean_x(self._ref) - 1) > DRIFT:
             self._ref, self._failures, self._next_probe_at, self._ceiling = [], 0, now, None
-            # a new workload: its handler's latency and CPU are not the old one's (a 5 ms CPU-bound handler
-            # turning into a 20 ms wait kept failing its up-probes on the old 5 ms baseline)
-            self._baseline, self._gil = lat, False
+            # a new workload: its handler's latency is not the old one's (a 5 ms CPU-bound handler turning
+            # into a 20 ms wait kept failing its up-probes on the old 5 ms baseline)
+            self._baseline = lat
             self._ref.append((x, lat))
             return self._keep(f"throughput moved to {x:.0f}/s at {self._limit}: exploring again")
         self._ref = [*self._ref[-3:], (x, lat)]
@@ -257,7 +262,7 @@ class AutoTuner:
     def _start_probe(self, now: float, lat: float, cpu: float | None, handler_cpu: float | None = None) -> Decision:
         n = self._limit
         cpu_bound = cpu is not None and cpu >= self.cpu_ceiling
-        gil_bound = self._gil and handler_cpu is not None and handler_cpu >= GIL_BUSY
+        gil_bound = now < self._gil_until and handler_cpu is not None and handler_cpu >= GIL_BUSY
         can_up = n < self.max_threads and not cpu_bound and not gil_bound
         can_down = n > self.min_threads
         if not (can_up or can_down):
@@ -322,7 +327,7 @@ class AutoTuner:
             return self._keep(f"kept {verdict}")
         self._streak = 0
         if n > start and _within_a_core(self._probe_cpu, handler_cpu):
-            self._gil = True  # more threads, no more CPU for the handlers: they take turns on the GIL
+            self._gil_until = now + GIL_RECHECK  # more threads, no more CPU for the handlers: the GIL
         # a failed doubling of slow start: its previous doubling paid, so the best count is more likely
         # between the two than below -- bisect up first rather than try fewer
         doubled, self._slow_start = self._slow_start, False
