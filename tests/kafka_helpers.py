@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -114,6 +115,63 @@ def start_script(name: str, *args: str, env: dict[str, str]) -> subprocess.Popen
         [sys.executable, str(ROOT / name), *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )
+
+
+def start_consumer(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """mtc75_consumer.py as a user runs it; output to a file, so a long run never blocks on a full pipe."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "mtc75_consumer.py"), *args], env=env, cwd=ROOT, stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Kill ``proc`` if it still runs (the ``finally`` of every test that starts one)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def kill_9_at(
+    proc: subprocess.Popen[bytes], handled: Callable[[], int], target: int, timeout: float, what: str = "run"
+) -> list[tuple[float, int]]:
+    """SIGKILL ``proc`` once ``handled()`` reaches ``target``; return the (time, handled) samples seen.
+
+    Fails the test if the process exits by itself or makes no progress to ``target`` within ``timeout``.
+    """
+    samples: list[tuple[float, int]] = []
+    deadline = time.monotonic() + timeout
+    while (count := handled()) < target:
+        now = time.monotonic()
+        samples.append((now, count))
+        assert proc.poll() is None, f"{what}: consumer died by itself (exit {proc.returncode})"
+        assert now < deadline, f"{what}: no progress to {target} records ({count})"
+        time.sleep(0.02)
+    samples.append((time.monotonic(), count))  # the burst that reached the target counts too
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    return samples
+
+
+def peak_rate(samples: list[tuple[float, int]]) -> float:
+    """Most records per second over any 0.1-1 s stretch of the samples.
+
+    A run can reach its kill target within a few tenths of a second of its first record; a 0.5 s
+    minimum stretch then fell back to an average that included the group join, and understated the
+    rate (and with it a duplicate bound) several times over.
+    """
+    best, j = 0.0, 0
+    for i in range(len(samples)):
+        while samples[i][0] - samples[j][0] > 1.0:
+            j += 1
+        span = samples[i][0] - samples[j][0]
+        if span >= 0.1:
+            best = max(best, (samples[i][1] - samples[j][1]) / span)
+    if best == 0.0 and len(samples) > 1:
+        span = samples[-1][0] - samples[0][0]
+        best = (samples[-1][1] - samples[0][1]) / span if span > 0 else 0.0
+    return best
 
 
 def read_records(path: Path) -> list[tuple[int, int]]:

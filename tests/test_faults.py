@@ -45,12 +45,16 @@ from tests.kafka_helpers import (
     all_offsets,
     committed_offsets,
     end_offsets,
+    kill_9_at,
+    peak_rate,
     produce_numbered,
     read_records,
     read_topic,
     report_figures,
     run_script,
     script_env,
+    start_consumer,
+    stop_process,
     wait_until,
 )
 from tests.local_kafka import owned_broker, session_folder
@@ -63,20 +67,6 @@ PROG = "mtc75_consumer.py"
 
 
 # -- helpers --------------------------------------------------------------------------------------------
-
-
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """The consumer as a user runs it; output to a file so a long run never blocks on a full pipe."""
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, str(ROOT / PROG), *args], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
-        )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(timeout=30)
 
 
 def _error_lines(text: str) -> list[str]:
@@ -141,34 +131,22 @@ def test_crash_loop_kill_9_loses_nothing_and_duplicates_stay_within_the_window(
         return record.read_text().splitlines() if record.exists() else []
 
     for k in range(kills):
-        proc = _start(args, env, log)
+        proc = start_consumer(args, env, log)
         started = time.monotonic()
         try:
             base = len(lines())
             target = base + rng.randint(300, 2_000)  # a random moment: after a random amount of new work
-            samples: list[tuple[float, int]] = []
-            deadline = started + 90
-            first_at = None
-            while (count := len(lines())) < target:
-                now = time.monotonic()
-                samples.append((now, count))
-                if first_at is None and count > base:
-                    first_at = now
-                assert proc.poll() is None, f"consumer died by itself (exit {proc.returncode})"
-                assert now < deadline, f"run {k}: no progress to {target} records"
-                time.sleep(0.02)
-            samples.append((time.monotonic(), count))  # the burst that reached the target counts too
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
+            samples = kill_9_at(proc, lambda: len(lines()), target, timeout=90, what=f"run {k}")
         finally:
-            _stop(proc)
+            stop_process(proc)
         handled = {(int(p), int(o)) for p, o in (ln.split(":") for ln in lines())}
         assert len(handled) < n, "the kill came after the run was over"
-        recover.append((first_at or time.monotonic()) - started)
-        peak_rates.append(_peak_rate(samples))
+        first_at = next((t for t, c in samples if c > base), time.monotonic())
+        recover.append(first_at - started)
+        peak_rates.append(peak_rate(samples))
         segments.append(len(lines()))
 
-    final = _start(args, env, log)
+    final = start_consumer(args, env, log)
     try:
         wanted = all_offsets(ends)
         wait_until(lambda: wanted <= set(read_records(record)), timeout=180, what="every offset handled")
@@ -176,7 +154,7 @@ def test_crash_loop_kill_9_loses_nothing_and_duplicates_stay_within_the_window(
         final.send_signal(signal.SIGTERM)
         assert final.wait(timeout=60) == 0
     finally:
-        _stop(final)
+        stop_process(final)
     records = read_records(record)
     counts = Counter(records)
     lost = all_offsets(ends) - set(counts)
@@ -203,26 +181,6 @@ def test_crash_loop_kill_9_loses_nothing_and_duplicates_stay_within_the_window(
     )
 
 
-def _peak_rate(samples: list[tuple[float, int]]) -> float:
-    """Most records per second over any 0.1-1 s stretch of the samples.
-
-    A run can reach its kill target within a few tenths of a second of its first record; a 0.5 s
-    minimum stretch then fell back to an average that included the group join, and understated the
-    rate (and with it the bound) several times over.
-    """
-    best, j = 0.0, 0
-    for i in range(len(samples)):
-        while samples[i][0] - samples[j][0] > 1.0:
-            j += 1
-        span = samples[i][0] - samples[j][0]
-        if span >= 0.1:
-            best = max(best, (samples[i][1] - samples[j][1]) / span)
-    if best == 0.0 and len(samples) > 1:
-        span = samples[-1][0] - samples[0][0]
-        best = (samples[-1][1] - samples[0][1]) / span if span > 0 else 0.0
-    return best
-
-
 # -- 3. broker restart ------------------------------------------------------------------------------------
 
 
@@ -235,8 +193,8 @@ def test_broker_restart_mid_run_consumer_and_producer_recover_and_lose_nothing(
     create_topic({"bootstrap.servers": bootstrap}, topic, 3, 1)
     record, log = tmp_path / "handled.txt", tmp_path / "consumer.log"
     env = script_env(bootstrap, MTC75_TEST_RECORD=str(record), MTC75_TEST_SLEEP="0.002")
-    consumer = _start(["--topic", topic, "--group-id", group, "--max-thread-count", "4",
-                       "--max-backlog", "1000", *RECORDER], env, log)
+    consumer = start_consumer(["--topic", topic, "--group-id", group, "--max-thread-count", "4",
+                               "--max-backlog", "1000", *RECORDER], env, log)
     producer = subprocess.Popen(
         [sys.executable, str(ROOT / "producer.py"), "--topic", topic, "--count", str(n), "--producer-sleep", "0.003",
          "-q"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -267,7 +225,7 @@ def test_broker_restart_mid_run_consumer_and_producer_recover_and_lose_nothing(
         consumer.send_signal(signal.SIGTERM)
         assert consumer.wait(timeout=60) == 0
     finally:
-        _stop(consumer)
+        stop_process(consumer)
         if producer.poll() is None:
             producer.kill()
             producer.communicate()
@@ -295,8 +253,8 @@ def test_broker_gone_longer_than_the_budget_exits_3_and_committed_only_what_was_
     produce_numbered(bootstrap, topic, n)
     record, log = tmp_path / "handled.txt", tmp_path / "consumer.log"
     env = script_env(bootstrap, MTC75_TEST_RECORD=str(record), MTC75_TEST_SLEEP="0.05")
-    consumer = _start(["--topic", topic, "--group-id", group, "--max-thread-count", "2", "--broker-down-timeout",
-                       str(budget), *RECORDER], env, log)
+    consumer = start_consumer(["--topic", topic, "--group-id", group, "--max-thread-count", "2",
+                               "--broker-down-timeout", str(budget), *RECORDER], env, log)
     try:
         wait_until(lambda: len(read_records(record)) >= 30, timeout=90, what="30 handled")
         # Something must be committed before the broker goes, or the check below has nothing to check.
@@ -308,7 +266,7 @@ def test_broker_gone_longer_than_the_budget_exits_3_and_committed_only_what_was_
         code = consumer.wait(timeout=budget + 60)
         exited_at = time.monotonic()
     finally:
-        _stop(consumer)
+        stop_process(consumer)
         own_broker.start()
     output = log.read_text()
     errors = _error_lines(output)

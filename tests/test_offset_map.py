@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -21,13 +20,16 @@ from confluent_kafka import Consumer, TopicPartition
 
 from mtc75.core.offsetmap import encode
 from tests.kafka_helpers import (
-    ROOT,
     all_offsets,
     committed_offsets,
     end_offsets,
+    kill_9_at,
+    peak_rate,
     produce_numbered,
     report_figures,
     script_env,
+    start_consumer,
+    stop_process,
     wait_until,
 )
 
@@ -39,17 +41,7 @@ COMMIT_INTERVAL = 0.5
 
 
 def _start(args: list[str], env: dict[str, str], log: Path, tag: str) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, str(ROOT / PROG), *args], env={**env, "MTC75_TEST_TAG": tag}, cwd=ROOT,
-            stdout=out, stderr=subprocess.STDOUT,
-        )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(timeout=30)
+    return start_consumer(args, {**env, "MTC75_TEST_TAG": tag}, log)
 
 
 def _records(path: Path) -> list[tuple[int, int, str]]:
@@ -70,18 +62,6 @@ def _by_tag(path: Path, tag: str) -> set[tuple[int, int]]:
 def _env(bootstrap: str, record: Path, slow: str, slow_s: float, sleep: float = 0.002) -> dict[str, str]:
     return script_env(bootstrap, MTC75_TEST_RECORD=str(record), MTC75_TEST_SLOW=slow,
                       MTC75_TEST_SLOW_SECONDS=str(slow_s), MTC75_TEST_SLEEP=str(sleep))
-
-
-def _peak_rate(samples: list[tuple[float, int]]) -> float:
-    """Most records per second over any 1-second stretch."""
-    best, j = 0.0, 0
-    for i in range(len(samples)):
-        while samples[i][0] - samples[j][0] > 1.0:
-            j += 1
-        span = samples[i][0] - samples[j][0]
-        if span >= 0.5:
-            best = max(best, (samples[i][1] - samples[j][1]) / span)
-    return best
 
 
 def _finish(bootstrap: str, group: str, topic: str, record: Path, ends: dict[int, int], timeout: float) -> None:
@@ -105,18 +85,10 @@ def test_slow_head_crash_repeats_only_running_handlers_and_one_commit_interval(
             str(COMMIT_INTERVAL), "-q", *HANDLER, "-X", f"group.instance.id={group}-member",
             "-X", "session.timeout.ms=10000"]
     first = _start(args, env, log, "run1")
-    samples: list[tuple[float, int]] = []
     try:
-        deadline = time.monotonic() + 60
-        while (count := len(_by_tag(record, "run1"))) < kill_after:
-            samples.append((time.monotonic(), count))
-            assert first.poll() is None, f"consumer died by itself (exit {first.returncode})"
-            assert time.monotonic() < deadline, f"no progress to {kill_after} records ({count})"
-            time.sleep(0.02)
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=30)
+        samples = kill_9_at(first, lambda: len(_by_tag(record, "run1")), kill_after, timeout=60)
     finally:
-        _stop(first)
+        stop_process(first)
     run1 = _by_tag(record, "run1")
     assert (0, 0) not in run1, "the head finished before the kill: the scenario did not happen"
     restarted = time.monotonic()
@@ -126,10 +98,10 @@ def test_slow_head_crash_repeats_only_running_handlers_and_one_commit_interval(
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=60) == 0
     finally:
-        _stop(second)
+        stop_process(second)
     run2 = _by_tag(record, "run2")
     repeated = len(run1 & run2)
-    rate = _peak_rate(samples)
+    rate = peak_rate(samples)
     # one commit interval of progress, plus up to 0.5 s for the commit's topic-id round trip (engine._commit_tick)
     # on a loaded box: measured 624 and 839 repeated at ~1,350/s, i.e. 0.46-0.62 s of progress
     bound = threads + int(rate * (COMMIT_INTERVAL + 0.5)) + 1
@@ -171,9 +143,9 @@ def test_rebalance_the_new_owner_skips_the_mapped_offsets(
         for proc in (a, b):
             assert proc.wait(timeout=60) == 0
     finally:
-        _stop(a)
+        stop_process(a)
         if b is not None:
-            _stop(b)
+            stop_process(b)
     records = _records(record)
     counts = Counter((p, o) for p, o, _ in records)
     repeated = {k for k, c in counts.items() if c > 1}
@@ -217,7 +189,7 @@ def test_foreign_or_garbled_metadata_is_ignored_with_a_warning_and_nothing_is_lo
     try:
         assert proc.wait(timeout=90) == 0
     finally:
-        _stop(proc)
+        stop_process(proc)
     handled = _by_tag(record, "run")
     wanted = {(p, o) for p, end in ends.items() for o in range(at, end)}
     lost = wanted - handled
@@ -259,7 +231,7 @@ def test_window_a_stuck_message_holds_only_its_partition(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
-        _stop(proc)
+        stop_process(proc)
     text = log.read_text()
     report_figures(
         "offset_window", window=window, head_s=head_s, partition_1_done_s=round(other_done_s, 1),
@@ -290,27 +262,19 @@ def test_crash_loop_with_random_handler_times_repeats_only_the_last_commit_inter
     rates: list[float] = []
     for k in range(kills):
         proc = _start(args, env, log, f"r{k}")
-        samples: list[tuple[float, int]] = []
         try:
             target = rng.randint(500, 1_500)
-            deadline = time.monotonic() + 90
-            while (count := len(_by_tag(record, f"r{k}"))) < target:
-                samples.append((time.monotonic(), count))
-                assert proc.poll() is None, f"consumer died by itself (exit {proc.returncode})"
-                assert time.monotonic() < deadline, f"run {k}: no progress to {target} records"
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
+            samples = kill_9_at(proc, lambda k=k: len(_by_tag(record, f"r{k}")), target, timeout=90, what=f"run {k}")
         finally:
-            _stop(proc)
-        rates.append(_peak_rate(samples))
+            stop_process(proc)
+        rates.append(peak_rate(samples))
     final = _start(args, env, log, "final")
     try:
         _finish(bootstrap, group, topic, record, ends, timeout=180)
         final.send_signal(signal.SIGTERM)
         assert final.wait(timeout=60) == 0
     finally:
-        _stop(final)
+        stop_process(final)
     tags = [f"r{k}" for k in range(kills)] + ["final"]
     runs = {t: _by_tag(record, t) for t in tags}
     per_crash = [len(runs[t] & set().union(*(runs[u] for u in tags[i + 1 :]))) for i, t in enumerate(tags[:-1])]
@@ -356,9 +320,9 @@ def test_window_hold_survives_a_rebalance_without_leaving_a_partition_paused(
         for proc in (a, b):
             assert proc.wait(timeout=60) == 0
     finally:
-        _stop(a)
+        stop_process(a)
         if b is not None:
-            _stop(b)
+            stop_process(b)
     counts = Counter((p, o) for p, o, _ in _records(record))
     repeated = sorted(k for k, c in counts.items() if c > 1)
     report_figures("offset_window_rebalance", window=window, head_s=head_s, repeated=len(repeated),
