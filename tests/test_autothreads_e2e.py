@@ -21,7 +21,7 @@ import pytest
 from mtc75.core.stats import Stats
 from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.settings import Settings
-from mtc75.tools.simservice import DegradingService
+from mtc75.tools.simservice import AsyncDegradingService, DegradingService
 from tests.kafka_helpers import Lines, produce_numbered, report_figures, script_env, start_script, wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -32,15 +32,23 @@ MESSAGES = 25_000  # more than auto handles in AUTO_SECONDS (~600/s on average w
 
 
 def _measure(
-    bootstrap: str, topic: str, group: str, threads: int | str, seconds: float
+    bootstrap: str, topic: str, group: str, threads: int | str, seconds: float, coroutines: bool = False
 ) -> tuple[list[float], Stats, list[Stats]]:
     """Completion times (seconds from the first one) over ``seconds``, the final Stats and the snapshots."""
-    service = DegradingService(slots=20, latency=0.02)
     done: list[float] = []
+    handler: Callable[[object], object]
+    if coroutines:
+        aservice = AsyncDegradingService(slots=20, latency=0.02)
 
-    def handler(message: object) -> None:
-        service.handler(message)
-        done.append(time.monotonic())
+        async def handler(message: object) -> None:
+            await aservice.handler(message)
+            done.append(time.monotonic())
+    else:
+        service = DegradingService(slots=20, latency=0.02)
+
+        def handler(message: object) -> None:
+            service.handler(message)
+            done.append(time.monotonic())
 
     snapshots: list[Stats] = []
     settings = Settings().replace(
@@ -61,23 +69,28 @@ def _measure(
     return [t - done[0] for t in done if t - done[0] <= seconds], result[0], snapshots
 
 
-def test_auto_beats_the_default_75_threads_on_the_degrading_service(
-    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("workers", ["threads", "coroutines"])
+def test_auto_beats_the_default_75_on_the_degrading_service(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], caplog: pytest.LogCaptureFixture,
+    workers: str,
 ) -> None:
+    """The same for a plain handler on threads and an ``async def`` one on the event loop (75 coroutines)."""
+    coroutines = workers == "coroutines"
     topic = make_topic(partitions=6)
     produce_numbered(bootstrap, topic, MESSAGES)
-    fixed_done, fixed_stats, _ = _measure(bootstrap, topic, unique("fixed"), 75, FIXED_SECONDS)
+    fixed_done, fixed_stats, _ = _measure(bootstrap, topic, unique("fixed"), 75, FIXED_SECONDS, coroutines)
     with caplog.at_level(logging.DEBUG, logger="mtc75.engine.autothreads"):
-        auto_done, auto_stats, snapshots = _measure(bootstrap, topic, unique("auto"), "auto", AUTO_SECONDS)
+        auto_done, auto_stats, snapshots = _measure(bootstrap, topic, unique("auto"), "auto", AUTO_SECONDS, coroutines)
     fixed = len(fixed_done) / FIXED_SECONDS
     auto = len(auto_done) / AUTO_SECONDS
     auto_late = sum(1 for t in auto_done if t >= AUTO_SECONDS - 10) / 10
     counts = [s.max_thread_count for s in snapshots]
     changes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("auto threads")]
-    report_figures("auto_vs_75_degrading_service", fixed_75_rate=round(fixed), auto_rate=round(auto),
+    report_figures(f"auto_vs_75_degrading_service_{workers}", fixed_75_rate=round(fixed), auto_rate=round(auto),
                    auto_last_10s_rate=round(auto_late), final_count=auto_stats.max_thread_count,
                    peak_count=max(counts), changes=len(changes))
     assert fixed_stats.thread_mode == "fixed" and fixed_stats.max_thread_count == 75
+    assert fixed_stats.workers == auto_stats.workers == workers
     assert auto_stats.thread_mode == "auto" and {s.thread_mode for s in snapshots} == {"auto"}
     # 75 threads: ~266/s. Auto from 1 thread ramps up within ~12 s and holds near 20 (~1000/s).
     assert auto >= 1.5 * fixed, f"auto {auto:.0f}/s vs 75 threads {fixed:.0f}/s; counts {counts}"
