@@ -218,14 +218,20 @@ def test_the_gil_rule_lets_go_when_the_handler_starts_waiting(seed: int) -> None
 
 @pytest.mark.parametrize("seed", range(5))
 def test_the_gil_verdict_is_rechecked_every_5_minutes_not_on_noise(seed: int) -> None:
-    """Throughput jumping 30 % now and then (a shared machine) keeps the count at 1; one up-probe every
-    GIL_RECHECK seconds checks the verdict again."""
+    """Throughput 30 % down and the handlers' CPU reading at 0.5 core now and then (a shared machine: the
+    handler thread waits for a core too) keep the count at 1; one up-probe every GIL_RECHECK seconds
+    checks the verdict again."""
     model = cpu_bound(parallel=1)
-    noisy: Model = lambda t, n: (model(t, n)[0] * (0.7 if int(t) % 37 == 0 else 1.0), *model(t, n)[1:])  # noqa: E731
+
+    def noisy(t: float, n: int) -> tuple[float, float, float, float | None]:
+        x, lat, cpu, handler_cpu = model(t, n)
+        return (0.7 * x if int(t) % 37 == 0 else x), lat, cpu, (0.5 if int(t) % 23 < 3 else handler_cpu)
+
     run = simulate(noisy, seed, seconds=700)
     ups = [t for (t, _, _), d in zip(run.ticks, run.decisions, strict=True) if d.changed and d.limit > 1]
-    assert len(ups) == 3, ups  # at the start, then after 300 s and 600 s
-    assert ups[0] < 10 and 300 <= ups[1] - ups[0] <= 320 and 300 <= ups[2] - ups[1] <= 320, ups
+    early, late = [t for t in ups if t < 10], [t for t in ups if t >= 10]
+    assert 1 <= len(early) <= 2 and len(late) == 2, ups  # the probe(s) that found the GIL, then 300 s apart
+    assert 300 <= late[0] - early[-1] <= 320 and 300 <= late[1] - late[0] <= 320, ups
 
 
 @pytest.mark.parametrize("seed", range(5))

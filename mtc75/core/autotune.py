@@ -44,7 +44,8 @@ The algorithm: a probing hill-climber on throughput, with a latency guard.
   up-probe waits ``GIL_RECHECK`` (300 s) instead of the hold-off (each probe doubled the latency for
   its window: 2.12x the best fixed count's p99 on the CPU-bound bench, ``python -m bench.autotune
   --only cpu``). Handlers using more than a core during the probe release the GIL; only the CPU
-  guard bounds them. Handlers whose CPU falls below a core are probed as usual.
+  guard bounds them. Once found, the verdict holds while the handlers use 0.4 of a core or more
+  (``GIL_HOLD``: readings dip on a shared machine); handlers that start waiting are probed as usual.
 
 Why this and not Gradient2 or AIMD alone: Gradient2 (Netflix concurrency-limits) grows whenever
 latency holds, so on a sleep handler it climbs to the limit even where the process (GIL, poll
@@ -99,6 +100,11 @@ GIL_FREE = 1.25
 # drifts: on the CPU-bound bench a 1 s window 25 % off (a shared machine) cleared it, and the probe
 # that followed put 2 threads into the 60-90 s window (``python -m bench.autotune --only cpu``).
 GIL_RECHECK = 300.0
+# Once the verdict is in, it holds while the handlers use this many cores or more. Readings of 0.75
+# and up set it, but on a shared machine a CPU-bound handler's reading dipped below that (its thread
+# waits for a core as well), and a recheck probe followed at 63 s (``python -m bench.autotune``,
+# 01:40 UTC): a handler that has turned into a wait reads ~0.05 and is let go.
+GIL_HOLD = 0.4
 
 
 @dataclass(frozen=True)
@@ -262,7 +268,7 @@ class AutoTuner:
     def _start_probe(self, now: float, lat: float, cpu: float | None, handler_cpu: float | None = None) -> Decision:
         n = self._limit
         cpu_bound = cpu is not None and cpu >= self.cpu_ceiling
-        gil_bound = now < self._gil_until and handler_cpu is not None and handler_cpu >= GIL_BUSY
+        gil_bound = now < self._gil_until and handler_cpu is not None and handler_cpu >= GIL_HOLD
         can_up = n < self.max_threads and not cpu_bound and not gil_bound
         can_down = n > self.min_threads
         if not (can_up or can_down):
@@ -287,6 +293,8 @@ class AutoTuner:
         self._probe_from = n
         self._probe_cpu = handler_cpu
         note = f" (cpu {cpu:.0%})" if cpu_bound else " (handlers hold the GIL)" if gil_bound else ""
+        if handler_cpu is not None and not note:
+            note = f" (handlers {handler_cpu:.2f} cores)"
         return self._change(now, target, lat, how + note)
 
     def _judge(
