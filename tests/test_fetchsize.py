@@ -252,3 +252,21 @@ def test_a_probe_that_blows_up_does_not_fail_the_run() -> None:
     engine, handled = run_engine(cluster, clients=KafkaClients(consumer=consumer, producer=real.producer,
                                                                admin=real.admin))
     assert engine.stats().fetch_sizes == str(SMALL) and len(handled) == 200
+
+
+def test_the_library_keyword_and_the_summary_line() -> None:
+    import mtc75
+    from mtc75_consumer import _summary_line
+    from tests.stats_factory import make_stats
+
+    cluster = FakeKafka()
+    fill(cluster)
+    consumer = mtc75.Consumer(lambda message: None, topic=TOPIC, group_id=GROUP, fetch_sizes="large",
+                              on_failure="skip", clients=cluster.clients())
+    stats = consumer.run(max_messages=200)
+    assert cluster.probes == [] and cluster.consumers[0].conf["fetch.max.bytes"] == LARGE.fetch_max_bytes
+    assert stats.fetch_sizes == str(LARGE)
+    with pytest.raises(ConfigError, match=r"fetch_sizes|FETCH_SIZES"):
+        mtc75.Consumer(lambda message: None, topic=TOPIC, group_id=GROUP, fetch_sizes="medium")
+    assert "fetch sizes large (50 MB / 1 MB)" in _summary_line(make_stats(fetch_sizes=str(LARGE)))
+    assert "fetch sizes" not in _summary_line(make_stats())
