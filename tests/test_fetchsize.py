@@ -270,3 +270,12 @@ def test_the_library_keyword_and_the_summary_line() -> None:
         mtc75.Consumer(lambda message: None, topic=TOPIC, group_id=GROUP, fetch_sizes="medium")
     assert "fetch sizes large (50 MB / 1 MB)" in _summary_line(make_stats(fetch_sizes=str(LARGE)))
     assert "fetch sizes" not in _summary_line(make_stats())
+
+
+def test_the_probe_keeps_the_snapshot_least_hit_by_a_response_still_being_parsed() -> None:
+    from mtc75.kafka.fetchprobe import _best
+
+    complete = Sample(wire_bytes=1_000_000, payload_bytes=3_000_000, messages=30_000)
+    mid_response = Sample(wire_bytes=1_256_000, payload_bytes=3_100_000, messages=31_000)  # bytes in, not parsed
+    assert _best([Sample(0, 0, 0), complete, mid_response]) == complete
+    assert _best([Sample(500, 0, 0)]) is None
