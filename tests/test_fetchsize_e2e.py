@@ -104,6 +104,7 @@ def test_the_probe_leaves_committed_offsets_alone_and_the_engine_starts_from_the
     produce(bootstrap, topic, 600, 10_000)
     ends = end_offsets(bootstrap, topic)
     start = {p: end // 3 for p, end in ends.items()}
+    committed_offsets(bootstrap, group, topic)  # waits (bounded) for the coordinator of a just-started broker
     committer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
         committer.commit(offsets=[TopicPartition(topic, p, o) for p, o in start.items()], asynchronous=False)
