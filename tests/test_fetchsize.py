@@ -16,7 +16,7 @@ from mtc75.core.fetchsize import LARGE, MIN_SAMPLE_BYTES, SMALL, UNCOMPRESSED_RA
 from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.errors import ConfigError
 from mtc75.kafka.clients import KafkaClients
-from mtc75.kafka.fetchprobe import probe
+from mtc75.kafka.fetchprobe import ENOUGH_BYTES, probe
 from mtc75.settings import Settings, load_settings
 from tests.fake_kafka import FakeKafka
 
@@ -272,10 +272,11 @@ def test_the_library_keyword_and_the_summary_line() -> None:
     assert "fetch sizes" not in _summary_line(make_stats())
 
 
-def test_the_probe_keeps_the_snapshot_least_hit_by_a_response_still_being_parsed() -> None:
-    from mtc75.kafka.fetchprobe import _best
 
-    complete = Sample(wire_bytes=1_000_000, payload_bytes=3_000_000, messages=30_000)
-    mid_response = Sample(wire_bytes=1_256_000, payload_bytes=3_100_000, messages=31_000)  # bytes in, not parsed
-    assert _best([Sample(0, 0, 0), complete, mid_response]) == complete
-    assert _best([Sample(500, 0, 0)]) is None
+def test_the_probe_stops_fetching_once_it_has_its_sample_and_reports_a_settled_snapshot() -> None:
+    cluster = FakeKafka()
+    fill(cluster, count=6000)  # 6 MB; the probe wants about 2 MB
+    sample = probe(cluster.clients(), conf(), TOPIC)
+    assert sample is not None and sample.wire_bytes >= ENOUGH_BYTES and sample.messages < 6000
+    assert sample.messages == cluster.probes[0].fetched  # the report after the pause counts all it fetched
+    assert any(name == "pause" for name, _ in cluster.probes[0].calls)

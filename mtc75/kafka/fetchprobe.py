@@ -11,7 +11,7 @@ value bytes and count of the messages fetched; STATISTICS.md, top level). The pe
 
 It is advisory: every failure (no broker, no topic, not authorized) ends it with one debug line and
 no sample, and the run goes on with the small sizes; the engine's own client then reports real errors
-as before. At its deadline it keeps what it sampled so far. Bounded: at most PROBE_SECONDS, plus
+as before; so does reaching its deadline. Bounded: at most PROBE_SECONDS, plus
 KafkaClient.close()'s bound (an ``assign()``-only client has no group to leave: milliseconds here).
 
 Threads: :func:`probe` runs on the caller's thread (the engine's poll thread), and its consumer's
@@ -35,12 +35,13 @@ from mtc75.kafka.clients import KafkaClients, new_client
 logger = logging.getLogger(__name__)
 
 PROBE_SECONDS = 1.5  # longest the probe may take before the engine's client is built (close aside)
-STATS_INTERVAL_MS = 100  # the first fetch lands ~0.1 s after assign() here
-# librdkafka counts a response's bytes as they arrive and its messages once parsed, so a snapshot taken
-# mid-response under-states payload/wire: with 2 MB responses a probe read 0.89 for an lz4 topic that
-# these small responses put at 3.3 (and 3.2 for lz4 100 B JSON, 7.1 here).
-# So the probe fetches in small responses and sums many: at most one of them (1/8 of the sample) is in
-# flight. A short topic is read whole instead (then nothing is in flight at the end).
+STATS_INTERVAL_MS = 50  # how often librdkafka reports; the probe needs two reports after its pause
+# librdkafka's statistics are not one consistent snapshot while fetches arrive: bytes received and
+# messages parsed are read at different moments. Measured here on uncompressed 10 KB records (true ratio
+# 1.00): 1.33 in one snapshot; with 2 MB responses an lz4 topic of 3.1 read 0.89. So the probe pauses
+# its partitions once it has its sample (no fetch in flight after that) and takes the first report
+# equal to the one before it. It fetches in small responses, so one that was in flight when it paused
+# (bytes counted, messages dropped) under-states the ratio by at most 1/8; a short topic is read whole.
 PROBE_FETCH_BYTES = 256 * 1024
 PROBE_PARTITION_BYTES = 64 * 1024
 ENOUGH_BYTES = 8 * PROBE_FETCH_BYTES
@@ -106,13 +107,20 @@ class _Probe:
         # A short topic is read whole (offsets may overcount messages: compaction, transaction markers;
         # then the deadline ends the probe).
         whole = sum(high - tp.offset for tp, high in todo)
-        self.consumer.assign([tp for tp, _high in todo])
-        while time.monotonic() < self._deadline and self._error is None:
+        partitions = [tp for tp, _high in todo]
+        self.consumer.assign(partitions)
+        while not self.samples or (self.samples[-1].messages < whole and self.samples[-1].wire_bytes < ENOUGH_BYTES):
             self.consumer.consume(CONSUME_BATCH, timeout=min(CONSUME_WAIT, self._left()))
-            last = self.samples[-1] if self.samples else None
-            if last is not None and (last.messages >= whole or last.wire_bytes >= ENOUGH_BYTES):
-                break
-        return _best(self.samples)
+        self.consumer.pause(partitions)
+        return self._settled()
+
+    def _settled(self) -> Sample | None:
+        """The first report equal to the one before it, taken after the pause: nothing was arriving."""
+        first = len(self.samples)
+        while len(self.samples) < first + 2 or self.samples[-1] != self.samples[-2]:
+            self.consumer.consume(CONSUME_BATCH, timeout=min(CONSUME_WAIT, self._left()))
+        last = self.samples[-1]
+        return last if last.messages > 0 and last.wire_bytes > 0 else None
 
     def _start_positions(self) -> list[tuple[TopicPartition, int]]:
         """(partition at its start, its end offset) for each partition with data after where the group starts.
@@ -168,16 +176,7 @@ def probe(clients: KafkaClients, conf: Mapping[str, Any], topic: str, seconds: f
         return run.run()
     except Exception as err:  # advisory: broker down, topic missing, refused, timed out -> default sizes
         logger.debug("fetch probe of %s gave up: %s: %s", topic, type(err).__name__, err)
-        return _best(run.samples)
+        return None
     finally:
         KafkaClient(run.consumer, topic, cooperative=False).close()
 
-
-def _best(samples: list[Sample]) -> Sample | None:
-    """The snapshot with the most payload per byte received, among those that saw messages.
-
-    librdkafka counts a fetch response's bytes when it arrives and its messages once parsed, so a
-    snapshot taken between the two under-states the ratio; none over-states it.
-    """
-    seen = [s for s in samples if s.messages > 0 and s.wire_bytes > 0]
-    return max(seen, key=lambda s: s.ratio) if seen else None
