@@ -1,12 +1,13 @@
-"""A short-lived consumer that reads one fetch of the topic and reports what it saw, for the fetch sizes.
+"""A short-lived consumer that samples about one fetch of the topic, for the fetch sizes (FETCH_SIZES).
 
 :func:`probe` runs before the engine's own client exists (fetch sizes are fixed for a client's life).
 It builds its own ``Consumer`` through :class:`~mtc75.kafka.clients.KafkaClients` (the tests' fake
 works), never subscribes, never commits and never joins the group: it ``assign()``s each partition at
-the group's committed offset (per ``auto.offset.reset`` when there is none), lets librdkafka fetch once,
-and reads the bytes received and the payload bytes of the messages in them from librdkafka's statistics
-(``rx_bytes``: bytes read from the brokers' sockets, compressed; ``rxmsg_bytes`` / ``rxmsgs``: key +
-value bytes and count of the messages fetched; STATISTICS.md, top level). The per-partition
+the group's committed offset (per ``auto.offset.reset`` when there is none), lets librdkafka fetch
+about ENOUGH_BYTES in small responses, pauses, and reads the bytes received and the payload bytes
+of the messages in them from librdkafka's statistics (``rx_bytes``: bytes read from the brokers'
+sockets, compressed; ``rxmsg_bytes`` / ``rxmsgs``: key + value bytes and count of the messages
+fetched; STATISTICS.md, top level). The per-partition
 ``rxbytes`` will not do: it counts message bytes after decompression.
 
 It is advisory: every failure (no broker, no topic, not authorized) ends it with one debug line and
@@ -104,8 +105,8 @@ class _Probe:
         todo = self._start_positions()
         if not todo:
             return None  # nothing to read from where the group would start
-        # A short topic is read whole (offsets may overcount messages: compaction, transaction markers;
-        # then the deadline ends the probe).
+        # A short topic is read whole. (Offsets overcount the messages of a compacted topic or one with
+        # transaction markers; a short one of those runs to the deadline and keeps the small sizes.)
         whole = sum(high - tp.offset for tp, high in todo)
         partitions = [tp for tp, _high in todo]
         self.consumer.assign(partitions)
