@@ -46,6 +46,10 @@ ON_FAILURE = "dlq"
 # (one per partition, in offset order) or "key" (one per key within a partition, in offset order; different
 # keys in parallel; a message without a key is its own key). Waiting partitions and keys take turns.
 ORDERING = "unordered"
+# librdkafka's fetch.max.bytes / max.partition.fetch.bytes: "auto" probes the topic at start-up (one
+# fetch, ~0.2-0.5 s) and takes "large" (50 MB / 1 MB) for uncompressed data, "small" (2 MB / 512 KB) for
+# compressed; or set "small" / "large" yourself. Either property set in CONSUMER_CONFIG or -X wins.
+FETCH_SIZES = "auto"
 # The default handler rejects (and so retries, then dead-letters) empty, non-JSON or larger payloads.
 MAX_PAYLOAD_BYTES = 100_000
 # Seconds the consumer keeps going with no broker reachable before it exits with code 3.

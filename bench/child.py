@@ -4,7 +4,8 @@
                           [--seconds S] [--max-pending P] [-X key=value ...]
 
 MODE is one of:
-  engine  MTC75 (``mtc75.engine.consumer.Mtc75Consumer``, default settings, ``-X`` overrides on top)
+  engine  MTC75 (``mtc75.engine.consumer.Mtc75Consumer``, default settings, ``-X`` overrides on top; so
+          FETCH_SIZES="auto" probes the topic first, unless ``-X`` sets a fetch size or MTC75_FETCH_SIZES is set)
   raw     a bare ``consume()`` loop that records each message (last offset per partition, count):
           the client's own limit, on librdkafka's default settings
   pool    the plain pattern: ``semaphore.acquire(); executor.submit(handler)`` per message, no commits
@@ -55,6 +56,7 @@ class Recorder:
         self.last_done = 0.0
         self.samples: list[tuple[int, float]] = []
         self.finished = threading.Event()
+        self.fetch_sizes = ""  # engine: the fetch sizes the run chose (its start-up probe)
         self._lock = threading.Lock()
 
     def seen(self) -> None:
@@ -81,7 +83,7 @@ class Recorder:
         return {
             "handled": self.handled, "elapsed_s": elapsed, "rate": self.handled / elapsed if elapsed > 0 else 0.0,
             "peak_rss_mb": _status_mb("VmHWM:"), "rss_samples": self.samples, "cpu_s": cpu.user + cpu.system,
-            "stamps": self.stamps if self.keep_stamps else [],
+            "stamps": self.stamps if self.keep_stamps else [], "fetch_sizes": self.fetch_sizes,
         }
 
 
@@ -169,7 +171,7 @@ def run_engine(args: argparse.Namespace, rec: Recorder, work: Callable[[int], No
     consumer = Mtc75Consumer(settings, handle, overrides=parse_properties(args.properties),
                              max_messages=args.count, idle_exit=args.idle_exit, on_status=on_status,
                              status_interval=0.05)
-    consumer.run()
+    rec.fetch_sizes = consumer.run().fetch_sizes  # FETCH_SIZES="auto" unless -X sets a fetch size
 
 
 def run_arroyo(args: argparse.Namespace, rec: Recorder, work: Callable[[int], None] | None) -> None:

@@ -95,11 +95,13 @@ SHAPES = (
 )
 
 
-# The queue settings before issue 16 (librdkafka's backoff and count bound, a 4 MB byte bound): what the
-# current defaults are worth. And librdkafka's own fetch sizes on top of the defaults: what large
+# The settings before issue 16 (librdkafka's backoff and count bound, a 4 MB byte bound, and the fixed
+# 2 MB / 512 KB fetches that FETCH_SIZES="auto" now replaces): what the current defaults are worth. And
+# librdkafka's own fetch sizes on top of the defaults (set with -X, so no probe runs): what large
 # uncompressed records gain from them, and what they cost compressed small ones (BENCHMARKS.md).
 PREVIOUS_SETTINGS = ("-X", "fetch.queue.backoff.ms=1000", "-X", "queued.min.messages=100000",
-                     "-X", "queued.max.messages.kbytes=4096")
+                     "-X", "queued.max.messages.kbytes=4096",
+                     "-X", "fetch.max.bytes=2097152", "-X", "max.partition.fetch.bytes=524288")
 LARGE_FETCHES = ("-X", "fetch.max.bytes=52428800", "-X", "max.partition.fetch.bytes=1048576")
 ENGINE_VARIANTS = {"engine_previous_settings": PREVIOUS_SETTINGS, "engine_large_fetches": LARGE_FETCHES}
 
@@ -341,6 +343,7 @@ def shape_row(bootstrap: str, shape: Shape, topic: str, passes: int) -> dict[str
             k["cpu_us"].append(r["cpu_s"] / max(1, r["handled"]) * 1e6)
             if name.startswith("engine"):
                 k["rss_samples"] = r["rss_samples"]
+                k["fetch_sizes"] = r.get("fetch_sizes", "")  # the engine's: what FETCH_SIZES="auto" chose
     for k in kept.values():
         k["rate"] = statistics.median(k["rates"])
         k["cpu_us_per_message"] = statistics.median(k.pop("cpu_us"))
@@ -479,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = shape_row(bootstrap, shape, topics[shape.name], 1 if args.quick else PASSES)
                 results["shapes"].append(row)
                 c = row["contenders"]
-                print(f"  {shape.name}: engine {c['engine']['rate']:,.0f}/s ({c['engine']['peak_rss_mb']:.0f} MB), "
+                print(f"  {shape.name}: engine {c['engine']['rate']:,.0f}/s ({c['engine']['peak_rss_mb']:.0f} MB, "
+                      f"fetch sizes {c['engine'].get('fetch_sizes', '?')}), "
                       f"raw {c['raw']['rate']:,.0f}/s, pool {c['pool']['rate']:,.0f}/s, previous settings "
                       f"{c['engine_previous_settings']['rate']:,.0f}/s, large fetches "
                       f"{c['engine_large_fetches']['rate']:,.0f}/s ({c['engine_large_fetches']['peak_rss_mb']:.0f} MB)"
@@ -548,7 +552,8 @@ def print_tables(r: dict[str, Any]) -> None:
             arroyo = ", ".join(f"{75 * m}: {c[f'arroyo_x{m}']['rate']:,.0f}" for m in ARROYO_PENDING)
             prev, large = c["engine_previous_settings"], c["engine_large_fetches"]
             print(f"| {row['shape']} ({row['backlog']:,} msgs) | {c['engine']['rate']:,.0f} "
-                  f"({c['engine']['peak_rss_mb']:.0f} MB, target <= {row['rss_target']:.0f}) "
+                  f"({c['engine']['peak_rss_mb']:.0f} MB, target <= {row['rss_target']:.0f}; fetch sizes "
+                  f"{c['engine'].get('fetch_sizes', '?')}) "
                   f"| {c['raw']['rate']:,.0f} ({c['raw']['peak_rss_mb']:.0f} MB) | {c['pool']['rate']:,.0f} "
                   f"| **{row['vs_raw']:.2f}** (>= {row['raw_target']}) | **{row['vs_pool']:.2f}x** | {arroyo} "
                   f"| {prev['rate']:,.0f} ({prev['peak_rss_mb']:.0f} MB): default {row['default_vs_previous']:.2f}x"

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from mtc75.core.fetchsize import FETCH_SIZE_MODES, NAMED, SMALL, FetchSizes
 from mtc75.core.offsetmap import default_window
 from mtc75.core.ordering import ORDERINGS
 from mtc75.core.retry import FAILURE_MODES
@@ -127,6 +128,12 @@ class Settings:
                 "in offset order) or key (one at a time per key, in offset order; keyless: each its own key)",
                 choices=ORDERINGS),
     )
+    FETCH_SIZES: str = field(
+        default="auto",
+        **_spec(str, "fetch.max.bytes / max.partition.fetch.bytes: auto (chosen at start-up from a short probe of "
+                "the topic: large when uncompressed, small when compressed), small (2 MB / 512 KB) or large "
+                "(50 MB / 1 MB); librdkafka properties set by the user win", choices=FETCH_SIZE_MODES),
+    )
     MAX_PAYLOAD_BYTES: int = field(
         default=100_000, **_spec(int, "larger payloads are rejected by the default handler", minimum=1)
     )
@@ -169,8 +176,20 @@ class Settings:
             values[name] = coerce(SPECS[name], raw, "replace()")
         return Settings(**values)
 
-    def consumer_config(self, overrides: Mapping[str, str] = MappingProxyType({})) -> dict[str, Any]:
-        """The librdkafka consumer dict: our required properties, then CONSUMER_CONFIG, then ``-X`` overrides."""
+    def user_fetch_sizes(self, overrides: Mapping[str, str] = MappingProxyType({})) -> bool:
+        """The user set fetch.max.bytes or max.partition.fetch.bytes (CONSUMER_CONFIG or ``-X``): no probe."""
+        return any(key in source for key in SMALL.conf() for source in (self.CONSUMER_CONFIG, overrides))
+
+    def consumer_config(
+        self, overrides: Mapping[str, str] = MappingProxyType({}), fetch: FetchSizes | None = None,
+    ) -> dict[str, Any]:
+        """The librdkafka consumer dict: our required properties, then CONSUMER_CONFIG, then ``-X`` overrides.
+
+        ``fetch``: the fetch sizes a probe chose (FETCH_SIZES = "auto"); None: FETCH_SIZES' own pair
+        (SMALL under "auto"). Either way a fetch size the user set wins.
+        """
+        if fetch is None:
+            fetch = NAMED.get(self.FETCH_SIZES, SMALL)
         conf: dict[str, Any] = {
             "bootstrap.servers": self.BOOTSTRAP_SERVERS,
             "logger": LIBRDKAFKA_LOGGER,
@@ -190,12 +209,11 @@ class Settings:
             "fetch.queue.backoff.ms": 10,
             "queued.min.messages": 30_000,
             "queued.max.messages.kbytes": 32 * 1024,
-            # These bound the compressed bytes in flight, which librdkafka decompresses whole: lz4 100 B
-            # peaked at 117 MB with 2 MB / 512 KB, 231 MB with 50 MB / 1 MB. They cost large uncompressed
-            # records: 10 KB ran at 0.59 of a raw loop, 1.06 with 50 MB / 1 MB (99 MB). Fetch sizes are
-            # fixed for a client's life; BENCHMARKS.md says what a run-time choice would need.
-            "fetch.max.bytes": 2 * 1024 * 1024,
-            "max.partition.fetch.bytes": 512 * 1024,
+            # fetch.max.bytes / max.partition.fetch.bytes bound the compressed bytes in flight, which
+            # librdkafka decompresses whole: lz4 100 B peaked at 117 MB with 2 MB / 512 KB, 231 MB with
+            # 50 MB / 1 MB; uncompressed 10 KB ran at 0.59 of a raw loop with the first, 1.06 with the
+            # second (99 MB). So FETCH_SIZES="auto" chooses per topic at start-up (mtc75.core.fetchsize).
+            **fetch.conf(),
             # A resumed partition's first fetch waits for any fetch still outstanding at the broker;
             # with the default 500 ms long-poll that idles the pool after every pause.
             "fetch.wait.max.ms": 50,

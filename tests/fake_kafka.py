@@ -19,6 +19,13 @@ With an eager assignor a rebalance revokes the whole assignment and assigns the 
 cooperative one only the difference; assign() under a cooperative assignor (and the reverse) raises,
 as librdkafka does. A pause flag survives unassign, the worst case librdkafka shows.
 
+Statistics: a consumer configured with ``statistics.interval.ms`` gets ``stats_cb`` called at every
+consume / poll (no clock) with librdkafka's top-level ``rx_bytes``, ``rxmsg_bytes`` and ``rxmsgs`` for what
+it fetched so far; a topic's bytes on the wire are its payload divided by :meth:`FakeKafka.compress`'s
+ratio (1: uncompressed). Such a consumer is the engine's fetch probe (mtc75.kafka.fetchprobe): it is kept
+in ``FakeKafka.probes``, not ``consumers``, so :meth:`FakeKafka.consumer` still finds the engine's, and
+injected fetch and client errors are left for the engine's consumer.
+
 Topics carry an id, as in Kafka 4: :meth:`FakeKafka.delete_topic` and :meth:`FakeKafka.recreate_topic`
 do what an administrator does while a consumer runs. Like librdkafka, a consumer goes on fetching a
 re-created topic at its old positions (it does not notice the new id by itself); a deleted topic's
@@ -33,6 +40,7 @@ waits for it (bounded), so from then on that thread owns the consumer (close's r
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import deque
@@ -128,6 +136,8 @@ class FakeKafka:
         self._commit_metadata: dict[tuple[str, Partition], str] = {}  # (group, partition) -> the commit's metadata
         self.commits: list[CommitCall] = []  # every commit() call, in order
         self.consumers: list[FakeConsumer] = []
+        self.probes: list[FakeConsumer] = []  # consumers with statistics: the fetch probe's
+        self._ratios: dict[str, float] = {}  # topic -> payload bytes per byte on the wire
         self.producers: list[FakeProducer] = []
         self.created_topics: list[str] = []  # by FakeAdmin.create_topics
         self._topic_ids: dict[str, str] = {}  # topic -> id of its current incarnation
@@ -151,6 +161,11 @@ class FakeKafka:
             if topic not in self._logs:
                 self._logs[topic] = [[] for _ in range(partitions)]
                 self._new_id(topic)
+
+    def compress(self, topic: str, ratio: float) -> None:
+        """``topic``'s payload takes 1/``ratio`` of its bytes on the wire (the fetch probe's statistics)."""
+        with self._lock:
+            self._ratios[topic] = ratio
 
     def delete_topic(self, topic: str) -> None:
         """The topic, its messages and its group offsets go away (as a delete does in Kafka)."""
@@ -237,7 +252,7 @@ class FakeKafka:
     def _new_consumer(self, conf: dict[str, Any]) -> FakeConsumer:
         consumer = FakeConsumer(self, conf)
         with self._changed:
-            self.consumers.append(consumer)
+            (self.probes if consumer.stats_cb is not None else self.consumers).append(consumer)
             self._changed.notify_all()
         return consumer
 
@@ -291,6 +306,9 @@ class FakeConsumer:
         self._reset = str(conf.get("auto.offset.reset", "latest"))
         self._error_cb: Callable[[KafkaError], None] | None = conf.get("error_cb")
         self._on_commit: Callable[[KafkaError | None, list[TopicPartition]], None] | None = conf.get("on_commit")
+        self.stats_cb: Callable[[str], None] | None = (
+            conf.get("stats_cb") if int(conf.get("statistics.interval.ms", 0)) > 0 else None)
+        self._rx = {"rx_bytes": 0, "rxmsg_bytes": 0, "rxmsgs": 0}  # librdkafka's names (STATISTICS.md)
         self._topics: list[str] = []
         self._callbacks: dict[str, Callable[..., None] | None] = {}
         self._assigned: dict[Partition, int] = {}  # partition -> next offset to fetch
@@ -345,7 +363,7 @@ class FakeConsumer:
             self._serve()
             with self._cluster._changed:
                 out = self._fetch(num_messages)
-                if out or self._events or self._cluster._client_errors:
+                if out or self._events or (self._cluster._client_errors and self.stats_cb is None):
                     if out:
                         return out
                     continue
@@ -523,7 +541,7 @@ class FakeConsumer:
         cluster = self._cluster
         if self.fatal is not None:
             return []
-        if cluster._fetch_errors:
+        if cluster._fetch_errors and self.stats_cb is None:  # injected faults are for the engine's consumer
             err = cluster._fetch_errors.popleft()
             topic = self._topics[0] if self._topics else ""
             return [FakeMessage(topic, -1, OFFSET_INVALID, error=err)]
@@ -539,6 +557,7 @@ class FakeConsumer:
             log = cluster._logs[tp[0]][tp[1]]
             while len(out) < limit and self._assigned[tp] < len(log):
                 out.append(log[self._assigned[tp]])
+                self._count(out[-1])
                 self.fetched += 1
                 self._assigned[tp] += 1
                 self._positions[tp] = self._assigned[tp]
@@ -546,12 +565,23 @@ class FakeConsumer:
                 break
         return out
 
+    def _count(self, message: FakeMessage) -> None:
+        """Caller holds the lock: the statistics of one fetched message."""
+        payload = len(message.key() or b"") + len(message.value() or b"")
+        self._rx["rxmsgs"] += 1
+        self._rx["rxmsg_bytes"] += payload
+        self._rx["rx_bytes"] += round(payload / self._cluster._ratios.get(message.topic(), 1.0))
+
     def _serve(self) -> None:
-        """Run what librdkafka would serve from its queue: errors, commit results, rebalances."""
+        """Run what librdkafka would serve from its queue: statistics, errors, commit results, rebalances."""
         cluster = self._cluster
+        if self.stats_cb is not None:
+            with self._lock:
+                stats = json.dumps(self._rx)
+            self.stats_cb(stats)
         while True:
             with self._lock:
-                error = cluster._client_errors.popleft() if cluster._client_errors else None
+                error = cluster._client_errors.popleft() if cluster._client_errors and self.stats_cb is None else None
                 report = self._commit_reports.popleft() if self._commit_reports else None
                 event = self._events.popleft() if (error is None and report is None and self._events) else None
             if error is None and report is None and event is None:

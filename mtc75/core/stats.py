@@ -80,6 +80,7 @@ class Stats:
 
     ordering: str = "unordered"  # ORDERING: unordered, partition or key
     blocked: int = 0  # waiting messages that must wait for an earlier one of their key or partition
+    fetch_sizes: str = ""  # e.g. "large (50 MB / 1 MB)": FETCH_SIZES' choice for this run ("" before it ran)
 
     @classmethod
     def idle(cls, max_thread_count: int, thread_mode: str = "fixed", ordering: str = "unordered") -> Stats:
@@ -104,4 +105,5 @@ class Stats:
         out["max_thread_count"] = self.max_thread_count
         out["thread_mode"] = self.thread_mode
         out["ordering"] = self.ordering
+        out["fetch_sizes"] = self.fetch_sizes
         return out

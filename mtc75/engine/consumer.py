@@ -30,6 +30,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
 
+from mtc75.core.fetchsize import choose as choose_fetch_sizes
+from mtc75.core.fetchsize import fixed as fixed_fetch_sizes
 from mtc75.core.gate import PauseGate
 from mtc75.core.offsetmap import FinishedOffsets, OffsetMapError, decode
 from mtc75.core.offsets import OffsetTracker, Partition, PartitionState
@@ -46,6 +48,7 @@ from mtc75.kafka.client import ErrorKind, KafkaClient, classify, is_incremental
 from mtc75.kafka.clients import REAL_CLIENTS, KafkaClients, new_client
 from mtc75.kafka.deadletter import DeadLetters
 from mtc75.kafka.fairness import FairIntake
+from mtc75.kafka.fetchprobe import probe as probe_topic
 from mtc75.kafka.topics import METADATA_TIMEOUT, require_topic
 from mtc75.kafka.topicwatch import Change, TopicWatch
 from mtc75.runtime.async_runner import pick_runner
@@ -97,7 +100,10 @@ class Mtc75Consumer:
         if idle_exit is not None and idle_exit <= 0:
             raise ValueError(f"idle_exit must be > 0, got {idle_exit}")
         self._settings = settings
+        self._overrides = overrides
         self._conf = settings.consumer_config(overrides)
+        self._fetch_sizes = ""  # which fetch sizes this run uses, for the summary (set by run())
+        self._fetch_reason = ""  # why, for the INFO line once the topic is known to exist
         self._threads = AutoThreads(settings)  # MAX_THREAD_COUNT = "auto" (a fixed count: it only watches)
         prepared = prepare_handler(handler)  # refuses what no runner can run (an async generator)
         self._runner = pick_runner(prepared)  # async def: coroutines on one event loop; else threads
@@ -167,7 +173,7 @@ class Mtc75Consumer:
     def run(self) -> Stats:
         """Consume until stopped, ``max_messages`` handled, or ``idle_exit`` seconds without messages."""
         self._started = self._last_message_at = time.monotonic()
-        conf = dict(self._conf)
+        conf = self._conf_with_fetch_sizes()
         conf.setdefault("error_cb", self._on_error)
         conf["on_commit"] = self._on_commit
         consumer = new_client(self._clients.consumer, conf, "librdkafka consumer")
@@ -182,6 +188,7 @@ class Mtc75Consumer:
             if self._settings.ON_FAILURE == "dlq":
                 self._start_dead_letters(partitions)
             self._connected = True
+            logger.info("fetch sizes %s: %s", self._fetch_sizes, self._fetch_reason)
             client.subscribe(self._on_assign, self._on_revoke, self._on_lost)
             logger.info(
                 "consuming %s as group %s with %s %s (pause interval %.2fs, %s assignment)",
@@ -197,6 +204,22 @@ class Mtc75Consumer:
         if self._fatal is not None:
             raise self._fatal
         return self.stats()
+
+    def _conf_with_fetch_sizes(self) -> dict[str, Any]:
+        """The client's config with this run's fetch sizes: the user's, FETCH_SIZES', or a probe's choice."""
+        settings = self._settings
+        if settings.user_fetch_sizes(self._overrides):
+            self._fetch_sizes = "set by the user"
+            self._fetch_reason = (f"fetch.max.bytes={self._conf['fetch.max.bytes']}, "
+                                  f"max.partition.fetch.bytes={self._conf['max.partition.fetch.bytes']}")
+            return dict(self._conf)
+        if settings.FETCH_SIZES == AUTO:
+            choice = choose_fetch_sizes(probe_topic(self._clients, self._conf, settings.TOPIC))
+        else:
+            choice = fixed_fetch_sizes(settings.FETCH_SIZES)
+        self._fetch_sizes = str(choice.sizes)
+        self._fetch_reason = choice.reason
+        return settings.consumer_config(self._overrides, choice.sizes)
 
     def stats(self) -> Stats:
         now = time.monotonic()
@@ -229,6 +252,7 @@ class Mtc75Consumer:
             thread_trend=self._threads.trend,
             ordering=self._settings.ORDERING,
             blocked=d.blocked if d else 0,
+            fetch_sizes=self._fetch_sizes,
         )
 
     # -- poll loop ----------------------------------------------------------------------------------
