@@ -217,6 +217,22 @@ def test_the_gil_rule_lets_go_when_the_handler_starts_waiting(seed: int) -> None
 
 
 @pytest.mark.parametrize("seed", range(5))
+def test_half_cpu_handler_is_held_at_two_after_slow_start(seed: int) -> None:
+    """2.5 ms of CPU and 2.5 ms of waiting: 2 threads double the rate (kept, and slow start goes on at
+    once), 4 add nothing with the handlers at a core. That chained doubling's failure is the GIL verdict
+    too: no up-probe past 2 after it."""
+
+    def model(_t: float, n: int) -> tuple[float, float, float, float | None]:
+        x = min(n, 2) / 0.005
+        return x, n / x, min(n, 2) / 4, 0.95 * min(n, 2) / 2
+
+    run = simulate(model, seed)
+    ups = [d.reason for d in run.decisions if d.changed and d.limit > 2]
+    assert len(ups) == 1 and "slow start" in ups[0], ups  # the doubling to 4, and no "2 -> 3" after it
+    assert run.rate(60, 90) >= 0.9 * best_fixed(model)
+
+
+@pytest.mark.parametrize("seed", range(5))
 def test_the_gil_verdict_is_rechecked_every_5_minutes_not_on_noise(seed: int) -> None:
     """Throughput 30 % down and the handlers' CPU reading at 0.5 core now and then (a shared machine: the
     handler thread waits for a core too) keep the count at 1; one up-probe every GIL_RECHECK seconds

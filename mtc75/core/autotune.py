@@ -330,7 +330,7 @@ class AutoTuner:
             self._ref = [(x, lat)]
             self._failures, self._next_probe_at, self._direction = 0, now, direction
             if self._slow_start and direction > 0 and saturated and n < self.max_threads:
-                decision = self._start_probe(now, lat, cpu)
+                decision = self._start_probe(now, lat, cpu, handler_cpu)
                 return Decision(decision.limit, decision.changed, f"kept {verdict}; {decision.reason}")
             return self._keep(f"kept {verdict}")
         self._streak = 0
