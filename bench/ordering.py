@@ -36,13 +36,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Producer
-
 import mtc75.engine.consumer as engine
-from bench.run import payload, steady_rate
+from bench.run import produce_backlog, steady_rate
 from bench.scaleout import own_broker
 from mtc75.core.scheduler import FifoScheduler
-from mtc75.kafka.topics import create_topic
 from mtc75.settings import Settings
 from mtc75.tools.broker import LocalKafka
 
@@ -52,23 +49,6 @@ KEYS = (1, 5, 20, 100, 10_000)
 WORK = 0.002
 TARGET_SLEEP = 0.9  # key / unordered at >= 20 keys, 2 ms of work
 TARGET_NOOP = 0.5  # key / unordered, no-op handler
-
-
-def produce(bootstrap: str, topic: str, count: int, keys: int) -> None:
-    create_topic({"bootstrap.servers": bootstrap}, topic, 1, 1)
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000,
-                         "queue.buffering.max.messages": 500000, "compression.type": "lz4"})
-    for i in range(count):
-        while True:
-            try:
-                producer.produce(topic, value=payload(i, 100), key=b"k%d" % (i % keys))
-                break
-            except BufferError:
-                producer.poll(0.05)
-        if i % 10000 == 0:
-            producer.poll(0)
-    if producer.flush(300):
-        raise SystemExit("bench: backlog not fully delivered")
 
 
 def run_once(bootstrap: str, topic: str, ordering: str, threads: int, work: float, count: int,
@@ -138,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         for keys in args.keys:
             topic = f"bench-ordering-{keys}-{uuid.uuid4().hex[:8]}"
             print(f"producing {args.count:,} messages with {keys:,} keys to {topic} ...", flush=True)
-            produce(bootstrap, topic, args.count, keys)
+            produce_backlog(bootstrap, topic, args.count, 1, keys=keys)
             row: dict[str, Any] = {"keys": keys, "sleep": {}, "noop": {}}
             for handler, work in (("sleep", WORK), ("noop", 0.0)):
                 best: dict[str, dict[str, Any]] = {}

@@ -117,8 +117,11 @@ def payload(i: int, size: int) -> bytes:
 
 
 def produce_backlog(bootstrap: str, topic: str, count: int, partitions: int, size: int = 100,
-                    compression: str = "lz4") -> None:
-    """``count`` messages of ``size`` bytes, produced as fast as the client allows (this is not timed)."""
+                    compression: str = "lz4", keys: int | None = None) -> None:
+    """``count`` messages of ``size`` bytes, produced as fast as the client allows (this is not timed).
+
+    Message i has key ``str(i)``, or ``k<i % keys>`` when ``keys`` is given (bench/ordering.py).
+    """
     create_topic({"bootstrap.servers": bootstrap}, topic, partitions, 1)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000,
                          "queue.buffering.max.messages": 500000, "queue.buffering.max.kbytes": 1048576,
@@ -127,7 +130,7 @@ def produce_backlog(bootstrap: str, topic: str, count: int, partitions: int, siz
         value = payload(i, size)
         while True:
             try:
-                producer.produce(topic, value=value, key=str(i).encode())
+                producer.produce(topic, value=value, key=b"k%d" % (i % keys) if keys else str(i).encode())
                 break
             except BufferError:
                 producer.poll(0.05)

@@ -186,6 +186,29 @@ def read_records(path: Path) -> list[tuple[int, int]]:
     return out
 
 
+def read_tagged_records(path: Path) -> list[tuple[int, int, str]]:
+    """``partition:offset:tag`` lines (tests/slow_head_handler.py, the async e2e handlers): which run handled what."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        parts = line.split(":")
+        if len(parts) == 3:
+            out.append((int(parts[0]), int(parts[1]), parts[2]))
+    return out
+
+
+def write_touched(path: Path, text: str) -> float:
+    """Write ``path`` and move its mtime forward (a coarse-clock file system still sees the change).
+
+    Returns when (``time.monotonic()``): a config reload is timed from there.
+    """
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_text(text)
+    os.utime(path, ns=(before + 10_000_000, before + 10_000_000))
+    return time.monotonic()
+
+
 def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30) -> list[Message]:
     """The first ``count`` messages of ``topic`` (all partitions, from the start); bounded by ``timeout``."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"mtc75-test-reader-{time.monotonic_ns()}",

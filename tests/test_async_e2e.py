@@ -30,6 +30,7 @@ from tests.kafka_helpers import (
     committed_offsets,
     end_offsets,
     produce_numbered,
+    read_tagged_records,
     read_topic,
     report_figures,
     run_script,
@@ -230,17 +231,6 @@ def test_revoke_waits_for_the_partitions_coroutines_then_cancels_only_them_uncom
 # -- 2. SIGTERM drain (the script), and a hung coroutine cancelled at shutdown ---------------------------------
 
 
-def _records(path: Path) -> list[tuple[int, int, str]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        parts = line.split(":")
-        if len(parts) == 3:
-            out.append((int(parts[0]), int(parts[1]), parts[2]))
-    return out
-
-
 def test_sigterm_drains_running_coroutines_commits_them_and_cancels_a_hung_one_uncommitted(
     bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
 ) -> None:
@@ -252,7 +242,7 @@ def test_sigterm_drains_running_coroutines_commits_them_and_cancels_a_hung_one_u
         "--max-thread-count", "10", "--shutdown-timeout", "4", "--no-reload", env=env,
     )
     try:
-        wait_until(lambda: sum(1 for r in _records(record) if r[2] == "start") >= 10, timeout=60,
+        wait_until(lambda: sum(1 for r in read_tagged_records(record) if r[2] == "start") >= 10, timeout=60,
                    what="ten coroutines running")
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -263,7 +253,7 @@ def test_sigterm_drains_running_coroutines_commits_them_and_cancels_a_hung_one_u
             proc.communicate(timeout=10)
     exited = time.monotonic() - signalled
     assert proc.returncode == 0, err[-3000:]
-    rows = _records(record)
+    rows = read_tagged_records(record)
     started = {o for _, o, e in rows if e == "start"}
     done = {o for _, o, e in rows if e == "done"}
     assert started == set(range(10))  # nothing new started after the signal
@@ -326,7 +316,7 @@ def test_a_handler_blocking_the_loop_is_warned_about_once_by_name(
     assert len(warnings) == 1, warnings  # six blocking calls, one line
     assert "tests.async_handler.handle_blocking" in warnings[0]
     assert "async_handler.py" in warnings[0] and "in handle_blocking" in warnings[0]  # where it blocked
-    assert sum(1 for r in _records(record) if r[2] == "done") == 6  # still handled: a warning, not a failure
+    assert sum(1 for r in read_tagged_records(record) if r[2] == "done") == 6  # still handled: a warning, not a failure
     assert committed_offsets(bootstrap, group, topic) == {0: 6}
 
 
@@ -343,7 +333,7 @@ def test_a_well_behaved_async_handler_gets_no_warning(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "blocked the event loop" not in result.stderr
     assert "coroutines" in result.stderr  # the start-up line says what the bound counts
-    assert sum(1 for r in _records(record) if r[2] == "done") == 500
+    assert sum(1 for r in read_tagged_records(record) if r[2] == "done") == 500
 
 
 # -- 4. the README's async example, against the broker, with a fake service --------------------------------------

@@ -10,7 +10,6 @@ their first completed message.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +21,15 @@ from mtc75.core.stats import Stats
 from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.settings import Settings
 from mtc75.tools.simservice import AsyncDegradingService, DegradingService
-from tests.kafka_helpers import Lines, produce_numbered, report_figures, script_env, start_script, wait_until
+from tests.kafka_helpers import (
+    Lines,
+    produce_numbered,
+    report_figures,
+    script_env,
+    start_script,
+    wait_until,
+    write_touched,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -100,21 +107,13 @@ def test_auto_beats_the_default_75_on_the_degrading_service(
     assert changes and all(": " in line for line in changes)  # each change logged with its reason
 
 
-def _write(path: Path, text: str) -> float:
-    """Write and move the mtime forward (a coarse-clock file system still sees the change); returns when."""
-    before = path.stat().st_mtime_ns if path.exists() else 0
-    path.write_text(text)
-    os.utime(path, ns=(before + 10_000_000, before + 10_000_000))
-    return time.monotonic()
-
-
 def test_saving_config_py_switches_between_a_number_and_auto_within_2_s(
     bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
 ) -> None:
     topic = make_topic(partitions=2)
     produce_numbered(bootstrap, topic, 3000)
     config = tmp_path / "config.py"
-    _write(config, "MAX_THREAD_COUNT = 3\nPROCESSING_SLEEP = 0.05\n")
+    write_touched(config, "MAX_THREAD_COUNT = 3\nPROCESSING_SLEEP = 0.05\n")
     proc = start_script("mtc75_consumer.py", "--config", str(config), "--topic", topic, "--group-id", unique("g"),
                         env=script_env(bootstrap))
     lines = Lines(proc)
@@ -128,9 +127,9 @@ def test_saving_config_py_switches_between_a_number_and_auto_within_2_s(
 
     try:
         wait_until(lambda: status_with("/3 "), timeout=60, what="a status line with 3 threads")
-        to_auto = _write(config, "MAX_THREAD_COUNT = 'auto'\nPROCESSING_SLEEP = 0.05\n")
+        to_auto = write_touched(config, "MAX_THREAD_COUNT = 'auto'\nPROCESSING_SLEEP = 0.05\n")
         wait_until(lambda: status_with("/auto "), timeout=5, what='a status line with "auto"')
-        to_fixed = _write(config, "MAX_THREAD_COUNT = 4\nPROCESSING_SLEEP = 0.05\n")
+        to_fixed = write_touched(config, "MAX_THREAD_COUNT = 4\nPROCESSING_SLEEP = 0.05\n")
         wait_until(lambda: status_with("/4 "), timeout=5, what="a status line with 4 threads")
         proc.terminate()
         assert proc.wait(timeout=60) == 0

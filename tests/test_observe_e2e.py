@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import itertools
 import logging
-import os
 import threading
 import time
 import urllib.request
@@ -29,6 +28,7 @@ from tests.kafka_helpers import (
     script_env,
     start_script,
     wait_until,
+    write_touched,
 )
 from tests.pty_helpers import run_in_pty, strip_ansi
 from tests.test_metrics import samples
@@ -180,12 +180,6 @@ class Probe:
             self.peak = self.current
 
 
-def _write(path: Path, text: str) -> None:
-    before = path.stat().st_mtime_ns if path.exists() else 0
-    path.write_text(text)
-    os.utime(path, ns=(before + 10_000_000, before + 10_000_000))
-
-
 def test_live_retune_grows_shrinks_and_ignores_a_bad_edit(
     bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -193,7 +187,7 @@ def test_live_retune_grows_shrinks_and_ignores_a_bad_edit(
     topic = make_topic(partitions=3)
     produce_numbered(bootstrap, topic, 3000)
     config = tmp_path / "config.py"
-    _write(config, "MAX_THREAD_COUNT = 2\nPROCESSING_SLEEP = 0.1\nPAUSE_INTERVAL = 0.3\n")
+    write_touched(config, "MAX_THREAD_COUNT = 2\nPROCESSING_SLEEP = 0.1\nPAUSE_INTERVAL = 0.3\n")
     flags = {"BOOTSTRAP_SERVERS": bootstrap, "TOPIC": topic, "GROUP_ID": unique("g"), "COMMIT_INTERVAL": "0.2"}
 
     def load() -> Any:
@@ -214,7 +208,7 @@ def test_live_retune_grows_shrinks_and_ignores_a_bad_edit(
         assert probe.peak == 2
 
         # grow: new permits and workers at once, and the handler's sleep changes too
-        _write(config, "MAX_THREAD_COUNT = 6\nPROCESSING_SLEEP = 0.2\nPAUSE_INTERVAL = 0.4\n")
+        write_touched(config, "MAX_THREAD_COUNT = 6\nPROCESSING_SLEEP = 0.2\nPAUSE_INTERVAL = 0.4\n")
         wait_until(lambda: latest[-1].max_thread_count == 6, timeout=2.0, what="MAX_THREAD_COUNT 6 within 2s")
         wait_until(lambda: probe.current == 6, timeout=20, what="six handlers running")
         assert work.processing_sleep == 0.2
@@ -225,7 +219,7 @@ def test_live_retune_grows_shrinks_and_ignores_a_bad_edit(
         with probe._lock:
             running_at_shrink = set(probe.running)
         assert len(running_at_shrink) >= 3
-        _write(config, "MAX_THREAD_COUNT = 2\nPROCESSING_SLEEP = 0.2\nPAUSE_INTERVAL = 0.4\n")
+        write_touched(config, "MAX_THREAD_COUNT = 2\nPROCESSING_SLEEP = 0.2\nPAUSE_INTERVAL = 0.4\n")
         wait_until(lambda: latest[-1].max_thread_count == 2, timeout=2.0, what="MAX_THREAD_COUNT 2 within 2s")
         wait_until(lambda: running_at_shrink <= probe.finished, timeout=20, what="running handlers finished")
         wait_until(lambda: probe.current <= 2, timeout=20, what="the excess drained")
@@ -235,7 +229,7 @@ def test_live_retune_grows_shrinks_and_ignores_a_bad_edit(
         assert probe.peak <= 2
 
         # a bad edit: one error line, the running values stay
-        _write(config, "MAX_THREAD_COUNT = = 8\n")
+        write_touched(config, "MAX_THREAD_COUNT = = 8\n")
         wait_until(lambda: "not reloaded" in caplog.text, timeout=5, what="the bad edit reported")
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1 and "syntax error" in errors[0] and "keeping the running values" in errors[0]
@@ -257,15 +251,15 @@ def test_consumer_script_reloads_config_py_and_reports_a_bad_edit_on_one_line(
     topic = make_topic(partitions=2)
     produce_numbered(bootstrap, topic, 2000)
     config = tmp_path / "config.py"
-    _write(config, "MAX_THREAD_COUNT = 2\nPROCESSING_SLEEP = 0.1\n")
+    write_touched(config, "MAX_THREAD_COUNT = 2\nPROCESSING_SLEEP = 0.1\n")
     proc = start_script("mtc75_consumer.py", "--config", str(config), "--topic", topic, "--group-id", unique("g"),
                         env=script_env(bootstrap))
     lines = Lines(proc)
     try:
         wait_until(lambda: any("threads   2/2" in line for line in lines.out), timeout=60, what="2/2 threads busy")
-        _write(config, "MAX_THREAD_COUNT = 5\nPROCESSING_SLEEP = 0.1\n")
+        write_touched(config, "MAX_THREAD_COUNT = 5\nPROCESSING_SLEEP = 0.1\n")
         wait_until(lambda: any("/5" in line for line in lines.out), timeout=5, what="a status line with /5")
-        _write(config, "MAX_THREAD_COUNT = 'many'\nPROCESSING_SLEEP = 0.1\n")
+        write_touched(config, "MAX_THREAD_COUNT = 'many'\nPROCESSING_SLEEP = 0.1\n")
         wait_until(lambda: any("not reloaded" in line for line in lines.err), timeout=5, what="the bad edit reported")
         seen = len(lines.out)
         wait_until(lambda: len(lines.out) >= seen + 2, timeout=10, what="two more status lines")
@@ -289,13 +283,13 @@ def test_no_reload_leaves_a_changed_config_alone(
     topic = make_topic(partitions=1)
     produce_numbered(bootstrap, topic, 200)  # several seconds of work left after the edit
     config = tmp_path / "config.py"
-    _write(config, "MAX_THREAD_COUNT = 2\nPROCESSING_SLEEP = 0.05\n")
+    write_touched(config, "MAX_THREAD_COUNT = 2\nPROCESSING_SLEEP = 0.05\n")
     proc = start_script("mtc75_consumer.py", "--config", str(config), "--topic", topic, "--group-id", unique("g"),
                         "--no-reload", "--max-messages", "200", env=script_env(bootstrap))
     lines = Lines(proc)
     try:
         wait_until(lambda: any("threads   2/2" in line for line in lines.out), timeout=60, what="2/2 threads busy")
-        _write(config, "MAX_THREAD_COUNT = 7\nPROCESSING_SLEEP = 0.05\n")
+        write_touched(config, "MAX_THREAD_COUNT = 7\nPROCESSING_SLEEP = 0.05\n")
         assert proc.wait(timeout=120) == 0
     finally:
         if proc.poll() is None:

@@ -26,6 +26,7 @@ from tests.kafka_helpers import (
     kill_9_at,
     peak_rate,
     produce_numbered,
+    read_tagged_records,
     report_figures,
     script_env,
     start_consumer,
@@ -44,19 +45,8 @@ def _start(args: list[str], env: dict[str, str], log: Path, tag: str) -> subproc
     return start_consumer(args, {**env, "MTC75_TEST_TAG": tag}, log)
 
 
-def _records(path: Path) -> list[tuple[int, int, str]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        parts = line.split(":")
-        if len(parts) == 3:
-            out.append((int(parts[0]), int(parts[1]), parts[2]))
-    return out
-
-
 def _by_tag(path: Path, tag: str) -> set[tuple[int, int]]:
-    return {(p, o) for p, o, t in _records(path) if t == tag}
+    return {(p, o) for p, o, t in read_tagged_records(path) if t == tag}
 
 
 def _env(bootstrap: str, record: Path, slow: str, slow_s: float, sleep: float = 0.002) -> dict[str, str]:
@@ -66,7 +56,7 @@ def _env(bootstrap: str, record: Path, slow: str, slow_s: float, sleep: float = 
 
 def _finish(bootstrap: str, group: str, topic: str, record: Path, ends: dict[int, int], timeout: float) -> None:
     wanted = all_offsets(ends)
-    wait_until(lambda: wanted <= {(p, o) for p, o, _ in _records(record)}, timeout=timeout,
+    wait_until(lambda: wanted <= {(p, o) for p, o, _ in read_tagged_records(record)}, timeout=timeout,
                what="every offset handled")
     wait_until(lambda: committed_offsets(bootstrap, group, topic) == ends, timeout=30, what="commits at the end")
 
@@ -146,7 +136,7 @@ def test_rebalance_the_new_owner_skips_the_mapped_offsets(
         stop_process(a)
         if b is not None:
             stop_process(b)
-    records = _records(record)
+    records = read_tagged_records(record)
     counts = Counter((p, o) for p, o, _ in records)
     repeated = {k for k, c in counts.items() if c > 1}
     b_parts = {p for p, _, t in records if t == "b"}
@@ -323,7 +313,7 @@ def test_window_hold_survives_a_rebalance_without_leaving_a_partition_paused(
         stop_process(a)
         if b is not None:
             stop_process(b)
-    counts = Counter((p, o) for p, o, _ in _records(record))
+    counts = Counter((p, o) for p, o, _ in read_tagged_records(record))
     repeated = sorted(k for k, c in counts.items() if c > 1)
     report_figures("offset_window_rebalance", window=window, head_s=head_s, repeated=len(repeated),
                    b_handled=len(_by_tag(record, "b")))
