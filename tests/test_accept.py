@@ -6,16 +6,23 @@ from typing import Any
 
 from confluent_kafka import Message
 
+from mtc75.core.work import Work
 from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.runtime.dispatcher import Dispatcher
 from mtc75.settings import Settings
 
 
 def _engine(partitions: list[tuple[str, int]]) -> tuple[Mtc75Consumer, list[Any]]:
+    """An engine whose pool only records what it is given, one entry per message (runs split)."""
     engine = Mtc75Consumer(Settings().replace(TOPIC="t"), lambda _m: None)
     dispatcher = Dispatcher(lambda _m: None, 1)
     queued: list[Any] = []
-    dispatcher.put = queued.extend  # type: ignore[method-assign]  # capture what the pool would get
+
+    def capture(items: list[Work]) -> None:
+        for work in items:
+            queued.extend(work.split(1))
+
+    dispatcher.put = capture  # type: ignore[method-assign]  # capture what the pool would get
     engine._dispatcher = dispatcher
     engine._tracker.assign(partitions)
     return engine, queued

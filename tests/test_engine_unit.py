@@ -179,6 +179,27 @@ def test_every_message_is_handled_once_and_committed_to_the_end(cluster: FakeKaf
     assert stats.max_active_threads <= 4
 
 
+def test_a_fast_handler_runs_as_runs_with_every_message_once_and_a_failure_settled_alone(
+    cluster: FakeKafka, start: Callable[..., Run], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fast path end to end (mtc75/core/work.py): runs form, and their commits stay exact."""
+    runs: list[int] = []
+    complete_run = engine_module.OffsetTracker.complete_run
+
+    def spy(state: Any, first: int, count: int) -> bool:
+        runs.append(count)
+        return complete_run(state, first, count)
+
+    monkeypatch.setattr(engine_module.OffsetTracker, "complete_run", staticmethod(spy))
+    cluster.fill(TOPIC, {0: 3000, 1: 3000, 2: 3000})
+    recorder = Recorder(fail=lambda p, o, n: (p, o) == (1, 2500))
+    stats = start(recorder, max_messages=9000).join()
+    assert recorder.calls == Counter({(p, o): 1 for p in range(3) for o in range(3000)})
+    assert stats.processed == 9000 and stats.failed == 1  # ON_FAILURE=skip: counted, committed past
+    assert max(runs) > 1  # messages travelled as runs
+    assert [cluster.committed(GROUP, TOPIC, p) for p in range(3)] == [3000, 3000, 3000]
+
+
 # -- rebalance --------------------------------------------------------------------------------------------
 
 

@@ -172,6 +172,34 @@ class OffsetTracker:
         state.position = offset + 1
         return True
 
+    @classmethod
+    def complete_run(cls, state: PartitionState, first: int, count: int) -> bool:
+        """Mark ``first .. first + count - 1`` done, as one step when they are the oldest in flight.
+
+        A run is admitted as consecutive offsets (:meth:`admit_run`) and ``pending`` ascends, so when
+        its first and last offsets sit at the head of ``pending`` the whole run does, and it leaves as
+        ``count`` pops instead of ``count`` calls (bench/noop_path.py). Anything else goes offset by
+        offset through :meth:`complete`.
+        """
+        if not state.alive:
+            return False
+        pending = state.pending
+        last = first + count - 1
+        if len(pending) >= count and pending[0] == first and pending[count - 1] == last:
+            pop = pending.popleft
+            for _ in range(count):
+                pop()
+            done = state.done
+            if done:
+                while pending and pending[0] in done:
+                    last = pop()
+                    done.discard(last)
+            state.position = last + 1
+            return True
+        for offset in range(first, last + 1):
+            cls.complete(state, offset)
+        return True
+
     @staticmethod
     def abandon(state: PartitionState, offset: int) -> None:
         """An offset that will never run (dropped at revoke or shutdown): stop waiting for it.

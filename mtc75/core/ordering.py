@@ -28,10 +28,10 @@ and no more ``ready`` than free threads, the engine pauses rather than piling up
 
 Thread contract: :class:`PartitionScheduler` and :class:`KeyScheduler` are called only with the
 dispatcher's lock held (``LOCK_FREE_TAKE`` and ``LOCK_FREE_RELEASE`` are False).
-:class:`FairFifoScheduler` keeps the unordered hot path lock-free: workers ``take`` from a short
-interleaved *front* deque with one atomic ``popleft``; ``put``/``requeue``/``purge`` (dispatcher lock
-held) and a worker that finds the front empty refill it from the per-partition queues under the
-scheduler's own lock (once per ``FRONT`` messages at most). Its ``release`` is a no-op
+:class:`FairFifoScheduler` keeps the unordered hot path off the dispatcher's lock: workers ``take``
+from a short interleaved *front* deque under the scheduler's own small lock (one take per run on the
+fast path, mtc75/core/scheduler.py); ``put``/``requeue``/``purge`` (dispatcher lock held) and a take
+that finds the front empty refill it from the per-partition queues. Its ``release`` is a no-op
 (``LOCK_FREE_RELEASE``).
 """
 
@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
-from mtc75.core.scheduler import FifoScheduler, Scheduler
+from mtc75.core.scheduler import FifoScheduler, Scheduler, size_of
 from mtc75.core.work import Work
 
 ORDERINGS = ("unordered", "partition", "key")
@@ -54,7 +54,8 @@ ORDERINGS = ("unordered", "partition", "key")
 FAIR_SECONDS = 0.5
 
 # Unordered: messages interleaved ahead of the lock-free take. A partition that shows up behind a burst
-# of another waits for at most this many messages to start; the workers refill once per FRONT takes.
+# of another waits for at most this many messages (or runs, on the fast path: mtc75/core/work.py) to
+# start; the workers refill once per FRONT takes.
 FRONT = 16
 
 
@@ -88,6 +89,7 @@ class _LaneScheduler:
 
     LOCK_FREE_TAKE = False
     LOCK_FREE_RELEASE = False
+    RUNS = False  # one message per lane step
 
     def __init__(self) -> None:
         self._parts: dict[object, _Part] = {}  # PartitionState -> _Part (identity: a new assignment is new)
@@ -280,24 +282,25 @@ class KeyScheduler(_LaneScheduler):
 class FairFifoScheduler:
     """``ORDERING=unordered``: every waiting message may start; partitions take turns (see the module notes).
 
-    Fetched messages wait in one FIFO per partition assignment; up to ``FRONT`` of them are interleaved
-    round-robin into the front deque, which workers pop without a lock. Compared with
+    Fetched messages (or runs) wait in one FIFO per partition assignment; up to ``FRONT`` of them are
+    interleaved round-robin into the front deque, which workers take from. Compared with
     :class:`mtc75.core.scheduler.FifoScheduler` (one FIFO, first fetched first run) the extra work is one
-    append per message on the refilling thread and a lock per ``FRONT`` takes (BENCHMARKS.md, ordering).
+    append per message on the refilling thread (BENCHMARKS.md, ordering).
     """
 
-    LOCK_FREE_TAKE = True
+    LOCK_FREE_TAKE = True  # under its own lock (mtc75/core/scheduler.py)
     LOCK_FREE_RELEASE = True  # nothing is ever blocked: release has nothing to guard
+    RUNS = True  # a run is one item of its partition's queue and of the front
 
     def __init__(self, front: int = FRONT) -> None:
         if front < 1:
             raise ValueError(f"front must be >= 1, got {front}")
         self._size = front
-        self._front: deque[Work] = deque()  # workers popleft() without a lock
         self._lock = threading.Lock()  # guards everything below
+        self._front: deque[Work] = deque()  # the next ones to take, interleaved
         self._queues: dict[object, deque[Work]] = {}  # PartitionState -> its messages behind the front
         self._ring: deque[deque[Work]] = deque()  # the non-empty queues, next to serve first
-        self._back = 0  # messages in _queues (read without the lock as a hint)
+        self._count = 0  # messages (not runs) in _front and _queues (read without the lock as a hint)
 
     def put(self, items: Iterable[Work]) -> None:
         with self._lock:
@@ -316,54 +319,47 @@ class FairFifoScheduler:
                         ring.append(queue)
                 assert queue is not None
                 queue.append(work)
-                count += 1
-            self._back += count
+                count += work.size
+            self._count += count
             self._fill()
 
     def _fill(self) -> None:
-        """Caller holds self._lock. Top the front up to its size, one message per partition in turn."""
+        """Caller holds self._lock. Top the front up to its size, one message (or run) per partition in turn."""
         front = self._front
         ring = self._ring
         room = self._size - len(front)
-        moved = 0
-        while room > moved and ring:
+        while room > 0 and ring:
             queue = ring.popleft()
             front.append(queue.popleft())
-            moved += 1
+            room -= 1
             if queue:
                 ring.append(queue)
-        self._back -= moved
 
     def requeue(self, items: list[Work]) -> None:
-        self._front.extendleft(reversed(items))  # retries first: older than anything fetched since
+        with self._lock:
+            self._front.extendleft(reversed(items))  # retries first: older than anything fetched since
+            self._count += sum(map(size_of, items))
 
     def take(self) -> Work:
-        front = self._front
-        if front:
-            try:
-                return front.popleft()  # atomic: workers call it without any lock
-            except IndexError:
-                pass  # another worker took the last one
-        if self._back:
-            with self._lock:
+        with self._lock:
+            front = self._front
+            if not front:
                 self._fill()
-        return front.popleft()  # IndexError when nothing is left (or another worker took the refill)
+            work = front.popleft()  # IndexError when nothing is left
+            self._count -= work.size
+            return work
 
     def release(self, work: Work) -> None:
         pass  # nothing is ever blocked
 
     def purge(self, drop: Callable[[Work], bool] | None = None) -> list[Work]:
         with self._lock:
-            front: list[Work] = []
-            try:
-                while True:  # one by one: a worker popping concurrently gets each item, or we do
-                    front.append(self._front.popleft())
-            except IndexError:
-                pass
+            front = list(self._front)
             back = [work for queue in self._ring for work in queue]
+            self._front.clear()
             self._queues.clear()
             self._ring.clear()
-            self._back = 0
+            self._count = 0
             if drop is None:
                 return front + back
             dropped: list[Work] = []
@@ -373,23 +369,23 @@ class FairFifoScheduler:
             kept_back: list[Work] = []
             for work in back:
                 (dropped if drop(work) else kept_back).append(work)
-            self._front.extendleft(reversed(kept_front))
+            self._front.extend(kept_front)
             for work in kept_back:  # the turn order is lost, the order within each partition kept
                 queue = self._queues.get(work.state)
                 if queue is None:
                     queue = self._queues[work.state] = deque()
                     self._ring.append(queue)
                 queue.append(work)
-            self._back = len(kept_back)
+            self._count = sum(map(size_of, kept_front)) + sum(map(size_of, kept_back))
             self._fill()
         return dropped
 
     def __len__(self) -> int:
-        return len(self._front) + self._back
+        return self._count
 
     @property
     def ready(self) -> int:
-        return len(self)
+        return self._count
 
     @property
     def blocked(self) -> int:

@@ -2,17 +2,19 @@
 
 Thread contract: every method is called with the dispatcher's lock held (mtc75/runtime/dispatcher.py),
 except ``take`` on a scheduler whose class sets ``LOCK_FREE_TAKE`` and ``release`` on one that sets
-``LOCK_FREE_RELEASE``: those are called by workers without the lock, concurrently with each other and
-with any locked call. ``len`` and ``ready``/``blocked`` may also be read without the lock, as hints
-(the dispatcher re-checks ``ready`` under the lock before a worker gives its permit back).
+``LOCK_FREE_RELEASE``: those are called by workers without the dispatcher's lock, concurrently with
+each other and with any locked call. ``len`` and ``ready``/``blocked`` may also be read without the
+lock, as hints (the dispatcher re-checks ``ready`` under the lock before a worker gives its permit back).
 
-A lock-free ``take`` therefore promises: it is one atomic step (the FIFO: one ``deque.popleft``
-under the GIL), and every locked method keeps the structure valid for it at every point: ``put``
-and ``requeue`` only ever append (each append atomic); ``purge`` removes one item at a time, so each
-waiting message goes either to a concurrent ``take`` (it then counts as started) or to the purge, never to
-both and never lost. A purge that puts survivors back leaves the queue briefly shorter; a worker that
-sees it empty meanwhile re-checks under the lock, which the purge holds, before giving its permit
-back. An ordered scheduler (per key, per partition) sets both flags False and gets every call locked.
+A ``take`` free of the dispatcher's lock therefore guards itself: the FIFOs take under a small lock of
+their own, which every other method that changes the queue also takes, so each waiting message goes
+either to a ``take`` (it then counts as started) or to a concurrent ``purge``, never to both and never
+lost, and the message count behind ``len`` is exact. (A lock-free ``popleft`` was the hot path while
+every message was its own ``Work``; with runs a take serves a whole run, and a lock per run costs
+nothing measurable, while counting a run's messages without one is not safe: a sum over a deque that
+another thread pops fails with "deque mutated during iteration" whenever the garbage collector runs
+Python code in the middle of it.) An ordered scheduler (per key, per partition) sets both flags False
+and gets every call locked.
 
 The dispatcher owns one scheduler. The poll thread ``put``s fetched messages; workers ``take`` the
 next one that may start and ``release`` it exactly once when its handler is done for good (success,
@@ -22,18 +24,29 @@ through ``requeue``, and a retry purged while it waits (revoke, shutdown) is rel
 the delay queue or, once requeued, in the scheduler (the dispatcher knows it by ``attempts > 0``).
 A purged message that was never taken is not released.
 
-The no-op hot path (bench/noop_path.py) is why the FIFO is lock-free: see BENCHMARKS.md.
-``FifoScheduler`` is today's behaviour (unordered, first fetched first run); ordering modes and fair
-round-robin across partitions are further implementations of the same interface.
+Runs (mtc75/core/work.py): a scheduler that sets ``RUNS`` may be handed a ``Work`` of several
+consecutive messages, which a worker takes whole. Such a scheduler never blocks anything (a run's
+messages run one after another on one worker, and ``release`` is a no-op), and it counts messages,
+not ``Work`` objects, in ``len`` and ``ready``. The ordered schedulers set ``RUNS`` False and only
+ever see single messages.
+
+``FifoScheduler`` is the plain FIFO (unordered, first fetched first run; the bench's ``fifo``);
+``ORDERING`` picks among the fair FIFO and the ordered modes (mtc75/core/ordering.py), further
+implementations of the same interface.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable
+from operator import attrgetter
 from typing import Protocol
 
 from mtc75.core.work import Work
+
+# A Work's message count (1, or a run's length), for sums over lists only its owner holds.
+size_of = attrgetter("size")
 
 
 class Scheduler(Protocol):
@@ -41,6 +54,7 @@ class Scheduler(Protocol):
 
     LOCK_FREE_TAKE: bool  # take() may be called without the dispatcher's lock (see the module notes)
     LOCK_FREE_RELEASE: bool  # release() may be called without it
+    RUNS: bool  # put() may be given runs (mtc75/core/work.py): never blocks, release() is a no-op
 
     def put(self, items: Iterable[Work]) -> None:
         """Add fetched messages (in fetch order)."""
@@ -61,7 +75,7 @@ class Scheduler(Protocol):
         """Remove and return the waiting messages ``drop`` selects (all without one)."""
 
     def __len__(self) -> int:
-        """Messages waiting, ready or blocked."""
+        """Messages waiting, ready or blocked (the messages of a run count one by one)."""
 
     @property
     def ready(self) -> int:
@@ -75,48 +89,54 @@ class Scheduler(Protocol):
 class FifoScheduler:
     """Unordered: every waiting message may start; first put, first taken."""
 
-    LOCK_FREE_TAKE = True  # one atomic popleft
+    LOCK_FREE_TAKE = True  # under its own lock (see the module notes)
     LOCK_FREE_RELEASE = True  # nothing is ever blocked: release has nothing to guard
+    RUNS = True
 
     def __init__(self) -> None:
         self._queue: deque[Work] = deque()
-        # The deque's own popleft, bound: atomic, raises IndexError when empty, and no Python frame on
-        # the hot path (a Python-level take cost the no-op path ~0.1 us of its ~2.5 us per message).
-        self.take = self._queue.popleft  # type: ignore[method-assign]
+        self._lock = threading.Lock()  # guards _queue and _count against concurrent takes
+        self._count = 0  # messages in _queue (a run counts its messages)
 
     def put(self, items: Iterable[Work]) -> None:
-        self._queue.extend(items)
+        items = list(items)
+        with self._lock:
+            self._queue.extend(items)
+            self._count += sum(map(size_of, items))
 
     def requeue(self, items: list[Work]) -> None:
-        self._queue.extendleft(reversed(items))
+        with self._lock:
+            self._queue.extendleft(reversed(items))
+            self._count += sum(map(size_of, items))
 
-    def take(self) -> Work:  # replaced per instance by the deque's popleft (see __init__)
-        return self._queue.popleft()  # atomic: workers call it without the lock
+    def take(self) -> Work:
+        with self._lock:
+            work = self._queue.popleft()  # IndexError when empty
+            self._count -= work.size
+            return work
 
     def release(self, work: Work) -> None:
         pass  # nothing is ever blocked
 
     def purge(self, drop: Callable[[Work], bool] | None = None) -> list[Work]:
-        taken: list[Work] = []
-        try:
-            while True:  # one by one: a worker popping concurrently gets each item, or we do
-                taken.append(self._queue.popleft())
-        except IndexError:
-            pass
-        if drop is None:
-            return taken
-        dropped, kept = [], []
-        for work in taken:
-            (dropped if drop(work) else kept).append(work)
-        self._queue.extendleft(reversed(kept))  # one atomic step; a racing take() re-checks under the lock
+        with self._lock:
+            if drop is None:
+                dropped = list(self._queue)
+                self._queue.clear()
+            else:
+                dropped, kept = [], []
+                for work in self._queue:
+                    (dropped if drop(work) else kept).append(work)
+                self._queue = deque(kept)
+            self._count -= sum(map(size_of, dropped))
         return dropped
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return self._count
 
     @property
     def ready(self) -> int:
-        return len(self._queue)
+        return self._count
 
     @property
     def blocked(self) -> int:

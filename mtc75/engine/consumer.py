@@ -389,7 +389,7 @@ class Mtc75Consumer:
         admitted = None if state is None else self._tracker.admit_run(state, offsets)
         if admitted is None and state is not None:
             if state.finished is None:  # the common case: no offset map from an earlier owner
-                batch.extend(map(Work, run, repeat(state), offsets))
+                batch.append(Work.run(run, state, offsets[0]))  # consecutive offsets: one run
                 return
             admitted = [True] * len(offsets)
         skip = self._tracker.skip_finished
@@ -409,18 +409,19 @@ class Mtc75Consumer:
         """
         assert self._dispatcher is not None
         completions = self._dispatcher.completions
-        complete = self._tracker.complete
+        complete, complete_run = self._tracker.complete, self._tracker.complete_run
         count = 0
         if completions:
             self._last_progress_at = time.monotonic()
         while completions:
             work = completions.popleft()
             if not work.failed:  # the hot path, inlined (bench/noop_path.py): the handler returned
-                if complete(work.state, work.offset):
-                    self._processed += 1
-                    count += 1
+                size = work.size
+                if complete(work.state, work.offset) if size == 1 else complete_run(work.state, work.offset, size):
+                    self._processed += size
+                    count += size
                 else:
-                    self._dropped_late += 1
+                    self._dropped_late += size
                 continue
             self._failed += 1
             if work.state.alive and not self._failure.failed(work):
@@ -685,9 +686,11 @@ class Mtc75Consumer:
         """Take not-yet-started messages out of the backlog; they stay uncommitted, for redelivery."""
         assert self._dispatcher is not None
         dropped = self._dispatcher.purge(states)
+        abandon = self._tracker.abandon
         for work in dropped:
-            self._tracker.abandon(work.state, work.offset)
-        return len(dropped)
+            for offset in work.offsets:
+                abandon(work.state, offset)
+        return sum(work.size for work in dropped)
 
     # -- start-up, errors and shutdown ----------------------------------------------------------------
 

@@ -15,20 +15,46 @@ on one event-loop thread, ``await``-ing the handler between the same steps, boun
 permits. Its ``spawn`` would hand the tasks to the loop with ``call_soon_threadsafe``; the steps
 themselves never block for long (they may take the dispatcher's lock and yield once with
 ``time.sleep(0)``). A runner that drops a shift half-way closes it: the permit still comes back.
+
+Runs (mtc75/core/work.py): a runner that sets ``RUNS`` may be handed a ``Work`` of several messages.
+It calls the handler on each in order (:func:`handle_run`) and sends back None when every call
+returned, else a :class:`Partial`: how many messages the handler saw and which of them raised. It
+stops early, handing the rest back, once a run has lasted ``RUN_SECONDS``: runs are sized for a few
+hundred microseconds of the measured time per message, so a run that lasts this long holds a handler
+that turned slow, and its other messages must be free for the other workers. A single message is
+settled as before: None or its error. The asyncio runner takes single messages only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import time
+from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
 from mtc75.core.work import Work
 from mtc75.runtime.handlers import Handler, result_error
 
-# A worker's shift (see the module notes): yields the next message to run, is sent the handler's
-# error (None for success) for it, and returns once the permit went back.
-Shift = Generator[Work, "BaseException | None", None]
+# A run still going after this long is handed back, its rest for the other workers (see the module
+# notes). Runs are sized for RUN_TARGET (mtc75/runtime/dispatcher.py), 0.5 ms: ten times that is a
+# handler that turned slow, not noise.
+RUN_SECONDS = 0.005
+
+
+class Partial(NamedTuple):
+    """A run that did not simply succeed: the handler saw its first ``handled`` messages, and
+    ``failures`` holds ``(index, error)`` for each of them that raised."""
+
+    handled: int
+    failures: list[tuple[int, BaseException]]
+
+
+# What a worker sends back for the Work it ran: None (done), the error of a single message, or a Partial.
+Outcome = "BaseException | Partial | None"
+
+# A worker's shift (see the module notes): yields the next message (or run) to run, is sent its
+# outcome, and returns once the permit went back.
+Shift = Generator[Work, Outcome, None]
 
 
 class WorkerSteps(Protocol):
@@ -51,8 +77,32 @@ class Runner(Protocol):
         """Start nothing more; with ``wait``, return once every running worker has ended."""
 
 
+def handle_run(handler: Handler, messages: Sequence[Any], deadline: float) -> Partial | None:
+    """Call ``handler`` on each message in order; None when every call returned (see the module notes)."""
+    failures: list[tuple[int, BaseException]] | None = None
+    clock = time.monotonic
+    handled = 0
+    last = len(messages)
+    for msg in messages:
+        try:
+            result = handler(msg)
+            error = None if result is None else result_error(result)
+        except BaseException as err:  # as for a single message: any failure is the message's (see _work)
+            error = err
+        if error is not None:
+            if failures is None:
+                failures = []
+            failures.append((handled, error))
+        handled += 1
+        if handled < last and clock() >= deadline:
+            return Partial(handled, failures or [])
+    return None if failures is None else Partial(handled, failures)
+
+
 class ThreadRunner:
     """Each shift on a thread of a ThreadPoolExecutor of ``limit`` threads."""
+
+    RUNS = True  # may be handed runs (see the module notes)
 
     def __init__(self, steps: WorkerSteps, handler: Handler, limit: int) -> None:
         self._steps = steps
@@ -83,17 +133,23 @@ class ThreadRunner:
         shift = self._steps.shift()
         handler = self._handler
         send = shift.send
+        clock = time.monotonic
+        outcome: BaseException | Partial | None
         try:
             work = next(shift)
             while True:
+                if work.size > 1:
+                    outcome = handle_run(handler, work.messages, clock() + RUN_SECONDS)
+                    work = send(outcome)
+                    continue
                 try:
                     result = handler(work.message)
-                    error = None if result is None else result_error(result)
+                    outcome = None if result is None else result_error(result)
                 except BaseException as err:
                     # Any handler failure -- BaseExceptions too (SystemExit, KeyboardInterrupt or a
                     # CancelledError leaking from library code) -- is retried and then goes to
                     # ON_FAILURE: it must not kill the worker, lose its permit or strand its commit.
-                    error = err
-                work = send(error)
+                    outcome = err
+                work = send(outcome)
         except StopIteration:
             return  # the permit went back
