@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from confluent_kafka import Message
+from confluent_kafka import KafkaError, Message
 
 from mtc75.core.work import Work
 from mtc75.engine.consumer import Mtc75Consumer
@@ -63,3 +63,26 @@ def test_completions_move_the_watermark_and_count() -> None:
     engine._dispatcher.completions.append(queued[2])  # finished after its partition was revoked
     assert engine._drain_completions() == 0
     assert engine._processed == 2 and engine._dropped_late == 1
+
+
+def test_each_partition_run_becomes_one_work_of_consecutive_offsets() -> None:
+    engine = Mtc75Consumer(Settings().replace(TOPIC="t"), lambda _m: None)
+    dispatcher = Dispatcher(lambda _m: None, 1)
+    put: list[Work] = []
+    dispatcher.put = put.extend  # type: ignore[method-assign]
+    engine._dispatcher = dispatcher
+    engine._tracker.assign([("t", 0), ("t", 1)])
+    engine._accept(_msgs(*[("t", 0, o) for o in range(5)], *[("t", 1, o) for o in range(10, 13)], ("t", 0, 5)))
+    assert [(w.state.tp, w.offset, w.size) for w in put] == [(("t", 0), 0, 5), (("t", 1), 10, 3), (("t", 0), 5, 1)]
+    assert [m.offset() for m in put[0].messages] == [0, 1, 2, 3, 4]
+
+
+def test_an_error_event_among_the_messages_is_handled_in_place_and_the_runs_around_it_are_kept() -> None:
+    engine, queued = _engine([("t", 0)])
+    seen: list[int] = []
+    engine._on_message_error = lambda err: seen.append(err.code())  # type: ignore[method-assign]
+    eof = Message(topic="t", partition=0, offset=2, error=KafkaError(KafkaError._PARTITION_EOF))
+    engine._accept([*_msgs(("t", 0, 0), ("t", 0, 1)), eof, *_msgs(("t", 0, 2), ("t", 0, 3))])
+    assert seen == [KafkaError._PARTITION_EOF]
+    assert [w.offset for w in queued] == [0, 1, 2, 3]
+    assert list(engine._tracker.state(("t", 0)).pending) == [0, 1, 2, 3]

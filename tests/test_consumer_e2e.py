@@ -238,3 +238,66 @@ def test_threads_stay_busy_through_pauses_over_a_saturated_run(
     report_figures("threads_busy_through_pauses", messages=n, threads=threads, handler_s=sleep,
                    pauses=stats.pauses, window_s=round(end - start, 2), busy_ratio=round(ratio, 3))
     assert ratio >= 0.9, f"threads busy {ratio:.1%} of {threads} x {end - start:.1f}s ({stats.pauses} pauses)"
+
+
+def test_a_fast_handler_runs_in_runs_and_a_failure_or_a_slow_spell_inside_a_run_loses_nothing(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Runs across the thread boundary (mtc75/core/work.py) against the real broker: a fast handler's
+    messages go as runs; one failing once inside a run is retried alone; a slow spell (5 x 50 ms
+    against ~us) cuts its run short and the rest goes on; every message succeeds exactly once and the
+    group commits to the end."""
+    from mtc75.core.offsets import OffsetTracker
+    from mtc75.runtime.dispatcher import Dispatcher
+
+    topic, group, n = make_topic(partitions=3), unique("g"), 6000
+    produce_numbered(bootstrap, topic, n)
+    ends = end_offsets(bootstrap, topic)
+    fail_once = {(p, ends[p] // 2) for p in ends}
+    slow = {(0, ends[0] * 3 // 4 + i) for i in range(5)}
+    lock = threading.Lock()
+    calls: Counter[tuple[int, int]] = Counter()
+    succeeded: Counter[tuple[int, int]] = Counter()
+
+    def handler(msg: Any) -> None:
+        where = (msg.partition(), msg.offset())
+        with lock:
+            calls[where] += 1
+            first = calls[where] == 1
+        if where in slow:
+            time.sleep(0.05)
+        if where in fail_once and first:
+            raise ValueError("fails once")
+        with lock:
+            succeeded[where] += 1
+
+    cuts: list[int] = []
+    sizes: list[int] = []
+    settle_partial = Dispatcher._settle_partial
+
+    def spy(self: Dispatcher, work: Any, outcome: Any) -> None:
+        if outcome.handled < work.size:
+            cuts.append(work.size - outcome.handled)
+        settle_partial(self, work, outcome)
+
+    monkeypatch.setattr(Dispatcher, "_settle_partial", spy)
+    complete_run = OffsetTracker.complete_run
+
+    def completed(state: Any, first: int, count: int) -> bool:
+        sizes.append(count)
+        return complete_run(state, first, count)
+
+    monkeypatch.setattr(OffsetTracker, "complete_run", staticmethod(completed))
+    consumer = Mtc75Consumer(
+        _settings(bootstrap, topic, group, MAX_THREAD_COUNT=8, MAX_ATTEMPTS=2, RETRY_BACKOFF=0.01,
+                  RETRY_BACKOFF_MAX=0.01, ON_FAILURE="stop"),
+        handler, max_messages=n, idle_exit=10.0,  # a lost message ends the run (bounded) short of n
+    )
+    stats = consumer.run()
+    assert set(succeeded) == all_offsets(ends) and max(succeeded.values()) == 1  # none lost, none twice
+    assert all(calls[w] == 2 for w in fail_once)  # retried alone, once
+    assert stats.processed == n and stats.failed == 0 and stats.retried == len(fail_once)
+    assert max(sizes) > 1  # workers took, ran and completed runs
+    assert cuts  # the slow spell cut a run short; its rest went back as single messages
+    assert committed_offsets(bootstrap, group, topic) == ends
+    report_figures("runs", messages=n, largest_run=max(sizes), cut=cuts, retried=stats.retried)
