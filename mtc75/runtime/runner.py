@@ -36,9 +36,10 @@ from mtc75.core.work import Work
 from mtc75.runtime.handlers import Handler, result_error
 
 # A run still going after this long is handed back, its rest for the other workers (see the module
-# notes). Runs are sized for RUN_TARGET (mtc75/runtime/dispatcher.py), 0.5 ms: ten times that is a
-# handler that turned slow, not noise.
-RUN_SECONDS = 0.005
+# notes). Runs are sized for RUN_TARGET (mtc75/runtime/dispatcher.py), 1 ms: twenty times that, four
+# of the interpreter's 5 ms GIL switch intervals, is a handler that turned slow, not a worker that
+# waited its turn for the GIL. A cut forgets the time per message: single messages until measured again.
+RUN_SECONDS = 0.02
 
 
 class Partial(NamedTuple):
