@@ -292,3 +292,29 @@ def test_a_run_whose_handler_turns_slow_is_cut_and_its_rest_runs_on_other_worker
     assert all(w.size == 1 for w in done[1:])  # its rest: single messages
     assert sorted(o for w in done for o in w.offsets) == list(range(40))
     assert len(set(threads.values())) >= 4  # the rest was spread over the free workers
+
+
+def test_the_rest_of_a_run_cut_short_after_its_partition_was_revoked_is_dropped_not_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runner_module, "RUN_SECONDS", 0.01)
+    tracker = OffsetTracker()
+    tracker.assign([("t", 0)])
+    ran: list[int] = []
+    started = threading.Event()
+
+    def handler(msg: Msg) -> None:
+        ran.append(msg.offset())
+        started.set()
+        if msg.offset() == 0:
+            tracker.revoke([("t", 0)])  # revoked while the run is running (the poll thread does this)
+            time.sleep(0.02)
+
+    d = Dispatcher(handler, 4, scheduler=FairFifoScheduler())
+    _fast(d)
+    d.put([_run(tracker, 0, 0, 20)])
+    assert started.wait(WAIT)
+    wait_until(lambda: bool(d.completions), WAIT)
+    d.shutdown(wait=True)
+    assert ran == [0] and len(d._scheduler) == 0  # the rest was neither run nor left waiting
+    assert [(w.offset, w.size) for w in d.completions] == [(0, 1)]  # a late completion: the poll thread drops it

@@ -431,11 +431,13 @@ class Dispatcher:
         """A run came back failed in part or cut short: complete what succeeded, settle each failed
         message alone, and put the rest back as single messages (see the module notes)."""
         if outcome.handled < work.size:  # first, so that the free workers can start on it at once
-            rest = work.part(outcome.handled, work.size).split(1)
+            # Of a revoked assignment (state.alive, read as settle_failure does): dropped, never run
+            # -- the next owner reads it again; the poll thread's purges took the rest of its run.
+            rest = work.part(outcome.handled, work.size).split(1) if work.state.alive else []
             with self._lock:
                 self._scheduler.requeue(rest)
                 self._per_message = None  # slow now: single messages and every free worker until measured
-                self._wake = True
+                self._wake = bool(rest)
         done = self._done
         start = 0
         for index, error in sorted(outcome.failures, key=lambda failure: failure[0]):
