@@ -24,6 +24,7 @@ from mtc75.core.work import Work
 from mtc75.runtime import runner as runner_module
 from mtc75.runtime.dispatcher import FAST_HANDLER, RUN_TARGET, Dispatcher
 from mtc75.runtime.runner import Partial, handle_run
+from tests.fake_kafka import FakeMessage
 from tests.kafka_helpers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -32,30 +33,13 @@ WAIT = 10.0
 PER = RUN_TARGET / 50  # the time per message _fast() pretends was measured: runs of 50
 
 
-class Msg:
-    def __init__(self, partition: int, offset: int, key: bytes | None = None) -> None:
-        self._p, self._o, self._k = partition, offset, key
-
-    def topic(self) -> str:
-        return "t"
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
-
-    def key(self) -> bytes | None:
-        return self._k
-
-
 def _run(tracker: OffsetTracker, partition: int, first: int, count: int) -> Work:
     """A fetched run, admitted to the tracker as the poll thread does."""
     state = tracker.get(("t", partition))
     assert state is not None
     offsets = list(range(first, first + count))
     assert tracker.admit_run(state, offsets) is None
-    return Work.run([Msg(partition, o) for o in offsets], state, first)
+    return Work.run([FakeMessage("t", partition, o) for o in offsets], state, first)
 
 
 def _drain(dispatcher: Dispatcher, tracker: OffsetTracker, sink: list[Work]) -> None:
@@ -78,7 +62,7 @@ def _fast(dispatcher: Dispatcher) -> None:
 
 def test_a_run_splits_and_parts_into_the_same_messages_and_offsets() -> None:
     state = PartitionState(("t", 0))
-    work = Work.run([Msg(0, o) for o in range(10, 17)], state, 10)
+    work = Work.run([FakeMessage("t", 0, o) for o in range(10, 17)], state, 10)
     assert (work.size, list(work.offsets), work.message.offset()) == (7, list(range(10, 17)), 10)
     pieces = work.split(3)
     assert [(p.offset, p.size) for p in pieces] == [(10, 3), (13, 3), (16, 1)]
@@ -120,7 +104,7 @@ def test_schedulers_count_messages_of_runs_and_purge_whole_runs(kind: type) -> N
     assert len(sched) == sched.ready == 100
     first = sched.take()
     assert len(sched) == 100 - first.size
-    sched.requeue([Work(Msg(0, 999), tracker.state(("t", 0)), 999)])
+    sched.requeue([Work(FakeMessage("t", 0, 999), tracker.state(("t", 0)), 999)])
     assert len(sched) == 101 - first.size
     dropped = sched.purge(lambda w: w.state.tp == ("t", 1))
     assert sum(w.size for w in dropped) == (30 if first.state.tp == ("t", 0) else 0)
@@ -203,7 +187,7 @@ def test_a_run_that_fails_in_part_retries_the_failed_message_alone_and_completes
     tracker.assign([("t", 0)])
     calls: Counter[int] = Counter()
 
-    def handler(msg: Msg) -> None:
+    def handler(msg: FakeMessage) -> None:
         calls[msg.offset()] += 1
         if msg.offset() in (7, 30) and calls[msg.offset()] == 1:
             raise error  # once: the retry succeeds
@@ -231,7 +215,7 @@ def test_a_run_whose_last_attempt_fails_completes_that_message_failed_and_the_re
     tracker = OffsetTracker()
     tracker.assign([("t", 0)])
 
-    def handler(msg: Msg) -> None:
+    def handler(msg: FakeMessage) -> None:
         if msg.offset() == 3:
             raise RuntimeError("poison")
 
@@ -269,7 +253,7 @@ def test_a_run_whose_handler_turns_slow_is_cut_and_its_rest_runs_on_other_worker
     tracker.assign([("t", 0)])
     threads: dict[int, str] = {}
 
-    def handler(msg: Msg) -> None:
+    def handler(msg: FakeMessage) -> None:
         threads[msg.offset()] = threading.current_thread().name
         if msg.offset() >= 5:
             time.sleep(0.03)  # the handler turned slow: 30 ms against a measured 20 us
@@ -303,7 +287,7 @@ def test_the_rest_of_a_run_cut_short_after_its_partition_was_revoked_is_dropped_
     ran: list[int] = []
     started = threading.Event()
 
-    def handler(msg: Msg) -> None:
+    def handler(msg: FakeMessage) -> None:
         ran.append(msg.offset())
         started.set()
         if msg.offset() == 0:
