@@ -19,9 +19,9 @@ themselves never block for long (they may take the dispatcher's lock and yield o
 Runs (mtc75/core/work.py): a runner that sets ``RUNS`` may be handed a ``Work`` of several messages.
 It calls the handler on each in order (:func:`handle_run`) and sends back None when every call
 returned, else a :class:`Partial`: how many messages the handler saw and which of them raised. It
-stops early, handing the rest back, once a run has lasted ``RUN_SECONDS``: runs are sized for a few
-hundred microseconds of the measured time per message, so a run that lasts this long holds a handler
-that turned slow, and its other messages must be free for the other workers. A single message is
+stops early, handing the rest back, once a run has lasted ``RUN_SECONDS``: runs are sized for 1 ms
+of the measured time per message, so a run that lasts this long holds a handler that turned slow,
+and its other messages must be free for the other workers. A single message is
 settled as before: None or its error. The asyncio runner takes single messages only.
 """
 
