@@ -423,8 +423,13 @@ class Mtc75Consumer:
                 else:
                     self._dropped_late += size
                 continue
+            if not work.state.alive:
+                # Its assignment was revoked (a coroutine cancelled at revoke, or a last attempt that
+                # failed after it): not this consumer's failure -- the next owner runs it again.
+                self._dropped_late += 1
+                continue
             self._failed += 1
-            if work.state.alive and not self._failure.failed(work):
+            if not self._failure.failed(work):
                 continue  # finishes later (dead letter) or never (stop)
             count += self._finish(work)
         if self._failure.pending:
