@@ -295,6 +295,25 @@ def test_a_retry_waiting_at_revoke_is_dropped_and_the_next_assignment_reads_the_
 # -- the offset map --------------------------------------------------------------------------------------
 
 
+def test_a_broker_refusing_the_offset_map_gets_offsets_alone_from_then_on_and_the_commits_go_on(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    """``OFFSET_METADATA_TOO_LARGE`` (a broker whose offset.metadata.max.bytes is below the map's bound)."""
+    cluster.fill(TOPIC, {0: 10})
+    cluster.fail_commits(KafkaError(KafkaError.OFFSET_METADATA_TOO_LARGE, "metadata too large"), count=1)
+    recorder = Recorder(block={(0, 2)})  # 3..9 finish above it: every commit of P0 would carry a map
+    run = start(recorder)
+    until(lambda: recorder.handled() >= {(0, o) for o in range(10)} - {(0, 2)}, "all but offset 2 done")
+    until(lambda: cluster.committed(GROUP, TOPIC, 0) == 2, "a commit below the blocked offset")
+    refused = [i for i, c in enumerate(cluster.commits) if c.error is not None]
+    assert refused and cluster.commits[refused[0]].error.code() == KafkaError.OFFSET_METADATA_TOO_LARGE
+    after = [c.metadata[P0] for c in cluster.commits[refused[0] + 1:] if P0 in c.metadata]
+    assert after and all(meta == "" for meta in after)  # offsets alone from then on
+    recorder.release.set()
+    until(lambda: cluster.committed(GROUP, TOPIC, 0) == 10, "the end committed")
+    assert run.stop().processed == 10
+
+
 def test_the_offset_map_travels_with_the_commit_and_the_next_member_skips_what_finished(
     cluster: FakeKafka, start: Callable[..., Run]
 ) -> None:
