@@ -72,3 +72,15 @@ def test_revoked_or_reassigned_partitions_are_forgotten() -> None:
     tracker.revoke([B])
     assert holds.update(tracker, set()) == ([], [])  # not ours any more: dropped without a resume
     assert len(holds) == 0
+
+
+def test_only_partitions_that_took_offsets_are_checked_for_a_new_hold() -> None:
+    tracker, holds = _tracker(), WindowHolds(10)
+    _take(tracker, A, range(0, 10))  # span 10: at the bound
+    _take(tracker, B, range(0, 10))
+    assert holds.update(tracker, set(), admitted={B}) == ([B], [])  # A took nothing since: not scanned
+    assert holds.update(tracker, set(), admitted={A}) == ([A], [])
+    tracker.complete(tracker.state(B), 0)
+    for o in range(1, 10):
+        tracker.complete(tracker.state(B), o)
+    assert holds.update(tracker, set(), admitted=()) == ([], [B])  # held ones are re-checked every time

@@ -39,12 +39,18 @@ class WindowHolds:
         return len(self._held)
 
     def update(
-        self, tracker: OffsetTracker, gate_paused: Collection[Partition]
+        self, tracker: OffsetTracker, gate_paused: Collection[Partition],
+        admitted: Iterable[Partition] | None = None,
     ) -> tuple[list[Partition], list[Partition]]:
         """``(to_pause, to_resume)``: the consumer calls that make the holds true now.
 
         A partition the gate paused is never in ``to_pause`` (already paused) nor ``to_resume``
         (the gate resumes it). A held partition that is no longer ours is forgotten (the revoke resumed it).
+        ``admitted``: the partitions that took new offsets since the last update (None: all of them).
+        A span only grows when offsets are admitted (its low end only moves up), so only those can
+        reach the bound; the engine passes them and skips a scan of every partition on every loop
+        turn (~1 us a partition: 0.1 ms a turn at 100 partitions, where a no-op turn of 500 messages
+        takes about 1.5 ms).
         """
         policy = self._policy
         to_pause: list[Partition] = []
@@ -57,7 +63,7 @@ class WindowHolds:
                 self._held.discard(tp)
                 if tp not in gate_paused:
                     to_resume.append(tp)
-        for tp in tracker.partitions():
+        for tp in tracker.partitions() if admitted is None else admitted:
             if tp in self._held:
                 continue
             state = tracker.get(tp)

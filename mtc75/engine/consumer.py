@@ -122,6 +122,7 @@ class Mtc75Consumer:
         self._gate = PauseGate(settings.PAUSE_INTERVAL, settings.MAX_BACKLOG)
         self._fair = FairIntake(self._tracker)  # a partition's long run does not starve the others
         self._holds = WindowHolds(settings.offset_window())  # partitions paused alone: span over OFFSET_WINDOW
+        self._admitted: set[Partition] = set()  # partitions that took offsets since the last _update_holds
         self._retry = RetryPolicy(settings.MAX_ATTEMPTS, settings.RETRY_BACKOFF, settings.RETRY_BACKOFF_MAX)
         # ON_FAILURE; a dlq policy is built by run(), once the topic is known to exist
         self._failure: FailurePolicy = StopRun(self._tracker, self._fail) if settings.ON_FAILURE == "stop" else Skip()
@@ -383,6 +384,7 @@ class Mtc75Consumer:
         head = run[0]
         topic, partition = head.topic(), head.partition()
         state = self._tracker.get((topic, partition))
+        self._admitted.add((topic, partition))
         offsets = [msg.offset() for msg in run]
         # Not ours any more (revoked between fetch and now), or a redelivery of an offset already in
         # flight: the current owner / the running handler covers it.
@@ -503,7 +505,8 @@ class Mtc75Consumer:
         """Pause alone a partition whose window is full (a stuck message), resume it once its watermark moved."""
         client = self._client
         assert client is not None
-        to_pause, to_resume = self._holds.update(self._tracker, client.paused)
+        admitted, self._admitted = self._admitted, set()
+        to_pause, to_resume = self._holds.update(self._tracker, client.paused, admitted)
         if to_pause:
             client.pause(to_pause, track=False)
             for t, p in to_pause:
