@@ -54,7 +54,8 @@ class Scheduler(Protocol):
 
     LOCK_FREE_TAKE: bool  # take() may be called without the dispatcher's lock (see the module notes)
     LOCK_FREE_RELEASE: bool  # release() may be called without it
-    RUNS: bool  # put() may be given runs (mtc75/core/work.py): never blocks, release() is a no-op
+    RUNS: bool  # put() may be given runs (mtc75/core/work.py): never blocks, release() is a no-op;
+    # optional: a scheduler without it (a user's own) gets single messages
 
     def put(self, items: Iterable[Work]) -> None:
         """Add fetched messages (in fetch order)."""
