@@ -22,6 +22,7 @@ from mtc75.core.retry import RetryPolicy
 from mtc75.core.scheduler import FifoScheduler
 from mtc75.core.work import Work
 from mtc75.runtime import runner as runner_module
+from mtc75.runtime.async_runner import pick_runner
 from mtc75.runtime.dispatcher import FAST_HANDLER, RUN_TARGET, Dispatcher
 from mtc75.runtime.runner import Partial, handle_run
 from tests.fake_kafka import FakeMessage
@@ -164,11 +165,19 @@ def test_a_fast_handler_gets_runs_and_every_message_once_in_offset_order() -> No
     assert tracker.position(("t", 0)) == tracker.position(("t", 1)) == 400
 
 
-@pytest.mark.parametrize("case", ["unmeasured", "slow", "ordered"])
-def test_slow_or_unmeasured_handlers_and_ordered_schedulers_get_single_messages(case: str) -> None:
+async def _async_noop(_msg: Any) -> None:
+    return None
+
+
+@pytest.mark.parametrize("case", ["unmeasured", "slow", "ordered", "async"])
+def test_slow_or_unmeasured_handlers_ordered_schedulers_and_coroutines_get_single_messages(case: str) -> None:
     tracker = OffsetTracker()
     tracker.assign([("t", 0)])
-    d = Dispatcher(lambda _m: None, 4, scheduler=KeyScheduler() if case == "ordered" else FairFifoScheduler())
+    scheduler = KeyScheduler() if case == "ordered" else FairFifoScheduler()
+    if case == "async":
+        d = Dispatcher(_async_noop, 4, scheduler=scheduler, runner=pick_runner(_async_noop))
+    else:
+        d = Dispatcher(lambda _m: None, 4, scheduler=scheduler)
     if case != "unmeasured":
         with d._lock:
             d._per_message = FAST_HANDLER if case == "slow" else PER
