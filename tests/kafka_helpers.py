@@ -174,28 +174,22 @@ def peak_rate(samples: list[tuple[float, int]]) -> float:
     return best
 
 
-def read_records(path: Path) -> list[tuple[int, int]]:
-    """``partition:offset`` lines written by tests.recording_handler."""
+def read_colon_lines(path: Path, fields: int) -> list[list[str]]:
+    """The lines of ``path`` (a handler's record, appended as it runs) with ``fields`` colon-separated
+    fields; others (a line being written) are skipped. No file yet: no lines."""
     if not path.exists():
         return []
-    out = []
-    for line in path.read_text().splitlines():
-        if line.count(":") == 1:
-            p, o = line.split(":")
-            out.append((int(p), int(o)))
-    return out
+    return [parts for parts in (line.split(":") for line in path.read_text().splitlines()) if len(parts) == fields]
+
+
+def read_records(path: Path) -> list[tuple[int, int]]:
+    """``partition:offset`` lines written by tests.recording_handler."""
+    return [(int(p), int(o)) for p, o in read_colon_lines(path, 2)]
 
 
 def read_tagged_records(path: Path) -> list[tuple[int, int, str]]:
     """``partition:offset:tag`` lines (tests/slow_head_handler.py, the async e2e handlers): which run handled what."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        parts = line.split(":")
-        if len(parts) == 3:
-            out.append((int(parts[0]), int(parts[1]), parts[2]))
-    return out
+    return [(int(p), int(o), tag) for p, o, tag in read_colon_lines(path, 3)]
 
 
 def write_touched(path: Path, text: str) -> float:

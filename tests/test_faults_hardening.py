@@ -30,6 +30,7 @@ from tests.kafka_helpers import (
     ROOT,
     committed_offsets,
     end_offsets,
+    read_colon_lines,
     read_topic,
     report_figures,
     run_script,
@@ -70,14 +71,7 @@ def _produce(bootstrap: str, topic: str, records: list[dict], partition: int | N
 
 
 def _records(path: Path) -> list[tuple[int, int, int, str]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        parts = line.split(":")
-        if len(parts) == 4:
-            out.append((int(parts[0]), int(parts[1]), int(parts[2]), parts[3]))
-    return out
+    return [(int(p), int(o), int(n), tag) for p, o, n, tag in read_colon_lines(path, 4)]
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

@@ -58,10 +58,7 @@ class Work:
         """This run cut into runs of at most ``size`` messages, in order (single messages for 1)."""
         if self.size <= size:
             return [self]
-        messages, state, first = self.messages, self.state, self.offset
-        if size == 1:
-            return [Work(msg, state, first + i) for i, msg in enumerate(messages)]
-        return [Work.run(messages[i:i + size], state, first + i) for i in range(0, self.size, size)]
+        return [self.part(i, min(i + size, self.size)) for i in range(0, self.size, size)]
 
     def part(self, start: int, stop: int) -> Work:
         """The messages ``start .. stop - 1`` of this run (a single message when that is one)."""

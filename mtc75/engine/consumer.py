@@ -411,7 +411,7 @@ class Mtc75Consumer:
         """
         assert self._dispatcher is not None
         completions = self._dispatcher.completions
-        complete, complete_run = self._tracker.complete, self._tracker.complete_run
+        complete_run = self._tracker.complete_run
         count = 0
         if completions:
             self._last_progress_at = time.monotonic()
@@ -419,7 +419,7 @@ class Mtc75Consumer:
             work = completions.popleft()
             if not work.failed:  # the hot path, inlined (bench/noop_path.py): the handler returned
                 size = work.size
-                if complete(work.state, work.offset) if size == 1 else complete_run(work.state, work.offset, size):
+                if complete_run(work.state, work.offset, size):  # a single message is a run of 1
                     self._processed += size
                     count += size
                 else:

@@ -23,10 +23,7 @@ class DegradingService:
     """``slots`` at once, ``latency`` each, slower for everyone when more than ``slots`` calls are outstanding."""
 
     def __init__(self, slots: int = 20, latency: float = 0.02) -> None:
-        if slots < 1 or latency <= 0:
-            raise ValueError(f"slots must be >= 1 and latency > 0, got {slots}, {latency}")
-        self.slots = slots
-        self.latency = latency
+        self.slots, self.latency = _checked(slots, latency)
         self._slots = threading.BoundedSemaphore(slots)
         self._lock = threading.Lock()
         self._outstanding = 0
@@ -55,10 +52,7 @@ class AsyncDegradingService:
     """:class:`DegradingService` for coroutines: the same slots and stretch, awaited instead of slept."""
 
     def __init__(self, slots: int = 20, latency: float = 0.02) -> None:
-        if slots < 1 or latency <= 0:
-            raise ValueError(f"slots must be >= 1 and latency > 0, got {slots}, {latency}")
-        self.slots = slots
-        self.latency = latency
+        self.slots, self.latency = _checked(slots, latency)
         self._slots: asyncio.Semaphore | None = None  # made on the loop's first call
         self._outstanding = 0
         self.calls = 0
@@ -80,6 +74,12 @@ class AsyncDegradingService:
     async def handler(self, _message: Any) -> None:
         """An ``async def`` consumer handler that makes one call per message."""
         await self.call()
+
+
+def _checked(slots: int, latency: float) -> tuple[int, float]:
+    if slots < 1 or latency <= 0:
+        raise ValueError(f"slots must be >= 1 and latency > 0, got {slots}, {latency}")
+    return slots, latency
 
 
 def _stretched(latency: float, slots: int, outstanding: int) -> float:
