@@ -133,9 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         work = load_handler(args.handler) if args.handler else SimulatedWork(
             settings.PROCESSING_SLEEP, max_payload_bytes=settings.MAX_PAYLOAD_BYTES
         )
-        handler = work
         color = use_color()
-        observers: list[Any] = []  # each has update(stats)
+        views: list[Any] = []  # each has update(stats): the status snapshots go to them
         metrics = dashboard = report = watcher = None
         if args.metrics_port is not None:
             from mtc75.app.metrics import Metrics
@@ -143,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics = Metrics()
             port = metrics.serve(args.metrics_port, args.metrics_addr)
             log.info("metrics at http://%s:%d/metrics", args.metrics_addr, port)
-            handler = metrics.timed(work)
-            observers.append(metrics)
+            views.append(metrics)
         if args.report is not None:
             from mtc75.app.report import RunReport
 
@@ -153,20 +151,21 @@ def main(argv: list[str] | None = None) -> int:
                 report.open()
             except OSError as err:
                 raise ConfigError(f"--report {args.report}: {err.strerror or err}") from None
-            observers.append(report)
+            views.append(report)
         if sys.stdout.isatty() and not args.no_dashboard:
             from mtc75.app.dashboard import Dashboard
 
             dashboard = Dashboard(title=f"MTC75  {settings.TOPIC}  group {settings.GROUP_ID}")
-            observers.append(dashboard)
+            views.append(dashboard)
 
         def on_status(stats: Stats) -> None:
             if dashboard is None:
                 out.say(format_status(stats, color))
-            for observer in observers:
-                observer.update(stats)
+            for view in views:
+                view.update(stats)
 
-        consumer = Consumer.from_settings(handler, settings, librdkafka=props, on_status=on_status)
+        consumer = Consumer.from_settings(work, settings, librdkafka=props, on_status=on_status,
+                                          observers=[metrics] if metrics is not None else [])
         started.append(consumer)
 
         path = config_path(args)
@@ -197,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             if dashboard is not None:
                 dashboard.start()
             stats = consumer.run(max_messages=args.max_messages, idle_exit=args.idle_exit)
-            for observer in observers:
-                observer.update(stats)  # the final snapshot, after shutdown committed
+            for view in views:
+                view.update(stats)  # the final snapshot, after shutdown committed
         finally:
             if watcher is not None:
                 watcher.close()

@@ -58,7 +58,8 @@ def _status(field: str) -> int:
 
 
 def run_child(bootstrap: str, topic: str, mode: str, bound: int, count: int) -> dict[str, Any]:
-    from mtc75.engine.consumer import Mtc75Consumer, Stats
+    from mtc75.api import Consumer
+    from mtc75.core.stats import Stats
     from mtc75.settings import Settings
 
     starts: list[float] = []
@@ -83,9 +84,9 @@ def run_child(bootstrap: str, topic: str, mode: str, bound: int, count: int) -> 
 
     settings = Settings().replace(BOOTSTRAP_SERVERS=bootstrap, TOPIC=topic, MAX_THREAD_COUNT=bound,
                                   GROUP_ID=f"bench-async-{uuid.uuid4().hex[:8]}")
-    consumer = Mtc75Consumer(settings, handler, max_messages=count, on_status=on_status, status_interval=0.05)
+    consumer = Consumer.from_settings(handler, settings, on_status=on_status, status_interval=0.05)
     cpu_before = os.times()
-    final = consumer.run()
+    final = consumer.run(max_messages=count)
     cpu_after = os.times()
     elapsed = max(ends) - min(starts)
     report: dict[str, Any] = {
@@ -106,7 +107,8 @@ def run_child(bootstrap: str, topic: str, mode: str, bound: int, count: int) -> 
 
 def _loop_of(consumer: Any) -> Any:
     """The consumer's event-loop thread, if it ran an async handler (bench-only peek at private state)."""
-    runner = getattr(getattr(consumer, "_dispatcher", None), "_runner", None)
+    parts = getattr(getattr(consumer, "_engine", None), "_parts", None)
+    runner = getattr(parts[1], "_runner", None) if parts else None
     return getattr(runner, "loop_thread", None)
 
 

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.run import produce_backlog
+from mtc75.api import Consumer
 from mtc75.core.stats import Stats
-from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.settings import Settings
 from mtc75.tools.broker import LocalKafka
 from mtc75.tools.simservice import DegradingService, burn
@@ -120,7 +120,7 @@ def run_one(bootstrap: str, topic: str, threads: int | str, seconds: float, hand
     glue_log = logging.getLogger("mtc75.engine.autothreads")
     glue_log.addHandler(decisions)
     glue_log.setLevel(logging.DEBUG)
-    engine = Mtc75Consumer(settings, recorder, on_status=on_status, status_interval=0.5)
+    engine = Consumer.from_settings(recorder, settings, on_status=on_status, status_interval=0.5)
     cpu0 = time.process_time()
     runner = threading.Thread(target=engine.run, name="bench-poll", daemon=True)
     runner.start()

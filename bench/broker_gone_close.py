@@ -23,8 +23,10 @@ from pathlib import Path
 
 from confluent_kafka import Producer
 
-from mtc75.engine import consumer as engine
+from mtc75.api import Consumer
 from mtc75.errors import Mtc75Error
+from mtc75.kafka import client as kafka_client
+from mtc75.kafka.client import KafkaClient
 from mtc75.kafka.topics import create_topic
 from mtc75.settings import Settings, parse_properties
 from mtc75.tools.broker import LocalKafka
@@ -41,7 +43,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.DEBUG if args.v else logging.INFO,
                         format="%(asctime)s.%(msecs)03d %(threadName)s %(message)s", datefmt="%H:%M:%S")
-    engine.CLOSE_TIMEOUT_DOWN = args.close_bound
+    kafka_client.CLOSE_TIMEOUT_DOWN = args.close_bound
     broker = LocalKafka(port=args.port, home=ROOT / ".kafka" / "close-probe")
     broker.start()
     topic, group = f"gone-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
@@ -64,15 +66,15 @@ def main() -> int:
 
     settings = Settings().replace(BOOTSTRAP_SERVERS=broker.bootstrap, TOPIC=topic, GROUP_ID=group, MAX_THREAD_COUNT=2,
                                   BROKER_DOWN_TIMEOUT=5.0)
-    consumer = engine.Mtc75Consumer(settings, handle, overrides=parse_properties(args.properties))
-    close = engine.Mtc75Consumer._close
+    consumer = Consumer.from_settings(handle, settings, librdkafka=parse_properties(args.properties))
+    close = KafkaClient.close
 
-    def timed_close(self: engine.Mtc75Consumer, client: object) -> None:
+    def timed_close(self: KafkaClient) -> None:
         started = time.monotonic()
-        close(self, client)  # type: ignore[arg-type]
+        close(self)
         print(f"CLOSE took {time.monotonic() - started:.2f}s, left behind: {self.close_timed_out}", flush=True)
 
-    engine.Mtc75Consumer._close = timed_close  # type: ignore[method-assign]
+    KafkaClient.close = timed_close  # type: ignore[method-assign]
     threading.Thread(target=stop_broker, name="stop-broker", daemon=True).start()
     try:
         consumer.run()

@@ -4,7 +4,7 @@
                           [--seconds S] [--max-pending P] [-X key=value ...]
 
 MODE is one of:
-  engine  MTC75 (``mtc75.engine.consumer.Mtc75Consumer``, default settings, ``-X`` overrides on top; so
+  engine  MTC75 (``mtc75.Consumer.from_settings``, default settings, ``-X`` overrides on top; so
           FETCH_SIZES="auto" probes the topic first, unless ``-X`` sets a fetch size or MTC75_FETCH_SIZES is set)
   raw     a bare ``consume()`` loop that records each message (last offset per partition, count):
           the client's own limit, on librdkafka's default settings
@@ -167,13 +167,13 @@ def run_pool(args: argparse.Namespace, rec: Recorder, work: Callable[[int], None
 
 
 def run_engine(args: argparse.Namespace, rec: Recorder, work: Callable[[int], None] | None) -> None:
+    from mtc75.api import Consumer
     from mtc75.core.stats import Stats
-    from mtc75.engine.consumer import Mtc75Consumer
     from mtc75.settings import load_settings, parse_properties
 
     settings = load_settings(None, flags={"TOPIC": args.topic, "GROUP_ID": f"bench-{uuid.uuid4().hex[:8]}",
                                           "MAX_THREAD_COUNT": args.threads})
-    consumer: Mtc75Consumer | None = None
+    consumer: Consumer | None = None
 
     def handle(msg: Any) -> None:
         rec.seen()
@@ -185,10 +185,10 @@ def run_engine(args: argparse.Namespace, rec: Recorder, work: Callable[[int], No
         if rec.finished.is_set() and consumer is not None:
             consumer.stop()
 
-    consumer = Mtc75Consumer(settings, handle, overrides=parse_properties(args.properties),
-                             max_messages=args.count, idle_exit=args.idle_exit, on_status=on_status,
-                             status_interval=0.05)
-    rec.fetch_sizes = consumer.run().fetch_sizes  # FETCH_SIZES="auto" unless -X sets a fetch size
+    consumer = Consumer.from_settings(handle, settings, librdkafka=parse_properties(args.properties),
+                                      on_status=on_status, status_interval=0.05)
+    # FETCH_SIZES="auto" unless -X sets a fetch size
+    rec.fetch_sizes = consumer.run(max_messages=args.count, idle_exit=args.idle_exit).fetch_sizes
 
 
 def run_arroyo(args: argparse.Namespace, rec: Recorder, work: Callable[[int], None] | None) -> None:

@@ -1,8 +1,8 @@
 """The engine's own cost per message on the no-op path, without a broker: ``python -m bench.noop_path``.
 
 Feeds pre-built ``confluent_kafka.Message`` objects (batches of 500 in runs of one partition, as
-``consume()`` returns them) through the poll thread's real steps — ``_accept`` (tracker + backlog),
-the dispatcher's workers running a no-op handler, ``_drain_completions`` (watermarks) — and reports
+``consume()`` returns them) through the poll thread's real steps — the ledger's ``admit`` (tracker) and the
+dispatcher's ``put``, the workers running a no-op handler, the ledger's ``settle`` (watermarks) — and reports
 wall-clock and process CPU microseconds per message, for several thread counts. With ``--profile``
 it prints the poll thread's cProfile (the workers' share is the difference to the total).
 No Kafka call is made: this is what MTC75 adds on top of the client, measured without the noise of
@@ -21,9 +21,9 @@ from typing import Any
 
 from confluent_kafka import Message
 
-from mtc75.engine.consumer import Mtc75Consumer
+from mtc75.engine.ledger import Ledger
 from mtc75.runtime.dispatcher import Dispatcher
-from mtc75.settings import Settings
+from mtc75.runtime.invoker import Invoker
 
 BATCH = 500
 PARTITIONS = 6
@@ -52,9 +52,9 @@ def measure(count: int, threads: int, profile: bool = False) -> dict[str, float]
     def noop(_msg: Any) -> None:
         return None
 
-    engine = Mtc75Consumer(Settings().replace(TOPIC="t", MAX_THREAD_COUNT=threads), noop)
-    engine._dispatcher = Dispatcher(noop, threads)
-    engine._tracker.assign([("t", p) for p in range(PARTITIONS)])
+    ledger = Ledger(lambda err: None)
+    dispatcher = Dispatcher(Invoker(noop), threads)
+    ledger.tracker.assign([("t", p) for p in range(PARTITIONS)])
     work = batches(count)
     total = sum(len(b) for b in work)
     prof = cProfile.Profile() if profile else None
@@ -62,22 +62,22 @@ def measure(count: int, threads: int, profile: bool = False) -> dict[str, float]
     if prof:
         prof.enable()
     for batch in work:
-        engine._accept(batch)
-        engine._drain_completions()
+        dispatcher.put(ledger.admit(batch))
+        ledger.settle(dispatcher.completions)
         # keep at most ~2 batches waiting, as the engine's high watermark does
-        while engine._dispatcher.backlog > 2 * BATCH:
-            engine._dispatcher.wait_backlog_at_most(BATCH, 0.01)
-            engine._drain_completions()
-    while engine._processed < total:
-        engine._dispatcher.wait_idle(0.01)
-        engine._drain_completions()
+        while dispatcher.backlog > 2 * BATCH:
+            dispatcher.wait_backlog_at_most(BATCH, 0.01)
+            ledger.settle(dispatcher.completions)
+    while ledger.processed < total:
+        dispatcher.wait_idle(0.01)
+        ledger.settle(dispatcher.completions)
     if prof:
         prof.disable()
     wall = time.perf_counter() - wall0
     cpu1 = os.times()
     cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
-    engine._dispatcher.shutdown(wait=True)
-    handled[0] = engine._processed
+    dispatcher.shutdown(wait=True)
+    handled[0] = ledger.processed
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(15)
     return {"threads": threads, "messages": handled[0], "wall_us": wall / total * 1e6, "cpu_us": cpu / total * 1e6,

@@ -36,10 +36,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import mtc75.engine.consumer as engine
+import mtc75.engine.engine as engine
 from bench.run import produce_backlog, steady_rate
 from bench.scaleout import own_broker
+from mtc75.api import Consumer
 from mtc75.core.scheduler import FifoScheduler
+from mtc75.core.stats import Stats
 from mtc75.settings import Settings
 from mtc75.tools.broker import LocalKafka
 
@@ -57,7 +59,7 @@ def run_once(bootstrap: str, topic: str, ordering: str, threads: int, work: floa
     done: list[float] = []
     stamp = time.monotonic
     append = done.append
-    consumer: engine.Mtc75Consumer | None = None
+    consumer: Consumer | None = None
 
     if work > 0:
         def handle(_msg: Any) -> None:
@@ -67,7 +69,7 @@ def run_once(bootstrap: str, topic: str, ordering: str, threads: int, work: floa
         def handle(_msg: Any) -> None:
             append(stamp())
 
-    def on_status(_stats: engine.Stats) -> None:
+    def on_status(_stats: Stats) -> None:
         if done and stamp() - done[0] >= 1.0 + window:
             assert consumer is not None
             consumer.stop()
@@ -79,9 +81,8 @@ def run_once(bootstrap: str, topic: str, ordering: str, threads: int, work: floa
     if ordering == "fifo":  # the earlier default, for the cost of fairness: swapped in for this run only
         engine.new_scheduler = lambda _mode: FifoScheduler()  # type: ignore[assignment]
     try:
-        consumer = engine.Mtc75Consumer(settings, handle, on_status=on_status, status_interval=0.05,
-                                        max_messages=count)
-        stats = consumer.run()
+        consumer = Consumer.from_settings(handle, settings, on_status=on_status, status_interval=0.05)
+        stats = consumer.run(max_messages=count)
     finally:
         engine.new_scheduler = factory  # type: ignore[assignment]
     rate, span, messages = steady_rate(done)

@@ -40,8 +40,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer
 
+import mtc75
 from mtc75.core.stats import Stats
-from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.kafka.topics import create_topic
 from mtc75.settings import Settings
 from mtc75.tools.broker import LocalKafka
@@ -192,7 +192,7 @@ def measure_rate(bootstrap: str, topic: str, threads: int, work: float) -> dict[
     ideal = threads / work
     window = window_for(threads, work)
     done: list[float] = []
-    consumer: Mtc75Consumer | None = None
+    consumer: mtc75.Consumer | None = None
 
     def handle(_msg: Any) -> None:
         time.sleep(work)
@@ -203,8 +203,8 @@ def measure_rate(bootstrap: str, topic: str, threads: int, work: float) -> dict[
             assert consumer is not None
             consumer.stop()
 
-    consumer = Mtc75Consumer(_settings(bootstrap, topic, threads), handle, on_status=on_status,
-                             status_interval=0.05)
+    consumer = mtc75.Consumer.from_settings(handle, _settings(bootstrap, topic, threads), on_status=on_status,
+                                            status_interval=0.05)
     final = consumer.run()
     rate, span, messages = steady_rate(done)
     return {"threads": threads, "work_s": work, "rate": rate, "ideal": ideal, "ratio": rate / ideal,
@@ -273,7 +273,7 @@ def peer_workload(bootstrap: str, count: int = 10_000, threads: int = 16) -> dic
         time.sleep(work[msg.offset()])
         last[0] = max(last[0], time.monotonic())
 
-    Mtc75Consumer(_settings(bootstrap, topic, threads), handle, max_messages=count).run()
+    mtc75.Consumer.from_settings(handle, _settings(bootstrap, topic, threads)).run(max_messages=count)
     elapsed = last[0] - first[0]
     result: dict[str, Any] = {"messages": count, "threads": threads, "ideal_s": ideal, "elapsed_s": elapsed,
                               "ratio": ideal / elapsed, "peers": []}

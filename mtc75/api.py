@@ -1,6 +1,6 @@
 """The library API: MTC75 inside your own program, as ``mtc75.Consumer``.
 
-A facade over :class:`mtc75.engine.consumer.Mtc75Consumer`: settings as lower-case keywords, checked like the
+A facade over :class:`mtc75.engine.engine.Engine`: settings as lower-case keywords, checked like the
 command line's flags; ``run()`` on the calling thread, or ``start()`` / ``close()`` (and ``with``) on a
 background thread; failures as the typed errors of :mod:`mtc75.errors`. It never prints, exits or
 configures logging (records go to the ``mtc75`` loggers).
@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import Any
 
 from mtc75.core.stats import Stats
-from mtc75.engine.consumer import Mtc75Consumer
+from mtc75.engine.engine import Engine
 from mtc75.errors import ConfigError
-from mtc75.kafka.clients import REAL_CLIENTS, KafkaClients
-from mtc75.runtime.handlers import prepare_handler
-from mtc75.settings import SPECS, Settings, coerce
+from mtc75.kafka.clients import REAL_FACTORIES, ClientFactories
+from mtc75.runtime.invoker import CallObserver, Invoker
+from mtc75.settings import SPECS, Settings, coerce, live_changes
 
 # The settings a consumer uses; the others belong to producer.py, create_topic.py or the CLI's default handler.
 CONSUMER_SETTINGS = (
@@ -50,7 +50,9 @@ class Consumer:
     last. Bad values raise :class:`~mtc75.errors.ConfigError` here, before anything connects. A
     consumer runs once.
     ``on_status(stats)`` is called on the poll thread about every ``status_interval`` seconds while it
-    runs (a dashboard, a metrics exporter); :meth:`from_settings` takes a whole Settings instead of keywords.
+    runs (a dashboard, a metrics exporter); each of ``observers`` (:class:`~mtc75.runtime.invoker.CallObserver`)
+    is told every handler call's duration, on the thread that made it. :meth:`from_settings` takes a whole
+    Settings instead of keywords.
     """
 
     def __init__(
@@ -64,12 +66,13 @@ class Consumer:
         librdkafka: Mapping[str, Any] | None = None,
         on_status: Callable[[Stats], None] | None = None,
         status_interval: float = 1.0,
-        clients: KafkaClients = REAL_CLIENTS,
+        observers: Sequence[CallObserver] = (),
         **settings: Any,
     ) -> None:
         keywords = {"topic": topic, "group_id": group_id, "bootstrap_servers": bootstrap_servers,
                     "max_thread_count": max_thread_count, **settings}
-        self._setup(handler, _settings(keywords), librdkafka, on_status, status_interval, clients)
+        self._setup(handler, settings_from_keywords(keywords), librdkafka, on_status, status_interval, observers,
+                    REAL_FACTORIES)
 
     @classmethod
     def from_settings(
@@ -80,7 +83,7 @@ class Consumer:
         librdkafka: Mapping[str, Any] | None = None,
         on_status: Callable[[Stats], None] | None = None,
         status_interval: float = 1.0,
-        clients: KafkaClients = REAL_CLIENTS,
+        observers: Sequence[CallObserver] = (),
     ) -> Consumer:
         """A consumer from a whole :class:`~mtc75.settings.Settings` (e.g. ``mtc75.settings.load_settings``:
         defaults, a config file, ``MTC75_*`` environment variables), instead of keywords.
@@ -88,15 +91,27 @@ class Consumer:
         The other keywords are those of the constructor; settings a consumer does not use (the
         producer's, the default handler's) are ignored.
         """
+        return cls._built(handler, settings, librdkafka, on_status, status_interval, observers, REAL_FACTORIES)
+
+    @classmethod
+    def _built(
+        cls, handler: Callable[[Any], object], settings: Settings, librdkafka: Mapping[str, Any] | None,
+        on_status: Callable[[Stats], None] | None, status_interval: float, observers: Sequence[CallObserver],
+        factories: ClientFactories,
+    ) -> Consumer:
+        """The one way in for :mod:`mtc75.testing` (client factories of its own) and :meth:`from_settings`."""
         consumer = cls.__new__(cls)
-        consumer._setup(handler, settings, librdkafka, on_status, status_interval, clients)
+        consumer._setup(handler, settings, librdkafka, on_status, status_interval, observers, factories)
         return consumer
 
     def _setup(
         self, handler: Callable[[Any], object], settings: Settings, librdkafka: Mapping[str, Any] | None,
-        on_status: Callable[[Stats], None] | None, status_interval: float, clients: KafkaClients,
+        on_status: Callable[[Stats], None] | None, status_interval: float, observers: Sequence[CallObserver],
+        factories: ClientFactories,
     ) -> None:
-        handler = prepare_handler(handler)  # refuses what no runner can run (an async generator)
+        invoker = Invoker(handler)  # refuses what no runner can run (an async generator)
+        for observer in observers:
+            invoker.attach(observer)
         if not status_interval > 0:
             raise ConfigError(f"invalid status_interval={status_interval!r}: must be > 0")
         self._settings = settings
@@ -104,12 +119,12 @@ class Consumer:
             raise ConfigError(f"invalid librdkafka={librdkafka!r}: must be a dict of librdkafka properties")
         self._librdkafka: Mapping[str, Any] = MappingProxyType(dict(librdkafka or {}))
         self._settings.consumer_config(self._librdkafka)  # refuses enable.auto.commit=true and the like now
-        self._handler = handler
+        self._invoker = invoker
         self._on_status = on_status
         self._status_interval = status_interval
         self._next_status = 0.0
-        self._clients = clients
-        self._engine: Mtc75Consumer | None = None
+        self._factories = factories
+        self._engine: Engine | None = None
         self._stop_requested = False  # a plain flag: stop() must be safe in a signal handler
         self._launched = False
         self._stats: Stats = Stats.idle(
@@ -194,47 +209,38 @@ class Consumer:
         client did not finish closing (no broker answered). The interpreter waits for both at exit;
         their messages are uncommitted and will be delivered again."""
         engine = self._engine
-        return engine is not None and (engine.abandoned > 0 or engine.close_timed_out)
+        return engine is not None and engine.lingering
 
     def retune(self, *, max_thread_count: int | str | None = None, pause_interval: float | None = None) -> None:
         """Change the thread bound (a count or "auto") and the pause interval; a running consumer applies it
         within 0.1 s."""
-        changes = {"MAX_THREAD_COUNT": max_thread_count, "PAUSE_INTERVAL": pause_interval}
-        for name, value in changes.items():
-            if value is not None:
-                changes[name] = coerce(SPECS[name], value, f"retune({name.lower()}=)")
         engine = self._engine
         if engine is not None:
-            engine.retune(max_thread_count=changes["MAX_THREAD_COUNT"], pause_interval=changes["PAUSE_INTERVAL"])
+            engine.retune(max_thread_count=max_thread_count, pause_interval=pause_interval)
         else:
-            self._settings = self._settings.replace(**{k: v for k, v in changes.items() if v is not None})
+            self._settings = self._settings.replace(
+                **live_changes(max_thread_count=max_thread_count, pause_interval=pause_interval))
 
     # -- internals ------------------------------------------------------------------------------------
 
-    def _launch(self, max_messages: int | None, idle_exit: float | None) -> Mtc75Consumer | None:
+    def _launch(self, max_messages: int | None, idle_exit: float | None) -> Engine | None:
         """Build the engine for one run (None when stop() came first); refuses a second run."""
         if self._launched:
             raise RuntimeError("this mtc75.Consumer has already run; make a new one")
-        if max_messages is not None and (isinstance(max_messages, bool) or not isinstance(max_messages, int)
-                                         or max_messages < 1):
-            raise ConfigError(f"invalid max_messages={max_messages!r}: must be an integer >= 1")
-        if idle_exit is not None and (isinstance(idle_exit, bool) or not isinstance(idle_exit, int | float)
-                                      or not idle_exit > 0):
-            raise ConfigError(f"invalid idle_exit={idle_exit!r}: must be a number > 0")
+        engine = Engine(  # checks max_messages and idle_exit (ConfigError)
+            self._settings, self._invoker, overrides=self._librdkafka, max_messages=max_messages,
+            idle_exit=idle_exit, on_status=self._snapshot,
+            status_interval=min(SNAPSHOT_INTERVAL, self._status_interval), factories=self._factories,
+        )
         self._launched = True
         if self._stop_requested:
             return None
-        engine = Mtc75Consumer(
-            self._settings, self._handler, overrides=self._librdkafka, max_messages=max_messages,
-            idle_exit=idle_exit, on_status=self._snapshot,
-            status_interval=min(SNAPSHOT_INTERVAL, self._status_interval), clients=self._clients,
-        )
         self._engine = engine
         if self._stop_requested:  # stop() ran while the engine was being built
             engine.stop()
         return engine
 
-    def _background(self, engine: Mtc75Consumer | None) -> None:
+    def _background(self, engine: Engine | None) -> None:
         if engine is None:
             return
         try:
@@ -253,7 +259,7 @@ class Consumer:
                 self._on_status(stats)
 
 
-def _settings(keywords: Mapping[str, Any]) -> Settings:
+def settings_from_keywords(keywords: Mapping[str, Any]) -> Settings:
     """Validated Settings from lower-case keywords; unknown or non-consumer names are ConfigErrors."""
     values: dict[str, Any] = {}
     for keyword, raw in keywords.items():

@@ -353,6 +353,32 @@ def load_settings(
     return Settings(**values)
 
 
+# The settings a running consumer takes live (retune(), the config watcher); the rest need a restart.
+LIVE = ("MAX_THREAD_COUNT", "PAUSE_INTERVAL")
+
+
+def live_changes(**keywords: Any) -> dict[str, Any]:
+    """Validated ``{NAME: value}`` from ``retune()`` keywords (None: unchanged); ConfigError for a bad one."""
+    changes: dict[str, Any] = {}
+    for keyword, value in keywords.items():
+        name = keyword.upper()
+        if name not in LIVE:
+            raise ConfigError(f"retune({keyword}=): not a setting a running consumer can change")
+        if value is not None:
+            changes[name] = coerce(SPECS[name], value, f"retune({keyword}=)")
+    return changes
+
+
+def check_bounds(max_messages: Any, idle_exit: Any) -> None:
+    """``run()``'s bounds: ``max_messages`` an integer >= 1, ``idle_exit`` a number > 0 (or None)."""
+    if max_messages is not None and (isinstance(max_messages, bool) or not isinstance(max_messages, int)
+                                     or max_messages < 1):
+        raise ConfigError(f"invalid max_messages={max_messages!r}: must be an integer >= 1")
+    if idle_exit is not None and (isinstance(idle_exit, bool) or not isinstance(idle_exit, int | float)
+                                  or not idle_exit > 0):
+        raise ConfigError(f"invalid idle_exit={idle_exit!r}: must be a number > 0")
+
+
 def parse_properties(pairs: Sequence[str]) -> dict[str, str]:
     """``["key=value", ...]`` from repeated ``-X`` flags, as kcat takes them."""
     props: dict[str, str] = {}

@@ -1,7 +1,7 @@
 """An in-memory, deterministic stand-in for the confluent-kafka clients the engine uses.
 
 :class:`FakeKafka` is the cluster: topics of partitions holding messages, committed offsets per group,
-and the faults a test injects. ``FakeKafka.clients()`` is what ``Mtc75Consumer(clients=...)`` takes; the
+and the faults a test injects. ``FakeKafka.factories()`` is what ``mtc75.testing.consumer(factories, ...)`` takes; the
 engine then builds a :class:`FakeConsumer` (and, for ``ON_FAILURE=dlq``, a :class:`FakeProducer` and a
 :class:`FakeAdmin`) from it. Nothing here sleeps or reads a clock except ``consume``/``poll`` waiting,
 bounded by their timeout, for something to deliver.
@@ -51,7 +51,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 
-from mtc75.kafka.clients import KafkaClients
+from mtc75.kafka.clients import ClientFactories
 
 Partition = tuple[str, int]
 
@@ -151,8 +151,8 @@ class FakeKafka:
         self._client_errors: deque[KafkaError] = deque()
         self._delivery_errors: deque[KafkaError] = deque()
 
-    def clients(self) -> KafkaClients:
-        return KafkaClients(consumer=self._new_consumer, producer=self._new_producer, admin=FakeAdmin.factory(self))
+    def factories(self) -> ClientFactories:
+        return ClientFactories(consumer=self._new_consumer, producer=self._new_producer, admin=FakeAdmin.factory(self))
 
     # -- the test's side ----------------------------------------------------------------------------
 

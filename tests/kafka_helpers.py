@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -262,3 +263,32 @@ def create_topic_with_config(bootstrap: str, topic: str, config: dict[str, str],
         return info is not None and info.error is None and bool(info.partitions)
 
     wait_until(visible, timeout=30, what=f"{topic} in metadata")
+
+
+class BoundConsumer:
+    """``mtc75.Consumer.from_settings`` with the run's bounds given up front, as the tests' scenarios read:
+    ``run()`` takes no arguments. ``factories``: client factories of the test's own (through mtc75.testing)."""
+
+    def __init__(self, settings: Any, handler: Callable[[Any], object], *, overrides: Any = None,
+                 max_messages: int | None = None, idle_exit: float | None = None,
+                 on_status: Callable[[Any], None] | None = None, status_interval: float = 1.0,
+                 factories: Any = None) -> None:
+        import mtc75
+        from mtc75 import testing
+
+        kw = {"librdkafka": overrides, "on_status": on_status, "status_interval": status_interval}
+        self.consumer = (mtc75.Consumer.from_settings(handler, settings, **kw) if factories is None
+                         else testing.from_settings(factories, handler, settings, **kw))
+        self._bounds = {"max_messages": max_messages, "idle_exit": idle_exit}
+
+    def run(self) -> Any:
+        return self.consumer.run(**self._bounds)
+
+    def stop(self) -> None:
+        self.consumer.stop()
+
+    def stats(self) -> Any:
+        return self.consumer.stats()
+
+    def retune(self, **changes: Any) -> None:
+        self.consumer.retune(**changes)

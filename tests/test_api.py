@@ -21,6 +21,7 @@ import pytest
 from confluent_kafka import KafkaError
 
 import mtc75
+from mtc75 import testing
 from mtc75.settings import Settings
 from tests.fake_kafka import FakeKafka
 from tests.kafka_helpers import ROOT, committed_offsets, end_offsets, produce_numbered, wait_until
@@ -41,7 +42,7 @@ def cluster() -> FakeKafka:
 
 def make(cluster: FakeKafka, handler: Callable[[Any], object] = lambda m: None, **kw: Any) -> mtc75.Consumer:
     settings = {"group_id": GROUP, **FAST, **kw}
-    return mtc75.Consumer(handler, topic=TOPIC, clients=cluster.clients(), **settings)
+    return testing.consumer(cluster.factories(), handler, topic=TOPIC, **settings)
 
 
 def test_the_package_exports_its_api() -> None:
@@ -143,8 +144,8 @@ def test_from_settings_runs_a_whole_settings_and_lingering_tells_of_an_abandoned
 
     settings = Settings().replace(TOPIC=TOPIC, GROUP_ID=GROUP, SHUTDOWN_TIMEOUT=0.2, COMMIT_INTERVAL=0.02,
                                   OFFSET_WINDOW=50)
-    consumer = mtc75.Consumer.from_settings(handler, settings, clients=cluster.clients(),
-                                            on_status=statuses.append, status_interval=0.05)
+    consumer = testing.from_settings(cluster.factories(), handler, settings,
+                                     on_status=statuses.append, status_interval=0.05)
     assert not consumer.lingering  # nothing ran yet
     try:
         stats = consumer.run(idle_exit=0.3)
@@ -197,7 +198,7 @@ def test_a_failure_in_the_with_block_is_kept_and_the_close_failure_noted(cluster
     assert any("closing the MTC75 consumer failed too: BrokerUnreachable: cannot reach Kafka" in note
                for note in caught.value.__notes__)
     with pytest.raises(mtc75.TopicNotFound, match=r"topic 'orders\.missing' does not exist"), \
-            mtc75.Consumer(print, topic="orders.missing", group_id=GROUP, clients=FakeKafka().clients()):
+            testing.consumer(FakeKafka().factories(), print, topic="orders.missing", group_id=GROUP):
         pass
 
 

@@ -147,9 +147,9 @@ def test_retune_resizes_the_coroutine_bound(cluster: FakeKafka, start: Callable[
     handler = AsyncRecorder(wait=0.05)
     run = start(handler, MAX_THREAD_COUNT=3)
     until(lambda: handler.current == 3, "3 running")
-    run.engine.retune(max_thread_count=30)
+    run.consumer.retune(max_thread_count=30)
     until(lambda: handler.current >= 25, "the new bound used")
-    run.engine.retune(max_thread_count=2)
+    run.consumer.retune(max_thread_count=2)
     until(lambda: handler.current <= 2, "the lowered bound reached")  # the running ones end within 0.05 s
     samples = []
     for _ in range(50):

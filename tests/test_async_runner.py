@@ -20,6 +20,7 @@ import pytest
 from mtc75.core.offsets import PartitionState
 from mtc75.core.work import Work
 from mtc75.runtime.async_runner import AsyncRunner, RevokeCancelled
+from mtc75.runtime.invoker import Invoker
 
 
 class Msg:
@@ -72,7 +73,7 @@ def make_runner() -> Any:
     made: list[AsyncRunner] = []
 
     def make(steps: Steps, handler: Callable[[Any], Any]) -> AsyncRunner:
-        runner = AsyncRunner(steps, handler, label="tests.handler:handle", use_uvloop=False)
+        runner = AsyncRunner(steps, Invoker(handler, name="tests.handler:handle"), use_uvloop=False)
         made.append(runner)
         return runner
 

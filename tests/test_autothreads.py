@@ -3,7 +3,7 @@
 A fake clock, a fake CPU clock and a fake pool driven by a workload model (thread count -> throughput,
 latency, CPU): the glue must build its samples from them, resize the pool only through ``resize``,
 log each change with its reason, stop growing on a full CPU or an empty backlog, and switch modes.
-The latency meter is tested on its own with real threads and real (sync and async) handlers.
+The latency meter is tested fed by the invoker (real threads, sync and async handlers, injected clocks).
 """
 
 from __future__ import annotations
@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from mtc75.core.offsets import PartitionState
+from mtc75.core.work import Work
 from mtc75.engine.autothreads import SAMPLE_INTERVAL, TREND_SHOWN, AutoThreads, LatencyMeter
+from mtc75.runtime.invoker import Invoker
 from mtc75.settings import Settings
+from tests.fake_kafka import FakeMessage
 
 Model = Callable[[int], tuple[float, float, float]]  # threads -> (msg/s, latency s, cpu share of the machine)
 
@@ -43,13 +46,14 @@ def sleeping(n: int) -> tuple[float, float, float]:
 class FakeMeter:
     """Stands in for LatencyMeter: the pool reports the model's calls and latency."""
 
+    wants_cpu = True
+
     def __init__(self) -> None:
-        self.enabled = False
         self.pending = (0, 0.0)
         self.share: float | None = None  # the handlers' CPU share of their time (None: not measured)
 
-    def wrap(self, handler: Any) -> Any:
-        return handler
+    def call_ended(self, seconds: float, cpu: float | None) -> None:
+        pass
 
     def read(self) -> tuple[int, float]:
         out, self.pending = self.pending, (0, 0.0)
@@ -121,7 +125,8 @@ class Harness:
         self.meter = FakeMeter()
         self.settings = Settings().replace(**{"MAX_THREAD_COUNT": "auto", **settings})
         self.pool = FakePool(model, self.settings.initial_threads(), self.meter, cores, waiting)
-        self.glue = AutoThreads(self.settings, clock=lambda: self.t, cpu_clock=lambda: self.pool.cpu,
+        self.invoker = Invoker(lambda m: None)
+        self.glue = AutoThreads(self.settings, self.invoker, clock=lambda: self.t, cpu_clock=lambda: self.pool.cpu,
                                 cores=cores, meter=self.meter)  # type: ignore[arg-type]
 
     def run(self, seconds: float) -> None:
@@ -239,17 +244,17 @@ def test_fixed_mode_never_resizes_and_does_not_time() -> None:
     assert h.glue.mode == "fixed" and h.glue.trend == 0 and h.glue.initial == 75
     h.pool.max_thread_count = 75
     h.run(20)
-    assert h.pool.resizes == [] and h.meter.enabled is False
+    assert h.pool.resizes == [] and h.invoker.observers == ()
 
 
 def test_retune_switches_modes_and_clamps_to_the_bounds() -> None:
     h = Harness(degrading, MAX_THREAD_COUNT=300, MAX_THREAD_LIMIT=64)
     h.pool.max_thread_count = 300
     h.glue.retune("auto", h.pool)
-    assert h.glue.mode == "auto" and h.meter.enabled and h.pool.resizes == [64]
+    assert h.glue.mode == "auto" and h.invoker.observers == (h.meter,) and h.pool.resizes == [64]
     h.run(10)
     h.glue.retune(12, h.pool)
-    assert h.glue.mode == "fixed" and not h.meter.enabled and h.pool.max_thread_count == h.glue.limit == 12
+    assert h.glue.mode == "fixed" and h.invoker.observers == () and h.pool.max_thread_count == h.glue.limit == 12
     changes = len(h.pool.resizes)
     h.run(10)
     assert len(h.pool.resizes) == changes  # fixed again: the tuner is gone
@@ -282,7 +287,15 @@ def _keep() -> Any:
     return Decision(1, False, "test")
 
 
-# -- the latency meter, with real threads -----------------------------------------------------------
+# -- the latency meter, fed by the invoker --------------------------------------------------------------
+
+
+def _timed(handler: Any, meter: LatencyMeter, **clocks: Any) -> Callable[[int], Any]:
+    """``handler`` run through an invoker the meter observes: call(offset) -> the outcome."""
+    invoker = Invoker(handler, **clocks)
+    invoker.attach(meter)
+    state = PartitionState(("t", 0))
+    return lambda offset: invoker.invoke(Work(FakeMessage("t", 0, offset), state, offset))
 
 
 def test_meter_times_calls_on_many_threads_without_losing_any() -> None:
@@ -292,9 +305,8 @@ def test_meter_times_calls_on_many_threads_without_losing_any() -> None:
         ticks.t = getattr(ticks, "t", 0.0) + 0.25
         return ticks.t
 
-    meter = LatencyMeter(clock=clock)
-    meter.enabled = True
-    timed = meter.wrap(lambda m: m * 2)
+    meter = LatencyMeter()
+    timed = _timed(lambda m: None, meter, clock=clock)
     threads = [threading.Thread(target=lambda: [timed(i) for i in range(1000)]) for _ in range(8)]
     for t in threads:
         t.start()
@@ -303,85 +315,85 @@ def test_meter_times_calls_on_many_threads_without_losing_any() -> None:
     calls, mean = meter.read()
     assert calls == 8000 and mean == pytest.approx(0.25)
     assert meter.read() == (0, 0.0)  # only what ended since the last read
-    assert timed(21) == 42
 
 
 def test_meter_tells_a_cpu_bound_handler_from_a_waiting_one() -> None:
+    wall, cpu = [0.0], [0.0]  # the invoker's clocks: a handler advances them as its kind would
+
     def spin(_m: Any) -> None:
-        end = time.thread_time() + 0.002
-        while time.thread_time() < end:
-            pass
+        wall[0] += 0.002
+        cpu[0] += 0.0019
+
+    def wait(_m: Any) -> None:
+        wall[0] += 0.002
+        cpu[0] += 0.00005
 
     meter = LatencyMeter()
-    meter.enabled = True
-    for handler, low, high in ((spin, 0.5, 1.0), (lambda _m: time.sleep(0.002), 0.0, 0.3)):
-        timed = meter.wrap(handler)
+    for handler, share_expected in ((spin, 0.95), (wait, 0.025)):
+        timed = _timed(handler, meter, clock=lambda: wall[0], cpu_clock=lambda: cpu[0])
         for i in range(50):
             timed(i)
         meter.read()
-        share = meter.read_cpu()
-        assert share is not None and low <= share <= high, (handler, share)
+        assert meter.read_cpu() == pytest.approx(share_expected)
     assert meter.read_cpu() is None  # no calls since the last read
 
 
-def test_meter_samples_cpu_on_short_calls_only_now_and_then(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_meter_samples_cpu_on_short_calls_only_now_and_then() -> None:
     reads = [0]
 
-    def thread_time() -> float:
+    def cpu_clock() -> float:
         reads[0] += 1
         return 0.0
 
-    monkeypatch.setattr(time, "thread_time", thread_time)
-    slow = LatencyMeter(clock=iter(range(10**6)).__next__)  # every call "takes" 1 s
-    slow.enabled = True
-    timed = slow.wrap(lambda m: m)
+    slow = LatencyMeter()
+    timed = _timed(lambda m: None, slow, clock=iter(range(10**6)).__next__, cpu_clock=cpu_clock)  # each call 1 s
     for i in range(32):
         timed(i)
     assert reads[0] == 64  # slow calls: every one measured (two clock reads each)
     reads[0] = 0
-    fast = LatencyMeter(clock=lambda: 0.0)  # every call "takes" 0 s
-    fast.enabled = True
-    timed = fast.wrap(lambda m: m)
+    fast = LatencyMeter()
+    timed = _timed(lambda m: None, fast, clock=lambda: 0.0, cpu_clock=cpu_clock)  # each call 0 s
     for i in range(64):
         timed(i)
     assert reads[0] == 2 * 64 // 16  # calls 0, 16, 32 and 48 of the thread
 
 
-def test_meter_counts_failures_and_reraises() -> None:
+def test_meter_counts_failures_and_the_invoker_reports_them() -> None:
     meter = LatencyMeter()
-    meter.enabled = True
 
     def boom(_m: Any) -> None:
         raise KeyError("x")
 
-    with pytest.raises(KeyError):
-        meter.wrap(boom)(1)
+    assert isinstance(_timed(boom, meter)(1), KeyError)
     assert meter.read()[0] == 1
 
 
-def test_meter_is_off_until_enabled() -> None:
+def test_meter_sees_nothing_until_attached_and_nothing_once_detached() -> None:
     meter = LatencyMeter()
-    timed = meter.wrap(lambda m: m)
-    timed(1)
+    invoker = Invoker(lambda m: None)
+    state = PartitionState(("t", 0))
+    invoker.invoke(Work(FakeMessage("t", 0, 0), state, 0))
     assert meter.read() == (0, 0.0)
+    invoker.attach(meter)
+    invoker.invoke(Work(FakeMessage("t", 0, 1), state, 1))
+    invoker.detach(meter)
+    invoker.invoke(Work(FakeMessage("t", 0, 2), state, 2))
+    assert meter.read()[0] == 1 and invoker.observers == ()
 
 
-def test_meter_wraps_an_async_handler_in_an_async_wrapper() -> None:
+def test_meter_times_an_async_handler_awaited_by_the_invoker() -> None:
     meter = LatencyMeter()
-    meter.enabled = True
+    seen: list[int] = []
 
-    async def handle(m: int) -> int:
+    async def handle(m: Any) -> None:
         await asyncio.sleep(0.01)
-        return m + 1
+        seen.append(m.offset())
 
-    class Handler:
-        async def __call__(self, m: int) -> int:
-            return m
-
-    timed = meter.wrap(handle)
-    assert asyncio.iscoroutinefunction(timed)
-    assert asyncio.run(timed(1)) == 2  # type: ignore[arg-type]
+    invoker = Invoker(handle)
+    invoker.attach(meter)
+    assert invoker.is_async
+    outcome = asyncio.run(invoker.invoke_async(Work(FakeMessage("t", 0, 7), PartitionState(("t", 0)), 7)))
+    assert outcome is None and seen == [7]
     calls, mean = meter.read()
     assert calls == 1 and 0.008 <= mean < 1.0
-    assert asyncio.iscoroutinefunction(meter.wrap(Handler()))
-    assert not asyncio.iscoroutinefunction(meter.wrap(lambda m: m))
+    assert meter.read_cpu() is None  # a coroutine's thread runs other coroutines: no CPU share

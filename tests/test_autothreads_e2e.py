@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from mtc75.core.stats import Stats
-from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.settings import Settings
 from mtc75.tools.simservice import AsyncDegradingService, DegradingService
 from tests.kafka_helpers import (
+    BoundConsumer,
     Lines,
     produce_numbered,
     report_figures,
@@ -62,7 +62,7 @@ def _measure(
         BOOTSTRAP_SERVERS=bootstrap, TOPIC=topic, GROUP_ID=group, MAX_THREAD_COUNT=threads, COMMIT_INTERVAL=0.5,
         SHUTDOWN_TIMEOUT=10.0,
     )
-    engine = Mtc75Consumer(settings, handler, on_status=snapshots.append, status_interval=0.5)
+    engine = BoundConsumer(settings, handler, on_status=snapshots.append, status_interval=0.5)
     result: list[Stats] = []
     runner = threading.Thread(target=lambda: result.append(engine.run()), name=f"poll-{threads}", daemon=True)
     runner.start()

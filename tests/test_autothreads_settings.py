@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import mtc75
+from mtc75 import testing
 from mtc75.app.dashboard import render
 from mtc75.app.metrics import StatsCollector
 from mtc75.app.reload import ConfigWatcher, diff, retuner
@@ -110,8 +111,8 @@ def cluster() -> FakeKafka:
 
 
 def test_library_keyword_auto_starts_at_min_and_tunes(cluster: FakeKafka) -> None:
-    consumer = mtc75.Consumer(lambda m: None, topic=TOPIC, group_id=GROUP, clients=cluster.clients(),
-                              max_thread_count="auto", min_thread_count=3, max_thread_limit=9, commit_interval=0.02)
+    consumer = testing.consumer(cluster.factories(), lambda m: None, topic=TOPIC, group_id=GROUP,
+                                max_thread_count="auto", min_thread_count=3, max_thread_limit=9, commit_interval=0.02)
     assert consumer.stats().thread_mode == "auto" and consumer.stats().max_thread_count == 3
     with pytest.raises(ConfigError, match="max_thread_limit"):
         mtc75.Consumer(lambda m: None, topic=TOPIC, group_id=GROUP, max_thread_limit=0)
@@ -139,9 +140,9 @@ def test_auto_in_the_engine_grows_a_sleeping_handler_to_the_limit(cluster: FakeK
     old_level = glue_log.level
     glue_log.setLevel(logging.DEBUG)
     seen: list[mtc75.Stats] = []
-    consumer = mtc75.Consumer(lambda m: threading.Event().wait(0.01), topic=TOPIC, group_id=GROUP,
-                              clients=cluster.clients(), max_thread_count="auto", max_thread_limit=8,
-                              commit_interval=0.05, on_status=seen.append, status_interval=0.05)
+    consumer = testing.consumer(cluster.factories(), lambda m: threading.Event().wait(0.01), topic=TOPIC,
+                                group_id=GROUP, max_thread_count="auto", max_thread_limit=8,
+                                commit_interval=0.05, on_status=seen.append, status_interval=0.05)
     cluster.fill(TOPIC, {0: 4000, 1: 4000})
     consumer.start()
     try:
@@ -161,9 +162,9 @@ def test_auto_in_the_engine_grows_a_sleeping_handler_to_the_limit(cluster: FakeK
 
 def test_live_switch_between_a_number_and_auto_within_two_seconds(cluster: FakeKafka) -> None:
     release = threading.Event()
-    consumer = mtc75.Consumer(lambda m: release.wait(WAIT), topic=TOPIC, group_id=GROUP, clients=cluster.clients(),
-                              max_thread_count=6, max_thread_limit=4, commit_interval=0.02, pause_interval=0.05,
-                              shutdown_timeout=5.0)
+    consumer = testing.consumer(cluster.factories(), lambda m: release.wait(WAIT), topic=TOPIC, group_id=GROUP,
+                                max_thread_count=6, max_thread_limit=4, commit_interval=0.02, pause_interval=0.05,
+                                shutdown_timeout=5.0)
     consumer.start()
     try:
         cluster.fill(TOPIC, {0: 20})

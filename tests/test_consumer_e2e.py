@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from mtc75.core.stats import Stats
-from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.settings import Settings
 from tests.kafka_helpers import (
+    BoundConsumer,
     all_offsets,
     committed_offsets,
     end_offsets,
@@ -74,10 +74,10 @@ def test_saturated_run_handles_each_message_once_within_the_bound_and_commits_to
     topic, group, n, threads = make_topic(partitions=3), unique("g"), 400, 4
     produce_numbered(bootstrap, topic, n)
     recorder = Recorder(sleep=0.01)
-    consumer = Mtc75Consumer(
+    consumer = BoundConsumer(
         _settings(bootstrap, topic, group, MAX_THREAD_COUNT=threads, PAUSE_INTERVAL=0.2), recorder, max_messages=n,
     )
-    caplog.set_level(logging.WARNING, logger="mtc75.engine.consumer")
+    caplog.set_level(logging.WARNING, logger="mtc75.engine")
     stats = consumer.run()
 
     ends = end_offsets(bootstrap, topic)
@@ -106,7 +106,7 @@ def test_handler_failures_are_counted_and_do_not_stall_the_partition(
         if msg.offset() % 10 == 3:
             raise ValueError("bad record")
 
-    stats = Mtc75Consumer(_settings(bootstrap, topic, group, MAX_THREAD_COUNT=3), handler, max_messages=n).run()
+    stats = BoundConsumer(_settings(bootstrap, topic, group, MAX_THREAD_COUNT=3), handler, max_messages=n).run()
     assert stats.processed == n
     assert stats.failed == 5
     assert committed_offsets(bootstrap, group, topic) == {0: n}
@@ -123,14 +123,14 @@ def test_handler_longer_than_max_poll_interval_does_not_evict_while_saturated(
     # Two threads, and the first two messages each take longer than max.poll.interval.ms.
     slow_offsets = {(0, 0), (1, 0)}
     recorder = Recorder(0.05, slow=lambda m: 8.0 if (m.partition(), m.offset()) in slow_offsets else 0.05)
-    caplog.set_level(logging.INFO, logger="mtc75.engine.consumer")
+    caplog.set_level(logging.INFO, logger="mtc75.engine")
     overrides = {
         "session.timeout.ms": "6000",
         "max.poll.interval.ms": "6000",
         "heartbeat.interval.ms": "1000",
         "partition.assignment.strategy": strategy,
     }
-    consumer = Mtc75Consumer(
+    consumer = BoundConsumer(
         _settings(bootstrap, topic, group, MAX_THREAD_COUNT=2, PAUSE_INTERVAL=0.5, MAX_BACKLOG=2),
         recorder, overrides=overrides, max_messages=n,
     )
@@ -146,7 +146,7 @@ def test_handler_longer_than_max_poll_interval_does_not_evict_while_saturated(
     assert stats.pauses >= 1
     # Evictions, counted from the log: the engine logs "lost ..." when librdkafka takes the partitions
     # away (on_lost), and every eviction ends in a new "assigned ..." line with partitions.
-    messages = [r.getMessage() for r in caplog.records if r.name == "mtc75.engine.consumer"]
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("mtc75.engine")]
     lost_lines = [m for m in messages if m.startswith("lost ")]
     assigned_lines = [m for m in messages if m.startswith("assigned ") and "no partitions" not in m]
     evictions = len(lost_lines) + max(0, len(assigned_lines) - 1)
@@ -172,8 +172,8 @@ def test_two_consumers_one_leaves_mid_run_nothing_lost_and_nothing_redone(
     leaving, staying = Recorder(0.02), Recorder(0.02)
     settings = _settings(bootstrap, topic, group, MAX_THREAD_COUNT=4, PAUSE_INTERVAL=0.2)
     overrides = {"partition.assignment.strategy": strategy}
-    leaver = Mtc75Consumer(settings, leaving, overrides=overrides)
-    stayer = Mtc75Consumer(settings, staying, overrides=overrides)
+    leaver = BoundConsumer(settings, leaving, overrides=overrides)
+    stayer = BoundConsumer(settings, staying, overrides=overrides)
     results: dict[str, Stats] = {}
     threads = [
         threading.Thread(target=lambda: results.__setitem__("leaver", leaver.run())),
@@ -225,7 +225,7 @@ def test_threads_stay_busy_through_pauses_over_a_saturated_run(
     topic, group, n, threads, sleep = make_topic(partitions=3), unique("g"), 2400, 8, 0.02
     produce_numbered(bootstrap, topic, n)
     recorder = Recorder(sleep=sleep)
-    consumer = Mtc75Consumer(
+    consumer = BoundConsumer(
         _settings(bootstrap, topic, group, MAX_THREAD_COUNT=threads, PAUSE_INTERVAL=0.5), recorder, max_messages=n,
     )
     stats = consumer.run()
@@ -292,7 +292,7 @@ def test_a_fast_handler_runs_in_runs_and_a_failure_or_a_slow_spell_inside_a_run_
         return complete_run(state, first, count)
 
     monkeypatch.setattr(OffsetTracker, "complete_run", staticmethod(completed))
-    consumer = Mtc75Consumer(
+    consumer = BoundConsumer(
         _settings(bootstrap, topic, group, MAX_THREAD_COUNT=8, MAX_ATTEMPTS=2, RETRY_BACKOFF=0.01,
                   RETRY_BACKOFF_MAX=0.01, ON_FAILURE="stop"),
         handler, max_messages=n, idle_exit=10.0,  # a lost message ends the run (bounded) short of n

@@ -10,6 +10,7 @@ import pytest
 
 from mtc75.core.offsets import OffsetTracker
 from mtc75.runtime.dispatcher import FAST_HANDLER, MIN_ACTIVE, Dispatcher, Permits, Work
+from mtc75.runtime.invoker import Invoker
 from tests.kafka_helpers import wait_until
 
 
@@ -30,8 +31,8 @@ class FakeMessage:
 def _work(tracker: OffsetTracker, partition: int, offsets: range) -> list[Work]:
     items = []
     for o in offsets:
-        state = tracker.add(("t", partition), o)
-        assert state is not None
+        state = tracker.state(("t", partition))
+        assert tracker.admit(state, o)
         items.append(Work(FakeMessage(partition, o), state, o))
     return items
 
@@ -56,7 +57,7 @@ def test_never_more_handlers_than_permits_and_every_message_runs_once() -> None:
     handler, peak = _concurrency_probe(0.002)
     tracker = OffsetTracker()
     tracker.assign([("t", 0), ("t", 1)])
-    d = Dispatcher(handler, max_thread_count=5)
+    d = Dispatcher(Invoker(handler), max_thread_count=5)
     try:
         for start in range(0, 200, 20):  # batches arrive while workers are busy
             d.put(_work(tracker, 0, range(start, start + 10)) + _work(tracker, 1, range(start, start + 10)))
@@ -84,7 +85,7 @@ def test_handler_exception_marks_failed_and_the_worker_goes_on() -> None:
 
     tracker = OffsetTracker()
     tracker.assign([("t", 0)])
-    d = Dispatcher(handler, max_thread_count=2)
+    d = Dispatcher(Invoker(handler), max_thread_count=2)
     try:
         d.put(_work(tracker, 0, range(10)))
         assert d.wait_idle(10)
@@ -99,11 +100,11 @@ def test_purge_drops_only_unstarted_messages_of_the_given_assignment() -> None:
     gate = threading.Event()
     tracker = OffsetTracker()
     tracker.assign([("t", 0), ("t", 1)])
-    d = Dispatcher(lambda _m: gate.wait(10), max_thread_count=1)
+    d = Dispatcher(Invoker(lambda _m: gate.wait(10)), max_thread_count=1)
     try:
         d.put(_work(tracker, 0, range(3)) + _work(tracker, 1, range(3)))
         wait_until(lambda: d.backlog == 5, timeout=5, what="one message started")
-        dropped = d.purge([tracker.state(("t", 1))])
+        dropped = d.retire([tracker.state(("t", 1))])
         assert [(w.message.partition(), w.offset) for w in dropped] == [(1, 0), (1, 1), (1, 2)]
         assert d.backlog == 2
         gate.set()
@@ -153,7 +154,7 @@ def test_resize_grow_starts_new_workers_at_once() -> None:
     handler = _Gated(held=10)
     tracker = OffsetTracker()
     tracker.assign([("t", 0)])
-    d = Dispatcher(handler, max_thread_count=2)
+    d = Dispatcher(Invoker(handler), max_thread_count=2)
     try:
         d.put(_work(tracker, 0, range(30)))
         wait_until(lambda: handler.current == 2, timeout=5, what="two handlers blocked")
@@ -173,7 +174,7 @@ def test_resize_shrink_lets_running_handlers_finish_and_bounds_new_work() -> Non
     handler = _Gated(held=6)
     tracker = OffsetTracker()
     tracker.assign([("t", 0)])
-    d = Dispatcher(handler, max_thread_count=6)
+    d = Dispatcher(Invoker(handler), max_thread_count=6)
     try:
         d.put(_work(tracker, 0, range(40)))
         wait_until(lambda: handler.current == 6, timeout=5, what="six handlers blocked")
@@ -194,7 +195,7 @@ def test_resize_shrink_lets_running_handlers_finish_and_bounds_new_work() -> Non
 
 
 def test_resize_rejects_a_bound_below_one() -> None:
-    d = Dispatcher(lambda _m: None, max_thread_count=2)
+    d = Dispatcher(Invoker(lambda _m: None), max_thread_count=2)
     try:
         with pytest.raises(ValueError, match="max_thread_count must be >= 1, got 0"):
             d.resize(0)
@@ -219,7 +220,8 @@ def test_failed_message_is_retried_without_holding_a_thread_then_reported_failed
     tracker = OffsetTracker()
     tracker.assign([("t", 0)])
     # One thread, and a backoff long enough that the other messages run while offset 0 waits.
-    d = Dispatcher(handler, max_thread_count=1, retry=RetryPolicy(max_attempts=3, base=0.2, cap=0.2, jitter=0.0))
+    retry = RetryPolicy(max_attempts=3, base=0.2, cap=0.2, jitter=0.0)
+    d = Dispatcher(Invoker(handler), max_thread_count=1, retry=retry)
     try:
         d.put(_work(tracker, 0, range(5)))
         wait_until(lambda: len(d.completions) >= 4, timeout=5, what="the healthy messages")
@@ -247,11 +249,11 @@ def test_purge_also_drops_messages_waiting_for_a_retry() -> None:
 
     tracker = OffsetTracker()
     tracker.assign([("t", 0), ("t", 1)])
-    d = Dispatcher(handler, max_thread_count=2, retry=RetryPolicy(max_attempts=5, base=60.0, cap=60.0))
+    d = Dispatcher(Invoker(handler), max_thread_count=2, retry=RetryPolicy(max_attempts=5, base=60.0, cap=60.0))
     try:
         d.put(_work(tracker, 0, range(2)) + _work(tracker, 1, range(2)))
         wait_until(lambda: d.delayed == 4, timeout=5, what="all four waiting for a retry")
-        dropped = d.purge([tracker.state(("t", 1))])
+        dropped = d.retire([tracker.state(("t", 1))])
         assert sorted((w.message.partition(), w.offset) for w in dropped) == [(1, 0), (1, 1)]
         assert d.delayed == 2
         assert len(d.purge()) == 2 and d.backlog == 0
@@ -266,7 +268,7 @@ def test_a_worker_killed_by_a_base_exception_gives_its_permit_back() -> None:
 
     tracker = OffsetTracker()
     tracker.assign([("t", 0)])
-    d = Dispatcher(handler, max_thread_count=1)
+    d = Dispatcher(Invoker(handler), max_thread_count=1)
     try:
         d.put(_work(tracker, 0, range(1)))
         assert d.wait_idle(5)  # without the guard the permit leaks and this times out
@@ -288,7 +290,7 @@ def test_no_retry_is_scheduled_for_a_revoked_assignment() -> None:
 
     tracker = OffsetTracker()
     tracker.assign([("t", 0)])
-    d = Dispatcher(handler, max_thread_count=1, retry=RetryPolicy(max_attempts=5, base=0.01, cap=0.01))
+    d = Dispatcher(Invoker(handler), max_thread_count=1, retry=RetryPolicy(max_attempts=5, base=0.01, cap=0.01))
     try:
         d.put(_work(tracker, 0, range(1)))
         assert started.wait(5)
@@ -313,7 +315,7 @@ def test_fast_handlers_start_few_workers_and_a_stalled_backlog_gets_every_free_o
 
     tracker = OffsetTracker()
     tracker.assign([("t", 0)])
-    d = Dispatcher(handler, max_thread_count=20)
+    d = Dispatcher(Invoker(handler), max_thread_count=20)
     try:
         # until a first measure every free worker starts, as before
         d.put(_work(tracker, 0, range(0, 40)))

@@ -1,9 +1,9 @@
 """The real engine against the in-memory fake of confluent-kafka (tests/fake_kafka.py): no broker.
 
-Each test runs ``Mtc75Consumer.run`` on its own thread (the poll thread), drives rebalances and faults
-from the test thread, and checks exact outcomes: which offsets were handled, which were committed,
-what ``run`` returned or raised. Every wait is bounded; handlers that block wait on events the test
-(or its teardown) sets.
+Each test runs ``mtc75.Consumer.run`` (built on the fake through :mod:`mtc75.testing`) on its own thread
+(the poll thread), drives rebalances and faults from the test thread, and checks exact outcomes: which
+offsets were handled, which were committed, what ``run`` returned or raised. Every wait is bounded;
+handlers that block wait on events the test (or its teardown) sets.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError
 
+from mtc75 import testing
+from mtc75.core import offsets as offsets_module
 from mtc75.core.offsetmap import decode
 from mtc75.core.stats import Stats
-from mtc75.engine import consumer as engine_module
-from mtc75.engine.consumer import Mtc75Consumer
+from mtc75.engine import topicguard as topicguard_module
 from mtc75.errors import (
     BrokerUnreachable,
     HandlerRefused,
@@ -86,12 +87,13 @@ class Recorder:
 
 
 class Run:
-    """``engine.run()`` on a background thread; snapshots come from the poll thread via on_status."""
+    """``consumer.run()`` on a background thread; snapshots come from the poll thread via on_status."""
 
     def __init__(self, cluster: FakeKafka, handler: Any, settings: Settings, **kw: Any) -> None:
         self.latest: Stats | None = None
-        self.engine = Mtc75Consumer(settings, handler, clients=cluster.clients(), on_status=self._status,
-                                    status_interval=0.01, **kw)
+        self.consumer = testing.from_settings(cluster.factories(), handler, settings, on_status=self._status,
+                                              status_interval=0.01)
+        self._run_kw = kw
         self.result: Stats | None = None
         self.error: BaseException | None = None
         self.returned_at = 0.0
@@ -103,7 +105,7 @@ class Run:
 
     def _run(self) -> None:
         try:
-            self.result = self.engine.run()
+            self.result = self.consumer.run(**self._run_kw)
         except BaseException as err:
             self.error = err
         self.returned_at = time.monotonic()
@@ -122,7 +124,7 @@ class Run:
         return self.result
 
     def stop(self) -> Stats:
-        self.engine.stop()
+        self.consumer.stop()
         return self.join()
 
     @property
@@ -153,7 +155,7 @@ def start(cluster: FakeKafka) -> Iterator[Callable[..., Run]]:
     for run, recorder in runs:
         if recorder is not None:
             recorder.release.set()
-        run.engine.stop()
+        run.consumer.stop()
         run._thread.join(WAIT)
 
 
@@ -186,13 +188,13 @@ def test_a_fast_handler_runs_as_runs_with_every_message_once_and_a_failure_settl
     """The fast path end to end (mtc75/core/work.py): runs form, and their commits stay exact."""
     monkeypatch.setattr(dispatcher_module, "FAST_HANDLER", 0.01)  # runs form even on a loaded machine
     runs: list[int] = []
-    complete_run = engine_module.OffsetTracker.complete_run
+    complete_range = offsets_module.OffsetTracker.complete_range
 
     def spy(state: Any, first: int, count: int) -> bool:
         runs.append(count)
-        return complete_run(state, first, count)
+        return complete_range(state, first, count)
 
-    monkeypatch.setattr(engine_module.OffsetTracker, "complete_run", staticmethod(spy))
+    monkeypatch.setattr(offsets_module.OffsetTracker, "complete_range", staticmethod(spy))
     cluster.fill(TOPIC, {0: 3000, 1: 3000, 2: 3000})
     recorder = Recorder(fail=lambda p, o, n: (p, o) == (1, 2500))
     stats = start(recorder, max_messages=9000).join()
@@ -329,7 +331,7 @@ def test_the_offset_map_travels_with_the_commit_and_the_next_member_skips_what_f
         return bool(done) and set(decode(done[-1].metadata[P0], 2) or ()) == set(range(3, 10))
 
     until(carries_the_map, "a commit at the unfinished offset 2 carrying 3..9 as finished")
-    run.engine.stop()
+    run.consumer.stop()
     run.join()
     assert cluster.committed(GROUP, TOPIC, 0) == 2
 
@@ -429,11 +431,11 @@ def test_shutdown_with_a_handler_that_never_returns_is_bounded_and_commits_befor
     run = start(recorder, SHUTDOWN_TIMEOUT=0.3)
     until(lambda: recorder.handled() == {(0, 0), (0, 2)} and (0, 1) in recorder.started, "offsets 0 and 2")
     asked = time.monotonic()
-    run.engine.stop()
+    run.consumer.stop()
     stats = run.join()
     assert 0.3 <= run.returned_at - asked < 3.0  # waited SHUTDOWN_TIMEOUT for the handler, then gave up
     assert not recorder.release.is_set()  # the handler was still running when run() returned
-    assert run.engine.abandoned == 1
+    assert stats.abandoned == 1
     assert stats.processed == 2
     assert cluster.committed(GROUP, TOPIC, 0) == 1  # offset 1 will be delivered again
     assert cluster.consumer().closed
@@ -647,7 +649,7 @@ def test_a_recreated_topic_is_read_from_the_start_and_no_offset_of_it_is_committ
 def test_a_deleted_topic_stops_the_run_after_the_grace_and_nothing_is_committed_meanwhile(
     cluster: FakeKafka, start: Callable[..., Run], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(engine_module, "TOPIC_GONE_GRACE", 0.3)
+    monkeypatch.setattr(topicguard_module, "TOPIC_GONE_GRACE", 0.3)
     cluster.fill(TOPIC, {0: 3})
     recorder = Recorder()
     run = start(recorder)

@@ -27,7 +27,7 @@ def cluster() -> FakeKafka:
 
 
 def consumer(cluster: FakeKafka, **conf: Any) -> Any:
-    return cluster.clients().consumer({"group.id": "g", "auto.offset.reset": "earliest", **conf})
+    return cluster.factories().consumer({"group.id": "g", "auto.offset.reset": "earliest", **conf})
 
 
 def test_subscribe_assigns_on_the_polling_thread_and_messages_come_in_offset_order(cluster: FakeKafka) -> None:
@@ -120,7 +120,7 @@ def test_close_may_be_handed_to_another_thread_but_nothing_after_it(cluster: Fak
 
 
 def test_topic_ids_change_on_recreation_and_a_consumer_goes_on_at_its_old_position(cluster: FakeKafka) -> None:
-    admin = cluster.clients().admin({})
+    admin = cluster.factories().admin({})
 
     def described() -> Any:
         future = admin.describe_topics(TopicCollection(["t"]))["t"]

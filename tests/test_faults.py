@@ -33,8 +33,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from mtc75.core.stats import Stats
-from mtc75.engine.consumer import Mtc75Consumer
-from mtc75.kafka.clients import KafkaClients
+from mtc75.kafka.clients import ClientFactories
 from mtc75.kafka.deadletter import H_ATTEMPTS, H_ERROR, H_OFFSET, H_PARTITION, H_TOPIC
 from mtc75.kafka.topics import create_topic
 from mtc75.settings import Settings
@@ -42,6 +41,7 @@ from mtc75.tools.broker import LocalKafka
 from tests.conftest import TEST_PORT
 from tests.kafka_helpers import (
     ROOT,
+    BoundConsumer,
     all_offsets,
     committed_offsets,
     end_offsets,
@@ -464,7 +464,7 @@ def test_a_message_waiting_for_its_retry_holds_no_thread_and_holds_back_the_comm
         BOOTSTRAP_SERVERS=bootstrap, TOPIC=topic, GROUP_ID=group, MAX_THREAD_COUNT=1, COMMIT_INTERVAL=0.1,
         RETRY_BACKOFF=4.0, RETRY_BACKOFF_MAX=4.0, MAX_ATTEMPTS=3,
     )
-    consumer = Mtc75Consumer(settings, handler, max_messages=n)
+    consumer = BoundConsumer(settings, handler, max_messages=n)
     result: list[object] = []
     runner = threading.Thread(target=lambda: result.append(consumer.run()))
     runner.start()
@@ -554,7 +554,7 @@ def test_a_failed_dead_letter_publish_is_retried_never_dropped(
         PRODUCER_CONFIG={"bootstrap.servers": door.address, "message.timeout.ms": "1000"},
     )
     snapshots: list[Stats] = []  # from the poll thread: stats() belongs to it
-    consumer = Mtc75Consumer(settings, handler, max_messages=n, on_status=snapshots.append, status_interval=0.05)
+    consumer = BoundConsumer(settings, handler, max_messages=n, on_status=snapshots.append, status_interval=0.05)
     result: list[Stats] = []
     runner = threading.Thread(target=lambda: result.append(consumer.run()))
     caplog.set_level(logging.WARNING, logger="mtc75.kafka.deadletter")
@@ -614,9 +614,9 @@ def test_nothing_is_committed_while_no_broker_is_reachable(
     )
     # No --max-messages: the run could end during the outage; it is stopped once all is committed.
     snapshots: list[Stats] = []  # from the poll thread: stats() belongs to it
-    consumer = Mtc75Consumer(settings, handler, clients=KafkaClients(consumer=RecordingConsumer),
+    consumer = BoundConsumer(settings, handler, factories=ClientFactories(consumer=RecordingConsumer),
                              on_status=snapshots.append, status_interval=0.05)
-    caplog.set_level(logging.WARNING, logger="mtc75.engine.consumer")
+    caplog.set_level(logging.WARNING, logger="mtc75.engine")
     runner = threading.Thread(target=consumer.run)
     runner.start()
     try:

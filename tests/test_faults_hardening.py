@@ -22,10 +22,12 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
 from mtc75.core.offsets import OffsetTracker
+from mtc75.core.work import Work
 from mtc75.errors import HandlerRefused
 from mtc75.kafka.deadletter import H_OFFSET, H_TRUNCATED, TRUNCATED_VALUE_BYTES
-from mtc75.runtime.dispatcher import Dispatcher, Work, describe_error
-from mtc75.runtime.handlers import prepare_handler
+from mtc75.runtime.dispatcher import Dispatcher
+from mtc75.runtime.handlers import describe_error, prepare_handler
+from mtc75.runtime.invoker import Invoker
 from tests.kafka_helpers import (
     ROOT,
     committed_offsets,
@@ -297,7 +299,7 @@ def test_handler_refusal_and_error_text_without_a_broker() -> None:
         def partition(self) -> int:
             return 0
 
-    dispatcher = Dispatcher(explode, 1)
+    dispatcher = Dispatcher(Invoker(explode), 1)
     try:
         tracker.admit(state, 0)
         dispatcher.put([Work(Msg(), state, 0)])
@@ -685,7 +687,7 @@ def test_topic_id_answers_are_classified_without_a_broker() -> None:
 
 def test_dead_letter_record_refused_for_its_size_is_resent_smaller_and_counted_once() -> None:
     from mtc75.errors import MessageFailed
-    from mtc75.kafka.deadletter import DeadLetters
+    from mtc75.kafka.deadletter import DeadLetterProducer
 
     class Msg:
         def __init__(self, value: bytes) -> None:
@@ -727,7 +729,7 @@ def test_dead_letter_record_refused_for_its_size_is_resent_smaller_and_counted_o
     tracker.assign([("t", 0)])
     state = tracker.state(("t", 0))
     for limit, expected in ((100_000, TRUNCATED_VALUE_BYTES), (10, 0)):
-        dlq = DeadLetters({}, "t", 0.1)
+        dlq = DeadLetterProducer({}, "t", 0.1)
         dlq._producer = Producer_(limit)  # type: ignore[assignment]
         work = Work(Msg(b"x" * 1_000_000), state, 7)
         dlq.publish(work)
@@ -735,7 +737,7 @@ def test_dead_letter_record_refused_for_its_size_is_resent_smaller_and_counted_o
         assert dlq.poll() == [work] and dlq.pending == 0
         value, headers = dlq._producer.sent[-1]  # type: ignore[attr-defined]
         assert len(value or b"") == expected and headers[H_TRUNCATED] == b"1000000"
-    dlq = DeadLetters({}, "t", 0.1)
+    dlq = DeadLetterProducer({}, "t", 0.1)
 
     class Forbidden(Producer_):
         def produce(self, *args: object, **kwargs: object) -> None:

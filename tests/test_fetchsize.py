@@ -13,12 +13,12 @@ import pytest
 from confluent_kafka import KafkaError, TopicPartition
 
 from mtc75.core.fetchsize import LARGE, MIN_SAMPLE_BYTES, SMALL, UNCOMPRESSED_RATIO, Sample, choose, fixed
-from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.errors import ConfigError
-from mtc75.kafka.clients import KafkaClients
+from mtc75.kafka.clients import ClientFactories
 from mtc75.kafka.fetchprobe import ENOUGH_BYTES, probe
 from mtc75.settings import Settings, load_settings
 from tests.fake_kafka import FakeKafka
+from tests.kafka_helpers import BoundConsumer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -111,7 +111,7 @@ def conf(**extra: Any) -> dict[str, Any]:
 def test_the_probe_samples_the_topic_without_committing_and_closes_its_consumer() -> None:
     cluster = FakeKafka()
     fill(cluster)
-    sample = probe(cluster.clients(), conf(), TOPIC)
+    sample = probe(cluster.factories(), conf(), TOPIC)
     assert sample is not None and sample.messages == 200
     assert sample.payload_bytes == sum(len(m.value()) + len(m.key()) for m in cluster.messages(TOPIC))
     assert choose(sample).sizes == LARGE
@@ -124,7 +124,7 @@ def test_a_compressed_topic_samples_as_compressed() -> None:
     cluster = FakeKafka()
     fill(cluster)
     cluster.compress(TOPIC, 4.0)
-    sample = probe(cluster.clients(), conf(), TOPIC)
+    sample = probe(cluster.factories(), conf(), TOPIC)
     assert sample is not None and sample.ratio == pytest.approx(4.0, rel=0.01)
     assert choose(sample).sizes == SMALL
 
@@ -132,10 +132,10 @@ def test_a_compressed_topic_samples_as_compressed() -> None:
 def test_the_probe_reads_from_the_groups_committed_offsets() -> None:
     cluster = FakeKafka()
     fill(cluster, partitions=1)
-    committer = cluster.clients().consumer({"group.id": GROUP})
+    committer = cluster.factories().consumer({"group.id": GROUP})
     committer.assign([TopicPartition(TOPIC, 0)])
     committer.commit(offsets=[TopicPartition(TOPIC, 0, 150)], asynchronous=False)
-    sample = probe(cluster.clients(), conf(), TOPIC)
+    sample = probe(cluster.factories(), conf(), TOPIC)
     assert sample is not None and sample.messages == 50  # offsets 150-199 only
     assert cluster.committed(GROUP, TOPIC, 0) == 150
 
@@ -144,7 +144,7 @@ def test_the_probe_reads_from_the_groups_committed_offsets() -> None:
                                   "unreachable", "refused config"])
 def test_nothing_to_read_or_any_failure_gives_no_sample_and_never_raises(case: str) -> None:
     cluster = FakeKafka()
-    clients = cluster.clients()
+    clients = cluster.factories()
     extra: dict[str, Any] = {}
     if case == "empty":
         cluster.create_topic(TOPIC, 3)
@@ -165,7 +165,7 @@ def test_nothing_to_read_or_any_failure_gives_no_sample_and_never_raises(case: s
         def refuse(c: dict[str, Any]) -> Any:
             raise ValueError("bad property")
 
-        clients = KafkaClients(consumer=refuse)
+        clients = ClientFactories(consumer=refuse)
     assert probe(clients, conf(**extra), TOPIC) is None
     assert cluster.commits[1:] == []  # the probe commits nothing (one commit: the test's own, above)
     assert all(p.closed and p.fetched == 0 for p in cluster.probes)
@@ -176,15 +176,15 @@ def test_injected_faults_stay_for_the_engines_consumer() -> None:
     fill(cluster)
     cluster.fail_fetch(KafkaError(KafkaError._TRANSPORT, "for the engine"))
     cluster.client_error(KafkaError(KafkaError._TRANSPORT, "for the engine too"))
-    assert probe(cluster.clients(), conf(), TOPIC) is not None
+    assert probe(cluster.factories(), conf(), TOPIC) is not None
     assert len(cluster._fetch_errors) == 1 and len(cluster._client_errors) == 1
 
 
 # -- the engine ---------------------------------------------------------------------------------------
 
 
-def run_engine(cluster: FakeKafka, clients: KafkaClients | None = None, overrides: dict[str, str] | None = None,
-               **changes: Any) -> tuple[Mtc75Consumer, list[tuple[int, int]]]:
+def run_engine(cluster: FakeKafka, factories: ClientFactories | None = None, overrides: dict[str, str] | None = None,
+               **changes: Any) -> tuple[BoundConsumer, list[tuple[int, int]]]:
     handled: list[tuple[int, int]] = []
     lock = threading.Lock()
 
@@ -192,7 +192,7 @@ def run_engine(cluster: FakeKafka, clients: KafkaClients | None = None, override
         with lock:
             handled.append((message.partition(), message.offset()))
 
-    engine = Mtc75Consumer(settings(**changes), handler, clients=clients or cluster.clients(),
+    engine = BoundConsumer(settings(**changes), handler, factories=factories or cluster.factories(),
                            overrides=overrides or {}, max_messages=len(cluster.messages(TOPIC)))
     stats = engine.run()
     assert stats.processed == len(cluster.messages(TOPIC))
@@ -241,7 +241,7 @@ def test_no_probe_when_the_user_chose(how: str) -> None:
 def test_a_probe_that_blows_up_does_not_fail_the_run() -> None:
     cluster = FakeKafka()
     fill(cluster)
-    real = cluster.clients()
+    real = cluster.factories()
 
     def consumer(c: dict[str, Any]) -> Any:
         built = real.consumer(c)
@@ -249,25 +249,26 @@ def test_a_probe_that_blows_up_does_not_fail_the_run() -> None:
             built.committed = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))  # type: ignore[method-assign]
         return built
 
-    engine, handled = run_engine(cluster, clients=KafkaClients(consumer=consumer, producer=real.producer,
+    engine, handled = run_engine(cluster, factories=ClientFactories(consumer=consumer, producer=real.producer,
                                                                admin=real.admin))
     assert engine.stats().fetch_sizes == str(SMALL) and len(handled) == 200
 
 
 def test_the_library_keyword_and_the_summary_line() -> None:
-    import mtc75
+    from mtc75 import testing
     from mtc75_consumer import _summary_line
     from tests.stats_factory import make_stats
 
     cluster = FakeKafka()
     fill(cluster)
-    consumer = mtc75.Consumer(lambda message: None, topic=TOPIC, group_id=GROUP, fetch_sizes="large",
-                              on_failure="skip", clients=cluster.clients())
+    consumer = testing.consumer(cluster.factories(), lambda message: None, topic=TOPIC, group_id=GROUP,
+                                fetch_sizes="large", on_failure="skip")
     stats = consumer.run(max_messages=200)
     assert cluster.probes == [] and cluster.consumers[0].conf["fetch.max.bytes"] == LARGE.fetch_max_bytes
     assert stats.fetch_sizes == str(LARGE)
     with pytest.raises(ConfigError, match=r"fetch_sizes|FETCH_SIZES"):
-        mtc75.Consumer(lambda message: None, topic=TOPIC, group_id=GROUP, fetch_sizes="medium")
+        testing.consumer(cluster.factories(), lambda message: None, topic=TOPIC, group_id=GROUP,
+                         fetch_sizes="medium")
     assert "fetch sizes large (50 MB / 1 MB)" in _summary_line(make_stats(fetch_sizes=str(LARGE)))
     assert "fetch sizes" not in _summary_line(make_stats())
 
@@ -276,7 +277,7 @@ def test_the_library_keyword_and_the_summary_line() -> None:
 def test_the_probe_stops_fetching_once_it_has_its_sample_and_reports_a_settled_snapshot() -> None:
     cluster = FakeKafka()
     fill(cluster, count=6000)  # 6 MB; the probe wants about 2 MB
-    sample = probe(cluster.clients(), conf(), TOPIC)
+    sample = probe(cluster.factories(), conf(), TOPIC)
     assert sample is not None and sample.wire_bytes >= ENOUGH_BYTES and sample.messages < 6000
     assert sample.messages == cluster.probes[0].fetched  # the report after the pause counts all it fetched
     assert any(name == "pause" for name, _ in cluster.probes[0].calls)

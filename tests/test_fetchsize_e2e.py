@@ -15,11 +15,10 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from mtc75.core.fetchsize import LARGE, SMALL
 from mtc75.core.stats import Stats
-from mtc75.engine.consumer import Mtc75Consumer
-from mtc75.kafka.clients import REAL_CLIENTS
+from mtc75.kafka.clients import REAL_FACTORIES
 from mtc75.kafka.fetchprobe import PROBE_SECONDS, probe
 from mtc75.settings import Settings
-from tests.kafka_helpers import committed_offsets, end_offsets
+from tests.kafka_helpers import BoundConsumer, committed_offsets, end_offsets
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,7 +54,7 @@ def run(bootstrap: str, topic: str, group: str, count: int | None = None,
     committed_offsets(bootstrap, group, topic)
     settings = Settings().replace(BOOTSTRAP_SERVERS=bootstrap, TOPIC=topic, GROUP_ID=group, ON_FAILURE="skip",
                                   COMMIT_INTERVAL=0.1)
-    engine = Mtc75Consumer(settings, handler, overrides=overrides or {}, max_messages=count,
+    engine = BoundConsumer(settings, handler, overrides=overrides or {}, max_messages=count,
                            idle_exit=None if count else 2.0)
     return engine.run(), handled
 
@@ -92,7 +91,7 @@ def test_an_empty_topic_keeps_the_defaults(bootstrap: str, make_topic: Callable[
     topic, group = make_topic(3), unique("g")
     committed_offsets(bootstrap, group, topic)  # the coordinator is up: None below means "nothing to read"
     conf = Settings().replace(BOOTSTRAP_SERVERS=bootstrap, TOPIC=topic, GROUP_ID=group).consumer_config()
-    assert probe(REAL_CLIENTS, conf, topic, seconds=PROBE_SECONDS) is None
+    assert probe(REAL_FACTORIES, conf, topic, seconds=PROBE_SECONDS) is None
     stats, handled = run(bootstrap, topic, unique("g"))
     assert stats.fetch_sizes == str(SMALL) and handled == []
 
@@ -111,7 +110,7 @@ def test_the_probe_leaves_committed_offsets_alone_and_the_engine_starts_from_the
     finally:
         committer.close()
     conf = Settings().replace(BOOTSTRAP_SERVERS=bootstrap, TOPIC=topic, GROUP_ID=group).consumer_config()
-    sample = probe(REAL_CLIENTS, conf, topic)
+    sample = probe(REAL_FACTORIES, conf, topic)
     assert sample is not None and sample.messages > 0
     assert committed_offsets(bootstrap, group, topic) == start  # the probe committed nothing
     expected = {(p, o) for p in ends for o in range(start[p], ends[p])}

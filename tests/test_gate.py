@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import pytest
 
-from mtc75.core.gate import PauseGate
+from mtc75.core.gate import Load, PauseGate, Verdict
 
 
 def test_no_pause_while_a_thread_is_free_or_backlog_is_short() -> None:
     gate = PauseGate(pause_interval=1.0, max_backlog=1000)
     low, high = gate.watermarks(limit=4)
     assert (low, high) == (4, 8)  # before any throughput is known
-    assert not gate.should_pause(active=3, limit=4, backlog=100)
-    assert not gate.should_pause(active=4, limit=4, backlog=high - 1)
-    assert gate.should_pause(active=4, limit=4, backlog=high)
+    assert gate.verdict(Load(active=3, limit=4, backlog=100, ready=100, delayed=0)) is Verdict.RUN
+    assert gate.verdict(Load(active=4, limit=4, backlog=high - 1, ready=high - 1, delayed=0)) is Verdict.RUN
+    assert gate.verdict(Load(active=4, limit=4, backlog=high, ready=high, delayed=0)) is Verdict.PAUSE_UNLESS_DRAINED
+
+
+def test_the_gate_decides_the_whole_pause_free_threads_with_nothing_to_start_and_retries_alone() -> None:
+    gate = PauseGate(pause_interval=1.0, max_backlog=1000)
+    high = gate.watermarks(limit=4)[1]
+    # ordered modes: a full backlog behind busy keys, the free threads may start only 1 of it
+    assert gate.verdict(Load(active=2, limit=4, backlog=high, ready=1, delayed=0)) is Verdict.PAUSE_UNLESS_DRAINED
+    assert gate.verdict(Load(active=2, limit=4, backlog=high, ready=3, delayed=0)) is Verdict.RUN
+    # retries waiting out their backoff fill the backlog: the pool cannot drain it, pause at once
+    assert gate.verdict(Load(active=0, limit=4, backlog=high, ready=0, delayed=high)) is Verdict.PAUSE
+    gate.start_pause(now=0.0)
+    assert gate.verdict(Load(active=4, limit=4, backlog=high, ready=high, delayed=0)) is Verdict.RUN  # already
 
 
 def test_pause_ends_when_the_backlog_drains_to_the_low_watermark() -> None:

@@ -8,7 +8,7 @@ import pytest
 from termcolor import colored
 
 from mtc75.app.cli import _ColorFormatter
-from mtc75.engine.consumer import PAUSE_EVENT, RESUME_EVENT
+from mtc75.engine.backpressure import PAUSE_EVENT, RESUME_EVENT
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +27,7 @@ def _prefix(color: str, bold: bool = False) -> str:
 
 
 def _record(level: int, text: str, extra: dict[str, str] | None = None) -> logging.LogRecord:
-    record = logging.LogRecord("mtc75.engine.consumer", level, __file__, 1, text, None, None)
+    record = logging.LogRecord("mtc75.engine.backpressure", level, __file__, 1, text, None, None)
     for key, value in (extra or {}).items():
         setattr(record, key, value)  # what logger.warning(..., extra=...) does
     return record

@@ -9,7 +9,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mtc75.app.metrics import Metrics
+from mtc75.core.offsets import PartitionState
+from mtc75.core.work import Work
 from mtc75.errors import ConfigError
+from mtc75.runtime.invoker import Invoker
+from tests.fake_kafka import FakeMessage
 from tests.stats_factory import make_stats
 
 
@@ -60,24 +64,25 @@ def test_snapshot_values_are_served_over_http_and_move_with_the_next_snapshot() 
         metrics.close()
 
 
-def test_timed_handler_observes_every_call_including_failures() -> None:
+def test_the_duration_histogram_observes_every_call_of_the_invoker_including_failures() -> None:
     metrics = Metrics()
     calls = []
 
-    def handler(message: object) -> str:
-        calls.append(message)
-        if message == "bad":
+    def handler(message: FakeMessage) -> None:
+        calls.append(message.offset())
+        if message.offset() == 1:
             raise ValueError("bad record")
-        return "ok"
 
-    timed = metrics.timed(handler)
-    assert timed("a") == "ok"
-    with pytest.raises(ValueError):
-        timed("bad")
+    ticks = iter(range(10**6))
+    invoker = Invoker(handler, clock=lambda: next(ticks) * 0.25)  # every call takes 0.25 s
+    invoker.attach(metrics)
+    state = PartitionState(("t", 0))
+    assert invoker.invoke(Work(FakeMessage("t", 0, 0), state, 0)) is None
+    assert isinstance(invoker.invoke(Work(FakeMessage("t", 0, 1), state, 1)), ValueError)
     values = samples(_exposition(metrics))
     assert values[("mtc75_handler_duration_seconds_count", ())] == 2
-    assert values[("mtc75_handler_duration_seconds_sum", ())] >= 0
-    assert calls == ["a", "bad"]
+    assert values[("mtc75_handler_duration_seconds_sum", ())] == pytest.approx(0.5)
+    assert calls == [0, 1]
 
 
 def _exposition(metrics: Metrics) -> str:

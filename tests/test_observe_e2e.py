@@ -16,10 +16,10 @@ import pytest
 
 from mtc75.app.reload import ConfigWatcher, retuner
 from mtc75.core.stats import Stats
-from mtc75.engine.consumer import Mtc75Consumer
 from mtc75.runtime.handlers import SimulatedWork
 from mtc75.settings import load_settings
 from tests.kafka_helpers import (
+    BoundConsumer,
     Lines,
     committed_offsets,
     end_offsets,
@@ -197,7 +197,7 @@ def test_live_retune_grows_shrinks_and_ignores_a_bad_edit(
     work = SimulatedWork(settings.PROCESSING_SLEEP, lines_per_second=0)
     probe = Probe(work)
     latest: list[Stats] = []
-    consumer = Mtc75Consumer(settings, probe, on_status=latest.append, status_interval=0.1)
+    consumer = BoundConsumer(settings, probe, on_status=latest.append, status_interval=0.1)
     watcher = ConfigWatcher(config, settings, load, retuner(consumer, work))
     runner = threading.Thread(target=consumer.run)
     caplog.set_level(logging.INFO, logger="mtc75.app.reload")

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
-from mtc75.core.offsets import OffsetTracker
+from mtc75.core.offsets import OffsetTracker, PartitionState
 
 TP = ("t", 0)
 
 
-def _tracker(offsets: list[int]) -> tuple[OffsetTracker, dict[int, object]]:
+def _add(tracker: OffsetTracker, tp: tuple[str, int], offset: int) -> PartitionState | None:
+    """Admit one fetched offset as the ledger does; its state, or None (not ours, or a redelivery)."""
+    state = tracker.get(tp)
+    return state if state is not None and tracker.admit(state, offset) else None
+
+
+def _pos(tracker: OffsetTracker) -> int | None:
+    return tracker.state(TP).position
+
+
+def _tracker(offsets: list[int]) -> tuple[OffsetTracker, dict[int, PartitionState]]:
     tracker = OffsetTracker()
     tracker.assign([TP])
     states = {}
     for o in offsets:
-        state = tracker.add(TP, o)
+        state = _add(tracker, TP, o)
         assert state is not None
         states[o] = state
     return tracker, states
@@ -20,15 +30,15 @@ def _tracker(offsets: list[int]) -> tuple[OffsetTracker, dict[int, object]]:
 
 def test_out_of_order_completion_commits_only_contiguous_prefix() -> None:
     tracker, states = _tracker([0, 1, 2, 3])
-    assert tracker.position(TP) is None
+    assert _pos(tracker) is None
     tracker.complete(states[2], 2)
     tracker.complete(states[1], 1)
-    assert tracker.position(TP) is None  # 0 still running: nothing is safe to commit
+    assert _pos(tracker) is None  # 0 still running: nothing is safe to commit
     tracker.complete(states[0], 0)
-    assert tracker.position(TP) == 3  # 0,1,2 done -> next to read is 3
+    assert _pos(tracker) == 3  # 0,1,2 done -> next to read is 3
     assert tracker.outstanding(TP) == [3]
     tracker.complete(states[3], 3)
-    assert tracker.position(TP) == 4
+    assert _pos(tracker) == 4
     assert tracker.in_flight() == 0
 
 
@@ -37,20 +47,9 @@ def test_gaps_in_offsets_do_not_block_the_watermark() -> None:
     tracker, states = _tracker([0, 1, 5, 6])
     for o in (6, 5, 0):
         tracker.complete(states[o], o)
-    assert tracker.position(TP) == 1
+    assert _pos(tracker) == 1
     tracker.complete(states[1], 1)
-    assert tracker.position(TP) == 7
-
-
-def test_uncommitted_reports_each_moved_watermark_once() -> None:
-    tracker, states = _tracker([10, 11])
-    assert list(tracker.uncommitted()) == []
-    tracker.complete(states[10], 10)
-    assert list(tracker.uncommitted()) == [(TP, 11)]
-    tracker.mark_committed(TP, 11)
-    assert list(tracker.uncommitted()) == []
-    tracker.complete(states[11], 11)
-    assert list(tracker.uncommitted()) == [(TP, 12)]
+    assert _pos(tracker) == 7
 
 
 def test_late_completion_after_revoke_is_dropped() -> None:
@@ -58,28 +57,27 @@ def test_late_completion_after_revoke_is_dropped() -> None:
     tracker.revoke([TP])
     assert TP not in tracker
     assert tracker.complete(states[0], 0) is False
-    assert list(tracker.uncommitted()) == []
 
 
 def test_completion_from_an_earlier_assignment_does_not_touch_the_new_one() -> None:
     tracker, states = _tracker([0, 1])
     tracker.revoke([TP])
     tracker.assign([TP])
-    new = tracker.add(TP, 0)
+    new = _add(tracker, TP, 0)
     assert new is not None
     assert tracker.complete(states[0], 0) is False  # the old assignment's handler finished late
-    assert tracker.position(TP) is None
+    assert _pos(tracker) is None
     assert tracker.outstanding(TP) == [0]
 
 
 def test_unowned_partition_and_redelivered_offsets_are_refused() -> None:
     tracker, states = _tracker([3, 4])
-    assert tracker.add(("t", 9), 0) is None
-    assert tracker.add(TP, 4) is None  # already in flight
+    assert _add(tracker, ("t", 9), 0) is None
+    assert _add(tracker, TP, 4) is None  # already in flight
     tracker.complete(states[3], 3)
     tracker.complete(states[4], 4)
-    assert tracker.add(TP, 4) is None  # already completed
-    assert tracker.add(TP, 5) is not None
+    assert _add(tracker, TP, 4) is None  # already completed
+    assert _add(tracker, TP, 5) is not None
 
 
 def test_duplicate_completion_is_harmless() -> None:
@@ -89,7 +87,7 @@ def test_duplicate_completion_is_harmless() -> None:
     assert tracker.in_flight() == 2
     tracker.complete(states[0], 0)
     tracker.complete(states[0], 0)
-    assert tracker.position(TP) == 2
+    assert _pos(tracker) == 2
     assert tracker.in_flight() == 1
 
 
@@ -103,48 +101,39 @@ def test_abandoned_offsets_are_not_waited_for_and_block_the_watermark() -> None:
     tracker.complete(states[1], 1)
     assert tracker.outstanding(TP) == []
     assert tracker.in_flight() == 0
-    assert tracker.position(TP) == 2  # never past a message that did not run
+    assert _pos(tracker) == 2  # never past a message that did not run
 
 
-def test_lag_base_is_the_committed_position_else_the_oldest_in_flight() -> None:
-    tracker, states = _tracker([5, 6, 7])
-    assert tracker.lag_base(TP) == 5  # nothing committed yet: count from the oldest in flight
-    tracker.complete(states[5], 5)
-    tracker.mark_committed(TP, 6)
-    assert tracker.lag_base(TP) == 6
-    assert tracker.lag_base(("t", 9)) is None
-
-
-def test_admit_run_takes_a_contiguous_run_in_one_step() -> None:
+def test_admit_range_takes_a_contiguous_run_in_one_step() -> None:
     tracker = OffsetTracker()
     tracker.assign([TP])
     state = tracker.state(TP)
-    assert tracker.admit_run(state, [0, 1, 2]) is None
-    assert tracker.admit_run(state, [3, 4]) is None
+    assert tracker.admit_range(state, [0, 1, 2]) is None
+    assert tracker.admit_range(state, [3, 4]) is None
     assert list(state.pending) == [0, 1, 2, 3, 4]
 
 
-def test_admit_run_skips_offsets_already_in_flight_or_completed() -> None:
+def test_admit_range_skips_offsets_already_in_flight_or_completed() -> None:
     tracker = OffsetTracker()
     tracker.assign([TP])
     state = tracker.state(TP)
-    assert tracker.admit_run(state, [0, 1, 2]) is None
+    assert tracker.admit_range(state, [0, 1, 2]) is None
     # a redelivery overlapping what is in flight: only the new offsets are admitted
-    assert tracker.admit_run(state, [1, 2, 3, 4]) == [False, False, True, True]
+    assert tracker.admit_range(state, [1, 2, 3, 4]) == [False, False, True, True]
     for o in range(5):
         tracker.complete(state, o)
     assert state.position == 5 and not state.pending
     # after completion the floor is the watermark: 3 and 4 are done, 5 is new
-    assert tracker.admit_run(state, [3, 4, 5]) == [False, False, True]
+    assert tracker.admit_range(state, [3, 4, 5]) == [False, False, True]
     assert list(state.pending) == [5]
 
 
-def test_admit_run_with_gaps_or_disorder_goes_offset_by_offset() -> None:
+def test_admit_range_with_gaps_or_disorder_goes_offset_by_offset() -> None:
     tracker = OffsetTracker()
     tracker.assign([TP])
     state = tracker.state(TP)
-    assert tracker.admit_run(state, [0, 1, 5, 6]) == [True, True, True, True]  # compaction holes
-    assert tracker.admit_run(state, [9, 8, 10]) == [True, False, True]  # 8 after 9: not ascending
+    assert tracker.admit_range(state, [0, 1, 5, 6]) == [True, True, True, True]  # compaction holes
+    assert tracker.admit_range(state, [9, 8, 10]) == [True, False, True]  # 8 after 9: not ascending
     assert list(state.pending) == [0, 1, 5, 6, 9, 10]
 
 
@@ -168,54 +157,19 @@ def test_mapped_offsets_complete_at_once_and_the_rest_run() -> None:
             ran.append(o)
     assert ran == [10, 11, 14, 15, 17, 18]
     assert state.finished is None  # dropped once an offset at or past its end (17) was admitted
-    assert tracker.position(TP) is None  # 10 still runs: the map never moves the watermark past it
+    assert _pos(tracker) is None  # 10 still runs: the map never moves the watermark past it
     for o in (10, 11, 14, 15):
         tracker.complete(state, o)
-    assert tracker.position(TP) == 17
+    assert _pos(tracker) == 17
     assert tracker.outstanding(TP) == [17, 18]
-
-
-def test_to_run_splits_a_run_of_admitted_offsets() -> None:
-    tracker, state = _mapped(0, [(2, 5)])
-    for o in range(0, 7):
-        tracker.admit(state, o)
-    assert tracker.to_run(state, range(0, 7)) == [0, 1, 5, 6]
-    assert state.done == {2, 3, 4}
 
 
 def test_no_map_runs_everything_and_a_redelivery_below_the_map_is_not_skipped() -> None:
     tracker, states = _tracker([5, 6])
-    assert not tracker.skip_finished(states[5], 5)
-    assert tracker.to_run(states[5], [5, 6]) == [5, 6]
+    assert not tracker.skip_finished(states[5], 5) and not tracker.skip_finished(states[6], 6)
     tracker2, state = _mapped(10, [(12, 13)])
     tracker2.admit(state, 11)
     assert not tracker2.skip_finished(state, 11)  # 11 is not in the map
-
-
-def test_commit_point_before_the_first_contiguous_completion_is_the_oldest_in_flight() -> None:
-    tracker, states = _tracker([0, 1, 2])
-    assert list(tracker.uncommitted()) == []  # nothing finished: nothing to say
-    tracker.complete(states[2], 2)
-    assert list(tracker.uncommitted()) == [(TP, 0)]  # 0 and 1 run; 2 goes in the map at offset 0
-    state = tracker.state(TP)
-    tracker.mark_committed(TP, 0, state.version)
-    assert list(tracker.uncommitted()) == []
-
-
-def test_a_grown_done_set_needs_a_commit_though_the_position_did_not_move() -> None:
-    tracker, states = _tracker([0, 1, 2, 3])
-    tracker.complete(states[0], 0)
-    state = tracker.state(TP)
-    tracker.mark_committed(TP, 1, state.version)
-    assert list(tracker.uncommitted()) == []
-    tracker.complete(states[3], 3)  # position still 1, but the map changed
-    assert list(tracker.uncommitted()) == [(TP, 1)]
-    version = state.version
-    tracker.complete(states[2], 2)  # grows again after the map was encoded: still due
-    tracker.mark_committed(TP, 1, version)
-    assert list(tracker.uncommitted()) == [(TP, 1)]
-    tracker.mark_committed(TP, 1, state.version)
-    assert list(tracker.uncommitted()) == []
 
 
 def test_span_is_next_offset_minus_first_unfinished() -> None:

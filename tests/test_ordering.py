@@ -457,7 +457,7 @@ def _intake(pending_b: range) -> tuple[object, object]:
     tracker = OffsetTracker()
     tracker.assign([("t", 0), ("t", 1)])
     for o in pending_b:
-        tracker.add(("t", 1), o)
+        tracker.admit(tracker.state(("t", 1)), o)
     for o in pending_b:
         tracker.complete(tracker.state(("t", 1)), o)
     return tracker, FairIntake(tracker)
@@ -495,8 +495,9 @@ def test_fair_intake_cuts_a_long_run_while_another_partition_waits_and_seeks_it_
 def _dispatch(sched: object, handler: Callable[[Msg], None], threads: int, attempts: int = 1) -> object:
     from mtc75.core.retry import RetryPolicy
     from mtc75.runtime.dispatcher import Dispatcher
+    from mtc75.runtime.invoker import Invoker
 
-    return Dispatcher(handler, threads, RetryPolicy(attempts, 0.01, 0.02), scheduler=sched)  # type: ignore[arg-type]
+    return Dispatcher(Invoker(handler), threads, RetryPolicy(attempts, 0.01, 0.02), scheduler=sched)  # type: ignore[arg-type]
 
 
 def test_key_mode_through_the_dispatcher_with_retries_keeps_each_key_in_order() -> None:
@@ -561,7 +562,7 @@ def test_a_purged_retry_frees_its_key_for_the_next_assignment() -> None:
         wait_until(lambda: d.retried >= 1, timeout=10, what="a retry")  # type: ignore[attr-defined]
         assert d.wait_idle(5)  # type: ignore[attr-defined]
         assert sched.blocked >= 1 or sched.running == 1
-        dropped = d.purge([old])  # type: ignore[attr-defined]
+        dropped = d.retire([old])  # type: ignore[attr-defined]
         assert sorted(w.offset for w in dropped) == [0, 1]
         assert sched.lanes == 0 and sched.running == 0 and len(sched) == 0  # the retry was released
     finally:

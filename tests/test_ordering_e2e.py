@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from mtc75.engine.consumer import Mtc75Consumer, Stats
+from mtc75.core.stats import Stats
 from mtc75.settings import Settings
-from tests.kafka_helpers import committed_offsets, end_offsets, report_figures, wait_until
+from tests.kafka_helpers import BoundConsumer, committed_offsets, end_offsets, report_figures, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -108,7 +108,7 @@ def _violations(calls: list[Call], by_key: bool) -> tuple[int, int]:
     return overlaps, disorder
 
 
-def _run(consumer: Mtc75Consumer, journal: Journal, n: int, timeout: float) -> Stats:
+def _run(consumer: BoundConsumer, journal: Journal, n: int, timeout: float) -> Stats:
     result: list[Stats] = []
     thread = threading.Thread(target=lambda: result.append(consumer.run()), daemon=True)
     thread.start()
@@ -128,7 +128,7 @@ def test_key_mode_never_overlaps_or_reorders_a_key_with_75_threads_and_20_keys(
     topic, group, n = make_topic(partitions=3), unique("g"), 3000
     _produce(bootstrap, topic, n, keys=20)
     journal = Journal(most=0.02)
-    consumer = Mtc75Consumer(_settings(bootstrap, topic, group, MAX_THREAD_COUNT=75, ORDERING=ordering), journal)
+    consumer = BoundConsumer(_settings(bootstrap, topic, group, MAX_THREAD_COUNT=75, ORDERING=ordering), journal)
     stats = _run(consumer, journal, n, 120)
     overlaps, disorder = _violations(journal.calls, by_key=True)
     report_figures(f"ordering {ordering}: 75 threads, 20 keys", messages=n, overlaps=overlaps, disorder=disorder,
@@ -148,7 +148,7 @@ def test_partition_mode_never_overlaps_within_a_partition(
     topic, group, n = make_topic(partitions=3), unique("g"), 600
     _produce(bootstrap, topic, n, keys=None)
     journal = Journal(most=0.03)  # 15 ms on average: the partitions overlap
-    consumer = Mtc75Consumer(_settings(bootstrap, topic, group, MAX_THREAD_COUNT=75, ORDERING="partition"), journal)
+    consumer = BoundConsumer(_settings(bootstrap, topic, group, MAX_THREAD_COUNT=75, ORDERING="partition"), journal)
     stats = _run(consumer, journal, n, 120)
     overlaps, disorder = _violations(journal.calls, by_key=False)
     report_figures("ordering partition: 75 threads, 3 partitions", messages=n, overlaps=overlaps, disorder=disorder,
@@ -166,7 +166,7 @@ def test_key_mode_retries_keep_the_order_of_their_key(
     topic, group, n = make_topic(partitions=3), unique("g"), 600
     _produce(bootstrap, topic, n, keys=20)
     journal = Journal(most=0.005, fail_once=lambda _p, o: o % 7 == 3)
-    consumer = Mtc75Consumer(
+    consumer = BoundConsumer(
         _settings(bootstrap, topic, group, MAX_THREAD_COUNT=75, ORDERING="key", MAX_ATTEMPTS=3,
                   RETRY_BACKOFF=0.05, RETRY_BACKOFF_MAX=0.1, ON_FAILURE="skip"),
         journal,
@@ -196,7 +196,7 @@ def test_every_partition_starts_within_2s_and_never_waits_while_others_drain_in_
         time.sleep(0.1)
         journal(msg)
 
-    consumer = Mtc75Consumer(
+    consumer = BoundConsumer(
         _settings(bootstrap, topic, group, MAX_THREAD_COUNT=4, PAUSE_INTERVAL=1.0, ORDERING=ordering), handler,
         max_messages=n,
     )
@@ -238,7 +238,7 @@ def test_a_hot_key_keeps_the_backlog_bounded_and_the_consumer_pauses(
         if len(journal.calls) >= 300:
             consumer.stop()
 
-    consumer = Mtc75Consumer(
+    consumer = BoundConsumer(
         _settings(bootstrap, topic, group, MAX_THREAD_COUNT=75, ORDERING="key", PAUSE_INTERVAL=0.2), journal,
         on_status=on_status, status_interval=0.05,
     )
@@ -261,7 +261,7 @@ def test_key_mode_through_a_rebalance_keeps_order_loses_nothing_and_redoes_nothi
     # Slow enough (4 threads, 20 ms on average: ~6 s in all) that the first one does not finish alone.
     leaving, staying = Journal(most=0.04), Journal(most=0.04)
     settings = _settings(bootstrap, topic, group, MAX_THREAD_COUNT=4, ORDERING="key", PAUSE_INTERVAL=0.2)
-    leaver, stayer = Mtc75Consumer(settings, leaving), Mtc75Consumer(settings, staying)
+    leaver, stayer = BoundConsumer(settings, leaving), BoundConsumer(settings, staying)
     results: dict[str, Stats] = {}
     threads = [
         threading.Thread(target=lambda: results.__setitem__("leaver", leaver.run()), daemon=True),

@@ -17,7 +17,7 @@ from mtc75.core.retry import RetryPolicy
 from mtc75.core.scheduler import FifoScheduler
 from mtc75.core.work import Work
 from mtc75.runtime.dispatcher import Dispatcher
-from mtc75.runtime.handlers import Handler
+from mtc75.runtime.invoker import Invoker
 from mtc75.runtime.runner import Runner, WorkerSteps
 from tests.kafka_helpers import wait_until
 from tests.test_dispatcher import FakeMessage, _work
@@ -128,6 +128,7 @@ class RecordingScheduler:
 
     LOCK_FREE_TAKE = False
     LOCK_FREE_RELEASE = False
+    takes_chunks = False
 
     def __init__(self) -> None:
         self._fifo = FifoScheduler()
@@ -178,10 +179,10 @@ class RecordingScheduler:
 
 
 def _dispatcher(
-    handler: Handler, threads: int, retry: RetryPolicy | None = None
+    handler: Callable[[Any], object], threads: int, retry: RetryPolicy | None = None
 ) -> tuple[Dispatcher, RecordingScheduler]:
     rec = RecordingScheduler()
-    d = Dispatcher(handler, threads, retry, scheduler=rec)
+    d = Dispatcher(Invoker(handler), threads, retry, scheduler=rec)
     rec.lock = d._lock
     return d, rec
 
@@ -262,7 +263,7 @@ def test_a_purged_delayed_retry_is_released_once() -> None:
         d.put([w0, w1])
         wait_until(lambda: d.delayed == 2 and d.active_thread_count == 0, timeout=5, what="both waiting")
         assert rec.released == []  # waiting out a backoff is not done
-        assert d.purge([tracker.state(("t", 1))]) == [w1]  # revoke
+        assert d.retire([tracker.state(("t", 1))]) == [w1]  # revoke
         assert rec.releases_of(w1) == 1 and rec.releases_of(w0) == 0
         d.shutdown(wait=True)  # purges the rest
         assert rec.releases_of(w0) == 1 and rec.releases_of(w1) == 1 and len(rec.released) == 2
@@ -290,7 +291,7 @@ def test_a_purged_requeued_retry_is_released_once_and_a_never_taken_message_is_n
         (never,) = _items(tracker, 1, range(1, 2))
         d.put([never])
         assert len(rec) == 2 and d.active_thread_count == 1 and rec.taken == [failing, holding]
-        assert d.purge([tracker.state(("t", 1))]) == [failing, never]  # revoke
+        assert d.retire([tracker.state(("t", 1))]) == [failing, never]  # revoke
         assert rec.releases_of(failing) == 1 and rec.releases_of(never) == 0
         gate.set()
         wait_until(lambda: len(d.completions) == 1, timeout=5, what="the held one to finish")
@@ -307,7 +308,7 @@ def test_a_worker_whose_scheduler_breaks_gives_its_permit_back() -> None:
             raise RuntimeError("scheduler bug")
 
     tracker = _tracker(0)
-    d = Dispatcher(lambda _m: None, 2, scheduler=Broken())
+    d = Dispatcher(Invoker(lambda _m: None), 2, scheduler=Broken())
     try:
         d.put(_items(tracker, 0, range(3)))
         assert d.max_active_threads == 2  # two workers started, each with a permit
@@ -319,11 +320,14 @@ def test_a_worker_whose_scheduler_breaks_gives_its_permit_back() -> None:
 class InlineRunner:
     """A runner with no threads: each spawned shift runs at once on the caller's thread.
 
-    Shows the worker steps compose for a runner that is not the thread pool (as an asyncio one will).
+    Shows the worker steps compose for a runner that is not the thread pool.
     """
 
-    def __init__(self, steps: WorkerSteps, handler: Handler, limit: int) -> None:
-        self._steps, self._handler = steps, handler
+    workers = "inline"
+    takes_chunks = False
+
+    def __init__(self, steps: WorkerSteps, invoker: Invoker, limit: int) -> None:
+        self._steps, self._invoker = steps, invoker
         self.shifts = 0
 
     def spawn(self, count: int) -> None:
@@ -333,16 +337,14 @@ class InlineRunner:
             try:
                 work = next(shift)
                 while True:
-                    try:
-                        self._handler(work.message)
-                        error = None
-                    except BaseException as err:
-                        error = err
-                    work = shift.send(error)
+                    work = shift.send(self._invoker.invoke(work))
             except StopIteration:
                 pass
 
     def grow(self, limit: int) -> None:
+        pass
+
+    def cancel(self, states: object) -> None:
         pass
 
     def shutdown(self, wait: bool) -> None:
@@ -359,12 +361,12 @@ def test_the_worker_steps_drive_a_runner_that_is_not_the_thread_pool() -> None:
 
     runner: list[InlineRunner] = []
 
-    def factory(steps: WorkerSteps, handler: Handler, limit: int) -> Runner:
-        runner.append(InlineRunner(steps, handler, limit))
+    def factory(steps: WorkerSteps, invoker: Invoker, limit: int) -> Runner:
+        runner.append(InlineRunner(steps, invoker, limit))
         return runner[0]
 
     tracker = _tracker(0)
-    d = Dispatcher(handler, 4, runner=factory)
+    d = Dispatcher(Invoker(handler), 4, runner=factory)
     d.put(_items(tracker, 0, range(6)))  # runs them all before put() returns
     assert seen == [0, 1, 2, 3, 4, 5] and runner[0].shifts == 4
     assert [(w.offset, w.failed) for w in d.completions] == [(0, False), (1, False), (2, False), (3, True),

@@ -16,7 +16,7 @@ def _tracker() -> OffsetTracker:
 
 def _take(tracker: OffsetTracker, tp: tuple[str, int], offsets: range) -> None:
     for o in offsets:
-        assert tracker.add(tp, o) is not None
+        assert tracker.admit(tracker.state(tp), o)
 
 
 def test_a_stuck_partition_is_held_alone_and_released_with_hysteresis() -> None:

@@ -39,7 +39,7 @@ _LEVEL_COLORS = {logging.WARNING: "yellow", logging.ERROR: "red", logging.CRITIC
 
 
 # The engine marks its pause and resume records with ``extra={"mtc75_event": ...}``
-# (mtc75.engine.consumer.PAUSE_EVENT / RESUME_EVENT): colours follow that field, never the wording.
+# (mtc75.engine.backpressure.PAUSE_EVENT / RESUME_EVENT): colours follow that field, never the wording.
 _EVENT_COLORS = {"pause": "red", "resume": "green"}
 
 

@@ -1,20 +1,19 @@
 """Prometheus metrics for ``--metrics-port``: the engine's status snapshots, served at ``/metrics``.
 
 The counters and gauges are read from the latest :class:`~mtc75.core.stats.Stats` when Prometheus scrapes
-(a custom collector), so the engine keeps no second set of counters. Only the handler duration is
-measured here, by wrapping the handler. Everything lives in an own registry, never the global one,
-so several consumers (or tests) in one process do not collide.
+(a custom collector), so the engine keeps no second set of counters. The handler duration histogram is
+fed as a call observer of the one handler path (:class:`mtc75.runtime.invoker.CallObserver`): it never
+wraps the handler, so it keeps whatever kind the handler is. Everything lives in an own registry, never
+the global one, so several consumers (or tests) in one process do not collide.
 
 Threads: the script's main thread builds, serves and closes; ``update`` runs on the poll thread (the
-status callback) and swaps one reference that scrapes on the HTTP server's thread read; the timed
-handler runs on worker threads (prometheus_client's Histogram has its own lock).
+status callback) and swaps one reference that scrapes on the HTTP server's thread read; ``call_ended``
+runs on worker threads or the event loop (prometheus_client's Histogram has its own lock).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
-from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, start_http_server
@@ -23,7 +22,6 @@ from prometheus_client.registry import Collector
 
 from mtc75.core.stats import Stats
 from mtc75.errors import ConfigError
-from mtc75.runtime.handlers import Handler
 
 PREFIX = "mtc75"
 # Handler durations from a fast in-memory handler up to slow I/O.
@@ -102,19 +100,11 @@ class Metrics:
         """Called with each status snapshot (on the poll thread)."""
         self._collector.update(stats)
 
-    def timed(self, handler: Handler) -> Handler:
-        """``handler`` with its duration observed in the histogram: two clock reads and one observe."""
-        observe = self.handler_duration.observe
-        clock = time.perf_counter
+    wants_cpu = False  # a call observer of the invoker: durations only
 
-        def timed_handler(message: Any) -> object:
-            started = clock()
-            try:
-                return handler(message)
-            finally:
-                observe(clock() - started)
-
-        return timed_handler
+    def call_ended(self, seconds: float, cpu: float | None) -> None:
+        """One handler call ended (on its thread): into the duration histogram."""
+        self.handler_duration.observe(seconds)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` on a daemon thread; returns the bound port (useful with ``port=0``)."""

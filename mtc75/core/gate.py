@@ -5,9 +5,11 @@ Thread contract: poll thread only (no lock): the engine asks it once per loop tu
 Pausing is how a saturated consumer keeps calling ``poll()`` (heartbeats, rebalances,
 ``max.poll.interval.ms``) without taking more messages than it can hold. It is not free: librdkafka
 drops a paused partition's prefetched messages and fetches them again on resume. So the gate pauses
-only when every thread is busy *and* the backlog reached its high watermark, and resumes when the
-backlog has drained to its low watermark; each ``pause_interval`` that passes with the backlog still
-above it extends the pause by another interval.
+only when the backlog reached its high watermark *and* the workers cannot take from it: every thread
+busy, or the free threads with nothing they may start (an ordered mode: the rest waits behind its key or
+partition), or retries alone filling it (everything waits out a backoff). It resumes when the backlog
+has drained to its low watermark; each ``pause_interval`` that passes with the backlog still above it
+extends the pause by another interval.
 
 The watermarks follow the measured throughput: the high one holds enough work to keep every thread
 busy for one pause interval (so a pause lasts about ``pause_interval``), the low one enough to bridge
@@ -19,9 +21,29 @@ Threads: the poll thread only (no lock); the throughput comes from the consumer'
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import Enum
+
 from mtc75.core.stats import Throughput
 
 REFETCH_SECONDS = 0.05  # work kept in the backlog at resume, to cover the refetch round-trip
+
+
+@dataclass(frozen=True)
+class Load:
+    """The pool as the gate sees it: permits held and allowed, and the waiting messages."""
+
+    active: int  # permits held (handlers running)
+    limit: int  # MAX_THREAD_COUNT now
+    backlog: int  # messages waiting: ready, blocked behind a key or partition, or waiting for a retry
+    ready: int  # waiting messages that a free worker could start now
+    delayed: int  # waiting messages that are retries waiting out a backoff
+
+
+class Verdict(Enum):
+    RUN = "run"  # keep fetching
+    PAUSE = "pause"  # pause now: the backlog cannot drain (retries alone fill it)
+    PAUSE_UNLESS_DRAINED = "pause unless drained"  # pause unless the pool drains to the low watermark now
 
 
 class PauseGate:
@@ -61,9 +83,19 @@ class PauseGate:
 
     # -- decisions ----------------------------------------------------------------------------------
 
-    def should_pause(self, active: int, limit: int, backlog: int) -> bool:
-        """Every permit taken and the backlog full: stop fetching."""
-        return not self.paused and active >= limit and backlog >= self.watermarks(limit)[1]
+    def verdict(self, load: Load) -> Verdict:
+        """Whether to pause (see the module notes). A fast pool usually catches up within a grace period,
+        and pausing it would only throw away prefetched messages: PAUSE_UNLESS_DRAINED says so."""
+        if self.paused:
+            return Verdict.RUN
+        high = self.watermarks(load.limit)[1]
+        if load.backlog < high:
+            return Verdict.RUN
+        if load.delayed >= high:
+            return Verdict.PAUSE
+        if load.active >= load.limit or load.ready <= load.limit - load.active:
+            return Verdict.PAUSE_UNLESS_DRAINED
+        return Verdict.RUN
 
     def start_pause(self, now: float) -> None:
         self.paused = True

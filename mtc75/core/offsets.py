@@ -1,23 +1,24 @@
 """Per-partition commit watermarks: commit only the contiguous prefix of completed offsets.
 
-Thread contract: poll thread only, no locks -- with one exception: ``PartitionState.alive`` is read
-by worker threads without a lock (to skip retrying a message of a revoked assignment). It is a single
-bool that only the poll thread writes (False at revoke or re-assignment, never back to True), so a
-reader sees either value; a stale True costs one needless retry, whose completion the poll thread
-then drops as late. No other field may be read off the poll thread.
+Thread contract: poll thread only, no locks -- with two exceptions that workers read: ``alive`` (a single
+bool only the poll thread writes: False at revoke or re-assignment, never back to True; a stale True costs
+one needless retry whose completion is then dropped as late) and ``closing`` (written and read only under
+the dispatcher's lock: :meth:`mtc75.runtime.dispatcher.Dispatcher.retire`). No other field may be read off
+the poll thread.
 
 Handlers finish out of order; committing the highest finished offset would skip messages still
 running. The tracker remembers the offsets handed out per partition (in fetch order) and advances a
 partition's watermark only past offsets that are all done. The finished offsets above the watermark
 (``done``) go with each commit as an offset map (:mod:`mtc75.core.offsetmap`); a map read back at
 assignment makes its offsets complete at once when fetched again, without a handler
-(:meth:`OffsetTracker.skip_finished`).
+(:meth:`OffsetTracker.skip_finished`). What was committed is the checkpoint's business
+(:mod:`mtc75.engine.checkpoint`), not the tracker's.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 
 from mtc75.core.offsetmap import FinishedOffsets
 
@@ -27,24 +28,21 @@ Partition = tuple[str, int]
 class PartitionState:
     """One assignment of one partition; completions carry it, so a stale one is recognised."""
 
-    __slots__ = (
-        "tp", "alive", "pending", "done", "abandoned", "position", "committed", "finished", "version",
-        "committed_version",
-    )
+    __slots__ = ("tp", "alive", "closing", "pending", "done", "abandoned", "position", "finished", "version")
 
     def __init__(self, tp: Partition, finished: FinishedOffsets | None = None) -> None:
         self.tp = tp
         # False once revoked: its completions are late and dropped. The one field workers read (no lock).
         self.alive = True
+        # True once the assignment is being given up: nothing of it is retried or put back (under the lock)
+        self.closing = False
         self.pending: deque[int] = deque()  # offsets handed out and not yet below the watermark
         self.done: set[int] = set()  # completed offsets above the watermark
         self.abandoned: set[int] = set()  # dropped before they ran: the watermark stops at them
         self.position: int | None = None  # next offset to commit (last contiguous completed + 1)
-        self.committed: int | None = None  # position last handed to commit()
         # The offset map read at assignment: offsets that finished under an earlier owner (skipped)
         self.finished = finished or None
         self.version = 0  # bumped whenever ``done`` grows: the commit's map must be re-sent
-        self.committed_version = 0  # ``version`` as of the last commit
 
 
 class OffsetTracker:
@@ -87,16 +85,6 @@ class OffsetTracker:
         """The current assignment of ``tp``, or None when it is not ours."""
         return self._parts.get(tp)
 
-    def add(self, tp: Partition, offset: int) -> PartitionState | None:
-        """Record a fetched offset; None when the partition is not ours or the offset is already handled.
-
-        The returned state goes with the message and comes back to :meth:`complete`.
-        """
-        state = self._parts.get(tp)
-        if state is None or not self.admit(state, offset):
-            return None
-        return state
-
     @staticmethod
     def admit(state: PartitionState, offset: int) -> bool:
         """Record a fetched offset of a partition we own; False for a redelivery already handled."""
@@ -110,13 +98,12 @@ class OffsetTracker:
         return True
 
     @classmethod
-    def admit_run(cls, state: PartitionState, offsets: list[int]) -> list[bool] | None:
+    def admit_range(cls, state: PartitionState, offsets: list[int]) -> list[bool] | None:
         """Record a run of fetched offsets of one partition, as one step when it can.
 
         None means every offset was admitted: the run is contiguous and ascending (as one fetch
         returns it) and starts past everything already handed out or completed. Otherwise each
         offset goes through :meth:`admit` and the answer says which ones were admitted.
-        Measured (bench/noop_path.py): one step per run instead of one call per message.
         """
         first, last = offsets[0], offsets[-1]
         pending = state.pending
@@ -144,13 +131,6 @@ class OffsetTracker:
         cls.complete(state, offset)
         return True
 
-    @classmethod
-    def to_run(cls, state: PartitionState, offsets: Iterable[int]) -> list[int]:
-        """Admitted ``offsets`` less those the offset map says finished (completed here, at once)."""
-        if state.finished is None:
-            return list(offsets)
-        return [o for o in offsets if not cls.skip_finished(state, o)]
-
     @staticmethod
     def complete(state: PartitionState, offset: int) -> bool:
         """Mark an offset done; False when its assignment was revoked since (a late completion)."""
@@ -173,13 +153,13 @@ class OffsetTracker:
         return True
 
     @classmethod
-    def complete_run(cls, state: PartitionState, first: int, count: int) -> bool:
+    def complete_range(cls, state: PartitionState, first: int, count: int) -> bool:
         """Mark ``first .. first + count - 1`` done, as one step when they are the oldest in flight.
 
-        A run is admitted as consecutive offsets (:meth:`admit_run`) and ``pending`` ascends, so when
-        its first and last offsets sit at the head of ``pending`` the whole run does, and it leaves as
-        ``count`` pops instead of ``count`` calls (bench/noop_path.py). Anything else goes offset by
-        offset through :meth:`complete`.
+        A chunk is admitted as consecutive offsets (:meth:`admit_range`) and ``pending`` ascends, so when
+        its first and last offsets sit at the head of ``pending`` the whole chunk does, and it leaves as
+        ``count`` pops instead of ``count`` calls. Anything else goes offset by offset through
+        :meth:`complete`.
         """
         if not state.alive:
             return False
@@ -219,20 +199,6 @@ class OffsetTracker:
         """Offsets handed out and still to complete, over all partitions."""
         return sum(len(s.pending) - len(s.done) - len(s.abandoned) for s in self._parts.values())
 
-    def position(self, tp: Partition) -> int | None:
-        """The offset a commit would store for ``tp`` (None before its first completion)."""
-        state = self._parts.get(tp)
-        return None if state is None else state.position
-
-    def lag_base(self, tp: Partition) -> int | None:
-        """Where lag counts from: the last committed position, else the oldest offset still in flight."""
-        state = self._parts.get(tp)
-        if state is None:
-            return None
-        if state.committed is not None and state.committed >= 0:
-            return state.committed
-        return state.pending[0] if state.pending else None
-
     @staticmethod
     def watermark(state: PartitionState) -> int | None:
         """The offset a commit stores: the first unfinished one.
@@ -255,21 +221,3 @@ class OffsetTracker:
             return pos, pos
         low = state.position if state.position is not None else pending[0]
         return low, pending[-1] + 1
-
-    def uncommitted(self, partitions: Iterable[Partition] | None = None) -> Iterator[tuple[Partition, int]]:
-        """Partitions whose watermark moved, or whose finished set grew, since the last :meth:`mark_committed`."""
-        for tp in self._parts if partitions is None else partitions:
-            state = self._parts.get(tp)
-            if state is None:
-                continue
-            position = self.watermark(state)
-            if position is not None and (position != state.committed or state.version != state.committed_version):
-                yield tp, position
-
-    def mark_committed(self, tp: Partition, position: int, version: int | None = None) -> None:
-        """``version``: the state's :attr:`PartitionState.version` when its map was encoded."""
-        state = self._parts.get(tp)
-        if state is not None:
-            state.committed = position
-            if version is not None:
-                state.committed_version = version

@@ -29,7 +29,7 @@ and no more ``ready`` than free threads, the engine pauses rather than piling up
 Thread contract: :class:`PartitionScheduler` and :class:`KeyScheduler` are called only with the
 dispatcher's lock held (``LOCK_FREE_TAKE`` and ``LOCK_FREE_RELEASE`` are False).
 :class:`FairFifoScheduler` keeps the unordered hot path off the dispatcher's lock: workers ``take``
-from a short interleaved *front* deque under the scheduler's own small lock (one take per run on the
+from a short interleaved *front* deque under the scheduler's own small lock (one take per chunk on the
 fast path, mtc75/core/scheduler.py); ``put``/``requeue``/``purge`` (dispatcher lock held) and a take
 that finds the front empty refill it from the per-partition queues. Its ``release`` is a no-op
 (``LOCK_FREE_RELEASE``).
@@ -54,7 +54,7 @@ ORDERINGS = ("unordered", "partition", "key")
 FAIR_SECONDS = 0.5
 
 # Unordered: messages interleaved ahead of the lock-free take. A partition that shows up behind a burst
-# of another waits for at most this many messages (or runs, on the fast path: mtc75/core/work.py) to
+# of another waits for at most this many messages (or chunks, on the fast path: mtc75/core/work.py) to
 # start; the workers refill once per FRONT takes.
 FRONT = 16
 
@@ -89,7 +89,7 @@ class _LaneScheduler:
 
     LOCK_FREE_TAKE = False
     LOCK_FREE_RELEASE = False
-    RUNS = False  # one message per lane step
+    takes_chunks = False  # one message per lane step
 
     def __init__(self) -> None:
         self._parts: dict[object, _Part] = {}  # PartitionState -> _Part (identity: a new assignment is new)
@@ -282,7 +282,7 @@ class KeyScheduler(_LaneScheduler):
 class FairFifoScheduler:
     """``ORDERING=unordered``: every waiting message may start; partitions take turns (see the module notes).
 
-    Fetched messages (or runs) wait in one FIFO per partition assignment; up to ``FRONT`` of them are
+    Fetched messages (or chunks) wait in one FIFO per partition assignment; up to ``FRONT`` of them are
     interleaved round-robin into the front deque, which workers take from. Compared with
     :class:`mtc75.core.scheduler.FifoScheduler` (one FIFO, first fetched first run) the extra work is one
     append per message on the refilling thread (BENCHMARKS.md, ordering).
@@ -290,7 +290,7 @@ class FairFifoScheduler:
 
     LOCK_FREE_TAKE = True  # under its own lock (mtc75/core/scheduler.py)
     LOCK_FREE_RELEASE = True  # nothing is ever blocked: release has nothing to guard
-    RUNS = True  # a run is one item of its partition's queue and of the front
+    takes_chunks = True  # a chunk is one item of its partition's queue and of the front
 
     def __init__(self, front: int = FRONT) -> None:
         if front < 1:
@@ -300,7 +300,7 @@ class FairFifoScheduler:
         self._front: deque[Work] = deque()  # the next ones to take, interleaved
         self._queues: dict[object, deque[Work]] = {}  # PartitionState -> its messages behind the front
         self._ring: deque[deque[Work]] = deque()  # the non-empty queues, next to serve first
-        self._count = 0  # messages (not runs) in _front and _queues (read without the lock as a hint)
+        self._count = 0  # messages (not chunks) in _front and _queues (read without the lock as a hint)
 
     def put(self, items: Iterable[Work]) -> None:
         with self._lock:
@@ -310,7 +310,7 @@ class FairFifoScheduler:
             queue: deque[Work] | None = None
             state: object = None
             for work in items:
-                if work.state is not state:  # runs of one partition: one lookup per run
+                if work.state is not state:  # chunks of one partition: one lookup per chunk
                     state = work.state
                     queue = queues.get(state)
                     if queue is None:
@@ -324,7 +324,7 @@ class FairFifoScheduler:
             self._fill()
 
     def _fill(self) -> None:
-        """Caller holds self._lock. Top the front up to its size, one message (or run) per partition in turn."""
+        """Caller holds self._lock. Top the front up to its size, one message (or chunk) per partition in turn."""
         front = self._front
         ring = self._ring
         room = self._size - len(front)

@@ -10,8 +10,8 @@ A ``take`` free of the dispatcher's lock therefore guards itself: the FIFOs take
 their own, which every other method that changes the queue also takes, so each waiting message goes
 either to a ``take`` (it then counts as started) or to a concurrent ``purge``, never to both and never
 lost, and the message count behind ``len`` is exact. (A lock-free ``popleft`` was the hot path while
-every message was its own ``Work``; with runs a take serves a whole run, and a lock per run costs
-nothing measurable, while counting a run's messages without one is not safe: a sum over a deque that
+every message was its own ``Work``; with chunks a take serves a whole chunk, and a lock per chunk costs
+nothing measurable, while counting a chunk's messages without one is not safe: a sum over a deque that
 another thread pops fails with "deque mutated during iteration" whenever the garbage collector runs
 Python code in the middle of it.) An ordered scheduler (per key, per partition) sets both flags False
 and gets every call locked.
@@ -24,11 +24,10 @@ through ``requeue``, and a retry purged while it waits (revoke, shutdown) is rel
 the delay queue or, once requeued, in the scheduler (the dispatcher knows it by ``attempts > 0``).
 A purged message that was never taken is not released.
 
-Runs (mtc75/core/work.py): a scheduler that sets ``RUNS`` may be handed a ``Work`` of several
-consecutive messages, which a worker takes whole. Such a scheduler never blocks anything (a run's
+Chunks (mtc75/core/work.py): a scheduler whose ``takes_chunks`` is True may be handed a ``Work`` of several
+consecutive messages, which a worker takes whole. Such a scheduler never blocks anything (a chunk's
 messages run one after another on one worker, and ``release`` is a no-op), and it counts messages,
-not ``Work`` objects, in ``len`` and ``ready``. The ordered schedulers set ``RUNS`` False and only
-ever see single messages.
+not ``Work`` objects, in ``len`` and ``ready``. The ordered schedulers take single messages only.
 
 ``FifoScheduler`` is the plain FIFO (unordered, first fetched first run; the bench's ``fifo``);
 ``ORDERING`` picks among the fair FIFO and the ordered modes (mtc75/core/ordering.py), further
@@ -45,7 +44,7 @@ from typing import Protocol
 
 from mtc75.core.work import Work
 
-# A Work's message count (1, or a run's length), for sums over lists only its owner holds.
+# A Work's message count (1, or a chunk's length), for sums over lists only its owner holds.
 size_of = attrgetter("size")
 
 
@@ -54,8 +53,7 @@ class Scheduler(Protocol):
 
     LOCK_FREE_TAKE: bool  # take() may be called without the dispatcher's lock (see the module notes)
     LOCK_FREE_RELEASE: bool  # release() may be called without it
-    RUNS: bool  # put() may be given runs (mtc75/core/work.py): never blocks, release() is a no-op;
-    # optional: a scheduler without it (a user's own) gets single messages
+    takes_chunks: bool  # put() may be given chunks (mtc75/core/work.py): never blocks, release() is a no-op
 
     def put(self, items: Iterable[Work]) -> None:
         """Add fetched messages (in fetch order)."""
@@ -76,7 +74,7 @@ class Scheduler(Protocol):
         """Remove and return the waiting messages ``drop`` selects (all without one)."""
 
     def __len__(self) -> int:
-        """Messages waiting, ready or blocked (the messages of a run count one by one)."""
+        """Messages waiting, ready or blocked (the messages of a chunk count one by one)."""
 
     @property
     def ready(self) -> int:
@@ -92,12 +90,12 @@ class FifoScheduler:
 
     LOCK_FREE_TAKE = True  # under its own lock (see the module notes)
     LOCK_FREE_RELEASE = True  # nothing is ever blocked: release has nothing to guard
-    RUNS = True
+    takes_chunks = True
 
     def __init__(self) -> None:
         self._queue: deque[Work] = deque()
         self._lock = threading.Lock()  # guards _queue and _count against concurrent takes
-        self._count = 0  # messages in _queue (a run counts its messages)
+        self._count = 0  # messages in _queue (a chunk counts its messages)
 
     def put(self, items: Iterable[Work]) -> None:
         items = list(items)

@@ -1,22 +1,23 @@
 """``MAX_THREAD_COUNT = "auto"`` in the engine: sample the pool, ask the AutoTuner, resize the dispatcher.
 
 The glue between :class:`mtc75.core.autotune.AutoTuner` (pure policy) and a running consumer. The
-engine makes three calls: :meth:`AutoThreads.timed` once, where it prepares the handler;
-:meth:`AutoThreads.tick` on every poll-loop turn (a comparison unless a sample is due); and
-:meth:`AutoThreads.retune` when MAX_THREAD_COUNT changes while running (a number <-> "auto").
+engine makes two calls: :meth:`AutoThreads.tick` on every poll-loop turn (a comparison unless a sample
+is due), and :meth:`AutoThreads.retune` when MAX_THREAD_COUNT changes while running (a number <-> "auto").
+While the mode is "auto" its :class:`LatencyMeter` observes every handler call of the invoker
+(:mod:`mtc75.runtime.invoker`); in fixed mode it is detached and costs nothing.
 
 Every ``SAMPLE_INTERVAL`` a :class:`~mtc75.core.autotune.Sample` is built from: completions (the engine's
-processed count), handler latency (the mean of the calls that ended since the last sample, measured by
-the timing wrapper), busy permits, messages that could start now (the dispatcher's ``ready``:
-retries waiting out a backoff and messages blocked behind their key or partition are no demand),
+processed count), handler latency (the mean of the calls that ended since the last sample), busy
+permits, messages that could start now (the dispatcher's ``ready``: retries waiting out a backoff and
+messages blocked behind their key or partition are no demand),
 the process's CPU time over wall time and cores, and the handlers' CPU in cores (their time in
 progress times the share of it their threads spent on a CPU: a core's worth that another thread
 does not raise is the GIL, see :mod:`mtc75.core.autotune`). A changed limit goes through
 ``dispatcher.resize`` -- the live resize, which never cancels a running handler -- and one debug line
 with the tuner's reason.
 
-Threads: everything here is poll-thread only, except the handler wrappers from :meth:`timed`, which run
-on worker threads (or the event loop thread of an async handler). Each of those writes only its own
+Threads: everything here is poll-thread only, except :meth:`LatencyMeter.call_ended`, which the invoker
+calls on worker threads (or the event loop thread of an async handler). Each call writes only its own
 thread's tally, so no lock is on the hot path; the poll thread only reads tallies (a float and an int
 whose reads are atomic) and takes a lock once per new thread, to list its tally.
 """
@@ -28,15 +29,13 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from mtc75.core.autotune import AutoTuner, Sample
-from mtc75.runtime.handlers import is_async_handler
+from mtc75.runtime.invoker import Invoker
 from mtc75.settings import AUTO, Settings
 
 logger = logging.getLogger(__name__)
-
-Handler = Callable[[Any], object]
 
 # Samples go to the tuner four times a second: its windows last at least a second (AutoTuner.interval),
 # and "messages were waiting in at least half of the samples" needs several samples per window.
@@ -59,17 +58,10 @@ class Pool(Protocol):
     def resize(self, limit: int) -> None: ...
 
 
-# A call this long (wall seconds) makes the next call on its thread measure its CPU time too. A thread
-# CPU clock read costs ~1 us here (timeit, time.thread_time), two per call: on every call of a 100 us
-# handler that is 2 %; shorter calls are measured one in CPU_SAMPLE_EVERY.
-SLOW_CALL = 1e-4
-CPU_SAMPLE_EVERY = 16  # a power of two: the check is a mask
-
-
 class _Tally:
     """One thread's handler calls: written only by that thread."""
 
-    __slots__ = ("count", "cpu", "cpu_wall", "slow", "thread", "total")
+    __slots__ = ("count", "cpu", "cpu_wall", "thread", "total")
 
     def __init__(self, thread: threading.Thread) -> None:
         self.thread = thread
@@ -77,22 +69,20 @@ class _Tally:
         self.count = 0  # calls ended
         self.cpu = 0.0  # thread CPU seconds of the calls whose CPU was measured
         self.cpu_wall = 0.0  # wall seconds of those same calls
-        self.slow = True  # the last call took SLOW_CALL or more: measure the next one's CPU
 
 
 class LatencyMeter:
     """Handler durations, summed per thread without a lock; :meth:`read` returns what ended since the last read.
 
-    ``enabled`` is checked per call, so a consumer started with a fixed count pays one attribute read
-    per message until it is switched to "auto". Calls of a plain handler also measure their thread's
-    CPU time (every call after a slow one, one in ``CPU_SAMPLE_EVERY`` otherwise): :meth:`read_cpu`
-    gives the share of handler time spent on a CPU, which tells a GIL-bound handler from one that
-    waits. A coroutine's thread runs other coroutines between its awaits, so async calls measure none.
+    A call observer of the invoker (:class:`mtc75.runtime.invoker.CallObserver`) while attached: the
+    invoker measures, the meter sums. Calls of a plain handler also bring their thread CPU time now and
+    then: :meth:`read_cpu` gives the share of handler time spent on a CPU, which tells a GIL-bound handler
+    from one that waits (a coroutine's thread runs other coroutines between its awaits: async calls bring none).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.enabled = False
-        self._clock = clock
+    wants_cpu = True
+
+    def __init__(self) -> None:
         self._local = threading.local()
         self._lock = threading.Lock()  # guards _tallies (appended by a thread's first call, read by the poll thread)
         self._tallies: list[_Tally] = []
@@ -102,58 +92,17 @@ class LatencyMeter:
         self._gone_cpu = (0.0, 0.0)  # (cpu, cpu_wall) of threads that ended
         self._seen_cpu = (0.0, 0.0)  # (cpu, cpu_wall) at the last read_cpu
 
-    def wrap(self, handler: Handler) -> Handler:
-        """``handler`` timed: an ``async def`` wrapper for an async handler, else a plain one."""
-        if is_async_handler(handler):  # the runner awaits it: the timing must await it too
-            return self._wrap_async(handler)
-        clock = self._clock
-        local = self._local
-        tally = self._tally
-        cpu_clock = time.thread_time
-        sample_mask = CPU_SAMPLE_EVERY - 1
-
-        # The hot path. Measured (timeit, no-op handler of 100 ns): +35-80 ns per call in fixed mode,
-        # +500 ns timed (+~120 ns more for the CPU sample one call in 16), against the engine's
-        # 5-10 us per message; the tally is looked up inline for that.
-        def timed(message: Any) -> object:
-            if not self.enabled:
-                return handler(message)
-            try:
-                t = local.tally
-            except AttributeError:
-                t = tally()
-            on_cpu = t.slow or not t.count & sample_mask
-            cpu_started = cpu_clock() if on_cpu else 0.0
-            started = clock()
-            try:
-                return handler(message)
-            finally:
-                elapsed = clock() - started
-                if on_cpu:
-                    t.cpu += cpu_clock() - cpu_started
-                    t.cpu_wall += elapsed
-                t.slow = elapsed >= SLOW_CALL
-                t.total += elapsed
-                t.count += 1  # after total: a read between the two sees the old count, never a short total
-
-        return timed
-
-    def _wrap_async(self, handler: Handler) -> Handler:
-        clock = self._clock
-        tally = self._tally
-
-        async def timed(message: Any) -> object:
-            if not self.enabled:
-                return await handler(message)  # type: ignore[misc]
-            started = clock()
-            try:
-                return await handler(message)  # type: ignore[misc]
-            finally:
-                t = tally()
-                t.total += clock() - started
-                t.count += 1
-
-        return timed
+    def call_ended(self, seconds: float, cpu: float | None) -> None:
+        """One handler call ended on this thread (the invoker's report)."""
+        try:
+            t = self._local.tally
+        except AttributeError:
+            t = self._tally()
+        if cpu is not None:
+            t.cpu += cpu
+            t.cpu_wall += seconds
+        t.total += seconds
+        t.count += 1  # after total: a read between the two sees the old count, never a short total
 
     def _tally(self) -> _Tally:
         try:
@@ -206,6 +155,7 @@ class AutoThreads:
     def __init__(
         self,
         settings: Settings,
+        invoker: Invoker,
         *,
         clock: Callable[[], float] = time.monotonic,
         cpu_clock: Callable[[], float] = time.process_time,
@@ -218,6 +168,7 @@ class AutoThreads:
         self.initial = settings.initial_threads()
         self.limit = self.initial  # the permit count in effect (what Stats.max_thread_count reports)
         self.meter = meter if meter is not None else LatencyMeter()
+        self._invoker = invoker
         self._clock = clock
         self._cpu_clock = cpu_clock
         self._cores = cores or _cores()
@@ -239,10 +190,6 @@ class AutoThreads:
         if self._tuner is None or self._clock() - self._changed_at > TREND_SHOWN:
             return 0
         return self._tuner.trend
-
-    def timed(self, handler: Handler) -> Handler:
-        """The handler the dispatcher runs: timed whenever the mode is "auto" (at setup, once)."""
-        return self.meter.wrap(handler)
 
     def tick(self, processed: int, pool: Pool) -> None:
         """One poll-loop turn: when a sample is due, step the tuner and apply its decision."""
@@ -285,7 +232,7 @@ class AutoThreads:
                 logger.debug("auto threads: tuning from %d (bounds %d..%d)", start, self.min_threads, self.max_threads)
             return
         self._tuner = None
-        self.meter.enabled = False
+        self._invoker.detach(self.meter)
         self._resize(pool, int(value))
 
     def _resize(self, pool: Pool, limit: int) -> None:
@@ -296,7 +243,7 @@ class AutoThreads:
         self._tuner = AutoTuner(self.min_threads, self.max_threads, initial)
         self._mark = None
         self._next = 0.0
-        self.meter.enabled = True
+        self._invoker.attach(self.meter)
         self.meter.read()  # forget calls timed before this start
         self.meter.read_cpu()
 

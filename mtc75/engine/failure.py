@@ -1,6 +1,6 @@
 """ON_FAILURE as policy objects: what happens to a message whose last attempt failed.
 
-The completion drain (:meth:`mtc75.engine.consumer.Mtc75Consumer._drain_completions`) hands every
+The ledger (:meth:`mtc75.engine.ledger.Ledger.settle`) hands every
 such message of a live assignment to :meth:`FailurePolicy.failed`, which says whether it is finished
 now (its offset may be committed past). A message not finished now either finishes later -- its
 dead-letter record confirmed, handed back by :meth:`FailurePolicy.confirmed` -- or never: it is
@@ -8,11 +8,11 @@ abandoned in the offset tracker, so revoke and shutdown do not wait for it and t
 below it. A policy that must end the run calls ``fail(error)``; the engine keeps the first error,
 stops, and raises it from ``run()``.
 
-- :class:`Skip` (``skip``): counted, finished, the partition moves on.
-- :class:`StopRun` (``stop``): abandoned; the run stops with :class:`~mtc75.errors.MessageFailed` (exit 5).
-- :class:`DeadLetter` (``dlq``): published to ``<topic>.dlq``; finished once Kafka confirmed the record.
+- :class:`SkipPolicy` (``skip``): counted, finished, the partition moves on.
+- :class:`StopPolicy` (``stop``): abandoned; the run stops with :class:`~mtc75.errors.MessageFailed` (exit 5).
+- :class:`DeadLetterPolicy` (``dlq``): published to ``<topic>.dlq``; finished once Kafka confirmed the record.
 
-Threads: the poll thread only, like the completion drain that calls it (no lock).
+Threads: the poll thread only, like the ledger that calls it (no lock).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from mtc75.core.offsets import OffsetTracker
 from mtc75.core.work import Work
 from mtc75.errors import MessageFailed, Mtc75Error
-from mtc75.kafka.deadletter import DeadLetters
+from mtc75.kafka.deadletter import DeadLetterProducer
 
 Fail = Callable[[Mtc75Error], None]  # the engine's "stop the run with this error" (the first one wins)
 
@@ -62,11 +62,11 @@ class FailurePolicy:
         """Release what the policy holds (the dead-letter producer)."""
 
 
-class Skip(FailurePolicy):
+class SkipPolicy(FailurePolicy):
     """``ON_FAILURE=skip``."""
 
 
-class StopRun(FailurePolicy):
+class StopPolicy(FailurePolicy):
     """``ON_FAILURE=stop``: the message never completes; each partition is committed up to it."""
 
     name = "stop"
@@ -88,12 +88,12 @@ class StopRun(FailurePolicy):
         return False
 
 
-class DeadLetter(FailurePolicy):
+class DeadLetterPolicy(FailurePolicy):
     """``ON_FAILURE=dlq``: finished once its record on ``<topic>.dlq`` is confirmed."""
 
     name = "dlq"
 
-    def __init__(self, letters: DeadLetters, tracker: OffsetTracker, fail: Fail) -> None:
+    def __init__(self, letters: DeadLetterProducer, tracker: OffsetTracker, fail: Fail) -> None:
         super().__init__()
         self._letters = letters
         self._tracker = tracker

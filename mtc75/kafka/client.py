@@ -265,6 +265,17 @@ class KafkaClient:
             logger.warning("close: the Kafka client did not close within %.0fs; leaving it", timeout)
 
 
+class Relay:
+    """A callback librdkafka must be given before its handler exists: calls go to ``to`` once it is set."""
+
+    def __init__(self) -> None:
+        self.to: Callable[..., None] | None = None
+
+    def __call__(self, *args: Any) -> None:
+        if self.to is not None:
+            self.to(*args)
+
+
 def is_incremental(conf: Mapping[str, Any]) -> bool:
     """Cooperative assignors and the KIP-848 protocol use incremental (un)assign."""
     strategy = str(conf.get("partition.assignment.strategy", ""))

@@ -1,8 +1,8 @@
 """How the engine builds its Kafka clients: one seam for an in-memory fake, one place for config errors.
 
 The engine builds a ``Consumer`` (poll thread), an ``AdminClient`` for the topic-id watch, and with
-``ON_FAILURE=dlq`` a ``Producer`` and an ``AdminClient`` for the dead-letter topic. It calls them only
-through a :class:`KafkaClients`, so a test can hand it fakes (``tests/fake_kafka.py``) and drive the
+``ON_FAILURE=dlq`` a ``Producer`` and an ``AdminClient`` for the dead-letter topic. It builds them only
+through a :class:`ClientFactories`, so a test can hand it fakes (``tests/fake_kafka.py``) and drive the
 real engine without a broker, and always via :func:`new_client`: librdkafka checks every property when
 a client is created and raises ``KafkaException`` (or ``TypeError``/``ValueError`` from the Python
 layer for a value of the wrong type); left alone that is a traceback, here it is one ConfigError line
@@ -21,20 +21,20 @@ from confluent_kafka.admin import AdminClient
 
 from mtc75.errors import ConfigError
 
-ClientFactory = Callable[[dict[str, Any]], Any]
+Factory = Callable[[dict[str, Any]], Any]
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class KafkaClients:
+class ClientFactories:
     """Which classes build the clients; the defaults are confluent-kafka's own."""
 
-    consumer: ClientFactory = Consumer
-    producer: ClientFactory = Producer
-    admin: ClientFactory = AdminClient
+    consumer: Factory = Consumer
+    producer: Factory = Producer
+    admin: Factory = AdminClient
 
 
-REAL_CLIENTS = KafkaClients()
+REAL_FACTORIES = ClientFactories()
 
 
 def new_client(factory: Callable[[dict[str, Any]], T], conf: Mapping[str, Any], kind: str) -> T:

@@ -10,7 +10,7 @@ restart and stick its partition for good. So it is sent again smaller -- first w
 ``mtc75.truncated`` with the original value's size; the full message stays in the source topic at the
 offset the headers name. Any other permanent publish error (e.g. not authorized to write the DLQ
 topic) stops the consumer with exit 5 naming the offset, rather than drop the message. Used only by
-the poll thread: the delivery reports arrive in :meth:`DeadLetters.poll`, on the thread that calls it.
+the poll thread: the delivery reports arrive in meth:`DeadLetterProducer.poll`, on the thread that calls it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from confluent_kafka import KafkaError, KafkaException
 from mtc75.core.retry import DelayQueue
 from mtc75.core.work import Work
 from mtc75.errors import MessageFailed
-from mtc75.kafka.clients import REAL_CLIENTS, KafkaClients, new_client
+from mtc75.kafka.clients import REAL_FACTORIES, ClientFactories, new_client
 from mtc75.kafka.topics import create_topic, fetch_metadata
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def dlq_headers(work: Work, keep_original: bool = True) -> list[tuple[str, bytes
     return headers
 
 
-class DeadLetters:
+class DeadLetterProducer:
     """Publishes failed messages to ``<topic>.dlq`` and hands them back once delivered."""
 
     def __init__(
@@ -69,14 +69,14 @@ class DeadLetters:
         topic: str,
         retry_delay: float,
         on_error: Callable[[KafkaError], None] | None = None,
-        clients: KafkaClients = REAL_CLIENTS,
+        factories: ClientFactories = REAL_FACTORIES,
     ) -> None:
         self.topic = dlq_topic(topic)
         self._conf = dict(producer_conf)
         if on_error is not None:
             self._conf.setdefault("error_cb", on_error)
         self._retry_delay = retry_delay
-        self._clients = clients  # builds the producer and the admin client
+        self._factories = factories  # builds the producer and the admin client
         self._producer: Any = None
         self._confirmed: deque[Work] = deque()
         self._failed: deque[tuple[Work, KafkaError]] = deque()
@@ -92,21 +92,21 @@ class DeadLetters:
         Existence is checked first, so a consumer without the right to create topics works with a
         DLQ topic an administrator made.
         """
-        admin = new_client(self._clients.admin, admin_conf, "librdkafka admin")
+        admin = new_client(self._factories.admin, admin_conf, "librdkafka admin")
         # A property the producer refuses must be a start-up error, not one at the first failure: build one
         # now and let it go. It is not kept: an idle idempotent producer left open kept the process from
         # exiting after the broker went away (measured: still running 30 s after BROKER_DOWN_TIMEOUT).
-        new_client(self._clients.producer, self._conf, "dead-letter producer")
+        new_client(self._factories.producer, self._conf, "dead-letter producer")
         info = fetch_metadata(admin, str(admin_conf.get("bootstrap.servers")), self.topic).topics.get(self.topic)
         if info is not None and info.error is None and info.partitions:
             return
-        if create_topic(admin_conf, self.topic, partitions, replication_factor, admin_factory=self._clients.admin):
+        if create_topic(admin_conf, self.topic, partitions, replication_factor, admin_factory=self._factories.admin):
             logger.info("created dead-letter topic %s (%d partitions)", self.topic, partitions)
 
     def publish(self, work: Work) -> None:
         """Send the original key, value and headers with the failure headers added."""
         if self._producer is None:
-            self._producer = new_client(self._clients.producer, self._conf, "dead-letter producer")
+            self._producer = new_client(self._factories.producer, self._conf, "dead-letter producer")
         self.pending += 1
         try:
             self._send(work)

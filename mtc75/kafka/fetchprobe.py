@@ -1,7 +1,7 @@
 """A short-lived consumer that samples about one fetch of the topic, for the fetch sizes (FETCH_SIZES).
 
 :func:`probe` runs before the engine's own client exists (fetch sizes are fixed for a client's life).
-It builds its own ``Consumer`` through :class:`~mtc75.kafka.clients.KafkaClients` (the tests' fake
+It builds its own ``Consumer`` through :class:`~mtc75.kafka.clients.ClientFactories` (the tests' fake
 works), never subscribes, never commits and never joins the group: it ``assign()``s each partition at
 the group's committed offset (per ``auto.offset.reset`` when there is none), lets librdkafka fetch
 about ENOUGH_BYTES in small responses, pauses, and reads the bytes received and the payload bytes
@@ -31,7 +31,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from mtc75.core.fetchsize import Sample
 from mtc75.kafka.client import ErrorKind, KafkaClient, classify
-from mtc75.kafka.clients import KafkaClients, new_client
+from mtc75.kafka.clients import ClientFactories, new_client
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ProbeFailed(Exception):
 class _Probe:
     """One probe run: its consumer, the statistics snapshots seen and the first error that ends it."""
 
-    def __init__(self, clients: KafkaClients, conf: Mapping[str, Any], topic: str, deadline: float) -> None:
+    def __init__(self, factories: ClientFactories, conf: Mapping[str, Any], topic: str, deadline: float) -> None:
         self._topic = topic
         self._deadline = deadline
         self._earliest = str(conf.get("auto.offset.reset", "latest")) in EARLIEST
@@ -82,7 +82,7 @@ class _Probe:
         self._error: KafkaError | None = None
         probe_conf = {k: v for k, v in conf.items() if k not in DROPPED_KEYS}
         probe_conf.update(PROBE_CONF, stats_cb=self._on_stats, error_cb=self._on_error)
-        self.consumer = new_client(clients.consumer, probe_conf, "fetch probe consumer")
+        self.consumer = new_client(factories.consumer, probe_conf, "fetch probe consumer")
 
     def _on_stats(self, raw: str) -> None:
         stats = json.loads(raw)
@@ -165,11 +165,13 @@ class _Probe:
                 time.sleep(min(COORDINATOR_RETRY, self._left()))
 
 
-def probe(clients: KafkaClients, conf: Mapping[str, Any], topic: str, seconds: float = PROBE_SECONDS) -> Sample | None:
+def probe(
+    factories: ClientFactories, conf: Mapping[str, Any], topic: str, seconds: float = PROBE_SECONDS
+) -> Sample | None:
     """One fetch's sample of ``topic`` read as the engine would start reading it; None if nothing or failed."""
     deadline = time.monotonic() + seconds
     try:
-        run = _Probe(clients, conf, topic, deadline)
+        run = _Probe(factories, conf, topic, deadline)
     except Exception as err:  # advisory: the engine's own client reports a bad configuration
         logger.debug("fetch probe not started: %s", err)
         return None

@@ -53,7 +53,7 @@ class TopicWatch:
 
     def __init__(self, admin: Any, topic: str) -> None:
         """``admin``: an ``AdminClient`` (or the in-memory fake), built by the engine through its
-        :class:`~mtc75.kafka.clients.KafkaClients`; the watch owns it from here on."""
+        :class:`~mtc75.kafka.clients.ClientFactories`; the watch owns it from here on."""
         self.topic = topic
         self._admin = admin
         self.topic_id: str | None = None  # the incarnation being consumed

@@ -1,8 +1,9 @@
 """The runner for ``async def`` handlers: each worker shift is a task on one event-loop thread.
 
 Same dispatcher, same permits, same steps as :class:`mtc75.runtime.runner.ThreadRunner`: a shift is the
-dispatcher's generator (``WorkerSteps.shift``); it yields a message, the task *awaits* the handler and
-sends back its error, until the generator returns (its permit went back). ``MAX_THREAD_COUNT``
+dispatcher's generator (``WorkerSteps.shift``); it yields a message, the task awaits the invoker
+(:meth:`mtc75.runtime.invoker.Invoker.invoke_async`) and sends back the outcome, until the generator returns
+(its permit went back). ``MAX_THREAD_COUNT``
 therefore bounds the coroutines in flight exactly as it bounds threads, a retry waiting out its backoff
 holds no task (the dispatcher's delay queue holds it), and resizing is the permits' business alone: a
 task costs no thread, so :meth:`AsyncRunner.grow` has nothing to grow.
@@ -25,35 +26,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
 
 from mtc75.core.offsets import PartitionState
 from mtc75.core.work import Work
 from mtc75.runtime.aio import EventLoopThread, LoopError
-from mtc75.runtime.handlers import Handler, handler_name, is_async_handler
-from mtc75.runtime.runner import Runner, ThreadRunner
-
-if TYPE_CHECKING:
-    from mtc75.runtime.runner import WorkerSteps
+from mtc75.runtime.invoker import Invoker
+from mtc75.runtime.runner import RunnerFactory, ThreadRunner, WorkerSteps
 
 logger = logging.getLogger(__name__)
-
-AsyncHandler = Callable[[Any], Awaitable[object]]
 
 STOP_TIMEOUT = 2.0  # seconds shutdown waits for cancelled handlers to end and the loop thread to join
 
 
-def pick_runner(handler: Handler) -> Callable[[WorkerSteps, Handler, int], Runner]:
-    """The runner factory for ``handler``: AsyncRunner for an ``async def`` one, ThreadRunner otherwise."""
-    if not is_async_handler(handler):
-        return ThreadRunner
-    label = handler_name(handler)
-
-    def make(steps: WorkerSteps, handler: Handler, limit: int) -> Runner:
-        return AsyncRunner(steps, handler, limit, label=label)  # type: ignore[arg-type]
-
-    return make
+def runner_for(invoker: Invoker) -> RunnerFactory:
+    """Where ``invoker``'s handler runs: coroutines on one event loop for an async one, else threads."""
+    return AsyncRunner if invoker.is_async else ThreadRunner
 
 
 class RevokeCancelled(asyncio.CancelledError):
@@ -63,15 +51,14 @@ class RevokeCancelled(asyncio.CancelledError):
 class AsyncRunner:
     """Runs each worker shift as a task on one :class:`EventLoopThread` (started here)."""
 
-    WORKERS = "coroutines"  # what MAX_THREAD_COUNT bounds, for the status line and dashboard
+    workers = "coroutines"
+    takes_chunks = False  # one coroutine per message: chunks would serialise awaits that could overlap
 
-    def __init__(
-        self, steps: WorkerSteps, handler: AsyncHandler, limit: int = 0, *, label: str, use_uvloop: bool = True
-    ) -> None:
+    def __init__(self, steps: WorkerSteps, invoker: Invoker, limit: int = 0, *, use_uvloop: bool = True) -> None:
         # ``limit`` (the permits) is accepted for the runner factory's signature: tasks need no pool size
         self._steps = steps
-        self._handler = handler
-        self.loop_thread = EventLoopThread(label, use_uvloop=use_uvloop)
+        self._invoker = invoker
+        self.loop_thread = EventLoopThread(invoker.name, use_uvloop=use_uvloop)
         self.loop_thread.start()
         self._loop = self.loop_thread.loop
         self._shifts: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
@@ -152,35 +139,30 @@ class AsyncRunner:
             await asyncio.wait(shifts)
 
     async def _shift(self) -> None:
-        """One shift: the dispatcher's generator yields a message, the handler is awaited, its error
-        (None when it returned) is sent back, until StopIteration (the permit went back)."""
+        """One shift: the dispatcher's generator yields a message, the invoker awaits the handler, the
+        outcome goes back, until StopIteration (the permit went back)."""
         task = asyncio.current_task()
         assert task is not None
         shift = self._steps.shift()
         send = shift.send
-        handler, running, cancelled = self._handler, self._running, self._cancelled
+        invoke, running, cancelled = self._invoker.invoke_async, self._running, self._cancelled
         try:
             work = next(shift)
             while True:
                 running[task] = work
-                error: BaseException | None = None
                 try:
-                    await handler(work.message)
-                except asyncio.CancelledError as err:
-                    # Ours (a revoke or shutdown cancelled it) or the handler's own (a library raising
-                    # it): either is this message's failure, never the end of the shift.
-                    error = RevokeCancelled("cancelled: its partition was revoked or the consumer stopped") \
-                        if task in cancelled else err
-                except BaseException as err:
-                    # Any handler failure -- BaseExceptions too -- is retried and then goes to ON_FAILURE:
-                    # it must not end the shift, lose its permit or strand its partition's commit.
-                    error = err
+                    outcome = await invoke(work)
                 finally:
                     del running[task]
-                    if task in cancelled:
-                        cancelled.discard(task)
-                        task.uncancel()  # the request was for that handler; the shift goes on
-                work = send(error)
+                if task in cancelled:
+                    # Ours (a revoke or shutdown cancelled it), whatever the handler made of it: the
+                    # message's failure, never the end of the shift. A CancelledError the handler raised
+                    # on its own is a plain failure (the invoker returned it).
+                    cancelled.discard(task)
+                    task.uncancel()  # the request was for that handler; the shift goes on
+                    if outcome is not None:
+                        outcome = RevokeCancelled("cancelled: its partition was revoked or the consumer stopped")
+                work = send(outcome)
         except StopIteration:
             return  # the permit went back
         finally:

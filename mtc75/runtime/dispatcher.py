@@ -1,58 +1,31 @@
-"""Bounded concurrency: a scheduler of waiting messages, ``max_thread_count`` permits, a runner's workers.
+"""Bounded concurrency: a scheduler of waiting Works, ``max_thread_count`` permits, a runner's workers.
 
-Thread contract. The poll thread (the dispatcher's owner) calls everything public except the worker
-steps: ``put``, ``release_due``, ``purge``, ``resize``, ``close_intake``, ``shutdown``, the waits and
-the counts. The runner's workers only drive their ``shift()`` generator (the worker steps: take the
-next message, settle the last one). ``completions`` is appended by workers and drained by the poll thread alone.
-One lock (``_lock``) guards the permits, the retry delay queue and every scheduler call, except
-``take`` and ``release`` on a scheduler that declares them lock-free (``LOCK_FREE_TAKE`` /
-``LOCK_FREE_RELEASE``, the FIFO: see mtc75/core/scheduler.py for what that promises). Counts read
-without the lock (``len``/``ready`` of the scheduler, ``len`` of the delay queue, ``_takes``, the
-permits) are hints: every decision that could strand a message -- a worker giving its permit back --
-re-checks them under the lock.
+The poll thread puts fetched Works into the scheduler (:mod:`mtc75.core.scheduler`, the only place waiting
+Works live); a Work starts only when a permit is free. A worker holding a permit keeps taking the next Work
+until none is ready, and only then gives its permit back, so a busy pool never waits for the poll thread.
+Everything a worker does between two Works is one step of its *shift* generator (:meth:`Dispatcher.shift`);
+calling the handler is the invoker's (:mod:`mtc75.runtime.invoker`), where it runs the runner's
+(:mod:`mtc75.runtime.runner`).
 
-The poll thread puts fetched messages into the scheduler (:mod:`mtc75.core.scheduler`, the only
-place waiting messages live); a message starts only when a permit is free. A worker that holds a
-permit keeps taking the next message until none is ready, and only then gives its permit back, so a
-busy pool never waits for the poll thread to hand out work. With the FIFO, taking a message needs no
-lock (``deque.popleft`` is atomic); giving a permit back and adding work share one lock, so "nothing
-ready, release" and "put, acquire" cannot race.
+Fast handlers: a started worker is a thread woken to compete for the GIL, so :meth:`Dispatcher.put` starts
+only the workers needed to drain the backlog within ``DRAIN_TARGET`` at the measured handler time per message
+(all of them for handlers of ``FAST_HANDLER`` or slower, and until a first measure), and the poll thread's
+:meth:`Dispatcher.release_due` starts the rest once the backlog stops moving for ``STALL_SECONDS``. Where
+scheduler and runner take chunks (mtc75/core/work.py), a fast handler's fetched partition runs are cut into
+chunks of ``CHUNK_TARGET`` worth of handler time, which a worker takes, runs and completes as one. A chunk that
+failed in part or was cut short (the handler turned slow) is split: what succeeded completes, each failed
+message is settled alone, the rest goes back as single messages and the time per message is forgotten.
 
-The workers come from a runner (:mod:`mtc75.runtime.runner`; threads today): a worker loops
-"next message" -> handler -> "settle it" through its shift (:meth:`Dispatcher.shift`), and all
-permit, scheduler and retry bookkeeping is in those steps, so another runner (asyncio) can sit
-beside the thread one.
+Failures: a raise schedules a retry per :class:`mtc75.core.retry.RetryPolicy` in a delay queue, holding no
+thread but keeping its place in the scheduler (an ordered scheduler keeps its key blocked); after the last
+attempt the Work goes to the completion queue marked failed. A Work of an assignment being given up
+(:meth:`Dispatcher.retire`) is never retried nor put back: it comes back failed or dropped.
 
-How many workers a batch starts follows the handler's measured time per message: a started worker
-is a thread woken to compete for the GIL, and with fast handlers the running ones drain the backlog
-before new ones even start. :meth:`Dispatcher.put` starts enough workers to drain the backlog within
-``DRAIN_TARGET`` (all of them for handlers of ``FAST_HANDLER`` or slower, and until a first measure);
-the poll thread's :meth:`Dispatcher.release_due` starts the rest as soon as the backlog stops moving
-for ``STALL_SECONDS`` (a fast handler that got slow). Workers count messages taken in ``_takes``
-without a lock; the poll thread only compares it with its last reading.
-
-Finished messages are reported on a completion queue that only the poll thread drains, because
-every Kafka call (store, commit) belongs to the poll thread.
-
-A handler that raises gets its message retried per :class:`mtc75.core.retry.RetryPolicy`: the message
-waits for its backoff in a delay queue, holding no thread (but still holding its place in the
-scheduler: it is not released), and re-enters the scheduler through ``requeue`` when due (checked by
-workers looking for work and by the poll thread's :meth:`Dispatcher.release_due`). Only after its
-last attempt is it released and put on the completion queue, marked failed, for the poll thread to
-dead-letter, skip or stop on. A purged retry (revoke, shutdown) is released too.
-
-Ordering modes plug a scheduler that hands out only messages whose key (or partition) has nothing
-running in through ``Dispatcher(scheduler=...)``; the permit and worker logic stays as it is.
-
-Runs across the thread boundary (mtc75/core/work.py). The poll thread puts one ``Work`` per fetched
-partition run; for fast handlers (measured under ``FAST_HANDLER`` per message) on a scheduler and a
-runner that take runs, :meth:`Dispatcher.put` cuts them into runs of ``RUN_TARGET`` worth of messages
-(at the measured time per message), which a worker takes, runs and completes as one; otherwise into
-single messages, as before. A run that fails in part, or that its runner cut short because the handler
-turned slow (mtc75/runtime/runner.py, ``RUN_SECONDS``), is split: what succeeded completes, each failed
-message is settled alone (retry, ON_FAILURE), and the rest goes back to the front of the scheduler as
-single messages, with the time per message forgotten (so the next puts cut single messages and start
-every free worker) and the poll thread asked to start free workers for them.
+Thread contract: the poll thread calls everything public except the shift; workers only drive their shift.
+``completions`` is appended by workers and drained by the poll thread alone (every Kafka call is the poll
+thread's). One lock guards the permits, the delay queue and every scheduler call except ``take`` and
+``release`` on a scheduler that declares them lock-free (the FIFOs: mtc75/core/scheduler.py). Counts read
+without the lock are hints; a worker giving its permit back re-checks them under the lock.
 """
 
 from __future__ import annotations
@@ -62,83 +35,74 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from mtc75.core.offsets import PartitionState
 from mtc75.core.retry import DelayQueue, RetryPolicy
 from mtc75.core.scheduler import FifoScheduler, Scheduler
 from mtc75.core.work import Work
-from mtc75.runtime.handlers import Handler, NotRunError, describe_error
+from mtc75.runtime.async_runner import runner_for
+from mtc75.runtime.handlers import describe_error
+from mtc75.runtime.invoker import Invoker, Partial
 from mtc75.runtime.permits import Permits
-from mtc75.runtime.runner import Partial, Runner, Shift, ThreadRunner, WorkerSteps
-
-__all__ = [
-    "DRAIN_TARGET", "FAST_HANDLER", "MIN_ACTIVE", "STALL_SECONDS", "Dispatcher", "Handler", "NotRunError",
-    "Permits", "RunnerFactory", "Work", "describe_error",
-]
+from mtc75.runtime.runner import Runner, RunnerFactory, Shift
 
 logger = logging.getLogger(__name__)
 
-# Builds the runner for a dispatcher: (its worker steps, the handler, max_thread_count) -> Runner.
-RunnerFactory = Callable[[WorkerSteps, Handler, int], Runner]
-
-# Measured with a no-op handler (bench/child.py, lz4 100 B, 500 000 messages): 75 started threads cost
-# 9.9 us of CPU per message, 4 threads 5.2 us, for the same work; the extra threads only fought for the GIL.
+# Extra started threads only fight for the GIL (BENCHMARKS.md, "Runs across the thread boundary").
 DRAIN_TARGET = 0.001  # seconds within which the started workers should drain the backlog
 FAST_HANDLER = 0.0001  # seconds per message below which put() starts only the workers needed
 MIN_ACTIVE = 2  # workers a fast backlog gets at least
 STALL_SECONDS = 0.005  # no message taken for this long while work waits: start every free worker
-# A run's length in handler time (runs: see the module notes): what one worker drains within
-# DRAIN_TARGET, so that the workers put() starts for a backlog each get about one run. Measured on lz4
-# 100 B, 1 000 000 messages, no-op handler (bench/child.py engine, 75 threads, 2026-11-27 04:50 UTC,
-# load < 1; msg/s, passes in the same minutes; the raw loop did 364-397k): 0.05 ms 136-206k,
-# 0.5 ms 270-280k, 1 ms 345-440k, 2 ms 356-489k, 5 ms 278-384k. Longer runs gain nothing measurable
-# and would run a 50 us I/O handler's messages on fewer workers than DRAIN_TARGET asks for.
-RUN_TARGET = DRAIN_TARGET
+# A chunk's handler time: what one worker drains within DRAIN_TARGET, so that each worker put() starts
+# gets about one chunk (longer chunks measured no faster; BENCHMARKS.md).
+CHUNK_TARGET = DRAIN_TARGET
+SMOOTHING = 0.3  # weight of the newest Work in the measured time per message
 
 
 class Dispatcher:
-    """Runs ``handler(message)`` on at most ``max_thread_count`` workers at once."""
+    """Runs the invoker's handler on at most ``max_thread_count`` workers at once."""
 
     def __init__(
         self,
-        handler: Handler,
+        invoker: Invoker,
         max_thread_count: int,
         retry: RetryPolicy | None = None,
         *,
         scheduler: Scheduler | None = None,
-        runner: RunnerFactory = ThreadRunner,
+        runner: RunnerFactory | None = None,
     ) -> None:
         self._retry = retry if retry is not None else RetryPolicy(max_attempts=1, base=0.0, cap=0.0)
         self._lock = threading.Lock()
         self._permits = Permits(max_thread_count)
         self._scheduler: Scheduler = scheduler if scheduler is not None else FifoScheduler()
-        # The scheduler's take/release, bound once: lock-free where its class allows it (the FIFO).
+        # The scheduler's take/release, bound once: lock-free where its class allows it (the FIFOs).
         self._take = self._scheduler.take if self._scheduler.LOCK_FREE_TAKE else self._locked_take
         self._release = self._scheduler.release if self._scheduler.LOCK_FREE_RELEASE else self._locked_release
-        self._delayed: DelayQueue[Work] = DelayQueue()  # failed messages waiting for their next attempt
+        self._delayed: DelayQueue[Work] = DelayQueue()  # failed Works waiting for their next attempt
         self.retried = 0  # retries scheduled (a message failing 3 times with 3 attempts counts 2)
         # Notified when a worker gives its permit back, and when the backlog falls to _drain_mark.
         self._changed = threading.Condition(self._lock)
         self._drain_mark = -1  # backlog length a waiter wants to hear about (-1: nobody waits)
         self.completions: deque[Work] = deque()  # appended by workers, drained by the poll thread
         self._done = self.completions.append
-        self._per_message: float | None = None  # seconds a worker spends per message (smoothed), under the lock
+        # Handler seconds per message (smoothed): written by workers per Work without a lock (a lost
+        # update is one sample), None until measured and after a chunk was cut short.
+        self._per_message: float | None = None
         self._takes = 0  # messages taken by workers (no lock: only compared for a change)
         self._takes_seen = 0  # poll thread: _takes at its last look
         self._takes_at = 0.0  # poll thread: when _takes last changed
         self._wake = False  # a worker handed messages back: the poll thread starts free workers for them
-        self._runner: Runner = runner(self, handler, max_thread_count)
-        # Runs only where both ends take them (the ordered schedulers and the asyncio runner do not).
-        self._runs = bool(getattr(self._scheduler, "RUNS", False) and getattr(self._runner, "RUNS", False))
+        invoker.report_work_to(self)
+        self._runner: Runner = (runner or runner_for(invoker))(self, invoker, max_thread_count)
+        self._chunks = self._scheduler.takes_chunks and self._runner.takes_chunks
 
     # -- poll-thread side -------------------------------------------------------------------------
 
     def put(self, items: Iterable[Work]) -> None:
-        """Queue fetched messages (single ones or runs) and start as many workers as there are free
-        permits and work. Runs are cut to this dispatcher's run length (see the module notes)."""
+        """Queue fetched Works, cut to this dispatcher's chunk size, and start workers for them."""
         with self._lock:
-            size = self._run_size()
+            size = self.chunk_size
             units: list[Work] = []
             for work in items:
                 if work.size > size:
@@ -150,16 +114,17 @@ class Dispatcher:
                 self._promote_due(time.monotonic())
             wanted = self._wanted(self._scheduler.ready)
             if size > 1:
-                wanted = min(wanted, len(units))  # a worker per run at most
+                wanted = min(wanted, len(units))  # a worker per chunk at most
             starts = self._permits.acquire(wanted)
         self._runner.spawn(starts)
 
-    def _run_size(self) -> int:
-        """Caller holds the lock. Messages per run: 1 unless runs are on and the handler is fast."""
+    @property
+    def chunk_size(self) -> int:
+        """Messages per Work put() cuts now: 1 unless chunks are on and the handler is fast."""
         per = self._per_message
-        if not self._runs or per is None or per >= FAST_HANDLER:
+        if not self._chunks or per is None or per >= FAST_HANDLER:
             return 1
-        return max(1, int(RUN_TARGET / max(per, 1e-7)))
+        return max(1, int(CHUNK_TARGET / max(per, 1e-7)))
 
     def _wanted(self, waiting: int) -> int:
         """Caller holds the lock. Workers to start for ``waiting`` messages (see the module notes)."""
@@ -185,8 +150,8 @@ class Dispatcher:
         self._runner.spawn(starts)
 
     def _unstall(self) -> None:
-        """Start every free worker when messages wait and none was taken for STALL_SECONDS, or when a
-        worker handed messages back (a run cut short)."""
+        """Start every free worker when Works wait and none was taken for STALL_SECONDS, or when a
+        worker handed messages back (a chunk cut short)."""
         if not self._scheduler.ready or self._permits.in_use >= self._permits.limit:
             return  # hints read without the lock: a wrong reading only delays this to the next turn
         now = time.monotonic()
@@ -202,29 +167,39 @@ class Dispatcher:
         self._takes_at = now
         self._runner.spawn(starts)
 
-    def purge(self, states: Iterable[PartitionState] | None = None) -> list[Work]:
-        """Drop messages not yet started (of the given assignments, or all) and return them.
-
-        Dropped messages were never handled and are never committed, so the next owner reads them
-        again. That includes retries waiting out a backoff or requeued: they were taken once, so the
-        scheduler releases them here. A worker taking lock-free while this runs may still get a message of a
-        dropped assignment; it then counts as started (its completion arrives late and is dropped).
-        """
+    def purge(self) -> list[Work]:
+        """Drop every Work not yet started (shutdown, a re-created topic) and return them."""
         with self._lock:
-            if states is None:
-                dropped = self._scheduler.purge()
-                retries = self._delayed.remove_if(lambda _w: True)
-            else:
-                wanted = set(map(id, states))
-                dropped = self._scheduler.purge(lambda w: id(w.state) in wanted)
-                retries = self._delayed.remove_if(lambda w: id(w.state) in wanted)
-            dropped.extend(retries)
-            for work in dropped:
-                if work.attempts:  # a retry (delayed, or requeued and not taken again): it was taken
-                    self._scheduler.release(work)
-            if dropped:
-                self._changed.notify_all()  # a wait_backlog_at_most may now be satisfied
-            return dropped
+            return self._purge(None)
+
+    def retire(self, states: Iterable[PartitionState]) -> list[Work]:
+        """Give these assignments up (revoke, lost): drop their unstarted Works and return them, and from
+        now on neither retry nor put back any Work of theirs (it completes failed, or dropped) -- one step,
+        so no retry can slip in between. Running handlers go on; their completions still count.
+        """
+        wanted = set(states)
+        with self._lock:
+            for state in wanted:
+                state.closing = True
+            return self._purge(wanted)
+
+    def _purge(self, states: set[PartitionState] | None) -> list[Work]:
+        """Caller holds the lock. Unstarted Works (of ``states``, or all); retries among them are released
+        (they were taken once). A worker taking lock-free meanwhile may still get one: it then counts as
+        started, and its completion arrives (late, if the state is gone)."""
+        if states is None:
+            dropped = self._scheduler.purge()
+            retries = self._delayed.remove_if(lambda _w: True)
+        else:
+            dropped = self._scheduler.purge(lambda w: w.state in states)
+            retries = self._delayed.remove_if(lambda w: w.state in states)
+        dropped.extend(retries)
+        for work in dropped:
+            if work.attempts:  # a retry (delayed, or requeued and not taken again): it was taken
+                self._scheduler.release(work)
+        if dropped:
+            self._changed.notify_all()  # a wait_backlog_at_most may now be satisfied
+        return dropped
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no handler runs, or ``timeout`` passes."""
@@ -239,13 +214,8 @@ class Dispatcher:
 
     def wait_backlog_at_most(self, mark: int, timeout: float) -> bool:
         """Block until at most ``mark`` messages wait in the scheduler (or a worker went idle), or
-        ``timeout`` passes.
-
-        Lets the poll thread sleep on the pool instead of in ``poll()``, and wake the moment the
-        threads catch up. ``mark=-1`` waits only for a worker to go idle. The length is read under
-        the lock here; a worker taking lock-free reads it without (a hint: it only decides whether to
-        notify, and a missed notification costs at most ``timeout``).
-        """
+        ``timeout`` passes: the poll thread sleeps on the pool, not in ``poll()``, and wakes the moment
+        the workers catch up. ``mark=-1`` waits only for a worker to go idle."""
         with self._changed:
             if len(self._scheduler) <= mark:
                 return True
@@ -268,12 +238,9 @@ class Dispatcher:
         return self._permits.limit
 
     def resize(self, limit: int) -> None:
-        """Change the bound on running handlers (poll thread only).
-
-        Growing takes the new permits at once (the runner grows first). Shrinking never interrupts a
-        handler: a worker gives its permit back after its current message while more permits are
-        held than the new limit, so no new message starts until the excess has drained.
-        """
+        """Change the bound on running handlers. Growing takes the new permits at once; shrinking never
+        interrupts a handler: a worker gives its permit back after its current Work while more are held
+        than the new limit."""
         if limit < 1:
             raise ValueError(f"max_thread_count must be >= 1, got {limit}")
         self._runner.grow(limit)
@@ -283,24 +250,18 @@ class Dispatcher:
         self._runner.spawn(starts)
 
     def cancel_running(self, states: Iterable[PartitionState]) -> None:
-        """Cancel the running handlers of messages fetched under ``states`` (revoked assignments), if the
-        runner can: coroutines can be cancelled (AsyncRunner), threads cannot (their completions are
-        dropped as late instead). Poll thread."""
-        cancel = getattr(self._runner, "cancel", None)
-        if cancel is not None:
-            cancel(states)
+        """Stop the running handlers of these assignments where the runner can (coroutines; threads run
+        on and their completions are dropped as late)."""
+        self._runner.cancel(states)
 
     @property
     def workers(self) -> str:
-        """What the bound counts: ``"coroutines"`` on the async runner, else ``"threads"``."""
-        return str(getattr(self._runner, "WORKERS", "threads"))
+        """What the bound counts: ``"threads"`` or ``"coroutines"``."""
+        return self._runner.workers
 
     def close_intake(self) -> None:
-        """Start nothing more (poll thread; at shutdown or after a fatal error).
-
-        The bound drops to 0 permits: each worker gives its permit back after its current message (the
-        shrink path of :meth:`resize`), so neither a waiting message nor a due retry starts again.
-        """
+        """Start nothing more (at shutdown or after a fatal error): the bound drops to 0 permits, and each
+        worker gives its permit back after its current Work."""
         with self._lock:
             self._permits.limit = 0
             self._changed.notify_all()
@@ -329,7 +290,14 @@ class Dispatcher:
         self.purge()
         self._runner.shutdown(wait)
 
-    # -- worker steps (called by the runner's workers; see mtc75/runtime/runner.py) ------------------
+    # -- worker side (the runner's workers; see mtc75/runtime/runner.py) -------------------------------
+
+    def work_ended(self, seconds: float, messages: int) -> None:
+        """The invoker's report of a Work (any worker thread): the handler time per message."""
+        if messages:
+            sample = seconds / messages
+            old = self._per_message
+            self._per_message = sample if old is None else (1 - SMOOTHING) * old + SMOOTHING * sample
 
     def _locked_take(self) -> Work:
         with self._lock:
@@ -349,15 +317,9 @@ class Dispatcher:
     def shift(self) -> Shift:
         """One worker's shift: it holds one permit from its spawn until this generator returns.
 
-        The runner drives it: ``work = next(shift)``, call the handler, ``work = shift.send(error)``
-        (None if the handler returned) ... until StopIteration, which means the permit went back.
-        Everything between two handler calls happens here: settling the last message (release and
-        completion, or its retry), promoting due retries, taking the next one -- lock-free on a
-        lock-free scheduler; only giving the permit back needs the lock, to re-check the scheduler
-        against a concurrent put(). A generator rather than two methods per message: its locals stay
-        bound for the whole shift, and one resume costs less than two calls. Measured, one worker
-        draining 300 000 no-op messages (CPU per message, best of 5, on the shared 2-core machine):
-        the old inline loop 306-428 ns, two step methods (next_work/settle) 520-835 ns, this 381-466 ns.
+        The runner drives it: ``work = next(shift)``, run it, ``work = shift.send(outcome)`` ... until
+        StopIteration (the permit went back). A generator rather than two methods per Work: its locals
+        stay bound for the whole shift, and one resume costs less than two calls (BENCHMARKS.md).
         Whatever escapes -- a scheduler bug, or the runner closing it -- gives the permit back first.
         """
         permits = self._permits
@@ -365,8 +327,6 @@ class Dispatcher:
         release = self._release
         done = self._done
         scheduler = self._scheduler
-        started = time.monotonic()
-        handled = 0
         holding = True
         try:
             while True:
@@ -381,11 +341,10 @@ class Dispatcher:
                         raise IndexError  # the bound shrank: give this permit back
                     work = take()
                 except IndexError:
-                    if self._give_back(started, handled):
+                    if self._give_back():
                         holding = False
                         return
                     continue
-                handled += work.size
                 self._takes += work.size
                 mark = self._drain_mark
                 if mark >= 0 and len(scheduler) <= mark:  # -1 (nobody waits) skips the len() call
@@ -408,10 +367,10 @@ class Dispatcher:
                     logger.exception("worker stopped by an unexpected error")
             raise
 
-    def _give_back(self, started: float, handled: int) -> bool:
+    def _give_back(self) -> bool:
         """Nothing ready (or the bound shrank): give the permit back unless work turned up meanwhile."""
-        # Before giving the permit back, let the poll thread run once: with fast handlers
-        # it is usually refilling the backlog right now, and a restart costs a spawn.
+        # Let the poll thread run once first: with fast handlers it is usually refilling the backlog
+        # right now, and a restart costs a spawn.
         time.sleep(0)
         scheduler, permits = self._scheduler, self._permits
         if scheduler.ready and permits.in_use <= permits.limit:
@@ -419,25 +378,24 @@ class Dispatcher:
         with self._lock:
             if scheduler.ready and permits.in_use <= permits.limit:
                 return False  # a put() came in between: its acquire saw this permit still held
-            if handled:
-                sample = (time.monotonic() - started) / handled
-                old = self._per_message
-                self._per_message = sample if old is None else 0.7 * old + 0.3 * sample
             permits.release()
             self._changed.notify_all()
             return True
 
     def _settle_partial(self, work: Work, outcome: Partial) -> None:
-        """A run came back failed in part or cut short: complete what succeeded, settle each failed
+        """A chunk came back failed in part or cut short: complete what succeeded, settle each failed
         message alone, and put the rest back as single messages (see the module notes)."""
         if outcome.handled < work.size:  # first, so that the free workers can start on it at once
-            # Of a revoked assignment (state.alive, read as settle_failure does): dropped, never run
-            # -- the next owner reads it again; the poll thread's purges took the rest of its run.
-            rest = work.part(outcome.handled, work.size).split(1) if work.state.alive else []
+            rest = work.part(outcome.handled, work.size).split(1)
             with self._lock:
-                self._scheduler.requeue(rest)
-                self._per_message = None  # slow now: single messages and every free worker until measured
-                self._wake = bool(rest)
+                if work.state.closing or not work.state.alive:  # given up: never run, never committed
+                    for piece in rest:
+                        piece.failed = piece.dropped = True
+                        self._done(piece)
+                else:
+                    self._scheduler.requeue(rest)
+                    self._per_message = None  # slow now: single messages and every free worker until measured
+                    self._wake = True
         done = self._done
         start = 0
         for index, error in sorted(outcome.failures, key=lambda failure: failure[0]):
@@ -454,28 +412,36 @@ class Dispatcher:
         work.attempts += 1
         work.error = describe_error(error)
         msg = work.message
-        # state.alive: the one PartitionState field workers read, without a lock (a bool the poll
-        # thread writes at revoke). A stale True schedules one more retry; its completion then
-        # carries a dead assignment and the poll thread drops it as late, as for any late completion.
-        if work.state.alive and retry.should_retry(work.attempts):
-            delay = retry.delay(work.attempts)
+        with self._lock:
+            # ``closing`` is set under this lock (retire): a retry either lands in the delay queue before
+            # the purge that follows, or is never scheduled.
+            again = work.state.alive and not work.state.closing and retry.should_retry(work.attempts)
+            if again:
+                delay = retry.delay(work.attempts)
+                # not released: an ordered scheduler keeps its key blocked meanwhile
+                self._delayed.push(time.monotonic() + delay, work)
+                self.retried += 1
+        if again:
             logger.warning(
                 "handler failed for %s[%d]@%d (attempt %d of %d): %s; retrying in %.2fs",
                 msg.topic(), msg.partition(), work.offset, work.attempts, retry.max_attempts,
-                work.error, delay, exc_info=logger.isEnabledFor(logging.DEBUG),
+                work.error, delay, exc_info=_traceback(error),
             )
-            with self._lock:  # not released: an ordered scheduler keeps its key blocked meanwhile
-                self._delayed.push(time.monotonic() + delay, work)
-                self.retried += 1
             return
         work.failed = True
-        # A revoked assignment's message (e.g. a coroutine cancelled at revoke) is not this consumer's
-        # failure: its completion is dropped and the partition's next owner runs it again.
+        # A Work of an assignment being given up is not this consumer's failure: the next owner runs it.
         logger.log(
-            logging.ERROR if work.state.alive else logging.DEBUG,
+            logging.ERROR if work.state.alive and not work.state.closing else logging.DEBUG,
             "handler failed for %s[%d]@%d (attempt %d of %d): %s",
             msg.topic(), msg.partition(), work.offset, work.attempts, retry.max_attempts, work.error,
-            exc_info=logger.isEnabledFor(logging.DEBUG),
+            exc_info=_traceback(error),
         )
         self._release(work)
         self._done(work)
+
+
+def _traceback(error: BaseException) -> tuple[type[BaseException], BaseException, object] | None:
+    """The handler's traceback for a DEBUG logger (``exc_info`` outside an ``except`` must be explicit)."""
+    if not logger.isEnabledFor(logging.DEBUG):
+        return None
+    return type(error), error, error.__traceback__

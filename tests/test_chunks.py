@@ -1,10 +1,11 @@
-"""Runs across the thread boundary, without a broker: a fast handler's messages travel as runs.
+"""Chunks across the thread boundary, without a broker: a fast handler's messages travel as chunks.
 
-What must hold (mtc75/core/work.py, mtc75/runtime/dispatcher.py): every message is handled exactly once
-and in offset order within its run; a run completes as one step of the watermark; a run that fails in
-part settles each failed message alone (retry, ON_FAILURE) and completes the rest; a run whose handler
-turned slow is cut short and its rest is free for every worker; schedulers count messages, not runs;
-slow handlers, ordered schedulers and the asyncio runner only ever see single messages.
+What must hold (mtc75/core/work.py, mtc75/runtime/dispatcher.py, mtc75/runtime/invoker.py): every message
+is handled exactly once and in offset order within its chunk; a chunk completes as one step of the
+watermark; a chunk that fails in part settles each failed message alone (retry, ON_FAILURE) and completes
+the rest; a chunk whose handler turned slow is cut short and its rest is free for every worker; schedulers
+count messages, not chunks; slow handlers, ordered schedulers and the asyncio runner only ever see single
+messages.
 """
 
 from __future__ import annotations
@@ -21,49 +22,47 @@ from mtc75.core.ordering import FairFifoScheduler, KeyScheduler
 from mtc75.core.retry import RetryPolicy
 from mtc75.core.scheduler import FifoScheduler
 from mtc75.core.work import Work
-from mtc75.runtime import runner as runner_module
-from mtc75.runtime.async_runner import pick_runner
-from mtc75.runtime.dispatcher import FAST_HANDLER, RUN_TARGET, Dispatcher
-from mtc75.runtime.runner import Partial, handle_run
+from mtc75.runtime import invoker as invoker_module
+from mtc75.runtime.dispatcher import CHUNK_TARGET, FAST_HANDLER, Dispatcher
+from mtc75.runtime.invoker import Invoker, Partial
 from tests.fake_kafka import FakeMessage
 from tests.kafka_helpers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 WAIT = 10.0
-PER = RUN_TARGET / 50  # the time per message _fast() pretends was measured: runs of 50
+PER = CHUNK_TARGET / 50  # the time per message _fast() pretends was measured: chunks of 50
 
 
 def _run(tracker: OffsetTracker, partition: int, first: int, count: int) -> Work:
-    """A fetched run, admitted to the tracker as the poll thread does."""
+    """A fetched partition run, admitted to the tracker as the poll thread does (one Work)."""
     state = tracker.get(("t", partition))
     assert state is not None
     offsets = list(range(first, first + count))
-    assert tracker.admit_run(state, offsets) is None
-    return Work.run([FakeMessage("t", partition, o) for o in offsets], state, first)
+    assert tracker.admit_range(state, offsets) is None
+    return Work.chunk([FakeMessage("t", partition, o) for o in offsets], state, first)
 
 
 def _drain(dispatcher: Dispatcher, tracker: OffsetTracker, sink: list[Work]) -> None:
-    """The poll thread's part: apply completions to the watermarks (runs in one step)."""
+    """The poll thread's part: apply completions to the watermarks (chunks in one step)."""
     while dispatcher.completions:
         work = dispatcher.completions.popleft()
         sink.append(work)
         if not work.failed:
-            tracker.complete_run(work.state, work.offset, work.size)
+            tracker.complete_range(work.state, work.offset, work.size)
 
 
 def _fast(dispatcher: Dispatcher) -> None:
-    """As if a shift had measured a fast handler (measured when a worker gives its permit back)."""
-    with dispatcher._lock:
-        dispatcher._per_message = PER
+    """As if the invoker had measured a fast handler (it reports every Work's time)."""
+    dispatcher.work_ended(PER * 50, 50)
 
 
 # -- Work and the tracker ----------------------------------------------------------------------------
 
 
-def test_a_run_splits_and_parts_into_the_same_messages_and_offsets() -> None:
+def test_a_chunk_splits_and_parts_into_the_same_messages_and_offsets() -> None:
     state = PartitionState(("t", 0))
-    work = Work.run([FakeMessage("t", 0, o) for o in range(10, 17)], state, 10)
+    work = Work.chunk([FakeMessage("t", 0, o) for o in range(10, 17)], state, 10)
     assert (work.size, list(work.offsets), work.message.offset()) == (7, list(range(10, 17)), 10)
     pieces = work.split(3)
     assert [(p.offset, p.size) for p in pieces] == [(10, 3), (13, 3), (16, 1)]
@@ -77,27 +76,27 @@ def test_a_run_splits_and_parts_into_the_same_messages_and_offsets() -> None:
     assert (one.offset, one.size, one.message.offset(), one.attempts) == (14, 1, 14, 0)
 
 
-def test_complete_run_moves_the_watermark_in_one_step_and_falls_back_offset_by_offset() -> None:
+def test_complete_range_moves_the_watermark_in_one_step_and_falls_back_offset_by_offset() -> None:
     tracker = OffsetTracker()
     tracker.assign([("t", 0)])
     state = tracker.state(("t", 0))
-    tracker.admit_run(state, list(range(0, 10)))
+    tracker.admit_range(state, list(range(0, 10)))
     assert tracker.complete(state, 5)  # out of order: above the watermark
-    assert tracker.complete_run(state, 0, 5)  # the head: pops 0..4, then 5 (done) follows
+    assert tracker.complete_range(state, 0, 5)  # the head: pops 0..4, then 5 (done) follows
     assert state.position == 6 and not state.done and list(state.pending) == [6, 7, 8, 9]
-    assert tracker.complete_run(state, 8, 2)  # not at the head: offset by offset, above the watermark
+    assert tracker.complete_range(state, 8, 2)  # not at the head: offset by offset, above the watermark
     assert state.position == 6 and state.done == {8, 9}
-    assert tracker.complete_run(state, 6, 2)
+    assert tracker.complete_range(state, 6, 2)
     assert state.position == 10 and not state.pending and not state.done
     tracker.revoke([("t", 0)])
-    assert not tracker.complete_run(state, 10, 3)  # a late completion of a revoked assignment
+    assert not tracker.complete_range(state, 10, 3)  # a late completion of a revoked assignment
 
 
 # -- schedulers ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", [FifoScheduler, FairFifoScheduler])
-def test_schedulers_count_messages_of_runs_and_purge_whole_runs(kind: type) -> None:
+def test_schedulers_count_messages_of_chunks_and_purge_whole_chunks(kind: type) -> None:
     tracker = OffsetTracker()
     tracker.assign([("t", 0), ("t", 1)])
     sched = kind()
@@ -115,7 +114,7 @@ def test_schedulers_count_messages_of_runs_and_purge_whole_runs(kind: type) -> N
 
 
 @pytest.mark.parametrize("kind", [FifoScheduler, FairFifoScheduler])
-def test_concurrent_takes_get_every_run_once_and_the_count_ends_at_zero(kind: type) -> None:
+def test_concurrent_takes_get_every_chunk_once_and_the_count_ends_at_zero(kind: type) -> None:
     tracker = OffsetTracker()
     tracker.assign([("t", p) for p in range(4)])
     sched = kind()
@@ -145,24 +144,24 @@ def test_concurrent_takes_get_every_run_once_and_the_count_ends_at_zero(kind: ty
 # -- the dispatcher ---------------------------------------------------------------------------------
 
 
-def test_a_fast_handler_gets_runs_and_every_message_once_in_offset_order() -> None:
+def test_a_fast_handler_gets_chunks_and_every_message_once_in_offset_order() -> None:
     tracker = OffsetTracker()
     tracker.assign([("t", 0), ("t", 1)])
     seen: list[tuple[int, int]] = []
-    d = Dispatcher(lambda m: seen.append((m.partition(), m.offset())), 4, scheduler=FairFifoScheduler())
+    d = Dispatcher(Invoker(lambda m: seen.append((m.partition(), m.offset()))), 4, scheduler=FairFifoScheduler())
     _fast(d)
     done: list[Work] = []
     d.put([_run(tracker, 0, 0, 400), _run(tracker, 1, 0, 400)])
     wait_until(lambda: (_drain(d, tracker, done), sum(w.size for w in done) == 800)[1], WAIT)
     d.shutdown(wait=True)
-    assert max(w.size for w in done) == int(RUN_TARGET / PER) == 50  # cut to the run length, not singles
+    assert max(w.size for w in done) == int(CHUNK_TARGET / PER) == 50  # cut to the chunk length, not singles
     assert sorted(seen) == [(p, o) for p in (0, 1) for o in range(400)]
-    for p in (0, 1):  # within a partition, each run's messages ran in order
+    for p in (0, 1):  # within a partition, each chunk's messages ran in order
         offsets = [o for q, o in seen if q == p]
         for work in (w for w in done if w.state.tp == ("t", p)):
             at = offsets.index(work.offset)
             assert offsets[at:at + work.size] == list(work.offsets)
-    assert tracker.position(("t", 0)) == tracker.position(("t", 1)) == 400
+    assert tracker.state(("t", 0)).position == tracker.state(("t", 1)).position == 400
 
 
 async def _async_noop(_msg: Any) -> None:
@@ -174,13 +173,9 @@ def test_slow_or_unmeasured_handlers_ordered_schedulers_and_coroutines_get_singl
     tracker = OffsetTracker()
     tracker.assign([("t", 0)])
     scheduler = KeyScheduler() if case == "ordered" else FairFifoScheduler()
-    if case == "async":
-        d = Dispatcher(_async_noop, 4, scheduler=scheduler, runner=pick_runner(_async_noop))
-    else:
-        d = Dispatcher(lambda _m: None, 4, scheduler=scheduler)
+    d = Dispatcher(Invoker(_async_noop if case == "async" else lambda _m: None), 4, scheduler=scheduler)
     if case != "unmeasured":
-        with d._lock:
-            d._per_message = FAST_HANDLER if case == "slow" else PER
+        d.work_ended(FAST_HANDLER if case == "slow" else PER, 1)
     done: list[Work] = []
     d.put([_run(tracker, 0, 0, 100)])
     wait_until(lambda: (_drain(d, tracker, done), sum(w.size for w in done) == 100)[1], WAIT)
@@ -189,7 +184,7 @@ def test_slow_or_unmeasured_handlers_ordered_schedulers_and_coroutines_get_singl
 
 
 @pytest.mark.parametrize("error", [ValueError("bad"), SystemExit(3), KeyboardInterrupt()])
-def test_a_run_that_fails_in_part_retries_the_failed_message_alone_and_completes_the_rest(
+def test_a_chunk_that_fails_in_part_retries_the_failed_message_alone_and_completes_the_rest(
     error: BaseException,
 ) -> None:
     tracker = OffsetTracker()
@@ -201,7 +196,7 @@ def test_a_run_that_fails_in_part_retries_the_failed_message_alone_and_completes
         if msg.offset() in (7, 30) and calls[msg.offset()] == 1:
             raise error  # once: the retry succeeds
 
-    d = Dispatcher(handler, 2, RetryPolicy(max_attempts=2, base=0.0, cap=0.0), scheduler=FairFifoScheduler())
+    d = Dispatcher(Invoker(handler), 2, RetryPolicy(max_attempts=2, base=0.0, cap=0.0), scheduler=FairFifoScheduler())
     _fast(d)
     done: list[Work] = []
     d.put([_run(tracker, 0, 0, 100)])
@@ -209,7 +204,7 @@ def test_a_run_that_fails_in_part_retries_the_failed_message_alone_and_completes
     def finished() -> bool:
         d.release_due()  # the poll thread's turn: due retries
         _drain(d, tracker, done)
-        return tracker.position(("t", 0)) == 100
+        return tracker.state(("t", 0)).position == 100
 
     wait_until(finished, WAIT)
     d.shutdown(wait=True)
@@ -220,7 +215,7 @@ def test_a_run_that_fails_in_part_retries_the_failed_message_alone_and_completes
     assert sorted(o for w in done for o in w.offsets) == list(range(100))
 
 
-def test_a_run_whose_last_attempt_fails_completes_that_message_failed_and_the_rest_done() -> None:
+def test_a_chunk_whose_last_attempt_fails_completes_that_message_failed_and_the_rest_done() -> None:
     tracker = OffsetTracker()
     tracker.assign([("t", 0)])
 
@@ -228,7 +223,7 @@ def test_a_run_whose_last_attempt_fails_completes_that_message_failed_and_the_re
         if msg.offset() == 3:
             raise RuntimeError("poison")
 
-    d = Dispatcher(handler, 2, scheduler=FairFifoScheduler())
+    d = Dispatcher(Invoker(handler), 2, scheduler=FairFifoScheduler())
     _fast(d)
     done: list[Work] = []
     d.put([_run(tracker, 0, 0, 10)])
@@ -237,27 +232,35 @@ def test_a_run_whose_last_attempt_fails_completes_that_message_failed_and_the_re
     failed = [w for w in done if w.failed]
     assert [(w.offset, w.size, w.attempts, w.error) for w in failed] == [(3, 1, 1, "RuntimeError: poison")]
     assert sorted((w.offset, w.size) for w in done if not w.failed) == [(0, 3), (4, 6)]
-    assert tracker.position(("t", 0)) == 3  # the failed one is the poll thread's (ON_FAILURE) to finish
+    assert tracker.state(("t", 0)).position == 3  # the failed one is the poll thread's (ON_FAILURE) to finish
 
 
-def test_handle_run_reports_failures_by_index_and_stops_at_the_deadline() -> None:
-    def handler(msg: int) -> Any:
-        if msg == 2:
-            raise ValueError(msg)
-        return None
-
-    assert handle_run(handler, [0, 1, 3], time.monotonic() + 60) is None
-    partial = handle_run(handler, [0, 1, 2, 3], time.monotonic() + 60)
-    assert isinstance(partial, Partial) and partial.handled == 4
-    assert [(i, type(e)) for i, e in partial.failures] == [(2, ValueError)]
-    cut = handle_run(handler, [0, 1, 2, 3], time.monotonic() - 1)  # past the deadline: one message, then back
-    assert cut == Partial(1, [])
-
-
-def test_a_run_whose_handler_turns_slow_is_cut_and_its_rest_runs_on_other_workers(
+def test_the_invoker_reports_a_chunks_failures_by_index_and_stops_at_the_deadline(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(runner_module, "RUN_SECONDS", 0.01)
+    def handler(msg: FakeMessage) -> Any:
+        if msg.offset() == 2:
+            raise ValueError(msg.offset())
+        return None
+
+    invoker = Invoker(handler)
+    state = PartitionState(("t", 0))
+
+    def chunk(*offsets: int) -> Work:
+        return Work.chunk([FakeMessage("t", 0, o) for o in offsets], state, offsets[0])
+
+    assert invoker.invoke(chunk(3, 4, 5)) is None
+    partial = invoker.invoke(chunk(0, 1, 2, 3))
+    assert isinstance(partial, Partial) and partial.handled == 4
+    assert [(i, type(e)) for i, e in partial.failures] == [(2, ValueError)]
+    monkeypatch.setattr(invoker_module, "CHUNK_SECONDS", -1.0)  # past the deadline: one message, then back
+    assert invoker.invoke(chunk(0, 1, 2, 3)) == Partial(1, [])
+
+
+def test_a_chunk_whose_handler_turns_slow_is_cut_and_its_rest_runs_on_other_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(invoker_module, "CHUNK_SECONDS", 0.01)
     tracker = OffsetTracker()
     tracker.assign([("t", 0)])
     threads: dict[int, str] = {}
@@ -267,30 +270,30 @@ def test_a_run_whose_handler_turns_slow_is_cut_and_its_rest_runs_on_other_worker
         if msg.offset() >= 5:
             time.sleep(0.03)  # the handler turned slow: 30 ms against a measured 20 us
 
-    d = Dispatcher(handler, 8, scheduler=FairFifoScheduler())
+    d = Dispatcher(Invoker(handler), 8, scheduler=FairFifoScheduler())
     _fast(d)
     done: list[Work] = []
     d.put([_run(tracker, 0, 0, 40)])
-    wait_until(lambda: bool(d.completions), WAIT)  # the cut run's done part
-    assert d._run_size() == 1  # the measure was forgotten: single messages until measured again
+    wait_until(lambda: bool(d.completions), WAIT)  # the cut chunk's done part
+    assert d.chunk_size == 1  # the measure was forgotten: single messages until measured again
 
     def finished() -> bool:
         d.release_due()  # the poll thread's turn: starts free workers for the handed-back rest
         _drain(d, tracker, done)
-        return tracker.position(("t", 0)) == 40
+        return tracker.state(("t", 0)).position == 40
 
     wait_until(finished, WAIT)
     d.shutdown(wait=True)
-    assert done[0].offset == 0 and done[0].size < 40  # the run came back cut short
+    assert done[0].offset == 0 and done[0].size < 40  # the chunk came back cut short
     assert all(w.size == 1 for w in done[1:])  # its rest: single messages
     assert sorted(o for w in done for o in w.offsets) == list(range(40))
     assert len(set(threads.values())) >= 4  # the rest was spread over the free workers
 
 
-def test_the_rest_of_a_run_cut_short_after_its_partition_was_revoked_is_dropped_not_run(
+def test_the_rest_of_a_chunk_cut_short_after_its_partition_was_revoked_is_dropped_not_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(runner_module, "RUN_SECONDS", 0.01)
+    monkeypatch.setattr(invoker_module, "CHUNK_SECONDS", 0.01)
     tracker = OffsetTracker()
     tracker.assign([("t", 0)])
     ran: list[int] = []
@@ -300,14 +303,15 @@ def test_the_rest_of_a_run_cut_short_after_its_partition_was_revoked_is_dropped_
         ran.append(msg.offset())
         started.set()
         if msg.offset() == 0:
-            tracker.revoke([("t", 0)])  # revoked while the run is running (the poll thread does this)
+            tracker.revoke([("t", 0)])  # revoked while the chunk is running (the poll thread does this)
             time.sleep(0.02)
 
-    d = Dispatcher(handler, 4, scheduler=FairFifoScheduler())
+    d = Dispatcher(Invoker(handler), 4, scheduler=FairFifoScheduler())
     _fast(d)
     d.put([_run(tracker, 0, 0, 20)])
     assert started.wait(WAIT)
     wait_until(lambda: bool(d.completions), WAIT)
     d.shutdown(wait=True)
-    assert ran == [0] and len(d._scheduler) == 0  # the rest was neither run nor left waiting
-    assert [(w.offset, w.size) for w in d.completions] == [(0, 1)]  # a late completion: the poll thread drops it
+    assert ran == [0] and d.backlog == 0  # the rest was neither run nor left waiting
+    back = sorted((w.offset, w.size, w.dropped) for w in d.completions)
+    assert back == [(0, 1, False)] + [(o, 1, True) for o in range(1, 20)]  # the rest handed back as dropped

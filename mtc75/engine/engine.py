@@ -1,0 +1,313 @@
+"""The MTC75 engine: one consumer's poll loop, start-up and shutdown, over parts that each own one concern.
+
+A message's path (ARCHITECTURE.md): :class:`~mtc75.engine.backpressure.Backpressure` fetches what there is
+room for; the :class:`~mtc75.engine.ledger.Ledger` admits it to the offset tracker as Works; the
+:class:`~mtc75.runtime.dispatcher.Dispatcher` runs them on at most MAX_THREAD_COUNT workers through the
+one handler path (:mod:`mtc75.runtime.invoker`); the ledger settles what finished (ON_FAILURE for the
+last failures); the :class:`~mtc75.engine.checkpoint.Checkpoint` commits each partition's finished prefix
+with its offset map, for a topic whose id it confirmed. :class:`~mtc75.engine.assignments.Assignments`
+takes and gives up partitions; :class:`~mtc75.engine.faults.Faults` says what an error means.
+
+Threads: construct, :meth:`Engine.run` and everything private on one thread, the poll thread (the final
+``close()`` runs on a helper thread while the poll thread waits: :meth:`mtc75.kafka.client.KafkaClient.close`).
+:meth:`Engine.stop` from any thread or a signal handler (it sets an Event); :meth:`Engine.retune` from any
+thread (under a lock); :meth:`Engine.stats` on the poll thread (``on_status`` hands snapshots to the others).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from enum import Enum
+from types import MappingProxyType
+from typing import Any
+
+from confluent_kafka import KafkaException
+
+from mtc75.core.gate import PauseGate
+from mtc75.core.offsets import Partition
+from mtc75.core.stats import Stats
+from mtc75.engine.autothreads import AutoThreads
+from mtc75.engine.backpressure import POLL_TIMEOUT
+from mtc75.engine.checkpoint import CONFIRM_TIMEOUT
+from mtc75.engine.faults import Faults
+from mtc75.engine.ledger import Ledger
+from mtc75.engine.startup import Parts, Wiring, assemble
+from mtc75.errors import KafkaUnavailable, Mtc75Error
+from mtc75.kafka.clients import REAL_FACTORIES, ClientFactories
+from mtc75.runtime.invoker import Invoker
+from mtc75.settings import Settings, check_bounds, live_changes
+
+logger = logging.getLogger(__name__)
+
+
+class Phase(Enum):
+    """Where a run is; the poll thread alone moves it."""
+
+    READY = "ready"  # built, run() not called
+    STARTING = "starting"  # connecting, checking the topic
+    RUNNING = "running"  # the poll loop
+    STOPPING = "stopping"  # finishing in-flight work, committing, closing
+    HALTED = "halted"  # a fatal error: nothing more is handled or committed
+    CLOSED = "closed"  # run() returned
+
+
+class Engine:
+    """Consumes ``settings.TOPIC`` with at most ``settings.MAX_THREAD_COUNT`` handlers at once.
+
+    No network I/O happens before :meth:`run`. :meth:`stop` may be called from any thread or a signal
+    handler; ``run`` then finishes in-flight work (bounded), commits and closes.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        invoker: Invoker,
+        *,
+        overrides: Mapping[str, str] = MappingProxyType({}),
+        max_messages: int | None = None,
+        idle_exit: float | None = None,
+        on_status: Callable[[Stats], None] | None = None,
+        status_interval: float = 1.0,
+        factories: ClientFactories = REAL_FACTORIES,
+    ) -> None:
+        check_bounds(max_messages, idle_exit)
+        self._settings = settings
+        self._overrides = overrides
+        self._invoker = invoker
+        self._threads = AutoThreads(settings, invoker)  # MAX_THREAD_COUNT = "auto" (fixed: it only watches)
+        self._max_messages = max_messages
+        self._idle_exit = idle_exit
+        self._on_status = on_status
+        self._status_interval = status_interval
+        self._factories = factories  # every Kafka client is built through these (tests: in-memory fakes)
+        self.phase = Phase.READY
+        self._stop = threading.Event()
+        self._fatal: Mtc75Error | None = None  # why run() must fail once it has shut down cleanly
+        self._faults = Faults(settings.BOOTSTRAP_SERVERS, settings.BROKER_DOWN_TIMEOUT, self._halt)
+        self._ledger = Ledger(self._faults.on_message_error)
+        self._gate = PauseGate(settings.PAUSE_INTERVAL, settings.MAX_BACKLOG)
+        self._retune_lock = threading.Lock()
+        self._retune: dict[str, Any] = {}  # live changes waiting for the poll thread
+        self._started = 0.0
+        self._assigned_at: float | None = None  # the first assignment (idle_exit counts from there)
+        self._lag: dict[Partition, int] = {}
+        self.abandoned = 0  # handlers still running when shutdown gave up waiting
+        self._parts: Parts | None = None
+
+    # -- any thread ---------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish: stop fetching, drain in-flight work, commit, close."""
+        self._stop.set()
+
+    def retune(self, **changes: Any) -> None:
+        """Change live settings (``mtc75.settings.LIVE``: keywords as retune()'s); applied within one loop turn."""
+        validated = live_changes(**changes)
+        with self._retune_lock:
+            self._retune.update(validated)
+
+    @property
+    def lingering(self) -> bool:
+        """After run(): handlers it stopped waiting for still run, or the Kafka client did not close in time."""
+        parts = self._parts
+        return self.abandoned > 0 or (parts is not None and parts.client.close_timed_out)
+
+    # -- the poll thread ----------------------------------------------------------------------------
+
+    def run(self) -> Stats:
+        """Consume until stopped, ``max_messages`` handled, or ``idle_exit`` seconds idle; returns the final Stats."""
+        self.phase = Phase.STARTING
+        self._started = time.monotonic()
+        try:
+            self._start()
+            self.phase = Phase.RUNNING
+            self._poll_loop()
+        except KafkaException as err:
+            raise KafkaUnavailable(f"Kafka error: {err.args[0].str()}") from None
+        finally:
+            self._shutdown()
+            self.phase = Phase.CLOSED
+        if self._fatal is not None:
+            raise self._fatal
+        return self.stats()
+
+    def _start(self) -> None:
+        """Build the parts, check the cluster and the topic (one line when either is missing), subscribe."""
+        wiring = Wiring(self._invoker, self._threads.initial, self._ledger, self._gate, self._faults, self._halt,
+                        self._fail, self._on_first_assignment)
+
+        def built(parts: Parts) -> None:
+            self._parts = parts
+
+        assemble(self._settings, self._overrides, self._factories, wiring, built)
+
+    def _poll_loop(self) -> None:
+        assert self._parts is not None
+        parts = self._parts
+        client, dispatcher, backpressure, checkpoint = parts.client, parts.dispatcher, parts.backpressure, \
+            parts.checkpoint
+        ledger, threads = self._ledger, self._threads
+        next_status = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if self._retune:
+                self._apply_retune()
+            threads.tick(ledger.processed, dispatcher)
+            dispatcher.release_due()
+            ledger.settle(dispatcher.completions)
+            gone = self._faults.brokers_gone(now)
+            if gone is not None:
+                self._fail(gone)
+                break
+            backpressure.turn(now, ledger.processed)
+            messages = backpressure.fetch()
+            if messages:
+                if self.phase is not Phase.HALTED:  # after a fatal error nothing more is handled
+                    dispatcher.put(ledger.admit(messages))
+                # Only a real message proves a broker answered: error events arrive while every broker is down.
+                if client.down_since is not None and any(m.error() is None for m in messages):
+                    client.note_message()
+            backpressure.update_holds(ledger.touched)
+            now = time.monotonic()
+            checkpoint.tick(now)
+            if now >= next_status:
+                self._lag = client.lag(checkpoint.lag_bases())
+                if self._on_status is not None:
+                    self._on_status(self.stats())
+                next_status = now + self._status_interval
+            if self._ended(now):
+                break
+
+    def _ended(self, now: float) -> bool:
+        """``max_messages`` handled, or ``idle_exit`` seconds without a new message (see README)."""
+        ledger = self._ledger
+        if self._max_messages is not None and ledger.processed >= self._max_messages:
+            logger.info("handled %d messages (max_messages reached); stopping", ledger.processed)
+            return True
+        if self._idle_exit is None or self._assigned_at is None:
+            return False  # idle counts from the first assignment: waiting for the group is not idleness
+        if now - max(ledger.admitted_at, self._assigned_at) < self._idle_exit:
+            return False
+        # Nothing in flight -- or, when handlers still run, none finished for as long (a hung handler must
+        # not keep idle_exit from firing; shutdown bounds the wait). Retries waiting out a backoff will finish.
+        assert self._parts is not None
+        dispatcher = self._parts.dispatcher
+        if ledger.tracker.in_flight() == 0 or (
+            dispatcher.delayed == 0 and now - max(ledger.progress_at, self._assigned_at) >= self._idle_exit
+        ):
+            logger.info("no new message for %.1fs (idle_exit); stopping", self._idle_exit)
+            return True
+        return False
+
+    def _on_first_assignment(self) -> None:
+        if self._assigned_at is None:
+            self._assigned_at = time.monotonic()
+
+    def _apply_retune(self) -> None:
+        assert self._parts is not None
+        with self._retune_lock:
+            changes, self._retune = self._retune, {}
+        self._settings = self._settings.replace(**changes)
+        if "MAX_THREAD_COUNT" in changes:
+            self._threads.retune(changes["MAX_THREAD_COUNT"], self._parts.dispatcher)
+        if "PAUSE_INTERVAL" in changes:
+            self._gate.pause_interval = changes["PAUSE_INTERVAL"]
+        logger.debug("retuned: %s", changes)
+
+    def _fail(self, error: Mtc75Error) -> None:
+        """End the run with ``error`` (the first one wins): stop fetching, finish, commit what is safe."""
+        if self._fatal is None:
+            self._fatal = error
+        self.stop()
+
+    def _halt(self, error: Mtc75Error) -> None:
+        """Stop at once: nothing more is handled or committed; running handlers are not waited for."""
+        if self.phase is not Phase.HALTED:
+            self.phase = Phase.HALTED
+            self._fatal = error
+            if self._parts is not None:
+                parts = self._parts
+                parts.checkpoint.halt()
+                parts.assignments.halted = True
+                parts.dispatcher.close_intake()
+                self._ledger.abandon(parts.dispatcher.purge())
+        self.stop()
+
+    def _shutdown(self) -> None:
+        """Stop fetching, wait (bounded) for running handlers, commit, close. Always runs."""
+        if self._parts is None:
+            return
+        parts = self._parts
+        client, dispatcher = parts.client, parts.dispatcher
+        halted = self.phase is Phase.HALTED
+        if not halted:
+            self.phase = Phase.STOPPING
+        # After a fatal error nothing can be committed: waiting for handlers would only delay the exit.
+        budget = 0.0 if halted else self._settings.SHUTDOWN_TIMEOUT
+        deadline = time.monotonic() + budget
+        try:
+            dispatcher.close_intake()  # nothing new starts: not a retry, not a late-promoted message
+            dropped = self._ledger.abandon(dispatcher.purge())
+            if dropped:
+                logger.info("shutdown: %d fetched messages not started; they stay uncommitted", dropped)
+            if dispatcher.active_thread_count and budget:
+                logger.info("shutdown: waiting up to %.0fs for %d running handlers",
+                            budget, dispatcher.active_thread_count)
+            while dispatcher.active_thread_count and time.monotonic() < deadline:
+                client.poll(0)  # keep serving the group (heartbeats, rebalances) while handlers finish
+                dispatcher.wait_idle(min(POLL_TIMEOUT, max(0.0, deadline - time.monotonic())))
+            self._ledger.settle(dispatcher.completions)
+            self.abandoned = dispatcher.active_thread_count
+            if self.abandoned:
+                logger.warning(
+                    "shutdown: abandoned %d handlers still running after %.1fs (SHUTDOWN_TIMEOUT %.0fs); "
+                    "their messages stay uncommitted and will be delivered again",
+                    self.abandoned, budget, self._settings.SHUTDOWN_TIMEOUT,
+                )
+            if client.down_since is None and not halted:
+                self._ledger.flush_failures(max(1.0, deadline - time.monotonic()))
+            parts.checkpoint.commit_now(None, time.monotonic() + CONFIRM_TIMEOUT)
+        finally:
+            self._ledger.failure.close()
+            parts.backpressure.end()
+            parts.assignments.closing = True
+            client.close()
+            dispatcher.shutdown(wait=False)
+
+    def stats(self) -> Stats:
+        now = time.monotonic()
+        parts, gate, ledger = self._parts, self._gate, self._ledger
+        d = parts.dispatcher if parts is not None else None
+        return Stats(
+            active_threads=d.active_thread_count if d else 0,
+            max_thread_count=self._threads.limit,
+            paused=gate.paused,
+            paused_for=gate.paused_for(now),
+            next_check_in=gate.next_check_in(now),
+            processed=ledger.processed,
+            failed=ledger.failed,
+            rate=gate.rate,
+            in_flight=ledger.tracker.in_flight(),
+            backlog=d.backlog if d else 0,
+            pauses=gate.pauses,
+            paused_seconds=gate.paused_seconds + gate.paused_for(now),
+            elapsed_seconds=now - self._started if self._started else 0.0,
+            max_active_threads=d.max_active_threads if d else 0,
+            workers=d.workers if d else "threads",
+            assigned=len(ledger.tracker.partitions()),
+            retried=d.retried if d else 0,
+            dead_lettered=ledger.failure.dead_lettered,
+            skipped=ledger.failure.skipped,
+            dropped_late=ledger.dropped_late,
+            abandoned=self.abandoned + (parts.assignments.abandoned if parts is not None else 0),
+            lag=dict(self._lag),
+            thread_mode=self._threads.mode,
+            thread_trend=self._threads.trend,
+            ordering=self._settings.ORDERING,
+            blocked=d.blocked if d else 0,
+            fetch_sizes=parts.fetch_sizes if parts is not None else "",
+        )
+

@@ -1,0 +1,86 @@
+"""Faults: what a librdkafka error means for the run -- ignore it, say it (rarely), stop, or halt at once.
+
+- A fatal error (``_FATAL``, e.g. a fenced static member) halts the consumer: nothing after it is safe, so
+  nothing more is handled or committed (exit 6).
+- Every broker down: librdkafka reconnects by itself; the engine commits nothing meanwhile, probes once a
+  second, and ends the run after BROKER_DOWN_TIMEOUT (exit 3).
+- The topic missing among fetched messages: the topic-id watch decides (a delete + re-create gets a grace);
+  without a watch, or a topic we may not read, the run ends (exit 3).
+- Anything else is transient: said once per kind and ERROR_REPEAT_SECONDS (:meth:`KafkaClient.warn_rarely`).
+
+Threads: the poll thread only; librdkafka's ``error_cb`` runs inside the poll thread's ``poll``/``consume``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from confluent_kafka import KafkaError
+
+from mtc75.errors import KafkaFatal, KafkaUnavailable, Mtc75Error
+from mtc75.kafka.client import ErrorKind, KafkaClient, classify
+
+logger = logging.getLogger(__name__)
+
+
+class Faults:
+    """Classifies the errors of one consumer's client and acts on them (see the module notes)."""
+
+    def __init__(self, bootstrap: str, down_timeout: float, halt: Callable[[Mtc75Error], None]) -> None:
+        self._bootstrap = bootstrap
+        self._down_timeout = down_timeout  # BROKER_DOWN_TIMEOUT
+        self._halt = halt  # the engine's "stop at once, commit nothing"
+        self.client: KafkaClient | None = None  # set once built
+        self.checked = False  # the start-up check passed: before it, errors are its to report, in one line
+        self.watching: Callable[[], bool] = lambda: False  # a topic-id watch decides about a missing topic
+
+    def is_fatal(self, err: KafkaError) -> bool:
+        """A fatal error halts the consumer; True if this was one."""
+        if classify(err) is not ErrorKind.FATAL:
+            return False
+        self._halt(KafkaFatal(
+            f"fatal Kafka error: {err.str()}; stopped at once, nothing more handled or committed "
+            "(uncommitted messages will be delivered again)"
+        ))
+        return True
+
+    def on_error(self, err: KafkaError) -> None:
+        """librdkafka's ``error_cb``."""
+        client = self.client
+        if self.is_fatal(err) or client is None:
+            return
+        if not self.checked:
+            logger.debug("Kafka: %s", err.str())  # the start-up check reports this as one error line
+            return
+        if classify(err) is ErrorKind.BROKERS_DOWN:
+            client.note_brokers_down()
+        client.warn_rarely(err, f"Kafka: {err.str()} (retrying)")
+
+    def on_message_error(self, err: KafkaError) -> None:
+        """An error event among the fetched messages; raises KafkaUnavailable when the run cannot go on."""
+        client = self.client
+        assert client is not None
+        kind = classify(err)
+        if kind is ErrorKind.END_OF_PARTITION or self.is_fatal(err):
+            return
+        if kind is ErrorKind.TOPIC_MISSING and self.watching():
+            # Deleted, maybe being re-created: the topic watch decides (grace, then exit 3, or a reset).
+            client.warn_rarely(err, f"consumer error: {err.str()}")
+            return
+        if kind in (ErrorKind.TOPIC_MISSING, ErrorKind.REFUSED):
+            raise KafkaUnavailable(f"consumer error: {err.str()}")
+        client.warn_rarely(err, f"consumer error: {err.str()}")
+
+    def brokers_gone(self, now: float) -> Mtc75Error | None:
+        """While every broker is down: probe now and then; the error that ends the run after the budget."""
+        client = self.client
+        if client is None or client.down_since is None:
+            return None
+        down_since = client.down_since
+        if client.probe(now) or now - down_since < self._down_timeout:
+            return None
+        return KafkaUnavailable(
+            f"lost Kafka at {self._bootstrap}: no broker reachable for {self._down_timeout:g}s "
+            "(BROKER_DOWN_TIMEOUT); what was handled since the last commit will be delivered again"
+        )

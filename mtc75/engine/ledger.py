@@ -1,0 +1,156 @@
+"""The ledger: fetched messages in as Works, finished Works out as offsets done -- the offset tracker's only writer.
+
+:meth:`Ledger.admit` records each fetched partition run in the offset tracker (:mod:`mtc75.core.offsets`) and
+returns the Works to run: one Work per run of consecutive offsets, without the offsets an earlier owner's
+offset map says finished (they complete at once, without a handler) and without redeliveries of offsets
+already in flight. :meth:`Ledger.settle` applies the completion queue: a success completes its offsets; a
+Work that failed its last attempt goes to the ON_FAILURE policy (:mod:`mtc75.engine.failure`), which finishes
+it now (``skip``), once its dead-letter record is confirmed (``dlq``) or never (``stop``); a failed or dropped
+Work of an assignment being given up is abandoned (never committed; the next owner reads it again); a
+completion of an assignment that ended is dropped as late.
+
+Threads: the poll thread only (no lock), like the tracker it owns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from itertools import repeat
+from typing import Any
+
+from confluent_kafka import KafkaError
+
+from mtc75.core.offsets import OffsetTracker
+from mtc75.core.work import Work
+from mtc75.engine.failure import FailurePolicy, SkipPolicy
+
+logger = logging.getLogger(__name__)
+
+
+class Ledger:
+    """The offset tracker plus the counts of what happened to the messages (see the module notes)."""
+
+    def __init__(self, on_error: Callable[[KafkaError], None]) -> None:
+        self.tracker = OffsetTracker()
+        self.failure: FailurePolicy = SkipPolicy()  # ON_FAILURE; the engine sets it once Kafka is reached
+        self._on_error = on_error  # an error event among the fetched messages
+        self.processed = 0  # finished: handled, skipped or dead-lettered
+        self.failed = 0  # failed their last attempt (of a live assignment)
+        self.dropped_late = 0  # completions of assignments that ended before they arrived
+        self.admitted_at = 0.0  # when a message was last admitted (monotonic)
+        self.progress_at = 0.0  # when a completion last arrived (monotonic)
+        self.touched: set[tuple[str, int]] = set()  # partitions that took offsets since the holds last looked
+
+    # -- in -------------------------------------------------------------------------------------------
+
+    def admit(self, messages: list[Any]) -> list[Work]:
+        """The Works for fetched ``messages`` (error events go to ``on_error`` in place). Runs per partition
+        run, not per message: consume() returns runs of one partition."""
+        works: list[Work] = []
+        run: list[Any] = []
+        topic: str | None = None
+        partition = -1
+        for msg in messages:
+            if msg.error() is not None:
+                self._admit(run, works)
+                run, topic, partition = [], None, -1
+                self._on_error(msg.error())
+                continue
+            if msg.partition() != partition or msg.topic() != topic:
+                self._admit(run, works)
+                run = [msg]
+                topic, partition = msg.topic(), msg.partition()
+            else:
+                run.append(msg)
+        self._admit(run, works)
+        if works:
+            self.admitted_at = time.monotonic()
+        return works
+
+    def _admit(self, run: list[Any], works: list[Work]) -> None:
+        """Record one partition run in the tracker and append its Works."""
+        if not run:
+            return
+        head = run[0]
+        tp = (head.topic(), head.partition())
+        state = self.tracker.get(tp)
+        if state is None:
+            return  # not ours any more (revoked between fetch and now): the current owner reads it
+        self.touched.add(tp)
+        offsets = [msg.offset() for msg in run]
+        admitted = self.tracker.admit_range(state, offsets)
+        if admitted is None:
+            if state.finished is None:  # the common case: no offset map from an earlier owner
+                works.append(Work.chunk(run, state, offsets[0]))
+                return
+            admitted = [True] * len(offsets)
+        skip = self.tracker.skip_finished
+        for msg, offset, ok in zip(run, offsets, admitted or repeat(False), strict=False):
+            if not ok:  # a redelivery of an offset in flight or done: the running handler covers it
+                logger.debug("skipping %s[%d]@%d: already in flight", tp[0], tp[1], offset)
+            elif not skip(state, offset):  # else finished under an earlier owner: completed without a handler
+                works.append(Work(msg, state, offset))
+
+    # -- out ------------------------------------------------------------------------------------------
+
+    def settle(self, completions: deque[Work]) -> int:
+        """Apply finished Works to the watermarks; returns the messages finished now."""
+        complete_range = self.tracker.complete_range
+        count = 0
+        if completions:
+            self.progress_at = time.monotonic()
+        while completions:
+            work = completions.popleft()
+            if not work.failed:  # the hot path: the handler returned
+                size = work.size
+                if complete_range(work.state, work.offset, size):
+                    self.processed += size
+                    count += size
+                else:
+                    self.dropped_late += size
+                continue
+            count += self._settle_failed(work)
+        if self.failure.pending:
+            for work in self.failure.confirmed():
+                count += self.finish(work)
+        return count
+
+    def _settle_failed(self, work: Work) -> int:
+        state = work.state
+        if not state.alive:  # its assignment ended (a coroutine cancelled at revoke): the next owner runs it
+            self.dropped_late += 1
+            return 0
+        if work.dropped or state.closing:  # given up before or while it ran: redelivered, never committed
+            self.abandon([work])
+            return 0
+        self.failed += 1
+        if not self.failure.failed(work):
+            return 0  # finishes later (dead letter) or never (stop)
+        return self.finish(work)
+
+    def finish(self, work: Work) -> int:
+        """Count a failed message finished (skipped, or its dead letter confirmed), unless its assignment ended."""
+        if self.tracker.complete(work.state, work.offset):
+            self.processed += 1
+            return 1
+        self.dropped_late += 1
+        return 0
+
+    def abandon(self, works: Iterable[Work]) -> int:
+        """Works that will not run here (dropped at revoke or shutdown): the watermark stays below them."""
+        abandon = self.tracker.abandon
+        count = 0
+        for work in works:
+            for offset in work.offsets:
+                abandon(work.state, offset)
+            count += work.size
+        return count
+
+    def flush_failures(self, timeout: float) -> None:
+        """At shutdown: give pending dead letters up to ``timeout`` to be confirmed, and finish those."""
+        if self.failure.pending:
+            for work in self.failure.flush(timeout):
+                self.finish(work)

@@ -1,0 +1,154 @@
+"""Start-up: the one place a run's parts are built and wired -- clients, dispatcher, checkpoint, assignments.
+
+:func:`assemble` builds the Kafka consumer with this run's fetch sizes, checks that the cluster answers and
+the topic exists (one line when not), learns the topic's id, makes sure ``<topic>.dlq`` exists (ON_FAILURE
+dlq), and wires the parts the engine's poll loop drives. Every client is built through the run's
+:class:`~mtc75.kafka.clients.ClientFactories` (tests pass in-memory fakes) and
+:func:`~mtc75.kafka.clients.new_client` (a property librdkafka refuses is one ConfigError line). The watch
+and the dead-letter producer reach the cluster the consumer reaches: they get its connection properties.
+
+Threads: the poll thread, before the poll loop starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import KafkaError
+
+from mtc75.core.fetchsize import choose, fixed
+from mtc75.core.gate import PauseGate
+from mtc75.core.ordering import new_scheduler
+from mtc75.core.retry import RetryPolicy
+from mtc75.engine.assignments import Assignments, revoke_wait
+from mtc75.engine.backpressure import Backpressure
+from mtc75.engine.checkpoint import OffsetCheckpoint
+from mtc75.engine.failure import DeadLetterPolicy, StopPolicy
+from mtc75.engine.faults import Faults
+from mtc75.engine.ledger import Ledger
+from mtc75.engine.topicguard import TopicGuard
+from mtc75.errors import Mtc75Error
+from mtc75.kafka.client import KafkaClient, Relay, is_incremental
+from mtc75.kafka.clients import ClientFactories, new_client
+from mtc75.kafka.deadletter import DeadLetterProducer
+from mtc75.kafka.fetchprobe import probe
+from mtc75.kafka.topics import METADATA_TIMEOUT, require_topic
+from mtc75.kafka.topicwatch import TopicWatch
+from mtc75.runtime.dispatcher import Dispatcher
+from mtc75.runtime.invoker import Invoker
+from mtc75.settings import AUTO, Settings
+
+logger = logging.getLogger(__name__)
+
+# -X properties that describe the connection, so the other clients reach the same cluster.
+CONNECTION_PREFIXES = ("security.", "sasl.", "ssl.", "client.", "socket.", "broker.address.")
+
+
+def consumer_conf(
+    settings: Settings, overrides: Mapping[str, Any], factories: ClientFactories
+) -> tuple[dict[str, Any], str, str]:
+    """The consumer's config with this run's fetch sizes, which they are, and why: the user's, FETCH_SIZES',
+    or a probe's choice (FETCH_SIZES="auto": one short fetch of the topic, :mod:`mtc75.kafka.fetchprobe`)."""
+    conf = settings.consumer_config(overrides)
+    if settings.user_fetch_sizes(overrides):
+        reason = (f"fetch.max.bytes={conf['fetch.max.bytes']}, "
+                  f"max.partition.fetch.bytes={conf['max.partition.fetch.bytes']}")
+        return conf, "set by the user", reason
+    choice = choose(probe(factories, conf, settings.TOPIC)) if settings.FETCH_SIZES == AUTO else fixed(
+        settings.FETCH_SIZES)
+    return settings.consumer_config(overrides, choice.sizes), str(choice.sizes), choice.reason
+
+
+def connection(conf: Mapping[str, Any]) -> dict[str, Any]:
+    """The consumer properties that say how to reach the cluster, for the other clients."""
+    return {k: v for k, v in conf.items() if k.startswith(CONNECTION_PREFIXES) and k not in ("logger", "error_cb")}
+
+
+def open_watch(settings: Settings, conf: Mapping[str, Any], factories: ClientFactories) -> TopicWatch:
+    """The topic-id watch, with the id of the topic as it is now (a re-created topic is noticed later)."""
+    admin = new_client(factories.admin, settings.admin_config(connection(conf)), "librdkafka admin")
+    watch = TopicWatch(admin, settings.TOPIC)
+    watch.start(METADATA_TIMEOUT)
+    return watch
+
+
+def open_dead_letters(
+    settings: Settings, conf: Mapping[str, Any], factories: ClientFactories, partitions: int,
+    on_error: Callable[[KafkaError], None],
+) -> DeadLetterProducer:
+    """The dead-letter producer, with ``<topic>.dlq`` made sure to exist before any message can need it."""
+    link = connection(conf)
+    letters = DeadLetterProducer(
+        settings.producer_config(link), settings.TOPIC, settings.RETRY_BACKOFF_MAX or 1.0, on_error,
+        factories=factories,
+    )
+    letters.ensure_topic(partitions, settings.REPLICATION_FACTOR, settings.admin_config(link))
+    return letters
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What the poll loop drives, built once per run."""
+
+    client: KafkaClient
+    dispatcher: Dispatcher
+    backpressure: Backpressure
+    checkpoint: OffsetCheckpoint
+    assignments: Assignments
+    fetch_sizes: str  # which fetch sizes the run uses, for the summary
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What the engine hands start-up: its own parts and its callbacks."""
+
+    invoker: Invoker
+    threads: int  # the permits the dispatcher starts with
+    ledger: Ledger
+    gate: PauseGate
+    faults: Faults
+    halt: Callable[[Mtc75Error], None]  # stop at once, commit nothing
+    fail: Callable[[Mtc75Error], None]  # end the run with this error, committing what is safe
+    on_first_assignment: Callable[[], None]
+
+
+def assemble(settings: Settings, overrides: Mapping[str, Any], factories: ClientFactories, wiring: Wiring,
+             parts: Callable[[Parts], None]) -> None:
+    """Build the run's parts and subscribe. ``parts`` gets them as soon as they exist (before the topic
+    check), so that shutdown can close what was built even when start-up fails."""
+    faults, ledger = wiring.faults, wiring.ledger
+    conf, fetch_sizes, reason = consumer_conf(settings, overrides, factories)
+    conf.setdefault("error_cb", faults.on_error)
+    conf["on_commit"] = on_commit = Relay()  # the checkpoint, once it exists
+    consumer = new_client(factories.consumer, conf, "librdkafka consumer")
+    client = faults.client = KafkaClient(consumer, settings.TOPIC, cooperative=is_incremental(conf))
+    retry = RetryPolicy(settings.MAX_ATTEMPTS, settings.RETRY_BACKOFF, settings.RETRY_BACKOFF_MAX)
+    dispatcher = Dispatcher(wiring.invoker, wiring.threads, retry, scheduler=new_scheduler(settings.ORDERING))
+    backpressure = Backpressure(client, ledger.tracker, dispatcher, wiring.gate, settings.offset_window())
+    guard = Relay()  # the topic guard, once the watch exists
+    checkpoint = OffsetCheckpoint(client, ledger.tracker, settings.COMMIT_INTERVAL, faults.is_fatal, guard)
+    on_commit.to = checkpoint.on_commit
+    assignments = Assignments(client, ledger, dispatcher, backpressure, checkpoint,
+                              revoke_wait(settings.REVOKE_TIMEOUT, conf), wiring.on_first_assignment)
+    parts(Parts(client, dispatcher, backpressure, checkpoint, assignments, fetch_sizes))
+    partitions = require_topic(consumer, settings.BOOTSTRAP_SERVERS, settings.TOPIC)
+    watch = checkpoint.watch = open_watch(settings, conf, factories)
+    faults.watching = lambda: watch.enabled
+    where = str(conf.get("auto.offset.reset", "earliest")).lower()
+    guard.to = TopicGuard(watch, assignments.reset, where, wiring.halt).changed
+    if settings.ON_FAILURE == "dlq":
+        letters = open_dead_letters(settings, conf, factories, partitions, faults.on_error)
+        ledger.failure = DeadLetterPolicy(letters, ledger.tracker, wiring.fail)
+    elif settings.ON_FAILURE == "stop":
+        ledger.failure = StopPolicy(ledger.tracker, wiring.fail)
+    faults.checked = True
+    logger.info("fetch sizes %s: %s", fetch_sizes, reason)
+    client.subscribe(assignments.on_assign, assignments.on_revoke, assignments.on_lost)
+    logger.info(
+        "consuming %s as group %s with %s %s (pause interval %.2fs, %s assignment)",
+        settings.TOPIC, settings.GROUP_ID, settings.MAX_THREAD_COUNT, dispatcher.workers,
+        settings.PAUSE_INTERVAL, "incremental" if is_incremental(conf) else "eager",
+    )
