@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from mtc75.core.stats import Stats
+from mtc75.engine.assignments import Assignments
 from mtc75.settings import Settings
 from tests.kafka_helpers import (
     BoundConsumer,
@@ -116,7 +117,7 @@ def test_handler_failures_are_counted_and_do_not_stall_the_partition(
 @pytest.mark.parametrize("strategy", ["range", "cooperative-sticky"])
 def test_handler_longer_than_max_poll_interval_does_not_evict_while_saturated(
     bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], strategy: str,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     topic, group, n = make_topic(partitions=2), unique("g"), 12
     produce_numbered(bootstrap, topic, n)
@@ -134,10 +135,12 @@ def test_handler_longer_than_max_poll_interval_does_not_evict_while_saturated(
         _settings(bootstrap, topic, group, MAX_THREAD_COUNT=2, PAUSE_INTERVAL=0.5, MAX_BACKLOG=2),
         recorder, overrides=overrides, max_messages=n,
     )
-    assignments: list[str] = []
-    original_assign, original_lost = consumer._on_assign, consumer._on_lost
-    consumer._on_assign = lambda c, p: (assignments.append("assign"), original_assign(c, p))[1]  # type: ignore
-    consumer._on_lost = lambda c, p: (assignments.append("lost"), original_lost(c, p))[1]  # type: ignore
+    assignments: list[str] = []  # the rebalance callbacks librdkafka made, seen through the Assignments class
+    original_assign, original_lost = Assignments.on_assign, Assignments.on_lost
+    monkeypatch.setattr(Assignments, "on_assign",
+                        lambda self, c, p: (assignments.append("assign"), original_assign(self, c, p))[1])
+    monkeypatch.setattr(Assignments, "on_lost",
+                        lambda self, c, p: (assignments.append("lost"), original_lost(self, c, p))[1])
     started = time.monotonic()
     stats = consumer.run()
     assert time.monotonic() - started > 8.0
@@ -240,19 +243,19 @@ def test_threads_stay_busy_through_pauses_over_a_saturated_run(
     assert ratio >= 0.9, f"threads busy {ratio:.1%} of {threads} x {end - start:.1f}s ({stats.pauses} pauses)"
 
 
-def test_a_fast_handler_runs_in_runs_and_a_failure_or_a_slow_spell_inside_a_run_loses_nothing(
+def test_a_fast_handler_runs_in_chunks_and_a_failure_or_a_slow_spell_inside_a_chunk_loses_nothing(
     bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Runs across the thread boundary (mtc75/core/work.py) against the real broker: a fast handler's
-    messages go as runs; one failing once inside a run is retried alone; a slow spell (5 x 50 ms
-    against ~us) cuts its run short and the rest goes on; every message succeeds exactly once and the
+    """Chunks across the thread boundary (mtc75/core/work.py) against the real broker: a fast handler's
+    messages go as chunks; one failing once inside a chunk is retried alone; a slow spell (5 x 50 ms
+    against ~us) cuts its chunk short and the rest goes on; every message succeeds exactly once and the
     group commits to the end."""
     from mtc75.core.offsets import OffsetTracker
     from mtc75.runtime import dispatcher as dispatcher_module
     from mtc75.runtime.dispatcher import Dispatcher
 
-    # Runs form for handlers measured under FAST_HANDLER (0.1 ms); a loaded machine can measure this
-    # one slower, so the bound is raised: this test is about what runs do, not when they start.
+    # Chunks form for handlers measured under FAST_HANDLER (0.1 ms); a loaded machine can measure this
+    # one slower, so the bound is raised: this test is about what chunks do, not when they start.
     monkeypatch.setattr(dispatcher_module, "FAST_HANDLER", 0.01)
     topic, group, n = make_topic(partitions=3), unique("g"), 6000
     produce_numbered(bootstrap, topic, n)
@@ -285,13 +288,13 @@ def test_a_fast_handler_runs_in_runs_and_a_failure_or_a_slow_spell_inside_a_run_
         settle_partial(self, work, outcome)
 
     monkeypatch.setattr(Dispatcher, "_settle_partial", spy)
-    complete_run = OffsetTracker.complete_run
+    complete_range = OffsetTracker.complete_range
 
     def completed(state: Any, first: int, count: int) -> bool:
         sizes.append(count)
-        return complete_run(state, first, count)
+        return complete_range(state, first, count)
 
-    monkeypatch.setattr(OffsetTracker, "complete_run", staticmethod(completed))
+    monkeypatch.setattr(OffsetTracker, "complete_range", staticmethod(completed))
     consumer = BoundConsumer(
         _settings(bootstrap, topic, group, MAX_THREAD_COUNT=8, MAX_ATTEMPTS=2, RETRY_BACKOFF=0.01,
                   RETRY_BACKOFF_MAX=0.01, ON_FAILURE="stop"),
@@ -301,7 +304,7 @@ def test_a_fast_handler_runs_in_runs_and_a_failure_or_a_slow_spell_inside_a_run_
     assert set(succeeded) == all_offsets(ends) and max(succeeded.values()) == 1  # none lost, none twice
     assert all(calls[w] == 2 for w in fail_once)  # retried alone, once
     assert stats.processed == n and stats.failed == 0 and stats.retried == len(fail_once)
-    assert max(sizes) > 1  # workers took, ran and completed runs
-    assert cuts  # the slow spell cut a run short; its rest went back as single messages
+    assert max(sizes) > 1  # workers took, ran and completed chunks
+    assert cuts  # the slow spell cut a chunk short; its rest went back as single messages
     assert committed_offsets(bootstrap, group, topic) == ends
-    report_figures("runs", messages=n, largest_run=max(sizes), cut=cuts, retried=stats.retried)
+    report_figures("runs", messages=n, largest_chunk=max(sizes), cut=cuts, retried=stats.retried)

@@ -212,7 +212,7 @@ def test_live_retune_grows_shrinks_and_ignores_a_bad_edit(
         wait_until(lambda: latest[-1].max_thread_count == 6, timeout=2.0, what="MAX_THREAD_COUNT 6 within 2s")
         wait_until(lambda: probe.current == 6, timeout=20, what="six handlers running")
         assert work.processing_sleep == 0.2
-        assert consumer._gate.pause_interval == 0.4
+        assert latest[-1].pause_interval == 0.4
         assert probe.peak <= 6
 
         # shrink: running handlers finish (none cancelled), new work stays within the new bound

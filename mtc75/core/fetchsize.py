@@ -49,13 +49,9 @@ LARGE = FetchSizes("large", 50 * MB, 1 * MB)
 NAMED = {SMALL.name: SMALL, LARGE.name: LARGE}
 FETCH_SIZE_MODES = ("auto", SMALL.name, LARGE.name)  # the FETCH_SIZES setting
 
-# Payload bytes per byte received at or below which LARGE is chosen. Probe ratios of the bench shapes:
-# uncompressed 150 B 0.92-0.93 (record headers), uncompressed 10 KB 1.00, lz4 100 B of JSON text 7.14.
-# Peak RSS of 1,000,000 x 150 B lz4 messages with LARGE against the probe's ratio (python bench/child.py
-# engine -X fetch.max.bytes=52428800 -X max.partition.fetch.bytes=1048576, 2026-11-27, load 2-3):
-# 1.2 -> 103 MB, 1.6 -> 111 MB, 3.1 -> 130 MB, and lz4 100 B (7.1) -> 231 MB (SMALL: 75-81 MB). The
-# probe under-states a ratio by at most 1/8 (see mtc75.kafka.fetchprobe), so 1.5 means at most ~1.7
-# really: ~110 MB, well inside 150 MB.
+# Payload bytes per byte received at or below which LARGE is chosen: uncompressed data reads ~0.9-1.0,
+# lz4 text ~7. Peak memory with LARGE grows with the ratio (BENCHMARKS.md, "Fetch sizes"); the probe
+# under-states a ratio by at most 1/8 (mtc75.kafka.fetchprobe), so 1.5 keeps the peak well inside 150 MB.
 UNCOMPRESSED_RATIO = 1.5
 # Below this many bytes received the ratio says little: a few KB of metadata and coordinator replies
 # count as received too and would make a small compressed sample look uncompressed.

@@ -309,5 +309,6 @@ class Engine:
             ordering=self._settings.ORDERING,
             blocked=d.blocked if d else 0,
             fetch_sizes=parts.fetch_sizes if parts is not None else "",
+            pause_interval=gate.pause_interval,
         )
 
