@@ -414,8 +414,9 @@ def run_value(file: str, root: Path = ROOT) -> str:
     tests = document["figures"]["tests"]
     counted = ", ".join(f"{n} {k}" for k, n in sorted(tests.items(), key=lambda kv: kv[0] != "passed"))
     m = document["machine"]
+    peak = f", at most {m['load_avg_1m_peak']:.1f}" if "load_avg_1m_peak" in m else ""
     return (f"`{document['command']}`, {when(document)}, commit {document['commit'][:7]}, {m['cores']} cores, "
-            f"load average {m['load_avg_before'][0]:.1f} → {m['load_avg_after'][0]:.1f}: **{counted}** in "
+            f"load average {m['load_avg_before'][0]:.1f} → {m['load_avg_after'][0]:.1f}{peak}: **{counted}** in "
             f"{document.get('seconds', 0):.0f} s (`tests/figures/{file}.json`)"
             + (f"; {document['note']}" if document.get("note") else ""))
 

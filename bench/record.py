@@ -194,7 +194,12 @@ def record_test_run(name: str, command: list[str], note: str = "") -> int:
     with tempfile.TemporaryDirectory(prefix="mtc75-figures-") as tmp:
         lines, junit = Path(tmp) / "figures.jsonl", Path(tmp) / "junit.xml"
         env = dict(os.environ, MTC75_FAULT_FIGURES=str(lines))
-        code = subprocess.run([*command, f"--junit-xml={junit}"], cwd=ROOT, env=env).returncode
+        proc = subprocess.Popen([*command, f"--junit-xml={junit}"], cwd=ROOT, env=env)
+        peak = os.getloadavg()[0]
+        while proc.poll() is None:  # the 1-minute load average, sampled: before/after miss a busy middle
+            peak = max(peak, os.getloadavg()[0])
+            time.sleep(5)
+        code = proc.returncode
         outcome = outcomes(junit)
         records = []
         for line in lines.read_text().splitlines() if lines.exists() else ():
@@ -202,7 +207,9 @@ def record_test_run(name: str, command: list[str], note: str = "") -> int:
             record["outcome"] = outcome.get(str(record.get("test", "")), "unknown")
             records.append(record)
     figures = {"exit_code": code, "tests": counts(outcome), "records": records}
-    path = run.write(figures, TEST_FIGURES, note)
+    document = run.document(figures, note)
+    document["machine"]["load_avg_1m_peak"] = round(peak, 2)
+    path = write(document, TEST_FIGURES)
     print(f"bench.record: {len(records)} FIGURES records, tests {figures['tests']} -> {path.relative_to(ROOT)}")
     return code
 

@@ -507,8 +507,10 @@ def plot(grid: list[dict[str, Any]], path: Path) -> None:
 class Bench:
     """One ``bench.run`` invocation: its broker, its topics (produced once, shared by sections), its options."""
 
-    def __init__(self, bootstrap: str, quick: bool, passes: int | None) -> None:
+    def __init__(self, bootstrap: str, quick: bool, passes: int | None, out: Path) -> None:
         self.bootstrap = bootstrap
+        # the plot beside BENCHMARKS.md's other pictures, unless the result files go elsewhere (a trial run)
+        self.plot_path = OUT / "throughput.png" if out == record.BENCH_RESULTS else out / "throughput.png"
         self.quick = quick
         self.passes = passes if passes is not None else (1 if quick else PASSES)
         self.run_id = uuid.uuid4().hex[:8]
@@ -557,7 +559,7 @@ class Bench:
             for multiple in ARROYO_PENDING:
                 peers.append(arroyo_rate(self.bootstrap, topic, 75, 0.010, 75 * multiple)
                              | {"peer": "sentry-arroyo RunTaskInThreads"})
-            plot(grid, OUT / "throughput.png")
+            plot(grid, self.plot_path)
             return {"grid": grid, "peers": peers, "target": TARGETS["saturation_75_10ms"]}
         if name == "peer":
             return peer_workload(self.bootstrap) | {"target": TARGETS["peer_workload_ratio"]}
@@ -595,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         bootstrap = broker.bootstrap
     from bench import docs
 
-    bench = Bench(bootstrap, args.quick, args.passes)
+    bench = Bench(bootstrap, args.quick, args.passes, args.out)
     t0 = time.monotonic()
     written: list[dict[str, Any]] = []
     try:
