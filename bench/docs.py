@@ -236,6 +236,11 @@ def t_scaleout(f: dict[str, Any]) -> str:
     return _rows(out)
 
 
+def _src(document: dict[str, Any]) -> str:
+    """The targets table's "from" cell: the run's date, and its note when it has one (a --quick run)."""
+    return when(document) + (f" (**{document['note']}**)" if document.get("note") else "")
+
+
 def _met(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
@@ -261,9 +266,9 @@ def t_targets(root: Path) -> str:
             rss = max(row["contenders"]["engine_16"]["peak_rss_mb"])
             shape = f"{row['shape']}, {row['partitions']} partitions"
             out.append(f"| no-op, {shape}: engine / tuned loop | **{ratio(r)}** | ≥ {row['target']} "
-                       f"| {_met(statistics.median(r) >= row['target'])} | {when(limit)} |")
+                       f"| {_met(statistics.median(r) >= row['target'])} | {_src(limit)} |")
             out.append(f"| no-op, {shape}: engine peak RSS | {rss:.0f} MB | ≤ {row['rss_target_mb']:.0f} MB "
-                       f"| {_met(rss <= row['rss_target_mb'])} | {when(limit)} |")
+                       f"| {_met(rss <= row['rss_target_mb'])} | {_src(limit)} |")
     sat = doc("saturation")
     mine = next((r for r in sat["figures"]["grid"] if r["threads"] == 75 and r["work_s"] == 0.010), None) \
         if sat else None
@@ -272,7 +277,7 @@ def t_targets(root: Path) -> str:
     else:
         t = sat["figures"]["target"]
         out.append(f"| saturation, N = 75 threads, W = 10 ms: of ideal N/W | **{mine['ratio']:.3f}** | ≥ {t} "
-                   f"| {_met(mine['ratio'] >= t)} | {when(sat)} |")
+                   f"| {_met(mine['ratio'] >= t)} | {_src(sat)} |")
     peer = doc("peer")
     peer_label = f"peer workload (10 000 msgs, 1 partition, 0{DASH}5 ms, 16 threads): of ideal"
     if peer is None:
@@ -280,7 +285,7 @@ def t_targets(root: Path) -> str:
     else:
         f = peer["figures"]
         out.append(f"| {peer_label} | **{f['ratio']:.3f}** "
-                   f"| ≥ {f['target']} | {_met(f['ratio'] >= f['target'])} | {when(peer)} |")
+                   f"| ≥ {f['target']} | {_met(f['ratio'] >= f['target'])} | {_src(peer)} |")
     ordering = doc("ordering")
     if ordering is None:
         missing("`ORDERING=key` / unordered at ≥ 20 keys: 2 ms of work; no-op", "ordering", "≥ 0.9; ≥ 0.5")
@@ -291,7 +296,7 @@ def t_targets(root: Path) -> str:
             label = "2 ms of work" if handler == "sleep" else "no-op"
             spread_ = f"{min(values):.2f}{DASH}{max(values):.2f}"
             out.append(f"| `ORDERING=key` / unordered, {label}, ≥ 20 keys | **{spread_}** "
-                       f"| ≥ {target} | {_met(min(values) >= target)} | {when(ordering)} |")
+                       f"| ≥ {target} | {_met(min(values) >= target)} | {_src(ordering)} |")
     async_ = doc("async")
     if async_ is None:
         missing("async handlers: of the ideal 10,000 msg/s; OS threads", "async", "≥ 0.8; ≤ 20")
@@ -299,9 +304,9 @@ def t_targets(root: Path) -> str:
         f = async_["figures"]
         a, t = f["async"], f["targets"]
         out.append(f"| async handlers: of the ideal {num(f['ideal_rate'])} msg/s | **{a['ratio']:.3f}** "
-                   f"| ≥ {t['ratio']} | {_met(a['ratio'] >= t['ratio'])} | {when(async_)} |")
+                   f"| ≥ {t['ratio']} | {_met(a['ratio'] >= t['ratio'])} | {_src(async_)} |")
         out.append(f"| async handlers: OS threads (peak) | **{a['peak_threads']}** | ≤ {t['threads']} "
-                   f"| {_met(a['peak_threads'] <= t['threads'])} | {when(async_)} |")
+                   f"| {_met(a['peak_threads'] <= t['threads'])} | {_src(async_)} |")
     return _rows(out)
 
 
@@ -321,13 +326,10 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str], str]] = {
     "autotune": ("bench/results/autotune.json", t_autotune, "python -m bench.autotune"),
     "scaleout": ("bench/results/scaleout.json", t_scaleout, "python -m bench.scaleout"),
 }
-SECTION_TABLES = {"limit": "limit", "shapes": "shapes", "reference": "reference", "saturation": "saturation",
-                  "peer": "peer", "cpu": "cpu", "async": "async"}
-
-
-def render_table(name: str, document: dict[str, Any]) -> str:
-    """The table ``name`` of one result document (bench/run.py prints these at the end of a run)."""
-    return TABLES[SECTION_TABLES.get(name, name)][1](document["figures"])
+def tables_of(document: dict[str, Any]) -> str:
+    """Every table made from one result document (bench/run.py prints them at the end of a run)."""
+    return "\n\n".join(f"{name}:\n\n{renderer(document['figures'])}" for name, (file, renderer, _) in TABLES.items()
+                       if Path(file).stem == document["section"])
 
 
 def table_block(name: str, root: Path = ROOT) -> str:

@@ -612,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         if broker is not None and started:
             broker.stop()
     for document in written:
-        print(f"\n## {document['section']}\n\n{docs.render_table(document['section'], document)}")
+        print(f"\n## {document['section']}\n\n{docs.tables_of(document)}")
     print(f"\n{command}: {time.monotonic() - t0:.0f} s in all")
     return 0
 

@@ -159,6 +159,11 @@ def test_the_limit_table_shows_the_spread_of_the_passes_and_judges_the_median(tm
     assert "| 160 MB | ≤ 150 MB | **no** |" in summary
     assert "not yet re-measured" in summary  # the sections not run here
     assert "Not yet re-measured" in docs.table_block("shapes", tmp_path)
+    quick = record.Run.start("limit", "python -m bench.run --only limit --quick").document(figures,
+                                                                                          "--quick: a smoke run")
+    record.write(quick, tmp_path / "bench" / "results")
+    assert "**--quick: a smoke run**" in docs.table_block("limit", tmp_path)
+    assert docs.table_block("targets", tmp_path).count("(**--quick: a smoke run**)") == 2  # a quick run says so
 
 
 def test_a_result_file_without_command_or_date_is_refused(tmp_path: Path) -> None:
