@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     kafka = None if args.bootstrap else own_broker(home, PORT)
     bootstrap = args.bootstrap or kafka.bootstrap  # type: ignore[union-attr]
     given = argv if argv is not None else sys.argv[1:]
-    run = record.Run.start("scaleout", " ".join(["python -m bench.scaleout", *given]))
+    this_run = record.Run.start("scaleout", " ".join(["python -m bench.scaleout", *given]))
     try:
         topic = f"scaleout-{uuid.uuid4().hex[:8]}"
         produce_backlog(bootstrap, topic, args.messages, args.partitions)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['processes']:>9} {row['rate_msg_s']:>9,.0f} {row['ratio_to_one']:>6.2f} "
               f"{row['of_ideal']:>9.3f} {row['window_s']:>9.1f}")
     meta = {"messages": args.messages, "partitions": args.partitions, "threads": args.threads, "work_s": args.work}
-    print(f"results: {run.write({'meta': meta, 'runs': results})}")
+    print(f"results: {this_run.write({'meta': meta, 'runs': results})}")
     return 0
 
 
