@@ -11,9 +11,9 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from termcolor import colored
 
@@ -104,10 +104,16 @@ def config_path(args: argparse.Namespace) -> Path | None:
     return args.config if args.config.exists() or args.config != DEFAULT_CONFIG else None
 
 
-def resolve(args: argparse.Namespace, settings: Sequence[str]) -> tuple[Settings, dict[str, str]]:
-    """Settings and ``-X`` properties from parsed arguments (raises ConfigError)."""
+def resolve(
+    args: argparse.Namespace, settings: Sequence[str], file_values: Mapping[str, Any] | None = None
+) -> tuple[Settings, dict[str, str]]:
+    """Settings and ``-X`` properties from parsed arguments (raises ConfigError).
+
+    ``file_values``: the config file's values already read (live reload); None reads the file here.
+    """
     flags = {name: getattr(args, name) for name in settings}
-    return load_settings(config_path(args), flags=flags), parse_properties(args.properties)
+    settings_ = load_settings(config_path(args), flags=flags, file_values=file_values)
+    return settings_, parse_properties(args.properties)
 
 
 # Advice only a user of this repository's scripts can follow: the library's errors state facts only.
