@@ -26,7 +26,7 @@ from mtc75.core.retry import FAILURE_MODES
 from mtc75.errors import ConfigError
 
 ENV_PREFIX = "MTC75_"
-# librdkafka logs through this logger instead of raw stderr; scripts show it only with -vv.
+# librdkafka logs through this logger instead of raw stderr; scripts show it only with -vv (-v: debug).
 LIBRDKAFKA_LOGGER = logging.getLogger("mtc75.librdkafka")
 OFFSET_RESETS = ("earliest", "latest", "error")
 AUTO = "auto"  # MAX_THREAD_COUNT = "auto"

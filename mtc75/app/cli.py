@@ -59,8 +59,8 @@ class _ColorFormatter(logging.Formatter):
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
-    """Log lines on stderr; librdkafka's own chatter only with -vv."""
-    level = logging.WARNING if quiet else logging.DEBUG if verbose >= 2 else logging.INFO
+    """Log lines on stderr: -v debug (a failing handler's traceback included), -vv librdkafka's own log too."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose >= 1 else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_ColorFormatter(use_color(sys.stderr)))
     root = logging.getLogger()
@@ -94,7 +94,8 @@ def base_parser(prog: str, description: str, epilog: str, settings: Sequence[str
         "-X", dest="properties", action="append", default=[], metavar="KEY=VALUE",
         help="librdkafka property, applied last; repeatable (e.g. -X fetch.wait.max.ms=50)",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: librdkafka debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="debug output, a failing handler's traceback included (-vv: also librdkafka's own log)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return parser
 
