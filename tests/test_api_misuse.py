@@ -201,6 +201,19 @@ def test_close_from_another_thread_waits_for_a_run_on_the_owner_and_close_with_a
     assert closed[1] == stats and stats.processed == 2  # the final Stats, the same as run() returned
 
 
+def test_a_handler_may_close_another_consumer(cluster: FakeKafka) -> None:
+    """Only the consumer's own threads are refused: closing another consumer from a handler just waits for it."""
+    other_cluster = FakeKafka()
+    other_cluster.create_topic(TOPIC, 1)
+    other = make(other_cluster)
+    other.start()
+    closed: list[mtc75.Stats] = []
+    cluster.fill(TOPIC, {0: 1})
+    consumer = make(cluster, handler=lambda m: closed.append(other.close(timeout=WAIT)))
+    consumer.run(max_messages=1)
+    assert len(closed) == 1 and other_cluster.consumer().closed
+
+
 def test_safe_calls_are_safe_before_during_and_after(cluster: FakeKafka) -> None:
     consumer = make(cluster, max_thread_count=1)
     consumer.retune(max_thread_count=2)  # before the run: its setting

@@ -95,7 +95,8 @@ def test_no_edit_stops_the_watcher_or_the_consumer_and_a_half_written_file_chang
     assert sum("not reloaded" in line for line in lines.err) == len(HOSTILE)  # one line each, no more
     report_figures("reload_hostile_edits", hostile_edits=len(HOSTILE),
                    seconds_to_warning={k: round(v, 2) for k, v in reported.items()},
-                   status_lines_before_good_edit=len(before), thread_counts_seen_before=sorted(set(before)),
+                   half_written_file_lines=len(removed), status_lines_before_good_edit=len(before),
+                   thread_counts_seen_before=sorted(set(before)),
                    good_edit_applied_after_s=round(applied_after, 2))
 
 
