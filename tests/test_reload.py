@@ -27,7 +27,7 @@ def _write(path: Path, text: str) -> None:
 
 def _watcher(
     tmp_path: Path, flags: dict[str, Any] | None = None, interval: float = 0.5,
-    read: Callable[[Path], tuple[dict[str, Any], set[str]]] = read_isolated,
+    read: Callable[[Path], tuple[dict[str, Any], set[str]]] | None = read_isolated,
 ) -> tuple[ConfigWatcher, list[dict[str, Any]]]:
     path = tmp_path / "config.py"
     _write(path, BASE)
@@ -308,3 +308,22 @@ def test_consumer_config_changes_are_named_for_a_restart_and_a_function_in_it_is
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert lines[0].startswith("config.py: CONSUMER_CONFIG changed; restart to apply"), lines
     assert len(lines) == 2 and "reloaded: MAX_THREAD_COUNT 4 -> 6" in lines[1], lines
+
+
+def test_closing_the_watcher_ends_a_file_still_running(tmp_path: Path) -> None:
+    """A file that loops for ever: close() does not wait the child's time bound, and the child is gone."""
+    from tests.kafka_helpers import wait_until
+
+    watcher, _applied = _watcher(tmp_path, interval=0.02, read=None)  # the default reader
+    pid_file = tmp_path / "child.pid"
+    _write(watcher.path, BASE + f"import os\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+           "while True:\n    pass\n")
+    watcher.start()
+    thread = watcher._thread
+    assert thread is not None
+    wait_until(lambda: pid_file.exists() and pid_file.read_text() != "", timeout=10, what="the child running the file")
+    started = time.monotonic()
+    watcher.close()
+    assert time.monotonic() - started < 3.0 and not thread.is_alive()
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)

@@ -113,13 +113,15 @@ os._exit(0)
 """
 
 
-def read_isolated(path: Path, timeout: float = LOAD_TIMEOUT) -> tuple[dict[str, Any], set[str]]:
+def read_isolated(
+    path: Path, timeout: float = LOAD_TIMEOUT, stop: threading.Event | None = None
+) -> tuple[dict[str, Any], set[str]]:
     """Run the settings file ``path`` in a child process: (its plain setting values, names of the others).
 
     Raises ConfigError, with one line, for anything that is not a clean run of a settings file:
-    a syntax error, an exception or exit of any kind, an unknown name, a file over
-    MAX_CONFIG_BYTES, no result within ``timeout`` (the child and anything it started is killed),
-    or a child that died (out of memory, ``os._exit``, a signal).
+    a syntax error, an exception or exit of any kind, an unknown name, no result within ``timeout``
+    or before ``stop`` is set (the child and anything it started are killed then), or a child that
+    died (out of memory, ``os._exit``, a signal).
     """
     with tempfile.TemporaryDirectory(prefix="mtc75-reload-") as folder:
         result = Path(folder) / "values.json"
@@ -132,15 +134,23 @@ def read_isolated(path: Path, timeout: float = LOAD_TIMEOUT) -> tuple[dict[str, 
             )
         except OSError as err:
             raise ConfigError(f"no process to read {path.name} in: {err.strerror or err}") from None
-        try:
-            code = child.wait(timeout)
-        except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + timeout
+        code: int | None = None
+        while code is None:
             try:
-                os.killpg(child.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            child.wait()
-            raise ConfigError(f"{path.name} still running after {timeout:g}s (an endless loop?)") from None
+                code = child.wait(max(0.0, min(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                stopped = stop is not None and stop.is_set()
+                if not stopped and time.monotonic() < deadline:
+                    continue
+                try:
+                    os.killpg(child.pid, signal.SIGKILL)  # its group: what the file started goes too
+                except OSError:
+                    pass
+                child.wait()
+                if stopped:
+                    raise ConfigError(f"{path.name} not read: the watcher is closing") from None
+                raise ConfigError(f"{path.name} still running after {timeout:g}s (an endless loop?)") from None
         if code != 0 or not result.exists():
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
             raise ConfigError(f"{path.name} ended the process reading it ({how}: os._exit, or out of memory)")
@@ -187,7 +197,8 @@ class ConfigWatcher:
     ``load(file_values)`` builds the settings as the script did at start-up from the file's values
     (environment and flags on top); ``apply`` receives the changed live values (it runs on the watcher
     thread, so it must be thread-safe). :meth:`check` is the one step the thread repeats, public so
-    tests can drive it without the thread; ``read`` (default :func:`read_isolated`) runs the file.
+    tests can drive it without the thread; ``read`` (default :func:`read_isolated`, its child killed
+    when the watcher closes) runs the file.
     """
 
     def __init__(
@@ -197,7 +208,7 @@ class ConfigWatcher:
         load: Callable[[Mapping[str, Any]], Settings],
         apply: Callable[[dict[str, Any]], None],
         interval: float = CHECK_INTERVAL,
-        read: Callable[[Path], tuple[dict[str, Any], set[str]]] = read_isolated,
+        read: Callable[[Path], tuple[dict[str, Any], set[str]]] | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError(f"interval must be > 0, got {interval}")
@@ -205,10 +216,11 @@ class ConfigWatcher:
         self.current = current
         self._load = load
         self._apply = apply
-        self._read = read
         self._interval = interval
         self._seen = self._loaded = self._read_stamp()  # the last stamp checked / the last one read
         self._stop = threading.Event()
+        # the default reader's child is killed when the watcher closes (a file that loops ends with it)
+        self._read = read if read is not None else lambda p: read_isolated(p, stop=self._stop)
         self._thread: threading.Thread | None = None
         self._warned: set[str] = set()  # "name=repr(value)" already named as needing a restart
         self._removed: set[str] = set()  # names already said to be no longer set in the file
