@@ -257,7 +257,8 @@ class ConfigWatcher:
                 return False
             new, removed = self._settings(values, opaque)
         except ConfigError as err:
-            logger.warning("%s not reloaded: %s; keeping the running values", name, err)
+            if not self._stop.is_set():  # closing: the read was cut short on purpose
+                logger.warning("%s not reloaded: %s; keeping the running values", name, err)
             return False
         live, restart = diff(self.current, new)
         self._removed &= set(removed)  # a name set again and removed again is said again
