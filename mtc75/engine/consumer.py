@@ -15,7 +15,8 @@ Threads: construct, :meth:`~Mtc75Consumer.run` and everything private on one thr
 (the one exception: the final ``close()`` on a helper thread while the poll thread waits, see
 :meth:`mtc75.kafka.client.KafkaClient.close`). :meth:`~Mtc75Consumer.stop` from any thread or a
 signal handler (it sets an Event); :meth:`~Mtc75Consumer.retune` from any thread (under a lock);
-:meth:`~Mtc75Consumer.stats` on the poll thread (``on_status`` hands snapshots to the others).
+:meth:`~Mtc75Consumer.stats` on the poll thread (``on_status`` hands snapshots to the others);
+:meth:`~Mtc75Consumer.on_handler_thread` from any thread.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from mtc75.kafka.topicwatch import Change, TopicWatch
 from mtc75.runtime.async_runner import pick_runner
 from mtc75.runtime.dispatcher import Dispatcher
 from mtc75.runtime.handlers import Handler, prepare_handler
+from mtc75.runtime.runner import runs_handlers_for
 from mtc75.settings import AUTO, Settings
 
 logger = logging.getLogger(__name__)
@@ -165,6 +167,11 @@ class Mtc75Consumer:
                 self._retune["MAX_THREAD_COUNT"] = max_thread_count
             if pause_interval is not None:
                 self._retune["PAUSE_INTERVAL"] = pause_interval
+
+    def on_handler_thread(self) -> bool:
+        """Called from a thread that runs this consumer's handlers (a worker, the event loop); any thread."""
+        dispatcher = self._dispatcher
+        return dispatcher is not None and runs_handlers_for(dispatcher)
 
     @property
     def close_timed_out(self) -> bool:

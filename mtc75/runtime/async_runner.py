@@ -32,7 +32,7 @@ from mtc75.core.offsets import PartitionState
 from mtc75.core.work import Work
 from mtc75.runtime.aio import EventLoopThread, LoopError
 from mtc75.runtime.handlers import Handler, handler_name, is_async_handler
-from mtc75.runtime.runner import Runner, ThreadRunner
+from mtc75.runtime.runner import Runner, ThreadRunner, mark_worker
 
 if TYPE_CHECKING:
     from mtc75.runtime.runner import WorkerSteps
@@ -73,6 +73,7 @@ class AsyncRunner:
         self._handler = handler
         self.loop_thread = EventLoopThread(label, use_uvloop=use_uvloop)
         self.loop_thread.start()
+        self.loop_thread.call_soon(mark_worker, steps)  # before any shift: call_soon keeps the order
         self._loop = self.loop_thread.loop
         self._shifts: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
         self._running: dict[asyncio.Task[None], Work] = {}  # shift -> the message its handler runs

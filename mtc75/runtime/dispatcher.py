@@ -462,7 +462,7 @@ class Dispatcher:
             logger.warning(
                 "handler failed for %s[%d]@%d (attempt %d of %d): %s; retrying in %.2fs",
                 msg.topic(), msg.partition(), work.offset, work.attempts, retry.max_attempts,
-                work.error, delay, exc_info=logger.isEnabledFor(logging.DEBUG),
+                work.error, delay, exc_info=error if logger.isEnabledFor(logging.DEBUG) else None,
             )
             with self._lock:  # not released: an ordered scheduler keeps its key blocked meanwhile
                 self._delayed.push(time.monotonic() + delay, work)
@@ -475,7 +475,7 @@ class Dispatcher:
             logging.ERROR if work.state.alive else logging.DEBUG,
             "handler failed for %s[%d]@%d (attempt %d of %d): %s",
             msg.topic(), msg.partition(), work.offset, work.attempts, retry.max_attempts, work.error,
-            exc_info=logger.isEnabledFor(logging.DEBUG),
+            exc_info=error if logger.isEnabledFor(logging.DEBUG) else None,  # the handler's traceback: not in an except
         )
         self._release(work)
         self._done(work)

@@ -3,6 +3,8 @@
 Thread contract: the dispatcher calls ``spawn``, ``grow`` and ``shutdown`` from the poll thread (the
 dispatcher's owner) only. A runner's workers call nothing but :meth:`WorkerSteps.shift` and the
 generator it returns, each shift driven by one worker at a time, and the handler between its steps.
+Each worker thread marks itself once, when it starts (:func:`mark_worker`); :func:`runs_handlers_for`
+reads that mark on the calling thread, from any thread.
 
 A worker's life is one *shift*: it starts holding one permit the dispatcher already took for it (the
 reason it was spawned) and drives its shift generator -- ``work = next(shift)``, call the handler,
@@ -27,6 +29,7 @@ settled as before: None or its error. The asyncio runner takes single messages o
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +43,21 @@ from mtc75.runtime.handlers import Handler, result_error
 # of the interpreter's 5 ms GIL switch intervals, is a handler that turned slow, not a worker that
 # waited its turn for the GIL. A cut forgets the time per message: single messages until measured again.
 RUN_SECONDS = 0.02
+
+
+# Whose handlers the current thread runs: set once, when a worker thread (or the event-loop thread) starts,
+# so that the API can refuse a call that would wait for the calling handler itself (close() from a handler).
+_worker = threading.local()
+
+
+def mark_worker(steps: object) -> None:
+    """Called on a new worker thread (or event-loop thread): it runs handlers for ``steps`` (a dispatcher)."""
+    _worker.steps = steps
+
+
+def runs_handlers_for(steps: object) -> bool:
+    """True on a thread that runs handlers for ``steps``: one of its workers, or its event-loop thread."""
+    return getattr(_worker, "steps", None) is steps
 
 
 class Partial(NamedTuple):
@@ -108,8 +126,12 @@ class ThreadRunner:
     def __init__(self, steps: WorkerSteps, handler: Handler, limit: int) -> None:
         self._steps = steps
         self._handler = handler
-        self._executor = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="mtc75-worker")
+        self._executor = self._pool(limit)
         self._workers = limit  # the executor's max_workers; grow() replaces it to grow
+
+    def _pool(self, limit: int) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=limit, thread_name_prefix="mtc75-worker", initializer=mark_worker,
+                                  initargs=(self._steps,))
 
     def spawn(self, count: int) -> None:
         submit, work = self._executor.submit, self._work
@@ -122,7 +144,7 @@ class ThreadRunner:
         if limit <= self._workers:
             return
         old = self._executor
-        self._executor = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="mtc75-worker")
+        self._executor = self._pool(limit)
         self._workers = limit
         old.shutdown(wait=False)
 
