@@ -2,10 +2,11 @@
 # make demo   - the main job: local Kafka, topic, consumer + producer burst, summary; ends by itself
 # make test   - the whole test suite against a local Kafka it starts and stops itself
 # make unit   - every test that needs no broker (engine against an in-memory Kafka fake, policies, CLI errors)
-# make bench  - throughput per topic shape, peers, memory and CPU figures (bench/results.json, BENCHMARKS.md),
-#               then MAX_THREAD_COUNT="auto" against fixed counts (bench/autotune.json, bench/autotune.png)
-#               and ordering modes against unordered (bench/ordering.json)
-# make faults - only the fault-injection suite (RELIABILITY.md), printing its measured figures
+# make bench  - the engine against the fastest plain consume() loop, peers, memory and CPU figures, then
+#               MAX_THREAD_COUNT="auto" against fixed counts and ordering modes against unordered: one
+#               result file per section in bench/results/ (BENCHMARKS.md's tables: python -m bench.docs)
+# make faults - only the fault-injection suite; its figures -> tests/figures/faults.json (RELIABILITY.md)
+# make figures - make faults, then the end-to-end tests RELIABILITY.md quotes -> tests/figures/e2e.json
 # make broker / make broker-stop / make broker-status - a local Kafka for the three-terminal flow
 #   (KAFKA_PORT, default 9092); BROKERS=3 runs a 3-node cluster: node 1 on KAFKA_PORT, the others on
 #   the next free port pairs. `make broker BROKERS=3` again starts only the nodes that are not running.
@@ -17,7 +18,7 @@ KAFKA_PORT ?= 9092
 BROKERS ?= 1
 export KAFKA_PORT
 
-.PHONY: all setup kafka demo test unit bench faults lint broker broker-stop broker-status clean
+.PHONY: all setup kafka demo test unit bench faults figures lint broker broker-stop broker-status clean
 
 all: setup
 
@@ -61,13 +62,22 @@ bench: kafka $(VENV)/.bench-installed bench/parallel-consumer/target/classpath.t
 	$(PY) -m bench.run
 	$(PY) -m bench.autotune
 	$(PY) -m bench.ordering --with-fifo
+	$(PY) -m bench.docs
 
-# The fault-injection suite alone; its measured figures go to .kafka/fault-figures.jsonl (see RELIABILITY.md).
+# The fault-injection suite alone; its FIGURES records and outcomes go to tests/figures/faults.json
+# (bench/record.py), which RELIABILITY.md's figure cells are generated from (python -m bench.docs).
 faults: kafka
-	rm -f .kafka/fault-figures.jsonl
 	mkdir -p .kafka/pytest-tmp
-	MTC75_FAULT_FIGURES=$(CURDIR)/.kafka/fault-figures.jsonl $(PYTEST) -m faults -v
-	@echo "measured figures (.kafka/fault-figures.jsonl):" && cat .kafka/fault-figures.jsonl
+	PYTEST_DEBUG_TEMPROOT=$(CURDIR)/.kafka/pytest-tmp $(PY) -m bench.record faults -- $(PY) -m pytest -m faults -v
+
+# The end-to-end tests whose FIGURES records RELIABILITY.md quotes besides the fault suite's (rows 8, 28-43).
+E2E_FIGURES := tests/test_ordering_e2e.py tests/test_async_e2e.py tests/test_reload_e2e.py \
+	tests/test_handler_tracebacks.py tests/test_api_misuse.py \
+	tests/test_consumer_e2e.py::test_threads_stay_busy_through_pauses_over_a_saturated_run \
+	tests/test_consumer_e2e.py::test_a_fast_handler_runs_in_runs_and_a_failure_or_a_slow_spell_inside_a_run_loses_nothing
+
+figures: faults
+	PYTEST_DEBUG_TEMPROOT=$(CURDIR)/.kafka/pytest-tmp $(PY) -m bench.record e2e -- $(PY) -m pytest -v $(E2E_FIGURES)
 
 lint: setup
 	$(PY) -m ruff check .

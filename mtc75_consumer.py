@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         if path is not None and not args.no_reload:
             from mtc75.app.reload import ConfigWatcher, retuner
 
-            watcher = ConfigWatcher(path, settings, lambda: resolve(args, SETTINGS)[0], retuner(consumer, work))
+            watcher = ConfigWatcher(path, settings, lambda values: resolve(args, SETTINGS, values)[0],
+                                    retuner(consumer, work))
         signals = 0
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -16,7 +16,7 @@ RSS (VmHWM) and, for async, the event loop's worst heartbeat delay.
     .venv/bin/python -m bench.async_bench --bootstrap host:port
     make bench                                                # also runs it (bench/run.py, figure "async")
 
-Prints a table and writes bench/async_results.json.
+Prints a table and writes bench/results/async.json (bench/record.py; BENCHMARKS.md's table comes from it).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench import record
+
 ROOT = Path(__file__).resolve().parent.parent
-OUT = Path(__file__).resolve().parent / "async_results.json"
 MESSAGES = 20_000
 WORK = 0.1  # seconds each handler waits
 IN_FLIGHT = 1_000
@@ -204,14 +205,13 @@ def main(argv: list[str] | None = None) -> int:
 
         broker = own_broker(Path(tempfile.mkdtemp(prefix="mtc75-async-bench-")), args.port)
         bootstrap = broker.bootstrap
+    run = record.Run.start("async", "python -m bench.async_bench " + " ".join(argv or sys.argv[1:]))
     try:
         fig = figure(bootstrap, args.passes)
     finally:
         if broker is not None:
             broker.stop()
-    fig["command"] = "python -m bench.async_bench " + " ".join(argv or sys.argv[1:])
-    fig["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    OUT.write_text(json.dumps(fig, indent=2) + "\n")
+    print(f"results: {run.write(fig)}")
     print_table(fig)
     return 0
 

@@ -15,7 +15,8 @@ rate from WARMUP on. The targets of issue 14, judged on the auto run:
 2. over 60-90 s, every 5 s window within +-20 % of the mean of those windows;
 3. p99 handler latency over 60-90 s <= 1.5 x the best fixed count's p99 (over its measured window).
 
-Results: stdout, bench/autotune.json, and bench/autotune.png (thread count over time, with the rate).
+Results: stdout, bench/results/autotune.json (bench/record.py; BENCHMARKS.md's table comes from it),
+and bench/autotune.png (thread count over time, with the rate).
 Run alone: ``python -m bench.autotune [--quick] [--port P]`` (starts its own broker on P unless
 KAFKA_BOOTSTRAP_SERVERS names one).
 """
@@ -26,7 +27,7 @@ import argparse
 import json
 import logging
 import os
-import platform
+import sys
 import threading
 import time
 import uuid
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import record
 from bench.run import produce_backlog
 from mtc75.api import Consumer
 from mtc75.core.stats import Stats
@@ -274,10 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="shorter runs, fewer counts (a smoke run)")
     parser.add_argument("--port", type=int, default=PORT, help="port of the broker this run starts")
     parser.add_argument("--only", choices=[w.name for w in WORKLOADS], action="append")
-    parser.add_argument("--markdown", type=Path, metavar="JSON", help="print the tables of an earlier run's JSON")
+    parser.add_argument("--markdown", type=Path, metavar="JSON", help="print the tables of a result file")
     args = parser.parse_args(argv)
     if args.markdown is not None:
-        print(markdown(json.loads(args.markdown.read_text())))
+        document = json.loads(args.markdown.read_text())
+        print(markdown(document.get("figures", document)))
         return 0
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     broker, started = None, False
@@ -286,12 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         broker.fetch()
         started = broker.start()
         bootstrap = broker.bootstrap
-    results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_avg_at_start": os.getloadavg()},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": "python -m bench.autotune" + (" " + " ".join(argv) if argv else ""),
-    }
+    suffix = ("-quick" if args.quick else "") + ("-" + "-".join(args.only) if args.only else "")
+    given = sys.argv[1:] if argv is None else argv
+    run = record.Run.start(f"autotune{suffix}", "python -m bench.autotune" + (" " + " ".join(given) if given else ""))
+    results: dict[str, Any] = {}
     rows = []
     try:
         topic = f"bench-auto-{uuid.uuid4().hex[:8]}"
@@ -307,15 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if broker is not None and started:
             broker.stop()
-    results["load_avg_at_end"] = os.getloadavg()
     results["workloads"] = rows
-    suffix = ("-quick" if args.quick else "") + ("-" + "-".join(args.only) if args.only else "")
-    (OUT / f"autotune{suffix}.json").write_text(json.dumps(results, indent=1) + "\n")
+    path = run.write(results, note="--quick: shorter runs, three counts per sweep" if args.quick else "")
     plot(rows, OUT / f"autotune{suffix}.png")
     if not args.quick:
         print(markdown(results))
-    print(f"load average at start {results['machine']['load_avg_at_start']}, at end {results['load_avg_at_end']}")
-    print(f"results: bench/autotune{suffix}.json, bench/autotune{suffix}.png")
+    print(f"results: {path}, bench/autotune{suffix}.png")
     return 0
 
 

@@ -1,13 +1,14 @@
 """One contender of a bench figure in its own process, so each gets its own peak RSS and its own GIL.
 
     python bench/child.py MODE --topic T --count N [--threads 75] [--work noop|sleep:S|file:PATH]
-                          [--seconds S] [--max-pending P] [-X key=value ...]
+                          [--seconds S] [--max-pending P] [--batch B] [-X key=value ...]
 
 MODE is one of:
   engine  MTC75 (``mtc75.Consumer.from_settings``, default settings, ``-X`` overrides on top; so
           FETCH_SIZES="auto" probes the topic first, unless ``-X`` sets a fetch size or MTC75_FETCH_SIZES is set)
-  raw     a bare ``consume()`` loop that records each message (last offset per partition, count):
-          the client's own limit, on librdkafka's default settings
+  raw     a bare ``consume(B)`` loop that records each message (last offset per partition, count), on
+          librdkafka's default settings with ``-X`` overrides on top: with none, the default-settings loop;
+          with bench/run.py's TUNED_LOOP, the tuned loop (the fastest plain loop: the limit of figure 3)
   pool    the plain pattern: ``semaphore.acquire(); executor.submit(handler)`` per message, no commits
   arroyo  sentry-arroyo's ``RunTaskInThreads`` (``--threads`` = concurrency, ``--max-pending`` =
           max_pending_futures) followed by ``CommitOffsets``, on arroyo's own consumer configuration
@@ -127,11 +128,14 @@ def plain_conf(topic: str) -> dict[str, Any]:
 def run_raw(args: argparse.Namespace, rec: Recorder) -> None:
     from confluent_kafka import Consumer
 
-    consumer = Consumer(plain_conf(args.topic))
+    from mtc75.settings import parse_properties
+
+    consumer = Consumer(plain_conf(args.topic) | parse_properties(args.properties))
     consumer.subscribe([args.topic])
     last: dict[int, int] = {}
+    batch = args.batch
     while not rec.finished.is_set():
-        for msg in consumer.consume(1000, timeout=1):
+        for msg in consumer.consume(batch, timeout=1):
             if msg.error() is not None:
                 continue
             rec.seen()
@@ -230,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stamps", action="store_true")
     parser.add_argument("--max-pending", type=int, default=1000)
     parser.add_argument("--idle-exit", type=float, default=None, help="engine: stop after this long without messages")
-    parser.add_argument("-X", dest="properties", action="append", default=[])
+    parser.add_argument("--batch", type=int, default=1000, help="raw: messages per consume() call")
+    parser.add_argument("-X", dest="properties", action="append", default=[],
+                        help="engine, raw: librdkafka property on top of the defaults")
     args = parser.parse_args(argv)
     rec = Recorder(args.count, args.seconds, args.stamps)
     work = make_work(args.work)

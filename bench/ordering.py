@@ -18,16 +18,15 @@ this one run; the load average is printed because the machine is shared.
     .venv/bin/python -m bench.ordering --bootstrap host:9092
     .venv/bin/python -m bench.ordering --quick             # one pass, smaller backlogs
 
-Writes bench/ordering.json. Targets (issue 11): key mode >= 0.9 of unordered at >= 20 keys with 2 ms of
-work; no-op key mode >= 0.5 of no-op unordered.
+Writes bench/results/ordering.json (bench/record.py; BENCHMARKS.md's table comes from it). Targets
+(issue 11): key mode >= 0.9 of unordered at >= 20 keys with 2 ms of work; no-op key mode >= 0.5 of
+no-op unordered.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -36,7 +35,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import mtc75.engine.engine as engine
+import mtc75.engine.startup as startup
+from bench import record
 from bench.run import produce_backlog, steady_rate
 from bench.scaleout import own_broker
 from mtc75.api import Consumer
@@ -45,7 +45,6 @@ from mtc75.core.stats import Stats
 from mtc75.settings import Settings
 from mtc75.tools.broker import LocalKafka
 
-OUT = Path(__file__).resolve().parent / "ordering.json"
 PORT = int(os.environ.get("MTC75_BENCH_ORDERING_PORT", "29892"))
 KEYS = (1, 5, 20, 100, 10_000)
 WORK = 0.002
@@ -77,14 +76,14 @@ def run_once(bootstrap: str, topic: str, ordering: str, threads: int, work: floa
     mode = "unordered" if ordering == "fifo" else ordering
     settings = Settings().replace(BOOTSTRAP_SERVERS=bootstrap, TOPIC=topic, GROUP_ID=f"bench-{uuid.uuid4().hex[:8]}",
                                   MAX_THREAD_COUNT=threads, ORDERING=mode)
-    factory = engine.new_scheduler
+    factory = startup.new_scheduler
     if ordering == "fifo":  # the earlier default, for the cost of fairness: swapped in for this run only
-        engine.new_scheduler = lambda _mode: FifoScheduler()  # type: ignore[assignment]
+        startup.new_scheduler = lambda _mode: FifoScheduler()  # type: ignore[assignment]
     try:
         consumer = Consumer.from_settings(handle, settings, on_status=on_status, status_interval=0.05)
         stats = consumer.run(max_messages=count)
     finally:
-        engine.new_scheduler = factory  # type: ignore[assignment]
+        startup.new_scheduler = factory  # type: ignore[assignment]
     rate, span, messages = steady_rate(done)
     return {"ordering": ordering, "rate": rate, "window_s": span, "messages": messages, "pauses": stats.pauses}
 
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         args.passes, args.count = 1, 60_000
     home = Path(tempfile.mkdtemp(prefix="mtc75-bench-ordering-"))
     broker: LocalKafka | None = None
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    run = record.Run.start("ordering", "python -m bench.ordering " + " ".join(sys.argv[1:] if argv is None else argv))
     load_start = os.getloadavg()
     try:
         if args.bootstrap:
@@ -144,14 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         if broker is not None:
             broker.stop()
         shutil.rmtree(home, ignore_errors=True)
-    result = {
-        "command": "python -m bench.ordering " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": started, "threads": args.threads, "work_s": WORK, "count": args.count, "passes": args.passes,
-        "load_avg_at_start": load_start, "load_avg_at_end": os.getloadavg(),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "rows": rows,
-    }
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    result = {"threads": args.threads, "work_s": WORK, "count": args.count, "passes": args.passes, "rows": rows}
+    print(f"results: {run.write(result, note='--quick: one pass, 60 000 messages' if args.quick else '')}")
     print(f"\nload average {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print("| keys | 2 ms: key / unordered | no-op: key / unordered | no-op: unordered / fifo |")
     print("|---:|---:|---:|---:|")

@@ -1,20 +1,29 @@
 """``make bench``: MTC75's throughput, overhead, memory and CPU against the local Kafka, as ratios.
 
 Every figure is a ratio of numbers taken in this one run (the machine is shared and noisy), and
-contenders that are compared take turns on the same backlog (figure 3: each pass's ratios, the median
-of PASSES passes; figures 1-2: each keeping its best pass):
+contenders that are compared take turns on the same backlog. Sections (``--only``, repeatable):
 
-1. saturation: throughput against the ideal N/W for a ``sleep(W)`` handler; the plain pool and
-   sentry-arroyo's RunTaskInThreads at N = 75, W = 10 ms, timed the same way (same warm-up, same window);
-2. the peer workload (10 000 messages, 1 partition, 0-5 ms, 16 threads): MTC75, Confluent Parallel
-   Consumer 0.5.3.3 (bench/parallel-consumer, when Maven is there) and arroyo, on one list of work times;
-3. topic shapes (uncompressed 150 B, lz4 100 B, uncompressed 10 KB) with a no-op handler: the engine,
-   a raw ``consume()`` loop, the plain "acquire; submit" pool, arroyo, and the engine on its previous
-   queue settings (PREVIOUS_SETTINGS) and with large fetches (LARGE_FETCHES), each in its own process
-   (bench/child.py) with its peak RSS;
-4. CPU per message at a fixed 2 000 msg/s.
+- ``limit`` (issue 30): the engine (no-op handler, 16 threads) against **the tuned loop**, the fastest
+  plain ``consume()`` loop (librdkafka with TUNED_LOOP's fetch settings: the limit every no-op figure is
+  a ratio of), and the same loop on librdkafka's defaults (the default-settings loop), on 1,000,000
+  messages of uncompressed 100 B and lz4 100 B on 6 partitions and lz4 100 B on 60; PASSES passes in
+  turns, every pass's rates, ratios and peak RSS kept (the docs show min / median / max);
+- ``shapes``: the peers on 100 B, lz4 100 B and 10 KB: the engine at its default 75 threads, the plain
+  "acquire; submit" pool, arroyo, and the engine on its previous queue settings (PREVIOUS_SETTINGS) and
+  with large fetches (LARGE_FETCHES), each as a ratio of the tuned loop of the same pass;
+- ``saturation``: throughput against the ideal N/W for a ``sleep(W)`` handler; the plain pool and
+  sentry-arroyo's RunTaskInThreads at N = 75, W = 10 ms, timed the same way;
+- ``peer``: the peer workload (10 000 messages, 1 partition, 0-5 ms, 16 threads): MTC75, Confluent
+  Parallel Consumer 0.5.3.3 (bench/parallel-consumer, when Maven is there) and arroyo;
+- ``cpu``: CPU per message at a fixed 2 000 msg/s;
+- ``async``: async handlers against threads (bench/async_bench.py);
+- ``reference`` (not in the default set): candidate fetch settings for the tuned loop, side by side,
+  to choose TUNED_LOOP (the fastest is kept there).
 
-Results go to stdout (tables), bench/results.json and bench/throughput.png.
+Each no-op contender runs in its own process (bench/child.py) with its own peak RSS and GIL. Each
+section writes its result file, bench/results/<section>.json (bench/record.py: command, UTC date,
+commit, machine and load, the raw figures); ``python -m bench.docs`` makes BENCHMARKS.md's tables from
+them, and the same tables are printed at the end of a run.
 """
 
 from __future__ import annotations
@@ -22,11 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,13 +41,14 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
 
 import mtc75
+from bench import record
 from mtc75.core.stats import Stats
 from mtc75.kafka.topics import create_topic
 from mtc75.settings import Settings
@@ -51,49 +59,94 @@ OUT = Path(__file__).resolve().parent
 PC_DIR = OUT / "parallel-consumer"
 BENCH_PORT = int(os.environ.get("MTC75_BENCH_KAFKA_PORT", "29692"))  # below the ephemeral range (32768+)
 
+SECTIONS = ("limit", "shapes", "saturation", "peer", "cpu", "async")  # the default set, in running order
+EXTRA_SECTIONS = ("reference",)
 THREADS = (1, 16, 75, 200)
 WORK_SECONDS = (0.001, 0.010, 0.050)
 WARMUP = 1.0  # seconds after the first completion not counted in a steady-state rate
-PASSES = 3  # turns each contender takes on a shape (figure 3: the median counts; 1-2: the best)
+PASSES = 3  # turns each contender takes on a shape (limit, shapes: every pass kept; saturation, peer: the best)
 ARROYO_PENDING = (1, 10)  # arroyo's max_pending_futures, as multiples of its concurrency
+LIMIT_THREADS = 16  # issue 30's setting for the engine against the tuned loop
 TARGETS = {
     "saturation_75_10ms": 0.97,
     "peer_workload_ratio": 0.90,
-    "noop_vs_plain_pool": 3.0,  # uncompressed shapes
-    "noop_vs_raw": 0.8,  # uncompressed shapes
-    "noop_vs_raw_lz4": 0.5,
+    "limit_6_partitions": 0.8,  # engine (16 threads) / tuned loop, 6 partitions (issue 30)
+    "limit_60_partitions": 0.6,
+    "limit_rss_mb": 150.0,  # the engine's peak RSS on every limit shape
     "rss_small_mb": 150.0,  # 1 000 000 small messages
     "rss_large_mb": 200.0,  # 10 KB messages
 }
 
+# The tuned loop: the bare consume() loop of bench/child.py on fetch settings for throughput, not memory.
+# Chosen with `python -m bench.run --only reference` (candidates: REFERENCE_CANDIDATES): the fastest kept.
+TUNED_LOOP = ("-X", "fetch.queue.backoff.ms=1", "-X", "queued.max.messages.kbytes=65536",
+              "-X", "fetch.max.bytes=52428800", "-X", "max.partition.fetch.bytes=10485760")
+
 
 @dataclass(frozen=True)
 class Shape:
-    """One kind of topic a user has: message size, compression, backlog."""
+    """One kind of topic a user has: message size, compression, partitions, backlog."""
 
     name: str
     size: int  # bytes per message value
     compression: str
-    count: int  # backlog, consumed whole by the engine and the raw loop
+    count: int  # backlog, consumed whole by the engine and the loops
     partitions: int = 6
-    others: int = 100_000  # messages the plain pool consumes (its RSS is not a target)
+    others: int = 100_000  # messages the plain pool and the previous-settings engine consume
     arroyo: int = 50_000  # messages arroyo consumes (it is the slowest here: 5-10k msg/s)
+
+    @property
+    def topic_key(self) -> tuple[int, str, int, int]:
+        return (self.size, self.compression, self.partitions, self.count)
 
     @property
     def rss_target(self) -> float:
         return TARGETS["rss_large_mb"] if self.size > 1000 else TARGETS["rss_small_mb"]
 
     @property
-    def raw_target(self) -> float:
-        return TARGETS["noop_vs_raw_lz4"] if self.compression != "none" else TARGETS["noop_vs_raw"]
+    def limit_target(self) -> float:
+        return TARGETS["limit_60_partitions"] if self.partitions >= 60 else TARGETS["limit_6_partitions"]
 
 
-SHAPES = (
-    Shape("uncompressed 150 B", 150, "none", 1_000_000),
+LIMIT_SHAPES = (
+    Shape("uncompressed 100 B", 100, "none", 1_000_000),
     Shape("lz4 100 B", 100, "lz4", 1_000_000),
+    Shape("lz4 100 B", 100, "lz4", 1_000_000, partitions=60),
+)
+SHAPES = (
+    LIMIT_SHAPES[0],
+    LIMIT_SHAPES[1],
     # 200,000 (2 GB): a run of 40,000 lasted under a second and its passes spread 0.56-0.98 of the raw loop
     Shape("uncompressed 10 KB", 10_000, "none", 200_000, others=40_000, arroyo=40_000),
 )
+REFERENCE_SHAPES = LIMIT_SHAPES
+
+
+def _with(settings: tuple[str, ...], **changes: str) -> tuple[str, ...]:
+    """``settings`` (-X pairs, --batch) with the given keys (dots as underscores) changed or added."""
+    pairs = dict(zip(settings[::2], settings[1::2], strict=True))
+    props = {v.split("=", 1)[0]: v.split("=", 1)[1] for k, v in pairs.items() if k == "-X"}
+    batch = pairs.get("--batch")
+    for key, value in changes.items():
+        if key == "batch":
+            batch = value
+        else:
+            props[key.replace("_", ".")] = value
+    out: list[str] = []
+    for key, value in props.items():
+        out += ["-X", f"{key}={value}"]
+    return (*out, *(("--batch", batch) if batch else ()))
+
+
+# Nearby settings tried against TUNED_LOOP (the --only reference section): larger byte and count
+# bounds of the local queue, librdkafka's default partition fetch, larger consume() batches.
+REFERENCE_CANDIDATES = {
+    "issue 30": TUNED_LOOP,
+    "+ queued.min.messages=1000000": _with(TUNED_LOOP, queued_min_messages="1000000"),
+    "queued.max.messages.kbytes=262144": _with(TUNED_LOOP, queued_max_messages_kbytes="262144"),
+    "max.partition.fetch.bytes=1048576": _with(TUNED_LOOP, max_partition_fetch_bytes="1048576"),
+    "consume(10000)": _with(TUNED_LOOP, batch="10000"),
+}
 
 
 # The settings before issue 16 (librdkafka's backoff and count bound, a 4 MB byte bound, and the fixed
@@ -104,7 +157,6 @@ PREVIOUS_SETTINGS = ("-X", "fetch.queue.backoff.ms=1000", "-X", "queued.min.mess
                      "-X", "queued.max.messages.kbytes=4096",
                      "-X", "fetch.max.bytes=2097152", "-X", "max.partition.fetch.bytes=524288")
 LARGE_FETCHES = ("-X", "fetch.max.bytes=52428800", "-X", "max.partition.fetch.bytes=1048576")
-ENGINE_VARIANTS = {"engine_previous_settings": PREVIOUS_SETTINGS, "engine_large_fetches": LARGE_FETCHES}
 
 
 # -- setup --------------------------------------------------------------------------------------------
@@ -309,53 +361,87 @@ def parallel_consumer(bootstrap: str, topic: str, threads: int, work_file: Path)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# -- figure 3: topic shapes, no-op handler ----------------------------------------------------------
+# -- limit, shapes, reference: no-op contenders in turns ---------------------------------------------
+
+Contender = tuple[str, int, tuple[str, ...]]  # (bench/child.py mode, messages, extra arguments)
+
+
+def contest(bootstrap: str, topic: str, contenders: dict[str, Contender], passes: int) -> dict[str, Any]:
+    """Every contender runs ``passes`` times, taking turns (the first of a pass rotates).
+
+    Returns each contender's per-pass figures (rate, peak RSS, CPU per message; the engine's chosen
+    fetch sizes) and the load average (1 min) at the start of each pass. Nothing is aggregated here:
+    the result file keeps every pass, and bench/docs.py shows min / median / max.
+    """
+    names = list(contenders)
+    kept: dict[str, dict[str, list[Any]]] = {n: {"rate": [], "peak_rss_mb": [], "cpu_us_per_message": [],
+                                                 "messages": []} for n in names}
+    loads = []
+    for p in range(passes):
+        loads.append(round(os.getloadavg()[0], 1))
+        for name in names[p % len(names):] + names[:p % len(names)]:
+            mode, count, extra = contenders[name]
+            r = child(bootstrap, mode, topic, count, *extra)
+            k = kept[name]
+            k["rate"].append(round(r["rate"]))
+            k["peak_rss_mb"].append(round(r["peak_rss_mb"], 1))
+            k["cpu_us_per_message"].append(round(r["cpu_s"] / max(1, r["handled"]) * 1e6, 2))
+            k["messages"].append(r["handled"])
+            if r.get("fetch_sizes"):
+                k.setdefault("fetch_sizes", []).append(r["fetch_sizes"])
+    return {"contenders": kept, "load_avg_at_passes": loads}
+
+
+def ratios(runs: dict[str, Any], of: str, to: str) -> list[float]:
+    """Per pass: rate of ``of`` / rate of ``to`` (runs of one pass were made minutes apart at most)."""
+    c = runs["contenders"]
+    return [round(a / b, 3) for a, b in zip(c[of]["rate"], c[to]["rate"], strict=True)]
+
+
+def shape_fields(shape: Shape) -> dict[str, Any]:
+    return {"shape": shape.name, "size": shape.size, "compression": shape.compression,
+            "partitions": shape.partitions, "backlog": shape.count}
+
+
+def limit_row(bootstrap: str, shape: Shape, topic: str, passes: int) -> dict[str, Any]:
+    """Issue 30's figure: the engine (no-op, 16 threads) and the default-settings loop against the tuned loop."""
+    runs = contest(bootstrap, topic, {
+        "tuned_loop": ("raw", shape.count, TUNED_LOOP),
+        "default_loop": ("raw", shape.count, ()),
+        "engine_16": ("engine", shape.count, ("--threads", str(LIMIT_THREADS))),
+    }, passes)
+    return {**shape_fields(shape), **runs,
+            "ratios": {"engine_16_vs_tuned": ratios(runs, "engine_16", "tuned_loop"),
+                       "default_vs_tuned": ratios(runs, "default_loop", "tuned_loop")},
+            "target": shape.limit_target, "rss_target_mb": TARGETS["limit_rss_mb"]}
 
 
 def shape_row(bootstrap: str, shape: Shape, topic: str, passes: int) -> dict[str, Any]:
-    """The contenders take turns on the same backlog, ``passes`` times.
+    """The peers on one shape, each as a ratio of the tuned loop of the same pass."""
+    contenders: dict[str, Contender] = {
+        "tuned_loop": ("raw", shape.count, TUNED_LOOP),
+        "default_loop": ("raw", shape.count, ()),
+        "engine": ("engine", shape.count, ()),
+        "pool": ("pool", shape.others, ()),
+        **{f"arroyo_x{m}": ("arroyo", shape.arroyo, ("--max-pending", str(75 * m))) for m in ARROYO_PENDING},
+        "engine_previous_settings": ("engine", shape.others, PREVIOUS_SETTINGS),
+        "engine_large_fetches": ("engine", shape.count, LARGE_FETCHES),
+    }
+    runs = contest(bootstrap, topic, contenders, passes)
+    return {**shape_fields(shape), **runs,
+            "ratios": {f"{name}_vs_tuned": ratios(runs, name, "tuned_loop") for name in contenders
+                       if name != "tuned_loop"},
+            "rss_target_mb": shape.rss_target}
 
-    A pass's ratios (engine / raw loop, engine / pool) compare runs made minutes apart, so the machine's
-    load moves them less than it moves the rates; the row gives the median of each, the median rate of
-    each contender, its highest peak RSS, and the load average at the start of each pass.
-    """
-    kept: dict[str, dict[str, Any]] = {}
-    ratios: dict[str, list[float]] = {"vs_raw": [], "vs_pool": [], "default_vs_previous": [],
-                                      "large_fetches_vs_raw": []}
-    loads = []
-    for _ in range(passes):
-        loads.append(round(os.getloadavg()[0], 1))
-        runs = {
-            "raw": child(bootstrap, "raw", topic, shape.count),
-            "engine": child(bootstrap, "engine", topic, shape.count),
-            **{name: child(bootstrap, "engine", topic, shape.count, *extra) for name, extra in ENGINE_VARIANTS.items()},
-            "pool": child(bootstrap, "pool", topic, shape.others),
-        }
-        for multiple in ARROYO_PENDING:
-            runs[f"arroyo_x{multiple}"] = child(bootstrap, "arroyo", topic, shape.arroyo,
-                                               "--max-pending", str(75 * multiple))
-        engine = runs["engine"]["rate"]
-        ratios["vs_raw"].append(engine / runs["raw"]["rate"])
-        ratios["vs_pool"].append(engine / runs["pool"]["rate"])
-        ratios["default_vs_previous"].append(engine / runs["engine_previous_settings"]["rate"])
-        ratios["large_fetches_vs_raw"].append(runs["engine_large_fetches"]["rate"] / runs["raw"]["rate"])
-        for name, r in runs.items():
-            k = kept.setdefault(name, {"peak_rss_mb": 0.0, "rates": [], "cpu_us": []})
-            k["rates"].append(round(r["rate"]))
-            k["peak_rss_mb"] = max(k["peak_rss_mb"], r["peak_rss_mb"])
-            k["messages"] = r["handled"]
-            k["cpu_us"].append(r["cpu_s"] / max(1, r["handled"]) * 1e6)
-            if name.startswith("engine"):
-                k["rss_samples"] = r["rss_samples"]
-                k["fetch_sizes"] = r.get("fetch_sizes", "")  # the engine's: what FETCH_SIZES="auto" chose
-    for k in kept.values():
-        k["rate"] = statistics.median(k["rates"])
-        k["cpu_us_per_message"] = statistics.median(k.pop("cpu_us"))
-    return {"shape": shape.name, "size": shape.size, "compression": shape.compression, "backlog": shape.count,
-            "partitions": shape.partitions, "contenders": kept, "load_avg_at_passes": loads,
-            **{name: statistics.median(values) for name, values in ratios.items()},
-            "ratios_per_pass": {name: [round(v, 3) for v in values] for name, values in ratios.items()},
-            "raw_target": shape.raw_target, "rss_target": shape.rss_target}
+
+def reference_row(bootstrap: str, shape: Shape, topic: str, passes: int) -> dict[str, Any]:
+    """The candidate settings of the tuned loop side by side, as ratios of TUNED_LOOP's own run."""
+    contenders = {name: ("raw", shape.count, settings) for name, settings in REFERENCE_CANDIDATES.items()}
+    runs = contest(bootstrap, topic, contenders, passes)
+    first = next(iter(contenders))
+    return {**shape_fields(shape), **runs,
+            "settings": {name: list(settings) for name, settings in REFERENCE_CANDIDATES.items()},
+            "ratios": {f"{name}_vs_first": ratios(runs, name, first) for name in contenders}}
 
 
 # -- figure 4: CPU per message at a fixed rate ------------------------------------------------------
@@ -394,7 +480,7 @@ def cpu_figure(bootstrap: str, run: str, seconds: float, rate: float = 2000.0) -
 # -- report -----------------------------------------------------------------------------------------
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
+def plot(grid: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -402,7 +488,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(WORK_SECONDS), figsize=(5 * len(WORK_SECONDS), 4), sharex=True)
     for ax, work in zip(axes, WORK_SECONDS, strict=True):
-        rows = [r for r in results["saturation"] if r["work_s"] == work]
+        rows = [r for r in grid if r["work_s"] == work]
         xs = [r["threads"] for r in rows]
         ax.plot(xs, [r["ideal"] for r in rows], "k--", label="ideal N/W")
         ax.plot(xs, [r["rate"] for r in rows], "o-", label="MTC75")
@@ -418,14 +504,90 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+class Bench:
+    """One ``bench.run`` invocation: its broker, its topics (produced once, shared by sections), its options."""
+
+    def __init__(self, bootstrap: str, quick: bool, passes: int | None, out: Path) -> None:
+        self.bootstrap = bootstrap
+        # the plot beside BENCHMARKS.md's other pictures, unless the result files go elsewhere (a trial run)
+        self.plot_path = OUT / "throughput.png" if out == record.BENCH_RESULTS else out / "throughput.png"
+        self.quick = quick
+        self.passes = passes if passes is not None else (1 if quick else PASSES)
+        self.run_id = uuid.uuid4().hex[:8]
+        self.topics: dict[tuple[int, str, int, int], str] = {}
+
+    def shape(self, shape: Shape) -> Shape:
+        return replace(shape, count=shape.count // 5, others=shape.others // 5, arroyo=shape.arroyo // 5) \
+            if self.quick else shape
+
+    def topic(self, shape: Shape) -> str:
+        if shape.topic_key not in self.topics:
+            name = f"bench-{shape.compression}-{shape.size}-p{shape.partitions}-{self.run_id}"
+            print(f"producing {shape.count:,} x {shape.name} on {shape.partitions} partitions to {name} ...",
+                  flush=True)
+            produce_backlog(self.bootstrap, name, shape.count, shape.partitions, shape.size, shape.compression)
+            self.topics[shape.topic_key] = name
+        return self.topics[shape.topic_key]
+
+    def rows(self, shapes: tuple[Shape, ...], row: Any) -> list[dict[str, Any]]:
+        out = []
+        for base in shapes:
+            shape = self.shape(base)
+            out.append(row(self.bootstrap, shape, self.topic(shape), self.passes))
+            print(f"  {shape.name} on {shape.partitions} partitions: done (load {os.getloadavg()[0]:.1f})", flush=True)
+        return out
+
+    def section(self, name: str) -> dict[str, Any]:
+        if name == "limit":
+            return {"threads": LIMIT_THREADS, "tuned_loop": list(TUNED_LOOP), "passes": self.passes,
+                    "rows": self.rows(LIMIT_SHAPES, limit_row)}
+        if name == "shapes":
+            return {"tuned_loop": list(TUNED_LOOP), "passes": self.passes, "rows": self.rows(SHAPES, shape_row)}
+        if name == "reference":
+            return {"passes": self.passes, "rows": self.rows(REFERENCE_SHAPES, reference_row)}
+        if name == "saturation":
+            topic = self.topic(self.shape(LIMIT_SHAPES[1]))
+            threads = (1, 16, 75) if self.quick else THREADS
+            grid = []
+            for work in WORK_SECONDS:
+                for n in threads:
+                    row = measure_rate(self.bootstrap, topic, n, work)
+                    grid.append(row)
+                    print(f"  saturation N={n:>3} W={work * 1000:>4g} ms: {row['rate']:9.1f} msg/s "
+                          f"= {row['ratio']:.3f} of ideal ({row['pauses']} pauses)", flush=True)
+            peers = [plain_pool_rate(self.bootstrap, topic, 75, 0.010) | {"peer": "plain pool"}]
+            for multiple in ARROYO_PENDING:
+                peers.append(arroyo_rate(self.bootstrap, topic, 75, 0.010, 75 * multiple)
+                             | {"peer": "sentry-arroyo RunTaskInThreads"})
+            plot(grid, self.plot_path)
+            return {"grid": grid, "peers": peers, "target": TARGETS["saturation_75_10ms"]}
+        if name == "peer":
+            return peer_workload(self.bootstrap) | {"target": TARGETS["peer_workload_ratio"]}
+        if name == "cpu":
+            return cpu_figure(self.bootstrap, self.run_id, 5.0 if self.quick else 10.0)
+        if name == "async":  # async handlers against threads (bench/async_bench.py, issue 12)
+            from bench import async_bench
+
+            return async_bench.figure(self.bootstrap, 1 if self.quick else async_bench.PASSES)
+        raise ValueError(name)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="make bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer points, smaller backlogs (a smoke run)")
-    parser.add_argument("--only", choices=("saturation", "peer", "shapes", "cpu", "async"), action="append",
-                        help="run only these figures (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="a fifth of the backlogs, one pass (a smoke run; "
+                        "its result files say so)")
+    parser.add_argument("--only", choices=SECTIONS + EXTRA_SECTIONS, action="append",
+                        help="run only these sections (repeatable)")
+    parser.add_argument("--passes", type=int, help=f"passes per shape (default {PASSES}; --quick: 1)")
+    parser.add_argument("--out", type=Path, default=record.BENCH_RESULTS, help="where result files go")
+    parser.add_argument("--note", default="", help="stored in each result file (say why a run is not final)")
     args = parser.parse_args(argv)
-    only = set(args.only or ("saturation", "peer", "shapes", "cpu", "async"))
+    chosen = [s for s in SECTIONS + EXTRA_SECTIONS if s in (args.only or SECTIONS)]
+    given = sys.argv[1:] if argv is None else argv
+    command = "make bench" if not given else "python -m bench.run " + " ".join(given)
+    note = args.note or ("--quick: a fifth of the backlogs, one pass; a smoke run, not a figure to quote"
+                         if args.quick else "")
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     broker, started = None, False
     if not bootstrap:
@@ -433,139 +595,26 @@ def main(argv: list[str] | None = None) -> int:
         broker.fetch()
         started = broker.start()
         bootstrap = broker.bootstrap
+    from bench import docs
+
+    bench = Bench(bootstrap, args.quick, args.passes, args.out)
     t0 = time.monotonic()
-    given = sys.argv[1:] if argv is None else argv
-    command = "make bench" if not given else "python -m bench.run " + " ".join(given)
-    results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                    "load_avg_at_start": os.getloadavg()},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command,
-    }
-    shapes = [Shape(s.name, s.size, s.compression, s.count // 5, s.partitions, s.others // 5, s.arroyo // 5)
-              for s in SHAPES] \
-        if args.quick else list(SHAPES)
+    written: list[dict[str, Any]] = []
     try:
-        run = uuid.uuid4().hex[:8]
-        topics = {}
-        for shape in shapes if only - {"async"} else ():  # the async figure produces its own backlog
-            topics[shape.name] = f"bench-{shape.compression}-{shape.size}-{run}"
-            print(f"producing {shape.count:,} x {shape.name} to {topics[shape.name]} ...", flush=True)
-            produce_backlog(bootstrap, topics[shape.name], shape.count, shape.partitions, shape.size,
-                            shape.compression)
-        lz4_topic = topics.get(SHAPES[1].name, "")
-
-        if "saturation" in only:
-            threads = (1, 16, 75) if args.quick else THREADS
-            results["saturation"] = []
-            for work in WORK_SECONDS:
-                for n in threads:
-                    row = measure_rate(bootstrap, lz4_topic, n, work)
-                    results["saturation"].append(row)
-                    print(f"  saturation N={n:>3} W={work * 1000:>4g} ms: {row['rate']:9.1f} msg/s "
-                          f"= {row['ratio']:.3f} of ideal ({row['pauses']} pauses)", flush=True)
-            results["saturation_peers"] = [plain_pool_rate(bootstrap, lz4_topic, 75, 0.010) | {"peer": "plain pool"}]
-            for multiple in ARROYO_PENDING:
-                row = arroyo_rate(bootstrap, lz4_topic, 75, 0.010, 75 * multiple)
-                results["saturation_peers"].append(row | {"peer": "sentry-arroyo RunTaskInThreads"})
-            for row in results["saturation_peers"]:
-                pending = row.get("max_pending_futures", "")
-                print(f"  saturation N=75 W=10 ms, {row['peer']} {pending}: {row['rate']:.1f} msg/s "
-                      f"= {row['ratio']:.3f} of ideal", flush=True)
-
-        if "peer" in only:
-            results["peer"] = peer_workload(bootstrap)
-            p = results["peer"]
-            print(f"  peer workload: MTC75 {p['elapsed_s']:.2f} s = {p['ratio']:.3f} of ideal", flush=True)
-            for peer in p["peers"]:
-                print(f"  peer workload: {peer['peer']} {peer.get('max_pending_futures', '')} "
-                      f"{peer['elapsed_s']:.2f} s = {peer['ratio']:.3f}", flush=True)
-
-        if "shapes" in only:
-            results["shapes"] = []
-            for shape in shapes:
-                row = shape_row(bootstrap, shape, topics[shape.name], 1 if args.quick else PASSES)
-                results["shapes"].append(row)
-                c = row["contenders"]
-                print(f"  {shape.name}: engine {c['engine']['rate']:,.0f}/s ({c['engine']['peak_rss_mb']:.0f} MB, "
-                      f"fetch sizes {c['engine'].get('fetch_sizes', '?')}), "
-                      f"raw {c['raw']['rate']:,.0f}/s, pool {c['pool']['rate']:,.0f}/s, previous settings "
-                      f"{c['engine_previous_settings']['rate']:,.0f}/s, large fetches "
-                      f"{c['engine_large_fetches']['rate']:,.0f}/s ({c['engine_large_fetches']['peak_rss_mb']:.0f} MB)"
-                      f" -> {row['vs_raw']:.2f} of raw, {row['vs_pool']:.2f}x pool (medians; load "
-                      f"{row['load_avg_at_passes']})", flush=True)
-
-        if "cpu" in only:
-            results["cpu"] = cpu_figure(bootstrap, run, 5.0 if args.quick else 10.0)
-            print(f"  CPU at {results['cpu']['rate']:.0f} msg/s: {results['cpu']['us_per_message']:.0f} µs per message",
-                  flush=True)
-
-        if "async" in only:  # async handlers against threads (bench/async_bench.py, issue 12)
-            from bench import async_bench
-
-            results["async"] = async_bench.figure(bootstrap, 1 if args.quick else async_bench.PASSES)
-            async_bench.print_table(results["async"])
+        for name in chosen:
+            print(f"== {name}", flush=True)
+            run = record.Run.start(name, command)
+            document = run.document(bench.section(name), note)
+            path = record.write(document, args.out)
+            written.append(document)
+            print(f"  {name}: {document['seconds']:.0f} s -> {path}", flush=True)
     finally:
         if broker is not None and started:
             broker.stop()
-    results["elapsed_s"] = time.monotonic() - t0
-    results["load_avg_at_end"] = os.getloadavg()
-    (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    if "saturation" in results:
-        plot(results, OUT / "throughput.png")
-    print_tables(results)
+    for document in written:
+        print(f"\n## {document['section']}\n\n{docs.tables_of(document)}")
+    print(f"\n{command}: {time.monotonic() - t0:.0f} s in all")
     return 0
-
-
-def print_tables(r: dict[str, Any]) -> None:
-    print(f"\n{r['command']} on {r['date']}, {r['elapsed_s']:.0f} s, load average at start "
-          f"{r['machine']['load_avg_at_start'][0]:.1f}")
-    if "saturation" in r:
-        sat = {(row["threads"], row["work_s"]): row for row in r["saturation"]}
-        ns = sorted({k[0] for k in sat})
-        print("\n| W \\ N | " + " | ".join(str(n) for n in ns) + " |")
-        print("|---|" + "---|" * len(ns))
-        for work in WORK_SECONDS:
-            cells = [f"{sat[(n, work)]['ratio']:.3f}" for n in ns if (n, work) in sat]
-            print(f"| {work * 1000:g} ms | " + " | ".join(cells) + " |")
-        print("\n| N = 75, W = 10 ms | msg/s | of ideal |")
-        print("|---|---|---|")
-        key = sat.get((75, 0.010))
-        if key:
-            target = TARGETS["saturation_75_10ms"]
-            print(f"| MTC75 | {key['rate']:,.0f} | **{key['ratio']:.3f}** (target >= {target}) |")
-        for row in r["saturation_peers"]:
-            name = row["peer"] + (f", max_pending_futures={row['max_pending_futures']}"
-                                  if "max_pending_futures" in row else "")
-            print(f"| {name} | {row['rate']:,.0f} | {row['ratio']:.3f} |")
-    if "peer" in r:
-        p = r["peer"]
-        print(f"\n| 10 000 msgs, 1 partition, 0-5 ms, 16 threads (ideal {p['ideal_s']:.2f} s) | elapsed | of ideal |")
-        print("|---|---|---|")
-        print(f"| MTC75 | {p['elapsed_s']:.2f} s | **{p['ratio']:.3f}** (target >= {TARGETS['peer_workload_ratio']}) |")
-        for peer in p["peers"]:
-            name = peer["peer"] + (f", max_pending_futures={peer['max_pending_futures']}"
-                                   if "max_pending_futures" in peer else "")
-            print(f"| {name} | {peer['elapsed_s']:.2f} s | {peer['ratio']:.3f} |")
-    if "shapes" in r:
-        print("\n| shape (no-op handler) | engine msg/s (peak RSS) | raw loop msg/s (RSS) | plain pool msg/s "
-              "| engine / raw | engine / pool | arroyo msg/s by max_pending_futures | engine, previous settings "
-              "(peak RSS) | engine, large fetches (peak RSS) | load average |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for row in r["shapes"]:
-            c = row["contenders"]
-            arroyo = ", ".join(f"{75 * m}: {c[f'arroyo_x{m}']['rate']:,.0f}" for m in ARROYO_PENDING)
-            prev, large = c["engine_previous_settings"], c["engine_large_fetches"]
-            print(f"| {row['shape']} ({row['backlog']:,} msgs) | {c['engine']['rate']:,.0f} "
-                  f"({c['engine']['peak_rss_mb']:.0f} MB, target <= {row['rss_target']:.0f}; fetch sizes "
-                  f"{c['engine'].get('fetch_sizes', '?')}) "
-                  f"| {c['raw']['rate']:,.0f} ({c['raw']['peak_rss_mb']:.0f} MB) | {c['pool']['rate']:,.0f} "
-                  f"| **{row['vs_raw']:.2f}** (>= {row['raw_target']}) | **{row['vs_pool']:.2f}x** | {arroyo} "
-                  f"| {prev['rate']:,.0f} ({prev['peak_rss_mb']:.0f} MB): default {row['default_vs_previous']:.2f}x"
-                  f" | {large['rate']:,.0f} ({large['peak_rss_mb']:.0f} MB): {row['large_fetches_vs_raw']:.2f} of raw "
-                  f"| {', '.join(str(x) for x in row['load_avg_at_passes'])} |")
-    if "cpu" in r:
-        c = r["cpu"]
-        print(f"\nCPU per message at {c['rate']:.0f} msg/s (no-op, start-up included): {c['us_per_message']:.0f} µs")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ handled (before the tail, where partitions run dry one by one). Not part of ``ma
     .venv/bin/python -m bench.scaleout                 # own broker on a free port, ~2 minutes here
     .venv/bin/python -m bench.scaleout --bootstrap host:9092   # an existing cluster instead
 
-Prints a table and writes bench/scaleout.json.
+Prints a table and writes bench/results/scaleout.json (bench/record.py; BENCHMARKS.md's table comes from it).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -31,12 +30,12 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+from bench import record
 from mtc75.errors import BrokerError
 from mtc75.kafka.topics import create_topic
 from mtc75.tools.broker import LocalKafka
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = Path(__file__).resolve().parent / "scaleout.json"
 PORT = int(os.environ.get("MTC75_BENCH_SCALEOUT_PORT", "29992"))
 RUN_TIMEOUT = 300.0
 
@@ -127,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     home = Path(tempfile.mkdtemp(prefix="scaleout-kafka-"))
     kafka = None if args.bootstrap else own_broker(home, PORT)
     bootstrap = args.bootstrap or kafka.bootstrap  # type: ignore[union-attr]
-    started = time.monotonic()
+    given = argv if argv is not None else sys.argv[1:]
+    this_run = record.Run.start("scaleout", " ".join(["python -m bench.scaleout", *given]))
     try:
         topic = f"scaleout-{uuid.uuid4().hex[:8]}"
         produce_backlog(bootstrap, topic, args.messages, args.partitions)
@@ -144,11 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in results:
         print(f"{row['processes']:>9} {row['rate_msg_s']:>9,.0f} {row['ratio_to_one']:>6.2f} "
               f"{row['of_ideal']:>9.3f} {row['window_s']:>9.1f}")
-    meta = {"command": " ".join(["python -m bench.scaleout", *(argv if argv is not None else sys.argv[1:])]),
-            "messages": args.messages, "partitions": args.partitions, "threads": args.threads, "work_s": args.work,
-            "python": platform.python_version(), "cpus": os.cpu_count(), "seconds": round(time.monotonic() - started),
-            "load_avg_1m_at_end": round(os.getloadavg()[0], 1)}
-    OUT.write_text(json.dumps({"meta": meta, "runs": results}, indent=2) + "\n")
+    meta = {"messages": args.messages, "partitions": args.partitions, "threads": args.threads, "work_s": args.work}
+    print(f"results: {this_run.write({'meta': meta, 'runs': results})}")
     return 0
 
 

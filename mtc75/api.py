@@ -9,6 +9,12 @@ Threads: one owning thread constructs the consumer and calls ``run``, ``start``,
 ``with`` block. ``stop()`` may be called from any thread or a signal handler (it only sets flags);
 ``stats()``, ``retune()`` and ``lingering`` from any thread. The handler runs on worker threads, at most
 ``max_thread_count`` at once; ``on_status`` runs on the poll thread.
+
+Misuse raises :class:`~mtc75.errors.MisuseError` at once, never hangs nor passes silently: a second
+``run()``/``start()`` (also two threads at once: the run state is under ``_lock``), ``run()`` after
+``close()``, ``close()`` from a handler or ``on_status`` (it would wait for itself: ``stop()`` is the call
+there), ``retune()`` after the run ended. ``close()`` from another thread waits for the run, whichever
+thread runs it.
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ from typing import Any
 
 from mtc75.core.stats import Stats
 from mtc75.engine.engine import Engine
-from mtc75.errors import ConfigError
+from mtc75.errors import ConfigError, MisuseError
 from mtc75.kafka.clients import REAL_FACTORIES, ClientFactories
 from mtc75.runtime.invoker import CallObserver, Invoker
-from mtc75.settings import SPECS, Settings, coerce, live_changes
+from mtc75.settings import SPECS, Settings, check_bounds, coerce, live_changes
 
 # The settings a consumer uses; the others belong to producer.py, create_topic.py or the CLI's default handler.
 CONSUMER_SETTINGS = (
@@ -34,6 +40,7 @@ CONSUMER_SETTINGS = (
     "REPLICATION_FACTOR", "CONSUMER_CONFIG",
     "PRODUCER_CONFIG", "ORDERING", "FETCH_SIZES",
 )
+NEW, RUNNING, ENDED = "new", "running", "ended"  # a Consumer's run state, in this order, once
 SNAPSHOT_INTERVAL = 0.25  # how stale stats() may be while running: the poll thread refreshes it this often
 _DEFAULTS = Settings()
 
@@ -126,11 +133,12 @@ class Consumer:
         self._factories = factories
         self._engine: Engine | None = None
         self._stop_requested = False  # a plain flag: stop() must be safe in a signal handler
-        self._launched = False
-        self._stats: Stats = Stats.idle(
-            self._settings.initial_threads(), "auto" if self._settings.auto_threads else "fixed",
-            self._settings.ORDERING,
-        )
+        self._lock = threading.Lock()  # the run state: run()/start()/close() may race from several threads
+        self._state = NEW
+        self._closed = False
+        self._ended = threading.Event()  # the run (or the decision not to run) is over: close() waits on it
+        self._poll_ident: int | None = None  # the thread running the poll loop (run()'s caller, or mtc75-poll)
+        self._stats: Stats = self._idle_stats()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None  # what ended the background run
 
@@ -143,34 +151,53 @@ class Consumer:
         returns the final :class:`Stats`; raises a :class:`~mtc75.errors.Mtc75Error` on failure.
         """
         engine = self._launch(max_messages, idle_exit)
-        if engine is None:
-            return self._stats
         try:
-            self._stats = engine.run()
-        except BaseException:
-            self._stats = engine.stats()
-            raise
-        return self._stats
+            if engine is None:
+                return self._stats
+            try:
+                self._stats = engine.run()
+            except BaseException:
+                self._stats = engine.stats()
+                raise
+            return self._stats
+        finally:
+            self._end()
 
     def start(self, max_messages: int | None = None, idle_exit: float | None = None) -> None:
         """Run on a background thread; :meth:`close` stops it, waits and re-raises its failure."""
-        engine = self._launch(max_messages, idle_exit)
+        engine = self._launch(max_messages, idle_exit, background=True)
         # A daemon thread: a program that never calls close() can still exit (uncommitted work is redelivered).
         self._thread = threading.Thread(target=self._background, args=(engine,), name="mtc75-poll", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:  # no thread to be had: no run
+            self._thread = None
+            self._end()
+            raise
 
     def close(self, timeout: float | None = None) -> Stats:
-        """Stop, wait for the background run to finish (at most ``timeout`` seconds) and return its Stats.
+        """Stop, wait for the run to finish (at most ``timeout`` seconds) and return its final Stats.
 
-        Re-raises, once, the error that ended the background run; ``TimeoutError`` if it is still
-        shutting down after ``timeout``.
+        Re-raises, once, the error that ended a background run (a ``run()`` raises its own to its
+        caller); ``TimeoutError`` if it is still shutting down after ``timeout`` (call again to wait
+        more). Closing a consumer that never ran returns its idle Stats; it can no longer run. A second
+        ``close()`` returns the same Stats. From one of this consumer's handlers or its ``on_status``
+        it raises MisuseError at once: it would wait for itself (call ``stop()`` there).
         """
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                    or not timeout >= 0):
+            raise ConfigError(f"invalid timeout={timeout!r}: must be None or a number >= 0")
+        self._refuse_on_own_thread("close()")
+        with self._lock:
+            self._closed = True
+            ran = self._state != NEW
         self.stop()
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-            if thread.is_alive():
+        if ran:
+            if not self._ended.wait(timeout):
                 raise TimeoutError(f"MTC75 consumer still shutting down after {timeout}s")
+            thread = self._thread
+            if thread is not None:
+                thread.join()  # it only has to return: the run is over
         error, self._error = self._error, None
         if error is not None:
             raise error
@@ -214,40 +241,89 @@ class Consumer:
     def retune(self, *, max_thread_count: int | str | None = None, pause_interval: float | None = None) -> None:
         """Change the thread bound (a count or "auto") and the pause interval; a running consumer applies it
         within 0.1 s."""
+        changes = live_changes(max_thread_count=max_thread_count, pause_interval=pause_interval)
+        if self._state == ENDED or (self._closed and self._state == NEW):
+            raise MisuseError("retune() on an mtc75.Consumer that has finished or was closed: nothing to retune")
         engine = self._engine
         if engine is not None:
             engine.retune(max_thread_count=max_thread_count, pause_interval=pause_interval)
         else:
-            self._settings = self._settings.replace(
-                **live_changes(max_thread_count=max_thread_count, pause_interval=pause_interval))
+            self._settings = self._settings.replace(**changes)
+            self._stats = self._idle_stats()  # stats() before the run shows the bound it will start with
 
     # -- internals ------------------------------------------------------------------------------------
 
-    def _launch(self, max_messages: int | None, idle_exit: float | None) -> Engine | None:
+    def _launch(
+        self, max_messages: int | None, idle_exit: float | None, background: bool = False
+    ) -> Engine | None:
         """Build the engine for one run (None when stop() came first); refuses a second run."""
-        if self._launched:
-            raise RuntimeError("this mtc75.Consumer has already run; make a new one")
-        engine = Engine(  # checks max_messages and idle_exit (ConfigError)
-            self._settings, self._invoker, overrides=self._librdkafka, max_messages=max_messages,
-            idle_exit=idle_exit, on_status=self._snapshot,
-            status_interval=min(SNAPSHOT_INTERVAL, self._status_interval), factories=self._factories,
-        )
-        self._launched = True
+        check_bounds(max_messages, idle_exit)
+        with self._lock:  # check and claim at once: of two threads calling run()/start() together, one runs
+            if self._closed:
+                raise MisuseError("this mtc75.Consumer is closed; make a new one")
+            if self._state == RUNNING:
+                where = self._own_thread()
+                raise MisuseError("this mtc75.Consumer is already running" + (f" (called from {where})" if where
+                                                                                else ""))
+            if self._state == ENDED:
+                raise MisuseError("this mtc75.Consumer has already run; make a new one")
+            self._state = RUNNING
+            if not background:
+                self._poll_ident = threading.get_ident()
         if self._stop_requested:
             return None
+        try:
+            engine = Engine(
+                self._settings, self._invoker, overrides=self._librdkafka, max_messages=max_messages,
+                idle_exit=idle_exit, on_status=self._snapshot,
+                status_interval=min(SNAPSHOT_INTERVAL, self._status_interval), factories=self._factories,
+            )
+        except BaseException:
+            self._end()  # no run: close() must not wait for one
+            raise
         self._engine = engine
         if self._stop_requested:  # stop() ran while the engine was being built
             engine.stop()
         return engine
 
+    def _idle_stats(self) -> Stats:
+        settings = self._settings
+        return Stats.idle(settings.initial_threads(), "auto" if settings.auto_threads else "fixed", settings.ORDERING)
+
     def _background(self, engine: Engine | None) -> None:
-        if engine is None:
-            return
+        self._poll_ident = threading.get_ident()
         try:
-            self._stats = engine.run()
+            if engine is not None:
+                self._stats = engine.run()
         except BaseException as err:  # handed to close(), on the owning thread
-            self._stats = engine.stats()
+            self._stats = engine.stats() if engine is not None else self._stats
             self._error = err
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        """The run is over (poll thread, last): close() may return, a later run() is refused."""
+        with self._lock:
+            self._state = ENDED
+            self._poll_ident = None
+        self._ended.set()
+
+    def _own_thread(self) -> str | None:
+        """What part of this running consumer the calling thread is, if any (it must not wait for the run)."""
+        if threading.get_ident() == self._poll_ident:
+            return "its on_status, on the thread that runs it"
+        engine = self._engine
+        if engine is not None and engine.on_handler_thread():
+            return "one of its handlers"
+        return None
+
+    def _refuse_on_own_thread(self, call: str) -> None:
+        if self._state != RUNNING:
+            return
+        where = self._own_thread()
+        if where is not None:
+            raise MisuseError(f"{call} called from {where}: it would wait for itself to finish; call stop() "
+                              "there (it returns at once, and the run ends once the handler returned)")
 
     def _snapshot(self, stats: Stats) -> None:
         """Poll thread: keep the snapshot stats() returns; pass it on at the user's status interval."""

@@ -57,6 +57,11 @@ class KafkaFatalError(Mtc75Error):
 KafkaFatal = KafkaFatalError  # the name the engine and the hardening tests use; one type
 
 
+class MisuseError(Mtc75Error, RuntimeError):
+    """A call the consumer's state does not allow: ``run()`` twice or after ``close()``, ``close()`` from
+    one of its own handlers (it would wait for itself), ``retune()`` after the run ended. Raised at once."""
+
+
 class BrokerError(Mtc75Error):
     """The local Kafka launcher could not fetch, start or stop the broker."""
 

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import runpy
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from mtc75.core.retry import FAILURE_MODES
 from mtc75.errors import ConfigError
 
 ENV_PREFIX = "MTC75_"
-# librdkafka logs through this logger instead of raw stderr; scripts show it only with -vv.
+# librdkafka logs through this logger instead of raw stderr; scripts show it only with -vv (-v: debug).
 LIBRDKAFKA_LOGGER = logging.getLogger("mtc75.librdkafka")
 OFFSET_RESETS = ("earliest", "latest", "error")
 AUTO = "auto"  # MAX_THREAD_COUNT = "auto"
@@ -312,16 +313,46 @@ def _number(kind: type, raw: Any, bad: Callable[[str], ConfigError], auto: bool 
     return value
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a settings file is a few KB; a larger one is refused, not read
+
+
+def config_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a settings file (a directory, over MAX_CONFIG_BYTES), or None."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "not found"
+    except OSError as err:
+        return err.strerror or str(err)
+    if stat.S_ISDIR(st.st_mode):
+        return "is a directory"
+    if stat.S_ISREG(st.st_mode) and st.st_size > MAX_CONFIG_BYTES:
+        return f"{st.st_size} bytes, more than a settings file may have ({MAX_CONFIG_BYTES})"
+    return None
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
-    """The upper-case names of a config.py; unknown names are errors so typos do not pass silently."""
+    """The upper-case names of a config.py; unknown names are errors so typos do not pass silently.
+
+    The file is Python run in this process: whatever it raises -- ``sys.exit()``, ``KeyboardInterrupt``
+    included -- is a ConfigError naming it (a script exits 2), never the caller's own exit.
+    """
+    problem = config_file_problem(path)
+    if problem is not None:
+        raise ConfigError(f"config file {path}: {problem}")
     try:
         namespace = runpy.run_path(str(path))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
     except SyntaxError as err:
         raise ConfigError(f"{path}:{err.lineno}: syntax error: {err.msg}") from None
-    except Exception as err:  # the user's file may raise anything
-        raise ConfigError(f"{path}: {type(err).__name__}: {err}") from None
+    except BaseException as err:  # the user's file may raise anything, sys.exit() included
+        raise ConfigError(f"{path}: {describe_raise(err)} while it was read") from None
+    return config_values(namespace, path)
+
+
+def config_values(namespace: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """The settings among a config file's names (upper case, no leading underscore); unknown ones are errors."""
     values = {k: v for k, v in namespace.items() if k.isupper() and not k.startswith("_")}
     unknown = sorted(set(values) - set(SPECS))
     if unknown:
@@ -329,16 +360,35 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return values
 
 
+def describe_raise(err: BaseException) -> str:
+    """``"raised Type: text"`` / ``"called sys.exit(code)"`` for what a config file raised; never raises."""
+    if isinstance(err, SystemExit):
+        return f"called sys.exit({err.code!r})"
+    name = type(err).__name__
+    try:
+        text = str(err)
+    except BaseException:  # a user's exception whose __str__ raises
+        text = ""
+    return f"raised {name}: {text}" if text else f"raised {name}"
+
+
 def load_settings(
     config_path: Path | None,
     env: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
+    *,
+    file_values: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Merge defaults, config file, environment and flags (in that order) and validate each value once."""
+    """Merge defaults, config file, environment and flags (in that order) and validate each value once.
+
+    ``file_values``: the config file's values, already read (live reload reads the file in a child
+    process); ``config_path`` then only names their source.
+    """
     env = os.environ if env is None else env
     raw: dict[str, tuple[Any, str]] = {}
     if config_path is not None:
-        for name, value in read_config_file(config_path).items():
+        values = read_config_file(config_path) if file_values is None else file_values
+        for name, value in values.items():
             raw[name] = (value, str(config_path))
     if env.get("KAFKA_BOOTSTRAP_SERVERS"):
         raw["BOOTSTRAP_SERVERS"] = (env["KAFKA_BOOTSTRAP_SERVERS"], "KAFKA_BOOTSTRAP_SERVERS")

@@ -24,14 +24,16 @@ def consumer(
     factories: ClientFactories,
     handler: Callable[[Any], object],
     *,
+    cls: type[Consumer] = Consumer,
     librdkafka: Mapping[str, Any] | None = None,
     on_status: Callable[[Stats], None] | None = None,
     status_interval: float = 1.0,
     observers: Sequence[CallObserver] = (),
     **settings: Any,
 ) -> Consumer:
-    """``mtc75.Consumer(handler, **settings)`` on ``factories`` (``topic`` and ``group_id`` as there)."""
-    return Consumer._built(
+    """``mtc75.Consumer(handler, **settings)`` on ``factories`` (``topic`` and ``group_id`` as there); ``cls``:
+    a subclass of mtc75.Consumer to build instead."""
+    return cls._built(
         handler, settings_from_keywords(settings), librdkafka, on_status, status_interval, observers, factories
     )
 

@@ -224,14 +224,18 @@ def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30) -> l
 def report_figures(scenario: str, **figures: object) -> None:
     """Print a fault test's measured figures and append them to $MTC75_FAULT_FIGURES (JSON lines), if set.
 
-    RELIABILITY.md quotes these lines from a real run (``make faults`` sets the variable).
+    The appended line also names the test that wrote it (pytest's ``PYTEST_CURRENT_TEST``), so the
+    recorder (``python -m bench.record``, run by ``make faults``) can store each record with its test's
+    outcome in tests/figures/<name>.json, which RELIABILITY.md's figure cells are generated from
+    (``python -m bench.docs``): ``scenario`` is the key a row's cells name.
     """
-    line = json.dumps({"scenario": scenario, **figures}, sort_keys=False)
-    print(f"FIGURES {line}")
+    record = {"scenario": scenario, **figures}
+    print(f"FIGURES {json.dumps(record)}")
     path = os.environ.get("MTC75_FAULT_FIGURES")
     if path:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
         with open(path, "a") as out:
-            out.write(line + "\n")
+            out.write(json.dumps({**record, "test": test}) + "\n")
 
 
 class Lines:

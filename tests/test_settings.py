@@ -115,3 +115,26 @@ def test_settings_are_frozen_and_replace_validates() -> None:
     assert s.replace(MAX_THREAD_COUNT=3).MAX_THREAD_COUNT == 3
     with pytest.raises(ConfigError):
         s.replace(MAX_THREAD_COUNT=0)
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ("import sys\nsys.exit(0)\n", "config.py: called sys.exit(0) while it was read"),
+        ("raise SystemExit\n", "called sys.exit(None)"),
+        ("raise KeyboardInterrupt\n", "raised KeyboardInterrupt"),
+        ("raise GeneratorExit\n", "raised GeneratorExit"),
+        ("class E(Exception):\n    def __str__(self):\n        raise RuntimeError\nraise E\n", "raised E while"),
+        ("#" * (1 << 20) + "\n", "more than a settings file may have"),
+    ],
+)
+def test_a_config_file_that_exits_or_raises_anything_is_a_config_error(
+    tmp_path: Path, body: str, fragment: str
+) -> None:
+    """At start-up the file runs in this process: an exit or interrupt it raises is its error (exit 2),
+    never the script's own exit (sys.exit(0) used to end the script with 0 and no word)."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(_config(tmp_path, body), env={})
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_settings(tmp_path, env={})

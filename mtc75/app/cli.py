@@ -11,9 +11,9 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from termcolor import colored
 
@@ -59,8 +59,8 @@ class _ColorFormatter(logging.Formatter):
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
-    """Log lines on stderr; librdkafka's own chatter only with -vv."""
-    level = logging.WARNING if quiet else logging.DEBUG if verbose >= 2 else logging.INFO
+    """Log lines on stderr: -v debug (a failing handler's traceback included), -vv librdkafka's own log too."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose >= 1 else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_ColorFormatter(use_color(sys.stderr)))
     root = logging.getLogger()
@@ -94,7 +94,8 @@ def base_parser(prog: str, description: str, epilog: str, settings: Sequence[str
         "-X", dest="properties", action="append", default=[], metavar="KEY=VALUE",
         help="librdkafka property, applied last; repeatable (e.g. -X fetch.wait.max.ms=50)",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: librdkafka debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="debug output, a failing handler's traceback included (-vv: also librdkafka's own log)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return parser
 
@@ -104,10 +105,16 @@ def config_path(args: argparse.Namespace) -> Path | None:
     return args.config if args.config.exists() or args.config != DEFAULT_CONFIG else None
 
 
-def resolve(args: argparse.Namespace, settings: Sequence[str]) -> tuple[Settings, dict[str, str]]:
-    """Settings and ``-X`` properties from parsed arguments (raises ConfigError)."""
+def resolve(
+    args: argparse.Namespace, settings: Sequence[str], file_values: Mapping[str, Any] | None = None
+) -> tuple[Settings, dict[str, str]]:
+    """Settings and ``-X`` properties from parsed arguments (raises ConfigError).
+
+    ``file_values``: the config file's values already read (live reload); None reads the file here.
+    """
     flags = {name: getattr(args, name) for name in settings}
-    return load_settings(config_path(args), flags=flags), parse_properties(args.properties)
+    settings_ = load_settings(config_path(args), flags=flags, file_values=file_values)
+    return settings_, parse_properties(args.properties)
 
 
 # Advice only a user of this repository's scripts can follow: the library's errors state facts only.

@@ -11,7 +11,8 @@ takes and gives up partitions; :class:`~mtc75.engine.faults.Faults` says what an
 Threads: construct, :meth:`Engine.run` and everything private on one thread, the poll thread (the final
 ``close()`` runs on a helper thread while the poll thread waits: :meth:`mtc75.kafka.client.KafkaClient.close`).
 :meth:`Engine.stop` from any thread or a signal handler (it sets an Event); :meth:`Engine.retune` from any
-thread (under a lock); :meth:`Engine.stats` on the poll thread (``on_status`` hands snapshots to the others).
+thread (under a lock); :meth:`Engine.stats` on the poll thread (``on_status`` hands snapshots to the others);
+:meth:`Engine.on_handler_thread` from any thread.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from mtc75.engine.startup import Parts, Wiring, assemble
 from mtc75.errors import KafkaUnavailable, Mtc75Error
 from mtc75.kafka.clients import REAL_FACTORIES, ClientFactories
 from mtc75.runtime.invoker import Invoker
+from mtc75.runtime.runner import runs_handlers_for
 from mtc75.settings import Settings, check_bounds, live_changes
 
 logger = logging.getLogger(__name__)
@@ -108,6 +110,11 @@ class Engine:
         validated = live_changes(**changes)
         with self._retune_lock:
             self._retune.update(validated)
+
+    def on_handler_thread(self) -> bool:
+        """True when called on a thread that runs this run's handlers (a worker, the event loop); any thread."""
+        parts = self._parts
+        return parts is not None and runs_handlers_for(parts.dispatcher)
 
     @property
     def lingering(self) -> bool:

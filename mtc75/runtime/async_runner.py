@@ -32,7 +32,7 @@ from mtc75.core.offsets import PartitionState
 from mtc75.core.work import Work
 from mtc75.runtime.aio import EventLoopThread, LoopError
 from mtc75.runtime.invoker import Invoker
-from mtc75.runtime.runner import RunnerFactory, ThreadRunner, WorkerSteps
+from mtc75.runtime.runner import RunnerFactory, ThreadRunner, WorkerSteps, mark_worker
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class AsyncRunner:
         self._invoker = invoker
         self.loop_thread = EventLoopThread(invoker.name, use_uvloop=use_uvloop)
         self.loop_thread.start()
+        self.loop_thread.call_soon(mark_worker, steps)  # before any shift: call_soon keeps the order
         self._loop = self.loop_thread.loop
         self._shifts: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
         self._running: dict[asyncio.Task[None], Work] = {}  # shift -> the message its handler runs

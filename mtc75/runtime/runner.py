@@ -10,11 +10,13 @@ thread per shift (:class:`ThreadRunner`) or a task per shift on one event-loop t
 permit still comes back.
 
 Thread contract: the dispatcher calls ``spawn``, ``grow``, ``cancel`` and ``shutdown`` from the poll thread
-only. A runner's workers call nothing but their shift generator and the invoker.
+only. A runner's workers call nothing but their shift generator and the invoker. Each worker thread marks
+itself once, when it starts (:func:`mark_worker`); :func:`runs_handlers_for` reads that mark, on any thread.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -56,6 +58,20 @@ class Runner(Protocol):
 # Builds the runner for a dispatcher: (its worker steps, the invoker, max_thread_count) -> Runner.
 RunnerFactory = Callable[[WorkerSteps, Invoker, int], Runner]
 
+# Whose handlers the current thread runs: set once, when a worker thread (or the event-loop thread) starts,
+# so that the API can refuse a call that would wait for the calling handler itself (close() from a handler).
+_worker = threading.local()
+
+
+def mark_worker(steps: object) -> None:
+    """Called on a new worker thread (or event-loop thread): it runs handlers for ``steps`` (a dispatcher)."""
+    _worker.steps = steps
+
+
+def runs_handlers_for(steps: object) -> bool:
+    """True on a thread that runs handlers for ``steps``: one of its workers, or its event-loop thread."""
+    return getattr(_worker, "steps", None) is steps
+
 
 class ThreadRunner:
     """Each shift on a thread of a ThreadPoolExecutor of ``limit`` threads."""
@@ -66,8 +82,12 @@ class ThreadRunner:
     def __init__(self, steps: WorkerSteps, invoker: Invoker, limit: int) -> None:
         self._steps = steps
         self._invoker = invoker
-        self._executor = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="mtc75-worker")
+        self._executor = self._pool(limit)
         self._size = limit  # the executor's max_workers; grow() replaces it to grow
+
+    def _pool(self, limit: int) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=limit, thread_name_prefix="mtc75-worker", initializer=mark_worker,
+                                  initargs=(self._steps,))
 
     def spawn(self, count: int) -> None:
         submit, shift = self._executor.submit, self._shift
@@ -80,7 +100,7 @@ class ThreadRunner:
         if limit <= self._size:
             return
         old = self._executor
-        self._executor = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="mtc75-worker")
+        self._executor = self._pool(limit)
         self._size = limit
         old.shutdown(wait=False)
 
