@@ -284,7 +284,7 @@ class LocalKafka:
         try:
             digest = hashlib.sha256(_POM.read_bytes()).hexdigest()
         except OSError as exc:
-            raise BrokerError(f"cannot read {_POM} ({exc.strerror}); restore it") from None
+            raise BrokerError(f"cannot read {_POM} ({exc.strerror}); restore it, or reinstall mtc75") from None
         if self._libs_match(digest):
             return
         mvn = shutil.which("mvn")
