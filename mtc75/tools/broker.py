@@ -437,7 +437,7 @@ class LocalKafka:
                 "share groups are off on the Kafka at %s: its data was formatted by an older Kafka"
                 " (finalized features %s); if the data is disposable, stop it, delete %s and start again",
                 self.bootstrap, ", ".join(f"{k}={v}" for k, v in sorted(features.items())) or "none",
-                _display(self._data),
+                self._data,
             )
 
     def _libs_match(self, digest: str) -> bool:
@@ -983,7 +983,8 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("BROKERS", "1"),
         help="nodes in the cluster: node 1 on --port, the others on the next free port pairs (default: $BROKERS or 1)",
     )
-    common.add_argument("--home", type=Path, help="folder for the node folders (default: <repo>/.kafka)")
+    common.add_argument("--home", type=Path, help="folder for the node folders (default: <repo>/.kafka in a"
+                        " checkout, else $XDG_CACHE_HOME/mtc75)")
     common.add_argument("--timeout", type=float, help="seconds to wait")
     parser = argparse.ArgumentParser(
         prog="python -m mtc75.tools.broker", description="Local Kafka (1 or N nodes) for MTC75."
