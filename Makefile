@@ -8,8 +8,10 @@
 # make faults - only the fault-injection suite; its figures -> tests/figures/faults.json (RELIABILITY.md)
 # make figures - make faults, then the end-to-end tests RELIABILITY.md quotes -> tests/figures/e2e.json
 # make broker / make broker-stop / make broker-status - a local Kafka for the three-terminal flow
-#   (KAFKA_PORT, default 9092); BROKERS=3 runs a 3-node cluster: node 1 on KAFKA_PORT, the others on
-#   the next free port pairs. `make broker BROKERS=3` again starts only the nodes that are not running.
+#   (KAFKA_PORT, default 9092, below the kernel's ephemeral range 32768+: refused there with exit 4);
+#   BROKERS=3 runs a 3-node cluster: node 1 on KAFKA_PORT, the others on the next free port pairs.
+#   `make broker BROKERS=3` again starts only the nodes that are not running. Off 127.0.0.1:9092 it
+#   prints the `export KAFKA_BOOTSTRAP_SERVERS=...` line the scripts need.
 
 PYTHON ?= python3
 VENV := .venv

@@ -18,7 +18,8 @@ from tests.local_kafka import owned_broker, session_folder
 
 # Below the kernel's ephemeral range (32768-60999 here): a client that keeps reconnecting to a stopped broker
 # on an ephemeral port can connect to itself (source port = that port), and the broker cannot start there
-# again (seen: a killed cluster node could not be brought back on 48112).
+# again (seen: a killed cluster node could not be brought back on 48112). tests/local_kafka.py refuses a
+# port inside the range, and the launcher never puts a node there.
 TEST_PORT = int(os.environ.get("MTC75_TEST_KAFKA_PORT", "29092"))  # preferred: the next free pair if taken
 # A test that asks for one of these fixtures talks to a real Kafka; `make unit` runs all the others.
 KAFKA_FIXTURES = {"local_kafka", "bootstrap", "make_topic", "own_broker"}

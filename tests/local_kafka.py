@@ -7,7 +7,9 @@ prune: seen here deleting a cluster's data while it started). Its pid file names
 line holds that folder's server.properties, which no other session's launcher takes for its own
 (``LocalKafka._is_ours``); ``stop()`` signals only that process. Ports come from the preferred one (an
 ``MTC75_TEST_*`` variable, so helpers on one machine stay in their own ranges) or the next free pair above it;
-a port lost to a race between the check and the bind is retried on the next pair.
+a port lost to a race between the check and the bind is retried on the next pair. No pair is taken inside the
+kernel's ephemeral range (a client reconnecting to a stopped node there can connect to itself and hold its
+port): a preferred port inside it is refused, naming the variable, and the scan stops below it.
 
 Called from pytest fixtures (the main thread).
 """
@@ -27,7 +29,7 @@ from mtc75.tools import broker as launcher
 from mtc75.tools.broker import LocalCluster, LocalKafka
 
 ROOT = Path(__file__).resolve().parent.parent
-REPO_LIBS = ROOT / ".kafka" / "libs"  # the jars are shared; only state is per session
+REPO_LIBS = launcher.default_home() / "libs"  # the jars are shared (<repo>/.kafka/libs); only state is per session
 PORT_SCAN = 60  # how far above the preferred port to look for a free pair
 ATTEMPTS = 4  # binds lost to another program between our check and the broker's bind
 
@@ -46,13 +48,23 @@ def session_folder(name: str) -> Iterator[Path]:
 
 
 def free_pair(preferred: int, avoid: frozenset[int] = frozenset()) -> int:
-    """The first port p >= preferred with p and p+1 free now (and neither in ``avoid``)."""
+    """The first port p >= preferred with p and p+1 free now, outside the ephemeral range, neither in ``avoid``."""
+    ephemeral = launcher.EphemeralPorts.of_this_machine()
+    if preferred in ephemeral or preferred + 1 in ephemeral:
+        raise BrokerError(
+            f"test port {preferred} lies in this machine's ephemeral port range {ephemeral.first}-{ephemeral.last}"
+            f" ({ephemeral.source}); set MTC75_TEST_KAFKA_PORT (and MTC75_TEST_FAULT_KAFKA_PORT,"
+            f" MTC75_TEST_CLUSTER_KAFKA_PORT) below {ephemeral.first}"
+        )
     for port in range(preferred, preferred + PORT_SCAN):
-        if {port, port + 1} & avoid:
+        if {port, port + 1} & avoid or port in ephemeral or port + 1 in ephemeral:
             continue
         if launcher._port_free(port) and launcher._port_free(port + 1):
             return port
-    raise BrokerError(f"no two free adjacent ports in {preferred}-{preferred + PORT_SCAN} on 127.0.0.1")
+    raise BrokerError(
+        f"no two free adjacent ports in {preferred}-{preferred + PORT_SCAN} on 127.0.0.1 outside the ephemeral"
+        f" range {ephemeral.first}-{ephemeral.last}"
+    )
 
 
 def start_owned(make: Callable[[int], T], preferred: int, avoid: frozenset[int] = frozenset()) -> T:
@@ -77,11 +89,11 @@ def start_owned(make: Callable[[int], T], preferred: int, avoid: frozenset[int] 
 
 def owned_broker(home: Path, preferred: int, avoid: frozenset[int] = frozenset()) -> LocalKafka:
     """A single-node broker of this session (fetches the jars once into the repo's .kafka/libs)."""
-    LocalKafka(preferred, home=ROOT / ".kafka", libs=REPO_LIBS).fetch()
+    LocalKafka(preferred, home=REPO_LIBS.parent, libs=REPO_LIBS).fetch()
     return start_owned(lambda port: LocalKafka(port, home=home, libs=REPO_LIBS), preferred, avoid)
 
 
 def owned_cluster(home: Path, preferred: int, size: int) -> LocalCluster:
     """A cluster of ``size`` nodes of this session: node 1 on a free pair from ``preferred``."""
-    LocalKafka(preferred, home=ROOT / ".kafka", libs=REPO_LIBS).fetch()
+    LocalKafka(preferred, home=REPO_LIBS.parent, libs=REPO_LIBS).fetch()
     return start_owned(lambda port: LocalCluster(port, size, home=home, libs=REPO_LIBS), preferred)

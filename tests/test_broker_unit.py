@@ -17,7 +17,12 @@ import pytest
 
 from mtc75.errors import BrokerError
 from mtc75.tools import broker
-from mtc75.tools.broker import LocalKafka
+from mtc75.tools.broker import EphemeralPorts, LocalKafka
+from tests.conftest import TEST_PORT
+from tests.local_kafka import free_pair
+
+# Ports for tests that bind (never in the ephemeral range, where the launcher refuses to start a node).
+UNIT_PORT = TEST_PORT + 400
 
 MAVEN_FAILURE = """\
 \x1b[0m\x1b[0m[ERROR] Failed to execute goal on project mtc75-local-kafka: Could not resolve dependencies \
@@ -36,14 +41,8 @@ def _props(path: Path) -> dict[str, str]:
 
 
 def _free_port_pair() -> int:
-    """A port p such that p and p+1 are both free right now."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port < 65534 and broker._port_free(port) and broker._port_free(port + 1):
-            return port
-    pytest.skip("no two adjacent free ports")
+    """A port p below the ephemeral range such that p and p+1 are both free right now."""
+    return free_pair(UNIT_PORT)
 
 
 def _script(bin_dir: Path, name: str, body: str) -> Path:
@@ -110,6 +109,7 @@ def test_server_properties_follow_the_port(tmp_path: Path, port: int) -> None:
     assert props["log.dirs"] == str(tmp_path / str(port) / "data")
     assert props["process.roles"] == "broker,controller"
     assert props["auto.create.topics.enable"] == "false"
+    assert props["group.share.heartbeat.interval.ms"] == props["group.share.min.heartbeat.interval.ms"] == "1000"
     assert kafka.bootstrap == f"127.0.0.1:{port}"
     assert kafka.log_path == tmp_path / str(port) / "broker.log"
     assert _props(tmp_path / str(port) / "log4j2.properties")["appender.file.fileName"] == str(kafka.log_path)
@@ -117,7 +117,19 @@ def test_server_properties_follow_the_port(tmp_path: Path, port: int) -> None:
 
 def test_default_home_is_dot_kafka_in_the_repo() -> None:
     repo = Path(broker.__file__).resolve().parents[2]
+    assert broker.checkout_root() == repo
     assert LocalKafka(port=29092).log_path == repo / ".kafka" / "29092" / "broker.log"
+
+
+def test_installed_the_home_is_the_user_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(broker, "checkout_root", lambda: None)  # as from a wheel in site-packages
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert broker.default_home() == tmp_path / "xdg" / "mtc75"
+    assert LocalKafka(port=29092).folder == tmp_path / "xdg" / "mtc75" / "29092"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert broker.default_home() == tmp_path / "home" / ".cache" / "mtc75"
+    assert broker._POM.parent == Path(broker.__file__).parent  # package data, not a file of the repository
 
 
 @pytest.mark.parametrize("port", [0, 65535, -1])
@@ -132,10 +144,10 @@ def test_unusable_port_is_refused(port: int) -> None:
 @pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
 @pytest.mark.usefixtures("no_java_or_fetch")
 def test_port_taken_by_another_program(tmp_path: Path, host: str) -> None:
+    port = _free_port_pair()
     with socket.socket() as listener:
-        listener.bind((host, 0))
+        listener.bind((host, port))
         listener.listen()
-        port = listener.getsockname()[1]
 
         with pytest.raises(BrokerError) as caught:
             LocalKafka(port=port, home=tmp_path).start(timeout=5)
@@ -157,10 +169,10 @@ def test_controller_port_taken(tmp_path: Path) -> None:
 
 
 def test_main_reports_port_taken_on_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    port = _free_port_pair()
     with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
+        listener.bind(("127.0.0.1", port))
         listener.listen()
-        port = listener.getsockname()[1]
         # A tmp home: this must not touch the repo's .kafka even if it got further.
         code = _main_in(tmp_path, ["start", "--port", str(port)])
 
@@ -169,13 +181,8 @@ def test_main_reports_port_taken_on_one_line(capsys: pytest.CaptureFixture[str],
     assert err.startswith("broker: error: ") and err.count("\n") == 1 and str(port) in err
 
 
-def _main_in(home_parent: Path, argv: list[str]) -> int:
-    saved = broker._REPO_ROOT
-    broker._REPO_ROOT = home_parent
-    try:
-        return broker.main(argv)
-    finally:
-        broker._REPO_ROOT = saved
+def _main_in(home: Path, argv: list[str]) -> int:
+    return broker.main([*argv, "--home", str(home)])
 
 
 # -- java -------------------------------------------------------------------------
@@ -408,3 +415,150 @@ def test_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) ->
     ids = iter([uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(bytes=b"\x01" * 16)])  # "-A..." first, then "AQE..."
     monkeypatch.setattr(broker.uuid, "uuid4", lambda: next(ids))
     assert broker._cluster_id() == "AQEBAQEBAQEBAQEBAQEBAQ"
+
+
+# -- the ephemeral port range -----------------------------------------------------
+
+
+def _ranges(tmp_path: Path, span: str, reserved: str = "") -> EphemeralPorts:
+    (tmp_path / "range").write_text(span)
+    (tmp_path / "reserved").write_text(reserved)
+    return EphemeralPorts.of_this_machine(tmp_path / "range", tmp_path / "reserved")
+
+
+def test_ephemeral_range_is_read_with_its_reserved_ports(tmp_path: Path) -> None:
+    ports = _ranges(tmp_path, "32768\t60999\n", "45092-45093,50000\n")
+    assert (ports.first, ports.last) == (32768, 60999)
+    assert 32767 not in ports and 32768 in ports and 60999 in ports and 61000 not in ports
+    assert 45091 in ports and 45092 not in ports and 45093 not in ports and 45094 in ports  # reserved: usable
+    assert 50000 not in ports and 50001 in ports
+    assert 9092 not in _ranges(tmp_path, "32768 60999", "")  # an empty reserved file
+
+
+def test_without_procfs_the_iana_range_counts(tmp_path: Path) -> None:
+    ports = EphemeralPorts.of_this_machine(tmp_path / "missing", tmp_path / "missing-too")
+    assert (ports.first, ports.last) == (49152, 65535) and "IANA" in ports.source
+    assert 45092 not in ports and 49152 in ports
+
+
+LINUX_DEFAULT = EphemeralPorts(32768, 60999)
+
+
+@pytest.mark.parametrize("port", [45092, 32767])  # 32767: its controller port 32768 is inside
+def test_start_refuses_a_port_in_the_ephemeral_range_before_anything_else(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, port: int
+) -> None:
+    monkeypatch.setattr(broker, "_ephemeral", lambda: LINUX_DEFAULT)
+    with pytest.raises(BrokerError) as caught:
+        LocalKafka(port=port, home=tmp_path).start(timeout=5)
+    message = str(caught.value)
+    assert f"port {port} " in message and "ephemeral port range 32768-60999" in message
+    assert "below 32768" in message and f"ip_local_reserved_ports={port}-{port + 1}" in message
+    assert "\n" not in message
+    assert list(tmp_path.iterdir()) == []  # no node folder left behind for a port it refused
+
+
+@pytest.mark.usefixtures("no_java_or_fetch")
+def test_a_reserved_port_in_the_range_is_usable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    port = _free_port_pair()
+    reserved = EphemeralPorts(port - 10, port + 10, ((port, port + 1),))
+    monkeypatch.setattr(broker, "_ephemeral", lambda: reserved)
+    with pytest.raises(AssertionError, match="went past the port check"):  # got as far as java: not refused
+        LocalKafka(port=port, home=tmp_path).start(timeout=5)
+    monkeypatch.setattr(broker, "_ephemeral", lambda: EphemeralPorts(port - 10, port + 10))
+    with pytest.raises(BrokerError, match="ephemeral port range"):
+        LocalKafka(port=port, home=tmp_path).start(timeout=5)
+
+
+def test_make_broker_in_the_ephemeral_range_exits_4_with_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(broker, "_ephemeral", lambda: LINUX_DEFAULT)
+    code = _main_in(tmp_path, ["start", "--port", "45092"])
+    err = capsys.readouterr().err
+    assert code == BrokerError.exit_code == 4
+    assert err.startswith("broker: error: port 45092 ") and err.count("\n") == 1
+
+
+def test_test_ports_in_the_ephemeral_range_are_refused_and_never_scanned_into(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base = _free_port_pair()
+    monkeypatch.setattr(EphemeralPorts, "of_this_machine", classmethod(lambda cls: cls(base + 4, base + 1000)))
+    with pytest.raises(BrokerError, match=rf"test port {base + 4} .*MTC75_TEST_KAFKA_PORT"):
+        free_pair(base + 4)
+    with pytest.raises(BrokerError, match=rf"test port {base + 3} "):  # its controller port base+4 is inside
+        free_pair(base + 3)
+    with socket.socket() as one, socket.socket() as three:  # every pair below base+4 has a busy port
+        for sock, port in ((one, base + 1), (three, base + 3)):
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+        with pytest.raises(BrokerError, match=rf"no two free adjacent ports in {base}-.*outside the ephemeral"):
+            free_pair(base)  # base+4 and up are free, but inside the range
+
+
+# -- share groups -----------------------------------------------------------------
+
+_FEATURES_LOG = """\
+[2026-01-01 10:00:00,000] INFO [ControllerServer id=1] Loaded new metadata FinalizedFeatures(metadataVersion=\
+Optional[{mv}], finalizedFeatures={{{features}}}, finalizedFeaturesEpoch=11). \
+(org.apache.kafka.metadata.publisher.FeaturesPublisher)
+"""
+
+
+def _log_features(kafka: LocalKafka, mv: str, features: str) -> None:
+    kafka._dir.mkdir(parents=True, exist_ok=True)
+    with open(kafka.log_path, "a") as log:
+        log.write(_FEATURES_LOG.format(mv=mv, features=features))
+
+
+def test_share_groups_on_says_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    kafka = LocalKafka(port=29092, home=tmp_path)
+    assert kafka.finalized_features() is None  # no log yet
+    _log_features(kafka, "4.4-IV2", "group.version=1, share.version=2, metadata.version=33")
+    assert kafka.finalized_features() == {"group.version": 1, "share.version": 2, "metadata.version": 33}
+    kafka.warn_without_share_groups()
+    assert caplog.records == []
+
+
+def test_data_of_an_older_kafka_warns_that_share_groups_are_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kafka = LocalKafka(port=29092, home=tmp_path)
+    _log_features(kafka, "4.4-IV2", "share.version=2, metadata.version=33")
+    _log_features(kafka, "4.1-IV1", "group.version=1, transaction.version=2, metadata.version=27")  # the last counts
+    kafka.warn_without_share_groups()
+    [record] = caplog.records
+    assert record.levelname == "WARNING"
+    text = record.getMessage()
+    assert "share groups are off" in text and "metadata.version=27" in text and f"delete {kafka._data}" in text
+
+
+def test_format_names_the_share_groups_feature(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: list[list[str]] = []
+    monkeypatch.setattr(broker, "_run", lambda cmd: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0, ""))
+    LocalKafka(port=29092, home=tmp_path)._format("java")
+    assert "--feature share.version=2" in " ".join(seen[0])
+
+
+def test_a_java_exception_in_thread_main_is_quoted_without_the_prefix() -> None:
+    lines = ['Exception in thread "main" java.lang.IllegalArgumentException: No feature:share.version with feature'
+             " level 2", "\tat org.apache.kafka.server.common.Feature.lambda$fromFeatureLevel$4(Feature.java:150)"]
+    assert broker._exception_line(lines) == (
+        "java.lang.IllegalArgumentException: No feature:share.version with feature level 2")
+
+
+# -- what `make broker` tells the user ---------------------------------------------
+
+
+@pytest.mark.parametrize(("port", "export"), [(9092, False), (19092, True)])
+def test_start_prints_the_export_line_when_the_scripts_would_miss_the_broker(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, port: int, export: bool
+) -> None:
+    for started in (True, False):  # started now, or already running: the next command needs it either way
+        monkeypatch.setattr(LocalKafka, "start", lambda self, *, _s=started, **kw: _s)
+        assert _main_in(tmp_path, ["start", "--port", str(port)]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith(("Kafka is up at", "Kafka already running at"))
+        line = f"export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{port}"
+        assert (line in out) is export and len(out) == (3 if export else 1)

@@ -37,6 +37,7 @@ from tests.kafka_helpers import (
     wait_until,
 )
 from tests.local_kafka import REPO_LIBS, owned_cluster, session_folder
+from tests.test_share_groups import produce_small_batches, set_group_config, share_two_members
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.faults, pytest.mark.timeout(420)]  # its own cluster
 
@@ -111,6 +112,24 @@ def test_cluster_defaults_and_create_topic_uses_the_cluster_size(
               "transaction.state.log.replication.factor": "3", "transaction.state.log.min.isr": "2",
               "unclean.leader.election.enable": "false"}
     assert {k: configs[k].value for k in wanted} == wanted
+
+
+def test_share_groups_work_on_the_cluster_with_their_state_on_every_node(
+    cluster: LocalCluster, unique: Callable[[str], str]
+) -> None:
+    topic, group, count = unique("share"), unique("share-g"), 200
+    admin = _admin(cluster)
+    admin.create_topics([NewTopic(topic, 3)])[topic].result(timeout=30)
+    wait_until(lambda: topic in admin.list_topics(timeout=10).topics, 30, what="topic in metadata")
+    set_group_config(cluster.bootstrap, group, share_auto_offset_reset="earliest")
+    produce_small_batches(cluster.bootstrap, topic, count)
+
+    got = share_two_members(cluster.bootstrap, topic, group, count)
+
+    assert sorted(got[0] + got[1]) == list(range(count)) and got[0] and got[1]
+    assert all((node.finalized_features() or {}).get("share.version", 0) >= 1 for node in cluster.nodes())
+    state = admin.list_topics("__share_group_state", timeout=10).topics["__share_group_state"].partitions
+    assert state and all(len(p.replicas) == SIZE for p in state.values())  # share-group state survives a node
 
 
 def test_leader_killed_mid_run_nothing_acknowledged_is_lost_and_everyone_carries_on(

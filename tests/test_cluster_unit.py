@@ -15,7 +15,10 @@ import pytest
 
 from mtc75.errors import BrokerError
 from mtc75.tools import broker
-from mtc75.tools.broker import LocalCluster, LocalKafka, Node, Quorum
+from mtc75.tools.broker import EphemeralPorts, LocalCluster, LocalKafka, Node, Quorum
+from tests.conftest import TEST_PORT
+
+UNIT_PORT = TEST_PORT + 500  # where these tests look for free ports: below the ephemeral range
 
 
 def _props(path: Path) -> dict[str, str]:
@@ -24,14 +27,13 @@ def _props(path: Path) -> dict[str, str]:
 
 
 def _free_run(length: int) -> int:
-    """A port p with p .. p+length-1 all free right now."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port + length < 65534 and all(broker._port_free(p) for p in range(port, port + length)):
+    """A port p below the ephemeral range with p .. p+length-1 all free right now."""
+    ephemeral = EphemeralPorts.of_this_machine()
+    for port in range(UNIT_PORT, UNIT_PORT + 200):
+        run = range(port, port + length)
+        if all(p not in ephemeral and broker._port_free(p) for p in run):
             return port
-    pytest.skip(f"no {length} adjacent free ports")
+    pytest.skip(f"no {length} adjacent free ports from {UNIT_PORT}")
 
 
 QUORUM = Quorum("AAAAAAAAAAAAAAAAAAAAAA", (Node(1, 29092, 29093), Node(2, 29094, 29095), Node(3, 29096, 29097)))
@@ -76,6 +78,40 @@ def test_layout_takes_the_next_free_pairs_and_is_reused(tmp_path: Path) -> None:
     assert again.bootstrap == f"127.0.0.1:{base},127.0.0.1:{base + 3},127.0.0.1:{base + 5}"
     with pytest.raises(BrokerError, match=r"has 3 nodes, not 5; use BROKERS=3"):
         LocalCluster(base, 5, home=tmp_path).nodes()
+
+
+def test_layout_keeps_every_node_below_the_ephemeral_range(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    base = _free_run(9)
+    monkeypatch.setattr(broker, "_ephemeral", lambda: EphemeralPorts(base + 5, base + 1000))
+    with pytest.raises(BrokerError, match=rf"outside the ephemeral range {base + 5}-{base + 1000}"):
+        LocalCluster(base, 3, home=tmp_path)._plan()  # node 2 on base+2, node 3 would need base+4/base+5
+    assert [n.port for n in LocalCluster(base, 2, home=tmp_path)._plan().nodes] == [base, base + 2]
+    # Reserved ports are never handed out by the kernel: a node may take them.
+    monkeypatch.setattr(broker, "_ephemeral", lambda: EphemeralPorts(base + 5, base + 1000, ((base + 5, base + 7),)))
+    assert [n.port for n in LocalCluster(base, 3, home=tmp_path / "2")._plan().nodes] == [base, base + 2, base + 4]
+
+
+def test_a_cluster_from_a_port_in_the_ephemeral_range_is_refused_before_its_layout(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(broker, "_ephemeral", lambda: EphemeralPorts(32768, 60999))
+    code = broker.main(["start", "--port", "33092", "--brokers", "3", "--home", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 4 and err.startswith("broker: error: port 33092 ") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # no cluster.json recorded for ports it refused
+
+
+def test_cluster_start_prints_the_export_line_with_every_node(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    quorum = LocalCluster(_free_run(9), 3, home=tmp_path)._plan()
+    monkeypatch.setattr(LocalCluster, "start", lambda self, **kw: [1, 2, 3])
+    first = quorum.nodes[0].port
+    assert broker.main(["start", "--port", str(first), "--brokers", "3", "--home", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    every = ",".join(f"127.0.0.1:{n.port}" for n in quorum.nodes)
+    assert out[0] == f"Kafka cluster of 3 is up at {every} (started node(s) 1, 2, 3)"
+    assert out[-1] == f"export KAFKA_BOOTSTRAP_SERVERS={every}"
 
 
 def test_layout_steps_over_another_nodes_folder(tmp_path: Path) -> None:

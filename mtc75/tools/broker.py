@@ -1,16 +1,18 @@
-"""Run a local Apache Kafka 4.x (KRaft) for the demo and the tests: one node, or a cluster of N.
+"""Run a local Apache Kafka 4.4 (KRaft, share groups on) for the demo and the tests: one node, or a cluster of N.
 
-The broker is plain ``java`` on jars that Maven fetches once from
-``kafka/pom.xml``, so neither Docker nor a Kafka download is needed.  State is
-kept per port under ``<repo>/.kafka`` (or ``--home``) so that the demo broker and
-a test broker on another port can run side by side::
+The broker is plain ``java`` on jars that Maven fetches once from the pom shipped
+in this package (``kafka-pom.xml``), so neither Docker nor a Kafka download is
+needed.  State is kept per port under a home folder so that the demo broker and a
+test broker on another port can run side by side.  The home is ``<repo>/.kafka``
+when this module runs from a source checkout, else (an installed wheel)
+``$XDG_CACHE_HOME/mtc75`` or ``~/.cache/mtc75``; ``--home`` moves the node folders::
 
-    .kafka/libs/                  jars, shared by all ports (always under <repo>/.kafka)
-    .kafka/<port>/data/           log.dirs, formatted on first start
-    .kafka/<port>/broker.log      the broker log of the current (or last) run
-    .kafka/<port>/broker.out      JVM stdout/stderr, appended across runs
-    .kafka/<port>/broker.pid      pid of the java process
-    .kafka/<port>/cluster.json    only in a cluster's node folders: the cluster id and every node's ports
+    <home>/libs/                  jars, shared by all ports (always in the default home)
+    <home>/<port>/data/           log.dirs, formatted on first start
+    <home>/<port>/broker.log      the broker log of the current (or last) run
+    <home>/<port>/broker.out      JVM stdout/stderr, appended across runs
+    <home>/<port>/broker.pid      pid of the java process
+    <home>/<port>/cluster.json    only in a cluster's node folders: the cluster id and every node's ports
 
 A node listens for clients on ``<port>`` and for the KRaft quorum on ``<port>+1``.
 A cluster of N (``--brokers N``) is N such nodes, each broker *and* controller
@@ -18,6 +20,11 @@ A cluster of N (``--brokers N``) is N such nodes, each broker *and* controller
 of free ports above node k-1's, recorded in every node's cluster.json at the
 first start and reused after.  ``start`` starts only the nodes that are not
 running (a killed node comes back), ``stop`` stops them all, ``status`` lists them.
+
+No node starts on a port in the kernel's ephemeral range (``ip_local_port_range``,
+less ``ip_local_reserved_ports``): there a client reconnecting to a stopped node
+can be given that very port as its source port and connect to itself, holding the
+port so that the node cannot come back (seen 8 of 8 times on 4909x).
 
 Which thread may call: any, one call at a time per object; launchers in other
 processes are serialised by lock files in the node folders.
@@ -52,7 +59,10 @@ from pathlib import Path
 
 from mtc75.errors import BrokerError
 
-__all__ = ["DEFAULT_PORT", "LocalCluster", "LocalKafka", "Node", "Quorum", "main"]
+__all__ = [
+    "DEFAULT_PORT", "EphemeralPorts", "LocalCluster", "LocalKafka", "Node", "Quorum", "checkout_root",
+    "default_home", "main",
+]
 
 DEFAULT_PORT = 9092
 JAVA_MIN_VERSION = 17
@@ -62,9 +72,14 @@ _log = logging.getLogger(__name__)
 _HOST = "127.0.0.1"
 _MAX_PORT = 65534  # port + 1 is the controller
 _NODE_ID = 1
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-_POM = _REPO_ROOT / "kafka" / "pom.xml"
+_POM = Path(__file__).with_name("kafka-pom.xml")  # package data: an installed copy fetches from it too
 _MARKER = ".pom.sha256"  # written into libs/ last: its presence means "complete"
+# Share groups (KIP-932, GA since Kafka 4.2): a cluster formatted by 4.2+ has them by default; named at
+# format time so that a Kafka bump cannot drop them silently (the share-group tests check the result).
+_FORMAT_FEATURES = ("share.version=2",)
+_PORT_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_RESERVED_PORTS_FILE = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+_IANA_EPHEMERAL = (49152, 65535)  # where there is no procfs (macOS, the BSDs use this range by default)
 _JVM_OPTS = ("-Xms256m", "-Xmx1g")
 # A cluster node gets half the single node's heap and one GC thread: three JVMs share 2 cores with the
 # test suite. Measured mid-run in tests/test_cluster.py: 330-380 MB RSS per node (1 GB heap: 400-640 MB).
@@ -76,7 +91,8 @@ _POLL = 0.25  # seconds between readiness rounds
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _MVN_NOISE = re.compile(r"^(To see the full|Re-run Maven|For more information|\[Help \d+\])")
 _LOG_ERROR = re.compile(r"^\[[^\]]*\] (ERROR|FATAL) ")  # our log4j layout, below
-_JAVA_EXCEPTION = re.compile(r"^[\w.$]+(Exception|Error)\b")
+_JAVA_EXCEPTION = re.compile(r'^(?:Exception in thread "[^"]*" )?([\w.$]+(?:Exception|Error)\b.*)')
+_FINALIZED = re.compile(r"FinalizedFeatures\(.*?finalizedFeatures=\{([^}]*)\}")
 
 
 @dataclass(frozen=True)
@@ -131,6 +147,70 @@ class Quorum:
         return cls(str(raw["cluster_id"]), nodes)
 
 
+@dataclass(frozen=True)
+class EphemeralPorts:
+    """The ports the kernel hands out as source ports of outgoing connections: where no node may listen.
+
+    ``first``-``last`` is ``ip_local_port_range``; ``reserved`` are the ``(low, high)`` spans of
+    ``ip_local_reserved_ports``, which the kernel never hands out, so a node may listen there.
+    """
+
+    first: int
+    last: int
+    reserved: tuple[tuple[int, int], ...] = ()
+    source: str = str(_PORT_RANGE_FILE)
+
+    def __contains__(self, port: object) -> bool:
+        if not isinstance(port, int) or not self.first <= port <= self.last:
+            return False
+        return not any(low <= port <= high for low, high in self.reserved)
+
+    @classmethod
+    def of_this_machine(
+        cls, range_file: Path = _PORT_RANGE_FILE, reserved_file: Path = _RESERVED_PORTS_FILE
+    ) -> EphemeralPorts:
+        """Read from procfs; the IANA range 49152-65535 where it cannot be read (no procfs)."""
+        try:
+            first, last = (int(word) for word in range_file.read_text().split())
+        except (OSError, ValueError):
+            return cls(*_IANA_EPHEMERAL, source="the IANA default (no ip_local_port_range here)")
+        reserved: list[tuple[int, int]] = []
+        with contextlib.suppress(OSError, ValueError):  # "8080,9000-9100" or empty
+            for item in filter(None, reserved_file.read_text().strip().split(",")):
+                low, _, high = item.partition("-")
+                reserved.append((int(low), int(high or low)))
+        return cls(first, last, tuple(reserved), str(range_file))
+
+    def check(self, port: int) -> None:
+        """Raise BrokerError unless both ``port`` and its controller port ``port+1`` are outside the range."""
+        inside = [p for p in (port, port + 1) if p in self]
+        if inside:
+            raise BrokerError(
+                f"port {port} (with its controller port {port + 1}) lies in this machine's ephemeral port range"
+                f" {self.first}-{self.last} ({self.source}): a client reconnecting to a stopped broker there can"
+                f" connect to itself and hold the port; use a port below {self.first}, e.g. KAFKA_PORT=19092,"
+                f" or reserve both: sysctl -w net.ipv4.ip_local_reserved_ports={port}-{port + 1}"
+            )
+
+
+def checkout_root() -> Path | None:
+    """The source checkout this module runs from, or None when it runs from an installed wheel."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        return root if 'name = "mtc75"' in (root / "pyproject.toml").read_text() else None
+    except OSError:
+        return None
+
+
+def default_home() -> Path:
+    """``<repo>/.kafka`` in a checkout, else ``$XDG_CACHE_HOME/mtc75`` (``~/.cache/mtc75``): jars and node folders."""
+    root = checkout_root()
+    if root is not None:
+        return root / ".kafka"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "mtc75"
+
+
 class LocalKafka:
     """One local Kafka broker+controller on ``127.0.0.1:<port>``.
 
@@ -147,7 +227,7 @@ class LocalKafka:
             raise BrokerError(f"invalid Kafka port {port}: need 1-{_MAX_PORT} (port+1 is the controller)")
         self._port = port
         self._controller_port = port + 1
-        self._home = (_REPO_ROOT / ".kafka" if home is None else home).absolute()
+        self._home = (default_home() if home is None else home).absolute()
         self._libs = (self._home / "libs" if libs is None else libs).absolute()
         # None: a single node formatted --standalone; else one voter of a static quorum.
         self._quorum = quorum
@@ -204,7 +284,7 @@ class LocalKafka:
         try:
             digest = hashlib.sha256(_POM.read_bytes()).hexdigest()
         except OSError as exc:
-            raise BrokerError(f"cannot read {_POM} ({exc.strerror}); restore it") from None
+            raise BrokerError(f"cannot read {_POM} ({exc.strerror}); restore it, or reinstall mtc75") from None
         if self._libs_match(digest):
             return
         mvn = shutil.which("mvn")
@@ -248,10 +328,13 @@ class LocalKafka:
         running, True when this call started it.  If startup fails the new
         process is killed, so a broken broker never lingers.
         """
+        if self._live_pid() is None:
+            _ephemeral().check(self._port)  # before the lock creates the node folder
         with _locked(self._dir / ".lock"):
             if self._live_pid() is not None:
                 if not self._answers(timeout=min(timeout, 2.0)):
                     self.wait_ready(timeout)  # e.g. still starting from another call
+                self.warn_without_share_groups()
                 return False
             self._launch()
             try:
@@ -259,11 +342,13 @@ class LocalKafka:
             except BaseException:
                 self._kill_spawned()
                 raise
+            self.warn_without_share_groups()
             return True
 
     def _launch(self) -> None:
         """Check the ports, write the config, format on first use and spawn; the caller holds our lock."""
         self._check_folder_kind()
+        _ephemeral().check(self._port)
         self._check_ports_free()
         java = _find_java()
         self.fetch()
@@ -327,6 +412,33 @@ class LocalKafka:
             if self._answers(timeout=min(1.0, max(remaining, 0.1))):
                 return
             time.sleep(min(_POLL, max(deadline - time.monotonic(), 0.0)))
+
+    def finalized_features(self) -> dict[str, int] | None:
+        """The cluster's finalized feature levels as this run's log last reported them; None before it did.
+
+        Read from the controller's "Loaded new metadata FinalizedFeatures(...)" line: no client call,
+        and the Python client has no DescribeFeatures.
+        """
+        try:
+            text = self._log.read_text(errors="replace")
+        except OSError:
+            return None
+        found = _FINALIZED.findall(text)
+        if not found:
+            return None
+        levels = (item.split("=", 1) for item in found[-1].split(", ") if "=" in item)
+        return {name.strip(): int(level) for name, level in levels if level.strip().isdigit()}
+
+    def warn_without_share_groups(self) -> None:
+        """Log a warning when this run's cluster has share groups off (data formatted by an older Kafka)."""
+        features = self.finalized_features()
+        if features is not None and features.get("share.version", 0) < 1:
+            _log.warning(
+                "share groups are off on the Kafka at %s: its data was formatted by an older Kafka"
+                " (finalized features %s); if the data is disposable, stop it, delete %s and start again",
+                self.bootstrap, ", ".join(f"{k}={v}" for k, v in sorted(features.items())) or "none",
+                self._data,
+            )
 
     def _libs_match(self, digest: str) -> bool:
         try:
@@ -411,6 +523,10 @@ class LocalKafka:
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
+            # Share-group members learn their assignment on a heartbeat: every second, not Kafka's 5 s, so a
+            # member joins a share group (and a test or the demo gets its first records) without waiting.
+            "group.share.heartbeat.interval.ms": "1000",
+            "group.share.min.heartbeat.interval.ms": "1000",
             # A typo in a topic name must fail loudly, not create a new topic.
             "auto.create.topics.enable": "false",
             "delete.topic.enable": "true",
@@ -438,7 +554,8 @@ class LocalKafka:
         else:  # a static quorum (controller.quorum.voters): every node formatted with the one cluster id
             cluster_id, how = self._quorum.cluster_id, []
         _log.info("formatting %s (cluster id %s)", self._data, cluster_id)
-        args = ["format", *how, "-t", cluster_id, "-c", str(self._server_props)]
+        features = [arg for feature in _FORMAT_FEATURES for arg in ("--feature", feature)]
+        args = ["format", *how, *features, "-t", cluster_id, "-c", str(self._server_props)]
         res = _run([java, "-cp", self._classpath(), "kafka.tools.StorageTool", *args])
         if res.returncode != 0:
             lines = res.stdout.splitlines()
@@ -510,7 +627,7 @@ class LocalCluster:
             raise BrokerError(f"invalid Kafka port {port}: need 1-{_MAX_PORT} (port+1 is the controller)")
         self._port = port
         self._size = size
-        self._home = (_REPO_ROOT / ".kafka" if home is None else home).absolute()
+        self._home = (default_home() if home is None else home).absolute()
         self._libs = (self._home / "libs" if libs is None else libs).absolute()
         self._layout_file = self._home / str(port) / _LAYOUT
 
@@ -547,6 +664,7 @@ class LocalCluster:
         startup fails, the nodes this call spawned are killed.
         """
         deadline = time.monotonic() + timeout
+        _ephemeral().check(self._port)  # before a layout is chosen and recorded
         with _locked(self._home / str(self._port) / ".cluster.lock"):
             quorum = self._layout() or self._plan()
             nodes = [LocalKafka(n.port, self._home, libs=self._libs, quorum=quorum) for n in quorum.nodes]
@@ -563,6 +681,7 @@ class LocalCluster:
                 for node in nodes:
                     node.wait_ready(max(deadline - time.monotonic(), 1.0))
                 self._wait_all_listed(nodes, deadline)
+                nodes[0].warn_without_share_groups()  # features are the cluster's: one node's log says it
             except BaseException:
                 for node in spawned:
                     node._kill_spawned()
@@ -627,17 +746,19 @@ class LocalCluster:
         return quorum
 
     def _next_pair(self, start: int, taken: set[int]) -> int:
-        """The first port >= start with port and port+1 free, clear of every other node folder here."""
+        """The first port >= start with port and port+1 free and outside the ephemeral range, clear of every
+        other node folder here."""
+        ephemeral = _ephemeral()
         for port in range(start, min(start + _PORT_SCAN, _MAX_PORT)):
-            if port in taken or port + 1 in taken:
+            if port in taken or port + 1 in taken or port in ephemeral or port + 1 in ephemeral:
                 continue
             if any((self._home / str(p)).exists() for p in (port - 1, port, port + 1)):
                 continue  # a node (running or not) whose ports would overlap ours
             if _port_free(port) and _port_free(port + 1):
                 return port
         raise BrokerError(
-            f"no two free adjacent ports in {start}-{start + _PORT_SCAN} on {_HOST} for the next cluster node;"
-            " choose another KAFKA_PORT"
+            f"no two free adjacent ports in {start}-{start + _PORT_SCAN} on {_HOST} outside the ephemeral range"
+            f" {ephemeral.first}-{ephemeral.last} for the next cluster node; choose another KAFKA_PORT"
         )
 
     def _wait_all_listed(self, nodes: list[LocalKafka], deadline: float) -> None:
@@ -669,6 +790,11 @@ def _locked(path: Path) -> Iterator[None]:
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
+
+
+def _ephemeral() -> EphemeralPorts:
+    """This machine's ephemeral ports, read on every call (a sysctl may change them)."""
+    return EphemeralPorts.of_this_machine()
 
 
 def _cluster_id() -> str:
@@ -797,8 +923,8 @@ def _last_log_error(path: Path) -> str:
 
 def _exception_line(lines: list[str]) -> str:
     for line in lines:
-        if _JAVA_EXCEPTION.match(line.strip()):
-            return _shorten(line)
+        if match := _JAVA_EXCEPTION.match(line.strip()):
+            return _shorten(match[1])
     return ""
 
 
@@ -857,7 +983,8 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("BROKERS", "1"),
         help="nodes in the cluster: node 1 on --port, the others on the next free port pairs (default: $BROKERS or 1)",
     )
-    common.add_argument("--home", type=Path, help="folder for the node folders (default: <repo>/.kafka)")
+    common.add_argument("--home", type=Path, help="folder for the node folders (default: <repo>/.kafka in a"
+                        " checkout, else $XDG_CACHE_HOME/mtc75)")
     common.add_argument("--timeout", type=float, help="seconds to wait")
     parser = argparse.ArgumentParser(
         prog="python -m mtc75.tools.broker", description="Local Kafka (1 or N nodes) for MTC75."
@@ -875,7 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
     # `start` leaves the broker running on purpose; Popen would call that a leak.
     warnings.filterwarnings("ignore", r"subprocess \d+ is still running", ResourceWarning)
 
-    libs = _REPO_ROOT / ".kafka" / "libs"  # the jars stay in the repo whatever --home says
+    libs = default_home() / "libs"  # the jars stay in the default home whatever --home says
     timeout = {} if args.timeout is None else {"timeout": args.timeout}
     try:
         if args.command == "fetch":
@@ -899,6 +1026,7 @@ def _single_command(kafka: LocalKafka, args: argparse.Namespace, timeout: dict[s
             print(f"Kafka is up at {where}")
         else:
             print(f"Kafka already running at {where}")
+        _print_export(kafka.bootstrap)
     elif args.command == "stop":
         if kafka.stop(**timeout):
             print(f"Kafka at {kafka.bootstrap} stopped")
@@ -918,6 +1046,7 @@ def _cluster_command(cluster: LocalCluster, args: argparse.Namespace, timeout: d
         started = cluster.start(**timeout)
         what = f"started node(s) {_ids(started)}" if started else "all nodes were already running"
         print(f"Kafka cluster of {size} is up at {cluster.bootstrap} ({what})")
+        _print_export(cluster.bootstrap)
     elif args.command == "stop":
         stopped = cluster.stop(**timeout)
         if stopped:
@@ -935,6 +1064,13 @@ def _cluster_command(cluster: LocalCluster, args: argparse.Namespace, timeout: d
                   f"  {_display(node.folder)}")
         return 0 if all(pid is not None for _node, pid in listing) else 1
     return 0
+
+
+def _print_export(bootstrap: str) -> None:
+    """The line that points the scripts (which talk to 127.0.0.1:9092 unless told) at a broker elsewhere."""
+    if bootstrap != f"{_HOST}:{DEFAULT_PORT}":
+        print(f"The scripts use {_HOST}:{DEFAULT_PORT} unless told; in each shell that runs them:")
+        print(f"export KAFKA_BOOTSTRAP_SERVERS={bootstrap}")
 
 
 def _ids(ids: list[int]) -> str:
