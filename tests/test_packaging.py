@@ -68,7 +68,8 @@ def test_the_wheel_holds_the_library_only_and_imports_from_where_it_is_installed
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names}
     assert top == {"mtc75", wheel.name.split("-py")[0] + ".dist-info"}  # no tests/, bench/, scripts
-    assert {"mtc75/__init__.py", "mtc75/api.py", "mtc75/engine/engine.py", "mtc75/testing.py", "mtc75/tools/kafka-pom.xml"} <= set(names)
+    assert {"mtc75/__init__.py", "mtc75/api.py", "mtc75/engine/engine.py", "mtc75/testing.py",
+            "mtc75/tools/kafka-pom.xml"} <= set(names)
     metadata = zipfile.ZipFile(wheel).read(f"{wheel.name.split('-py')[0]}.dist-info/METADATA").decode()
     assert "Requires-Dist: confluent-kafka" in metadata
 
