@@ -13,13 +13,14 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, PartitionMetadata
 
 from mtc75.tools.broker import LocalCluster
@@ -34,6 +35,8 @@ from tests.kafka_helpers import (
     report_figures,
     run_script,
     script_env,
+    start_consumer,
+    stop_process,
     wait_until,
 )
 from tests.local_kafka import REPO_LIBS, owned_cluster, session_folder
@@ -210,4 +213,187 @@ def test_leader_killed_mid_run_nothing_acknowledged_is_lost_and_everyone_carries
         consumer_duplicates=sum(c - 1 for c in counts.values()), killed_node=victim.node_id,
         partitions_led=len(led), leader_failover_s=round(failover_s, 1), node_down_s=round(outage_s, 1),
         node_rss_mb=rss,
+    )
+
+
+# -- issue 22: commits through the loss of one node, and of the quorum ------------------------------------------
+
+
+def _coordinator(admin: AdminClient, group: str) -> int:
+    """The node id of ``group``'s coordinator (known even before the group exists)."""
+    return int(admin.describe_consumer_groups([group])[group].result(timeout=30).coordinator.id)
+
+
+class _Feed(threading.Thread):
+    """Produces numbered JSON records at ``rate`` per second until stopped; counts what was acknowledged."""
+
+    def __init__(self, bootstrap: str, topic: str, rate: float) -> None:
+        super().__init__(name="test-feed", daemon=True)
+        self._producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all",
+                                   "enable.idempotence": True, "message.timeout.ms": 300_000})
+        self._topic, self._rate = topic, rate
+        self._stop_event = threading.Event()
+        self.sent = self.acked = self.failed = 0
+
+    def _report(self, err: object, _msg: object) -> None:
+        if err is None:
+            self.acked += 1
+        else:
+            self.failed += 1
+
+    def run(self) -> None:
+        step = 1.0 / self._rate
+        while not self._stop_event.wait(step):
+            try:
+                self._producer.produce(self._topic, json.dumps({"id": self.sent}).encode(), key=str(self.sent),
+                                       on_delivery=self._report)
+                self.sent += 1
+            except BufferError:
+                pass
+            self._producer.poll(0)
+
+    def stop(self) -> None:
+        """Stop producing and wait (bounded) for every record to be acknowledged or failed."""
+        self._stop_event.set()
+        self.join(timeout=10)
+        left = self._producer.flush(120)
+        assert left == 0 and self.failed == 0, f"feed: {left} unacknowledged, {self.failed} failed"
+
+
+class _Commits(threading.Thread):
+    """Reads the group's committed offsets every ``step`` seconds (a client that never joins the group):
+    ``samples`` holds (time, {partition: offset}) for each read that answered."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str, partitions: int, step: float = 0.5) -> None:
+        super().__init__(name="test-commits", daemon=True)
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+        self._tps = [TopicPartition(topic, p) for p in range(partitions)]
+        self._step = step
+        self._stop_event = threading.Event()
+        self.samples: list[tuple[float, dict[int, int]]] = []
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                got = self._consumer.committed(self._tps, timeout=2)
+                self.samples.append((time.monotonic(), {tp.partition: tp.offset for tp in got}))
+            except KafkaException:
+                pass  # the coordinator is moving: no sample
+            self._stop_event.wait(self._step)
+
+    def covering(self, target: dict[int, int], since: float) -> float | None:
+        """When the first sample taken after ``since`` had every partition committed at or past ``target``."""
+        for at, offsets in self.samples:
+            if at > since and all(offsets.get(p, -1) >= o for p, o in target.items()):
+                return at
+        return None
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=10)
+        self._consumer.close()
+
+
+def _handled_prefix(record: Path, partitions: int) -> dict[int, int]:
+    """Per partition, the end of the contiguous prefix of handled offsets (what a full commit covers)."""
+    seen: dict[int, set[int]] = {p: set() for p in range(partitions)}
+    for p, o in read_records(record):
+        seen[p].add(o)
+    prefix = {}
+    for p, offsets in seen.items():
+        n = 0
+        while n in offsets:
+            n += 1
+        prefix[p] = n
+    return prefix
+
+
+def test_a_killed_coordinator_stops_commits_only_until_the_group_has_a_new_one(
+    cluster: LocalCluster, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """Issue 22 item 1: kill -9 the group's coordinator and keep it down. The consumer goes on handling
+    through the other two nodes; its commits must resume within seconds (a new coordinator, a topic-id
+    check that does not wait on the dead node), keep going while the node stays down, and a SIGTERM in that
+    state commits everything handled."""
+    partitions, rate, shutdown = 3, 100, 10
+    topic, group = unique("kc"), unique("g")
+    admin = _admin(cluster)
+    admin.create_topics([NewTopic(topic, partitions)])[topic].result(timeout=30)
+    wait_until(lambda: len(_partitions(admin, topic)) == partitions, 30, what="topic in metadata")
+    record, log = tmp_path / "handled.txt", tmp_path / "consumer.log"
+    env = script_env(cluster.bootstrap, MTC75_TEST_RECORD=str(record), MTC75_TEST_SLEEP="0.002")
+    feed, commits = _Feed(cluster.bootstrap, topic, rate), _Commits(cluster.bootstrap, group, topic, partitions)
+    feed.start()
+    proc = start_consumer(["--topic", topic, "--group-id", group, "--max-thread-count", "4", "--shutdown-timeout",
+                           str(shutdown), "--handler", "tests.recording_handler:handle"], env, log)
+    victim = None
+    try:
+        commits.start()
+        wait_until(lambda: len(read_records(record)) >= 300 and commits.covering({0: 1, 1: 1, 2: 1}, 0) is not None,
+                   120, what="300 handled and a commit on every partition")
+        victim = cluster.node(_coordinator(admin, group))
+        pid = victim.pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        time.sleep(1.0)
+        target = _handled_prefix(record, partitions)  # handled after the kill: only a new commit covers it
+        handled_after_kill = len(read_records(record))
+
+        def moved() -> bool:
+            try:
+                return _coordinator(admin, group) != victim.node_id
+            except KafkaException:
+                return False
+
+        wait_until(moved, 60, step=0.5, what="a new coordinator")
+        new_coordinator_s = time.monotonic() - killed_at
+        wait_until(lambda: commits.covering(target, killed_at) is not None, 60, step=0.5,
+                   what="a commit of what was handled after the kill (node still down)")
+        covered_at = commits.covering(target, killed_at)
+        assert covered_at is not None
+        resumed_s = covered_at - killed_at
+        # The node stays down: commits go on, never stalling for long.
+        watch_from = time.monotonic()
+        time.sleep(20.0)
+        gaps, last = [], None
+        for at, offsets in commits.samples:
+            if at < watch_from:
+                continue
+            total = sum(offsets.values())
+            if last is None or total > last[1]:
+                if last is not None:
+                    gaps.append(at - last[0])
+                last = (at, total)
+        longest_gap_s = max(gaps) if gaps else float("inf")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert len(read_records(record)) > handled_after_kill + 500, "handling stalled with the node down"
+        # SIGTERM with the node still down and the feed running: what was handled is committed.
+        proc.send_signal(signal.SIGTERM)
+        term_at = time.monotonic()
+        code = proc.wait(timeout=shutdown + 30)
+        exit_s = time.monotonic() - term_at
+        feed.stop()
+        final = committed_offsets(cluster.bootstrap, group, topic)
+        prefix = _handled_prefix(record, partitions)
+        text = log.read_text()
+        assert code == 0, text[-3000:]
+        assert "not committing" not in text, text[-3000:]
+        assert final == prefix, f"committed {final}, handled prefix {prefix}"
+        assert resumed_s <= 30, f"commits resumed {resumed_s:.1f}s after the kill (new coordinator after " \
+                                f"{new_coordinator_s:.1f}s)"
+        assert longest_gap_s <= 10, f"commits stalled {longest_gap_s:.1f}s with the node down"
+        assert exit_s <= shutdown + 5
+    finally:
+        commits.stop()
+        stop_process(proc)
+        if feed.is_alive():
+            feed.stop()
+        if victim is not None and victim.pid() is None:
+            back = _launcher(cluster, "start")
+            assert back.returncode == 0, back.stderr
+    report_figures(
+        "cluster_coordinator_killed", killed_node=victim.node_id, new_coordinator_s=round(new_coordinator_s, 1),
+        commits_resumed_s=round(resumed_s, 1), longest_commit_gap_node_down_s=round(longest_gap_s, 1),
+        sigterm_exit_s=round(exit_s, 1), committed_equals_handled=final == prefix, handled=len(read_records(record)),
     )

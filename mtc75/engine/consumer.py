@@ -722,8 +722,9 @@ class Mtc75Consumer:
     def _start_watch(self) -> None:
         """Learn the topic's id now, so a delete + re-create while running is noticed (topicwatch.py)."""
         assert self._committer is not None
-        admin = new_client(self._clients.admin, self._settings.admin_config(self._connection()), "librdkafka admin")
-        watch = self._committer.watch = TopicWatch(admin, self._settings.TOPIC)
+        conf = self._settings.admin_config(self._connection())
+        watch = self._committer.watch = TopicWatch(
+            lambda: new_client(self._clients.admin, conf, "librdkafka admin"), self._settings.TOPIC)
         watch.start(METADATA_TIMEOUT)
 
     def _broker_gone(self, now: float) -> bool:
