@@ -7,6 +7,7 @@ touches the session's broker, the fault tests' broker, or anything another suite
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,13 +24,14 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, PartitionMetadata
 
-from mtc75.tools.broker import LocalCluster
+from mtc75.tools.broker import LocalCluster, LocalKafka
 from tests.conftest import TEST_PORT
 from tests.kafka_helpers import (
     ROOT,
     all_offsets,
     committed_offsets,
     end_offsets,
+    read_colon_lines,
     read_records,
     read_topic,
     report_figures,
@@ -219,9 +221,27 @@ def test_leader_killed_mid_run_nothing_acknowledged_is_lost_and_everyone_carries
 # -- issue 22: commits through the loss of one node, and of the quorum ------------------------------------------
 
 
-def _coordinator(admin: AdminClient, group: str) -> int:
-    """The node id of ``group``'s coordinator (known even before the group exists)."""
-    return int(admin.describe_consumer_groups([group])[group].result(timeout=30).coordinator.id)
+def _coordinator(admin: AdminClient, group: str, bootstrap: str) -> int:
+    """The node id of ``group``'s coordinator (-1: unknown now): the leader of its partition of the offsets
+    topic, which Kafka picks as abs(hashCode(group)) % partitions. Asked from metadata: describe_consumer_groups,
+    retried on a new cluster, tripped a librdkafka assertion in the test process."""
+    offsets = "__consumer_offsets"
+    if not _partitions(admin, offsets):  # a new cluster: the first coordinator lookup creates the topic
+        probe = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+        try:
+            with contextlib.suppress(KafkaException):
+                probe.committed([TopicPartition(offsets, 0)], timeout=10)
+        finally:
+            probe.close()
+        wait_until(lambda: bool(_partitions(admin, offsets)), 60, step=0.5, what="the offsets topic")
+    code = 0
+    for char in group:
+        code = (31 * code + ord(char)) & 0xFFFFFFFF
+    code = code - (1 << 32) if code >= 1 << 31 else code
+    parts = _partitions(admin, offsets)
+    if not parts:
+        return -1  # no metadata now (asked of the node just killed): unknown
+    return parts[(0 if code == -(1 << 31) else abs(code)) % len(parts)].leader
 
 
 class _Feed(threading.Thread):
@@ -331,7 +351,7 @@ def test_a_killed_coordinator_stops_commits_only_until_the_group_has_a_new_one(
         commits.start()
         wait_until(lambda: len(read_records(record)) >= 300 and commits.covering({0: 1, 1: 1, 2: 1}, 0) is not None,
                    120, what="300 handled and a commit on every partition")
-        victim = cluster.node(_coordinator(admin, group))
+        victim = cluster.node(_coordinator(admin, group, cluster.bootstrap))
         pid = victim.pid()
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
@@ -341,10 +361,7 @@ def test_a_killed_coordinator_stops_commits_only_until_the_group_has_a_new_one(
         handled_after_kill = len(read_records(record))
 
         def moved() -> bool:
-            try:
-                return _coordinator(admin, group) != victim.node_id
-            except KafkaException:
-                return False
+            return _coordinator(admin, group, cluster.bootstrap) not in (victim.node_id, -1)
 
         wait_until(moved, 60, step=0.5, what="a new coordinator")
         new_coordinator_s = time.monotonic() - killed_at
@@ -397,3 +414,142 @@ def test_a_killed_coordinator_stops_commits_only_until_the_group_has_a_new_one(
         commits_resumed_s=round(resumed_s, 1), longest_commit_gap_node_down_s=round(longest_gap_s, 1),
         sigterm_exit_s=round(exit_s, 1), committed_equals_handled=final == prefix, handled=len(read_records(record)),
     )
+
+
+def test_two_nodes_down_the_consumer_waits_and_commits_again_once_they_are_back(
+    cluster: LocalCluster, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """Issue 22 item 1, the quorum: kill -9 two nodes of three (the coordinator and one more) for 30 s. One
+    node still answers, so the consumer waits (it exits 3 only when no broker at all answers for
+    BROKER_DOWN_TIMEOUT); once the nodes are back it commits again, and nothing acknowledged is lost."""
+    partitions, rate, outage = 3, 50, 30.0
+    topic, group = unique("q"), unique("g")
+    admin = _admin(cluster)
+    admin.create_topics([NewTopic(topic, partitions)])[topic].result(timeout=30)
+    wait_until(lambda: len(_partitions(admin, topic)) == partitions, 30, what="topic in metadata")
+    record, log = tmp_path / "handled.txt", tmp_path / "consumer.log"
+    env = script_env(cluster.bootstrap, MTC75_TEST_RECORD=str(record), MTC75_TEST_SLEEP="0.002")
+    feed, commits = _Feed(cluster.bootstrap, topic, rate), _Commits(cluster.bootstrap, group, topic, partitions)
+    feed.start()
+    proc = start_consumer(["--topic", topic, "--group-id", group, "--max-thread-count", "4",
+                           "--handler", "tests.recording_handler:handle"], env, log)
+    victims: list[LocalKafka] = []
+    try:
+        commits.start()
+        wait_until(lambda: len(read_records(record)) >= 200 and commits.covering({0: 1, 1: 1, 2: 1}, 0) is not None,
+                   120, what="200 handled and a commit on every partition")
+        coordinator = _coordinator(admin, group, cluster.bootstrap)
+        other = next(node.node_id for node in cluster.nodes() if node.node_id != coordinator)
+        victims = [cluster.node(coordinator), cluster.node(other)]
+        for node in victims:
+            pid = node.pid()
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+        down_at = time.monotonic()
+        time.sleep(outage)
+        running_through_outage = proc.poll() is None
+        back = _launcher(cluster, "start")
+        assert back.returncode == 0, back.stderr
+        back_at = time.monotonic()
+        time.sleep(5.0)
+        target = _handled_prefix(record, partitions)  # handled after the nodes came back
+        wait_until(lambda: commits.covering(target, back_at) is not None, 120, step=0.5,
+                   what="a commit of what was handled after the nodes came back")
+        covered_at = commits.covering(target, back_at)
+        assert covered_at is not None
+        feed.stop()
+        ends = end_offsets(cluster.bootstrap, topic)
+        wait_until(lambda: all_offsets(ends) <= set(read_records(record)), 120, what="every offset handled")
+        wait_until(lambda: committed_offsets(cluster.bootstrap, group, topic) == ends, 60, what="commits at the end")
+        still_running = proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        commits.stop()
+        stop_process(proc)
+        if feed.is_alive():
+            feed.stop()
+        if any(node.pid() is None for node in victims):
+            _launcher(cluster, "start")
+    text = log.read_text()
+    assert running_through_outage and still_running, text[-3000:]
+    assert code == 0, text[-3000:]
+    assert sum(ends.values()) == feed.acked
+    lost = len(all_offsets(ends) - set(read_records(record)))
+    report_figures(
+        "cluster_quorum_lost", killed_nodes=[node.node_id for node in victims], outage_s=round(back_at - down_at, 1),
+        commits_after_back_s=round(covered_at - back_at, 1), acknowledged=feed.acked, lost=lost, exit_code=code,
+        handled=len(read_records(record)),
+    )
+
+
+def _send(bootstrap: str, topic: str, records: list[dict[str, object]]) -> None:
+    """JSON records to partition 0, each acknowledged (bounded)."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all"})
+    failed: list[object] = []
+    for record in records:
+        producer.produce(topic, json.dumps(record).encode(), partition=0,
+                         on_delivery=lambda err, _m: err is not None and failed.append(err))
+    assert producer.flush(60) == 0 and not failed, failed
+
+
+def test_sigterm_with_the_cluster_degraded_exits_within_shutdown_timeout_and_a_few_seconds(
+    cluster: LocalCluster, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """Issue 22 item 2: SIGTERM just after the group's coordinator was killed, while a handler hangs, a
+    dead-letter record waits for its leader (the killed node) and finished work waits for the final commit
+    (no periodic commit: COMMIT_INTERVAL 300 s). Every wait of the shutdown -- the handler, the dead letter,
+    the topic-id check, the final commit (which waits for a new coordinator), close() -- shares one deadline:
+    the process exits within SHUTDOWN_TIMEOUT + a few seconds, and commits nothing past the hung message."""
+    shutdown, slack = 2.0, 6.0  # slack: as test_faults_hardening.py's hung-handler tests (EXIT_SLACK)
+    topic, group = unique("sd"), unique("g")
+    admin = _admin(cluster)
+    coordinator = _coordinator(admin, group, cluster.bootstrap)
+    a, b = (node.node_id for node in cluster.nodes() if node.node_id != coordinator)
+    # The source partition lives on the two nodes that stay up (a write to it is acknowledged at once after
+    # the kill); the dead-letter topic is led by the coordinator.
+    futures = admin.create_topics([
+        NewTopic(topic, num_partitions=1, replica_assignment=[[a, b]]),
+        NewTopic(f"{topic}.dlq", num_partitions=1, replica_assignment=[[coordinator, a, b]]),
+    ])
+    for future in futures.values():
+        future.result(timeout=30)
+    wait_until(lambda: len(_partitions(admin, topic)) == 1 and len(_partitions(admin, f"{topic}.dlq")) == 1, 30,
+               what="topics in metadata")
+    _send(cluster.bootstrap, topic, [{"id": i} for i in range(20)])
+    record, log = tmp_path / "handled.txt", tmp_path / "consumer.log"
+    env = script_env(cluster.bootstrap, MTC75_TEST_RECORD=str(record))
+    proc = start_consumer(["--topic", topic, "--group-id", group, "--max-thread-count", "2", "--on-failure", "dlq",
+                           "--max-attempts", "1", "--shutdown-timeout", str(shutdown), "--commit-interval", "300",
+                           "--handler", "tests.hardening_handler:handle"], env, log)
+    victim = cluster.node(coordinator)
+    try:
+        wait_until(lambda: len(read_colon_lines(record, 4)) >= 20, 120, what="20 handled")
+        _send(cluster.bootstrap, topic, [{"id": 20, "act": "hang"}])
+        time.sleep(1.0)  # the hang runs
+        pid = victim.pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        # 21's dead letter waits for the dead leader; 22-29 finish above the hung 20 (an offset map to commit)
+        _send(cluster.bootstrap, topic, [{"id": 21, "act": "fail"}, *({"id": i} for i in range(22, 30))])
+        wait_until(lambda: len(read_colon_lines(record, 4)) >= 28, 30, what="22-29 handled")
+        proc.send_signal(signal.SIGTERM)
+        term_at = time.monotonic()
+        try:
+            code = proc.wait(timeout=shutdown + 60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 60 s past SHUTDOWN_TIMEOUT: {log.read_text()[-3000:]}")
+        exit_s = time.monotonic() - term_at
+    finally:
+        stop_process(proc)
+        if victim.pid() is None:
+            back = _launcher(cluster, "start")
+            assert back.returncode == 0, back.stderr
+    text = log.read_text()
+    committed = committed_offsets(cluster.bootstrap, group, topic)[0]
+    assert code == 0, text[-3000:]
+    assert "abandoned 1 handlers" in text, text[-3000:]
+    assert committed <= 20, f"committed {committed}, past the hung message at offset 20"
+    assert exit_s <= shutdown + slack, f"exit {exit_s:.1f}s after SIGTERM (SHUTDOWN_TIMEOUT {shutdown:g}s)"
+    report_figures("cluster_degraded_shutdown", shutdown_timeout_s=shutdown, exit_after_s=round(exit_s, 1),
+                   exit_code=code, committed=committed, killed_node=coordinator)

@@ -51,9 +51,14 @@ class Committer:
     def _watching(self) -> bool:
         return self.watch is not None and self.watch.enabled
 
-    def commit_now(self, partitions: list[Partition] | None = None) -> Change | None:
-        """Synchronous commit (revoke, shutdown) of the partitions whose watermark or map moved.
+    def commit_now(self, partitions: list[Partition] | None = None, *, timeout: float = CONFIRM_TIMEOUT,
+                   asynchronous: bool = False) -> Change | None:
+        """Commit now (revoke, shutdown) the partitions whose watermark or map moved, after a topic-id
+        check of at most ``timeout`` seconds.
 
+        Synchronous by default (a revoke: the next owner reads what this sends). ``asynchronous``: only
+        sent, for a shutdown whose close() delivers it within the shutdown's deadline -- librdkafka's
+        synchronous commit has no timeout, and waits for a coordinator up to ``session.timeout.ms``.
         Returns ``Change.RECREATED`` when the topic-id check found the topic re-created (nothing was
         committed; the engine resets), else None.
         """
@@ -67,14 +72,14 @@ class Committer:
             return None
         if self._watching:
             assert self.watch is not None
-            change = self.watch.confirm_now(CONFIRM_TIMEOUT)
+            change = self.watch.confirm_now(min(timeout, CONFIRM_TIMEOUT))
             if change is Change.RECREATED:
                 return change
             if change is not Change.SAME:
                 logger.warning("topic %s %s: not committing; uncommitted messages will be delivered again",
                                self._topic, "not found" if change is Change.GONE else "id not confirmed")
                 return None
-        self._send(pending, asynchronous=False)
+        self._send(pending, asynchronous=asynchronous)
         return None
 
     def tick(self, now: float) -> Change | None:

@@ -70,6 +70,11 @@ REVOKE_SHARE_OF_POLL_INTERVAL = 0.5
 # A topic that disappears is given this long to come back (a delete + create) before the run ends with exit 3.
 TOPIC_GONE_GRACE = 10.0
 COMMITTED_TIMEOUT = 5.0  # longest an assignment waits to read the committed offset maps (then: no map)
+# Shutdown: SHUTDOWN_TIMEOUT for running handlers, then at most this long for the rest (the last dead letters,
+# the final topic-id check and commit, close()), all under one deadline: "SHUTDOWN_TIMEOUT + a few seconds".
+SHUTDOWN_FINISH = 5.0
+DEAD_LETTER_LAST = 1.0  # dead letters still unconfirmed after the handlers' wait get this much of SHUTDOWN_FINISH
+CLOSE_AT_LEAST = 1.0  # close() is tried for this long even when the deadline has passed (leaving the group)
 # -X properties that describe the connection, so the dead-letter producer reaches the same cluster.
 CONNECTION_PREFIXES = ("security.", "sasl.", "ssl.", "client.", "socket.", "broker.address.")
 # ``extra`` of the pause and resume log lines: how a log formatter tells them apart without reading the text
@@ -519,10 +524,11 @@ class Mtc75Consumer:
 
     # -- commits and the topic's identity -------------------------------------------------------------
 
-    def _commit_now(self, partitions: list[Partition] | None = None) -> None:
-        """Synchronous commit (revoke, shutdown); a re-created topic found meanwhile resets the consumer."""
+    def _commit_now(self, partitions: list[Partition] | None = None, **how: Any) -> None:
+        """Commit now (revoke, shutdown; ``how``: see Committer.commit_now); a re-created topic found
+        meanwhile resets the consumer."""
         assert self._committer is not None
-        if self._committer.commit_now(partitions) is Change.RECREATED:
+        if self._committer.commit_now(partitions, **how) is Change.RECREATED:
             self._topic_recreated()
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
@@ -805,7 +811,8 @@ class Mtc75Consumer:
             return
         # After a fatal error nothing can be committed: waiting for handlers would only delay the exit.
         budget = 0.0 if self._halted else self._settings.SHUTDOWN_TIMEOUT
-        deadline = time.monotonic() + budget
+        deadline = time.monotonic() + budget  # running handlers (and dead letters) are waited for until here
+        end = deadline + SHUTDOWN_FINISH  # every other wait of the shutdown ends here too
         try:
             if dispatcher is not None:
                 dispatcher.close_intake()  # nothing new starts: not a retry, not a late-promoted message
@@ -828,15 +835,16 @@ class Mtc75Consumer:
                         self.abandoned, budget, self._settings.SHUTDOWN_TIMEOUT,
                     )
             if self._failure.pending and client.down_since is None and not self._halted:
-                for work in self._failure.flush(max(1.0, deadline - time.monotonic())):
+                for work in self._failure.flush(max(DEAD_LETTER_LAST, deadline - time.monotonic())):
                     self._finish(work)
-            self._commit_now()
+            # Sent, not awaited: close() delivers it. The topic-id check gets at most half of what is left.
+            self._commit_now(timeout=max(0.0, end - time.monotonic()) / 2, asynchronous=True)
         finally:
             self._failure.close()
             if self._gate.paused:
                 self._gate.end_pause(time.monotonic())
             self._closing = True
-            client.close()
+            client.close(max(CLOSE_AT_LEAST, end - time.monotonic()))
             if dispatcher is not None:
                 dispatcher.shutdown(wait=False)
 

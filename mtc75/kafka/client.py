@@ -236,8 +236,9 @@ class KafkaClient:
 
     # -- close ---------------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """``Consumer.close()``, bounded by CLOSE_TIMEOUT (CLOSE_TIMEOUT_DOWN while no broker is reachable).
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """``Consumer.close()``, bounded by ``timeout``, at most CLOSE_TIMEOUT (CLOSE_TIMEOUT_DOWN while no
+        broker is reachable). It also delivers the commits still in flight (librdkafka waits for them).
 
         With no broker left, librdkafka's close() can wait for ever for a commit queued "waiting for
         coordinator" (seen in 1 of 3 runs of the broker-gone test). So it runs on a helper thread while
@@ -258,11 +259,11 @@ class KafkaClient:
 
         # With no broker reachable there is no group to leave and no commit that can land: waiting the
         # full CLOSE_TIMEOUT would only push the exit past BROKER_DOWN_TIMEOUT + a few seconds.
-        timeout = CLOSE_TIMEOUT_DOWN if self.down_since is not None else CLOSE_TIMEOUT
+        timeout = min(timeout, CLOSE_TIMEOUT_DOWN if self.down_since is not None else CLOSE_TIMEOUT)
         threading.Thread(target=close, name="mtc75-close", daemon=True).start()
         if not finished.wait(timeout):
             self.close_timed_out = True
-            logger.warning("close: the Kafka client did not close within %.0fs; leaving it", timeout)
+            logger.warning("close: the Kafka client did not close within %.1fs; leaving it", timeout)
 
 
 def is_incremental(conf: Mapping[str, Any]) -> bool:
