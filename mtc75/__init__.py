@@ -31,6 +31,7 @@ from mtc75.errors import (
     KafkaUnavailable,
     MessageFailed,
     Mtc75Error,
+    OffsetOutOfRange,
     TopicGone,
     TopicNotFound,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "KafkaUnavailable",
     "MessageFailed",
     "Mtc75Error",
+    "OffsetOutOfRange",
     "Stats",
     "TopicGone",
     "TopicNotFound",

@@ -43,8 +43,8 @@ from mtc75.core.work import Work
 from mtc75.engine.autothreads import AutoThreads
 from mtc75.engine.commits import Committer
 from mtc75.engine.failure import DeadLetter, FailurePolicy, Skip, StopRun
-from mtc75.errors import KafkaFatal, KafkaUnavailable, Mtc75Error, TopicGone
-from mtc75.kafka.client import ErrorKind, KafkaClient, classify, is_incremental
+from mtc75.errors import KafkaFatal, KafkaUnavailable, Mtc75Error, OffsetOutOfRange, TopicGone
+from mtc75.kafka.client import ErrorKind, KafkaClient, ResetLog, classify, is_incremental
 from mtc75.kafka.clients import REAL_CLIENTS, KafkaClients, new_client
 from mtc75.kafka.deadletter import DeadLetters
 from mtc75.kafka.fairness import FairIntake
@@ -182,8 +182,10 @@ class Mtc75Consumer:
         conf = self._conf_with_fetch_sizes()
         conf.setdefault("error_cb", self._on_error)
         conf["on_commit"] = self._on_commit
+        log = conf["logger"] = ResetLog(conf.get("logger"))  # librdkafka's log, watched for offset resets
         consumer = new_client(self._clients.consumer, conf, "librdkafka consumer")
-        client = self._client = KafkaClient(consumer, self._settings.TOPIC, cooperative=is_incremental(self._conf))
+        client = self._client = KafkaClient(consumer, self._settings.TOPIC, cooperative=is_incremental(self._conf),
+                                            log=log)
         self._committer = Committer(client, self._tracker, self._settings.TOPIC, self._check_fatal)
         self._dispatcher = Dispatcher(self._handler, self._threads.initial, self._retry,
                                       scheduler=new_scheduler(self._settings.ORDERING), runner=self._runner)
@@ -296,6 +298,7 @@ class Mtc75Consumer:
                 self._on_topic_change(committer.watch_turn(now), now)
             if now >= next_status:
                 self._lag = client.lag({tp: self._tracker.lag_base(tp) for tp in self._tracker.partitions()})
+                client.report_resets()
                 if self._on_status is not None:
                     self._on_status(self.stats())
                 next_status = now + self._status_interval
@@ -368,7 +371,7 @@ class Mtc75Consumer:
             if msg.error() is not None:
                 self._admit(run, batch)
                 run, topic, partition = [], None, -1
-                self._on_message_error(msg.error())
+                self._on_message_error(msg)
                 continue
             if msg.partition() != partition or msg.topic() != topic:
                 self._admit(run, batch)
@@ -789,12 +792,16 @@ class Mtc75Consumer:
             client.note_brokers_down()
         client.warn_rarely(err, f"Kafka: {err.str()} (retrying)")
 
-    def _on_message_error(self, err: KafkaError) -> None:
+    def _on_message_error(self, msg: Any) -> None:
         """An error event among the fetched messages."""
         client, committer = self._client, self._committer
         assert client is not None and committer is not None
+        err = msg.error()
         kind = classify(err)
         if kind is ErrorKind.END_OF_PARTITION or self._check_fatal(err):
+            return
+        if kind is ErrorKind.OUT_OF_RANGE:  # the partition's fetcher stopped: end the run, never leave it unread
+            self._fail(OffsetOutOfRange(client.out_of_range(msg.topic(), msg.partition(), msg.offset())))
             return
         if kind is ErrorKind.TOPIC_MISSING and committer.watch is not None and committer.watch.enabled:
             # Deleted, maybe being re-created: the topic watch decides (grace, then exit 3, or a reset).
