@@ -18,6 +18,8 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from mtc75.kafka.topics import create_topic
+from mtc75.tools.broker import LocalKafka
 from tests.kafka_helpers import (
     _COORDINATOR_MOVING,
     ROOT,
@@ -25,8 +27,12 @@ from tests.kafka_helpers import (
     end_offsets,
     produce_numbered,
     read_records,
+    read_tagged_records,
     report_figures,
     script_env,
+    start_consumer,
+    stop_process,
+    wait_until,
 )
 from tests.test_faults import own_broker
 
@@ -134,3 +140,71 @@ def test_an_offset_reset_says_in_one_line_from_where_to_where(
     if reset == "earliest":  # (latest: nothing handled, nothing to commit)
         assert committed_offsets(bootstrap, group, topic)[0] == ends[0]
     report_figures(f"offset_reset_{reset}", line=lines[0].split("WARNING", 1)[-1].strip(), handled_p0=len(handled))
+
+
+# -- item 5: idle means nothing to fetch and nothing held or waiting ------------------------------------------
+
+
+def test_idle_exit_waits_for_a_partition_held_by_the_offset_window(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """OFFSET_WINDOW 100 and offset 0 takes 10 s: the partition is held (paused alone) behind it, so nothing
+    is fetched and nothing finishes for longer than --idle-exit 3. That is not idle: the run goes on until
+    the head finished and the rest was read, handled and committed."""
+    n, window, head_s, idle = 1_000, 100, 10.0, 3.0
+    topic, group = make_topic(partitions=1), unique("g")
+    produce_numbered(bootstrap, topic, n)
+    record = tmp_path / "handled.txt"
+    env = script_env(bootstrap, MTC75_TEST_RECORD=str(record), MTC75_TEST_SLOW="0:0",
+                     MTC75_TEST_SLOW_SECONDS=str(head_s))
+    started = time.monotonic()
+    done = _run(["--topic", topic, "--group-id", group, "--max-thread-count", "4", "--max-backlog", "20",
+                 "--offset-window", str(window), "--idle-exit", str(idle),
+                 "--handler", "tests.slow_head_handler:handle"], env, timeout=head_s + 120)
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"HELD {topic}[0]" in done.stderr, "the window never held the partition: the test proves nothing"
+    handled = {o for _, o, _ in read_tagged_records(record)}
+    assert handled == set(range(n)), f"{n - len(handled)} of {n} left unhandled at the idle exit"
+    assert committed_offsets(bootstrap, group, topic) == {0: n}
+    report_figures("idle_exit_window_held", messages=n, handled=len(handled), window=window, head_s=head_s,
+                   idle_exit_s=idle, run_s=round(took, 1))
+
+
+def test_idle_exit_does_not_count_the_time_every_broker_is_down(
+    own_broker: LocalKafka, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """--idle-exit 3 and the only broker stopped for longer: the consumer cannot see whether messages wait,
+    so it is not idle. It waits, reads what was produced once the broker is back, then exits 0 when idle."""
+    idle, n = 3.0, 100
+    own_broker.start()
+    bootstrap = own_broker.bootstrap
+    topic, group = unique("down"), unique("g")
+    create_topic({"bootstrap.servers": bootstrap}, topic, 1, 1)
+    produce_numbered(bootstrap, topic, n)
+    record, log = tmp_path / "handled.txt", tmp_path / "consumer.log"
+    env = script_env(bootstrap, MTC75_TEST_RECORD=str(record))
+    proc = start_consumer(["--topic", topic, "--group-id", group, "--idle-exit", str(idle),
+                           "--broker-down-timeout", "120", *RECORDER], env, log)
+    try:
+        wait_until(lambda: len(read_records(record)) >= n, 60, what="the first messages handled")
+        wait_until(lambda: committed_offsets(bootstrap, group, topic) == {0: n}, 30, what="them committed")
+        own_broker.stop()
+        stopped_at = time.monotonic()
+        wait_until(lambda: "brokers are down" in log.read_text(), 30, what="the consumer to see every broker down")
+        time.sleep(3 * idle)
+        running_while_down = proc.poll() is None
+        down_s = time.monotonic() - stopped_at
+        own_broker.start()
+        produce_numbered(bootstrap, topic, n, key_prefix="after")
+        code = proc.wait(timeout=120)
+    finally:
+        stop_process(proc)
+    text = log.read_text()
+    assert running_while_down, f"exited {proc.returncode} while every broker was down: {text[-2000:]}"
+    assert code == 0, text[-3000:]
+    handled = {o for _, o in read_records(record)}
+    assert handled == set(range(2 * n)), f"{2 * n - len(handled)} left unhandled"
+    assert committed_offsets(bootstrap, group, topic) == {0: 2 * n}
+    report_figures("idle_exit_brokers_down", idle_exit_s=idle, brokers_down_s=round(down_s, 1),
+                   handled=len(handled), messages=2 * n, exit_code=code)

@@ -460,6 +460,12 @@ class Mtc75Consumer:
             logger.info("handled %d messages (max_messages reached); stopping", self._processed)
             return True
         if self._idle_exit is not None and self._assigned_once and now - self._last_message_at >= self._idle_exit:
+            assert self._client is not None
+            if self._client.down_since is not None or len(self._holds):
+                # Not idle: with every broker down, messages may wait where we cannot see them; a partition held
+                # by OFFSET_WINDOW has messages we do not fetch yet. Idle counts again from now.
+                self._last_message_at = now
+                return False
             # Idle counts from the first assignment (a start that waits on a rebalance has read nothing
             # yet), and needs nothing in flight -- or, when handlers still run, none finished for as long
             # (a hung handler must not keep idle_exit from firing; shutdown then bounds the wait).
