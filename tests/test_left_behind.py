@@ -8,6 +8,7 @@ The test that stops every broker uses test_faults.py's own broker (``own_broker`
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from mtc75.kafka.topics import create_topic
@@ -208,3 +209,60 @@ def test_idle_exit_does_not_count_the_time_every_broker_is_down(
     assert committed_offsets(bootstrap, group, topic) == {0: 2 * n}
     report_figures("idle_exit_brokers_down", idle_exit_s=idle, brokers_down_s=round(down_s, 1),
                    handled=len(handled), messages=2 * n, exit_code=code)
+
+
+# -- item 8: lag reaches 0 on transactional topics -----------------------------------------------------------
+
+
+def _transactions(bootstrap: str, topic: str, partitions: int, batches: list[tuple[int, bool]]) -> set[tuple[int, int]]:
+    """Write ``batches`` of (messages per partition, committed?) as transactions; returns the (partition,
+    offset) of every record of a committed one (the records a read_committed consumer sees)."""
+    producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": f"{topic}-tx", "linger.ms": 5})
+    producer.init_transactions(60)
+    visible: set[tuple[int, int]] = set()
+    for count, commit in batches:
+        producer.begin_transaction()
+        sent: list[tuple[int, int]] = []
+        for i in range(count * partitions):
+            producer.produce(topic, json.dumps({"id": i}).encode(), partition=i % partitions,
+                             on_delivery=lambda err, msg, out=sent: err is None and out.append((msg.partition(),
+                                                                                                 msg.offset())))
+        producer.flush(60)
+        assert len(sent) == count * partitions
+        if commit:
+            producer.commit_transaction(60)
+            visible.update(sent)
+        else:
+            producer.abort_transaction(60)
+    return visible
+
+
+def test_commits_cover_the_transaction_markers_so_lag_reaches_zero(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """Committed transactions with an aborted one between them: every committed record is handled once, no
+    aborted one is, and once all is handled the group's committed offset is each partition's end offset
+    (the last transaction's marker covered), so lag reaches 0. A plain topic alongside: the same."""
+    partitions, idle = 3, 3.0
+    topic, plain, group = make_topic(partitions=partitions), make_topic(partitions=partitions), unique("g")
+    visible = _transactions(bootstrap, topic, partitions, [(20, True), (5, False), (30, True)])
+    ends = end_offsets(bootstrap, topic)
+    record = tmp_path / "handled.txt"
+    env = script_env(bootstrap, MTC75_TEST_RECORD=str(record))
+    done = _run(["--topic", topic, "--group-id", group, "--idle-exit", str(idle), *RECORDER], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    handled = read_records(record)
+    assert sorted(handled) == sorted(visible), "committed records handled once each, aborted ones never"
+    committed = committed_offsets(bootstrap, group, topic)
+    lag = {p: ends[p] - committed[p] for p in ends}
+    # the plain topic, for comparison (its end is its last record + 1)
+    produce_numbered(bootstrap, plain, 90)
+    plain_record = tmp_path / "plain.txt"
+    plain_done = _run(["--topic", plain, "--group-id", group, "--idle-exit", str(idle), *RECORDER],
+                      script_env(bootstrap, MTC75_TEST_RECORD=str(plain_record)))
+    assert plain_done.returncode == 0, plain_done.stderr[-3000:]
+    plain_lag = {p: e - committed_offsets(bootstrap, group, plain)[p] for p, e in end_offsets(bootstrap, plain).items()}
+    report_figures("transactional_lag", records=len(visible), handled=len(handled), end_offsets=ends,
+                   committed=committed, lag=lag, plain_lag=plain_lag)
+    assert lag == {p: 0 for p in ends}, f"committed {committed}, end offsets {ends}"
+    assert plain_lag == {p: 0 for p in plain_lag}

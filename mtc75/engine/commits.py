@@ -90,6 +90,8 @@ class Committer:
         """
         if self.halted:
             return None
+        if not (self._watching and self.watch is not None and self.watch.busy):
+            self._step_over_skipped()
         if not self._watching:
             pending = self.points()
             if pending:
@@ -119,6 +121,21 @@ class Committer:
             if current and not self.halted and self._client.down_since is None:
                 self._send(current, asynchronous=True)
         return change
+
+    def _step_over_skipped(self) -> None:
+        """Partitions with nothing in flight move their commit position to the client's position when that is
+        past the last offset handed out: the records between are ones no handler gets (a transactional topic
+        ends with a marker, so without this the commit stays one below the end and lag never reaches 0).
+
+        Only here, on the poll thread between two fetches: every record the client returned so far was handed
+        out or sought back (the fair intake's cut). Not at shutdown, whose poll drops what it returns.
+        """
+        tracker = self._tracker
+        idle = [tp for tp in tracker.partitions() if not tracker.state(tp).pending]
+        if not idle:
+            return
+        for tp, position in self._client.positions(idle).items():
+            tracker.step_over(tracker.state(tp), position)
 
     def forget_snapshot(self) -> None:
         """The topic was re-created: nothing fetched before is ever committed."""

@@ -265,6 +265,16 @@ class KafkaClient:
             logger.warning("%s[%d]: offset %d was out of range (records deleted or expired, or the log truncated): "
                            "AUTO_OFFSET_RESET moved the position %s", topic, partition, at, moved)
 
+    def positions(self, tps: list[Partition]) -> dict[Partition, int]:
+        """librdkafka's position of each partition: past the last record it returned -- and past any record it
+        never returns (transaction markers, aborted transactions) read after that. Local, no request; a
+        partition with no position yet (nothing returned since its assignment or a seek) is left out."""
+        try:
+            found = self.consumer.position([TopicPartition(*tp) for tp in tps])
+        except KafkaException:
+            return {}
+        return {(tp.topic, tp.partition): tp.offset for tp in found if tp.offset >= 0}
+
     def lag(self, bases: Mapping[Partition, int | None]) -> dict[Partition, int]:
         """End offset minus ``bases[tp]`` per partition, from librdkafka's cached high watermarks (no request).
 
