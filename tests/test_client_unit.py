@@ -82,3 +82,4 @@ def test_the_error_line_names_the_partition_the_offset_and_what_the_log_holds() 
     assert text.startswith("orders[0]: offset 5 is out of range (the log holds offsets 10 to 67")
     assert "AUTO_OFFSET_RESET=error" in text
     assert client.out_of_range("orders", 1, -1001).startswith("orders[1]: the group has no committed offset and")
+    assert client.out_of_range("orders", 1, None).startswith("orders[1]: the group has no committed offset and")

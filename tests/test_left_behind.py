@@ -115,9 +115,15 @@ def test_auto_offset_reset_error_stops_with_a_clear_line_and_exit_1_instead_of_l
     assert not [o for p, o in handled if p == 0], "partition 0 has no position: nothing of it can be handled"
     committed = committed_offsets(bootstrap, group, topic)
     assert committed[0] == 5, committed  # the out-of-range position is left as it was, for the user to decide
+    # A group with no committed offset at all: the same, one line and exit 1.
+    fresh = _run(["--topic", topic, "--group-id", unique("new"), "--auto-offset-reset", "error", "--idle-exit", "3",
+                  *RECORDER], env)
+    fresh_errors = [line for line in fresh.stderr.splitlines() if line.startswith(f"{PROG}: error: ")]
+    assert fresh.returncode == 1 and len(fresh_errors) == 1, fresh.stderr[-3000:]
+    assert "the group has no committed offset and AUTO_OFFSET_RESET=error" in fresh_errors[0]
     report_figures("offset_out_of_range_error", exit_code=done.returncode, line=errors[0],
                    exit_after_s=round(took, 1), partition1_handled=sum(1 for p, _ in handled if p == 1),
-                   committed=committed)
+                   committed=committed, new_group_exit_code=fresh.returncode)
 
 
 @pytest.mark.parametrize("reset", ["earliest", "latest"])

@@ -228,10 +228,13 @@ class KafkaClient:
             return None
         return (low, high) if low >= 0 and high >= 0 else None
 
-    def out_of_range(self, topic: str, partition: int, offset: int) -> str:
-        """The one-line reason for :class:`~mtc75.errors.OffsetOutOfRange`: where it stood, what the log holds."""
-        where = f"{topic}[{partition}]"
-        if offset < 0:
+    def out_of_range(self, topic: str | None, partition: int | None, offset: int | None) -> str:
+        """The one-line reason for :class:`~mtc75.errors.OffsetOutOfRange`: where it stood, what the log holds.
+        The error event's offset is None (or negative) when the group had no committed offset."""
+        if topic is None or partition is None:
+            topic, partition = self._topic, -1
+        where = f"{topic}[{partition}]" if partition >= 0 else topic
+        if offset is None or offset < 0 or partition < 0:
             what = f"{where}: the group has no committed offset"
         else:
             marks = self.watermarks((topic, partition))
