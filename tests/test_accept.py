@@ -80,7 +80,7 @@ def test_each_partition_run_becomes_one_work_of_consecutive_offsets() -> None:
 def test_an_error_event_among_the_messages_is_handled_in_place_and_the_runs_around_it_are_kept() -> None:
     engine, queued = _engine([("t", 0)])
     seen: list[int] = []
-    engine._on_message_error = lambda err: seen.append(err.code())  # type: ignore[method-assign]
+    engine._on_message_error = lambda msg: seen.append(msg.error().code())  # type: ignore[method-assign]
     eof = Message(topic="t", partition=0, offset=2, error=KafkaError(KafkaError._PARTITION_EOF))
     engine._accept([*_msgs(("t", 0, 0), ("t", 0, 1)), eof, *_msgs(("t", 0, 2), ("t", 0, 3))])
     assert seen == [KafkaError._PARTITION_EOF]
