@@ -32,6 +32,7 @@ from mtc75.errors import (
     MessageFailed,
     MisuseError,
     Mtc75Error,
+    OffsetOutOfRange,
     TopicGone,
     TopicNotFound,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "MessageFailed",
     "MisuseError",
     "Mtc75Error",
+    "OffsetOutOfRange",
     "Stats",
     "TopicGone",
     "TopicNotFound",

@@ -42,6 +42,13 @@ class TopicGone(KafkaUnavailable):
     """The topic was deleted while the consumer ran and did not come back within the grace period."""
 
 
+class OffsetOutOfRange(Mtc75Error):
+    """With AUTO_OFFSET_RESET=error, a partition's position is out of range (records deleted or expired
+    before they were handled) or the group has no committed offset for it: nothing says where to read."""
+
+    exit_code = 1
+
+
 class MessageFailed(Mtc75Error):
     """A message failed every attempt with ON_FAILURE=stop, or could not be dead-lettered."""
 

@@ -16,7 +16,7 @@ from mtc75.engine.ledger import Ledger
 
 
 def _ledger(partitions: list[tuple[str, int]], errors: list[int] | None = None) -> Ledger:
-    ledger = Ledger(lambda err: (errors if errors is not None else []).append(err.code()))
+    ledger = Ledger(lambda msg: (errors if errors is not None else []).append(msg.error().code()))
     ledger.tracker.assign(partitions)
     return ledger
 

@@ -48,15 +48,16 @@ def make(cluster: FakeKafka, handler: Callable[[Any], object] = lambda m: None, 
 def test_the_package_exports_its_api() -> None:
     assert set(mtc75.__all__) >= {"Consumer", "Stats", "Mtc75Error", "ConfigError", "KafkaUnavailable",
                                   "BrokerUnreachable", "TopicNotFound", "TopicGone", "KafkaFatalError",
-                                  "MessageFailed", "HandlerRefused"}
+                                  "MessageFailed", "HandlerRefused", "OffsetOutOfRange"}
     assert all(hasattr(mtc75, name) for name in mtc75.__all__)
     assert issubclass(mtc75.TopicNotFound, mtc75.KafkaUnavailable) and issubclass(mtc75.ConfigError, mtc75.Mtc75Error)
     # the exit codes the scripts use (README "Exit codes")
     codes = {name: getattr(mtc75, name).exit_code for name in (
         "ConfigError", "HandlerRefused", "KafkaUnavailable", "BrokerUnreachable", "TopicNotFound", "TopicGone",
-        "MessageFailed", "KafkaFatalError")}
+        "MessageFailed", "KafkaFatalError", "OffsetOutOfRange")}
     assert codes == {"ConfigError": 2, "HandlerRefused": 2, "KafkaUnavailable": 3, "BrokerUnreachable": 3,
-                     "TopicNotFound": 3, "TopicGone": 3, "MessageFailed": 5, "KafkaFatalError": 6}
+                     "TopicNotFound": 3, "TopicGone": 3, "MessageFailed": 5, "KafkaFatalError": 6,
+                     "OffsetOutOfRange": 1}
 
 
 @pytest.mark.parametrize(

@@ -181,3 +181,30 @@ def test_span_is_next_offset_minus_first_unfinished() -> None:
     for o in (4, 5, 9):
         tracker.complete(states[o], o)
     assert tracker.span(state) == (10, 10)
+
+
+def test_step_over_moves_an_idle_partition_past_records_no_handler_gets() -> None:
+    # a transaction of 0..2 and its marker at 3: the client's position is 4 once it read the marker
+    tracker, states = _tracker([0, 1, 2])
+    state = tracker.state(TP)
+    tracker.complete(states[0], 0)
+    tracker.complete(states[2], 2)
+    assert not tracker.step_over(state, 4)  # 1 still running: never past it
+    assert _pos(tracker) == 1
+    tracker.complete(states[1], 1)
+    assert _pos(tracker) == 3
+    assert not tracker.step_over(state, None) and not tracker.step_over(state, 3)  # unknown, or nothing to step
+    assert not tracker.step_over(state, 2)  # never backwards
+    assert tracker.step_over(state, 4)
+    assert tracker.watermark(state) == 4  # the commit point
+    assert _add(tracker, TP, 3) is None  # the marker's offset is never handed out afterwards
+    assert _add(tracker, TP, 4) is not None  # the next transaction's first record is
+    assert not tracker.step_over(state, 9)  # and in flight again: nothing moves
+
+
+def test_step_over_with_nothing_handed_out_since_the_assignment() -> None:
+    # the committed offset pointed at a marker: the client read only that
+    tracker = OffsetTracker()
+    tracker.assign([TP])
+    assert tracker.step_over(tracker.state(TP), 8)
+    assert tracker.watermark(tracker.state(TP)) == 8

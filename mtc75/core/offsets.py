@@ -181,6 +181,20 @@ class OffsetTracker:
         return True
 
     @staticmethod
+    def step_over(state: PartitionState, position: int | None) -> bool:
+        """Nothing of the partition is in flight and the client's position is past everything handed out: the
+        offsets between were records no handler gets (transaction markers, aborted transactions), so the commit
+        position moves to ``position``. True when it moved.
+
+        ``position`` must be the position after the last record the client returned, all of which were
+        handed out (admitted) or sought back: never one the engine dropped unhandled.
+        """
+        if state.pending or position is None or position <= (state.position if state.position is not None else -1):
+            return False
+        state.position = position
+        return True
+
+    @staticmethod
     def abandon(state: PartitionState, offset: int) -> None:
         """An offset that will never run (dropped at revoke or shutdown): stop waiting for it.
 

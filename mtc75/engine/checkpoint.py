@@ -45,8 +45,10 @@ class Checkpoint(Protocol):
     def tick(self, now: float) -> None:
         """Every loop turn: commit what finished, when it is due (never blocks)."""
 
-    def commit_now(self, partitions: list[Partition] | None, deadline: float) -> None:
-        """Commit what finished in ``partitions`` (all: None) before returning, by ``deadline`` at the latest."""
+    def commit_now(self, partitions: list[Partition] | None, deadline: float, asynchronous: bool = False) -> None:
+        """Commit what finished in ``partitions`` (all: None), its topic-id check ending by ``deadline``.
+        Synchronous (a revoke: the next owner reads what this sends), or only sent (``asynchronous``: a
+        shutdown, whose bounded close() delivers it)."""
 
     def committed(self, state: PartitionState) -> int | None:
         """The position last committed for this assignment (None: nothing yet)."""
@@ -99,6 +101,8 @@ class OffsetCheckpoint:
     def _commit_due(self, now: float) -> None:
         if self._halted:
             return
+        if not (self._watching and self.watch is not None and self.watch.busy):
+            self._step_over_skipped()
         if not self._watching:
             pending = self.points()
             if pending:
@@ -126,7 +130,7 @@ class OffsetCheckpoint:
                 self._send(current, asynchronous=True)
         self._on_change(change, now)
 
-    def commit_now(self, partitions: list[Partition] | None, deadline: float) -> None:
+    def commit_now(self, partitions: list[Partition] | None, deadline: float, asynchronous: bool = False) -> None:
         if self._halted:
             return
         if self._client.down_since is not None:
@@ -146,7 +150,21 @@ class OffsetCheckpoint:
                 logger.warning("topic %s %s: not committing; uncommitted messages will be delivered again",
                                self.watch.topic, "not found" if change is Change.GONE else "id not confirmed")
                 return
-        self._send(pending, asynchronous=False)
+        self._send(pending, asynchronous=asynchronous)
+
+    def _step_over_skipped(self) -> None:
+        """Partitions with nothing in flight move their commit position to the client's position when that is
+        past the last offset handed out: the records between are ones no handler gets (a transactional topic
+        ends with a marker, so without this the commit stays one below the end and lag never reaches 0).
+
+        Only in the periodic commit, on the poll thread between two fetches: every record the client returned
+        so far was handed out or sought back (the fair intake's cut clears the position). Not at shutdown,
+        whose poll drops what it returns."""
+        tracker = self._tracker
+        idle = [tp for tp in tracker.partitions() if not tracker.state(tp).pending]
+        if idle:
+            for tp, position in self._client.positions(idle).items():
+                tracker.step_over(tracker.state(tp), position)
 
     def committed(self, state: PartitionState) -> int | None:
         sent = self._sent.get(state)

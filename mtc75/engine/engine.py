@@ -32,7 +32,6 @@ from mtc75.core.offsets import Partition
 from mtc75.core.stats import Stats
 from mtc75.engine.autothreads import AutoThreads
 from mtc75.engine.backpressure import POLL_TIMEOUT
-from mtc75.engine.checkpoint import CONFIRM_TIMEOUT
 from mtc75.engine.faults import Faults
 from mtc75.engine.ledger import Ledger
 from mtc75.engine.startup import Parts, Wiring, assemble
@@ -43,6 +42,12 @@ from mtc75.runtime.runner import runs_handlers_for
 from mtc75.settings import Settings, check_bounds, live_changes
 
 logger = logging.getLogger(__name__)
+
+# Shutdown: SHUTDOWN_TIMEOUT for running handlers, then at most this long for the rest (the last dead letters,
+# the final topic-id check and commit, close()), all under one deadline: "SHUTDOWN_TIMEOUT + a few seconds".
+SHUTDOWN_FINISH = 5.0
+DEAD_LETTER_LAST = 1.0  # dead letters still unconfirmed after the handlers' wait get at least this much
+CLOSE_AT_LEAST = 1.0  # close() is tried for this long even when the deadline has passed (leaving the group)
 
 
 class Phase(Enum):
@@ -88,7 +93,7 @@ class Engine:
         self.phase = Phase.READY
         self._stop = threading.Event()
         self._fatal: Mtc75Error | None = None  # why run() must fail once it has shut down cleanly
-        self._faults = Faults(settings.BOOTSTRAP_SERVERS, settings.BROKER_DOWN_TIMEOUT, self._halt)
+        self._faults = Faults(settings.BOOTSTRAP_SERVERS, settings.BROKER_DOWN_TIMEOUT, self._halt, self._fail)
         self._ledger = Ledger(self._faults.on_message_error)
         self._gate = PauseGate(settings.PAUSE_INTERVAL, settings.MAX_BACKLOG)
         self._retune_lock = threading.Lock()
@@ -182,6 +187,7 @@ class Engine:
             checkpoint.tick(now)
             if now >= next_status:
                 self._lag = client.lag(checkpoint.lag_bases())
+                client.report_resets()
                 if self._on_status is not None:
                     self._on_status(self.stats())
                 next_status = now + self._status_interval
@@ -198,9 +204,14 @@ class Engine:
             return False  # idle counts from the first assignment: waiting for the group is not idleness
         if now - max(ledger.admitted_at, self._assigned_at) < self._idle_exit:
             return False
+        assert self._parts is not None
+        if self._parts.client.down_since is not None or len(self._parts.backpressure.holds):
+            # Not idle: with every broker down messages may wait where we cannot see them, and a partition held
+            # by OFFSET_WINDOW has messages not fetched yet. Idle counts again from now.
+            ledger.admitted_at = now
+            return False
         # Nothing in flight -- or, when handlers still run, none finished for as long (a hung handler must
         # not keep idle_exit from firing; shutdown bounds the wait). Retries waiting out a backoff will finish.
-        assert self._parts is not None
         dispatcher = self._parts.dispatcher
         if ledger.tracker.in_flight() == 0 or (
             dispatcher.delayed == 0 and now - max(ledger.progress_at, self._assigned_at) >= self._idle_exit
@@ -254,7 +265,8 @@ class Engine:
             self.phase = Phase.STOPPING
         # After a fatal error nothing can be committed: waiting for handlers would only delay the exit.
         budget = 0.0 if halted else self._settings.SHUTDOWN_TIMEOUT
-        deadline = time.monotonic() + budget
+        deadline = time.monotonic() + budget  # running handlers (and dead letters) are waited for until here
+        end = deadline + SHUTDOWN_FINISH  # every other wait of the shutdown ends here too
         try:
             dispatcher.close_intake()  # nothing new starts: not a retry, not a late-promoted message
             dropped = self._ledger.abandon(dispatcher.purge())
@@ -275,13 +287,15 @@ class Engine:
                     self.abandoned, budget, self._settings.SHUTDOWN_TIMEOUT,
                 )
             if client.down_since is None and not halted:
-                self._ledger.flush_failures(max(1.0, deadline - time.monotonic()))
-            parts.checkpoint.commit_now(None, time.monotonic() + CONFIRM_TIMEOUT)
+                self._ledger.flush_failures(max(DEAD_LETTER_LAST, deadline - time.monotonic()))
+            # Sent, not awaited: close() delivers it. The topic-id check gets at most half of what is left.
+            now = time.monotonic()
+            parts.checkpoint.commit_now(None, now + max(0.0, end - now) / 2, asynchronous=True)
         finally:
             self._ledger.failure.close()
             parts.backpressure.end()
             parts.assignments.closing = True
-            client.close()
+            client.close(max(CLOSE_AT_LEAST, end - time.monotonic()))
             dispatcher.shutdown(wait=False)
 
     def stats(self) -> Stats:

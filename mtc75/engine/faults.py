@@ -6,6 +6,8 @@
   second, and ends the run after BROKER_DOWN_TIMEOUT (exit 3).
 - The topic missing among fetched messages: the topic-id watch decides (a delete + re-create gets a grace);
   without a watch, or a topic we may not read, the run ends (exit 3).
+- An offset out of range with AUTO_OFFSET_RESET=error: that partition's fetcher stopped for good, so the run
+  ends (exit 1, committing what is safe) rather than leave the partition unread.
 - Anything else is transient: said once per kind and ERROR_REPEAT_SECONDS (:meth:`KafkaClient.warn_rarely`).
 
 Threads: the poll thread only; librdkafka's ``error_cb`` runs inside the poll thread's ``poll``/``consume``.
@@ -15,10 +17,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from confluent_kafka import KafkaError
 
-from mtc75.errors import KafkaFatal, KafkaUnavailable, Mtc75Error
+from mtc75.errors import KafkaFatal, KafkaUnavailable, Mtc75Error, OffsetOutOfRange
 from mtc75.kafka.client import ErrorKind, KafkaClient, classify
 
 logger = logging.getLogger(__name__)
@@ -27,10 +30,12 @@ logger = logging.getLogger(__name__)
 class Faults:
     """Classifies the errors of one consumer's client and acts on them (see the module notes)."""
 
-    def __init__(self, bootstrap: str, down_timeout: float, halt: Callable[[Mtc75Error], None]) -> None:
+    def __init__(self, bootstrap: str, down_timeout: float, halt: Callable[[Mtc75Error], None],
+                 fail: Callable[[Mtc75Error], None]) -> None:
         self._bootstrap = bootstrap
         self._down_timeout = down_timeout  # BROKER_DOWN_TIMEOUT
         self._halt = halt  # the engine's "stop at once, commit nothing"
+        self._fail = fail  # the engine's "end the run with this error, committing what is safe"
         self.client: KafkaClient | None = None  # set once built
         self.checked = False  # the start-up check passed: before it, errors are its to report, in one line
         self.watching: Callable[[], bool] = lambda: False  # a topic-id watch decides about a missing topic
@@ -57,12 +62,16 @@ class Faults:
             client.note_brokers_down()
         client.warn_rarely(err, f"Kafka: {err.str()} (retrying)")
 
-    def on_message_error(self, err: KafkaError) -> None:
+    def on_message_error(self, msg: Any) -> None:
         """An error event among the fetched messages; raises KafkaUnavailable when the run cannot go on."""
         client = self.client
         assert client is not None
+        err = msg.error()
         kind = classify(err)
         if kind is ErrorKind.END_OF_PARTITION or self.is_fatal(err):
+            return
+        if kind is ErrorKind.OUT_OF_RANGE:
+            self._fail(OffsetOutOfRange(client.out_of_range(msg.topic(), msg.partition(), msg.offset())))
             return
         if kind is ErrorKind.TOPIC_MISSING and self.watching():
             # Deleted, maybe being re-created: the topic watch decides (grace, then exit 3, or a reset).

@@ -21,8 +21,6 @@ from collections.abc import Callable, Iterable
 from itertools import repeat
 from typing import Any
 
-from confluent_kafka import KafkaError
-
 from mtc75.core.offsets import OffsetTracker
 from mtc75.core.work import Work
 from mtc75.engine.failure import FailurePolicy, SkipPolicy
@@ -33,10 +31,10 @@ logger = logging.getLogger(__name__)
 class Ledger:
     """The offset tracker plus the counts of what happened to the messages (see the module notes)."""
 
-    def __init__(self, on_error: Callable[[KafkaError], None]) -> None:
+    def __init__(self, on_error: Callable[[Any], None]) -> None:
         self.tracker = OffsetTracker()
         self.failure: FailurePolicy = SkipPolicy()  # ON_FAILURE; the engine sets it once Kafka is reached
-        self._on_error = on_error  # an error event among the fetched messages
+        self._on_error = on_error  # an error event among the fetched messages (it is handed the event)
         self.processed = 0  # finished: handled, skipped or dead-lettered
         self.failed = 0  # failed their last attempt (of a live assignment)
         self.dropped_late = 0  # completions of assignments that ended before they arrived
@@ -57,7 +55,7 @@ class Ledger:
             if msg.error() is not None:
                 self._admit(run, works)
                 run, topic, partition = [], None, -1
-                self._on_error(msg.error())
+                self._on_error(msg)
                 continue
             if msg.partition() != partition or msg.topic() != topic:
                 self._admit(run, works)

@@ -31,7 +31,7 @@ from mtc75.engine.faults import Faults
 from mtc75.engine.ledger import Ledger
 from mtc75.engine.topicguard import TopicGuard
 from mtc75.errors import Mtc75Error
-from mtc75.kafka.client import KafkaClient, Relay, is_incremental
+from mtc75.kafka.client import KafkaClient, Relay, ResetLog, is_incremental
 from mtc75.kafka.clients import ClientFactories, new_client
 from mtc75.kafka.deadletter import DeadLetterProducer
 from mtc75.kafka.fetchprobe import probe
@@ -68,9 +68,10 @@ def connection(conf: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def open_watch(settings: Settings, conf: Mapping[str, Any], factories: ClientFactories) -> TopicWatch:
-    """The topic-id watch, with the id of the topic as it is now (a re-created topic is noticed later)."""
-    admin = new_client(factories.admin, settings.admin_config(connection(conf)), "librdkafka admin")
-    watch = TopicWatch(admin, settings.TOPIC)
+    """The topic-id watch, with the id of the topic as it is now (a re-created topic is noticed later). It builds
+    its admin clients itself: a fresh one after a check that got no answer (a dead node it kept asking)."""
+    admin_conf = settings.admin_config(connection(conf))
+    watch = TopicWatch(lambda: new_client(factories.admin, admin_conf, "librdkafka admin"), settings.TOPIC)
     watch.start(METADATA_TIMEOUT)
     return watch
 
@@ -123,8 +124,9 @@ def assemble(settings: Settings, overrides: Mapping[str, Any], factories: Client
     conf, fetch_sizes, reason = consumer_conf(settings, overrides, factories)
     conf.setdefault("error_cb", faults.on_error)
     conf["on_commit"] = on_commit = Relay()  # the checkpoint, once it exists
+    log = conf["logger"] = ResetLog(conf.get("logger"))  # librdkafka's log, watched for offset resets
     consumer = new_client(factories.consumer, conf, "librdkafka consumer")
-    client = faults.client = KafkaClient(consumer, settings.TOPIC, cooperative=is_incremental(conf))
+    client = faults.client = KafkaClient(consumer, settings.TOPIC, cooperative=is_incremental(conf), log=log)
     retry = RetryPolicy(settings.MAX_ATTEMPTS, settings.RETRY_BACKOFF, settings.RETRY_BACKOFF_MAX)
     dispatcher = Dispatcher(wiring.invoker, wiring.threads, retry, scheduler=new_scheduler(settings.ORDERING))
     backpressure = Backpressure(client, ledger.tracker, dispatcher, wiring.gate, settings.offset_window())

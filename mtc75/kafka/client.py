@@ -15,9 +15,11 @@ for it and makes no other call (see there). No lock: nothing here is shared with
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -34,6 +36,13 @@ CLOSE_TIMEOUT = 10.0  # longest shutdown waits for librdkafka's close() (see Kaf
 CLOSE_TIMEOUT_DOWN = 2.0  # the same while no broker is reachable: there is no group left to leave
 WATERMARK_TIMEOUT = 5.0  # longest a (non-cached) end-offset query waits
 TOPIC_MISSING_CODES = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.UNKNOWN_TOPIC_ID)
+# librdkafka's WARNING when AUTO_OFFSET_RESET moved a position that was out of range (librdkafka 2.x wording):
+# "<topic> [<partition>]: offset reset (at offset 5 (leader epoch 0), broker 1) to offset BEGINNING (...)".
+# A reset of a group without a committed offset is only debug-logged, so only real resets match.
+OFFSET_RESET = re.compile(
+    r"(?P<topic>\S+) \[(?P<partition>\d+)\]: offset reset \(at offset (?P<at>-?\d+).*?\) to "
+    r"(?:cached BEGINNING offset )?offset (?P<to>-?\d+|BEGINNING|END)"
+)
 
 
 class ErrorKind(Enum):
@@ -44,6 +53,9 @@ class ErrorKind(Enum):
     TOPIC_MISSING = "topic missing"  # deleted (maybe being re-created) or never there
     REFUSED = "refused"  # not authorized for the topic: retrying will not help
     BROKERS_DOWN = "brokers down"  # no broker reachable: librdkafka keeps retrying
+    # AUTO_OFFSET_RESET=error and the position is out of range (or there is none): the partition's fetcher
+    # stopped for good, so going on would leave it behind silently
+    OUT_OF_RANGE = "offset out of range"
     TRANSIENT = "transient"  # anything else: librdkafka retries it
 
 
@@ -64,13 +76,45 @@ def classify(err: KafkaError) -> ErrorKind:
         return ErrorKind.REFUSED
     if code == KafkaError._ALL_BROKERS_DOWN:
         return ErrorKind.BROKERS_DOWN
+    if code == KafkaError._AUTO_OFFSET_RESET:
+        return ErrorKind.OUT_OF_RANGE
     return ErrorKind.TRANSIENT
+
+
+@dataclass(frozen=True)
+class OffsetReset:
+    """AUTO_OFFSET_RESET moved a partition's position ``at`` (out of range) to ``to``: an offset, or
+    "BEGINNING" / "END" when librdkafka asks the broker for it."""
+
+    tp: Partition
+    at: int
+    to: str
+
+
+class ResetLog:
+    """The engine consumer's ``logger``: passes librdkafka's log on to ``logger`` unchanged, and notes each
+    offset reset it reports (:attr:`resets`), which librdkafka only logs, at WARNING, and which the CLI's
+    default level hides. confluent-kafka serves the log from ``poll``/``consume``: the poll thread (and the
+    ``mtc75-close`` thread during close)."""
+
+    def __init__(self, logger: Any) -> None:
+        self._logger = logger
+        self.resets: list[OffsetReset] = []
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        if self._logger is not None:
+            self._logger.log(level, fmt, *args)
+        if level >= logging.WARNING and len(args) == 3 and args[0] == "OFFSET":
+            found = OFFSET_RESET.search(str(args[2]))
+            if found is not None:
+                tp = (found["topic"], int(found["partition"]))
+                self.resets.append(OffsetReset(tp, int(found["at"]), found["to"]))
 
 
 class KafkaClient:
     """One librdkafka ``Consumer`` for the engine; ``consume`` and ``poll`` are the consumer's own methods."""
 
-    def __init__(self, consumer: Consumer, topic: str, *, cooperative: bool) -> None:
+    def __init__(self, consumer: Consumer, topic: str, *, cooperative: bool, log: ResetLog | None = None) -> None:
         self.consumer = consumer
         self.consume = consumer.consume  # the hot path: no wrapper call per fetch
         self.poll = consumer.poll
@@ -81,6 +125,7 @@ class KafkaClient:
         self._next_probe = 0.0
         self._quiet_until: dict[int, float] = {}  # error code -> when it may be logged again
         self.close_timed_out = False  # close() did not return in time: the process must not wait for it
+        self._log = log  # the consumer's logger, when it is a ResetLog: offset resets to report
 
     # -- assignment ----------------------------------------------------------------------------------
 
@@ -175,6 +220,64 @@ class KafkaClient:
             return None
         return offsets[1] if offsets is not None and offsets[1] >= 0 else None
 
+    def watermarks(self, tp: Partition) -> tuple[int, int] | None:
+        """The partition's log start and end offsets, asked of its leader (bounded; None: no answer)."""
+        try:
+            low, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), timeout=WATERMARK_TIMEOUT)
+        except KafkaException:
+            return None
+        return (low, high) if low >= 0 and high >= 0 else None
+
+    def out_of_range(self, topic: str | None, partition: int | None, offset: int | None) -> str:
+        """The one-line reason for :class:`~mtc75.errors.OffsetOutOfRange`: where it stood, what the log holds.
+        The error event's offset is None (or negative) when the group had no committed offset."""
+        if topic is None or partition is None:
+            topic, partition = self._topic, -1
+        where = f"{topic}[{partition}]" if partition >= 0 else topic
+        if offset is None or offset < 0 or partition < 0:
+            what = f"{where}: the group has no committed offset"
+        else:
+            marks = self.watermarks((topic, partition))
+            holds = f"the log holds offsets {marks[0]} to {marks[1] - 1}" if marks else "the log's range is unknown"
+            what = (f"{where}: offset {offset} is out of range ({holds}: records deleted or expired before "
+                    "this group handled them?)")
+        return (f"{what} and AUTO_OFFSET_RESET=error: stopped, so the partition is not left unread; reset the "
+                "group's offsets (kafka-consumer-groups.sh --reset-offsets), or set AUTO_OFFSET_RESET to "
+                "earliest or latest")
+
+    def report_resets(self) -> None:
+        """One WARNING line for each offset reset librdkafka made since the last call: from where to where,
+        and how many offsets that skipped (never handled by this group) or will read again."""
+        if self._log is None or not self._log.resets:
+            return
+        resets, self._log.resets = self._log.resets, []
+        for reset in resets:
+            (topic, partition), at = reset.tp, reset.at
+            if reset.to.lstrip("-").isdigit():
+                to: int | None = int(reset.to)
+            else:
+                marks = self.watermarks(reset.tp)
+                to = None if marks is None else marks[0] if reset.to == "BEGINNING" else marks[1]
+            side = "start" if reset.to != "END" else "end"
+            if to is None:
+                moved = f"to the log {side}"
+            elif to >= at:
+                moved = f"to the log {side}, offset {to} ({to - at} offsets skipped, never handled by this group)"
+            else:
+                moved = f"back to the log {side}, offset {to}"
+            logger.warning("%s[%d]: offset %d was out of range (records deleted or expired, or the log truncated): "
+                           "AUTO_OFFSET_RESET moved the position %s", topic, partition, at, moved)
+
+    def positions(self, tps: list[Partition]) -> dict[Partition, int]:
+        """librdkafka's position of each partition: past the last record it returned -- and past any record it
+        never returns (transaction markers, aborted transactions) read after that. Local, no request; a
+        partition with no position yet (nothing returned since its assignment or a seek) is left out."""
+        try:
+            found = self.consumer.position([TopicPartition(*tp) for tp in tps])
+        except KafkaException:
+            return {}
+        return {(tp.topic, tp.partition): tp.offset for tp in found if tp.offset >= 0}
+
     def lag(self, bases: Mapping[Partition, int | None]) -> dict[Partition, int]:
         """End offset minus ``bases[tp]`` per partition, from librdkafka's cached high watermarks (no request).
 
@@ -236,8 +339,9 @@ class KafkaClient:
 
     # -- close ---------------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """``Consumer.close()``, bounded by CLOSE_TIMEOUT (CLOSE_TIMEOUT_DOWN while no broker is reachable).
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """``Consumer.close()``, bounded by ``timeout``, at most CLOSE_TIMEOUT (CLOSE_TIMEOUT_DOWN while no
+        broker is reachable). It also delivers the commits still in flight (librdkafka waits for them).
 
         With no broker left, librdkafka's close() can wait for ever for a commit queued "waiting for
         coordinator" (seen in 1 of 3 runs of the broker-gone test). So it runs on a helper thread while
@@ -258,11 +362,11 @@ class KafkaClient:
 
         # With no broker reachable there is no group to leave and no commit that can land: waiting the
         # full CLOSE_TIMEOUT would only push the exit past BROKER_DOWN_TIMEOUT + a few seconds.
-        timeout = CLOSE_TIMEOUT_DOWN if self.down_since is not None else CLOSE_TIMEOUT
+        timeout = min(timeout, CLOSE_TIMEOUT_DOWN if self.down_since is not None else CLOSE_TIMEOUT)
         threading.Thread(target=close, name="mtc75-close", daemon=True).start()
         if not finished.wait(timeout):
             self.close_timed_out = True
-            logger.warning("close: the Kafka client did not close within %.0fs; leaving it", timeout)
+            logger.warning("close: the Kafka client did not close within %.1fs; leaving it", timeout)
 
 
 class Relay:

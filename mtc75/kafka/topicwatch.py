@@ -10,12 +10,20 @@ id changes or the topic stays gone.
 Used only by the poll thread. The id is asked with the admin client's DescribeTopics, whose answer
 arrives on a future: :meth:`TopicWatch.poll` never blocks, :meth:`TopicWatch.confirm_now` does
 (bounded; for the synchronous commits at revoke and shutdown).
+
+A check that got no answer is never asked again on the same admin client: the next one builds a fresh
+client. librdkafka sends DescribeTopics to the controller its last metadata response named (on KRaft a
+random live broker, named anew by each response) and waits for that node to be up; a node killed while
+named stays named, because no response comes to replace it, so every later request on that client timed
+out until its metadata refresh 5 min later (issue 22: 103 s without a commit, while a fresh client
+answered in 10 ms). A fresh client starts from the bootstrap list and asks a node that is up.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from enum import Enum
 from typing import Any
@@ -51,11 +59,13 @@ def classify(known_id: str | None, answer: str | BaseException) -> Change:
 class TopicWatch:
     """Asks the topic's id every ``interval`` seconds; remembers when the id was last confirmed."""
 
-    def __init__(self, admin: Any, topic: str) -> None:
-        """``admin``: an ``AdminClient`` (or the in-memory fake), built by the engine through its
-        :class:`~mtc75.kafka.clients.ClientFactories`; the watch owns it from here on."""
+    def __init__(self, new_admin: Callable[[], Any], topic: str) -> None:
+        """``new_admin()`` builds an ``AdminClient`` (or the in-memory fake; the engine's goes through its
+        :class:`~mtc75.kafka.clients.ClientFactories`): once at the first check, then after each check that
+        got no answer. The watch owns the clients it built."""
         self.topic = topic
-        self._admin = admin
+        self._new_admin = new_admin
+        self._admin: Any = new_admin()  # a refused configuration raises here, at start-up
         self.topic_id: str | None = None  # the incarnation being consumed
         self.confirmed_at = float("-inf")  # start time of the latest check that confirmed topic_id
         self.gone_since: float | None = None  # start time of the first check that found no topic
@@ -71,6 +81,8 @@ class TopicWatch:
         if isinstance(answer, BaseException):
             if classify(None, answer) is Change.UNKNOWN and not _transient(answer):
                 self._disable(answer)
+            else:
+                self._admin = None  # no answer: the next check on a fresh client
             return
         self.topic_id = answer
 
@@ -80,11 +92,15 @@ class TopicWatch:
             return None
         if self._future is None:
             self._asked_at = now
-            self._future = self._request()
+            try:
+                self._future = self._request()
+            except Exception as err:  # a fresh client could not be built (e.g. no thread left): no answer
+                logger.debug("topic id check of %s not sent: %s", self.topic, err)
             return None
         if not self._future.done():
             if now - self._asked_at > REQUEST_TIMEOUT:
-                self._future = None  # lost in an outage: ask again
+                self._future = None  # lost in an outage: ask again, on a fresh client
+                self._admin = None
             return None
         future, self._future = self._future, None
         try:
@@ -124,16 +140,20 @@ class TopicWatch:
         elif isinstance(answer, BaseException) and not _transient(answer):
             self._disable(answer)
             return Change.SAME
+        elif isinstance(answer, BaseException):
+            self._admin = None  # no answer (e.g. waiting for a dead controller): the next check on a fresh client
         return change
 
     def _request(self) -> Future[Any]:
+        if self._admin is None:
+            self._admin = self._new_admin()
         futures = self._admin.describe_topics(TopicCollection([self.topic]), request_timeout=REQUEST_TIMEOUT)
         return futures[self.topic]
 
     def _ask_blocking(self, timeout: float) -> str | BaseException:
         try:
             return _id_of(self._request().result(timeout=timeout))
-        except Exception as err:  # a KafkaException, or TimeoutError from the future
+        except Exception as err:  # a KafkaException, TimeoutError from the future, or no fresh client
             return err
 
     def _disable(self, err: BaseException) -> None:
