@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--handler", metavar="MODULE:FUNCTION",
                         help="call FUNCTION(message) for each message instead of the simulated work")
     parser.add_argument("--max-messages", type=_positive_int, metavar="N",
-                        help="exit 0 once N messages are handled and committed")
+                        help="exit 0 once N messages are handled and committed (fetching stops at N: exactly N "
+                             "are handled)")
     parser.add_argument("--idle-exit", type=_positive_float, metavar="SECONDS",
                         help="exit 0 after SECONDS without a new message, counted from the first assignment")
     parser.add_argument("--summary-json", type=Path, metavar="PATH", help="write the run summary as JSON")

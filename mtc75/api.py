@@ -140,7 +140,8 @@ class Consumer:
         """Consume on this thread until :meth:`stop`, ``max_messages`` handled, or ``idle_exit`` seconds idle.
 
         Finishes in-flight handlers (bounded by ``shutdown_timeout``), commits and closes before it
-        returns the final :class:`Stats`; raises a :class:`~mtc75.errors.Mtc75Error` on failure.
+        returns the final :class:`Stats`; raises a :class:`~mtc75.errors.Mtc75Error` on failure. No more than
+        ``max_messages`` are fetched for handlers, so the run handles exactly that many (the rest is read next time).
         """
         engine = self._launch(max_messages, idle_exit)
         if engine is None:

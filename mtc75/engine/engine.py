@@ -163,7 +163,7 @@ class Engine:
                 self._fail(gone)
                 break
             backpressure.turn(now, ledger.processed)
-            messages = backpressure.fetch()
+            messages = backpressure.fetch(self._budget())
             if messages:
                 if self.phase is not Phase.HALTED:  # after a fatal error nothing more is handled
                     dispatcher.put(ledger.admit(messages))
@@ -180,6 +180,12 @@ class Engine:
                 next_status = now + self._status_interval
             if self._ended(now):
                 break
+
+    def _budget(self) -> int | None:
+        """Messages that may still be admitted under ``max_messages``: those finished and in flight count."""
+        if self._max_messages is None:
+            return None
+        return max(0, self._max_messages - self._ledger.processed - self._ledger.tracker.in_flight())
 
     def _ended(self, now: float) -> bool:
         """``max_messages`` handled, or ``idle_exit`` seconds without a new message (see README)."""

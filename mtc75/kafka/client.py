@@ -142,12 +142,14 @@ class KafkaClient:
                 except KafkaException as err:
                     logger.debug("seek %s[%d]@%d after resume: %s", tp.topic, tp.partition, tp.offset, err)
 
-    def seek(self, tp: Partition, offset: int) -> None:
-        """Move the fetch position (also drops what librdkafka prefetched for the partition)."""
+    def seek(self, tp: Partition, offset: int) -> bool:
+        """Move the fetch position (also drops what librdkafka prefetched for the partition); False: it failed."""
         try:
             self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
         except KafkaException as err:
             logger.debug("seek %s[%d] to %d: %s", tp[0], tp[1], offset, err)
+            return False
+        return True
 
     # -- offsets -------------------------------------------------------------------------------------
 
