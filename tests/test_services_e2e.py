@@ -4,6 +4,8 @@ and the shipped Grafana dashboard and alert rules naming only metrics a running 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -13,7 +15,8 @@ from typing import Any
 import pytest
 
 import mtc75
-from tests.kafka_helpers import committed_offsets, produce_numbered, run_script, script_env
+from mtc75.tools.demo import remove_topics
+from tests.kafka_helpers import ROOT, committed_offsets, produce_numbered, run_script, script_env
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,3 +57,21 @@ def test_max_messages_flag_handles_exactly_n(bootstrap: str, make_topic: Callabl
                         env=script_env(bootstrap), timeout=90)
     assert result.returncode == 0, result.stderr
     assert json.loads(summary.read_text())["processed"] == 100
+
+
+def test_the_demo_removes_its_topic_and_the_dead_letter_topic(bootstrap: str, make_topic: Callable[..., str]) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    topic = make_topic(1, "demo")
+    dead = make_topic(1, "demo-dlq")  # stands for <topic>.dlq, which the consumer creates
+    assert remove_topics(bootstrap, [topic, dead, topic, f"{topic}.never-made"]) == []  # one name twice, one missing
+    listed = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics
+    assert topic not in listed and dead not in listed
+
+
+def test_the_demo_cleanup_writes_no_raw_librdkafka_line_when_kafka_is_gone() -> None:
+    code = ("from mtc75.tools.demo import remove_topics; "
+            "print(remove_topics('127.0.0.1:1', ['t'], timeout=2)[0].split(':')[0])")  # nothing listens on port 1
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "t\n", result.stderr
+    assert result.stderr == ""  # librdkafka's "Connect to ... failed" goes to the mtc75.librdkafka logger
