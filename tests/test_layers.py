@@ -20,6 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "testing": {"core", "errors", "settings", "runtime", "kafka", "api"},
     "app": {"core", "errors", "settings", "runtime", "api"},
     "tools": {"core", "errors", "settings", "kafka", "app"},
+    "commands": {"core", "errors", "settings", "runtime", "kafka", "api", "app", "tools"},
 }
 
 
