@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None, front: Front = INSTALLED) -> int:
     parser.add_argument("--no-dashboard", action="store_true",
                         help="print one status line a second even on a terminal")
     parser.add_argument("--metrics-port", type=_port, metavar="PORT",
-                        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")
+                        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics, liveness at /healthz "
+                             "and readiness at /readyz (200, or 503 with the reason)")
     parser.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
                         help="address for --metrics-port (default: %(default)s; 0.0.0.0 for all interfaces)")
     parser.add_argument("--report", type=Path, metavar="DIR",
@@ -143,14 +144,7 @@ def main(argv: list[str] | None = None, front: Front = INSTALLED) -> int:
         )
         color = use_color()
         views: list[Any] = []  # each has update(stats): the status snapshots go to them
-        metrics = dashboard = report = watcher = None
-        if args.metrics_port is not None:
-            from mtc75.app.metrics import Metrics
-
-            metrics = Metrics()
-            port = metrics.serve(args.metrics_port, args.metrics_addr)
-            log.info("metrics at http://%s:%d/metrics", args.metrics_addr, port)
-            views.append(metrics)
+        dashboard = report = watcher = None
         if args.report is not None:
             from mtc75.app.report import RunReport
 
@@ -173,7 +167,7 @@ def main(argv: list[str] | None = None, front: Front = INSTALLED) -> int:
                 view.update(stats)
 
         consumer = Consumer.from_settings(work, settings, librdkafka=props, on_status=on_status,
-                                          observers=[metrics] if metrics is not None else [])
+                                          metrics_port=args.metrics_port, metrics_addr=args.metrics_addr)
         started.append(consumer)
 
         path = config_path(args)
@@ -211,8 +205,6 @@ def main(argv: list[str] | None = None, front: Front = INSTALLED) -> int:
                 watcher.close()
             if dashboard is not None:
                 dashboard.close()
-            if metrics is not None:
-                metrics.close()
         out.say(paint(_summary_line(stats), "cyan", color, bold=True))
         if report is not None:
             png = report.close()

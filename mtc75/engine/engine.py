@@ -174,7 +174,7 @@ class Engine:
             now = time.monotonic()
             checkpoint.tick(now)
             if now >= next_status:
-                self._lag = client.lag(checkpoint.lag_bases())
+                self._lag = client.lag(checkpoint.lag_bases(), self._settings.AUTO_OFFSET_RESET, now)
                 if self._on_status is not None:
                     self._on_status(self.stats())
                 next_status = now + self._status_interval
@@ -316,5 +316,6 @@ class Engine:
             blocked=d.blocked if d else 0,
             fetch_sizes=parts.fetch_sizes if parts is not None else "",
             pause_interval=gate.pause_interval,
+            brokers_down=parts is not None and parts.client.down_since is not None,
         )
 

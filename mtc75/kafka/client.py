@@ -33,6 +33,10 @@ PROBE_TIMEOUT = 0.5
 CLOSE_TIMEOUT = 10.0  # longest shutdown waits for librdkafka's close() (see KafkaClient.close)
 CLOSE_TIMEOUT_DOWN = 2.0  # the same while no broker is reachable: there is no group left to leave
 WATERMARK_TIMEOUT = 5.0  # longest a (non-cached) end-offset query waits
+# Partitions not fetched from since their assignment (e.g. paused at once) have no cached end offset: their
+# lag is asked of the broker, at most this often, each request bounded by LAG_QUERY_TIMEOUT.
+LAG_QUERY_INTERVAL = 10.0
+LAG_QUERY_TIMEOUT = 1.0
 TOPIC_MISSING_CODES = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.UNKNOWN_TOPIC_ID)
 
 
@@ -81,6 +85,8 @@ class KafkaClient:
         self._next_probe = 0.0
         self._quiet_until: dict[int, float] = {}  # error code -> when it may be logged again
         self.close_timed_out = False  # close() did not return in time: the process must not wait for it
+        self._next_lag_query = 0.0
+        self._asked_lag: dict[Partition, int] = {}  # the last broker answer for partitions not fetched yet
 
     # -- assignment ----------------------------------------------------------------------------------
 
@@ -177,10 +183,14 @@ class KafkaClient:
             return None
         return offsets[1] if offsets is not None and offsets[1] >= 0 else None
 
-    def lag(self, bases: Mapping[Partition, int | None]) -> dict[Partition, int]:
+    def lag(self, bases: Mapping[Partition, int | None], reset: str = "earliest",
+            now: float | None = None) -> dict[Partition, int]:
         """End offset minus ``bases[tp]`` per partition, from librdkafka's cached high watermarks (no request).
 
         A partition with no base (nothing handled since the assignment) counts from the local fetch position.
+        One not fetched from yet has neither: its lag is the broker's end offset minus the group's committed
+        offset (none committed: where ``reset``, AUTO_OFFSET_RESET, starts), asked at most every
+        LAG_QUERY_INTERVAL (``now``: monotonic seconds) while every broker is not down.
         """
         lag: dict[Partition, int] = {}
         unknown: list[TopicPartition] = []
@@ -200,7 +210,33 @@ class KafkaClient:
                 high = self.end_offset((pos.topic, pos.partition), cached=True)
                 if pos.offset >= 0 and high is not None:
                     lag[(pos.topic, pos.partition)] = max(0, high - pos.offset)
+        missing = [tp for tp in bases if tp not in lag]
+        if missing:
+            now = time.monotonic() if now is None else now
+            if now >= self._next_lag_query and self.down_since is None:
+                self._next_lag_query = now + LAG_QUERY_INTERVAL
+                self._asked_lag = self._ask_lag(missing, reset)
+            lag.update((tp, self._asked_lag[tp]) for tp in missing if tp in self._asked_lag)
         return lag
+
+    def _ask_lag(self, tps: list[Partition], reset: str) -> dict[Partition, int]:
+        """The broker's end offset minus the group's committed offset (or the reset position) per partition."""
+        try:
+            committed = self.consumer.committed([TopicPartition(*tp) for tp in tps], timeout=LAG_QUERY_TIMEOUT)
+        except KafkaException as err:
+            logger.debug("lag of partitions not fetched yet: %s", err)
+            return {}
+        asked: dict[Partition, int] = {}
+        for tp in committed:
+            try:
+                low, high = self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition),
+                                                                timeout=LAG_QUERY_TIMEOUT)
+            except KafkaException as err:
+                logger.debug("lag of %s[%d]: %s", tp.topic, tp.partition, err)
+                continue
+            base = tp.offset if tp.offset >= 0 else low if reset == "earliest" else high
+            asked[(tp.topic, tp.partition)] = max(0, high - base)
+        return asked
 
     # -- errors and broker probing ---------------------------------------------------------------------
 
