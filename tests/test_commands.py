@@ -148,3 +148,17 @@ def test_the_wheel_lists_every_package_of_mtc75() -> None:
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "mtc75").rglob("__init__.py")}
     assert found == listed
+
+
+def test_ctrl_c_while_an_installed_command_imports_is_exit_130_not_a_traceback(tmp_path: Path) -> None:
+    """The console script's wrapper imports mtc75 first: its start-up handler is in place from then on."""
+    wrapper = tmp_path / "mtc75-consumer"  # what pip writes, named like it
+    wrapper.write_text("import signal, mtc75\nprint(getattr(signal.getsignal(signal.SIGINT), '__name__', None))\n")
+    result = subprocess.run([sys.executable, str(wrapper)], cwd=tmp_path, env=_env(), capture_output=True,
+                            text=True, timeout=60)
+    assert result.stdout.strip() == "_interrupted", result.stderr
+    other = tmp_path / "my-service"  # anyone else's program keeps Python's own Ctrl-C
+    other.write_text(wrapper.read_text())
+    result = subprocess.run([sys.executable, str(other)], cwd=tmp_path, env=_env(), capture_output=True,
+                            text=True, timeout=60)
+    assert result.stdout.strip() == "default_int_handler", result.stderr

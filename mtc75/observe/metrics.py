@@ -65,7 +65,7 @@ class StatsCollector(Collector):
     def describe(self) -> Iterator[Metric]:
         """The names, without values: a registry checks them for collisions when this is registered."""
         yield from self._families(Stats.idle(0))
-        yield from self._judged(Health(False, False, "", None, 0))
+        yield from self._judged(Health(False, False, "", 0.0, 0))
 
     def collect(self) -> Iterator[Metric]:
         if self._health is not None:
