@@ -455,6 +455,22 @@ def test_max_messages_stops_admitting_at_n_so_exactly_n_are_handled_and_committe
     assert all((p, o) in recorder.calls for p in range(3) for o in range(committed[p]))
 
 
+def test_a_spent_budget_waits_for_a_hung_handler_without_refetching_ten_times_a_second(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    cluster.fill(TOPIC, {0: 50, 1: 50, 2: 50})
+    recorder = Recorder(block={(0, 0), (1, 0), (2, 0)})  # the first of a partition hangs: the budget stays spent
+    run = start(recorder, max_messages=5)
+    until(lambda: len(recorder.handled()) == 4 and len(recorder.started) == 5, "four done, one hanging")
+    consumer = cluster.consumer()
+    seeks = sum(1 for kind, _ in consumer.calls if kind == "seek")
+    time.sleep(2.0)  # real time on purpose: what is measured is how often the poll loop refetches meanwhile
+    assert sum(1 for kind, _ in consumer.calls if kind == "seek") - seeks <= 3  # about one a second
+    assert sum(recorder.calls.values()) == 5
+    recorder.release.set()
+    assert run.join().processed == 5
+
+
 def test_idle_exit_ends_a_run_with_nothing_to_read(cluster: FakeKafka, start: Callable[..., Run]) -> None:
     stats = start(Recorder(), idle_exit=0.2).join()
     assert stats.processed == 0

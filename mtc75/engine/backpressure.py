@@ -35,6 +35,9 @@ POLL_TIMEOUT = 0.1  # longest a single poll blocks, so stop requests and timers 
 # from I/O wait for it, so batches stay small enough to keep that stall well under a millisecond.
 MAX_BATCH = 500
 SATURATION_GRACE = 0.05  # seconds a saturated pool gets to catch up before the partitions pause
+# With the max_messages budget spent, the loop only waits for what runs; it serves the group this often (each
+# message that poll() still returns is sent back with a seek, which refetches: not ten times a second).
+SPENT_POLL_INTERVAL = 1.0
 # ``extra`` of the pause and resume log lines: how a log formatter tells them apart without reading the text
 PAUSE_EVENT, RESUME_EVENT = {"mtc75_event": "pause"}, {"mtc75_event": "resume"}
 
@@ -51,6 +54,7 @@ class Backpressure:
         self.gate = gate
         self.holds = WindowHolds(window)  # partitions paused alone: span over OFFSET_WINDOW
         self._fair = FairIntake(tracker)
+        self._spent_poll_at = 0.0  # when the loop last served the group with the budget spent
 
     @property
     def paused(self) -> bool:
@@ -90,6 +94,10 @@ class Backpressure:
                 dispatcher.wait_backlog_at_most(low if ready > low else -1, wait)
             else:  # the budget is spent: nothing to fetch, only completions to wait for (a worker going idle)
                 dispatcher.wait_backlog_at_most(-1, POLL_TIMEOUT)
+                now = time.monotonic()
+                if now - self._spent_poll_at < SPENT_POLL_INTERVAL:
+                    return []
+                self._spent_poll_at = now
             message = client.poll(0)
             return [] if message is None else self._within([message], budget)
         room = high - dispatcher.backlog + (limit - dispatcher.active_thread_count)
