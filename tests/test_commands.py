@@ -73,14 +73,15 @@ def test_help_shows_the_default_this_run_would_take_and_where_it_comes_from(tmp_
     config = tmp_path / "service.py"
     config.write_text("MAX_THREAD_COUNT = 12\nTOPIC = 'orders'\n")
     result = _module("consumer", "--help", cwd=tmp_path, MTC75_CONFIG=str(config), MTC75_PAUSE_INTERVAL="2.5",
-                     KAFKA_BOOTSTRAP_SERVERS="kafka-1:9092")
+                     KAFKA_BOOTSTRAP_SERVERS="kafka-1:9092", MTC75_GROUP_ID="100%-billing")
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert "(default 12 from service.py;" in _setting_help(text, "--max-thread-count")
     assert "(default 'orders' from service.py;" in _setting_help(text, "--topic")
     assert "(default 2.5 from MTC75_PAUSE_INTERVAL;" in _setting_help(text, "--pause-interval")
     assert "(default 'kafka-1:9092' from KAFKA_BOOTSTRAP_SERVERS;" in _setting_help(text, "--bootstrap-servers")
-    assert "(default 'mtc75-consumer'; env MTC75_GROUP_ID)" in _setting_help(text, "--group-id")  # built in
+    assert "(default 'dlq'; env MTC75_ON_FAILURE)" in _setting_help(text, "--on-failure")  # built in
+    assert "(default '100%-billing' from MTC75_GROUP_ID;" in _setting_help(text, "--group-id")  # a '%' is text
     # --config on the command line wins over MTC75_CONFIG, also for the help
     other = tmp_path / "other.py"
     other.write_text("MAX_THREAD_COUNT = 3\n")

@@ -184,7 +184,8 @@ class OneLineParser(argparse.ArgumentParser):
                 name = action.dest
                 source = _source(name, in_file, path)
                 where = f" from {source}" if source else ""
-                action.help = f"{SPECS[name].help} (default {getattr(settings, name)!r}{where}; env {ENV_PREFIX}{name})"
+                text = f"{SPECS[name].help} (default {getattr(settings, name)!r}{where}; env {ENV_PREFIX}{name})"
+                action.help = text.replace("%", "%%")  # argparse %-formats help: a value may hold a '%'
 
 
 def _source(name: str, in_file: set[str], path: Path | None) -> str:
