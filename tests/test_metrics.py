@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from confluent_kafka import OFFSET_INVALID, TopicPartition
+from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -18,7 +19,7 @@ from mtc75.core.health import HealthWatch
 from mtc75.core.offsets import PartitionState
 from mtc75.core.work import Work
 from mtc75.errors import ConfigError
-from mtc75.kafka.client import KafkaClient
+from mtc75.kafka.client import LAG_QUERY_TIMEOUT, KafkaClient
 from mtc75.observe.metrics import Metrics
 from mtc75.observe.server import Endpoints
 from mtc75.runtime.invoker import Invoker
@@ -199,14 +200,20 @@ def test_a_service_registry_gets_the_collectors_while_asked_and_a_second_consume
 class _NothingFetched:
     """A librdkafka consumer whose partitions were not fetched from yet: no cached end offset, no position."""
 
-    def __init__(self) -> None:
+    def __init__(self, slow: bool = False) -> None:
         self.asked = 0
+        self.timeouts: list[float] = []
+        self.slow = slow
         self.consume = self.poll = None
 
     def get_watermark_offsets(self, tp: TopicPartition, timeout: float = -1, cached: bool = False) -> tuple[int, int]:
         if cached:
             return OFFSET_INVALID, OFFSET_INVALID
         self.asked += 1
+        self.timeouts.append(timeout)
+        if self.slow:
+            time.sleep(timeout)  # a broker that does not answer: the call waits its whole timeout
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
         return 5, 40
 
     def position(self, tps: list[TopicPartition]) -> list[TopicPartition]:
@@ -230,3 +237,11 @@ def test_lag_of_a_partition_not_fetched_yet_is_asked_of_the_broker_now_and_then(
     client.note_brokers_down()
     client.lag(bases, "latest", now=30.0)
     assert stub.asked == 4  # no broker: no request
+
+
+def test_asking_the_lag_of_many_partitions_of_a_silent_broker_holds_the_poll_thread_a_second_at_most() -> None:
+    stub = _NothingFetched(slow=True)
+    client = KafkaClient(stub, "t", cooperative=False)  # type: ignore[arg-type]
+    assert client.lag({("t", p): None for p in range(10)}, "earliest", now=0.0) == {}
+    # one LAG_QUERY_TIMEOUT in all (each request gets what is left), not one per partition
+    assert sum(stub.timeouts) <= LAG_QUERY_TIMEOUT + 0.05 and stub.asked < 10

@@ -34,7 +34,7 @@ CLOSE_TIMEOUT = 10.0  # longest shutdown waits for librdkafka's close() (see Kaf
 CLOSE_TIMEOUT_DOWN = 2.0  # the same while no broker is reachable: there is no group left to leave
 WATERMARK_TIMEOUT = 5.0  # longest a (non-cached) end-offset query waits
 # Partitions not fetched from since their assignment (e.g. paused at once) have no cached end offset: their
-# lag is asked of the broker, at most this often, each request bounded by LAG_QUERY_TIMEOUT.
+# lag is asked of the broker, at most this often, all the requests of one asking within LAG_QUERY_TIMEOUT.
 LAG_QUERY_INTERVAL = 10.0
 LAG_QUERY_TIMEOUT = 1.0
 TOPIC_MISSING_CODES = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.UNKNOWN_TOPIC_ID)
@@ -220,7 +220,9 @@ class KafkaClient:
         return lag
 
     def _ask_lag(self, tps: list[Partition], reset: str) -> dict[Partition, int]:
-        """The broker's end offset minus the group's committed offset (or the reset position) per partition."""
+        """The broker's end offset minus the group's committed offset (or the reset position) per partition;
+        all requests together take at most LAG_QUERY_TIMEOUT (the poll thread waits for them)."""
+        deadline = time.monotonic() + LAG_QUERY_TIMEOUT
         try:
             committed = self.consumer.committed([TopicPartition(*tp) for tp in tps], timeout=LAG_QUERY_TIMEOUT)
         except KafkaException as err:
@@ -228,9 +230,11 @@ class KafkaClient:
             return {}
         asked: dict[Partition, int] = {}
         for tp in committed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break  # the others next time
             try:
-                low, high = self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition),
-                                                                timeout=LAG_QUERY_TIMEOUT)
+                low, high = self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=left)
             except KafkaException as err:
                 logger.debug("lag of %s[%d]: %s", tp.topic, tp.partition, err)
                 continue
