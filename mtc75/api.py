@@ -162,6 +162,10 @@ class Consumer:
             return
         if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
             raise ConfigError(f"invalid metrics_port={port!r}: must be a port number (0-65535; 0: any free one)")
+        if not isinstance(addr, str) or not addr:
+            raise ConfigError(f"invalid metrics_addr={addr!r}: must be an address to listen on, e.g. '0.0.0.0'")
+        if registry is not None and not callable(getattr(registry, "register", None)):
+            raise ConfigError(f"invalid metrics_registry={registry!r}: must be a prometheus_client CollectorRegistry")
         try:
             from mtc75.observe.metrics import Metrics
         except ImportError as err:

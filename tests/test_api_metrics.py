@@ -103,10 +103,15 @@ def test_a_taken_port_is_a_config_error_at_start_and_the_consumer_may_run_later(
     consumer.run(idle_exit=0.2)
 
 
-@pytest.mark.parametrize("port", [-1, 70000, "9108", True])
-def test_a_bad_metrics_port_is_refused_before_anything_runs(cluster: FakeKafka, port: Any) -> None:
-    with pytest.raises(mtc75.ConfigError, match="invalid metrics_port"):
-        make(cluster, metrics_port=port)
+@pytest.mark.parametrize(("kw", "what"), [
+    ({"metrics_port": -1}, "metrics_port"), ({"metrics_port": 70000}, "metrics_port"),
+    ({"metrics_port": "9108"}, "metrics_port"), ({"metrics_port": True}, "metrics_port"),
+    ({"metrics_port": 0, "metrics_addr": None}, "metrics_addr"), ({"metrics_registry": {}}, "metrics_registry"),
+])
+def test_bad_metrics_arguments_are_refused_before_anything_runs(cluster: FakeKafka, kw: dict[str, Any],
+                                                                what: str) -> None:
+    with pytest.raises(mtc75.ConfigError, match=f"invalid {what}="):
+        make(cluster, **kw)
 
 
 def test_without_prometheus_client_metrics_are_a_config_error_and_health_still_answers(
