@@ -22,6 +22,7 @@ import mtc75._startup  # noqa: F401
 import logging
 
 from mtc75.api import Consumer
+from mtc75.core.health import Health
 from mtc75.core.stats import Stats
 from mtc75.errors import (
     BrokerUnreachable,
@@ -43,6 +44,7 @@ __all__ = [
     "ConfigError",
     "Consumer",
     "HandlerRefused",
+    "Health",
     "KafkaFatalError",
     "KafkaUnavailable",
     "MessageFailed",

@@ -1,8 +1,9 @@
 """Imported first by every top-level script: Ctrl-C while the script is still importing (about half a
 second: confluent_kafka, rich, ...) ends it with one line and exit 130 instead of a traceback.
 
-Only a script of this project run as ``__main__`` gets the handler (tests that import the scripts keep
-their own); the script replaces it with its own handler once it is ready. Main thread only (import time).
+Only a script of this project run as ``__main__``, or one of its installed console scripts, gets the handler
+(tests that import the scripts keep their own); the command replaces it with its own handler once it is ready.
+Main thread only (import time).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from types import FrameType
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONSOLE_SCRIPTS = ("mtc75-consumer", "mtc75-produce", "mtc75-create-topic")  # pyproject.toml [project.scripts]
 
 
 def _interrupted(_signum: int, _frame: FrameType | None) -> None:
@@ -21,6 +23,8 @@ def _interrupted(_signum: int, _frame: FrameType | None) -> None:
 
 
 def _is_our_script() -> bool:
+    if sys.argv and os.path.basename(sys.argv[0]) in _CONSOLE_SCRIPTS:
+        return True
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     return bool(main_file) and os.path.dirname(os.path.abspath(str(main_file))) == _ROOT
 

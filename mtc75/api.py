@@ -7,8 +7,9 @@ configures logging (records go to the ``mtc75`` loggers).
 
 Threads: one owning thread constructs the consumer and calls ``run``, ``start``, ``close`` and the
 ``with`` block. ``stop()`` may be called from any thread or a signal handler (it only sets flags);
-``stats()``, ``retune()`` and ``lingering`` from any thread. The handler runs on worker threads, at most
-``max_thread_count`` at once; ``on_status`` runs on the poll thread.
+``stats()``, ``health()``, ``retune()`` and ``lingering`` from any thread. The handler runs on worker threads,
+at most ``max_thread_count`` at once; ``on_status`` runs on the poll thread; ``metrics_port``'s endpoints answer
+on their own threads from the latest snapshot.
 
 Misuse raises :class:`~mtc75.errors.MisuseError` at once, never hangs nor passes silently: a second
 ``run()``/``start()`` (also two threads at once: the run state is under ``_lock``), ``run()`` after
@@ -19,12 +20,14 @@ thread runs it.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import Any
 
+from mtc75.core.health import DEFAULT_MAX_POLL_INTERVAL, Health, HealthWatch
 from mtc75.core.stats import Stats
 from mtc75.engine.engine import Engine
 from mtc75.errors import ConfigError, MisuseError
@@ -41,6 +44,7 @@ CONSUMER_SETTINGS = (
     "PRODUCER_CONFIG", "ORDERING", "FETCH_SIZES",
 )
 NEW, RUNNING, ENDED = "new", "running", "ended"  # a Consumer's run state, in this order, once
+logger = logging.getLogger(__name__)
 SNAPSHOT_INTERVAL = 0.25  # how stale stats() may be while running: the poll thread refreshes it this often
 _DEFAULTS = Settings()
 
@@ -60,6 +64,10 @@ class Consumer:
     runs (a dashboard, a metrics exporter); each of ``observers`` (:class:`~mtc75.runtime.invoker.CallObserver`)
     is told every handler call's duration, on the thread that made it. :meth:`from_settings` takes a whole
     Settings instead of keywords.
+    ``metrics_port`` serves ``/metrics``, ``/healthz`` and ``/readyz`` on ``metrics_addr`` while it runs (0: any
+    free port, then see :attr:`metrics_port`); ``metrics_registry`` (a ``prometheus_client`` registry, e.g.
+    ``prometheus_client.REGISTRY``) gets MTC75's metrics while it runs instead of a registry of its own. Both
+    need prometheus-client (``pip install 'mtc75[metrics]'``). :meth:`health` answers without them.
     """
 
     def __init__(
@@ -74,12 +82,16 @@ class Consumer:
         on_status: Callable[[Stats], None] | None = None,
         status_interval: float = 1.0,
         observers: Sequence[CallObserver] = (),
+        metrics_port: int | None = None,
+        metrics_addr: str = "127.0.0.1",
+        metrics_registry: Any = None,
         **settings: Any,
     ) -> None:
         keywords = {"topic": topic, "group_id": group_id, "bootstrap_servers": bootstrap_servers,
                     "max_thread_count": max_thread_count, **settings}
         self._setup(handler, settings_from_keywords(keywords), librdkafka, on_status, status_interval, observers,
                     REAL_FACTORIES)
+        self._ask_metrics(metrics_port, metrics_addr, metrics_registry)
 
     @classmethod
     def from_settings(
@@ -91,6 +103,9 @@ class Consumer:
         on_status: Callable[[Stats], None] | None = None,
         status_interval: float = 1.0,
         observers: Sequence[CallObserver] = (),
+        metrics_port: int | None = None,
+        metrics_addr: str = "127.0.0.1",
+        metrics_registry: Any = None,
     ) -> Consumer:
         """A consumer from a whole :class:`~mtc75.settings.Settings` (e.g. ``mtc75.settings.load_settings``:
         defaults, a config file, ``MTC75_*`` environment variables), instead of keywords.
@@ -98,7 +113,9 @@ class Consumer:
         The other keywords are those of the constructor; settings a consumer does not use (the
         producer's, the default handler's) are ignored.
         """
-        return cls._built(handler, settings, librdkafka, on_status, status_interval, observers, REAL_FACTORIES)
+        consumer = cls._built(handler, settings, librdkafka, on_status, status_interval, observers, REAL_FACTORIES)
+        consumer._ask_metrics(metrics_port, metrics_addr, metrics_registry)
+        return consumer
 
     @classmethod
     def _built(
@@ -141,6 +158,30 @@ class Consumer:
         self._stats: Stats = self._idle_stats()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None  # what ended the background run
+        self._health = HealthWatch(_max_poll_interval(self._settings.consumer_config(self._librdkafka)))
+        self._metrics: Any = None  # mtc75.observe.metrics.Metrics, when asked for
+        self._endpoints: Any = None  # mtc75.observe.server.Endpoints, while serving
+        self._serve_on: tuple[int, str] | None = None
+        self.metrics_port: int | None = None  # the port /metrics, /healthz and /readyz listen on, while they do
+
+    def _ask_metrics(self, port: int | None, addr: str, registry: Any) -> None:
+        """metrics_port / metrics_registry: checked and built now, served and registered once it runs."""
+        if port is None and registry is None:
+            return
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
+            raise ConfigError(f"invalid metrics_port={port!r}: must be a port number (0-65535; 0: any free one)")
+        if not isinstance(addr, str) or not addr:
+            raise ConfigError(f"invalid metrics_addr={addr!r}: must be an address to listen on, e.g. '0.0.0.0'")
+        if registry is not None and not callable(getattr(registry, "register", None)):
+            raise ConfigError(f"invalid metrics_registry={registry!r}: must be a prometheus_client CollectorRegistry")
+        try:
+            from mtc75.observe.metrics import Metrics
+        except ImportError as err:
+            raise ConfigError(f"metrics_port / metrics_registry need prometheus-client ({err}): "
+                              "pip install 'mtc75[metrics]'") from None
+        self._metrics = Metrics(self._settings.GROUP_ID, registry, self.health)
+        self._invoker.attach(self._metrics)
+        self._serve_on = (port, addr) if port is not None else None
 
     # -- the owning thread ----------------------------------------------------------------------------
 
@@ -230,6 +271,11 @@ class Consumer:
         """The latest snapshot: at most SNAPSHOT_INTERVAL old while running, final once finished."""
         return self._stats
 
+    def health(self) -> Health:
+        """Alive (the poll loop turned within ``max.poll.interval.ms``) and ready (alive, partitions assigned, a
+        broker reachable), with the reason when not: what ``/healthz`` and ``/readyz`` answer."""
+        return self._health.judge(time.monotonic())
+
     @property
     def lingering(self) -> bool:
         """After a run: handlers it stopped waiting for are still running on worker threads, or the Kafka
@@ -278,9 +324,13 @@ class Consumer:
                 idle_exit=idle_exit, on_status=self._snapshot,
                 status_interval=min(SNAPSHOT_INTERVAL, self._status_interval), factories=self._factories,
             )
+            self._open_metrics()  # ConfigError (port taken, registry holding MTC75's metrics) before anything runs
         except BaseException:
-            self._end()  # no run: close() must not wait for one
+            with self._lock:  # no run: it may be tried again with what was wrong put right
+                self._state = NEW
+                self._poll_ident = None
             raise
+        self._health.started(time.monotonic())
         self._engine = engine
         if self._stop_requested:  # stop() ran while the engine was being built
             engine.stop()
@@ -302,11 +352,40 @@ class Consumer:
             self._end()
 
     def _end(self) -> None:
-        """The run is over (poll thread, last): close() may return, a later run() is refused."""
+        """The run is over (poll thread, last): /healthz says so and the metrics endpoints close, a service's
+        registry gets its names back, close() may return, a later run() is refused."""
+        self._close_metrics()
         with self._lock:
             self._state = ENDED
             self._poll_ident = None
         self._ended.set()
+
+    def _open_metrics(self) -> None:
+        metrics = self._metrics
+        if metrics is None:
+            return
+        metrics.register()
+        if self._serve_on is not None:
+            from mtc75.observe.server import Endpoints
+
+            endpoints = Endpoints(metrics.registry, self.health)
+            try:
+                self.metrics_port = endpoints.serve(*self._serve_on)
+            except BaseException:
+                metrics.unregister()
+                raise
+            self._endpoints = endpoints
+            logger.info("metrics at http://%s:%d/metrics, health at /healthz and /readyz", self._serve_on[1],
+                        self.metrics_port)
+
+    def _close_metrics(self) -> None:
+        self._health.ended()
+        endpoints, self._endpoints = self._endpoints, None
+        if endpoints is not None:
+            endpoints.close()
+            self.metrics_port = None
+        if self._metrics is not None and not self._metrics.own:
+            self._metrics.unregister()
 
     def _own_thread(self) -> str | None:
         """What part of this running consumer the calling thread is, if any (it must not wait for the run)."""
@@ -328,6 +407,9 @@ class Consumer:
     def _snapshot(self, stats: Stats) -> None:
         """Poll thread: keep the snapshot stats() returns; pass it on at the user's status interval."""
         self._stats = stats
+        self._health.update(time.monotonic(), stats)
+        if self._metrics is not None:
+            self._metrics.update(stats)
         if self._on_status is not None:
             now = time.monotonic()
             if now >= self._next_status:
@@ -347,3 +429,11 @@ def settings_from_keywords(keywords: Mapping[str, Any]) -> Settings:
         values[name] = coerce(SPECS[name], raw, f"keyword {keyword}")
     return Settings(**values)
 
+
+
+def _max_poll_interval(conf: Mapping[str, Any]) -> float:
+    """``max.poll.interval.ms`` in seconds (librdkafka refuses a bad value when the client is built)."""
+    try:
+        return float(conf.get("max.poll.interval.ms", DEFAULT_MAX_POLL_INTERVAL * 1000)) / 1000
+    except (TypeError, ValueError):
+        return DEFAULT_MAX_POLL_INTERVAL

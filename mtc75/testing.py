@@ -29,13 +29,18 @@ def consumer(
     on_status: Callable[[Stats], None] | None = None,
     status_interval: float = 1.0,
     observers: Sequence[CallObserver] = (),
+    metrics_port: int | None = None,
+    metrics_addr: str = "127.0.0.1",
+    metrics_registry: Any = None,
     **settings: Any,
 ) -> Consumer:
     """``mtc75.Consumer(handler, **settings)`` on ``factories`` (``topic`` and ``group_id`` as there); ``cls``:
     a subclass of mtc75.Consumer to build instead."""
-    return cls._built(
+    built = cls._built(
         handler, settings_from_keywords(settings), librdkafka, on_status, status_interval, observers, factories
     )
+    built._ask_metrics(metrics_port, metrics_addr, metrics_registry)
+    return built
 
 
 def from_settings(

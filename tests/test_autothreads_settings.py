@@ -17,11 +17,11 @@ import pytest
 import mtc75
 from mtc75 import testing
 from mtc75.app.dashboard import render
-from mtc75.app.metrics import StatsCollector
 from mtc75.app.reload import ConfigWatcher, diff, retuner
 from mtc75.app.report import plot, read_rows, row_of
 from mtc75.app.status import format_status
 from mtc75.errors import ConfigError
+from mtc75.observe.metrics import StatsCollector
 from mtc75.settings import Settings, load_settings
 from tests.fake_kafka import FakeKafka
 from tests.kafka_helpers import ROOT, wait_until

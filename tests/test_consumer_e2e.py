@@ -78,7 +78,7 @@ def test_saturated_run_handles_each_message_once_within_the_bound_and_commits_to
     consumer = BoundConsumer(
         _settings(bootstrap, topic, group, MAX_THREAD_COUNT=threads, PAUSE_INTERVAL=0.2), recorder, max_messages=n,
     )
-    caplog.set_level(logging.WARNING, logger="mtc75.engine")
+    caplog.set_level(logging.INFO, logger="mtc75.engine")
     stats = consumer.run()
 
     ends = end_offsets(bootstrap, topic)

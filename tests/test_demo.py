@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 
@@ -36,6 +37,8 @@ def test_make_demo_runs_end_to_end_with_its_own_broker() -> None:
     assert "PAUSED" in output and "RESUMED" in output
     assert "threads   4/4" in output  # the status line shows the pool full
     assert "all 600 messages handled" in output
+    assert re.search(r"== demo: removed topics (mtc75-demo-\S+) and \1\.dlq$", output, re.M)  # nothing left behind
+    assert not re.search(r"^%\d\|", output, re.M)  # no raw librdkafka line: they go through logging
     report = ROOT / "demo-report"  # the README's example plot comes from here
     assert "run report: demo-report/report.png" in output
     for name in ("report.png", "timeseries.csv"):

@@ -8,6 +8,7 @@ handlers that block wait on events the test (or its teardown) sets.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -336,7 +337,7 @@ def test_the_offset_map_travels_with_the_commit_and_the_next_member_skips_what_f
     assert cluster.committed(GROUP, TOPIC, 0) == 2
 
     second = Recorder()
-    start(second, max_messages=1).join()  # a new member of the same group on the same cluster
+    start(second, idle_exit=0.3).join()  # a new member of the same group on the same cluster
     assert dict(second.calls) == {(0, 2): 1}  # 3..9 finished under the first member: not run again
     assert cluster.committed(GROUP, TOPIC, 0) == 10
 
@@ -441,6 +442,35 @@ def test_shutdown_with_a_handler_that_never_returns_is_bounded_and_commits_befor
     assert cluster.consumer().closed
 
 
+def test_max_messages_stops_admitting_at_n_so_exactly_n_are_handled_and_committed(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    cluster.fill(TOPIC, {0: 400, 1: 400, 2: 400})
+    recorder = Recorder()  # fast: runs form, and the backlog (MAX_BACKLOG 500) could take far more than 50
+    stats = start(recorder, max_messages=50, MAX_BACKLOG=500).join()
+    assert stats.processed == 50 and sum(recorder.calls.values()) == 50
+    assert max(recorder.calls.values()) == 1
+    committed = [cluster.committed(GROUP, TOPIC, p) or 0 for p in range(3)]
+    assert sum(committed) == 50  # each partition's handled messages are its first ones: nothing skipped
+    assert all((p, o) in recorder.calls for p in range(3) for o in range(committed[p]))
+
+
+def test_a_spent_budget_waits_for_a_hung_handler_without_refetching_ten_times_a_second(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    cluster.fill(TOPIC, {0: 50, 1: 50, 2: 50})
+    recorder = Recorder(block={(0, 0), (1, 0), (2, 0)})  # the first of a partition hangs: the budget stays spent
+    run = start(recorder, max_messages=5)
+    until(lambda: len(recorder.handled()) == 4 and len(recorder.started) == 5, "four done, one hanging")
+    consumer = cluster.consumer()
+    seeks = sum(1 for kind, _ in consumer.calls if kind == "seek")
+    time.sleep(2.0)  # real time on purpose: what is measured is how often the poll loop refetches meanwhile
+    assert sum(1 for kind, _ in consumer.calls if kind == "seek") - seeks <= 3  # about one a second
+    assert sum(recorder.calls.values()) == 5
+    recorder.release.set()
+    assert run.join().processed == 5
+
+
 def test_idle_exit_ends_a_run_with_nothing_to_read(cluster: FakeKafka, start: Callable[..., Run]) -> None:
     stats = start(Recorder(), idle_exit=0.2).join()
     assert stats.processed == 0
@@ -451,8 +481,9 @@ def test_idle_exit_ends_a_run_with_nothing_to_read(cluster: FakeKafka, start: Ca
 
 
 def test_saturated_pool_pauses_every_partition_bounds_the_fetch_then_resumes(
-    cluster: FakeKafka, start: Callable[..., Run]
+    cluster: FakeKafka, start: Callable[..., Run], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="mtc75.engine.backpressure")
     cluster.fill(TOPIC, {0: 50, 1: 50, 2: 50})
     blocked = {(p, o) for p in range(3) for o in range(50)}
     recorder = Recorder(block=blocked)
@@ -471,6 +502,10 @@ def test_saturated_pool_pauses_every_partition_bounds_the_fetch_then_resumes(
     kinds = [kind for kind, _ in consumer.calls]
     first_resume = kinds.index("resume", kinds.index("pause"))
     assert "seek" in kinds[first_resume:]  # the fetcher was woken at the resumed position
+    # Pausing is normal operation: INFO, marked for the CLI's colours by its event, not its level.
+    events = [(r.levelno, r.mtc75_event) for r in caplog.records if hasattr(r, "mtc75_event")]
+    assert (logging.INFO, "pause") in events and (logging.INFO, "resume") in events
+    assert {level for level, _ in events} == {logging.INFO}
 
 
 # -- Kafka errors -------------------------------------------------------------------------------------------

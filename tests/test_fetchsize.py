@@ -256,7 +256,7 @@ def test_a_probe_that_blows_up_does_not_fail_the_run() -> None:
 
 def test_the_library_keyword_and_the_summary_line() -> None:
     from mtc75 import testing
-    from mtc75_consumer import _summary_line
+    from mtc75.commands.consumer import _summary_line
     from tests.stats_factory import make_stats
 
     cluster = FakeKafka()

@@ -16,10 +16,12 @@ ALLOWED: dict[str, set[str]] = {
     "runtime": {"core", "errors"},
     "kafka": {"core", "errors"},
     "engine": {"core", "errors", "settings", "runtime", "kafka"},
-    "api": {"core", "errors", "settings", "runtime", "kafka", "engine"},
+    "observe": {"core", "errors"},
+    "api": {"core", "errors", "settings", "runtime", "kafka", "engine", "observe"},
     "testing": {"core", "errors", "settings", "runtime", "kafka", "api"},
     "app": {"core", "errors", "settings", "runtime", "api"},
     "tools": {"core", "errors", "settings", "kafka", "app"},
+    "commands": {"core", "errors", "settings", "runtime", "kafka", "observe", "api", "app", "tools"},
 }
 
 

@@ -1,4 +1,6 @@
-"""`pip install .` builds a wheel holding the library only, and the installed copy works on its own.
+"""`pip install .` builds a wheel holding the library and its commands, and the installed copy runs on its own:
+imports, console scripts, ``python -m mtc75`` and a short consumer run against the real broker, from a folder
+outside the repository.
 
 The installed copy includes the local Kafka launcher: its pom is package data, its jars and node folders go to
 the user's cache folder ($XDG_CACHE_HOME/mtc75), so ``python -m mtc75.tools.broker start`` works outside the
@@ -7,18 +9,22 @@ repository.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+import mtc75
 from tests.conftest import TEST_PORT
-from tests.kafka_helpers import ROOT
+from tests.kafka_helpers import ROOT, produce_numbered
 from tests.local_kafka import free_pair
 
 pytestmark = pytest.mark.pypi
@@ -69,9 +75,15 @@ def test_the_wheel_holds_the_library_only_and_imports_from_where_it_is_installed
     top = {name.split("/")[0] for name in names}
     assert top == {"mtc75", wheel.name.split("-py")[0] + ".dist-info"}  # no tests/, bench/, scripts
     assert {"mtc75/__init__.py", "mtc75/api.py", "mtc75/engine/engine.py", "mtc75/testing.py",
-            "mtc75/tools/kafka-pom.xml"} <= set(names)
-    metadata = zipfile.ZipFile(wheel).read(f"{wheel.name.split('-py')[0]}.dist-info/METADATA").decode()
+            "mtc75/tools/kafka-pom.xml", "mtc75/py.typed", "mtc75/__main__.py", "mtc75/commands/consumer.py"
+            } <= set(names)
+    info = f"{wheel.name.split('-py')[0]}.dist-info"
+    metadata = zipfile.ZipFile(wheel).read(f"{info}/METADATA").decode()
     assert "Requires-Dist: confluent-kafka" in metadata
+    assert "License-Expression: Apache-2.0" in metadata and f"{info}/licenses/LICENSE" in names
+    entry_points = zipfile.ZipFile(wheel).read(f"{info}/entry_points.txt").decode()
+    for command in ("mtc75-consumer", "mtc75-produce", "mtc75-create-topic"):
+        assert f"{command} = mtc75.commands:" in entry_points
 
     # Where a top-level ``tests`` would come from: not from the wheel. (Another installed package may
     # ship one: sentry-arroyo 2.48, the bench's peer, puts a ``tests`` package into site-packages.)
@@ -116,3 +128,51 @@ def test_the_installed_launcher_runs_kafka_from_the_user_cache(installed: Instal
         stopped = _outside(installed, *broker, "stop", "--port", str(port), cwd=elsewhere, timeout=120,
                            XDG_CACHE_HOME=str(cache))
     assert stopped.returncode == 0 and stopped.stdout == f"Kafka at 127.0.0.1:{port} stopped\n", stopped
+
+
+@pytest.mark.timeout(400)
+def test_the_installed_commands_run_outside_the_repository(
+    installed: Installed, tmp_path: Path, bootstrap: str, make_topic: Callable[..., str],
+    unique: Callable[[str], str],
+) -> None:
+    """A fresh venv with the wheel: the console scripts and ``python -m mtc75`` from a folder that is not the
+    repository, then a consumer run against the real broker with its settings from flags and MTC75_* only."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python, bin_dir = venv / "bin" / "python", venv / "bin"
+    # The dependencies come from this environment's site-packages (no second download of the [cli] extra);
+    # mtc75 itself only from the wheel: this environment has none installed (PYTHONPATH is what finds ours).
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--quiet", str(installed.wheel)],
+                             capture_output=True, text=True, timeout=120)
+    assert install.returncode == 0, install.stderr
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MTC75_", "KAFKA_", "PYTHON"))}
+    env |= {"NO_COLOR": "1", "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
+
+    def run(*args: str, timeout: float = 60, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(args), cwd=work, env=env | extra, capture_output=True, text=True, timeout=timeout)
+
+    where = run(str(python), "-c", "import mtc75, importlib.resources as r; print(mtc75.__file__); "
+                                   "print(r.files('mtc75').joinpath('py.typed').is_file())")
+    assert where.returncode == 0, where.stderr
+    assert where.stdout.split() == [str(Path(site, "mtc75", "__init__.py")), "True"]
+    for command in ("mtc75-consumer", "mtc75-produce", "mtc75-create-topic"):
+        version = run(str(bin_dir / command), "--version")
+        assert version.returncode == 0 and version.stdout.startswith(f"{command} {mtc75.__version__} "), version
+        helped = run(str(bin_dir / command), "--help")
+        assert helped.returncode == 0 and "KAFKA_BOOTSTRAP_SERVERS" in helped.stdout, helped.stderr
+    listing = run(str(python), "-m", "mtc75", "--help")
+    assert listing.returncode == 0 and "create-topic" in listing.stdout
+
+    topic, group = make_topic(2, "installed"), unique("installed")
+    produce_numbered(bootstrap, topic, 40)
+    summary = work / "summary.json"
+    consumed = run(str(bin_dir / "mtc75-consumer"), "--topic", topic, "--processing-sleep", "0.001",
+                   "--max-messages", "40", "--idle-exit", "30", "--summary-json", str(summary), "--no-dashboard",
+                   timeout=120, MTC75_GROUP_ID=group, KAFKA_BOOTSTRAP_SERVERS=bootstrap)
+    assert consumed.returncode == 0, consumed.stderr
+    assert json.loads(summary.read_text())["processed"] == 40

@@ -82,6 +82,7 @@ class Stats:
     blocked: int = 0  # waiting messages that must wait for an earlier one of their key or partition
     fetch_sizes: str = ""  # e.g. "large (50 MB / 1 MB)": FETCH_SIZES' choice for this run ("" before it ran)
     pause_interval: float = 0.0  # PAUSE_INTERVAL in effect (it may change live)
+    brokers_down: bool = False  # librdkafka reported every broker down and none has answered since
 
     @classmethod
     def idle(cls, max_thread_count: int, thread_mode: str = "fixed", ordering: str = "unordered") -> Stats:

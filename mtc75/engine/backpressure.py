@@ -35,6 +35,9 @@ POLL_TIMEOUT = 0.1  # longest a single poll blocks, so stop requests and timers 
 # from I/O wait for it, so batches stay small enough to keep that stall well under a millisecond.
 MAX_BATCH = 500
 SATURATION_GRACE = 0.05  # seconds a saturated pool gets to catch up before the partitions pause
+# With the max_messages budget spent, the loop only waits for what runs; it serves the group this often (each
+# message that poll() still returns is sent back with a seek, which refetches: not ten times a second).
+SPENT_POLL_INTERVAL = 1.0
 # ``extra`` of the pause and resume log lines: how a log formatter tells them apart without reading the text
 PAUSE_EVENT, RESUME_EVENT = {"mtc75_event": "pause"}, {"mtc75_event": "resume"}
 
@@ -51,6 +54,7 @@ class Backpressure:
         self.gate = gate
         self.holds = WindowHolds(window)  # partitions paused alone: span over OFFSET_WINDOW
         self._fair = FairIntake(tracker)
+        self._spent_poll_at = 0.0  # when the loop last served the group with the budget spent
 
     @property
     def paused(self) -> bool:
@@ -74,18 +78,31 @@ class Backpressure:
                 low, min(SATURATION_GRACE, gate.pause_interval)):
             self._pause(time.monotonic())
 
-    def fetch(self) -> list[Any]:
-        """This turn's messages: as many as there is room for, or only the group's events while paused."""
+    def fetch(self, budget: int | None = None) -> list[Any]:
+        """This turn's messages: as many as there is room for, or only the group's events while paused.
+
+        ``budget``: at most this many messages more (``max_messages`` less what is finished or in flight);
+        at 0 the loop only serves the group, and a message that still arrives goes back to Kafka.
+        """
         client, dispatcher, gate = self._client, self._dispatcher, self.gate
         limit = dispatcher.max_thread_count
         low, high = gate.watermarks(limit)
-        if gate.paused:
-            ready = dispatcher.backlog - dispatcher.delayed  # retries waiting out a backoff do not drain
-            wait = min(POLL_TIMEOUT, max(gate.next_check_in(time.monotonic()), 0.001))
-            dispatcher.wait_backlog_at_most(low if ready > low else -1, wait)
+        if gate.paused or budget == 0:
+            if gate.paused:
+                ready = dispatcher.backlog - dispatcher.delayed  # retries waiting out a backoff do not drain
+                wait = min(POLL_TIMEOUT, max(gate.next_check_in(time.monotonic()), 0.001))
+                dispatcher.wait_backlog_at_most(low if ready > low else -1, wait)
+            else:  # the budget is spent: nothing to fetch, only completions to wait for (a worker going idle)
+                dispatcher.wait_backlog_at_most(-1, POLL_TIMEOUT)
+                now = time.monotonic()
+                if now - self._spent_poll_at < SPENT_POLL_INTERVAL:
+                    return []
+                self._spent_poll_at = now
             message = client.poll(0)
-            return [] if message is None else [message]
+            return [] if message is None else self._within([message], budget)
         room = high - dispatcher.backlog + (limit - dispatcher.active_thread_count)
+        if budget is not None:
+            room = min(room, budget)
         # consume() waits for a full batch until its timeout: take what is there without waiting, and block
         # (in poll, which returns on the first message) only when idle.
         messages = client.consume(num_messages=max(1, min(room, MAX_BATCH)), timeout=0)
@@ -93,6 +110,32 @@ class Backpressure:
             message = client.poll(POLL_TIMEOUT)
             messages = [] if message is None else [message]
         return self._fair.cut(client.consumer, messages, high, limit, gate.rate, time.monotonic(), self.holds)
+
+    def _within(self, messages: list[Any], budget: int | None) -> list[Any]:
+        """``messages`` up to ``budget``; each partition's rest is sent back (a seek to its first one), so no
+        commit can pass it if the budget opens again (a revoke gave in-flight work up)."""
+        if budget is None:
+            return messages
+        kept: list[Any] = []
+        back: dict[Partition, int] = {}
+        for message in messages:
+            tp = (message.topic(), message.partition())
+            if message.error() is not None:
+                kept.append(message)  # an event, not a message: the ledger reports it
+            elif tp in back:
+                continue
+            elif self._finished_before(tp, message.offset()):
+                kept.append(message)  # completes without a handler (the offset map): not counted
+            elif budget > 0:
+                budget -= 1
+                kept.append(message)
+            else:
+                back[tp] = message.offset()
+        for tp, offset in back.items():
+            if not self._client.seek(tp, offset):
+                logger.debug("max_messages: %s[%d]@%d kept (the seek back failed)", tp[0], tp[1], offset)
+                kept.extend(m for m in messages if (m.topic(), m.partition()) == tp and m.offset() >= offset)
+        return kept
 
     def update_holds(self, touched: set[Partition]) -> None:
         """Hold a partition whose window is full (a stuck message); release it once its watermark moved."""
@@ -130,6 +173,12 @@ class Backpressure:
         client = self._client
         client.resume([tp for tp in self.holds.forget(tps) if tp not in client.paused], wake=False)
 
+    def _finished_before(self, tp: Partition, offset: int) -> bool:
+        """The offset map read at assignment says ``offset`` finished under an earlier owner."""
+        state = self._tracker.get(tp)
+        finished = state.finished if state is not None else None
+        return finished is not None and offset < finished.end and offset in finished
+
     def end(self) -> None:
         """At shutdown: a pause in progress ends (its time counts)."""
         if self.gate.paused:
@@ -139,7 +188,7 @@ class Backpressure:
         client, dispatcher = self._client, self._dispatcher
         self.gate.start_pause(now)
         client.pause(self._tracker.partitions())
-        logger.warning(
+        logger.info(
             "PAUSED %d partitions: all %d %s busy, %d messages waiting (re-check in %.2fs)",
             len(client.paused), dispatcher.max_thread_count, dispatcher.workers, dispatcher.backlog,
             self.gate.pause_interval, extra=PAUSE_EVENT,
@@ -151,7 +200,7 @@ class Backpressure:
         mine = [tp for tp in client.paused if tp in self._tracker and tp not in self.holds]
         client.resume(mine)
         client.paused.clear()  # the held ones stay paused by the window, the others are no longer ours
-        logger.warning(
+        logger.info(
             "RESUMED %d partitions after %.2fs paused: %d/%d %s busy, %d waiting",
             len(mine), lasted, dispatcher.active_thread_count, dispatcher.max_thread_count,
             dispatcher.workers, dispatcher.backlog, extra=RESUME_EVENT,

@@ -27,6 +27,7 @@ from typing import Any
 
 from confluent_kafka import KafkaException
 
+from mtc75.core.bounds import Progress, RunBounds
 from mtc75.core.gate import PauseGate
 from mtc75.core.offsets import Partition
 from mtc75.core.stats import Stats
@@ -85,8 +86,7 @@ class Engine:
         self._overrides = overrides
         self._invoker = invoker
         self._threads = AutoThreads(settings, invoker)  # MAX_THREAD_COUNT = "auto" (fixed: it only watches)
-        self._max_messages = max_messages
-        self._idle_exit = idle_exit
+        self._bounds = RunBounds(max_messages, idle_exit)
         self._on_status = on_status
         self._status_interval = status_interval
         self._factories = factories  # every Kafka client is built through these (tests: in-memory fakes)
@@ -99,7 +99,6 @@ class Engine:
         self._retune_lock = threading.Lock()
         self._retune: dict[str, Any] = {}  # live changes waiting for the poll thread
         self._started = 0.0
-        self._assigned_at: float | None = None  # the first assignment (idle_exit counts from there)
         self._lag: dict[Partition, int] = {}
         self.abandoned = 0  # handlers still running when shutdown gave up waiting
         self._parts: Parts | None = None
@@ -149,7 +148,7 @@ class Engine:
     def _start(self) -> None:
         """Build the parts, check the cluster and the topic (one line when either is missing), subscribe."""
         wiring = Wiring(self._invoker, self._threads.initial, self._ledger, self._gate, self._faults, self._halt,
-                        self._fail, self._on_first_assignment)
+                        self._fail, lambda: self._bounds.assigned(time.monotonic()))
 
         def built(parts: Parts) -> None:
             self._parts = parts
@@ -161,7 +160,7 @@ class Engine:
         parts = self._parts
         client, dispatcher, backpressure, checkpoint = parts.client, parts.dispatcher, parts.backpressure, \
             parts.checkpoint
-        ledger, threads = self._ledger, self._threads
+        ledger, threads, bounds = self._ledger, self._threads, self._bounds
         next_status = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
@@ -175,7 +174,7 @@ class Engine:
                 self._fail(gone)
                 break
             backpressure.turn(now, ledger.processed)
-            messages = backpressure.fetch()
+            messages = backpressure.fetch(bounds.budget(ledger.processed, ledger.tracker.in_flight()))
             if messages:
                 if self.phase is not Phase.HALTED:  # after a fatal error nothing more is handled
                     dispatcher.put(ledger.admit(messages))
@@ -186,43 +185,17 @@ class Engine:
             now = time.monotonic()
             checkpoint.tick(now)
             if now >= next_status:
-                self._lag = client.lag(checkpoint.lag_bases())
+                self._lag = client.lag(checkpoint.lag_bases(), self._settings.AUTO_OFFSET_RESET, now)
                 client.report_resets()
                 if self._on_status is not None:
                     self._on_status(self.stats())
                 next_status = now + self._status_interval
-            if self._ended(now):
+            progress = Progress(ledger.processed, ledger.tracker.in_flight(), dispatcher.delayed, ledger.admitted_at,
+                                ledger.progress_at, client.down_since is not None or bool(len(backpressure.holds)))
+            why = bounds.ended(now, progress)
+            if why is not None:
+                logger.info("%s; stopping", why)
                 break
-
-    def _ended(self, now: float) -> bool:
-        """``max_messages`` handled, or ``idle_exit`` seconds without a new message (see README)."""
-        ledger = self._ledger
-        if self._max_messages is not None and ledger.processed >= self._max_messages:
-            logger.info("handled %d messages (max_messages reached); stopping", ledger.processed)
-            return True
-        if self._idle_exit is None or self._assigned_at is None:
-            return False  # idle counts from the first assignment: waiting for the group is not idleness
-        if now - max(ledger.admitted_at, self._assigned_at) < self._idle_exit:
-            return False
-        assert self._parts is not None
-        if self._parts.client.down_since is not None or len(self._parts.backpressure.holds):
-            # Not idle: with every broker down messages may wait where we cannot see them, and a partition held
-            # by OFFSET_WINDOW has messages not fetched yet. Idle counts again from now.
-            ledger.admitted_at = now
-            return False
-        # Nothing in flight -- or, when handlers still run, none finished for as long (a hung handler must
-        # not keep idle_exit from firing; shutdown bounds the wait). Retries waiting out a backoff will finish.
-        dispatcher = self._parts.dispatcher
-        if ledger.tracker.in_flight() == 0 or (
-            dispatcher.delayed == 0 and now - max(ledger.progress_at, self._assigned_at) >= self._idle_exit
-        ):
-            logger.info("no new message for %.1fs (idle_exit); stopping", self._idle_exit)
-            return True
-        return False
-
-    def _on_first_assignment(self) -> None:
-        if self._assigned_at is None:
-            self._assigned_at = time.monotonic()
 
     def _apply_retune(self) -> None:
         assert self._parts is not None
@@ -331,5 +304,6 @@ class Engine:
             blocked=d.blocked if d else 0,
             fetch_sizes=parts.fetch_sizes if parts is not None else "",
             pause_interval=gate.pause_interval,
+            brokers_down=parts is not None and parts.client.down_since is not None,
         )
 

@@ -35,6 +35,10 @@ PROBE_TIMEOUT = 0.5
 CLOSE_TIMEOUT = 10.0  # longest shutdown waits for librdkafka's close() (see KafkaClient.close)
 CLOSE_TIMEOUT_DOWN = 2.0  # the same while no broker is reachable: there is no group left to leave
 WATERMARK_TIMEOUT = 5.0  # longest a (non-cached) end-offset query waits
+# Partitions not fetched from since their assignment (e.g. paused at once) have no cached end offset: their
+# lag is asked of the broker, at most this often, all the requests of one asking within LAG_QUERY_TIMEOUT.
+LAG_QUERY_INTERVAL = 10.0
+LAG_QUERY_TIMEOUT = 1.0
 TOPIC_MISSING_CODES = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.UNKNOWN_TOPIC_ID)
 # librdkafka's WARNING when AUTO_OFFSET_RESET moved a position that was out of range (librdkafka 2.x wording):
 # "<topic> [<partition>]: offset reset (at offset 5 (leader epoch 0), broker 1) to offset BEGINNING (...)".
@@ -126,6 +130,8 @@ class KafkaClient:
         self._quiet_until: dict[int, float] = {}  # error code -> when it may be logged again
         self.close_timed_out = False  # close() did not return in time: the process must not wait for it
         self._log = log  # the consumer's logger, when it is a ResetLog: offset resets to report
+        self._next_lag_query = 0.0
+        self._asked_lag: dict[Partition, int] = {}  # the last broker answer for partitions not fetched yet
 
     # -- assignment ----------------------------------------------------------------------------------
 
@@ -187,12 +193,14 @@ class KafkaClient:
                 except KafkaException as err:
                     logger.debug("seek %s[%d]@%d after resume: %s", tp.topic, tp.partition, tp.offset, err)
 
-    def seek(self, tp: Partition, offset: int) -> None:
-        """Move the fetch position (also drops what librdkafka prefetched for the partition)."""
+    def seek(self, tp: Partition, offset: int) -> bool:
+        """Move the fetch position (also drops what librdkafka prefetched for the partition); False: it failed."""
         try:
             self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
         except KafkaException as err:
             logger.debug("seek %s[%d] to %d: %s", tp[0], tp[1], offset, err)
+            return False
+        return True
 
     # -- offsets -------------------------------------------------------------------------------------
 
@@ -278,10 +286,14 @@ class KafkaClient:
             return {}
         return {(tp.topic, tp.partition): tp.offset for tp in found if tp.offset >= 0}
 
-    def lag(self, bases: Mapping[Partition, int | None]) -> dict[Partition, int]:
+    def lag(self, bases: Mapping[Partition, int | None], reset: str = "earliest",
+            now: float | None = None) -> dict[Partition, int]:
         """End offset minus ``bases[tp]`` per partition, from librdkafka's cached high watermarks (no request).
 
         A partition with no base (nothing handled since the assignment) counts from the local fetch position.
+        One not fetched from yet has neither: its lag is the broker's end offset minus the group's committed
+        offset (none committed: where ``reset``, AUTO_OFFSET_RESET, starts), asked at most every
+        LAG_QUERY_INTERVAL (``now``: monotonic seconds) while every broker is not down.
         """
         lag: dict[Partition, int] = {}
         unknown: list[TopicPartition] = []
@@ -301,7 +313,37 @@ class KafkaClient:
                 high = self.end_offset((pos.topic, pos.partition), cached=True)
                 if pos.offset >= 0 and high is not None:
                     lag[(pos.topic, pos.partition)] = max(0, high - pos.offset)
+        missing = [tp for tp in bases if tp not in lag]
+        if missing:
+            now = time.monotonic() if now is None else now
+            if now >= self._next_lag_query and self.down_since is None:
+                self._next_lag_query = now + LAG_QUERY_INTERVAL
+                self._asked_lag = self._ask_lag(missing, reset)
+            lag.update((tp, self._asked_lag[tp]) for tp in missing if tp in self._asked_lag)
         return lag
+
+    def _ask_lag(self, tps: list[Partition], reset: str) -> dict[Partition, int]:
+        """The broker's end offset minus the group's committed offset (or the reset position) per partition;
+        all requests together take at most LAG_QUERY_TIMEOUT (the poll thread waits for them)."""
+        deadline = time.monotonic() + LAG_QUERY_TIMEOUT
+        try:
+            committed = self.consumer.committed([TopicPartition(*tp) for tp in tps], timeout=LAG_QUERY_TIMEOUT)
+        except KafkaException as err:
+            logger.debug("lag of partitions not fetched yet: %s", err)
+            return {}
+        asked: dict[Partition, int] = {}
+        for tp in committed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break  # the others next time
+            try:
+                low, high = self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=left)
+            except KafkaException as err:
+                logger.debug("lag of %s[%d]: %s", tp.topic, tp.partition, err)
+                continue
+            base = tp.offset if tp.offset >= 0 else low if reset == "earliest" else high
+            asked[(tp.topic, tp.partition)] = max(0, high - base)
+        return asked
 
     # -- errors and broker probing ---------------------------------------------------------------------
 
