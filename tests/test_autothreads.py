@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -206,6 +205,15 @@ def test_sleep_handler_grows_to_the_limit() -> None:
     assert max(h.pool.resizes) == 64  # never past MAX_THREAD_LIMIT
 
 
+def test_a_limit_between_two_doublings_caps_the_count_there() -> None:
+    """Slow start doubles 1, 2, 4 ... 32; the next doubling would be 64: MAX_THREAD_LIMIT=50 stops it at 50,
+    and no later probe goes past it (a power of two as the limit would never exercise the cap)."""
+    h = Harness(sleeping, MAX_THREAD_LIMIT=50)
+    h.run(90)
+    assert h.pool.resizes[:6] == [2, 4, 8, 16, 32, 50]
+    assert max(h.pool.resizes) == 50 and h.pool.max_thread_count == 50 and h.glue.limit == 50
+
+
 def test_idle_consumer_stays_put() -> None:
     h = Harness(sleeping, waiting=0)
     h.run(30)
@@ -307,39 +315,52 @@ def test_meter_times_calls_on_many_threads_without_losing_any() -> None:
 
 
 def test_meter_tells_a_cpu_bound_handler_from_a_waiting_one() -> None:
-    def spin(_m: Any) -> None:
-        end = time.thread_time() + 0.002
-        while time.thread_time() < end:
-            pass
+    """The share is the handlers' CPU seconds over their wall seconds, both from injected clocks: a real
+    reading would depend on how much CPU the machine's other work leaves this thread."""
+    clocks = threading.local()
 
-    meter = LatencyMeter()
+    def wall() -> float:
+        return getattr(clocks, "wall", 0.0)
+
+    def cpu() -> float:
+        return getattr(clocks, "cpu", 0.0)
+
+    def handler(share: float) -> Callable[[Any], None]:
+        def handle(_m: Any) -> None:  # 2 ms, ``share`` of it on a CPU
+            clocks.wall, clocks.cpu = wall() + 0.002, cpu() + 0.002 * share
+        return handle
+
+    meter = LatencyMeter(clock=wall, cpu_clock=cpu)
     meter.enabled = True
-    for handler, low, high in ((spin, 0.5, 1.0), (lambda _m: time.sleep(0.002), 0.0, 0.3)):
-        timed = meter.wrap(handler)
+    for share in (0.9, 0.05):
+        timed = meter.wrap(handler(share))
         for i in range(50):
             timed(i)
-        meter.read()
-        share = meter.read_cpu()
-        assert share is not None and low <= share <= high, (handler, share)
+        assert meter.read() == (50, pytest.approx(0.002))
+        assert meter.read_cpu() == pytest.approx(share)  # each 2 ms call is slow enough to be measured
     assert meter.read_cpu() is None  # no calls since the last read
+    other = threading.Thread(target=lambda: [meter.wrap(handler(0.5))(i) for i in range(10)])
+    other.start()
+    other.join(10)
+    meter.read()
+    assert meter.read_cpu() == pytest.approx(0.5)  # another thread's calls, on its own clocks
 
 
-def test_meter_samples_cpu_on_short_calls_only_now_and_then(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_meter_samples_cpu_on_short_calls_only_now_and_then() -> None:
     reads = [0]
 
     def thread_time() -> float:
         reads[0] += 1
         return 0.0
 
-    monkeypatch.setattr(time, "thread_time", thread_time)
-    slow = LatencyMeter(clock=iter(range(10**6)).__next__)  # every call "takes" 1 s
+    slow = LatencyMeter(clock=iter(range(10**6)).__next__, cpu_clock=thread_time)  # every call "takes" 1 s
     slow.enabled = True
     timed = slow.wrap(lambda m: m)
     for i in range(32):
         timed(i)
     assert reads[0] == 64  # slow calls: every one measured (two clock reads each)
     reads[0] = 0
-    fast = LatencyMeter(clock=lambda: 0.0)  # every call "takes" 0 s
+    fast = LatencyMeter(clock=lambda: 0.0, cpu_clock=thread_time)  # every call "takes" 0 s
     fast.enabled = True
     timed = fast.wrap(lambda m: m)
     for i in range(64):
