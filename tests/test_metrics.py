@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import socket
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mtc75.app import metrics as metrics_module
 from mtc75.app.metrics import Metrics
 from mtc75.errors import ConfigError
 from tests.stats_factory import make_stats
@@ -60,12 +62,15 @@ def test_snapshot_values_are_served_over_http_and_move_with_the_next_snapshot() 
         metrics.close()
 
 
-def test_timed_handler_observes_every_call_including_failures() -> None:
+def test_timed_handler_observes_every_call_including_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]  # the wrapper's clock, moved by the handler: each call "takes" what it says
+    monkeypatch.setattr(metrics_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     metrics = Metrics()
     calls = []
 
     def handler(message: object) -> str:
         calls.append(message)
+        clock[0] += 0.5 if message == "bad" else 0.003
         if message == "bad":
             raise ValueError("bad record")
         return "ok"
@@ -76,7 +81,10 @@ def test_timed_handler_observes_every_call_including_failures() -> None:
         timed("bad")
     values = samples(_exposition(metrics))
     assert values[("mtc75_handler_duration_seconds_count", ())] == 2
-    assert values[("mtc75_handler_duration_seconds_sum", ())] >= 0
+    assert values[("mtc75_handler_duration_seconds_sum", ())] == pytest.approx(0.503)  # 3 ms + 500 ms
+    assert values[("mtc75_handler_duration_seconds_bucket", (("le", "0.005"),))] == 1  # the 3 ms call
+    assert values[("mtc75_handler_duration_seconds_bucket", (("le", "0.25"),))] == 1
+    assert values[("mtc75_handler_duration_seconds_bucket", (("le", "0.5"),))] == 2  # and the failed one
     assert calls == ["a", "bad"]
 
 
