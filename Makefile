@@ -1,7 +1,8 @@
 # MTC75: everything a fresh machine needs comes from here (venv, pinned packages, Kafka via Maven).
 # make demo   - the main job: local Kafka, topic, consumer + producer burst, summary; ends by itself
 # make test   - the whole test suite against a local Kafka it starts and stops itself
-# make unit   - every test that needs no broker (engine against an in-memory Kafka fake, policies, CLI errors)
+# make unit   - the tests that need no broker (engine against an in-memory Kafka fake, policies, CLI errors),
+#               in parallel, without the few that wait seconds of real time (marker `slow`); < 30 s
 # make bench  - throughput per topic shape, peers, memory and CPU figures (bench/results.json, BENCHMARKS.md),
 #               then MAX_THREAD_COUNT="auto" against fixed counts (bench/autotune.json, bench/autotune.png)
 #               and ordering modes against unordered (bench/ordering.json)
@@ -38,14 +39,20 @@ demo: kafka
 # same user on this machine prune those (seen deleting a running test's files).
 PYTEST := PYTEST_DEBUG_TEMPROOT=$(CURDIR)/.kafka/pytest-tmp $(PY) -m pytest
 
+# Two sessions: the broker-free tests in parallel (pytest-xdist, one worker per core), then the broker
+# tests in one session (one broker; a worker each would start a broker each). Both run even when the
+# first fails; make test fails if either did.
 test: kafka lint
 	mkdir -p .kafka/pytest-tmp
-	$(PYTEST)
+	$(PYTEST) -m "not kafka" -n auto; free=$$?; $(PYTEST) -m kafka; broker=$$?; \
+		test $$free -eq 0 -a $$broker -eq 0
 
-# No Kafka started or fetched: tests that need one carry the `kafka` marker (tests/conftest.py);
-# the packaging test (marker `pypi`, about a minute of pip) runs only in make test.
+# No Kafka started or fetched: tests that need one carry the `kafka` marker (tests/conftest.py). Not here
+# either, only in make test: the packaging test (marker `pypi`, about a minute of pip) and the tests marked
+# `slow` (they wait out seconds of real time, e.g. the 10 s a script gives an unreachable broker).
+# In parallel, one worker per core (pytest-xdist): the suite mostly waits on threads and subprocesses.
 unit: setup
-	$(PY) -m pytest -m "not kafka and not pypi"
+	$(PY) -m pytest -m "not kafka and not pypi and not slow" -n auto
 
 # Bench peers: sentry-arroyo (PyPI) and Confluent Parallel Consumer (bench/parallel-consumer, Maven Central;
 # skipped with a note when mvn is missing).

@@ -271,6 +271,7 @@ def test_bad_config_file_and_env_value(tmp_path: Path) -> None:
 
 
 @pytest.mark.faults
+@pytest.mark.slow  # waits out the 10 s it promises: make test runs it, make unit does not
 def test_unreachable_broker_is_a_clear_error_within_10_seconds() -> None:
     scripts = ("create_topic.py", "producer.py", "mtc75_consumer.py")
     # The three at once (each waits out the 10 s metadata timeout, so together they cost one wait), and
