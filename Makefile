@@ -37,22 +37,29 @@ demo: kafka
 
 # pytest's temporary folders under .kafka/pytest-tmp, not /tmp/pytest-of-$USER: other suites of the
 # same user on this machine prune those (seen deleting a running test's files).
-PYTEST := PYTEST_DEBUG_TEMPROOT=$(CURDIR)/.kafka/pytest-tmp $(PY) -m pytest
+# Bytecode caches written even where PYTHONDONTWRITEBYTECODE is set: without them every pytest process (each
+# xdist worker) rewrites and compiles every test module again, and every script a test starts compiles
+# mtc75 again: most of a process's start-up CPU (__pycache__ is gitignored).
+PYTEST_ENV := PYTHONDONTWRITEBYTECODE=
+PYTEST := $(PYTEST_ENV) PYTEST_DEBUG_TEMPROOT=$(CURDIR)/.kafka/pytest-tmp $(PY) -m pytest
+# The broker-free suite mostly waits (on threads, timeouts and the scripts it starts), so it runs on more
+# workers than cores: on the 2-core machine 4 did better than 2 or 6.
+UNIT_WORKERS ?= 4
 
-# Two sessions: the broker-free tests in parallel (pytest-xdist, one worker per core), then the broker
-# tests in one session (one broker; a worker each would start a broker each). Both run even when the
-# first fails; make test fails if either did.
+# Two sessions: the broker-free tests in parallel (pytest-xdist, see unit), then the broker tests in one
+# session (one broker; a worker each would start a broker each). Both run even when the first fails;
+# make test fails if either did.
 test: kafka lint
 	mkdir -p .kafka/pytest-tmp
-	$(PYTEST) -m "not kafka" -n auto; free=$$?; $(PYTEST) -m kafka; broker=$$?; \
+	$(PYTEST) -m "not kafka" -n $(UNIT_WORKERS); free=$$?; $(PYTEST) -m kafka; broker=$$?; \
 		test $$free -eq 0 -a $$broker -eq 0
 
 # No Kafka started or fetched: tests that need one carry the `kafka` marker (tests/conftest.py). Not here
 # either, only in make test: the packaging test (marker `pypi`, about a minute of pip) and the tests marked
 # `slow` (they wait out seconds of real time, e.g. the 10 s a script gives an unreachable broker).
-# In parallel, one worker per core (pytest-xdist): the suite mostly waits on threads and subprocesses.
+# In parallel (pytest-xdist, UNIT_WORKERS processes).
 unit: setup
-	$(PY) -m pytest -m "not kafka and not pypi and not slow" -n auto
+	$(PYTEST_ENV) $(PY) -m pytest -m "not kafka and not pypi and not slow" -n $(UNIT_WORKERS)
 
 # Bench peers: sentry-arroyo (PyPI) and Confluent Parallel Consumer (bench/parallel-consumer, Maven Central;
 # skipped with a note when mvn is missing).
