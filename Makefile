@@ -1,7 +1,8 @@
 # MTC75: everything a fresh machine needs comes from here (venv, pinned packages, Kafka via Maven).
 # make demo   - the main job: local Kafka, topic, consumer + producer burst, summary; ends by itself
 # make test   - the whole test suite against a local Kafka it starts and stops itself
-# make unit   - every test that needs no broker (engine against an in-memory Kafka fake, policies, CLI errors)
+# make unit   - the tests that need no broker (engine against an in-memory Kafka fake, policies, CLI errors),
+#               in parallel, without the few that wait seconds of real time (marker `slow`)
 # make bench  - the engine against the fastest plain consume() loop, peers, memory and CPU figures, then
 #               MAX_THREAD_COUNT="auto" against fixed counts and ordering modes against unordered: one
 #               result file per section in bench/results/ (BENCHMARKS.md's tables: python -m bench.docs)
@@ -39,16 +40,29 @@ demo: kafka
 
 # pytest's temporary folders under .kafka/pytest-tmp, not /tmp/pytest-of-$USER: other suites of the
 # same user on this machine prune those (seen deleting a running test's files).
-PYTEST := PYTEST_DEBUG_TEMPROOT=$(CURDIR)/.kafka/pytest-tmp $(PY) -m pytest
+# Bytecode caches written even where PYTHONDONTWRITEBYTECODE is set: without them every pytest process (each
+# xdist worker) rewrites and compiles every test module again, and every script a test starts compiles
+# mtc75 again: most of a process's start-up CPU (__pycache__ is gitignored).
+PYTEST_ENV := PYTHONDONTWRITEBYTECODE=
+PYTEST := $(PYTEST_ENV) PYTEST_DEBUG_TEMPROOT=$(CURDIR)/.kafka/pytest-tmp $(PY) -m pytest
+# The broker-free suite mostly waits (on threads, timeouts and the scripts it starts), so it runs on more
+# workers than cores: on the 2-core machine 4 did better than 2 or 6.
+UNIT_WORKERS ?= 4
 
+# Two sessions: the broker-free tests in parallel (pytest-xdist, see unit), then the broker tests in one
+# session (one broker; a worker each would start a broker each). Both run even when the first fails;
+# make test fails if either did.
 test: kafka lint
 	mkdir -p .kafka/pytest-tmp
-	$(PYTEST)
+	$(PYTEST) -m "not kafka" -n $(UNIT_WORKERS); free=$$?; $(PYTEST) -m kafka; broker=$$?; \
+		test $$free -eq 0 -a $$broker -eq 0
 
-# No Kafka started or fetched: tests that need one carry the `kafka` marker (tests/conftest.py);
-# the packaging test (marker `pypi`, about a minute of pip) runs only in make test.
+# No Kafka started or fetched: tests that need one carry the `kafka` marker (tests/conftest.py). Not here
+# either, only in make test: the packaging test (marker `pypi`, about a minute of pip) and the tests marked
+# `slow` (they wait out seconds of real time, e.g. the 10 s a script gives an unreachable broker).
+# In parallel (pytest-xdist, UNIT_WORKERS processes).
 unit: setup
-	$(PY) -m pytest -m "not kafka and not pypi"
+	$(PYTEST_ENV) $(PY) -m pytest -m "not kafka and not pypi and not slow" -n $(UNIT_WORKERS)
 
 # Bench peers: sentry-arroyo (PyPI) and Confluent Parallel Consumer (bench/parallel-consumer, Maven Central;
 # skipped with a note when mvn is missing).
@@ -70,13 +84,13 @@ bench: kafka $(VENV)/.bench-installed bench/parallel-consumer/target/classpath.t
 # (bench/record.py), which RELIABILITY.md's figure cells are generated from (python -m bench.docs).
 faults: kafka
 	mkdir -p .kafka/pytest-tmp
-	PYTEST_DEBUG_TEMPROOT=$(CURDIR)/.kafka/pytest-tmp $(PY) -m bench.record faults -- $(PY) -m pytest -m faults -v
+	$(PYTEST_ENV) PYTEST_DEBUG_TEMPROOT=$(CURDIR)/.kafka/pytest-tmp $(PY) -m bench.record faults -- $(PY) -m pytest -m faults -v
 
 # The end-to-end tests whose FIGURES records RELIABILITY.md quotes besides the fault suite's (rows 8, 28-43).
 E2E_FIGURES := tests/test_ordering_e2e.py tests/test_async_e2e.py tests/test_reload_e2e.py \
 	tests/test_handler_tracebacks.py tests/test_api_misuse.py \
 	tests/test_consumer_e2e.py::test_threads_stay_busy_through_pauses_over_a_saturated_run \
-	tests/test_consumer_e2e.py::test_a_fast_handler_runs_in_runs_and_a_failure_or_a_slow_spell_inside_a_run_loses_nothing
+	tests/test_consumer_e2e.py::test_a_fast_handler_runs_in_chunks_and_a_failure_or_a_slow_spell_inside_a_chunk_loses_nothing
 
 figures: faults
 	PYTEST_DEBUG_TEMPROOT=$(CURDIR)/.kafka/pytest-tmp $(PY) -m bench.record e2e -- $(PY) -m pytest -v $(E2E_FIGURES)

@@ -4,14 +4,16 @@
 and the faults a test injects. ``FakeKafka.factories()`` is what ``mtc75.testing.consumer(factories, ...)`` takes; the
 engine then builds a :class:`FakeConsumer` (and, for ``ON_FAILURE=dlq``, a :class:`FakeProducer` and a
 :class:`FakeAdmin`) from it. Nothing here sleeps or reads a clock except ``consume``/``poll`` waiting,
-bounded by their timeout, for something to deliver.
+bounded by their timeout (and by ``FakeKafka.poll_wait``), for something to deliver.
 
 Surface of FakeConsumer (what the engine calls): subscribe (on_assign / on_revoke / on_lost), consume,
 poll, assign / unassign, incremental_assign / incremental_unassign, assignment, pause / resume, seek
 (logical offsets too), position, commit (sync and async, with ``on_commit``; each partition's
 ``metadata`` -- the offset map -- is stored and ``committed()`` returns it), committed,
 get_watermark_offsets, list_topics, close; ``error_cb`` from the config. FakeAdmin: list_topics,
-create_topics, describe_topics (the topic id the engine's topic watch asks for).
+create_topics, describe_topics (the topic id the engine's topic watch asks for; a test may hold the
+answers, :meth:`FakeKafka.hold_describes`, to act while a check is in flight). Every ``commit()`` is kept,
+in order, in ``FakeKafka.commits`` (the whole commit history a test asserts on).
 Like librdkafka, every callback runs on the thread that calls
 consume / poll / close, never on the test's thread; rebalances are queued by the test
 (:meth:`FakeConsumer.rebalance`, :meth:`FakeConsumer.lose`) and served by the next consume / poll.
@@ -144,8 +146,14 @@ class FakeKafka:
         self._next_id = 0
         self.describes = 0  # describe_topics requests served (the topic watch's checks)
         self.describe_error: KafkaError | None = None  # describe_topics fails with this while set
+        self._held_describes: list[tuple[str, Future[Any]]] | None = None  # set by hold_describes
         self.violations: list[str] = []  # broken promises of the engine (e.g. a call from a second thread)
         self.unreachable = False  # list_topics / metadata fail with _TRANSPORT while set
+        # Longest a consume / poll with nothing to deliver blocks, whatever timeout it was given (None: the
+        # whole timeout, as librdkafka). An empty poll that returns early only turns the engine's loop sooner,
+        # which it must take in its stride; a scenario then steps on without waiting out the engine's
+        # POLL_TIMEOUT (0.1 s) at each step (test_engine_unit.py and the like: 3x faster).
+        self.poll_wait: float | None = 0.01
         self._commit_errors: deque[KafkaError] = deque()
         self._fetch_errors: deque[KafkaError] = deque()
         self._client_errors: deque[KafkaError] = deque()
@@ -238,6 +246,38 @@ class FakeKafka:
         with self._lock:
             self._delivery_errors.extend([error] * count)
 
+    def hold_describes(self) -> None:
+        """From now on a describe_topics request stays unanswered (a topic-id check in flight) until
+        :meth:`answer_describes`, which answers with the cluster as it is then, as a broker would."""
+        with self._lock:
+            if self._held_describes is None:
+                self._held_describes = []
+
+    @property
+    def held_describes(self) -> int:
+        """describe_topics requests waiting for :meth:`answer_describes`."""
+        with self._lock:
+            return len(self._held_describes or ())
+
+    def wait_held_describes(self, count: int, timeout: float = 5.0) -> None:
+        """Wait (bounded) until ``count`` describe_topics requests are held."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while len(self._held_describes or ()) < count:
+                if not self._changed.wait(max(0.0, deadline - time.monotonic())):
+                    raise AssertionError(f"{len(self._held_describes or ())} describe requests held after "
+                                         f"{timeout}s, not {count}")
+
+    def answer_describes(self, hold: bool = True) -> int:
+        """Answer every held describe_topics request now (in the order they came); with ``hold=False``
+        stop holding, so later ones are answered at once again. Returns how many were answered."""
+        with self._lock:
+            held = self._held_describes or []
+            self._held_describes = [] if hold else None
+        for topic, future in held:
+            self._answer(topic, future)
+        return len(held)
+
     def consumer(self, timeout: float = 5.0) -> FakeConsumer:
         """The consumer the engine built (waits, bounded, for it to exist)."""
         deadline = time.monotonic() + timeout
@@ -277,10 +317,21 @@ class FakeKafka:
             return out
 
     def _describe(self, topic: str) -> Future[Any]:
-        """What ``AdminClient.describe_topics`` returns for one topic: a future of its description."""
+        """What ``AdminClient.describe_topics`` returns for one topic: a future of its description
+        (answered at once, or by :meth:`answer_describes` while :meth:`hold_describes` holds them)."""
         future: Future[Any] = Future()
-        with self._lock:
+        with self._changed:
             self.describes += 1
+            if self._held_describes is not None:
+                self._held_describes.append((topic, future))
+                self._changed.notify_all()
+                return future
+        self._answer(topic, future)
+        return future
+
+    def _answer(self, topic: str, future: Future[Any]) -> None:
+        """Settle one describe request with the cluster as it is now (caller holds no lock)."""
+        with self._lock:
             topic_id = self._topic_ids.get(topic)
             partitions = len(self._logs.get(topic, []))
         if self.unreachable:
@@ -291,7 +342,6 @@ class FakeKafka:
             future.set_exception(KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)))
         else:
             future.set_result(_TopicDescription(topic, topic_id, list(range(partitions))))
-        return future
 
 
 class FakeConsumer:
@@ -358,7 +408,10 @@ class FakeConsumer:
 
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[FakeMessage]:
         self._enter("consume")
-        deadline = time.monotonic() + max(0.0, timeout)
+        wait = max(0.0, timeout)
+        if self._cluster.poll_wait is not None:
+            wait = min(wait, self._cluster.poll_wait)
+        deadline = time.monotonic() + wait
         while True:
             self._serve()
             with self._cluster._changed:
@@ -439,6 +492,9 @@ class FakeConsumer:
                 logs = self._cluster._logs.get(tp[0])
                 offset = 0 if offset == OFFSET_BEGINNING or logs is None else len(logs[tp[1]])
             self._assigned[tp] = offset
+            # as librdkafka (rd_kafka_seek resets the app position, like a re-assign): no position until the
+            # next delivery
+            self._positions.pop(tp, None)
         self.calls.append(("seek", [(tp[0], tp[1], partition.offset)]))
 
     def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:

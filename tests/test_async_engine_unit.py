@@ -114,6 +114,28 @@ def test_revoke_waits_then_cancels_the_partitions_coroutines_and_commits_below_t
     assert stats.failed == 0 and stats.dropped_late >= 1  # the cancel was the revoke's, not a failure
 
 
+def test_lost_partitions_cancel_their_coroutines_at_once_and_nothing_of_them_is_committed(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    """The membership expired: another member may own the partitions already. Nothing of them is
+    committed -- not the finished work, not below the running coroutine -- and nothing is waited for."""
+    cluster.fill(TOPIC, {0: 4, 1: 2})
+    handler = AsyncRecorder(hang={(0, 1)})
+    # Commit only at the start (nothing finished yet) and at the end: the loss finds finished work uncommitted.
+    run = start(handler, REVOKE_TIMEOUT=30.0, COMMIT_INTERVAL=300.0, MAX_THREAD_COUNT=10,
+                CONSUMER_CONFIG={"partition.assignment.strategy": "cooperative-sticky"})
+    until(lambda: run.stats().processed == 5 and handler.current == 1, "all but the hang done and counted")
+    consumer = cluster.consumer()
+    began = time.monotonic()
+    assert consumer.lose().wait(WAIT)
+    assert time.monotonic() - began < 5.0  # not the 30 s REVOKE_TIMEOUT
+    until(lambda: handler.cancelled == [(0, 1)], "the lost partition's coroutine cancelled")
+    stats = run.stop()
+    assert cluster.commits == []  # the whole history: no commit at the loss, none at shutdown
+    assert consumer.assignment_now() == set() and stats.assigned == 0
+    assert (stats.processed, stats.dropped_late, stats.failed) == (5, 1, 0)  # the cancelled one: dropped, late
+
+
 def test_a_retry_waiting_out_its_backoff_holds_no_coroutine_slot(cluster: FakeKafka, start: Callable[..., Run]) -> None:
     cluster.fill(TOPIC, {0: 10})
     handler = AsyncRecorder(fail=lambda p, o, n: o == 1 and n == 1)

@@ -211,6 +211,15 @@ def test_sleep_handler_grows_to_the_limit() -> None:
     assert max(h.pool.resizes) == 64  # never past MAX_THREAD_LIMIT
 
 
+def test_a_limit_between_two_doublings_caps_the_count_there() -> None:
+    """Slow start doubles 1, 2, 4 ... 32; the next doubling would be 64: MAX_THREAD_LIMIT=50 stops it at 50,
+    and no later probe goes past it (a power of two as the limit would never exercise the cap)."""
+    h = Harness(sleeping, MAX_THREAD_LIMIT=50)
+    h.run(90)
+    assert h.pool.resizes[:6] == [2, 4, 8, 16, 32, 50]
+    assert max(h.pool.resizes) == 50 and h.pool.max_thread_count == 50 and h.glue.limit == 50
+
+
 def test_idle_consumer_stays_put() -> None:
     h = Harness(sleeping, waiting=0)
     h.run(30)
@@ -318,24 +327,35 @@ def test_meter_times_calls_on_many_threads_without_losing_any() -> None:
 
 
 def test_meter_tells_a_cpu_bound_handler_from_a_waiting_one() -> None:
-    wall, cpu = [0.0], [0.0]  # the invoker's clocks: a handler advances them as its kind would
+    """The share is the handlers' CPU seconds over their wall seconds, both from injected clocks: a real
+    reading would depend on how much CPU the machine's other work leaves this thread."""
+    clocks = threading.local()
 
-    def spin(_m: Any) -> None:
-        wall[0] += 0.002
-        cpu[0] += 0.0019
+    def wall() -> float:
+        return getattr(clocks, "wall", 0.0)
 
-    def wait(_m: Any) -> None:
-        wall[0] += 0.002
-        cpu[0] += 0.00005
+    def cpu() -> float:
+        return getattr(clocks, "cpu", 0.0)
+
+    def handler(share: float) -> Callable[[Any], None]:
+        def handle(_m: Any) -> None:  # 2 ms, ``share`` of it on a CPU
+            clocks.wall, clocks.cpu = wall() + 0.002, cpu() + 0.002 * share
+        return handle
 
     meter = LatencyMeter()
-    for handler, share_expected in ((spin, 0.95), (wait, 0.025)):
-        timed = _timed(handler, meter, clock=lambda: wall[0], cpu_clock=lambda: cpu[0])
+    for share in (0.9, 0.05):
+        timed = _timed(handler(share), meter, clock=wall, cpu_clock=cpu)
         for i in range(50):
             timed(i)
-        meter.read()
-        assert meter.read_cpu() == pytest.approx(share_expected)
+        assert meter.read() == (50, pytest.approx(0.002))
+        assert meter.read_cpu() == pytest.approx(share)  # each 2 ms call is slow enough to be measured
     assert meter.read_cpu() is None  # no calls since the last read
+    half = _timed(handler(0.5), meter, clock=wall, cpu_clock=cpu)
+    other = threading.Thread(target=lambda: [half(i) for i in range(10)])
+    other.start()
+    other.join(10)
+    meter.read()
+    assert meter.read_cpu() == pytest.approx(0.5)  # another thread's calls, on its own clocks
 
 
 def test_meter_samples_cpu_on_short_calls_only_now_and_then() -> None:

@@ -5,10 +5,12 @@ No broker: the library and engine tests run against the in-memory fake (tests/fa
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from mtc75.app.dashboard import render
 from mtc75.app.reload import ConfigWatcher, diff, retuner
 from mtc75.app.report import plot, read_rows, row_of
 from mtc75.app.status import format_status
+from mtc75.core.autotune import Decision, Sample
+from mtc75.engine import autothreads as autothreads_module
 from mtc75.errors import ConfigError
 from mtc75.observe.metrics import StatsCollector
 from mtc75.settings import Settings, load_settings
@@ -124,40 +128,79 @@ def test_library_keyword_auto_starts_at_min_and_tunes(cluster: FakeKafka) -> Non
         consumer.close(timeout=WAIT)
 
 
-def test_auto_in_the_engine_grows_a_sleeping_handler_to_the_limit(cluster: FakeKafka) -> None:
+class DoublingTuner:
+    """Stands in for :class:`mtc75.core.autotune.AutoTuner` in the engine: keeps every sample the glue built
+    and doubles the count (up to its maximum) on each one that shows work finished with messages waiting.
+
+    Whether a real tuner would double depends on throughput measured in real time, which a loaded machine
+    skews; the tuner's decisions are tested on simulated time (tests/test_autotune.py, tests/test_autothreads.py)
+    and on a real broker (tests/test_autothreads_e2e.py, ``make bench``). Here: the engine's wiring.
+    """
+
+    calls: Callable[[], int] = staticmethod(lambda: 0)  # the handler's calls so far (set by the test)
+
+    def __init__(self, min_threads: int, max_threads: int, initial: int | None = None, **_: Any) -> None:
+        self.limit = min_threads if initial is None else initial
+        self.max_threads = max_threads
+        self.trend = 0
+        self.samples: list[Sample] = []
+        self.calls_at: list[int] = []  # the handler's calls when each sample came
+        tuners.append(self)
+
+    def step(self, sample: Sample) -> Decision:
+        self.samples.append(sample)
+        self.calls_at.append(self.calls())
+        if not (sample.completed and sample.waiting) or self.limit >= self.max_threads:
+            return Decision(self.limit, False, "holding")
+        old, self.limit = self.limit, min(self.max_threads, 2 * self.limit)
+        self.trend = 1
+        return Decision(self.limit, True, f"{old} -> {self.limit}: doubled by the test's tuner")
+
+
+tuners: list[DoublingTuner] = []
+
+
+def test_auto_in_the_engine_samples_the_pool_and_applies_the_tuners_counts(
+    cluster: FakeKafka, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
     """The whole path without a broker: timed handler, processed count, samples, resize, Stats and the log."""
-    import logging
-
-    records: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record.getMessage())
-
-    glue_log = logging.getLogger("mtc75.engine.autothreads")
-    keep = Keep(logging.DEBUG)
-    glue_log.addHandler(keep)
-    old_level = glue_log.level
-    glue_log.setLevel(logging.DEBUG)
+    tuners.clear()
+    monkeypatch.setattr(autothreads_module, "AutoTuner", DoublingTuner)
+    caplog.set_level(logging.DEBUG, logger="mtc75.engine.autothreads")
     seen: list[mtc75.Stats] = []
-    consumer = testing.consumer(cluster.factories(), lambda m: threading.Event().wait(0.01), topic=TOPIC,
-                                group_id=GROUP, max_thread_count="auto", max_thread_limit=8,
+    calls = [0]
+    lock = threading.Lock()
+
+    def handler(_m: Any) -> None:
+        with lock:
+            calls[0] += 1
+        threading.Event().wait(0.01)
+
+    monkeypatch.setattr(DoublingTuner, "calls", staticmethod(lambda: calls[0]))
+    consumer = testing.consumer(cluster.factories(), handler, topic=TOPIC, group_id=GROUP,
+                                max_thread_count="auto", max_thread_limit=8,
                                 commit_interval=0.05, on_status=seen.append, status_interval=0.05)
     cluster.fill(TOPIC, {0: 4000, 1: 4000})
     consumer.start()
     try:
-        # 1 thread does ~100 msg/s of 10 ms sleeps: slow start doubles 1 -> 2 -> 4 -> 8 within a few seconds
         wait_until(lambda: consumer.stats().max_thread_count == 8, 30, step=0.05, what="auto at its limit of 8")
+        wait_until(lambda: seen[-1].max_thread_count == 8, WAIT, step=0.01, what="8 in a status snapshot")
     finally:
         consumer.close(timeout=WAIT)
-        glue_log.removeHandler(keep)
-        glue_log.setLevel(old_level)
+    [tuner] = tuners
     counts = [s.max_thread_count for s in seen]
     assert counts[0] == 1 and max(counts) == 8 and {s.thread_mode for s in seen} == {"auto"}
+    assert sorted(set(counts)) == [1, 2, 4, 8]  # every count the tuner chose was applied, and only those
     assert any(s.thread_trend == 1 for s in seen)
-    ramp = [r for r in records if "slow start" in r]
-    assert len(ramp) >= 3, records
-    assert "1 -> 2: slow start" in ramp[0] and "2 -> 4: slow start" in ramp[1] and "4 -> 8: slow start" in ramp[2]
+    ramp = [r.getMessage() for r in caplog.records if r.name == "mtc75.engine.autothreads"]
+    assert ramp[:3] == [f"auto threads {n} -> {2 * n}: doubled by the test's tuner" for n in (1, 2, 4)]
+    # The samples come from the engine: its processed count, its pool, the timed handler's latency.
+    working = [s for s in tuner.samples if s.completed]
+    assert len(working) >= 3 and all(1 <= s.busy <= 8 and s.waiting > 0 for s in working[:3])
+    assert all(s.latency >= 0.01 for s in working)  # each call waited 10 ms
+    # completions since the previous sample: all of them together never more than the handler's calls so far
+    assert sum(s.completed for s in tuner.samples) <= tuner.calls_at[-1]
+    assert all(b.now > a.now for a, b in zip(tuner.samples, tuner.samples[1:], strict=False))
 
 
 def test_live_switch_between_a_number_and_auto_within_two_seconds(cluster: FakeKafka) -> None:

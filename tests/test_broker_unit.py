@@ -295,11 +295,12 @@ def test_stale_pid_file_is_removed(tmp_path: Path) -> None:
     assert not kafka._pid_file.exists()
 
 
-@pytest.mark.parametrize("content", [f"{os.getpid()}\n", "not a pid\n", ""])
+# The pid is filled in by the test: a pid in the test's id would differ between xdist workers.
+@pytest.mark.parametrize("content", ["{pid}\n", "not a pid\n", ""], ids=["this pytest's pid", "not a pid", "empty"])
 def test_pid_file_naming_something_else_is_stale(tmp_path: Path, content: str) -> None:
     kafka = LocalKafka(port=29092, home=tmp_path)
     kafka._dir.mkdir(parents=True)
-    kafka._pid_file.write_text(content)  # e.g. the pid was reused by this very pytest
+    kafka._pid_file.write_text(content.format(pid=os.getpid()))  # e.g. the pid was reused by this very pytest
 
     assert kafka.stop(timeout=1) is False
     assert not kafka._pid_file.exists()

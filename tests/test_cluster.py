@@ -230,7 +230,7 @@ def test_leader_killed_mid_run_nothing_acknowledged_is_lost_and_everyone_carries
     offsets_meta = admin.list_topics("__consumer_offsets", timeout=10).topics["__consumer_offsets"].partitions
     assert all(len(p.replicas) == SIZE for p in offsets_meta.values())
     report_figures(
-        "cluster_leader_kill", messages=n, acknowledged=n, lost=0, in_log=len(ids),
+        "cluster_leader_kill", messages=n, acknowledged=n, lost=len(set(range(1, n + 1)) - set(ids)), in_log=len(ids),
         consumer_duplicates=sum(c - 1 for c in counts.values()), killed_node=victim.node_id,
         partitions_led=len(led), leader_failover_s=round(failover_s, 1), node_down_s=round(outage_s, 1),
         node_rss_mb=rss,

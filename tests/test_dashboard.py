@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 
 from mtc75.app.dashboard import Dashboard, ProcessSample, ProcessSampler, render, sparkline
@@ -74,6 +76,16 @@ def test_dashboard_keeps_the_history_and_draws_the_latest_snapshot() -> None:
     assert "25/s" in text and "▂▅█" in text  # 5, 15, 25 of 25: levels 1.4, 4.2, 7 -> 1, 4, 7
 
 
-def test_process_sampler_reads_this_process() -> None:
-    sample = ProcessSampler().sample()
-    assert sample.rss_bytes > 1 << 20 and sample.cpu_percent >= 0
+def test_process_sampler_reads_this_process_and_at_most_once_per_gap() -> None:
+    sampler = ProcessSampler(min_gap=3600.0)
+    spent = time.process_time() + 0.05
+    while time.process_time() < spent:  # 50 ms of this process's CPU since the sampler's reference point
+        pass
+    sample = sampler.sample()
+    # psutil reads CPU over the wall time since the last reading: whatever the machine's load, 50 ms of CPU
+    # in that time is above 0 (a sampler without its reference point reads 0.0 the first time)
+    assert sample.cpu_percent > 0
+    assert sample.rss_bytes > 1 << 20
+    assert sampler.sample() is sample  # within min_gap: the same reading, /proc not read again
+    fresh = ProcessSampler(min_gap=0.0)
+    assert fresh.sample() is not fresh.sample()

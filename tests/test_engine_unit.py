@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, TopicPartition
 
 from mtc75 import testing
 from mtc75.core import offsets as offsets_module
-from mtc75.core.offsetmap import decode
+from mtc75.core.offsetmap import decode, encode
 from mtc75.core.stats import Stats
 from mtc75.engine import topicguard as topicguard_module
 from mtc75.errors import (
@@ -340,6 +340,24 @@ def test_the_offset_map_travels_with_the_commit_and_the_next_member_skips_what_f
     start(second, idle_exit=0.3).join()  # a new member of the same group on the same cluster
     assert dict(second.calls) == {(0, 2): 1}  # 3..9 finished under the first member: not run again
     assert cluster.committed(GROUP, TOPIC, 0) == 10
+
+
+def test_a_stale_offset_map_left_by_another_tool_skips_nothing(
+    cluster: FakeKafka, start: Callable[..., Run], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another tool moved the group back to offset 3 and kept our metadata, a map written at offset 5 that
+    says 7 and 8 finished. Read against 3 it would skip two offsets that never ran: it is refused."""
+    cluster.fill(TOPIC, {0: 10})
+    stale = encode(5, [7, 8])
+    assert stale is not None
+    tool = cluster.factories().consumer({"group.id": GROUP})
+    tool.commit(offsets=[TopicPartition(TOPIC, 0, 3, metadata=stale)], asynchronous=False)
+    recorder = Recorder()
+    run = start(recorder)
+    until(lambda: cluster.committed(GROUP, TOPIC, 0) == 10, "the end committed")
+    run.stop()
+    assert recorder.calls == Counter({(0, o): 1 for o in range(3, 10)})  # every offset from 3 ran, once
+    assert "orders[0]: ignoring the commit metadata at offset 3" in caplog.text
 
 
 # -- failures after the last attempt ------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -142,3 +143,28 @@ def test_topic_ids_change_on_recreation_and_a_consumer_goes_on_at_its_old_positi
     assert [m.offset() for m in c.consume(10, 0)] == [3, 4]
     c.seek(TopicPartition("t", 0, OFFSET_BEGINNING))
     assert [m.offset() for m in c.consume(10, 0)] == [0, 1, 2, 3, 4]
+
+
+def test_held_topic_id_checks_are_answered_with_the_cluster_as_it_is_when_answered(cluster: FakeKafka) -> None:
+    admin = cluster.factories().admin({})
+    old = cluster.topic_id("t")
+    cluster.hold_describes()
+    asked = admin.describe_topics(TopicCollection(["t"]))["t"]
+    cluster.wait_held_describes(1, 1.0)
+    assert not asked.done() and cluster.held_describes == 1
+    cluster.recreate_topic("t", 1)  # between the request and the answer, as a broker would see it
+    assert cluster.answer_describes() == 1 and cluster.held_describes == 0
+    assert asked.result().topic_id == cluster.topic_id("t") != old
+    later = admin.describe_topics(TopicCollection(["t"]))["t"]
+    assert not later.done()  # still holding
+    assert cluster.answer_describes(hold=False) == 1 and later.done()
+    assert admin.describe_topics(TopicCollection(["t"]))["t"].done()  # answered at once again
+    assert cluster.describes == 3
+
+
+def test_poll_wait_caps_how_long_an_empty_poll_blocks(cluster: FakeKafka) -> None:
+    c = consumer(cluster)
+    cluster.poll_wait = 0.0
+    started = time.monotonic()
+    assert c.poll(30.0) is None  # returns at once instead of after its 30 s timeout
+    assert time.monotonic() - started < 10.0

@@ -62,9 +62,14 @@ def test_watermarks_follow_throughput_and_respect_the_cap() -> None:
     assert low == 100  # 50 ms of work to bridge the refetch
     assert high == 1100  # plus one pause interval of work
     gate.observe(2.0, 12000)  # 10 000 msg/s now -> smoothed 6000
-    low, high = gate.watermarks(limit=10)
-    assert high == 3000  # capped by max_backlog
-    assert low <= high
+    assert gate.rate == pytest.approx(6000)
+    assert gate.watermarks(limit=10) == (300, 3000)  # high capped by max_backlog; low 50 ms of 6000/s
+    small = PauseGate(pause_interval=0.5, max_backlog=200)
+    small.observe(0.0, 0)
+    small.observe(1.0, 6000)
+    # max_backlog below 50 ms of work: the low watermark is capped too (a low one above the high one would
+    # end each pause the moment it began)
+    assert small.watermarks(limit=10) == (200, 200)
 
 
 def test_invalid_arguments_are_refused() -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
+from mtc75.runtime import handlers as handlers_module
 from mtc75.runtime.handlers import MalformedMessage, SimulatedWork
 
 
@@ -42,9 +44,29 @@ def test_malformed_payloads_raise_a_clear_error(value: bytes | None, fragment: s
         handler(Msg(value))
 
 
-def test_good_payloads_pass() -> None:
-    handler = SimulatedWork(0.0, max_payload_bytes=100)
-    handler(Msg(b'{"id": 1, "name": "x"}'))
-    handler(Msg(b"[1, 2]"))
+def test_good_payloads_do_the_work_and_are_logged_within_the_line_rate(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(handlers_module.time, "sleep", slept.append)  # the "work": recorded, not waited
+    caplog.set_level(logging.INFO, logger="mtc75.runtime.handlers")
+    at_the_bound = json.dumps({"pad": "x" * (100 - 11)}).encode()
+    assert len(at_the_bound) == 100
+    good = [b'{"id": 1, "name": "x"}', b"[1, 2]", at_the_bound]  # 100 bytes: not over the bound
+
+    def lines() -> list[str]:
+        return [r.getMessage().split(" handled ", 1)[1] for r in caplog.records]
+
+    every = SimulatedWork(0.25, lines_per_second=1e9, max_payload_bytes=100)
+    for value in good:
+        assert every(Msg(value)) is None
+    assert slept == [0.25, 0.25, 0.25]  # PROCESSING_SLEEP per message
+    assert lines() == ["t[0]@7 id=1 name='x'", "t[0]@7 (list)", "t[0]@7 id=None name=None"]
+    caplog.clear()
+    first_only = SimulatedWork(0.0, lines_per_second=0, max_payload_bytes=100)  # 0: one line, then none
+    for value in good:
+        first_only(Msg(value))
+    assert lines() == ["t[0]@7 id=1 name='x'"]
+    assert slept == [0.25, 0.25, 0.25]  # no sleep of 0
     with pytest.raises(ValueError, match="max_payload_bytes must be >= 1"):
         SimulatedWork(0.0, max_payload_bytes=0)

@@ -108,8 +108,9 @@ def test_processes_join_and_die_every_offset_handled_one_process_per_partition_a
     moved = sum(1 for pids in owners(handled).values() if len(pids) > 1)
     assert moved >= 4, "partitions hardly moved between processes: the exclusivity check saw no handoff"
     duplicates = sum(c - 1 for c in counts.values())
-    report_figures(f"scaleout_{assignor}", messages=MESSAGES, handled=len(handled), lost=0, duplicates=duplicates,
-                   per_process=sorted(by_pid.values()), partitions_moved=moved, overlaps=0)
+    report_figures(f"scaleout_{assignor}", messages=MESSAGES, handled=len(handled),
+                   lost=len(all_offsets(ends) - set(counts)), duplicates=duplicates,
+                   per_process=sorted(by_pid.values()), partitions_moved=moved, overlaps=len(clash))
 
 
 # -- the checks themselves, on made-up records ------------------------------------------------------
