@@ -16,6 +16,7 @@ from typing import Any
 from mtc75.api import Consumer, settings_from_keywords
 from mtc75.core.stats import Stats
 from mtc75.kafka.clients import ClientFactories
+from mtc75.kafka.deserializers import DeserializerSpec
 from mtc75.runtime.invoker import CallObserver
 from mtc75.settings import Settings
 
@@ -28,11 +29,14 @@ def consumer(
     on_status: Callable[[Stats], None] | None = None,
     status_interval: float = 1.0,
     observers: Sequence[CallObserver] = (),
+    key_deserializer: DeserializerSpec = None,
+    value_deserializer: DeserializerSpec = None,
     **settings: Any,
 ) -> Consumer:
     """``mtc75.Consumer(handler, **settings)`` on ``factories`` (``topic`` and ``group_id`` as there)."""
     return Consumer._built(
-        handler, settings_from_keywords(settings), librdkafka, on_status, status_interval, observers, factories
+        handler, settings_from_keywords(settings), librdkafka, on_status, status_interval, observers, factories,
+        (key_deserializer, value_deserializer),
     )
 
 
@@ -45,6 +49,9 @@ def from_settings(
     on_status: Callable[[Stats], None] | None = None,
     status_interval: float = 1.0,
     observers: Sequence[CallObserver] = (),
+    key_deserializer: DeserializerSpec = None,
+    value_deserializer: DeserializerSpec = None,
 ) -> Consumer:
     """``mtc75.Consumer.from_settings(handler, settings, ...)`` on ``factories``."""
-    return Consumer._built(handler, settings, librdkafka, on_status, status_interval, observers, factories)
+    return Consumer._built(handler, settings, librdkafka, on_status, status_interval, observers, factories,
+                           (key_deserializer, value_deserializer))
