@@ -85,3 +85,9 @@ class DeserializationError(Exception):
         # str(cause) is the deserializer's code and may raise: describe_error (runtime) guards the call.
         cause = self.cause
         return f"could not deserialize the {self.field} ({self.deserializer}): {type(cause).__name__}: {cause}"
+
+
+class RegistryError(Mtc75Error):
+    """The local schema-registry launcher (mtc75/tools/registry.py) could not build, start or stop it."""
+
+    exit_code = 4

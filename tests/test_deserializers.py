@@ -10,15 +10,20 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import socket
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import fastavro
 import pytest
 from confluent_kafka import Producer
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.schema_registry.error import SchemaRegistryError
-from confluent_kafka.serialization import Deserializer, SerializationContext, StringDeserializer
+from confluent_kafka.serialization import Deserializer, MessageField, SerializationContext, StringDeserializer
 
 import mtc75
 from mtc75 import testing
@@ -31,6 +36,8 @@ from mtc75.kafka.deserializers import BUILT_INS, DecodedMessage, decoder, is_tra
 from mtc75.runtime.dispatcher import Dispatcher
 from mtc75.runtime.invoker import Invoker
 from mtc75.settings import FORMATS, load_settings
+from mtc75.tools.registry import LocalRegistry
+from tests.conftest import TEST_PORT
 from tests.fake_kafka import FakeKafka, FakeMessage
 from tests.kafka_helpers import read_topic, wait_until
 from tests.test_chunks import _drain, _fast, _run
@@ -40,6 +47,8 @@ pytestmark = pytest.mark.timeout(120)
 TOPIC, GROUP = "orders", "billing"
 WAIT = 10.0
 FAST = {"commit_interval": 0.02, "pause_interval": 0.05, "shutdown_timeout": 5.0, "revoke_timeout": 5.0}
+# The schema registry's port (below 32768, as every test port): beside the test broker's by default.
+REGISTRY_PORT = int(os.environ.get("MTC75_TEST_REGISTRY_PORT", str(TEST_PORT + 30)))
 # Three attempts, quickly: a poison message that were retried would show attempts 3 and retried 2.
 NO_RETRY = {"max_attempts": 3, "retry_backoff": 0.01, "retry_backoff_max": 0.01}
 
@@ -272,6 +281,20 @@ def test_a_chunk_decodes_each_message_on_the_worker_and_settles_its_poison_alone
     assert sorted(seen) == [o for o in range(100) if o != 7]
 
 
+def test_a_real_registry_client_that_cannot_connect_is_retried_then_dead_lettered(cluster: FakeKafka) -> None:
+    with socket.socket() as taken:  # bound, not listening: connecting is refused, and nobody else gets the port
+        taken.bind(("127.0.0.1", 0))
+        client = SchemaRegistryClient({"url": f"http://127.0.0.1:{taken.getsockname()[1]}", "max.retries": 0})
+        framed = b"\x00\x00\x00\x00\x01" + avro_bytes({"id": 1, "item": "x"})  # schema id 1, unknown here
+        produce(cluster, framed)
+        stats = make(cluster, lambda m: None, value_deserializer=AvroDeserializer(client), **NO_RETRY).run(
+            max_messages=1)
+    [(value, headers)] = dlq_records(cluster)
+    assert value == framed and headers[H_ATTEMPTS] == b"3" and stats.retried == 2
+    assert b"could not deserialize the value (confluent_kafka.schema_registry._sync.avro.AvroDeserializer): " \
+           b"ConnectError" in headers[H_ERROR]
+
+
 # -- schemaless Avro (fastavro): the hook with a format of the user's own -----------------------------
 
 AVRO_SCHEMA = fastavro.parse_schema({
@@ -336,3 +359,49 @@ def test_json_values_end_to_end_with_one_poison_message_dead_lettered(
     assert (record.key(), record.value()) == (b"k13", poison)
     assert (headers[H_ATTEMPTS], headers["n"]) == (b"1", b"13")
     assert headers[H_ERROR].startswith(b"DeserializationError: could not deserialize the value (json): JSONDecodeError")
+
+
+@pytest.fixture(scope="module")
+def schema_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
+    """A real registry (Apicurio, Confluent-compatible API) for this module, on its own port; stopped after."""
+    registry = LocalRegistry(REGISTRY_PORT, home=Path(tmp_path_factory.mktemp("registry")))
+    registry.start(timeout=180)  # built on first use (mtc75/tools/registry.py); ~25 s to start on a loaded machine
+    try:
+        yield registry
+    finally:
+        registry.stop()
+
+
+ORDER_SCHEMA = json.dumps({
+    "type": "record", "name": "Order", "fields": [{"name": "id", "type": "long"}, {"name": "item", "type": "string"}],
+})
+
+
+@pytest.mark.timeout(300)
+def test_avro_through_a_real_schema_registry_with_broken_payloads_dead_lettered(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], schema_registry: LocalRegistry
+) -> None:
+    topic = make_topic(partitions=2)
+    serialize = AvroSerializer(SchemaRegistryClient({"url": schema_registry.url}), ORDER_SCHEMA)
+    values = [serialize({"id": i, "item": f"item-{i}"}, SerializationContext(topic, MessageField.VALUE))
+              for i in range(20)]
+    cut_short = values[7][:-3]  # framing and schema id intact, the record cut short
+    unknown_id = b"\x00\x00\x0f\x42\x3f" + values[8][5:]  # a schema id the registry does not have
+    values[7], values[8] = cut_short, unknown_id
+    produce_records(bootstrap, topic, [(f"k{i}", value, []) for i, value in enumerate(values)])
+    seen: list[dict[str, Any]] = []
+    deserialize = AvroDeserializer(SchemaRegistryClient({"url": schema_registry.url}))  # nothing cached yet
+    consumer = mtc75.Consumer(
+        lambda m: seen.append(m.value()), topic=topic, group_id=unique("g"), bootstrap_servers=bootstrap,
+        value_deserializer=deserialize, max_thread_count=4, commit_interval=0.1, **NO_RETRY,
+    )
+    stats = consumer.run(max_messages=20, idle_exit=60)
+    assert (stats.processed, stats.retried, stats.dead_lettered) == (20, 0, 2)
+    assert sorted(v["id"] for v in seen) == [i for i in range(20) if i not in (7, 8)]
+    assert all(v["item"] == f"item-{v['id']}" for v in seen)
+    dead = {m.key(): (m.value(), dict(m.headers() or [])) for m in read_topic(bootstrap, topic + ".dlq", 2)}
+    assert sorted(dead) == [b"k7", b"k8"]
+    assert dead[b"k7"][0] == cut_short and dead[b"k8"][0] == unknown_id  # the original bytes
+    assert all(headers[H_ATTEMPTS] == b"1" for _value, headers in dead.values())
+    assert b"could not deserialize the value" in dead[b"k7"][1][H_ERROR]
+    assert b"SchemaRegistryError" in dead[b"k8"][1][H_ERROR] and b"404" in dead[b"k8"][1][H_ERROR]
