@@ -6,6 +6,8 @@
 #               then MAX_THREAD_COUNT="auto" against fixed counts (bench/autotune.json, bench/autotune.png)
 #               and ordering modes against unordered (bench/ordering.json)
 # make faults - only the fault-injection suite (RELIABILITY.md), printing its measured figures
+# make registry - a local schema registry (Apicurio, Confluent-compatible API at :REGISTRY_PORT/apis/ccompat/v7)
+#   in the foreground until Ctrl-C; built once with Maven (registry/pom.xml); the deserializer tests start their own
 # make broker / make broker-stop / make broker-status - a local Kafka for the three-terminal flow
 #   (KAFKA_PORT, default 9092); BROKERS=3 runs a 3-node cluster: node 1 on KAFKA_PORT, the others on
 #   the next free port pairs. `make broker BROKERS=3` again starts only the nodes that are not running.
@@ -14,10 +16,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 KAFKA_PORT ?= 9092
+REGISTRY_PORT ?= 8081
 BROKERS ?= 1
 export KAFKA_PORT
 
-.PHONY: all setup kafka demo test unit bench faults lint broker broker-stop broker-status clean
+.PHONY: all setup kafka registry-app registry demo test unit bench faults lint broker broker-stop broker-status clean
 
 all: setup
 
@@ -31,6 +34,13 @@ setup: $(VENV)/.installed
 kafka: setup
 	$(PY) -m mtc75.tools.broker fetch
 
+# Built before the suite runs (a few minutes the first time), not inside a test's timeout.
+registry-app: setup
+	$(PY) -m mtc75.tools.registry fetch
+
+registry: registry-app
+	$(PY) -m mtc75.tools.registry run --port $(REGISTRY_PORT)
+
 demo: kafka
 	$(PY) -m mtc75.tools.demo --port $(KAFKA_PORT) --report demo-report
 
@@ -38,7 +48,7 @@ demo: kafka
 # same user on this machine prune those (seen deleting a running test's files).
 PYTEST := PYTEST_DEBUG_TEMPROOT=$(CURDIR)/.kafka/pytest-tmp $(PY) -m pytest
 
-test: kafka lint
+test: kafka registry-app lint
 	mkdir -p .kafka/pytest-tmp
 	$(PYTEST)
 

@@ -23,6 +23,7 @@ from confluent_kafka import Producer
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.schema_registry.error import SchemaRegistryError
+from confluent_kafka.schema_registry.json_schema import JSONDeserializer, JSONSerializer
 from confluent_kafka.serialization import Deserializer, MessageField, SerializationContext, StringDeserializer
 
 import mtc75
@@ -405,3 +406,28 @@ def test_avro_through_a_real_schema_registry_with_broken_payloads_dead_lettered(
     assert all(headers[H_ATTEMPTS] == b"1" for _value, headers in dead.values())
     assert b"could not deserialize the value" in dead[b"k7"][1][H_ERROR]
     assert b"SchemaRegistryError" in dead[b"k8"][1][H_ERROR] and b"404" in dead[b"k8"][1][H_ERROR]
+
+
+@pytest.mark.timeout(300)
+def test_json_schema_through_a_real_schema_registry_with_an_invalid_record_dead_lettered(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], schema_registry: LocalRegistry
+) -> None:
+    schema = json.dumps({"$schema": "http://json-schema.org/draft-07/schema#", "title": "Order", "type": "object",
+                         "properties": {"id": {"type": "integer"}}, "required": ["id"]})
+    topic = make_topic(partitions=1)
+    serialize = JSONSerializer(schema, SchemaRegistryClient({"url": schema_registry.url}))
+    values = [serialize({"id": i}, SerializationContext(topic, MessageField.VALUE)) for i in range(10)]
+    invalid = values[4][:5] + b'{"id": "four"}'  # well-framed JSON that breaks the schema
+    values[4] = invalid
+    produce_records(bootstrap, topic, [(f"k{i}", value, []) for i, value in enumerate(values)])
+    seen: list[int] = []
+    deserialize = JSONDeserializer(None, schema_registry_client=SchemaRegistryClient({"url": schema_registry.url}))
+    stats = mtc75.Consumer(
+        lambda m: seen.append(m.value()["id"]), topic=topic, group_id=unique("g"), bootstrap_servers=bootstrap,
+        value_deserializer=deserialize, commit_interval=0.1, **NO_RETRY,
+    ).run(max_messages=10, idle_exit=60)
+    assert (stats.processed, stats.retried, stats.dead_lettered) == (10, 0, 1)
+    assert sorted(seen) == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    [record] = read_topic(bootstrap, topic + ".dlq", 1)
+    assert record.value() == invalid
+    assert b"SerializationError: 'four' is not of type 'integer'" in dict(record.headers() or [])[H_ERROR]
