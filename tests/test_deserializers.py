@@ -40,7 +40,7 @@ from mtc75.settings import FORMATS, load_settings
 from mtc75.tools.registry import LocalRegistry
 from tests.conftest import TEST_PORT
 from tests.fake_kafka import FakeKafka, FakeMessage
-from tests.kafka_helpers import read_topic, wait_until
+from tests.kafka_helpers import produce_numbered, read_topic, run_script, script_env, wait_until
 from tests.test_chunks import _drain, _fast, _run
 
 pytestmark = pytest.mark.timeout(120)
@@ -328,6 +328,22 @@ def test_schemaless_avro_values_decode_and_a_truncated_one_is_dead_lettered(clus
 
 
 # -- a real broker ------------------------------------------------------------------------------------
+
+
+def test_the_consumer_script_takes_value_format_and_refuses_a_bad_one(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str]
+) -> None:
+    topic = make_topic(partitions=2)
+    produce_numbered(bootstrap, topic, 6)
+    args = ("--topic", topic, "--group-id", unique("g"), "--processing-sleep", "0", "--no-dashboard")
+    # the default handler checks the fetched bytes, also when the handler gets decoded values
+    result = run_script("mtc75_consumer.py", *args, "--value-format", "json", "--key-format", "str",
+                        "--max-messages", "6", env=script_env(bootstrap), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "summary: processed 6, failed 0" in result.stdout
+    result = run_script("mtc75_consumer.py", *args, env=script_env(bootstrap, MTC75_VALUE_FORMAT="xml"), timeout=30)
+    assert result.returncode == 2
+    assert "invalid VALUE_FORMAT='xml' (from MTC75_VALUE_FORMAT): must be one of bytes, str, json" in result.stderr
 
 
 def produce_records(bootstrap: str, topic: str, records: list[tuple[str, bytes, list[tuple[str, bytes]]]]) -> None:
