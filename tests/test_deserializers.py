@@ -8,6 +8,7 @@ of JSON values end to end.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import os
@@ -62,7 +63,7 @@ def cluster() -> FakeKafka:
 
 
 def make(cluster: FakeKafka, handler: Callable[[Any], object], **kw: Any) -> mtc75.Consumer:
-    return testing.consumer(cluster.factories(), handler, topic=TOPIC, group_id=GROUP, **{**FAST, **kw})
+    return testing.consumer(cluster.factories(), handler, topic=TOPIC, **{"group_id": GROUP, **FAST, **kw})
 
 
 def produce(cluster: FakeKafka, *values: bytes | None, key: bytes | None = b"k") -> None:
@@ -119,10 +120,13 @@ def test_a_confluent_deserializer_gets_the_serialization_context(cluster: FakeKa
             return value.upper() if value is not None else None
 
     seen: list[Any] = []
-    make(cluster, seen.append, key_deserializer=StringDeserializer("utf_8"), value_deserializer=Upper()).run(
-        max_messages=1)
-    assert [(m.key(), m.value()) for m in seen] == [("k", b"V")]
-    assert contexts == [(TOPIC, "value", [("trace", b"t1")])]
+    make(cluster, seen.append, key_deserializer=Upper(), value_deserializer=Upper()).run(max_messages=1)
+    assert [(m.key(), m.value()) for m in seen] == [(b"K", b"V")]
+    assert contexts == [(TOPIC, "key", [("trace", b"t1")]), (TOPIC, "value", [("trace", b"t1")])]
+    seen.clear()
+    produce(cluster, b"w")  # confluent-kafka's own: StringDeserializer
+    make(cluster, seen.append, key_deserializer=StringDeserializer("utf_8"), group_id="other").run(max_messages=2)
+    assert [(m.key(), m.value()) for m in seen] == [("k", b"v"), ("k", b"w")]
 
 
 def test_an_async_handler_gets_decoded_values_and_its_poison_is_dead_lettered(cluster: FakeKafka) -> None:
@@ -173,7 +177,7 @@ def test_an_async_deserializer_is_refused(cluster: FakeKafka) -> None:
         async def __call__(self, data: bytes, ctx: Any = None) -> Any:
             return data
 
-    for bad in (decode, AsyncDeserializer()):
+    for bad in (decode, AsyncDeserializer(), functools.partial(decode)):
         with pytest.raises(mtc75.ConfigError, match=r"is async: deserializers .* are not awaited"):
             make(cluster, lambda m: None, value_deserializer=bad)
 
@@ -220,17 +224,21 @@ def test_a_deserializer_that_cannot_reach_its_registry_is_retried_like_a_handler
     assert seen == [b"a", b"b"] and calls[b"b"] == 3 and stats.retried == 2 and stats.failed == 0
 
 
-def test_a_deserializer_raising_a_base_exception_fails_its_message_not_the_worker(cluster: FakeKafka) -> None:
-    produce(cluster, b"a", b"b")
+@pytest.mark.parametrize("field", ["key", "value"])
+def test_a_deserializer_raising_a_base_exception_fails_its_message_not_the_worker(
+    cluster: FakeKafka, field: str
+) -> None:
+    produce(cluster, b"a", key=b"a")
+    produce(cluster, b"b", key=b"b")
 
     def explode(data: bytes) -> bytes:
         if data == b"a":
-            raise SystemExit(3)
+            raise SystemExit(3)  # not a DeserializationError: retried like a handler's raise
         return data
 
     seen: list[bytes] = []
-    stats = make(cluster, lambda m: seen.append(m.value()), value_deserializer=explode, on_failure="skip",
-                 max_attempts=2, retry_backoff=0.01, retry_backoff_max=0.01).run(max_messages=2)
+    stats = make(cluster, lambda m: seen.append(m.value()), on_failure="skip", max_attempts=2, retry_backoff=0.01,
+                 retry_backoff_max=0.01, **{f"{field}_deserializer": explode}).run(max_messages=2)
     assert seen == [b"b"] and (stats.failed, stats.retried, stats.skipped) == (1, 1, 1)
 
 

@@ -111,26 +111,36 @@ def decoder(key: DeserializerSpec, value: DeserializerSpec) -> Callable[[Any], D
     if key_field is None and value_field is None:
         return None
 
+    key_fn, key_ctx = (None, False) if key_field is None else (key_field.fn, key_field.wants_ctx)
+    value_fn, value_ctx = (None, False) if value_field is None else (value_field.fn, value_field.wants_ctx)
+
     def decode(message: Any) -> DecodedMessage:
-        data = message.key()
-        decoded_key = data if key_field is None or data is None else _run(key_field, data, message, MessageField.KEY)
-        data = message.value()
-        decoded_value = (
-            data if value_field is None or data is None else _run(value_field, data, message, MessageField.VALUE)
-        )
-        return DecodedMessage(message, decoded_key, decoded_value)
+        # Worker thread. Inline rather than a helper per field: this runs once per message.
+        key = message.key()
+        if key is not None and key_fn is not None:
+            try:
+                key = key_fn(key, _context(message, MessageField.KEY)) if key_ctx else key_fn(key)
+            except Exception as err:  # a BaseException stays the worker's to report: retried like a handler's
+                raise _failure(key_field, MessageField.KEY, err) from err
+        value = message.value()
+        if value is not None and value_fn is not None:
+            try:
+                value = value_fn(value, _context(message, MessageField.VALUE)) if value_ctx else value_fn(value)
+            except Exception as err:
+                raise _failure(value_field, MessageField.VALUE, err) from err
+        return DecodedMessage(message, key, value)
 
     return decode
 
 
-def _run(field: _Field, data: bytes, message: Any, which: str) -> Any:
-    """Worker thread: one field decoded; any Exception becomes the message's DeserializationError."""
-    try:
-        if field.wants_ctx:
-            return field.fn(data, SerializationContext(message.topic(), which, message.headers()))
-        return field.fn(data)
-    except Exception as err:
-        raise DeserializationError(which, field.name, err, retriable=is_transient(err)) from err
+def _context(message: Any, which: str) -> SerializationContext:
+    return SerializationContext(message.topic(), which, message.headers())
+
+
+def _failure(field: _Field | None, which: str, err: Exception) -> DeserializationError:
+    """The message's failure: not retried unless the deserializer could not reach its registry."""
+    name = field.name if field is not None else "?"
+    return DeserializationError(which, name, err, retriable=is_transient(err))
 
 
 def _field(spec: DeserializerSpec, which: str) -> _Field | None:
@@ -147,7 +157,7 @@ def _field(spec: DeserializerSpec, which: str) -> _Field | None:
         raise ConfigError(f"invalid {which}_deserializer: must be a callable or a format name, "
                           f"got {type(spec).__name__}")
     call = spec if inspect.isfunction(spec) or inspect.ismethod(spec) else getattr(type(spec), "__call__", spec)  # noqa: B004
-    if inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call):
+    if any(inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in (spec, call)):  # partials too
         raise ConfigError(
             f"{which}_deserializer {_name(spec)} is async: deserializers are called before the handler on its "
             "worker and are not awaited; use a plain one (e.g. AvroDeserializer, not AsyncAvroDeserializer)"
