@@ -8,6 +8,8 @@
 #               result file per section in bench/results/ (BENCHMARKS.md's tables: python -m bench.docs)
 # make faults - only the fault-injection suite; its figures -> tests/figures/faults.json (RELIABILITY.md)
 # make figures - make faults, then the end-to-end tests RELIABILITY.md quotes -> tests/figures/e2e.json
+# make registry - a local schema registry (Apicurio, Confluent-compatible API at :REGISTRY_PORT/apis/ccompat/v7)
+#   in the foreground until Ctrl-C; built once with Maven (registry/pom.xml); the deserializer tests start their own
 # make broker / make broker-stop / make broker-status - a local Kafka for the three-terminal flow
 #   (KAFKA_PORT, default 9092, below the kernel's ephemeral range 32768+: refused there with exit 4);
 #   BROKERS=3 runs a 3-node cluster: node 1 on KAFKA_PORT, the others on the next free port pairs.
@@ -18,10 +20,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 KAFKA_PORT ?= 9092
+REGISTRY_PORT ?= 8081
 BROKERS ?= 1
 export KAFKA_PORT
 
-.PHONY: all setup kafka demo test unit bench faults figures lint broker broker-stop broker-status clean
+.PHONY: all setup kafka registry-app registry demo test unit bench faults figures lint broker broker-stop broker-status clean
 
 all: setup
 
@@ -34,6 +37,13 @@ setup: $(VENV)/.installed
 
 kafka: setup
 	$(PY) -m mtc75.tools.broker fetch
+
+# Built before the suite runs (a few minutes the first time), not inside a test's timeout.
+registry-app: setup
+	$(PY) -m mtc75.tools.registry fetch
+
+registry: registry-app
+	$(PY) -m mtc75.tools.registry run --port $(REGISTRY_PORT)
 
 demo: kafka
 	$(PY) -m mtc75.tools.demo --port $(KAFKA_PORT) --report demo-report
@@ -52,7 +62,7 @@ UNIT_WORKERS ?= 4
 # Two sessions: the broker-free tests in parallel (pytest-xdist, see unit), then the broker tests in one
 # session (one broker; a worker each would start a broker each). Both run even when the first fails;
 # make test fails if either did.
-test: kafka lint
+test: kafka registry-app lint
 	mkdir -p .kafka/pytest-tmp
 	$(PYTEST) -m "not kafka" -n $(UNIT_WORKERS); free=$$?; $(PYTEST) -m kafka; broker=$$?; \
 		test $$free -eq 0 -a $$broker -eq 0

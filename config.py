@@ -50,6 +50,10 @@ ORDERING = "unordered"
 # fetch, ~0.2-0.5 s) and takes "large" (50 MB / 1 MB) for uncompressed data, "small" (2 MB / 512 KB) for
 # compressed; or set "small" / "large" yourself. Either property set in CONSUMER_CONFIG or -X wins.
 FETCH_SIZES = "auto"
+# What the handler's message.key() / message.value() return: "bytes" (as fetched), "str" (UTF-8) or "json".
+# One that does not decode is dead-lettered at once with its original bytes (README "Deserializers").
+KEY_FORMAT = "bytes"
+VALUE_FORMAT = "bytes"
 # The default handler rejects (and so retries, then dead-letters) empty, non-JSON or larger payloads.
 MAX_PAYLOAD_BYTES = 100_000
 # Seconds the consumer keeps going with no broker reachable before it exits with code 3.

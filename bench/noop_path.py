@@ -4,7 +4,8 @@ Feeds pre-built ``confluent_kafka.Message`` objects (batches of 500 in runs of o
 ``consume()`` returns them) through the poll thread's real steps — the ledger's ``admit`` (tracker) and the
 dispatcher's ``put``, the workers running a no-op handler, the ledger's ``settle`` (watermarks) — and reports
 wall-clock and process CPU microseconds per message, for several thread counts. With ``--profile``
-it prints the poll thread's cProfile (the workers' share is the difference to the total).
+it prints the poll thread's cProfile (the workers' share is the difference to the total). With
+``--value-format json`` (or ``str``) the invoker decodes each value first, as ``value_deserializer=`` does.
 No Kafka call is made: this is what MTC75 adds on top of the client, measured without the noise of
 a broker sharing the two cores.
 """
@@ -22,11 +23,13 @@ from typing import Any
 from confluent_kafka import Message
 
 from mtc75.engine.ledger import Ledger
+from mtc75.kafka.deserializers import BUILT_INS, decoder
 from mtc75.runtime.dispatcher import Dispatcher
 from mtc75.runtime.invoker import Invoker
 
 BATCH = 500
 PARTITIONS = 6
+VALUE = b'{"id": 1, "pad": "' + b"x" * 80 + b'"}'  # 100 bytes of JSON (UTF-8 too): every format decodes it
 
 
 def batches(count: int) -> list[list[Any]]:
@@ -39,21 +42,21 @@ def batches(count: int) -> list[list[Any]]:
         batch = []
         for p in range(PARTITIONS):
             for _ in range(run):
-                batch.append(Message(topic="t", partition=p, offset=next_offset[p], value=b"x" * 100))
+                batch.append(Message(topic="t", partition=p, offset=next_offset[p], value=VALUE))
                 next_offset[p] += 1
         made += len(batch)
         out.append(batch)
     return out
 
 
-def measure(count: int, threads: int, profile: bool = False) -> dict[str, float]:
+def measure(count: int, threads: int, profile: bool = False, value_format: str = "bytes") -> dict[str, float]:
     handled = [0]
 
     def noop(_msg: Any) -> None:
         return None
 
     ledger = Ledger(lambda err: None)
-    dispatcher = Dispatcher(Invoker(noop), threads)
+    dispatcher = Dispatcher(Invoker(noop, decode=decoder(None, value_format)), threads)
     ledger.tracker.assign([("t", p) for p in range(PARTITIONS)])
     work = batches(count)
     total = sum(len(b) for b in work)
@@ -90,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, action="append")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--repeat", type=int, default=5, help="runs per thread count; the least CPU counts")
+    parser.add_argument("--value-format", choices=tuple(BUILT_INS), default="bytes",
+                        help="decode each value first, as value_deserializer= does (default: bytes, no decoding)")
     args = parser.parse_args(argv)
     for threads in args.threads or (1, 4, 75):
-        r = min((measure(args.count, threads, args.profile) for _ in range(args.repeat)), key=lambda x: x["cpu_us"])
+        r = min((measure(args.count, threads, args.profile, args.value_format) for _ in range(args.repeat)),
+                key=lambda x: x["cpu_us"])
         print(f"threads={threads:>3}: {r['wall_us']:.2f} µs wall, {r['cpu_us']:.2f} µs CPU per message "
               f"({r['rate']:,.0f} msg/s)", flush=True)
     return 0

@@ -27,6 +27,7 @@ from mtc75.core.stats import Stats
 from mtc75.errors import (
     BrokerUnreachable,
     ConfigError,
+    DeserializationError,
     HandlerRefused,
     KafkaFatalError,
     KafkaUnavailable,
@@ -37,12 +38,15 @@ from mtc75.errors import (
     TopicGone,
     TopicNotFound,
 )
+from mtc75.kafka.deserializers import DecodedMessage
 
 __version__ = "0.1.0"
 __all__ = [
     "BrokerUnreachable",
     "ConfigError",
     "Consumer",
+    "DecodedMessage",
+    "DeserializationError",
     "HandlerRefused",
     "Health",
     "KafkaFatalError",

@@ -32,6 +32,7 @@ from mtc75.core.stats import Stats
 from mtc75.engine.engine import Engine
 from mtc75.errors import ConfigError, MisuseError
 from mtc75.kafka.clients import REAL_FACTORIES, ClientFactories
+from mtc75.kafka.deserializers import DeserializerSpec, decoder
 from mtc75.runtime.invoker import CallObserver, Invoker
 from mtc75.settings import SPECS, Settings, check_bounds, coerce, live_changes
 
@@ -41,7 +42,7 @@ CONSUMER_SETTINGS = (
     "PAUSE_INTERVAL", "AUTO_OFFSET_RESET", "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT",
     "SHUTDOWN_TIMEOUT", "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "BROKER_DOWN_TIMEOUT",
     "REPLICATION_FACTOR", "CONSUMER_CONFIG",
-    "PRODUCER_CONFIG", "ORDERING", "FETCH_SIZES",
+    "PRODUCER_CONFIG", "ORDERING", "FETCH_SIZES", "KEY_FORMAT", "VALUE_FORMAT",
 )
 NEW, RUNNING, ENDED = "new", "running", "ended"  # a Consumer's run state, in this order, once
 logger = logging.getLogger(__name__)
@@ -52,7 +53,10 @@ _DEFAULTS = Settings()
 class Consumer:
     """Consume ``topic`` as ``group_id``, calling ``handler(message)`` on at most ``max_thread_count`` threads.
 
-    ``handler`` gets a ``confluent_kafka.Message``; an ``async def`` handler is awaited on one event-loop
+    ``handler`` gets a ``confluent_kafka.Message`` -- with ``key_deserializer`` / ``value_deserializer`` (a
+    callable, a ``confluent_kafka`` schema-registry deserializer, or ``"json"``, ``"str"``, ``"bytes"``) a
+    :class:`~mtc75.kafka.deserializers.DecodedMessage` whose ``key()`` / ``value()`` are decoded (README
+    "Deserializers"); an ``async def`` handler is awaited on one event-loop
     thread instead, ``max_thread_count`` then bounding the coroutines in flight (README "Async handlers").
     Returning means done (its offset may be committed),
     raising means failed (retried per ``max_attempts``, then ``on_failure``: ``dlq``, ``skip`` or ``stop``).
@@ -85,12 +89,14 @@ class Consumer:
         metrics_port: int | None = None,
         metrics_addr: str = "127.0.0.1",
         metrics_registry: Any = None,
+        key_deserializer: DeserializerSpec = None,
+        value_deserializer: DeserializerSpec = None,
         **settings: Any,
     ) -> None:
         keywords = {"topic": topic, "group_id": group_id, "bootstrap_servers": bootstrap_servers,
                     "max_thread_count": max_thread_count, **settings}
         self._setup(handler, settings_from_keywords(keywords), librdkafka, on_status, status_interval, observers,
-                    REAL_FACTORIES)
+                    REAL_FACTORIES, (key_deserializer, value_deserializer))
         self._ask_metrics(metrics_port, metrics_addr, metrics_registry)
 
     @classmethod
@@ -106,6 +112,8 @@ class Consumer:
         metrics_port: int | None = None,
         metrics_addr: str = "127.0.0.1",
         metrics_registry: Any = None,
+        key_deserializer: DeserializerSpec = None,
+        value_deserializer: DeserializerSpec = None,
     ) -> Consumer:
         """A consumer from a whole :class:`~mtc75.settings.Settings` (e.g. ``mtc75.settings.load_settings``:
         defaults, a config file, ``MTC75_*`` environment variables), instead of keywords.
@@ -113,7 +121,8 @@ class Consumer:
         The other keywords are those of the constructor; settings a consumer does not use (the
         producer's, the default handler's) are ignored.
         """
-        consumer = cls._built(handler, settings, librdkafka, on_status, status_interval, observers, REAL_FACTORIES)
+        consumer = cls._built(handler, settings, librdkafka, on_status, status_interval, observers, REAL_FACTORIES,
+                              (key_deserializer, value_deserializer))
         consumer._ask_metrics(metrics_port, metrics_addr, metrics_registry)
         return consumer
 
@@ -121,19 +130,23 @@ class Consumer:
     def _built(
         cls, handler: Callable[[Any], object], settings: Settings, librdkafka: Mapping[str, Any] | None,
         on_status: Callable[[Stats], None] | None, status_interval: float, observers: Sequence[CallObserver],
-        factories: ClientFactories,
+        factories: ClientFactories, deserializers: tuple[DeserializerSpec, DeserializerSpec] = (None, None),
     ) -> Consumer:
         """The one way in for :mod:`mtc75.testing` (client factories of its own) and :meth:`from_settings`."""
         consumer = cls.__new__(cls)
-        consumer._setup(handler, settings, librdkafka, on_status, status_interval, observers, factories)
+        consumer._setup(handler, settings, librdkafka, on_status, status_interval, observers, factories,
+                        deserializers)
         return consumer
 
     def _setup(
         self, handler: Callable[[Any], object], settings: Settings, librdkafka: Mapping[str, Any] | None,
         on_status: Callable[[Stats], None] | None, status_interval: float, observers: Sequence[CallObserver],
-        factories: ClientFactories,
+        factories: ClientFactories, deserializers: tuple[DeserializerSpec, DeserializerSpec] = (None, None),
     ) -> None:
-        invoker = Invoker(handler)  # refuses what no runner can run (an async generator)
+        key, value = deserializers
+        decode = decoder(_deserializer(key, settings.KEY_FORMAT, "key"),
+                         _deserializer(value, settings.VALUE_FORMAT, "value"))
+        invoker = Invoker(handler, decode=decode)  # refuses what no runner can run (an async generator)
         for observer in observers:
             invoker.attach(observer)
         if not status_interval > 0:
@@ -415,6 +428,17 @@ class Consumer:
             if now >= self._next_status:
                 self._next_status = now + self._status_interval
                 self._on_status(stats)
+
+
+def _deserializer(given: DeserializerSpec, format_setting: str, field: str) -> DeserializerSpec:
+    """``key_deserializer=`` / ``value_deserializer=``, else KEY_FORMAT / VALUE_FORMAT; both set differently
+    is a ConfigError (which one was meant?)."""
+    if given is None or given == format_setting:
+        return format_setting
+    if format_setting != "bytes":
+        raise ConfigError(f"{field}_deserializer= and {field.upper()}_FORMAT={format_setting!r} are both set: "
+                          "give one")
+    return given
 
 
 def settings_from_keywords(keywords: Mapping[str, Any]) -> Settings:

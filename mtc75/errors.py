@@ -2,7 +2,8 @@
 
 Scripts catch :class:`Mtc75Error` at the top of ``main()`` and print ``str(err)`` (plus, for some,
 advice only a user of this repository can follow, added by :mod:`mtc75.app.cli`); library users catch
-them like any exception. Anything else is a bug and may show a traceback.
+them like any exception. Anything else is a bug and may show a traceback. One error here is a single
+message's, not a command's: :class:`DeserializationError` (the message fails; the consumer goes on).
 """
 
 from __future__ import annotations
@@ -69,7 +70,39 @@ class MisuseError(Mtc75Error, RuntimeError):
     one of its own handlers (it would wait for itself), ``retune()`` after the run ended. Raised at once."""
 
 
-class BrokerError(Mtc75Error):
-    """The local Kafka launcher could not fetch, start or stop the broker."""
+class LauncherError(Mtc75Error):
+    """A local launcher (the Kafka broker's, the schema registry's) could not fetch, build, start or stop its
+    server: the tools' error, never the consumer's."""
 
     exit_code = 4
+
+
+class BrokerError(LauncherError):
+    """The local Kafka launcher could not fetch, start or stop the broker."""
+
+
+class DeserializationError(Exception):
+    """A message's key or value that its deserializer could not decode: a failure of that message alone.
+
+    The handler is not called; the message goes to ON_FAILURE (``dlq``: the original bytes, this error's
+    text in the ``mtc75.error`` header). Not retried unless ``retriable`` -- decoding the same bytes fails
+    the same way every time, except when the deserializer could not reach its schema registry (an
+    ``OSError``, an HTTP transport error, a registry answer 408, 429 or 5xx). ``__cause__`` is the
+    deserializer's own exception.
+    """
+
+    def __init__(self, field: str, deserializer: str, cause: BaseException, *, retriable: bool = False) -> None:
+        super().__init__(field, deserializer, cause)
+        self.field = field  # "key" or "value"
+        self.deserializer = deserializer  # a built-in's name ("json") or the callable's
+        self.cause = cause
+        self.retriable = retriable
+
+    def __str__(self) -> str:
+        # str(cause) is the deserializer's code and may raise: describe_error (runtime) guards the call.
+        cause = self.cause
+        return f"could not deserialize the {self.field} ({self.deserializer}): {type(cause).__name__}: {cause}"
+
+
+class RegistryError(LauncherError):
+    """The local schema-registry launcher (mtc75/tools/registry.py) could not build, start or stop it."""

@@ -30,6 +30,7 @@ ENV_PREFIX = "MTC75_"
 LIBRDKAFKA_LOGGER = logging.getLogger("mtc75.librdkafka")
 OFFSET_RESETS = ("earliest", "latest", "error")
 AUTO = "auto"  # MAX_THREAD_COUNT = "auto"
+FORMATS = ("bytes", "str", "json")  # KEY_FORMAT / VALUE_FORMAT: mtc75/kafka/deserializers.py BUILT_INS
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,16 @@ class Settings:
         **_spec(str, "fetch.max.bytes / max.partition.fetch.bytes: auto (chosen at start-up from a short probe of "
                 "the topic: large when uncompressed, small when compressed), small (2 MB / 512 KB) or large "
                 "(50 MB / 1 MB); librdkafka properties set by the user win", choices=FETCH_SIZE_MODES),
+    )
+    KEY_FORMAT: str = field(
+        default="bytes",
+        **_spec(str, "what the handler's message.key() returns: bytes (as fetched), str (UTF-8) or json; a key "
+                "that does not decode fails its message at once (ON_FAILURE, not retried)", choices=FORMATS),
+    )
+    VALUE_FORMAT: str = field(
+        default="bytes",
+        **_spec(str, "what the handler's message.value() returns: bytes (as fetched), str (UTF-8) or json; a "
+                "value that does not decode fails its message at once (ON_FAILURE, not retried)", choices=FORMATS),
     )
     MAX_PAYLOAD_BYTES: int = field(
         default=100_000, **_spec(int, "larger payloads are rejected by the default handler", minimum=1)

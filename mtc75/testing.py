@@ -16,6 +16,7 @@ from typing import Any
 from mtc75.api import Consumer, settings_from_keywords
 from mtc75.core.stats import Stats
 from mtc75.kafka.clients import ClientFactories
+from mtc75.kafka.deserializers import DeserializerSpec
 from mtc75.runtime.invoker import CallObserver
 from mtc75.settings import Settings
 
@@ -32,12 +33,15 @@ def consumer(
     metrics_port: int | None = None,
     metrics_addr: str = "127.0.0.1",
     metrics_registry: Any = None,
+    key_deserializer: DeserializerSpec = None,
+    value_deserializer: DeserializerSpec = None,
     **settings: Any,
 ) -> Consumer:
     """``mtc75.Consumer(handler, **settings)`` on ``factories`` (``topic`` and ``group_id`` as there); ``cls``:
     a subclass of mtc75.Consumer to build instead."""
     built = cls._built(
-        handler, settings_from_keywords(settings), librdkafka, on_status, status_interval, observers, factories
+        handler, settings_from_keywords(settings), librdkafka, on_status, status_interval, observers, factories,
+        (key_deserializer, value_deserializer),
     )
     built._ask_metrics(metrics_port, metrics_addr, metrics_registry)
     return built
@@ -52,6 +56,9 @@ def from_settings(
     on_status: Callable[[Stats], None] | None = None,
     status_interval: float = 1.0,
     observers: Sequence[CallObserver] = (),
+    key_deserializer: DeserializerSpec = None,
+    value_deserializer: DeserializerSpec = None,
 ) -> Consumer:
     """``mtc75.Consumer.from_settings(handler, settings, ...)`` on ``factories``."""
-    return Consumer._built(handler, settings, librdkafka, on_status, status_interval, observers, factories)
+    return Consumer._built(handler, settings, librdkafka, on_status, status_interval, observers, factories,
+                           (key_deserializer, value_deserializer))

@@ -18,8 +18,10 @@ message is settled alone, the rest goes back as single messages and the time per
 
 Failures: a raise schedules a retry per :class:`mtc75.core.retry.RetryPolicy` in a delay queue, holding no
 thread but keeping its place in the scheduler (an ordered scheduler keeps its key blocked); after the last
-attempt the Work goes to the completion queue marked failed. A Work of an assignment being given up
-(:meth:`Dispatcher.retire`) is never retried nor put back: it comes back failed or dropped.
+attempt the Work goes to the completion queue marked failed -- at once for a
+:class:`~mtc75.errors.DeserializationError` that is not ``retriable`` (the same bytes fail the same way).
+A Work of an assignment being given up (:meth:`Dispatcher.retire`) is never retried nor put back: it
+comes back failed or dropped.
 
 Thread contract: the poll thread calls everything public except the shift; workers only drive their shift.
 ``completions`` is appended by workers and drained by the poll thread alone (every Kafka call is the poll
@@ -41,6 +43,7 @@ from mtc75.core.offsets import PartitionState
 from mtc75.core.retry import DelayQueue, RetryPolicy
 from mtc75.core.scheduler import FifoScheduler, Scheduler
 from mtc75.core.work import Work
+from mtc75.errors import DeserializationError
 from mtc75.runtime.async_runner import runner_for
 from mtc75.runtime.handlers import describe_error
 from mtc75.runtime.invoker import Invoker, Partial
@@ -415,7 +418,8 @@ class Dispatcher:
         with self._lock:
             # ``closing`` is set under this lock (retire): a retry either lands in the delay queue before
             # the purge that follows, or is never scheduled.
-            again = work.state.alive and not work.state.closing and retry.should_retry(work.attempts)
+            again = (work.state.alive and not work.state.closing and retry.should_retry(work.attempts)
+                     and _retriable(error))
             if again:
                 delay = retry.delay(work.attempts)
                 # not released: an ordered scheduler keeps its key blocked meanwhile
@@ -438,6 +442,11 @@ class Dispatcher:
         )
         self._release(work)
         self._done(work)
+
+
+def _retriable(error: BaseException) -> bool:
+    """False for a failure that another attempt cannot change: a key or value that does not deserialize."""
+    return not isinstance(error, DeserializationError) or error.retriable
 
 
 def _traceback(error: BaseException) -> tuple[type[BaseException], BaseException, object] | None:

@@ -71,14 +71,16 @@ class SimulatedWork:
         self._next_line_at = 0.0
 
     def __call__(self, message: Any) -> None:
-        check_payload(message.value(), self.max_payload_bytes)
+        # The fetched bytes, also under --value-format (a DecodedMessage keeps them in ``original``).
+        payload = getattr(message, "original", message).value()
+        check_payload(payload, self.max_payload_bytes)
         if self.processing_sleep:
             time.sleep(self.processing_sleep)
         if logger.isEnabledFor(logging.INFO) and self._may_log():
             logger.info(
                 "%s handled %s[%d]@%d %s",
                 threading.current_thread().name, message.topic(), message.partition(),
-                message.offset(), _describe(message.value()),
+                message.offset(), _describe(payload),
             )
 
     def _may_log(self) -> bool:

@@ -7,6 +7,10 @@ A handler is *sync* (a plain function: called on a worker thread) or *async* (``
 messages of a chunk raised and how many ran. Every failure counts, ``BaseException`` included, and so does a
 plain function that *returns* an awaitable (nothing awaits it, so its work never ran).
 
+With a ``decode`` function (deserializers, mtc75/kafka/deserializers.py) each call decodes its message
+first, on the same worker, and the handler gets what it returned; a decode that raises is that message's
+failure, like a raise of the handler. Without one the handler is called with the fetched message as is.
+
 Timing is observed, never wrapped around the handler: every ``Work`` reports its handler time and message
 count to the :class:`WorkObserver` (the dispatcher's chunk sizing), and while a :class:`CallObserver` is
 attached (metrics, ``MAX_THREAD_COUNT="auto"``) each call's duration goes to it, with the call's thread CPU
@@ -82,12 +86,16 @@ class Invoker:
     """Calls ``handler`` for a Work and reports its outcome and its time (see the module notes)."""
 
     def __init__(
-        self, handler: Handler, *, name: str | None = None,
+        self, handler: Handler, *, name: str | None = None, decode: Callable[[Any], Any] | None = None,
         clock: Callable[[], float] = time.perf_counter, cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.handler = prepare_handler(handler, name)  # refuses what no runner can run
         self.is_async = is_async_handler(self.handler)  # awaited on the event loop, single messages only
         self.name = name or handler_name(self.handler)
+        self.decode = decode
+        # What each call calls: the handler, or the handler of the decoded message (a call's time includes
+        # the decoding). For an async handler it returns the coroutine, so the decoding runs on the loop.
+        self._target: Handler = self.handler if decode is None else _decoding(self.handler, decode)
         self._clock, self._cpu_clock = clock, cpu_clock  # wall and this thread's CPU seconds (tests: fakes)
         self._calls: list[CallObserver] = []
         self._work: WorkObserver | None = None
@@ -167,7 +175,7 @@ class Invoker:
         return None if failures is None else Partial(handled, failures)
 
     def _plain_call(self) -> Callable[[Any], BaseException | None]:
-        handler = self.handler
+        handler = self._target
 
         def call(message: Any) -> BaseException | None:
             try:
@@ -181,7 +189,7 @@ class Invoker:
         return call
 
     def _timed_call(self) -> Callable[[Any], BaseException | None]:
-        handler, observers, local = self.handler, self._calls, self._local
+        handler, observers, local = self._target, self._calls, self._local
         wants_cpu = any(o.wants_cpu for o in observers)
         clock, cpu_clock = self._clock, self._cpu_clock
         mask = CPU_SAMPLE_EVERY - 1
@@ -210,7 +218,7 @@ class Invoker:
         return call
 
     def _plain_acall(self) -> Callable[[Any], Awaitable[BaseException | None]]:
-        handler = self.handler
+        handler = self._target
 
         async def call(message: Any) -> BaseException | None:
             try:
@@ -222,7 +230,7 @@ class Invoker:
         return call
 
     def _timed_acall(self) -> Callable[[Any], Awaitable[BaseException | None]]:
-        handler, observers = self.handler, self._calls
+        handler, observers = self._target, self._calls
         clock = self._clock
 
         async def call(message: Any) -> BaseException | None:
@@ -238,3 +246,12 @@ class Invoker:
             return error
 
         return call
+
+
+def _decoding(handler: Handler, decode: Callable[[Any], Any]) -> Handler:
+    """``handler`` called with ``decode(message)``: what a raise of either means is the call's to decide."""
+
+    def target(message: Any) -> object:
+        return handler(decode(message))
+
+    return target
