@@ -38,7 +38,7 @@ SETTINGS = (
     "PAUSE_INTERVAL", "PROCESSING_SLEEP",
     "AUTO_OFFSET_RESET", "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT", "SHUTDOWN_TIMEOUT",
     "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "MAX_PAYLOAD_BYTES", "BROKER_DOWN_TIMEOUT",
-    "REPLICATION_FACTOR", "ORDERING", "FETCH_SIZES",
+    "REPLICATION_FACTOR", "ORDERING", "FETCH_SIZES", "MAX_RATE", "KEY_RATE", "RATE_BURST",
 )
 EPILOG = """examples:
   python mtc75_consumer.py                                   # settings from config.py
@@ -47,9 +47,11 @@ EPILOG = """examples:
   python mtc75_consumer.py --handler myapp.jobs:handle       # fn(message) in a worker thread
   python mtc75_consumer.py --max-messages 1000 --summary-json run.json
   python mtc75_consumer.py --metrics-port 9108 --report run-report/   # Prometheus /metrics + CSV/PNG report
+  python mtc75_consumer.py --max-rate 200 --key-rate 10      # at most 200 msg/s, 10 msg/s per key
 
 On a terminal it shows a live dashboard (--no-dashboard: one status line a second). Saving config.py
-with a new MAX_THREAD_COUNT, PAUSE_INTERVAL or PROCESSING_SLEEP applies it within 2 seconds (--no-reload).
+with a new MAX_THREAD_COUNT, PAUSE_INTERVAL, MAX_RATE, KEY_RATE, RATE_BURST or PROCESSING_SLEEP applies it
+within 2 seconds (--no-reload).
 
 Ctrl-C (or SIGTERM) stops fetching, waits up to SHUTDOWN_TIMEOUT for running handlers, commits and
 exits 0 (handlers still running then are abandoned, counted and delivered again next time);
@@ -87,9 +89,20 @@ def _summary_line(stats: Stats) -> str:
         f"({stats.paused_seconds:.1f}s paused), max threads busy {stats.max_active_threads}/"
         f"{stats.max_thread_count}{' (auto)' if stats.thread_mode == 'auto' else ''}, ordering {stats.ordering}, "
         + (f"fetch sizes {stats.fetch_sizes}, " if stats.fetch_sizes else "")
+        + _limits(stats)
         + f"{stats.elapsed_seconds:.1f}s"
         + (f", abandoned {stats.abandoned} running handlers" if stats.abandoned else "")
     )
+
+
+def _limits(stats: Stats) -> str:
+    """``"max rate 200/s (throttled 19.5s), "`` for the summary line; empty without a rate limit."""
+    parts = []
+    if stats.max_rate or stats.throttled_seconds:
+        parts.append(f"max rate {stats.max_rate:g}/s (throttled {stats.throttled_seconds:.1f}s)")
+    if stats.key_rate or stats.key_throttled_seconds:
+        parts.append(f"key rate {stats.key_rate:g}/s (keys throttled {stats.key_throttled_seconds:.1f}s)")
+    return "".join(part + ", " for part in parts)
 
 
 def _port(text: str) -> int:

@@ -32,7 +32,7 @@ CONSUMER_SETTINGS = (
     "PAUSE_INTERVAL", "AUTO_OFFSET_RESET", "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT",
     "SHUTDOWN_TIMEOUT", "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "BROKER_DOWN_TIMEOUT",
     "REPLICATION_FACTOR", "CONSUMER_CONFIG",
-    "PRODUCER_CONFIG", "ORDERING", "FETCH_SIZES",
+    "PRODUCER_CONFIG", "ORDERING", "FETCH_SIZES", "MAX_RATE", "KEY_RATE", "RATE_BURST",
 )
 SNAPSHOT_INTERVAL = 0.25  # how stale stats() may be while running: the poll thread refreshes it this often
 _DEFAULTS = Settings()
@@ -211,15 +211,19 @@ class Consumer:
         engine = self._engine
         return engine is not None and engine.lingering
 
-    def retune(self, *, max_thread_count: int | str | None = None, pause_interval: float | None = None) -> None:
-        """Change the thread bound (a count or "auto") and the pause interval; a running consumer applies it
-        within 0.1 s."""
+    def retune(
+        self, *, max_thread_count: int | str | None = None, pause_interval: float | None = None,
+        max_rate: float | None = None, key_rate: float | None = None, rate_burst: float | None = None,
+    ) -> None:
+        """Change the thread bound (a count or "auto"), the pause interval and the rate limits (0: off); a
+        running consumer applies it within 0.1 s. None leaves a setting as it is."""
+        changes = {"max_thread_count": max_thread_count, "pause_interval": pause_interval, "max_rate": max_rate,
+                   "key_rate": key_rate, "rate_burst": rate_burst}
         engine = self._engine
         if engine is not None:
-            engine.retune(max_thread_count=max_thread_count, pause_interval=pause_interval)
+            engine.retune(**changes)
         else:
-            self._settings = self._settings.replace(
-                **live_changes(max_thread_count=max_thread_count, pause_interval=pause_interval))
+            self._settings = self._settings.replace(**live_changes(**changes))
 
     # -- internals ------------------------------------------------------------------------------------
 

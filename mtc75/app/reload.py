@@ -1,4 +1,5 @@
-"""Live re-tuning: saving config.py changes MAX_THREAD_COUNT, PAUSE_INTERVAL or PROCESSING_SLEEP at once.
+"""Live re-tuning: saving config.py changes MAX_THREAD_COUNT, PAUSE_INTERVAL, the rate limits (MAX_RATE,
+KEY_RATE, RATE_BURST) or PROCESSING_SLEEP at once.
 
 A small daemon thread checks the file's modification time twice a second. On a change it loads the
 settings again exactly as at start-up (defaults, config file, environment, flags: a value given by
@@ -27,7 +28,7 @@ from mtc75.settings import SPECS, Settings
 
 logger = logging.getLogger(__name__)
 
-LIVE_SETTINGS = ("MAX_THREAD_COUNT", "PAUSE_INTERVAL", "PROCESSING_SLEEP")
+LIVE_SETTINGS = ("MAX_THREAD_COUNT", "PAUSE_INTERVAL", "MAX_RATE", "KEY_RATE", "RATE_BURST", "PROCESSING_SLEEP")
 CHECK_INTERVAL = 0.5  # seconds between modification-time checks
 
 
@@ -39,10 +40,13 @@ def diff(old: Settings, new: Settings) -> tuple[dict[str, Any], list[str]]:
 
 
 def retuner(consumer: Consumer, work: object) -> Callable[[dict[str, Any]], None]:
-    """The ``apply`` for a running consumer: threads and pause interval to the engine, sleep to the handler."""
+    """The ``apply`` for a running consumer: threads, pause interval and rate limits to the engine, sleep to
+    the handler."""
 
     def apply(changes: dict[str, Any]) -> None:
-        consumer.retune(max_thread_count=changes.get("MAX_THREAD_COUNT"), pause_interval=changes.get("PAUSE_INTERVAL"))
+        consumer.retune(max_thread_count=changes.get("MAX_THREAD_COUNT"), pause_interval=changes.get("PAUSE_INTERVAL"),
+                        max_rate=changes.get("MAX_RATE"), key_rate=changes.get("KEY_RATE"),
+                        rate_burst=changes.get("RATE_BURST"))
         if "PROCESSING_SLEEP" in changes:
             if isinstance(work, SimulatedWork):
                 work.processing_sleep = changes["PROCESSING_SLEEP"]

@@ -11,6 +11,10 @@ Three policies decide together, and this is the one place that acts on them:
 
 :meth:`Backpressure.fetch` takes at most the room left below the high watermark; while paused it sleeps on
 the pool (waking when the backlog drains or a thread runs dry) and only serves the group with ``poll(0)``.
+Either wait ends by the time the next delayed message is due (a retry, or a message waiting for its rate
+tokens), so that the loop's ``release_due`` starts it on time rather than up to ``POLL_TIMEOUT`` late.
+A pause that rate limits caused (most of the backlog waits for tokens) is what they are meant to do: its
+``PAUSED`` / ``RESUMED`` lines are INFO, not WARNING.
 
 Threads: the poll thread only (it calls the Kafka client). No lock.
 """
@@ -31,6 +35,7 @@ from mtc75.runtime.dispatcher import Dispatcher
 logger = logging.getLogger(__name__)
 
 POLL_TIMEOUT = 0.1  # longest a single poll blocks, so stop requests and timers stay responsive
+MIN_WAIT = 0.001  # shortest wait for a due message: the loop does not spin on a due time just ahead
 # Messages taken per consume(): the poll thread holds the GIL while it admits them, and workers waking
 # from I/O wait for it, so batches stay small enough to keep that stall well under a millisecond.
 MAX_BATCH = 500
@@ -51,6 +56,7 @@ class Backpressure:
         self.gate = gate
         self.holds = WindowHolds(window)  # partitions paused alone: span over OFFSET_WINDOW
         self._fair = FairIntake(tracker)
+        self._throttled_pause = False  # the pause in progress is the rate limits' (its lines are INFO)
 
     @property
     def paused(self) -> bool:
@@ -81,7 +87,7 @@ class Backpressure:
         low, high = gate.watermarks(limit)
         if gate.paused:
             ready = dispatcher.backlog - dispatcher.delayed  # retries waiting out a backoff do not drain
-            wait = min(POLL_TIMEOUT, max(gate.next_check_in(time.monotonic()), 0.001))
+            wait = self._wait(max(gate.next_check_in(time.monotonic()), MIN_WAIT))
             dispatcher.wait_backlog_at_most(low if ready > low else -1, wait)
             message = client.poll(0)
             return [] if message is None else [message]
@@ -90,9 +96,15 @@ class Backpressure:
         # (in poll, which returns on the first message) only when idle.
         messages = client.consume(num_messages=max(1, min(room, MAX_BATCH)), timeout=0)
         if not messages:
-            message = client.poll(POLL_TIMEOUT)
+            message = client.poll(self._wait(POLL_TIMEOUT))
             messages = [] if message is None else [message]
         return self._fair.cut(client.consumer, messages, high, limit, gate.rate, time.monotonic(), self.holds)
+
+    def _wait(self, longest: float) -> float:
+        """At most ``longest`` (and POLL_TIMEOUT) seconds, ending when the next delayed message is due."""
+        wait = min(longest, POLL_TIMEOUT)
+        due = self._dispatcher.due_in()
+        return wait if due is None else max(MIN_WAIT, min(wait, due))
 
     def update_holds(self, touched: set[Partition]) -> None:
         """Hold a partition whose window is full (a stuck message); release it once its watermark moved."""
@@ -139,6 +151,15 @@ class Backpressure:
         client, dispatcher = self._client, self._dispatcher
         self.gate.start_pause(now)
         client.pause(self._tracker.partitions())
+        # Most of the backlog waiting for rate tokens: the pause the limits meant (INFO, and so its RESUMED).
+        self._throttled_pause = dispatcher.throttled * 2 >= max(1, dispatcher.backlog)
+        if self._throttled_pause:
+            logger.info(
+                "PAUSED %d partitions: %d messages waiting, %d of them for rate tokens (re-check in %.2fs)",
+                len(client.paused), dispatcher.backlog, dispatcher.throttled, self.gate.pause_interval,
+                extra=PAUSE_EVENT,
+            )
+            return
         logger.warning(
             "PAUSED %d partitions: all %d %s busy, %d messages waiting (re-check in %.2fs)",
             len(client.paused), dispatcher.max_thread_count, dispatcher.workers, dispatcher.backlog,
@@ -151,7 +172,8 @@ class Backpressure:
         mine = [tp for tp in client.paused if tp in self._tracker and tp not in self.holds]
         client.resume(mine)
         client.paused.clear()  # the held ones stay paused by the window, the others are no longer ours
-        logger.warning(
+        logger.log(
+            logging.INFO if self._throttled_pause else logging.WARNING,
             "RESUMED %d partitions after %.2fs paused: %d/%d %s busy, %d waiting",
             len(mine), lasted, dispatcher.active_thread_count, dispatcher.max_thread_count,
             dispatcher.workers, dispatcher.backlog, extra=RESUME_EVENT,
