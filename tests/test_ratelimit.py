@@ -318,11 +318,49 @@ def test_a_retry_pays_again_and_a_throttled_message_of_a_retired_assignment_is_d
         state1 = tracker.state(("t", 1))
         dropped = d.retire([state1])
         assert [w.offset for w in dropped] == [0] and d.throttled == 1
+        # a worker that took a Work of the retired assignment just before the purge: it never runs
+        late = _works(tracker, 1, [b"c"], first=1)
+        d.put(late)
+        done: list[Work] = []
+        _settled(d, done, 1)
+        assert done == late and late[0].failed and late[0].dropped and d.throttled == 1
+        clock.now += 1.0
+        d.release_due()
+        _settled(d, done, 2)
+        assert calls == [0, 0] and not done[1].failed
+    finally:
+        d.shutdown(wait=True)
+
+
+def test_a_message_that_paid_and_ran_after_the_limits_went_off_pays_again_on_retry() -> None:
+    """A throttled message promoted (due, paid) that a worker takes after the limits were turned off runs
+    with its mark; when it fails, its retry waits out a backoff, not a token, and is counted as such."""
+    from mtc75.core.retry import RetryPolicy
+
+    clock = Clock()
+    calls: list[int] = []
+
+    def handler(msg: Msg) -> None:
+        calls.append(msg.offset())
+        if len(calls) == 1:
+            raise ValueError("once")
+
+    tracker = OffsetTracker()
+    tracker.assign([("t", 0)])
+    d = Dispatcher(Invoker(handler), 1, RetryPolicy(2, 1.0, 1.0, jitter=0), clock=clock)
+    try:
+        work = _works(tracker, 0, [b"a"])
+        work[0].paid = PAID_KEY  # as a throttled message is when its start has come
+        d.put(work)
+        wait_until(lambda: d.delayed == 1 and d.active_thread_count == 0, timeout=10, what="the retry scheduled")
+        d.limit_rates(max_rate=0, key_rate=5, burst=0)  # re-plans what waits for tokens: not this retry
+        assert d.delayed == 1 and d.due_in() == pytest.approx(1.0) and calls == [0]
+        assert d.throttled == 0 and d.throttled_seconds() == (0.0, 0.0)
         clock.now += 1.0
         d.release_due()
         done: list[Work] = []
         _settled(d, done, 1)
-        assert calls == [0, 0] and not done[0].failed
+        assert calls == [0, 0] and d.throttled == 0 and d.delayed == 0
     finally:
         d.shutdown(wait=True)
 
