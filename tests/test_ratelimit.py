@@ -3,6 +3,7 @@ that parks throttled Works in its delay queue (mtc75/runtime/dispatcher.py), dri
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -437,7 +438,8 @@ def test_throttled_messages_fill_the_backlog_pause_fetching_and_a_retune_lets_th
     finally:
         final = consumer.close(timeout=10)
     assert final.max_rate == 0 and final.throttled == 0 and final.throttled_seconds > 0
-    assert any(s.throttled for s in seen) and max(s.backlog for s in seen) <= 40 + 4
+    throttled = [s for s in seen if s.throttled]
+    assert throttled and max(s.backlog for s in throttled) <= 40 + 4  # bounded while they wait for tokens
 
 
 @pytest.mark.parametrize("keywords", [{"max_rate": -1}, {"key_rate": "fast"}, {"rate_burst": -0.5},
@@ -512,3 +514,54 @@ def test_a_saved_config_changes_the_rates_of_a_running_consumer(tmp_path: Path) 
     os.utime(path, ns=(stamp + 10_000_000, stamp + 10_000_000))
     assert watcher.check() is True
     assert retuned == [{"max_rate": 50.0, "key_rate": 2.0, "rate_burst": 0.5}]
+
+
+def test_key_holds_hold_a_partition_at_the_bound_and_release_it_at_half() -> None:
+    from mtc75.core.ratelimit import KeyHolds, key_hold_bound
+
+    assert key_hold_bound(10, 1000) == 5 and key_hold_bound(0.1, 1000) == 2 and key_hold_bound(1e6, 300) == 300
+    holds = KeyHolds()
+    a, b = ("t", 0), ("t", 1)
+    assert holds.update({a: 9, b: 10}, 10) == ([b], [])
+    assert b in holds and a not in holds
+    assert holds.update({a: 3, b: 6}, 10) == ([], [])  # above half: still held
+    assert holds.update({a: 3, b: 5}, 10) == ([], [b])
+    assert holds.update({}, 10) == ([], []) and len(holds) == 0
+    assert holds.update({a: 12}, 10) == ([a], []) and holds.forget([a, b]) == [a] and holds.holds == 2
+
+
+@pytest.mark.parametrize("ordering", ["unordered", "key"])
+def test_a_throttled_hot_key_holds_its_partition_alone_while_the_other_partition_flows(
+    ordering: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster = _fake()
+    for _ in range(300):
+        cluster.produce(TOPIC, 0, b"{}", key=b"hot")
+    for i in range(600):
+        cluster.produce(TOPIC, 1, b"{}", key=b"k%d" % i)  # each key once: none of them is throttled
+    handled: dict[int, list[float]] = {0: [], 1: []}
+    lock = threading.Lock()
+
+    def handler(m: Any) -> None:
+        with lock:
+            handled[m.partition()].append(time.monotonic())
+
+    consumer = testing.consumer(cluster.factories(), handler, topic=TOPIC, group_id=GROUP, max_thread_count=4,
+                                key_rate=20, rate_burst=0, ordering=ordering, **FAST)
+    caplog.set_level(logging.INFO, logger="mtc75.engine")
+    before = time.monotonic()
+    consumer.start()
+    try:
+        wait_until(lambda: len(handled[1]) == 600, 20, step=0.01, what="the other partition's 600 messages")
+        took = time.monotonic() - before
+        with lock:
+            hot = sorted(handled[0])
+        assert len(hot) <= 1 + 20 * took  # the hot key at 20/s meanwhile
+        assert all(at >= before + k / 20 for k, at in enumerate(hot))  # and never ahead of its tokens
+        wait_until(lambda: any(r.getMessage().startswith("HELD") for r in caplog.records), 10, step=0.01,
+                   what="the hot key's partition held")
+    finally:
+        stats = consumer.close(timeout=10)
+    assert stats.key_throttled_seconds > 0 and stats.throttled_seconds == 0
+    held = [r.getMessage() for r in caplog.records if r.getMessage().startswith("HELD")]
+    assert held and all(f"{TOPIC}[0]" in line for line in held)

@@ -28,9 +28,11 @@ lock held.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 
+from mtc75.core.offsets import Partition
 from mtc75.core.work import Work
 
 PAID_KEY = 1  # work.paid: this start's key tokens are taken
@@ -38,6 +40,9 @@ PAID_RATE = 2  # work.paid: this start's MAX_RATE tokens are taken
 PAID_ALL = PAID_KEY | PAID_RATE
 SWEEP_MIN = 1024  # key buckets kept before the first sweep
 NO_CAP = 1 << 62  # RateLimits.chunk_cap without a limit
+# Seconds of KEY_RATE a partition may hold waiting for its keys' tokens before it is held alone (KeyHolds):
+# enough that a held hot key still has messages when its partition's refetch after the release comes back.
+KEY_HOLD_SECONDS = 0.5
 
 
 def capacity(rate: float, burst: float) -> float:
@@ -240,3 +245,46 @@ class WaitTime:
 
     def seconds(self, now: float) -> float:
         return self._seconds + (now - self._since if self.waiting else 0.0)
+
+
+def key_hold_bound(key_rate: float, high: int) -> int:
+    """Messages of one partition that may wait for their keys' tokens before it is held: KEY_HOLD_SECONDS
+    of the key's rate (so a held hot key still has work when its partition's refetch comes back), at least 2,
+    at most the gate's high watermark."""
+    return max(1, min(high, max(2, math.ceil(key_rate * KEY_HOLD_SECONDS))))
+
+
+class KeyHolds:
+    """Partitions paused alone while too many of their messages wait for their keys' KEY_RATE tokens.
+
+    A hot key's messages cannot start faster than its rate, and the ones fetched behind it in its partition
+    cannot be committed past it: so rather than let them fill the backlog (which would pause every
+    partition), the partition that holds them is paused alone once ``bound`` of them wait, and resumed once
+    they are down to half of it. The pause gate does not count them (mtc75/engine/backpressure.py), and the
+    other partitions go on. Poll thread only (no lock).
+    """
+
+    def __init__(self) -> None:
+        self._held: set[Partition] = set()
+        self.holds = 0  # how many times a partition was held (logs, tests)
+
+    def __contains__(self, tp: object) -> bool:
+        return tp in self._held
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def update(self, waiting: Mapping[Partition, int], bound: int) -> tuple[list[Partition], list[Partition]]:
+        """``(to_hold, to_release)`` for ``waiting`` messages per partition (a partition left out: none)."""
+        to_release = [tp for tp in self._held if waiting.get(tp, 0) <= bound // 2]
+        self._held.difference_update(to_release)
+        to_hold = [tp for tp, count in waiting.items() if count >= bound and tp not in self._held]
+        self._held.update(to_hold)
+        self.holds += len(to_hold)
+        return to_hold, to_release
+
+    def forget(self, tps: Iterable[Partition]) -> list[Partition]:
+        """Partitions given up (revoke, lost, re-assigned, reset): returns those that were held."""
+        held = [tp for tp in tps if tp in self._held]
+        self._held.difference_update(held)
+        return held

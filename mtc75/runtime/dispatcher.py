@@ -46,7 +46,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from mtc75.core.offsets import PartitionState
+from mtc75.core.offsets import Partition, PartitionState
 from mtc75.core.ratelimit import NO_CAP, PAID_ALL, PAID_KEY, PAID_RATE, RateLimits, WaitTime, cause
 from mtc75.core.retry import DelayQueue, RetryPolicy
 from mtc75.core.scheduler import FifoScheduler, Scheduler
@@ -96,6 +96,7 @@ class Dispatcher:
         self._limits: RateLimits | None = None  # MAX_RATE / KEY_RATE; None: no limit (read unlocked per take)
         self._chunk_cap = NO_CAP  # most messages per chunk the limits allow
         self._waits = {PAID_RATE: WaitTime(), PAID_KEY: WaitTime()}  # throttled Works by what they wait for
+        self._key_parked: dict[Work, None] = {}  # the Works waiting for their keys' tokens (an ordered set)
         self.retried = 0  # retries scheduled (a message failing 3 times with 3 attempts counts 2)
         # Notified when a worker gives its permit back, and when the backlog falls to _drain_mark.
         self._changed = threading.Condition(self._lock)
@@ -193,7 +194,7 @@ class Dispatcher:
                 return
             waiting = self._delayed.remove_if(_throttled)  # earliest due first: the order they paid in
             for work in waiting:
-                self._waits[cause(work)].remove(now)
+                self._unpark(work, now)
                 if old is not None:
                     old.refund(work)
                 work.paid = 0
@@ -239,7 +240,7 @@ class Dispatcher:
             now = self._clock()
             for work in retries:
                 if work.paid:  # waited for rate tokens
-                    self._waits[cause(work)].remove(now)
+                    self._unpark(work, now)
         dropped.extend(retries)
         for work in dropped:
             if work.attempts or work.paid:  # a retry or throttled (delayed, or requeued and not taken again): taken
@@ -350,6 +351,24 @@ class Dispatcher:
         """Messages waiting for rate tokens now (part of ``delayed``; a hint)."""
         return self._waits[PAID_RATE].waiting + self._waits[PAID_KEY].waiting
 
+    def key_waiting(self) -> dict[Partition, int]:
+        """Per partition, the messages waiting for their keys' KEY_RATE tokens, and those waiting behind
+        them in their key's or partition's lane (an ordered mode); empty without any."""
+        if not self._key_parked:
+            return {}  # the common case, read without the lock
+        counts: dict[Partition, int] = {}
+        with self._lock:
+            behind = self._scheduler.behind
+            for work in self._key_parked:
+                tp = work.state.tp
+                counts[tp] = counts.get(tp, 0) + work.size + behind(work)
+        return counts
+
+    @property
+    def key_parked(self) -> int:
+        """Messages in the delay queue that wait for their keys' tokens (a hint)."""
+        return len(self._key_parked)
+
     def throttled_seconds(self) -> tuple[float, float]:
         """Seconds so far during which at least one message waited for MAX_RATE tokens, and for KEY_RATE ones."""
         with self._lock:
@@ -386,7 +405,7 @@ class Dispatcher:
             if waits[PAID_RATE].waiting or waits[PAID_KEY].waiting:
                 for work in due:
                     if work.paid:
-                        waits[cause(work)].remove(now)
+                        self._unpark(work, now)
             self._scheduler.requeue(due)
         return len(due)
 
@@ -406,11 +425,21 @@ class Dispatcher:
                 work.failed = work.dropped = True
             else:
                 self._delayed.push(start, work)  # not released: an ordered scheduler keeps its lane busy
-                self._waits[cause(work)].add(now)
+                reason = cause(work)
+                self._waits[reason].add(now)
+                if reason == PAID_KEY:
+                    self._key_parked[work] = None
                 return False
         self._release(work)
         self._done(work)
         return False
+
+    def _unpark(self, work: Work, now: float) -> None:
+        """Caller holds the lock. A throttled Work left the delay queue (due, purged or re-planned)."""
+        reason = cause(work)
+        self._waits[reason].remove(now)
+        if reason == PAID_KEY:
+            self._key_parked.pop(work, None)
 
     def shift(self) -> Shift:
         """One worker's shift: it holds one permit from its spawn until this generator returns.
