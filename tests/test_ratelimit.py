@@ -565,3 +565,28 @@ def test_a_throttled_hot_key_holds_its_partition_alone_while_the_other_partition
     assert stats.key_throttled_seconds > 0 and stats.throttled_seconds == 0
     held = [r.getMessage() for r in caplog.records if r.getMessage().startswith("HELD")]
     assert held and all(f"{TOPIC}[0]" in line for line in held)
+
+
+def test_throttled_chunks_count_their_messages_in_the_backlog_and_as_throttled() -> None:
+    clock = Clock()
+    handler, seen = _recording()
+    tracker = OffsetTracker()
+    tracker.assign([("t", 0)])
+    state = tracker.state(("t", 0))
+    for offset in range(100):
+        assert tracker.admit(state, offset)
+    d = Dispatcher(Invoker(handler), 2, clock=clock)
+    d._per_message = 1e-6  # a measured no-op handler: chunks
+    d.limit_rates(max_rate=200, key_rate=0, burst=0.1)  # chunks of 20, one each 0.1 s
+    try:
+        d.put([Work.chunk([Msg(0, o) for o in range(100)], state, 0)])
+        done: list[Work] = []
+        _settled(d, done, 1)
+        assert len(seen) == 20
+        assert d.delayed == d.throttled == d.backlog == 80  # 4 chunks of 20 waiting: messages, not Works
+        clock.now += 0.25
+        d.release_due()
+        _settled(d, done, 3)
+        assert len(seen) == 60 and d.delayed == d.throttled == d.backlog == 40
+    finally:
+        d.shutdown(wait=True)

@@ -224,7 +224,8 @@ def cause(work: Work) -> int:
 
 
 class WaitTime:
-    """Seconds during which at least one message waited for a token of one limit, and how many wait now."""
+    """Seconds during which at least one message waited for a token of one limit, and how many wait now
+    (messages: a chunk counts its own)."""
 
     __slots__ = ("waiting", "_since", "_seconds")
 
@@ -233,13 +234,13 @@ class WaitTime:
         self._since = 0.0
         self._seconds = 0.0
 
-    def add(self, now: float) -> None:
+    def add(self, now: float, messages: int = 1) -> None:
         if not self.waiting:
             self._since = now
-        self.waiting += 1
+        self.waiting += messages
 
-    def remove(self, now: float) -> None:
-        self.waiting -= 1
+    def remove(self, now: float, messages: int = 1) -> None:
+        self.waiting -= messages
         if not self.waiting:
             self._seconds += now - self._since
 

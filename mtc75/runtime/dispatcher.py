@@ -95,8 +95,9 @@ class Dispatcher:
         self._delayed: DelayQueue[Work] = DelayQueue()
         self._limits: RateLimits | None = None  # MAX_RATE / KEY_RATE; None: no limit (read unlocked per take)
         self._chunk_cap = NO_CAP  # most messages per chunk the limits allow
-        self._waits = {PAID_RATE: WaitTime(), PAID_KEY: WaitTime()}  # throttled Works by what they wait for
+        self._waits = {PAID_RATE: WaitTime(), PAID_KEY: WaitTime()}  # throttled messages by what they wait for
         self._key_parked: dict[Work, None] = {}  # the Works waiting for their keys' tokens (an ordered set)
+        self._parked_extra = 0  # messages beyond one per Work in the delay queue (throttled chunks)
         self.retried = 0  # retries scheduled (a message failing 3 times with 3 attempts counts 2)
         # Notified when a worker gives its permit back, and when the backlog falls to _drain_mark.
         self._changed = threading.Condition(self._lock)
@@ -316,8 +317,8 @@ class Dispatcher:
 
     @property
     def backlog(self) -> int:
-        """Messages waiting for a worker (ready or blocked), including those waiting for a retry."""
-        return len(self._scheduler) + len(self._delayed)
+        """Messages waiting for a worker (ready or blocked), including those waiting for a retry or rate tokens."""
+        return len(self._scheduler) + len(self._delayed) + self._parked_extra
 
     @property
     def ready(self) -> int:
@@ -333,7 +334,7 @@ class Dispatcher:
     def delayed(self) -> int:
         """Messages waiting for a time (holding no thread): failed ones for their backoff to pass, throttled
         ones for their rate tokens."""
-        return len(self._delayed)
+        return len(self._delayed) + self._parked_extra
 
     def due_in(self) -> float | None:
         """Seconds until the next delayed message is due (None: none waits); a hint read without the lock."""
@@ -367,7 +368,7 @@ class Dispatcher:
     @property
     def key_parked(self) -> int:
         """Messages in the delay queue that wait for their keys' tokens (a hint)."""
-        return len(self._key_parked)
+        return self._waits[PAID_KEY].waiting
 
     def throttled_seconds(self) -> tuple[float, float]:
         """Seconds so far during which at least one message waited for MAX_RATE tokens, and for KEY_RATE ones."""
@@ -426,7 +427,8 @@ class Dispatcher:
             else:
                 self._delayed.push(start, work)  # not released: an ordered scheduler keeps its lane busy
                 reason = cause(work)
-                self._waits[reason].add(now)
+                self._waits[reason].add(now, work.size)
+                self._parked_extra += work.size - 1
                 if reason == PAID_KEY:
                     self._key_parked[work] = None
                 return False
@@ -437,7 +439,8 @@ class Dispatcher:
     def _unpark(self, work: Work, now: float) -> None:
         """Caller holds the lock. A throttled Work left the delay queue (due, purged or re-planned)."""
         reason = cause(work)
-        self._waits[reason].remove(now)
+        self._waits[reason].remove(now, work.size)
+        self._parked_extra -= work.size - 1
         if reason == PAID_KEY:
             self._key_parked.pop(work, None)
 
