@@ -40,6 +40,10 @@ PAID_RATE = 2  # work.paid: this start's MAX_RATE tokens are taken
 PAID_ALL = PAID_KEY | PAID_RATE
 SWEEP_MIN = 1024  # key buckets kept before the first sweep
 NO_CAP = 1 << 62  # RateLimits.chunk_cap without a limit
+# Seconds of MAX_RATE the backlog keeps when a pause ends (PauseGate.reserve): a refetch on a loaded machine
+# takes longer than the gate's 50 ms bridge, and a token that finds the backlog empty is lost (the bucket
+# holds only RATE_BURST), so the rate would fall short of the limit.
+RATE_RESERVE_SECONDS = 0.5
 # Seconds of KEY_RATE a partition may hold waiting for its keys' tokens before it is held alone (KeyHolds):
 # enough that a held hot key still has messages when its partition's refetch after the release comes back.
 KEY_HOLD_SECONDS = 0.5

@@ -31,7 +31,7 @@ from typing import Any
 
 from mtc75.core.gate import Load, PauseGate, Verdict
 from mtc75.core.offsets import OffsetTracker, Partition
-from mtc75.core.ratelimit import KeyHolds, key_hold_bound
+from mtc75.core.ratelimit import RATE_RESERVE_SECONDS, KeyHolds, key_hold_bound
 from mtc75.core.window import WindowHolds
 from mtc75.kafka.client import KafkaClient
 from mtc75.kafka.fairness import FairIntake
@@ -75,6 +75,8 @@ class Backpressure:
         gate, dispatcher = self.gate, self._dispatcher
         gate.observe(now, processed)
         limit = dispatcher.max_thread_count
+        # While MAX_RATE is what holds messages back, a resume keeps RATE_RESERVE_SECONDS of its tokens' work
+        gate.reserve = int(dispatcher.limits[0] * RATE_RESERVE_SECONDS) if dispatcher.rate_parked else 0
         key_waiting = dispatcher.key_waiting()
         self._aside = aside = sum(key_waiting.values()) if key_waiting else 0
         if gate.paused:

@@ -366,6 +366,11 @@ class Dispatcher:
         return counts
 
     @property
+    def rate_parked(self) -> int:
+        """Messages in the delay queue that wait for MAX_RATE tokens (a hint)."""
+        return self._waits[PAID_RATE].waiting
+
+    @property
     def key_parked(self) -> int:
         """Messages in the delay queue that wait for their keys' tokens (a hint)."""
         return self._waits[PAID_KEY].waiting
