@@ -590,3 +590,23 @@ def test_throttled_chunks_count_their_messages_in_the_backlog_and_as_throttled()
         assert len(seen) == 60 and d.delayed == d.throttled == d.backlog == 40
     finally:
         d.shutdown(wait=True)
+
+
+def test_the_readme_s_budget_share_follows_the_assignment() -> None:
+    """README "Rate limits": each member's MAX_RATE from its status callback, its share of the partitions."""
+    cluster = _fake(partitions=4)
+    cluster.fill(TOPIC, {p: 5 for p in range(4)})
+    budget, partitions = 600.0, 4
+    consumer: mtc75.Consumer | None = None
+
+    def share(stats: mtc75.Stats) -> None:
+        assert consumer is not None
+        consumer.retune(max_rate=budget * max(1, stats.assigned) / partitions)
+
+    consumer = testing.consumer(cluster.factories(), lambda m: None, topic=TOPIC, group_id=GROUP,
+                                max_rate=budget / partitions, on_status=share, status_interval=0.02, **FAST)
+    consumer.start()
+    try:
+        wait_until(lambda: consumer.stats().max_rate == budget, 10, step=0.01, what="the whole budget")
+    finally:
+        consumer.close(timeout=10)

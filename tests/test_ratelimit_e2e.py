@@ -112,7 +112,8 @@ def test_max_rate_holds_within_5_percent_and_a_live_change_holds_within_2_second
     busiest_first = _most_in_any_window([t for t in times if t < changed], 1.0)
     busiest_second = _most_in_any_window([t for t in times if t >= changed + 0.5], 1.0)
     evictions = rebalances.count("lost")
-    report_figures("rate_limit_max_rate", target=200, measured=round(first, 1), ratio=round(first / 200, 3),
+    report_figures("rate_limit_max_rate", messages=len(times), target=200, measured=round(first, 1),
+                   ratio=round(first / 200, 3),
                    live_target=400, live_measured=round(second, 1), live_ratio=round(second / 400, 3),
                    busiest_second_s=[busiest_first, busiest_second], ahead_of_tokens=ahead, evictions=evictions,
                    assignments=rebalances.count("assign"), pauses=stats.pauses,
@@ -185,7 +186,7 @@ def test_key_rate_holds_a_hot_key_to_its_rate_while_every_other_key_keeps_its_ow
         kept[key.decode()] = handled / max(1, _in(sent, start, end))
     worst = min(kept.values())
     counts = Counter(k for k, _ in stamps.calls)
-    report_figures("rate_limit_key_rate", key_rate=10, hot_measured=round(hot_rate, 2),
+    report_figures("rate_limit_key_rate", messages=len(stamps.calls), key_rate=10, hot_measured=round(hot_rate, 2),
                    hot_share_of_stream=0.5, stream_rate=rate, other_keys=others,
                    other_keys_worst_ratio=round(worst, 3), window_s=round(window, 1),
                    busiest_hot_second=_most_in_any_window(hot, 1.0), hot_ahead_of_tokens=_ahead(hot, before, 10, 1),
