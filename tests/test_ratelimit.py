@@ -610,3 +610,22 @@ def test_the_readme_s_budget_share_follows_the_assignment() -> None:
         wait_until(lambda: consumer.stats().max_rate == budget, 10, step=0.01, what="the whole budget")
     finally:
         consumer.close(timeout=10)
+
+
+def test_an_async_handler_is_limited_alike() -> None:
+    """Coroutines take their tokens in the same shift as threads: the loop thread pays, and a throttled
+    message holds no coroutine."""
+    cluster = _fake()
+    cluster.fill(TOPIC, {0: 10, 1: 10})
+    stamps: list[float] = []
+
+    async def handler(_m: object) -> None:
+        stamps.append(time.monotonic())  # the loop thread only
+
+    consumer = testing.consumer(cluster.factories(), handler, topic=TOPIC, group_id=GROUP, max_thread_count=50,
+                                max_rate=100, rate_burst=0, **FAST)
+    before = time.monotonic()
+    stats = consumer.run(max_messages=20)
+    assert stats.processed == 20 and stats.workers == "coroutines"
+    assert [k for k, at in enumerate(sorted(stamps)) if at < before + k / 100] == []
+    assert stats.throttled_seconds > 0
