@@ -22,8 +22,13 @@ Key buckets come and go with the keys: a bucket that has filled up again is the 
 reservation; what it keeps is bounded by the keys reserved within the last ``capacity / rate`` seconds
 plus those with a start still ahead).
 
-Thread contract: no lock of its own; the owner (mtc75/runtime/dispatcher.py) calls everything with its
-lock held.
+A hot key's messages cannot start faster than its rate and cannot be committed past: :class:`KeyHolds`
+says which partitions to pause alone while too many of theirs wait for their keys' tokens (the engine's
+backpressure acts on it; the pause gate does not count those messages). ``RATE_RESERVE_SECONDS`` is what
+the gate keeps at a resume while ``MAX_RATE`` binds (mtc75/core/gate.py ``reserve``).
+
+Thread contract: no lock of its own. The dispatcher (mtc75/runtime/dispatcher.py) calls the buckets,
+:class:`RateLimits` and :class:`WaitTime` with its lock held; :class:`KeyHolds` is the poll thread's.
 """
 
 from __future__ import annotations
