@@ -418,7 +418,10 @@ def test_max_rate_spaces_the_starts_of_a_consumer() -> None:
     assert summary["max_rate"] == 100 and summary["key_rate"] == 0 and summary["throttled_seconds"] > 0
 
 
-def test_throttled_messages_fill_the_backlog_pause_fetching_and_a_retune_lets_them_go() -> None:
+def test_throttled_messages_fill_the_backlog_pause_fetching_and_a_retune_lets_them_go(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="mtc75.engine")
     cluster = _fake()
     cluster.fill(TOPIC, {0: 300, 1: 300})
     seen: list[mtc75.Stats] = []
@@ -440,6 +443,9 @@ def test_throttled_messages_fill_the_backlog_pause_fetching_and_a_retune_lets_th
     assert final.max_rate == 0 and final.throttled == 0 and final.throttled_seconds > 0
     throttled = [s for s in seen if s.throttled]
     assert throttled and max(s.backlog for s in throttled) <= 40 + 4  # bounded while they wait for tokens
+    # the pauses the limit causes are what it is for: INFO lines that say so, not warnings
+    paused = [r for r in caplog.records if r.getMessage().startswith("PAUSED")]
+    assert any("for rate tokens" in r.getMessage() and r.levelno == logging.INFO for r in paused)
 
 
 @pytest.mark.parametrize("keywords", [{"max_rate": -1}, {"key_rate": "fast"}, {"rate_burst": -0.5},
