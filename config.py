@@ -46,6 +46,14 @@ ON_FAILURE = "dlq"
 # (one per partition, in offset order) or "key" (one per key within a partition, in offset order; different
 # keys in parallel; a message without a key is its own key). Waiting partitions and keys take turns.
 ORDERING = "unordered"
+# Rate limits that hold without leaving the group: at most MAX_RATE messages per second start in this
+# consumer, and at most KEY_RATE per key (0 = no limit; a retry is another start). A message waiting for
+# its turn holds no thread; a hot key waits while other keys go on. After an idle spell up to RATE_BURST
+# seconds' worth (at least one message) may start at once. Several consumers in a group: give each its
+# share (README "Rate limits"). Saving this file changes them live.
+MAX_RATE = 0.0
+KEY_RATE = 0.0
+RATE_BURST = 0.1
 # librdkafka's fetch.max.bytes / max.partition.fetch.bytes: "auto" probes the topic at start-up (one
 # fetch, ~0.2-0.5 s) and takes "large" (50 MB / 1 MB) for uncompressed data, "small" (2 MB / 512 KB) for
 # compressed; or set "small" / "large" yourself. Either property set in CONSUMER_CONFIG or -X wins.

@@ -41,8 +41,8 @@ CONSUMER_SETTINGS = (
     "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "MAX_THREAD_COUNT", "MIN_THREAD_COUNT", "MAX_THREAD_LIMIT",
     "PAUSE_INTERVAL", "AUTO_OFFSET_RESET", "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT",
     "SHUTDOWN_TIMEOUT", "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "BROKER_DOWN_TIMEOUT",
-    "REPLICATION_FACTOR", "CONSUMER_CONFIG",
-    "PRODUCER_CONFIG", "ORDERING", "FETCH_SIZES", "KEY_FORMAT", "VALUE_FORMAT",
+    "REPLICATION_FACTOR", "CONSUMER_CONFIG", "PRODUCER_CONFIG", "ORDERING", "FETCH_SIZES", "KEY_FORMAT",
+    "VALUE_FORMAT", "MAX_RATE", "KEY_RATE", "RATE_BURST",
 )
 NEW, RUNNING, ENDED = "new", "running", "ended"  # a Consumer's run state, in this order, once
 logger = logging.getLogger(__name__)
@@ -297,15 +297,19 @@ class Consumer:
         engine = self._engine
         return engine is not None and engine.lingering
 
-    def retune(self, *, max_thread_count: int | str | None = None, pause_interval: float | None = None) -> None:
-        """Change the thread bound (a count or "auto") and the pause interval; a running consumer applies it
-        within 0.1 s."""
-        changes = live_changes(max_thread_count=max_thread_count, pause_interval=pause_interval)
+    def retune(
+        self, *, max_thread_count: int | str | None = None, pause_interval: float | None = None,
+        max_rate: float | None = None, key_rate: float | None = None, rate_burst: float | None = None,
+    ) -> None:
+        """Change the thread bound (a count or "auto"), the pause interval and the rate limits (0: off); a
+        running consumer applies it within 0.1 s. None leaves a setting as it is."""
+        changes = live_changes(max_thread_count=max_thread_count, pause_interval=pause_interval,
+                               max_rate=max_rate, key_rate=key_rate, rate_burst=rate_burst)
         if self._state == ENDED or (self._closed and self._state == NEW):
             raise MisuseError("retune() on an mtc75.Consumer that has finished or was closed: nothing to retune")
         engine = self._engine
         if engine is not None:
-            engine.retune(max_thread_count=max_thread_count, pause_interval=pause_interval)
+            engine.retune(**changes)
         else:
             self._settings = self._settings.replace(**changes)
             self._stats = self._idle_stats()  # stats() before the run shows the bound it will start with

@@ -130,6 +130,21 @@ class Settings:
                 "in offset order) or key (one at a time per key, in offset order; keyless: each its own key)",
                 choices=ORDERINGS),
     )
+    MAX_RATE: float = field(
+        default=0.0,
+        **_spec(float, "most messages per second this consumer starts (0 = no limit); a retry counts again",
+                minimum=0),
+    )
+    KEY_RATE: float = field(
+        default=0.0,
+        **_spec(float, "most messages per second started per key (0 = no limit); keyless messages are not limited "
+                "by it", minimum=0),
+    )
+    RATE_BURST: float = field(
+        default=0.1,
+        **_spec(float, "seconds of MAX_RATE / KEY_RATE that may start at once after an idle spell: a bucket holds "
+                "max(1, rate x RATE_BURST) messages", minimum=0),
+    )
     FETCH_SIZES: str = field(
         default="auto",
         **_spec(str, "fetch.max.bytes / max.partition.fetch.bytes: auto (chosen at start-up from a short probe of "
@@ -415,7 +430,7 @@ def load_settings(
 
 
 # The settings a running consumer takes live (retune(), the config watcher); the rest need a restart.
-LIVE = ("MAX_THREAD_COUNT", "PAUSE_INTERVAL")
+LIVE = ("MAX_THREAD_COUNT", "PAUSE_INTERVAL", "MAX_RATE", "KEY_RATE", "RATE_BURST")
 
 
 def live_changes(**keywords: Any) -> dict[str, Any]:

@@ -77,3 +77,15 @@ def test_invalid_arguments_are_refused() -> None:
         PauseGate(pause_interval=0, max_backlog=10)
     with pytest.raises(ValueError, match="max_backlog must be >= 1"):
         PauseGate(pause_interval=1, max_backlog=0)
+
+
+def test_a_reserve_raises_the_low_watermark_but_never_to_the_high_one() -> None:
+    gate = PauseGate(pause_interval=0.5, max_backlog=5000)
+    gate.observe(0.0, 0)
+    gate.observe(1.0, 200)  # 200 msg/s
+    assert gate.rate == 200 and gate.watermarks(8) == (10, 110)
+    gate.reserve = 100  # MAX_RATE=200 holding messages back: half a second of tokens kept at a resume
+    assert gate.watermarks(8) == (100, 200)
+    gate.reserve = 10**6  # a reserve past the bound: at most half of it, so pause and resume stay apart
+    low, high = gate.watermarks(8)
+    assert low == 2500 and high == 2600

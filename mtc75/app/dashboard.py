@@ -84,6 +84,23 @@ def _lag_text(lag: Mapping[Partition, int]) -> Text:
     return text
 
 
+def _limit_text(stats: Stats) -> Text:
+    """MAX_RATE / KEY_RATE, the messages waiting for a token now and the share of the run spent throttled."""
+    elapsed = max(stats.elapsed_seconds, 1e-9)
+    parts = []
+    if stats.max_rate or stats.throttled_seconds:
+        limit = f"{stats.max_rate:,g}/s" if stats.max_rate else "off"
+        parts.append(f"MAX_RATE {limit} (throttled {stats.throttled_seconds:.1f}s, "
+                     f"{stats.throttled_seconds / elapsed:.0%})")
+    if stats.key_rate or stats.key_throttled_seconds:
+        limit = f"{stats.key_rate:,g}/s per key" if stats.key_rate else "off"
+        parts.append(f"KEY_RATE {limit} (a key throttled {stats.key_throttled_seconds:.1f}s, "
+                     f"{stats.key_throttled_seconds / elapsed:.0%})")
+    text = Text("   ".join(parts), style="bold" if stats.throttled else "")
+    text.append(f"   {stats.throttled} waiting for a token", style="yellow" if stats.throttled else "dim")
+    return text
+
+
 def _mib(value: int) -> str:
     return f"{value / (1 << 20):.1f} MiB"
 
@@ -122,6 +139,8 @@ def render(
         waiting += f", {stats.blocked} behind their {stats.ordering}"
     grid.add_row("in-flight", Text(f"{stats.in_flight} (running {stats.active_threads}, {waiting})"))
     grid.add_row("ordering", Text(stats.ordering, style="bold" if stats.ordering != "unordered" else "dim"))
+    if stats.max_rate or stats.key_rate or stats.throttled_seconds or stats.key_throttled_seconds:
+        grid.add_row("rate limit", _limit_text(stats))
     grid.add_row("lag", _lag_text(stats.lag))
     problems = Text(f"failed {stats.failed}   retried {stats.retried}   dead-lettered {stats.dead_lettered}",
                     style="red" if stats.failed or stats.dead_lettered else "")

@@ -39,6 +39,8 @@ def format_status(stats: Stats, color: bool) -> str:
         f"processed {stats.processed} ({stats.rate:,.0f}/s) | in-flight {stats.in_flight} "
         f"(waiting {stats.backlog}) | pauses {stats.pauses} | failed {stats.failed}"
     )
+    if stats.max_rate or stats.key_rate:
+        line += f" | throttled {stats.throttled}"
     if stats.retried or stats.dead_lettered or stats.skipped:
         line += f" (retried {stats.retried}, dlq {stats.dead_lettered}, skipped {stats.skipped})"
     return paint(line, status_color(stats), color, bold=stats.paused)

@@ -44,6 +44,7 @@ SETTINGS = (
     "AUTO_OFFSET_RESET", "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT", "SHUTDOWN_TIMEOUT",
     "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "MAX_PAYLOAD_BYTES", "BROKER_DOWN_TIMEOUT",
     "REPLICATION_FACTOR", "ORDERING", "FETCH_SIZES", "KEY_FORMAT", "VALUE_FORMAT",
+    "MAX_RATE", "KEY_RATE", "RATE_BURST",
 )
 EPILOG = """examples:
   {cmd}                                   # settings from the config file, MTC75_* variables, flags
@@ -52,9 +53,11 @@ EPILOG = """examples:
   {cmd} --handler myapp.jobs:handle       # fn(message) in a worker thread
   {cmd} --max-messages 1000 --summary-json run.json
   {cmd} --metrics-port 9108 --report run-report/   # /metrics, /healthz, /readyz + CSV/PNG report
+  {cmd} --max-rate 200 --key-rate 10      # at most 200 msg/s, 10 msg/s per key
 
 On a terminal it shows a live dashboard (--no-dashboard: one status line a second). Saving the config file
-with a new MAX_THREAD_COUNT, PAUSE_INTERVAL or PROCESSING_SLEEP applies it within 2 seconds (--no-reload).
+with a new MAX_THREAD_COUNT, PAUSE_INTERVAL, MAX_RATE, KEY_RATE, RATE_BURST or PROCESSING_SLEEP applies it
+within 2 seconds (--no-reload).
 
 Ctrl-C (or SIGTERM) stops fetching, waits up to SHUTDOWN_TIMEOUT for running handlers, commits and
 exits 0 (handlers still running then are abandoned, counted and delivered again next time);
@@ -92,9 +95,20 @@ def _summary_line(stats: Stats) -> str:
         f"({stats.paused_seconds:.1f}s paused), max threads busy {stats.max_active_threads}/"
         f"{stats.max_thread_count}{' (auto)' if stats.thread_mode == 'auto' else ''}, ordering {stats.ordering}, "
         + (f"fetch sizes {stats.fetch_sizes}, " if stats.fetch_sizes else "")
+        + _limits(stats)
         + f"{stats.elapsed_seconds:.1f}s"
         + (f", abandoned {stats.abandoned} running handlers" if stats.abandoned else "")
     )
+
+
+def _limits(stats: Stats) -> str:
+    """``"max rate 200/s (throttled 19.5s), "`` for the summary line; empty without a rate limit."""
+    parts = []
+    if stats.max_rate or stats.throttled_seconds:
+        parts.append(f"max rate {stats.max_rate:g}/s (throttled {stats.throttled_seconds:.1f}s)")
+    if stats.key_rate or stats.key_throttled_seconds:
+        parts.append(f"key rate {stats.key_rate:g}/s (keys throttled {stats.key_throttled_seconds:.1f}s)")
+    return "".join(part + ", " for part in parts)
 
 
 def _port(text: str) -> int:

@@ -13,7 +13,10 @@ extends the pause by another interval.
 
 The watermarks follow the measured throughput: the high one holds enough work to keep every thread
 busy for one pause interval (so a pause lasts about ``pause_interval``), the low one enough to bridge
-the refetch after a resume. The pause exists to keep the consumer alive, not to idle the pool.
+the refetch after a resume. The pause exists to keep the consumer alive, not to idle the pool. A
+``reserve`` raises the low one (and the high one with it; at most to half the backlog bound): a
+rate-limited consumer keeps that many messages at a resume, because a token that finds the backlog empty
+is lost for good.
 
 Threads: the poll thread only (no lock); the throughput comes from the consumer's one
 :class:`~mtc75.core.stats.Throughput`, which the status snapshot shows too.
@@ -63,6 +66,7 @@ class PauseGate:
         self._paused_at = 0.0
         self._recheck_at = 0.0
         self.throughput = Throughput()  # the consumer's one estimator: the status snapshot shows its rate
+        self.reserve = 0  # messages the low watermark keeps at least (MAX_RATE's refetch margin)
 
     # -- throughput ---------------------------------------------------------------------------------
 
@@ -76,7 +80,7 @@ class PauseGate:
 
     def watermarks(self, limit: int) -> tuple[int, int]:
         """(low, high) backlog sizes for a pool of ``limit`` threads."""
-        low = max(limit, int(self.throughput.rate * REFETCH_SECONDS))
+        low = max(limit, int(self.throughput.rate * REFETCH_SECONDS), min(self.reserve, self.max_backlog // 2))
         high = max(low + limit, low + int(self.throughput.rate * self.pause_interval))
         high = min(high, self.max_backlog)
         return min(low, high), high

@@ -209,6 +209,10 @@ class _LaneScheduler:
     def blocked(self) -> int:
         return self._waiting - self._ready
 
+    def behind(self, work: Work) -> int:
+        lane = self._busy.get(work)
+        return 0 if lane is None else len(lane.queue)
+
     @property
     def running(self) -> int:
         """Messages taken and not yet released (running, or waiting for a retry)."""
@@ -390,6 +394,9 @@ class FairFifoScheduler:
     @property
     def blocked(self) -> int:
         return 0
+
+    def behind(self, work: Work) -> int:
+        return 0  # nothing waits behind another
 
 
 def fair_share(high: int, limit: int, partitions: int, rate: float, seconds: float = FAIR_SECONDS) -> int:

@@ -93,11 +93,13 @@ class DelayQueue(Generic[T]):
         return out
 
     def remove_if(self, predicate: Callable[[T], bool]) -> list[T]:
-        """Drop and return the items matching ``predicate`` (e.g. those of a revoked partition)."""
+        """Drop and return the items matching ``predicate`` (e.g. those of a revoked partition), earliest
+        due first."""
         dropped = [entry for entry in self._heap if predicate(entry[2])]
         if dropped:
             self._heap = [entry for entry in self._heap if not predicate(entry[2])]
             heapq.heapify(self._heap)
+            dropped.sort()  # (due, seq): ties keep insertion order, items are never compared
         return [entry[2] for entry in dropped]
 
     def items(self) -> Iterable[T]:

@@ -84,6 +84,9 @@ class Scheduler(Protocol):
     def blocked(self) -> int:
         """Messages waiting behind a running message of their key or partition."""
 
+    def behind(self, work: Work) -> int:
+        """Messages waiting behind ``work`` (taken, not released) in its key's or partition's lane."""
+
 
 class FifoScheduler:
     """Unordered: every waiting message may start; first put, first taken."""
@@ -140,3 +143,6 @@ class FifoScheduler:
     @property
     def blocked(self) -> int:
         return 0
+
+    def behind(self, work: Work) -> int:
+        return 0  # nothing waits behind another

@@ -83,6 +83,11 @@ class Stats:
     fetch_sizes: str = ""  # e.g. "large (50 MB / 1 MB)": FETCH_SIZES' choice for this run ("" before it ran)
     pause_interval: float = 0.0  # PAUSE_INTERVAL in effect (it may change live)
     brokers_down: bool = False  # librdkafka reported every broker down and none has answered since
+    max_rate: float = 0.0  # MAX_RATE in effect, messages per second (0: no limit; it may change live)
+    key_rate: float = 0.0  # KEY_RATE in effect, messages per second per key (0: no limit)
+    throttled: int = 0  # waiting messages whose start waits for rate tokens (part of backlog)
+    throttled_seconds: float = 0.0  # seconds during which at least one message waited for a MAX_RATE token
+    key_throttled_seconds: float = 0.0  # seconds during which at least one message waited for its key's token
 
     @classmethod
     def idle(cls, max_thread_count: int, thread_mode: str = "fixed", ordering: str = "unordered") -> Stats:
@@ -108,4 +113,8 @@ class Stats:
         out["thread_mode"] = self.thread_mode
         out["ordering"] = self.ordering
         out["fetch_sizes"] = self.fetch_sizes
+        out["max_rate"] = self.max_rate
+        out["key_rate"] = self.key_rate
+        out["throttled_seconds"] = round(self.throttled_seconds, 3)
+        out["key_throttled_seconds"] = round(self.key_throttled_seconds, 3)
         return out

@@ -27,7 +27,7 @@ from mtc75.core.offsets import PartitionState
 class Work:
     """One fetched message (or a chunk): the Kafka message(s), the assignment, the first offset, the attempts."""
 
-    __slots__ = ("message", "messages", "state", "offset", "size", "failed", "dropped", "attempts", "error")
+    __slots__ = ("message", "messages", "state", "offset", "size", "failed", "dropped", "attempts", "error", "paid")
 
     def __init__(self, message: Any, state: PartitionState, offset: int) -> None:
         self.message = message  # the first (for a single message: the only) message
@@ -39,6 +39,7 @@ class Work:
         self.dropped = False  # True (with failed) when it never ran: its assignment was given up
         self.attempts = 0  # handler calls that raised
         self.error = ""  # "ExceptionType: text" of the last failure
+        self.paid = 0  # rate tokens this start already took (mtc75/core/ratelimit.py PAID_*); 0 once it starts
 
     @classmethod
     def chunk(cls, messages: Sequence[Any], state: PartitionState, first: int) -> Work:

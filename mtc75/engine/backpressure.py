@@ -1,16 +1,22 @@
 """Backpressure: what the poll thread fetches, and when partitions pause -- the gate, the window and fair intake.
 
-Three policies decide together, and this is the one place that acts on them:
+Four policies decide together, and this is the one place that acts on them:
 
 - the pause gate (:mod:`mtc75.core.gate`): every assigned partition pauses while the backlog is full and the
   workers cannot take from it, and resumes at the low watermark (``PAUSED`` / ``RESUMED`` in the log);
 - the offset window (:mod:`mtc75.core.window`): a partition whose span from its oldest unfinished offset
   reaches OFFSET_WINDOW pauses alone (``HELD``) until its watermark moves;
 - fair intake (:mod:`mtc75.kafka.fairness`): a partition's fetched messages over its share are sent back to
-  Kafka while another partition waits.
+  Kafka while another partition waits;
+- key holds (:class:`mtc75.core.ratelimit.KeyHolds`, KEY_RATE): a partition whose messages wait for their
+  keys' tokens (and behind them, in an ordered mode) reach a bound pauses alone (``HELD``) until they drain
+  to half of it. The gate does not count those messages, so a throttled hot key never pauses the others.
 
 :meth:`Backpressure.fetch` takes at most the room left below the high watermark; while paused it sleeps on
 the pool (waking when the backlog drains or a thread runs dry) and only serves the group with ``poll(0)``.
+Either wait ends by the time the next delayed message is due (a retry, or a message waiting for its rate
+tokens), so that the loop's ``release_due`` starts it on time rather than up to ``POLL_TIMEOUT`` late.
+A pause that rate limits caused (most of the backlog waits for tokens) says so in its ``PAUSED`` line.
 
 Threads: the poll thread only (it calls the Kafka client). No lock.
 """
@@ -19,10 +25,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Container
 from typing import Any
 
 from mtc75.core.gate import Load, PauseGate, Verdict
 from mtc75.core.offsets import OffsetTracker, Partition
+from mtc75.core.ratelimit import RATE_RESERVE_SECONDS, KeyHolds, key_hold_bound
 from mtc75.core.window import WindowHolds
 from mtc75.kafka.client import KafkaClient
 from mtc75.kafka.fairness import FairIntake
@@ -31,6 +39,7 @@ from mtc75.runtime.dispatcher import Dispatcher
 logger = logging.getLogger(__name__)
 
 POLL_TIMEOUT = 0.1  # longest a single poll blocks, so stop requests and timers stay responsive
+MIN_WAIT = 0.001  # shortest wait for a due message: the loop does not spin on a due time just ahead
 # Messages taken per consume(): the poll thread holds the GIL while it admits them, and workers waking
 # from I/O wait for it, so batches stay small enough to keep that stall well under a millisecond.
 MAX_BATCH = 500
@@ -55,6 +64,9 @@ class Backpressure:
         self.holds = WindowHolds(window)  # partitions paused alone: span over OFFSET_WINDOW
         self._fair = FairIntake(tracker)
         self._spent_poll_at = 0.0  # when the loop last served the group with the budget spent
+        self.key_holds = KeyHolds()  # partitions paused alone: too many messages wait for their keys' tokens
+        self._aside = 0  # this turn: waiting messages the key holds bound, not the gate
+        self._held = _Either(self.holds, self.key_holds)  # held alone, by the window or a key hold
 
     @property
     def paused(self) -> bool:
@@ -65,15 +77,20 @@ class Backpressure:
         gate, dispatcher = self.gate, self._dispatcher
         gate.observe(now, processed)
         limit = dispatcher.max_thread_count
+        # While MAX_RATE is what holds messages back, a resume keeps RATE_RESERVE_SECONDS of its tokens' work
+        gate.reserve = int(dispatcher.limits[0] * RATE_RESERVE_SECONDS) if dispatcher.rate_parked else 0
+        key_waiting = dispatcher.key_waiting()
+        self._aside = aside = sum(key_waiting.values()) if key_waiting else 0
         if gate.paused:
-            if gate.should_resume(now, limit, dispatcher.backlog):
+            if gate.should_resume(now, limit, dispatcher.backlog - aside):
                 self._resume(now)
             return
-        load = Load(dispatcher.active_thread_count, limit, dispatcher.backlog, dispatcher.ready, dispatcher.delayed)
+        load = Load(dispatcher.active_thread_count, limit, dispatcher.backlog - aside, dispatcher.ready,
+                    dispatcher.delayed - dispatcher.key_parked)
         verdict = gate.verdict(load)
         if verdict is Verdict.RUN:
             return
-        low = gate.watermarks(limit)[0]
+        low = gate.watermarks(limit)[0] + self._behind_keys()  # those wait in the scheduler, not for a thread
         if verdict is Verdict.PAUSE or not dispatcher.wait_backlog_at_most(
                 low, min(SATURATION_GRACE, gate.pause_interval)):
             self._pause(time.monotonic())
@@ -89,27 +106,39 @@ class Backpressure:
         low, high = gate.watermarks(limit)
         if gate.paused or budget == 0:
             if gate.paused:
-                ready = dispatcher.backlog - dispatcher.delayed  # retries waiting out a backoff do not drain
-                wait = min(POLL_TIMEOUT, max(gate.next_check_in(time.monotonic()), 0.001))
-                dispatcher.wait_backlog_at_most(low if ready > low else -1, wait)
+                # retries waiting out a backoff and messages waiting for their keys do not drain
+                behind = self._behind_keys()
+                ready = dispatcher.backlog - dispatcher.delayed - behind
+                wait = self._wait(max(gate.next_check_in(time.monotonic()), MIN_WAIT))
+                dispatcher.wait_backlog_at_most(low + behind if ready > low else -1, wait)
             else:  # the budget is spent: nothing to fetch, only completions to wait for (a worker going idle)
-                dispatcher.wait_backlog_at_most(-1, POLL_TIMEOUT)
+                dispatcher.wait_backlog_at_most(-1, self._wait(POLL_TIMEOUT))
                 now = time.monotonic()
                 if now - self._spent_poll_at < SPENT_POLL_INTERVAL:
                     return []
                 self._spent_poll_at = now
             message = client.poll(0)
             return [] if message is None else self._within([message], budget)
-        room = high - dispatcher.backlog + (limit - dispatcher.active_thread_count)
+        room = high - (dispatcher.backlog - self._aside) + (limit - dispatcher.active_thread_count)
         if budget is not None:
             room = min(room, budget)
         # consume() waits for a full batch until its timeout: take what is there without waiting, and block
         # (in poll, which returns on the first message) only when idle.
         messages = client.consume(num_messages=max(1, min(room, MAX_BATCH)), timeout=0)
         if not messages:
-            message = client.poll(POLL_TIMEOUT)
+            message = client.poll(self._wait(POLL_TIMEOUT))
             messages = [] if message is None else [message]
-        return self._fair.cut(client.consumer, messages, high, limit, gate.rate, time.monotonic(), self.holds)
+        return self._fair.cut(client.consumer, messages, high, limit, gate.rate, time.monotonic(), self._held)
+
+    def _behind_keys(self) -> int:
+        """This turn's messages waiting in the scheduler behind a key that waits for its tokens."""
+        return max(0, self._aside - self._dispatcher.key_parked)
+
+    def _wait(self, longest: float) -> float:
+        """At most ``longest`` (and POLL_TIMEOUT) seconds, ending when the next delayed message is due."""
+        wait = min(longest, POLL_TIMEOUT)
+        due = self._dispatcher.due_in()
+        return wait if due is None else max(MIN_WAIT, min(wait, due))
 
     def _within(self, messages: list[Any], budget: int | None) -> list[Any]:
         """``messages`` up to ``budget``; each partition's rest is sent back (a seek to its first one), so no
@@ -138,10 +167,13 @@ class Backpressure:
         return kept
 
     def update_holds(self, touched: set[Partition]) -> None:
-        """Hold a partition whose window is full (a stuck message); release it once its watermark moved."""
+        """Hold a partition whose window is full (a stuck message); release it once its watermark moved.
+        Hold a partition whose messages waiting for their keys' tokens reached the bound; release it at half."""
         client, tracker = self._client, self._tracker
         to_pause, to_resume = self.holds.update(tracker, client.paused, touched)
+        to_resume = [tp for tp in to_resume if tp not in self.key_holds]
         touched.clear()
+        self._update_key_holds()
         if to_pause:
             client.pause(to_pause, track=False)
             for t, p in to_pause:
@@ -152,9 +184,31 @@ class Backpressure:
             client.resume(to_resume)
             logger.info("released %s: its watermark moved", fmt(to_resume))
 
+    def _update_key_holds(self) -> None:
+        dispatcher, client, key_holds = self._dispatcher, self._client, self.key_holds
+        waiting = dispatcher.key_waiting()
+        if not waiting and not key_holds:
+            return
+        bound = key_hold_bound(dispatcher.limits[1], self.gate.watermarks(dispatcher.max_thread_count)[1])
+        to_hold, to_release = key_holds.update(waiting, bound)
+        # paused already by the gate (it resumes them) or the window (it releases them): nothing to call
+        hold = [tp for tp in to_hold if tp not in client.paused and tp not in self.holds]
+        release = [tp for tp in to_release if tp not in client.paused and tp not in self.holds]
+        if hold:
+            client.pause(hold, track=False)
+        if to_hold:
+            logger.info("HELD %s: %s messages wait for their keys' KEY_RATE tokens (bound %d); other partitions "
+                        "go on", fmt(to_hold), "/".join(str(waiting[tp]) for tp in to_hold), bound)
+        if release:
+            client.resume(release)
+        if to_release:
+            logger.info("released %s: its messages waiting for KEY_RATE tokens are down to %s", fmt(to_release),
+                        "/".join(str(waiting.get(tp, 0)) for tp in to_release))
+
     def assigned(self, tps: list[Partition]) -> None:
         """New assignments: fresh holds, and paused at once while the consumer is (assign comes first)."""
         self.holds.forget(tps)
+        self.key_holds.forget(tps)
         if self.gate.paused:
             self._client.pause(tps)
         else:
@@ -165,13 +219,14 @@ class Backpressure:
     def released(self, tps: list[Partition]) -> None:
         """Assignments given up: resume what we paused, so no stale flag outlives the assignment."""
         client = self._client
-        held = set(self.holds.forget(tps))
+        held = set(self.holds.forget(tps)) | set(self.key_holds.forget(tps))
         client.resume([tp for tp in tps if tp in client.paused or tp in held], wake=False)
 
     def reset(self, tps: list[Partition]) -> None:
         """The topic was re-created: its partitions start with an empty window."""
         client = self._client
-        client.resume([tp for tp in self.holds.forget(tps) if tp not in client.paused], wake=False)
+        held = set(self.holds.forget(tps)) | set(self.key_holds.forget(tps))
+        client.resume([tp for tp in held if tp not in client.paused], wake=False)
 
     def _finished_before(self, tp: Partition, offset: int) -> bool:
         """The offset map read at assignment says ``offset`` finished under an earlier owner."""
@@ -188,6 +243,13 @@ class Backpressure:
         client, dispatcher = self._client, self._dispatcher
         self.gate.start_pause(now)
         client.pause(self._tracker.partitions())
+        if dispatcher.throttled * 2 >= max(1, dispatcher.backlog):  # the pause the rate limits meant
+            logger.info(
+                "PAUSED %d partitions: %d messages waiting, %d of them for rate tokens (re-check in %.2fs)",
+                len(client.paused), dispatcher.backlog, dispatcher.throttled, self.gate.pause_interval,
+                extra=PAUSE_EVENT,
+            )
+            return
         logger.info(
             "PAUSED %d partitions: all %d %s busy, %d messages waiting (re-check in %.2fs)",
             len(client.paused), dispatcher.max_thread_count, dispatcher.workers, dispatcher.backlog,
@@ -197,7 +259,7 @@ class Backpressure:
     def _resume(self, now: float) -> None:
         client, dispatcher = self._client, self._dispatcher
         lasted = self.gate.end_pause(now)
-        mine = [tp for tp in client.paused if tp in self._tracker and tp not in self.holds]
+        mine = [tp for tp in client.paused if tp in self._tracker and tp not in self._held]
         client.resume(mine)
         client.paused.clear()  # the held ones stay paused by the window, the others are no longer ours
         logger.info(
@@ -205,6 +267,16 @@ class Backpressure:
             len(mine), lasted, dispatcher.active_thread_count, dispatcher.max_thread_count,
             dispatcher.workers, dispatcher.backlog, extra=RESUME_EVENT,
         )
+
+
+class _Either:
+    """Partitions held alone by either the window or a key hold (for fair intake and the gate's resume)."""
+
+    def __init__(self, first: Container[Partition], second: Container[Partition]) -> None:
+        self._first, self._second = first, second
+
+    def __contains__(self, tp: object) -> bool:
+        return tp in self._first or tp in self._second
 
 
 def fmt(tps: list[Partition]) -> str:

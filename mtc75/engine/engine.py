@@ -206,6 +206,9 @@ class Engine:
             self._threads.retune(changes["MAX_THREAD_COUNT"], self._parts.dispatcher)
         if "PAUSE_INTERVAL" in changes:
             self._gate.pause_interval = changes["PAUSE_INTERVAL"]
+        if changes.keys() & {"MAX_RATE", "KEY_RATE", "RATE_BURST"}:
+            s = self._settings
+            self._parts.dispatcher.limit_rates(s.MAX_RATE, s.KEY_RATE, s.RATE_BURST)
         logger.debug("retuned: %s", changes)
 
     def _fail(self, error: Mtc75Error) -> None:
@@ -275,6 +278,7 @@ class Engine:
         now = time.monotonic()
         parts, gate, ledger = self._parts, self._gate, self._ledger
         d = parts.dispatcher if parts is not None else None
+        throttled_seconds, key_throttled_seconds = d.throttled_seconds() if d else (0.0, 0.0)
         return Stats(
             active_threads=d.active_thread_count if d else 0,
             max_thread_count=self._threads.limit,
@@ -305,5 +309,10 @@ class Engine:
             fetch_sizes=parts.fetch_sizes if parts is not None else "",
             pause_interval=gate.pause_interval,
             brokers_down=parts is not None and parts.client.down_since is not None,
+            max_rate=self._settings.MAX_RATE,
+            key_rate=self._settings.KEY_RATE,
+            throttled=d.throttled if d else 0,
+            throttled_seconds=throttled_seconds,
+            key_throttled_seconds=key_throttled_seconds,
         )
 

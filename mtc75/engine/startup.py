@@ -129,6 +129,7 @@ def assemble(settings: Settings, overrides: Mapping[str, Any], factories: Client
     client = faults.client = KafkaClient(consumer, settings.TOPIC, cooperative=is_incremental(conf), log=log)
     retry = RetryPolicy(settings.MAX_ATTEMPTS, settings.RETRY_BACKOFF, settings.RETRY_BACKOFF_MAX)
     dispatcher = Dispatcher(wiring.invoker, wiring.threads, retry, scheduler=new_scheduler(settings.ORDERING))
+    dispatcher.limit_rates(settings.MAX_RATE, settings.KEY_RATE, settings.RATE_BURST)
     backpressure = Backpressure(client, ledger.tracker, dispatcher, wiring.gate, settings.offset_window())
     guard = Relay()  # the topic guard, once the watch exists
     checkpoint = OffsetCheckpoint(client, ledger.tracker, settings.COMMIT_INTERVAL, faults.is_fatal, guard)

@@ -36,6 +36,9 @@ COUNTERS = (
     ("retried", "handler retries", "retried"),
     ("dead_lettered", "messages sent to the dead-letter topic", "dead_lettered"),
     ("pauses", "times the consumer paused its partitions because every thread was busy", "pauses"),
+    ("throttled_seconds", "seconds during which a message waited for a MAX_RATE token", "throttled_seconds"),
+    ("key_throttled_seconds", "seconds during which a message waited for its key's KEY_RATE token",
+     "key_throttled_seconds"),
 )
 GAUGES = (
     ("active_threads", "handlers running now (permits held; ACTIVE_THREAD_COUNT)", "active_threads"),
@@ -45,6 +48,9 @@ GAUGES = (
     ("in_flight", "messages fetched and not yet finished (running plus waiting)", "in_flight"),
     ("backlog", "fetched messages waiting for a free thread", "backlog"),
     ("assigned_partitions", "partitions assigned to this consumer", "assigned"),
+    ("max_rate", "MAX_RATE: most messages started per second (0: no limit)", "max_rate"),
+    ("key_rate", "KEY_RATE: most messages started per second per key (0: no limit)", "key_rate"),
+    ("throttled", "fetched messages waiting for a rate token (part of the backlog)", "throttled"),
 )
 
 

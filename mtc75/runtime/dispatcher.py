@@ -23,6 +23,15 @@ attempt the Work goes to the completion queue marked failed -- at once for a
 A Work of an assignment being given up (:meth:`Dispatcher.retire`) is never retried nor put back: it
 comes back failed or dropped.
 
+Rate limits (MAX_RATE, KEY_RATE: :mod:`mtc75.core.ratelimit`): a worker that takes a Work pays its tokens;
+when the bucket puts its start in the future the Work goes to the delay queue, due at that start and marked
+as paid, and the worker takes the next one. So a throttled message holds no thread, counts in ``backlog``
+and ``delayed`` (the gate pauses fetching once such messages fill the backlog), and in an ordered mode keeps
+its key's or partition's lane busy, like a retry waiting out its backoff. A change of the limits
+(:meth:`Dispatcher.limit_rates`) gives the waiting messages' tokens back and puts them back in front, to
+pay again at the new rates. Chunks hold at most the bucket's capacity, and single messages under KEY_RATE.
+With no limit the hot path pays one attribute test per Work.
+
 Thread contract: the poll thread calls everything public except the shift; workers only drive their shift.
 ``completions`` is appended by workers and drained by the poll thread alone (every Kafka call is the poll
 thread's). One lock guards the permits, the delay queue and every scheduler call except ``take`` and
@@ -37,9 +46,10 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from mtc75.core.offsets import PartitionState
+from mtc75.core.offsets import Partition, PartitionState
+from mtc75.core.ratelimit import NO_CAP, PAID_ALL, PAID_KEY, PAID_RATE, RateLimits, WaitTime, cause
 from mtc75.core.retry import DelayQueue, RetryPolicy
 from mtc75.core.scheduler import FifoScheduler, Scheduler
 from mtc75.core.work import Work
@@ -74,7 +84,9 @@ class Dispatcher:
         *,
         scheduler: Scheduler | None = None,
         runner: RunnerFactory | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._clock = clock  # due times of the delay queue and the rate limits (tests: a fake)
         self._retry = retry if retry is not None else RetryPolicy(max_attempts=1, base=0.0, cap=0.0)
         self._lock = threading.Lock()
         self._permits = Permits(max_thread_count)
@@ -82,7 +94,13 @@ class Dispatcher:
         # The scheduler's take/release, bound once: lock-free where its class allows it (the FIFOs).
         self._take = self._scheduler.take if self._scheduler.LOCK_FREE_TAKE else self._locked_take
         self._release = self._scheduler.release if self._scheduler.LOCK_FREE_RELEASE else self._locked_release
-        self._delayed: DelayQueue[Work] = DelayQueue()  # failed Works waiting for their next attempt
+        # Works waiting for a time: failed ones for their next attempt, throttled ones for their rate tokens
+        self._delayed: DelayQueue[Work] = DelayQueue()
+        self._limits: RateLimits | None = None  # MAX_RATE / KEY_RATE; None: no limit (read unlocked per take)
+        self._chunk_cap = NO_CAP  # most messages per chunk the limits allow
+        self._waits = {PAID_RATE: WaitTime(), PAID_KEY: WaitTime()}  # throttled messages by what they wait for
+        self._key_parked: dict[Work, None] = {}  # the Works waiting for their keys' tokens (an ordered set)
+        self._parked_extra = 0  # messages beyond one per Work in the delay queue (throttled chunks)
         self.retried = 0  # retries scheduled (a message failing 3 times with 3 attempts counts 2)
         # Notified when a worker gives its permit back, and when the backlog falls to _drain_mark.
         self._changed = threading.Condition(self._lock)
@@ -114,7 +132,7 @@ class Dispatcher:
                     units.append(work)
             self._scheduler.put(units)
             if self._delayed:
-                self._promote_due(time.monotonic())
+                self._promote_due(self._clock())
             wanted = self._wanted(self._scheduler.ready)
             if size > 1:
                 wanted = min(wanted, len(units))  # a worker per chunk at most
@@ -127,7 +145,7 @@ class Dispatcher:
         per = self._per_message
         if not self._chunks or per is None or per >= FAST_HANDLER:
             return 1
-        return max(1, int(CHUNK_TARGET / max(per, 1e-7)))
+        return max(1, min(int(CHUNK_TARGET / max(per, 1e-7)), self._chunk_cap))
 
     def _wanted(self, waiting: int) -> int:
         """Caller holds the lock. Workers to start for ``waiting`` messages (see the module notes)."""
@@ -147,7 +165,7 @@ class Dispatcher:
             self._unstall()
             return  # the common case, checked without the lock
         with self._lock:
-            self._promote_due(time.monotonic())
+            self._promote_due(self._clock())
             # also covers retries a busy worker promoted: it took no permits for them
             starts = self._permits.acquire(self._scheduler.ready)
         self._runner.spawn(starts)
@@ -168,6 +186,32 @@ class Dispatcher:
         with self._lock:
             starts = self._permits.acquire(self._scheduler.ready)
         self._takes_at = now
+        self._runner.spawn(starts)
+
+    def limit_rates(self, max_rate: float, key_rate: float, burst: float) -> None:
+        """Set MAX_RATE and KEY_RATE (0: off) and RATE_BURST. The throttled Works give their tokens back
+        and go back in front of the scheduler, to pay again under the new limits."""
+        with self._lock:
+            now = self._clock()
+            old = self._limits
+            if old is not None and (old.max_rate, old.key_rate, old.burst) == (max_rate, key_rate, burst):
+                return
+            waiting = self._delayed.remove_if(_throttled)  # earliest due first: the order they paid in
+            for work in waiting:
+                self._unpark(work, now)
+                if old is not None:
+                    old.refund(work)
+                work.paid = 0
+            if not (max_rate or key_rate):
+                self._limits = None
+            elif old is None:
+                self._limits = RateLimits(max_rate, key_rate, burst, now)
+            else:
+                self._limits = old.retuned(max_rate, key_rate, burst, now)
+            self._chunk_cap = NO_CAP if self._limits is None else self._limits.chunk_cap
+            if waiting:
+                self._scheduler.requeue(waiting)
+            starts = self._permits.acquire(self._scheduler.ready)
         self._runner.spawn(starts)
 
     def purge(self) -> list[Work]:
@@ -196,9 +240,14 @@ class Dispatcher:
         else:
             dropped = self._scheduler.purge(lambda w: w.state in states)
             retries = self._delayed.remove_if(lambda w: w.state in states)
+        if self._waits[PAID_RATE].waiting or self._waits[PAID_KEY].waiting:
+            now = self._clock()
+            for work in retries:
+                if work.paid:  # waited for rate tokens
+                    self._unpark(work, now)
         dropped.extend(retries)
         for work in dropped:
-            if work.attempts:  # a retry (delayed, or requeued and not taken again): it was taken
+            if work.attempts or work.paid:  # a retry or throttled (delayed, or requeued and not taken again): taken
                 self._scheduler.release(work)
         if dropped:
             self._changed.notify_all()  # a wait_backlog_at_most may now be satisfied
@@ -271,8 +320,8 @@ class Dispatcher:
 
     @property
     def backlog(self) -> int:
-        """Messages waiting for a worker (ready or blocked), including those waiting for a retry."""
-        return len(self._scheduler) + len(self._delayed)
+        """Messages waiting for a worker (ready or blocked), including those waiting for a retry or rate tokens."""
+        return len(self._scheduler) + len(self._delayed) + self._parked_extra
 
     @property
     def ready(self) -> int:
@@ -286,8 +335,54 @@ class Dispatcher:
 
     @property
     def delayed(self) -> int:
-        """Failed messages waiting for their backoff to pass (they hold no thread)."""
-        return len(self._delayed)
+        """Messages waiting for a time (holding no thread): failed ones for their backoff to pass, throttled
+        ones for their rate tokens."""
+        return len(self._delayed) + self._parked_extra
+
+    def due_in(self) -> float | None:
+        """Seconds until the next delayed message is due (None: none waits); a hint read without the lock."""
+        due = self._delayed.next_due()
+        return None if due is None else due - self._clock()
+
+    @property
+    def limits(self) -> tuple[float, float, float]:
+        """(MAX_RATE, KEY_RATE, RATE_BURST) in effect; 0 for a limit that is off."""
+        limits = self._limits
+        return (0.0, 0.0, 0.0) if limits is None else (limits.max_rate, limits.key_rate, limits.burst)
+
+    @property
+    def throttled(self) -> int:
+        """Messages waiting for rate tokens now (part of ``delayed``; a hint)."""
+        return self._waits[PAID_RATE].waiting + self._waits[PAID_KEY].waiting
+
+    def key_waiting(self) -> dict[Partition, int]:
+        """Per partition, the messages waiting for their keys' KEY_RATE tokens, and those waiting behind
+        them in their key's or partition's lane (an ordered mode); empty without any."""
+        if not self._key_parked:
+            return {}  # the common case, read without the lock
+        counts: dict[Partition, int] = {}
+        with self._lock:
+            behind = self._scheduler.behind
+            for work in self._key_parked:
+                tp = work.state.tp
+                counts[tp] = counts.get(tp, 0) + work.size + behind(work)
+        return counts
+
+    @property
+    def rate_parked(self) -> int:
+        """Messages in the delay queue that wait for MAX_RATE tokens (a hint)."""
+        return self._waits[PAID_RATE].waiting
+
+    @property
+    def key_parked(self) -> int:
+        """Messages in the delay queue that wait for their keys' tokens (a hint)."""
+        return self._waits[PAID_KEY].waiting
+
+    def throttled_seconds(self) -> tuple[float, float]:
+        """Seconds so far during which at least one message waited for MAX_RATE tokens, and for KEY_RATE ones."""
+        with self._lock:
+            now = self._clock()
+            return self._waits[PAID_RATE].seconds(now), self._waits[PAID_KEY].seconds(now)
 
     def shutdown(self, wait: bool) -> None:
         self.purge()
@@ -311,11 +406,51 @@ class Dispatcher:
             self._scheduler.release(work)
 
     def _promote_due(self, now: float) -> int:
-        """Caller holds the lock. Due retries go back to the scheduler, before anything fetched since."""
+        """Caller holds the lock. Due retries and throttled Works go back to the scheduler, before anything
+        fetched since (a throttled one starts without paying again)."""
         due = self._delayed.pop_due(now)
         if due:
+            waits = self._waits
+            if waits[PAID_RATE].waiting or waits[PAID_KEY].waiting:
+                for work in due:
+                    if work.paid:
+                        self._unpark(work, now)
             self._scheduler.requeue(due)
         return len(due)
+
+    def _admit(self, work: Work) -> bool:
+        """Pay ``work``'s rate tokens: True when it may start now; else it waits in the delay queue, due at
+        its start (or, of an assignment being given up, completes dropped: it never runs)."""
+        with self._lock:
+            limits = self._limits
+            if limits is None:
+                return True  # turned off since the unlocked look
+            now = self._clock()
+            start = limits.admit(work, now)
+            if start <= now:
+                return True
+            if work.state.closing or not work.state.alive:
+                work.paid = 0
+                work.failed = work.dropped = True
+            else:
+                self._delayed.push(start, work)  # not released: an ordered scheduler keeps its lane busy
+                reason = cause(work)
+                self._waits[reason].add(now, work.size)
+                self._parked_extra += work.size - 1
+                if reason == PAID_KEY:
+                    self._key_parked[work] = None
+                return False
+        self._release(work)
+        self._done(work)
+        return False
+
+    def _unpark(self, work: Work, now: float) -> None:
+        """Caller holds the lock. A throttled Work left the delay queue (due, purged or re-planned)."""
+        reason = cause(work)
+        self._waits[reason].remove(now, work.size)
+        self._parked_extra -= work.size - 1
+        if reason == PAID_KEY:
+            self._key_parked.pop(work, None)
 
     def shift(self) -> Shift:
         """One worker's shift: it holds one permit from its spawn until this generator returns.
@@ -336,9 +471,9 @@ class Dispatcher:
                 delayed = self._delayed
                 if delayed:  # a retry may be due: checked without the lock, promoted under it
                     due = delayed.next_due()
-                    if due is not None and due <= time.monotonic():
+                    if due is not None and due <= self._clock():
                         with self._lock:
-                            self._promote_due(time.monotonic())
+                            self._promote_due(self._clock())
                 try:
                     if permits.in_use > permits.limit:
                         raise IndexError  # the bound shrank: give this permit back
@@ -353,6 +488,8 @@ class Dispatcher:
                 if mark >= 0 and len(scheduler) <= mark:  # -1 (nobody waits) skips the len() call
                     with self._lock:
                         self._changed.notify_all()
+                if self._limits is not None and not self._admit(work):
+                    continue  # it waits for its rate tokens without this worker
                 outcome = yield work
                 if outcome is None:  # done for good: whatever it blocked may run
                     release(work)
@@ -396,6 +533,9 @@ class Dispatcher:
                         piece.failed = piece.dropped = True
                         self._done(piece)
                 else:
+                    if self._limits is not None:
+                        for piece in rest:
+                            piece.paid = PAID_ALL  # the chunk paid for them: they start without paying again
                     self._scheduler.requeue(rest)
                     self._per_message = None  # slow now: single messages and every free worker until measured
                     self._wake = True
@@ -413,6 +553,7 @@ class Dispatcher:
         """The handler raised ``error`` (any BaseException): schedule a retry, or complete it failed."""
         retry = self._retry
         work.attempts += 1
+        work.paid = 0  # a retry is another call: it pays its rate tokens again
         work.error = describe_error(error)
         msg = work.message
         with self._lock:
@@ -423,7 +564,7 @@ class Dispatcher:
             if again:
                 delay = retry.delay(work.attempts)
                 # not released: an ordered scheduler keeps its key blocked meanwhile
-                self._delayed.push(time.monotonic() + delay, work)
+                self._delayed.push(self._clock() + delay, work)
                 self.retried += 1
         if again:
             logger.warning(
@@ -447,6 +588,11 @@ class Dispatcher:
 def _retriable(error: BaseException) -> bool:
     """False for a failure that another attempt cannot change: a key or value that does not deserialize."""
     return not isinstance(error, DeserializationError) or error.retriable
+
+
+def _throttled(work: Work) -> bool:
+    """A delayed Work that waits for rate tokens (a retry waiting out its backoff has paid nothing)."""
+    return work.paid != 0
 
 
 def _traceback(error: BaseException) -> tuple[type[BaseException], BaseException, object] | None:
