@@ -24,6 +24,7 @@ import logging
 from mtc75.api import Consumer
 from mtc75.core.stats import Stats
 from mtc75.errors import (
+    BatchError,
     BrokerUnreachable,
     ConfigError,
     HandlerRefused,
@@ -38,6 +39,7 @@ from mtc75.errors import (
 
 __version__ = "0.1.0"
 __all__ = [
+    "BatchError",
     "BrokerUnreachable",
     "ConfigError",
     "Consumer",

@@ -38,7 +38,7 @@ CONSUMER_SETTINGS = (
     "PAUSE_INTERVAL", "AUTO_OFFSET_RESET", "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT",
     "SHUTDOWN_TIMEOUT", "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "BROKER_DOWN_TIMEOUT",
     "REPLICATION_FACTOR", "CONSUMER_CONFIG",
-    "PRODUCER_CONFIG", "ORDERING", "FETCH_SIZES",
+    "PRODUCER_CONFIG", "ORDERING", "BATCH_SIZE", "BATCH_WAIT", "FETCH_SIZES",
 )
 NEW, RUNNING, ENDED = "new", "running", "ended"  # a Consumer's run state, in this order, once
 SNAPSHOT_INTERVAL = 0.25  # how stale stats() may be while running: the poll thread refreshes it this often
@@ -116,7 +116,7 @@ class Consumer:
         on_status: Callable[[Stats], None] | None, status_interval: float, observers: Sequence[CallObserver],
         factories: ClientFactories,
     ) -> None:
-        invoker = Invoker(handler)  # refuses what no runner can run (an async generator)
+        invoker = Invoker(handler, batches=settings.BATCH_SIZE > 1)  # refuses what no runner can run
         for observer in observers:
             invoker.attach(observer)
         if not status_interval > 0:
@@ -238,15 +238,20 @@ class Consumer:
         engine = self._engine
         return engine is not None and engine.lingering
 
-    def retune(self, *, max_thread_count: int | str | None = None, pause_interval: float | None = None) -> None:
-        """Change the thread bound (a count or "auto") and the pause interval; a running consumer applies it
-        within 0.1 s."""
-        changes = live_changes(max_thread_count=max_thread_count, pause_interval=pause_interval)
+    def retune(
+        self, *, max_thread_count: int | str | None = None, pause_interval: float | None = None,
+        batch_size: int | None = None, batch_wait: float | None = None,
+    ) -> None:
+        """Change the thread bound (a count or "auto"), the pause interval and, for a batch handler, the batch
+        size and wait; a running consumer applies it within 0.1 s."""
+        keywords = {"max_thread_count": max_thread_count, "pause_interval": pause_interval,
+                    "batch_size": batch_size, "batch_wait": batch_wait}
+        changes = live_changes(**keywords)
         if self._state == ENDED or (self._closed and self._state == NEW):
             raise MisuseError("retune() on an mtc75.Consumer that has finished or was closed: nothing to retune")
         engine = self._engine
         if engine is not None:
-            engine.retune(max_thread_count=max_thread_count, pause_interval=pause_interval)
+            engine.retune(**keywords)
         else:
             self._settings = self._settings.replace(**changes)
             self._stats = self._idle_stats()  # stats() before the run shows the bound it will start with

@@ -439,6 +439,7 @@ class FakeConsumer:
                 logs = self._cluster._logs.get(tp[0])
                 offset = 0 if offset == OFFSET_BEGINNING or logs is None else len(logs[tp[1]])
             self._assigned[tp] = offset
+            self._positions.pop(tp, None)  # as librdkafka: a seek clears the position until the next delivery
         self.calls.append(("seek", [(tp[0], tp[1], partition.offset)]))
 
     def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:

@@ -47,7 +47,7 @@ def test_diff_separates_live_settings_from_restart_ones() -> None:
     assert live == {"MAX_THREAD_COUNT": 8, "PROCESSING_SLEEP": 0.1}
     assert restart == ["TOPIC"]
     assert diff(old, old) == ({}, [])
-    assert set(LIVE_SETTINGS) == {"MAX_THREAD_COUNT", "PAUSE_INTERVAL", "PROCESSING_SLEEP"}
+    assert set(LIVE_SETTINGS) == {"MAX_THREAD_COUNT", "PAUSE_INTERVAL", "BATCH_SIZE", "BATCH_WAIT", "PROCESSING_SLEEP"}
 
 
 def test_saved_change_is_applied_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

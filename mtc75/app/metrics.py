@@ -34,6 +34,7 @@ COUNTERS = (
     ("retried", "handler retries", "retried"),
     ("dead_lettered", "messages sent to the dead-letter topic", "dead_lettered"),
     ("pauses", "times the consumer paused its partitions because every thread was busy", "pauses"),
+    ("batches", "a batch handler's completed calls (BATCH_SIZE > 1); processed / batches is the mean size", "batches"),
 )
 GAUGES = (
     ("active_threads", "handlers running now (permits held; ACTIVE_THREAD_COUNT)", "active_threads"),

@@ -39,11 +39,11 @@ from typing import Any
 from mtc75.api import Consumer
 from mtc75.errors import ConfigError
 from mtc75.runtime.handlers import SimulatedWork
-from mtc75.settings import MAX_CONFIG_BYTES, SPECS, Settings, config_values, describe_raise
+from mtc75.settings import LIVE, MAX_CONFIG_BYTES, SPECS, Settings, config_values, describe_raise
 
 logger = logging.getLogger(__name__)
 
-LIVE_SETTINGS = ("MAX_THREAD_COUNT", "PAUSE_INTERVAL", "PROCESSING_SLEEP")
+LIVE_SETTINGS = (*LIVE, "PROCESSING_SLEEP")
 CHECK_INTERVAL = 0.5  # seconds between checks of the file
 SETTLE = 0.2  # seconds without a write before a changed file is read (else: read at the next check)
 LOAD_TIMEOUT = 10.0  # seconds the child process may take to run the file (Python's own start included)
@@ -178,7 +178,7 @@ def retuner(consumer: Consumer, work: object) -> Callable[[dict[str, Any]], None
     """The ``apply`` for a running consumer: threads and pause interval to the engine, sleep to the handler."""
 
     def apply(changes: dict[str, Any]) -> None:
-        consumer.retune(max_thread_count=changes.get("MAX_THREAD_COUNT"), pause_interval=changes.get("PAUSE_INTERVAL"))
+        consumer.retune(**{name.lower(): changes[name] for name in LIVE if name in changes})
         if "PROCESSING_SLEEP" in changes:
             if isinstance(work, SimulatedWork):
                 work.processing_sleep = changes["PROCESSING_SLEEP"]

@@ -82,6 +82,13 @@ class Stats:
     blocked: int = 0  # waiting messages that must wait for an earlier one of their key or partition
     fetch_sizes: str = ""  # e.g. "large (50 MB / 1 MB)": FETCH_SIZES' choice for this run ("" before it ran)
     pause_interval: float = 0.0  # PAUSE_INTERVAL in effect (it may change live)
+    batch_size: int = 1  # BATCH_SIZE in effect: above 1 the handler takes lists (a batch handler)
+    batches: int = 0  # a batch handler's calls that completed (their messages count in processed)
+
+    @property
+    def mean_batch(self) -> float:
+        """Messages per completed batch call (0 before the first)."""
+        return self.processed / self.batches if self.batches else 0.0
 
     @classmethod
     def idle(cls, max_thread_count: int, thread_mode: str = "fixed", ordering: str = "unordered") -> Stats:
@@ -107,4 +114,6 @@ class Stats:
         out["thread_mode"] = self.thread_mode
         out["ordering"] = self.ordering
         out["fetch_sizes"] = self.fetch_sizes
+        out["batch_size"] = self.batch_size
+        out["calls"] = self.batches if self.batch_size > 1 else self.processed  # handler calls that completed
         return out

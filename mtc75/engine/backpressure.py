@@ -60,16 +60,17 @@ class Backpressure:
         """One loop turn: feed the throughput, then pause or resume every partition as the gate says."""
         gate, dispatcher = self.gate, self._dispatcher
         gate.observe(now, processed)
-        limit = dispatcher.max_thread_count
+        limit, unit = dispatcher.max_thread_count, dispatcher.unit
         if gate.paused:
-            if gate.should_resume(now, limit, dispatcher.backlog):
+            if gate.should_resume(now, limit, dispatcher.backlog, unit):
                 self._resume(now)
             return
-        load = Load(dispatcher.active_thread_count, limit, dispatcher.backlog, dispatcher.ready, dispatcher.delayed)
+        load = Load(dispatcher.active_thread_count, limit, dispatcher.backlog, dispatcher.ready, dispatcher.delayed,
+                    unit)
         verdict = gate.verdict(load)
         if verdict is Verdict.RUN:
             return
-        low = gate.watermarks(limit)[0]
+        low = gate.watermarks(limit, unit)[0]
         if verdict is Verdict.PAUSE or not dispatcher.wait_backlog_at_most(
                 low, min(SATURATION_GRACE, gate.pause_interval)):
             self._pause(time.monotonic())
@@ -77,22 +78,28 @@ class Backpressure:
     def fetch(self) -> list[Any]:
         """This turn's messages: as many as there is room for, or only the group's events while paused."""
         client, dispatcher, gate = self._client, self._dispatcher, self.gate
-        limit = dispatcher.max_thread_count
-        low, high = gate.watermarks(limit)
+        limit, unit = dispatcher.max_thread_count, dispatcher.unit
+        low, high = gate.watermarks(limit, unit)
         if gate.paused:
             ready = dispatcher.backlog - dispatcher.delayed  # retries waiting out a backoff do not drain
-            wait = min(POLL_TIMEOUT, max(gate.next_check_in(time.monotonic()), 0.001))
+            wait = min(self._wait_at_most(), max(gate.next_check_in(time.monotonic()), 0.001))
             dispatcher.wait_backlog_at_most(low if ready > low else -1, wait)
             message = client.poll(0)
             return [] if message is None else [message]
-        room = high - dispatcher.backlog + (limit - dispatcher.active_thread_count)
+        room = high - dispatcher.backlog + (limit - dispatcher.active_thread_count) * unit
         # consume() waits for a full batch until its timeout: take what is there without waiting, and block
         # (in poll, which returns on the first message) only when idle.
         messages = client.consume(num_messages=max(1, min(room, MAX_BATCH)), timeout=0)
         if not messages:
-            message = client.poll(POLL_TIMEOUT)
+            message = client.poll(self._wait_at_most())
             messages = [] if message is None else [message]
-        return self._fair.cut(client.consumer, messages, high, limit, gate.rate, time.monotonic(), self.holds)
+        return self._fair.cut(client.consumer, messages, high, max(limit, unit), gate.rate, time.monotonic(),
+                              self.holds)
+
+    def _wait_at_most(self) -> float:
+        """How long the poll thread may block now: POLL_TIMEOUT, or less when a retry or a batch is due sooner."""
+        due = self._dispatcher.next_due()
+        return POLL_TIMEOUT if due is None else min(POLL_TIMEOUT, max(0.0, due - time.monotonic()))
 
     def update_holds(self, touched: set[Partition]) -> None:
         """Hold a partition whose window is full (a stuck message); release it once its watermark moved."""

@@ -222,6 +222,11 @@ class Engine:
             self._threads.retune(changes["MAX_THREAD_COUNT"], self._parts.dispatcher)
         if "PAUSE_INTERVAL" in changes:
             self._gate.pause_interval = changes["PAUSE_INTERVAL"]
+        if self._invoker.batches:
+            self._parts.dispatcher.retune_batches(self._settings.BATCH_SIZE, self._settings.BATCH_WAIT)
+        elif changes.get("BATCH_SIZE", 1) > 1:
+            logger.warning("BATCH_SIZE %d not applied: the handler takes one message (BATCH_SIZE was 1 at start-up); "
+                           "restart to run a batch handler", changes["BATCH_SIZE"])
         logger.debug("retuned: %s", changes)
 
     def _fail(self, error: Mtc75Error) -> None:
@@ -317,5 +322,7 @@ class Engine:
             blocked=d.blocked if d else 0,
             fetch_sizes=parts.fetch_sizes if parts is not None else "",
             pause_interval=gate.pause_interval,
+            batch_size=self._settings.BATCH_SIZE if self._invoker.batches else 1,
+            batches=ledger.batches,
         )
 

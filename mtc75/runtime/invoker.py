@@ -1,11 +1,13 @@
 """The one handler path: the only place that calls the user's handler, and the only one that knows its kind.
 
 A handler is *sync* (a plain function: called on a worker thread) or *async* (``async def``, an object whose
-``__call__`` is one, a ``functools.partial`` of either: awaited on the event loop). :class:`Invoker` turns one
-``Work`` -- a single message, or a chunk of consecutive messages for a fast sync handler -- into its
-``Outcome``: None when every call returned, the error of a single message, or a :class:`Partial` saying which
-messages of a chunk raised and how many ran. Every failure counts, ``BaseException`` included, and so does a
-plain function that *returns* an awaitable (nothing awaits it, so its work never ran).
+``__call__`` is one, a ``functools.partial`` of either: awaited on the event loop), and takes one message or,
+with ``BATCH_SIZE`` > 1, a *batch*: a list of one partition's messages in offset order. :class:`Invoker`
+turns one ``Work`` -- a single message, a chunk of consecutive messages for a fast per-message handler, or a
+batch -- into its ``Outcome``: None when the work is done, the error of a single message or of a whole
+batch, or a :class:`Partial` saying which messages of a chunk or batch failed (a batch handler names them
+with :class:`mtc75.errors.BatchError`) and how many ran. Every failure counts, ``BaseException`` included,
+and so does a plain function that *returns* an awaitable (nothing awaits it, so its work never ran).
 
 Timing is observed, never wrapped around the handler: every ``Work`` reports its handler time and message
 count to the :class:`WorkObserver` (the dispatcher's chunk sizing), and while a :class:`CallObserver` is
@@ -29,6 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from mtc75.core.work import Work
+from mtc75.errors import BatchError
 from mtc75.runtime.handlers import Handler, handler_name, is_async_handler, prepare_handler, result_error
 
 # Four of the interpreter's 5 ms GIL switch intervals: a handler that turned slow, not a worker that waited
@@ -82,11 +85,12 @@ class Invoker:
     """Calls ``handler`` for a Work and reports its outcome and its time (see the module notes)."""
 
     def __init__(
-        self, handler: Handler, *, name: str | None = None,
+        self, handler: Handler, *, name: str | None = None, batches: bool = False,
         clock: Callable[[], float] = time.perf_counter, cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.handler = prepare_handler(handler, name)  # refuses what no runner can run
-        self.is_async = is_async_handler(self.handler)  # awaited on the event loop, single messages only
+        self.is_async = is_async_handler(self.handler)  # awaited on the event loop
+        self.batches = batches  # the handler takes a list of messages (BATCH_SIZE > 1 at start-up)
         self.name = name or handler_name(self.handler)
         self._clock, self._cpu_clock = clock, cpu_clock  # wall and this thread's CPU seconds (tests: fakes)
         self._calls: list[CallObserver] = []
@@ -124,10 +128,13 @@ class Invoker:
     # -- calls (worker threads / the event loop) -------------------------------------------------------
 
     def invoke(self, work: Work) -> Outcome:
-        """Run a Work of a sync handler on this thread: one call per message, in offset order."""
+        """Run a Work of a sync handler on this thread: one call per message in offset order, or one per batch."""
         clock = self._clock
         started = clock()
-        if work.size == 1:
+        if self.batches:
+            outcome = _batch_outcome(work, self._call(list(work.messages)))
+            handled = work.size
+        elif work.size == 1:
             outcome: Outcome = self._call(work.message)
             handled = 1
         else:
@@ -139,13 +146,16 @@ class Invoker:
         return outcome
 
     async def invoke_async(self, work: Work) -> Outcome:
-        """Await an async handler for a Work's one message (on the event loop)."""
+        """Await an async handler for a Work's one message, or its batch (on the event loop)."""
         clock = self._clock
         started = clock()
-        outcome = await self._acall(work.message)
+        if self.batches:
+            outcome = _batch_outcome(work, await self._acall(list(work.messages)))
+        else:
+            outcome = await self._acall(work.message)
         observer = self._work
         if observer is not None:
-            observer.work_ended(clock() - started, 1)
+            observer.work_ended(clock() - started, work.size)
         return outcome
 
     def _chunk(self, messages: Sequence[Any], deadline: float) -> Partial | None:
@@ -238,3 +248,22 @@ class Invoker:
             return error
 
         return call
+
+
+def _batch_outcome(work: Work, error: BaseException | None) -> Outcome:
+    """A batch call's outcome: a BatchError naming its failed messages becomes a Partial (the rest is done);
+    one that names none, or a message not in the batch, fails the whole batch."""
+    if not isinstance(error, BatchError):
+        return error
+    messages = work.messages
+    where = {id(m): i for i, m in enumerate(messages)}
+    failures: dict[int, BaseException] = {}
+    for ref, exc in error.failures:
+        index = ref if isinstance(ref, int) and not isinstance(ref, bool) else where.get(id(ref), -1)
+        if not 0 <= index < len(messages) or not isinstance(exc, BaseException):
+            return ValueError(f"BatchError names {ref!r} with {exc!r}: not a message of this batch of "
+                              f"{len(messages)} and an exception; the whole batch counts as failed")
+        failures[index] = exc
+    if not failures:
+        return ValueError("BatchError named no failed message; the whole batch counts as failed")
+    return Partial(work.size, sorted(failures.items()))
