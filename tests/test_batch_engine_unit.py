@@ -17,7 +17,9 @@ import pytest
 from mtc75.errors import BatchError
 from mtc75.kafka.deadletter import H_OFFSET
 from tests.fake_kafka import FakeKafka
-from tests.test_engine_unit import GROUP, P0, TOPIC, WAIT, Run, cluster, start, until  # noqa: F401
+from tests.test_engine_unit import GROUP, P0, TOPIC, WAIT, Run, cluster, start, until
+
+__all__ = ["cluster", "start"]  # fixtures, used by name
 
 pytestmark = pytest.mark.timeout(60)
 
