@@ -54,6 +54,10 @@ ORDERING = "unordered"
 MAX_RATE = 0.0
 KEY_RATE = 0.0
 RATE_BURST = 0.1
+# Batch handlers: above 1 the handler is called with a list of up to BATCH_SIZE messages of one partition, in
+# offset order (one call per batch: a bulk insert, a bulk API); a batch waits at most BATCH_WAIT seconds to fill.
+BATCH_SIZE = 1
+BATCH_WAIT = 0.05
 # librdkafka's fetch.max.bytes / max.partition.fetch.bytes: "auto" probes the topic at start-up (one
 # fetch, ~0.2-0.5 s) and takes "large" (50 MB / 1 MB) for uncompressed data, "small" (2 MB / 512 KB) for
 # compressed; or set "small" / "large" yourself. Either property set in CONSUMER_CONFIG or -X wins.

@@ -25,6 +25,7 @@ from mtc75.api import Consumer
 from mtc75.core.health import Health
 from mtc75.core.stats import Stats
 from mtc75.errors import (
+    BatchError,
     BrokerUnreachable,
     ConfigError,
     DeserializationError,
@@ -42,6 +43,7 @@ from mtc75.kafka.deserializers import DecodedMessage
 
 __version__ = "0.1.0"
 __all__ = [
+    "BatchError",
     "BrokerUnreachable",
     "ConfigError",
     "Consumer",

@@ -41,8 +41,8 @@ CONSUMER_SETTINGS = (
     "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "MAX_THREAD_COUNT", "MIN_THREAD_COUNT", "MAX_THREAD_LIMIT",
     "PAUSE_INTERVAL", "AUTO_OFFSET_RESET", "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT",
     "SHUTDOWN_TIMEOUT", "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "BROKER_DOWN_TIMEOUT",
-    "REPLICATION_FACTOR", "CONSUMER_CONFIG", "PRODUCER_CONFIG", "ORDERING", "FETCH_SIZES", "KEY_FORMAT",
-    "VALUE_FORMAT", "MAX_RATE", "KEY_RATE", "RATE_BURST",
+    "REPLICATION_FACTOR", "CONSUMER_CONFIG", "PRODUCER_CONFIG", "ORDERING", "BATCH_SIZE", "BATCH_WAIT",
+    "FETCH_SIZES", "KEY_FORMAT", "VALUE_FORMAT", "MAX_RATE", "KEY_RATE", "RATE_BURST",
 )
 NEW, RUNNING, ENDED = "new", "running", "ended"  # a Consumer's run state, in this order, once
 logger = logging.getLogger(__name__)
@@ -146,7 +146,8 @@ class Consumer:
         key, value = deserializers
         decode = decoder(_deserializer(key, settings.KEY_FORMAT, "key"),
                          _deserializer(value, settings.VALUE_FORMAT, "value"))
-        invoker = Invoker(handler, decode=decode)  # refuses what no runner can run (an async generator)
+        # refuses what no runner can run (an async generator)
+        invoker = Invoker(handler, decode=decode, batches=settings.BATCH_SIZE > 1)
         for observer in observers:
             invoker.attach(observer)
         if not status_interval > 0:
@@ -300,11 +301,14 @@ class Consumer:
     def retune(
         self, *, max_thread_count: int | str | None = None, pause_interval: float | None = None,
         max_rate: float | None = None, key_rate: float | None = None, rate_burst: float | None = None,
+        batch_size: int | None = None, batch_wait: float | None = None,
     ) -> None:
-        """Change the thread bound (a count or "auto"), the pause interval and the rate limits (0: off); a
-        running consumer applies it within 0.1 s. None leaves a setting as it is."""
+        """Change the thread bound (a count or "auto"), the pause interval, the rate limits (0: off) and, for a
+        batch handler, the batch size and wait; a running consumer applies it within 0.1 s. None leaves a
+        setting as it is."""
         changes = live_changes(max_thread_count=max_thread_count, pause_interval=pause_interval,
-                               max_rate=max_rate, key_rate=key_rate, rate_burst=rate_burst)
+                               max_rate=max_rate, key_rate=key_rate, rate_burst=rate_burst,
+                               batch_size=batch_size, batch_wait=batch_wait)
         if self._state == ENDED or (self._closed and self._state == NEW):
             raise MisuseError("retune() on an mtc75.Consumer that has finished or was closed: nothing to retune")
         engine = self._engine

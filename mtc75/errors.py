@@ -106,3 +106,18 @@ class DeserializationError(Exception):
 
 class RegistryError(LauncherError):
     """The local schema-registry launcher (mtc75/tools/registry.py) could not build, start or stop it."""
+
+
+class BatchError(Exception):
+    """Raised by a batch handler to say which of its messages failed; the others are done.
+
+    ``failures`` maps each failed message -- its index in the list the handler got, or the message itself --
+    to its exception (a mapping, or pairs). The named messages are retried alone (then ON_FAILURE); a
+    BatchError that names no message, or one that is not in the batch, fails the whole batch instead.
+    Not an :class:`Mtc75Error`: user code raises it, MTC75 never does.
+    """
+
+    def __init__(self, failures: object, message: str = "") -> None:
+        pairs = list(failures.items()) if hasattr(failures, "items") else list(failures)  # type: ignore[arg-type]
+        super().__init__(message or f"{len(pairs)} messages of the batch failed")
+        self.failures: list[tuple[object, BaseException]] = pairs

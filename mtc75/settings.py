@@ -145,6 +145,15 @@ class Settings:
         **_spec(float, "seconds of MAX_RATE / KEY_RATE that may start at once after an idle spell: a bucket holds "
                 "max(1, rate x RATE_BURST) messages", minimum=0),
     )
+    BATCH_SIZE: int = field(
+        default=1,
+        **_spec(int, "most messages per handler call: above 1 the handler gets a list of one partition's messages "
+                "in offset order (a batch handler)", minimum=1),
+    )
+    BATCH_WAIT: float = field(
+        default=0.05,
+        **_spec(float, "most seconds a batch waits to fill while messages arrive (BATCH_SIZE > 1)", minimum=0),
+    )
     FETCH_SIZES: str = field(
         default="auto",
         **_spec(str, "fetch.max.bytes / max.partition.fetch.bytes: auto (chosen at start-up from a short probe of "
@@ -430,7 +439,7 @@ def load_settings(
 
 
 # The settings a running consumer takes live (retune(), the config watcher); the rest need a restart.
-LIVE = ("MAX_THREAD_COUNT", "PAUSE_INTERVAL", "MAX_RATE", "KEY_RATE", "RATE_BURST")
+LIVE = ("MAX_THREAD_COUNT", "PAUSE_INTERVAL", "MAX_RATE", "KEY_RATE", "RATE_BURST", "BATCH_SIZE", "BATCH_WAIT")
 
 
 def live_changes(**keywords: Any) -> dict[str, Any]:

@@ -48,7 +48,7 @@ def test_diff_separates_live_settings_from_restart_ones() -> None:
     assert restart == ["TOPIC"]
     assert diff(old, old) == ({}, [])
     assert set(LIVE_SETTINGS) == {"MAX_THREAD_COUNT", "PAUSE_INTERVAL", "PROCESSING_SLEEP", "MAX_RATE", "KEY_RATE",
-                                  "RATE_BURST"}
+                                  "RATE_BURST", "BATCH_SIZE", "BATCH_WAIT"}
 
 
 def test_saved_change_is_applied_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -133,7 +133,11 @@ def render(
     rate.append(sparkline(history), style="cyan")
     rate.append(f"  (last {min(len(history), HISTORY)}s, peak {max(history, default=0.0):,.0f}/s)", style="dim")
     grid.add_row("messages", rate)
-    grid.add_row("processed", Text(f"{stats.processed:,}"))
+    processed = Text(f"{stats.processed:,}")
+    if stats.batch_size > 1:
+        processed.append(f"   in {stats.batches:,} batches of {stats.mean_batch:,.0f} on average "
+                         f"(BATCH_SIZE {stats.batch_size})", style="dim")
+    grid.add_row("processed", processed)
     waiting = f"waiting {stats.backlog}"
     if stats.ordering != "unordered":
         waiting += f", {stats.blocked} behind their {stats.ordering}"

@@ -36,7 +36,9 @@ def format_status(stats: Stats, color: bool) -> str:
         state = "running"
     line = (
         f"{stats.workers} {stats.active_threads:>3}/{thread_bound(stats):<3} {state} | "
-        f"processed {stats.processed} ({stats.rate:,.0f}/s) | in-flight {stats.in_flight} "
+        f"processed {stats.processed} ({stats.rate:,.0f}/s"
+        + (f", {stats.batches} batches of {stats.mean_batch:.0f}" if stats.batch_size > 1 else "")
+        + f") | in-flight {stats.in_flight} "
         f"(waiting {stats.backlog}) | pauses {stats.pauses} | failed {stats.failed}"
     )
     if stats.max_rate or stats.key_rate:

@@ -43,7 +43,7 @@ SETTINGS = (
     "PAUSE_INTERVAL", "PROCESSING_SLEEP",
     "AUTO_OFFSET_RESET", "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT", "SHUTDOWN_TIMEOUT",
     "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "MAX_PAYLOAD_BYTES", "BROKER_DOWN_TIMEOUT",
-    "REPLICATION_FACTOR", "ORDERING", "FETCH_SIZES", "KEY_FORMAT", "VALUE_FORMAT",
+    "REPLICATION_FACTOR", "ORDERING", "BATCH_SIZE", "BATCH_WAIT", "FETCH_SIZES", "KEY_FORMAT", "VALUE_FORMAT",
     "MAX_RATE", "KEY_RATE", "RATE_BURST",
 )
 EPILOG = """examples:
@@ -95,6 +95,8 @@ def _summary_line(stats: Stats) -> str:
         f"({stats.paused_seconds:.1f}s paused), max threads busy {stats.max_active_threads}/"
         f"{stats.max_thread_count}{' (auto)' if stats.thread_mode == 'auto' else ''}, ordering {stats.ordering}, "
         + (f"fetch sizes {stats.fetch_sizes}, " if stats.fetch_sizes else "")
+        + (f"{stats.batches} batches of {stats.mean_batch:.0f} on average (BATCH_SIZE {stats.batch_size}), "
+           if stats.batch_size > 1 else "")
         + _limits(stats)
         + f"{stats.elapsed_seconds:.1f}s"
         + (f", abandoned {stats.abandoned} running handlers" if stats.abandoned else "")

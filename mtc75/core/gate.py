@@ -41,6 +41,7 @@ class Load:
     backlog: int  # messages waiting: ready, blocked behind a key or partition, or waiting for a retry
     ready: int  # waiting messages that a free worker could start now
     delayed: int  # waiting messages that are retries waiting out a backoff
+    unit: int = 1  # messages a worker takes at a time: the batch size for a batch handler
 
 
 class Verdict(Enum):
@@ -78,12 +79,21 @@ class PauseGate:
     def rate(self) -> float:
         return self.throughput.rate
 
-    def watermarks(self, limit: int) -> tuple[int, int]:
-        """(low, high) backlog sizes for a pool of ``limit`` threads."""
-        low = max(limit, int(self.throughput.rate * REFETCH_SECONDS), min(self.reserve, self.max_backlog // 2))
-        high = max(low + limit, low + int(self.throughput.rate * self.pause_interval))
-        high = min(high, self.max_backlog)
-        return min(low, high), high
+    def watermarks(self, limit: int, unit: int = 1) -> tuple[int, int]:
+        """(low, high) backlog sizes for a pool of ``limit`` threads taking ``unit`` messages a call (a batch).
+
+        With batches the bound is at least two batches (a batch must fit to fill), the low watermark at least
+        one batch below the high one, so that a resume leaves room to fill a batch.
+        """
+        rate = self.throughput.rate
+        if unit == 1:
+            low = max(limit, int(rate * REFETCH_SECONDS), min(self.reserve, self.max_backlog // 2))
+            high = min(max(low + limit, low + int(rate * self.pause_interval)), self.max_backlog)
+            return min(low, high), high
+        cap = max(self.max_backlog, 2 * unit)
+        low = max(min(limit * unit, cap // 2), int(rate * REFETCH_SECONDS), min(self.reserve, cap // 2))
+        high = min(max(low + unit, low + int(rate * self.pause_interval)), cap)
+        return max(0, min(low, high - unit)), high
 
     # -- decisions ----------------------------------------------------------------------------------
 
@@ -92,12 +102,13 @@ class PauseGate:
         and pausing it would only throw away prefetched messages: PAUSE_UNLESS_DRAINED says so."""
         if self.paused:
             return Verdict.RUN
-        high = self.watermarks(load.limit)[1]
+        high = self.watermarks(load.limit, load.unit)[1]
         if load.backlog < high:
             return Verdict.RUN
         if load.delayed >= high:
             return Verdict.PAUSE
-        if load.active >= load.limit or load.ready <= load.limit - load.active:
+        startable = -(-load.ready // load.unit)  # batches (or messages) a free worker could take now
+        if load.active >= load.limit or startable <= load.limit - load.active:
             return Verdict.PAUSE_UNLESS_DRAINED
         return Verdict.RUN
 
@@ -107,7 +118,7 @@ class PauseGate:
         self._paused_at = now
         self._recheck_at = now + self.pause_interval
 
-    def should_resume(self, now: float, limit: int, backlog: int) -> bool:
+    def should_resume(self, now: float, limit: int, backlog: int, unit: int = 1) -> bool:
         """Resume once the backlog is down to the low watermark; at each interval still above it, stay.
 
         The high watermark holds about one interval of work, so a pause normally lasts one interval.
@@ -116,7 +127,7 @@ class PauseGate:
         """
         if not self.paused:
             return False
-        if backlog <= self.watermarks(limit)[0]:
+        if backlog <= self.watermarks(limit, unit)[0]:
             return True
         while self._recheck_at <= now:  # an interval passed and still saturated: another interval
             self._recheck_at += self.pause_interval

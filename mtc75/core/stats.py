@@ -88,6 +88,13 @@ class Stats:
     throttled: int = 0  # waiting messages whose start waits for rate tokens (part of backlog)
     throttled_seconds: float = 0.0  # seconds during which at least one message waited for a MAX_RATE token
     key_throttled_seconds: float = 0.0  # seconds during which at least one message waited for its key's token
+    batch_size: int = 1  # BATCH_SIZE in effect: above 1 the handler takes lists (a batch handler)
+    batches: int = 0  # a batch handler's calls that completed (their messages count in processed)
+
+    @property
+    def mean_batch(self) -> float:
+        """Messages per completed batch call (0 before the first)."""
+        return self.processed / self.batches if self.batches else 0.0
 
     @classmethod
     def idle(cls, max_thread_count: int, thread_mode: str = "fixed", ordering: str = "unordered") -> Stats:
@@ -117,4 +124,6 @@ class Stats:
         out["key_rate"] = self.key_rate
         out["throttled_seconds"] = round(self.throttled_seconds, 3)
         out["key_throttled_seconds"] = round(self.key_throttled_seconds, 3)
+        out["batch_size"] = self.batch_size
+        out["calls"] = self.batches if self.batch_size > 1 else self.processed  # handler calls that completed
         return out

@@ -76,21 +76,21 @@ class Backpressure:
         """One loop turn: feed the throughput, then pause or resume every partition as the gate says."""
         gate, dispatcher = self.gate, self._dispatcher
         gate.observe(now, processed)
-        limit = dispatcher.max_thread_count
+        limit, unit = dispatcher.max_thread_count, dispatcher.unit
         # While MAX_RATE is what holds messages back, a resume keeps RATE_RESERVE_SECONDS of its tokens' work
         gate.reserve = int(dispatcher.limits[0] * RATE_RESERVE_SECONDS) if dispatcher.rate_parked else 0
         key_waiting = dispatcher.key_waiting()
         self._aside = aside = sum(key_waiting.values()) if key_waiting else 0
         if gate.paused:
-            if gate.should_resume(now, limit, dispatcher.backlog - aside):
+            if gate.should_resume(now, limit, dispatcher.backlog - aside, unit):
                 self._resume(now)
             return
         load = Load(dispatcher.active_thread_count, limit, dispatcher.backlog - aside, dispatcher.ready,
-                    dispatcher.delayed - dispatcher.key_parked)
+                    dispatcher.delayed - dispatcher.key_parked, unit)
         verdict = gate.verdict(load)
         if verdict is Verdict.RUN:
             return
-        low = gate.watermarks(limit)[0] + self._behind_keys()  # those wait in the scheduler, not for a thread
+        low = gate.watermarks(limit, unit)[0] + self._behind_keys()  # those wait in the scheduler, not for a thread
         if verdict is Verdict.PAUSE or not dispatcher.wait_backlog_at_most(
                 low, min(SATURATION_GRACE, gate.pause_interval)):
             self._pause(time.monotonic())
@@ -102,8 +102,8 @@ class Backpressure:
         at 0 the loop only serves the group, and a message that still arrives goes back to Kafka.
         """
         client, dispatcher, gate = self._client, self._dispatcher, self.gate
-        limit = dispatcher.max_thread_count
-        low, high = gate.watermarks(limit)
+        limit, unit = dispatcher.max_thread_count, dispatcher.unit
+        low, high = gate.watermarks(limit, unit)
         if gate.paused or budget == 0:
             if gate.paused:
                 # retries waiting out a backoff and messages waiting for their keys do not drain
@@ -119,7 +119,7 @@ class Backpressure:
                 self._spent_poll_at = now
             message = client.poll(0)
             return [] if message is None else self._within([message], budget)
-        room = high - (dispatcher.backlog - self._aside) + (limit - dispatcher.active_thread_count)
+        room = high - (dispatcher.backlog - self._aside) + (limit - dispatcher.active_thread_count) * unit
         if budget is not None:
             room = min(room, budget)
         # consume() waits for a full batch until its timeout: take what is there without waiting, and block
@@ -128,7 +128,8 @@ class Backpressure:
         if not messages:
             message = client.poll(self._wait(POLL_TIMEOUT))
             messages = [] if message is None else [message]
-        return self._fair.cut(client.consumer, messages, high, limit, gate.rate, time.monotonic(), self._held)
+        return self._fair.cut(client.consumer, messages, high, max(limit, unit), gate.rate, time.monotonic(),
+                              self._held)
 
     def _behind_keys(self) -> int:
         """This turn's messages waiting in the scheduler behind a key that waits for its tokens."""

@@ -206,9 +206,15 @@ class Engine:
             self._threads.retune(changes["MAX_THREAD_COUNT"], self._parts.dispatcher)
         if "PAUSE_INTERVAL" in changes:
             self._gate.pause_interval = changes["PAUSE_INTERVAL"]
+        settings, dispatcher = self._settings, self._parts.dispatcher
         if changes.keys() & {"MAX_RATE", "KEY_RATE", "RATE_BURST"}:
-            s = self._settings
-            self._parts.dispatcher.limit_rates(s.MAX_RATE, s.KEY_RATE, s.RATE_BURST)
+            dispatcher.limit_rates(settings.MAX_RATE, settings.KEY_RATE, settings.RATE_BURST)
+        if changes.keys() & {"BATCH_SIZE", "BATCH_WAIT"}:
+            if self._invoker.batches:
+                dispatcher.retune_batches(settings.BATCH_SIZE, settings.BATCH_WAIT)
+            elif settings.BATCH_SIZE > 1:
+                logger.warning("BATCH_SIZE %d not applied: the handler takes one message (BATCH_SIZE was 1 at "
+                               "start-up); restart to run a batch handler", settings.BATCH_SIZE)
         logger.debug("retuned: %s", changes)
 
     def _fail(self, error: Mtc75Error) -> None:
@@ -314,5 +320,7 @@ class Engine:
             throttled=d.throttled if d else 0,
             throttled_seconds=throttled_seconds,
             key_throttled_seconds=key_throttled_seconds,
+            batch_size=self._settings.BATCH_SIZE if self._invoker.batches else 1,
+            batches=ledger.batches,
         )
 

@@ -38,6 +38,8 @@ class Ledger:
         self.processed = 0  # finished: handled, skipped or dead-lettered
         self.failed = 0  # failed their last attempt (of a live assignment)
         self.dropped_late = 0  # completions of assignments that ended before they arrived
+        self.batching = False  # a batch handler: each completed Work is one call
+        self.batches = 0  # its completed calls
         self.admitted_at = 0.0  # when a message was last admitted (monotonic)
         self.progress_at = 0.0  # when a completion last arrived (monotonic)
         self.touched: set[tuple[str, int]] = set()  # partitions that took offsets since the holds last looked
@@ -104,7 +106,11 @@ class Ledger:
             work = completions.popleft()
             if not work.failed:  # the hot path: the handler returned
                 size = work.size
-                if complete_range(work.state, work.offset, size):
+                if self.batching:
+                    self.batches += 1
+                if size > 1 and not work.consecutive:  # a batch leaving out other keys' messages
+                    count += self._complete_each(work)
+                elif complete_range(work.state, work.offset, size):
                     self.processed += size
                     count += size
                 else:
@@ -119,7 +125,7 @@ class Ledger:
     def _settle_failed(self, work: Work) -> int:
         state = work.state
         if not state.alive:  # its assignment ended (a coroutine cancelled at revoke): the next owner runs it
-            self.dropped_late += 1
+            self.dropped_late += work.size
             return 0
         if work.dropped or state.closing:  # given up before or while it ran: redelivered, never committed
             self.abandon([work])
@@ -128,6 +134,14 @@ class Ledger:
         if not self.failure.failed(work):
             return 0  # finishes later (dead letter) or never (stop)
         return self.finish(work)
+
+    def _complete_each(self, work: Work) -> int:
+        complete = self.tracker.complete
+        if all([complete(work.state, offset) for offset in work.offsets]):
+            self.processed += work.size
+            return work.size
+        self.dropped_late += work.size
+        return 0
 
     def finish(self, work: Work) -> int:
         """Count a failed message finished (skipped, or its dead letter confirmed), unless its assignment ended."""

@@ -19,6 +19,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError
 
+from mtc75.core.batching import BatchScheduler
 from mtc75.core.fetchsize import choose, fixed
 from mtc75.core.gate import PauseGate
 from mtc75.core.ordering import new_scheduler
@@ -128,7 +129,10 @@ def assemble(settings: Settings, overrides: Mapping[str, Any], factories: Client
     consumer = new_client(factories.consumer, conf, "librdkafka consumer")
     client = faults.client = KafkaClient(consumer, settings.TOPIC, cooperative=is_incremental(conf), log=log)
     retry = RetryPolicy(settings.MAX_ATTEMPTS, settings.RETRY_BACKOFF, settings.RETRY_BACKOFF_MAX)
-    dispatcher = Dispatcher(wiring.invoker, wiring.threads, retry, scheduler=new_scheduler(settings.ORDERING))
+    scheduler = BatchScheduler(settings.ORDERING, settings.BATCH_SIZE, settings.BATCH_WAIT) \
+        if wiring.invoker.batches else new_scheduler(settings.ORDERING)
+    dispatcher = Dispatcher(wiring.invoker, wiring.threads, retry, scheduler=scheduler)
+    ledger.batching = wiring.invoker.batches
     dispatcher.limit_rates(settings.MAX_RATE, settings.KEY_RATE, settings.RATE_BURST)
     backpressure = Backpressure(client, ledger.tracker, dispatcher, wiring.gate, settings.offset_window())
     guard = Relay()  # the topic guard, once the watch exists

@@ -36,6 +36,7 @@ COUNTERS = (
     ("retried", "handler retries", "retried"),
     ("dead_lettered", "messages sent to the dead-letter topic", "dead_lettered"),
     ("pauses", "times the consumer paused its partitions because every thread was busy", "pauses"),
+    ("batches", "a batch handler's completed calls (BATCH_SIZE > 1); processed / batches is the mean size", "batches"),
     ("throttled_seconds", "seconds during which a message waited for a MAX_RATE token", "throttled_seconds"),
     ("key_throttled_seconds", "seconds during which a message waited for its key's KEY_RATE token",
      "key_throttled_seconds"),

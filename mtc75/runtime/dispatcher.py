@@ -32,6 +32,12 @@ its key's or partition's lane busy, like a retry waiting out its backoff. A chan
 pay again at the new rates. Chunks hold at most the bucket's capacity, and single messages under KEY_RATE.
 With no limit the hot path pays one attribute test per Work.
 
+Batches (a batch handler: mtc75/core/batching.py hands them out): a batch that raised is retried whole; after
+its last attempt it is split and each message runs alone, with attempts of its own; a batch whose handler named
+the failed messages (BatchError) completes the rest at once and retries those alone. Taken Works that run again
+(a batch's retry, its pieces) wait in the *rework* queue, which workers serve before the scheduler; the batch
+keeps its lanes (ORDERING) until its last piece settled, then it is released once.
+
 Thread contract: the poll thread calls everything public except the shift; workers only drive their shift.
 ``completions`` is appended by workers and drained by the poll thread alone (every Kafka call is the poll
 thread's). One lock guards the permits, the delay queue and every scheduler call except ``take`` and
@@ -48,6 +54,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
+from mtc75.core.batching import BatchScheduler
 from mtc75.core.offsets import Partition, PartitionState
 from mtc75.core.ratelimit import NO_CAP, PAID_ALL, PAID_KEY, PAID_RATE, RateLimits, WaitTime, cause
 from mtc75.core.retry import DelayQueue, RetryPolicy
@@ -96,11 +103,17 @@ class Dispatcher:
         self._release = self._scheduler.release if self._scheduler.LOCK_FREE_RELEASE else self._locked_release
         # Works waiting for a time: failed ones for their next attempt, throttled ones for their rate tokens
         self._delayed: DelayQueue[Work] = DelayQueue()
+        self._delayed_messages = 0  # their messages (a chunk or a batch counts its own)
         self._limits: RateLimits | None = None  # MAX_RATE / KEY_RATE; None: no limit (read unlocked per take)
         self._chunk_cap = NO_CAP  # most messages per chunk the limits allow
         self._waits = {PAID_RATE: WaitTime(), PAID_KEY: WaitTime()}  # throttled messages by what they wait for
         self._key_parked: dict[Work, None] = {}  # the Works waiting for their keys' tokens (an ordered set)
-        self._parked_extra = 0  # messages beyond one per Work in the delay queue (throttled chunks)
+        # Batches: the scheduler that forms them, and taken Works to run again before anything new
+        self._batcher = self._scheduler if isinstance(self._scheduler, BatchScheduler) else None
+        self._rework: deque[Work] = deque()
+        self._rework_messages = 0
+        if self._batcher is not None:
+            self._take = self._take_batch
         self.retried = 0  # retries scheduled (a message failing 3 times with 3 attempts counts 2)
         # Notified when a worker gives its permit back, and when the backlog falls to _drain_mark.
         self._changed = threading.Condition(self._lock)
@@ -121,23 +134,37 @@ class Dispatcher:
     # -- poll-thread side -------------------------------------------------------------------------
 
     def put(self, items: Iterable[Work]) -> None:
-        """Queue fetched Works, cut to this dispatcher's chunk size, and start workers for them."""
+        """Queue fetched Works (cut to this dispatcher's chunk size; batches form in their scheduler) and
+        start workers for them."""
         with self._lock:
-            size = self.chunk_size
-            units: list[Work] = []
-            for work in items:
-                if work.size > size:
-                    units.extend(work.split(size))
-                else:
-                    units.append(work)
-            self._scheduler.put(units)
+            now = self._clock()
+            if self._batcher is not None:
+                units = list(items)
+                for work in units:
+                    work.put_at = now
+                self._batcher.put(units)
+                self._batcher.promote(now)
+            else:
+                size = self.chunk_size
+                units = []
+                for work in items:
+                    if work.size > size:
+                        units.extend(work.split(size))
+                    else:
+                        units.append(work)
+                self._scheduler.put(units)
             if self._delayed:
-                self._promote_due(self._clock())
-            wanted = self._wanted(self._scheduler.ready)
-            if size > 1:
+                self._promote_due(now)
+            wanted = self._wanted_now()
+            if self._batcher is None and self.chunk_size > 1:
                 wanted = min(wanted, len(units))  # a worker per chunk at most
             starts = self._permits.acquire(wanted)
         self._runner.spawn(starts)
+
+    @property
+    def unit(self) -> int:
+        """Messages a worker takes at a time at most: the batch size for a batch handler, else 1."""
+        return self._batcher.limit if self._batcher is not None else 1
 
     @property
     def chunk_size(self) -> int:
@@ -146,6 +173,13 @@ class Dispatcher:
         if not self._chunks or per is None or per >= FAST_HANDLER:
             return 1
         return max(1, min(int(CHUNK_TARGET / max(per, 1e-7)), self._chunk_cap))
+
+    def _wanted_now(self) -> int:
+        """Caller holds the lock. Workers to start for what may be taken now: a worker per ready batch, or
+        per :meth:`_wanted` for messages."""
+        if self._batcher is not None:
+            return len(self._rework) + math.ceil(self._batcher.ready / self._batcher.limit)
+        return self._wanted(self._scheduler.ready)
 
     def _wanted(self, waiting: int) -> int:
         """Caller holds the lock. Workers to start for ``waiting`` messages (see the module notes)."""
@@ -161,19 +195,30 @@ class Dispatcher:
 
         Called by the poll thread on every loop turn.
         """
-        if not self._delayed:
+        if not self._delayed and not self._batch_due():
             self._unstall()
             return  # the common case, checked without the lock
         with self._lock:
-            self._promote_due(self._clock())
+            now = self._clock()
+            self._promote_due(now)
+            if self._batcher is not None:
+                self._batcher.promote(now)
             # also covers retries a busy worker promoted: it took no permits for them
-            starts = self._permits.acquire(self._scheduler.ready)
+            starts = self._permits.acquire(self._wanted_now() if self._batcher is not None else self.ready)
         self._runner.spawn(starts)
+
+    def _batch_due(self) -> bool:
+        """A batch waiting to fill has waited BATCH_WAIT (a hint, read without the lock)."""
+        batcher = self._batcher
+        if batcher is None:
+            return False
+        due = batcher.next_due()
+        return due is not None and due <= self._clock()
 
     def _unstall(self) -> None:
         """Start every free worker when Works wait and none was taken for STALL_SECONDS, or when a
         worker handed messages back (a chunk cut short)."""
-        if not self._scheduler.ready or self._permits.in_use >= self._permits.limit:
+        if not self.ready or self._permits.in_use >= self._permits.limit:
             return  # hints read without the lock: a wrong reading only delays this to the next turn
         now = time.monotonic()
         if self._wake:
@@ -184,7 +229,7 @@ class Dispatcher:
         elif now - self._takes_at < STALL_SECONDS:
             return
         with self._lock:
-            starts = self._permits.acquire(self._scheduler.ready)
+            starts = self._permits.acquire(self._wanted_now() if self._batcher is not None else self.ready)
         self._takes_at = now
         self._runner.spawn(starts)
 
@@ -210,8 +255,13 @@ class Dispatcher:
                 self._limits = old.retuned(max_rate, key_rate, burst, now)
             self._chunk_cap = NO_CAP if self._limits is None else self._limits.chunk_cap
             if waiting:
-                self._scheduler.requeue(waiting)
-            starts = self._permits.acquire(self._scheduler.ready)
+                self._delayed_messages -= sum(w.size for w in waiting)
+                if self._batcher is not None:  # taken Works: they hold their lanes and come back through rework
+                    self._rework.extendleft(reversed(waiting))
+                    self._rework_messages += sum(w.size for w in waiting)
+                else:
+                    self._scheduler.requeue(waiting)
+            starts = self._permits.acquire(self._wanted_now())
         self._runner.spawn(starts)
 
     def purge(self) -> list[Work]:
@@ -234,24 +284,41 @@ class Dispatcher:
         """Caller holds the lock. Unstarted Works (of ``states``, or all); retries among them are released
         (they were taken once). A worker taking lock-free meanwhile may still get one: it then counts as
         started, and its completion arrives (late, if the state is gone)."""
-        if states is None:
-            dropped = self._scheduler.purge()
-            retries = self._delayed.remove_if(lambda _w: True)
-        else:
-            dropped = self._scheduler.purge(lambda w: w.state in states)
-            retries = self._delayed.remove_if(lambda w: w.state in states)
+        def chosen(work: Work) -> bool:
+            return states is None or work.state in states
+
+        dropped = self._scheduler.purge(None if states is None else chosen)
+        for work in dropped:
+            if work.attempts or work.paid:  # a retry or throttled Work requeued and not taken again: taken once
+                self._scheduler.release(work)
+        taken = self._delayed.remove_if(chosen)  # retries, throttled Works (with batches: their pieces too)
+        self._delayed_messages -= sum(w.size for w in taken)
         if self._waits[PAID_RATE].waiting or self._waits[PAID_KEY].waiting:
             now = self._clock()
-            for work in retries:
+            for work in taken:
                 if work.paid:  # waited for rate tokens
                     self._unpark(work, now)
-        dropped.extend(retries)
-        for work in dropped:
-            if work.attempts or work.paid:  # a retry or throttled (delayed, or requeued and not taken again): taken
-                self._scheduler.release(work)
+        if self._rework:
+            rework = [w for w in self._rework if chosen(w)]
+            self._rework = deque(w for w in self._rework if not chosen(w))
+            self._rework_messages -= sum(w.size for w in rework)
+            taken.extend(rework)
+        for work in taken:
+            self._untake(work)
+        dropped.extend(taken)
         if dropped:
             self._changed.notify_all()  # a wait_backlog_at_most may now be satisfied
         return dropped
+
+    def _untake(self, work: Work) -> None:
+        """Caller holds the lock. A taken Work that will not run again here: whatever it holds is let go."""
+        batch = work.batch
+        if batch is None:
+            self._scheduler.release(work)
+            return
+        batch.left -= 1
+        if batch.left == 0:
+            self._scheduler.release(batch)
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no handler runs, or ``timeout`` passes."""
@@ -269,12 +336,12 @@ class Dispatcher:
         ``timeout`` passes: the poll thread sleeps on the pool, not in ``poll()``, and wakes the moment
         the workers catch up. ``mark=-1`` waits only for a worker to go idle."""
         with self._changed:
-            if len(self._scheduler) <= mark:
+            if len(self._scheduler) + self._rework_messages <= mark:
                 return True
             self._drain_mark = mark
             self._changed.wait(timeout)
             self._drain_mark = -1
-            return len(self._scheduler) <= mark
+            return len(self._scheduler) + self._rework_messages <= mark
 
     @property
     def active_thread_count(self) -> int:
@@ -298,8 +365,14 @@ class Dispatcher:
         self._runner.grow(limit)
         with self._lock:
             self._permits.limit = limit
-            starts = self._permits.acquire(self._scheduler.ready)
+            starts = self._permits.acquire(self._wanted_now() if self._batcher is not None else self.ready)
         self._runner.spawn(starts)
+
+    def retune_batches(self, size: int, wait: float) -> None:
+        """BATCH_SIZE and BATCH_WAIT changed live (batch mode only): from the next batch on."""
+        if self._batcher is not None:
+            with self._lock:
+                self._batcher.retune(size, wait)
 
     def cancel_running(self, states: Iterable[PartitionState]) -> None:
         """Stop the running handlers of these assignments where the runner can (coroutines; threads run
@@ -321,12 +394,12 @@ class Dispatcher:
     @property
     def backlog(self) -> int:
         """Messages waiting for a worker (ready or blocked), including those waiting for a retry or rate tokens."""
-        return len(self._scheduler) + len(self._delayed) + self._parked_extra
+        return len(self._scheduler) + self._delayed_messages + self._rework_messages
 
     @property
     def ready(self) -> int:
-        """Waiting messages the scheduler could hand out now (a hint: read without the lock)."""
-        return self._scheduler.ready
+        """Waiting messages a worker could start now (a hint: read without the lock)."""
+        return self._scheduler.ready + self._rework_messages
 
     @property
     def blocked(self) -> int:
@@ -337,11 +410,17 @@ class Dispatcher:
     def delayed(self) -> int:
         """Messages waiting for a time (holding no thread): failed ones for their backoff to pass, throttled
         ones for their rate tokens."""
-        return len(self._delayed) + self._parked_extra
+        return self._delayed_messages
 
     def due_in(self) -> float | None:
-        """Seconds until the next delayed message is due (None: none waits); a hint read without the lock."""
+        """Seconds until the next delayed message or waiting batch is due (None: none waits): the poll thread
+        wakes for it. A hint read without the lock."""
         due = self._delayed.next_due()
+        batcher = self._batcher
+        if batcher is not None:
+            batch_due = batcher.next_due()
+            if batch_due is not None and (due is None or batch_due < due):
+                due = batch_due
         return None if due is None else due - self._clock()
 
     @property
@@ -401,6 +480,15 @@ class Dispatcher:
         with self._lock:
             return self._scheduler.take()
 
+    def _take_batch(self) -> Work:
+        """Batch mode: a taken Work to run again first (a retry, a piece), else the next ready batch."""
+        with self._lock:
+            if self._rework:
+                work = self._rework.popleft()
+                self._rework_messages -= work.size
+                return work
+            return self._scheduler.take()
+
     def _locked_release(self, work: Work) -> None:
         with self._lock:
             self._scheduler.release(work)
@@ -415,7 +503,12 @@ class Dispatcher:
                 for work in due:
                     if work.paid:
                         self._unpark(work, now)
-            self._scheduler.requeue(due)
+            self._delayed_messages -= sum(w.size for w in due)
+            if self._batcher is not None:  # batches and their pieces hold their lanes: they come back here
+                self._rework.extend(due)
+                self._rework_messages += sum(w.size for w in due)
+            else:
+                self._scheduler.requeue(due)
         return len(due)
 
     def _admit(self, work: Work) -> bool:
@@ -436,19 +529,21 @@ class Dispatcher:
                 self._delayed.push(start, work)  # not released: an ordered scheduler keeps its lane busy
                 reason = cause(work)
                 self._waits[reason].add(now, work.size)
-                self._parked_extra += work.size - 1
+                self._delayed_messages += work.size
                 if reason == PAID_KEY:
                     self._key_parked[work] = None
                 return False
-        self._release(work)
-        self._done(work)
+        if work.batch is None:
+            self._release(work)
+            self._done(work)
+        else:
+            self._piece_settled(work)
         return False
 
     def _unpark(self, work: Work, now: float) -> None:
         """Caller holds the lock. A throttled Work left the delay queue (due, purged or re-planned)."""
         reason = cause(work)
         self._waits[reason].remove(now, work.size)
-        self._parked_extra -= work.size - 1
         if reason == PAID_KEY:
             self._key_parked.pop(work, None)
 
@@ -465,6 +560,7 @@ class Dispatcher:
         release = self._release
         done = self._done
         scheduler = self._scheduler
+        batcher = self._batcher
         holding = True
         try:
             while True:
@@ -474,6 +570,9 @@ class Dispatcher:
                     if due is not None and due <= self._clock():
                         with self._lock:
                             self._promote_due(self._clock())
+                if batcher is not None and self._batch_due():  # a batch waited long enough to fill
+                    with self._lock:
+                        batcher.promote(self._clock())
                 try:
                     if permits.in_use > permits.limit:
                         raise IndexError  # the bound shrank: give this permit back
@@ -492,8 +591,11 @@ class Dispatcher:
                     continue  # it waits for its rate tokens without this worker
                 outcome = yield work
                 if outcome is None:  # done for good: whatever it blocked may run
-                    release(work)
-                    done(work)
+                    if work.batch is None:
+                        release(work)
+                        done(work)
+                    else:
+                        self._piece_settled(work)
                 elif isinstance(outcome, Partial):
                     self._settle_partial(work, outcome)
                 else:
@@ -512,19 +614,22 @@ class Dispatcher:
         # Let the poll thread run once first: with fast handlers it is usually refilling the backlog
         # right now, and a restart costs a spawn.
         time.sleep(0)
-        scheduler, permits = self._scheduler, self._permits
-        if scheduler.ready and permits.in_use <= permits.limit:
+        permits = self._permits
+        if self.ready and permits.in_use <= permits.limit:
             return False
         with self._lock:
-            if scheduler.ready and permits.in_use <= permits.limit:
+            if self.ready and permits.in_use <= permits.limit:
                 return False  # a put() came in between: its acquire saw this permit still held
             permits.release()
             self._changed.notify_all()
             return True
 
     def _settle_partial(self, work: Work, outcome: Partial) -> None:
-        """A chunk came back failed in part or cut short: complete what succeeded, settle each failed
-        message alone, and put the rest back as single messages (see the module notes)."""
+        """A chunk came back failed in part or cut short, or a batch named its failed messages: complete what
+        succeeded, settle each failed message alone, and put the rest back as single messages."""
+        if self._batcher is not None:
+            self._split_batch(work, outcome)
+            return
         if outcome.handled < work.size:  # first, so that the free workers can start on it at once
             rest = work.part(outcome.handled, work.size).split(1)
             with self._lock:
@@ -555,34 +660,91 @@ class Dispatcher:
         work.attempts += 1
         work.paid = 0  # a retry is another call: it pays its rate tokens again
         work.error = describe_error(error)
-        msg = work.message
+        what = _where(work)
         with self._lock:
             # ``closing`` is set under this lock (retire): a retry either lands in the delay queue before
             # the purge that follows, or is never scheduled.
-            again = (work.state.alive and not work.state.closing and retry.should_retry(work.attempts)
-                     and _retriable(error))
+            live = work.state.alive and not work.state.closing
+            again = live and retry.should_retry(work.attempts) and _retriable(error)
             if again:
                 delay = retry.delay(work.attempts)
                 # not released: an ordered scheduler keeps its key blocked meanwhile
                 self._delayed.push(self._clock() + delay, work)
+                self._delayed_messages += work.size
                 self.retried += 1
         if again:
-            logger.warning(
-                "handler failed for %s[%d]@%d (attempt %d of %d): %s; retrying in %.2fs",
-                msg.topic(), msg.partition(), work.offset, work.attempts, retry.max_attempts,
-                work.error, delay, exc_info=_traceback(error),
-            )
+            logger.warning("handler failed for %s (attempt %d of %d): %s; retrying in %.2fs", what, work.attempts,
+                           retry.max_attempts, work.error, delay, exc_info=_traceback(error))
+            return
+        if live and work.size > 1 and self._batcher is not None:
+            # A batch failed its last attempt: each message runs alone now, so that a poison message reaches
+            # ON_FAILURE alone and the others complete.
+            logger.warning("handler failed for %s (attempt %d of %d): %s; each message is tried alone now", what,
+                           work.attempts, retry.max_attempts, work.error, exc_info=_traceback(error))
+            self._split_batch(work, Partial(work.size, [(i, error) for i in range(work.size)]), fresh=True)
             return
         work.failed = True
         # A Work of an assignment being given up is not this consumer's failure: the next owner runs it.
         logger.log(
-            logging.ERROR if work.state.alive and not work.state.closing else logging.DEBUG,
-            "handler failed for %s[%d]@%d (attempt %d of %d): %s",
-            msg.topic(), msg.partition(), work.offset, work.attempts, retry.max_attempts, work.error,
-            exc_info=_traceback(error),
+            logging.ERROR if live else logging.DEBUG, "handler failed for %s (attempt %d of %d): %s",
+            what, work.attempts, retry.max_attempts, work.error, exc_info=_traceback(error),
         )
-        self._release(work)
-        self._done(work)
+        if work.batch is None:
+            self._release(work)
+            self._done(work)
+        else:
+            self._piece_settled(work)
+
+    def _split_batch(self, batch: Work, outcome: Partial, fresh: bool = False) -> None:
+        """Settle a batch in pieces: what succeeded completes at once, each failed message settles alone --
+        a retry of its own (``fresh``: from its first attempt, queued to run now), then ON_FAILURE. The batch
+        keeps its lanes until its last piece settled (:meth:`_piece_settled`)."""
+        if batch.batch is not None:  # already a piece (a batch of one naming itself): it failed
+            self.settle_failure(batch, outcome.failures[0][1])
+            return
+        pieces: list[tuple[Work, BaseException | None]] = []
+        start = 0
+        for index, error in sorted(outcome.failures, key=lambda failure: failure[0]):
+            if index > start:
+                pieces.append((batch.part(start, index), None))
+            pieces.append((batch.part(index, index + 1), error))
+            start = index + 1
+        if batch.size > start:
+            pieces.append((batch.part(start, batch.size), None))
+        for piece, _ in pieces:
+            piece.batch = batch
+        with self._lock:
+            batch.left = len(pieces)
+            if fresh:
+                again = [piece for piece, _ in pieces]
+                self._rework.extend(again)
+                self._rework_messages += sum(piece.size for piece in again)
+                self._wake = True  # the poll thread starts free workers for them
+                return
+        for piece, error in pieces:
+            if error is None:
+                self._piece_settled(piece)
+            else:
+                self.settle_failure(piece, error)
+
+    def _piece_settled(self, piece: Work) -> None:
+        """A piece of a split batch is done for good (succeeded, or failed its last attempt): once every
+        piece is, the batch lets its lanes go."""
+        self._done(piece)
+        batch = piece.batch
+        assert batch is not None
+        with self._lock:
+            batch.left -= 1
+            if batch.left == 0:
+                self._scheduler.release(batch)
+
+
+def _where(work: Work) -> str:
+    """``topic[partition]@offset`` of a message, or of a batch's first and last message, for log lines."""
+    msg = work.message
+    if work.size == 1:
+        return f"{msg.topic()}[{msg.partition()}]@{work.offset}"
+    return f"a batch of {work.size} of {msg.topic()}[{msg.partition()}]@{work.offset}..{work.offsets[-1]}"
 
 
 def _retriable(error: BaseException) -> bool:

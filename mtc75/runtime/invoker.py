@@ -1,11 +1,13 @@
 """The one handler path: the only place that calls the user's handler, and the only one that knows its kind.
 
 A handler is *sync* (a plain function: called on a worker thread) or *async* (``async def``, an object whose
-``__call__`` is one, a ``functools.partial`` of either: awaited on the event loop). :class:`Invoker` turns one
-``Work`` -- a single message, or a chunk of consecutive messages for a fast sync handler -- into its
-``Outcome``: None when every call returned, the error of a single message, or a :class:`Partial` saying which
-messages of a chunk raised and how many ran. Every failure counts, ``BaseException`` included, and so does a
-plain function that *returns* an awaitable (nothing awaits it, so its work never ran).
+``__call__`` is one, a ``functools.partial`` of either: awaited on the event loop), and takes one message or,
+with ``BATCH_SIZE`` > 1, a *batch*: a list of one partition's messages in offset order. :class:`Invoker`
+turns one ``Work`` -- a single message, a chunk of consecutive messages for a fast per-message handler, or a
+batch -- into its ``Outcome``: None when the work is done, the error of a single message or of a whole
+batch, or a :class:`Partial` saying which messages of a chunk or batch failed (a batch handler names them
+with :class:`mtc75.errors.BatchError`) and how many ran. Every failure counts, ``BaseException`` included,
+and so does a plain function that *returns* an awaitable (nothing awaits it, so its work never ran).
 
 With a ``decode`` function (deserializers, mtc75/kafka/deserializers.py) each call decodes its message
 first, on the same worker, and the handler gets what it returned; a decode that raises is that message's
@@ -33,6 +35,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from mtc75.core.work import Work
+from mtc75.errors import BatchError
 from mtc75.runtime.handlers import Handler, handler_name, is_async_handler, prepare_handler, result_error
 
 # Four of the interpreter's 5 ms GIL switch intervals: a handler that turned slow, not a worker that waited
@@ -87,15 +90,18 @@ class Invoker:
 
     def __init__(
         self, handler: Handler, *, name: str | None = None, decode: Callable[[Any], Any] | None = None,
+        batches: bool = False,
         clock: Callable[[], float] = time.perf_counter, cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.handler = prepare_handler(handler, name)  # refuses what no runner can run
-        self.is_async = is_async_handler(self.handler)  # awaited on the event loop, single messages only
+        self.is_async = is_async_handler(self.handler)  # awaited on the event loop
+        self.batches = batches  # the handler takes a list of messages (BATCH_SIZE > 1 at start-up)
         self.name = name or handler_name(self.handler)
         self.decode = decode
         # What each call calls: the handler, or the handler of the decoded message (a call's time includes
         # the decoding). For an async handler it returns the coroutine, so the decoding runs on the loop.
-        self._target: Handler = self.handler if decode is None else _decoding(self.handler, decode)
+        # A batch is decoded message by message before its one call (:meth:`_decoded`).
+        self._target: Handler = self.handler if decode is None or batches else _decoding(self.handler, decode)
         self._clock, self._cpu_clock = clock, cpu_clock  # wall and this thread's CPU seconds (tests: fakes)
         self._calls: list[CallObserver] = []
         self._work: WorkObserver | None = None
@@ -132,10 +138,14 @@ class Invoker:
     # -- calls (worker threads / the event loop) -------------------------------------------------------
 
     def invoke(self, work: Work) -> Outcome:
-        """Run a Work of a sync handler on this thread: one call per message, in offset order."""
+        """Run a Work of a sync handler on this thread: one call per message in offset order, or one per batch."""
         clock = self._clock
         started = clock()
-        if work.size == 1:
+        if self.batches:
+            given, where, undecoded = self._decoded(work.messages)
+            outcome = _batch_outcome(given, where, undecoded, self._call(given) if given else None)
+            handled = work.size
+        elif work.size == 1:
             outcome: Outcome = self._call(work.message)
             handled = 1
         else:
@@ -147,14 +157,36 @@ class Invoker:
         return outcome
 
     async def invoke_async(self, work: Work) -> Outcome:
-        """Await an async handler for a Work's one message (on the event loop)."""
+        """Await an async handler for a Work's one message, or its batch (on the event loop)."""
         clock = self._clock
         started = clock()
-        outcome = await self._acall(work.message)
+        if self.batches:
+            given, where, undecoded = self._decoded(work.messages)
+            outcome = _batch_outcome(given, where, undecoded, await self._acall(given) if given else None)
+        else:
+            outcome = await self._acall(work.message)
         observer = self._work
         if observer is not None:
-            observer.work_ended(clock() - started, 1)
+            observer.work_ended(clock() - started, work.size)
         return outcome
+
+    def _decoded(self, messages: Sequence[Any]) -> tuple[list[Any], list[int], list[tuple[int, BaseException]]]:
+        """A batch as its handler gets it: (the decoded messages, each one's index in the batch, the
+        ``(index, error)`` of each message that did not decode -- its failure, the others still run)."""
+        decode = self.decode
+        if decode is None:
+            return list(messages), list(range(len(messages))), []
+        given: list[Any] = []
+        where: list[int] = []
+        undecoded: list[tuple[int, BaseException]] = []
+        for index, message in enumerate(messages):
+            try:
+                given.append(decode(message))
+            except BaseException as err:  # a failure of that message, like a raise of the handler
+                undecoded.append((index, err))
+                continue
+            where.append(index)
+        return given, where, undecoded
 
     def _chunk(self, messages: Sequence[Any], deadline: float) -> Partial | None:
         """One call per message; stops early (handing the rest back) once ``deadline`` passed."""
@@ -255,3 +287,35 @@ def _decoding(handler: Handler, decode: Callable[[Any], Any]) -> Handler:
         return handler(decode(message))
 
     return target
+
+
+def _batch_outcome(given: list[Any], where: list[int], undecoded: list[tuple[int, BaseException]],
+                   error: BaseException | None) -> Outcome:
+    """A batch call's outcome: a BatchError naming messages of ``given`` (the list the handler got: ``where``
+    maps it to the batch) becomes a Partial (the rest is done); one that names none, or a message not in
+    the list, fails the whole list. A message that did not decode (``undecoded``) failed alone."""
+    size = len(given) + len(undecoded)
+    if isinstance(error, BatchError):
+        named: dict[int, BaseException] = {}
+        for ref, exc in error.failures:
+            index = ref if isinstance(ref, int) and not isinstance(ref, bool) else _index_of(given, ref)
+            if not 0 <= index < len(given) or not isinstance(exc, BaseException):
+                error = ValueError(f"BatchError names {ref!r} with {exc!r}: not a message of this batch of "
+                                   f"{len(given)} and an exception; the whole batch counts as failed")
+                break
+            named[index] = exc
+        else:
+            if not named:
+                error = ValueError("BatchError named no failed message; the whole batch counts as failed")
+            else:
+                return Partial(size, sorted(undecoded + [(where[i], exc) for i, exc in named.items()]))
+    if not undecoded:
+        return error  # None, or the whole batch's failure
+    if error is None:
+        return Partial(size, undecoded)
+    return Partial(size, sorted(undecoded + [(i, error) for i in where]))
+
+
+def _index_of(given: list[Any], message: object) -> int:
+    """The index of ``message`` (the object itself) in ``given``; -1 when it is not there."""
+    return next((i for i, m in enumerate(given) if m is message), -1)
