@@ -374,7 +374,10 @@ class Consumer:
 
     def _end(self) -> None:
         """The run is over (poll thread, last): /healthz says so and the metrics endpoints close, a service's
-        registry gets its names back, close() may return, a later run() is refused."""
+        registry gets its names back, close() may return, a later run() is refused. The metrics get the final
+        snapshot first: a scrape or a push as the run ends shows its totals."""
+        if self._metrics is not None:
+            self._metrics.update(self._stats)
         self._close_metrics()
         with self._lock:
             self._state = ENDED

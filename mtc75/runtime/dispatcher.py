@@ -112,6 +112,9 @@ class Dispatcher:
         self._batcher = self._scheduler if isinstance(self._scheduler, BatchScheduler) else None
         self._rework: deque[Work] = deque()
         self._rework_messages = 0
+        # A split batch of an ordered mode runs its pieces one after the other: those not started yet (with
+        # the error that sent them there, None for a fresh run) wait here, per batch, in offset order.
+        self._chains: dict[Work, deque[tuple[Work, BaseException | None]]] = {}
         if self._batcher is not None:
             self._take = self._take_batch
         self.retried = 0  # retries scheduled (a message failing 3 times with 3 attempts counts 2)
@@ -303,6 +306,8 @@ class Dispatcher:
             self._rework = deque(w for w in self._rework if not chosen(w))
             self._rework_messages -= sum(w.size for w in rework)
             taken.extend(rework)
+        for batch in [b for b in self._chains if chosen(b)]:
+            taken.extend(piece for piece, _ in self._chains.pop(batch))
         for work in taken:
             self._untake(work)
         dropped.extend(taken)
@@ -713,14 +718,23 @@ class Dispatcher:
             pieces.append((batch.part(start, batch.size), None))
         for piece, _ in pieces:
             piece.batch = batch
+        # Ordered modes: the batch's lanes allow one call at a time, so its pieces to run go one by one.
+        ordered = self._batcher is not None and self._batcher.ordering != "unordered"
         with self._lock:
             batch.left = len(pieces)
             if fresh:
                 again = [piece for piece, _ in pieces]
+                if ordered:
+                    self._chains[batch] = deque((piece, None) for piece in again[1:])
+                    again = again[:1]
                 self._rework.extend(again)
                 self._rework_messages += sum(piece.size for piece in again)
                 self._wake = True  # the poll thread starts free workers for them
                 return
+            if ordered:
+                failed = [(piece, error) for piece, error in pieces if error is not None]
+                self._chains[batch] = deque(failed[1:])
+                pieces = [(piece, error) for piece, error in pieces if error is None] + failed[:1]
         for piece, error in pieces:
             if error is None:
                 self._piece_settled(piece)
@@ -728,15 +742,28 @@ class Dispatcher:
                 self.settle_failure(piece, error)
 
     def _piece_settled(self, piece: Work) -> None:
-        """A piece of a split batch is done for good (succeeded, or failed its last attempt): once every
-        piece is, the batch lets its lanes go."""
+        """A piece of a split batch is done for good (succeeded, or failed its last attempt): the next piece of
+        an ordered batch gets its turn, and once every piece is done the batch lets its lanes go."""
         self._done(piece)
         batch = piece.batch
         assert batch is not None
+        following: tuple[Work, BaseException | None] | None = None
         with self._lock:
             batch.left -= 1
             if batch.left == 0:
+                self._chains.pop(batch, None)
                 self._scheduler.release(batch)
+                return
+            chain = self._chains.get(batch)
+            if chain:  # an ordered batch's next piece: its turn now
+                following = chain.popleft()
+                if following[1] is None:
+                    self._rework.append(following[0])
+                    self._rework_messages += following[0].size
+                    self._wake = True
+                    following = None
+        if following is not None:
+            self.settle_failure(*following)  # a named failure: its retry (or ON_FAILURE) starts now
 
 
 def _where(work: Work) -> str:
