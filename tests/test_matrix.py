@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -172,7 +173,7 @@ def key_order(calls: Calls, stats: Stats, _registry: Any, group: Callable[[int, 
             spans.setdefault(name, []).append((started, ended, offsets))
     for name, runs in spans.items():
         runs.sort()
-        for (_s1, e1, _o1), (s2, _e2, _o2) in zip(runs, runs[1:], strict=False):
+        for (_s1, e1, _o1), (s2, _e2, _o2) in pairwise(runs):
             assert s2 >= e1, f"two calls of {name!r} overlapped"
         firsts = [offsets for _s, _e, offsets in runs]
         flat = [o for offsets in firsts for o in offsets]
