@@ -46,6 +46,11 @@ ON_FAILURE = "dlq"
 # (one per partition, in offset order) or "key" (one per key within a partition, in offset order; different
 # keys in parallel; a message without a key is its own key). Waiting partitions and keys take turns.
 ORDERING = "unordered"
+# Where a plain handler runs: "threads", or "processes" for handlers that compute in Python (the GIL lets
+# one thread compute at a time): PROCESS_COUNT worker processes (0 = one per core) run it, and
+# MAX_THREAD_COUNT still bounds the messages in flight (README: The process runner).
+RUNNER = "threads"
+PROCESS_COUNT = 0
 # librdkafka's fetch.max.bytes / max.partition.fetch.bytes: "auto" probes the topic at start-up (one
 # fetch, ~0.2-0.5 s) and takes "large" (50 MB / 1 MB) for uncompressed data, "small" (2 MB / 512 KB) for
 # compressed; or set "small" / "large" yourself. Either property set in CONSUMER_CONFIG or -X wins.

@@ -38,13 +38,14 @@ SETTINGS = (
     "PAUSE_INTERVAL", "PROCESSING_SLEEP",
     "AUTO_OFFSET_RESET", "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT", "SHUTDOWN_TIMEOUT",
     "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "MAX_PAYLOAD_BYTES", "BROKER_DOWN_TIMEOUT",
-    "REPLICATION_FACTOR", "ORDERING", "FETCH_SIZES",
+    "REPLICATION_FACTOR", "ORDERING", "FETCH_SIZES", "RUNNER", "PROCESS_COUNT",
 )
 EPILOG = """examples:
   python mtc75_consumer.py                                   # settings from config.py
   python mtc75_consumer.py --max-thread-count 4 --processing-sleep 0.2
   python mtc75_consumer.py --max-thread-count auto          # the count that serves best, tuned while running
   python mtc75_consumer.py --handler myapp.jobs:handle       # fn(message) in a worker thread
+  python mtc75_consumer.py --handler myapp.jobs:crunch --runner processes   # in one process per core
   python mtc75_consumer.py --max-messages 1000 --summary-json run.json
   python mtc75_consumer.py --metrics-port 9108 --report run-report/   # Prometheus /metrics + CSV/PNG report
 

@@ -38,7 +38,7 @@ CONSUMER_SETTINGS = (
     "PAUSE_INTERVAL", "AUTO_OFFSET_RESET", "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT",
     "SHUTDOWN_TIMEOUT", "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "BROKER_DOWN_TIMEOUT",
     "REPLICATION_FACTOR", "CONSUMER_CONFIG",
-    "PRODUCER_CONFIG", "ORDERING", "FETCH_SIZES",
+    "PRODUCER_CONFIG", "ORDERING", "FETCH_SIZES", "RUNNER", "PROCESS_COUNT",
 )
 NEW, RUNNING, ENDED = "new", "running", "ended"  # a Consumer's run state, in this order, once
 SNAPSHOT_INTERVAL = 0.25  # how stale stats() may be while running: the poll thread refreshes it this often
@@ -116,7 +116,8 @@ class Consumer:
         on_status: Callable[[Stats], None] | None, status_interval: float, observers: Sequence[CallObserver],
         factories: ClientFactories,
     ) -> None:
-        invoker = Invoker(handler)  # refuses what no runner can run (an async generator)
+        # refuses what no runner can run (an async generator), or what cannot reach worker processes
+        invoker = Invoker(handler, processes=settings.worker_processes())
         for observer in observers:
             invoker.attach(observer)
         if not status_interval > 0:
