@@ -46,8 +46,9 @@ from mtc75.runtime.procworker import (
 )
 from tests import process_handlers as ph
 from tests.fake_kafka import FakeKafka, FakeMessage
-from tests.kafka_helpers import wait_until
+from tests.kafka_helpers import run_script, script_env, wait_until
 from tests.test_engine_unit import GROUP, P0, TOPIC, Run, fast_settings
+from tests.test_scripts import _one_error_line as one_error_line
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -221,6 +222,27 @@ def test_a_handler_the_worker_processes_cannot_load_is_refused_before_any_client
         run.join(WAIT)
     assert cluster.consumers == []  # nothing connected: not even the fetch-size probe
     assert not children(os.getpid())
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--handler", "tests.process_handlers:missing_module"],
+     "cannot run in a worker process (RUNNER=processes): ModuleNotFoundError: No module named "
+     "'tests.no_such_module_for_workers'"),
+    (["--handler", "tests.process_handlers:dies_at_load"], "its worker process exited with code 9 while loading it"),
+    (["--process-count", "-1"], "invalid PROCESS_COUNT='-1' (from --process-count): must be >= 0"),
+])
+def test_the_script_refuses_with_one_line_and_exit_2_before_connecting(args: list[str], fragment: str) -> None:
+    result = run_script("mtc75_consumer.py", "--runner", "processes", *args, env=script_env("127.0.0.1:1"),
+                        timeout=90)
+    assert result.returncode == 2, result.stderr
+    assert fragment in one_error_line(result.stderr, "mtc75_consumer.py")
+
+
+def test_an_unknown_runner_is_one_line_and_exit_2() -> None:
+    result = run_script("mtc75_consumer.py", "--runner", "cores", env=script_env("127.0.0.1:1"), timeout=30)
+    assert result.returncode == 2
+    assert "invalid RUNNER='cores' (from --runner): must be one of threads, processes" in one_error_line(
+        result.stderr, "mtc75_consumer.py")
 
 
 def test_the_default_handler_pickles_with_a_lock_of_its_own() -> None:
