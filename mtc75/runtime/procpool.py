@@ -132,9 +132,8 @@ class ProcessPool:
         self._broken: str | None = None  # why no process could be started lately, or None
         self._started = threading.Semaphore(0)  # one release per slot's first start, good or bad
         self._refusal: str | None = None  # why a first start failed
-        self.calls = 0  # calls made (a chunk is one)
-        self.deaths = 0  # processes that died unasked (each replaced)
-        self.terminated = 0  # processes killed by terminate() or close() while running a call
+        self.deaths = 0  # processes that died unasked (each replaced); written by the slots' threads
+        self.terminated = 0  # processes killed by terminate() or close() while running a call (poll thread)
 
     @property
     def count(self) -> int:
@@ -224,7 +223,6 @@ class ProcessPool:
     def call(self, messages: Sequence[Any], timed: bool, tag: object, wanted: Callable[[], bool]) -> Reply:
         """Run one partition's ``messages`` in a free process (waiting for one) and return its reply."""
         call = _Call(pickle.dumps((*pack(messages), timed), PROTOCOL), tag, wanted)
-        self.calls += 1
         self._submit(call)
         while not call.wait(GIVE_UP_CHECK):
             if not wanted():
