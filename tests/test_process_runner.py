@@ -274,7 +274,7 @@ def test_a_worker_killed_mid_message_fails_that_message_alone_and_is_replaced(
     before = set(pool.pids)
     hang = FakeMessage(TOPIC, 0, 1, b'{"do": "hang"}')
     replies: list[Any] = []
-    caller = threading.Thread(target=lambda: replies.append(_call(pool, hang)))
+    caller = threading.Thread(target=lambda: replies.append(_call(pool, hang)), daemon=True)
     caller.start()
     wait_until(lambda: journal.count("start")[(0, 1)] == 1, WAIT, what="the hang started")
     [victim] = {int(r[1]) for r in journal.lines("start")}
@@ -295,10 +295,10 @@ def test_calls_wait_for_a_free_process_not_behind_a_busy_one(pool: ProcessPool, 
     def call(offset: int, do: str) -> None:
         replies[offset] = _call(pool, FakeMessage(TOPIC, 0, offset, f'{{"do": "{do}"}}'.encode()))
 
-    hang = threading.Thread(target=call, args=(0, "hang"))
+    hang = threading.Thread(target=call, args=(0, "hang"), daemon=True)
     hang.start()
     wait_until(lambda: journal.count("start")[(0, 0)] == 1, WAIT, what="the hang running")
-    others = [threading.Thread(target=call, args=(o, "ok")) for o in range(1, 6)]
+    others = [threading.Thread(target=call, args=(o, "ok"), daemon=True) for o in range(1, 6)]
     for t in others:
         t.start()
     for t in others:
