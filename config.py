@@ -58,6 +58,11 @@ RATE_BURST = 0.1
 # offset order (one call per batch: a bulk insert, a bulk API); a batch waits at most BATCH_WAIT seconds to fill.
 BATCH_SIZE = 1
 BATCH_WAIT = 0.05
+# Where a plain handler runs: "threads", or "processes" for handlers that compute in Python (the GIL lets
+# one thread compute at a time): PROCESS_COUNT worker processes (0 = one per core) run it, and
+# MAX_THREAD_COUNT still bounds the messages in flight (README: The process runner).
+RUNNER = "threads"
+PROCESS_COUNT = 0
 # librdkafka's fetch.max.bytes / max.partition.fetch.bytes: "auto" probes the topic at start-up (one
 # fetch, ~0.2-0.5 s) and takes "large" (50 MB / 1 MB) for uncompressed data, "small" (2 MB / 512 KB) for
 # compressed; or set "small" / "large" yourself. Either property set in CONSUMER_CONFIG or -X wins.

@@ -42,7 +42,7 @@ CONSUMER_SETTINGS = (
     "PAUSE_INTERVAL", "AUTO_OFFSET_RESET", "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT",
     "SHUTDOWN_TIMEOUT", "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "BROKER_DOWN_TIMEOUT",
     "REPLICATION_FACTOR", "CONSUMER_CONFIG", "PRODUCER_CONFIG", "ORDERING", "BATCH_SIZE", "BATCH_WAIT",
-    "FETCH_SIZES", "KEY_FORMAT", "VALUE_FORMAT", "MAX_RATE", "KEY_RATE", "RATE_BURST",
+    "FETCH_SIZES", "KEY_FORMAT", "VALUE_FORMAT", "MAX_RATE", "KEY_RATE", "RATE_BURST", "RUNNER", "PROCESS_COUNT",
 )
 NEW, RUNNING, ENDED = "new", "running", "ended"  # a Consumer's run state, in this order, once
 logger = logging.getLogger(__name__)
@@ -146,8 +146,9 @@ class Consumer:
         key, value = deserializers
         decode = decoder(_deserializer(key, settings.KEY_FORMAT, "key"),
                          _deserializer(value, settings.VALUE_FORMAT, "value"))
-        # refuses what no runner can run (an async generator)
-        invoker = Invoker(handler, decode=decode, batches=settings.BATCH_SIZE > 1)
+        # refuses what no runner can run (an async generator), or what cannot reach worker processes
+        invoker = Invoker(handler, decode=decode, batches=settings.BATCH_SIZE > 1,
+                          processes=settings.worker_processes())
         for observer in observers:
             invoker.attach(observer)
         if not status_interval > 0:

@@ -31,6 +31,7 @@ LIBRDKAFKA_LOGGER = logging.getLogger("mtc75.librdkafka")
 OFFSET_RESETS = ("earliest", "latest", "error")
 AUTO = "auto"  # MAX_THREAD_COUNT = "auto"
 FORMATS = ("bytes", "str", "json")  # KEY_FORMAT / VALUE_FORMAT: mtc75/kafka/deserializers.py BUILT_INS
+RUNNERS = ("threads", "processes")  # RUNNER: where a plain handler runs
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,15 @@ class Settings:
         default=0.05,
         **_spec(float, "most seconds a batch waits to fill while messages arrive (BATCH_SIZE > 1)", minimum=0),
     )
+    RUNNER: str = field(
+        default="threads",
+        **_spec(str, "where a plain handler runs: threads, or processes (PROCESS_COUNT worker processes, for handlers "
+                "that compute in Python; MAX_THREAD_COUNT still bounds the messages in flight); async def "
+                "handlers always run on the event loop", choices=RUNNERS),
+    )
+    PROCESS_COUNT: int = field(
+        default=0, **_spec(int, 'worker processes of RUNNER="processes" (0 = one per core)', minimum=0)
+    )
     FETCH_SIZES: str = field(
         default="auto",
         **_spec(str, "fetch.max.bytes / max.partition.fetch.bytes: auto (chosen at start-up from a short probe of "
@@ -198,6 +208,18 @@ class Settings:
     def initial_threads(self) -> int:
         """The permit count a run starts with: MAX_THREAD_COUNT, or MIN_THREAD_COUNT under "auto"."""
         return self.MIN_THREAD_COUNT if self.MAX_THREAD_COUNT == AUTO else int(self.MAX_THREAD_COUNT)
+
+    def worker_processes(self) -> int:
+        """Worker processes to run the handler in: PROCESS_COUNT (0: one per core) under RUNNER="processes",
+        else 0 (threads)."""
+        if self.RUNNER != "processes":
+            return 0
+        if self.PROCESS_COUNT:
+            return self.PROCESS_COUNT
+        try:
+            return len(os.sched_getaffinity(0)) or 1
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
 
     def offset_window(self) -> int:
         """OFFSET_WINDOW, or its default: offsetmap.default_window(MAX_BACKLOG) (10,000 for 5,000)."""

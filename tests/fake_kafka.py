@@ -492,8 +492,8 @@ class FakeConsumer:
                 logs = self._cluster._logs.get(tp[0])
                 offset = 0 if offset == OFFSET_BEGINNING or logs is None else len(logs[tp[1]])
             self._assigned[tp] = offset
-            # as librdkafka (rd_kafka_seek resets the app position, like a re-assign): no position until the
-            # next delivery
+            # as librdkafka (rd_kafka_toppar_op_seek, #3567): a seek resets the application position, so
+            # position() says nothing until the next delivery (a stale one would undo the seek on resume)
             self._positions.pop(tp, None)
         self.calls.append(("seek", [(tp[0], tp[1], partition.offset)]))
 

@@ -1,6 +1,7 @@
 """Every handler kind with every option that touches it, against the in-memory Kafka (tests/fake_kafka.py).
 
-Kinds: a plain function, an ``async def``, and both as batch handlers (BATCH_SIZE > 1). Options: none,
+Kinds: a plain function, an ``async def``, and both as batch handlers (BATCH_SIZE > 1); a plain one and a
+batch one in worker processes (RUNNER="processes": tests/matrix_handlers.py records to a file). Options: none,
 Prometheus metrics on a registry, MAX_THREAD_COUNT="auto", ORDERING key and partition, retries then the DLQ,
 MAX_RATE, JSON values. Each run: 3 partitions of 40 messages with keys k0..k5 and one poison message
 (partition 1, offset 17); the run must handle every other message, dead-letter the poison alone (its
@@ -17,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mtc75 import testing
 from mtc75.core.stats import Stats
 from mtc75.kafka.deadletter import H_ATTEMPTS, H_OFFSET, H_PARTITION
+from tests import matrix_handlers
 from tests.fake_kafka import FakeKafka
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,7 +38,8 @@ PARTITIONS, PER_PARTITION, KEYS = 3, 40, 6
 POISON = (1, 17)
 RATE = 200.0  # MAX_RATE of the "max_rate" option: messages per second
 BATCH = 8
-KINDS = ("sync", "async", "batch", "async_batch")
+KINDS = ("sync", "async", "batch", "async_batch",
+         pytest.param("process", marks=pytest.mark.slow), pytest.param("process_batch", marks=pytest.mark.slow))
 OPTIONS = ("plain", "metrics", "auto_threads", "ordering_key", "ordering_partition", "retries_dlq", "max_rate",
            "json")
 
@@ -53,6 +57,13 @@ class Calls:
             self.calls.append((seen, started, time.monotonic()))
         if any((p, o) == POISON for p, o, _k, _v in seen):
             raise ValueError("poison message")
+
+    def read(self, path: Path) -> None:
+        """The calls a process handler wrote to ``path`` (tests/matrix_handlers.py)."""
+        for line in path.read_text().splitlines():
+            call = json.loads(line)
+            seen = [(p, o, k.encode(), v) for p, o, k, v in call["seen"]]
+            self.calls.append((seen, call["started"], call["ended"]))
 
     def handled(self) -> Counter[tuple[int, int]]:
         with self.lock:
@@ -121,22 +132,29 @@ def options_of(option: str) -> dict[str, Any]:
 @pytest.mark.parametrize("option", OPTIONS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_with_every_option_handles_all_dead_letters_the_poison_alone_and_commits_to_the_end(
-    kind: str, option: str
+    kind: str, option: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cluster = FakeKafka()
     cluster.create_topic(TOPIC, PARTITIONS)
     fill(cluster, json_values=option == "json")
     calls = Calls()
     registry = KeptRegistry() if option == "metrics" else None
-    batches = kind in ("batch", "async_batch")
+    batches = kind in ("batch", "async_batch", "process_batch")
+    processes = kind.startswith("process")
+    record = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("MTC75_TEST_MATRIX_RECORD", str(record))  # before the worker processes start
+    handler = (matrix_handlers.batch if batches else matrix_handlers.one) if processes else handler_of(kind, calls)
     consumer = testing.consumer(
-        cluster.factories(), handler_of(kind, calls), topic=TOPIC, group_id=GROUP, metrics_registry=registry,
+        cluster.factories(), handler, topic=TOPIC, group_id=GROUP, metrics_registry=registry,
         **{"max_thread_count": 4, "pause_interval": 0.05, "commit_interval": 0.02, "retry_backoff": 0.0,
            "retry_backoff_max": 0.0, "on_failure": "dlq", "max_attempts": 2,
-           "batch_size": BATCH if batches else 1, "batch_wait": 0.01, **options_of(option)},
+           "batch_size": BATCH if batches else 1, "batch_wait": 0.01,
+           "runner": "processes" if processes else "threads", "process_count": 2, **options_of(option)},
     )
     total = PARTITIONS * PER_PARTITION
     stats = consumer.run(max_messages=total, idle_exit=20)
+    if processes:
+        calls.read(record)
     assert cluster.violations == []  # every client call came from the poll thread
 
     handled = calls.handled()
@@ -212,6 +230,8 @@ def max_rate(calls: Calls, stats: Stats, _registry: Any) -> None:
     first = starts[0][0]
     burst = max(1.0, RATE * 0.05)
     owed = stats.batch_size if stats.batch_size > 1 else 0
+    if stats.workers == "messages":  # worker processes: admitted calls may wait for a process, then start at once
+        owed += stats.max_thread_count * max(1, stats.batch_size)
     paid = 0
     for started, size in starts:
         paid += size

@@ -44,13 +44,14 @@ SETTINGS = (
     "AUTO_OFFSET_RESET", "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT", "SHUTDOWN_TIMEOUT",
     "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "MAX_PAYLOAD_BYTES", "BROKER_DOWN_TIMEOUT",
     "REPLICATION_FACTOR", "ORDERING", "BATCH_SIZE", "BATCH_WAIT", "FETCH_SIZES", "KEY_FORMAT", "VALUE_FORMAT",
-    "MAX_RATE", "KEY_RATE", "RATE_BURST",
+    "MAX_RATE", "KEY_RATE", "RATE_BURST", "RUNNER", "PROCESS_COUNT",
 )
 EPILOG = """examples:
   {cmd}                                   # settings from the config file, MTC75_* variables, flags
   {cmd} --topic orders --group-id billing --max-thread-count 4 --processing-sleep 0.2
   {cmd} --max-thread-count auto          # the count that serves best, tuned while running
   {cmd} --handler myapp.jobs:handle       # fn(message) in a worker thread
+  {cmd} --handler myapp.jobs:crunch --runner processes   # in one process per core
   {cmd} --max-messages 1000 --summary-json run.json
   {cmd} --metrics-port 9108 --report run-report/   # /metrics, /healthz, /readyz + CSV/PNG report
   {cmd} --max-rate 200 --key-rate 10      # at most 200 msg/s, 10 msg/s per key

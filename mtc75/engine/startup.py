@@ -122,18 +122,24 @@ def assemble(settings: Settings, overrides: Mapping[str, Any], factories: Client
     """Build the run's parts and subscribe. ``parts`` gets them as soon as they exist (before the topic
     check), so that shutdown can close what was built even when start-up fails."""
     faults, ledger = wiring.faults, wiring.ledger
-    conf, fetch_sizes, reason = consumer_conf(settings, overrides, factories)
-    conf.setdefault("error_cb", faults.on_error)
-    conf["on_commit"] = on_commit = Relay()  # the checkpoint, once it exists
-    log = conf["logger"] = ResetLog(conf.get("logger"))  # librdkafka's log, watched for offset resets
-    consumer = new_client(factories.consumer, conf, "librdkafka consumer")
-    client = faults.client = KafkaClient(consumer, settings.TOPIC, cooperative=is_incremental(conf), log=log)
     retry = RetryPolicy(settings.MAX_ATTEMPTS, settings.RETRY_BACKOFF, settings.RETRY_BACKOFF_MAX)
     scheduler = BatchScheduler(settings.ORDERING, settings.BATCH_SIZE, settings.BATCH_WAIT) \
         if wiring.invoker.batches else new_scheduler(settings.ORDERING)
+    # First: RUNNER="processes" starts its worker processes here, and a handler they cannot load is refused
+    # before anything connects (the fetch-size probe included).
     dispatcher = Dispatcher(wiring.invoker, wiring.threads, retry, scheduler=scheduler)
     ledger.batching = wiring.invoker.batches
     dispatcher.limit_rates(settings.MAX_RATE, settings.KEY_RATE, settings.RATE_BURST)
+    try:
+        conf, fetch_sizes, reason = consumer_conf(settings, overrides, factories)
+        conf.setdefault("error_cb", faults.on_error)
+        conf["on_commit"] = on_commit = Relay()  # the checkpoint, once it exists
+        log = conf["logger"] = ResetLog(conf.get("logger"))  # librdkafka's log, watched for offset resets
+        consumer = new_client(factories.consumer, conf, "librdkafka consumer")
+    except BaseException:
+        dispatcher.shutdown(wait=False)  # no parts yet for the engine's shutdown: stop the runner here
+        raise
+    client = faults.client = KafkaClient(consumer, settings.TOPIC, cooperative=is_incremental(conf), log=log)
     backpressure = Backpressure(client, ledger.tracker, dispatcher, wiring.gate, settings.offset_window())
     guard = Relay()  # the topic guard, once the watch exists
     checkpoint = OffsetCheckpoint(client, ledger.tracker, settings.COMMIT_INTERVAL, faults.is_fatal, guard)
@@ -154,8 +160,10 @@ def assemble(settings: Settings, overrides: Mapping[str, Any], factories: Client
     faults.checked = True
     logger.info("fetch sizes %s: %s", fetch_sizes, reason)
     client.subscribe(assignments.on_assign, assignments.on_revoke, assignments.on_lost)
+    processes = wiring.invoker.processes
     logger.info(
-        "consuming %s as group %s with %s %s (pause interval %.2fs, %s assignment)",
+        "consuming %s as group %s with %s %s%s (pause interval %.2fs, %s assignment)",
         settings.TOPIC, settings.GROUP_ID, settings.MAX_THREAD_COUNT, dispatcher.workers,
+        f" in flight in {processes} worker processes" if processes else "",
         settings.PAUSE_INTERVAL, "incremental" if is_incremental(conf) else "eager",
     )

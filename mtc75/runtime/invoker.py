@@ -22,21 +22,31 @@ A chunk still going after ``CHUNK_SECONDS`` is cut after the current call: chunk
 millisecond of handler time, so one that lasts twenty holds a handler that turned slow, and its other
 messages must be free for the other workers.
 
+A *process* handler (``RUNNER="processes"``, a plain one: an async handler keeps the event loop) runs in
+worker processes (mtc75/runtime/procpool.py): it is pickled here, once, so that what cannot cross is refused
+at construction; :meth:`Invoker.invoke_in` sends a Work's messages to a worker process and turns the reply
+into the same Outcome (the worker calls the handler with its own Invoker: :meth:`Invoker.run_messages`),
+its handler time and per-call timings reported here as if measured here.
+
 Threads: built, and observers attached or detached, on the poll thread (attaching swaps one function
-reference that workers read once per Work); :meth:`Invoker.invoke` runs on worker threads,
-:meth:`Invoker.invoke_async` on the event-loop thread. Observers are called on the thread that made the call.
+reference that workers read once per Work); :meth:`Invoker.invoke` and :meth:`Invoker.invoke_in` run on
+worker threads, :meth:`Invoker.invoke_async` on the event-loop thread, :meth:`Invoker.run_messages` on a
+worker process's main thread. Observers are called on the thread that made (or, for a process handler,
+sent) the call.
 """
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from mtc75.core.work import Work
-from mtc75.errors import BatchError
+from mtc75.errors import BatchError, ConfigError, HandlerRefused
 from mtc75.runtime.handlers import Handler, handler_name, is_async_handler, prepare_handler, result_error
+from mtc75.runtime.procworker import Reply, safe_text
 
 # Four of the interpreter's 5 ms GIL switch intervals: a handler that turned slow, not a worker that waited
 # its turn for the GIL (chunks are sized for ~1 ms, mtc75/runtime/dispatcher.py CHUNK_TARGET).
@@ -75,6 +85,14 @@ class WorkObserver(Protocol):
         """``messages`` handler calls took ``seconds`` in all."""
 
 
+class WorkerCalls(Protocol):
+    """Where a process handler's calls go (mtc75/runtime/procpool.py ``ProcessPool``)."""
+
+    def call(self, messages: Sequence[Any], timed: bool, tag: object, wanted: Callable[[], bool]) -> Reply:
+        """Run one partition's ``messages`` in a worker process (blocking). ``tag`` names their owner;
+        ``wanted()`` False while they wait for a process means: do not send them (``Reply.lost`` says so)."""
+
+
 class _CallClock:
     """One thread's call count and whether its last call was slow (the CPU sampling rule)."""
 
@@ -90,7 +108,7 @@ class Invoker:
 
     def __init__(
         self, handler: Handler, *, name: str | None = None, decode: Callable[[Any], Any] | None = None,
-        batches: bool = False,
+        batches: bool = False, processes: int = 0,
         clock: Callable[[], float] = time.perf_counter, cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.handler = prepare_handler(handler, name)  # refuses what no runner can run
@@ -102,6 +120,9 @@ class Invoker:
         # the decoding). For an async handler it returns the coroutine, so the decoding runs on the loop.
         # A batch is decoded message by message before its one call (:meth:`_decoded`).
         self._target: Handler = self.handler if decode is None or batches else _decoding(self.handler, decode)
+        # worker processes to run a plain handler in (RUNNER="processes"), 0 for threads; its pickle, made once
+        self.processes = 0 if self.is_async else processes
+        self.pickled = pickled_handler(self.handler, self.name, decode, batches) if self.processes else b""
         self._clock, self._cpu_clock = clock, cpu_clock  # wall and this thread's CPU seconds (tests: fakes)
         self._calls: list[CallObserver] = []
         self._work: WorkObserver | None = None
@@ -155,6 +176,49 @@ class Invoker:
         if observer is not None:
             observer.work_ended(clock() - started, handled)
         return outcome
+
+    def run_messages(self, messages: Sequence[Any]) -> tuple[Outcome, int, float]:
+        """:meth:`invoke` without a Work, in a worker process: the outcome, how many messages the handler
+        saw, and their handler seconds."""
+        clock = self._clock
+        started = clock()
+        if self.batches:
+            given, where, undecoded = self._decoded(messages)
+            outcome: Outcome = _batch_outcome(given, where, undecoded, self._call(given) if given else None)
+            handled = len(messages)
+        elif len(messages) == 1:
+            outcome = self._call(messages[0])
+            handled = 1
+        else:
+            outcome = self._chunk(messages, started + CHUNK_SECONDS)
+            handled = len(messages) if outcome is None else outcome.handled
+        return outcome, handled, clock() - started
+
+    def invoke_in(self, pool: WorkerCalls, work: Work) -> Outcome:
+        """Run a Work of a process handler in one of ``pool``'s worker processes (this thread waits)."""
+        state = work.state
+        calls = self._calls
+        reply = pool.call(work.messages, bool(calls), state, lambda: state.alive and not state.closing)
+        if reply.lost is not None:
+            # Not run to its end: its worker process died (or was stopped) running it, or it was given up
+            # before it was sent. A chunk goes back as single messages, untried (one that kills its process
+            # fails alone when it runs again); a single message or a batch fails, and is retried unless given up.
+            return reply.lost if work.size == 1 or self.batches else Partial(0, [])
+        observer = self._work
+        if observer is not None:
+            observer.work_ended(reply.seconds, reply.handled)
+        if reply.calls:
+            for seconds, cpu in reply.calls:
+                for call_observer in calls:
+                    call_observer.call_ended(seconds, cpu)
+        failures = reply.failures
+        if failures and failures[0][0] < 0:  # the whole batch failed (procworker.WHOLE)
+            return failures[0][1]
+        if work.size == 1:
+            return failures[0][1] if failures else None
+        if failures or reply.handled < work.size:
+            return Partial(reply.handled, failures)
+        return None
 
     async def invoke_async(self, work: Work) -> Outcome:
         """Await an async handler for a Work's one message, or its batch (on the event loop)."""
@@ -319,3 +383,34 @@ def _batch_outcome(given: list[Any], where: list[int], undecoded: list[tuple[int
 def _index_of(given: list[Any], message: object) -> int:
     """The index of ``message`` (the object itself) in ``given``; -1 when it is not there."""
     return next((i for i, m in enumerate(given) if m is message), -1)
+
+
+def pickled_handler(handler: Handler, name: str, decode: Callable[[Any], Any] | None = None,
+                    batches: bool = False) -> bytes:
+    """What worker processes need to call ``handler`` as here, pickled: the handler -- a module-level function
+    travels as its importable name (``module.qualname``); a partial or an object as its parts -- and its
+    kind: a batch handler or not, and how to build the decode function there (its ``rebuild``: a function
+    and its arguments, :func:`mtc75.kafka.deserializers.decoder` with the deserializers' specs).
+    HandlerRefused or ConfigError say why one cannot cross."""
+    if handler_name(handler).startswith("__main__."):
+        raise HandlerRefused(
+            f"handler {name} is defined in the script being run (__main__): worker processes import a handler "
+            "by its module's name; move it into a module (e.g. myapp/jobs.py) and pass myapp.jobs.handle"
+        )
+    try:
+        blob = pickle.dumps(handler, pickle.HIGHEST_PROTOCOL)
+    except BaseException as err:  # a lambda, a nested function, an object holding a lock or a client
+        raise HandlerRefused(
+            f"handler {name} cannot be sent to worker processes ({type(err).__name__}: {safe_text(err)}); give a "
+            "function defined at the top level of an importable module (or a picklable object)"
+        ) from None
+    rebuild = getattr(decode, "rebuild", None) if decode is not None else None
+    try:
+        kind = pickle.dumps((batches, rebuild), pickle.HIGHEST_PROTOCOL)
+    except BaseException as err:  # a deserializer object holding a client, a lambda
+        raise ConfigError(
+            f"a deserializer cannot be sent to worker processes ({type(err).__name__}: {safe_text(err)}): with "
+            'RUNNER="processes" give "json", "str", a function defined at the top level of a module, or a '
+            "picklable object"
+        ) from None
+    return pickle.dumps((blob, kind), pickle.HIGHEST_PROTOCOL)
