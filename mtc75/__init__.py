@@ -22,6 +22,7 @@ import mtc75._startup  # noqa: F401
 import logging
 
 from mtc75.api import Consumer
+from mtc75.core.output import Output
 from mtc75.core.stats import Stats
 from mtc75.errors import (
     BrokerUnreachable,
@@ -47,6 +48,7 @@ __all__ = [
     "MessageFailed",
     "MisuseError",
     "Mtc75Error",
+    "Output",
     "Stats",
     "TopicGone",
     "TopicNotFound",

@@ -27,7 +27,8 @@ from mtc75.core.offsets import PartitionState
 class Work:
     """One fetched message (or a chunk): the Kafka message(s), the assignment, the first offset, the attempts."""
 
-    __slots__ = ("message", "messages", "state", "offset", "size", "failed", "dropped", "attempts", "error")
+    __slots__ = ("message", "messages", "state", "offset", "size", "failed", "dropped", "attempts", "error",
+                 "outputs")
 
     def __init__(self, message: Any, state: PartitionState, offset: int) -> None:
         self.message = message  # the first (for a single message: the only) message
@@ -39,6 +40,9 @@ class Work:
         self.dropped = False  # True (with failed) when it never ran: its assignment was given up
         self.attempts = 0  # handler calls that raised
         self.error = ""  # "ExceptionType: text" of the last failure
+        # What the handler returned to be written, as (offset, Output) pairs (mtc75/core/output.py); None:
+        # nothing. Set by the worker that ran it; the message is done once they are written.
+        self.outputs: list[tuple[int, Any]] | None = None
 
     @classmethod
     def chunk(cls, messages: Sequence[Any], state: PartitionState, first: int) -> Work:
@@ -61,5 +65,10 @@ class Work:
     def part(self, start: int, stop: int) -> Work:
         """The messages ``start .. stop - 1`` of this chunk (a single message when that is one)."""
         if stop - start == 1:
-            return Work(self.messages[start], self.state, self.offset + start)
-        return Work.chunk(self.messages[start:stop], self.state, self.offset + start)
+            part = Work(self.messages[start], self.state, self.offset + start)
+        else:
+            part = Work.chunk(self.messages[start:stop], self.state, self.offset + start)
+        if self.outputs is not None:
+            low, high = self.offset + start, self.offset + stop
+            part.outputs = [pair for pair in self.outputs if low <= pair[0] < high] or None
+        return part

@@ -278,7 +278,7 @@ class Engine:
                 self._ledger.flush_failures(max(1.0, deadline - time.monotonic()))
             parts.checkpoint.commit_now(None, time.monotonic() + CONFIRM_TIMEOUT)
         finally:
-            self._ledger.failure.close()
+            self._ledger.close()
             parts.backpressure.end()
             parts.assignments.closing = True
             client.close()

@@ -7,6 +7,11 @@ A handler is *sync* (a plain function: called on a worker thread) or *async* (``
 messages of a chunk raised and how many ran. Every failure counts, ``BaseException`` included, and so does a
 plain function that *returns* an awaitable (nothing awaits it, so its work never ran).
 
+What a handler returns is read here alone: None is the fast path (nothing else is looked at); output
+records (:mod:`mtc75.core.output`) go onto the Work as ``(offset, Output)`` pairs, which the worker owns
+while it runs it; a malformed one is the message's failure; any other value is ignored, with one warning
+per type.
+
 Timing is observed, never wrapped around the handler: every ``Work`` reports its handler time and message
 count to the :class:`WorkObserver` (the dispatcher's chunk sizing), and while a :class:`CallObserver` is
 attached (metrics, ``MAX_THREAD_COUNT="auto"``) each call's duration goes to it, with the call's thread CPU
@@ -23,13 +28,17 @@ reference that workers read once per Work); :meth:`Invoker.invoke` runs on worke
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
+from mtc75.core.output import Output, ignored_type, outputs_of
 from mtc75.core.work import Work
 from mtc75.runtime.handlers import Handler, handler_name, is_async_handler, prepare_handler, result_error
+
+logger = logging.getLogger(__name__)
 
 # Four of the interpreter's 5 ms GIL switch intervals: a handler that turned slow, not a worker that waited
 # its turn for the GIL (chunks are sized for ~1 ms, mtc75/runtime/dispatcher.py CHUNK_TARGET).
@@ -50,6 +59,8 @@ class Partial(NamedTuple):
 
 # What a Work came to: None (done), the error of a single message, or a Partial (a chunk).
 Outcome = BaseException | Partial | None
+# What one call came to: None (done), its error, or the output records it returned (done, to be written).
+CallResult = BaseException | list[Output] | None
 
 
 class CallObserver(Protocol):
@@ -92,8 +103,9 @@ class Invoker:
         self._calls: list[CallObserver] = []
         self._work: WorkObserver | None = None
         self._local = threading.local()
-        self._call: Callable[[Any], BaseException | None] = self._plain_call()
-        self._acall: Callable[[Any], Awaitable[BaseException | None]] = self._plain_acall()
+        self._ignored: set[str] = set()  # types of return values ignored and warned about (once each)
+        self._call: Callable[[Any], CallResult] = self._plain_call()
+        self._acall: Callable[[Any], Awaitable[CallResult]] = self._plain_acall()
 
     # -- observers (poll thread) -----------------------------------------------------------------------
 
@@ -128,10 +140,14 @@ class Invoker:
         clock = self._clock
         started = clock()
         if work.size == 1:
-            outcome: Outcome = self._call(work.message)
+            result = self._call(work.message)
+            if result is not None and type(result) is list:
+                work.outputs = [(work.offset, output) for output in result]
+                result = None
+            outcome: Outcome = result
             handled = 1
         else:
-            outcome = self._chunk(work.messages, started + CHUNK_SECONDS)
+            outcome = self._chunk(work, started + CHUNK_SECONDS)
             handled = work.size if outcome is None else outcome.handled
         observer = self._work
         if observer is not None:
@@ -142,51 +158,80 @@ class Invoker:
         """Await an async handler for a Work's one message (on the event loop)."""
         clock = self._clock
         started = clock()
-        outcome = await self._acall(work.message)
+        result = await self._acall(work.message)
+        if result is not None and type(result) is list:
+            work.outputs = [(work.offset, output) for output in result]
+            result = None
+        outcome: Outcome = result
         observer = self._work
         if observer is not None:
             observer.work_ended(clock() - started, 1)
         return outcome
 
-    def _chunk(self, messages: Sequence[Any], deadline: float) -> Partial | None:
+    def _chunk(self, work: Work, deadline: float) -> Partial | None:
         """One call per message; stops early (handing the rest back) once ``deadline`` passed."""
         call = self._call
         clock = self._clock
+        messages: Sequence[Any] = work.messages
         failures: list[tuple[int, BaseException]] | None = None
         handled = 0
         last = len(messages)
         for message in messages:
             error = call(message)
             if error is not None:
-                if failures is None:
-                    failures = []
-                failures.append((handled, error))
+                if type(error) is list:  # output records: done
+                    if work.outputs is None:
+                        work.outputs = []
+                    offset = work.offset + handled
+                    work.outputs.extend((offset, output) for output in error)
+                else:
+                    if failures is None:
+                        failures = []
+                    failures.append((handled, error))
             handled += 1
             if handled < last and clock() >= deadline:
                 return Partial(handled, failures or [])
         return None if failures is None else Partial(handled, failures)
 
-    def _plain_call(self) -> Callable[[Any], BaseException | None]:
-        handler = self.handler
+    def _returned(self, result: object) -> CallResult:
+        """A handler's non-None return value: an awaitable (a failure), outputs, or ignored (see the module
+        notes). Off the fast path: a None return never gets here."""
+        refused = result_error(result)
+        if refused is not None:
+            return refused
+        outputs = outputs_of(result)
+        if outputs is None:
+            name = ignored_type(result)
+            if name is not None and name not in self._ignored:  # a lost race warns twice: harmless
+                self._ignored.add(name)
+                logger.warning("handler %s returned a %s: ignored (only None, an mtc75.Output or a list, tuple or "
+                               "generator of them mean something)", self.name, name)
+            return None
+        if isinstance(outputs, BaseException):
+            return outputs
+        return list(outputs) or None
 
-        def call(message: Any) -> BaseException | None:
+    def _plain_call(self) -> Callable[[Any], CallResult]:
+        handler, returned = self.handler, self._returned
+
+        def call(message: Any) -> CallResult:
             try:
                 result = handler(message)
             except BaseException as err:
                 # Any failure -- SystemExit, KeyboardInterrupt or a CancelledError leaking from library
                 # code too -- is the message's: retried, then ON_FAILURE; never the worker's end.
                 return err
-            return None if result is None else result_error(result)
+            return None if result is None else returned(result)
 
         return call
 
-    def _timed_call(self) -> Callable[[Any], BaseException | None]:
-        handler, observers, local = self.handler, self._calls, self._local
+    def _timed_call(self) -> Callable[[Any], CallResult]:
+        handler, observers, local, returned = self.handler, self._calls, self._local, self._returned
         wants_cpu = any(o.wants_cpu for o in observers)
         clock, cpu_clock = self._clock, self._cpu_clock
         mask = CPU_SAMPLE_EVERY - 1
 
-        def call(message: Any) -> BaseException | None:
+        def call(message: Any) -> CallResult:
             try:
                 tally = local.clock
             except AttributeError:
@@ -194,9 +239,10 @@ class Invoker:
             on_cpu = wants_cpu and (tally.slow or not tally.count & mask)
             cpu_started = cpu_clock() if on_cpu else 0.0
             started = clock()
+            error: CallResult
             try:
                 result = handler(message)
-                error = None if result is None else result_error(result)
+                error = None if result is None else returned(result)
             except BaseException as err:  # see _plain_call
                 error = err
             seconds = clock() - started
@@ -209,27 +255,28 @@ class Invoker:
 
         return call
 
-    def _plain_acall(self) -> Callable[[Any], Awaitable[BaseException | None]]:
-        handler = self.handler
+    def _plain_acall(self) -> Callable[[Any], Awaitable[CallResult]]:
+        handler, returned = self.handler, self._returned
 
-        async def call(message: Any) -> BaseException | None:
+        async def call(message: Any) -> CallResult:
             try:
-                await handler(message)  # type: ignore[misc]
+                result = await handler(message)  # type: ignore[misc]
             except BaseException as err:  # CancelledError too: the runner tells its own from the handler's
                 return err
-            return None
+            return None if result is None else returned(result)
 
         return call
 
-    def _timed_acall(self) -> Callable[[Any], Awaitable[BaseException | None]]:
-        handler, observers = self.handler, self._calls
+    def _timed_acall(self) -> Callable[[Any], Awaitable[CallResult]]:
+        handler, observers, returned = self.handler, self._calls, self._returned
         clock = self._clock
 
-        async def call(message: Any) -> BaseException | None:
+        async def call(message: Any) -> CallResult:
             started = clock()
-            error: BaseException | None = None
+            error: CallResult = None
             try:
-                await handler(message)  # type: ignore[misc]
+                result = await handler(message)  # type: ignore[misc]
+                error = None if result is None else returned(result)
             except BaseException as err:  # see _plain_acall
                 error = err
             seconds = clock() - started
