@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
 from mtc75.kafka.topics import create_topic
@@ -250,3 +250,43 @@ def test_exactly_once_a_killed_node_of_three_every_output_exactly_once(
     report_figures("eos_node_killed", messages=N, killed_node=victim.node_id, killed_at_handled=killed_at,
                    consumer_exit=exited, missing=missing, duplicates=duplicates)
     assert (missing, duplicates) == (0, 0)
+
+
+def test_a_transactional_input_only_committed_records_are_transformed_and_the_commit_covers_them(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """The input written in transactions, every third one aborted: control markers and aborted records are
+    never handed to the handler; every committed input's output exactly once; the commit reaches the last
+    record (its marker, which a restart skips, may stay above it)."""
+    topic, out, group = make_topic(partitions=PARTITIONS), make_topic(partitions=PARTITIONS, prefix="out"), unique("g")
+    producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": unique("input-writer")})
+    producer.init_transactions(30)
+    kept: set[int] = set()
+    for batch in range(30):
+        producer.begin_transaction()
+        for i in range(batch * 50, batch * 50 + 50):
+            producer.produce(topic, key=f"k{i}", value=json.dumps({"id": i}).encode())
+        if batch % 3 == 2:
+            producer.abort_transaction(30)
+        else:
+            producer.commit_transaction(30)
+            kept.update(range(batch * 50, batch * 50 + 50))
+    record, log = tmp_path / "handled.txt", tmp_path / "consumer.log"
+    env = script_env(bootstrap, MTC75_TEST_OUT=out, MTC75_TEST_RECORD=str(record))
+    proc = start_consumer(args(topic, group, "exactly_once", None), env, log)
+    try:
+        wait_until(lambda: lines(record) >= len(kept), timeout=120, what="every committed input handled")
+        time.sleep(2.0)  # a commit interval and more: nothing else may arrive
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        stop_process(proc)
+    assert lines(record) == len(kept)  # aborted records never reached the handler
+    counts = read_outputs(bootstrap, out, len(kept))
+    assert sorted(counts.values()) == [1] * len(kept)
+    ends = end_offsets(bootstrap, topic)
+    committed = committed_offsets(bootstrap, group, topic)
+    last = {p: max((o for p2, o in counts if p2 == p), default=-1) for p in ends}
+    assert all(last[p] < committed[p] <= ends[p] for p in ends), (committed, last, ends)
+    report_figures("eos_transactional_input", records=1500, committed_inputs=len(kept), outputs=sum(counts.values()),
+                   committed=committed, ends=ends)

@@ -162,7 +162,8 @@ def test_exactly_once_commits_outputs_and_offsets_in_transactions_and_never_comm
     assert [cluster.committed(GROUP, TOPIC, p) for p in range(3)] == [40, 40, 40]
     assert cluster.transactions["committed"] >= 1 and cluster.transactions["aborted"] == 0
     producers = [p for p in cluster.producers if p.txn_id is not None]
-    assert len(producers) == 1 and producers[0].txn_id.startswith(f"mtc75-{GROUP}-")  # type: ignore[union-attr]
+    assert len({p.txn_id for p in producers}) == 1  # one transactional.id: the run's
+    assert producers[0].txn_id.startswith(f"mtc75-{GROUP}-")  # type: ignore[union-attr]
     assert all(not c.asynchronous for c in cluster.commits)  # every commit came from a transaction
 
 
@@ -227,6 +228,21 @@ def test_exactly_once_a_producer_fenced_by_a_newer_one_halts_the_run(
         run.join()
     assert cluster.committed(GROUP, TOPIC, 0) == 5  # the zombie committed nothing more
     assert outputs(cluster) == every({0: 5})
+
+
+def test_exactly_once_a_fatal_error_that_is_not_fencing_makes_a_new_producer_and_reads_again(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    """INVALID_TXN_STATE (the coordinator died during a commit) is fatal for the producer, not for the run."""
+    counts = {0: 30, 1: 30, 2: 30}
+    cluster.fill(TOPIC, counts)
+    cluster.fail_transactions(KafkaError(KafkaError.INVALID_TXN_STATE, "coordinator moved", fatal=True))
+    run = start(transform, PROCESSING_GUARANTEE="exactly_once")
+    until(lambda: [cluster.committed(GROUP, TOPIC, p) for p in range(3)] == [30, 30, 30], "everything committed")
+    run.stop()
+    initialised = [p for p in cluster.producers if p.txn_id is not None and p._epoch >= 0]
+    assert len(initialised) == 2  # the first, and the one made after its fatal error
+    assert outputs(cluster) == every(counts)
 
 
 def test_exactly_once_dead_letters_go_into_the_transaction(cluster: FakeKafka, start: Callable[..., Run]) -> None:

@@ -23,7 +23,11 @@ produces and commits, so the offsets of one transaction say exactly which messag
 - fencing: ``transactional.id`` is ``mtc75-<group>-<member>`` (the member: ``group.instance.id``, else a
   random id per run), and offsets carry the consumer's group metadata (KIP-447): a zombie whose partitions
   moved on is refused by the group coordinator, and a restart with the same ``group.instance.id`` fences its
-  predecessor's producer at ``init_transactions``. A fenced producer is fatal: the run halts at once.
+  predecessor's producer at ``init_transactions``. A fenced producer is fatal: the run halts at once. Any
+  other fatal producer error (e.g. INVALID_TXN_STATE when the transaction coordinator dies during a
+  commit) makes a new producer with the same transactional.id -- its ``init_transactions`` finishes or
+  aborts what the old one left -- and reads every partition again from what is committed (at most
+  RECOVERIES times a run; then it halts).
   Without static membership a killed member's open transaction holds its partitions' committed offsets
   until ``transaction.timeout.ms`` (10 s by default here) passes.
 - a record that can never be written (too large, not authorized) aborts and stops the run (exit 5);
@@ -60,6 +64,10 @@ COMMIT_TIMEOUT = 30.0  # longest a commit (or an abort) retries before the run h
 MIN_COMMIT_WAIT = 10.0  # a synchronous commit (revoke, shutdown) gets at least this long
 INIT_TIMEOUT = 30.0  # init_transactions: finds the coordinator, fences and aborts a predecessor's transaction
 BUFFER_WAIT = 0.05  # the producer's queue is full: serve it this long, then try the record again
+RECOVERIES = 5  # new producers a run may make after fatal errors that are not fencing
+# Fatal errors that say another producer owns the transactional.id now: never recovered from (a zombie's new
+# producer would fence the live successor).
+FENCED = (KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH)
 PERMANENT = (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.TOPIC_AUTHORIZATION_FAILED,
              KafkaError.INVALID_RECORD, KafkaError.OFFSET_METADATA_TOO_LARGE)
 
@@ -87,7 +95,7 @@ class TransactionalCheckpoint:
         client: KafkaClient,
         tracker: OffsetTracker,
         interval: float,
-        producer: Any,
+        new_producer: Callable[[], Any],
         on_change: Callable[[Change, float], None],
         halt: Callable[[Mtc75Error], None],
         rewind: Callable[[list[Partition]], None],
@@ -96,7 +104,10 @@ class TransactionalCheckpoint:
         self._client = client
         self._tracker = tracker
         self._interval = interval
-        self._producer = producer  # transactional: init_transactions() ran (start)
+        self._new_producer = new_producer  # builds the transactional producer (start, and after a fatal error)
+        self._producer: Any = None  # transactional: init_transactions() ran (start)
+        self._broken: KafkaError | None = None  # a fatal error the producer reported (error_cb)
+        self.recoveries = 0
         self._on_change = on_change  # gone or re-created: the engine decides
         self._halt_run = halt
         self._rewind = rewind  # Assignments.rewind: read partitions again from their last commit
@@ -119,12 +130,22 @@ class TransactionalCheckpoint:
 
     def start(self, timeout: float = INIT_TIMEOUT) -> None:
         """``init_transactions``: fences a predecessor with the same transactional.id and ends its transaction."""
+        self._producer = self._new_producer()
         try:
             self._producer.init_transactions(timeout)
         except KafkaException as exc:
             err = exc.args[0]
             raise KafkaUnavailable(f"cannot start Kafka transactions ({err.str()}): exactly_once needs a cluster "
                                    "with a transaction state log (transaction.state.log.* settings)") from None
+
+    def on_producer_error(self, err: KafkaError, forward: Callable[[KafkaError], None]) -> None:
+        """The producer's ``error_cb``: a fatal error is this checkpoint's (acted on at the next tick), any other
+        goes to ``forward`` (the engine's)."""
+        if err.fatal() or err.code() == KafkaError._FATAL:
+            if self._broken is None:
+                self._broken = err
+            return
+        forward(err)
 
     # -- the output sink (mtc75.kafka.outputs.OutputSink) --------------------------------------------
 
@@ -148,6 +169,9 @@ class TransactionalCheckpoint:
 
     def tick(self, now: float) -> None:
         if self._halted:
+            return
+        if self._broken is not None:
+            self._fatal(self._broken)
             return
         if self._open:
             self._producer.poll(0)  # delivery reports: a failed record aborts the transaction now
@@ -374,9 +398,29 @@ class TransactionalCheckpoint:
                                             f"({exc.args[0].str()})"))
 
     def _fatal(self, err: KafkaError) -> None:
-        self._open = False  # a fenced producer can neither commit nor abort
-        self._halt(KafkaFatalError(f"transactional producer stopped: {err.str()} (fenced by a newer instance of "
-                                   "this member, or the group moved on)"))
+        """The producer is unusable: halt when it was fenced, else replace it and read everything again."""
+        self._open = False  # a producer in a fatal state can neither commit nor abort
+        self._holds.clear()
+        self._failed = self._broken = None
+        fenced = err.code() in FENCED or "fenced" in err.str().lower()  # error_cb says _FATAL, the text why
+        if fenced or self.recoveries >= RECOVERIES:
+            self._halt(KafkaFatalError(f"transactional producer stopped: {err.str()}" + (
+                " (fenced: another instance of this member owns its transactional.id)" if fenced else
+                f" ({RECOVERIES} new producers made this run already)")))
+            return
+        self.recoveries += 1
+        logger.warning("transactional producer failed (%s): making a new one; every partition is read again "
+                       "from what is committed", err.str())
+        try:
+            self.start()
+        except KafkaUnavailable as failed:
+            self._halt(failed)
+            return
+        try:
+            self._rewind(self._tracker.partitions())
+        except KafkaException as exc:
+            self._halt(KafkaUnavailable(f"cannot read the committed offsets after a new producer "
+                                        f"({exc.args[0].str()})"))
 
     def _halt(self, error: Mtc75Error) -> None:
         self._halt_run(error)  # the engine calls halt() here in turn
