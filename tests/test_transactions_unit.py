@@ -282,3 +282,12 @@ def test_exactly_once_refuses_read_uncommitted_input(cluster: FakeKafka) -> None
 
 def test_output_is_exported() -> None:
     assert mtc75.Output is Output
+
+
+def test_exactly_once_a_start_up_failure_before_transactions_is_its_own_error(cluster: FakeKafka) -> None:
+    from mtc75 import testing
+    from mtc75.errors import TopicNotFound
+
+    settings = fast_settings(PROCESSING_GUARANTEE="exactly_once", TOPIC="missing")
+    with pytest.raises(TopicNotFound):
+        testing.from_settings(cluster.factories(), transform, settings).run(max_messages=1)

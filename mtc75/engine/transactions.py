@@ -186,7 +186,7 @@ class TransactionalCheckpoint:
     def commit_now(self, partitions: list[Partition] | None, deadline: float) -> None:
         """Commit the whole transaction (one transaction holds every partition); on failure it is aborted and
         the partitions not in ``partitions`` (None: all) are read again."""
-        if self._halted:
+        if self._halted or self._producer is None:  # None: start-up failed before transactions began
             return
         if self._client.down_since is not None:
             logger.warning("Kafka unreachable: not committing the transaction; it is aborted by the broker after "
