@@ -123,17 +123,16 @@ def open_transactions(settings: Settings, conf: Mapping[str, Any], factories: Cl
         raise ConfigError(f"OFFSET_WINDOW={settings.offset_window()} with PROCESSING_GUARANTEE=exactly_once: the "
                           f"offset map must always fit the commit, so at most {capacity - 500} (0: the default)")
     pconf = transactional_config(settings.producer_config(connection(conf)), settings.GROUP_ID, conf)
+    # Fatal errors are the checkpoint's (it replaces the producer or halts), others the engine's.
     forward = pconf.pop("error_cb", wiring.faults.on_error)
-    on_error = Relay()  # fatal errors are the checkpoint's (it replaces the producer or halts), others the engine's
-    pconf["error_cb"] = on_error
     new_client(factories.producer, pconf, "transactional producer")  # a refused property: a start-up error
     logger.info("exactly_once: transactional.id %s", pconf["transactional.id"])
-    checkpoint = TransactionalCheckpoint(
-        client, wiring.ledger.tracker, settings.COMMIT_INTERVAL,
-        lambda: new_client(factories.producer, pconf, "transactional producer"), guard, wiring.halt, rewind,
-        float(pconf["transaction.timeout.ms"]) / 1000.0)
-    on_error.to = lambda err: checkpoint.on_producer_error(err, forward)
-    return checkpoint
+
+    def new_producer(error_cb: Callable[[KafkaError], None]) -> Any:
+        return new_client(factories.producer, {**pconf, "error_cb": error_cb}, "transactional producer")
+
+    return TransactionalCheckpoint(client, wiring.ledger.tracker, settings.COMMIT_INTERVAL, new_producer, forward,
+                                   guard, wiring.halt, rewind, float(pconf["transaction.timeout.ms"]) / 1000.0)
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,8 @@ class TransactionalCheckpoint:
         client: KafkaClient,
         tracker: OffsetTracker,
         interval: float,
-        new_producer: Callable[[], Any],
+        new_producer: Callable[[Callable[[KafkaError], None]], Any],
+        on_error: Callable[[KafkaError], None],
         on_change: Callable[[Change, float], None],
         halt: Callable[[Mtc75Error], None],
         rewind: Callable[[list[Partition]], None],
@@ -104,8 +105,11 @@ class TransactionalCheckpoint:
         self._client = client
         self._tracker = tracker
         self._interval = interval
-        self._new_producer = new_producer  # builds the transactional producer (start, and after a fatal error)
+        # builds the transactional producer with an error_cb (start, and after a fatal error)
+        self._new_producer = new_producer
+        self._on_error = on_error  # the engine's error_cb, for the producer's errors that are not fatal
         self._producer: Any = None  # transactional: init_transactions() ran (start)
+        self._report: Callable[[KafkaError | None, Any], None] = self._reporter(0)
         self._broken: KafkaError | None = None  # a fatal error the producer reported (error_cb)
         self.recoveries = 0
         self._on_change = on_change  # gone or re-created: the engine decides
@@ -130,7 +134,9 @@ class TransactionalCheckpoint:
 
     def start(self, timeout: float = INIT_TIMEOUT) -> None:
         """``init_transactions``: fences a predecessor with the same transactional.id and ends its transaction."""
-        self._producer = self._new_producer()
+        generation = self.recoveries  # a replaced producer's late errors and reports are not this one's
+        self._producer = self._new_producer(lambda err: self._producer_error(generation, err))
+        self._report = self._reporter(generation)
         try:
             self._producer.init_transactions(timeout)
         except KafkaException as exc:
@@ -138,14 +144,17 @@ class TransactionalCheckpoint:
             raise KafkaUnavailable(f"cannot start Kafka transactions ({err.str()}): exactly_once needs a cluster "
                                    "with a transaction state log (transaction.state.log.* settings)") from None
 
-    def on_producer_error(self, err: KafkaError, forward: Callable[[KafkaError], None]) -> None:
+    def _producer_error(self, generation: int, err: KafkaError) -> None:
         """The producer's ``error_cb``: a fatal error is this checkpoint's (acted on at the next tick), any other
-        goes to ``forward`` (the engine's)."""
+        the engine's. A replaced producer's errors (its in-flight records fenced by its successor) are ignored."""
+        if generation != self.recoveries:
+            logger.debug("replaced transactional producer: %s", err.str())
+            return
         if err.fatal() or err.code() == KafkaError._FATAL:
             if self._broken is None:
                 self._broken = err
             return
-        forward(err)
+        self._on_error(err)
 
     # -- the output sink (mtc75.kafka.outputs.OutputSink) --------------------------------------------
 
@@ -270,9 +279,14 @@ class TransactionalCheckpoint:
         self.records += 1
         return True
 
-    def _report(self, err: KafkaError | None, _record: Any) -> None:
-        if err is not None and self._failed is None:
-            self._failed = err
+    def _reporter(self, generation: int) -> Callable[[KafkaError | None, Any], None]:
+        """The delivery report callback of one producer: a failed record of the current one fails the transaction."""
+
+        def report(err: KafkaError | None, _record: Any) -> None:
+            if err is not None and self._failed is None and generation == self.recoveries:
+                self._failed = err
+
+        return report
 
     def _begin(self) -> bool:
         """Open a transaction unless one is; False when the producer refused (fenced: the run halts)."""
