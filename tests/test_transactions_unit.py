@@ -291,3 +291,30 @@ def test_exactly_once_a_start_up_failure_before_transactions_is_its_own_error(cl
     settings = fast_settings(PROCESSING_GUARANTEE="exactly_once", TOPIC="missing")
     with pytest.raises(TopicNotFound):
         testing.from_settings(cluster.factories(), transform, settings).run(max_messages=1)
+
+
+def test_exactly_once_a_lost_assignment_aborts_the_transaction_holding_its_outputs(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    cluster.fill(TOPIC, {0: 10, 1: 10, 2: 10})
+    run = start(transform, PROCESSING_GUARANTEE="exactly_once", COMMIT_INTERVAL=3600.0)  # no commit by the clock
+    until(lambda: run.stats().processed == 30, "all handled")
+    consumer = cluster.consumer()
+    consumer.lose().wait(WAIT)
+    assert cluster.transactions == {"committed": 0, "aborted": 1}
+    assert outputs(cluster) == Counter() and cluster.committed(GROUP, TOPIC, 0) is None
+    consumer.rebalance(assign=[(TOPIC, 0), (TOPIC, 1), (TOPIC, 2)]).wait(WAIT)
+    until(lambda: run.stats().processed == 60, "all handled again")
+    run.stop()  # shutdown commits
+    assert outputs(cluster) == every({0: 10, 1: 10, 2: 10})
+    assert [cluster.committed(GROUP, TOPIC, p) for p in range(3)] == [10, 10, 10]
+
+
+def test_an_async_handler_returns_outputs_too(cluster: FakeKafka, start: Callable[..., Run]) -> None:
+    cluster.fill(TOPIC, {0: 5, 1: 5})
+
+    async def handler(message: Any) -> list[Output]:
+        return [transform(message)]
+
+    stats = start(handler, max_messages=10).join()
+    assert stats.processed == 10 and outputs(cluster) == every({0: 5, 1: 5})
