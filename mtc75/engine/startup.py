@@ -131,8 +131,10 @@ def open_transactions(settings: Settings, conf: Mapping[str, Any], factories: Cl
     def new_producer(error_cb: Callable[[KafkaError], None]) -> Any:
         return new_client(factories.producer, {**pconf, "error_cb": error_cb}, "transactional producer")
 
+    shared_id = "group.instance.id" in conf or "transactional.id" in settings.PRODUCER_CONFIG
     return TransactionalCheckpoint(client, wiring.ledger.tracker, settings.COMMIT_INTERVAL, new_producer, forward,
-                                   guard, wiring.halt, rewind, float(pconf["transaction.timeout.ms"]) / 1000.0)
+                                   guard, wiring.halt, rewind, float(pconf["transaction.timeout.ms"]) / 1000.0,
+                                   shared_id)
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,13 @@ produces and commits, so the offsets of one transaction say exactly which messag
 - fencing: ``transactional.id`` is ``mtc75-<group>-<member>`` (the member: ``group.instance.id``, else a
   random id per run), and offsets carry the consumer's group metadata (KIP-447): a zombie whose partitions
   moved on is refused by the group coordinator, and a restart with the same ``group.instance.id`` fences its
-  predecessor's producer at ``init_transactions``. A fenced producer is fatal: the run halts at once. Any
-  other fatal producer error (e.g. INVALID_TXN_STATE when the transaction coordinator dies during a
-  commit) makes a new producer with the same transactional.id -- its ``init_transactions`` finishes or
-  aborts what the old one left -- and reads every partition again from what is committed (at most
-  RECOVERIES times a run; then it halts).
+  predecessor's producer at ``init_transactions``. A fenced producer whose transactional.id another instance
+  can own (``group.instance.id`` or a ``transactional.id`` set by the user) is a zombie: the run halts at once.
+  Any other fatal producer error -- INVALID_TXN_STATE when the transaction coordinator dies during a commit,
+  or a "fenced" that librdkafka reports after such a failover for an id no one else has -- makes a new
+  producer with the same transactional.id (its ``init_transactions`` finishes or aborts what the old one
+  left) and reads every partition again from what is committed (at most RECOVERIES times within
+  RECOVERY_WINDOW; then it halts).
   Without static membership a killed member's open transaction holds its partitions' committed offsets
   until ``transaction.timeout.ms`` (10 s by default here) passes.
 - a record that can never be written (too large, not authorized) aborts and stops the run (exit 5);
@@ -64,7 +66,8 @@ COMMIT_TIMEOUT = 30.0  # longest a commit (or an abort) retries before the run h
 MIN_COMMIT_WAIT = 10.0  # a synchronous commit (revoke, shutdown) gets at least this long
 INIT_TIMEOUT = 30.0  # init_transactions: finds the coordinator, fences and aborts a predecessor's transaction
 BUFFER_WAIT = 0.05  # the producer's queue is full: serve it this long, then try the record again
-RECOVERIES = 5  # new producers a run may make after fatal errors that are not fencing
+RECOVERIES = 5  # new producers a run may make within RECOVERY_WINDOW after fatal errors (then it halts)
+RECOVERY_WINDOW = 60.0
 # Fatal errors that say another producer owns the transactional.id now: never recovered from (a zombie's new
 # producer would fence the live successor).
 FENCED = (KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH)
@@ -101,6 +104,7 @@ class TransactionalCheckpoint:
         halt: Callable[[Mtc75Error], None],
         rewind: Callable[[list[Partition]], None],
         transaction_timeout: float = TRANSACTION_TIMEOUT_MS / 1000.0,
+        shared_id: bool = False,
     ) -> None:
         self._client = client
         self._tracker = tracker
@@ -111,7 +115,9 @@ class TransactionalCheckpoint:
         self._producer: Any = None  # transactional: init_transactions() ran (start)
         self._report: Callable[[KafkaError | None, Any], None] = self._reporter(0)
         self._broken: KafkaError | None = None  # a fatal error the producer reported (error_cb)
-        self.recoveries = 0
+        self._shared_id = shared_id  # another instance may own the transactional.id: fenced means zombie
+        self.recoveries = 0  # new producers made after fatal errors (also the current producer's generation)
+        self._recovered_at: list[float] = []
         self._on_change = on_change  # gone or re-created: the engine decides
         self._halt_run = halt
         self._rewind = rewind  # Assignments.rewind: read partitions again from their last commit
@@ -417,11 +423,14 @@ class TransactionalCheckpoint:
         self._holds.clear()
         self._failed = self._broken = None
         fenced = err.code() in FENCED or "fenced" in err.str().lower()  # error_cb says _FATAL, the text why
-        if fenced or self.recoveries >= RECOVERIES:
+        now = time.monotonic()
+        self._recovered_at = [t for t in self._recovered_at if now - t < RECOVERY_WINDOW]
+        if (fenced and self._shared_id) or len(self._recovered_at) >= RECOVERIES:
             self._halt(KafkaFatalError(f"transactional producer stopped: {err.str()}" + (
-                " (fenced: another instance of this member owns its transactional.id)" if fenced else
-                f" ({RECOVERIES} new producers made this run already)")))
+                " (fenced: another instance of this member owns its transactional.id)" if fenced and self._shared_id
+                else f" ({RECOVERIES} new producers made within {RECOVERY_WINDOW:.0f}s already)")))
             return
+        self._recovered_at.append(now)
         self.recoveries += 1
         logger.warning("transactional producer failed (%s): making a new one; every partition is read again "
                        "from what is committed", err.str())
