@@ -263,11 +263,17 @@ class TransactionalCheckpoint:
         """One record into the open transaction; False when it was refused for good (the run halts)."""
         if not self._begin():
             return False
+        deadline = time.monotonic() + COMMIT_TIMEOUT
         while True:
             try:
                 self._producer.produce(topic, on_delivery=self._report, **args)
                 break
-            except BufferError:
+            except BufferError:  # the queue drains as the broker acknowledges; a queue that never does: halt
+                if time.monotonic() >= deadline:
+                    self._abort("the producer's queue stayed full", given_up=None)
+                    self._halt(KafkaUnavailable(f"the transactional producer's queue stayed full for "
+                                                f"{COMMIT_TIMEOUT:.0f}s (no broker takes its records)"))
+                    return False
                 self._producer.poll(BUFFER_WAIT)
             except KafkaException as exc:
                 err = exc.args[0]
