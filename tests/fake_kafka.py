@@ -748,6 +748,8 @@ class FakeProducer:
             raise KafkaException(KafkaError(KafkaError._FENCED, "fake: fenced by a newer producer", fatal=True))
 
     def poll(self, timeout: float = 0) -> int:
+        if self.txn_id is not None and self._epoch >= 0:
+            self._check()  # like librdkafka: a fenced producer's poll raises its fatal error
         served = 0
         while self._reports:
             callback, error, record = self._reports.popleft()

@@ -75,6 +75,11 @@ PERMANENT = (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, Ka
              KafkaError.INVALID_RECORD, KafkaError.OFFSET_METADATA_TOO_LARGE)
 
 
+def fatal(err: KafkaError) -> bool:
+    """The producer is unusable: a fatal error, or the _FATAL a call reports once it is in that state."""
+    return err.fatal() or err.code() == KafkaError._FATAL
+
+
 def transactional_id(group: str, conf: Mapping[str, Any]) -> str:
     """``mtc75-<group>-<member>``: static membership keeps it across restarts (the restart fences the old)."""
     member = conf.get("group.instance.id") or uuid.uuid4().hex[:12]
@@ -156,7 +161,7 @@ class TransactionalCheckpoint:
         if generation != self.recoveries:
             logger.debug("replaced transactional producer: %s", err.str())
             return
-        if err.fatal() or err.code() == KafkaError._FATAL:
+        if fatal(err):
             if self._broken is None:
                 self._broken = err
             return
@@ -189,7 +194,8 @@ class TransactionalCheckpoint:
             self._fatal(self._broken)
             return
         if self._open:
-            self._producer.poll(0)  # delivery reports: a failed record aborts the transaction now
+            if not self._serve(0):  # delivery reports: a failed record aborts the transaction now
+                return
             if self._failed is not None:
                 self._abort_failed()
                 return
@@ -207,7 +213,8 @@ class TransactionalCheckpoint:
             logger.warning("Kafka unreachable: not committing the transaction; it is aborted by the broker after "
                            "transaction.timeout.ms and its messages are delivered again")
             return
-        self._producer.poll(0)
+        if not self._serve(0):
+            return
         if self._failed is not None:
             self._abort_failed(partitions)
             return
@@ -274,10 +281,11 @@ class TransactionalCheckpoint:
                     self._halt(KafkaUnavailable(f"the transactional producer's queue stayed full for "
                                                 f"{COMMIT_TIMEOUT:.0f}s (no broker takes its records)"))
                     return False
-                self._producer.poll(BUFFER_WAIT)
+                if not self._serve(BUFFER_WAIT):
+                    return False
             except KafkaException as exc:
                 err = exc.args[0]
-                if err.fatal():
+                if fatal(err):
                     self._fatal(err)
                 else:
                     self._abort(f"{where(work)}: producing to {topic} failed: {err.str()}", given_up=None)
@@ -289,6 +297,15 @@ class TransactionalCheckpoint:
                 return False
         self._holds.add(work.state)
         self.records += 1
+        return True
+
+    def _serve(self, timeout: float) -> bool:
+        """The producer's ``poll``: delivery reports; False when it raised its fatal error (acted on here)."""
+        try:
+            self._producer.poll(timeout)
+        except KafkaException as exc:
+            self._fatal(exc.args[0])
+            return False
         return True
 
     def _reporter(self, generation: int) -> Callable[[KafkaError | None, Any], None]:
@@ -307,7 +324,7 @@ class TransactionalCheckpoint:
                 self._producer.begin_transaction()
             except KafkaException as exc:
                 err = exc.args[0]
-                if err.fatal():
+                if fatal(err):
                     self._fatal(err)
                 else:
                     self._halt(KafkaUnavailable(f"cannot begin a transaction: {err.str()}"))
@@ -366,12 +383,12 @@ class TransactionalCheckpoint:
                 return None
             except KafkaException as exc:
                 err = exc.args[0]
-                if err.fatal() or err.txn_requires_abort() or not err.retriable() or time.monotonic() >= deadline:
+                if fatal(err) or err.txn_requires_abort() or not err.retriable() or time.monotonic() >= deadline:
                     return err
                 time.sleep(0.05)
 
     def _commit_failed(self, err: KafkaError, given_up: list[Partition] | None) -> None:
-        if err.fatal():
+        if fatal(err):
             self._fatal(err)
         elif err.txn_requires_abort() or not err.retriable():
             if err.code() == KafkaError.OFFSET_METADATA_TOO_LARGE:
@@ -387,7 +404,7 @@ class TransactionalCheckpoint:
     def _abort_failed(self, given_up: list[Partition] | None = None) -> None:
         err, self._failed = self._failed, None
         assert err is not None
-        if err.fatal():
+        if fatal(err):
             self._fatal(err)
             return
         if err.code() in PERMANENT:
@@ -406,7 +423,7 @@ class TransactionalCheckpoint:
             except KafkaException as exc:
                 self._open = False
                 err = exc.args[0]
-                if err.fatal():
+                if fatal(err):
                     self._fatal(err)
                 else:
                     self._halt(KafkaUnavailable(f"transaction abort did not finish ({err.str()})"))
