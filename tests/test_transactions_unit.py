@@ -262,6 +262,20 @@ def test_exactly_once_fenced_without_a_shared_transactional_id_makes_a_new_produ
     assert outputs(cluster) == every({0: 10})
 
 
+def test_exactly_once_a_retried_message_writes_its_output_once(cluster: FakeKafka, start: Callable[..., Run]) -> None:
+    cluster.fill(TOPIC, {0: 6})
+    tries: Counter[int] = Counter()
+
+    def handler(message: Any) -> Output:
+        tries[message.offset()] += 1
+        if message.offset() % 2 and tries[message.offset()] == 1:
+            raise ValueError("first attempt")
+        return transform(message)
+
+    stats = start(handler, max_messages=6, PROCESSING_GUARANTEE="exactly_once", MAX_ATTEMPTS=2).join()
+    assert stats.retried == 3 and outputs(cluster) == every({0: 6})
+
+
 def test_exactly_once_dead_letters_go_into_the_transaction(cluster: FakeKafka, start: Callable[..., Run]) -> None:
     cluster.fill(TOPIC, {0: 6})
 
