@@ -349,3 +349,22 @@ def test_an_async_handler_returns_outputs_too(cluster: FakeKafka, start: Callabl
 
     stats = start(handler, max_messages=10).join()
     assert stats.processed == 10 and outputs(cluster) == every({0: 5, 1: 5})
+
+
+def test_exactly_once_a_topic_id_check_without_answer_commits_nothing_and_aborts_before_the_timeout(
+    cluster: FakeKafka, start: Callable[..., Run], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mtc75.engine import transactions
+
+    monkeypatch.setattr(transactions, "TRANSACTION_TIMEOUT_MS", 200)  # half of it: 0.1 s
+    cluster.fill(TOPIC, {0: 10})
+    run = start(transform, PROCESSING_GUARANTEE="exactly_once")
+    until(lambda: cluster.committed(GROUP, TOPIC, 0) == 10, "the first ten committed")
+    cluster.describe_error = KafkaError(KafkaError._TIMED_OUT, "no answer")  # a node that does not answer
+    cluster.fill(TOPIC, {0: 10})
+    until(lambda: cluster.transactions["aborted"] >= 1, "the transaction aborted before its timeout")
+    assert cluster.committed(GROUP, TOPIC, 0) == 10 and outputs(cluster) == every({0: 10})
+    cluster.describe_error = None
+    until(lambda: cluster.committed(GROUP, TOPIC, 0) == 20, "committed once the topic is confirmed again")
+    run.stop()
+    assert outputs(cluster) == every({0: 20})

@@ -32,6 +32,8 @@ produces and commits, so the offsets of one transaction say exactly which messag
   RECOVERY_WINDOW; then it halts).
   Without static membership a killed member's open transaction holds its partitions' committed offsets
   until ``transaction.timeout.ms`` (10 s by default here) passes.
+- a topic-id check that gets no answer commits nothing; a transaction left open that way for half of
+  transaction.timeout.ms is aborted (before the broker aborts it and fences the producer);
 - a record that can never be written (too large, not authorized) aborts and stops the run (exit 5);
   dead letters are not shrunk to fit as at least once does.
 
@@ -130,6 +132,8 @@ class TransactionalCheckpoint:
         # How long reading the committed offsets may take: a dead member's open transaction holds them
         # until the broker aborts it (transaction.timeout.ms).
         self.committed_timeout = transaction_timeout + 5.0
+        self._transaction_timeout = transaction_timeout
+        self._opened_at = 0.0  # when the open transaction began
         self._halted = False
         self._due = 0.0
         self._open = False  # a transaction begun and neither committed nor aborted
@@ -322,6 +326,7 @@ class TransactionalCheckpoint:
         if not self._open:
             try:
                 self._producer.begin_transaction()
+                self._opened_at = time.monotonic()
             except KafkaException as exc:
                 err = exc.args[0]
                 if fatal(err):
@@ -356,7 +361,11 @@ class TransactionalCheckpoint:
             if change is not Change.SAME:
                 if change is not Change.UNKNOWN:
                     self._on_change(change, time.monotonic())  # re-created: the reset forgets (aborts) it all
-                return  # gone or no answer: the transaction stays open (aborted by the broker past its timeout)
+                elif self._open and time.monotonic() - self._opened_at > self._transaction_timeout / 2:
+                    # Left open, the broker would abort it at transaction.timeout.ms and fence this producer.
+                    self._abort(f"the id of topic {self.watch.topic} could not be confirmed for "
+                                f"{time.monotonic() - self._opened_at:.0f}s", given_up=given_up)
+                return  # gone or no answer: nothing is committed now
         if not self._begin():
             return
         offsets = [TopicPartition(s.tp[0], s.tp[1], pos, metadata=text) for s, pos, text, _ in points]
