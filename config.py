@@ -42,6 +42,11 @@ RETRY_BACKOFF_MAX = 10.0
 # After the last attempt: "dlq" publishes it to <TOPIC>.dlq (created if missing), "skip" moves on,
 # "stop" commits what is safe and exits with code 5.
 ON_FAILURE = "dlq"
+# What a handler's output records (return mtc75.Output(...)) and the commits promise: "at_least_once"
+# (a message is committed once its outputs are confirmed; a crash may write some twice) or "exactly_once"
+# (outputs and offsets commit together in one Kafka transaction every COMMIT_INTERVAL; readers of the
+# output topic use isolation.level=read_committed). README: "Exactly once".
+PROCESSING_GUARANTEE = "at_least_once"
 # Which messages may run at the same time: "unordered" (any, as soon as a thread is free), "partition"
 # (one per partition, in offset order) or "key" (one per key within a partition, in offset order; different
 # keys in parallel; a message without a key is its own key). Waiting partitions and keys take turns.

@@ -222,6 +222,19 @@ def t_ordering(f: dict[str, Any]) -> str:
     return _rows(out)
 
 
+def t_eos(f: dict[str, Any]) -> str:
+    out = ["| guarantee | COMMIT_INTERVAL | rate (per pass) | latency p50 | latency p99 |", "|---|---:|---:|---:|---:|"]
+    keys = sorted({(r["guarantee"], r["commit_interval"]) for r in f["runs"]}, key=lambda k: (k[0] != "at_least_once",
+                                                                                               k[1]))
+    for guarantee, interval in keys:
+        runs = [r for r in f["runs"] if (r["guarantee"], r["commit_interval"]) == (guarantee, interval)]
+        p50, p99 = spread([r["latency_p50_ms"] for r in runs]), spread([r["latency_p99_ms"] for r in runs])
+        out.append(f"| `{guarantee}` | {interval:g} s | {spread([r['rate'] for r in runs])}/s | {p50} ms | {p99} ms |")
+    out.append(f"| **exactly_once / at_least_once** (best rates, 0.5 s) | | **{f['eos_vs_alo']:.2f}** "
+               f"(target ≥ {f['target']}) | | |")
+    return _rows(out)
+
+
 def t_autotune(f: dict[str, Any]) -> str:
     from bench.autotune import markdown
 
@@ -352,6 +365,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str], str]] = {
     "async": ("bench/results/async.json", t_async, "python -m bench.run --only async"),
     "ordering": ("bench/results/ordering.json", t_ordering, "python -m bench.ordering --with-fifo"),
     "autotune": ("bench/results/autotune.json", t_autotune, "python -m bench.autotune"),
+    "eos": ("bench/results/eos.json", t_eos, "python -m bench.eos"),
     "scaleout": ("bench/results/scaleout.json", t_scaleout, "python -m bench.scaleout"),
     "processes": ("bench/results/processes.json", t_processes, "python -m bench.processes"),
 }

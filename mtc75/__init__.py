@@ -23,6 +23,7 @@ import logging
 
 from mtc75.api import Consumer
 from mtc75.core.health import Health
+from mtc75.core.output import Output
 from mtc75.core.stats import Stats
 from mtc75.errors import (
     BatchError,
@@ -57,6 +58,7 @@ __all__ = [
     "MisuseError",
     "Mtc75Error",
     "OffsetOutOfRange",
+    "Output",
     "Stats",
     "TopicGone",
     "TopicNotFound",

@@ -29,6 +29,7 @@ ENV_PREFIX = "MTC75_"
 # librdkafka logs through this logger instead of raw stderr; scripts show it only with -vv (-v: debug).
 LIBRDKAFKA_LOGGER = logging.getLogger("mtc75.librdkafka")
 OFFSET_RESETS = ("earliest", "latest", "error")
+GUARANTEES = ("at_least_once", "exactly_once")  # PROCESSING_GUARANTEE (README "Exactly once")
 AUTO = "auto"  # MAX_THREAD_COUNT = "auto"
 FORMATS = ("bytes", "str", "json")  # KEY_FORMAT / VALUE_FORMAT: mtc75/kafka/deserializers.py BUILT_INS
 RUNNERS = ("threads", "processes")  # RUNNER: where a plain handler runs
@@ -124,6 +125,12 @@ class Settings:
     ON_FAILURE: str = field(
         default="dlq",
         **_spec(str, "after the last attempt: dlq (publish to <topic>.dlq), skip, or stop", choices=FAILURE_MODES),
+    )
+    PROCESSING_GUARANTEE: str = field(
+        default="at_least_once",
+        **_spec(str, "at_least_once (commit what finished; outputs confirmed first) or exactly_once (outputs and "
+                "offsets committed in one Kafka transaction per commit interval; readers use read_committed)",
+                choices=GUARANTEES),
     )
     ORDERING: str = field(
         default="unordered",

@@ -10,10 +10,17 @@ Surface of FakeConsumer (what the engine calls): subscribe (on_assign / on_revok
 poll, assign / unassign, incremental_assign / incremental_unassign, assignment, pause / resume, seek
 (logical offsets too), position, commit (sync and async, with ``on_commit``; each partition's
 ``metadata`` -- the offset map -- is stored and ``committed()`` returns it), committed,
-get_watermark_offsets, list_topics, close; ``error_cb`` from the config. FakeAdmin: list_topics,
-create_topics, describe_topics (the topic id the engine's topic watch asks for; a test may hold the
+get_watermark_offsets, list_topics, consumer_group_metadata, close; ``error_cb`` from the config. FakeAdmin:
+list_topics, create_topics, describe_topics (the topic id the engine's topic watch asks for; a test may hold the
 answers, :meth:`FakeKafka.hold_describes`, to act while a check is in flight). Every ``commit()`` is kept,
 in order, in ``FakeKafka.commits`` (the whole commit history a test asserts on).
+
+Transactions: a FakeProducer with ``transactional.id`` has init_transactions, begin_transaction,
+send_offsets_to_transaction, commit_transaction and abort_transaction. Its records are held until the
+transaction commits and dropped when it aborts (the log holds only what a read_committed reader sees), and
+its offsets are the group's commit once it commits. A second producer with the same transactional.id fences
+the first at init_transactions (its next call raises a fatal error). :meth:`FakeKafka.fail_transactions`
+makes the next commits fail; ``FakeKafka.transactions`` counts what happened.
 Like librdkafka, every callback runs on the thread that calls
 consume / poll / close, never on the test's thread; rebalances are queued by the test
 (:meth:`FakeConsumer.rebalance`, :meth:`FakeConsumer.lose`) and served by the next consume / poll.
@@ -158,6 +165,9 @@ class FakeKafka:
         self._fetch_errors: deque[KafkaError] = deque()
         self._client_errors: deque[KafkaError] = deque()
         self._delivery_errors: deque[KafkaError] = deque()
+        self._txn_errors: deque[KafkaError] = deque()  # commit_transaction raises these, one per call
+        self._txn_epochs: dict[str, int] = {}  # transactional.id -> epoch of its newest producer
+        self.transactions = {"committed": 0, "aborted": 0}
 
     def factories(self) -> ClientFactories:
         return ClientFactories(consumer=self._new_consumer, producer=self._new_producer, admin=FakeAdmin.factory(self))
@@ -240,6 +250,11 @@ class FakeKafka:
         with self._changed:
             self._client_errors.append(error)
             self._changed.notify_all()
+
+    def fail_transactions(self, error: KafkaError, count: int = 1) -> None:
+        """The next ``count`` commit_transaction calls raise ``error``."""
+        with self._lock:
+            self._txn_errors.extend([error] * count)
 
     def fail_deliveries(self, error: KafkaError, count: int = 1) -> None:
         """The next ``count`` produced records get ``error`` in their delivery report."""
@@ -555,6 +570,10 @@ class FakeConsumer:
         self._enter("list_topics")
         return self._cluster._metadata(topic)
 
+    def consumer_group_metadata(self) -> tuple[str, int]:
+        self._enter("consumer_group_metadata")
+        return (self.group, id(self))
+
     def close(self) -> None:
         self._enter("close", handover=True)
         if self._topics and self._assigned and self.fatal is None:
@@ -693,21 +712,100 @@ class FakeProducer:
         self._cluster = cluster
         self.conf = conf
         self._reports: deque[tuple[Callable[[KafkaError | None, Any], None] | None, KafkaError | None, Any]] = deque()
+        self.txn_id: str | None = conf.get("transactional.id")
+        self._epoch = -1  # set by init_transactions
+        self._open = False
+        self._staged: list[tuple[str, bytes | None, bytes | None, Any]] = []  # records of the open transaction
+        self._offsets: tuple[str, dict[Partition, tuple[int, str]]] | None = None  # (group, offsets) to commit
+        self._failed = False  # a record of the open transaction failed: the commit must fail
 
     def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None,
                 headers: list[tuple[str, bytes]] | None = None, on_delivery: Any = None, **_: Any) -> None:
         cluster = self._cluster
+        if self.txn_id is not None:
+            self._check()
+            if not self._open:
+                raise KafkaException(KafkaError(KafkaError._STATE, "fake: produce outside a transaction"))
         with cluster._lock:
             error = cluster._delivery_errors.popleft() if cluster._delivery_errors else None
             if error is None and topic not in cluster._logs:
                 error = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
         record = None
-        if error is None:
+        if error is None and self.txn_id is not None:
+            self._staged.append((topic, value, key, headers))
+        elif error is None:
             offset = cluster.produce(topic, 0, value, key, headers)
             record = cluster._logs[topic][0][offset]
+        elif self.txn_id is not None:
+            self._failed = True
         self._reports.append((on_delivery, error, record))
 
+    # -- transactions -------------------------------------------------------------------------------------
+
+    def init_transactions(self, timeout: float = -1) -> None:
+        assert self.txn_id is not None, "fake: init_transactions without transactional.id"
+        with self._cluster._lock:
+            self._epoch = self._cluster._txn_epochs.get(self.txn_id, -1) + 1
+            self._cluster._txn_epochs[self.txn_id] = self._epoch  # fences every older producer of this id
+
+    def begin_transaction(self) -> None:
+        self._check()
+        if self._open:
+            raise KafkaException(KafkaError(KafkaError._STATE, "fake: a transaction is already open"))
+        self._open, self._staged, self._offsets, self._failed = True, [], None, False
+
+    def send_offsets_to_transaction(self, offsets: list[TopicPartition], group_metadata: Any,
+                                    timeout: float = -1) -> None:
+        self._check()
+        if not self._open:
+            raise KafkaException(KafkaError(KafkaError._STATE, "fake: send_offsets outside a transaction"))
+        group = group_metadata[0]
+        self._offsets = (group, {(tp.topic, tp.partition): (tp.offset, tp.metadata or "") for tp in offsets})
+
+    def commit_transaction(self, timeout: float = -1) -> None:
+        self._check()
+        if not self._open:
+            raise KafkaException(KafkaError(KafkaError._STATE, "fake: no transaction to commit"))
+        self.poll(0)
+        cluster = self._cluster
+        with cluster._lock:
+            error = cluster._txn_errors.popleft() if cluster._txn_errors else None
+        if error is None and self._failed:
+            error = KafkaError(KafkaError._INCONSISTENT, "fake: a record failed", txn_requires_abort=True)
+        if error is not None:
+            raise KafkaException(error)
+        for topic, value, key, headers in self._staged:
+            cluster.produce(topic, 0, value, key, headers)
+        if self._offsets is not None:
+            group, offsets = self._offsets
+            with cluster._lock:
+                for tp, (offset, meta) in offsets.items():
+                    cluster._committed[(group, tp)] = offset
+                    cluster._commit_metadata[(group, tp)] = meta
+                cluster.commits.append(CommitCall({tp: o for tp, (o, _) in offsets.items()}, False, None, [],
+                                                  {tp: m for tp, (_, m) in offsets.items()}))
+        with cluster._lock:
+            cluster.transactions["committed"] += 1
+        self._open, self._staged, self._offsets = False, [], None
+
+    def abort_transaction(self, timeout: float = -1) -> None:
+        self._check()
+        self.poll(0)
+        with self._cluster._lock:
+            self._cluster.transactions["aborted"] += 1
+        self._open, self._staged, self._offsets = False, [], None
+
+    def _check(self) -> None:
+        with self._cluster._lock:
+            newest = self._cluster._txn_epochs.get(self.txn_id or "", -1)
+        if self._epoch < 0:
+            raise KafkaException(KafkaError(KafkaError._STATE, "fake: init_transactions() not called"))
+        if newest != self._epoch:
+            raise KafkaException(KafkaError(KafkaError._FENCED, "fake: fenced by a newer producer", fatal=True))
+
     def poll(self, timeout: float = 0) -> int:
+        if self.txn_id is not None and self._epoch >= 0:
+            self._check()  # like librdkafka: a fenced producer's poll raises its fatal error
         served = 0
         while self._reports:
             callback, error, record = self._reports.popleft()

@@ -25,6 +25,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import mtc75
 from mtc75 import testing
 from mtc75.core.stats import Stats
 from mtc75.kafka.deadletter import H_ATTEMPTS, H_OFFSET, H_PARTITION
@@ -41,22 +42,25 @@ BATCH = 8
 KINDS = ("sync", "async", "batch", "async_batch",
          pytest.param("process", marks=pytest.mark.slow), pytest.param("process_batch", marks=pytest.mark.slow))
 OPTIONS = ("plain", "metrics", "auto_threads", "ordering_key", "ordering_partition", "retries_dlq", "max_rate",
-           "json")
+           "json", "outputs", "exactly_once")
+OUT = "orders-out"  # where the handlers of the "outputs" and "exactly_once" options write one record a message
 
 
 class Calls:
     """What a handler of any kind saw: per call its messages' (partition, offset, key, value), start, end."""
 
-    def __init__(self) -> None:
+    def __init__(self, outputs: bool = False) -> None:
         self.lock = threading.Lock()
         self.calls: list[tuple[list[tuple[int, int, bytes, Any]], float, float]] = []
+        self.outputs = outputs  # return one mtc75.Output per message
 
-    def record(self, messages: list[Any], started: float) -> None:
+    def record(self, messages: list[Any], started: float) -> list[mtc75.Output] | None:
         seen = [(m.partition(), m.offset(), m.key(), m.value()) for m in messages]
         with self.lock:
             self.calls.append((seen, started, time.monotonic()))
         if any((p, o) == POISON for p, o, _k, _v in seen):
             raise ValueError("poison message")
+        return [mtc75.Output(OUT, f"{p}:{o}") for p, o, _k, _v in seen] if self.outputs else None
 
     def read(self, path: Path) -> None:
         """The calls a process handler wrote to ``path`` (tests/matrix_handlers.py)."""
@@ -85,28 +89,28 @@ class KeptRegistry(CollectorRegistry):
 def handler_of(kind: str, calls: Calls) -> Callable[[Any], Any]:
     """A handler of ``kind`` that records into ``calls`` and sleeps a little, so that calls overlap."""
     if kind == "sync":
-        def one(message: Any) -> None:
+        def one(message: Any) -> Any:
             started = time.monotonic()
             time.sleep(0.001)
-            calls.record([message], started)
+            return calls.record([message], started)
         return one
     if kind == "batch":
-        def batch(messages: list[Any]) -> None:
+        def batch(messages: list[Any]) -> Any:
             started = time.monotonic()
             time.sleep(0.001)
-            calls.record(messages, started)
+            return calls.record(messages, started)
         return batch
     if kind == "async":
-        async def one_async(message: Any) -> None:
+        async def one_async(message: Any) -> Any:
             started = time.monotonic()
             await asyncio.sleep(0.001)
-            calls.record([message], started)
+            return calls.record([message], started)
         return one_async
 
-    async def batch_async(messages: list[Any]) -> None:
+    async def batch_async(messages: list[Any]) -> Any:
         started = time.monotonic()
         await asyncio.sleep(0.001)
-        calls.record(messages, started)
+        return calls.record(messages, started)
     return batch_async
 
 
@@ -126,6 +130,7 @@ def options_of(option: str) -> dict[str, Any]:
         "ordering_key": {"ordering": "key"}, "ordering_partition": {"ordering": "partition"},
         "retries_dlq": {"max_attempts": 3},
         "max_rate": {"max_rate": RATE, "rate_burst": 0.05},
+        "outputs": {}, "exactly_once": {"processing_guarantee": "exactly_once"},
     }[option]
 
 
@@ -136,13 +141,16 @@ def test_every_kind_with_every_option_handles_all_dead_letters_the_poison_alone_
 ) -> None:
     cluster = FakeKafka()
     cluster.create_topic(TOPIC, PARTITIONS)
+    cluster.create_topic(OUT, 2)
     fill(cluster, json_values=option == "json")
-    calls = Calls()
+    outputs = option in ("outputs", "exactly_once")
+    calls = Calls(outputs)
     registry = KeptRegistry() if option == "metrics" else None
     batches = kind in ("batch", "async_batch", "process_batch")
     processes = kind.startswith("process")
     record = tmp_path / "calls.jsonl"
     monkeypatch.setenv("MTC75_TEST_MATRIX_RECORD", str(record))  # before the worker processes start
+    monkeypatch.setenv("MTC75_TEST_MATRIX_OUTPUT", OUT if outputs else "")
     handler = (matrix_handlers.batch if batches else matrix_handlers.one) if processes else handler_of(kind, calls)
     consumer = testing.consumer(
         cluster.factories(), handler, topic=TOPIC, group_id=GROUP, metrics_registry=registry,
@@ -172,6 +180,9 @@ def test_every_kind_with_every_option_handles_all_dead_letters_the_poison_alone_
     original = cluster.messages(TOPIC)[POISON[0] * PER_PARTITION + POISON[1]]
     assert dead.value() == original.value()  # the original bytes
     assert [cluster.committed(GROUP, TOPIC, p) for p in range(PARTITIONS)] == [PER_PARTITION] * PARTITIONS
+    if outputs:  # one record per message the handler finished, each once (no crash here: exactly once either way)
+        written = sorted(v if isinstance(v := m.value(), bytes) else v.encode() for m in cluster.messages(OUT))
+        assert written == sorted(f"{p}:{o}".encode() for p, o in everything - {POISON})
     if batches:
         assert stats.batch_size == BATCH and stats.batches > 0
         assert max(len(seen) for seen, _s, _e in calls.calls) <= BATCH

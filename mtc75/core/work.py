@@ -30,7 +30,7 @@ class Work:
     """One fetched message (or a chunk): the Kafka message(s), the assignment, the first offset, the attempts."""
 
     __slots__ = ("message", "messages", "state", "offset", "size", "_offsets", "failed", "dropped", "attempts",
-                 "error", "paid", "put_at", "batch", "left")
+                 "error", "paid", "put_at", "batch", "left", "outputs")
 
     def __init__(self, message: Any, state: PartitionState, offset: int) -> None:
         self.message = message  # the first (for a single message: the only) message
@@ -47,6 +47,9 @@ class Work:
         self.put_at = 0.0  # when the dispatcher queued it (a batch waits at most BATCH_WAIT from there)
         self.batch: Work | None = None  # a piece of a split batch: that batch
         self.left = 0  # a split batch: its pieces not settled yet
+        # What the handler returned to be written, as (offset, Output) pairs (mtc75/core/output.py); None:
+        # nothing. Set by the worker that ran it; the message is done once they are written.
+        self.outputs: list[tuple[int, Any]] | None = None
 
     @classmethod
     def chunk(cls, messages: Sequence[Any], state: PartitionState, first: int) -> Work:
@@ -97,4 +100,7 @@ class Work:
             part = Work(self.messages[start], self.state, self.offsets[start])
             part.messages, part._offsets, part.size = self.messages[start:stop], self.offsets[start:stop], stop - start
         part.put_at = self.put_at
+        if self.outputs is not None:
+            offsets = set(part.offsets)
+            part.outputs = [pair for pair in self.outputs if pair[0] in offsets] or None
         return part

@@ -7,7 +7,8 @@ put-back of theirs from then on), running handlers get up to REVOKE_TIMEOUT (cap
 ``max.poll.interval.ms``: this wait happens inside ``poll()``) to finish, what finished is committed, and the
 assignment ends: late completions are dropped, running coroutines cancelled. A lost assignment (the group
 expired this member) commits nothing. A topic deleted and re-created gets fresh states read from
-AUTO_OFFSET_RESET (:meth:`Assignments.reset`).
+AUTO_OFFSET_RESET (:meth:`Assignments.reset`). An aborted transaction (exactly-once) reads partitions again from
+their last commit, with fresh states (:meth:`Assignments.rewind`).
 
 Threads: the poll thread only; librdkafka calls the callbacks from inside the poll thread's ``poll``,
 ``consume`` and ``close``.
@@ -27,6 +28,7 @@ from mtc75.core.offsets import Partition
 from mtc75.engine.backpressure import Backpressure, fmt
 from mtc75.engine.checkpoint import CONFIRM_TIMEOUT, Checkpoint
 from mtc75.engine.ledger import Ledger
+from mtc75.errors import KafkaUnavailable
 from mtc75.kafka.client import KafkaClient
 from mtc75.runtime.dispatcher import Dispatcher
 
@@ -67,6 +69,12 @@ class Assignments:
         self.closing = False  # set at shutdown: close()'s revoke commits what is done without waiting again
         self.halted = False  # a fatal error: nothing is committed
         self.abandoned = 0  # handlers still running when a revoke stopped waiting for them
+        self.reset_to = "earliest"  # AUTO_OFFSET_RESET: where a rewound partition without a commit starts
+        # exactly-once: how long the committed offsets may take (a predecessor's open transaction holds them
+        # until it ends), and that an assignment whose offset maps cannot be read stops the run (running
+        # finished work again would write its outputs twice)
+        self.committed_timeout = COMMITTED_TIMEOUT
+        self.strict_maps = False
 
     # -- librdkafka's callbacks -------------------------------------------------------------------------
 
@@ -107,6 +115,23 @@ class Assignments:
             self._client.seek(tp, logical)  # also drops what librdkafka prefetched
         return True
 
+    def rewind(self, tps: list[Partition]) -> None:
+        """A transaction was aborted: drop every Work of ``tps`` and read them again from their last commit
+        (offset and offset map), with fresh states, so late completions of the aborted work are dropped.
+        Raises ``KafkaException`` when the committed offsets cannot be read (the caller halts)."""
+        tps = [tp for tp in tps if tp in self._tracker]
+        if not tps:
+            return
+        states = [self._tracker.state(tp) for tp in tps]
+        self._ledger.abandon(self._dispatcher.retire(states))
+        committed = self._client.committed([TopicPartition(t, p) for t, p in tps], timeout=self.committed_timeout)
+        self._tracker.assign(tps, self._decode_maps(committed))
+        self._checkpoint.forget(states)
+        self._backpressure.reset(tps)
+        for tp in committed:
+            logical = RESET_OFFSETS.get(self.reset_to, OFFSET_BEGINNING)
+            self._client.seek((tp.topic, tp.partition), tp.offset if tp.offset >= 0 else logical)
+
     # -- internals ------------------------------------------------------------------------------------
 
     def _read_maps(self, partitions: list[TopicPartition]) -> dict[Partition, FinishedOffsets]:
@@ -118,11 +143,19 @@ class Assignments:
         if not partitions:
             return {}
         try:
-            committed = self._client.committed(partitions, timeout=COMMITTED_TIMEOUT)
+            committed = self._client.committed(partitions, timeout=self.committed_timeout)
         except KafkaException as err:
+            if self.strict_maps:
+                tps = fmt([(tp.topic, tp.partition) for tp in partitions])
+                raise KafkaUnavailable(f"could not read the committed offsets and offset maps of {tps} "
+                                       f"({err.args[0].str()}): with exactly_once a partition is not read "
+                                       "without them") from None
             logger.warning("could not read the committed offset maps (%s): finished work above the committed "
                            "offsets may run again", err.args[0].str())
             return {}
+        return self._decode_maps(committed)
+
+    def _decode_maps(self, committed: list[TopicPartition]) -> dict[Partition, FinishedOffsets]:
         maps: dict[Partition, FinishedOffsets] = {}
         for tp in committed:
             if tp.error is not None or not tp.metadata:

@@ -274,7 +274,7 @@ class Engine:
             now = time.monotonic()
             parts.checkpoint.commit_now(None, now + max(0.0, end - now) / 2, asynchronous=True)
         finally:
-            self._ledger.failure.close()
+            self._ledger.close()
             parts.backpressure.end()
             parts.assignments.closing = True
             client.close(max(CLOSE_AT_LEAST, end - time.monotonic()))

@@ -5,7 +5,9 @@ returns the Works to run: one Work per run of consecutive offsets, without the o
 offset map says finished (they complete at once, without a handler) and without redeliveries of offsets
 already in flight. :meth:`Ledger.settle` applies the completion queue: a success completes its offsets; a
 Work that failed its last attempt goes to the ON_FAILURE policy (:mod:`mtc75.engine.failure`), which finishes
-it now (``skip``), once its dead-letter record is confirmed (``dlq``) or never (``stop``); a failed or dropped
+it now (``skip``), once its dead-letter record is confirmed (``dlq``) or never (``stop``). A success that
+returned output records is done once the output sink says so (:mod:`mtc75.kafka.outputs`: confirmed by
+Kafka; exactly-once: produced inside the open transaction, at once); a failed or dropped
 Work of an assignment being given up is abandoned (never committed; the next owner reads it again); a
 completion of an assignment that ended is dropped as late.
 
@@ -24,6 +26,7 @@ from typing import Any
 from mtc75.core.offsets import OffsetTracker
 from mtc75.core.work import Work
 from mtc75.engine.failure import FailurePolicy, SkipPolicy
+from mtc75.kafka.outputs import OutputSink
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ class Ledger:
     def __init__(self, on_error: Callable[[Any], None]) -> None:
         self.tracker = OffsetTracker()
         self.failure: FailurePolicy = SkipPolicy()  # ON_FAILURE; the engine sets it once Kafka is reached
+        self.outputs: OutputSink | None = None  # where output records go (None outside an engine: not written)
         self._on_error = on_error  # an error event among the fetched messages (it is handed the event)
         self.processed = 0  # finished: handled, skipped or dead-lettered
         self.failed = 0  # failed their last attempt (of a live assignment)
@@ -105,9 +109,12 @@ class Ledger:
         while completions:
             work = completions.popleft()
             if not work.failed:  # the hot path: the handler returned
-                size = work.size
                 if self.batching:
                     self.batches += 1
+                if work.outputs is not None:
+                    count += self._write(work)
+                    continue
+                size = work.size
                 if size > 1 and not work.consecutive:  # a batch leaving out other keys' messages
                     count += self._complete_each(work)
                 elif complete_range(work.state, work.offset, size):
@@ -120,7 +127,28 @@ class Ledger:
         if self.failure.pending:
             for work in self.failure.confirmed():
                 count += self.finish(work)
+        if self.outputs is not None and self.outputs.pending:
+            for work in self.outputs.confirmed():
+                count += self._complete(work)
         return count
+
+    def _write(self, work: Work) -> int:
+        """A success with output records: done now or once they are written (see the module notes)."""
+        if not work.state.alive:  # a late completion: its records are never written
+            self.dropped_late += work.size
+            return 0
+        if self.outputs is None or self.outputs.write(work):
+            return self._complete(work)
+        return 0
+
+    def _complete(self, work: Work) -> int:
+        if work.size > 1 and not work.consecutive:
+            return self._complete_each(work)
+        if self.tracker.complete_range(work.state, work.offset, work.size):
+            self.processed += work.size
+            return work.size
+        self.dropped_late += work.size
+        return 0
 
     def _settle_failed(self, work: Work) -> int:
         state = work.state
@@ -162,7 +190,18 @@ class Ledger:
         return count
 
     def flush_failures(self, timeout: float) -> None:
-        """At shutdown: give pending dead letters up to ``timeout`` to be confirmed, and finish those."""
+        """At shutdown: give pending dead letters and output records up to ``timeout`` to be confirmed, and
+        finish those."""
+        deadline = time.monotonic() + timeout
         if self.failure.pending:
             for work in self.failure.flush(timeout):
                 self.finish(work)
+        if self.outputs is not None and self.outputs.pending:
+            for work in self.outputs.flush(max(0.0, deadline - time.monotonic())):
+                self._complete(work)
+
+    def close(self) -> None:
+        """Release the dead-letter and output producers."""
+        self.failure.close()
+        if self.outputs is not None:
+            self.outputs.close()

@@ -2,7 +2,11 @@
 
 :func:`assemble` builds the Kafka consumer with this run's fetch sizes, checks that the cluster answers and
 the topic exists (one line when not), learns the topic's id, makes sure ``<topic>.dlq`` exists (ON_FAILURE
-dlq), and wires the parts the engine's poll loop drives. Every client is built through the run's
+dlq), and wires the parts the engine's poll loop drives. PROCESSING_GUARANTEE picks the checkpoint and where
+handlers' output records go: ``at_least_once`` the plain :class:`~mtc75.engine.checkpoint.OffsetCheckpoint` and
+an :class:`~mtc75.kafka.outputs.OutputProducer`; ``exactly_once`` the
+:class:`~mtc75.engine.transactions.TransactionalCheckpoint` for both (its producer's transactions started
+before the group is joined, so a predecessor's open transaction is ended first). Every client is built through the run's
 :class:`~mtc75.kafka.clients.ClientFactories` (tests pass in-memory fakes) and
 :func:`~mtc75.kafka.clients.new_client` (a property librdkafka refuses is one ConfigError line). The watch
 and the dead-letter producer reach the cluster the consumer reaches: they get its connection properties.
@@ -22,6 +26,7 @@ from confluent_kafka import KafkaError
 from mtc75.core.batching import BatchScheduler
 from mtc75.core.fetchsize import choose, fixed
 from mtc75.core.gate import PauseGate
+from mtc75.core.offsetmap import map_capacity
 from mtc75.core.ordering import new_scheduler
 from mtc75.core.retry import RetryPolicy
 from mtc75.engine.assignments import Assignments, revoke_wait
@@ -31,11 +36,13 @@ from mtc75.engine.failure import DeadLetterPolicy, StopPolicy
 from mtc75.engine.faults import Faults
 from mtc75.engine.ledger import Ledger
 from mtc75.engine.topicguard import TopicGuard
-from mtc75.errors import Mtc75Error
+from mtc75.engine.transactions import TransactionalCheckpoint, TransactionalDeadLetters, transactional_config
+from mtc75.errors import ConfigError, Mtc75Error
 from mtc75.kafka.client import KafkaClient, Relay, ResetLog, is_incremental
 from mtc75.kafka.clients import ClientFactories, new_client
 from mtc75.kafka.deadletter import DeadLetterProducer
 from mtc75.kafka.fetchprobe import probe
+from mtc75.kafka.outputs import OutputProducer
 from mtc75.kafka.topics import METADATA_TIMEOUT, require_topic
 from mtc75.kafka.topicwatch import TopicWatch
 from mtc75.runtime.dispatcher import Dispatcher
@@ -91,6 +98,47 @@ def open_dead_letters(
     return letters
 
 
+def open_outputs(settings: Settings, conf: Mapping[str, Any], factories: ClientFactories, ledger: Ledger,
+                 wiring: Wiring) -> OutputProducer:
+    """At least once: the producer of handlers' output records (built once now, so a property it refuses is
+    a start-up error; it connects at the first record)."""
+
+    def given_up(work: Any, error: Mtc75Error) -> None:
+        ledger.abandon([work])  # the commit stays below it
+        wiring.fail(error)
+
+    outputs = OutputProducer(settings.producer_config(connection(conf)), settings.RETRY_BACKOFF_MAX or 1.0,
+                             given_up, wiring.faults.on_error, factories=factories)
+    outputs.check()
+    return outputs
+
+
+def open_transactions(settings: Settings, conf: Mapping[str, Any], factories: ClientFactories,
+                      client: KafkaClient, wiring: Wiring, guard: Relay, rewind: Relay) -> TransactionalCheckpoint:
+    """Exactly once: the transactional producer and its checkpoint (transactions start later: ``start()``)."""
+    isolation = str(conf.get("isolation.level", "read_committed")).lower()
+    if isolation != "read_committed":
+        raise ConfigError(f"isolation.level={isolation} with PROCESSING_GUARANTEE=exactly_once: the input would "
+                          "include records of aborted transactions; use read_committed (the default)")
+    capacity = map_capacity()
+    if settings.offset_window() > capacity - 500:
+        raise ConfigError(f"OFFSET_WINDOW={settings.offset_window()} with PROCESSING_GUARANTEE=exactly_once: the "
+                          f"offset map must always fit the commit, so at most {capacity - 500} (0: the default)")
+    pconf = transactional_config(settings.producer_config(connection(conf)), settings.GROUP_ID, conf)
+    # Fatal errors are the checkpoint's (it replaces the producer or halts), others the engine's.
+    forward = pconf.pop("error_cb", wiring.faults.on_error)
+    new_client(factories.producer, pconf, "transactional producer")  # a refused property: a start-up error
+    logger.info("exactly_once: transactional.id %s", pconf["transactional.id"])
+
+    def new_producer(error_cb: Callable[[KafkaError], None]) -> Any:
+        return new_client(factories.producer, {**pconf, "error_cb": error_cb}, "transactional producer")
+
+    shared_id = "group.instance.id" in conf or "transactional.id" in settings.PRODUCER_CONFIG
+    return TransactionalCheckpoint(client, wiring.ledger.tracker, settings.COMMIT_INTERVAL, new_producer, forward,
+                                   guard, wiring.halt, rewind, float(pconf["transaction.timeout.ms"]) / 1000.0,
+                                   shared_id)
+
+
 @dataclass(frozen=True)
 class Parts:
     """What the poll loop drives, built once per run."""
@@ -98,7 +146,7 @@ class Parts:
     client: KafkaClient
     dispatcher: Dispatcher
     backpressure: Backpressure
-    checkpoint: OffsetCheckpoint
+    checkpoint: OffsetCheckpoint | TransactionalCheckpoint
     assignments: Assignments
     fetch_sizes: str  # which fetch sizes the run uses, for the summary
 
@@ -142,21 +190,36 @@ def assemble(settings: Settings, overrides: Mapping[str, Any], factories: Client
     client = faults.client = KafkaClient(consumer, settings.TOPIC, cooperative=is_incremental(conf), log=log)
     backpressure = Backpressure(client, ledger.tracker, dispatcher, wiring.gate, settings.offset_window())
     guard = Relay()  # the topic guard, once the watch exists
-    checkpoint = OffsetCheckpoint(client, ledger.tracker, settings.COMMIT_INTERVAL, faults.is_fatal, guard)
+    rewind = Relay()  # the assignments' rewind, once they exist
+    exactly_once = settings.PROCESSING_GUARANTEE == "exactly_once"
+    checkpoint: OffsetCheckpoint | TransactionalCheckpoint
+    if exactly_once:
+        checkpoint = ledger.outputs = open_transactions(settings, conf, factories, client, wiring, guard, rewind)
+    else:
+        checkpoint = OffsetCheckpoint(client, ledger.tracker, settings.COMMIT_INTERVAL, faults.is_fatal, guard)
+        ledger.outputs = open_outputs(settings, conf, factories, ledger, wiring)
     on_commit.to = checkpoint.on_commit
     assignments = Assignments(client, ledger, dispatcher, backpressure, checkpoint,
                               revoke_wait(settings.REVOKE_TIMEOUT, conf), wiring.on_first_assignment)
+    rewind.to = assignments.rewind
     parts(Parts(client, dispatcher, backpressure, checkpoint, assignments, fetch_sizes))
     partitions = require_topic(consumer, settings.BOOTSTRAP_SERVERS, settings.TOPIC)
     watch = checkpoint.watch = open_watch(settings, conf, factories)
     faults.watching = lambda: watch.enabled
     where = str(conf.get("auto.offset.reset", "earliest")).lower()
     guard.to = TopicGuard(watch, assignments.reset, where, wiring.halt).changed
+    assignments.reset_to = where
     if settings.ON_FAILURE == "dlq":
         letters = open_dead_letters(settings, conf, factories, partitions, faults.on_error)
-        ledger.failure = DeadLetterPolicy(letters, ledger.tracker, wiring.fail)
+        ledger.failure = (TransactionalDeadLetters(checkpoint, letters.topic)
+                          if isinstance(checkpoint, TransactionalCheckpoint)
+                          else DeadLetterPolicy(letters, ledger.tracker, wiring.fail))
     elif settings.ON_FAILURE == "stop":
         ledger.failure = StopPolicy(ledger.tracker, wiring.fail)
+    if isinstance(checkpoint, TransactionalCheckpoint):
+        checkpoint.start()  # fences this member's predecessor and ends its open transaction, before the join
+        assignments.strict_maps = True  # finished work run again would write its outputs twice
+        assignments.committed_timeout = checkpoint.committed_timeout
     faults.checked = True
     logger.info("fetch sizes %s: %s", fetch_sizes, reason)
     client.subscribe(assignments.on_assign, assignments.on_revoke, assignments.on_lost)

@@ -707,15 +707,20 @@ class Dispatcher:
         if batch.batch is not None:  # already a piece (a batch of one naming itself): it failed
             self.settle_failure(batch, outcome.failures[0][1])
             return
+        # What succeeded is one piece, done at once (with the batch's output records: none of it is done
+        # before they are written); each failed message is a piece of its own.
+        failed = dict(outcome.failures)
+        done = [i for i in range(batch.size) if i not in failed]
         pieces: list[tuple[Work, BaseException | None]] = []
-        start = 0
-        for index, error in sorted(outcome.failures, key=lambda failure: failure[0]):
-            if index > start:
-                pieces.append((batch.part(start, index), None))
-            pieces.append((batch.part(index, index + 1), error))
-            start = index + 1
-        if batch.size > start:
-            pieces.append((batch.part(start, batch.size), None))
+        if done:
+            rest = batch.part(done[0], done[0] + 1) if len(done) == 1 else Work.merged(
+                [batch.part(i, i + 1) for i in done])
+            rest.outputs = batch.outputs
+            pieces.append((rest, None))
+        for index in sorted(failed):
+            piece = batch.part(index, index + 1)
+            piece.outputs = None  # a failed call's records are never written
+            pieces.append((piece, failed[index]))
         for piece, _ in pieces:
             piece.batch = batch
         # Ordered modes: the batch's lanes allow one call at a time, so its pieces to run go one by one.

@@ -399,7 +399,7 @@ class ProcessPool:
             except (EOFError, OSError):
                 return
             try:
-                handled, seconds, failures, calls = loads(data)
+                handled, seconds, failures, calls, outputs = loads(data)
                 if failures:
                     failures = [(index, read_failure(blob, name, text, tb))
                                 for index, blob, name, text, tb in failures]
@@ -413,7 +413,7 @@ class ProcessPool:
             hand_on(slot, ended)
             call = ended[0]
             if call is not None:
-                call.finish(Reply(handled, seconds, failures, calls))
+                call.finish(Reply(handled, seconds, failures, calls, outputs=outputs))
 
     def _bury(self, slot: _Slot) -> None:
         """The slot's process ended: reap it; the call it was running is lost."""

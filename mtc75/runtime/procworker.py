@@ -9,10 +9,10 @@ pair as ``fd`` (framed by :class:`multiprocessing.connection.Connection`). What 
   :class:`~mtc75.runtime.invoker.Invoker`, else ``("refused", "why")`` and exits.
 * then per call: ``(topic, partition, [(offset, key, value, headers, timestamp), ...], timed)`` -- one
   Work's messages, which are one partition's (mtc75/core/work.py) -- and the answer
-  ``(handled, seconds, failures, calls)``: how many messages the handler saw (a chunk is cut after
+  ``(handled, seconds, failures, calls, outputs)``: how many messages the handler saw (a chunk is cut after
   ``CHUNK_SECONDS`` as in a thread), their handler seconds, ``(index, pickled error or None, type name,
   text, traceback)`` per message that raised (index ``WHOLE`` for a batch that failed as a whole), and
-  ``(seconds, cpu)`` per call when ``timed``.
+  ``(seconds, cpu)`` per call when ``timed``, and the output records returned, ``(index, Output)``.
 * EOF from the parent: exit 0.
 
 The handler is called by this process's own Invoker, so a failure here is what it is in a thread:
@@ -128,6 +128,7 @@ class Reply(NamedTuple):
     failures: list[tuple[int, BaseException]]  # (index, error) per message that raised
     calls: list[tuple[float, float | None]] | None  # (seconds, cpu) per call, when timed
     lost: BaseException | None = None  # the worker process died while this call was its running one
+    outputs: list[tuple[int, Any]] | None = None  # (index, mtc75.Output) the handler returned to be written
 
 
 class UnpicklableError(Exception):
@@ -270,14 +271,14 @@ def serve(conn: Connection) -> None:
         if want_times != timed:
             timed = want_times
             (invoker.attach if timed else invoker.detach)(recorder)
-        outcome, handled, seconds = run(unpack(topic, partition, rows))
+        outcome, handled, seconds, outputs = run(unpack(topic, partition, rows))
         if outcome is None:
             failures: list[Any] = []
         elif isinstance(outcome, Partial):
             failures = [wire_failure(index, err) for index, err in outcome.failures]
         else:  # a single message's error, or a whole batch's
             failures = [wire_failure(WHOLE if invoker.batches else 0, outcome)]
-        send(dumps((handled, seconds, failures, calls if timed else None), PROTOCOL))
+        send(dumps((handled, seconds, failures, calls if timed else None, outputs), PROTOCOL))
         if timed:
             calls.clear()
 
