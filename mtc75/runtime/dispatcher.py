@@ -415,11 +415,12 @@ class Dispatcher:
         with self._lock:
             # ``closing`` is set under this lock (retire): a retry either lands in the delay queue before
             # the purge that follows, or is never scheduled.
-            again = work.state.alive and not work.state.closing and retry.should_retry(work.attempts)
-            if again:
-                delay = retry.delay(work.attempts)
+            now = time.monotonic()
+            delay = retry.next_delay(work, now) if work.state.alive and not work.state.closing else None
+            again = delay is not None
+            if delay is not None:
                 # not released: an ordered scheduler keeps its key blocked meanwhile
-                self._delayed.push(time.monotonic() + delay, work)
+                self._delayed.push(now + delay, work)
                 self.retried += 1
         if again:
             logger.warning(
@@ -429,9 +430,11 @@ class Dispatcher:
             )
             return
         work.failed = True
-        # A Work of an assignment being given up is not this consumer's failure: the next owner runs it.
+        # A Work of an assignment being given up is not this consumer's failure: the next owner runs it; nor
+        # one the policy declined with attempts left (share mode: its caller says what becomes of it).
+        final = work.state.alive and not work.state.closing and not retry.should_retry(work.attempts)
         logger.log(
-            logging.ERROR if work.state.alive and not work.state.closing else logging.DEBUG,
+            logging.ERROR if final else logging.DEBUG,
             "handler failed for %s[%d]@%d (attempt %d of %d): %s",
             msg.topic(), msg.partition(), work.offset, work.attempts, retry.max_attempts, work.error,
             exc_info=_traceback(error),
