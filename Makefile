@@ -3,8 +3,9 @@
 # make test   - the whole test suite against a local Kafka it starts and stops itself
 # make unit   - every test that needs no broker (engine against an in-memory Kafka fake, policies, CLI errors)
 # make bench  - the engine against the fastest plain consume() loop, peers, memory and CPU figures, then
-#               MAX_THREAD_COUNT="auto" against fixed counts and ordering modes against unordered: one
-#               result file per section in bench/results/ (BENCHMARKS.md's tables: python -m bench.docs)
+#               MAX_THREAD_COUNT="auto" against fixed counts, ordering modes against unordered, and one
+#               against two share-group members on one partition: one result file per section in
+#               bench/results/ (BENCHMARKS.md's tables: python -m bench.docs)
 # make faults - only the fault-injection suite; its figures -> tests/figures/faults.json (RELIABILITY.md)
 # make figures - make faults, then the end-to-end tests RELIABILITY.md quotes -> tests/figures/e2e.json
 # make broker / make broker-stop / make broker-status - a local Kafka for the three-terminal flow
@@ -64,6 +65,7 @@ bench: kafka $(VENV)/.bench-installed bench/parallel-consumer/target/classpath.t
 	$(PY) -m bench.run
 	$(PY) -m bench.autotune
 	$(PY) -m bench.ordering --with-fifo
+	$(PY) -m bench.share
 	$(PY) -m bench.docs
 
 # The fault-injection suite alone; its FIGURES records and outcomes go to tests/figures/faults.json

@@ -236,6 +236,12 @@ def t_scaleout(f: dict[str, Any]) -> str:
     return _rows(out)
 
 
+def t_share(f: dict[str, Any]) -> str:
+    from bench.share import markdown
+
+    return markdown(f)
+
+
 def _src(document: dict[str, Any]) -> str:
     """The targets table's "from" cell: the run's date, and its note when it has one (a --quick run)."""
     return when(document) + (f" (**{document['note']}**)" if document.get("note") else "")
@@ -325,6 +331,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str], str]] = {
     "ordering": ("bench/results/ordering.json", t_ordering, "python -m bench.ordering --with-fifo"),
     "autotune": ("bench/results/autotune.json", t_autotune, "python -m bench.autotune"),
     "scaleout": ("bench/results/scaleout.json", t_scaleout, "python -m bench.scaleout"),
+    "share": ("bench/results/share.json", t_share, "python -m bench.share"),
 }
 def tables_of(document: dict[str, Any]) -> str:
     """Every table made from one result document (bench/run.py prints them at the end of a run)."""
