@@ -448,3 +448,15 @@ def test_a_refused_acceptance_of_the_current_batch_drops_the_rest_of_it() -> Non
     assert ledger.dropped_late == 1 and ledger.processed == 1
     ledger.on_acks({TopicPartition("t", 0): {1, 2}}, gone)  # refused releases: nothing to count
     assert ledger.refused == 1 and ledger.lost is None
+
+
+def test_a_work_of_several_records_that_failed_as_a_whole_is_settled_record_by_record() -> None:
+    ledger, acks = _ledger(attempts=2)
+    ledger.failure = policy = Recording()
+    works = ledger.admit(_records(1, 1, 1), Lease(0.0, 30.0), 0.0, 4, None)
+    batch = Work.chunk([w.message for w in works], works[0].state, 0)  # a batch handler's Work
+    batch.failed, batch.attempts, batch.error = True, 2, "ValueError: the whole batch"
+    ledger.settle(deque([batch]))
+    assert [(w.offset, w.attempts, w.error) for w in policy.works] == [(i, 2, "ValueError: the whole batch")
+                                                                       for i in range(3)]
+    assert acks.calls == [(0, ACCEPT), (1, ACCEPT), (2, ACCEPT)] and ledger.done and ledger.failed == 3

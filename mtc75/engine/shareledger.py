@@ -51,6 +51,15 @@ def key_of(msg: Any) -> Key:
     return msg.topic(), msg.partition(), msg.offset()
 
 
+def _singles(work: Work) -> list[Work]:
+    """A failed Work of several records (a batch that failed as a whole) as one failed Work per record:
+    ON_FAILURE and the acknowledgements go record by record."""
+    pieces = [work.part(i, i + 1) for i in range(work.size)]
+    for piece in pieces:
+        piece.failed, piece.dropped, piece.attempts, piece.error = work.failed, work.dropped, work.attempts, work.error
+    return pieces
+
+
 @dataclass(eq=False)
 class Held:
     """A record of the current batch not yet acknowledged."""
@@ -140,15 +149,16 @@ class ShareLedger:
         again: list[Work] = []
         while completions:
             work = completions.popleft()
-            for index, msg in enumerate(work.messages):
-                key = key_of(msg)
-                held = self.held.get(key)
-                if held is None or held.state is not work.state:
-                    self._late(key, work, again)
-                elif not work.failed:
-                    self._finish(key, held)
-                elif index == 0:  # a failure is always a single message (mtc75/core/work.py)
-                    self._failed(key, held, work)
+            for piece in _singles(work) if work.failed and work.size > 1 else (work,):
+                for msg in piece.messages:
+                    key = key_of(msg)
+                    held = self.held.get(key)
+                    if held is None or held.state is not piece.state:
+                        self._late(key, piece, again)
+                    elif not piece.failed:
+                        self._finish(key, held)
+                    else:
+                        self._failed(key, held, piece)
         for work in self.failure.confirmed() if self.failure.pending else ():
             self.failure_confirmed(work)
         return again
