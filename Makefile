@@ -4,9 +4,10 @@
 # make unit   - the tests that need no broker (engine against an in-memory Kafka fake, policies, CLI errors),
 #               in parallel, without the few that wait seconds of real time (marker `slow`)
 # make bench  - the engine against the fastest plain consume() loop, peers, memory and CPU figures, then
-#               MAX_THREAD_COUNT="auto" against fixed counts, ordering modes against unordered and the
-#               process runner against threads on a CPU-bound handler: one
-#               result file per section in bench/results/ (BENCHMARKS.md's tables: python -m bench.docs)
+#               MAX_THREAD_COUNT="auto" against fixed counts, ordering modes against unordered, the process
+#               runner against threads on a CPU-bound handler, exactly-once against at-least-once, and one
+#               against two share-group members on one partition: one result file per section in
+#               bench/results/ (BENCHMARKS.md's tables: python -m bench.docs)
 # make faults - only the fault-injection suite; its figures -> tests/figures/faults.json (RELIABILITY.md)
 # make figures - make faults, then the end-to-end tests RELIABILITY.md quotes -> tests/figures/e2e.json
 # make registry - a local schema registry (Apicurio, Confluent-compatible API at :REGISTRY_PORT/apis/ccompat/v7)
@@ -91,6 +92,7 @@ bench: kafka $(VENV)/.bench-installed bench/parallel-consumer/target/classpath.t
 	$(PY) -m bench.ordering --with-fifo
 	$(PY) -m bench.processes
 	$(PY) -m bench.eos
+	$(PY) -m bench.share
 	$(PY) -m bench.docs
 
 # The fault-injection suite alone; its FIGURES records and outcomes go to tests/figures/faults.json

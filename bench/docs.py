@@ -265,6 +265,12 @@ def t_processes(f: dict[str, Any]) -> str:
     return _rows(out)
 
 
+def t_share(f: dict[str, Any]) -> str:
+    from bench.share import markdown
+
+    return markdown(f)
+
+
 def _src(document: dict[str, Any]) -> str:
     """The targets table's "from" cell: the run's date, and its note when it has one (a --quick run)."""
     return when(document) + (f" (**{document['note']}**)" if document.get("note") else "")
@@ -368,6 +374,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str], str]] = {
     "eos": ("bench/results/eos.json", t_eos, "python -m bench.eos"),
     "scaleout": ("bench/results/scaleout.json", t_scaleout, "python -m bench.scaleout"),
     "processes": ("bench/results/processes.json", t_processes, "python -m bench.processes"),
+    "share": ("bench/results/share.json", t_share, "python -m bench.share"),
 }
 def tables_of(document: dict[str, Any]) -> str:
     """Every table made from one result document (bench/run.py prints them at the end of a run)."""

@@ -30,6 +30,7 @@ from typing import Any
 from mtc75.core.health import DEFAULT_MAX_POLL_INTERVAL, Health, HealthWatch
 from mtc75.core.stats import Stats
 from mtc75.engine.engine import Engine
+from mtc75.engine.share import ShareEngine
 from mtc75.errors import ConfigError, MisuseError
 from mtc75.kafka.clients import REAL_FACTORIES, ClientFactories
 from mtc75.kafka.deserializers import DeserializerSpec, decoder
@@ -38,7 +39,8 @@ from mtc75.settings import SPECS, Settings, check_bounds, coerce, live_changes
 
 # The settings a consumer uses; the others belong to producer.py, create_topic.py or the CLI's default handler.
 CONSUMER_SETTINGS = (
-    "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "MAX_THREAD_COUNT", "MIN_THREAD_COUNT", "MAX_THREAD_LIMIT",
+    "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "GROUP_TYPE", "MAX_THREAD_COUNT", "MIN_THREAD_COUNT",
+    "MAX_THREAD_LIMIT",
     "PAUSE_INTERVAL", "AUTO_OFFSET_RESET", "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT",
     "SHUTDOWN_TIMEOUT", "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "BROKER_DOWN_TIMEOUT",
     "REPLICATION_FACTOR", "CONSUMER_CONFIG", "PRODUCER_CONFIG", "ORDERING", "BATCH_SIZE", "BATCH_WAIT",
@@ -342,7 +344,8 @@ class Consumer:
         if self._stop_requested:
             return None
         try:
-            engine = Engine(
+            kind = ShareEngine if self._settings.GROUP_TYPE == "share" else Engine  # README "Share groups"
+            engine = kind(
                 self._settings, self._invoker, overrides=self._librdkafka, max_messages=max_messages,
                 idle_exit=idle_exit, on_status=self._snapshot,
                 status_interval=min(SNAPSHOT_INTERVAL, self._status_interval), factories=self._factories,

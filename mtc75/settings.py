@@ -33,6 +33,8 @@ GUARANTEES = ("at_least_once", "exactly_once")  # PROCESSING_GUARANTEE (README "
 AUTO = "auto"  # MAX_THREAD_COUNT = "auto"
 FORMATS = ("bytes", "str", "json")  # KEY_FORMAT / VALUE_FORMAT: mtc75/kafka/deserializers.py BUILT_INS
 RUNNERS = ("threads", "processes")  # RUNNER: where a plain handler runs
+GROUP_TYPES = ("consumer", "share")  # GROUP_TYPE: a consumer group (partitions) or a share group (KIP-932)
+SHARE_POLL_RECORDS = 500  # Kafka's max.poll.records default: the fewest records a share poll asks for
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,12 @@ class Settings:
                 minimum=-1),
     )
     GROUP_ID: str = field(default="mtc75-consumer", **_spec(str, "consumer group id"))
+    GROUP_TYPE: str = field(
+        default="consumer",
+        **_spec(str, "consumer (a consumer group: each partition read by one member, in order) or share (a share "
+                "group, Kafka 4.2+: every member takes records of every partition, each acknowledged on its own)",
+                choices=GROUP_TYPES),
+    )
     MAX_THREAD_COUNT: int | str = field(
         default=75,
         **_spec(int, 'worker threads = semaphore permits, or "auto": tuned while running between MIN_THREAD_COUNT '
@@ -206,6 +214,17 @@ class Settings:
             raise ConfigError(
                 f"invalid MIN_THREAD_COUNT={self.MIN_THREAD_COUNT}: must be <= MAX_THREAD_LIMIT={self.MAX_THREAD_LIMIT}"
             )
+        if self.GROUP_TYPE == "share" and self.ORDERING != "unordered":
+            raise ConfigError(f"invalid ORDERING={self.ORDERING!r} with GROUP_TYPE='share': share groups give no order")
+        if self.GROUP_TYPE == "share" and self.AUTO_OFFSET_RESET == "error":
+            raise ConfigError("invalid AUTO_OFFSET_RESET='error' with GROUP_TYPE='share': a share group starts at "
+                              "earliest or latest")
+        if self.GROUP_TYPE == "share" and self.PROCESSING_GUARANTEE == "exactly_once":
+            raise ConfigError("invalid PROCESSING_GUARANTEE='exactly_once' with GROUP_TYPE='share': a share group's "
+                              "acknowledgements cannot join a Kafka transaction; use at_least_once")
+        if self.GROUP_TYPE == "share" and self.BATCH_SIZE > 1:
+            raise ConfigError(f"invalid BATCH_SIZE={self.BATCH_SIZE} with GROUP_TYPE='share': a share member handles "
+                              "records one by one (each acknowledged on its own); use BATCH_SIZE=1")
 
     @property
     def auto_threads(self) -> bool:
@@ -292,6 +311,28 @@ class Settings:
         for key in ("enable.auto.commit", "enable.auto.offset.store"):
             if str(conf[key]).lower() not in ("false", "0"):
                 raise ConfigError(f"{key}={conf[key]} is not supported: MTC75 commits only completed work")
+        return conf
+
+    def share_consumer_config(self, overrides: Mapping[str, str] = MappingProxyType({})) -> dict[str, Any]:
+        """The librdkafka share consumer dict (GROUP_TYPE="share"): our properties, CONSUMER_CONFIG, ``-X``.
+
+        Explicit acknowledgement: MTC75 acknowledges each record when its handler finishes. A poll asks for
+        four records per thread (at least Kafka's 500), at most MAX_BACKLOG more than the threads: the broker
+        may still hand out whole producer batches; the engine keeps what its threads finish within the lock.
+        """
+        bound = self.MAX_THREAD_LIMIT if self.auto_threads else int(self.MAX_THREAD_COUNT)
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.BOOTSTRAP_SERVERS,
+            "logger": LIBRDKAFKA_LOGGER,
+            "group.id": self.GROUP_ID,
+            "share.acknowledgement.mode": "explicit",
+            "max.poll.records": min(max(SHARE_POLL_RECORDS, 4 * bound), self.MAX_BACKLOG + bound),
+        }
+        conf.update(self.CONSUMER_CONFIG)
+        conf.update(overrides)
+        if str(conf["share.acknowledgement.mode"]).lower() != "explicit":
+            raise ConfigError(f"share.acknowledgement.mode={conf['share.acknowledgement.mode']} is not supported: "
+                              "MTC75 acknowledges each record when its handler finishes")
         return conf
 
     def producer_config(self, overrides: Mapping[str, str] = MappingProxyType({})) -> dict[str, Any]:

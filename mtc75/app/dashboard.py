@@ -24,7 +24,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from mtc75.app.status import status_color, thread_bound
+from mtc75.app.status import share_text, status_color, thread_bound
 from mtc75.core.offsets import Partition
 from mtc75.core.stats import Stats
 
@@ -149,9 +149,13 @@ def render(
     problems = Text(f"failed {stats.failed}   retried {stats.retried}   dead-lettered {stats.dead_lettered}",
                     style="red" if stats.failed or stats.dead_lettered else "")
     grid.add_row("failures", problems)
+    if stats.share is not None:
+        counts = "  ".join(f"{count}: {n}" for count, n in sorted(stats.share.deliveries.items()))
+        grid.add_row("share", Text(share_text(stats) + (f"   by delivery count {counts}" if counts else "")))
     if process is not None:
         grid.add_row("process", Text(f"CPU {process.cpu_percent:.0f}%   RSS {_mib(process.rss_bytes)}"))
-    footer = Text(f"{stats.elapsed_seconds:.0f}s elapsed, {stats.assigned} partitions assigned", style="dim")
+    where = "a share group member" if stats.share is not None else f"{stats.assigned} partitions assigned"
+    footer = Text(f"{stats.elapsed_seconds:.0f}s elapsed, {where}", style="dim")
     return Panel(Group(grid, footer), title=title, border_style=color, expand=False)
 
 

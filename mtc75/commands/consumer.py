@@ -31,7 +31,7 @@ from mtc75.app.cli import (
     setup_logging,
     use_color,
 )
-from mtc75.app.status import format_status
+from mtc75.app.status import format_status, share_text
 from mtc75.core.stats import Stats
 from mtc75.errors import ConfigError
 from mtc75.runtime.handlers import SimulatedWork, load_handler
@@ -39,7 +39,8 @@ from mtc75.runtime.handlers import SimulatedWork, load_handler
 DESCRIPTION = "MTC75 consumer: a thread pool of MAX_THREAD_COUNT behind a semaphore; pauses when every thread is busy."
 COMMAND = "consumer"
 SETTINGS = (
-    "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "MAX_THREAD_COUNT", "MIN_THREAD_COUNT", "MAX_THREAD_LIMIT",
+    "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "GROUP_TYPE", "MAX_THREAD_COUNT", "MIN_THREAD_COUNT",
+    "MAX_THREAD_LIMIT",
     "PAUSE_INTERVAL", "PROCESSING_SLEEP",
     "AUTO_OFFSET_RESET", "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT", "SHUTDOWN_TIMEOUT",
     "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "MAX_PAYLOAD_BYTES", "BROKER_DOWN_TIMEOUT",
@@ -101,6 +102,7 @@ def _summary_line(stats: Stats) -> str:
         + _limits(stats)
         + f"{stats.elapsed_seconds:.1f}s"
         + (f", abandoned {stats.abandoned} running handlers" if stats.abandoned else "")
+        + (f"; share group: {share_text(stats)}" if stats.share is not None else "")
     )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from confluent_kafka import KafkaError
 
 from mtc75.errors import KafkaFatal, KafkaUnavailable, Mtc75Error, OffsetOutOfRange
-from mtc75.kafka.client import ErrorKind, KafkaClient, classify
+from mtc75.kafka.client import ClientLink, ErrorKind, classify
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Faults:
         self._down_timeout = down_timeout  # BROKER_DOWN_TIMEOUT
         self._halt = halt  # the engine's "stop at once, commit nothing"
         self._fail = fail  # the engine's "end the run with this error, committing what is safe"
-        self.client: KafkaClient | None = None  # set once built
+        self.client: ClientLink | None = None  # set once built
         self.checked = False  # the start-up check passed: before it, errors are its to report, in one line
         self.watching: Callable[[], bool] = lambda: False  # a topic-id watch decides about a missing topic
 

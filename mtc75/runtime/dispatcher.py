@@ -670,11 +670,12 @@ class Dispatcher:
             # ``closing`` is set under this lock (retire): a retry either lands in the delay queue before
             # the purge that follows, or is never scheduled.
             live = work.state.alive and not work.state.closing
-            again = live and retry.should_retry(work.attempts) and _retriable(error)
-            if again:
-                delay = retry.delay(work.attempts)
+            now = self._clock()
+            delay = retry.next_delay(work, now) if live and _retriable(error) else None
+            again = delay is not None
+            if delay is not None:
                 # not released: an ordered scheduler keeps its key blocked meanwhile
-                self._delayed.push(self._clock() + delay, work)
+                self._delayed.push(now + delay, work)
                 self._delayed_messages += work.size
                 self.retried += 1
         if again:
@@ -689,9 +690,11 @@ class Dispatcher:
             self._split_batch(work, Partial(work.size, [(i, error) for i in range(work.size)]), fresh=True)
             return
         work.failed = True
-        # A Work of an assignment being given up is not this consumer's failure: the next owner runs it.
+        # A Work of an assignment being given up is not this consumer's failure: the next owner runs it; nor
+        # one the policy declined with attempts left (share mode: its caller says what becomes of it).
+        final = live and (not retry.should_retry(work.attempts) or not _retriable(error))
         logger.log(
-            logging.ERROR if live else logging.DEBUG, "handler failed for %s (attempt %d of %d): %s",
+            logging.ERROR if final else logging.DEBUG, "handler failed for %s (attempt %d of %d): %s",
             what, work.attempts, retry.max_attempts, work.error, exc_info=_traceback(error),
         )
         if work.batch is None:
