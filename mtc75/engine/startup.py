@@ -131,7 +131,7 @@ def assemble(settings: Settings, overrides: Mapping[str, Any], factories: Client
     retry = RetryPolicy(settings.MAX_ATTEMPTS, settings.RETRY_BACKOFF, settings.RETRY_BACKOFF_MAX)
     scheduler = BatchScheduler(settings.ORDERING, settings.BATCH_SIZE, settings.BATCH_WAIT) \
         if wiring.invoker.batches else new_scheduler(settings.ORDERING)
-    dispatcher = Dispatcher(wiring.invoker, wiring.threads, retry, scheduler=scheduler)
+    dispatcher = Dispatcher(wiring.invoker, wiring.threads, retry, scheduler=scheduler, failure_hook=ledger.hook)
     ledger.batching = wiring.invoker.batches
     dispatcher.limit_rates(settings.MAX_RATE, settings.KEY_RATE, settings.RATE_BURST)
     backpressure = Backpressure(client, ledger.tracker, dispatcher, wiring.gate, settings.offset_window())

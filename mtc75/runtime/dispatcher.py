@@ -55,6 +55,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from mtc75.core.batching import BatchScheduler
+from mtc75.core.failures import RETRY
 from mtc75.core.offsets import Partition, PartitionState
 from mtc75.core.ratelimit import NO_CAP, PAID_ALL, PAID_KEY, PAID_RATE, RateLimits, WaitTime, cause
 from mtc75.core.retry import DelayQueue, RetryPolicy
@@ -62,6 +63,7 @@ from mtc75.core.scheduler import FifoScheduler, Scheduler
 from mtc75.core.work import Work
 from mtc75.errors import DeserializationError
 from mtc75.runtime.async_runner import runner_for
+from mtc75.runtime.failurehook import FailureHook
 from mtc75.runtime.handlers import describe_error
 from mtc75.runtime.invoker import Invoker, Partial
 from mtc75.runtime.permits import Permits
@@ -92,6 +94,7 @@ class Dispatcher:
         scheduler: Scheduler | None = None,
         runner: RunnerFactory | None = None,
         clock: Callable[[], float] = time.monotonic,
+        failure_hook: FailureHook | None = None,
     ) -> None:
         self._clock = clock  # due times of the delay queue and the rate limits (tests: a fake)
         self._retry = retry if retry is not None else RetryPolicy(max_attempts=1, base=0.0, cap=0.0)
@@ -115,6 +118,7 @@ class Dispatcher:
         if self._batcher is not None:
             self._take = self._take_batch
         self.retried = 0  # retries scheduled (a message failing 3 times with 3 attempts counts 2)
+        self._hook = failure_hook  # on_error: told of each failure that will be retried (the ledger: the rest)
         # Notified when a worker gives its permit back, and when the backlog falls to _drain_mark.
         self._changed = threading.Condition(self._lock)
         self._drain_mark = -1  # backlog length a waiter wants to hear about (-1: nobody waits)
@@ -660,7 +664,9 @@ class Dispatcher:
         work.attempts += 1
         work.paid = 0  # a retry is another call: it pays its rate tokens again
         work.error = describe_error(error)
+        work.exception = error
         what = _where(work)
+        hook = self._hook
         with self._lock:
             # ``closing`` is set under this lock (retire): a retry either lands in the delay queue before
             # the purge that follows, or is never scheduled.
@@ -668,6 +674,8 @@ class Dispatcher:
             again = live and retry.should_retry(work.attempts) and _retriable(error)
             if again:
                 delay = retry.delay(work.attempts)
+                if hook is not None:  # before the retry can run: a message's reports stay in order
+                    hook.report(work, RETRY)
                 # not released: an ordered scheduler keeps its key blocked meanwhile
                 self._delayed.push(self._clock() + delay, work)
                 self._delayed_messages += work.size
@@ -681,6 +689,8 @@ class Dispatcher:
             # ON_FAILURE alone and the others complete.
             logger.warning("handler failed for %s (attempt %d of %d): %s; each message is tried alone now", what,
                            work.attempts, retry.max_attempts, work.error, exc_info=_traceback(error))
+            if hook is not None:
+                hook.report(work, RETRY)
             self._split_batch(work, Partial(work.size, [(i, error) for i in range(work.size)]), fresh=True)
             return
         work.failed = True
@@ -711,8 +721,10 @@ class Dispatcher:
             start = index + 1
         if batch.size > start:
             pieces.append((batch.part(start, batch.size), None))
-        for piece, _ in pieces:
+        for piece, error in pieces:
             piece.batch = batch
+            if fresh:
+                piece.exception = error  # failed with the batch: on_error hears of it if it never runs alone
         with self._lock:
             batch.left = len(pieces)
             if fresh:
