@@ -226,9 +226,17 @@ def _raise() -> None:
     raise ValueError("declined")
 
 
-def test_a_blocked_hook_holds_neither_the_workers_nor_the_poll_loop() -> None:
-    """Every message handled and committed while the hook is stuck in its first call; released, it hears all."""
+def test_a_blocked_hook_holds_neither_the_workers_nor_the_poll_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every message handled and committed while the hook is stuck in its first call; released as the run
+    ends, it still hears every report before close() returns."""
     entered, release = threading.Event(), threading.Event()
+    close = FailureHook.close
+
+    def release_then_close(self: FailureHook, timeout: float) -> None:
+        release.set()  # the 39 other reports are still queued now: the shutdown delivers them
+        close(self, timeout)
+
+    monkeypatch.setattr(FailureHook, "close", release_then_close)
     told: list[tuple[int, str]] = []
 
     def hook(failure: mtc75.Failure) -> None:
@@ -247,9 +255,9 @@ def test_a_blocked_hook_holds_neither_the_workers_nor_the_poll_loop() -> None:
         wait_until(lambda: consumer.stats().processed == 200, WAIT, what="a snapshot saying so")  # 0.25 s old at most
         assert consumer.stats().skipped == 20
         assert not told  # still in its first call
+        consumer.close(timeout=WAIT)
     finally:
         release.set()
-    consumer.close(timeout=WAIT)
     assert Counter(outcome for _, outcome in told) == Counter({RETRY: 20, SKIPPED: 20})
 
 
