@@ -480,3 +480,27 @@ def test_on_error_against_the_real_broker(
     assert hook.threads == {THREAD_NAME}
     [letter] = read_topic(bootstrap, topic + ".dlq", 1)
     assert dict(letter.headers() or [])[H_OFFSET] == b"3"
+
+
+@pytest.mark.parametrize("with_hook", [False, True], ids=["no hook", "a hook"])
+def test_a_failed_message_keeps_its_exception_only_for_a_hook(with_hook: bool) -> None:
+    """Without on_error a failed message keeps only its error's text: an exception holds its traceback's frames,
+    and a poison storm keeps thousands of failed messages in flight."""
+    from mtc75.core.retry import RetryPolicy
+    from mtc75.runtime.dispatcher import Dispatcher
+    from mtc75.runtime.invoker import Invoker
+    from tests.test_chunks import _drain, _run
+
+    told: list[mtc75.Failure] = []
+    hook = FailureHook(told.append) if with_hook else None
+    tracker = OffsetTracker()
+    tracker.assign([("t", 0)])
+    d = Dispatcher(Invoker(lambda m: _raise()), 1, RetryPolicy(max_attempts=1, base=0.0, cap=0.0),
+                   failure_hook=hook)
+    done: list[Work] = []
+    d.put([_run(tracker, 0, 0, 1)])
+    wait_until(lambda: (_drain(d, tracker, done), bool(done))[1], WAIT, what="the failed message")
+    d.shutdown(wait=True)
+    [work] = done
+    assert work.failed and work.error == "ValueError: declined"
+    assert isinstance(work.exception, ValueError) if with_hook else work.exception is None

@@ -43,7 +43,7 @@ class Work:
         self.dropped = False  # True (with failed) when it never ran: its assignment was given up
         self.attempts = 0  # handler calls that raised
         self.error = ""  # "ExceptionType: text" of the last failure
-        self.exception: BaseException | None = None  # the last failure itself (for on_error); None: none yet
+        self.exception: BaseException | None = None  # the last failure itself, kept only for on_error
         self.paid = 0  # rate tokens this start already took (mtc75/core/ratelimit.py PAID_*); 0 once it starts
         self.put_at = 0.0  # when the dispatcher queued it (a batch waits at most BATCH_WAIT from there)
         self.batch: Work | None = None  # a piece of a split batch: that batch

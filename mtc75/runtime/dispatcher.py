@@ -664,9 +664,10 @@ class Dispatcher:
         work.attempts += 1
         work.paid = 0  # a retry is another call: it pays its rate tokens again
         work.error = describe_error(error)
-        work.exception = error
-        what = _where(work)
         hook = self._hook
+        if hook is not None:  # kept for on_error's last report only: an exception holds its traceback's frames
+            work.exception = error
+        what = _where(work)
         with self._lock:
             # ``closing`` is set under this lock (retire): a retry either lands in the delay queue before
             # the purge that follows, or is never scheduled.
@@ -723,7 +724,7 @@ class Dispatcher:
             pieces.append((batch.part(start, batch.size), None))
         for piece, error in pieces:
             piece.batch = batch
-            if fresh:
+            if fresh and self._hook is not None:
                 piece.exception = error  # failed with the batch: on_error hears of it if it never runs alone
         with self._lock:
             batch.left = len(pieces)
