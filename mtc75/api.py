@@ -14,8 +14,8 @@ snapshot.
 
 Misuse raises :class:`~mtc75.errors.MisuseError` at once, never hangs nor passes silently: a second
 ``run()``/``start()`` (also two threads at once: the run state is under ``_lock``), ``run()`` after
-``close()``, ``close()`` from a handler or ``on_status`` (it would wait for itself: ``stop()`` is the call
-there), ``retune()`` after the run ended. ``close()`` from another thread waits for the run, whichever
+``close()``, ``close()`` from a handler, ``on_status`` or ``on_error`` (it would wait for itself: ``stop()`` is
+the call there), ``retune()`` after the run ended. ``close()`` from another thread waits for the run, whichever
 thread runs it.
 """
 

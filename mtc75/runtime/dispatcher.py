@@ -21,7 +21,8 @@ thread but keeping its place in the scheduler (an ordered scheduler keeps its ke
 attempt the Work goes to the completion queue marked failed -- at once for a
 :class:`~mtc75.errors.DeserializationError` that is not ``retriable`` (the same bytes fail the same way).
 A Work of an assignment being given up (:meth:`Dispatcher.retire`) is never retried nor put back: it
-comes back failed or dropped.
+comes back failed or dropped. With ``on_error`` a retry is reported (:mod:`mtc75.runtime.failurehook`: queued,
+never called here) under the lock, before the retry can run; the poll thread reports the outcomes.
 
 Rate limits (MAX_RATE, KEY_RATE: :mod:`mtc75.core.ratelimit`): a worker that takes a Work pays its tokens;
 when the bucket puts its start in the future the Work goes to the delay queue, due at that start and marked
