@@ -22,6 +22,7 @@ import mtc75._startup  # noqa: F401
 import logging
 
 from mtc75.api import Consumer
+from mtc75.core.failures import Failure
 from mtc75.core.health import Health
 from mtc75.core.output import Output
 from mtc75.core.stats import Stats
@@ -50,6 +51,7 @@ __all__ = [
     "Consumer",
     "DecodedMessage",
     "DeserializationError",
+    "Failure",
     "HandlerRefused",
     "Health",
     "KafkaFatalError",

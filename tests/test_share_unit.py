@@ -495,3 +495,17 @@ def test_max_rate_holds_in_share_mode() -> None:
     _run(groups, handler, 40, on_failure="skip", max_rate=100.0, rate_burst=0.05)
     starts.sort()
     assert starts[-1] - starts[0] >= (40 - 5) / 100.0 * 0.99  # 5 at once (the burst), then 100 a second
+
+
+def test_on_error_hears_retries_and_outcomes_in_share_mode() -> None:
+    groups = _cluster({0: 20})
+    told: list[tuple[int, int, str]] = []
+
+    def handler(msg: Any) -> None:
+        if msg.offset() == 5:
+            raise ValueError("poison")
+
+    _run(groups, handler, 20, max_attempts=2, on_failure="skip",
+         on_error=lambda f: told.append((f.message.offset(), f.attempt, f.outcome)))
+    assert told == [(5, 1, "retry"), (5, 2, "skipped")]
+    assert groups.states("g") == {ACKED: 20}

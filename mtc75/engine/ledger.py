@@ -9,7 +9,8 @@ it now (``skip``), once its dead-letter record is confirmed (``dlq``) or never (
 returned output records is done once the output sink says so (:mod:`mtc75.kafka.outputs`: confirmed by
 Kafka; exactly-once: produced inside the open transaction, at once); a failed or dropped
 Work of an assignment being given up is abandoned (never committed; the next owner reads it again); a
-completion of an assignment that ended is dropped as late.
+completion of an assignment that ended is dropped as late. ``on_error`` (``hook``) hears ``abandoned`` for each
+message given up after a failure (a revoke, a shutdown, a fatal error; the policies tell the other outcomes).
 
 Threads: the poll thread only (no lock), like the tracker it owns.
 """
@@ -23,10 +24,12 @@ from collections.abc import Callable, Iterable
 from itertools import repeat
 from typing import Any
 
+from mtc75.core.failures import ABANDONED
 from mtc75.core.offsets import OffsetTracker
 from mtc75.core.work import Work
 from mtc75.engine.failure import FailurePolicy, SkipPolicy
 from mtc75.kafka.outputs import OutputSink
+from mtc75.runtime.failurehook import FailureHook, OnError
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +37,12 @@ logger = logging.getLogger(__name__)
 class Ledger:
     """The offset tracker plus the counts of what happened to the messages (see the module notes)."""
 
-    def __init__(self, on_error: Callable[[Any], None]) -> None:
+    def __init__(self, on_error: Callable[[Any], None], on_failure_report: OnError | None = None) -> None:
         self.tracker = OffsetTracker()
-        self.failure: FailurePolicy = SkipPolicy()  # ON_FAILURE; the engine sets it once Kafka is reached
+        # The user's on_error, on a thread of its own (the engine starts and closes it): told of each failure
+        self.hook = FailureHook(on_failure_report) if on_failure_report is not None else None
+        self._failure: FailurePolicy = SkipPolicy()
+        self._failure.hook = self.hook
         self.outputs: OutputSink | None = None  # where output records go (None outside an engine: not written)
         self._on_error = on_error  # an error event among the fetched messages (it is handed the event)
         self.processed = 0  # finished: handled, skipped or dead-lettered
@@ -47,6 +53,16 @@ class Ledger:
         self.admitted_at = 0.0  # when a message was last admitted (monotonic)
         self.progress_at = 0.0  # when a completion last arrived (monotonic)
         self.touched: set[tuple[str, int]] = set()  # partitions that took offsets since the holds last looked
+
+    @property
+    def failure(self) -> FailurePolicy:
+        """ON_FAILURE (skip until the engine sets it, once Kafka is reached)."""
+        return self._failure
+
+    @failure.setter
+    def failure(self, policy: FailurePolicy) -> None:
+        policy.hook = self.hook
+        self._failure = policy
 
     # -- in -------------------------------------------------------------------------------------------
 
@@ -154,6 +170,8 @@ class Ledger:
         state = work.state
         if not state.alive:  # its assignment ended (a coroutine cancelled at revoke): the next owner runs it
             self.dropped_late += work.size
+            if self.hook is not None:
+                self.hook.report(work, ABANDONED)
             return 0
         if work.dropped or state.closing:  # given up before or while it ran: redelivered, never committed
             self.abandon([work])
@@ -182,11 +200,14 @@ class Ledger:
     def abandon(self, works: Iterable[Work]) -> int:
         """Works that will not run here (dropped at revoke or shutdown): the watermark stays below them."""
         abandon = self.tracker.abandon
+        hook = self.hook
         count = 0
         for work in works:
             for offset in work.offsets:
                 abandon(work.state, offset)
             count += work.size
+            if hook is not None:  # one that failed before (waiting for its retry): its final report
+                hook.report(work, ABANDONED)
         return count
 
     def flush_failures(self, timeout: float) -> None:

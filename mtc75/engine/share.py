@@ -136,7 +136,7 @@ class ShareEngine(Engine):
         client = ShareClient(consumer, settings.TOPIC, admin, faults.on_error, ledger.on_acks)
         faults.client = client
         self._invoker.attach(self._handler_time)
-        dispatcher = Dispatcher(self._invoker, self._threads.initial, self._retry)
+        dispatcher = Dispatcher(self._invoker, self._threads.initial, self._retry, failure_hook=self._hook)
         dispatcher.limit_rates(settings.MAX_RATE, settings.KEY_RATE, settings.RATE_BURST)
         self._parts = ShareParts(client, dispatcher)  # type: ignore[assignment]  # shutdown closes what was built
         ledger.outputs = outputs = OutputProducer(
@@ -152,6 +152,7 @@ class ShareEngine(Engine):
             ledger.failure = DeadLetterPolicy(letters, OffsetTracker(), self._fail)
         elif settings.ON_FAILURE == "stop":
             ledger.failure = ShareStopPolicy(self._fail)
+        ledger.failure.hook = self._hook  # on_error hears each record's outcome, as in a consumer group
         faults.checked = True
         client.subscribe()
         self._subscribed_at = time.monotonic()
@@ -302,6 +303,8 @@ class ShareEngine(Engine):
         the rest, send, close. Always runs."""
         parts = self._parts
         if parts is None:
+            if self._hook is not None:
+                self._hook.close(FLUSH_TIMEOUT)  # nothing ran: nothing queued
             return
         client, dispatcher, ledger = parts.client, parts.dispatcher, self._share
         halted = self.phase is Phase.HALTED
@@ -348,6 +351,8 @@ class ShareEngine(Engine):
                 ledger.outputs.close()
             client.close()
             dispatcher.shutdown(wait=False)
+            if self._hook is not None:  # the last reports within the shutdown's time
+                self._hook.close(max(FLUSH_TIMEOUT, deadline - time.monotonic()))
 
     def stats(self) -> Stats:
         now = time.monotonic()

@@ -175,7 +175,7 @@ def assemble(settings: Settings, overrides: Mapping[str, Any], factories: Client
         if wiring.invoker.batches else new_scheduler(settings.ORDERING)
     # First: RUNNER="processes" starts its worker processes here, and a handler they cannot load is refused
     # before anything connects (the fetch-size probe included).
-    dispatcher = Dispatcher(wiring.invoker, wiring.threads, retry, scheduler=scheduler)
+    dispatcher = Dispatcher(wiring.invoker, wiring.threads, retry, scheduler=scheduler, failure_hook=ledger.hook)
     ledger.batching = wiring.invoker.batches
     dispatcher.limit_rates(settings.MAX_RATE, settings.KEY_RATE, settings.RATE_BURST)
     try:

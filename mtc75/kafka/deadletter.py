@@ -83,6 +83,7 @@ class DeadLetterProducer:
         self._republish: DelayQueue[Work] = DelayQueue()
         self._shrink: dict[int, int] = {}  # id(work) -> shrink step (0: as is, 1: value cut, 2: bare)
         self.pending = 0  # messages handed to publish(), neither confirmed nor given up
+        self._refused: list[Work] = []  # given up (a MessageFailed raised for each), until take_refused()
         self.delivered = 0
         self.truncated = 0  # records sent smaller than the original to fit the size limit
 
@@ -153,6 +154,11 @@ class DeadLetterProducer:
             self._producer.flush(min(0.1, remaining))
         return done
 
+    def take_refused(self) -> list[Work]:
+        """The messages whose dead letter Kafka refused for good since the last call (each raised MessageFailed)."""
+        refused, self._refused = self._refused, []
+        return refused
+
     def close(self) -> None:
         if self._producer is not None and self.pending:
             logger.warning("%d dead-letter records unconfirmed; their messages stay uncommitted", self.pending)
@@ -203,4 +209,5 @@ class DeadLetterProducer:
             self._republish.push(now + self._retry_delay, work)
             return
         self._shrink.pop(id(work), None)
+        self._refused.append(work)
         raise MessageFailed(f"cannot publish {where} to dead-letter topic {self.topic}: {err.str()}")

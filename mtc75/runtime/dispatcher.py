@@ -21,7 +21,8 @@ thread but keeping its place in the scheduler (an ordered scheduler keeps its ke
 attempt the Work goes to the completion queue marked failed -- at once for a
 :class:`~mtc75.errors.DeserializationError` that is not ``retriable`` (the same bytes fail the same way).
 A Work of an assignment being given up (:meth:`Dispatcher.retire`) is never retried nor put back: it
-comes back failed or dropped.
+comes back failed or dropped. With ``on_error`` a retry is reported (:mod:`mtc75.runtime.failurehook`: queued,
+never called here) under the lock, before the retry can run; the poll thread reports the outcomes.
 
 Rate limits (MAX_RATE, KEY_RATE: :mod:`mtc75.core.ratelimit`): a worker that takes a Work pays its tokens;
 when the bucket puts its start in the future the Work goes to the delay queue, due at that start and marked
@@ -55,6 +56,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from mtc75.core.batching import BatchScheduler
+from mtc75.core.failures import RETRY
 from mtc75.core.offsets import Partition, PartitionState
 from mtc75.core.ratelimit import NO_CAP, PAID_ALL, PAID_KEY, PAID_RATE, RateLimits, WaitTime, cause
 from mtc75.core.retry import DelayQueue, RetryPolicy
@@ -62,6 +64,7 @@ from mtc75.core.scheduler import FifoScheduler, Scheduler
 from mtc75.core.work import Work
 from mtc75.errors import DeserializationError
 from mtc75.runtime.async_runner import runner_for
+from mtc75.runtime.failurehook import FailureHook
 from mtc75.runtime.handlers import describe_error
 from mtc75.runtime.invoker import Invoker, Partial
 from mtc75.runtime.permits import Permits
@@ -92,6 +95,7 @@ class Dispatcher:
         scheduler: Scheduler | None = None,
         runner: RunnerFactory | None = None,
         clock: Callable[[], float] = time.monotonic,
+        failure_hook: FailureHook | None = None,
     ) -> None:
         self._clock = clock  # due times of the delay queue and the rate limits (tests: a fake)
         self._retry = retry if retry is not None else RetryPolicy(max_attempts=1, base=0.0, cap=0.0)
@@ -118,6 +122,7 @@ class Dispatcher:
         if self._batcher is not None:
             self._take = self._take_batch
         self.retried = 0  # retries scheduled (a message failing 3 times with 3 attempts counts 2)
+        self._hook = failure_hook  # on_error: told of each failure that will be retried (the ledger: the rest)
         # Notified when a worker gives its permit back, and when the backlog falls to _drain_mark.
         self._changed = threading.Condition(self._lock)
         self._drain_mark = -1  # backlog length a waiter wants to hear about (-1: nobody waits)
@@ -665,6 +670,9 @@ class Dispatcher:
         work.attempts += 1
         work.paid = 0  # a retry is another call: it pays its rate tokens again
         work.error = describe_error(error)
+        hook = self._hook
+        if hook is not None:  # kept for on_error's last report only: an exception holds its traceback's frames
+            work.exception = error
         what = _where(work)
         with self._lock:
             # ``closing`` is set under this lock (retire): a retry either lands in the delay queue before
@@ -674,6 +682,8 @@ class Dispatcher:
             delay = retry.next_delay(work, now) if live and _retriable(error) else None
             again = delay is not None
             if delay is not None:
+                if hook is not None:  # before the retry can run: a message's reports stay in order
+                    hook.report(work, RETRY)
                 # not released: an ordered scheduler keeps its key blocked meanwhile
                 self._delayed.push(now + delay, work)
                 self._delayed_messages += work.size
@@ -687,6 +697,8 @@ class Dispatcher:
             # ON_FAILURE alone and the others complete.
             logger.warning("handler failed for %s (attempt %d of %d): %s; each message is tried alone now", what,
                            work.attempts, retry.max_attempts, work.error, exc_info=_traceback(error))
+            if hook is not None:
+                hook.report(work, RETRY)
             self._split_batch(work, Partial(work.size, [(i, error) for i in range(work.size)]), fresh=True)
             return
         work.failed = True
@@ -724,8 +736,10 @@ class Dispatcher:
             piece = batch.part(index, index + 1)
             piece.outputs = None  # a failed call's records are never written
             pieces.append((piece, failed[index]))
-        for piece, _ in pieces:
+        for piece, error in pieces:
             piece.batch = batch
+            if fresh and self._hook is not None:
+                piece.exception = error  # failed with the batch: on_error hears of it if it never runs alone
         # Ordered modes: the batch's lanes allow one call at a time, so its pieces to run go one by one.
         ordered = self._batcher is not None and self._batcher.ordering != "unordered"
         with self._lock:
