@@ -152,8 +152,9 @@ def test_every_kind_with_every_option_handles_all_dead_letters_the_poison_alone_
     monkeypatch.setenv("MTC75_TEST_MATRIX_RECORD", str(record))  # before the worker processes start
     monkeypatch.setenv("MTC75_TEST_MATRIX_OUTPUT", OUT if outputs else "")
     handler = (matrix_handlers.batch if batches else matrix_handlers.one) if processes else handler_of(kind, calls)
+    told: list[mtc75.Failure] = []  # on_error, with every kind and option
     consumer = testing.consumer(
-        cluster.factories(), handler, topic=TOPIC, group_id=GROUP, metrics_registry=registry,
+        cluster.factories(), handler, topic=TOPIC, group_id=GROUP, metrics_registry=registry, on_error=told.append,
         **{"max_thread_count": 4, "pause_interval": 0.05, "commit_interval": 0.02, "retry_backoff": 0.0,
            "retry_backoff_max": 0.0, "on_failure": "dlq", "max_attempts": 2,
            "batch_size": BATCH if batches else 1, "batch_wait": 0.01,
@@ -180,6 +181,14 @@ def test_every_kind_with_every_option_handles_all_dead_letters_the_poison_alone_
     original = cluster.messages(TOPIC)[POISON[0] * PER_PARTITION + POISON[1]]
     assert dead.value() == original.value()  # the original bytes
     assert [cluster.committed(GROUP, TOPIC, p) for p in range(PARTITIONS)] == [PER_PARTITION] * PARTITIONS
+    finals = [(f.message.partition(), f.message.offset(), f.outcome) for f in told if f.final]
+    assert finals == [(*POISON, "dead_lettered")]  # one final report: the poison's
+    poison_retries = [f.attempt for f in told if (f.message.partition(), f.message.offset()) == POISON
+                      and f.outcome == "retry"]
+    attempts = int(expected_attempts)
+    # a batch's attempts first (the last one splits it: the poison runs alone, from attempt 1 again)
+    retries = [] if option == "json" else list(range(1, attempts))
+    assert poison_retries == (list(range(1, attempts + 1)) + retries if batches and option != "json" else retries)
     if outputs:  # one record per message the handler finished, each once (no crash here: exactly once either way)
         written = sorted(v if isinstance(v := m.value(), bytes) else v.encode() for m in cluster.messages(OUT))
         assert written == sorted(f"{p}:{o}".encode() for p, o in everything - {POISON})

@@ -50,6 +50,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from mtc75.core.failures import DEAD_LETTERED
 from mtc75.core.offsetmap import encode
 from mtc75.core.offsets import OffsetTracker, Partition, PartitionState
 from mtc75.core.work import Work
@@ -498,6 +499,8 @@ class TransactionalDeadLetters(FailurePolicy):
         if not self._checkpoint.dead_letter(work, self.topic):
             return False
         self.produced += 1
+        # Told when produced into the transaction: an abort runs the message again, and tells again.
+        self._tell(work, DEAD_LETTERED)
         return True
 
     @property
