@@ -8,6 +8,8 @@
 #               runner against threads on a CPU-bound handler, exactly-once against at-least-once, and one
 #               against two share-group members on one partition: one result file per section in
 #               bench/results/ (BENCHMARKS.md's tables: python -m bench.docs)
+# make docs   - the docs site (MkDocs: docs/, README.md, ARCHITECTURE.md, RELIABILITY.md, BENCHMARKS.md) into site/,
+#               strict: a broken link or reference fails it; `.venv/bin/mkdocs serve` to read it while editing
 # make faults - only the fault-injection suite; its figures -> tests/figures/faults.json (RELIABILITY.md)
 # make figures - make faults, then the end-to-end tests RELIABILITY.md quotes -> tests/figures/e2e.json
 # make registry - a local schema registry (Apicurio, Confluent-compatible API at :REGISTRY_PORT/apis/ccompat/v7)
@@ -26,7 +28,7 @@ REGISTRY_PORT ?= 8081
 BROKERS ?= 1
 export KAFKA_PORT
 
-.PHONY: all setup kafka registry-app registry demo test unit bench faults figures lint broker broker-stop broker-status clean
+.PHONY: all setup kafka registry-app registry demo test unit bench faults figures lint docs broker broker-stop broker-status clean
 
 all: setup
 
@@ -76,6 +78,10 @@ test: kafka registry-app lint
 unit: setup
 	$(PYTEST_ENV) $(PY) -m pytest -m "not kafka and not pypi and not slow" -n $(UNIT_WORKERS)
 
+# NO_MKDOCS_2_WARNING: mkdocs-material's banner about its successor, not about this site.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 # Bench peers: sentry-arroyo (PyPI) and Confluent Parallel Consumer (bench/parallel-consumer, Maven Central;
 # skipped with a note when mvn is missing).
 $(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.installed
@@ -123,4 +129,4 @@ broker-status: setup
 	$(PY) -m mtc75.tools.broker status --port $(KAFKA_PORT) --brokers $(BROKERS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site

@@ -75,7 +75,7 @@ class Consumer:
     is told every handler call's duration, on the thread that made it. :meth:`from_settings` takes a whole
     Settings instead of keywords.
     ``on_error(failure)`` is told of every failed attempt and of what became of each message that did not
-    succeed: an :class:`~mtc75.core.failures.Failure` with the fetched message, the exception, the attempt and
+    succeed: a :class:`~mtc75.core.failures.Failure` with the fetched message, the exception, the attempt and
     the ``outcome`` (``"retry"``, then a final ``"dead_lettered"``, ``"skipped"``, ``"stopped"`` or
     ``"abandoned"``). It runs on a thread of its own, one call at a time, in the order the failures happened:
     it never holds a worker or the poll loop; what it raises is logged and ignored.
