@@ -391,7 +391,7 @@ def config_values(namespace: Mapping[str, Any], path: Path) -> dict[str, Any]:
     values = {k: v for k, v in namespace.items() if k.isupper() and not k.startswith("_")}
     unknown = sorted(set(values) - set(SPECS))
     if unknown:
-        raise ConfigError(f"{path}: unknown setting {unknown[0]} (known: see README settings table)")
+        raise ConfigError(f"{path}: unknown setting {unknown[0]} (known: see --help, or docs/settings.md)")
     return values
 
 
