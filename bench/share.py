@@ -52,7 +52,7 @@ def produce_backlog(bootstrap: str, topic: str, count: int, batch_bytes: int) ->
 
     A share group hands out whole producer batches; librdkafka's default batch.size (1 MB) makes batches of
     thousands of these records, of which the first member to poll keeps up to its threads plus MAX_BACKLOG
-    (README "Share groups"). The default here is a Java producer's (16 KB).
+    (docs/share-groups.md). The default here is a Java producer's (16 KB).
     """
     create_topic({"bootstrap.servers": bootstrap}, topic, 1, 0)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "acks": "all", "batch.size": batch_bytes})

@@ -7,7 +7,7 @@
 
     stats = mtc75.Consumer(handle, topic="orders", group_id="billing", max_thread_count=8).run(idle_exit=5)
 
-See :class:`mtc75.Consumer` and the README's "Use it as a library". The command-line scripts of the
+See :class:`mtc75.Consumer` and docs/library.md ("Use it as a library"). The command-line scripts of the
 repository are built from the same engine; everything else in this package is internal.
 Which thread may call what: see :class:`mtc75.Consumer` (mtc75/api.py); importing is thread-agnostic.
 """

@@ -61,12 +61,12 @@ class Consumer:
 
     ``handler`` gets a ``confluent_kafka.Message`` -- with ``key_deserializer`` / ``value_deserializer`` (a
     callable, a ``confluent_kafka`` schema-registry deserializer, or ``"json"``, ``"str"``, ``"bytes"``) a
-    :class:`~mtc75.kafka.deserializers.DecodedMessage` whose ``key()`` / ``value()`` are decoded (README
-    "Deserializers"); an ``async def`` handler is awaited on one event-loop
-    thread instead, ``max_thread_count`` then bounding the coroutines in flight (README "Async handlers").
+    :class:`~mtc75.kafka.deserializers.DecodedMessage` whose ``key()`` / ``value()`` are decoded
+    (docs/deserializers.md); an ``async def`` handler is awaited on one event-loop
+    thread instead, ``max_thread_count`` then bounding the coroutines in flight (docs/async.md).
     Returning means done (its offset may be committed),
     raising means failed (retried per ``max_attempts``, then ``on_failure``: ``dlq``, ``skip`` or ``stop``).
-    Any other setting of the README's table is a lower-case keyword (``pause_interval=1.0``,
+    Any other setting of docs/settings.md is a lower-case keyword (``pause_interval=1.0``,
     ``on_failure="skip"``, ``ordering="key"``, ...); ``librdkafka`` adds consumer properties, applied
     last. Bad values raise :class:`~mtc75.errors.ConfigError` here, before anything connects. A
     consumer runs once.
@@ -357,7 +357,7 @@ class Consumer:
         if self._stop_requested:
             return None
         try:
-            kind = ShareEngine if self._settings.GROUP_TYPE == "share" else Engine  # README "Share groups"
+            kind = ShareEngine if self._settings.GROUP_TYPE == "share" else Engine  # docs/share-groups.md
             engine = kind(
                 self._settings, self._invoker, overrides=self._librdkafka, max_messages=max_messages,
                 idle_exit=idle_exit, on_status=self._snapshot,
@@ -479,7 +479,7 @@ def settings_from_keywords(keywords: Mapping[str, Any]) -> Settings:
     for keyword, raw in keywords.items():
         name = keyword.upper()
         if keyword != keyword.lower() or name not in SPECS:
-            raise ConfigError(f"unknown setting {keyword!r} (settings are lower-case names from the README table)")
+            raise ConfigError(f"unknown setting {keyword!r} (settings are the lower-case names of docs/settings.md)")
         if name not in CONSUMER_SETTINGS:
             raise ConfigError(f"{keyword!r} is not a consumer setting")
         values[name] = coerce(SPECS[name], raw, f"keyword {keyword}")

@@ -29,7 +29,7 @@ ENV_PREFIX = "MTC75_"
 # librdkafka logs through this logger instead of raw stderr; scripts show it only with -vv (-v: debug).
 LIBRDKAFKA_LOGGER = logging.getLogger("mtc75.librdkafka")
 OFFSET_RESETS = ("earliest", "latest", "error")
-GUARANTEES = ("at_least_once", "exactly_once")  # PROCESSING_GUARANTEE (README "Exactly once")
+GUARANTEES = ("at_least_once", "exactly_once")  # PROCESSING_GUARANTEE (docs/outputs.md)
 AUTO = "auto"  # MAX_THREAD_COUNT = "auto"
 FORMATS = ("bytes", "str", "json")  # KEY_FORMAT / VALUE_FORMAT: mtc75/kafka/deserializers.py BUILT_INS
 RUNNERS = ("threads", "processes")  # RUNNER: where a plain handler runs
@@ -461,7 +461,7 @@ def config_values(namespace: Mapping[str, Any], path: Path) -> dict[str, Any]:
     values = {k: v for k, v in namespace.items() if k.isupper() and not k.startswith("_")}
     unknown = sorted(set(values) - set(SPECS))
     if unknown:
-        raise ConfigError(f"{path}: unknown setting {unknown[0]} (known: see README settings table)")
+        raise ConfigError(f"{path}: unknown setting {unknown[0]} (known: see --help, or docs/settings.md)")
     return values
 
 

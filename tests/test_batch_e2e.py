@@ -340,14 +340,14 @@ def test_a_poison_message_in_a_batch_under_kill_9_loops_loses_nothing_and_only_i
         assert dups <= bound, f"crash {k + 1}: {dups} repeated > running batches + one commit interval ({bound})"
 
 
-def readme_batch_example() -> str:
-    text = (ROOT / "README.md").read_text()
+def batch_page_example() -> str:
+    text = (ROOT / "docs" / "batch.md").read_text()
     marker = "<!-- tests/test_batch_e2e.py runs the next block"
-    assert marker in text, "the README's batch example is gone"
+    assert marker in text, "the batch page's example is gone"
     return text.split(marker, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def test_the_readme_batch_example_bulk_inserts_and_dead_letters_what_is_not_json(
+def test_the_batch_page_example_bulk_inserts_and_dead_letters_what_is_not_json(
     bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
 ) -> None:
     topic, group = make_topic(3, "warehouse"), unique("warehouse")
@@ -358,11 +358,11 @@ def test_the_readme_batch_example_bulk_inserts_and_dead_letters_what_is_not_json
     for i in range(3):
         producer.produce(topic, key=f"bad{i}", value=b"not json %d" % i)
     assert producer.flush(30) == 0
-    code = readme_batch_example()
+    code = batch_page_example()
     database = tmp_path / "orders.db"
     for literal, value in (('"orders"', topic), ('"warehouse"', group), ('"127.0.0.1:9092"', bootstrap),
                            ('"orders.db"', str(database))):
-        assert literal in code  # the README still shows the values this test replaces
+        assert literal in code  # the page still shows the values this test replaces
         code = code.replace(literal, repr(value))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MTC75_", "KAFKA_"))}
     env.update(PYTHONPATH=str(ROOT))

@@ -109,3 +109,17 @@ def test_sphinx_roles_in_docstrings_become_code_linked_where_documented() -> Non
                    '</autoref> or call <autoref identifier="mtc75.Consumer.stop" optional><code>mtc75.Consumer.stop()'
                    '</code></autoref> (<autoref identifier="mtc75.testing" optional><code>mtc75.testing</code>'
                    "</autoref>)</p>")
+
+
+def test_the_readme_is_what_a_newcomer_needs_first_and_links_every_page() -> None:
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 150, "the README is the newcomer's page: the rest belongs in docs/"
+    headings = re.findall(r"^## (.+)$", text, re.M)
+    assert headings[:6] == ["Two commands", "How it works", "Install", "The three-terminal flow",
+                            "The library in 20 lines", "Documentation"]
+    library = text.split("## The library in 20 lines", 1)[1]
+    block = library.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(block.splitlines()) <= 20
+    linked = set(re.findall(r"\]\(docs/([a-z-]+\.md)", text))
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")}
+    assert pages <= linked, f"pages the README does not link: {sorted(pages - linked)}"

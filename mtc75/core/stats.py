@@ -50,7 +50,7 @@ class Throughput:
 
 @dataclass(frozen=True)
 class ShareCounts:
-    """A share-group run's acknowledgements (GROUP_TYPE="share"; README "Share groups"): running totals."""
+    """A share-group run's acknowledgements (GROUP_TYPE="share"; docs/share-groups.md): running totals."""
 
     acquired: int = 0  # records polled (each delivery counts once)
     accepted: int = 0  # acknowledged ACCEPT: handled, skipped, or dead-lettered and confirmed

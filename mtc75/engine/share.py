@@ -52,7 +52,7 @@ from mtc75.runtime.dispatcher import Dispatcher
 logger = logging.getLogger(__name__)
 
 # A new share member gets its first records 1-2 s after subscribing, the first share group on a broker some
-# seconds later (README "Share groups"): idle_exit counts from the first record, or from this long after the
+# seconds later (docs/share-groups.md): idle_exit counts from the first record, or from this long after the
 # subscription when none came.
 JOIN_WAIT = 10.0
 FLUSH_TIMEOUT = 5.0  # longest shutdown waits for the broker's answer to the last acknowledgements
@@ -269,7 +269,7 @@ class ShareEngine(Engine):
         return max(0.0, wait)
 
     def _ended(self, now: float) -> bool:
-        """``max_messages`` handled, or ``idle_exit`` seconds without a new record (README "Share groups")."""
+        """``max_messages`` handled, or ``idle_exit`` seconds without a new record (docs/share-groups.md)."""
         ledger = self._share
         if self._bounds.max_messages is not None and ledger.processed >= self._bounds.max_messages:
             logger.info("handled %d records (max_messages reached); stopping", ledger.processed)
