@@ -231,9 +231,11 @@ def base_parser(command: str, description: str, epilog: str, settings: Sequence[
     defaults = Settings()
     for name in settings:
         spec = SPECS[name]
+        # TOPIC: the flag may be repeated (each a name, comma-separated names, or a pattern)
+        many = {"action": "append"} if spec.kind is tuple else {}
         group.add_argument(
             flag_name(name), dest=name, metavar=name, default=None,
-            help=f"{spec.help} (default {getattr(defaults, name)!r}; env {ENV_PREFIX}{name})",
+            help=f"{spec.help} (default {getattr(defaults, name)!r}; env {ENV_PREFIX}{name})", **many,
         )
     default = f"${CONFIG_ENV}, else {front.config}" if front.config is not None else f"${CONFIG_ENV}, else none"
     parser.add_argument("--config", type=Path, default=None, metavar="PATH",

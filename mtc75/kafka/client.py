@@ -26,6 +26,8 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from mtc75.core.offsets import Partition
+from mtc75.core.subscription import Subscription
+from mtc75.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +120,12 @@ class ResetLog:
 class KafkaClient:
     """One librdkafka ``Consumer`` for the engine; ``consume`` and ``poll`` are the consumer's own methods."""
 
-    def __init__(self, consumer: Consumer, topic: str, *, cooperative: bool, log: ResetLog | None = None) -> None:
+    def __init__(self, consumer: Consumer, subscription: Subscription, *, cooperative: bool,
+                 log: ResetLog | None = None) -> None:
         self.consumer = consumer
         self.consume = consumer.consume  # the hot path: no wrapper call per fetch
         self.poll = consumer.poll
-        self._topic = topic
+        self._subscription = subscription
         self._cooperative = cooperative  # incremental (un)assign: cooperative assignors and KIP-848
         self.paused: set[Partition] = set()  # partitions *we* paused; librdkafka's flag is not trusted
         self.down_since: float | None = None  # when librdkafka reported every broker down
@@ -137,7 +140,15 @@ class KafkaClient:
 
     def subscribe(self, on_assign: Callable[..., None], on_revoke: Callable[..., None],
                   on_lost: Callable[..., None]) -> None:
-        self.consumer.subscribe([self._topic], on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost)
+        """Subscribe to TOPIC's names and patterns; ConfigError when librdkafka refuses them (a pattern it
+        cannot compile: its regular expressions are POSIX extended ones)."""
+        try:
+            self.consumer.subscribe(list(self._subscription.entries), on_assign=on_assign, on_revoke=on_revoke,
+                                    on_lost=on_lost)
+        except KafkaException as err:
+            raise ConfigError(f"invalid TOPIC={self._subscription.describe()!r}: librdkafka refused the subscription "
+                              f"({err.args[0].str()}; a pattern must be a POSIX extended regular expression)"
+                              ) from None
 
     def assign(self, partitions: list[TopicPartition]) -> None:
         if self._cooperative:
@@ -240,7 +251,7 @@ class KafkaClient:
         """The one-line reason for :class:`~mtc75.errors.OffsetOutOfRange`: where it stood, what the log holds.
         The error event's offset is None (or negative) when the group had no committed offset."""
         if topic is None or partition is None:
-            topic, partition = self._topic, -1
+            topic, partition = self._subscription.describe(), -1
         where = f"{topic}[{partition}]" if partition >= 0 else topic
         if offset is None or offset < 0 or partition < 0:
             what = f"{where}: the group has no committed offset"
@@ -365,14 +376,16 @@ class KafkaClient:
         self.down_since = None
 
     def probe(self, now: float) -> bool:
-        """While every broker is down, ask for the topic's metadata now and then; True once one answered."""
+        """While every broker is down, ask for metadata now and then (a named topic's, else the cluster's); True
+        once one answered."""
         if self.down_since is None:
             return True
         if now < self._next_probe:
             return False
         self._next_probe = now + PROBE_INTERVAL
         try:
-            self.consumer.list_topics(self._topic, timeout=PROBE_TIMEOUT)
+            names = self._subscription.names
+            self.consumer.list_topics(names[0] if names else None, timeout=PROBE_TIMEOUT)
         except KafkaException:
             return False
         logger.warning("Kafka reachable again after %.1fs", time.monotonic() - self.down_since)

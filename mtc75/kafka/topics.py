@@ -10,7 +10,8 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
-from mtc75.errors import BrokerUnreachable, Mtc75Error, TopicNotFound
+from mtc75.core.subscription import Subscription
+from mtc75.errors import BrokerUnreachable, KafkaUnavailable, Mtc75Error, TopicNotFound
 from mtc75.kafka.clients import new_client
 
 logger = logging.getLogger(__name__)
@@ -30,10 +31,37 @@ def fetch_metadata(client: Any, bootstrap: str, topic: str | None = None) -> Clu
 
 def require_topic(client: Any, bootstrap: str, topic: str) -> int:
     """The partition count of an existing topic; TopicNotFound when it is missing."""
-    info = fetch_metadata(client, bootstrap, topic).topics.get(topic)
-    if info is None or info.error is not None:
-        raise TopicNotFound(f"topic {topic!r} does not exist on {bootstrap}")
-    return len(info.partitions)
+    return require_topics(client, bootstrap, Subscription((topic,)))[topic]
+
+
+def require_topics(client: Any, bootstrap: str, subscription: Subscription) -> dict[str, int]:
+    """The partition count of each topic ``subscription`` names or matches now; TopicNotFound naming every
+    named topic that is missing. A pattern needs no topic to exist (one created later is consumed then).
+
+    Names only: one metadata request per name, as for one topic. With a pattern: the whole cluster's metadata,
+    once (librdkafka asks for the same to match patterns)."""
+    found: dict[str, int] = {}
+    if subscription.patterns:
+        topics = fetch_metadata(client, bootstrap).topics
+        for name, info in topics.items():
+            if info.error is None and info.partitions and subscription.matching(name) is not None:
+                found[name] = len(info.partitions)
+    else:
+        topics = {}
+        for name in subscription.names:
+            topics.update(fetch_metadata(client, bootstrap, name).topics)
+    missing = []
+    for name in subscription.names:
+        info = topics.get(name)
+        if info is None or info.error is not None:
+            missing.append(name)
+        else:
+            found[name] = len(info.partitions)
+    if missing:
+        listed = ", ".join(repr(name) for name in missing)
+        raise TopicNotFound(f"topic {listed} does not exist on {bootstrap}" if len(missing) == 1
+                            else f"topics {listed} do not exist on {bootstrap}")
+    return found
 
 
 AUTO_REPLICATION = 0  # REPLICATION_FACTOR meaning "as many replicas as brokers, at most 3"
@@ -56,7 +84,8 @@ def create_topic(
 
     ``replication_factor`` 0 (AUTO_REPLICATION) takes :func:`auto_replication` of the brokers the
     cluster lists; -1 leaves it to the broker's ``default.replication.factor``.
-    ``admin_factory`` builds the admin client (tests pass an in-memory fake).
+    ``admin_factory`` builds the admin client (tests pass an in-memory fake). Errors: KafkaUnavailable when
+    trying again may help (no broker, a retriable refusal, metadata slow to show it), Mtc75Error otherwise.
     """
     admin = new_client(admin_factory, conf, "librdkafka admin")
     bootstrap = str(conf.get("bootstrap.servers"))
@@ -73,7 +102,8 @@ def create_topic(
     except KafkaException as err:
         kerr: KafkaError = err.args[0]
         if kerr.code() != KafkaError.TOPIC_ALREADY_EXISTS:
-            raise Mtc75Error(f"cannot create topic {topic!r}: {kerr.str()}") from None
+            kind = KafkaUnavailable if kerr.retriable() else Mtc75Error
+            raise kind(f"cannot create topic {topic!r}: {kerr.str()}") from None
         created = False
     deadline = time.monotonic() + timeout
     while True:
@@ -87,7 +117,8 @@ def create_topic(
                                    partitions)
                 return False
         if time.monotonic() >= deadline:
-            raise Mtc75Error(f"topic {topic!r} was created but did not appear in metadata within {timeout:.0f}s")
+            raise KafkaUnavailable(f"topic {topic!r} was created but did not appear in metadata within "
+                                   f"{timeout:.0f}s")
         time.sleep(0.05)  # metadata propagation on the broker: short, bounded by the deadline
 
 
