@@ -23,7 +23,15 @@ from mtc75.core.fetchsize import FETCH_SIZE_MODES, NAMED, SMALL, FetchSizes
 from mtc75.core.offsetmap import default_window
 from mtc75.core.ordering import ORDERINGS
 from mtc75.core.retry import FAILURE_MODES
-from mtc75.core.subscription import DEAD_LETTER_EXCLUSION, DEAD_LETTER_SUFFIX, Subscription, as_setting, parse_topics
+from mtc75.core.subscription import (
+    DEAD_LETTER_EXCLUSION,
+    DEAD_LETTER_SUFFIX,
+    INTERNAL_EXCLUSION,
+    INTERNAL_PREFIX,
+    Subscription,
+    as_setting,
+    parse_topics,
+)
 from mtc75.errors import ConfigError
 
 ENV_PREFIX = "MTC75_"
@@ -279,12 +287,17 @@ class Settings:
         conf.update(self.CONSUMER_CONFIG)
         conf.update(overrides)
         subscription = self.subscription
-        # A pattern would also match the dead-letter topics (^orders.* matches orders.dlq), and with dlq a message
-        # failing there again goes to orders.dlq.dlq, which matches too: leave them out of what patterns see,
-        # unless the user set topic.blacklist (theirs wins) or names a dead-letter topic (it would hide it).
-        if (self.ON_FAILURE == "dlq" and subscription.patterns and "topic.blacklist" not in conf
-                and not any(name.endswith(DEAD_LETTER_SUFFIX) for name in subscription.names)):
-            conf["topic.blacklist"] = DEAD_LETTER_EXCLUSION
+        if subscription.patterns and "topic.blacklist" not in conf:  # the user's topic.blacklist wins
+            # A pattern would also match the dead-letter topics (^orders.* matches orders.dlq), and with dlq a
+            # message failing there again goes to orders.dlq.dlq, which matches too; and Kafka's internal topics.
+            # Left out of what patterns see -- unless a name of the subscription is one (it would hide it).
+            names = subscription.names
+            hidden = [exclusion for exclusion, wanted in (
+                (DEAD_LETTER_EXCLUSION, self.ON_FAILURE == "dlq" and not any(n.endswith(DEAD_LETTER_SUFFIX)
+                                                                            for n in names)),
+                (INTERNAL_EXCLUSION, not any(n.startswith(INTERNAL_PREFIX) for n in names))) if wanted]
+            if hidden:
+                conf["topic.blacklist"] = ",".join(hidden)
         for key in ("enable.auto.commit", "enable.auto.offset.store"):
             if str(conf[key]).lower() not in ("false", "0"):
                 raise ConfigError(f"{key}={conf[key]} is not supported: MTC75 commits only completed work")

@@ -94,13 +94,14 @@ def test_dead_letter_topics_are_hidden_from_patterns_only_where_they_could_loop(
     def blacklist(**changes: Any) -> Any:
         return Settings().replace(**changes).consumer_config().get("topic.blacklist")
 
-    assert blacklist(TOPIC="^orders.*", ON_FAILURE="dlq") == r"\.dlq$"
+    assert blacklist(TOPIC="^orders.*", ON_FAILURE="dlq") == r"\.dlq$,^__"
     assert blacklist(TOPIC="orders,payments", ON_FAILURE="dlq") is None  # names only: nothing to hide
-    assert blacklist(TOPIC="^orders.*", ON_FAILURE="skip") is None  # no dead letters written: no loop
+    assert blacklist(TOPIC="^orders.*", ON_FAILURE="skip") == "^__"  # no dead letters written: no loop
     assert blacklist(TOPIC="^orders.*", CONSUMER_CONFIG={"topic.blacklist": "^x$"}) == "^x$"  # the user's wins
-    assert blacklist(TOPIC="orders.dlq,^orders.*") is None  # it would hide a named topic
-    seen = Subscription.of("^orders.*", r"\.dlq$")
-    assert seen.select(["orders", "orders.dlq", "orders-eu", "other"]) == ["orders", "orders-eu"]
+    assert blacklist(TOPIC="orders.dlq,^orders.*") == "^__"  # it would hide a named topic
+    assert blacklist(TOPIC="__consumer_offsets,^orders.*", ON_FAILURE="skip") is None
+    seen = Subscription.of("^.*orders.*", r"\.dlq$,^__")
+    assert seen.select(["orders", "orders.dlq", "orders-eu", "other", "__orders"]) == ["orders", "orders-eu"]
     assert Subscription.of("orders.dlq,^x", r"\.dlq$").covers("orders.dlq")  # named: never hidden
 
 

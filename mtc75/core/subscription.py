@@ -15,7 +15,8 @@ refuse them at subscribe time or never match; Python's ``re`` checks the rest an
 Dead-letter topics (``<topic>.dlq``) would match many patterns (``^orders.*`` matches ``orders.dlq``): with
 ON_FAILURE=dlq a message that fails again there goes to ``orders.dlq.dlq``, which matches too, and so on.
 :data:`DEAD_LETTER_EXCLUSION` is the ``topic.blacklist`` entry that leaves them out of what a pattern sees
-(:meth:`mtc75.settings.Settings.consumer_config`).
+(:meth:`mtc75.settings.Settings.consumer_config`). Likewise :data:`INTERNAL_EXCLUSION`: librdkafka's patterns
+match Kafka's internal topics (``^.*`` matched ``__consumer_offsets`` here), which no handler means to read.
 
 Threads: values only (frozen); any thread.
 """
@@ -30,6 +31,8 @@ PATTERN_PREFIX = "^"  # librdkafka's rule: an entry starting with ^ is a regular
 DEAD_LETTER_SUFFIX = ".dlq"  # <topic>.dlq: where ON_FAILURE=dlq sends a failed message of <topic>
 # topic.blacklist entry (librdkafka: regular expressions, comma-separated) that hides dead-letter topics.
 DEAD_LETTER_EXCLUSION = r"\.dlq$"
+INTERNAL_PREFIX = "__"  # Kafka's own topics: __consumer_offsets, __transaction_state, ...
+INTERNAL_EXCLUSION = "^__"
 MAX_NAME = 249  # Kafka's longest topic name
 LEGAL_NAME = re.compile(r"[A-Za-z0-9._-]+")  # Kafka's topic-name characters
 # Python-only syntax librdkafka's POSIX regular expressions do not have (they would be refused at subscribe
