@@ -174,6 +174,7 @@ def test_a_recreated_topic_among_two_is_read_again_and_the_other_is_committed_in
     until(lambda: ends(cluster, PAYMENTS) == [6, 6] and ends(cluster, ORDERS) == [6, 6, 6], "both at their ends")
     run.stop()
     assert "payments was deleted and re-created" in caplog.text and "orders was deleted" not in caplog.text
+    assert {n for (t, _, _), n in handler.calls.items() if t == ORDERS} == {1}  # orders was not read again
     # nothing of the old payments was committed on the new one: its commits only ever went up to the new end
     assert all(o <= 6 for c in cluster.commits[before:] for (t, _), o in c.offsets.items() if t == PAYMENTS)
 
@@ -182,21 +183,27 @@ def test_a_recreated_topic_among_two_is_read_again_and_the_other_is_committed_in
 
 
 def test_a_deleted_named_topic_among_two_ends_the_run_after_the_grace_and_the_other_goes_on_meanwhile(
-    cluster: FakeKafka, start: Callable[..., Run], monkeypatch: pytest.MonkeyPatch,
+    cluster: FakeKafka, start: Callable[..., Run], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setattr(topicguard_module, "TOPIC_GONE_GRACE", 1.0)
     cluster.revoke_deleted_names = True  # as librdkafka: its partitions are taken away
     fill(cluster, ORDERS, 2)
     fill(cluster, PAYMENTS, 2)
-    handler = Handled(fail=lambda w: False)
+    release = threading.Event()
+    handler = Handled(fail=lambda w: w == (ORDERS, 0, 4) and not release.wait(WAIT))  # blocks until released
     run = start(handler)
     until(lambda: ends(cluster, PAYMENTS) == [2, 2] and ends(cluster, ORDERS) == [2, 2, 2], "both committed")
-    cluster.delete_topic(PAYMENTS)
-    until(lambda: run.stats().assigned == 3, "payments revoked")
-    fill(cluster, ORDERS, 3, start=2)  # during the grace: orders goes on, handled and committed
-    until(lambda: ends(cluster, ORDERS) == [5, 5, 5], "orders committed during the grace")
+    with caplog.at_level(logging.INFO):
+        cluster.delete_topic(PAYMENTS)
+        until(lambda: run.stats().assigned == 3, "payments revoked")
+        fill(cluster, ORDERS, 3, start=2)  # during the grace: orders goes on, handled and committed
+        # (p0's run of 2..4 is one chunk, completed as one: its commit waits for the blocked handler)
+        until(lambda: ends(cluster, ORDERS)[1:] == [5, 5], "orders committed during the grace")
+        until(lambda: "shutdown: waiting up to" in caplog.text, "the grace over, the blocked handler waited for")
+    release.set()
     with pytest.raises(TopicGone, match=r"topic 'payments' was deleted while consuming and not re-created within"):
         run.join()
+    assert ends(cluster, ORDERS) == [5, 5, 5]  # a stop, not a halt: the handler that was running is committed
 
 
 # -- patterns ------------------------------------------------------------------------------------------------

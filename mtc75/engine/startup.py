@@ -174,7 +174,7 @@ def assemble(settings: Settings, overrides: Mapping[str, Any], factories: Client
     say_subscription(subscription, found, conf)
     watch = checkpoint.watch = open_watch(settings, conf, factories, list(subscription.names))
     where = str(conf.get("auto.offset.reset", "earliest")).lower()
-    topic_guard = TopicGuard(watch, subscription, assignments.reset, where, wiring.halt)
+    topic_guard = TopicGuard(watch, subscription, assignments.reset, where, wiring.halt, wiring.fail)
     guard.to, faults.guarded = topic_guard.changed, topic_guard.decides
     if settings.ON_FAILURE == "dlq":
         letters = open_dead_letters(settings, conf, factories, found, faults.on_error)

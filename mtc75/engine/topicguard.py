@@ -4,9 +4,11 @@ Each topic on its own -- one deleted or re-created topic changes nothing for the
 consumed and committed:
 
 - Gone (deleted): nothing of it is committed (the checkpoint sends nothing unconfirmed); one warning. A topic
-  TOPIC *names* is expected to exist: not back within TOPIC_GONE_GRACE, the run halts with TopicGone (exit 3),
-  as with one topic. A topic only a *pattern* matched just stops matching: not an error; librdkafka takes its
-  partitions away at its next metadata refresh, and the watch forgets it then.
+  TOPIC *names* is expected to exist: not back within TOPIC_GONE_GRACE, the run ends with TopicGone (exit 3),
+  as with one topic -- a stop, not a halt: running handlers get SHUTDOWN_TIMEOUT and the other topics' finished
+  work is committed (the gone topic's never is: its checks say GONE). A topic only a *pattern* matched just
+  stops matching: not an error; librdkafka takes its partitions away at its next metadata refresh, and the
+  watch forgets it then.
 - Re-created (the same name, a new id): every Work of the old incarnation of that topic is dropped and the new
   one is read from AUTO_OFFSET_RESET, with a warning -- nothing fetched from the old one is ever committed
   (:meth:`mtc75.engine.assignments.Assignments.reset`).
@@ -34,12 +36,13 @@ class TopicGuard:
     """Acts on the answers of the topic-id checks, topic by topic (see the module notes)."""
 
     def __init__(self, watch: TopicWatch, subscription: Subscription, reset: Callable[[str, str], bool], where: str,
-                 halt: Callable[[Mtc75Error], None]) -> None:
+                 halt: Callable[[Mtc75Error], None], fail: Callable[[Mtc75Error], None]) -> None:
         self._watch = watch
         self._subscription = subscription
         self._reset = reset  # the assignments' reset(where, topic): False when ``where`` names no position
         self._where = where  # auto.offset.reset: where a re-created topic is read from
-        self._halt = halt
+        self._halt = halt  # stop at once, commit nothing: a re-created topic with nowhere to start
+        self._fail = fail  # end the run, committing what is safe: a named topic gone for good
         self._gone_reported: set[str] = set()
 
     def decides(self, topic: str | None) -> bool:
@@ -78,6 +81,6 @@ class TopicGuard:
                                "committed", topic, self._subscription.matching(topic) or "the subscription")
         known = self._watch.known(topic)
         if named and known is not None and known.gone_since is not None and now - known.gone_since >= TOPIC_GONE_GRACE:
-            self._halt(TopicGone(
+            self._fail(TopicGone(
                 f"topic {topic!r} was deleted while consuming and not re-created within {TOPIC_GONE_GRACE:.0f}s"
             ))
