@@ -130,6 +130,8 @@ def test_two_topics_are_committed_to_their_ends_and_each_dead_letter_goes_to_its
         [(original, _offset)] = _dead_letters(bootstrap, topic)  # one record, on this topic's own DLQ
         assert original == topic.encode()
     assert {t for t, _ in stats.lag} == {first, second}
+    report_figures("topics_two_topics", messages=70, topics=2, lost=70 - len(handler.done) - stats.dead_lettered,
+                   dead_lettered=stats.dead_lettered)
 
 
 def test_a_pattern_picks_up_a_topic_created_after_the_start_within_a_bounded_time(
@@ -157,8 +159,8 @@ def test_a_pattern_picks_up_a_topic_created_after_the_start_within_a_bounded_tim
         stats = run.stop()
     assert _dead_letters(bootstrap, later) == [(later.encode(), b"%d" % _offset_of(bootstrap, later))]
     assert stats.dead_lettered == 2  # one per topic, each on its own DLQ (the later one made before its first)
-    report_figures("topics_pattern_new_topic", refresh_interval_s=10, created_to_all_handled_s=round(picked_up_s, 1),
-                   messages=20)
+    report_figures("topics_pattern_new_topic", created_to_all_handled_s=round(picked_up_s, 1), messages=20,
+                   lost=20 - len(handler.of(later)) - len(_dead_letters(bootstrap, later)))
 
 
 def _offset_of(bootstrap: str, topic: str) -> int:
@@ -217,6 +219,7 @@ def test_a_topic_a_pattern_matched_deleted_is_not_an_error_and_the_other_goes_on
         _delete(bootstrap, gone)
         deleted_at = time.monotonic()
         wait_until(lambda: run.consumer.stats().assigned == 2, 40, step=0.2, what="the deleted topic let go")
+        let_go_s = time.monotonic() - deleted_at
         producer = Producer({"bootstrap.servers": bootstrap})
         for i in range(200, 220):
             producer.produce(kept, value=json.dumps({"id": i}).encode())
@@ -228,3 +231,5 @@ def test_a_topic_a_pattern_matched_deleted_is_not_an_error_and_the_other_goes_on
     finally:
         stats = run.stop()  # returns: no error
     assert stats.processed >= 38
+    report_figures("topics_pattern_deleted", let_go_s=round(let_go_s, 1), other_messages=20,
+                   error=run.error is not None)
