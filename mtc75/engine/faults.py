@@ -39,8 +39,10 @@ class Faults:
         self._fail = fail  # the engine's "end the run with this error, committing what is safe"
         self.client: KafkaClient | None = None  # set once built
         self.checked = False  # the start-up check passed: before it, errors are its to report, in one line
-        # topic -> the topic guard decides about it missing (mtc75.engine.topicguard.TopicGuard.decides)
+        # topic -> the topic guard decides about it missing (mtc75.engine.topicguard.TopicGuard.decides), and
+        # whether that is expected, nothing to warn about (TopicGuard.expected)
         self.guarded: Callable[[str | None], bool] = lambda topic: False
+        self.expected: Callable[[str | None], bool] = lambda topic: False
 
     def is_fatal(self, err: KafkaError) -> bool:
         """A fatal error halts the consumer; True if this was one."""
@@ -77,7 +79,10 @@ class Faults:
             return
         if kind is ErrorKind.TOPIC_MISSING and self.guarded(msg.topic()):
             # Deleted, maybe being re-created: the topic guard decides (grace, then exit 3, a reset, or nothing).
-            client.warn_rarely(err, f"consumer error: {err.str()}")
+            if self.expected(msg.topic()):
+                logger.debug("Kafka: %s", err.str())
+            else:
+                client.warn_rarely(err, f"consumer error: {err.str()}")
             return
         if kind in (ErrorKind.TOPIC_MISSING, ErrorKind.REFUSED):
             raise KafkaUnavailable(f"consumer error: {err.str()}")

@@ -175,7 +175,7 @@ def assemble(settings: Settings, overrides: Mapping[str, Any], factories: Client
     watch = checkpoint.watch = open_watch(settings, conf, factories, list(subscription.names))
     where = str(conf.get("auto.offset.reset", "earliest")).lower()
     topic_guard = TopicGuard(watch, subscription, assignments.reset, where, wiring.halt, wiring.fail)
-    guard.to, faults.guarded = topic_guard.changed, topic_guard.decides
+    guard.to, faults.guarded, faults.expected = topic_guard.changed, topic_guard.decides, topic_guard.expected
     if settings.ON_FAILURE == "dlq":
         letters = open_dead_letters(settings, conf, factories, found, faults.on_error)
         ledger.failure = DeadLetterPolicy(letters, ledger.tracker, wiring.fail)

@@ -52,6 +52,12 @@ class TopicGuard:
             return self._watch.enabled or bool(self._subscription.patterns)
         return self._watch.gates(topic) or not self._subscription.named(topic)
 
+    def expected(self, topic: str | None) -> bool:
+        """A "topic missing" report of ``topic`` needs no warning of its own: a pattern that matches nothing
+        yet (librdkafka reports the pattern itself; start-up said so), or a topic only a pattern matched
+        (gone: this guard says so, once)."""
+        return topic is not None and not self._subscription.named(topic)
+
     def changed(self, topic: str, change: Change, now: float) -> None:
         named = self._subscription.named(topic)
         if change is Change.SAME and topic in self._gone_reported:
