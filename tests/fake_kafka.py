@@ -158,6 +158,7 @@ class FakeKafka:
         self.violations: list[str] = []  # broken promises of the engine (e.g. a call from a second thread)
         self.unreachable = False  # list_topics / metadata fail with _TRANSPORT while set
         self.revoke_deleted_names = False  # a deleted named topic's partitions are revoked at the next refresh
+        self.create_errors: deque[KafkaError] = deque()  # the next create_topics requests fail with these
         # Longest a consume / poll with nothing to deliver blocks, whatever timeout it was given (None: the
         # whole timeout, as librdkafka). An empty poll that returns early only turns the engine's loop sooner,
         # which it must take in its stride; a scenario then steps on without waiting out the engine's
@@ -802,7 +803,10 @@ class FakeAdmin:
             future: Future[None] = Future()
             with self._cluster._lock:
                 exists = new.topic in self._cluster._logs
-            if exists:
+                error = self._cluster.create_errors.popleft() if self._cluster.create_errors else None
+            if error is not None:
+                future.set_exception(KafkaException(error))
+            elif exists:
                 future.set_exception(KafkaException(KafkaError(KafkaError.TOPIC_ALREADY_EXISTS)))
             else:
                 self._cluster.create_topic(new.topic, new.num_partitions)

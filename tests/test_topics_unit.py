@@ -22,7 +22,7 @@ from confluent_kafka import KafkaError
 from mtc75 import testing
 from mtc75.core.subscription import Subscription
 from mtc75.engine import topicguard as topicguard_module
-from mtc75.errors import ConfigError, TopicGone, TopicNotFound
+from mtc75.errors import ConfigError, MessageFailed, TopicGone, TopicNotFound
 from mtc75.kafka.client import KafkaClient
 from mtc75.kafka.deadletter import H_OFFSET, H_TOPIC
 from tests.fake_kafka import FakeKafka
@@ -234,6 +234,29 @@ def test_a_pattern_picks_up_a_new_topic_makes_its_dlq_then_and_a_deleted_match_i
     assert stats.dead_lettered == 1
     assert {t for t, _, _ in handler.calls} == {"shop-a", "shop-b"}  # shop-b.dlq matches too: left out
     assert not [t for t in cluster.created_topics if t.endswith(".dlq.dlq")]
+
+
+@pytest.mark.parametrize("refusal", ["no answer", "not authorized"])
+def test_a_dead_letter_topic_that_cannot_be_made_yet_is_tried_again_and_one_refused_stops_the_run(
+    cluster: FakeKafka, start: Callable[..., Run], refusal: str,
+) -> None:
+    handler = Handled(fail=lambda w: w == ("shop-b", 0, 1))
+    run = start(handler, TOPIC="^shop-.*", ON_FAILURE="dlq", RETRY_BACKOFF_MAX=0.02)
+    until(lambda: run.stats().elapsed_seconds > 0, "the start")
+    code = KafkaError.REQUEST_TIMED_OUT if refusal == "no answer" else KafkaError.TOPIC_AUTHORIZATION_FAILED
+    cluster.create_errors.extend([KafkaError(code, "fake refusal")] * 3)
+    cluster.create_topic("shop-b", 2)
+    fill(cluster, "shop-b", 3)
+    if refusal == "no answer":  # tried again with the message's next publish, until it lands
+        until(lambda: len(cluster.messages("shop-b.dlq")) == 1 and ends(cluster, "shop-b") == [3, 3],
+              "the dead letter once its topic could be made")
+        assert not cluster.create_errors  # three refusals, then made
+        assert run.stop().dead_lettered == 1
+    else:
+        with pytest.raises(MessageFailed, match=r"cannot dead-letter a message of shop-b: cannot create topic "
+                                                r"'shop-b.dlq'"):
+            run.join()
+        assert ends(cluster, "shop-b")[0] == 1  # committed below the message that could not be dead-lettered
 
 
 def test_a_pattern_that_matches_nothing_yet_is_no_error_and_consumes_what_comes(

@@ -35,7 +35,7 @@ from mtc75.core.subscription import DEAD_LETTER_SUFFIX, dead_letter_topic
 from mtc75.core.work import Work
 from mtc75.errors import KafkaUnavailable, MessageFailed, Mtc75Error
 from mtc75.kafka.clients import REAL_FACTORIES, ClientFactories, new_client
-from mtc75.kafka.topics import create_topic, fetch_metadata
+from mtc75.kafka.topics import METADATA_TIMEOUT, create_topic, fetch_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +94,14 @@ class DeadLetterTopics:
         topic = dlq_topic(source)
         if topic in self.ready:
             return True
+        deadline = time.monotonic() + ENSURE_TIMEOUT
         try:
             admin = new_client(self._factories.admin, self._admin_conf, "librdkafka admin")
-            info = fetch_metadata(admin, self._bootstrap, source).topics.get(source)
+            info = fetch_metadata(admin, self._bootstrap, source, timeout=ENSURE_TIMEOUT / 4).topics.get(source)
             # the source's partition count; a source gone meanwhile: as many as the message shows
             count = len(info.partitions) if info is not None and info.error is None and info.partitions else \
                 partition + 1
-            self._make(admin, topic, count, ENSURE_TIMEOUT)
+            self._make(admin, topic, count, max(0.1, deadline - time.monotonic()))
         except KafkaUnavailable as err:  # no answer, or a refusal that may pass
             logger.warning("dead-letter topic %s not created yet (%s): trying again", topic, err)
             return False
@@ -109,10 +110,13 @@ class DeadLetterTopics:
         return True
 
     def _make(self, admin: Any, topic: str, partitions: int, timeout: float = 30.0) -> None:
-        info = fetch_metadata(admin, self._bootstrap, topic).topics.get(topic)
+        """``topic`` exists once this returns (in at most about ``timeout`` seconds); raises why not."""
+        deadline = time.monotonic() + timeout
+        info = fetch_metadata(admin, self._bootstrap, topic, timeout=min(METADATA_TIMEOUT, timeout / 3)
+                              ).topics.get(topic)
         exists = info is not None and info.error is None and info.partitions
-        if not exists and create_topic(self._admin_conf, topic, partitions, self._replication, timeout,
-                                       admin_factory=self._factories.admin):
+        if not exists and create_topic(self._admin_conf, topic, partitions, self._replication,
+                                       max(0.1, deadline - time.monotonic()), admin_factory=self._factories.admin):
             logger.info("created dead-letter topic %s (%d partitions)", topic, partitions)
         self.ready.add(topic)
 

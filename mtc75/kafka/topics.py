@@ -19,13 +19,14 @@ logger = logging.getLogger(__name__)
 METADATA_TIMEOUT = 10.0
 
 
-def fetch_metadata(client: Any, bootstrap: str, topic: str | None = None) -> ClusterMetadata:
+def fetch_metadata(client: Any, bootstrap: str, topic: str | None = None,
+                   timeout: float = METADATA_TIMEOUT) -> ClusterMetadata:
     """Cluster metadata, or one BrokerUnreachable line (the scripts add how to start a broker)."""
     try:
-        return client.list_topics(topic, timeout=METADATA_TIMEOUT)
+        return client.list_topics(topic, timeout=timeout)
     except KafkaException as err:
         raise BrokerUnreachable(
-            f"cannot reach Kafka at {bootstrap} within {METADATA_TIMEOUT:.0f}s ({err.args[0].str()})"
+            f"cannot reach Kafka at {bootstrap} within {timeout:.0f}s ({err.args[0].str()})"
         ) from None
 
 
@@ -64,6 +65,13 @@ def require_topics(client: Any, bootstrap: str, subscription: Subscription) -> d
     return found
 
 
+# A CreateTopics answer that says nothing about the topic, only that the cluster did not answer in time or
+# was moving (the errors of admin results never carry librdkafka's retriable flag): trying again may help.
+CREATE_TRANSIENT = (
+    KafkaError._TIMED_OUT, KafkaError.REQUEST_TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
+    KafkaError.NOT_CONTROLLER, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.BROKER_NOT_AVAILABLE,
+    KafkaError.NETWORK_EXCEPTION,
+)
 AUTO_REPLICATION = 0  # REPLICATION_FACTOR meaning "as many replicas as brokers, at most 3"
 MAX_AUTO_REPLICATION = 3
 
@@ -84,30 +92,37 @@ def create_topic(
 
     ``replication_factor`` 0 (AUTO_REPLICATION) takes :func:`auto_replication` of the brokers the
     cluster lists; -1 leaves it to the broker's ``default.replication.factor``.
-    ``admin_factory`` builds the admin client (tests pass an in-memory fake). Errors: KafkaUnavailable when
-    trying again may help (no broker, a retriable refusal, metadata slow to show it), Mtc75Error otherwise.
+    ``admin_factory`` builds the admin client (tests pass an in-memory fake). Everything together takes at
+    most ``timeout`` seconds. Errors: KafkaUnavailable when trying again may help (no broker, no answer, a
+    retriable refusal, metadata slow to show it), Mtc75Error otherwise.
     """
+    deadline = time.monotonic() + timeout
+
+    def left(cap: float = timeout) -> float:
+        return max(0.01, min(cap, deadline - time.monotonic()))
+
     admin = new_client(admin_factory, conf, "librdkafka admin")
     bootstrap = str(conf.get("bootstrap.servers"))
-    cluster = fetch_metadata(admin, bootstrap)
+    cluster = fetch_metadata(admin, bootstrap, timeout=left(METADATA_TIMEOUT))
     if replication_factor == AUTO_REPLICATION:
         replication_factor = auto_replication(len(cluster.brokers))
     future = admin.create_topics(
         [NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor)],
-        operation_timeout=timeout, request_timeout=timeout,
+        operation_timeout=left(), request_timeout=left(),
     )[topic]
     try:
-        future.result(timeout=timeout)
+        future.result(timeout=left())
         created = True
+    except TimeoutError:
+        raise KafkaUnavailable(f"cannot create topic {topic!r}: no answer within {timeout:.0f}s") from None
     except KafkaException as err:
         kerr: KafkaError = err.args[0]
         if kerr.code() != KafkaError.TOPIC_ALREADY_EXISTS:
-            kind = KafkaUnavailable if kerr.retriable() else Mtc75Error
+            kind = KafkaUnavailable if kerr.retriable() or kerr.code() in CREATE_TRANSIENT else Mtc75Error
             raise kind(f"cannot create topic {topic!r}: {kerr.str()}") from None
         created = False
-    deadline = time.monotonic() + timeout
     while True:
-        info = fetch_metadata(admin, bootstrap, topic).topics.get(topic)
+        info = fetch_metadata(admin, bootstrap, topic, timeout=left(METADATA_TIMEOUT)).topics.get(topic)
         if info is not None and info.error is None and info.partitions:
             if created and len(info.partitions) == partitions:
                 return True
