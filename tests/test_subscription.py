@@ -105,6 +105,15 @@ def test_dead_letter_topics_are_hidden_from_patterns_only_where_they_could_loop(
     assert Subscription.of("orders.dlq,^x", r"\.dlq$").covers("orders.dlq")  # named: never hidden
 
 
+def test_posix_classes_match_as_librdkafka_matches_them() -> None:
+    """librdkafka's POSIX regular expressions have [[:digit:]]; Python's re would read it as a set of characters
+    (and warn): the logs and the fetch probe must see what librdkafka subscribes to."""
+    digits = Subscription.of("^w-[[:digit:]]+$")
+    assert digits.select(["w-12", "w-1a", "w-:"]) == ["w-12"]
+    assert Subscription.of("^w-[[:alnum:]_]+$").select(["w-ab_9", "w-a.b"]) == ["w-ab_9"]
+    assert Subscription.of("^w-\\w+$").select(["w-ab_9"]) == ["w-ab_9"]  # GNU \w: librdkafka has it too
+
+
 # -- the start-up check -----------------------------------------------------------------------------------------
 
 

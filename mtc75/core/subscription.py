@@ -10,7 +10,8 @@ an entry starting with ``^`` is a pattern that runs to the end of the string (a 
 ``^a{1,3}``), so in a string patterns come last. librdkafka matches with POSIX extended regular expressions:
 ``\\d`` and ``(?...)`` (lookahead, flags, non-capturing groups) are refused here, since librdkafka would
 refuse them at subscribe time or never match; Python's ``re`` checks the rest and matches for the logs
-(the two agree on the POSIX subset).
+and the fetch probe (the two agree on the POSIX subset; POSIX classes such as ``[[:digit:]]`` are
+translated for Python, :func:`python_regex`).
 
 Dead-letter topics (``<topic>.dlq``) would match many patterns (``^orders.*`` matches ``orders.dlq``): with
 ON_FAILURE=dlq a message that fails again there goes to ``orders.dlq.dlq``, which matches too, and so on.
@@ -75,6 +76,21 @@ def _split(text: str) -> list[str]:
     return out
 
 
+# POSIX bracket classes (librdkafka's regular expressions have them, Python's do not) as Python ranges
+POSIX_CLASSES = {
+    "[:alnum:]": "a-zA-Z0-9", "[:alpha:]": "a-zA-Z", "[:digit:]": "0-9", "[:lower:]": "a-z", "[:upper:]": "A-Z",
+    "[:xdigit:]": "0-9A-Fa-f", "[:space:]": " \\t\\n\\r\\f\\v", "[:blank:]": " \\t", "[:punct:]": re.escape(
+        "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"), "[:word:]": "a-zA-Z0-9_",
+}
+
+
+def python_regex(pattern: str) -> str:
+    """``pattern`` with its POSIX bracket classes written as Python's ``re`` reads them."""
+    for posix, python in POSIX_CLASSES.items():
+        pattern = pattern.replace(posix, python)
+    return pattern
+
+
 def check_entry(entry: str) -> None:
     """ValueError naming ``entry`` when it is neither a legal topic name nor a pattern librdkafka can take."""
     if is_pattern(entry):
@@ -82,7 +98,7 @@ def check_entry(entry: str) -> None:
             if syntax in entry:
                 raise ValueError(f"pattern {entry!r}: librdkafka's regular expressions (POSIX) have no {what}")
         try:
-            re.compile(entry)
+            re.compile(python_regex(entry))
         except re.error as err:
             raise ValueError(f"pattern {entry!r} is not a regular expression: {err}") from None
         return
@@ -159,6 +175,6 @@ def as_setting(entries: Sequence[str]) -> str | tuple[str, ...]:
 
 def _search(pattern: str, topic: str) -> bool:
     try:
-        return re.search(pattern, topic) is not None
+        return re.search(python_regex(pattern), topic) is not None
     except re.error:  # a user's topic.blacklist entry Python cannot read: librdkafka decides, not us
         return False
