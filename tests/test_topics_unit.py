@@ -324,3 +324,22 @@ def test_the_library_takes_a_list_and_a_pattern(cluster: FakeKafka) -> None:
                                     commit_interval=0.02)
         stats = consumer.run(max_messages=5)
         assert stats.processed == 5 and {t for t, _, _ in handler.handled()} == {ORDERS, PAYMENTS}, topic
+
+
+def test_the_fetch_probe_samples_every_topic_consumed_at_start_together() -> None:
+    """One client's fetch sizes serve every topic: the probe reads them all (a list, or a pattern's matches)."""
+    from mtc75.core.fetchsize import SMALL, choose
+    from mtc75.kafka.fetchprobe import probe
+    from mtc75.settings import Settings
+
+    cluster = FakeKafka()
+    for topic, ratio in (("plain", 1.0), ("packed", 6.0), ("other", 1.0)):
+        cluster.create_topic(topic, 2)
+        cluster.compress(topic, ratio)
+        for i in range(100):
+            cluster.produce(topic, i % 2, b"x" * 200, key=b"k")
+    conf = Settings().replace(GROUP_ID=GROUP).consumer_config()
+    both = probe(cluster.factories(), conf, Subscription.of("plain,packed"))
+    pattern = probe(cluster.factories(), conf, Subscription.of("^p.*"))
+    assert both is not None and both.messages == 200 and both == pattern  # "other" is not read
+    assert 1.5 < both.ratio < 6.0 and choose(both).sizes == SMALL  # the blend: one compressed topic decides
