@@ -227,3 +227,10 @@ def test_start_up_says_what_a_pattern_matches(caplog: pytest.LogCaptureFixture) 
         say_subscription(Subscription.of("^shop-.*"), {"shop-a": 1, "shop-a.dlq": 1}, {})
     assert "pattern ^shop-.* matches 2 topics now: shop-a, shop-a.dlq" in caplog.text
     assert "matches dead-letter topics (shop-a.dlq)" in caplog.text
+
+
+def test_log_lines_name_each_topic_with_its_partitions() -> None:
+    from mtc75.engine.backpressure import fmt
+
+    assert fmt([("orders", 1), ("payments", 0), ("orders", 0)]) == "orders[0,1] payments[0]"
+    assert fmt([("orders", 2)]) == "orders[2]"
