@@ -159,6 +159,7 @@ class FakeKafka:
         self.unreachable = False  # list_topics / metadata fail with _TRANSPORT while set
         self.revoke_deleted_names = False  # a deleted named topic's partitions are revoked at the next refresh
         self.create_errors: deque[KafkaError] = deque()  # the next create_topics requests fail with these
+        self.create_requests = 0  # create_topics calls served
         # Longest a consume / poll with nothing to deliver blocks, whatever timeout it was given (None: the
         # whole timeout, as librdkafka). An empty poll that returns early only turns the engine's loop sooner,
         # which it must take in its stride; a scenario then steps on without waiting out the engine's
@@ -799,6 +800,8 @@ class FakeAdmin:
 
     def create_topics(self, new_topics: list[Any], **_: Any) -> dict[str, Future[None]]:
         out: dict[str, Future[None]] = {}
+        with self._cluster._lock:
+            self._cluster.create_requests += 1
         for new in new_topics:
             future: Future[None] = Future()
             with self._cluster._lock:

@@ -259,6 +259,22 @@ def test_a_dead_letter_topic_that_cannot_be_made_yet_is_tried_again_and_one_refu
         assert ends(cluster, "shop-b")[0] == 1  # committed below the message that could not be dead-lettered
 
 
+def test_the_dead_letter_topics_of_many_matches_are_made_in_one_request(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    """A pattern may match hundreds of topics at start: their dead-letter topics are one CreateTopics request, not
+    one (with its own metadata waits) each."""
+    names = [f"many-{i:02d}" for i in range(30)]
+    for name in names:
+        cluster.create_topic(name, 2)
+    cluster.create_topic("many-05.dlq", 2)  # one an administrator made: left as it is
+    run = start(Handled(fail=lambda w: False), TOPIC="^many-.*", ON_FAILURE="dlq")
+    until(lambda: run.stats().assigned == 60, "every match assigned")
+    run.stop()
+    assert sorted(cluster.created_topics) == sorted(f"{n}.dlq" for n in names if n != "many-05")
+    assert cluster.create_requests == 1
+
+
 def test_a_pattern_that_matches_nothing_yet_is_no_error_and_consumes_what_comes(
     cluster: FakeKafka, start: Callable[..., Run], caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -35,7 +35,7 @@ from mtc75.core.subscription import DEAD_LETTER_SUFFIX, dead_letter_topic
 from mtc75.core.work import Work
 from mtc75.errors import KafkaUnavailable, MessageFailed, Mtc75Error
 from mtc75.kafka.clients import REAL_FACTORIES, ClientFactories, new_client
-from mtc75.kafka.topics import METADATA_TIMEOUT, create_topic, fetch_metadata
+from mtc75.kafka.topics import METADATA_TIMEOUT, create_topic, create_topics, fetch_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,20 @@ class DeadLetterTopics:
         """At start-up: the dead-letter topic of each source topic (as many partitions as it has) unless it
         exists. Existence is checked first, so a consumer without the right to create topics works with
         dead-letter topics an administrator made. Raises the error that stops the start."""
+        if not partitions:
+            return
         admin = new_client(self._factories.admin, self._admin_conf, "librdkafka admin")
+        existing = fetch_metadata(admin, self._bootstrap).topics  # one request, however many topics
+        missing = {}
         for source, count in sorted(partitions.items()):
-            self._make(admin, dlq_topic(source), count)
+            info = existing.get(dlq_topic(source))
+            if not (info is not None and info.error is None and info.partitions):
+                missing[dlq_topic(source)] = count
+        if missing:  # one request for all of them (a pattern may match many topics)
+            created = create_topics(self._admin_conf, missing, self._replication, admin_factory=self._factories.admin)
+            for topic in sorted(created):
+                logger.info("created dead-letter topic %s (%d partitions)", topic, missing[topic])
+        self.ready.update(dlq_topic(source) for source in partitions)
 
     def make_for(self, source: str, partition: int) -> bool:
         """Before the first dead letter of ``source`` (a topic that appeared after start-up): True once its

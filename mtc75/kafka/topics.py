@@ -88,13 +88,22 @@ def create_topic(
     conf: Mapping[str, Any], topic: str, partitions: int, replication_factor: int, timeout: float = 30.0,
     *, admin_factory: Callable[[dict[str, Any]], Any] = AdminClient,
 ) -> bool:
-    """Create ``topic`` and wait until metadata shows it; False when it already existed.
+    """Create ``topic`` and wait until metadata shows it; False when it already existed (see create_topics)."""
+    return topic in create_topics(conf, {topic: partitions}, replication_factor, timeout, admin_factory=admin_factory)
+
+
+def create_topics(
+    conf: Mapping[str, Any], wanted: Mapping[str, int], replication_factor: int, timeout: float = 30.0,
+    *, admin_factory: Callable[[dict[str, Any]], Any] = AdminClient,
+) -> set[str]:
+    """Create the topics of ``wanted`` (name -> partitions) in one request and wait until metadata shows them;
+    returns those created (the others already existed).
 
     ``replication_factor`` 0 (AUTO_REPLICATION) takes :func:`auto_replication` of the brokers the
     cluster lists; -1 leaves it to the broker's ``default.replication.factor``.
     ``admin_factory`` builds the admin client (tests pass an in-memory fake). Everything together takes at
-    most ``timeout`` seconds. Errors: KafkaUnavailable when trying again may help (no broker, no answer, a
-    retriable refusal, metadata slow to show it), Mtc75Error otherwise.
+    most ``timeout`` seconds. Errors (naming the topic): KafkaUnavailable when trying again may help (no
+    broker, no answer, a retriable refusal, metadata slow to show it), Mtc75Error otherwise.
     """
     deadline = time.monotonic() + timeout
 
@@ -106,33 +115,41 @@ def create_topic(
     cluster = fetch_metadata(admin, bootstrap, timeout=left(METADATA_TIMEOUT))
     if replication_factor == AUTO_REPLICATION:
         replication_factor = auto_replication(len(cluster.brokers))
-    future = admin.create_topics(
-        [NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor)],
+    futures = admin.create_topics(
+        [NewTopic(topic, num_partitions=count, replication_factor=replication_factor)
+         for topic, count in wanted.items()],
         operation_timeout=left(), request_timeout=left(),
-    )[topic]
-    try:
-        future.result(timeout=left())
-        created = True
-    except TimeoutError:
-        raise KafkaUnavailable(f"cannot create topic {topic!r}: no answer within {timeout:.0f}s") from None
-    except KafkaException as err:
-        kerr: KafkaError = err.args[0]
-        if kerr.code() != KafkaError.TOPIC_ALREADY_EXISTS:
-            kind = KafkaUnavailable if kerr.retriable() or kerr.code() in CREATE_TRANSIENT else Mtc75Error
-            raise kind(f"cannot create topic {topic!r}: {kerr.str()}") from None
-        created = False
+    )
+    created: set[str] = set()
+    for topic in wanted:
+        try:
+            futures[topic].result(timeout=left())
+            created.add(topic)
+        except TimeoutError:
+            raise KafkaUnavailable(f"cannot create topic {topic!r}: no answer within {timeout:.0f}s") from None
+        except KafkaException as err:
+            kerr: KafkaError = err.args[0]
+            if kerr.code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                kind = KafkaUnavailable if kerr.retriable() or kerr.code() in CREATE_TRANSIENT else Mtc75Error
+                raise kind(f"cannot create topic {topic!r}: {kerr.str()}") from None
+    waiting = dict(wanted)
     while True:
-        info = fetch_metadata(admin, bootstrap, topic, timeout=left(METADATA_TIMEOUT)).topics.get(topic)
-        if info is not None and info.error is None and info.partitions:
-            if created and len(info.partitions) == partitions:
-                return True
-            if not created:
-                if len(info.partitions) != partitions:
-                    logger.warning("topic %s already has %d partitions, not %d", topic, len(info.partitions),
-                                   partitions)
-                return False
+        one = next(iter(waiting)) if len(waiting) == 1 else None  # several: the whole list, in one request
+        shown = fetch_metadata(admin, bootstrap, one, timeout=left(METADATA_TIMEOUT)).topics
+        for topic, count in list(waiting.items()):
+            info = shown.get(topic)
+            if info is None or info.error is not None or not info.partitions:
+                continue
+            if topic in created and len(info.partitions) != count:
+                continue  # its partitions are still being created
+            if topic not in created and len(info.partitions) != count:
+                logger.warning("topic %s already has %d partitions, not %d", topic, len(info.partitions), count)
+            del waiting[topic]
+        if not waiting:
+            return created
         if time.monotonic() >= deadline:
-            raise KafkaUnavailable(f"topic {topic!r} was created but did not appear in metadata within "
+            names = ", ".join(repr(t) for t in waiting)
+            raise KafkaUnavailable(f"topic {names} was created but did not appear in metadata within "
                                    f"{timeout:.0f}s")
         time.sleep(0.05)  # metadata propagation on the broker: short, bounded by the deadline
 
