@@ -59,6 +59,10 @@ _DEFAULTS = Settings()
 class Consumer:
     """Consume ``topic`` as ``group_id``, calling ``handler(message)`` on at most ``max_thread_count`` threads.
 
+    ``topic`` is a name, several (a list, or one comma-separated string), or a pattern starting with ``^``
+    (librdkafka's regular expression: topics created later that match are consumed too); README "Several topics
+    and patterns".
+
     ``handler`` gets a ``confluent_kafka.Message`` -- with ``key_deserializer`` / ``value_deserializer`` (a
     callable, a ``confluent_kafka`` schema-registry deserializer, or ``"json"``, ``"str"``, ``"bytes"``) a
     :class:`~mtc75.kafka.deserializers.DecodedMessage` whose ``key()`` / ``value()`` are decoded
@@ -89,7 +93,7 @@ class Consumer:
         self,
         handler: Callable[[Any], object],
         *,
-        topic: str,
+        topic: str | Sequence[str],
         group_id: str,
         bootstrap_servers: str = _DEFAULTS.BOOTSTRAP_SERVERS,
         max_thread_count: int | str = _DEFAULTS.MAX_THREAD_COUNT,

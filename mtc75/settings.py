@@ -23,6 +23,15 @@ from mtc75.core.fetchsize import FETCH_SIZE_MODES, NAMED, SMALL, FetchSizes
 from mtc75.core.offsetmap import default_window
 from mtc75.core.ordering import ORDERINGS
 from mtc75.core.retry import FAILURE_MODES
+from mtc75.core.subscription import (
+    DEAD_LETTER_EXCLUSION,
+    DEAD_LETTER_SUFFIX,
+    INTERNAL_EXCLUSION,
+    INTERNAL_PREFIX,
+    Subscription,
+    as_setting,
+    parse_topics,
+)
 from mtc75.errors import ConfigError
 
 ENV_PREFIX = "MTC75_"
@@ -59,7 +68,12 @@ class Settings:
     """The validated settings of one run. Build it with :func:`load_settings` or ``Settings().replace(...)``."""
 
     BOOTSTRAP_SERVERS: str = field(default="127.0.0.1:9092", **_spec(str, "Kafka bootstrap servers"))
-    TOPIC: str = field(default="mtc75-demo", **_spec(str, "topic to produce to and consume from"))
+    TOPIC: str | tuple[str, ...] = field(
+        default="mtc75-demo",
+        **_spec(tuple, "topic to consume (and produce to): a name; several (a list, comma-separated, or the flag "
+                "repeated); or a pattern starting with ^ (librdkafka's regex, e.g. ^orders-.*: topics created "
+                "later that match are consumed too); the producer and create-topic take one name"),
+    )
     NUM_PARTITIONS: int = field(default=6, **_spec(int, "partitions create_topic.py creates", minimum=1))
     REPLICATION_FACTOR: int = field(
         default=0,
@@ -222,9 +236,24 @@ class Settings:
         if self.GROUP_TYPE == "share" and self.PROCESSING_GUARANTEE == "exactly_once":
             raise ConfigError("invalid PROCESSING_GUARANTEE='exactly_once' with GROUP_TYPE='share': a share group's "
                               "acknowledgements cannot join a Kafka transaction; use at_least_once")
+        if self.GROUP_TYPE == "share" and self.subscription.patterns:
+            raise ConfigError(f"invalid TOPIC={self.subscription.describe()!r} with GROUP_TYPE='share': a share group "
+                              "subscribes to named topics (one or several), not to a pattern")
         if self.GROUP_TYPE == "share" and self.BATCH_SIZE > 1:
             raise ConfigError(f"invalid BATCH_SIZE={self.BATCH_SIZE} with GROUP_TYPE='share': a share member handles "
                               "records one by one (each acknowledged on its own); use BATCH_SIZE=1")
+
+    @property
+    def subscription(self) -> Subscription:
+        """TOPIC's names and patterns (:mod:`mtc75.core.subscription`)."""
+        return Subscription.of(self.TOPIC)
+
+    def one_topic(self, who: str) -> str:
+        """TOPIC as one topic name, for ``who`` (the producer, create-topic); ConfigError when it is not one."""
+        name = self.subscription.single()
+        if name is None:
+            raise ConfigError(f"{who} takes one topic name; TOPIC is {self.subscription.describe()!r}")
+        return name
 
     @property
     def auto_threads(self) -> bool:
@@ -308,6 +337,18 @@ class Settings:
         }
         conf.update(self.CONSUMER_CONFIG)
         conf.update(overrides)
+        subscription = self.subscription
+        if subscription.patterns and "topic.blacklist" not in conf:  # the user's topic.blacklist wins
+            # A pattern would also match the dead-letter topics (^orders.* matches orders.dlq), and with dlq a
+            # message failing there again goes to orders.dlq.dlq, which matches too; and Kafka's internal topics.
+            # Left out of what patterns see -- unless a name of the subscription is one (it would hide it).
+            names = subscription.names
+            hidden = [exclusion for exclusion, wanted in (
+                (DEAD_LETTER_EXCLUSION, self.ON_FAILURE == "dlq" and not any(n.endswith(DEAD_LETTER_SUFFIX)
+                                                                            for n in names)),
+                (INTERNAL_EXCLUSION, not any(n.startswith(INTERNAL_PREFIX) for n in names))) if wanted]
+            if hidden:
+                conf["topic.blacklist"] = ",".join(hidden)
         for key in ("enable.auto.commit", "enable.auto.offset.store"):
             if str(conf[key]).lower() not in ("false", "0"):
                 raise ConfigError(f"{key}={conf[key]} is not supported: MTC75 commits only completed work")
@@ -374,6 +415,11 @@ def coerce(spec: Spec, raw: Any, source: str) -> Any:
     def bad(why: str) -> ConfigError:
         return ConfigError(f"invalid {spec.name}={raw!r} (from {source}): {why}")
 
+    if spec.kind is tuple:  # TOPIC: names and patterns (mtc75.core.subscription)
+        try:
+            return as_setting(parse_topics(raw))
+        except ValueError as err:
+            raise bad(str(err)) from None
     if spec.kind is dict:
         if not isinstance(raw, Mapping):
             raise bad("must be a dict of librdkafka properties")

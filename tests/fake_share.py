@@ -160,7 +160,7 @@ class FakeShareConsumer:
         self._member = member
         self._group = str(conf["group.id"])
         self._limit = int(conf.get("max.poll.records", 500))
-        self._topic: str | None = None
+        self._topics: list[str] = []
         self._batch: dict[tuple[str, int, int], ShareMessage] = {}  # the last poll's unacknowledged records
         self._recorded: dict[tuple[str, int, int], AcknowledgeType] = {}  # acknowledged, not yet sent
         self._callback: Callable[[dict[TopicPartition, set[int]], KafkaException | None], None] | None = None
@@ -168,7 +168,7 @@ class FakeShareConsumer:
         self.closed = False
 
     def subscribe(self, topics: list[str]) -> None:
-        self._topic = topics[0]
+        self._topics = list(topics)
 
     def set_acknowledgement_commit_callback(self, callback: Any) -> None:
         self._callback = callback
@@ -186,8 +186,10 @@ class FakeShareConsumer:
         deadline = time.monotonic() + max(0.0, timeout)
         with cluster._changed:
             while True:
-                got = self._groups._acquire(self._member, self._group, str(self._topic),
-                                            self._limit + self._groups.oversize)
+                got = []
+                for topic in self._topics:  # each topic in turn, as far as the limit allows
+                    got += self._groups._acquire(self._member, self._group, topic,
+                                                 self._limit + self._groups.oversize - len(got))
                 if got or time.monotonic() >= deadline:
                     break
                 cluster._changed.wait(max(0.0, deadline - time.monotonic()))

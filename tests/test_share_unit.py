@@ -509,3 +509,17 @@ def test_on_error_hears_retries_and_outcomes_in_share_mode() -> None:
          on_error=lambda f: told.append((f.message.offset(), f.attempt, f.outcome)))
     assert told == [(5, 1, "retry"), (5, 2, "skipped")]
     assert groups.states("g") == {ACKED: 20}
+
+
+def test_a_share_member_takes_several_named_topics_and_refuses_a_pattern() -> None:
+    cluster = FakeKafka()
+    for topic in ("a", "b"):
+        cluster.create_topic(topic, 1)
+        cluster.fill(topic, {0: 10})
+    groups = FakeShareGroups(cluster)
+    seen: list[str] = []
+    stats = testing.consumer(groups.factories(), lambda m: seen.append(m.topic()), topic=["a", "b"], group_id="g",
+                             group_type="share", on_failure="skip").run(max_messages=20)
+    assert sorted(seen) == ["a"] * 10 + ["b"] * 10 and stats.processed == 20
+    with pytest.raises(ConfigError, match="not to a pattern"):
+        Settings(GROUP_TYPE="share", TOPIC="^orders-.*")

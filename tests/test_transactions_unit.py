@@ -368,3 +368,28 @@ def test_exactly_once_a_topic_id_check_without_answer_commits_nothing_and_aborts
     until(lambda: cluster.committed(GROUP, TOPIC, 0) == 20, "committed once the topic is confirmed again")
     run.stop()
     assert outputs(cluster) == every({0: 20})
+
+
+def test_exactly_once_over_two_topics_commits_both_and_dead_letters_each_on_its_own(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    """One transaction holds both topics' outputs, dead letters and offsets; each dead letter goes to its own
+    topic's DLQ (the second one's made when its first dead letter needs it)."""
+    cluster.create_topic("payments", 2)
+    cluster.fill(TOPIC, {0: 10, 1: 10, 2: 10})
+    cluster.fill("payments", {0: 10, 1: 10})
+
+    def handler(message: Any) -> Output:
+        if message.offset() == 7 and message.partition() == 1:
+            raise ValueError("poison")
+        return Output(OUT, json.dumps([message.topic(), message.partition(), message.offset()]).encode())
+
+    stats = start(handler, max_messages=50, TOPIC=(TOPIC, "payments"), PROCESSING_GUARANTEE="exactly_once",
+                  ON_FAILURE="dlq").join()
+    assert stats.dead_lettered == 2
+    assert [(m.topic(), m.offset()) for m in cluster.messages(f"{TOPIC}.dlq")] == [(f"{TOPIC}.dlq", 0)]
+    assert len(cluster.messages("payments.dlq")) == 1
+    written = Counter(tuple(json.loads(m.value())) for m in cluster.messages(OUT))
+    assert len(written) == 48 and set(written.values()) == {1}
+    assert [cluster.committed(GROUP, TOPIC, p) for p in range(3)] == [10, 10, 10]
+    assert [cluster.committed(GROUP, "payments", p) for p in range(2)] == [10, 10]

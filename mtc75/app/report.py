@@ -173,7 +173,7 @@ def plot(rows: list[dict[str, float]], path: Path) -> None:
     lag.plot(t, [r["lag"] for r in rows], color="tab:purple")
     lag.set_ylabel("messages")
     lag.set_ylim(bottom=0)
-    lag.set_title("lag (end offset minus committed, all partitions)")
+    lag.set_title("lag (end offset minus committed, all partitions of every topic)")
     lag.set_xlabel("seconds since start")
     for ax in (threads, rate, lag):
         ax.grid(alpha=0.3)

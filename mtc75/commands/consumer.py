@@ -50,6 +50,8 @@ SETTINGS = (
 EPILOG = """examples:
   {cmd}                                   # settings from the config file, MTC75_* variables, flags
   {cmd} --topic orders --group-id billing --max-thread-count 4 --processing-sleep 0.2
+  {cmd} --topic orders --topic payments   # several topics (or --topic orders,payments)
+  {cmd} --topic '^orders-.*'              # a pattern: topics created later that match are consumed too
   {cmd} --max-thread-count auto          # the count that serves best, tuned while running
   {cmd} --handler myapp.jobs:handle       # fn(message) in a worker thread
   {cmd} --handler myapp.jobs:crunch --runner processes   # in one process per core
@@ -65,7 +67,9 @@ Ctrl-C (or SIGTERM) stops fetching, waits up to SHUTDOWN_TIMEOUT for running han
 exits 0 (handlers still running then are abandoned, counted and delivered again next time);
 a second Ctrl-C exits at once (uncommitted messages are then delivered again, never lost).
 A handler that raises is retried (--max-attempts, --retry-backoff); then --on-failure decides:
-dlq publishes it to <topic>.dlq, skip moves on, stop commits what is safe and exits 5.
+dlq publishes it to <topic>.dlq (of the message's own topic), skip moves on, stop commits what is safe and
+exits 5. A named topic deleted while consuming ends the run (exit 3) unless re-created within 10 s; a topic
+only a pattern matched just stops matching.
 """
 log = logging.getLogger("mtc75.commands.consumer")
 
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None, front: Front = INSTALLED) -> int:
         if sys.stdout.isatty() and not args.no_dashboard:
             from mtc75.app.dashboard import Dashboard
 
-            dashboard = Dashboard(title=f"MTC75  {settings.TOPIC}  group {settings.GROUP_ID}")
+            dashboard = Dashboard(title=f"MTC75  {settings.subscription.describe()}  group {settings.GROUP_ID}")
             views.append(dashboard)
 
         def on_status(stats: Stats) -> None:

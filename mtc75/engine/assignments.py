@@ -7,8 +7,8 @@ put-back of theirs from then on), running handlers get up to REVOKE_TIMEOUT (cap
 ``max.poll.interval.ms``: this wait happens inside ``poll()``) to finish, what finished is committed, and the
 assignment ends: late completions are dropped, running coroutines cancelled. A lost assignment (the group
 expired this member) commits nothing. A topic deleted and re-created gets fresh states read from
-AUTO_OFFSET_RESET (:meth:`Assignments.reset`). An aborted transaction (exactly-once) reads partitions again from
-their last commit, with fresh states (:meth:`Assignments.rewind`).
+AUTO_OFFSET_RESET (:meth:`Assignments.reset`), topic by topic. An aborted transaction (exactly-once) reads
+partitions again from their last commit, with fresh states (:meth:`Assignments.rewind`).
 
 Threads: the poll thread only; librdkafka calls the callbacks from inside the poll thread's ``poll``,
 ``consume`` and ``close``.
@@ -81,6 +81,7 @@ class Assignments:
     def on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         tps = [(tp.topic, tp.partition) for tp in partitions]
         self._on_first()
+        self._checkpoint.assigned({tp.topic for tp in partitions})  # topic ids learned before anything is fetched
         self._tracker.assign(tps, self._read_maps(partitions))
         self._client.assign(partitions)  # first: pausing a partition not yet assigned has no effect
         if partitions:
@@ -99,13 +100,16 @@ class Assignments:
 
     # -- the engine's ---------------------------------------------------------------------------------
 
-    def reset(self, reset: str) -> bool:
-        """The topic was deleted and created again: drop every Work of the old one and read the new one from
-        ``reset`` (AUTO_OFFSET_RESET). False when ``reset`` names no position (the engine then stops)."""
+    def reset(self, reset: str, topic: str) -> bool:
+        """``topic`` was deleted and created again: drop every Work of the old one and read the new one from
+        ``reset`` (AUTO_OFFSET_RESET); other topics are left as they are. False when ``reset`` names no
+        position (the engine then stops)."""
         logical = RESET_OFFSETS.get(reset)
         if logical is None:
             return False
-        tps = self._tracker.partitions()
+        tps = [tp for tp in self._tracker.partitions() if tp[0] == topic]
+        if not tps:
+            return True
         states = [self._tracker.state(tp) for tp in tps]
         self._ledger.abandon(self._dispatcher.retire(states))
         self._tracker.assign(tps)  # fresh states: the old ones are dead, their completions dropped

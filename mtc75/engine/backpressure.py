@@ -281,9 +281,10 @@ class _Either:
 
 
 def fmt(tps: list[Partition]) -> str:
-    """``topic[0,1,2]`` for log lines."""
+    """``topic[0,1,2]`` for log lines; several topics: ``orders[0,1] payments[0]``."""
     if not tps:
         return "no partitions"
-    topics = sorted({t for t, _ in tps})
-    parts = ",".join(str(p) for _, p in sorted(tps))
-    return f"{'/'.join(topics)}[{parts}]"
+    by_topic: dict[str, list[int]] = {}
+    for topic, partition in sorted(tps):
+        by_topic.setdefault(topic, []).append(partition)
+    return " ".join(f"{topic}[{','.join(str(p) for p in parts)}]" for topic, parts in by_topic.items())

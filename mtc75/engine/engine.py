@@ -64,7 +64,7 @@ class Phase(Enum):
 
 
 class Engine:
-    """Consumes ``settings.TOPIC`` with at most ``settings.MAX_THREAD_COUNT`` handlers at once.
+    """Consumes ``settings.TOPIC`` (names and patterns) with at most ``settings.MAX_THREAD_COUNT`` handlers at once.
 
     No network I/O happens before :meth:`run`. :meth:`stop` may be called from any thread or a signal
     handler; ``run`` then finishes in-flight work (bounded), commits and closes.

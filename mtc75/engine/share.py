@@ -46,7 +46,7 @@ from mtc75.errors import MessageFailed, Mtc75Error
 from mtc75.kafka.clients import new_client
 from mtc75.kafka.outputs import OutputProducer
 from mtc75.kafka.share import DEFAULT_DELIVERY_LIMIT, DEFAULT_LOCK_MS, ShareClient, group_config
-from mtc75.kafka.topics import require_topic
+from mtc75.kafka.topics import require_topics
 from mtc75.runtime.dispatcher import Dispatcher
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,8 @@ class ShareEngine(Engine):
         conf.setdefault("error_cb", faults.on_error)
         consumer = new_client(factories.share_consumer, conf, "librdkafka share consumer")
         admin = new_client(factories.admin, settings.admin_config(connection(conf)), "librdkafka admin")
-        client = ShareClient(consumer, settings.TOPIC, admin, faults.on_error, ledger.on_acks)
+        subscription = settings.subscription  # names only (settings refuse patterns in a share group)
+        client = ShareClient(consumer, subscription.names, admin, faults.on_error, ledger.on_acks)
         faults.client = client
         self._invoker.attach(self._handler_time)
         dispatcher = Dispatcher(self._invoker, self._threads.initial, self._retry, failure_hook=self._hook)
@@ -143,7 +144,7 @@ class ShareEngine(Engine):
             settings.producer_config(connection(conf)), settings.RETRY_BACKOFF_MAX or 1.0,
             lambda _work, error: self._fail(error), faults.on_error, factories=factories)
         outputs.check()
-        partitions = require_topic(admin, settings.BOOTSTRAP_SERVERS, settings.TOPIC)
+        partitions = require_topics(admin, settings.BOOTSTRAP_SERVERS, subscription)
         group = group_config(admin, settings.GROUP_ID, settings.AUTO_OFFSET_RESET)
         self._lock_seconds = group.lock_seconds
         ledger.delivery_limit = group.delivery_limit
@@ -157,7 +158,7 @@ class ShareEngine(Engine):
         client.subscribe()
         self._subscribed_at = time.monotonic()
         logger.info("consuming %s as share group %s with %s %s (lock %.0fs, %d deliveries, starts at %s)",
-                    settings.TOPIC, settings.GROUP_ID, settings.MAX_THREAD_COUNT, dispatcher.workers,
+                    subscription.describe(), settings.GROUP_ID, settings.MAX_THREAD_COUNT, dispatcher.workers,
                     group.lock_seconds, group.delivery_limit, group.reset)
 
     # -- the loop ---------------------------------------------------------------------------------------

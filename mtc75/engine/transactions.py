@@ -58,7 +58,7 @@ from mtc75.engine.checkpoint import CONFIRM_TIMEOUT
 from mtc75.engine.failure import FailurePolicy
 from mtc75.errors import KafkaFatalError, KafkaUnavailable, MessageFailed, Mtc75Error
 from mtc75.kafka.client import KafkaClient
-from mtc75.kafka.deadletter import dlq_headers
+from mtc75.kafka.deadletter import DeadLetterTopics, dlq_headers, dlq_topic
 from mtc75.kafka.outputs import produce_args, where
 from mtc75.kafka.topicwatch import Change, TopicWatch
 
@@ -108,11 +108,12 @@ class TransactionalCheckpoint:
         interval: float,
         new_producer: Callable[[Callable[[KafkaError], None]], Any],
         on_error: Callable[[KafkaError], None],
-        on_change: Callable[[Change, float], None],
+        on_change: Callable[[str, Change, float], None],
         halt: Callable[[Mtc75Error], None],
         rewind: Callable[[list[Partition]], None],
         transaction_timeout: float = TRANSACTION_TIMEOUT_MS / 1000.0,
         shared_id: bool = False,
+        keep: tuple[str, ...] = (),
     ) -> None:
         self._client = client
         self._tracker = tracker
@@ -126,7 +127,8 @@ class TransactionalCheckpoint:
         self._shared_id = shared_id  # another instance may own the transactional.id: fenced means zombie
         self.recoveries = 0  # new producers made after fatal errors (also the current producer's generation)
         self._recovered_at: list[float] = []
-        self._on_change = on_change  # gone or re-created: the engine decides
+        self._on_change = on_change  # (topic, change, now): gone or re-created: the engine decides
+        self._keep = keep  # topics watched even with no partition assigned (the named ones)
         self._halt_run = halt
         self._rewind = rewind  # Assignments.rewind: read partitions again from their last commit
         self.watch: TopicWatch | None = None
@@ -248,8 +250,15 @@ class TransactionalCheckpoint:
         gone = set(states)
         for state in gone:
             self._sent.pop(state, None)
+        if self.watch is not None:  # a topic none of whose partitions is ours any more: not ours to watch
+            self.watch.retain({*self._keep, *(tp[0] for tp in self._tracker.partitions())})
         if self._open and not self._halted and gone & self._holds:
             self._abort("assignments ended with records not committed", given_up=[s.tp for s in gone])
+
+    def assigned(self, topics: set[str]) -> None:
+        """Partitions of ``topics`` are being assigned: learn the ids of those not known yet (bounded)."""
+        if self.watch is not None:
+            self.watch.learn(sorted(topics), CONFIRM_TIMEOUT)
 
     def halt(self) -> None:
         """A fatal error: nothing is committed again; an open transaction is aborted where the producer can."""
@@ -358,14 +367,20 @@ class TransactionalCheckpoint:
         points = self.points()
         if not self._open and not points:
             return
-        if self.watch is not None and self.watch.enabled:
-            change = self.watch.confirm_now(max(0.0, min(CONFIRM_TIMEOUT, deadline - time.monotonic())))
-            if change is not Change.SAME:
-                if change is not Change.UNKNOWN:
-                    self._on_change(change, time.monotonic())  # re-created: the reset forgets (aborts) it all
-                elif self._open and time.monotonic() - self._opened_at > self._transaction_timeout / 2:
+        watch = self.watch
+        topics = sorted({p[0].tp[0] for p in points} | {s.tp[0] for s in self._holds})
+        if watch is not None and watch.enabled and topics:
+            # One transaction holds every topic's records and offsets: it commits only when each is the same.
+            changes = watch.confirm_now(topics, max(0.0, min(CONFIRM_TIMEOUT, deadline - time.monotonic())))
+            unsure = [t for t in topics if changes.get(t, Change.SAME) is not Change.SAME]
+            if unsure:
+                for topic in unsure:
+                    if changes[topic] is not Change.UNKNOWN:  # re-created: the reset forgets (aborts) it all
+                        self._on_change(topic, changes[topic], time.monotonic())
+                if all(changes[t] is Change.UNKNOWN for t in unsure) and self._open \
+                        and time.monotonic() - self._opened_at > self._transaction_timeout / 2:
                     # Left open, the broker would abort it at transaction.timeout.ms and fence this producer.
-                    self._abort(f"the id of topic {self.watch.topic} could not be confirmed for "
+                    self._abort(f"the id of topic {', '.join(unsure)} could not be confirmed for "
                                 f"{time.monotonic() - self._opened_at:.0f}s", given_up=given_up)
                 return  # gone or no answer: nothing is committed now
         if not self._begin():
@@ -489,14 +504,17 @@ class TransactionalDeadLetters(FailurePolicy):
 
     name = "dlq"
 
-    def __init__(self, checkpoint: TransactionalCheckpoint, topic: str) -> None:
+    def __init__(self, checkpoint: TransactionalCheckpoint, topics: DeadLetterTopics | None) -> None:
         super().__init__()
         self._checkpoint = checkpoint
-        self.topic = topic
+        self._topics = topics  # makes a topic's dead-letter topic before its first record (None: they exist)
         self.produced = 0
 
     def failed(self, work: Work) -> bool:
-        if not self._checkpoint.dead_letter(work, self.topic):
+        source = work.message.topic()
+        if self._topics is not None:
+            self._topics.make_for(source, work.message.partition())  # not made: the produce says why
+        if not self._checkpoint.dead_letter(work, dlq_topic(source)):
             return False
         self.produced += 1
         # Told when produced into the transaction: an abort runs the message again, and tells again.

@@ -28,6 +28,8 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from mtc75.core.offsets import Partition
+from mtc75.core.subscription import Subscription
+from mtc75.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +124,9 @@ class ClientLink:
     down" tracking with a cheap probe, and a bounded close. ``metadata`` answers the probe's ``list_topics``
     (the consumer itself; a share consumer has none, so an admin client)."""
 
-    def __init__(self, consumer: Any, topic: str, metadata: Any) -> None:
+    def __init__(self, consumer: Any, topic: str | None, metadata: Any) -> None:
         self.consumer = consumer
-        self._topic = topic
+        self._topic = topic  # what the probe asks metadata of (None: the cluster's)
         self._metadata = metadata
         self.down_since: float | None = None  # when librdkafka reported every broker down
         self._next_probe = 0.0
@@ -200,10 +202,13 @@ class ClientLink:
 class KafkaClient(ClientLink):
     """One librdkafka ``Consumer`` for the engine; ``consume`` and ``poll`` are the consumer's own methods."""
 
-    def __init__(self, consumer: Consumer, topic: str, *, cooperative: bool, log: ResetLog | None = None) -> None:
-        super().__init__(consumer, topic, consumer)
+    def __init__(self, consumer: Consumer, subscription: Subscription, *, cooperative: bool,
+                 log: ResetLog | None = None) -> None:
+        names = subscription.names
+        super().__init__(consumer, names[0] if names else None, consumer)  # the probe: a named topic, or all
         self.consume = consumer.consume  # the hot path: no wrapper call per fetch
         self.poll = consumer.poll
+        self._subscription = subscription
         self._cooperative = cooperative  # incremental (un)assign: cooperative assignors and KIP-848
         self.paused: set[Partition] = set()  # partitions *we* paused; librdkafka's flag is not trusted
         self._log = log  # the consumer's logger, when it is a ResetLog: offset resets to report
@@ -214,7 +219,15 @@ class KafkaClient(ClientLink):
 
     def subscribe(self, on_assign: Callable[..., None], on_revoke: Callable[..., None],
                   on_lost: Callable[..., None]) -> None:
-        self.consumer.subscribe([self._topic], on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost)
+        """Subscribe to TOPIC's names and patterns; ConfigError when librdkafka refuses them (a pattern it
+        cannot compile: its regular expressions are POSIX extended ones)."""
+        try:
+            self.consumer.subscribe(list(self._subscription.entries), on_assign=on_assign, on_revoke=on_revoke,
+                                    on_lost=on_lost)
+        except KafkaException as err:
+            raise ConfigError(f"invalid TOPIC={self._subscription.describe()!r}: librdkafka refused the subscription "
+                              f"({err.args[0].str()}; a pattern must be a POSIX extended regular expression)"
+                              ) from None
 
     def assign(self, partitions: list[TopicPartition]) -> None:
         if self._cooperative:
@@ -317,7 +330,7 @@ class KafkaClient(ClientLink):
         """The one-line reason for :class:`~mtc75.errors.OffsetOutOfRange`: where it stood, what the log holds.
         The error event's offset is None (or negative) when the group had no committed offset."""
         if topic is None or partition is None:
-            topic, partition = self._topic, -1
+            topic, partition = self._subscription.describe(), -1
         where = f"{topic}[{partition}]" if partition >= 0 else topic
         if offset is None or offset < 0 or partition < 0:
             what = f"{where}: the group has no committed offset"

@@ -122,15 +122,16 @@ def _text(err: BaseException) -> str:
 class ShareClient(ClientLink):
     """One ``ShareConsumer`` for the share engine (see the module notes)."""
 
-    def __init__(self, consumer: Any, topic: str, admin: Any, on_error: Callable[[KafkaError], None],
+    def __init__(self, consumer: Any, topics: tuple[str, ...], admin: Any, on_error: Callable[[KafkaError], None],
                  on_acks: AckCallback) -> None:
-        super().__init__(consumer, topic, admin)
+        super().__init__(consumer, topics[0], admin)
+        self._topics = topics
         self._on_error = on_error
         consumer.set_acknowledgement_commit_callback(on_acks)
         self.acknowledge = consumer.acknowledge  # (message, ACCEPT | RELEASE | REJECT): recorded, sent later
 
     def subscribe(self) -> None:
-        self.consumer.subscribe([self._topic])
+        self.consumer.subscribe(list(self._topics))
 
     def poll(self, timeout: float) -> list[Any]:
         """The next batch (records and error events); also sends what was acknowledged since the last call."""
