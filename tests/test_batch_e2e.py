@@ -283,17 +283,18 @@ def test_an_async_batch_handler_is_awaited_with_each_list_bounded_by_max_thread_
 def test_a_poison_message_in_a_batch_under_kill_9_loops_loses_nothing_and_only_it_is_dead_lettered(
     bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
 ) -> None:
-    """kill -9 x 4 while batches of 50 run (4 threads, 5 ms a call, a poison message at 1:777); then a last run
-    to the end. Every other offset is handled; the DLQ holds the poison only; a crash repeats at most the
-    batches running plus one commit interval of progress."""
-    n, threads, size, kills, commit_interval = 9_000, 4, 50, 4, 0.5
+    """kill -9 x 4 while batches of 50 run (4 threads, 0.1 s a call, a poison message at 1:7777); then a last
+    run to the end. Every other offset is handled; the DLQ holds the poison only; a crash repeats at most the
+    batches running plus one commit interval of progress (each run lasts seconds: the first commit of a run
+    comes a commit interval after its first snapshot, and a run killed before it repeats all it did)."""
+    n, threads, size, kills, commit_interval = 30_000, 4, 50, 4, 0.5
     seed = int(time.time()) % 1_000_000
     rng = random.Random(seed)
     topic, group = make_topic(partitions=3), unique("g")
     produce_numbered(bootstrap, topic, n)
     ends = end_offsets(bootstrap, topic)
     record, log = tmp_path / "handled.txt", tmp_path / "consumer.log"
-    env = script_env(bootstrap, MTC75_TEST_RECORD=str(record), MTC75_TEST_SLEEP="0.005", MTC75_TEST_POISON="1:777")
+    env = script_env(bootstrap, MTC75_TEST_RECORD=str(record), MTC75_TEST_SLEEP="0.1", MTC75_TEST_POISON="1:7777")
     args = ["--topic", topic, "--group-id", group, "--max-thread-count", str(threads), "--batch-size", str(size),
             "--batch-wait", "0.05", "--commit-interval", str(commit_interval), "--max-attempts", "2",
             "--retry-backoff", "0.05", "--on-failure", "dlq", "-q", "--handler", "tests.batch_handler:handle",
@@ -306,13 +307,13 @@ def test_a_poison_message_in_a_batch_under_kill_9_loops_loses_nothing_and_only_i
     for k in range(kills):
         proc = start_consumer(args, {**env, "MTC75_TEST_TAG": f"r{k}"}, log)
         try:
-            target = rng.randint(800, 1_800)
+            target = rng.randint(4_000, 6_000)
             samples = kill_9_at(proc, lambda k=k: len(by_tag(f"r{k}")), target, timeout=120, what=f"run {k}")
         finally:
             stop_process(proc)
         rates.append(peak_rate(samples))
     final = start_consumer(args, {**env, "MTC75_TEST_TAG": "final"}, log)
-    wanted = all_offsets(ends) - {(1, 777)}
+    wanted = all_offsets(ends) - {(1, 7777)}
     try:
         wait_until(lambda: wanted <= {(p, o) for p, o, _ in read_tagged_records(record)}, timeout=180,
                    what="every offset but the poison handled")
@@ -333,9 +334,9 @@ def test_a_poison_message_in_a_batch_under_kill_9_loops_loses_nothing_and_only_i
     report_figures("batch_poison_kill_9_loop", seed=seed, messages=n, batch_size=size, kills=kills, lost=len(lost),
                    dead_lettered=sorted(f"{p}:{o}" for p, o in dead_offsets), dlq_records=len(dead),
                    duplicates=sum(per_crash), duplicates_per_crash=per_crash, duplicate_bounds=bounds,
-                   poison_handled=(1, 777) in handled)
+                   poison_handled=(1, 7777) in handled)
     assert not lost, f"lost {len(lost)} offsets, e.g. {sorted(lost)[:5]}"
-    assert (1, 777) not in handled and dead_offsets == {(1, 777)}
+    assert (1, 7777) not in handled and dead_offsets == {(1, 7777)}
     for k, (dups, bound) in enumerate(zip(per_crash, bounds, strict=True)):
         assert dups <= bound, f"crash {k + 1}: {dups} repeated > running batches + one commit interval ({bound})"
 
