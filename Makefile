@@ -109,7 +109,8 @@ faults: kafka
 
 # The end-to-end tests whose FIGURES records RELIABILITY.md quotes besides the fault suite's.
 E2E_FIGURES := tests/test_ordering_e2e.py tests/test_async_e2e.py tests/test_reload_e2e.py tests/test_ratelimit_e2e.py \
-	tests/test_handler_tracebacks.py tests/test_api_misuse.py tests/test_topics_e2e.py \
+	tests/test_handler_tracebacks.py tests/test_api_misuse.py tests/test_topics_e2e.py tests/test_batch_e2e.py \
+	tests/test_process_e2e.py \
 	tests/test_consumer_e2e.py::test_threads_stay_busy_through_pauses_over_a_saturated_run \
 	tests/test_consumer_e2e.py::test_a_fast_handler_runs_in_chunks_and_a_failure_or_a_slow_spell_inside_a_chunk_loses_nothing
 

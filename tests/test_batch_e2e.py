@@ -118,6 +118,7 @@ def test_batches_fill_under_a_backlog_and_trickle_out_after_batch_wait(
         consumer.close(timeout=60)
     assert [offsets for _p, offsets, _k, _s, _e in trickle.calls] == [(0, 1, 2)]
     report_figures("batch_fill", messages=n, batch_size=size, calls=len(sizes), mean_batch=round(mean, 1),
+                   lost=len(all_offsets(ends) - set(handled)), duplicates=sum(handled.values()) - len(handled),
                    trickle_waited_s=round(waited, 2))
     assert waited < 5.0, f"a trickle of 3 waited {waited:.1f}s for a batch of {size}"
 
@@ -208,9 +209,11 @@ def test_ordered_batches_keep_partition_or_key_order_and_never_overlap(
         stats = consumer.run(max_messages=n, idle_exit=60)
         assert stats.processed == n and set(calls.succeeded().values()) == {1}
         overlaps, disorder = ordered_violations(calls, ordering)
+        handled = calls.succeeded()
         report_figures(f"batch_ordering_{ordering}_{'keys' if source == keyed else 'unique'}", messages=n,
                        overlaps=overlaps, disorder=disorder, calls=len(calls.calls),
-                       peak=peak_concurrency(calls))
+                       peak=peak_concurrency(calls), lost=n - len(handled),
+                       duplicates=sum(handled.values()) - len(handled))
         assert (overlaps, disorder) == (0, 0)
         if ordering == "key" and source == keyed:
             assert peak_concurrency(calls) > 1  # different keys of one partition still run at once

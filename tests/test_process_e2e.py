@@ -142,6 +142,7 @@ def test_a_worker_process_killed_mid_run_loses_nothing(
     assert len(first) == 2 and victim in first
     assert children(os.getpid()) <= before  # every worker process reaped
     report_figures("process runner: a worker killed with -9 mid-run", messages=total,
+                   lost=len({(p, o) for p in range(3) for o in range(total // 3)} - set(done)),
                    handled_twice=sum(1 for n in done.values() if n > 1), retried=stats.retried,
                    replacement_first_call_s=round(min(float(r[4]) for r in journal.lines("start")
                                                       if int(r[1]) == replacement) - killed_at, 2))

@@ -42,6 +42,20 @@ CONFIRM_TIMEOUT = 5.0  # longest a synchronous commit (revoke, shutdown) waits t
 Point = tuple[PartitionState, int, str, int]
 
 
+def step_over_skipped(tracker: OffsetTracker, client: KafkaClient) -> None:
+    """Partitions with nothing in flight move their commit position to the client's position when that is
+    past the last offset handed out: the records between are ones no handler gets (a transactional topic
+    ends with a marker, so without this the commit stays one below the end and lag never reaches 0).
+
+    Only in the periodic commit, on the poll thread between two fetches: every record the client returned
+    so far was handed out or sought back (the fair intake's cut clears the position). Not at shutdown,
+    whose poll drops what it returns."""
+    idle = [tp for tp in tracker.partitions() if not tracker.state(tp).pending]
+    if idle:
+        for tp, position in client.positions(idle).items():
+            tracker.step_over(tracker.state(tp), position)
+
+
 class Checkpoint(Protocol):
     """How the engine commits (poll thread only)."""
 
@@ -165,18 +179,7 @@ class OffsetCheckpoint:
             self._send(pending, asynchronous=asynchronous)
 
     def _step_over_skipped(self) -> None:
-        """Partitions with nothing in flight move their commit position to the client's position when that is
-        past the last offset handed out: the records between are ones no handler gets (a transactional topic
-        ends with a marker, so without this the commit stays one below the end and lag never reaches 0).
-
-        Only in the periodic commit, on the poll thread between two fetches: every record the client returned
-        so far was handed out or sought back (the fair intake's cut clears the position). Not at shutdown,
-        whose poll drops what it returns."""
-        tracker = self._tracker
-        idle = [tp for tp in tracker.partitions() if not tracker.state(tp).pending]
-        if idle:
-            for tp, position in self._client.positions(idle).items():
-                tracker.step_over(tracker.state(tp), position)
+        step_over_skipped(self._tracker, self._client)
 
     def committed(self, state: PartitionState) -> int | None:
         sent = self._sent.get(state)

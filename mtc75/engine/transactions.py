@@ -54,7 +54,7 @@ from mtc75.core.failures import DEAD_LETTERED
 from mtc75.core.offsetmap import encode
 from mtc75.core.offsets import OffsetTracker, Partition, PartitionState
 from mtc75.core.work import Work
-from mtc75.engine.checkpoint import CONFIRM_TIMEOUT
+from mtc75.engine.checkpoint import CONFIRM_TIMEOUT, step_over_skipped
 from mtc75.engine.failure import FailurePolicy
 from mtc75.errors import KafkaFatalError, KafkaUnavailable, MessageFailed, Mtc75Error
 from mtc75.kafka.client import KafkaClient
@@ -209,6 +209,7 @@ class TransactionalCheckpoint:
         if now < self._due or self._client.down_since is not None:
             return
         self._due = now + self._interval
+        step_over_skipped(self._tracker, self._client)  # the markers of a transactional input (see there)
         self._commit(now + COMMIT_TIMEOUT, given_up=[])
 
     def commit_now(self, partitions: list[Partition] | None, deadline: float, asynchronous: bool = False) -> None:
