@@ -167,7 +167,8 @@ def test_the_hook_hears_every_failed_attempt_then_the_outcome_for_every_handler_
     # ... and the failure's log line at the default level: where, which attempt of how many, type and text
     text = r"DeserializationError: could not deserialize the value" if kind == "deserializer" else "ValueError: poison"
     lines = [r.getMessage() for r in caplog.records if r.name == dispatcher_module.__name__]
-    pattern = rf"handler failed for {TOPIC}\[0\]@{POISON} \(attempt 1 of 2\): {text}"
+    pattern = (rf"handler failed for {TOPIC}\[0\]@{POISON}: {text}.* \(not retried: " if undecodable
+               else rf"handler failed for {TOPIC}\[0\]@{POISON} \(attempt 1 of 2\): {text}")
     assert any(re.match(pattern, line) for line in lines), lines
 
 

@@ -705,10 +705,14 @@ class Dispatcher:
         # A Work of an assignment being given up is not this consumer's failure: the next owner runs it; nor
         # one the policy declined with attempts left (share mode: its caller says what becomes of it).
         final = live and (not retry.should_retry(work.attempts) or not _retriable(error))
-        logger.log(
-            logging.ERROR if final else logging.DEBUG, "handler failed for %s (attempt %d of %d): %s",
-            what, work.attempts, retry.max_attempts, work.error, exc_info=_traceback(error),
-        )
+        if live and not _retriable(error) and retry.should_retry(work.attempts):  # e.g. it does not deserialize
+            logger.error("handler failed for %s: %s (not retried: another attempt fails the same way)", what,
+                         work.error, exc_info=_traceback(error))
+        else:
+            logger.log(
+                logging.ERROR if final else logging.DEBUG, "handler failed for %s (attempt %d of %d): %s",
+                what, work.attempts, retry.max_attempts, work.error, exc_info=_traceback(error),
+            )
         if work.batch is None:
             self._release(work)
             self._done(work)
