@@ -88,7 +88,7 @@ class Engine:
         self._overrides = overrides
         self._invoker = invoker
         self._threads = AutoThreads(settings, invoker)  # MAX_THREAD_COUNT = "auto" (fixed: it only watches)
-        self._bounds = RunBounds(max_messages, idle_exit)
+        self._bounds = RunBounds(max_messages, idle_exit, settings.SHUTDOWN_TIMEOUT)
         self._on_status = on_status
         self._status_interval = status_interval
         self._factories = factories  # every Kafka client is built through these (tests: in-memory fakes)
