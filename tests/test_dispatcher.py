@@ -10,9 +10,12 @@ from typing import Any
 import pytest
 
 from mtc75.core.offsets import OffsetTracker
-from mtc75.runtime import dispatcher as dispatcher_module
-from mtc75.runtime.dispatcher import MIN_ACTIVE, Dispatcher, Permits, Work
+from mtc75.core.work import Work
+from mtc75.runtime import pacing
+from mtc75.runtime.dispatcher import Dispatcher
 from mtc75.runtime.invoker import Invoker
+from mtc75.runtime.pacing import MIN_ACTIVE
+from mtc75.runtime.permits import Permits
 from mtc75.runtime.runner import WorkerSteps
 from tests.kafka_helpers import wait_until
 
@@ -356,8 +359,8 @@ def test_fast_handlers_start_few_workers_and_a_stalled_backlog_gets_every_free_o
     # Whether a no-op counts as fast, and how many workers drain a backlog in time, follow the measured time
     # per message, which a loaded machine inflates: bounds so wide that any machine's no-op is fast and needs
     # no more than MIN_ACTIVE workers. What is tested is what put() and the poll thread's turn do with that.
-    monkeypatch.setattr(dispatcher_module, "FAST_HANDLER", 1.0)
-    monkeypatch.setattr(dispatcher_module, "DRAIN_TARGET", 1000.0)
+    monkeypatch.setattr(pacing, "FAST_HANDLER", 1.0)
+    monkeypatch.setattr(pacing, "DRAIN_TARGET", 1000.0)
     release = threading.Event()
     slow = [False]
 
