@@ -17,21 +17,8 @@ from mtc75.runtime.invoker import Invoker
 from mtc75.runtime.pacing import MIN_ACTIVE
 from mtc75.runtime.permits import Permits
 from mtc75.runtime.runner import WorkerSteps
+from tests.fake_kafka import FakeMessage
 from tests.kafka_helpers import wait_until
-
-
-class FakeMessage:
-    def __init__(self, partition: int, offset: int) -> None:
-        self._p, self._o = partition, offset
-
-    def topic(self) -> str:
-        return "t"
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
 
 
 def _work(tracker: OffsetTracker, partition: int, offsets: range) -> list[Work]:
@@ -39,7 +26,7 @@ def _work(tracker: OffsetTracker, partition: int, offsets: range) -> list[Work]:
     for o in offsets:
         state = tracker.state(("t", partition))
         assert tracker.admit(state, o)
-        items.append(Work(FakeMessage(partition, o), state, o))
+        items.append(Work(FakeMessage("t", partition, o), state, o))
     return items
 
 

@@ -30,25 +30,8 @@ from mtc75.core.ratelimit import (
 from mtc75.core.work import Work
 from mtc75.runtime.dispatcher import Dispatcher
 from mtc75.runtime.invoker import Invoker
-from tests.fake_kafka import FakeKafka
+from tests.fake_kafka import FakeKafka, FakeMessage
 from tests.kafka_helpers import wait_until
-
-
-class Msg:
-    def __init__(self, partition: int, offset: int, key: bytes | None = None) -> None:
-        self._p, self._o, self._k = partition, offset, key
-
-    def topic(self) -> str:
-        return "t"
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
-
-    def key(self) -> bytes | None:
-        return self._k
 
 
 def _works(tracker: OffsetTracker, partition: int, keys: list[bytes | None], first: int = 0) -> list[Work]:
@@ -56,7 +39,7 @@ def _works(tracker: OffsetTracker, partition: int, keys: list[bytes | None], fir
     out = []
     for i, key in enumerate(keys):
         assert tracker.admit(state, first + i)
-        out.append(Work(Msg(partition, first + i, key), state, first + i))
+        out.append(Work(FakeMessage("t", partition, first + i, key=key), state, first + i))
     return out
 
 
@@ -138,7 +121,7 @@ def test_a_chunk_pays_one_token_per_message_and_each_key_its_count() -> None:
     tracker = OffsetTracker()
     tracker.assign([("t", 0)])
     state = tracker.state(("t", 0))
-    msgs = [Msg(0, i, k) for i, k in enumerate([b"a", b"a", None, b"b"])]
+    msgs = [FakeMessage("t", 0, i, key=k) for i, k in enumerate([b"a", b"a", None, b"b"])]
     chunk = Work.chunk(msgs, state, 0)
     limits = RateLimits(max_rate=10, key_rate=1, burst=0, now=0.0)
     assert limits.admit(chunk, 0.0) == 0.0 and chunk.paid == 0  # full buckets start it, leaving debts
@@ -182,7 +165,7 @@ def _recording(gate: threading.Event | None = None) -> tuple[Callable[[object], 
     seen: list[tuple[int, int]] = []
     lock = threading.Lock()
 
-    def handler(msg: Msg) -> None:  # type: ignore[override]
+    def handler(msg: FakeMessage) -> None:  # type: ignore[override]
         if gate is not None:
             gate.wait(10)
         with lock:
@@ -297,7 +280,7 @@ def test_a_retry_pays_again_and_a_throttled_message_of_a_retired_assignment_is_d
     clock = Clock()
     calls: list[int] = []
 
-    def handler(msg: Msg) -> None:
+    def handler(msg: FakeMessage) -> None:
         calls.append(msg.offset())
         if msg.offset() == 0 and calls.count(0) == 1:
             raise ValueError("once")
@@ -342,7 +325,7 @@ def test_a_message_that_paid_and_ran_after_the_limits_went_off_pays_again_on_ret
     clock = Clock()
     calls: list[int] = []
 
-    def handler(msg: Msg) -> None:
+    def handler(msg: FakeMessage) -> None:
         calls.append(msg.offset())
         if len(calls) == 1:
             raise ValueError("once")
@@ -588,7 +571,7 @@ def test_throttled_chunks_count_their_messages_in_the_backlog_and_as_throttled()
     d.pacing.work_ended(1e-6, 1)  # a measured no-op handler: chunks
     d.limit_rates(max_rate=200, key_rate=0, burst=0.1)  # chunks of 20, one each 0.1 s
     try:
-        d.put([Work.chunk([Msg(0, o) for o in range(100)], state, 0)])
+        d.put([Work.chunk([FakeMessage("t", 0, o) for o in range(100)], state, 0)])
         done: list[Work] = []
         _settled(d, done, 1)
         assert len(seen) == 20
