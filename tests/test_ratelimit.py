@@ -237,6 +237,7 @@ def test_a_hot_key_waits_for_its_tokens_while_other_keys_flow() -> None:
         _settled(d, done, 6)
         assert sorted(o for _, o in seen) == [0, 1, 3, 5, 6, 7]  # every key's first, and the keyless ones
         assert d.throttle.throttled == 1 and d.blocked == 1  # hot @2 waits for its token, hot @4 behind it
+        assert d.throttle.key_waiting() == {("t", 0): 2}  # what the poll thread's key holds count
         clock.now += 1.0
         d.release_due()
         _settled(d, done, 7)
@@ -245,6 +246,7 @@ def test_a_hot_key_waits_for_its_tokens_while_other_keys_flow() -> None:
         _settled(d, done, 8)
         assert [o for _, o in seen if o in (0, 2, 4)] == [0, 2, 4]
         assert d.throttle.seconds() == (0.0, pytest.approx(2.0))
+        assert d.throttle.key_waiting() == {}  # nothing left to hold a partition for
     finally:
         d.shutdown(wait=True)
 
