@@ -252,12 +252,12 @@ def test_a_fast_handler_runs_in_chunks_and_a_failure_or_a_slow_spell_inside_a_ch
     to the end. The slow messages stand far apart: after one, the measured time per message sends the next
     few alone (no chunk to cut), and one that ends its chunk cuts nothing either."""
     from mtc75.core.offsets import OffsetTracker
-    from mtc75.runtime import dispatcher as dispatcher_module
+    from mtc75.runtime import pacing
     from mtc75.runtime.dispatcher import Dispatcher
 
     # Chunks form for handlers measured under FAST_HANDLER (0.1 ms); a loaded machine can measure this
     # one slower, so the bound is raised: this test is about what chunks do, not when they start.
-    monkeypatch.setattr(dispatcher_module, "FAST_HANDLER", 0.01)
+    monkeypatch.setattr(pacing, "FAST_HANDLER", 0.01)
     topic, group, n = make_topic(partitions=3), unique("g"), 6000
     produce_numbered(bootstrap, topic, n)
     ends = end_offsets(bootstrap, topic)

@@ -33,7 +33,7 @@ from mtc75.errors import (
     TopicNotFound,
 )
 from mtc75.kafka.deadletter import H_ATTEMPTS, H_OFFSET, H_PARTITION, H_TOPIC, H_TRUNCATED, TRUNCATED_VALUE_BYTES
-from mtc75.runtime import dispatcher as dispatcher_module
+from mtc75.runtime import pacing
 from mtc75.settings import Settings
 from tests.fake_kafka import FakeKafka
 from tests.kafka_helpers import wait_until
@@ -187,7 +187,7 @@ def test_a_fast_handler_runs_as_runs_with_every_message_once_and_a_failure_settl
     cluster: FakeKafka, start: Callable[..., Run], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The fast path end to end (mtc75/core/work.py): runs form, and their commits stay exact."""
-    monkeypatch.setattr(dispatcher_module, "FAST_HANDLER", 0.01)  # runs form even on a loaded machine
+    monkeypatch.setattr(pacing, "FAST_HANDLER", 0.01)  # runs form even on a loaded machine
     runs: list[int] = []
     complete_range = offsets_module.OffsetTracker.complete_range
 
