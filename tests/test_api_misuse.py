@@ -16,25 +16,13 @@ import pytest
 
 import mtc75
 from mtc75 import testing
+from tests.api_helpers import FAST, GROUP, TOPIC, WAIT, make, new_cluster
 from tests.fake_kafka import FakeKafka
 from tests.kafka_helpers import committed_offsets, produce_numbered, report_figures, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-TOPIC, GROUP = "orders", "billing"
-WAIT = 10.0
-FAST = {"commit_interval": 0.02, "pause_interval": 0.05, "shutdown_timeout": 5.0, "revoke_timeout": 5.0}
-
-
-@pytest.fixture
-def cluster() -> FakeKafka:
-    fake = FakeKafka()
-    fake.create_topic(TOPIC, 2)
-    return fake
-
-
-def make(cluster: FakeKafka, handler: Callable[[Any], object] = lambda m: None, **kw: Any) -> mtc75.Consumer:
-    return testing.consumer(cluster.factories(), handler, topic=TOPIC, group_id=GROUP, **{**FAST, **kw})
+cluster = pytest.fixture(name="cluster")(new_cluster)
 
 
 def test_run_start_or_with_after_close_raise_at_once_without_connecting(cluster: FakeKafka) -> None:
