@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
+
 from mtc75.errors import BrokerError
 from mtc75.tools import broker as launcher
 from mtc75.tools.broker import LocalCluster, LocalKafka
@@ -97,3 +99,18 @@ def owned_cluster(home: Path, preferred: int, size: int) -> LocalCluster:
     """A cluster of ``size`` nodes of this session: node 1 on a free pair from ``preferred``."""
     LocalKafka(preferred, home=REPO_LIBS.parent, libs=REPO_LIBS).fetch()
     return start_owned(lambda port: LocalCluster(port, size, home=home, libs=REPO_LIBS), preferred)
+
+
+@contextlib.contextmanager
+def restartable_broker(local_kafka: LocalKafka | None, name: str, preferred: int) -> Iterator[LocalKafka]:
+    """A broker a test module may stop and restart (its own, in folder ``name``), stopped when the block ends;
+    skips the test where only an outside broker is given (KAFKA_BOOTSTRAP_SERVERS)."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or local_kafka is None:
+        pytest.skip("stopping a broker needs the local one (KAFKA_BOOTSTRAP_SERVERS is set)")
+    taken = frozenset({local_kafka.port, local_kafka.port + 1})
+    with session_folder(name) as home:
+        broker = owned_broker(home, preferred, avoid=taken)
+        try:
+            yield broker
+        finally:
+            broker.stop()
