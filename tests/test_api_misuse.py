@@ -94,6 +94,15 @@ def test_two_threads_calling_run_and_start_at_once_run_it_once(cluster: FakeKafk
     assert set(outcomes) == {("ran", "refused")}, {o: outcomes.count(o) for o in set(outcomes)}
 
 
+def close_from_handler(consumer: mtc75.Consumer, seen: dict[str, Any]) -> None:
+    """close() from a handler: ``seen["close"]`` = (seconds until it raised MisuseError, its message)."""
+    started = time.monotonic()
+    try:
+        consumer.close(timeout=3)  # bounded, should it wait after all
+    except mtc75.MisuseError as err:
+        seen["close"] = (time.monotonic() - started, str(err))
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 @pytest.mark.parametrize("how", ["start", "run"])
 def test_close_from_a_handler_raises_at_once_and_stop_there_ends_the_run_with_that_message_committed(
@@ -104,11 +113,7 @@ def test_close_from_a_handler_raises_at_once_and_stop_there_ends_the_run_with_th
 
     def misuse(message: Any) -> None:
         if message.offset() == 5 and "close" not in seen:
-            started = time.monotonic()
-            try:
-                consumer.close(timeout=3)  # bounded, should it wait after all
-            except mtc75.MisuseError as err:
-                seen["close"] = (time.monotonic() - started, str(err))
+            close_from_handler(consumer, seen)
             try:
                 consumer.run()
             except mtc75.MisuseError as err:
@@ -234,11 +239,7 @@ def test_close_in_a_handler_raises_at_once_and_the_message_is_committed_on_a_rea
     def handler(message: Any) -> None:
         handled.append(message.offset())
         if message.offset() == 5 and "close" not in seen:
-            started = time.monotonic()
-            try:
-                consumer.close(timeout=3)  # bounded, should it wait after all
-            except mtc75.MisuseError as err:
-                seen["close"] = (time.monotonic() - started, str(err))
+            close_from_handler(consumer, seen)
             seen["stop_at"] = time.monotonic()
             consumer.stop()
 
