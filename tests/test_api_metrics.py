@@ -18,18 +18,11 @@ import mtc75
 from tests.api_helpers import TOPIC, WAIT, make, new_cluster
 from tests.fake_kafka import FakeKafka
 from tests.kafka_helpers import wait_until
+from tests.test_metrics import get
 
 pytestmark = pytest.mark.timeout(60)
 
 cluster = pytest.fixture(name="cluster")(new_cluster)
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
 
 
 def test_metrics_port_serves_metrics_and_health_while_it_runs(cluster: FakeKafka) -> None:
