@@ -29,6 +29,13 @@ The algorithm: a probing hill-climber on throughput, with a latency guard.
   alternating down and up: at the best count it sits still, with a short excursion now and then
   that keeps it honest when the workload moves. Throughput moving 25 % at a steady count restarts
   the exploration at once.
+* **Bursts.** With the backlog known (the consumer's lag, :class:`Sample` ``backlog``), a backlog that
+  would keep the current count busy for more than ``BURST_SECONDS`` while the handlers wait (they use
+  under ``BURST_CPU`` cores between them, the process under its CPU ceiling) is a burst: windows shrink to
+  ``BURST_WINDOW`` (at least 5 handler latencies), a change settles in two latencies, and each slow-start
+  step jumps to the count that would drain the backlog in ``BURST_DRAIN`` (at most ``BURST_STEP`` times
+  the current one, at least double), judged as any probe. From 1 thread, 20,000 messages of 10 ms reach
+  75 threads in two windows instead of seven 2 s ones (issue 30: 14.1 s against 2.8 s at a fixed 75).
 * **Latency guard.** The lowest window latency seen is the uncontended baseline. When a saturated
   window shows ``L >= tolerance * baseline`` (2, Gradient2's default) the count drops at once to
   ``count / ratio`` (at most halving): overload of a downstream service shows up in latency first.
@@ -105,6 +112,13 @@ GIL_RECHECK = 300.0
 # waits for a core as well), and a recheck probe followed at 63 s (``python -m bench.autotune``,
 # 01:40 UTC): a handler that has turned into a wait reads ~0.05 and is let go.
 GIL_HOLD = 0.4
+# Bursts (see the module notes): a backlog worth more than BURST_SECONDS at the current count, of handlers
+# that wait, is drained fast. Windows of BURST_WINDOW: a 10 ms handler's 10 completions per thread.
+BURST_SECONDS = 2.0
+BURST_DRAIN = 1.0  # a burst step aims at the count that drains the backlog in this long
+BURST_STEP = 16  # at most this factor per burst step
+BURST_WINDOW = 0.1
+BURST_CPU = 0.5  # handlers using more cores than this between them may be the limit themselves: no burst
 
 
 @dataclass(frozen=True)
@@ -119,6 +133,7 @@ class Sample:
     cpu: float | None = None  # process CPU time / (wall time x cores) since the previous sample, 0..1
     # CPU the handlers used since the previous sample, in cores (their thread CPU seconds per wall second)
     handler_cpu: float | None = None
+    backlog: int | None = None  # messages not yet handled, fetched or not (the consumer's lag); None: unknown
 
 
 @dataclass(frozen=True)
@@ -190,6 +205,9 @@ class AutoTuner:
         self._gil_until = -math.inf
         self.gil_verdicts = 0  # times a probe found the GIL to be the limit (read by the engine's glue)
         self._probe_cpu: float | None = None  # handler CPU (cores) when the probe now measured started
+        self.bursting = False  # the last sample showed a burst (see the module notes): short windows
+        self.windows = 0  # windows evaluated so far
+        self._backlog: int | None = None  # the last sample's backlog
 
     @property
     def limit(self) -> int:
@@ -209,11 +227,29 @@ class AutoTuner:
         window = self._window
         if window.completed == 0 and sample.busy == 0 and sample.waiting == 0:
             self._window = _Window(start=sample.now)
+            self.bursting = False
             return self._keep("idle")
-        if sample.now - window.start < self.interval or window.completed < self._min_completions():
+        self._backlog = sample.backlog
+        self.bursting = self._burst(window.latency(), sample.backlog, sample.handler_cpu, sample.cpu)
+        if sample.now - window.start < self._interval(window) or window.completed < self._min_completions():
             return self._keep(f"measuring ({window.completed} completions)")
         self._window = _Window(start=sample.now)
+        self.windows += 1
         return self._evaluate(sample.now, window)
+
+    def _burst(self, lat: float, backlog: int | None, handler_cpu: float | None, cpu: float | None) -> bool:
+        """A backlog worth more than BURST_SECONDS at the current count, of handlers that wait (module notes)."""
+        if backlog is None or lat <= 0 or backlog * lat / self._limit <= BURST_SECONDS:
+            return False
+        if handler_cpu is not None and handler_cpu >= BURST_CPU:
+            return False
+        return cpu is None or cpu < self.cpu_ceiling
+
+    def _interval(self, window: _Window) -> float:
+        """How long a window lasts at least: ``interval``, or in a burst BURST_WINDOW or 5 latencies."""
+        if self.bursting:
+            return min(self.interval, max(BURST_WINDOW, 5 * window.latency()))
+        return self.interval
 
     def _min_completions(self) -> int:
         """Completions a window needs. In slow start 10 per thread do: a doubling must show +50 %, and
@@ -282,7 +318,10 @@ class AutoTuner:
         streak = self._streak if (1 if up else -1) == self._direction else 0
         stride = max(step, round(n * min(0.5, MIN_STEP * 2**streak)))
         if up:
-            if self._slow_start:
+            if self._slow_start and self.bursting and self._backlog is not None:
+                drain = math.ceil(self._backlog * lat / BURST_DRAIN)
+                target, how = min(n * BURST_STEP, max(2 * n, drain)), f"burst of {self._backlog}"
+            elif self._slow_start:
                 target, how = 2 * n, "slow start"
             elif self._ceiling is not None and n + step < self._ceiling:
                 target, how = n + max(step, (self._ceiling - n) // 2), f"towards {self._ceiling}"
@@ -362,7 +401,7 @@ class AutoTuner:
         self.trend = (target > old) - (target < old)
         self.changes += 1
         # completions of work started under the old count would blur the next window
-        self._settle_until = now + max(self.interval, 2 * lat)
+        self._settle_until = now + (2 * lat if self.bursting else max(self.interval, 2 * lat))
         self._window = _Window(start=now)
         return Decision(target, True, f"{old} -> {target}: {reason}")
 
