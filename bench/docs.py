@@ -121,6 +121,27 @@ def t_limit(f: dict[str, Any]) -> str:
     return _rows(out)
 
 
+def t_batch(f: dict[str, Any]) -> str:
+    out = ["| shape | tuned loop msg/s (peak RSS) | no-op batch handler msg/s (peak RSS) | **no-op / tuned loop** "
+           "| sleeping batch handler msg/s | **sleeping / min(ideal, tuned loop)** | load average at the passes |",
+           "|---|---|---|---|---|---|---|"]
+    for row in f["rows"]:
+        c, r, t = row["contenders"], row["ratios"], row["targets"]
+        rss = max(c["batch_noop"]["peak_rss_mb"] + c["batch_sleep"]["peak_rss_mb"])
+        noop_met = "met" if statistics.median(r["noop_vs_tuned"]) >= t["noop"] else "**missed**"
+        sleep_met = "met" if statistics.median(r["sleep_vs_bound"]) >= t["sleep"] else "**missed**"
+        rss_met = "met" if rss <= t["rss_mb"] else "**missed**"
+        out.append(
+            f"| {row['shape']}, {row['partitions']} partitions ({num(row['backlog'])} msgs) "
+            f"| {spread(c['tuned_loop']['rate'])} ({mb(c['tuned_loop']['peak_rss_mb'])}) "
+            f"| {spread(c['batch_noop']['rate'])} ({rss:.0f} MB; ≤ {t['rss_mb']:.0f}: {rss_met}) "
+            f"| **{ratio(r['noop_vs_tuned'])}** (≥ {t['noop']}: {noop_met}) "
+            f"| {spread(c['batch_sleep']['rate'])} (ideal {num(row['sleep_ideal'])}) "
+            f"| **{ratio(r['sleep_vs_bound'])}** (≥ {t['sleep']}: {sleep_met}) "
+            f"| {', '.join(str(x) for x in row['load_avg_at_passes'])} |")
+    return _rows(out)
+
+
 SHAPE_COLUMNS = (("default_loop", "default-settings loop"), ("engine", "engine, 75 threads"),
                  ("pool", "plain pool"), ("arroyo_x1", "arroyo, max_pending_futures 75"),
                  ("arroyo_x10", "arroyo, 750"), ("engine_previous_settings", "engine, previous settings"),
@@ -304,6 +325,24 @@ def t_targets(root: Path) -> str:
                        f"| {_met(statistics.median(r) >= row['target'])} | {_src(limit)} |")
             out.append(f"| no-op, {shape}: engine peak RSS | {rss:.0f} MB | ≤ {row['rss_target_mb']:.0f} MB "
                        f"| {_met(rss <= row['rss_target_mb'])} | {_src(limit)} |")
+    batch = doc("batch")
+    if batch is None:
+        missing("batch handlers: no-op (BATCH_SIZE 500) / tuned loop; 10 ms per call (100, 16 threads) / "
+                "min(ideal, tuned loop); peak RSS", "batch", "≥ 0.9; ≥ 0.85; ≤ 150 MB")
+    else:
+        for row in batch["figures"]["rows"]:
+            r, t = row["ratios"], row["targets"]
+            shape = f"{row['shape']}, {row['partitions']} partitions"
+            rss = max(row["contenders"]["batch_noop"]["peak_rss_mb"] + row["contenders"]["batch_sleep"]["peak_rss_mb"])
+            out.append(f"| batch, {shape}: no-op (BATCH_SIZE {row['batch_noop']}) / tuned loop "
+                       f"| **{ratio(r['noop_vs_tuned'])}** | ≥ {t['noop']} "
+                       f"| {_met(statistics.median(r['noop_vs_tuned']) >= t['noop'])} | {_src(batch)} |")
+            out.append(f"| batch, {shape}: {row['sleep_s'] * 1e3:g} ms per call (BATCH_SIZE {row['batch_sleep']}, "
+                       f"{row['threads']} threads) / min(ideal, tuned loop) | **{ratio(r['sleep_vs_bound'])}** "
+                       f"| ≥ {t['sleep']} | {_met(statistics.median(r['sleep_vs_bound']) >= t['sleep'])} "
+                       f"| {_src(batch)} |")
+            out.append(f"| batch, {shape}: engine peak RSS | {rss:.0f} MB | ≤ {t['rss_mb']:.0f} MB "
+                       f"| {_met(rss <= t['rss_mb'])} | {_src(batch)} |")
     sat = doc("saturation")
     mine = next((r for r in sat["figures"]["grid"] if r["threads"] == 75 and r["work_s"] == 0.010), None) \
         if sat else None
@@ -360,6 +399,7 @@ def t_targets(root: Path) -> str:
 # name -> (result file, renderer of its "figures", the command that writes the file)
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str], str]] = {
     "limit": ("bench/results/limit.json", t_limit, "python -m bench.run --only limit"),
+    "batch": ("bench/results/batch.json", t_batch, "python -m bench.run --only batch"),
     "shapes": ("bench/results/shapes.json", t_shapes, "python -m bench.run --only shapes"),
     "shapes-cpu": ("bench/results/shapes.json", t_shapes_cpu, "python -m bench.run --only shapes"),
     "reference": ("bench/results/reference.json", t_reference, "python -m bench.run --only reference"),

@@ -15,6 +15,9 @@ contenders that are compared take turns on the same backlog. Sections (``--only`
   sentry-arroyo's RunTaskInThreads at N = 75, W = 10 ms, timed the same way;
 - ``peer``: the peer workload (10 000 messages, 1 partition, 0-5 ms, 16 threads): MTC75, Confluent
   Parallel Consumer 0.5.3.3 (bench/parallel-consumer, when Maven is there) and arroyo;
+- ``batch`` (issue 25): batch handlers (BATCH_SIZE > 1) against the tuned loop on the 6-partition limit
+  shapes: a no-op batch handler (BATCH_SIZE 500, 16 threads) and one sleeping 10 ms per call (BATCH_SIZE
+  100, 16 threads: at most 16 x 100 / 10 ms = 160,000 msg/s), in turns with the tuned loop, PASSES passes;
 - ``cpu``: CPU per message at a fixed 2 000 msg/s;
 - ``async``: async handlers against threads (bench/async_bench.py);
 - ``reference`` (not in the default set): candidate fetch settings for the tuned loop, side by side,
@@ -59,7 +62,7 @@ OUT = Path(__file__).resolve().parent
 PC_DIR = OUT / "parallel-consumer"
 BENCH_PORT = int(os.environ.get("MTC75_BENCH_KAFKA_PORT", "29692"))  # below the ephemeral range (32768+)
 
-SECTIONS = ("limit", "shapes", "saturation", "peer", "cpu", "async")  # the default set, in running order
+SECTIONS = ("limit", "batch", "shapes", "saturation", "peer", "cpu", "async")  # the default set, in running order
 EXTRA_SECTIONS = ("reference",)
 THREADS = (1, 16, 75, 200)
 WORK_SECONDS = (0.001, 0.010, 0.050)
@@ -75,7 +78,12 @@ TARGETS = {
     "limit_rss_mb": 150.0,  # the engine's peak RSS on every limit shape
     "rss_small_mb": 150.0,  # 1 000 000 small messages
     "rss_large_mb": 200.0,  # 10 KB messages
+    "batch_noop": 0.9,  # no-op batch handler (BATCH_SIZE 500) / tuned loop (issue 25)
+    "batch_sleep": 0.85,  # 10 ms per call, BATCH_SIZE 100, 16 threads / min(its ideal, the tuned loop)
+    "batch_rss_mb": 150.0,
 }
+BATCH_NOOP = 500  # issue 25's batch sizes and work
+BATCH_SLEEP, BATCH_SLEEP_SECONDS = 100, 0.010
 
 # The tuned loop: the bare consume() loop of bench/child.py on fetch settings for throughput, not memory.
 # Chosen with `python -m bench.run --only reference` (candidates: REFERENCE_CANDIDATES): the fastest kept.
@@ -416,6 +424,26 @@ def limit_row(bootstrap: str, shape: Shape, topic: str, passes: int) -> dict[str
             "target": shape.limit_target, "rss_target_mb": TARGETS["limit_rss_mb"]}
 
 
+def batch_row(bootstrap: str, shape: Shape, topic: str, passes: int) -> dict[str, Any]:
+    """Issue 25's figures: a no-op batch handler and a sleeping one against the tuned loop, in turns."""
+    threads = str(LIMIT_THREADS)
+    ideal = LIMIT_THREADS * BATCH_SLEEP / BATCH_SLEEP_SECONDS
+    runs = contest(bootstrap, topic, {
+        "tuned_loop": ("raw", shape.count, TUNED_LOOP),
+        "batch_noop": ("engine", shape.count, ("--threads", threads, "--batch-size", str(BATCH_NOOP))),
+        "batch_sleep": ("engine", shape.count, ("--threads", threads, "--batch-size", str(BATCH_SLEEP),
+                                                "--work", f"sleep:{BATCH_SLEEP_SECONDS}")),
+    }, passes)
+    c = runs["contenders"]
+    sleep_vs = [round(s / min(ideal, t), 3) for s, t in zip(c["batch_sleep"]["rate"], c["tuned_loop"]["rate"],
+                                                            strict=True)]
+    return {**shape_fields(shape), **runs, "threads": LIMIT_THREADS, "batch_noop": BATCH_NOOP,
+            "batch_sleep": BATCH_SLEEP, "sleep_s": BATCH_SLEEP_SECONDS, "sleep_ideal": ideal,
+            "ratios": {"noop_vs_tuned": ratios(runs, "batch_noop", "tuned_loop"), "sleep_vs_bound": sleep_vs},
+            "targets": {"noop": TARGETS["batch_noop"], "sleep": TARGETS["batch_sleep"],
+                        "rss_mb": TARGETS["batch_rss_mb"]}}
+
+
 def shape_row(bootstrap: str, shape: Shape, topic: str, passes: int) -> dict[str, Any]:
     """The peers on one shape, each as a ratio of the tuned loop of the same pass."""
     contenders: dict[str, Contender] = {
@@ -541,6 +569,9 @@ class Bench:
         if name == "limit":
             return {"threads": LIMIT_THREADS, "tuned_loop": list(TUNED_LOOP), "passes": self.passes,
                     "rows": self.rows(LIMIT_SHAPES, limit_row)}
+        if name == "batch":
+            return {"tuned_loop": list(TUNED_LOOP), "passes": self.passes,
+                    "rows": self.rows(tuple(s for s in LIMIT_SHAPES if s.partitions == 6), batch_row)}
         if name == "shapes":
             return {"tuned_loop": list(TUNED_LOOP), "passes": self.passes, "rows": self.rows(SHAPES, shape_row)}
         if name == "reference":
