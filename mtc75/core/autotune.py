@@ -31,11 +31,15 @@ The algorithm: a probing hill-climber on throughput, with a latency guard.
   the exploration at once.
 * **Bursts.** With the backlog known (the consumer's lag, :class:`Sample` ``backlog``), a backlog that
   would keep the current count busy for more than ``BURST_SECONDS`` while the handlers wait (they use
-  under ``BURST_CPU`` cores between them, the process under its CPU ceiling) is a burst: windows shrink to
-  ``BURST_WINDOW`` (at least 5 handler latencies), a change settles in two latencies, and each slow-start
-  step jumps to the count that would drain the backlog in ``BURST_DRAIN`` (at most ``BURST_STEP`` times
-  the current one, at least double), judged as any probe. From 1 thread, 20,000 messages of 10 ms reach
-  75 threads in two windows instead of seven 2 s ones (issue 30: 14.1 s against 2.8 s at a fixed 75).
+  under ``BURST_CPU`` cores between them, the process under its CPU ceiling) is a burst: windows shrink
+  to ``BURST_WINDOW`` (at least 5 handler latencies), a change settles in two latencies, and each
+  slow-start step jumps to the count that would drain the backlog in ``BURST_DRAIN`` (at most
+  ``BURST_STEP`` times the current one, at least double). A step up is kept when it drains
+  ``BURST_GAIN`` faster (a wide step shows less than GAIN per thread added on a loaded machine; too
+  many threads show in latency first: the guard below), and a window with permits idle (the client
+  still fetching what the new threads need) is not judged: up to ``BURST_UNFED`` windows wait for a
+  saturated one. At ``max_threads`` a burst does not probe down. From 1 thread, 20,000 messages of
+  10 ms reach 75 threads in two windows instead of seven 2 s ones (issue 30: 14.1 s against 2.8 s at 75).
 * **Latency guard.** The lowest window latency seen is the uncontended baseline. When a saturated
   window shows ``L >= tolerance * baseline`` (2, Gradient2's default) the count drops at once to
   ``count / ratio`` (at most halving): overload of a downstream service shows up in latency first.
@@ -119,6 +123,8 @@ BURST_DRAIN = 1.0  # a burst step aims at the count that drains the backlog in t
 BURST_STEP = 16  # at most this factor per burst step
 BURST_WINDOW = 0.1
 BURST_CPU = 0.5  # handlers using more cores than this between them may be the limit themselves: no burst
+BURST_GAIN = 0.25  # a burst's step up is kept when it drained 25 % faster (not GAIN per thread added)
+BURST_UNFED = 5  # windows a burst's step up may wait for the fetched backlog to feed its threads
 
 
 @dataclass(frozen=True)
@@ -208,6 +214,7 @@ class AutoTuner:
         self.bursting = False  # the last sample showed a burst (see the module notes): short windows
         self.windows = 0  # windows evaluated so far
         self._backlog: int | None = None  # the last sample's backlog
+        self._unfed = 0  # windows the probe now measured spent with permits idle in a burst (module notes)
 
     @property
     def limit(self) -> int:
@@ -313,6 +320,10 @@ class AutoTuner:
                 return self._keep(f"handlers use {handler_cpu:.2f} cores: the GIL is the limit at the lowest count")
             return self._keep("cpu saturated at the lowest count" if cpu_bound else "min = max")
         up = (self._direction > 0 and can_up) or not can_down
+        if self.bursting and not up and n >= self.max_threads:
+            # draining a burst at the limit: fewer threads would only drain it slower (too many show in
+            # latency first: the latency guard)
+            return self._keep(f"burst of {self._backlog} at the limit")
         step = max(1, math.ceil(n * MIN_STEP))
         # strides double while probes keep paying: from a far-off count the best one is a few probes away
         streak = self._streak if (1 if up else -1) == self._direction else 0
@@ -330,7 +341,7 @@ class AutoTuner:
             target = min(self.max_threads, target)
         else:
             target, how = max(self.min_threads, n - stride), "probe down"
-        self._probe_from = n
+        self._probe_from, self._unfed = n, 0
         self._probe_cpu = handler_cpu
         note = f" (cpu {cpu:.0%})" if cpu_bound else " (handlers hold the GIL)" if gil_bound else ""
         if handler_cpu is not None and not note:
@@ -350,11 +361,21 @@ class AutoTuner:
         assert self._probe_from is not None
         start = self._probe_from
         n = self._limit
+        if (self.bursting and n > start and not saturated and lat < self.tolerance * self._baseline
+                and self._unfed < BURST_UNFED):
+            # the new threads wait for messages the client is still fetching: that window measured the
+            # fetch catching up, not the count
+            self._unfed += 1
+            return self._keep(f"{start}->{n}: permits idle while the backlog is fetched ({x * lat:.1f} of "
+                              f"{n} busy): one more window")
+        self._unfed = 0
         self._probe_seen.append((x, lat))
         x = _mean_x(self._probe_seen)
         ref_x = _mean_x(self._ref) if self._ref else 0.0
         r = n / start
         need = ref_x * (1 + GAIN * (r - 1)) if n > start else ref_x * (1 - LOSS * (1 - r))
+        if self.bursting and n > start:
+            need = min(need, ref_x * (1 + BURST_GAIN))  # a burst keeps any step that drains it faster
         verdict = f"{start}->{n}: {x:.0f}/s vs {ref_x:.0f}/s (needed {need:.0f})"
         if len(self._probe_seen) < 2 and abs(x / need - 1) < CLOSE_CALL:
             return self._keep(f"close call {verdict}: one more window")
