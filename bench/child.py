@@ -1,6 +1,7 @@
 """One contender of a bench figure in its own process, so each gets its own peak RSS and its own GIL.
 
-    python bench/child.py MODE --topic T --count N [--threads 75] [--work noop|sleep:S|file:PATH]
+    python bench/child.py MODE --topic T --count N [--threads 75|auto] [--thread-limit L]
+                          [--work noop|sleep:S|file:PATH]
                           [--seconds S] [--max-pending P] [--batch B] [--batch-size B] [-X key=value ...]
 
 MODE is one of:
@@ -222,8 +223,11 @@ def run_engine(args: argparse.Namespace, rec: Recorder, work: Callable[[int], No
     from mtc75.core.stats import Stats
     from mtc75.settings import load_settings, parse_properties
 
-    settings = load_settings(None, flags={"TOPIC": args.topic, "GROUP_ID": f"bench-{uuid.uuid4().hex[:8]}",
-                                          "MAX_THREAD_COUNT": args.threads, "BATCH_SIZE": args.batch_size})
+    flags: dict[str, Any] = {"TOPIC": args.topic, "GROUP_ID": f"bench-{uuid.uuid4().hex[:8]}",
+                             "MAX_THREAD_COUNT": args.threads, "BATCH_SIZE": args.batch_size}
+    if args.thread_limit is not None:
+        flags["MAX_THREAD_LIMIT"] = args.thread_limit
+    settings = load_settings(None, flags=flags)
     consumer: Consumer | None = None
 
     def handle(msg: Any) -> None:
@@ -277,12 +281,17 @@ def run_arroyo(args: argparse.Namespace, rec: Recorder, work: Callable[[int], No
     processor.run()
 
 
+def _threads(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=("engine", "raw", "pool", "arroyo"))
     parser.add_argument("--topic", required=True)
     parser.add_argument("--count", type=int, required=True)
-    parser.add_argument("--threads", type=int, default=75)
+    parser.add_argument("--threads", type=_threads, default=75, help='a count, or "auto" (engine only)')
+    parser.add_argument("--thread-limit", type=int, default=None, help="engine: MAX_THREAD_LIMIT (for auto)")
     parser.add_argument("--work", default="noop")
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--stamps", action="store_true")
@@ -293,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-X", dest="properties", action="append", default=[],
                         help="engine, raw: librdkafka property on top of the defaults")
     args = parser.parse_args(argv)
+    if args.threads == "auto" and args.mode != "engine":
+        parser.error('--threads auto: the engine only')
     rec = Recorder(args.count, args.seconds, args.stamps)
     work = make_work(args.work)
     if args.mode == "raw":

@@ -142,6 +142,19 @@ def t_batch(f: dict[str, Any]) -> str:
     return _rows(out)
 
 
+def t_bursts(f: dict[str, Any]) -> str:
+    out = ["| burst (sleeping handler) | fixed counts msg/s | auto (from 1, limit) msg/s | **auto / best fixed** "
+           "| load average at the passes |", "|---|---|---|---|---|"]
+    for row in f["rows"]:
+        c = row["contenders"]
+        fixed = "; ".join(f"{n}: {spread(c[f'fixed_{n}']['rate'])}" for n in row["fixed"])
+        met = "met" if statistics.median(row["auto_vs_best_fixed"]) >= row["target"] else "**missed**"
+        out.append(f"| {row['burst']} | {fixed} | {spread(c['auto']['rate'])} (limit {row['limit']}) "
+                   f"| **{ratio(row['auto_vs_best_fixed'])}** (≥ {row['target']}: {met}) "
+                   f"| {', '.join(str(x) for x in row['load_avg_at_passes'])} |")
+    return _rows(out)
+
+
 SHAPE_COLUMNS = (("default_loop", "default-settings loop"), ("engine", "engine, 75 threads"),
                  ("pool", "plain pool"), ("arroyo_x1", "arroyo, max_pending_futures 75"),
                  ("arroyo_x10", "arroyo, 750"), ("engine_previous_settings", "engine, previous settings"),
@@ -343,6 +356,14 @@ def t_targets(root: Path) -> str:
                        f"| {_src(batch)} |")
             out.append(f"| batch, {shape}: engine peak RSS | {rss:.0f} MB | ≤ {t['rss_mb']:.0f} MB "
                        f"| {_met(rss <= t['rss_mb'])} | {_src(batch)} |")
+    bursts = doc("bursts")
+    if bursts is None:
+        missing('MAX_THREAD_COUNT="auto" / best fixed count over a short burst', "bursts", "≥ 0.8")
+    else:
+        for row in bursts["figures"]["rows"]:
+            r = row["auto_vs_best_fixed"]
+            out.append(f"| auto / best fixed count over a burst of {row['burst']} | **{ratio(r)}** "
+                       f"| ≥ {row['target']} | {_met(statistics.median(r) >= row['target'])} | {_src(bursts)} |")
     sat = doc("saturation")
     mine = next((r for r in sat["figures"]["grid"] if r["threads"] == 75 and r["work_s"] == 0.010), None) \
         if sat else None
@@ -400,6 +421,7 @@ def t_targets(root: Path) -> str:
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str], str]] = {
     "limit": ("bench/results/limit.json", t_limit, "python -m bench.run --only limit"),
     "batch": ("bench/results/batch.json", t_batch, "python -m bench.run --only batch"),
+    "bursts": ("bench/results/bursts.json", t_bursts, "python -m bench.run --only bursts"),
     "shapes": ("bench/results/shapes.json", t_shapes, "python -m bench.run --only shapes"),
     "shapes-cpu": ("bench/results/shapes.json", t_shapes_cpu, "python -m bench.run --only shapes"),
     "reference": ("bench/results/reference.json", t_reference, "python -m bench.run --only reference"),

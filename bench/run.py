@@ -18,6 +18,9 @@ contenders that are compared take turns on the same backlog. Sections (``--only`
 - ``batch`` (issue 25): batch handlers (BATCH_SIZE > 1) against the tuned loop on the 6-partition limit
   shapes: a no-op batch handler (BATCH_SIZE 500, 16 threads) and one sleeping 10 ms per call (BATCH_SIZE
   100, 16 threads: at most 16 x 100 / 10 ms = 160,000 msg/s), in turns with the tuned loop, PASSES passes;
+- ``bursts`` (issue 30 item 3): MAX_THREAD_COUNT="auto" (from 1 thread, MAX_THREAD_LIMIT = the workload's
+  N) against fixed counts on short bursts (20,000 x 10 ms on 6 partitions, N = 75; 10,000 x 2 ms on one
+  partition, N = 16): rates over the whole backlog, auto as a ratio of the best fixed count of the pass;
 - ``cpu``: CPU per message at a fixed 2 000 msg/s;
 - ``async``: async handlers against threads (bench/async_bench.py);
 - ``reference`` (not in the default set): candidate fetch settings for the tuned loop, side by side,
@@ -62,7 +65,7 @@ OUT = Path(__file__).resolve().parent
 PC_DIR = OUT / "parallel-consumer"
 BENCH_PORT = int(os.environ.get("MTC75_BENCH_KAFKA_PORT", "29692"))  # below the ephemeral range (32768+)
 
-SECTIONS = ("limit", "batch", "shapes", "saturation", "peer", "cpu", "async")  # the default set, in running order
+SECTIONS = ("limit", "batch", "shapes", "saturation", "peer", "bursts", "cpu", "async")  # default set, in order
 EXTRA_SECTIONS = ("reference",)
 THREADS = (1, 16, 75, 200)
 WORK_SECONDS = (0.001, 0.010, 0.050)
@@ -81,9 +84,29 @@ TARGETS = {
     "batch_noop": 0.9,  # no-op batch handler (BATCH_SIZE 500) / tuned loop (issue 25)
     "batch_sleep": 0.85,  # 10 ms per call, BATCH_SIZE 100, 16 threads / min(its ideal, the tuned loop)
     "batch_rss_mb": 150.0,
+    "burst_auto": 0.8,  # MAX_THREAD_COUNT="auto" / the best fixed count, over a whole short burst (issue 30)
 }
 BATCH_NOOP = 500  # issue 25's batch sizes and work
 BATCH_SLEEP, BATCH_SLEEP_SECONDS = 100, 0.010
+
+
+@dataclass(frozen=True)
+class Burst:
+    """A short burst of sleeping handlers (issue 30 item 3): ``count`` x ``work`` seconds on ``partitions``,
+    "auto" limited to ``limit`` threads against the fixed counts ``fixed``."""
+
+    name: str
+    count: int
+    partitions: int
+    work: float
+    limit: int
+    fixed: tuple[int, ...]
+
+
+BURSTS = (
+    Burst("20,000 x 10 ms, 6 partitions", 20_000, 6, 0.010, 75, (16, 75)),
+    Burst("10,000 x 2 ms, 1 partition", 10_000, 1, 0.002, 16, (8, 16)),
+)
 
 # The tuned loop: the bare consume() loop of bench/child.py on fetch settings for throughput, not memory.
 # Chosen with `python -m bench.run --only reference` (candidates: REFERENCE_CANDIDATES): the fastest kept.
@@ -444,6 +467,22 @@ def batch_row(bootstrap: str, shape: Shape, topic: str, passes: int) -> dict[str
                         "rss_mb": TARGETS["batch_rss_mb"]}}
 
 
+def burst_row(bootstrap: str, burst: Burst, topic: str, passes: int) -> dict[str, Any]:
+    """Issue 30 item 3: "auto" from one thread against fixed counts, each over the whole burst, in turns."""
+    work = ("--work", f"sleep:{burst.work}")
+    contenders: dict[str, Contender] = {
+        f"fixed_{n}": ("engine", burst.count, ("--threads", str(n), *work)) for n in burst.fixed}
+    contenders["auto"] = ("engine", burst.count, ("--threads", "auto", "--thread-limit", str(burst.limit), *work))
+    runs = contest(bootstrap, topic, contenders, passes)
+    c = runs["contenders"]
+    best = [max(c[f"fixed_{n}"]["rate"][p] for n in burst.fixed) for p in range(passes)]
+    return {"burst": burst.name, "count": burst.count, "partitions": burst.partitions, "work_s": burst.work,
+            "limit": burst.limit, "fixed": list(burst.fixed), **runs,
+            "auto_vs_best_fixed": [round(a / b, 3) if b else 0.0 for a, b in zip(c["auto"]["rate"], best,
+                                                                                   strict=True)],
+            "target": TARGETS["burst_auto"]}
+
+
 def shape_row(bootstrap: str, shape: Shape, topic: str, passes: int) -> dict[str, Any]:
     """The peers on one shape, each as a ratio of the tuned loop of the same pass."""
     contenders: dict[str, Contender] = {
@@ -594,6 +633,14 @@ class Bench:
             return {"grid": grid, "peers": peers, "target": TARGETS["saturation_75_10ms"]}
         if name == "peer":
             return peer_workload(self.bootstrap) | {"target": TARGETS["peer_workload_ratio"]}
+        if name == "bursts":
+            rows = []
+            for burst in BURSTS:
+                count = burst.count // 5 if self.quick else burst.count
+                shape = Shape(burst.name, 100, "none", count, partitions=burst.partitions)
+                rows.append(burst_row(self.bootstrap, replace(burst, count=count), self.topic(shape), self.passes))
+                print(f"  burst {burst.name}: auto / best fixed {rows[-1]['auto_vs_best_fixed']}", flush=True)
+            return {"rows": rows}
         if name == "cpu":
             return cpu_figure(self.bootstrap, self.run_id, 5.0 if self.quick else 10.0)
         if name == "async":  # async handlers against threads (bench/async_bench.py, issue 12)
