@@ -104,8 +104,8 @@ def t_limit(f: dict[str, Any]) -> str:
     threads = f["threads"]
     out = [f"| shape (no-op handler) | tuned loop msg/s (peak RSS) | default-settings loop msg/s (peak RSS) "
            f"| engine, {threads} threads, msg/s (peak RSS) | **engine / tuned loop** | default loop / tuned loop "
-           "| load average at the passes |",
-           "|---|---|---|---|---|---|---|"]
+           "| Python µs/msg, engine / tuned loop | load average at the passes |",
+           "|---|---|---|---|---|---|---|---|"]
     for row in f["rows"]:
         c, r = row["contenders"], row["ratios"]
         engine_rss = max(c["engine_16"]["peak_rss_mb"])
@@ -117,8 +117,20 @@ def t_limit(f: dict[str, Any]) -> str:
             f"| {spread(c['default_loop']['rate'])} ({mb(c['default_loop']['peak_rss_mb'])}) "
             f"| {spread(c['engine_16']['rate'])} ({engine_rss:.0f} MB; ≤ {row['rss_target_mb']:.0f}: {rss_met}) "
             f"| **{ratio(r['engine_16_vs_tuned'])}** (≥ {row['target']}: {met}) "
-            f"| {ratio(r['default_vs_tuned'])} | {', '.join(str(x) for x in row['load_avg_at_passes'])} |")
+            f"| {ratio(r['default_vs_tuned'])} | {_python_us(c)} "
+            f"| {', '.join(str(x) for x in row['load_avg_at_passes'])} |")
     return _rows(out)
+
+
+def _python_us(c: dict[str, Any]) -> str:
+    """The limit table's cell: Python threads' CPU µs per message, engine and tuned loop (older files: —)."""
+    if "python_us_per_message" not in c["engine_16"] or "python_us_per_message" not in c["tuned_loop"]:
+        return "—"
+    def fmt(v: float) -> str:
+        return f"{v:.2f}"
+
+    engine, loop = c["engine_16"]["python_us_per_message"], c["tuned_loop"]["python_us_per_message"]
+    return f"{spread(engine, fmt)} / {spread(loop, fmt)}"
 
 
 def t_batch(f: dict[str, Any]) -> str:

@@ -418,6 +418,9 @@ def contest(bootstrap: str, topic: str, contenders: dict[str, Contender], passes
             k["peak_rss_mb"].append(round(r["peak_rss_mb"], 1))
             k["cpu_us_per_message"].append(round(r["cpu_s"] / max(1, r["handled"]) * 1e6, 2))
             k["messages"].append(r["handled"])
+            if r.get("thread_cpu_s"):  # Python threads' CPU (not librdkafka's) per message, at the count-th
+                k.setdefault("python_us_per_message", []).append(
+                    round(r["thread_cpu_s"]["python"] / max(1, min(r["handled"], count)) * 1e6, 2))
             if r.get("fetch_sizes"):
                 k.setdefault("fetch_sizes", []).append(r["fetch_sizes"])
     return {"contenders": kept, "load_avg_at_passes": loads}
