@@ -294,6 +294,11 @@ class AutoTuner:
                 return self._change(
                     now, target, lat, f"latency {ratio:.1f}x the uncontended {self._baseline * 1e3:.1f} ms"
                 )
+        if self.bursting and self._slow_start and now >= self._next_probe_at:
+            # a burst's first windows see the client start fetching (permits idle, the rate moving):
+            # the backlog says there is work, so slow start steps at once
+            self._ref = [(x, lat)]
+            return self._start_probe(now, lat, w.cpu, w.handler_cpu)
         if self._ref and abs(x / _mean_x(self._ref) - 1) > DRIFT:
             self._ref, self._failures, self._next_probe_at, self._ceiling = [], 0, now, None
             # a new workload: its handler's latency is not the old one's (a 5 ms CPU-bound handler turning
