@@ -35,9 +35,10 @@ The algorithm: a probing hill-climber on throughput, with a latency guard.
   to ``BURST_WINDOW`` (at least 5 handler latencies), a change settles in two latencies, and each
   slow-start step jumps to the count that would drain the backlog in ``BURST_DRAIN`` (at most
   ``BURST_STEP`` times the current one, at least double). A step up is kept when it drains
-  ``BURST_GAIN`` faster (a wide step shows less than GAIN per thread added on a loaded machine; too
-  many threads show in latency first: the guard below), and a window with permits idle (the client
-  still fetching what the new threads need) is not judged: up to ``BURST_UNFED`` windows wait for a
+  ``BURST_GAIN`` faster, whatever its latency (a wide step shows less than GAIN per thread added, and
+  longer sleeps while its threads start on a loaded machine; too many threads for a downstream show
+  in the next window's latency: the guard below), and a window with permits idle (the client still
+  fetching what the new threads need) is not judged: up to ``BURST_UNFED`` windows wait for a
   saturated one. At ``max_threads`` a burst does not probe down. From 1 thread, 20,000 messages of
   10 ms reach 75 threads in three short windows (1, 8, 64) instead of seven 2 s ones (issue 30).
 * **Latency guard.** The lowest window latency seen is the uncontended baseline. When a saturated
@@ -385,7 +386,9 @@ class AutoTuner:
         if len(self._probe_seen) < 2 and abs(x / need - 1) < CLOSE_CALL:
             return self._keep(f"close call {verdict}: one more window")
         self._probe_from, self._probe_seen = None, []
-        ok = x >= need and (n < start or lat < self.tolerance * self._baseline)
+        # a burst's step that paid is kept even with latency up (a loaded machine's sleeps take longer);
+        # a downstream it overloads shows in the next window: the latency guard
+        ok = x >= need and (n < start or lat < self.tolerance * self._baseline or (self.bursting and n > start))
         if ok:
             if n > start and self._ceiling is not None and n > self._ceiling:
                 self._ceiling = None  # beyond the old ceiling and still paying: the workload changed
