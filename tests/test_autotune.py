@@ -507,6 +507,8 @@ def test_no_burst_for_handlers_that_use_the_cpu() -> None:
     for i in range(3):
         tuner.step(Sample(0.025 * i, 2, 0.010, 1, 500, 0.3, 0.9, backlog=20_000))
         assert not tuner.bursting
+        tuner.step(Sample(0.025 * i, 2, 0.010, 1, 500, 0.3, 0.4, backlog=20_000))  # 0.4 of its one core
+        assert not tuner.bursting
     tuner.step(Sample(0.075, 2, 0.010, 1, 500, 0.3, 0.01, backlog=20_000))
     assert tuner.bursting
     tuner.step(Sample(0.1, 2, 0.010, 1, 500, 0.3, 0.01, backlog=100))  # 1 s of work left: no burst

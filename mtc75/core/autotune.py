@@ -30,8 +30,9 @@ The algorithm: a probing hill-climber on throughput, with a latency guard.
   that keeps it honest when the workload moves. Throughput moving 25 % at a steady count restarts
   the exploration at once.
 * **Bursts.** With the backlog known (the consumer's lag, :class:`Sample` ``backlog``), a backlog that
-  would keep the current count busy for more than ``BURST_SECONDS`` while the handlers wait (they use
-  under ``BURST_CPU`` cores between them, the process under its CPU ceiling) is a burst: windows shrink
+  would keep the current count busy for more than ``BURST_SECONDS`` in slow start while the handlers
+  wait (under ``BURST_CPU`` cores between them and ``BURST_CPU_PER_THREAD`` each, the process under its
+  CPU ceiling) is a burst: windows shrink
   to ``BURST_WINDOW`` (at least 5 handler latencies), a change settles in two latencies, and each
   slow-start step jumps to the count that would drain the backlog in ``BURST_DRAIN`` (at most
   ``BURST_STEP`` times the current one, at least double). A step up is kept when it drains
@@ -124,6 +125,7 @@ BURST_DRAIN = 1.0  # a burst step aims at the count that drains the backlog in t
 BURST_STEP = 8  # at most this factor per burst step (a downstream that slows with the count: 8 -> 64, not 256)
 BURST_WINDOW = 0.1
 BURST_CPU = 0.5  # handlers using more cores than this between them may be the limit themselves: no burst
+BURST_CPU_PER_THREAD = 0.25  # nor handlers using this share of a core each (half CPU, half waiting: the GIL rule's)
 BURST_GAIN = 0.25  # a burst's step up is kept when it drained 25 % faster (not GAIN per thread added)
 BURST_UNFED = 5  # windows a burst's step up may wait for the fetched backlog to feed its threads
 
@@ -238,7 +240,8 @@ class AutoTuner:
             self.bursting = False
             return self._keep("idle")
         self._backlog = sample.backlog
-        self.bursting = self._burst(window.latency(), sample.backlog, sample.handler_cpu, sample.cpu)
+        self.bursting = self._slow_start and self._burst(
+            window.latency(), sample.backlog, sample.handler_cpu, sample.cpu)
         if sample.now - window.start < self._interval(window) or window.completed < self._min_completions():
             return self._keep(f"measuring ({window.completed} completions)")
         self._window = _Window(start=sample.now)
@@ -249,7 +252,7 @@ class AutoTuner:
         """A backlog worth more than BURST_SECONDS at the current count, of handlers that wait (module notes)."""
         if backlog is None or lat <= 0 or backlog * lat / self._limit <= BURST_SECONDS:
             return False
-        if handler_cpu is not None and handler_cpu >= BURST_CPU:
+        if handler_cpu is not None and handler_cpu >= min(BURST_CPU, BURST_CPU_PER_THREAD * self._limit):
             return False
         return cpu is None or cpu < self.cpu_ceiling
 
