@@ -3,10 +3,11 @@
 # make test   - the whole test suite against a local Kafka it starts and stops itself
 # make unit   - the tests that need no broker (engine against an in-memory Kafka fake, policies, CLI errors),
 #               in parallel, without the few that wait seconds of real time (marker `slow`)
-# make bench  - the engine against the fastest plain consume() loop, peers, memory and CPU figures, then
-#               MAX_THREAD_COUNT="auto" against fixed counts, ordering modes against unordered, the process
-#               runner against threads on a CPU-bound handler, exactly-once against at-least-once, and one
-#               against two share-group members on one partition: one result file per section in
+# make bench  - the engine and batch handlers against the fastest plain consume() loop, peers, memory and CPU
+#               figures, "auto" on short bursts, then MAX_THREAD_COUNT="auto" against fixed counts, ordering
+#               modes against unordered, the process runner against threads on a CPU-bound handler,
+#               exactly-once against at-least-once, and one against two share-group members on one
+#               partition: one result file per section in
 #               bench/results/ (BENCHMARKS.md's tables: python -m bench.docs)
 # make docs   - the docs site (MkDocs: docs/, README.md, ARCHITECTURE.md, RELIABILITY.md, BENCHMARKS.md) into site/,
 #               strict: a broken link or reference fails it; `.venv/bin/mkdocs serve` to read it while editing

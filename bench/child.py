@@ -1,11 +1,14 @@
 """One contender of a bench figure in its own process, so each gets its own peak RSS and its own GIL.
 
-    python bench/child.py MODE --topic T --count N [--threads 75] [--work noop|sleep:S|file:PATH]
-                          [--seconds S] [--max-pending P] [--batch B] [-X key=value ...]
+    python bench/child.py MODE --topic T --count N [--threads 75|auto] [--thread-limit L]
+                          [--work noop|sleep:S|file:PATH]
+                          [--seconds S] [--max-pending P] [--batch B] [--batch-size B] [-X key=value ...]
 
 MODE is one of:
   engine  MTC75 (``mtc75.Consumer.from_settings``, default settings, ``-X`` overrides on top; so
-          FETCH_SIZES="auto" probes the topic first, unless ``-X`` sets a fetch size or MTC75_FETCH_SIZES is set)
+          FETCH_SIZES="auto" probes the topic first, unless ``-X`` sets a fetch size or MTC75_FETCH_SIZES is set);
+          with ``--batch-size B`` > 1 a batch handler (BATCH_SIZE = B): ``--work`` once per call, the
+          call's messages counted at once
   raw     a bare ``consume(B)`` loop that records each message (last offset per partition, count), on
           librdkafka's default settings with ``-X`` overrides on top: with none, the default-settings loop;
           with bench/run.py's TUNED_LOOP, the tuned loop (the fastest plain loop: the limit of figure 3)
@@ -34,6 +37,27 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process so far: ``librdkafka`` (its ``rdk:*`` threads) and ``python`` (every
+    other thread, ended ones included: the poll or bare loop and the handler threads, which share one GIL).
+    Their ``python`` seconds per message are the serial cost a no-op consumer pays besides the client's
+    own threads: steadier under load than a rate. Read at the count-th completion, before close() ends
+    librdkafka's threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    client = 0.0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if stat[stat.index("(") + 1:stat.rindex(")")].startswith("rdk:"):
+            fields = stat[stat.rindex(")") + 2:].split()
+            client += (int(fields[11]) + int(fields[12])) / tick
+    cpu = os.times()
+    return {"python": round(cpu.user + cpu.system - client, 3), "librdkafka": round(client, 3)}
 
 
 def _status_mb(field: str) -> float:
@@ -68,6 +92,9 @@ class Recorder:
         self._numbers = itertools.count(1)
         self._tenth = max(1, count // 10)
         self._handled = 0  # set once the run is over (report)
+        self.cpu_at_count: dict[str, float] = {}  # thread_cpu() at the count-th completion
+        self._lock = threading.Lock()  # done_many (a batch handler: one call per batch, a lock costs nothing)
+        self._many = 0  # messages counted by done_many
 
     def seen(self) -> None:
         if not self.first_seen:
@@ -85,13 +112,33 @@ class Recorder:
         if n % self._tenth == 0 and n <= self.count:
             self.samples.append((n, round(_status_mb("VmRSS:"), 1)))
         if n >= self.count or (self.seconds is not None and self.first_done and now - self.first_done >= self.seconds):
+            if not self.finished.is_set():
+                self.cpu_at_count = thread_cpu()
+            self.finished.set()
+
+    def done_many(self, count: int) -> None:
+        """A batch handler's call ended: ``count`` messages done (instead of :meth:`done` per message)."""
+        now = time.monotonic()
+        with self._lock:
+            before = self._many
+            self._many = after = before + count
+            if before == 0:
+                self.first_done = now
+            if before < self.count:
+                self.last_done = max(self.last_done, now)
+            if before // self._tenth != after // self._tenth and before < self.count:
+                self.samples.append((after, round(_status_mb("VmRSS:"), 1)))
+        timed_out = self.seconds is not None and self.first_done and now - self.first_done >= self.seconds
+        if after >= self.count or timed_out:
+            if not self.finished.is_set():
+                self.cpu_at_count = thread_cpu()
             self.finished.set()
 
     @property
     def handled(self) -> int:
         """Messages counted so far (reading it uses up one number: only once the run is over)."""
         if not self._handled:
-            self._handled = next(self._numbers) - 1
+            self._handled = next(self._numbers) - 1 + self._many
         return self._handled
 
     def report(self) -> dict[str, Any]:
@@ -102,6 +149,7 @@ class Recorder:
             "rate": min(self.handled, self.count) / elapsed if elapsed > 0 else 0.0,  # last_done: the count-th
             "peak_rss_mb": _status_mb("VmHWM:"), "rss_samples": self.samples, "cpu_s": cpu.user + cpu.system,
             "stamps": self.stamps if self.keep_stamps else [], "fetch_sizes": self.fetch_sizes,
+            "thread_cpu_s": self.cpu_at_count,
         }
 
 
@@ -175,8 +223,11 @@ def run_engine(args: argparse.Namespace, rec: Recorder, work: Callable[[int], No
     from mtc75.core.stats import Stats
     from mtc75.settings import load_settings, parse_properties
 
-    settings = load_settings(None, flags={"TOPIC": args.topic, "GROUP_ID": f"bench-{uuid.uuid4().hex[:8]}",
-                                          "MAX_THREAD_COUNT": args.threads})
+    flags: dict[str, Any] = {"TOPIC": args.topic, "GROUP_ID": f"bench-{uuid.uuid4().hex[:8]}",
+                             "MAX_THREAD_COUNT": args.threads, "BATCH_SIZE": args.batch_size}
+    if args.thread_limit is not None:
+        flags["MAX_THREAD_LIMIT"] = args.thread_limit
+    settings = load_settings(None, flags=flags)
     consumer: Consumer | None = None
 
     def handle(msg: Any) -> None:
@@ -185,11 +236,18 @@ def run_engine(args: argparse.Namespace, rec: Recorder, work: Callable[[int], No
             work(msg.offset())
         rec.done()
 
+    def handle_batch(messages: list[Any]) -> None:
+        rec.seen()
+        if work is not None:
+            work(messages[0].offset())
+        rec.done_many(len(messages))
+
     def on_status(_stats: Stats) -> None:
         if rec.finished.is_set() and consumer is not None:
             consumer.stop()
 
-    consumer = Consumer.from_settings(handle, settings, librdkafka=parse_properties(args.properties),
+    consumer = Consumer.from_settings(handle_batch if args.batch_size > 1 else handle, settings,
+                                      librdkafka=parse_properties(args.properties),
                                       on_status=on_status, status_interval=0.05)
     # FETCH_SIZES="auto" unless -X sets a fetch size
     rec.fetch_sizes = consumer.run(max_messages=args.count, idle_exit=args.idle_exit).fetch_sizes
@@ -223,21 +281,29 @@ def run_arroyo(args: argparse.Namespace, rec: Recorder, work: Callable[[int], No
     processor.run()
 
 
+def _threads(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=("engine", "raw", "pool", "arroyo"))
     parser.add_argument("--topic", required=True)
     parser.add_argument("--count", type=int, required=True)
-    parser.add_argument("--threads", type=int, default=75)
+    parser.add_argument("--threads", type=_threads, default=75, help='a count, or "auto" (engine only)')
+    parser.add_argument("--thread-limit", type=int, default=None, help="engine: MAX_THREAD_LIMIT (for auto)")
     parser.add_argument("--work", default="noop")
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--stamps", action="store_true")
     parser.add_argument("--max-pending", type=int, default=1000)
     parser.add_argument("--idle-exit", type=float, default=None, help="engine: stop after this long without messages")
     parser.add_argument("--batch", type=int, default=1000, help="raw: messages per consume() call")
+    parser.add_argument("--batch-size", type=int, default=1, help="engine: BATCH_SIZE (> 1: a batch handler)")
     parser.add_argument("-X", dest="properties", action="append", default=[],
                         help="engine, raw: librdkafka property on top of the defaults")
     args = parser.parse_args(argv)
+    if args.threads == "auto" and args.mode != "engine":
+        parser.error('--threads auto: the engine only')
     rec = Recorder(args.count, args.seconds, args.stamps)
     work = make_work(args.work)
     if args.mode == "raw":

@@ -104,8 +104,8 @@ def t_limit(f: dict[str, Any]) -> str:
     threads = f["threads"]
     out = [f"| shape (no-op handler) | tuned loop msg/s (peak RSS) | default-settings loop msg/s (peak RSS) "
            f"| engine, {threads} threads, msg/s (peak RSS) | **engine / tuned loop** | default loop / tuned loop "
-           "| load average at the passes |",
-           "|---|---|---|---|---|---|---|"]
+           "| Python µs/msg, engine / tuned loop | load average at the passes |",
+           "|---|---|---|---|---|---|---|---|"]
     for row in f["rows"]:
         c, r = row["contenders"], row["ratios"]
         engine_rss = max(c["engine_16"]["peak_rss_mb"])
@@ -117,7 +117,53 @@ def t_limit(f: dict[str, Any]) -> str:
             f"| {spread(c['default_loop']['rate'])} ({mb(c['default_loop']['peak_rss_mb'])}) "
             f"| {spread(c['engine_16']['rate'])} ({engine_rss:.0f} MB; ≤ {row['rss_target_mb']:.0f}: {rss_met}) "
             f"| **{ratio(r['engine_16_vs_tuned'])}** (≥ {row['target']}: {met}) "
-            f"| {ratio(r['default_vs_tuned'])} | {', '.join(str(x) for x in row['load_avg_at_passes'])} |")
+            f"| {ratio(r['default_vs_tuned'])} | {_python_us(c)} "
+            f"| {', '.join(str(x) for x in row['load_avg_at_passes'])} |")
+    return _rows(out)
+
+
+def _python_us(c: dict[str, Any]) -> str:
+    """The limit table's cell: Python threads' CPU µs per message, engine and tuned loop (older files: —)."""
+    if "python_us_per_message" not in c["engine_16"] or "python_us_per_message" not in c["tuned_loop"]:
+        return "—"
+    def fmt(v: float) -> str:
+        return f"{v:.2f}"
+
+    engine, loop = c["engine_16"]["python_us_per_message"], c["tuned_loop"]["python_us_per_message"]
+    return f"{spread(engine, fmt)} / {spread(loop, fmt)}"
+
+
+def t_batch(f: dict[str, Any]) -> str:
+    out = ["| shape | tuned loop msg/s (peak RSS) | no-op batch handler msg/s (peak RSS) | **no-op / tuned loop** "
+           "| sleeping batch handler msg/s | **sleeping / min(ideal, tuned loop)** | load average at the passes |",
+           "|---|---|---|---|---|---|---|"]
+    for row in f["rows"]:
+        c, r, t = row["contenders"], row["ratios"], row["targets"]
+        rss = max(c["batch_noop"]["peak_rss_mb"] + c["batch_sleep"]["peak_rss_mb"])
+        noop_met = "met" if statistics.median(r["noop_vs_tuned"]) >= t["noop"] else "**missed**"
+        sleep_met = "met" if statistics.median(r["sleep_vs_bound"]) >= t["sleep"] else "**missed**"
+        rss_met = "met" if rss <= t["rss_mb"] else "**missed**"
+        out.append(
+            f"| {row['shape']}, {row['partitions']} partitions ({num(row['backlog'])} msgs) "
+            f"| {spread(c['tuned_loop']['rate'])} ({mb(c['tuned_loop']['peak_rss_mb'])}) "
+            f"| {spread(c['batch_noop']['rate'])} ({rss:.0f} MB; ≤ {t['rss_mb']:.0f}: {rss_met}) "
+            f"| **{ratio(r['noop_vs_tuned'])}** (≥ {t['noop']}: {noop_met}) "
+            f"| {spread(c['batch_sleep']['rate'])} (ideal {num(row['sleep_ideal'])}) "
+            f"| **{ratio(r['sleep_vs_bound'])}** (≥ {t['sleep']}: {sleep_met}) "
+            f"| {', '.join(str(x) for x in row['load_avg_at_passes'])} |")
+    return _rows(out)
+
+
+def t_bursts(f: dict[str, Any]) -> str:
+    out = ["| burst (sleeping handler) | fixed counts msg/s | auto (from 1, limit) msg/s | **auto / best fixed** "
+           "| load average at the passes |", "|---|---|---|---|---|"]
+    for row in f["rows"]:
+        c = row["contenders"]
+        fixed = "; ".join(f"{n}: {spread(c[f'fixed_{n}']['rate'])}" for n in row["fixed"])
+        met = "met" if statistics.median(row["auto_vs_best_fixed"]) >= row["target"] else "**missed**"
+        out.append(f"| {row['burst']} | {fixed} | {spread(c['auto']['rate'])} (limit {row['limit']}) "
+                   f"| **{ratio(row['auto_vs_best_fixed'])}** (≥ {row['target']}: {met}) "
+                   f"| {', '.join(str(x) for x in row['load_avg_at_passes'])} |")
     return _rows(out)
 
 
@@ -304,6 +350,32 @@ def t_targets(root: Path) -> str:
                        f"| {_met(statistics.median(r) >= row['target'])} | {_src(limit)} |")
             out.append(f"| no-op, {shape}: engine peak RSS | {rss:.0f} MB | ≤ {row['rss_target_mb']:.0f} MB "
                        f"| {_met(rss <= row['rss_target_mb'])} | {_src(limit)} |")
+    batch = doc("batch")
+    if batch is None:
+        missing("batch handlers: no-op (BATCH_SIZE 500) / tuned loop; 10 ms per call (100, 16 threads) / "
+                "min(ideal, tuned loop); peak RSS", "batch", "≥ 0.9; ≥ 0.85; ≤ 150 MB")
+    else:
+        for row in batch["figures"]["rows"]:
+            r, t = row["ratios"], row["targets"]
+            shape = f"{row['shape']}, {row['partitions']} partitions"
+            rss = max(row["contenders"]["batch_noop"]["peak_rss_mb"] + row["contenders"]["batch_sleep"]["peak_rss_mb"])
+            out.append(f"| batch, {shape}: no-op (BATCH_SIZE {row['batch_noop']}) / tuned loop "
+                       f"| **{ratio(r['noop_vs_tuned'])}** | ≥ {t['noop']} "
+                       f"| {_met(statistics.median(r['noop_vs_tuned']) >= t['noop'])} | {_src(batch)} |")
+            out.append(f"| batch, {shape}: {row['sleep_s'] * 1e3:g} ms per call (BATCH_SIZE {row['batch_sleep']}, "
+                       f"{row['threads']} threads) / min(ideal, tuned loop) | **{ratio(r['sleep_vs_bound'])}** "
+                       f"| ≥ {t['sleep']} | {_met(statistics.median(r['sleep_vs_bound']) >= t['sleep'])} "
+                       f"| {_src(batch)} |")
+            out.append(f"| batch, {shape}: engine peak RSS | {rss:.0f} MB | ≤ {t['rss_mb']:.0f} MB "
+                       f"| {_met(rss <= t['rss_mb'])} | {_src(batch)} |")
+    bursts = doc("bursts")
+    if bursts is None:
+        missing('MAX_THREAD_COUNT="auto" / best fixed count over a short burst', "bursts", "≥ 0.8")
+    else:
+        for row in bursts["figures"]["rows"]:
+            r = row["auto_vs_best_fixed"]
+            out.append(f"| auto / best fixed count over a burst of {row['burst']} | **{ratio(r)}** "
+                       f"| ≥ {row['target']} | {_met(statistics.median(r) >= row['target'])} | {_src(bursts)} |")
     sat = doc("saturation")
     mine = next((r for r in sat["figures"]["grid"] if r["threads"] == 75 and r["work_s"] == 0.010), None) \
         if sat else None
@@ -360,6 +432,8 @@ def t_targets(root: Path) -> str:
 # name -> (result file, renderer of its "figures", the command that writes the file)
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str], str]] = {
     "limit": ("bench/results/limit.json", t_limit, "python -m bench.run --only limit"),
+    "batch": ("bench/results/batch.json", t_batch, "python -m bench.run --only batch"),
+    "bursts": ("bench/results/bursts.json", t_bursts, "python -m bench.run --only bursts"),
     "shapes": ("bench/results/shapes.json", t_shapes, "python -m bench.run --only shapes"),
     "shapes-cpu": ("bench/results/shapes.json", t_shapes_cpu, "python -m bench.run --only shapes"),
     "reference": ("bench/results/reference.json", t_reference, "python -m bench.run --only reference"),

@@ -15,6 +15,12 @@ contenders that are compared take turns on the same backlog. Sections (``--only`
   sentry-arroyo's RunTaskInThreads at N = 75, W = 10 ms, timed the same way;
 - ``peer``: the peer workload (10 000 messages, 1 partition, 0-5 ms, 16 threads): MTC75, Confluent
   Parallel Consumer 0.5.3.3 (bench/parallel-consumer, when Maven is there) and arroyo;
+- ``batch`` (issue 25): batch handlers (BATCH_SIZE > 1) against the tuned loop on the 6-partition limit
+  shapes: a no-op batch handler (BATCH_SIZE 500, 16 threads) and one sleeping 10 ms per call (BATCH_SIZE
+  100, 16 threads: at most 16 x 100 / 10 ms = 160,000 msg/s), in turns with the tuned loop, PASSES passes;
+- ``bursts`` (issue 30 item 3): MAX_THREAD_COUNT="auto" (from 1 thread, MAX_THREAD_LIMIT = the workload's
+  N) against fixed counts on short bursts (20,000 x 10 ms on 6 partitions, N = 75; 10,000 x 2 ms on one
+  partition, N = 16): rates over the whole backlog, auto as a ratio of the best fixed count of the pass;
 - ``cpu``: CPU per message at a fixed 2 000 msg/s;
 - ``async``: async handlers against threads (bench/async_bench.py);
 - ``reference`` (not in the default set): candidate fetch settings for the tuned loop, side by side,
@@ -59,7 +65,7 @@ OUT = Path(__file__).resolve().parent
 PC_DIR = OUT / "parallel-consumer"
 BENCH_PORT = int(os.environ.get("MTC75_BENCH_KAFKA_PORT", "29692"))  # below the ephemeral range (32768+)
 
-SECTIONS = ("limit", "shapes", "saturation", "peer", "cpu", "async")  # the default set, in running order
+SECTIONS = ("limit", "batch", "shapes", "saturation", "peer", "bursts", "cpu", "async")  # default set, in order
 EXTRA_SECTIONS = ("reference",)
 THREADS = (1, 16, 75, 200)
 WORK_SECONDS = (0.001, 0.010, 0.050)
@@ -75,7 +81,32 @@ TARGETS = {
     "limit_rss_mb": 150.0,  # the engine's peak RSS on every limit shape
     "rss_small_mb": 150.0,  # 1 000 000 small messages
     "rss_large_mb": 200.0,  # 10 KB messages
+    "batch_noop": 0.9,  # no-op batch handler (BATCH_SIZE 500) / tuned loop (issue 25)
+    "batch_sleep": 0.85,  # 10 ms per call, BATCH_SIZE 100, 16 threads / min(its ideal, the tuned loop)
+    "batch_rss_mb": 150.0,
+    "burst_auto": 0.8,  # MAX_THREAD_COUNT="auto" / the best fixed count, over a whole short burst (issue 30)
 }
+BATCH_NOOP = 500  # issue 25's batch sizes and work
+BATCH_SLEEP, BATCH_SLEEP_SECONDS = 100, 0.010
+
+
+@dataclass(frozen=True)
+class Burst:
+    """A short burst of sleeping handlers (issue 30 item 3): ``count`` x ``work`` seconds on ``partitions``,
+    "auto" limited to ``limit`` threads against the fixed counts ``fixed``."""
+
+    name: str
+    count: int
+    partitions: int
+    work: float
+    limit: int
+    fixed: tuple[int, ...]
+
+
+BURSTS = (
+    Burst("20,000 x 10 ms, 6 partitions", 20_000, 6, 0.010, 75, (16, 75)),
+    Burst("10,000 x 2 ms, 1 partition", 10_000, 1, 0.002, 16, (8, 16)),
+)
 
 # The tuned loop: the bare consume() loop of bench/child.py on fetch settings for throughput, not memory.
 # Chosen with `python -m bench.run --only reference` (candidates: REFERENCE_CANDIDATES): the fastest kept.
@@ -387,6 +418,9 @@ def contest(bootstrap: str, topic: str, contenders: dict[str, Contender], passes
             k["peak_rss_mb"].append(round(r["peak_rss_mb"], 1))
             k["cpu_us_per_message"].append(round(r["cpu_s"] / max(1, r["handled"]) * 1e6, 2))
             k["messages"].append(r["handled"])
+            if r.get("thread_cpu_s"):  # Python threads' CPU (not librdkafka's) per message, at the count-th
+                k.setdefault("python_us_per_message", []).append(
+                    round(r["thread_cpu_s"]["python"] / max(1, min(r["handled"], count)) * 1e6, 2))
             if r.get("fetch_sizes"):
                 k.setdefault("fetch_sizes", []).append(r["fetch_sizes"])
     return {"contenders": kept, "load_avg_at_passes": loads}
@@ -414,6 +448,42 @@ def limit_row(bootstrap: str, shape: Shape, topic: str, passes: int) -> dict[str
             "ratios": {"engine_16_vs_tuned": ratios(runs, "engine_16", "tuned_loop"),
                        "default_vs_tuned": ratios(runs, "default_loop", "tuned_loop")},
             "target": shape.limit_target, "rss_target_mb": TARGETS["limit_rss_mb"]}
+
+
+def batch_row(bootstrap: str, shape: Shape, topic: str, passes: int) -> dict[str, Any]:
+    """Issue 25's figures: a no-op batch handler and a sleeping one against the tuned loop, in turns."""
+    threads = str(LIMIT_THREADS)
+    ideal = LIMIT_THREADS * BATCH_SLEEP / BATCH_SLEEP_SECONDS
+    runs = contest(bootstrap, topic, {
+        "tuned_loop": ("raw", shape.count, TUNED_LOOP),
+        "batch_noop": ("engine", shape.count, ("--threads", threads, "--batch-size", str(BATCH_NOOP))),
+        "batch_sleep": ("engine", shape.count, ("--threads", threads, "--batch-size", str(BATCH_SLEEP),
+                                                "--work", f"sleep:{BATCH_SLEEP_SECONDS}")),
+    }, passes)
+    c = runs["contenders"]
+    sleep_vs = [round(s / min(ideal, t), 3) for s, t in zip(c["batch_sleep"]["rate"], c["tuned_loop"]["rate"],
+                                                            strict=True)]
+    return {**shape_fields(shape), **runs, "threads": LIMIT_THREADS, "batch_noop": BATCH_NOOP,
+            "batch_sleep": BATCH_SLEEP, "sleep_s": BATCH_SLEEP_SECONDS, "sleep_ideal": ideal,
+            "ratios": {"noop_vs_tuned": ratios(runs, "batch_noop", "tuned_loop"), "sleep_vs_bound": sleep_vs},
+            "targets": {"noop": TARGETS["batch_noop"], "sleep": TARGETS["batch_sleep"],
+                        "rss_mb": TARGETS["batch_rss_mb"]}}
+
+
+def burst_row(bootstrap: str, burst: Burst, topic: str, passes: int) -> dict[str, Any]:
+    """Issue 30 item 3: "auto" from one thread against fixed counts, each over the whole burst, in turns."""
+    work = ("--work", f"sleep:{burst.work}")
+    contenders: dict[str, Contender] = {
+        f"fixed_{n}": ("engine", burst.count, ("--threads", str(n), *work)) for n in burst.fixed}
+    contenders["auto"] = ("engine", burst.count, ("--threads", "auto", "--thread-limit", str(burst.limit), *work))
+    runs = contest(bootstrap, topic, contenders, passes)
+    c = runs["contenders"]
+    best = [max(c[f"fixed_{n}"]["rate"][p] for n in burst.fixed) for p in range(passes)]
+    return {"burst": burst.name, "count": burst.count, "partitions": burst.partitions, "work_s": burst.work,
+            "limit": burst.limit, "fixed": list(burst.fixed), **runs,
+            "auto_vs_best_fixed": [round(a / b, 3) if b else 0.0 for a, b in zip(c["auto"]["rate"], best,
+                                                                                   strict=True)],
+            "target": TARGETS["burst_auto"]}
 
 
 def shape_row(bootstrap: str, shape: Shape, topic: str, passes: int) -> dict[str, Any]:
@@ -541,6 +611,9 @@ class Bench:
         if name == "limit":
             return {"threads": LIMIT_THREADS, "tuned_loop": list(TUNED_LOOP), "passes": self.passes,
                     "rows": self.rows(LIMIT_SHAPES, limit_row)}
+        if name == "batch":
+            return {"tuned_loop": list(TUNED_LOOP), "passes": self.passes,
+                    "rows": self.rows(tuple(s for s in LIMIT_SHAPES if s.partitions == 6), batch_row)}
         if name == "shapes":
             return {"tuned_loop": list(TUNED_LOOP), "passes": self.passes, "rows": self.rows(SHAPES, shape_row)}
         if name == "reference":
@@ -563,6 +636,14 @@ class Bench:
             return {"grid": grid, "peers": peers, "target": TARGETS["saturation_75_10ms"]}
         if name == "peer":
             return peer_workload(self.bootstrap) | {"target": TARGETS["peer_workload_ratio"]}
+        if name == "bursts":
+            rows = []
+            for burst in BURSTS:
+                count = burst.count // 5 if self.quick else burst.count
+                shape = Shape(burst.name, 100, "none", count, partitions=burst.partitions)
+                rows.append(burst_row(self.bootstrap, replace(burst, count=count), self.topic(shape), self.passes))
+                print(f"  burst {burst.name}: auto / best fixed {rows[-1]['auto_vs_best_fixed']}", flush=True)
+            return {"rows": rows}
         if name == "cpu":
             return cpu_figure(self.bootstrap, self.run_id, 5.0 if self.quick else 10.0)
         if name == "async":  # async handlers against threads (bench/async_bench.py, issue 12)

@@ -144,6 +144,8 @@ class DoublingTuner:
         self.max_threads = max_threads
         self.trend = 0
         self.gil_verdicts = 0  # as AutoTuner: times it found the GIL to be the limit
+        self.bursting = False  # as AutoTuner: no burst, so samples come every SAMPLE_INTERVAL once judged
+        self.windows = 1  # as AutoTuner past its first window: samples every SAMPLE_INTERVAL
         self.samples: list[Sample] = []
         self.calls_at: list[int] = []  # the handler's calls when each sample came
         tuners.append(self)

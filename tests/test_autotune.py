@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mtc75.core.autotune import AutoTuner, Decision, Sample
+from mtc75.core.autotune import BURST_SECONDS, AutoTuner, Decision, Sample
 
 TICK = 0.5
 SEEDS = range(20)
@@ -443,3 +443,73 @@ def test_bad_samples_are_rejected() -> None:
         tuner.step(Sample(6.0, 3, float("nan"), 0, 0))
     with pytest.raises(ValueError):
         tuner.step(Sample(float("inf"), 3, 0.1, 0, 0))
+
+
+def drain_burst(count: int, delay: float, limit: int, backlog_known: bool = True, feed: float = 0.0,
+                warmup: float = 0.0, spike: float = 1.0, dt: float = 0.025) -> tuple[float, list[int], list[int]]:
+    """Seconds a burst of ``count`` messages of ``delay`` takes under "auto" from one thread (the engine's
+    glue samples every 25 ms in a burst), the counts it went through, and those chosen while more than
+    BURST_SECONDS of work was left. The first ``feed`` seconds after a
+    change the new threads wait for fetched messages: only the old count runs (the client catching up); the
+    first ``warmup`` seconds the client is starting to fetch: one thread half busy, nothing waiting. For
+    0.25 s after a change the handlers take ``spike`` times as long (new threads starting on a loaded machine)
+    at the same rate."""
+    tuner = AutoTuner(1, limit)
+    left, t, changed_at, old = float(count), 0.0, -1.0, 1
+    counts = [1]
+    still_a_burst: list[int] = []  # the counts chosen while more than BURST_SECONDS of work was left
+    while left > 0:
+        t += dt
+        n = tuner.limit
+        running = old if t - changed_at < feed else n
+        rate = running / delay / (2 if t < warmup else 1)
+        done = min(left, rate * dt)
+        left -= done
+        waiting = 0 if running < n or t < warmup else 500
+        latency = running / rate * (spike if t - changed_at < 0.25 else 1.0)
+        decision = tuner.step(Sample(t, round(done), latency, running, waiting, 0.1, 0.02,
+                                     backlog=round(left) if backlog_known else None))
+        if decision.changed:
+            old, changed_at = n, t
+            counts.append(decision.limit)
+            if left * delay / n > BURST_SECONDS:
+                still_a_burst.append(decision.limit)
+        assert t < 120, "never drained"
+    return t, counts, still_a_burst
+
+
+def test_a_burst_of_waiting_handlers_reaches_the_limit_in_a_few_windows() -> None:
+    """Issue 30: 20,000 x 10 ms from one thread took 14.1 s under auto against 2.8 s at a fixed 75."""
+    ideal = 20_000 * 0.010 / 75
+    took, counts, in_burst = drain_burst(20_000, 0.010, 75)
+    assert took <= ideal / 0.8, (took, counts)
+    assert in_burst == [8, 64, 75]  # sized by the backlog, 8 times at most per step; no probe down at 75
+    # the client needing 0.15 s to feed new threads (a window with permits idle) is waited out, not judged
+    fed_late, late_counts, _ = drain_burst(20_000, 0.010, 75, feed=0.15)
+    assert fed_late <= ideal / 0.75 and late_counts[:4] == [1, 8, 64, 75], late_counts
+    # the first windows, while the client starts fetching, do not hold slow start back
+    warm, warm_counts, _ = drain_burst(20_000, 0.010, 75, warmup=0.3)
+    assert warm <= ideal / 0.8 + 0.3 and warm_counts[:4] == [1, 8, 64, 75], (warm, warm_counts)
+    # latency up 2.5x while a step's threads start (a loaded machine) does not undo a step that paid
+    spiked, spiked_counts, _ = drain_burst(20_000, 0.010, 75, spike=2.5)
+    assert spiked <= ideal / 0.75 and spiked_counts[:4] == [1, 8, 64, 75], (spiked, spiked_counts)
+    # 10,000 x 2 ms on one partition, limit 16: 1,500 msg/s under auto against 7,400 fixed
+    took_2ms, _, _ = drain_burst(10_000, 0.002, 16)
+    assert took_2ms <= 10_000 * 0.002 / 16 / 0.8
+    # the backlog is what tells a burst: without it the same work ramps through 1 s windows
+    slow, _, _ = drain_burst(20_000, 0.010, 75, backlog_known=False)
+    assert slow > 2 * took
+
+
+def test_no_burst_for_handlers_that_use_the_cpu() -> None:
+    """A backlog of handlers using a core between them may be limited by the CPU: no burst steps."""
+    tuner = AutoTuner(1, 75)
+    for i in range(3):
+        tuner.step(Sample(0.025 * i, 2, 0.010, 1, 500, 0.3, 0.9, backlog=20_000))
+        assert not tuner.bursting
+        tuner.step(Sample(0.025 * i, 2, 0.010, 1, 500, 0.3, 0.4, backlog=20_000))  # 0.4 of its one core
+        assert not tuner.bursting
+    tuner.step(Sample(0.075, 2, 0.010, 1, 500, 0.3, 0.01, backlog=20_000))
+    assert tuner.bursting
+    tuner.step(Sample(0.1, 2, 0.010, 1, 500, 0.3, 0.01, backlog=100))  # 1 s of work left: no burst
+    assert not tuner.bursting

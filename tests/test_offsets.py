@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mtc75.core.offsets import OffsetTracker, PartitionState
+from mtc75.core.offsets import OffsetTracker, PartitionState, Pending
 
 TP = ("t", 0)
 
@@ -208,3 +208,39 @@ def test_step_over_with_nothing_handed_out_since_the_assignment() -> None:
     tracker.assign([TP])
     assert tracker.step_over(tracker.state(TP), 8)
     assert tracker.watermark(tracker.state(TP)) == 8
+
+
+def test_pending_keeps_runs_and_reads_as_its_offsets() -> None:
+    pending = Pending()
+    assert not pending and len(pending) == 0
+    pending.add(0, 3)
+    pending.add(3, 2)  # follows on: the same run
+    pending.add(7)  # a gap: a new run
+    pending.add(8, 2)
+    assert repr(pending) == "Pending([(0, 5), (7, 10)])"
+    assert list(pending) == [0, 1, 2, 3, 4, 7, 8, 9] and len(pending) == 8
+    assert (pending[0], pending[-1], pending[5]) == (0, 9, 7)
+    assert not pending.pop_head(1, 2)  # not the oldest: refused, nothing removed
+    assert not pending.pop_head(0, 6)  # longer than the head run
+    assert pending.pop_head(0, 2) and list(pending) == [2, 3, 4, 7, 8, 9]
+    assert pending.popleft() == 2
+    done = {3, 4, 7, 9}
+    assert pending.pop_done(done) == 7  # 3, 4, then across the gap 7; 8 is not done
+    assert list(pending) == [8, 9] and done == {9} and len(pending) == 2
+    assert pending.pop_done(done) is None
+    assert pending.popleft() == 8 and pending.pop_done(done) == 9 and not pending and not done
+
+
+def test_complete_range_above_the_oldest_waits_for_it_then_the_watermark_passes_all() -> None:
+    tracker = OffsetTracker()
+    tracker.assign([TP])
+    state = tracker.state(TP)
+    assert tracker.admit_range(state, list(range(10))) is None
+    assert tracker.complete_range(state, 4, 3)  # 4-6 while 0 runs: done, no commit yet
+    assert state.position is None and state.done == {4, 5, 6}
+    assert tracker.complete_range(state, 0, 4)  # the oldest chunk: the watermark passes it and 4-6
+    assert state.position == 7 and not state.done and list(state.pending) == [7, 8, 9]
+    assert tracker.complete_range(state, 8, 2) and state.position == 7  # 7 still runs
+    tracker.complete(state, 7)
+    assert state.position == 10 and not state.pending
+    assert tracker.outstanding(TP) == []

@@ -29,6 +29,19 @@ The algorithm: a probing hill-climber on throughput, with a latency guard.
   alternating down and up: at the best count it sits still, with a short excursion now and then
   that keeps it honest when the workload moves. Throughput moving 25 % at a steady count restarts
   the exploration at once.
+* **Bursts.** With the backlog known (the consumer's lag, :class:`Sample` ``backlog``), a backlog that
+  would keep the current count busy for more than ``BURST_SECONDS`` in slow start while the handlers
+  wait (under ``BURST_CPU`` cores between them and ``BURST_CPU_PER_THREAD`` each, the process under its
+  CPU ceiling) is a burst: windows shrink
+  to ``BURST_WINDOW`` (at least 5 handler latencies), a change settles in two latencies, and each
+  slow-start step jumps to the count that would drain the backlog in ``BURST_DRAIN`` (at most
+  ``BURST_STEP`` times the current one, at least double). A step up is kept when it drains
+  ``BURST_GAIN`` faster, whatever its latency (a wide step shows less than GAIN per thread added, and
+  longer sleeps while its threads start on a loaded machine; too many threads for a downstream show
+  in the next window's latency: the guard below), and a window with permits idle (the client still
+  fetching what the new threads need) is not judged: up to ``BURST_UNFED`` windows wait for a
+  saturated one. At ``max_threads`` a burst does not probe down. From 1 thread, 20,000 messages of
+  10 ms reach 75 threads in three short windows (1, 8, 64) instead of seven 2 s ones (issue 30).
 * **Latency guard.** The lowest window latency seen is the uncontended baseline. When a saturated
   window shows ``L >= tolerance * baseline`` (2, Gradient2's default) the count drops at once to
   ``count / ratio`` (at most halving): overload of a downstream service shows up in latency first.
@@ -103,6 +116,16 @@ GIL_RECHECK = 300.0
 # up set it, and a CPU-bound handler on a shared machine reads below that (its thread waits for a core
 # too); a handler that has turned into a wait reads ~0.05 and is let go (BENCHMARKS.md, the "auto" sweep).
 GIL_HOLD = 0.4
+# Bursts (see the module notes): a backlog worth more than BURST_SECONDS at the current count, of handlers
+# that wait, is drained fast. Windows of BURST_WINDOW: a 10 ms handler's 10 completions per thread.
+BURST_SECONDS = 2.0
+BURST_DRAIN = 1.0  # a burst step aims at the count that drains the backlog in this long
+BURST_STEP = 8  # at most this factor per burst step (a downstream that slows with the count: 8 -> 64, not 256)
+BURST_WINDOW = 0.1
+BURST_CPU = 0.5  # handlers using more cores than this between them may be the limit themselves: no burst
+BURST_CPU_PER_THREAD = 0.25  # nor handlers using this share of a core each (half CPU, half waiting: the GIL rule's)
+BURST_GAIN = 0.25  # a burst's step up is kept when it drained 25 % faster (not GAIN per thread added)
+BURST_UNFED = 5  # windows a burst's step up may wait for the fetched backlog to feed its threads
 
 
 @dataclass(frozen=True)
@@ -117,6 +140,7 @@ class Sample:
     cpu: float | None = None  # process CPU time / (wall time x cores) since the previous sample, 0..1
     # CPU the handlers used since the previous sample, in cores (their thread CPU seconds per wall second)
     handler_cpu: float | None = None
+    backlog: int | None = None  # messages not yet handled, fetched or not (the consumer's lag); None: unknown
 
 
 @dataclass(frozen=True)
@@ -188,6 +212,10 @@ class AutoTuner:
         self._gil_until = -math.inf
         self.gil_verdicts = 0  # times a probe found the GIL to be the limit (read by the engine's glue)
         self._probe_cpu: float | None = None  # handler CPU (cores) when the probe now measured started
+        self.bursting = False  # the last sample showed a burst (see the module notes): short windows
+        self.windows = 0  # windows evaluated so far
+        self._backlog: int | None = None  # the last sample's backlog
+        self._unfed = 0  # windows the probe now measured spent with permits idle in a burst (module notes)
 
     @property
     def limit(self) -> int:
@@ -207,11 +235,30 @@ class AutoTuner:
         window = self._window
         if window.completed == 0 and sample.busy == 0 and sample.waiting == 0:
             self._window = _Window(start=sample.now)
+            self.bursting = False
             return self._keep("idle")
-        if sample.now - window.start < self.interval or window.completed < self._min_completions():
+        self._backlog = sample.backlog
+        self.bursting = self._slow_start and self._burst(
+            window.latency(), sample.backlog, sample.handler_cpu, sample.cpu)
+        if sample.now - window.start < self._interval(window) or window.completed < self._min_completions():
             return self._keep(f"measuring ({window.completed} completions)")
         self._window = _Window(start=sample.now)
+        self.windows += 1
         return self._evaluate(sample.now, window)
+
+    def _burst(self, lat: float, backlog: int | None, handler_cpu: float | None, cpu: float | None) -> bool:
+        """A backlog worth more than BURST_SECONDS at the current count, of handlers that wait (module notes)."""
+        if backlog is None or lat <= 0 or backlog * lat / self._limit <= BURST_SECONDS:
+            return False
+        if handler_cpu is not None and handler_cpu >= min(BURST_CPU, BURST_CPU_PER_THREAD * self._limit):
+            return False
+        return cpu is None or cpu < self.cpu_ceiling
+
+    def _interval(self, window: _Window) -> float:
+        """How long a window lasts at least: ``interval``, or in a burst BURST_WINDOW or 5 latencies."""
+        if self.bursting:
+            return min(self.interval, max(BURST_WINDOW, 5 * window.latency()))
+        return self.interval
 
     def _min_completions(self) -> int:
         """Completions a window needs. In slow start 10 per thread do: a doubling must show +50 %, and
@@ -249,6 +296,11 @@ class AutoTuner:
                 return self._change(
                     now, target, lat, f"latency {ratio:.1f}x the uncontended {self._baseline * 1e3:.1f} ms"
                 )
+        if self.bursting and self._slow_start and now >= self._next_probe_at:
+            # a burst's first windows see the client start fetching (permits idle, the rate moving):
+            # the backlog says there is work, so slow start steps at once
+            self._ref = [(x, lat)]
+            return self._start_probe(now, lat, w.cpu, w.handler_cpu)
         if self._ref and abs(x / _mean_x(self._ref) - 1) > DRIFT:
             self._ref, self._failures, self._next_probe_at, self._ceiling = [], 0, now, None
             # a new workload: its handler's latency is not the old one's (a 5 ms CPU-bound handler turning
@@ -275,12 +327,19 @@ class AutoTuner:
                 return self._keep(f"handlers use {handler_cpu:.2f} cores: the GIL is the limit at the lowest count")
             return self._keep("cpu saturated at the lowest count" if cpu_bound else "min = max")
         up = (self._direction > 0 and can_up) or not can_down
+        if self.bursting and not up and n >= self.max_threads:
+            # draining a burst at the limit: fewer threads would only drain it slower (too many show in
+            # latency first: the latency guard)
+            return self._keep(f"burst of {self._backlog} at the limit")
         step = max(1, math.ceil(n * MIN_STEP))
         # strides double while probes keep paying: from a far-off count the best one is a few probes away
         streak = self._streak if (1 if up else -1) == self._direction else 0
         stride = max(step, round(n * min(0.5, MIN_STEP * 2**streak)))
         if up:
-            if self._slow_start:
+            if self._slow_start and self.bursting and self._backlog is not None:
+                drain = math.ceil(self._backlog * lat / BURST_DRAIN)
+                target, how = min(n * BURST_STEP, max(2 * n, drain)), f"burst of {self._backlog}"
+            elif self._slow_start:
                 target, how = 2 * n, "slow start"
             elif self._ceiling is not None and n + step < self._ceiling:
                 target, how = n + max(step, (self._ceiling - n) // 2), f"towards {self._ceiling}"
@@ -289,7 +348,7 @@ class AutoTuner:
             target = min(self.max_threads, target)
         else:
             target, how = max(self.min_threads, n - stride), "probe down"
-        self._probe_from = n
+        self._probe_from, self._unfed = n, 0
         self._probe_cpu = handler_cpu
         note = f" (cpu {cpu:.0%})" if cpu_bound else " (handlers hold the GIL)" if gil_bound else ""
         if handler_cpu is not None and not note:
@@ -309,16 +368,28 @@ class AutoTuner:
         assert self._probe_from is not None
         start = self._probe_from
         n = self._limit
+        if (self.bursting and n > start and not saturated and lat < self.tolerance * self._baseline
+                and self._unfed < BURST_UNFED):
+            # the new threads wait for messages the client is still fetching: that window measured the
+            # fetch catching up, not the count
+            self._unfed += 1
+            return self._keep(f"{start}->{n}: permits idle while the backlog is fetched ({x * lat:.1f} of "
+                              f"{n} busy): one more window")
+        self._unfed = 0
         self._probe_seen.append((x, lat))
         x = _mean_x(self._probe_seen)
         ref_x = _mean_x(self._ref) if self._ref else 0.0
         r = n / start
         need = ref_x * (1 + GAIN * (r - 1)) if n > start else ref_x * (1 - LOSS * (1 - r))
+        if self.bursting and n > start:
+            need = min(need, ref_x * (1 + BURST_GAIN))  # a burst keeps any step that drains it faster
         verdict = f"{start}->{n}: {x:.0f}/s vs {ref_x:.0f}/s (needed {need:.0f})"
         if len(self._probe_seen) < 2 and abs(x / need - 1) < CLOSE_CALL:
             return self._keep(f"close call {verdict}: one more window")
         self._probe_from, self._probe_seen = None, []
-        ok = x >= need and (n < start or lat < self.tolerance * self._baseline)
+        # a burst's step that paid is kept even with latency up (a loaded machine's sleeps take longer);
+        # a downstream it overloads shows in the next window: the latency guard
+        ok = x >= need and (n < start or lat < self.tolerance * self._baseline or (self.bursting and n > start))
         if ok:
             if n > start and self._ceiling is not None and n > self._ceiling:
                 self._ceiling = None  # beyond the old ceiling and still paying: the workload changed
@@ -360,7 +431,7 @@ class AutoTuner:
         self.trend = (target > old) - (target < old)
         self.changes += 1
         # completions of work started under the old count would blur the next window
-        self._settle_until = now + max(self.interval, 2 * lat)
+        self._settle_until = now + (2 * lat if self.bursting else max(self.interval, 2 * lat))
         self._window = _Window(start=now)
         return Decision(target, True, f"{old} -> {target}: {reason}")
 

@@ -50,7 +50,7 @@ NAMED = {SMALL.name: SMALL, LARGE.name: LARGE}
 FETCH_SIZE_MODES = ("auto", SMALL.name, LARGE.name)  # the FETCH_SIZES setting
 
 # Payload bytes per byte received at or below which LARGE is chosen: uncompressed data reads ~0.9-1.0,
-# lz4 text ~7. Peak memory with LARGE grows with the ratio (BENCHMARKS.md, "Fetch sizes"); the probe
+# lz4 text ~7. Peak memory with LARGE grows with the ratio (BENCHMARKS.md, "Fetch settings"); the probe
 # under-states a ratio by at most 1/8 (mtc75.kafka.fetchprobe), so 1.5 keeps the peak well inside 150 MB.
 UNCOMPRESSED_RATIO = 1.5
 # Below this many bytes received the ratio says little: a few KB of metadata and coordinator replies

@@ -18,11 +18,104 @@ assignment makes its offsets complete at once when fetched again, without a hand
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from mtc75.core.offsetmap import FinishedOffsets
 
 Partition = tuple[str, int]
+
+
+class Pending:
+    """A partition's offsets handed out and not yet below the watermark, ascending, kept as runs of
+    consecutive offsets: a fetched run goes in as one step and a chunk that completes at the head goes out
+    as one, whatever its length. Reads as the sequence of its offsets (``len``, iteration, ``[0]``, ``[-1]``).
+    """
+
+    __slots__ = ("_runs", "_count")
+
+    def __init__(self) -> None:
+        self._runs: deque[list[int]] = deque()  # [first, stop) of each run, ascending, with gaps between
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __iter__(self) -> Iterator[int]:
+        for first, stop in list(self._runs):
+            yield from range(first, stop)
+
+    def __getitem__(self, index: int) -> int:
+        runs = self._runs
+        if not runs:
+            raise IndexError("no offset pending")
+        if index == 0:
+            return runs[0][0]
+        if index == -1:
+            return runs[-1][1] - 1
+        return list(self)[index]
+
+    def __repr__(self) -> str:
+        return f"Pending({[tuple(run) for run in self._runs]})"
+
+    def add(self, first: int, count: int = 1) -> None:
+        """Append ``first .. first + count - 1``, all past the last offset pending (the caller checks)."""
+        runs = self._runs
+        if runs and runs[-1][1] == first:
+            runs[-1][1] += count
+        else:
+            runs.append([first, first + count])
+        self._count += count
+
+    def popleft(self) -> int:
+        """Remove and return the first offset (IndexError when none is pending)."""
+        head = self._runs[0]
+        offset = head[0]
+        head[0] = offset + 1
+        if head[0] == head[1]:
+            self._runs.popleft()
+        self._count -= 1
+        return offset
+
+    def pop_head(self, first: int, count: int) -> bool:
+        """Remove ``first .. first + count - 1`` when they are the oldest offsets pending, in one step."""
+        runs = self._runs
+        if not runs:
+            return False
+        head = runs[0]
+        stop = first + count
+        if head[0] != first or stop > head[1]:
+            return False
+        if stop == head[1]:
+            runs.popleft()
+        else:
+            head[0] = stop
+        self._count -= count
+        return True
+
+    def pop_done(self, done: set[int]) -> int | None:
+        """Remove the oldest offsets while they are in ``done`` (and from it); the last one removed, or None."""
+        runs = self._runs
+        last = None
+        while runs:
+            head = runs[0]
+            offset, stop = head
+            if offset not in done:
+                break
+            end = offset + 1
+            while end < stop and end in done:
+                end += 1
+            done.difference_update(range(offset, end))
+            self._count -= end - offset
+            last = end - 1
+            if end == stop:
+                runs.popleft()
+            else:
+                head[0] = end
+                break
+        return last
 
 
 class PartitionState:
@@ -36,7 +129,7 @@ class PartitionState:
         self.alive = True
         # True once the assignment is being given up: nothing of it is retried or put back (under the lock)
         self.closing = False
-        self.pending: deque[int] = deque()  # offsets handed out and not yet below the watermark
+        self.pending = Pending()  # offsets handed out and not yet below the watermark
         self.done: set[int] = set()  # completed offsets above the watermark
         self.abandoned: set[int] = set()  # dropped before they ran: the watermark stops at them
         self.position: int | None = None  # next offset to commit (last contiguous completed + 1)
@@ -94,7 +187,7 @@ class OffsetTracker:
                 return False  # a redelivery of an offset already in flight
         elif state.position is not None and offset < state.position:
             return False  # a redelivery of an offset already completed
-        pending.append(offset)
+        pending.add(offset)
         return True
 
     @classmethod
@@ -109,7 +202,7 @@ class OffsetTracker:
         pending = state.pending
         floor = pending[-1] if pending else (state.position - 1 if state.position is not None else first - 1)
         if first > floor and last - first == len(offsets) - 1 and offsets == list(range(first, last + 1)):
-            pending.extend(offsets)
+            pending.add(first, len(offsets))
             return None
         return [cls.admit(state, offset) for offset in offsets]
 
@@ -144,39 +237,37 @@ class OffsetTracker:
             state.version += 1
             return True
         pending.popleft()
-        done = state.done
-        if done:
-            while pending and pending[0] in done:
-                offset = pending.popleft()
-                done.discard(offset)
+        if state.done:
+            drained = pending.pop_done(state.done)
+            if drained is not None:
+                offset = drained
         state.position = offset + 1
         return True
 
     @classmethod
     def complete_range(cls, state: PartitionState, first: int, count: int) -> bool:
-        """Mark ``first .. first + count - 1`` done, as one step when they are the oldest in flight.
+        """Mark ``first .. first + count - 1`` done, as one step each way it can.
 
-        A chunk is admitted as consecutive offsets (:meth:`admit_range`) and ``pending`` ascends, so when
-        its first and last offsets sit at the head of ``pending`` the whole chunk does, and it leaves as
-        ``count`` pops instead of ``count`` calls. Anything else goes offset by offset through
-        :meth:`complete`.
+        A chunk is admitted as consecutive offsets (:meth:`admit_range`): when it is the oldest in flight it
+        leaves ``pending`` in one step (then whatever finished above it follows); when all of it is above the
+        oldest it joins ``done`` in one step. Anything else goes offset by offset through :meth:`complete`.
         """
         if not state.alive:
             return False
         pending = state.pending
-        last = first + count - 1
-        if len(pending) >= count and pending[0] == first and pending[count - 1] == last:
-            pop = pending.popleft
-            for _ in range(count):
-                pop()
-            done = state.done
-            if done:
-                while pending and pending[0] in done:
-                    last = pop()
-                    done.discard(last)
+        if pending.pop_head(first, count):
+            last = first + count - 1
+            if state.done:
+                drained = pending.pop_done(state.done)
+                if drained is not None:
+                    last = drained
             state.position = last + 1
             return True
-        for offset in range(first, last + 1):
+        if pending and first > pending[0]:
+            state.done.update(range(first, first + count))
+            state.version += 1
+            return True
+        for offset in range(first, first + count):
             cls.complete(state, offset)
         return True
 

@@ -6,11 +6,13 @@ is due), and :meth:`AutoThreads.retune` when MAX_THREAD_COUNT changes while runn
 While the mode is "auto" its :class:`LatencyMeter` observes every handler call of the invoker
 (:mod:`mtc75.runtime.invoker`); in fixed mode it is detached and costs nothing.
 
-Every ``SAMPLE_INTERVAL`` a :class:`~mtc75.core.autotune.Sample` is built from: completions (the engine's
+Every ``SAMPLE_INTERVAL`` (``BURST_SAMPLE_INTERVAL`` in a burst and until the first window) a
+:class:`~mtc75.core.autotune.Sample` is built from: completions (the engine's
 processed count), handler latency (the mean of the calls that ended since the last sample), busy
 permits, messages that could start now (the dispatcher's ``ready``: retries waiting out a backoff and
 messages blocked behind their key or partition are no demand),
-the process's CPU time over wall time and cores, and the handlers' CPU in cores (their time in
+the consumer's lag (the backlog a burst is sized by), the process's CPU time over wall time and cores, and
+the handlers' CPU in cores (their time in
 progress times the share of it their threads spent on a CPU: a core's worth that another thread
 does not raise is the GIL, see :mod:`mtc75.core.autotune`). A changed limit goes through
 ``dispatcher.resize`` -- the live resize, which never cancels a running handler -- and one debug line
@@ -40,6 +42,9 @@ logger = logging.getLogger(__name__)
 # Samples go to the tuner four times a second: its windows last at least a second (AutoTuner.interval),
 # and "messages were waiting in at least half of the samples" needs several samples per window.
 SAMPLE_INTERVAL = 0.25
+# In a burst (mtc75/core/autotune.py) windows last 0.1 s: samples come this often then, and until the
+# tuner judged its first window (a burst is seen in the first one).
+BURST_SAMPLE_INTERVAL = 0.025
 TREND_SHOWN = 5.0  # seconds a change keeps its arrow on the dashboard; then the count shows as holding
 
 
@@ -192,15 +197,17 @@ class AutoThreads:
             return 0
         return self._tuner.trend
 
-    def tick(self, processed: int, pool: Pool) -> None:
-        """One poll-loop turn: when a sample is due, step the tuner and apply its decision."""
+    def tick(self, processed: int, pool: Pool, lag: Callable[[], int | None] | None = None) -> None:
+        """One poll-loop turn: when a sample is due, step the tuner and apply its decision. ``lag`` gives the
+        messages not yet handled (the consumer's lag), asked only when a sample is due."""
         tuner = self._tuner
         if tuner is None:
             return
         now = self._clock()
         if now < self._next:
             return
-        self._next = now + self._interval
+        fast = tuner.bursting or tuner.windows == 0
+        self._next = now + (min(self._interval, BURST_SAMPLE_INTERVAL) if fast else self._interval)
         cpu_now = self._cpu_clock()
         mark, self._mark = self._mark, (now, cpu_now, processed)
         calls, latency = self.meter.read()
@@ -215,6 +222,7 @@ class AutoThreads:
         sample = Sample(
             now=now, completed=completed, latency=latency if calls else 0.0,
             busy=pool.active_thread_count, waiting=pool.ready, cpu=cpu, handler_cpu=handler_cpu,
+            backlog=lag() if lag is not None else None,
         )
         decision = tuner.step(sample)
         if decision.changed:

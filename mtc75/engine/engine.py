@@ -171,11 +171,16 @@ class Engine:
             parts.checkpoint
         ledger, threads, bounds = self._ledger, self._threads, self._bounds
         next_status = time.monotonic()
+
+        def lag_now() -> int | None:  # for MAX_THREAD_COUNT="auto": the backlog a burst is sized by
+            lag = client.lag(checkpoint.lag_bases(), self._settings.AUTO_OFFSET_RESET, time.monotonic())
+            return sum(lag.values()) if lag else None
+
         while not self._stop.is_set():
             now = time.monotonic()
             if self._retune:
                 self._apply_retune()
-            threads.tick(ledger.processed, dispatcher)
+            threads.tick(ledger.processed, dispatcher, lag_now)
             dispatcher.release_due()
             ledger.settle(dispatcher.completions)
             gone = self._faults.brokers_gone(now)

@@ -69,38 +69,68 @@ class Ledger:
     def admit(self, messages: list[Any]) -> list[Work]:
         """The Works for fetched ``messages`` (error events go to ``on_error`` in place). Runs per partition
         run, not per message: consume() returns runs of one partition."""
-        works: list[Work] = []
-        run: list[Any] = []
-        topic: str | None = None
-        partition = -1
-        for msg in messages:
-            if msg.error() is not None:
-                self._admit(run, works)
-                run, topic, partition = [], None, -1
-                self._on_error(msg)
-                continue
-            if msg.partition() != partition or msg.topic() != topic:
-                self._admit(run, works)
-                run = [msg]
-                topic, partition = msg.topic(), msg.partition()
-            else:
-                run.append(msg)
-        self._admit(run, works)
+        works = self._one_run(messages)
+        if works is None:
+            works = []
+            run: list[Any] = []
+            topic: str | None = None
+            partition = -1
+            for msg in messages:
+                if msg.error() is not None:
+                    self._admit(run, works)
+                    run, topic, partition = [], None, -1
+                    self._on_error(msg)
+                    continue
+                if msg.partition() != partition or msg.topic() != topic:
+                    self._admit(run, works)
+                    run = [msg]
+                    topic, partition = msg.topic(), msg.partition()
+                else:
+                    run.append(msg)
+            self._admit(run, works)
         if works:
             self.admitted_at = time.monotonic()
         return works
 
-    def _admit(self, run: list[Any], works: list[Work]) -> None:
+    def _one_run(self, messages: list[Any]) -> list[Work] | None:
+        """The Works of a batch that is one partition's run without error events -- what consume() returns on
+        a backlog, nearly always -- told and admitted with C-level loops (``map`` over the message type's
+        methods: no Python step per message); None for any other batch (the caller files it message by
+        message)."""
+        count = len(messages)
+        if count < 2:
+            return None
+        kind = type(messages[0])
+        try:
+            partitions = list(map(kind.partition, messages))
+            if partitions.count(partitions[0]) != count:
+                return None
+            topics = list(map(kind.topic, messages))
+            # error() is None or a KafkaError, which is always true (no __bool__); not count(None): a
+            # KafkaError compared with None raises (confluent-kafka 2.16)
+            if topics.count(topics[0]) != count or any(map(kind.error, messages)):
+                return None
+            offsets = list(map(kind.offset, messages))
+        except TypeError:  # a message of another type (a descriptor refuses it): filed one by one
+            return None
+        works: list[Work] = []
+        self._admit(messages, works, (topics[0], partitions[0]), offsets)
+        return works
+
+    def _admit(self, run: list[Any], works: list[Work], tp: tuple[str, int] | None = None,
+               offsets: list[int] | None = None) -> None:
         """Record one partition run in the tracker and append its Works."""
         if not run:
             return
-        head = run[0]
-        tp = (head.topic(), head.partition())
+        if tp is None:
+            head = run[0]
+            tp = (head.topic(), head.partition())
         state = self.tracker.get(tp)
         if state is None:
             return  # not ours any more (revoked between fetch and now): the current owner reads it
         self.touched.add(tp)
-        offsets = [msg.offset() for msg in run]
+        if offsets is None:
+            offsets = [msg.offset() for msg in run]
         admitted = self.tracker.admit_range(state, offsets)
         if admitted is None:
             if state.finished is None:  # the common case: no offset map from an earlier owner

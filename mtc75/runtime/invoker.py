@@ -43,7 +43,6 @@ sent) the call.
 from __future__ import annotations
 
 import logging
-import pickle
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,9 +50,10 @@ from typing import Any, NamedTuple, Protocol
 
 from mtc75.core.output import Output, ignored_type, outputs_of
 from mtc75.core.work import Work
-from mtc75.errors import BatchError, ConfigError, HandlerRefused
+from mtc75.errors import BatchError
 from mtc75.runtime.handlers import Handler, handler_name, is_async_handler, prepare_handler, result_error
-from mtc75.runtime.procworker import Reply, safe_text
+from mtc75.runtime.procworker import Reply
+from mtc75.runtime.shipping import pickled_handler
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +286,45 @@ class Invoker:
         return given, where, undecoded
 
     def _chunk(self, messages: Sequence[Any], deadline: float) -> tuple[Partial | None, int, Outputs]:
-        """One call per message; stops early (handing the rest back) once ``deadline`` passed."""
+        """One call per message; stops early (handing the rest back) once ``deadline`` passed.
+
+        Untimed (no call observer), the handler is called here directly, inside one ``try`` for the whole
+        chunk: no wrapper frame per message, which is most of what a no-op handler's chunk costs. A raise
+        resumes the loop at the next message."""
+        if self._calls:
+            return self._chunk_timed(messages, deadline)
+        handler, returned, clock = self._target, self._returned, self._clock
+        failures: list[tuple[int, BaseException]] | None = None
+        outputs: list[tuple[int, Output]] | None = None
+        handled = 0
+        last = len(messages)
+        rest: Sequence[Any] = messages
+        while True:
+            try:
+                for message in rest:
+                    result = handler(message)
+                    handled += 1
+                    if result is not None:
+                        outputs, failures = _returned_in_chunk(returned(result), handled - 1, outputs, failures)
+                    if handled < last and clock() >= deadline:
+                        return Partial(handled, failures or []), handled, outputs
+                break
+            except BaseException as err:
+                # Any failure -- SystemExit, KeyboardInterrupt or a CancelledError leaking from library code
+                # too -- is that message's (see _plain_call); the chunk goes on with the next one.
+                if failures is None:
+                    failures = []
+                failures.append((handled, err))
+                handled += 1
+                if handled >= last:
+                    break
+                if clock() >= deadline:
+                    return Partial(handled, failures), handled, outputs
+                rest = messages[handled:]
+        return (None if failures is None else Partial(handled, failures)), handled, outputs
+
+    def _chunk_timed(self, messages: Sequence[Any], deadline: float) -> tuple[Partial | None, int, Outputs]:
+        """:meth:`_chunk` with every call timed for the observers (through ``self._call``)."""
         call = self._call
         clock = self._clock
         failures: list[tuple[int, BaseException]] | None = None
@@ -294,16 +332,7 @@ class Invoker:
         handled = 0
         last = len(messages)
         for message in messages:
-            result = call(message)
-            if result is not None:
-                if type(result) is list:  # output records: done, once written
-                    if outputs is None:
-                        outputs = []
-                    outputs.extend((handled, output) for output in result)
-                else:
-                    if failures is None:
-                        failures = []
-                    failures.append((handled, result))
+            outputs, failures = _returned_in_chunk(call(message), handled, outputs, failures)
             handled += 1
             if handled < last and clock() >= deadline:
                 return Partial(handled, failures or []), handled, outputs
@@ -403,6 +432,24 @@ class Invoker:
         return call
 
 
+def _returned_in_chunk(
+    result: CallResult, index: int, outputs: list[tuple[int, Output]] | None,
+    failures: list[tuple[int, BaseException]] | None,
+) -> tuple[list[tuple[int, Output]] | None, list[tuple[int, BaseException]] | None]:
+    """A chunk's ``(outputs, failures)`` with the result of its message ``index`` added (lists made on need)."""
+    if result is None:
+        return outputs, failures
+    if type(result) is list:  # output records: done, once written
+        if outputs is None:
+            outputs = []
+        outputs.extend((index, output) for output in result)
+        return outputs, failures
+    if failures is None:
+        failures = []
+    failures.append((index, result))  # type: ignore[arg-type]
+    return outputs, failures
+
+
 def _decoding(handler: Handler, decode: Callable[[Any], Any]) -> Handler:
     """``handler`` called with ``decode(message)``: what a raise of either means is the call's to decide."""
 
@@ -442,34 +489,3 @@ def _batch_outcome(given: list[Any], where: list[int], undecoded: list[tuple[int
 def _index_of(given: list[Any], message: object) -> int:
     """The index of ``message`` (the object itself) in ``given``; -1 when it is not there."""
     return next((i for i, m in enumerate(given) if m is message), -1)
-
-
-def pickled_handler(handler: Handler, name: str, decode: Callable[[Any], Any] | None = None,
-                    batches: bool = False) -> bytes:
-    """What worker processes need to call ``handler`` as here, pickled: the handler -- a module-level function
-    travels as its importable name (``module.qualname``); a partial or an object as its parts -- and its
-    kind: a batch handler or not, and how to build the decode function there (its ``rebuild``: a function
-    and its arguments, :func:`mtc75.kafka.deserializers.decoder` with the deserializers' specs).
-    HandlerRefused or ConfigError say why one cannot cross."""
-    if handler_name(handler).startswith("__main__."):
-        raise HandlerRefused(
-            f"handler {name} is defined in the script being run (__main__): worker processes import a handler "
-            "by its module's name; move it into a module (e.g. myapp/jobs.py) and pass myapp.jobs.handle"
-        )
-    try:
-        blob = pickle.dumps(handler, pickle.HIGHEST_PROTOCOL)
-    except BaseException as err:  # a lambda, a nested function, an object holding a lock or a client
-        raise HandlerRefused(
-            f"handler {name} cannot be sent to worker processes ({type(err).__name__}: {safe_text(err)}); give a "
-            "function defined at the top level of an importable module (or a picklable object)"
-        ) from None
-    rebuild = getattr(decode, "rebuild", None) if decode is not None else None
-    try:
-        kind = pickle.dumps((batches, rebuild), pickle.HIGHEST_PROTOCOL)
-    except BaseException as err:  # a deserializer object holding a client, a lambda
-        raise ConfigError(
-            f"a deserializer cannot be sent to worker processes ({type(err).__name__}: {safe_text(err)}): with "
-            'RUNNER="processes" give "json", "str", a function defined at the top level of a module, or a '
-            "picklable object"
-        ) from None
-    return pickle.dumps((blob, kind), pickle.HIGHEST_PROTOCOL)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-# Extra started threads only fight for the GIL (BENCHMARKS.md, "Runs across the thread boundary").
+# Extra started threads only fight for the GIL (BENCHMARKS.md, "No-op handler against the tuned loop").
 DRAIN_TARGET = 0.001  # seconds within which the started workers should drain the backlog
 FAST_HANDLER = 0.0001  # seconds per message below which put() starts only the workers needed
 MIN_ACTIVE = 2  # workers a fast backlog gets at least
