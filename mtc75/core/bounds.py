@@ -3,9 +3,9 @@
 ``max_messages`` bounds admission too (:meth:`RunBounds.budget`): messages finished and in flight count, so a
 run handles exactly that many and the rest is read next time. Idle counts from the first assignment (waiting
 for the group is not idleness) and means nothing to fetch *and* nothing held or waiting: time with every broker
-down, or with a partition held by OFFSET_WINDOW, restarts it; so does a new message. With handlers still
-running, the run ends once none finished for as long (a hung handler must not keep it going: shutdown bounds
-the wait), unless retries wait out a backoff (they will finish).
+down, or with a partition held by OFFSET_WINDOW, is not idle and the clock starts again when it ends; so does a
+new message. With handlers still running, the run ends once none finished for as long (a hung handler must not
+keep it going: shutdown bounds the wait), unless retries wait out a backoff (they will finish).
 
 Thread contract: the poll thread only.
 """
@@ -53,11 +53,11 @@ class RunBounds:
         idle, since = self.idle_exit, self.assigned_at
         if idle is None or since is None:
             return None
+        if progress.blind:  # not idle; the clock starts again when the spell ends, from the last turn it lasted
+            self._idle_from = now
+            return None
         start = max(progress.admitted_at, since, self._idle_from)
         if now - start < idle:
-            return None
-        if progress.blind:
-            self._idle_from = now
             return None
         if progress.in_flight == 0 or (progress.delayed == 0 and now - max(progress.finished_at, start) >= idle):
             return f"no new message for {idle:.1f}s (idle_exit)"
