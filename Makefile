@@ -4,8 +4,12 @@
 # make unit   - the tests that need no broker (engine against an in-memory Kafka fake, policies, CLI errors),
 #               in parallel, without the few that wait seconds of real time (marker `slow`)
 # make bench  - the engine against the fastest plain consume() loop, peers, memory and CPU figures, then
-#               MAX_THREAD_COUNT="auto" against fixed counts and ordering modes against unordered: one
-#               result file per section in bench/results/ (BENCHMARKS.md's tables: python -m bench.docs)
+#               MAX_THREAD_COUNT="auto" against fixed counts, ordering modes against unordered, the process
+#               runner against threads on a CPU-bound handler, exactly-once against at-least-once, and one
+#               against two share-group members on one partition: one result file per section in
+#               bench/results/ (BENCHMARKS.md's tables: python -m bench.docs)
+# make docs   - the docs site (MkDocs: docs/, README.md, ARCHITECTURE.md, RELIABILITY.md, BENCHMARKS.md) into site/,
+#               strict: a broken link or reference fails it; `.venv/bin/mkdocs serve` to read it while editing
 # make faults - only the fault-injection suite; its figures -> tests/figures/faults.json (RELIABILITY.md)
 # make figures - make faults, then the end-to-end tests RELIABILITY.md quotes -> tests/figures/e2e.json
 # make registry - a local schema registry (Apicurio, Confluent-compatible API at :REGISTRY_PORT/apis/ccompat/v7)
@@ -24,7 +28,7 @@ REGISTRY_PORT ?= 8081
 BROKERS ?= 1
 export KAFKA_PORT
 
-.PHONY: all setup kafka registry-app registry demo test unit bench faults figures lint broker broker-stop broker-status clean
+.PHONY: all setup kafka registry-app registry demo test unit bench faults figures lint docs broker broker-stop broker-status clean
 
 all: setup
 
@@ -80,6 +84,10 @@ test: kafka registry-app lint
 unit: setup
 	$(PYTEST_ENV) $(PY) -m pytest -m "not kafka and not pypi and not slow" -n $(UNIT_WORKERS)
 
+# NO_MKDOCS_2_WARNING: mkdocs-material's banner about its successor, not about this site.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 # Bench peers: sentry-arroyo (PyPI) and Confluent Parallel Consumer (bench/parallel-consumer, Maven Central;
 # skipped with a note when mvn is missing).
 $(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.installed
@@ -94,6 +102,9 @@ bench: kafka $(VENV)/.bench-installed bench/parallel-consumer/target/classpath.t
 	$(PY) -m bench.run
 	$(PY) -m bench.autotune
 	$(PY) -m bench.ordering --with-fifo
+	$(PY) -m bench.processes
+	$(PY) -m bench.eos
+	$(PY) -m bench.share
 	$(PY) -m bench.docs
 
 # The fault-injection suite alone; its FIGURES records and outcomes go to tests/figures/faults.json
@@ -104,7 +115,8 @@ faults: kafka
 
 # The end-to-end tests whose FIGURES records RELIABILITY.md quotes besides the fault suite's.
 E2E_FIGURES := tests/test_ordering_e2e.py tests/test_async_e2e.py tests/test_reload_e2e.py tests/test_ratelimit_e2e.py \
-	tests/test_handler_tracebacks.py tests/test_api_misuse.py \
+	tests/test_handler_tracebacks.py tests/test_api_misuse.py tests/test_topics_e2e.py tests/test_batch_e2e.py \
+	tests/test_process_e2e.py \
 	tests/test_consumer_e2e.py::test_threads_stay_busy_through_pauses_over_a_saturated_run \
 	tests/test_consumer_e2e.py::test_a_fast_handler_runs_in_chunks_and_a_failure_or_a_slow_spell_inside_a_chunk_loses_nothing
 
@@ -124,4 +136,4 @@ broker-status: setup
 	$(PY) -m mtc75.tools.broker status --port $(KAFKA_PORT) --brokers $(BROKERS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site

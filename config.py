@@ -14,7 +14,7 @@ GROUP_ID = "mtc75-consumer"
 
 # The consumer: at most MAX_THREAD_COUNT messages are handled at once (threads = semaphore permits).
 # "auto": the consumer finds the count that serves best while it runs, between MIN_THREAD_COUNT and
-# MAX_THREAD_LIMIT (README: MAX_THREAD_COUNT = "auto"); saving this file switches modes live.
+# MAX_THREAD_LIMIT (docs/watching.md: MAX_THREAD_COUNT = "auto"); saving this file switches modes live.
 MAX_THREAD_COUNT = 75
 MIN_THREAD_COUNT = 1
 MAX_THREAD_LIMIT = 256
@@ -42,6 +42,11 @@ RETRY_BACKOFF_MAX = 10.0
 # After the last attempt: "dlq" publishes it to <TOPIC>.dlq (created if missing), "skip" moves on,
 # "stop" commits what is safe and exits with code 5.
 ON_FAILURE = "dlq"
+# What a handler's output records (return mtc75.Output(...)) and the commits promise: "at_least_once"
+# (a message is committed once its outputs are confirmed; a crash may write some twice) or "exactly_once"
+# (outputs and offsets commit together in one Kafka transaction every COMMIT_INTERVAL; readers of the
+# output topic use isolation.level=read_committed). docs/outputs.md.
+PROCESSING_GUARANTEE = "at_least_once"
 # Which messages may run at the same time: "unordered" (any, as soon as a thread is free), "partition"
 # (one per partition, in offset order) or "key" (one per key within a partition, in offset order; different
 # keys in parallel; a message without a key is its own key). Waiting partitions and keys take turns.
@@ -50,7 +55,7 @@ ORDERING = "unordered"
 # consumer, and at most KEY_RATE per key (0 = no limit; a retry is another start). A message waiting for
 # its turn holds no thread; a hot key waits while other keys go on. After an idle spell up to RATE_BURST
 # seconds' worth (at least one message) may start at once. Several consumers in a group: give each its
-# share (README "Rate limits"). Saving this file changes them live.
+# share (docs/rate-limits.md). Saving this file changes them live.
 MAX_RATE = 0.0
 KEY_RATE = 0.0
 RATE_BURST = 0.1
@@ -58,12 +63,17 @@ RATE_BURST = 0.1
 # offset order (one call per batch: a bulk insert, a bulk API); a batch waits at most BATCH_WAIT seconds to fill.
 BATCH_SIZE = 1
 BATCH_WAIT = 0.05
+# Where a plain handler runs: "threads", or "processes" for handlers that compute in Python (the GIL lets
+# one thread compute at a time): PROCESS_COUNT worker processes (0 = one per core) run it, and
+# MAX_THREAD_COUNT still bounds the messages in flight (docs/processes.md).
+RUNNER = "threads"
+PROCESS_COUNT = 0
 # librdkafka's fetch.max.bytes / max.partition.fetch.bytes: "auto" probes the topic at start-up (one
 # fetch, ~0.2-0.5 s) and takes "large" (50 MB / 1 MB) for uncompressed data, "small" (2 MB / 512 KB) for
 # compressed; or set "small" / "large" yourself. Either property set in CONSUMER_CONFIG or -X wins.
 FETCH_SIZES = "auto"
 # What the handler's message.key() / message.value() return: "bytes" (as fetched), "str" (UTF-8) or "json".
-# One that does not decode is dead-lettered at once with its original bytes (README "Deserializers").
+# One that does not decode is dead-lettered at once with its original bytes (docs/deserializers.md).
 KEY_FORMAT = "bytes"
 VALUE_FORMAT = "bytes"
 # The default handler rejects (and so retries, then dead-letters) empty, non-JSON or larger payloads.

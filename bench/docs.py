@@ -222,6 +222,19 @@ def t_ordering(f: dict[str, Any]) -> str:
     return _rows(out)
 
 
+def t_eos(f: dict[str, Any]) -> str:
+    out = ["| guarantee | COMMIT_INTERVAL | rate (per pass) | latency p50 | latency p99 |", "|---|---:|---:|---:|---:|"]
+    keys = sorted({(r["guarantee"], r["commit_interval"]) for r in f["runs"]}, key=lambda k: (k[0] != "at_least_once",
+                                                                                               k[1]))
+    for guarantee, interval in keys:
+        runs = [r for r in f["runs"] if (r["guarantee"], r["commit_interval"]) == (guarantee, interval)]
+        p50, p99 = spread([r["latency_p50_ms"] for r in runs]), spread([r["latency_p99_ms"] for r in runs])
+        out.append(f"| `{guarantee}` | {interval:g} s | {spread([r['rate'] for r in runs])}/s | {p50} ms | {p99} ms |")
+    out.append(f"| **exactly_once / at_least_once** (best rates, 0.5 s) | | **{f['eos_vs_alo']:.2f}** "
+               f"(target ≥ {f['target']}) | | |")
+    return _rows(out)
+
+
 def t_autotune(f: dict[str, Any]) -> str:
     from bench.autotune import markdown
 
@@ -234,6 +247,28 @@ def t_scaleout(f: dict[str, Any]) -> str:
         out.append(f"| {row['processes']} | {num(row['rate_msg_s'])} | **{row['ratio_to_one']:.2f}** "
                    f"| {row['of_ideal']:.3f} | {row['window_s']:.1f} s |")
     return _rows(out)
+
+
+def t_processes(f: dict[str, Any]) -> str:
+    best = {name: max(runs, key=lambda r: r["rate"]) for name, runs in f["runs"].items()}
+    top = max(best[f"threads_{n}"]["rate"] for n in f["threads"])
+    out = [f"| {f['handler_ms']:g} ms of pure-Python CPU, 1 partition | msg/s (best of {f['passes']}) "
+           "| ratio to the best thread count |", "|---|---|---|"]
+    for n in f["threads"]:
+        r = best[f"threads_{n}"]["rate"]
+        out.append(f"| threads, MAX_THREAD_COUNT={n} | {num(r)} | {r / top:.2f} |")
+    out.append(f"| processes, PROCESS_COUNT={f['processes']} | {num(best['processes']['rate'])} "
+               f"| **{f['speedup']:.2f}** |")
+    t1, p1 = best["threads_1_1ms"]["rate"], best["processes_1_1ms"]["rate"]
+    out.append(f"| 1 ms handler, one at a time: 1 worker process (1 thread) | {num(p1)} ({num(t1)}) "
+               f"| time per message over 1 ms: **{f['overhead_1ms']:.1%}** ({f['threads_1_1ms_overhead']:.1%}) |")
+    return _rows(out)
+
+
+def t_share(f: dict[str, Any]) -> str:
+    from bench.share import markdown
+
+    return markdown(f)
 
 
 def _src(document: dict[str, Any]) -> str:
@@ -297,6 +332,18 @@ def t_targets(root: Path) -> str:
             spread_ = f"{min(values):.2f}{DASH}{max(values):.2f}"
             out.append(f"| `ORDERING=key` / unordered, {label}, ≥ 20 keys | **{spread_}** "
                        f"| ≥ {target} | {_met(min(values) >= target)} | {_src(ordering)} |")
+    processes = doc("processes")
+    if processes is None:
+        missing("process runner: 2 workers / best thread count (2 ms CPU-bound handler); overhead on 1 ms",
+                "processes", "≥ 1.7; ≤ 10 %")
+    else:
+        f = processes["figures"]
+        t = f["targets"]
+        out.append(f"| process runner, {f['processes']} workers / best thread count, {f['handler_ms']:g} ms "
+                   f"CPU-bound handler | **{f['speedup']:.2f}** | ≥ {t['speedup']} "
+                   f"| {_met(f['speedup'] >= t['speedup'])} | {_src(processes)} |")
+        out.append(f"| process runner: overhead per message on a 1 ms handler | **{f['overhead_1ms']:.1%}** "
+                   f"| ≤ {t['overhead']:.0%} | {_met(f['overhead_1ms'] <= t['overhead'])} | {_src(processes)} |")
     async_ = doc("async")
     if async_ is None:
         missing("async handlers: of the ideal 10,000 msg/s; OS threads", "async", "≥ 0.8; ≤ 20")
@@ -324,7 +371,10 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str], str]] = {
     "async": ("bench/results/async.json", t_async, "python -m bench.run --only async"),
     "ordering": ("bench/results/ordering.json", t_ordering, "python -m bench.ordering --with-fifo"),
     "autotune": ("bench/results/autotune.json", t_autotune, "python -m bench.autotune"),
+    "eos": ("bench/results/eos.json", t_eos, "python -m bench.eos"),
     "scaleout": ("bench/results/scaleout.json", t_scaleout, "python -m bench.scaleout"),
+    "processes": ("bench/results/processes.json", t_processes, "python -m bench.processes"),
+    "share": ("bench/results/share.json", t_share, "python -m bench.share"),
 }
 def tables_of(document: dict[str, Any]) -> str:
     """Every table made from one result document (bench/run.py prints them at the end of a run)."""

@@ -7,7 +7,7 @@
 
     stats = mtc75.Consumer(handle, topic="orders", group_id="billing", max_thread_count=8).run(idle_exit=5)
 
-See :class:`mtc75.Consumer` and the README's "Use it as a library". The command-line scripts of the
+See :class:`mtc75.Consumer` and docs/library.md ("Use it as a library"). The command-line scripts of the
 repository are built from the same engine; everything else in this package is internal.
 Which thread may call what: see :class:`mtc75.Consumer` (mtc75/api.py); importing is thread-agnostic.
 """
@@ -22,7 +22,9 @@ import mtc75._startup  # noqa: F401
 import logging
 
 from mtc75.api import Consumer
+from mtc75.core.failures import Failure
 from mtc75.core.health import Health
+from mtc75.core.output import Output
 from mtc75.core.stats import Stats
 from mtc75.errors import (
     BatchError,
@@ -49,6 +51,7 @@ __all__ = [
     "Consumer",
     "DecodedMessage",
     "DeserializationError",
+    "Failure",
     "HandlerRefused",
     "Health",
     "KafkaFatalError",
@@ -57,6 +60,7 @@ __all__ = [
     "MisuseError",
     "Mtc75Error",
     "OffsetOutOfRange",
+    "Output",
     "Stats",
     "TopicGone",
     "TopicNotFound",

@@ -8,13 +8,14 @@ configures logging (records go to the ``mtc75`` loggers).
 Threads: one owning thread constructs the consumer and calls ``run``, ``start``, ``close`` and the
 ``with`` block. ``stop()`` may be called from any thread or a signal handler (it only sets flags);
 ``stats()``, ``health()``, ``retune()`` and ``lingering`` from any thread. The handler runs on worker threads,
-at most ``max_thread_count`` at once; ``on_status`` runs on the poll thread; ``metrics_port``'s endpoints answer
-on their own threads from the latest snapshot.
+at most ``max_thread_count`` at once; ``on_status`` runs on the poll thread; ``on_error`` on a thread of its own
+(``mtc75-on-error``), one call at a time; ``metrics_port``'s endpoints answer on their own threads from the latest
+snapshot.
 
 Misuse raises :class:`~mtc75.errors.MisuseError` at once, never hangs nor passes silently: a second
 ``run()``/``start()`` (also two threads at once: the run state is under ``_lock``), ``run()`` after
-``close()``, ``close()`` from a handler or ``on_status`` (it would wait for itself: ``stop()`` is the call
-there), ``retune()`` after the run ended. ``close()`` from another thread waits for the run, whichever
+``close()``, ``close()`` from a handler, ``on_status`` or ``on_error`` (it would wait for itself: ``stop()`` is
+the call there), ``retune()`` after the run ended. ``close()`` from another thread waits for the run, whichever
 thread runs it.
 """
 
@@ -27,22 +28,27 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import Any
 
+from mtc75.core.failures import Failure
 from mtc75.core.health import DEFAULT_MAX_POLL_INTERVAL, Health, HealthWatch
 from mtc75.core.stats import Stats
 from mtc75.engine.engine import Engine
+from mtc75.engine.share import ShareEngine
 from mtc75.errors import ConfigError, MisuseError
 from mtc75.kafka.clients import REAL_FACTORIES, ClientFactories
 from mtc75.kafka.deserializers import DeserializerSpec, decoder
+from mtc75.runtime.failurehook import check_on_error
 from mtc75.runtime.invoker import CallObserver, Invoker
 from mtc75.settings import SPECS, Settings, check_bounds, coerce, live_changes
 
 # The settings a consumer uses; the others belong to producer.py, create_topic.py or the CLI's default handler.
 CONSUMER_SETTINGS = (
-    "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "MAX_THREAD_COUNT", "MIN_THREAD_COUNT", "MAX_THREAD_LIMIT",
+    "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "GROUP_TYPE", "MAX_THREAD_COUNT", "MIN_THREAD_COUNT",
+    "MAX_THREAD_LIMIT",
     "PAUSE_INTERVAL", "AUTO_OFFSET_RESET", "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT",
     "SHUTDOWN_TIMEOUT", "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "BROKER_DOWN_TIMEOUT",
     "REPLICATION_FACTOR", "CONSUMER_CONFIG", "PRODUCER_CONFIG", "ORDERING", "BATCH_SIZE", "BATCH_WAIT",
-    "FETCH_SIZES", "KEY_FORMAT", "VALUE_FORMAT", "MAX_RATE", "KEY_RATE", "RATE_BURST",
+    "FETCH_SIZES", "KEY_FORMAT", "VALUE_FORMAT", "MAX_RATE", "KEY_RATE", "RATE_BURST", "RUNNER", "PROCESS_COUNT",
+    "PROCESSING_GUARANTEE",
 )
 NEW, RUNNING, ENDED = "new", "running", "ended"  # a Consumer's run state, in this order, once
 logger = logging.getLogger(__name__)
@@ -53,14 +59,18 @@ _DEFAULTS = Settings()
 class Consumer:
     """Consume ``topic`` as ``group_id``, calling ``handler(message)`` on at most ``max_thread_count`` threads.
 
+    ``topic`` is a name, several (a list, or one comma-separated string), or a pattern starting with ``^``
+    (librdkafka's regular expression: topics created later that match are consumed too); README "Several topics
+    and patterns".
+
     ``handler`` gets a ``confluent_kafka.Message`` -- with ``key_deserializer`` / ``value_deserializer`` (a
     callable, a ``confluent_kafka`` schema-registry deserializer, or ``"json"``, ``"str"``, ``"bytes"``) a
-    :class:`~mtc75.kafka.deserializers.DecodedMessage` whose ``key()`` / ``value()`` are decoded (README
-    "Deserializers"); an ``async def`` handler is awaited on one event-loop
-    thread instead, ``max_thread_count`` then bounding the coroutines in flight (README "Async handlers").
+    :class:`~mtc75.kafka.deserializers.DecodedMessage` whose ``key()`` / ``value()`` are decoded
+    (docs/deserializers.md); an ``async def`` handler is awaited on one event-loop
+    thread instead, ``max_thread_count`` then bounding the coroutines in flight (docs/async.md).
     Returning means done (its offset may be committed),
     raising means failed (retried per ``max_attempts``, then ``on_failure``: ``dlq``, ``skip`` or ``stop``).
-    Any other setting of the README's table is a lower-case keyword (``pause_interval=1.0``,
+    Any other setting of docs/settings.md is a lower-case keyword (``pause_interval=1.0``,
     ``on_failure="skip"``, ``ordering="key"``, ...); ``librdkafka`` adds consumer properties, applied
     last. Bad values raise :class:`~mtc75.errors.ConfigError` here, before anything connects. A
     consumer runs once.
@@ -68,6 +78,11 @@ class Consumer:
     runs (a dashboard, a metrics exporter); each of ``observers`` (:class:`~mtc75.runtime.invoker.CallObserver`)
     is told every handler call's duration, on the thread that made it. :meth:`from_settings` takes a whole
     Settings instead of keywords.
+    ``on_error(failure)`` is told of every failed attempt and of what became of each message that did not
+    succeed: a :class:`~mtc75.core.failures.Failure` with the fetched message, the exception, the attempt and
+    the ``outcome`` (``"retry"``, then a final ``"dead_lettered"``, ``"skipped"``, ``"stopped"`` or
+    ``"abandoned"``). It runs on a thread of its own, one call at a time, in the order the failures happened:
+    it never holds a worker or the poll loop; what it raises is logged and ignored.
     ``metrics_port`` serves ``/metrics``, ``/healthz`` and ``/readyz`` on ``metrics_addr`` while it runs (0: any
     free port, then see :attr:`metrics_port`); ``metrics_registry`` (a ``prometheus_client`` registry, e.g.
     ``prometheus_client.REGISTRY``) gets MTC75's metrics while it runs instead of a registry of its own. Both
@@ -78,7 +93,7 @@ class Consumer:
         self,
         handler: Callable[[Any], object],
         *,
-        topic: str,
+        topic: str | Sequence[str],
         group_id: str,
         bootstrap_servers: str = _DEFAULTS.BOOTSTRAP_SERVERS,
         max_thread_count: int | str = _DEFAULTS.MAX_THREAD_COUNT,
@@ -91,12 +106,13 @@ class Consumer:
         metrics_registry: Any = None,
         key_deserializer: DeserializerSpec = None,
         value_deserializer: DeserializerSpec = None,
+        on_error: Callable[[Failure], object] | None = None,
         **settings: Any,
     ) -> None:
         keywords = {"topic": topic, "group_id": group_id, "bootstrap_servers": bootstrap_servers,
                     "max_thread_count": max_thread_count, **settings}
         self._setup(handler, settings_from_keywords(keywords), librdkafka, on_status, status_interval, observers,
-                    REAL_FACTORIES, (key_deserializer, value_deserializer))
+                    REAL_FACTORIES, (key_deserializer, value_deserializer), on_error)
         self._ask_metrics(metrics_port, metrics_addr, metrics_registry)
 
     @classmethod
@@ -114,6 +130,7 @@ class Consumer:
         metrics_registry: Any = None,
         key_deserializer: DeserializerSpec = None,
         value_deserializer: DeserializerSpec = None,
+        on_error: Callable[[Failure], object] | None = None,
     ) -> Consumer:
         """A consumer from a whole :class:`~mtc75.settings.Settings` (e.g. ``mtc75.settings.load_settings``:
         defaults, a config file, ``MTC75_*`` environment variables), instead of keywords.
@@ -122,7 +139,7 @@ class Consumer:
         producer's, the default handler's) are ignored.
         """
         consumer = cls._built(handler, settings, librdkafka, on_status, status_interval, observers, REAL_FACTORIES,
-                              (key_deserializer, value_deserializer))
+                              (key_deserializer, value_deserializer), on_error)
         consumer._ask_metrics(metrics_port, metrics_addr, metrics_registry)
         return consumer
 
@@ -131,23 +148,27 @@ class Consumer:
         cls, handler: Callable[[Any], object], settings: Settings, librdkafka: Mapping[str, Any] | None,
         on_status: Callable[[Stats], None] | None, status_interval: float, observers: Sequence[CallObserver],
         factories: ClientFactories, deserializers: tuple[DeserializerSpec, DeserializerSpec] = (None, None),
+        on_error: Callable[[Failure], object] | None = None,
     ) -> Consumer:
         """The one way in for :mod:`mtc75.testing` (client factories of its own) and :meth:`from_settings`."""
         consumer = cls.__new__(cls)
         consumer._setup(handler, settings, librdkafka, on_status, status_interval, observers, factories,
-                        deserializers)
+                        deserializers, on_error)
         return consumer
 
     def _setup(
         self, handler: Callable[[Any], object], settings: Settings, librdkafka: Mapping[str, Any] | None,
         on_status: Callable[[Stats], None] | None, status_interval: float, observers: Sequence[CallObserver],
         factories: ClientFactories, deserializers: tuple[DeserializerSpec, DeserializerSpec] = (None, None),
+        on_error: Callable[[Failure], object] | None = None,
     ) -> None:
+        self._on_error = check_on_error(on_error)
         key, value = deserializers
         decode = decoder(_deserializer(key, settings.KEY_FORMAT, "key"),
                          _deserializer(value, settings.VALUE_FORMAT, "value"))
-        # refuses what no runner can run (an async generator)
-        invoker = Invoker(handler, decode=decode, batches=settings.BATCH_SIZE > 1)
+        # refuses what no runner can run (an async generator), or what cannot reach worker processes
+        invoker = Invoker(handler, decode=decode, batches=settings.BATCH_SIZE > 1,
+                          processes=settings.worker_processes())
         for observer in observers:
             invoker.attach(observer)
         if not status_interval > 0:
@@ -340,10 +361,12 @@ class Consumer:
         if self._stop_requested:
             return None
         try:
-            engine = Engine(
+            kind = ShareEngine if self._settings.GROUP_TYPE == "share" else Engine  # docs/share-groups.md
+            engine = kind(
                 self._settings, self._invoker, overrides=self._librdkafka, max_messages=max_messages,
                 idle_exit=idle_exit, on_status=self._snapshot,
                 status_interval=min(SNAPSHOT_INTERVAL, self._status_interval), factories=self._factories,
+                on_error=self._on_error,
             )
             self._open_metrics()  # ConfigError (port taken, registry holding MTC75's metrics) before anything runs
         except BaseException:
@@ -374,7 +397,10 @@ class Consumer:
 
     def _end(self) -> None:
         """The run is over (poll thread, last): /healthz says so and the metrics endpoints close, a service's
-        registry gets its names back, close() may return, a later run() is refused."""
+        registry gets its names back, close() may return, a later run() is refused. The metrics get the final
+        snapshot first: a scrape or a push as the run ends shows its totals."""
+        if self._metrics is not None:
+            self._metrics.update(self._stats)
         self._close_metrics()
         with self._lock:
             self._state = ENDED
@@ -415,6 +441,8 @@ class Consumer:
         engine = self._engine
         if engine is not None and engine.on_handler_thread():
             return "one of its handlers"
+        if engine is not None and engine.on_error_thread():
+            return "its on_error"
         return None
 
     def _refuse_on_own_thread(self, call: str) -> None:
@@ -455,7 +483,7 @@ def settings_from_keywords(keywords: Mapping[str, Any]) -> Settings:
     for keyword, raw in keywords.items():
         name = keyword.upper()
         if keyword != keyword.lower() or name not in SPECS:
-            raise ConfigError(f"unknown setting {keyword!r} (settings are lower-case names from the README table)")
+            raise ConfigError(f"unknown setting {keyword!r} (settings are the lower-case names of docs/settings.md)")
         if name not in CONSUMER_SETTINGS:
             raise ConfigError(f"{keyword!r} is not a consumer setting")
         values[name] = coerce(SPECS[name], raw, f"keyword {keyword}")

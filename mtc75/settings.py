@@ -23,14 +23,27 @@ from mtc75.core.fetchsize import FETCH_SIZE_MODES, NAMED, SMALL, FetchSizes
 from mtc75.core.offsetmap import default_window
 from mtc75.core.ordering import ORDERINGS
 from mtc75.core.retry import FAILURE_MODES
+from mtc75.core.subscription import (
+    DEAD_LETTER_EXCLUSION,
+    DEAD_LETTER_SUFFIX,
+    INTERNAL_EXCLUSION,
+    INTERNAL_PREFIX,
+    Subscription,
+    as_setting,
+    parse_topics,
+)
 from mtc75.errors import ConfigError
 
 ENV_PREFIX = "MTC75_"
 # librdkafka logs through this logger instead of raw stderr; scripts show it only with -vv (-v: debug).
 LIBRDKAFKA_LOGGER = logging.getLogger("mtc75.librdkafka")
 OFFSET_RESETS = ("earliest", "latest", "error")
+GUARANTEES = ("at_least_once", "exactly_once")  # PROCESSING_GUARANTEE (docs/outputs.md)
 AUTO = "auto"  # MAX_THREAD_COUNT = "auto"
 FORMATS = ("bytes", "str", "json")  # KEY_FORMAT / VALUE_FORMAT: mtc75/kafka/deserializers.py BUILT_INS
+RUNNERS = ("threads", "processes")  # RUNNER: where a plain handler runs
+GROUP_TYPES = ("consumer", "share")  # GROUP_TYPE: a consumer group (partitions) or a share group (KIP-932)
+SHARE_POLL_RECORDS = 500  # Kafka's max.poll.records default: the fewest records a share poll asks for
 
 
 @dataclass(frozen=True)
@@ -55,7 +68,12 @@ class Settings:
     """The validated settings of one run. Build it with :func:`load_settings` or ``Settings().replace(...)``."""
 
     BOOTSTRAP_SERVERS: str = field(default="127.0.0.1:9092", **_spec(str, "Kafka bootstrap servers"))
-    TOPIC: str = field(default="mtc75-demo", **_spec(str, "topic to produce to and consume from"))
+    TOPIC: str | tuple[str, ...] = field(
+        default="mtc75-demo",
+        **_spec(tuple, "topic to consume (and produce to): a name; several (a list, comma-separated, or the flag "
+                "repeated); or a pattern starting with ^ (librdkafka's regex, e.g. ^orders-.*: topics created "
+                "later that match are consumed too); the producer and create-topic take one name"),
+    )
     NUM_PARTITIONS: int = field(default=6, **_spec(int, "partitions create_topic.py creates", minimum=1))
     REPLICATION_FACTOR: int = field(
         default=0,
@@ -63,6 +81,12 @@ class Settings:
                 minimum=-1),
     )
     GROUP_ID: str = field(default="mtc75-consumer", **_spec(str, "consumer group id"))
+    GROUP_TYPE: str = field(
+        default="consumer",
+        **_spec(str, "consumer (a consumer group: each partition read by one member, in order) or share (a share "
+                "group, Kafka 4.2+: every member takes records of every partition, each acknowledged on its own)",
+                choices=GROUP_TYPES),
+    )
     MAX_THREAD_COUNT: int | str = field(
         default=75,
         **_spec(int, 'worker threads = semaphore permits, or "auto": tuned while running between MIN_THREAD_COUNT '
@@ -124,6 +148,12 @@ class Settings:
         default="dlq",
         **_spec(str, "after the last attempt: dlq (publish to <topic>.dlq), skip, or stop", choices=FAILURE_MODES),
     )
+    PROCESSING_GUARANTEE: str = field(
+        default="at_least_once",
+        **_spec(str, "at_least_once (commit what finished; outputs confirmed first) or exactly_once (outputs and "
+                "offsets committed in one Kafka transaction per commit interval; readers use read_committed)",
+                choices=GUARANTEES),
+    )
     ORDERING: str = field(
         default="unordered",
         **_spec(str, "unordered (any message when a thread is free), partition (one at a time per partition, "
@@ -153,6 +183,15 @@ class Settings:
     BATCH_WAIT: float = field(
         default=0.05,
         **_spec(float, "most seconds a batch waits to fill while messages arrive (BATCH_SIZE > 1)", minimum=0),
+    )
+    RUNNER: str = field(
+        default="threads",
+        **_spec(str, "where a plain handler runs: threads, or processes (PROCESS_COUNT worker processes, for handlers "
+                "that compute in Python; MAX_THREAD_COUNT still bounds the messages in flight); async def "
+                "handlers always run on the event loop", choices=RUNNERS),
+    )
+    PROCESS_COUNT: int = field(
+        default=0, **_spec(int, 'worker processes of RUNNER="processes" (0 = one per core)', minimum=0)
     )
     FETCH_SIZES: str = field(
         default="auto",
@@ -189,6 +228,32 @@ class Settings:
             raise ConfigError(
                 f"invalid MIN_THREAD_COUNT={self.MIN_THREAD_COUNT}: must be <= MAX_THREAD_LIMIT={self.MAX_THREAD_LIMIT}"
             )
+        if self.GROUP_TYPE == "share" and self.ORDERING != "unordered":
+            raise ConfigError(f"invalid ORDERING={self.ORDERING!r} with GROUP_TYPE='share': share groups give no order")
+        if self.GROUP_TYPE == "share" and self.AUTO_OFFSET_RESET == "error":
+            raise ConfigError("invalid AUTO_OFFSET_RESET='error' with GROUP_TYPE='share': a share group starts at "
+                              "earliest or latest")
+        if self.GROUP_TYPE == "share" and self.PROCESSING_GUARANTEE == "exactly_once":
+            raise ConfigError("invalid PROCESSING_GUARANTEE='exactly_once' with GROUP_TYPE='share': a share group's "
+                              "acknowledgements cannot join a Kafka transaction; use at_least_once")
+        if self.GROUP_TYPE == "share" and self.subscription.patterns:
+            raise ConfigError(f"invalid TOPIC={self.subscription.describe()!r} with GROUP_TYPE='share': a share group "
+                              "subscribes to named topics (one or several), not to a pattern")
+        if self.GROUP_TYPE == "share" and self.BATCH_SIZE > 1:
+            raise ConfigError(f"invalid BATCH_SIZE={self.BATCH_SIZE} with GROUP_TYPE='share': a share member handles "
+                              "records one by one (each acknowledged on its own); use BATCH_SIZE=1")
+
+    @property
+    def subscription(self) -> Subscription:
+        """TOPIC's names and patterns (:mod:`mtc75.core.subscription`)."""
+        return Subscription.of(self.TOPIC)
+
+    def one_topic(self, who: str) -> str:
+        """TOPIC as one topic name, for ``who`` (the producer, create-topic); ConfigError when it is not one."""
+        name = self.subscription.single()
+        if name is None:
+            raise ConfigError(f"{who} takes one topic name; TOPIC is {self.subscription.describe()!r}")
+        return name
 
     @property
     def auto_threads(self) -> bool:
@@ -198,6 +263,18 @@ class Settings:
     def initial_threads(self) -> int:
         """The permit count a run starts with: MAX_THREAD_COUNT, or MIN_THREAD_COUNT under "auto"."""
         return self.MIN_THREAD_COUNT if self.MAX_THREAD_COUNT == AUTO else int(self.MAX_THREAD_COUNT)
+
+    def worker_processes(self) -> int:
+        """Worker processes to run the handler in: PROCESS_COUNT (0: one per core) under RUNNER="processes",
+        else 0 (threads)."""
+        if self.RUNNER != "processes":
+            return 0
+        if self.PROCESS_COUNT:
+            return self.PROCESS_COUNT
+        try:
+            return len(os.sched_getaffinity(0)) or 1
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
 
     def offset_window(self) -> int:
         """OFFSET_WINDOW, or its default: offsetmap.default_window(MAX_BACKLOG) (10,000 for 5,000)."""
@@ -260,9 +337,43 @@ class Settings:
         }
         conf.update(self.CONSUMER_CONFIG)
         conf.update(overrides)
+        subscription = self.subscription
+        if subscription.patterns and "topic.blacklist" not in conf:  # the user's topic.blacklist wins
+            # A pattern would also match the dead-letter topics (^orders.* matches orders.dlq), and with dlq a
+            # message failing there again goes to orders.dlq.dlq, which matches too; and Kafka's internal topics.
+            # Left out of what patterns see -- unless a name of the subscription is one (it would hide it).
+            names = subscription.names
+            hidden = [exclusion for exclusion, wanted in (
+                (DEAD_LETTER_EXCLUSION, self.ON_FAILURE == "dlq" and not any(n.endswith(DEAD_LETTER_SUFFIX)
+                                                                            for n in names)),
+                (INTERNAL_EXCLUSION, not any(n.startswith(INTERNAL_PREFIX) for n in names))) if wanted]
+            if hidden:
+                conf["topic.blacklist"] = ",".join(hidden)
         for key in ("enable.auto.commit", "enable.auto.offset.store"):
             if str(conf[key]).lower() not in ("false", "0"):
                 raise ConfigError(f"{key}={conf[key]} is not supported: MTC75 commits only completed work")
+        return conf
+
+    def share_consumer_config(self, overrides: Mapping[str, str] = MappingProxyType({})) -> dict[str, Any]:
+        """The librdkafka share consumer dict (GROUP_TYPE="share"): our properties, CONSUMER_CONFIG, ``-X``.
+
+        Explicit acknowledgement: MTC75 acknowledges each record when its handler finishes. A poll asks for
+        four records per thread (at least Kafka's 500), at most MAX_BACKLOG more than the threads: the broker
+        may still hand out whole producer batches; the engine keeps what its threads finish within the lock.
+        """
+        bound = self.MAX_THREAD_LIMIT if self.auto_threads else int(self.MAX_THREAD_COUNT)
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.BOOTSTRAP_SERVERS,
+            "logger": LIBRDKAFKA_LOGGER,
+            "group.id": self.GROUP_ID,
+            "share.acknowledgement.mode": "explicit",
+            "max.poll.records": min(max(SHARE_POLL_RECORDS, 4 * bound), self.MAX_BACKLOG + bound),
+        }
+        conf.update(self.CONSUMER_CONFIG)
+        conf.update(overrides)
+        if str(conf["share.acknowledgement.mode"]).lower() != "explicit":
+            raise ConfigError(f"share.acknowledgement.mode={conf['share.acknowledgement.mode']} is not supported: "
+                              "MTC75 acknowledges each record when its handler finishes")
         return conf
 
     def producer_config(self, overrides: Mapping[str, str] = MappingProxyType({})) -> dict[str, Any]:
@@ -304,6 +415,11 @@ def coerce(spec: Spec, raw: Any, source: str) -> Any:
     def bad(why: str) -> ConfigError:
         return ConfigError(f"invalid {spec.name}={raw!r} (from {source}): {why}")
 
+    if spec.kind is tuple:  # TOPIC: names and patterns (mtc75.core.subscription)
+        try:
+            return as_setting(parse_topics(raw))
+        except ValueError as err:
+            raise bad(str(err)) from None
     if spec.kind is dict:
         if not isinstance(raw, Mapping):
             raise bad("must be a dict of librdkafka properties")
@@ -391,7 +507,7 @@ def config_values(namespace: Mapping[str, Any], path: Path) -> dict[str, Any]:
     values = {k: v for k, v in namespace.items() if k.isupper() and not k.startswith("_")}
     unknown = sorted(set(values) - set(SPECS))
     if unknown:
-        raise ConfigError(f"{path}: unknown setting {unknown[0]} (known: see README settings table)")
+        raise ConfigError(f"{path}: unknown setting {unknown[0]} (known: see --help, or docs/settings.md)")
     return values
 
 

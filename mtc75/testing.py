@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from mtc75.api import Consumer, settings_from_keywords
+from mtc75.core.failures import Failure
 from mtc75.core.stats import Stats
 from mtc75.kafka.clients import ClientFactories
 from mtc75.kafka.deserializers import DeserializerSpec
@@ -35,13 +36,14 @@ def consumer(
     metrics_registry: Any = None,
     key_deserializer: DeserializerSpec = None,
     value_deserializer: DeserializerSpec = None,
+    on_error: Callable[[Failure], object] | None = None,
     **settings: Any,
 ) -> Consumer:
     """``mtc75.Consumer(handler, **settings)`` on ``factories`` (``topic`` and ``group_id`` as there); ``cls``:
     a subclass of mtc75.Consumer to build instead."""
     built = cls._built(
         handler, settings_from_keywords(settings), librdkafka, on_status, status_interval, observers, factories,
-        (key_deserializer, value_deserializer),
+        (key_deserializer, value_deserializer), on_error,
     )
     built._ask_metrics(metrics_port, metrics_addr, metrics_registry)
     return built
@@ -58,7 +60,8 @@ def from_settings(
     observers: Sequence[CallObserver] = (),
     key_deserializer: DeserializerSpec = None,
     value_deserializer: DeserializerSpec = None,
+    on_error: Callable[[Failure], object] | None = None,
 ) -> Consumer:
     """``mtc75.Consumer.from_settings(handler, settings, ...)`` on ``factories``."""
     return Consumer._built(handler, settings, librdkafka, on_status, status_interval, observers, factories,
-                           (key_deserializer, value_deserializer))
+                           (key_deserializer, value_deserializer), on_error)

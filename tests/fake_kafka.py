@@ -10,10 +10,17 @@ Surface of FakeConsumer (what the engine calls): subscribe (on_assign / on_revok
 poll, assign / unassign, incremental_assign / incremental_unassign, assignment, pause / resume, seek
 (logical offsets too), position, commit (sync and async, with ``on_commit``; each partition's
 ``metadata`` -- the offset map -- is stored and ``committed()`` returns it), committed,
-get_watermark_offsets, list_topics, close; ``error_cb`` from the config. FakeAdmin: list_topics,
-create_topics, describe_topics (the topic id the engine's topic watch asks for; a test may hold the
+get_watermark_offsets, list_topics, consumer_group_metadata, close; ``error_cb`` from the config. FakeAdmin:
+list_topics, create_topics, describe_topics (the topic id the engine's topic watch asks for; a test may hold the
 answers, :meth:`FakeKafka.hold_describes`, to act while a check is in flight). Every ``commit()`` is kept,
 in order, in ``FakeKafka.commits`` (the whole commit history a test asserts on).
+
+Transactions: a FakeProducer with ``transactional.id`` has init_transactions, begin_transaction,
+send_offsets_to_transaction, commit_transaction and abort_transaction. Its records are held until the
+transaction commits and dropped when it aborts (the log holds only what a read_committed reader sees), and
+its offsets are the group's commit once it commits. A second producer with the same transactional.id fences
+the first at init_transactions (its next call raises a fatal error). :meth:`FakeKafka.fail_transactions`
+makes the next commits fail; ``FakeKafka.transactions`` counts what happened.
 Like librdkafka, every callback runs on the thread that calls
 consume / poll / close, never on the test's thread; rebalances are queued by the test
 (:meth:`FakeConsumer.rebalance`, :meth:`FakeConsumer.lose`) and served by the next consume / poll.
@@ -33,6 +40,13 @@ do what an administrator does while a consumer runs. Like librdkafka, a consumer
 re-created topic at its old positions (it does not notice the new id by itself); a deleted topic's
 partitions deliver nothing.
 
+Subscriptions: a list of names and patterns (librdkafka's form: an entry starting with ``^`` is a regular
+expression; ``topic.blacklist`` in the config hides topics from patterns). Like librdkafka's metadata
+refresh, but at every consume / poll (no clock): a topic created later that a pattern matches is assigned
+(a rebalance), and one a pattern matched that is deleted is revoked. A deleted *named* topic stays
+assigned unless ``FakeKafka.revoke_deleted_names`` is set (librdkafka revokes it at its next refresh; the
+older scenarios were written without that). :meth:`FakeKafka.recreate_topic` is atomic for a refresh.
+
 Threads: the test thread calls FakeKafka and the rebalance / injection methods; one thread (the
 engine's poll thread) calls the client methods. One lock guards all state; callbacks run without it.
 A client call from a second thread is recorded in ``FakeKafka.violations`` (the engine promises one).
@@ -43,6 +57,7 @@ waits for it (bounded), so from then on that thread owns the consumer (close's r
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import deque
@@ -149,15 +164,21 @@ class FakeKafka:
         self._held_describes: list[tuple[str, Future[Any]]] | None = None  # set by hold_describes
         self.violations: list[str] = []  # broken promises of the engine (e.g. a call from a second thread)
         self.unreachable = False  # list_topics / metadata fail with _TRANSPORT while set
+        self.revoke_deleted_names = False  # a deleted named topic's partitions are revoked at the next refresh
+        self.create_errors: deque[KafkaError] = deque()  # the next create_topics requests fail with these
+        self.create_requests = 0  # create_topics calls served
         # Longest a consume / poll with nothing to deliver blocks, whatever timeout it was given (None: the
         # whole timeout, as librdkafka). An empty poll that returns early only turns the engine's loop sooner,
         # which it must take in its stride; a scenario then steps on without waiting out the engine's
         # POLL_TIMEOUT (0.1 s) at each step (test_engine_unit.py and the like: 3x faster).
         self.poll_wait: float | None = 0.01
         self._commit_errors: deque[KafkaError] = deque()
-        self._fetch_errors: deque[KafkaError] = deque()
+        self._fetch_errors: deque[tuple[KafkaError, str | None]] = deque()
         self._client_errors: deque[KafkaError] = deque()
         self._delivery_errors: deque[KafkaError] = deque()
+        self._txn_errors: deque[KafkaError] = deque()  # commit_transaction raises these, one per call
+        self._txn_epochs: dict[str, int] = {}  # transactional.id -> epoch of its newest producer
+        self.transactions = {"committed": 0, "aborted": 0}
 
     def factories(self) -> ClientFactories:
         return ClientFactories(consumer=self._new_consumer, producer=self._new_producer, admin=FakeAdmin.factory(self))
@@ -178,18 +199,26 @@ class FakeKafka:
     def delete_topic(self, topic: str) -> None:
         """The topic, its messages and its group offsets go away (as a delete does in Kafka)."""
         with self._changed:
-            del self._logs[topic]
-            self._topic_ids.pop(topic)
-            for key in [k for k in self._committed if k[1][0] == topic]:
-                del self._committed[key]
-                self._commit_metadata.pop(key, None)
+            self._delete(topic)
             self._changed.notify_all()
 
+    def _delete(self, topic: str) -> None:
+        """Caller holds the lock."""
+        del self._logs[topic]
+        self._topic_ids.pop(topic)
+        for key in [k for k in self._committed if k[1][0] == topic]:
+            del self._committed[key]
+            self._commit_metadata.pop(key, None)
+
     def recreate_topic(self, topic: str, partitions: int) -> None:
-        """Delete ``topic`` (if it exists) and create it again, empty, with a new topic id."""
-        if self.topic_id(topic) is not None:
-            self.delete_topic(topic)
-        self.create_topic(topic, partitions)
+        """Delete ``topic`` (if it exists) and create it again, empty, with a new topic id; no consumer's
+        refresh sees it missing in between."""
+        with self._changed:
+            if topic in self._logs:
+                self._delete(topic)
+            self._logs[topic] = [[] for _ in range(partitions)]
+            self._new_id(topic)
+            self._changed.notify_all()
 
     def topic_id(self, topic: str) -> str | None:
         with self._lock:
@@ -229,10 +258,11 @@ class FakeKafka:
         with self._lock:
             self._commit_errors.extend([error] * count)
 
-    def fail_fetch(self, error: KafkaError) -> None:
-        """The next consume/poll returns a message whose ``error()`` is ``error``."""
+    def fail_fetch(self, error: KafkaError, topic: str | None = None) -> None:
+        """The next consume/poll returns a message whose ``error()`` is ``error`` (of ``topic``: default, the
+        subscription's first entry)."""
         with self._changed:
-            self._fetch_errors.append(error)
+            self._fetch_errors.append((error, topic))
             self._changed.notify_all()
 
     def client_error(self, error: KafkaError) -> None:
@@ -240,6 +270,11 @@ class FakeKafka:
         with self._changed:
             self._client_errors.append(error)
             self._changed.notify_all()
+
+    def fail_transactions(self, error: KafkaError, count: int = 1) -> None:
+        """The next ``count`` commit_transaction calls raise ``error``."""
+        with self._lock:
+            self._txn_errors.extend([error] * count)
 
     def fail_deliveries(self, error: KafkaError, count: int = 1) -> None:
         """The next ``count`` produced records get ``error`` in their delivery report."""
@@ -360,6 +395,7 @@ class FakeConsumer:
             conf.get("stats_cb") if int(conf.get("statistics.interval.ms", 0)) > 0 else None)
         self._rx = {"rx_bytes": 0, "rxmsg_bytes": 0, "rxmsgs": 0}  # librdkafka's names (STATISTICS.md)
         self._topics: list[str] = []
+        self._subscribed: set[str] = set()  # the topics the subscription covered at the last refresh
         self._callbacks: dict[str, Callable[..., None] | None] = {}
         self._assigned: dict[Partition, int] = {}  # partition -> next offset to fetch
         self._positions: dict[Partition, int] = {}  # partition -> last delivered + 1
@@ -400,14 +436,49 @@ class FakeConsumer:
 
     def subscribe(self, topics: list[str], on_assign: Any = None, on_revoke: Any = None, on_lost: Any = None) -> None:
         self._enter("subscribe")
+        for entry in topics:
+            if entry.startswith("^"):
+                try:
+                    re.compile(entry)
+                except re.error:
+                    raise KafkaException(KafkaError(KafkaError._INVALID_ARG, "Failed to set subscription")) from None
         self._topics = list(topics)
         self._callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost}
         with self._lock:
-            everything = [(t, p) for t in topics for p in range(len(self._cluster._logs.get(t, [])))]
+            self._subscribed = self._matching()
+            everything = [(t, p) for t in sorted(self._subscribed) for p in range(len(self._cluster._logs[t]))]
         self._queue("rebalance", [], everything)  # the group's first assignment: all partitions
+
+    def _matching(self) -> set[str]:
+        """Caller holds the lock: the existing topics the subscription names or its patterns match."""
+        logs = self._cluster._logs
+        hidden = [x.strip() for x in str(self.conf.get("topic.blacklist", "")).split(",") if x.strip()]
+        out = {t for t in self._topics if not t.startswith("^") and t in logs}
+        for pattern in (t for t in self._topics if t.startswith("^")):
+            out |= {t for t in logs if re.search(pattern, t) and not any(re.search(x, t) for x in hidden)}
+        return out
+
+    def _refresh(self) -> None:
+        """librdkafka's metadata refresh: new matches assigned, deleted topics of patterns (and, if the cluster
+        says so, of names) revoked, through a rebalance the next consume / poll serves."""
+        if not self._topics or self.stats_cb is not None:
+            return
+        with self._lock:
+            now = self._matching()
+            named = {t for t in self._topics if not t.startswith("^")}
+            added = now - self._subscribed
+            gone = {t for t in self._subscribed - now
+                    if t not in named or self._cluster.revoke_deleted_names}
+            if not added and not gone:
+                return
+            self._subscribed = (self._subscribed | added) - gone
+            assign = [(t, p) for t in sorted(added) for p in range(len(self._cluster._logs[t]))]
+            revoke = [tp for tp in self._assigned if tp[0] in gone]
+        self._queue("rebalance", revoke, assign)
 
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[FakeMessage]:
         self._enter("consume")
+        self._refresh()
         wait = max(0.0, timeout)
         if self._cluster.poll_wait is not None:
             wait = min(wait, self._cluster.poll_wait)
@@ -492,8 +563,8 @@ class FakeConsumer:
                 logs = self._cluster._logs.get(tp[0])
                 offset = 0 if offset == OFFSET_BEGINNING or logs is None else len(logs[tp[1]])
             self._assigned[tp] = offset
-            # as librdkafka (rd_kafka_seek resets the app position, like a re-assign): no position until the
-            # next delivery
+            # as librdkafka (rd_kafka_toppar_op_seek, #3567): a seek resets the application position, so
+            # position() says nothing until the next delivery (a stale one would undo the seek on resume)
             self._positions.pop(tp, None)
         self.calls.append(("seek", [(tp[0], tp[1], partition.offset)]))
 
@@ -555,6 +626,10 @@ class FakeConsumer:
         self._enter("list_topics")
         return self._cluster._metadata(topic)
 
+    def consumer_group_metadata(self) -> tuple[str, int]:
+        self._enter("consumer_group_metadata")
+        return (self.group, id(self))
+
     def close(self) -> None:
         self._enter("close", handover=True)
         if self._topics and self._assigned and self.fatal is None:
@@ -598,8 +673,8 @@ class FakeConsumer:
         if self.fatal is not None:
             return []
         if cluster._fetch_errors and self.stats_cb is None:  # injected faults are for the engine's consumer
-            err = cluster._fetch_errors.popleft()
-            topic = self._topics[0] if self._topics else ""
+            err, topic = cluster._fetch_errors.popleft()
+            topic = topic if topic is not None else self._topics[0] if self._topics else ""
             return [FakeMessage(topic, -1, OFFSET_INVALID, error=err)]
         order = sorted(self._assigned)
         if not order:
@@ -693,21 +768,100 @@ class FakeProducer:
         self._cluster = cluster
         self.conf = conf
         self._reports: deque[tuple[Callable[[KafkaError | None, Any], None] | None, KafkaError | None, Any]] = deque()
+        self.txn_id: str | None = conf.get("transactional.id")
+        self._epoch = -1  # set by init_transactions
+        self._open = False
+        self._staged: list[tuple[str, bytes | None, bytes | None, Any]] = []  # records of the open transaction
+        self._offsets: tuple[str, dict[Partition, tuple[int, str]]] | None = None  # (group, offsets) to commit
+        self._failed = False  # a record of the open transaction failed: the commit must fail
 
     def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None,
                 headers: list[tuple[str, bytes]] | None = None, on_delivery: Any = None, **_: Any) -> None:
         cluster = self._cluster
+        if self.txn_id is not None:
+            self._check()
+            if not self._open:
+                raise KafkaException(KafkaError(KafkaError._STATE, "fake: produce outside a transaction"))
         with cluster._lock:
             error = cluster._delivery_errors.popleft() if cluster._delivery_errors else None
             if error is None and topic not in cluster._logs:
                 error = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
         record = None
-        if error is None:
+        if error is None and self.txn_id is not None:
+            self._staged.append((topic, value, key, headers))
+        elif error is None:
             offset = cluster.produce(topic, 0, value, key, headers)
             record = cluster._logs[topic][0][offset]
+        elif self.txn_id is not None:
+            self._failed = True
         self._reports.append((on_delivery, error, record))
 
+    # -- transactions -------------------------------------------------------------------------------------
+
+    def init_transactions(self, timeout: float = -1) -> None:
+        assert self.txn_id is not None, "fake: init_transactions without transactional.id"
+        with self._cluster._lock:
+            self._epoch = self._cluster._txn_epochs.get(self.txn_id, -1) + 1
+            self._cluster._txn_epochs[self.txn_id] = self._epoch  # fences every older producer of this id
+
+    def begin_transaction(self) -> None:
+        self._check()
+        if self._open:
+            raise KafkaException(KafkaError(KafkaError._STATE, "fake: a transaction is already open"))
+        self._open, self._staged, self._offsets, self._failed = True, [], None, False
+
+    def send_offsets_to_transaction(self, offsets: list[TopicPartition], group_metadata: Any,
+                                    timeout: float = -1) -> None:
+        self._check()
+        if not self._open:
+            raise KafkaException(KafkaError(KafkaError._STATE, "fake: send_offsets outside a transaction"))
+        group = group_metadata[0]
+        self._offsets = (group, {(tp.topic, tp.partition): (tp.offset, tp.metadata or "") for tp in offsets})
+
+    def commit_transaction(self, timeout: float = -1) -> None:
+        self._check()
+        if not self._open:
+            raise KafkaException(KafkaError(KafkaError._STATE, "fake: no transaction to commit"))
+        self.poll(0)
+        cluster = self._cluster
+        with cluster._lock:
+            error = cluster._txn_errors.popleft() if cluster._txn_errors else None
+        if error is None and self._failed:
+            error = KafkaError(KafkaError._INCONSISTENT, "fake: a record failed", txn_requires_abort=True)
+        if error is not None:
+            raise KafkaException(error)
+        for topic, value, key, headers in self._staged:
+            cluster.produce(topic, 0, value, key, headers)
+        if self._offsets is not None:
+            group, offsets = self._offsets
+            with cluster._lock:
+                for tp, (offset, meta) in offsets.items():
+                    cluster._committed[(group, tp)] = offset
+                    cluster._commit_metadata[(group, tp)] = meta
+                cluster.commits.append(CommitCall({tp: o for tp, (o, _) in offsets.items()}, False, None, [],
+                                                  {tp: m for tp, (_, m) in offsets.items()}))
+        with cluster._lock:
+            cluster.transactions["committed"] += 1
+        self._open, self._staged, self._offsets = False, [], None
+
+    def abort_transaction(self, timeout: float = -1) -> None:
+        self._check()
+        self.poll(0)
+        with self._cluster._lock:
+            self._cluster.transactions["aborted"] += 1
+        self._open, self._staged, self._offsets = False, [], None
+
+    def _check(self) -> None:
+        with self._cluster._lock:
+            newest = self._cluster._txn_epochs.get(self.txn_id or "", -1)
+        if self._epoch < 0:
+            raise KafkaException(KafkaError(KafkaError._STATE, "fake: init_transactions() not called"))
+        if newest != self._epoch:
+            raise KafkaException(KafkaError(KafkaError._FENCED, "fake: fenced by a newer producer", fatal=True))
+
     def poll(self, timeout: float = 0) -> int:
+        if self.txn_id is not None and self._epoch >= 0:
+            self._check()  # like librdkafka: a fenced producer's poll raises its fatal error
         served = 0
         while self._reports:
             callback, error, record = self._reports.popleft()
@@ -744,11 +898,16 @@ class FakeAdmin:
 
     def create_topics(self, new_topics: list[Any], **_: Any) -> dict[str, Future[None]]:
         out: dict[str, Future[None]] = {}
+        with self._cluster._lock:
+            self._cluster.create_requests += 1
         for new in new_topics:
             future: Future[None] = Future()
             with self._cluster._lock:
                 exists = new.topic in self._cluster._logs
-            if exists:
+                error = self._cluster.create_errors.popleft() if self._cluster.create_errors else None
+            if error is not None:
+                future.set_exception(KafkaException(error))
+            elif exists:
                 future.set_exception(KafkaException(KafkaError(KafkaError.TOPIC_ALREADY_EXISTS)))
             else:
                 self._cluster.create_topic(new.topic, new.num_partitions)

@@ -1,6 +1,6 @@
 """The library API (``import mtc75``): settings checks, run / start / close / with / stop / stats.
 
-Most tests run against the in-memory fake (tests/fake_kafka.py); the README's example runs as a
+Most tests run against the in-memory fake (tests/fake_kafka.py); the docs' examples run as a
 program against the real broker.
 """
 
@@ -51,7 +51,7 @@ def test_the_package_exports_its_api() -> None:
                                   "MessageFailed", "HandlerRefused", "OffsetOutOfRange"}
     assert all(hasattr(mtc75, name) for name in mtc75.__all__)
     assert issubclass(mtc75.TopicNotFound, mtc75.KafkaUnavailable) and issubclass(mtc75.ConfigError, mtc75.Mtc75Error)
-    # the exit codes the scripts use (README "Exit codes")
+    # the exit codes the scripts use (docs/exit-codes.md)
     codes = {name: getattr(mtc75, name).exit_code for name in (
         "ConfigError", "HandlerRefused", "KafkaUnavailable", "BrokerUnreachable", "TopicNotFound", "TopicGone",
         "MessageFailed", "KafkaFatalError", "OffsetOutOfRange")}
@@ -263,11 +263,11 @@ def test_a_fatal_kafka_error_ends_a_background_run_as_kafka_fatal_error(cluster:
         consumer.close(timeout=WAIT)
 
 
-# -- the README's example, as a program, against the real broker ------------------------------------------
+# -- the docs' examples (README's 20 lines, the library guide's), as programs, against the real broker ---------
 
 
-def readme_example() -> str:
-    text = (ROOT / "README.md").read_text()
+def docs_example(document: str) -> str:
+    text = (ROOT / document).read_text()
     marker = "<!-- tests/test_api.py runs the next block against a real broker: keep it complete. -->"
     assert marker in text
     block = re.search(r"```python\n(.*?)```", text[text.index(marker):], re.S)
@@ -276,14 +276,15 @@ def readme_example() -> str:
 
 
 @pytest.mark.timeout(120)
-def test_the_readme_library_example_runs_against_the_broker(
-    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str]
+@pytest.mark.parametrize("document", ["README.md", "docs/library.md"])
+def test_the_docs_library_examples_run_against_the_broker(
+    bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], document: str
 ) -> None:
     topic, group = make_topic(3, "api"), unique("api-billing")
     produce_numbered(bootstrap, topic, 30)
-    code = readme_example()
+    code = docs_example(document)
     for literal, value in (('"orders"', topic), ('"billing"', group), ('"127.0.0.1:9092"', bootstrap)):
-        assert literal in code  # the README still shows the values this test replaces
+        assert literal in code  # the example still shows the values this test replaces
         code = code.replace(literal, repr(value))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MTC75_", "KAFKA_"))}
     env["PYTHONPATH"] = str(ROOT)

@@ -199,7 +199,8 @@ def test_close_from_another_thread_waits_for_a_run_on_the_owner_and_close_with_a
     thread.start()
     stats = consumer.run()  # ended by the other thread's close() (stop, then wait)
     thread.join(WAIT)
-    assert 0.2 <= closed[0] < 2.0  # the timeout, not a hang
+    # the timeout, not a hang (a hang never returns: release comes only after); the bound leaves room for load
+    assert 0.2 <= closed[0] < WAIT / 2
     assert closed[1] == stats and stats.processed == 2  # the final Stats, the same as run() returned
 
 

@@ -336,11 +336,11 @@ def test_a_well_behaved_async_handler_gets_no_warning(
     assert sum(1 for r in read_tagged_records(record) if r[2] == "done") == 500
 
 
-# -- 4. the README's async example, against the broker, with a fake service --------------------------------------
+# -- 4. the async example of docs/async.md, against the broker, with a fake service ------------------------------------
 
 
 FAKE_HTTPX = '''
-"""A stand-in for httpx in the README example's test: an in-memory charge service, no network.
+"""A stand-in for httpx in the async example's test: an in-memory charge service, no network.
 
 Order 7 gets one 503 before it is charged; every charge is appended to $FAKE_SERVICE_LOG.
 """
@@ -379,22 +379,22 @@ class AsyncClient:
 '''
 
 
-def readme_async_example() -> str:
-    text = (ROOT / "README.md").read_text()
+def docs_async_example() -> str:
+    text = (ROOT / "docs" / "async.md").read_text()
     marker = "<!-- tests/test_async_e2e.py runs the next block"
-    assert marker in text, "the README's async example is gone"
+    assert marker in text, "the async example of docs/async.md is gone"
     block = text.split(marker, 1)[1]
     return block.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def test_the_readme_async_example_runs_against_the_broker(
+def test_the_docs_async_example_runs_against_the_broker(
     bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
 ) -> None:
     topic, group = make_topic(3, "api"), unique("api-billing")
     produce_numbered(bootstrap, topic, 30)
-    code = readme_async_example()
+    code = docs_async_example()
     for literal, value in (('"orders"', topic), ('"billing"', group), ('"127.0.0.1:9092"', bootstrap)):
-        assert literal in code  # the README still shows the values this test replaces
+        assert literal in code  # the example still shows the values this test replaces
         code = code.replace(literal, repr(value))
     fake = tmp_path / "fake"
     fake.mkdir()

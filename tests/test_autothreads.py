@@ -21,6 +21,7 @@ from mtc75.core.work import Work
 from mtc75.engine.autothreads import SAMPLE_INTERVAL, TREND_SHOWN, AutoThreads, LatencyMeter
 from mtc75.runtime.invoker import Invoker
 from mtc75.settings import Settings
+from tests import process_handlers
 from tests.fake_kafka import FakeMessage
 
 Model = Callable[[int], tuple[float, float, float]]  # threads -> (msg/s, latency s, cpu share of the machine)
@@ -179,6 +180,31 @@ def test_gil_bound_handler_is_probed_up_once_then_held() -> None:
     h.run(120)
     assert h.pool.resizes == [2, 1]
     assert [n for t, n, _ in h.pool.history if t >= 10] == [1] * len([t for t, _, _ in h.pool.history if t >= 10])
+
+
+@pytest.mark.parametrize("runner", ["threads", "processes"])
+def test_a_gil_bound_handler_is_told_once_that_the_process_runner_would_help(
+    caplog: pytest.LogCaptureFixture, runner: str
+) -> None:
+    h = Harness(cpu_bound, cores=2)
+    h.pool.share_of = lambda n: 0.9 / n
+    if runner == "processes":  # already in worker processes: nothing to tell
+        h.glue._invoker = Invoker(process_handlers.noop, processes=2)
+    with caplog.at_level(logging.INFO, logger="mtc75.engine.autothreads"):
+        h.run(120)
+    told = [r.getMessage() for r in caplog.records if "GIL" in r.getMessage() and r.levelno == logging.INFO]
+    if runner == "threads":
+        assert len(told) == 1, told  # once per verdict, not once per sample
+        assert 'RUNNER="processes" would run them in worker processes, one per core (2 here)' in told[0]
+    else:
+        assert told == []
+
+
+def test_a_waiting_handler_is_never_told_about_the_gil(caplog: pytest.LogCaptureFixture) -> None:
+    h = Harness(degrading)
+    with caplog.at_level(logging.INFO, logger="mtc75.engine.autothreads"):
+        h.run(60)
+    assert not [r for r in caplog.records if "GIL" in r.getMessage()]
 
 
 def test_handler_cpu_is_their_cpu_share_times_their_busy_time() -> None:

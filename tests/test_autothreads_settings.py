@@ -143,6 +143,7 @@ class DoublingTuner:
         self.limit = min_threads if initial is None else initial
         self.max_threads = max_threads
         self.trend = 0
+        self.gil_verdicts = 0  # as AutoTuner: times it found the GIL to be the limit
         self.samples: list[Sample] = []
         self.calls_at: list[int] = []  # the handler's calls when each sample came
         tuners.append(self)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import mtc75
 from mtc75.errors import BatchError
 from mtc75.kafka.deadletter import H_OFFSET
 from tests.fake_kafka import FakeKafka
@@ -196,3 +197,26 @@ def test_batch_size_and_wait_change_live_and_a_per_message_handler_keeps_its_kin
     until(lambda: sum(handler.handled().values()) == 40, "40 messages")
     assert max(len(offsets) for _, offsets in handler.calls) == 20
     run.stop()
+
+
+def test_a_batch_with_a_message_that_does_not_decode_writes_the_others_outputs_and_dead_letters_it(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    """The batch's output records go with what succeeded (one piece, done once they are written); the
+    message that did not decode fails alone, and the handler never saw it."""
+    cluster.create_topic("enriched", 1)
+    for i in range(10):
+        cluster.produce(TOPIC, 0, b'{"id": %d}' % i if i != 4 else b"{broken", key=b"k")
+    seen: list[list[int]] = []
+
+    def handler(batch: list[Any]) -> list[mtc75.Output]:
+        seen.append([m.value()["id"] for m in batch])
+        return [mtc75.Output("enriched", str(m.value()["id"])) for m in batch]
+
+    stats = start(handler, BATCH_SIZE=10, BATCH_WAIT=0.5, VALUE_FORMAT="json", ON_FAILURE="dlq",
+                  max_messages=10).join()
+    assert seen == [[0, 1, 2, 3, 5, 6, 7, 8, 9]]
+    assert sorted(m.value() for m in cluster.messages("enriched")) == sorted(str(i) for i in range(10) if i != 4)
+    [dead] = cluster.messages(TOPIC + ".dlq")
+    assert dead.value() == b"{broken" and (stats.processed, stats.dead_lettered) == (10, 1)
+    assert cluster.committed(GROUP, TOPIC, 0) == 10

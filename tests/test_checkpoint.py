@@ -43,7 +43,7 @@ def _setup(offsets: list[int]) -> tuple[OffsetCheckpoint, Client, OffsetTracker,
     for o in offsets:
         assert tracker.admit(state, o)
     client = Client()
-    checkpoint = OffsetCheckpoint(client, tracker, 0.0, lambda err: False, lambda change, now: None)  # type: ignore[arg-type]
+    checkpoint = OffsetCheckpoint(client, tracker, 0.0, lambda err: False, lambda topic, change, now: None)  # type: ignore[arg-type]
     return checkpoint, client, tracker, state
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError
 
+from mtc75.core.subscription import Subscription
 from mtc75.kafka.client import ErrorKind, KafkaClient, OffsetReset, ResetLog, classify
 
 NAME = "rdkafka#consumer-1"
@@ -61,7 +62,7 @@ class Watermarks:
 def test_each_reset_is_one_warning_from_where_to_where(to: str, expected: str, caplog: pytest.LogCaptureFixture
                                                        ) -> None:
     log = ResetLog(None)
-    client = KafkaClient(Watermarks(10, 68), "orders", cooperative=False, log=log)  # type: ignore[arg-type]
+    client = KafkaClient(Watermarks(10, 68), Subscription(("orders",)), cooperative=False, log=log)  # type: ignore[arg-type]
     log.resets.append(OffsetReset(("orders", 3), 5, to))
     with caplog.at_level(logging.WARNING, logger="mtc75.kafka.client"):
         client.report_resets()
@@ -77,7 +78,7 @@ def test_auto_offset_reset_error_is_its_own_kind() -> None:
 
 
 def test_the_error_line_names_the_partition_the_offset_and_what_the_log_holds() -> None:
-    client = KafkaClient(Watermarks(10, 68), "orders", cooperative=False)  # type: ignore[arg-type]
+    client = KafkaClient(Watermarks(10, 68), Subscription(("orders",)), cooperative=False)  # type: ignore[arg-type]
     text = client.out_of_range("orders", 0, 5)
     assert text.startswith("orders[0]: offset 5 is out of range (the log holds offsets 10 to 67")
     assert "AUTO_OFFSET_RESET=error" in text

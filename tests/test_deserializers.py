@@ -312,7 +312,7 @@ AVRO_SCHEMA = fastavro.parse_schema({
 
 
 def avro_value(data: bytes) -> dict[str, Any]:
-    """The README's example: a schemaless Avro record of a schema both sides know."""
+    """The example of docs/deserializers.md: a schemaless Avro record of a schema both sides know."""
     return fastavro.schemaless_reader(io.BytesIO(data), AVRO_SCHEMA)  # type: ignore[no-any-return]
 
 

@@ -714,3 +714,28 @@ def test_a_deleted_topic_stops_the_run_after_the_grace_and_nothing_is_committed_
         run.join()
     assert TopicGone.exit_code == 3
     assert [c for c in cluster.commits[before:] if c.error is None] == []
+
+
+def test_retries_waiting_out_their_backoff_leave_the_pool_other_work_even_with_a_small_backlog_bound(
+    cluster: FakeKafka, start: Callable[..., Run]
+) -> None:
+    """One thread, 50 ms a message (so the high watermark is a couple of messages), offsets 1 and 2 fail once
+    with a 1 s backoff: the messages after them run during the backoff; the two retries do not pause the
+    consumer (a retry holds no thread, nor the room the pool needs)."""
+    cluster.fill(TOPIC, {0: 8})
+    order: list[tuple[int, int]] = []  # (offset, attempt)
+    attempts: Counter[int] = Counter()
+
+    def handler(message: Any) -> None:
+        offset = message.offset()
+        attempts[offset] += 1
+        order.append((offset, attempts[offset]))
+        threading.Event().wait(0.05)
+        if offset in (1, 2) and attempts[offset] == 1:
+            raise ValueError("once")
+
+    stats = start(handler, max_messages=8, MAX_THREAD_COUNT=1, MAX_ATTEMPTS=2, RETRY_BACKOFF=1.0,
+                  RETRY_BACKOFF_MAX=1.0).join()
+    first_retry = order.index((1, 2))
+    assert {offset for offset, attempt in order[:first_retry] if attempt == 1} >= {3, 4, 5}, order
+    assert stats.processed == 8 and stats.retried == 2 and stats.pauses == 0

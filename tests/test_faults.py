@@ -408,7 +408,7 @@ def test_on_failure_stop_commits_only_what_is_safe_and_exits_5(
     handled = set(read_records(record))
     committed = committed_offsets(bootstrap, group, topic)[0]
     assert (0, 49) not in handled
-    # Exactly the failed message's offset (README, RELIABILITY.md): 0..48 started before 49 (one FIFO
+    # Exactly the failed message's offset (docs/how-it-works.md, RELIABILITY.md): 0..48 started before 49 (one FIFO
     # partition) and shutdown waits for running handlers, so they all finished and are committed.
     assert committed == 49
     assert all((0, o) in handled for o in range(committed))  # and nothing unhandled below it

@@ -730,7 +730,7 @@ def test_dead_letter_record_refused_for_its_size_is_resent_smaller_and_counted_o
     tracker.assign([("t", 0)])
     state = tracker.state(("t", 0))
     for limit, expected in ((100_000, TRUNCATED_VALUE_BYTES), (10, 0)):
-        dlq = DeadLetterProducer({}, "t", 0.1)
+        dlq = DeadLetterProducer({}, 0.1)
         dlq._producer = Producer_(limit)  # type: ignore[assignment]
         work = Work(Msg(b"x" * 1_000_000), state, 7)
         dlq.publish(work)
@@ -738,7 +738,7 @@ def test_dead_letter_record_refused_for_its_size_is_resent_smaller_and_counted_o
         assert dlq.poll() == [work] and dlq.pending == 0
         value, headers = dlq._producer.sent[-1]  # type: ignore[attr-defined]
         assert len(value or b"") == expected and headers[H_TRUNCATED] == b"1000000"
-    dlq = DeadLetterProducer({}, "t", 0.1)
+    dlq = DeadLetterProducer({}, 0.1)
 
     class Forbidden(Producer_):
         def produce(self, *args: object, **kwargs: object) -> None:

@@ -24,6 +24,10 @@ def test_the_gate_decides_the_whole_pause_free_threads_with_nothing_to_start_and
     assert gate.verdict(Load(active=2, limit=4, backlog=high, ready=3, delayed=0)) is Verdict.RUN
     # retries waiting out their backoff fill the backlog: the pool cannot drain it, pause at once
     assert gate.verdict(Load(active=0, limit=4, backlog=high, ready=0, delayed=high)) is Verdict.PAUSE
+    # retries waiting out a backoff hold no thread: others are fetched for the pool, up to MAX_BACKLOG
+    assert gate.verdict(Load(active=0, limit=4, backlog=high, ready=0, delayed=high, retrying=high)) is Verdict.RUN
+    assert gate.verdict(Load(active=0, limit=4, backlog=gate.max_backlog, ready=0, delayed=gate.max_backlog,
+                             retrying=gate.max_backlog)) is Verdict.PAUSE
     gate.start_pause(now=0.0)
     assert gate.verdict(Load(active=4, limit=4, backlog=high, ready=high, delayed=0)) is Verdict.RUN  # already
 

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mtc75.core.health import HealthWatch
 from mtc75.core.offsets import PartitionState
+from mtc75.core.subscription import Subscription
 from mtc75.core.work import Work
 from mtc75.errors import ConfigError
 from mtc75.kafka.client import LAG_QUERY_TIMEOUT, KafkaClient
@@ -229,7 +230,7 @@ class _NothingFetched:
 
 def test_lag_of_a_partition_not_fetched_yet_is_asked_of_the_broker_now_and_then() -> None:
     stub = _NothingFetched()
-    client = KafkaClient(stub, "t", cooperative=False)  # type: ignore[arg-type]
+    client = KafkaClient(stub, Subscription(("t",)), cooperative=False)  # type: ignore[arg-type]
     bases: dict[tuple[str, int], int | None] = {("t", 0): None, ("t", 1): None}
     # p0: committed 30 of 40; p1: nothing committed, so from where AUTO_OFFSET_RESET starts
     assert client.lag(bases, "earliest", now=0.0) == {("t", 0): 10, ("t", 1): 35}
@@ -245,7 +246,7 @@ def test_lag_of_a_partition_not_fetched_yet_is_asked_of_the_broker_now_and_then(
 
 def test_asking_the_lag_of_many_partitions_of_a_silent_broker_holds_the_poll_thread_a_second_at_most() -> None:
     stub = _NothingFetched(slow=True)
-    client = KafkaClient(stub, "t", cooperative=False)  # type: ignore[arg-type]
+    client = KafkaClient(stub, Subscription(("t",)), cooperative=False)  # type: ignore[arg-type]
     assert client.lag({("t", p): None for p in range(10)}, "earliest", now=0.0) == {}
     # one LAG_QUERY_TIMEOUT in all (each request gets what is left), not one per partition
     assert sum(stub.timeouts) <= LAG_QUERY_TIMEOUT + 0.05 and stub.asked < 10

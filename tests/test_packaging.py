@@ -1,6 +1,10 @@
 """`pip install .` builds a wheel holding the library and its commands, and the installed copy runs on its own:
 imports, console scripts, ``python -m mtc75`` and a short consumer run against the real broker, from a folder
-outside the repository.
+outside the repository; and docs/service.md's service runs from a fresh venv holding ``mtc75[metrics]`` only.
+
+The fresh venvs get no download: their dependencies are this environment's installed copies (the versions
+requirements.txt pins), exposed one distribution at a time, only those the extra asks for (and theirs), so a
+dependency the wheel forgot to declare is missing there as it would be for a user.
 
 The installed copy includes the local Kafka launcher: its pom is package data, its jars and node folders go to
 the user's cache folder ($XDG_CACHE_HOME/mtc75), so ``python -m mtc75.tools.broker start`` works outside the
@@ -9,23 +13,26 @@ repository.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 import mtc75
 from tests.conftest import TEST_PORT
 from tests.kafka_helpers import ROOT, produce_numbered
 from tests.local_kafka import free_pair
+from tests.service_checks import run_and_check
 
 pytestmark = pytest.mark.pypi
 
@@ -56,6 +63,71 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
                               str(wheel)], capture_output=True, text=True, timeout=120)
     assert install.returncode == 0, install.stderr
     return Installed(wheel, target)
+
+
+@dataclass(frozen=True)
+class Venv:
+    python: Path
+    bin: Path
+    site: Path  # its site-packages, where the wheel went
+    env: dict[str, str]  # no MTC75_*, KAFKA_* nor PYTHON* variables; its bin/ first on PATH
+
+
+def _pins() -> dict[str, str]:
+    """requirements.txt's pins: canonical name -> version."""
+    lines = (line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines())
+    return {canonicalize_name(name.split("[")[0]): version
+            for name, version in (line.split("==") for line in lines if "==" in line)}
+
+
+def _dependencies(wheel: Path, extra: str) -> dict[str, importlib.metadata.Distribution]:
+    """What ``pip install "mtc75[extra]"`` needs, by the wheel's own Requires-Dist and then each dependency's:
+    their installed copies in this environment, which must be the versions requirements.txt pins."""
+    info = f"{wheel.name.split('-py')[0]}.dist-info"
+    metadata = zipfile.ZipFile(wheel).read(f"{info}/METADATA").decode()
+    todo = [(Requirement(line.split(":", 1)[1].strip()), {"", extra})
+            for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    found: dict[str, importlib.metadata.Distribution] = {}
+    seen: set[tuple[str, str]] = set()
+    pins = _pins()
+    while todo:
+        requirement, extras = todo.pop()
+        if requirement.marker is not None and not any(requirement.marker.evaluate({"extra": e}) for e in extras):
+            continue
+        name = canonicalize_name(requirement.name)
+        wanted = {(name, e) for e in {"", *requirement.extras}} - seen
+        if not wanted:
+            continue
+        seen |= wanted
+        dist = found.setdefault(name, importlib.metadata.distribution(name))
+        assert pins.get(name) == dist.version, f"{name} {dist.version} is not the version requirements.txt pins"
+        assert requirement.specifier.contains(dist.version, prereleases=True), (requirement, dist.version)
+        todo += [(Requirement(text), {e for _, e in wanted}) for text in dist.requires or []]
+    return found
+
+
+def _fresh_venv(folder: Path, installed: Installed, extra: str) -> Venv:
+    """A venv with the wheel installed as ``pip install "mtc75[extra]"`` would, and nothing else importable:
+    no pip of its own (this environment's pip installs into it), no download (``--no-index``); the dependencies
+    are links to this environment's copies of exactly those the extra needs, on a path file."""
+    venv = folder / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True, timeout=60).stdout.strip())
+    deps = folder / "deps"
+    deps.mkdir()
+    for dist in _dependencies(installed.wheel, extra).values():
+        where = Path(dist.locate_file(""))
+        for top in {Path(str(file)).parts[0] for file in dist.files or []} - {"..", "__pycache__"}:
+            (deps / top).symlink_to(where / top)
+    (site / "deps.pth").write_text(f"{deps}\n")
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-index",
+                              "--quiet", f"{installed.wheel}[{extra}]"], capture_output=True, text=True, timeout=120)
+    assert install.returncode == 0, install.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MTC75_", "KAFKA_", "PYTHON"))}
+    env |= {"NO_COLOR": "1", "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"}
+    return Venv(python, venv / "bin", site, env)
 
 
 def _outside(installed: Installed, *args: str, cwd: Path, timeout: float = 60,
@@ -135,23 +207,14 @@ def test_the_installed_commands_run_outside_the_repository(
     installed: Installed, tmp_path: Path, bootstrap: str, make_topic: Callable[..., str],
     unique: Callable[[str], str],
 ) -> None:
-    """A fresh venv with the wheel: the console scripts and ``python -m mtc75`` from a folder that is not the
-    repository, then a consumer run against the real broker with its settings from flags and MTC75_* only."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    python, bin_dir = venv / "bin" / "python", venv / "bin"
-    # The dependencies come from this environment's site-packages (no second download of the [cli] extra);
-    # mtc75 itself only from the wheel: this environment has none installed (PYTHONPATH is what finds ours).
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
-    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--quiet", str(installed.wheel)],
-                             capture_output=True, text=True, timeout=120)
-    assert install.returncode == 0, install.stderr
+    """A fresh venv with the wheel and its [cli] extra: the console scripts and ``python -m mtc75`` from a folder
+    that is not the repository, then a consumer run against the real broker with its settings from flags and
+    MTC75_* only."""
+    venv = _fresh_venv(tmp_path, installed, "cli")
+    python, bin_dir, site = venv.python, venv.bin, venv.site
     work = tmp_path / "elsewhere"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MTC75_", "KAFKA_", "PYTHON"))}
-    env |= {"NO_COLOR": "1", "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
+    env = venv.env
 
     def run(*args: str, timeout: float = 60, **extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(list(args), cwd=work, env=env | extra, capture_output=True, text=True, timeout=timeout)
@@ -159,7 +222,7 @@ def test_the_installed_commands_run_outside_the_repository(
     where = run(str(python), "-c", "import mtc75, importlib.resources as r; print(mtc75.__file__); "
                                    "print(r.files('mtc75').joinpath('py.typed').is_file())")
     assert where.returncode == 0, where.stderr
-    assert where.stdout.split() == [str(Path(site, "mtc75", "__init__.py")), "True"]
+    assert where.stdout.split() == [str(site / "mtc75" / "__init__.py"), "True"]
     for command in ("mtc75-consumer", "mtc75-produce", "mtc75-create-topic"):
         version = run(str(bin_dir / command), "--version")
         assert version.returncode == 0 and version.stdout.startswith(f"{command} {mtc75.__version__} "), version
@@ -176,3 +239,28 @@ def test_the_installed_commands_run_outside_the_repository(
                    timeout=120, MTC75_GROUP_ID=group, KAFKA_BOOTSTRAP_SERVERS=bootstrap)
     assert consumed.returncode == 0, consumed.stderr
     assert json.loads(summary.read_text())["processed"] == 40
+
+
+@pytest.mark.timeout(400)
+def test_the_docs_service_example_runs_from_a_fresh_venv_with_the_metrics_extra(
+    installed: Installed, tmp_path: Path, bootstrap: str, make_topic: Callable[..., str],
+    unique: Callable[[str], str],
+) -> None:
+    """docs/service.md says the service needs ``pip install "mtc75[metrics]"``: in a venv with that and nothing
+    else, from a folder outside the repository, it runs against the real broker and keeps every promise its page
+    makes (tests/service_checks.py); the commands there say which extra they lack."""
+    venv = _fresh_venv(tmp_path, installed, "metrics")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    probe = ("import importlib.util, mtc75, prometheus_client; print(mtc75.__file__); "
+             "print([name for name in ('rich', 'termcolor', 'faker', 'psutil') if importlib.util.find_spec(name)])")
+    where = subprocess.run([str(venv.python), "-c", probe], cwd=work, env=venv.env, capture_output=True, text=True,
+                           timeout=60)
+    assert where.returncode == 0, where.stderr
+    assert where.stdout.splitlines() == [str(venv.site / "mtc75" / "__init__.py"), "[]"]  # the [cli] extra is not
+    helped = subprocess.run([str(venv.bin / "mtc75-consumer"), "--help"], cwd=work, env=venv.env,
+                            capture_output=True, text=True, timeout=60)
+    assert (helped.returncode, helped.stdout) == (2, ""), helped
+    assert helped.stderr == "mtc75-consumer: error: needs termcolor, part of the cli extra: pip install 'mtc75[cli]'\n"
+
+    run_and_check(venv.python, work, venv.env, bootstrap, make_topic, unique)

@@ -600,8 +600,8 @@ def test_throttled_chunks_count_their_messages_in_the_backlog_and_as_throttled()
         d.shutdown(wait=True)
 
 
-def test_the_readme_s_budget_share_follows_the_assignment() -> None:
-    """README "Rate limits": each member's MAX_RATE from its status callback, its share of the partitions."""
+def test_the_rate_limits_page_s_budget_share_follows_the_assignment() -> None:
+    """docs/rate-limits.md: each member's MAX_RATE from its status callback, its share of the partitions."""
     cluster = _fake(partitions=4)
     cluster.fill(TOPIC, {p: 5 for p in range(4)})
     budget, partitions = 600.0, 4

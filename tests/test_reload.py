@@ -167,7 +167,10 @@ def test_whatever_the_file_does_is_one_warning_line_and_the_next_good_edit_appli
     tmp_path: Path, caplog: pytest.LogCaptureFixture, case: str
 ) -> None:
     body, fragment = HOSTILE[case]
-    watcher, applied = _watcher(tmp_path, read=lambda path: read_isolated(path, timeout=1.0))
+    # 1 s for the endless loop (the case is the timeout); the others get room for a child's start on a loaded
+    # machine (an import of asyncio alone once took over 1 s), or they would time out instead of raising
+    limit = 1.0 if case == "endless loop" else 15.0
+    watcher, applied = _watcher(tmp_path, read=lambda path: read_isolated(path, timeout=limit))
     _write(watcher.path, BASE.replace("= 4", "= 9") + body)
     with caplog.at_level(logging.INFO, logger="mtc75.app.reload"):
         assert watcher.check() is False

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mtc75.app.report import COLUMNS, RunReport, pause_spans, plot, read_rows
+from mtc75.app.report import COLUMNS, RunReport, batch_calls, pause_spans, plot, read_rows
 from tests.stats_factory import make_stats
 
 
@@ -89,3 +89,26 @@ def test_plot_from_rows_directly(tmp_path: Path) -> None:
     rows = [dict.fromkeys(COLUMNS, 1.0) | {"elapsed_seconds": float(t)} for t in range(5)]
     plot(rows, tmp_path / "p.png")
     assert count_panels(tmp_path / "p.png") == 3
+
+
+def test_a_batch_handler_s_calls_go_to_the_csv_and_the_throughput_panel(tmp_path: Path) -> None:
+    report = RunReport(tmp_path)
+    report.open()
+    for second in range(4):  # 100 messages a second in 4 batch calls a second
+        report.update(make_stats(elapsed_seconds=float(second + 1), processed=100 * (second + 1),
+                                 batch_size=50, batches=4 * (second + 1)))
+    png = report.close()
+    rows = read_rows(tmp_path / "timeseries.csv")
+    assert [row["batches"] for row in rows] == [4.0, 8.0, 12.0, 16.0]
+    per_second, mean = batch_calls(rows) or ([], 0.0)
+    assert per_second == [4.0, 4.0, 4.0, 4.0] and mean == 25.0
+    assert png is not None and count_panels(png) == 3
+    assert batch_calls(read_rows(_per_message_csv(tmp_path / "single"))) is None  # a per-message handler
+
+
+def _per_message_csv(directory: Path) -> Path:
+    report = RunReport(directory)
+    report.open()
+    report.update(make_stats(elapsed_seconds=1.0, batches=0))
+    report.close()
+    return directory / "timeseries.csv"

@@ -14,7 +14,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 
-from mtc75.kafka.topicwatch import REQUEST_TIMEOUT, Change, TopicWatch
+from mtc75.kafka.topicwatch import REQUEST_TIMEOUT, Change, Known, TopicWatch
 
 TOPIC = "t"
 
@@ -27,9 +27,12 @@ class Admin:
         self.futures: list[Future[Any]] = []
 
     def describe_topics(self, topics: Any, **_: Any) -> dict[str, Future[Any]]:
-        future: Future[Any] = Future()
-        self.futures.append(future)
-        return {TOPIC: future}
+        out: dict[str, Future[Any]] = {}
+        for name in topics.topic_names:
+            future: Future[Any] = Future()
+            self.futures.append(future)
+            out[name] = future
+        return out
 
 
 def _answer(future: Future[Any], topic_id: str = "id-1") -> None:
@@ -38,7 +41,13 @@ def _answer(future: Future[Any], topic_id: str = "id-1") -> None:
 
 def _watch() -> tuple[TopicWatch, list[Admin]]:
     built: list[Admin] = []
-    return TopicWatch(lambda: Admin(built), TOPIC), built
+    return TopicWatch(lambda: Admin(built), [TOPIC]), built
+
+
+def _known(watch: TopicWatch) -> Known:
+    known = watch.known(TOPIC)
+    assert known is not None
+    return known
 
 
 def test_a_check_that_never_answers_is_asked_again_on_a_fresh_client() -> None:
@@ -50,15 +59,15 @@ def test_a_check_that_never_answers_is_asked_again_on_a_fresh_client() -> None:
     watch.poll(REQUEST_TIMEOUT + 0.2)  # the next check
     assert len(built) == 2 and len(built[1].futures) == 1, "the next check went to the client that never answered"
     _answer(built[1].futures[0])
-    assert watch.poll(REQUEST_TIMEOUT + 0.3) is Change.SAME
-    assert watch.confirmed_at == REQUEST_TIMEOUT + 0.2
+    assert watch.poll(REQUEST_TIMEOUT + 0.3) == {TOPIC: Change.SAME}
+    assert _known(watch).confirmed_at == REQUEST_TIMEOUT + 0.2
 
 
 def test_a_timed_out_answer_sends_the_next_check_to_a_fresh_client() -> None:
     watch, built = _watch()
     watch.poll(0.0)
     built[0].futures[0].set_exception(KafkaException(KafkaError(KafkaError._TIMED_OUT, "waiting for controller")))
-    assert watch.poll(1.0) is Change.UNKNOWN
+    assert watch.poll(1.0) == {TOPIC: Change.UNKNOWN}
     watch.poll(2.0)
     assert len(built) == 2 and len(built[1].futures) == 1
     assert watch.enabled  # a timeout says nothing about the topic ids: still watching
@@ -69,12 +78,12 @@ def test_answered_checks_keep_their_client() -> None:
     for step in range(5):
         watch.poll(float(step))
         _answer(built[0].futures[-1])
-        assert watch.poll(step + 0.5) is Change.SAME
+        assert watch.poll(step + 0.5) == {TOPIC: Change.SAME}
     assert len(built) == 1 and len(built[0].futures) == 5
 
 
 def test_a_blocking_check_without_an_answer_moves_to_a_fresh_client_too() -> None:
     watch, built = _watch()
-    assert watch.confirm_now(0.01) is Change.UNKNOWN  # the future never completes: TimeoutError
+    assert watch.confirm_now([TOPIC], 0.01) == {TOPIC: Change.UNKNOWN}  # the future never completes: TimeoutError
     assert watch.poll(0.0) is None
     assert len(built) == 2 and len(built[1].futures) == 1

@@ -59,7 +59,7 @@ class Front:
     def advice(self) -> dict[type[Mtc75Error], str]:
         """Advice for errors a user of this front can act on (the library's errors state facts only)."""
         return {BrokerUnreachable: self.broker_hint,
-                TopicNotFound: f"create it with '{self.typed('create-topic')} --topic NAME'", **self.hints}
+                TopicNotFound: f"create each with '{self.typed('create-topic')} --topic NAME'", **self.hints}
 
 
 # The console scripts a `pip install` puts on PATH (pyproject.toml [project.scripts]).
@@ -74,7 +74,7 @@ def scripts(folder: Path) -> Front:
     names = {"consumer": "mtc75_consumer.py", "produce": "producer.py", "create-topic": "create_topic.py"}
     return Front({name: (script, f"python {script}") for name, script in names.items()}, folder / "config.py",
                  f"start one with 'make broker' or set {BOOTSTRAP_ENV}",
-                 {TopicNotFound: "create it with 'python create_topic.py'"})
+                 {TopicNotFound: "create it with 'python create_topic.py' (--topic NAME for each of several)"})
 
 
 ENVIRONMENT = f"""environment:
@@ -231,9 +231,11 @@ def base_parser(command: str, description: str, epilog: str, settings: Sequence[
     defaults = Settings()
     for name in settings:
         spec = SPECS[name]
+        # TOPIC: the flag may be repeated (each a name, comma-separated names, or a pattern)
+        many = {"action": "append"} if spec.kind is tuple else {}
         group.add_argument(
             flag_name(name), dest=name, metavar=name, default=None,
-            help=f"{spec.help} (default {getattr(defaults, name)!r}; env {ENV_PREFIX}{name})",
+            help=f"{spec.help} (default {getattr(defaults, name)!r}; env {ENV_PREFIX}{name})", **many,
         )
     default = f"${CONFIG_ENV}, else {front.config}" if front.config is not None else f"${CONFIG_ENV}, else none"
     parser.add_argument("--config", type=Path, default=None, metavar="PATH",

@@ -24,13 +24,13 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from mtc75.app.status import status_color, thread_bound
+from mtc75.app.status import share_text, status_color, thread_bound
 from mtc75.core.offsets import Partition
 from mtc75.core.stats import Stats
 
 HISTORY = 60  # throughput samples kept for the sparkline (one per status interval)
 SPARKS = "▁▂▃▄▅▆▇█"
-MAX_LAG_SHOWN = 12  # partitions listed by name; the rest are summed
+MAX_LAG_SHOWN = 12  # partitions (several topics: topics) listed by name; the rest are summed
 BAR_WIDTH = 40
 
 
@@ -74,11 +74,15 @@ def _lag_text(lag: Mapping[Partition, int]) -> Text:
     items = sorted(lag.items())
     if not items:
         return Text("unknown (no fetch yet)", style="dim")
-    topics = {t for (t, _), _ in items}
     total = sum(v for _, v in items)
-    parts = [f"{t + ':' if len(topics) > 1 else 'p'}{p} {v}" for (t, p), v in items[:MAX_LAG_SHOWN]]
-    if len(items) > MAX_LAG_SHOWN:
-        parts.append(f"+{len(items) - MAX_LAG_SHOWN} more")
+    per_topic: dict[str, int] = {}
+    for (topic, _), value in items:
+        per_topic[topic] = per_topic.get(topic, 0) + value
+    if len(per_topic) > 1:  # several topics: each topic's total (its partitions are in mtc75_lag)
+        shown = [f"{t} {v}" for t, v in sorted(per_topic.items())]
+    else:
+        shown = [f"p{p} {v}" for (_, p), v in items]
+    parts = shown[:MAX_LAG_SHOWN] + ([f"+{len(shown) - MAX_LAG_SHOWN} more"] if len(shown) > MAX_LAG_SHOWN else [])
     text = Text(f"total {total}", style="bold")
     text.append("   " + "  ".join(parts))
     return text
@@ -149,9 +153,13 @@ def render(
     problems = Text(f"failed {stats.failed}   retried {stats.retried}   dead-lettered {stats.dead_lettered}",
                     style="red" if stats.failed or stats.dead_lettered else "")
     grid.add_row("failures", problems)
+    if stats.share is not None:
+        counts = "  ".join(f"{count}: {n}" for count, n in sorted(stats.share.deliveries.items()))
+        grid.add_row("share", Text(share_text(stats) + (f"   by delivery count {counts}" if counts else "")))
     if process is not None:
         grid.add_row("process", Text(f"CPU {process.cpu_percent:.0f}%   RSS {_mib(process.rss_bytes)}"))
-    footer = Text(f"{stats.elapsed_seconds:.0f}s elapsed, {stats.assigned} partitions assigned", style="dim")
+    where = "a share group member" if stats.share is not None else f"{stats.assigned} partitions assigned"
+    footer = Text(f"{stats.elapsed_seconds:.0f}s elapsed, {where}", style="dim")
     return Panel(Group(grid, footer), title=title, border_style=color, expand=False)
 
 

@@ -72,7 +72,7 @@ def plain(value, depth=0):
         return True
     if depth > 32:
         return False
-    if kind is list:
+    if kind is list or kind is tuple:
         return all(plain(v, depth + 1) for v in value)
     if kind is dict:
         return all(type(k) is str and plain(v, depth + 1) for k, v in value.items())

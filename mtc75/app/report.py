@@ -2,7 +2,8 @@
 
 The CSV gets one row a second from the status snapshots (written and flushed as it goes, so a
 crashed run still leaves its data); the PNG has three panels sharing the time axis: active threads
-against MAX_THREAD_COUNT with the paused time shaded, throughput, and total lag.
+against MAX_THREAD_COUNT with the paused time shaded, throughput (with a batch handler also its calls per
+second and the mean batch size), and total lag.
 
 Threads: one thread at a time: the script's main thread opens and closes it, and ``update`` runs in the
 status callback on the poll thread -- the same main thread in mtc75_consumer.py, which calls ``run()``.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,7 +25,7 @@ CSV_NAME = "timeseries.csv"
 PNG_NAME = "report.png"
 COLUMNS = (
     "elapsed_seconds", "active_threads", "max_thread_count", "paused", "paused_seconds", "pauses",
-    "processed", "rate", "in_flight", "backlog", "failed", "retried", "dead_lettered", "lag", "auto",
+    "processed", "rate", "in_flight", "backlog", "failed", "retried", "dead_lettered", "lag", "auto", "batches",
 )
 PANELS = 3
 
@@ -45,6 +47,7 @@ def row_of(stats: Stats) -> dict[str, Any]:
         "dead_lettered": stats.dead_lettered,
         "lag": sum(stats.lag.values()) if stats.lag else "",  # empty: not known yet
         "auto": int(stats.thread_mode == "auto"),  # 1 while MAX_THREAD_COUNT = "auto" tunes max_thread_count
+        "batches": stats.batches if stats.batch_size > 1 else "",  # a batch handler's completed calls
     }
 
 
@@ -121,6 +124,19 @@ def pause_spans(rows: list[dict[str, float]]) -> list[tuple[float, float]]:
     return spans
 
 
+def batch_calls(rows: list[dict[str, float]]) -> tuple[list[float], float] | None:
+    """A batch handler's calls per second between rows, and the run's mean batch size (None: no batches)."""
+    if not rows or math.isnan(rows[-1].get("batches", math.nan)):
+        return None
+    per_second, prev_t, prev_calls = [], 0.0, 0.0
+    for row in rows:
+        t, calls = row["elapsed_seconds"], row["batches"]
+        per_second.append((calls - prev_calls) / (t - prev_t) if t > prev_t else 0.0)
+        prev_t, prev_calls = t, calls
+    last = rows[-1]
+    return per_second, last["processed"] / last["batches"] if last["batches"] else 0.0
+
+
 def plot(rows: list[dict[str, float]], path: Path) -> None:
     """Three panels: threads (pauses shaded), throughput, lag."""
     # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
@@ -146,10 +162,18 @@ def plot(rows: list[dict[str, float]], path: Path) -> None:
     rate.set_ylabel("messages/s")
     rate.set_ylim(bottom=0)
     rate.set_title("throughput")
+    calls = batch_calls(rows)
+    if calls:
+        per_second, mean = calls
+        twin = rate.twinx()
+        twin.plot(t, per_second, color="tab:orange", linestyle=":")
+        twin.set_ylabel("batch calls/s", color="tab:orange")
+        twin.set_ylim(bottom=0)
+        rate.set_title(f"throughput (dotted: batch calls/s; {mean:,.0f} messages per batch on average)")
     lag.plot(t, [r["lag"] for r in rows], color="tab:purple")
     lag.set_ylabel("messages")
     lag.set_ylim(bottom=0)
-    lag.set_title("lag (end offset minus committed, all partitions)")
+    lag.set_title("lag (end offset minus committed, all partitions of every topic)")
     lag.set_xlabel("seconds since start")
     for ax in (threads, rate, lag):
         ax.grid(alpha=0.3)

@@ -20,6 +20,18 @@ def thread_bound(stats: Stats) -> str:
     return f"auto {stats.max_thread_count}{TREND_ARROWS.get(stats.thread_trend, '')}"
 
 
+def share_text(stats: Stats) -> str:
+    """A share-group run's acknowledgements, e.g. ``acquired 120: accepted 100, released 20, redelivered 20``."""
+    share = stats.share
+    if share is None:
+        return ""
+    text = (f"acquired {share.acquired}: accepted {share.accepted}, released {share.released}, "
+            f"redelivered {share.redelivered}")
+    if share.lock_expired or share.refused:
+        text += f", lock expired {share.lock_expired} (rejoined {share.rejoined}), refused {share.refused}"
+    return text
+
+
 def status_color(stats: Stats) -> str:
     """Red while paused, yellow at 80 % of threads busy and more, green below."""
     if stats.paused:
@@ -45,4 +57,6 @@ def format_status(stats: Stats, color: bool) -> str:
         line += f" | throttled {stats.throttled}"
     if stats.retried or stats.dead_lettered or stats.skipped:
         line += f" (retried {stats.retried}, dlq {stats.dead_lettered}, skipped {stats.skipped})"
+    if stats.share is not None:
+        line += " | " + share_text(stats)
     return paint(line, status_color(stats), color, bold=stats.paused)

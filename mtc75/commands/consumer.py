@@ -31,7 +31,7 @@ from mtc75.app.cli import (
     setup_logging,
     use_color,
 )
-from mtc75.app.status import format_status
+from mtc75.app.status import format_status, share_text
 from mtc75.core.stats import Stats
 from mtc75.errors import ConfigError
 from mtc75.runtime.handlers import SimulatedWork, load_handler
@@ -39,18 +39,22 @@ from mtc75.runtime.handlers import SimulatedWork, load_handler
 DESCRIPTION = "MTC75 consumer: a thread pool of MAX_THREAD_COUNT behind a semaphore; pauses when every thread is busy."
 COMMAND = "consumer"
 SETTINGS = (
-    "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "MAX_THREAD_COUNT", "MIN_THREAD_COUNT", "MAX_THREAD_LIMIT",
+    "BOOTSTRAP_SERVERS", "TOPIC", "GROUP_ID", "GROUP_TYPE", "MAX_THREAD_COUNT", "MIN_THREAD_COUNT",
+    "MAX_THREAD_LIMIT",
     "PAUSE_INTERVAL", "PROCESSING_SLEEP",
     "AUTO_OFFSET_RESET", "MAX_BACKLOG", "OFFSET_WINDOW", "COMMIT_INTERVAL", "REVOKE_TIMEOUT", "SHUTDOWN_TIMEOUT",
     "MAX_ATTEMPTS", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "ON_FAILURE", "MAX_PAYLOAD_BYTES", "BROKER_DOWN_TIMEOUT",
     "REPLICATION_FACTOR", "ORDERING", "BATCH_SIZE", "BATCH_WAIT", "FETCH_SIZES", "KEY_FORMAT", "VALUE_FORMAT",
-    "MAX_RATE", "KEY_RATE", "RATE_BURST",
+    "MAX_RATE", "KEY_RATE", "RATE_BURST", "RUNNER", "PROCESS_COUNT", "PROCESSING_GUARANTEE",
 )
 EPILOG = """examples:
   {cmd}                                   # settings from the config file, MTC75_* variables, flags
   {cmd} --topic orders --group-id billing --max-thread-count 4 --processing-sleep 0.2
+  {cmd} --topic orders --topic payments   # several topics (or --topic orders,payments)
+  {cmd} --topic '^orders-.*'              # a pattern: topics created later that match are consumed too
   {cmd} --max-thread-count auto          # the count that serves best, tuned while running
   {cmd} --handler myapp.jobs:handle       # fn(message) in a worker thread
+  {cmd} --handler myapp.jobs:crunch --runner processes   # in one process per core
   {cmd} --max-messages 1000 --summary-json run.json
   {cmd} --metrics-port 9108 --report run-report/   # /metrics, /healthz, /readyz + CSV/PNG report
   {cmd} --max-rate 200 --key-rate 10      # at most 200 msg/s, 10 msg/s per key
@@ -63,7 +67,9 @@ Ctrl-C (or SIGTERM) stops fetching, waits up to SHUTDOWN_TIMEOUT for running han
 exits 0 (handlers still running then are abandoned, counted and delivered again next time);
 a second Ctrl-C exits at once (uncommitted messages are then delivered again, never lost).
 A handler that raises is retried (--max-attempts, --retry-backoff); then --on-failure decides:
-dlq publishes it to <topic>.dlq, skip moves on, stop commits what is safe and exits 5.
+dlq publishes it to <topic>.dlq (of the message's own topic), skip moves on, stop commits what is safe and
+exits 5. A named topic deleted while consuming ends the run (exit 3) unless re-created within 10 s; a topic
+only a pattern matched just stops matching.
 """
 log = logging.getLogger("mtc75.commands.consumer")
 
@@ -100,6 +106,7 @@ def _summary_line(stats: Stats) -> str:
         + _limits(stats)
         + f"{stats.elapsed_seconds:.1f}s"
         + (f", abandoned {stats.abandoned} running handlers" if stats.abandoned else "")
+        + (f"; share group: {share_text(stats)}" if stats.share is not None else "")
     )
 
 
@@ -173,7 +180,7 @@ def main(argv: list[str] | None = None, front: Front = INSTALLED) -> int:
         if sys.stdout.isatty() and not args.no_dashboard:
             from mtc75.app.dashboard import Dashboard
 
-            dashboard = Dashboard(title=f"MTC75  {settings.TOPIC}  group {settings.GROUP_ID}")
+            dashboard = Dashboard(title=f"MTC75  {settings.subscription.describe()}  group {settings.GROUP_ID}")
             views.append(dashboard)
 
         def on_status(stats: Stats) -> None:

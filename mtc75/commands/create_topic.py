@@ -27,13 +27,14 @@ def main(argv: list[str] | None = None, front: Front = INSTALLED) -> int:
     def run() -> int:
         setup_logging(args.verbose, args.quiet)
         settings, props = resolve(args, SETTINGS)
+        topic = settings.one_topic(prog)
         created = create_topic(
-            settings.admin_config(props), settings.TOPIC, settings.NUM_PARTITIONS, settings.REPLICATION_FACTOR
+            settings.admin_config(props), topic, settings.NUM_PARTITIONS, settings.REPLICATION_FACTOR
         )
         verb = "created" if created else "already exists"
-        partitions, replicas = replica_counts(settings.admin_config(props), settings.TOPIC)
+        partitions, replicas = replica_counts(settings.admin_config(props), topic)
         logging.getLogger("mtc75.commands.create_topic").info(
-            "topic %s %s on %s: %d partitions, %d replica%s each", settings.TOPIC, verb, settings.BOOTSTRAP_SERVERS,
+            "topic %s %s on %s: %d partitions, %d replica%s each", topic, verb, settings.BOOTSTRAP_SERVERS,
             partitions, replicas, "" if replicas == 1 else "s",
         )
         return 0

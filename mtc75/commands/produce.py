@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None, front: Front = INSTALLED) -> int:
     def run() -> int:
         setup_logging(args.verbose, args.quiet)
         settings, props = resolve(args, SETTINGS)
+        topic = settings.one_topic(prog)
         color = use_color()
         stop = threading.Event()
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None, front: Front = INSTALLED) -> int:
         bar = _Bar(count) if count and sys.stdout.isatty() else None
         try:
             stats = produce(
-                settings.producer_config(props), settings.TOPIC, count, settings.PRODUCER_SLEEP, stop,
+                settings.producer_config(props), topic, count, settings.PRODUCER_SLEEP, stop,
                 bar.update if bar is not None else progress, rate=settings.PRODUCER_RATE,
                 progress_interval=BAR_REFRESH if bar is not None else PROGRESS_INTERVAL,
             )

@@ -188,6 +188,7 @@ class AutoTuner:
         # until when an up-probe from a core's worth of handler CPU is known to fail: the last one did, and
         # the handlers still used no more than about a core (they take turns on the GIL)
         self._gil_until = -math.inf
+        self.gil_verdicts = 0  # times a probe found the GIL to be the limit (read by the engine's glue)
         self._probe_cpu: float | None = None  # handler CPU (cores) when the probe now measured started
 
     @property
@@ -336,6 +337,7 @@ class AutoTuner:
         self._streak = 0
         if n > start and _within_a_core(self._probe_cpu, handler_cpu):
             self._gil_until = now + GIL_RECHECK  # more threads, no more CPU for the handlers: the GIL
+            self.gil_verdicts += 1
         # a failed doubling of slow start: its previous doubling paid, so the best count is more likely
         # between the two than below -- bisect up first rather than try fewer
         doubled, self._slow_start = self._slow_start, False

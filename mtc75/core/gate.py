@@ -40,13 +40,14 @@ class Load:
     limit: int  # MAX_THREAD_COUNT now
     backlog: int  # messages waiting: ready, blocked behind a key or partition, or waiting for a retry
     ready: int  # waiting messages that a free worker could start now
-    delayed: int  # waiting messages that are retries waiting out a backoff
+    delayed: int  # waiting messages that wait for a time: retries waiting out a backoff, rate-limited ones
     unit: int = 1  # messages a worker takes at a time: the batch size for a batch handler
+    retrying: int = 0  # of ``delayed``: the retries (they hold no thread, nor the room others need to run)
 
 
 class Verdict(Enum):
     RUN = "run"  # keep fetching
-    PAUSE = "pause"  # pause now: the backlog cannot drain (retries alone fill it)
+    PAUSE = "pause"  # pause now: the backlog cannot drain (messages waiting for rate tokens fill it, or MAX_BACKLOG)
     PAUSE_UNLESS_DRAINED = "pause unless drained"  # pause unless the pool drains to the low watermark now
 
 
@@ -103,9 +104,11 @@ class PauseGate:
         if self.paused:
             return Verdict.RUN
         high = self.watermarks(load.limit, load.unit)[1]
-        if load.backlog < high:
+        # Retries waiting out a backoff do not count against the high watermark: they hold no thread, so the
+        # pool must get other work meanwhile; MAX_BACKLOG bounds them with the rest.
+        if load.backlog - load.retrying < high and load.backlog < self.max_backlog:
             return Verdict.RUN
-        if load.delayed >= high:
+        if load.delayed - load.retrying >= high or load.delayed >= self.max_backlog:
             return Verdict.PAUSE
         startable = -(-load.ready // load.unit)  # batches (or messages) a free worker could take now
         if load.active >= load.limit or startable <= load.limit - load.active:

@@ -16,7 +16,10 @@ import heapq
 import itertools
 import random
 from collections.abc import Callable, Iterable
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from mtc75.core.work import Work
 
 T = TypeVar("T")
 
@@ -55,6 +58,11 @@ class RetryPolicy:
     def should_retry(self, attempts: int) -> bool:
         """Whether a message that has failed ``attempts`` times gets another try."""
         return attempts < self.max_attempts
+
+    def next_delay(self, work: Work, now: float) -> float | None:
+        """Seconds before a failed Work's next attempt (``work.attempts`` failures so far), or None when it
+        gets none here. A subclass may decline more (share mode: a retry must end within the lock)."""
+        return self.delay(work.attempts) if self.should_retry(work.attempts) else None
 
     def delay(self, attempts: int) -> float:
         """Seconds to wait after the ``attempts``-th failure (``attempts`` >= 1)."""

@@ -49,6 +49,24 @@ class Throughput:
 
 
 @dataclass(frozen=True)
+class ShareCounts:
+    """A share-group run's acknowledgements (GROUP_TYPE="share"; docs/share-groups.md): running totals."""
+
+    acquired: int = 0  # records polled (each delivery counts once)
+    accepted: int = 0  # acknowledged ACCEPT: handled, skipped, or dead-lettered and confirmed
+    released: int = 0  # acknowledged RELEASE: not run in time, failed with deliveries left, or at shutdown
+    lock_expired: int = 0  # handlers still running when their record's lock ended: the record went back
+    rejoined: int = 0  # redeliveries that took the outcome of this member's still-running handler
+    refused: int = 0  # ACCEPTs the broker refused (the lock had ended first): delivered again, a duplicate
+    deliveries: Mapping[int, int] = field(default_factory=dict)  # delivery count -> records acquired with it
+
+    @property
+    def redelivered(self) -> int:
+        """Records acquired on a second or later delivery."""
+        return sum(n for count, n in self.deliveries.items() if count > 1)
+
+
+@dataclass(frozen=True)
 class Stats:
     """A snapshot for status lines and summaries (taken on the poll thread)."""
 
@@ -95,6 +113,7 @@ class Stats:
     def mean_batch(self) -> float:
         """Messages per completed batch call (0 before the first)."""
         return self.processed / self.batches if self.batches else 0.0
+    share: ShareCounts | None = None  # GROUP_TYPE="share": the acknowledgements (None for a consumer group)
 
     @classmethod
     def idle(cls, max_thread_count: int, thread_mode: str = "fixed", ordering: str = "unordered") -> Stats:
@@ -126,4 +145,8 @@ class Stats:
         out["key_throttled_seconds"] = round(self.key_throttled_seconds, 3)
         out["batch_size"] = self.batch_size
         out["calls"] = self.batches if self.batch_size > 1 else self.processed  # handler calls that completed
+        out["group_type"] = "consumer" if self.share is None else "share"
+        if self.share is not None:
+            out["share"] = {**asdict(self.share), "deliveries": {str(k): v for k, v in
+                                                                 sorted(self.share.deliveries.items())}}
         return out

@@ -5,8 +5,8 @@ A Work of ``size`` > 1 is one of two things. A *chunk*: consecutive offsets of o
 unordered fast path of a per-message handler (one object, one take and one completion instead of one per
 message, which is what the poll thread of a no-op consumer spends its time on); a chunk that did not
 simply succeed is split (:meth:`Work.part`) before any of it is settled, so ``attempts``, ``failed``,
-``dropped`` and ``error`` only ever mean something on a single message. Or a *batch*: the list a batch
-handler is called with (mtc75/core/batching.py), messages of one assignment in offset order, not always
+``dropped``, ``error`` and ``exception`` only ever mean something on a single message. Or a *batch*: the
+list a batch handler is called with (mtc75/core/batching.py), messages of one assignment in offset order, not always
 consecutive (``ORDERING=key`` leaves out the keys running elsewhere); a batch is retried whole, and once it
 is split (its last attempt failed, or the handler named the failed messages) its *pieces* point back to it
 through ``batch`` and settle one by one, the batch's ``left`` counting those still to settle.
@@ -30,7 +30,7 @@ class Work:
     """One fetched message (or a chunk): the Kafka message(s), the assignment, the first offset, the attempts."""
 
     __slots__ = ("message", "messages", "state", "offset", "size", "_offsets", "failed", "dropped", "attempts",
-                 "error", "paid", "put_at", "batch", "left")
+                 "error", "exception", "paid", "put_at", "batch", "left", "outputs")
 
     def __init__(self, message: Any, state: PartitionState, offset: int) -> None:
         self.message = message  # the first (for a single message: the only) message
@@ -43,10 +43,14 @@ class Work:
         self.dropped = False  # True (with failed) when it never ran: its assignment was given up
         self.attempts = 0  # handler calls that raised
         self.error = ""  # "ExceptionType: text" of the last failure
+        self.exception: BaseException | None = None  # the last failure itself, kept only for on_error
         self.paid = 0  # rate tokens this start already took (mtc75/core/ratelimit.py PAID_*); 0 once it starts
         self.put_at = 0.0  # when the dispatcher queued it (a batch waits at most BATCH_WAIT from there)
         self.batch: Work | None = None  # a piece of a split batch: that batch
         self.left = 0  # a split batch: its pieces not settled yet
+        # What the handler returned to be written, as (offset, Output) pairs (mtc75/core/output.py); None:
+        # nothing. Set by the worker that ran it; the message is done once they are written.
+        self.outputs: list[tuple[int, Any]] | None = None
 
     @classmethod
     def chunk(cls, messages: Sequence[Any], state: PartitionState, first: int) -> Work:
@@ -97,4 +101,7 @@ class Work:
             part = Work(self.messages[start], self.state, self.offsets[start])
             part.messages, part._offsets, part.size = self.messages[start:stop], self.offsets[start:stop], stop - start
         part.put_at = self.put_at
+        if self.outputs is not None:
+            offsets = set(part.offsets)
+            part.outputs = [pair for pair in self.outputs if pair[0] in offsets] or None
         return part

@@ -7,7 +7,8 @@ put-back of theirs from then on), running handlers get up to REVOKE_TIMEOUT (cap
 ``max.poll.interval.ms``: this wait happens inside ``poll()``) to finish, what finished is committed, and the
 assignment ends: late completions are dropped, running coroutines cancelled. A lost assignment (the group
 expired this member) commits nothing. A topic deleted and re-created gets fresh states read from
-AUTO_OFFSET_RESET (:meth:`Assignments.reset`).
+AUTO_OFFSET_RESET (:meth:`Assignments.reset`), topic by topic. An aborted transaction (exactly-once) reads
+partitions again from their last commit, with fresh states (:meth:`Assignments.rewind`).
 
 Threads: the poll thread only; librdkafka calls the callbacks from inside the poll thread's ``poll``,
 ``consume`` and ``close``.
@@ -27,6 +28,7 @@ from mtc75.core.offsets import Partition
 from mtc75.engine.backpressure import Backpressure, fmt
 from mtc75.engine.checkpoint import CONFIRM_TIMEOUT, Checkpoint
 from mtc75.engine.ledger import Ledger
+from mtc75.errors import KafkaUnavailable
 from mtc75.kafka.client import KafkaClient
 from mtc75.runtime.dispatcher import Dispatcher
 
@@ -67,12 +69,19 @@ class Assignments:
         self.closing = False  # set at shutdown: close()'s revoke commits what is done without waiting again
         self.halted = False  # a fatal error: nothing is committed
         self.abandoned = 0  # handlers still running when a revoke stopped waiting for them
+        self.reset_to = "earliest"  # AUTO_OFFSET_RESET: where a rewound partition without a commit starts
+        # exactly-once: how long the committed offsets may take (a predecessor's open transaction holds them
+        # until it ends), and that an assignment whose offset maps cannot be read stops the run (running
+        # finished work again would write its outputs twice)
+        self.committed_timeout = COMMITTED_TIMEOUT
+        self.strict_maps = False
 
     # -- librdkafka's callbacks -------------------------------------------------------------------------
 
     def on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         tps = [(tp.topic, tp.partition) for tp in partitions]
         self._on_first()
+        self._checkpoint.assigned({tp.topic for tp in partitions})  # topic ids learned before anything is fetched
         self._tracker.assign(tps, self._read_maps(partitions))
         self._client.assign(partitions)  # first: pausing a partition not yet assigned has no effect
         if partitions:
@@ -91,13 +100,16 @@ class Assignments:
 
     # -- the engine's ---------------------------------------------------------------------------------
 
-    def reset(self, reset: str) -> bool:
-        """The topic was deleted and created again: drop every Work of the old one and read the new one from
-        ``reset`` (AUTO_OFFSET_RESET). False when ``reset`` names no position (the engine then stops)."""
+    def reset(self, reset: str, topic: str) -> bool:
+        """``topic`` was deleted and created again: drop every Work of the old one and read the new one from
+        ``reset`` (AUTO_OFFSET_RESET); other topics are left as they are. False when ``reset`` names no
+        position (the engine then stops)."""
         logical = RESET_OFFSETS.get(reset)
         if logical is None:
             return False
-        tps = self._tracker.partitions()
+        tps = [tp for tp in self._tracker.partitions() if tp[0] == topic]
+        if not tps:
+            return True
         states = [self._tracker.state(tp) for tp in tps]
         self._ledger.abandon(self._dispatcher.retire(states))
         self._tracker.assign(tps)  # fresh states: the old ones are dead, their completions dropped
@@ -106,6 +118,23 @@ class Assignments:
         for tp in tps:
             self._client.seek(tp, logical)  # also drops what librdkafka prefetched
         return True
+
+    def rewind(self, tps: list[Partition]) -> None:
+        """A transaction was aborted: drop every Work of ``tps`` and read them again from their last commit
+        (offset and offset map), with fresh states, so late completions of the aborted work are dropped.
+        Raises ``KafkaException`` when the committed offsets cannot be read (the caller halts)."""
+        tps = [tp for tp in tps if tp in self._tracker]
+        if not tps:
+            return
+        states = [self._tracker.state(tp) for tp in tps]
+        self._ledger.abandon(self._dispatcher.retire(states))
+        committed = self._client.committed([TopicPartition(t, p) for t, p in tps], timeout=self.committed_timeout)
+        self._tracker.assign(tps, self._decode_maps(committed))
+        self._checkpoint.forget(states)
+        self._backpressure.reset(tps)
+        for tp in committed:
+            logical = RESET_OFFSETS.get(self.reset_to, OFFSET_BEGINNING)
+            self._client.seek((tp.topic, tp.partition), tp.offset if tp.offset >= 0 else logical)
 
     # -- internals ------------------------------------------------------------------------------------
 
@@ -118,11 +147,19 @@ class Assignments:
         if not partitions:
             return {}
         try:
-            committed = self._client.committed(partitions, timeout=COMMITTED_TIMEOUT)
+            committed = self._client.committed(partitions, timeout=self.committed_timeout)
         except KafkaException as err:
+            if self.strict_maps:
+                tps = fmt([(tp.topic, tp.partition) for tp in partitions])
+                raise KafkaUnavailable(f"could not read the committed offsets and offset maps of {tps} "
+                                       f"({err.args[0].str()}): with exactly_once a partition is not read "
+                                       "without them") from None
             logger.warning("could not read the committed offset maps (%s): finished work above the committed "
                            "offsets may run again", err.args[0].str())
             return {}
+        return self._decode_maps(committed)
+
+    def _decode_maps(self, committed: list[TopicPartition]) -> dict[Partition, FinishedOffsets]:
         maps: dict[Partition, FinishedOffsets] = {}
         for tp in committed:
             if tp.error is not None or not tp.metadata:

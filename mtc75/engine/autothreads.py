@@ -177,6 +177,7 @@ class AutoThreads:
         self._next = 0.0
         self._mark: tuple[float, float, int] | None = None  # (wall, cpu, processed) at the last sample
         self._changed_at = -TREND_SHOWN  # when the tuner last changed the count
+        self._gil_told = 0  # the tuner's GIL verdicts already logged
         if settings.auto_threads:
             self._start(self.initial)
 
@@ -220,6 +221,20 @@ class AutoThreads:
             self._changed_at = now
             self._resize(pool, decision.limit)
             logger.debug("auto threads %s", decision.reason)
+        if tuner.gil_verdicts != self._gil_told:
+            self._gil_told = tuner.gil_verdicts
+            self._tell_gil(handler_cpu)
+
+    def _tell_gil(self, handler_cpu: float | None) -> None:
+        """Once per GIL verdict of the tuner: what would help (threads cannot)."""
+        if self._invoker.processes:
+            return  # already in worker processes: each has a GIL of its own
+        cores = f"{handler_cpu:.2f} cores" if handler_cpu is not None else "a core"
+        logger.info(
+            "auto threads: the handlers hold the GIL (they use %s between them at %d threads): more threads "
+            "cannot run them faster; RUNNER=\"processes\" would run them in worker processes, one per core "
+            "(%d here)", cores, self.limit, self._cores,
+        )
 
     def retune(self, value: int | str, pool: Pool) -> None:
         """MAX_THREAD_COUNT changed while running: "auto" starts tuning from the current count; a number stops it."""
@@ -241,6 +256,7 @@ class AutoThreads:
 
     def _start(self, initial: int) -> None:
         self._tuner = AutoTuner(self.min_threads, self.max_threads, initial)
+        self._gil_told = 0
         self._mark = None
         self._next = 0.0
         self._invoker.attach(self.meter)

@@ -66,6 +66,7 @@ class Backpressure:
         self._spent_poll_at = 0.0  # when the loop last served the group with the budget spent
         self.key_holds = KeyHolds()  # partitions paused alone: too many messages wait for their keys' tokens
         self._aside = 0  # this turn: waiting messages the key holds bound, not the gate
+        self._retrying = 0  # this turn: retries waiting out a backoff (nor the gate's either, up to MAX_BACKLOG)
         self._held = _Either(self.holds, self.key_holds)  # held alone, by the window or a key hold
 
     @property
@@ -81,12 +82,14 @@ class Backpressure:
         gate.reserve = int(dispatcher.limits[0] * RATE_RESERVE_SECONDS) if dispatcher.rate_parked else 0
         key_waiting = dispatcher.key_waiting()
         self._aside = aside = sum(key_waiting.values()) if key_waiting else 0
+        # retries waiting out a backoff hold no thread: the pool gets other messages meanwhile (the gate)
+        self._retrying = retrying = max(0, dispatcher.delayed - dispatcher.throttled)
         if gate.paused:
-            if gate.should_resume(now, limit, dispatcher.backlog - aside, unit):
+            if gate.should_resume(now, limit, dispatcher.backlog - aside - retrying, unit):
                 self._resume(now)
             return
         load = Load(dispatcher.active_thread_count, limit, dispatcher.backlog - aside, dispatcher.ready,
-                    dispatcher.delayed - dispatcher.key_parked, unit)
+                    dispatcher.delayed - dispatcher.key_parked, unit, retrying)
         verdict = gate.verdict(load)
         if verdict is Verdict.RUN:
             return
@@ -119,7 +122,9 @@ class Backpressure:
                 self._spent_poll_at = now
             message = client.poll(0)
             return [] if message is None else self._within([message], budget)
-        room = high - (dispatcher.backlog - self._aside) + (limit - dispatcher.active_thread_count) * unit
+        waiting = dispatcher.backlog - self._aside - self._retrying
+        room = high - waiting + (limit - dispatcher.active_thread_count) * unit
+        room = min(room, gate.max_backlog - dispatcher.backlog)  # MAX_BACKLOG bounds the retries with the rest
         if budget is not None:
             room = min(room, budget)
         # consume() waits for a full batch until its timeout: take what is there without waiting, and block
@@ -281,9 +286,10 @@ class _Either:
 
 
 def fmt(tps: list[Partition]) -> str:
-    """``topic[0,1,2]`` for log lines."""
+    """``topic[0,1,2]`` for log lines; several topics: ``orders[0,1] payments[0]``."""
     if not tps:
         return "no partitions"
-    topics = sorted({t for t, _ in tps})
-    parts = ",".join(str(p) for _, p in sorted(tps))
-    return f"{'/'.join(topics)}[{parts}]"
+    by_topic: dict[str, list[int]] = {}
+    for topic, partition in sorted(tps):
+        by_topic.setdefault(topic, []).append(partition)
+    return " ".join(f"{topic}[{','.join(str(p) for p in parts)}]" for topic, parts in by_topic.items())

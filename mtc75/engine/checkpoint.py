@@ -2,11 +2,14 @@
 
 A commit point is a partition's first unfinished offset (:meth:`mtc75.core.offsets.OffsetTracker.watermark`)
 with, as its metadata, the offset map of the finished offsets above it (:mod:`mtc75.core.offsetmap`). A point
-is sent only once a topic-id check that *started after* its messages were fetched confirmed the topic
+is sent only once a topic-id check that *started after* its messages were fetched confirmed its topic
 (:mod:`mtc75.kafka.topicwatch`): every COMMIT_INTERVAL :meth:`OffsetCheckpoint.tick` snapshots the points and
-sends them when the next check says "same" (never blocking the poll thread); :meth:`OffsetCheckpoint.commit_now`
-(revoke, shutdown) waits for a check, bounded by its deadline. A topic found gone or re-created is reported to
-``on_change`` -- stopping or resetting is the engine's decision, and nothing of the old topic is sent.
+sends those of each topic the next check says is the "same" (never blocking the poll thread);
+:meth:`OffsetCheckpoint.commit_now` (revoke, shutdown) waits for a check, bounded by its deadline. Topics are
+judged one by one: a topic found gone or re-created is reported to ``on_change`` -- stopping or resetting is
+the engine's decision, nothing of the old topic is sent -- and the other topics' points are sent as usual.
+The watch covers the named topics and every topic with an assigned partition: a topic's id is learned when
+it is first assigned (:meth:`OffsetCheckpoint.assigned`), before anything of it is fetched.
 
 :class:`Checkpoint` is the protocol the engine commits through; :class:`OffsetCheckpoint` commits with the
 consumer's ``commit()``. A transactional checkpoint (exactly-once) is a second implementation: the same
@@ -39,6 +42,20 @@ CONFIRM_TIMEOUT = 5.0  # longest a synchronous commit (revoke, shutdown) waits t
 Point = tuple[PartitionState, int, str, int]
 
 
+def step_over_skipped(tracker: OffsetTracker, client: KafkaClient) -> None:
+    """Partitions with nothing in flight move their commit position to the client's position when that is
+    past the last offset handed out: the records between are ones no handler gets (a transactional topic
+    ends with a marker, so without this the commit stays one below the end and lag never reaches 0).
+
+    Only in the periodic commit, on the poll thread between two fetches: every record the client returned
+    so far was handed out or sought back (the fair intake's cut clears the position). Not at shutdown,
+    whose poll drops what it returns."""
+    idle = [tp for tp in tracker.partitions() if not tracker.state(tp).pending]
+    if idle:
+        for tp, position in client.positions(idle).items():
+            tracker.step_over(tracker.state(tp), position)
+
+
 class Checkpoint(Protocol):
     """How the engine commits (poll thread only)."""
 
@@ -59,6 +76,9 @@ class Checkpoint(Protocol):
     def forget(self, states: Iterable[PartitionState]) -> None:
         """These assignments ended: nothing more of theirs is sent."""
 
+    def assigned(self, topics: set[str]) -> None:
+        """Partitions of ``topics`` are being assigned: learn the ids of those not known yet (bounded)."""
+
     def halt(self) -> None:
         """A fatal error: nothing is ever committed again."""
 
@@ -72,23 +92,21 @@ class OffsetCheckpoint:
         tracker: OffsetTracker,
         interval: float,
         is_fatal: Callable[[KafkaError], bool],
-        on_change: Callable[[Change, float], None],
+        on_change: Callable[[str, Change, float], None],
+        keep: tuple[str, ...] = (),
     ) -> None:
         self._client = client
         self._tracker = tracker
         self._interval = interval
         self._is_fatal = is_fatal  # the engine's check: True (and halted) for a fatal error
-        self._on_change = on_change  # gone or re-created (and "there again"): the engine decides
-        self.watch: TopicWatch | None = None  # the topic's id, so a re-created topic is noticed
+        self._on_change = on_change  # (topic, change, now): gone or re-created (and "there again"): the engine decides
+        self._keep = keep  # topics watched even with no partition assigned (the named ones)
+        self.watch: TopicWatch | None = None  # the topics' ids, so a re-created topic is noticed
         self._halted = False
         self._due = 0.0
         self._snapshot: list[Point] = []  # points waiting for the topic-id check
         self._sent: dict[PartitionState, tuple[int, int]] = {}  # state -> (position, version) last committed
         self._map_limit = MAP_LIMIT  # the broker's offset.metadata.max.bytes (0 once it refused a map)
-
-    @property
-    def _watching(self) -> bool:
-        return self.watch is not None and self.watch.enabled
 
     def tick(self, now: float) -> None:
         watch = self.watch
@@ -101,34 +119,41 @@ class OffsetCheckpoint:
     def _commit_due(self, now: float) -> None:
         if self._halted:
             return
-        if not (self._watching and self.watch is not None and self.watch.busy):
+        watch = self.watch
+        if watch is None or not watch.busy:
             self._step_over_skipped()
-        if not self._watching:
-            pending = self.points()
-            if pending:
-                self._send(pending, asynchronous=True)
-            return
-        assert self.watch is not None
-        if self.watch.busy:
+        elif watch.busy:
             self._watch_turn(now)
             return
+        points = self.points()
+        # Topics whose ids are not checked (no watch, or the cluster cannot tell them) are sent at once.
+        ungated = points if watch is None else [p for p in points if not watch.gates(p[0].tp[0])]
+        if ungated:
+            self._send(ungated, asynchronous=True)
+        if watch is None or not watch.enabled:
+            return
         # Everything in the snapshot was fetched before the check starts: a "same" answer confirms it.
-        self._snapshot = self.points()
-        self.watch.poll(now)
+        self._snapshot = [p for p in points if watch.gates(p[0].tp[0])]
+        watch.poll(now)
 
     def _watch_turn(self, now: float) -> None:
-        """Act on a finished topic-id check: send the snapshot on SAME; report every other answer but UNKNOWN."""
+        """Act on a finished topic-id check: send the snapshot's points of each topic found the SAME; report every
+        other answer but UNKNOWN."""
         assert self.watch is not None
-        change = self.watch.poll(now)
-        if change is None or change is Change.UNKNOWN:
+        changes = self.watch.poll(now)
+        if changes is None:
             return
         snapshot, self._snapshot = self._snapshot, []
-        if change is Change.SAME and not self._halted and self._client.down_since is None:
+        same = {topic for topic, change in changes.items() if change is Change.SAME}
+        if same and not self._halted and self._client.down_since is None:
             tracker = self._tracker
-            current = [p for p in snapshot if p[0].alive and tracker.get(p[0].tp) is p[0] and self._moved(p)]
+            current = [p for p in snapshot if p[0].tp[0] in same and p[0].alive and tracker.get(p[0].tp) is p[0]
+                       and self._moved(p)]
             if current:
                 self._send(current, asynchronous=True)
-        self._on_change(change, now)
+        for topic, change in changes.items():
+            if change is not Change.UNKNOWN:
+                self._on_change(topic, change, now)
 
     def commit_now(self, partitions: list[Partition] | None, deadline: float, asynchronous: bool = False) -> None:
         if self._halted:
@@ -139,32 +164,22 @@ class OffsetCheckpoint:
         pending = self.points(partitions)
         if not pending:
             return
-        if self._watching:
-            assert self.watch is not None
+        watch = self.watch
+        if watch is not None:
             timeout = max(0.0, min(CONFIRM_TIMEOUT, deadline - time.monotonic()))
-            change = self.watch.confirm_now(timeout)
-            if change is Change.RECREATED:
-                self._on_change(change, time.monotonic())
-                return
-            if change is not Change.SAME:
-                logger.warning("topic %s %s: not committing; uncommitted messages will be delivered again",
-                               self.watch.topic, "not found" if change is Change.GONE else "id not confirmed")
-                return
-        self._send(pending, asynchronous=asynchronous)
+            changes = watch.confirm_now(sorted({p[0].tp[0] for p in pending}), timeout)
+            for topic, change in sorted(changes.items()):
+                if change is Change.RECREATED:
+                    self._on_change(topic, change, time.monotonic())
+                elif change is not Change.SAME:
+                    logger.warning("topic %s %s: not committing it; its uncommitted messages will be delivered "
+                                   "again", topic, "not found" if change is Change.GONE else "id not confirmed")
+            pending = [p for p in pending if changes.get(p[0].tp[0]) is Change.SAME]
+        if pending:
+            self._send(pending, asynchronous=asynchronous)
 
     def _step_over_skipped(self) -> None:
-        """Partitions with nothing in flight move their commit position to the client's position when that is
-        past the last offset handed out: the records between are ones no handler gets (a transactional topic
-        ends with a marker, so without this the commit stays one below the end and lag never reaches 0).
-
-        Only in the periodic commit, on the poll thread between two fetches: every record the client returned
-        so far was handed out or sought back (the fair intake's cut clears the position). Not at shutdown,
-        whose poll drops what it returns."""
-        tracker = self._tracker
-        idle = [tp for tp in tracker.partitions() if not tracker.state(tp).pending]
-        if idle:
-            for tp, position in self._client.positions(idle).items():
-                tracker.step_over(tracker.state(tp), position)
+        step_over_skipped(self._tracker, self._client)
 
     def committed(self, state: PartitionState) -> int | None:
         sent = self._sent.get(state)
@@ -184,6 +199,12 @@ class OffsetCheckpoint:
         for state in states:
             self._sent.pop(state, None)
         self._snapshot = [p for p in self._snapshot if p[0].alive]
+        if self.watch is not None:  # a topic none of whose partitions is ours any more: not ours to watch
+            self.watch.retain({*self._keep, *(tp[0] for tp in self._tracker.partitions())})
+
+    def assigned(self, topics: set[str]) -> None:
+        if self.watch is not None:
+            self.watch.learn(sorted(topics), CONFIRM_TIMEOUT)
 
     def halt(self) -> None:
         self._halted = True

@@ -12,7 +12,8 @@ Threads: construct, :meth:`Engine.run` and everything private on one thread, the
 ``close()`` runs on a helper thread while the poll thread waits: :meth:`mtc75.kafka.client.KafkaClient.close`).
 :meth:`Engine.stop` from any thread or a signal handler (it sets an Event); :meth:`Engine.retune` from any
 thread (under a lock); :meth:`Engine.stats` on the poll thread (``on_status`` hands snapshots to the others);
-:meth:`Engine.on_handler_thread` from any thread.
+:meth:`Engine.on_handler_thread` from any thread. ``on_error`` runs on a thread of its own, ``mtc75-on-error``
+(:mod:`mtc75.runtime.failurehook`), from the run's start until its shutdown's deadline.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class Phase(Enum):
 
 
 class Engine:
-    """Consumes ``settings.TOPIC`` with at most ``settings.MAX_THREAD_COUNT`` handlers at once.
+    """Consumes ``settings.TOPIC`` (names and patterns) with at most ``settings.MAX_THREAD_COUNT`` handlers at once.
 
     No network I/O happens before :meth:`run`. :meth:`stop` may be called from any thread or a signal
     handler; ``run`` then finishes in-flight work (bounded), commits and closes.
@@ -80,6 +81,7 @@ class Engine:
         on_status: Callable[[Stats], None] | None = None,
         status_interval: float = 1.0,
         factories: ClientFactories = REAL_FACTORIES,
+        on_error: Callable[[Any], object] | None = None,
     ) -> None:
         check_bounds(max_messages, idle_exit)
         self._settings = settings
@@ -94,7 +96,8 @@ class Engine:
         self._stop = threading.Event()
         self._fatal: Mtc75Error | None = None  # why run() must fail once it has shut down cleanly
         self._faults = Faults(settings.BOOTSTRAP_SERVERS, settings.BROKER_DOWN_TIMEOUT, self._halt, self._fail)
-        self._ledger = Ledger(self._faults.on_message_error)
+        self._ledger = Ledger(self._faults.on_message_error, on_error)
+        self._hook = self._ledger.hook  # on_error's thread, started and closed with the run
         self._gate = PauseGate(settings.PAUSE_INTERVAL, settings.MAX_BACKLOG)
         self._retune_lock = threading.Lock()
         self._retune: dict[str, Any] = {}  # live changes waiting for the poll thread
@@ -120,6 +123,10 @@ class Engine:
         parts = self._parts
         return parts is not None and runs_handlers_for(parts.dispatcher)
 
+    def on_error_thread(self) -> bool:
+        """True when called on the thread that runs this run's ``on_error``; any thread."""
+        return self._hook is not None and self._hook.on_thread()
+
     @property
     def lingering(self) -> bool:
         """After run(): handlers it stopped waiting for still run, or the Kafka client did not close in time."""
@@ -132,6 +139,8 @@ class Engine:
         """Consume until stopped, ``max_messages`` handled, or ``idle_exit`` seconds idle; returns the final Stats."""
         self.phase = Phase.STARTING
         self._started = time.monotonic()
+        if self._hook is not None:
+            self._hook.start()
         try:
             self._start()
             self.phase = Phase.RUNNING
@@ -239,6 +248,8 @@ class Engine:
     def _shutdown(self) -> None:
         """Stop fetching, wait (bounded) for running handlers, commit, close. Always runs."""
         if self._parts is None:
+            if self._hook is not None:
+                self._hook.close(SHUTDOWN_FINISH)  # nothing ran: nothing queued
             return
         parts = self._parts
         client, dispatcher = parts.client, parts.dispatcher
@@ -274,11 +285,13 @@ class Engine:
             now = time.monotonic()
             parts.checkpoint.commit_now(None, now + max(0.0, end - now) / 2, asynchronous=True)
         finally:
-            self._ledger.failure.close()
+            self._ledger.close()
             parts.backpressure.end()
             parts.assignments.closing = True
             client.close(max(CLOSE_AT_LEAST, end - time.monotonic()))
             dispatcher.shutdown(wait=False)
+            if self._hook is not None:  # the last reports (abandoned, dead-lettered) within the same deadline
+                self._hook.close(end - time.monotonic())
 
     def stats(self) -> Stats:
         now = time.monotonic()

@@ -4,8 +4,9 @@
   nothing more is handled or committed (exit 6).
 - Every broker down: librdkafka reconnects by itself; the engine commits nothing meanwhile, probes once a
   second, and ends the run after BROKER_DOWN_TIMEOUT (exit 3).
-- The topic missing among fetched messages: the topic-id watch decides (a delete + re-create gets a grace);
-  without a watch, or a topic we may not read, the run ends (exit 3).
+- A topic missing among fetched messages: the topic guard decides when the topic is watched (a delete +
+  re-create gets a grace) or only a pattern matched it (it just stops matching); a named topic without a
+  watch, or a topic we may not read, ends the run (exit 3).
 - An offset out of range with AUTO_OFFSET_RESET=error: that partition's fetcher stopped for good, so the run
   ends (exit 1, committing what is safe) rather than leave the partition unread.
 - Anything else is transient: said once per kind and ERROR_REPEAT_SECONDS (:meth:`KafkaClient.warn_rarely`).
@@ -22,7 +23,7 @@ from typing import Any
 from confluent_kafka import KafkaError
 
 from mtc75.errors import KafkaFatal, KafkaUnavailable, Mtc75Error, OffsetOutOfRange
-from mtc75.kafka.client import ErrorKind, KafkaClient, classify
+from mtc75.kafka.client import ClientLink, ErrorKind, classify
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +37,12 @@ class Faults:
         self._down_timeout = down_timeout  # BROKER_DOWN_TIMEOUT
         self._halt = halt  # the engine's "stop at once, commit nothing"
         self._fail = fail  # the engine's "end the run with this error, committing what is safe"
-        self.client: KafkaClient | None = None  # set once built
+        self.client: ClientLink | None = None  # set once built
         self.checked = False  # the start-up check passed: before it, errors are its to report, in one line
-        self.watching: Callable[[], bool] = lambda: False  # a topic-id watch decides about a missing topic
+        # topic -> the topic guard decides about it missing (mtc75.engine.topicguard.TopicGuard.decides), and
+        # whether that is expected, nothing to warn about (TopicGuard.expected)
+        self.guarded: Callable[[str | None], bool] = lambda topic: False
+        self.expected: Callable[[str | None], bool] = lambda topic: False
 
     def is_fatal(self, err: KafkaError) -> bool:
         """A fatal error halts the consumer; True if this was one."""
@@ -73,9 +77,12 @@ class Faults:
         if kind is ErrorKind.OUT_OF_RANGE:
             self._fail(OffsetOutOfRange(client.out_of_range(msg.topic(), msg.partition(), msg.offset())))
             return
-        if kind is ErrorKind.TOPIC_MISSING and self.watching():
-            # Deleted, maybe being re-created: the topic watch decides (grace, then exit 3, or a reset).
-            client.warn_rarely(err, f"consumer error: {err.str()}")
+        if kind is ErrorKind.TOPIC_MISSING and self.guarded(msg.topic()):
+            # Deleted, maybe being re-created: the topic guard decides (grace, then exit 3, a reset, or nothing).
+            if self.expected(msg.topic()):
+                logger.debug("Kafka: %s", err.str())
+            else:
+                client.warn_rarely(err, f"consumer error: {err.str()}")
             return
         if kind in (ErrorKind.TOPIC_MISSING, ErrorKind.REFUSED):
             raise KafkaUnavailable(f"consumer error: {err.str()}")

@@ -5,6 +5,8 @@ leaves to us, lives here: the set of partitions *we* paused (librdkafka's pause 
 rebalances, so they are not trusted), the seek that wakes the fetcher after a resume, lag from the
 cached watermarks (no broker request), "every broker is down" tracking with a cheap probe, the
 classification of librdkafka errors, and warnings limited to one per kind and ERROR_REPEAT_SECONDS.
+The broker-down tracking, the rare warnings and the bounded close (:class:`ClientLink`) are shared with
+the share-group client (:mod:`mtc75.kafka.share`).
 
 Threads: the poll thread only -- every method, and the callbacks librdkafka runs from ``poll``,
 ``consume`` and ``commit`` (``error_cb``, ``on_commit``, the rebalance callbacks). The one exception is
@@ -26,6 +28,8 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from mtc75.core.offsets import Partition
+from mtc75.core.subscription import Subscription
+from mtc75.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -115,20 +119,98 @@ class ResetLog:
                 self.resets.append(OffsetReset(tp, int(found["at"]), found["to"]))
 
 
-class KafkaClient:
-    """One librdkafka ``Consumer`` for the engine; ``consume`` and ``poll`` are the consumer's own methods."""
+class ClientLink:
+    """What every consumer the engine drives needs besides fetching: error kinds said rarely, "every broker
+    down" tracking with a cheap probe, and a bounded close. ``metadata`` answers the probe's ``list_topics``
+    (the consumer itself; a share consumer has none, so an admin client)."""
 
-    def __init__(self, consumer: Consumer, topic: str, *, cooperative: bool, log: ResetLog | None = None) -> None:
+    def __init__(self, consumer: Any, topic: str | None, metadata: Any) -> None:
         self.consumer = consumer
-        self.consume = consumer.consume  # the hot path: no wrapper call per fetch
-        self.poll = consumer.poll
-        self._topic = topic
-        self._cooperative = cooperative  # incremental (un)assign: cooperative assignors and KIP-848
-        self.paused: set[Partition] = set()  # partitions *we* paused; librdkafka's flag is not trusted
+        self._topic = topic  # what the probe asks metadata of (None: the cluster's)
+        self._metadata = metadata
         self.down_since: float | None = None  # when librdkafka reported every broker down
         self._next_probe = 0.0
         self._quiet_until: dict[int, float] = {}  # error code -> when it may be logged again
         self.close_timed_out = False  # close() did not return in time: the process must not wait for it
+
+    # -- errors and broker probing ---------------------------------------------------------------------
+
+    def warn_rarely(self, err: KafkaError, text: str) -> None:
+        """librdkafka repeats the same error on every retry: say each kind once per ERROR_REPEAT_SECONDS."""
+        now = time.monotonic()
+        if now >= self._quiet_until.get(err.code(), 0.0):
+            self._quiet_until[err.code()] = now + ERROR_REPEAT_SECONDS
+            logger.warning("%s", text)
+
+    def note_brokers_down(self) -> None:
+        """librdkafka said every broker is down: start the clock (once) and probe from now on."""
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            self._next_probe = self.down_since + PROBE_INTERVAL
+
+    def note_message(self) -> None:
+        """A real message arrived: a broker answered."""
+        self.down_since = None
+
+    def probe(self, now: float) -> bool:
+        """While every broker is down, ask for the topic's metadata now and then; True once one answered."""
+        if self.down_since is None:
+            return True
+        if now < self._next_probe:
+            return False
+        self._next_probe = now + PROBE_INTERVAL
+        try:
+            self._metadata.list_topics(self._topic, timeout=PROBE_TIMEOUT)
+        except KafkaException:
+            return False
+        logger.warning("Kafka reachable again after %.1fs", time.monotonic() - self.down_since)
+        self.down_since = None
+        return True
+
+    # -- close ---------------------------------------------------------------------------------------
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """``Consumer.close()``, bounded by ``timeout``, at most CLOSE_TIMEOUT (CLOSE_TIMEOUT_DOWN while no
+        broker is reachable). It also delivers the commits still in flight (librdkafka waits for them).
+
+        With no broker left, librdkafka's close() can wait for ever for a commit queued "waiting for
+        coordinator" (seen in 1 of 3 runs of the broker-gone test). So it runs on a helper thread while
+        this one waits; the poll thread makes no other Consumer call meanwhile, so the rebalance callback
+        close() triggers on the helper thread still has the consumer to itself. Past the timeout the
+        close is left behind and :attr:`close_timed_out` tells the script to exit without waiting.
+        """
+        finished = threading.Event()
+        consumer = self.consumer
+
+        def close() -> None:
+            try:
+                consumer.close()
+            except (KafkaException, RuntimeError) as err:
+                logger.warning("close: %s", err)
+            finally:
+                finished.set()
+
+        # With no broker reachable there is no group to leave and no commit that can land: waiting the
+        # full CLOSE_TIMEOUT would only push the exit past BROKER_DOWN_TIMEOUT + a few seconds.
+        timeout = min(timeout, CLOSE_TIMEOUT_DOWN if self.down_since is not None else CLOSE_TIMEOUT)
+        threading.Thread(target=close, name="mtc75-close", daemon=True).start()
+        if not finished.wait(timeout):
+            self.close_timed_out = True
+            logger.warning("close: the Kafka client did not close within %.1fs; leaving it", timeout)
+
+
+class KafkaClient(ClientLink):
+    """One librdkafka ``Consumer`` for the engine; ``consume`` and ``poll`` are the consumer's own methods."""
+
+    def __init__(self, consumer: Consumer, subscription: Subscription, *, cooperative: bool,
+                 log: ResetLog | None = None) -> None:
+        names = subscription.names
+        super().__init__(consumer, names[0] if names else None, consumer)  # the probe: a named topic, or all
+        self.consume = consumer.consume  # the hot path: no wrapper call per fetch
+        self.poll = consumer.poll
+        self._subscription = subscription
+        self._cooperative = cooperative  # incremental (un)assign: cooperative assignors and KIP-848
+        self.paused: set[Partition] = set()  # partitions *we* paused; librdkafka's flag is not trusted
         self._log = log  # the consumer's logger, when it is a ResetLog: offset resets to report
         self._next_lag_query = 0.0
         self._asked_lag: dict[Partition, int] = {}  # the last broker answer for partitions not fetched yet
@@ -137,7 +219,15 @@ class KafkaClient:
 
     def subscribe(self, on_assign: Callable[..., None], on_revoke: Callable[..., None],
                   on_lost: Callable[..., None]) -> None:
-        self.consumer.subscribe([self._topic], on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost)
+        """Subscribe to TOPIC's names and patterns; ConfigError when librdkafka refuses them (a pattern it
+        cannot compile: its regular expressions are POSIX extended ones)."""
+        try:
+            self.consumer.subscribe(list(self._subscription.entries), on_assign=on_assign, on_revoke=on_revoke,
+                                    on_lost=on_lost)
+        except KafkaException as err:
+            raise ConfigError(f"invalid TOPIC={self._subscription.describe()!r}: librdkafka refused the subscription "
+                              f"({err.args[0].str()}; a pattern must be a POSIX extended regular expression)"
+                              ) from None
 
     def assign(self, partitions: list[TopicPartition]) -> None:
         if self._cooperative:
@@ -240,7 +330,7 @@ class KafkaClient:
         """The one-line reason for :class:`~mtc75.errors.OffsetOutOfRange`: where it stood, what the log holds.
         The error event's offset is None (or negative) when the group had no committed offset."""
         if topic is None or partition is None:
-            topic, partition = self._topic, -1
+            topic, partition = self._subscription.describe(), -1
         where = f"{topic}[{partition}]" if partition >= 0 else topic
         if offset is None or offset < 0 or partition < 0:
             what = f"{where}: the group has no committed offset"
@@ -344,72 +434,6 @@ class KafkaClient:
             base = tp.offset if tp.offset >= 0 else low if reset == "earliest" else high
             asked[(tp.topic, tp.partition)] = max(0, high - base)
         return asked
-
-    # -- errors and broker probing ---------------------------------------------------------------------
-
-    def warn_rarely(self, err: KafkaError, text: str) -> None:
-        """librdkafka repeats the same error on every retry: say each kind once per ERROR_REPEAT_SECONDS."""
-        now = time.monotonic()
-        if now >= self._quiet_until.get(err.code(), 0.0):
-            self._quiet_until[err.code()] = now + ERROR_REPEAT_SECONDS
-            logger.warning("%s", text)
-
-    def note_brokers_down(self) -> None:
-        """librdkafka said every broker is down: start the clock (once) and probe from now on."""
-        if self.down_since is None:
-            self.down_since = time.monotonic()
-            self._next_probe = self.down_since + PROBE_INTERVAL
-
-    def note_message(self) -> None:
-        """A real message arrived: a broker answered."""
-        self.down_since = None
-
-    def probe(self, now: float) -> bool:
-        """While every broker is down, ask for the topic's metadata now and then; True once one answered."""
-        if self.down_since is None:
-            return True
-        if now < self._next_probe:
-            return False
-        self._next_probe = now + PROBE_INTERVAL
-        try:
-            self.consumer.list_topics(self._topic, timeout=PROBE_TIMEOUT)
-        except KafkaException:
-            return False
-        logger.warning("Kafka reachable again after %.1fs", time.monotonic() - self.down_since)
-        self.down_since = None
-        return True
-
-    # -- close ---------------------------------------------------------------------------------------
-
-    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
-        """``Consumer.close()``, bounded by ``timeout``, at most CLOSE_TIMEOUT (CLOSE_TIMEOUT_DOWN while no
-        broker is reachable). It also delivers the commits still in flight (librdkafka waits for them).
-
-        With no broker left, librdkafka's close() can wait for ever for a commit queued "waiting for
-        coordinator" (seen in 1 of 3 runs of the broker-gone test). So it runs on a helper thread while
-        this one waits; the poll thread makes no other Consumer call meanwhile, so the rebalance callback
-        close() triggers on the helper thread still has the consumer to itself. Past the timeout the
-        close is left behind and :attr:`close_timed_out` tells the script to exit without waiting.
-        """
-        finished = threading.Event()
-        consumer = self.consumer
-
-        def close() -> None:
-            try:
-                consumer.close()
-            except (KafkaException, RuntimeError) as err:
-                logger.warning("close: %s", err)
-            finally:
-                finished.set()
-
-        # With no broker reachable there is no group to leave and no commit that can land: waiting the
-        # full CLOSE_TIMEOUT would only push the exit past BROKER_DOWN_TIMEOUT + a few seconds.
-        timeout = min(timeout, CLOSE_TIMEOUT_DOWN if self.down_since is not None else CLOSE_TIMEOUT)
-        threading.Thread(target=close, name="mtc75-close", daemon=True).start()
-        if not finished.wait(timeout):
-            self.close_timed_out = True
-            logger.warning("close: the Kafka client did not close within %.1fs; leaving it", timeout)
-
 
 class Relay:
     """A callback librdkafka must be given before its handler exists: calls go to ``to`` once it is set."""

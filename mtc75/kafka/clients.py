@@ -1,7 +1,9 @@
 """How the engine builds its Kafka clients: one seam for an in-memory fake, one place for config errors.
 
 The engine builds a ``Consumer`` (poll thread), an ``AdminClient`` for the topic-id watch, and with
-``ON_FAILURE=dlq`` a ``Producer`` and an ``AdminClient`` for the dead-letter topic. It builds them only
+``ON_FAILURE=dlq`` a ``Producer`` and an ``AdminClient`` for the dead-letter topic; a share-group run
+(GROUP_TYPE="share") builds a ``ShareConsumer`` instead of the ``Consumer`` and an ``AdminClient`` for the
+topic, the group's configs and the broker probe. It builds them only
 through a :class:`ClientFactories`, so a test can hand it fakes (``tests/fake_kafka.py``) and drive the
 real engine without a broker, and always via :func:`new_client`: librdkafka checks every property when
 a client is created and raises ``KafkaException`` (or ``TypeError``/``ValueError`` from the Python
@@ -16,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaException, Producer, ShareConsumer
 from confluent_kafka.admin import AdminClient
 
 from mtc75.errors import ConfigError
@@ -32,6 +34,7 @@ class ClientFactories:
     consumer: Factory = Consumer
     producer: Factory = Producer
     admin: Factory = AdminClient
+    share_consumer: Factory = ShareConsumer
 
 
 REAL_FACTORIES = ClientFactories()

@@ -1,4 +1,11 @@
-"""The dead-letter topic: where a message goes after its last failed attempt (``ON_FAILURE=dlq``).
+"""The dead-letter topics: where a message goes after its last failed attempt (``ON_FAILURE=dlq``).
+
+Each message goes to the dead-letter topic of its own topic, ``<topic>.dlq`` (several with a list or a pattern
+subscription). :class:`DeadLetterTopics` makes sure they exist: at start-up for every topic consumed then; for a
+topic that appears later (a pattern's new match), before its first dead letter is sent -- a blocking step of
+the poll thread, bounded by ENSURE_TIMEOUT, once per topic; one that fails for lack of an answer is tried again
+with the message's next publish attempt, one refused for good (not authorized to create it) stops the consumer
+(exit 5) like any other permanent publish error.
 
 A dead-lettered message counts as done -- and may be committed past -- only once Kafka confirmed
 the DLQ record. A failed publish is retried (the message stays outstanding meanwhile).
@@ -24,14 +31,16 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 
 from mtc75.core.retry import DelayQueue
+from mtc75.core.subscription import DEAD_LETTER_SUFFIX, dead_letter_topic
 from mtc75.core.work import Work
-from mtc75.errors import MessageFailed
+from mtc75.errors import KafkaUnavailable, MessageFailed, Mtc75Error
 from mtc75.kafka.clients import REAL_FACTORIES, ClientFactories, new_client
-from mtc75.kafka.topics import create_topic, fetch_metadata
+from mtc75.kafka.topics import METADATA_TIMEOUT, create_topic, create_topics, fetch_metadata
 
 logger = logging.getLogger(__name__)
 
-SUFFIX = ".dlq"
+SUFFIX = DEAD_LETTER_SUFFIX
+ENSURE_TIMEOUT = 10.0  # longest one dead-letter topic's creation may hold the poll thread, after start-up
 MAX_ERROR_CHARS = 2000  # the error header is for people: keep a huge message from bloating the record
 # Headers added to the original key, value and headers.
 H_TOPIC, H_PARTITION, H_OFFSET = "mtc75.original.topic", "mtc75.original.partition", "mtc75.original.offset"
@@ -42,8 +51,7 @@ MAX_KEY_BYTES = 1024  # last shrink step: key cut to this, value and original he
 SIZE_CODES = (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE)  # local and broker-side
 
 
-def dlq_topic(topic: str) -> str:
-    return topic + SUFFIX
+dlq_topic = dead_letter_topic
 
 
 def dlq_headers(work: Work, keep_original: bool = True) -> list[tuple[str, bytes]]:
@@ -60,18 +68,84 @@ def dlq_headers(work: Work, keep_original: bool = True) -> list[tuple[str, bytes
     return headers
 
 
+class DeadLetterTopics:
+    """The ``<topic>.dlq`` topics known to exist; makes the missing ones (see the module notes). Poll thread."""
+
+    def __init__(self, admin_conf: Mapping[str, Any], replication_factor: int,
+                 factories: ClientFactories = REAL_FACTORIES) -> None:
+        self._admin_conf = dict(admin_conf)
+        self._replication = replication_factor
+        self._factories = factories
+        self._bootstrap = str(admin_conf.get("bootstrap.servers"))
+        self.ready: set[str] = set()  # dead-letter topics that exist
+
+    def ensure(self, partitions: Mapping[str, int]) -> None:
+        """At start-up: the dead-letter topic of each source topic (as many partitions as it has) unless it
+        exists. Existence is checked first, so a consumer without the right to create topics works with
+        dead-letter topics an administrator made. Raises the error that stops the start."""
+        if not partitions:
+            return
+        admin = new_client(self._factories.admin, self._admin_conf, "librdkafka admin")
+        existing = fetch_metadata(admin, self._bootstrap).topics  # one request, however many topics
+        missing = {}
+        for source, count in sorted(partitions.items()):
+            info = existing.get(dlq_topic(source))
+            if not (info is not None and info.error is None and info.partitions):
+                missing[dlq_topic(source)] = count
+        if missing:  # one request for all of them (a pattern may match many topics)
+            created = create_topics(self._admin_conf, missing, self._replication, admin_factory=self._factories.admin)
+            for topic in sorted(created):
+                logger.info("created dead-letter topic %s (%d partitions)", topic, missing[topic])
+        self.ready.update(dlq_topic(source) for source in partitions)
+
+    def make_for(self, source: str, partition: int) -> bool:
+        """Before the first dead letter of ``source`` (a topic that appeared after start-up): True once its
+        dead-letter topic exists; False when the cluster did not answer (try again later); MessageFailed when
+        it cannot be made."""
+        topic = dlq_topic(source)
+        if topic in self.ready:
+            return True
+        deadline = time.monotonic() + ENSURE_TIMEOUT
+        try:
+            admin = new_client(self._factories.admin, self._admin_conf, "librdkafka admin")
+            info = fetch_metadata(admin, self._bootstrap, source, timeout=ENSURE_TIMEOUT / 4).topics.get(source)
+            # the source's partition count; a source gone meanwhile: as many as the message shows
+            count = len(info.partitions) if info is not None and info.error is None and info.partitions else \
+                partition + 1
+            self._make(admin, topic, count, max(0.1, deadline - time.monotonic()))
+        except KafkaUnavailable as err:  # no answer, or a refusal that may pass
+            logger.warning("dead-letter topic %s not created yet (%s): trying again", topic, err)
+            return False
+        except Mtc75Error as err:  # refused for good (e.g. not authorized to create topics)
+            raise MessageFailed(f"cannot dead-letter a message of {source}: {err}") from None
+        return True
+
+    def _make(self, admin: Any, topic: str, partitions: int, timeout: float = 30.0) -> None:
+        """``topic`` exists once this returns (in at most about ``timeout`` seconds); raises why not."""
+        deadline = time.monotonic() + timeout
+        info = fetch_metadata(admin, self._bootstrap, topic, timeout=min(METADATA_TIMEOUT, timeout / 3)
+                              ).topics.get(topic)
+        exists = info is not None and info.error is None and info.partitions
+        if not exists and create_topic(self._admin_conf, topic, partitions, self._replication,
+                                       max(0.1, deadline - time.monotonic()), admin_factory=self._factories.admin):
+            logger.info("created dead-letter topic %s (%d partitions)", topic, partitions)
+        self.ready.add(topic)
+
+
 class DeadLetterProducer:
-    """Publishes failed messages to ``<topic>.dlq`` and hands them back once delivered."""
+    """Publishes each failed message to its topic's ``<topic>.dlq`` and hands it back once delivered.
+
+    ``topics``: makes sure a dead-letter topic exists before its first record (None: they all exist)."""
 
     def __init__(
         self,
         producer_conf: Mapping[str, Any],
-        topic: str,
         retry_delay: float,
         on_error: Callable[[KafkaError], None] | None = None,
         factories: ClientFactories = REAL_FACTORIES,
+        topics: DeadLetterTopics | None = None,
     ) -> None:
-        self.topic = dlq_topic(topic)
+        self.topics = topics
         self._conf = dict(producer_conf)
         if on_error is not None:
             self._conf.setdefault("error_cb", on_error)
@@ -83,25 +157,15 @@ class DeadLetterProducer:
         self._republish: DelayQueue[Work] = DelayQueue()
         self._shrink: dict[int, int] = {}  # id(work) -> shrink step (0: as is, 1: value cut, 2: bare)
         self.pending = 0  # messages handed to publish(), neither confirmed nor given up
+        self._refused: list[Work] = []  # given up (a MessageFailed raised for each), until take_refused()
         self.delivered = 0
         self.truncated = 0  # records sent smaller than the original to fit the size limit
 
-    def ensure_topic(self, partitions: int, replication_factor: int, admin_conf: Mapping[str, Any]) -> None:
-        """Create the DLQ topic (as many partitions as the source) unless it exists.
-
-        Existence is checked first, so a consumer without the right to create topics works with a
-        DLQ topic an administrator made.
-        """
-        admin = new_client(self._factories.admin, admin_conf, "librdkafka admin")
-        # A property the producer refuses must be a start-up error, not one at the first failure: build one
-        # now and let it go. It is not kept: an idle idempotent producer left open kept the process from
-        # exiting after the broker went away (measured: still running 30 s after BROKER_DOWN_TIMEOUT).
+    def check_config(self) -> None:
+        """A property the producer refuses must be a start-up error, not one at the first failure: build one
+        now and let it go. It is not kept: an idle idempotent producer left open kept the process from
+        exiting after the broker went away (measured: still running 30 s after BROKER_DOWN_TIMEOUT)."""
         new_client(self._factories.producer, self._conf, "dead-letter producer")
-        info = fetch_metadata(admin, str(admin_conf.get("bootstrap.servers")), self.topic).topics.get(self.topic)
-        if info is not None and info.error is None and info.partitions:
-            return
-        if create_topic(admin_conf, self.topic, partitions, replication_factor, admin_factory=self._factories.admin):
-            logger.info("created dead-letter topic %s (%d partitions)", self.topic, partitions)
 
     def publish(self, work: Work) -> None:
         """Send the original key, value and headers with the failure headers added."""
@@ -109,6 +173,9 @@ class DeadLetterProducer:
             self._producer = new_client(self._factories.producer, self._conf, "dead-letter producer")
         self.pending += 1
         try:
+            if not self._topic_ready(work):
+                self._republish.push(time.monotonic() + self._retry_delay, work)
+                return
             self._send(work)
         except MessageFailed:
             self.pending -= 1  # given up: the caller stops the consumer; nothing stays counted
@@ -129,6 +196,9 @@ class DeadLetterProducer:
                 raise
         for work in self._republish.pop_due(now):
             try:
+                if not self._topic_ready(work):
+                    self._republish.push(now + self._retry_delay, work)
+                    continue
                 self._send(work)
             except MessageFailed:
                 self.pending -= 1
@@ -153,12 +223,24 @@ class DeadLetterProducer:
             self._producer.flush(min(0.1, remaining))
         return done
 
+    def take_refused(self) -> list[Work]:
+        """The messages whose dead letter Kafka refused for good since the last call (each raised MessageFailed)."""
+        refused, self._refused = self._refused, []
+        return refused
+
     def close(self) -> None:
         if self._producer is not None and self.pending:
             logger.warning("%d dead-letter records unconfirmed; their messages stay uncommitted", self.pending)
         self._producer = None
 
     # -- internals ------------------------------------------------------------------------------------
+
+    def _topic_ready(self, work: Work) -> bool:
+        """The message's dead-letter topic exists (made now when it does not; False: not yet, try later)."""
+        topics = self.topics
+        if topics is None or dlq_topic(work.message.topic()) in topics.ready:
+            return True
+        return topics.make_for(work.message.topic(), work.message.partition())
 
     def _send(self, work: Work) -> None:
         assert self._producer is not None
@@ -179,7 +261,8 @@ class DeadLetterProducer:
             if step == 2 and key is not None:
                 key = key[:MAX_KEY_BYTES]
         try:
-            self._producer.produce(self.topic, key=key, value=value, headers=headers, on_delivery=report)
+            self._producer.produce(dlq_topic(msg.topic()), key=key, value=value, headers=headers,
+                                   on_delivery=report)
         except BufferError:
             self._republish.push(time.monotonic() + self._retry_delay, work)
         except KafkaException as err:
@@ -203,4 +286,6 @@ class DeadLetterProducer:
             self._republish.push(now + self._retry_delay, work)
             return
         self._shrink.pop(id(work), None)
-        raise MessageFailed(f"cannot publish {where} to dead-letter topic {self.topic}: {err.str()}")
+        self._refused.append(work)
+        raise MessageFailed(f"cannot publish {where} to dead-letter topic {dlq_topic(work.message.topic())}: "
+                            f"{err.str()}")

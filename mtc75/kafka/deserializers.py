@@ -130,6 +130,8 @@ def decoder(key: DeserializerSpec, value: DeserializerSpec) -> Callable[[Any], D
                 raise _failure(value_field, MessageField.VALUE, err) from err
         return DecodedMessage(message, key, value)
 
+    # How a worker process (RUNNER="processes") builds it again: a function is pickled by name, not by code.
+    decode.rebuild = (decoder, (key, value))  # type: ignore[attr-defined]
     return decode
 
 

@@ -1,4 +1,7 @@
-"""A short-lived consumer that samples about one fetch of the topic, for the fetch sizes (FETCH_SIZES).
+"""A short-lived consumer that samples about one fetch of the topics, for the fetch sizes (FETCH_SIZES).
+
+With several topics (a list, a pattern) it samples them together -- the partitions of every topic consumed
+now, about ENOUGH_BYTES in all -- since one client's fetch sizes serve them all.
 
 :func:`probe` runs before the engine's own client exists (fetch sizes are fixed for a client's life).
 It builds its own ``Consumer`` through :class:`~mtc75.kafka.clients.ClientFactories` (the tests' fake
@@ -30,6 +33,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from mtc75.core.fetchsize import Sample
+from mtc75.core.subscription import Subscription
 from mtc75.kafka.client import ErrorKind, KafkaClient, classify
 from mtc75.kafka.clients import ClientFactories, new_client
 
@@ -74,8 +78,9 @@ class ProbeFailed(Exception):
 class _Probe:
     """One probe run: its consumer, the statistics snapshots seen and the first error that ends it."""
 
-    def __init__(self, factories: ClientFactories, conf: Mapping[str, Any], topic: str, deadline: float) -> None:
-        self._topic = topic
+    def __init__(self, factories: ClientFactories, conf: Mapping[str, Any], subscription: Subscription,
+                 deadline: float) -> None:
+        self._subscription = subscription
         self._deadline = deadline
         self._earliest = str(conf.get("auto.offset.reset", "latest")) in EARLIEST
         self.samples: list[Sample] = []
@@ -128,26 +133,33 @@ class _Probe:
 
         The start is the group's committed offset, else per auto.offset.reset.
         """
-        metadata = self._metadata().topics.get(self._topic)
-        if metadata is None or metadata.error is not None:
-            raise ProbeFailed(f"topic {self._topic}: {metadata.error if metadata else 'missing'}")
-        partitions = [TopicPartition(self._topic, p) for p in sorted(metadata.partitions)]
+        one = self._subscription.single()
+        topics = self._metadata(one).topics
+        for name in self._subscription.names:
+            metadata = topics.get(name)
+            if metadata is None or metadata.error is not None:
+                raise ProbeFailed(f"topic {name}: {metadata.error if metadata else 'missing'}")
+        partitions = [TopicPartition(name, p) for name in self._subscription.select(topics)
+                      if topics[name].error is None for p in sorted(topics[name].partitions)]
+        if not partitions:
+            return []
         todo = []
         for tp in self._committed(partitions):
-            low, high = self.consumer.get_watermark_offsets(TopicPartition(self._topic, tp.partition),
+            low, high = self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition),
                                                             timeout=self._left())
             # auto.offset.reset=error: the engine's client reports it; the probe reads from the end (nothing)
             start = tp.offset if tp.offset >= low else (low if self._earliest else high)
             if start < high:
-                todo.append((TopicPartition(self._topic, tp.partition, start), high))
+                todo.append((TopicPartition(tp.topic, tp.partition, start), high))
         return todo
 
-    def _metadata(self) -> Any:
-        """The topic's metadata, asked in short steps so that "all brokers down" (error_cb) ends the probe
-        at once rather than after the whole budget: with no broker the run's start waits for no probe."""
+    def _metadata(self, topic: str | None) -> Any:
+        """The topic's metadata (None: the cluster's), asked in short steps so that "all brokers down"
+        (error_cb) ends the probe at once rather than after the whole budget: with no broker the run's start
+        waits for no probe."""
         while True:
             try:
-                return self.consumer.list_topics(self._topic, timeout=min(METADATA_STEP, self._left()))
+                return self.consumer.list_topics(topic, timeout=min(METADATA_STEP, self._left()))
             except KafkaException as err:
                 if err.args[0].code() != KafkaError._TIMED_OUT:
                     raise
@@ -166,20 +178,22 @@ class _Probe:
 
 
 def probe(
-    factories: ClientFactories, conf: Mapping[str, Any], topic: str, seconds: float = PROBE_SECONDS
+    factories: ClientFactories, conf: Mapping[str, Any], topic: str | Subscription, seconds: float = PROBE_SECONDS
 ) -> Sample | None:
-    """One fetch's sample of ``topic`` read as the engine would start reading it; None if nothing or failed."""
+    """One fetch's sample of ``topic`` (a name, or the topics a subscription consumes now) read as the engine
+    would start reading it; None if nothing or failed."""
     deadline = time.monotonic() + seconds
+    subscription = topic if isinstance(topic, Subscription) else Subscription((topic,))
     try:
-        run = _Probe(factories, conf, topic, deadline)
+        run = _Probe(factories, conf, subscription, deadline)
     except Exception as err:  # advisory: the engine's own client reports a bad configuration
         logger.debug("fetch probe not started: %s", err)
         return None
     try:
         return run.run()
     except Exception as err:  # advisory: broker down, topic missing, refused, timed out -> default sizes
-        logger.debug("fetch probe of %s gave up: %s: %s", topic, type(err).__name__, err)
+        logger.debug("fetch probe of %s gave up: %s: %s", subscription.describe(), type(err).__name__, err)
         return None
     finally:
-        KafkaClient(run.consumer, topic, cooperative=False).close()
+        KafkaClient(run.consumer, subscription, cooperative=False).close()
 

@@ -41,6 +41,15 @@ COUNTERS = (
     ("key_throttled_seconds", "seconds during which a message waited for its key's KEY_RATE token",
      "key_throttled_seconds"),
 )
+# GROUP_TYPE="share": the acknowledgements (mtc75.core.stats.ShareCounts), as mtc75_share_<name>_total
+SHARE_COUNTERS = (
+    ("acquired", "records this share member polled (each delivery counts)"),
+    ("accepted", "records acknowledged ACCEPT (handled, skipped, or dead-lettered)"),
+    ("released", "records acknowledged RELEASE: delivered again, to any member"),
+    ("lock_expired", "handlers still running when their record's lock ended"),
+    ("rejoined", "redeliveries that took the outcome of this member's still-running handler"),
+    ("refused", "acceptances the broker refused: those records are delivered again"),
+)
 GAUGES = (
     ("active_threads", "handlers running now (permits held; ACTIVE_THREAD_COUNT)", "active_threads"),
     ("max_threads", 'the bound on running handlers (MAX_THREAD_COUNT; under "auto" the tuned count)',
@@ -107,6 +116,15 @@ class StatsCollector(Collector):
             f"{PREFIX}_thread_trend", "+1 / -1 just after auto stepped the thread count up / down, 0 holding",
             value=float(stats.thread_trend),
         )
+        if stats.share is not None:
+            for name, help_text in SHARE_COUNTERS:
+                yield CounterMetricFamily(f"{PREFIX}_share_{name}", help_text, value=float(getattr(stats.share, name)))
+            deliveries = CounterMetricFamily(
+                f"{PREFIX}_share_deliveries", "records acquired, by their delivery count", labels=["delivery_count"]
+            )
+            for count, n in sorted(stats.share.deliveries.items()):
+                deliveries.add_metric([str(count)], float(n))
+            yield deliveries
         lag = GaugeMetricFamily(
             f"{PREFIX}_lag", "end offset minus committed offset, per assigned partition",
             labels=["group", "topic", "partition"],

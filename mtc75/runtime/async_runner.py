@@ -32,6 +32,7 @@ from mtc75.core.offsets import PartitionState
 from mtc75.core.work import Work
 from mtc75.runtime.aio import EventLoopThread, LoopError
 from mtc75.runtime.invoker import Invoker
+from mtc75.runtime.process_runner import ProcessRunner
 from mtc75.runtime.runner import RunnerFactory, ThreadRunner, WorkerSteps, mark_worker
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,11 @@ STOP_TIMEOUT = 2.0  # seconds shutdown waits for cancelled handlers to end and t
 
 
 def runner_for(invoker: Invoker) -> RunnerFactory:
-    """Where ``invoker``'s handler runs: coroutines on one event loop for an async one, else threads."""
-    return AsyncRunner if invoker.is_async else ThreadRunner
+    """Where ``invoker``'s handler runs: coroutines on one event loop for an async one, worker processes for
+    a plain one with ``processes`` (RUNNER="processes"), else threads."""
+    if invoker.is_async:
+        return AsyncRunner
+    return ProcessRunner if invoker.processes else ThreadRunner
 
 
 class RevokeCancelled(asyncio.CancelledError):

@@ -21,7 +21,8 @@ thread but keeping its place in the scheduler (an ordered scheduler keeps its ke
 attempt the Work goes to the completion queue marked failed -- at once for a
 :class:`~mtc75.errors.DeserializationError` that is not ``retriable`` (the same bytes fail the same way).
 A Work of an assignment being given up (:meth:`Dispatcher.retire`) is never retried nor put back: it
-comes back failed or dropped.
+comes back failed or dropped. With ``on_error`` a retry is reported (:mod:`mtc75.runtime.failurehook`: queued,
+never called here) under the lock, before the retry can run; the poll thread reports the outcomes.
 
 Rate limits (MAX_RATE, KEY_RATE: :mod:`mtc75.core.ratelimit`): a worker that takes a Work pays its tokens;
 when the bucket puts its start in the future the Work goes to the delay queue, due at that start and marked
@@ -55,6 +56,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from mtc75.core.batching import BatchScheduler
+from mtc75.core.failures import RETRY
 from mtc75.core.offsets import Partition, PartitionState
 from mtc75.core.ratelimit import NO_CAP, PAID_ALL, PAID_KEY, PAID_RATE, RateLimits, WaitTime, cause
 from mtc75.core.retry import DelayQueue, RetryPolicy
@@ -62,6 +64,7 @@ from mtc75.core.scheduler import FifoScheduler, Scheduler
 from mtc75.core.work import Work
 from mtc75.errors import DeserializationError
 from mtc75.runtime.async_runner import runner_for
+from mtc75.runtime.failurehook import FailureHook
 from mtc75.runtime.handlers import describe_error
 from mtc75.runtime.invoker import Invoker, Partial
 from mtc75.runtime.permits import Permits
@@ -92,6 +95,7 @@ class Dispatcher:
         scheduler: Scheduler | None = None,
         runner: RunnerFactory | None = None,
         clock: Callable[[], float] = time.monotonic,
+        failure_hook: FailureHook | None = None,
     ) -> None:
         self._clock = clock  # due times of the delay queue and the rate limits (tests: a fake)
         self._retry = retry if retry is not None else RetryPolicy(max_attempts=1, base=0.0, cap=0.0)
@@ -112,9 +116,13 @@ class Dispatcher:
         self._batcher = self._scheduler if isinstance(self._scheduler, BatchScheduler) else None
         self._rework: deque[Work] = deque()
         self._rework_messages = 0
+        # A split batch of an ordered mode runs its pieces one after the other: those not started yet (with
+        # the error that sent them there, None for a fresh run) wait here, per batch, in offset order.
+        self._chains: dict[Work, deque[tuple[Work, BaseException | None]]] = {}
         if self._batcher is not None:
             self._take = self._take_batch
         self.retried = 0  # retries scheduled (a message failing 3 times with 3 attempts counts 2)
+        self._hook = failure_hook  # on_error: told of each failure that will be retried (the ledger: the rest)
         # Notified when a worker gives its permit back, and when the backlog falls to _drain_mark.
         self._changed = threading.Condition(self._lock)
         self._drain_mark = -1  # backlog length a waiter wants to hear about (-1: nobody waits)
@@ -303,6 +311,8 @@ class Dispatcher:
             self._rework = deque(w for w in self._rework if not chosen(w))
             self._rework_messages -= sum(w.size for w in rework)
             taken.extend(rework)
+        for batch in [b for b in self._chains if chosen(b)]:
+            taken.extend(piece for piece, _ in self._chains.pop(batch))
         for work in taken:
             self._untake(work)
         dropped.extend(taken)
@@ -660,16 +670,22 @@ class Dispatcher:
         work.attempts += 1
         work.paid = 0  # a retry is another call: it pays its rate tokens again
         work.error = describe_error(error)
+        hook = self._hook
+        if hook is not None:  # kept for on_error's last report only: an exception holds its traceback's frames
+            work.exception = error
         what = _where(work)
         with self._lock:
             # ``closing`` is set under this lock (retire): a retry either lands in the delay queue before
             # the purge that follows, or is never scheduled.
             live = work.state.alive and not work.state.closing
-            again = live and retry.should_retry(work.attempts) and _retriable(error)
-            if again:
-                delay = retry.delay(work.attempts)
+            now = self._clock()
+            delay = retry.next_delay(work, now) if live and _retriable(error) else None
+            again = delay is not None
+            if delay is not None:
+                if hook is not None:  # before the retry can run: a message's reports stay in order
+                    hook.report(work, RETRY)
                 # not released: an ordered scheduler keeps its key blocked meanwhile
-                self._delayed.push(self._clock() + delay, work)
+                self._delayed.push(now + delay, work)
                 self._delayed_messages += work.size
                 self.retried += 1
         if again:
@@ -681,14 +697,22 @@ class Dispatcher:
             # ON_FAILURE alone and the others complete.
             logger.warning("handler failed for %s (attempt %d of %d): %s; each message is tried alone now", what,
                            work.attempts, retry.max_attempts, work.error, exc_info=_traceback(error))
+            if hook is not None:
+                hook.report(work, RETRY)
             self._split_batch(work, Partial(work.size, [(i, error) for i in range(work.size)]), fresh=True)
             return
         work.failed = True
-        # A Work of an assignment being given up is not this consumer's failure: the next owner runs it.
-        logger.log(
-            logging.ERROR if live else logging.DEBUG, "handler failed for %s (attempt %d of %d): %s",
-            what, work.attempts, retry.max_attempts, work.error, exc_info=_traceback(error),
-        )
+        # A Work of an assignment being given up is not this consumer's failure: the next owner runs it; nor
+        # one the policy declined with attempts left (share mode: its caller says what becomes of it).
+        final = live and (not retry.should_retry(work.attempts) or not _retriable(error))
+        if live and not _retriable(error) and retry.should_retry(work.attempts):  # e.g. it does not deserialize
+            logger.error("handler failed for %s: %s (not retried: another attempt fails the same way)", what,
+                         work.error, exc_info=_traceback(error))
+        else:
+            logger.log(
+                logging.ERROR if final else logging.DEBUG, "handler failed for %s (attempt %d of %d): %s",
+                what, work.attempts, retry.max_attempts, work.error, exc_info=_traceback(error),
+            )
         if work.batch is None:
             self._release(work)
             self._done(work)
@@ -702,25 +726,41 @@ class Dispatcher:
         if batch.batch is not None:  # already a piece (a batch of one naming itself): it failed
             self.settle_failure(batch, outcome.failures[0][1])
             return
+        # What succeeded is one piece, done at once (with the batch's output records: none of it is done
+        # before they are written); each failed message is a piece of its own.
+        failed = dict(outcome.failures)
+        done = [i for i in range(batch.size) if i not in failed]
         pieces: list[tuple[Work, BaseException | None]] = []
-        start = 0
-        for index, error in sorted(outcome.failures, key=lambda failure: failure[0]):
-            if index > start:
-                pieces.append((batch.part(start, index), None))
-            pieces.append((batch.part(index, index + 1), error))
-            start = index + 1
-        if batch.size > start:
-            pieces.append((batch.part(start, batch.size), None))
-        for piece, _ in pieces:
+        if done:
+            rest = batch.part(done[0], done[0] + 1) if len(done) == 1 else Work.merged(
+                [batch.part(i, i + 1) for i in done])
+            rest.outputs = batch.outputs
+            pieces.append((rest, None))
+        for index in sorted(failed):
+            piece = batch.part(index, index + 1)
+            piece.outputs = None  # a failed call's records are never written
+            pieces.append((piece, failed[index]))
+        for piece, error in pieces:
             piece.batch = batch
+            if fresh and self._hook is not None:
+                piece.exception = error  # failed with the batch: on_error hears of it if it never runs alone
+        # Ordered modes: the batch's lanes allow one call at a time, so its pieces to run go one by one.
+        ordered = self._batcher is not None and self._batcher.ordering != "unordered"
         with self._lock:
             batch.left = len(pieces)
             if fresh:
                 again = [piece for piece, _ in pieces]
+                if ordered:
+                    self._chains[batch] = deque((piece, None) for piece in again[1:])
+                    again = again[:1]
                 self._rework.extend(again)
                 self._rework_messages += sum(piece.size for piece in again)
                 self._wake = True  # the poll thread starts free workers for them
                 return
+            if ordered:
+                failed = [(piece, error) for piece, error in pieces if error is not None]
+                self._chains[batch] = deque(failed[1:])
+                pieces = [(piece, error) for piece, error in pieces if error is None] + failed[:1]
         for piece, error in pieces:
             if error is None:
                 self._piece_settled(piece)
@@ -728,15 +768,28 @@ class Dispatcher:
                 self.settle_failure(piece, error)
 
     def _piece_settled(self, piece: Work) -> None:
-        """A piece of a split batch is done for good (succeeded, or failed its last attempt): once every
-        piece is, the batch lets its lanes go."""
+        """A piece of a split batch is done for good (succeeded, or failed its last attempt): the next piece of
+        an ordered batch gets its turn, and once every piece is done the batch lets its lanes go."""
         self._done(piece)
         batch = piece.batch
         assert batch is not None
+        following: tuple[Work, BaseException | None] | None = None
         with self._lock:
             batch.left -= 1
             if batch.left == 0:
+                self._chains.pop(batch, None)
                 self._scheduler.release(batch)
+                return
+            chain = self._chains.get(batch)
+            if chain:  # an ordered batch's next piece: its turn now
+                following = chain.popleft()
+                if following[1] is None:
+                    self._rework.append(following[0])
+                    self._rework_messages += following[0].size
+                    self._wake = True
+                    following = None
+        if following is not None:
+            self.settle_failure(*following)  # a named failure: its retry (or ON_FAILURE) starts now
 
 
 def _where(work: Work) -> str:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mtc75.errors import ConfigError, HandlerRefused
+from mtc75.runtime.procworker import UnpicklableError
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ def describe_error(err: BaseException) -> str:
     A handler's exception class is user code: its ``__str__`` may raise, or return something that is
     not a string. The failure must still be reported and retried, not kill the worker.
     """
-    name = type(err).__name__
+    # an error of a worker process that could not cross as itself keeps its own type's name
+    name = err.type_name if isinstance(err, UnpicklableError) else type(err).__name__
     try:
         text = str(err)
     except BaseException as inner:  # whatever __str__ raises, the failure is still reported
@@ -69,6 +71,16 @@ class SimulatedWork:
         self._min_gap = 1.0 / lines_per_second if lines_per_second > 0 else float("inf")
         self._lock = threading.Lock()
         self._next_line_at = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable for RUNNER="processes" (each worker process gets its own copy and its own log limiter)."""
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __call__(self, message: Any) -> None:
         # The fetched bytes, also under --value-format (a DecodedMessage keeps them in ``original``).

@@ -9,6 +9,11 @@ batch, or a :class:`Partial` saying which messages of a chunk or batch failed (a
 with :class:`mtc75.errors.BatchError`) and how many ran. Every failure counts, ``BaseException`` included,
 and so does a plain function that *returns* an awaitable (nothing awaits it, so its work never ran).
 
+What a handler returns is read here alone: None is the fast path (nothing else is looked at); output
+records (:mod:`mtc75.core.output`) go onto the Work as ``(offset, Output)`` pairs, which the worker owns
+while it runs it (a batch's are its own: every message of the batch is done once they are written); a
+malformed one is the call's failure; any other value is ignored, with one warning per type.
+
 With a ``decode`` function (deserializers, mtc75/kafka/deserializers.py) each call decodes its message
 first, on the same worker, and the handler gets what it returned; a decode that raises is that message's
 failure, like a raise of the handler. Without one the handler is called with the fetched message as is.
@@ -22,21 +27,35 @@ A chunk still going after ``CHUNK_SECONDS`` is cut after the current call: chunk
 millisecond of handler time, so one that lasts twenty holds a handler that turned slow, and its other
 messages must be free for the other workers.
 
+A *process* handler (``RUNNER="processes"``, a plain one: an async handler keeps the event loop) runs in
+worker processes (mtc75/runtime/procpool.py): it is pickled here, once, so that what cannot cross is refused
+at construction; :meth:`Invoker.invoke_in` sends a Work's messages to a worker process and turns the reply
+into the same Outcome (the worker calls the handler with its own Invoker: :meth:`Invoker.run_messages`),
+its handler time and per-call timings reported here as if measured here.
+
 Threads: built, and observers attached or detached, on the poll thread (attaching swaps one function
-reference that workers read once per Work); :meth:`Invoker.invoke` runs on worker threads,
-:meth:`Invoker.invoke_async` on the event-loop thread. Observers are called on the thread that made the call.
+reference that workers read once per Work); :meth:`Invoker.invoke` and :meth:`Invoker.invoke_in` run on
+worker threads, :meth:`Invoker.invoke_async` on the event-loop thread, :meth:`Invoker.run_messages` on a
+worker process's main thread. Observers are called on the thread that made (or, for a process handler,
+sent) the call.
 """
 
 from __future__ import annotations
 
+import logging
+import pickle
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
+from mtc75.core.output import Output, ignored_type, outputs_of
 from mtc75.core.work import Work
-from mtc75.errors import BatchError
+from mtc75.errors import BatchError, ConfigError, HandlerRefused
 from mtc75.runtime.handlers import Handler, handler_name, is_async_handler, prepare_handler, result_error
+from mtc75.runtime.procworker import Reply, safe_text
+
+logger = logging.getLogger(__name__)
 
 # Four of the interpreter's 5 ms GIL switch intervals: a handler that turned slow, not a worker that waited
 # its turn for the GIL (chunks are sized for ~1 ms, mtc75/runtime/dispatcher.py CHUNK_TARGET).
@@ -55,8 +74,12 @@ class Partial(NamedTuple):
     failures: list[tuple[int, BaseException]]
 
 
-# What a Work came to: None (done), the error of a single message, or a Partial (a chunk).
+# What a Work came to: None (done), the error of a single message or a whole batch, or a Partial.
 Outcome = BaseException | Partial | None
+# What one call came to: None (done), its error, or the output records it returned (done, to be written).
+CallResult = BaseException | list[Output] | None
+# Output records of a run of messages: (index of the message, Output); None: none.
+Outputs = list[tuple[int, Output]] | None
 
 
 class CallObserver(Protocol):
@@ -75,6 +98,14 @@ class WorkObserver(Protocol):
         """``messages`` handler calls took ``seconds`` in all."""
 
 
+class WorkerCalls(Protocol):
+    """Where a process handler's calls go (mtc75/runtime/procpool.py ``ProcessPool``)."""
+
+    def call(self, messages: Sequence[Any], timed: bool, tag: object, wanted: Callable[[], bool]) -> Reply:
+        """Run one partition's ``messages`` in a worker process (blocking). ``tag`` names their owner;
+        ``wanted()`` False while they wait for a process means: do not send them (``Reply.lost`` says so)."""
+
+
 class _CallClock:
     """One thread's call count and whether its last call was slow (the CPU sampling rule)."""
 
@@ -90,7 +121,7 @@ class Invoker:
 
     def __init__(
         self, handler: Handler, *, name: str | None = None, decode: Callable[[Any], Any] | None = None,
-        batches: bool = False,
+        batches: bool = False, processes: int = 0,
         clock: Callable[[], float] = time.perf_counter, cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.handler = prepare_handler(handler, name)  # refuses what no runner can run
@@ -102,12 +133,16 @@ class Invoker:
         # the decoding). For an async handler it returns the coroutine, so the decoding runs on the loop.
         # A batch is decoded message by message before its one call (:meth:`_decoded`).
         self._target: Handler = self.handler if decode is None or batches else _decoding(self.handler, decode)
+        # worker processes to run a plain handler in (RUNNER="processes"), 0 for threads; its pickle, made once
+        self.processes = 0 if self.is_async else processes
+        self.pickled = pickled_handler(self.handler, self.name, decode, batches) if self.processes else b""
         self._clock, self._cpu_clock = clock, cpu_clock  # wall and this thread's CPU seconds (tests: fakes)
         self._calls: list[CallObserver] = []
         self._work: WorkObserver | None = None
         self._local = threading.local()
-        self._call: Callable[[Any], BaseException | None] = self._plain_call()
-        self._acall: Callable[[Any], Awaitable[BaseException | None]] = self._plain_acall()
+        self._ignored: set[str] = set()  # types of return values ignored and warned about (once each)
+        self._call: Callable[[Any], CallResult] = self._plain_call()
+        self._acall: Callable[[Any], Awaitable[CallResult]] = self._plain_acall()
 
     # -- observers (poll thread) -----------------------------------------------------------------------
 
@@ -141,20 +176,76 @@ class Invoker:
         """Run a Work of a sync handler on this thread: one call per message in offset order, or one per batch."""
         clock = self._clock
         started = clock()
-        if self.batches:
-            given, where, undecoded = self._decoded(work.messages)
-            outcome = _batch_outcome(given, where, undecoded, self._call(given) if given else None)
-            handled = work.size
-        elif work.size == 1:
-            outcome: Outcome = self._call(work.message)
+        if work.size == 1 and not self.batches:  # the single message's path, inline
+            result = self._call(work.message)
+            if result is not None and type(result) is list:  # output records: done, once written
+                work.outputs = [(work.offset, output) for output in result]
+                result = None
+            outcome: Outcome = result
             handled = 1
         else:
-            outcome = self._chunk(work.messages, started + CHUNK_SECONDS)
-            handled = work.size if outcome is None else outcome.handled
+            outcome, handled, outputs = self._run(work.messages, started)
+            if outputs is not None:
+                offsets = work.offsets
+                work.outputs = [(offsets[index], output) for index, output in outputs]
         observer = self._work
         if observer is not None:
             observer.work_ended(clock() - started, handled)
         return outcome
+
+    def run_messages(self, messages: Sequence[Any]) -> tuple[Outcome, int, float, Outputs]:
+        """:meth:`invoke` without a Work, in a worker process: the outcome, how many messages the handler
+        saw, their handler seconds, and the output records as ``(index, Output)``."""
+        clock = self._clock
+        started = clock()
+        outcome, handled, outputs = self._run(messages, started)
+        return outcome, handled, clock() - started, outputs
+
+    def _run(self, messages: Sequence[Any], started: float) -> tuple[Outcome, int, Outputs]:
+        """A batch, a chunk or one message: the outcome, the messages the handler saw, the output records
+        (``(index, Output)``; a batch's go with its first message the handler got)."""
+        if self.batches:
+            given, where, undecoded = self._decoded(messages)
+            result = self._call(given) if given else None
+            outputs = None
+            if result is not None and type(result) is list:
+                outputs, result = [(where[0], output) for output in result], None
+            return _batch_outcome(given, where, undecoded, result), len(messages), outputs
+        if len(messages) == 1:
+            result = self._call(messages[0])
+            if result is not None and type(result) is list:
+                return None, 1, [(0, output) for output in result]
+            return result, 1, None
+        return self._chunk(messages, started + CHUNK_SECONDS)
+
+    def invoke_in(self, pool: WorkerCalls, work: Work) -> Outcome:
+        """Run a Work of a process handler in one of ``pool``'s worker processes (this thread waits)."""
+        state = work.state
+        calls = self._calls
+        reply = pool.call(work.messages, bool(calls), state, lambda: state.alive and not state.closing)
+        if reply.lost is not None:
+            # Not run to its end: its worker process died (or was stopped) running it, or it was given up
+            # before it was sent. A chunk goes back as single messages, untried (one that kills its process
+            # fails alone when it runs again); a single message or a batch fails, and is retried unless given up.
+            return reply.lost if work.size == 1 or self.batches else Partial(0, [])
+        observer = self._work
+        if observer is not None:
+            observer.work_ended(reply.seconds, reply.handled)
+        if reply.calls:
+            for seconds, cpu in reply.calls:
+                for call_observer in calls:
+                    call_observer.call_ended(seconds, cpu)
+        if reply.outputs:
+            offsets = work.offsets
+            work.outputs = [(offsets[index], output) for index, output in reply.outputs]
+        failures = reply.failures
+        if failures and failures[0][0] < 0:  # the whole batch failed (procworker.WHOLE)
+            return failures[0][1]
+        if work.size == 1:
+            return failures[0][1] if failures else None
+        if failures or reply.handled < work.size:
+            return Partial(reply.handled, failures)
+        return None
 
     async def invoke_async(self, work: Work) -> Outcome:
         """Await an async handler for a Work's one message, or its batch (on the event loop)."""
@@ -162,9 +253,15 @@ class Invoker:
         started = clock()
         if self.batches:
             given, where, undecoded = self._decoded(work.messages)
-            outcome = _batch_outcome(given, where, undecoded, await self._acall(given) if given else None)
+            result = await self._acall(given) if given else None
+            if result is not None and type(result) is list:
+                work.outputs, result = [(work.offsets[where[0]], output) for output in result], None
+            outcome = _batch_outcome(given, where, undecoded, result)
         else:
-            outcome = await self._acall(work.message)
+            result = await self._acall(work.message)
+            if result is not None and type(result) is list:
+                work.outputs, result = [(work.offset, output) for output in result], None
+            outcome = result
         observer = self._work
         if observer is not None:
             observer.work_ended(clock() - started, work.size)
@@ -188,45 +285,69 @@ class Invoker:
             where.append(index)
         return given, where, undecoded
 
-    def _chunk(self, messages: Sequence[Any], deadline: float) -> Partial | None:
+    def _chunk(self, messages: Sequence[Any], deadline: float) -> tuple[Partial | None, int, Outputs]:
         """One call per message; stops early (handing the rest back) once ``deadline`` passed."""
         call = self._call
         clock = self._clock
         failures: list[tuple[int, BaseException]] | None = None
+        outputs: list[tuple[int, Output]] | None = None
         handled = 0
         last = len(messages)
         for message in messages:
-            error = call(message)
-            if error is not None:
-                if failures is None:
-                    failures = []
-                failures.append((handled, error))
+            result = call(message)
+            if result is not None:
+                if type(result) is list:  # output records: done, once written
+                    if outputs is None:
+                        outputs = []
+                    outputs.extend((handled, output) for output in result)
+                else:
+                    if failures is None:
+                        failures = []
+                    failures.append((handled, result))
             handled += 1
             if handled < last and clock() >= deadline:
-                return Partial(handled, failures or [])
-        return None if failures is None else Partial(handled, failures)
+                return Partial(handled, failures or []), handled, outputs
+        return (None if failures is None else Partial(handled, failures)), handled, outputs
 
-    def _plain_call(self) -> Callable[[Any], BaseException | None]:
-        handler = self._target
+    def _returned(self, result: object) -> CallResult:
+        """A handler's non-None return value: an awaitable (a failure), outputs, or ignored (see the module
+        notes). Off the fast path: a None return never gets here."""
+        refused = result_error(result)
+        if refused is not None:
+            return refused
+        outputs = outputs_of(result)
+        if outputs is None:
+            name = ignored_type(result)
+            if name is not None and name not in self._ignored:  # a lost race warns twice: harmless
+                self._ignored.add(name)
+                logger.warning("handler %s returned a %s: ignored (only None, an mtc75.Output or a list, tuple or "
+                               "generator of them mean something)", self.name, name)
+            return None
+        if isinstance(outputs, BaseException):
+            return outputs
+        return list(outputs) or None
 
-        def call(message: Any) -> BaseException | None:
+    def _plain_call(self) -> Callable[[Any], CallResult]:
+        handler, returned = self._target, self._returned
+
+        def call(message: Any) -> CallResult:
             try:
                 result = handler(message)
             except BaseException as err:
                 # Any failure -- SystemExit, KeyboardInterrupt or a CancelledError leaking from library
                 # code too -- is the message's: retried, then ON_FAILURE; never the worker's end.
                 return err
-            return None if result is None else result_error(result)
+            return None if result is None else returned(result)
 
         return call
 
-    def _timed_call(self) -> Callable[[Any], BaseException | None]:
-        handler, observers, local = self._target, self._calls, self._local
+    def _timed_call(self) -> Callable[[Any], CallResult]:
+        handler, observers, local, returned = self._target, self._calls, self._local, self._returned
         wants_cpu = any(o.wants_cpu for o in observers)
         clock, cpu_clock = self._clock, self._cpu_clock
         mask = CPU_SAMPLE_EVERY - 1
 
-        def call(message: Any) -> BaseException | None:
+        def call(message: Any) -> CallResult:
             try:
                 tally = local.clock
             except AttributeError:
@@ -234,9 +355,10 @@ class Invoker:
             on_cpu = wants_cpu and (tally.slow or not tally.count & mask)
             cpu_started = cpu_clock() if on_cpu else 0.0
             started = clock()
+            error: CallResult
             try:
                 result = handler(message)
-                error = None if result is None else result_error(result)
+                error = None if result is None else returned(result)
             except BaseException as err:  # see _plain_call
                 error = err
             seconds = clock() - started
@@ -249,27 +371,28 @@ class Invoker:
 
         return call
 
-    def _plain_acall(self) -> Callable[[Any], Awaitable[BaseException | None]]:
-        handler = self._target
+    def _plain_acall(self) -> Callable[[Any], Awaitable[CallResult]]:
+        handler, returned = self._target, self._returned
 
-        async def call(message: Any) -> BaseException | None:
+        async def call(message: Any) -> CallResult:
             try:
-                await handler(message)  # type: ignore[misc]
+                result = await handler(message)  # type: ignore[misc]
             except BaseException as err:  # CancelledError too: the runner tells its own from the handler's
                 return err
-            return None
+            return None if result is None else returned(result)
 
         return call
 
-    def _timed_acall(self) -> Callable[[Any], Awaitable[BaseException | None]]:
-        handler, observers = self._target, self._calls
+    def _timed_acall(self) -> Callable[[Any], Awaitable[CallResult]]:
+        handler, observers, returned = self._target, self._calls, self._returned
         clock = self._clock
 
-        async def call(message: Any) -> BaseException | None:
+        async def call(message: Any) -> CallResult:
             started = clock()
-            error: BaseException | None = None
+            error: CallResult = None
             try:
-                await handler(message)  # type: ignore[misc]
+                result = await handler(message)  # type: ignore[misc]
+                error = None if result is None else returned(result)
             except BaseException as err:  # see _plain_acall
                 error = err
             seconds = clock() - started
@@ -319,3 +442,34 @@ def _batch_outcome(given: list[Any], where: list[int], undecoded: list[tuple[int
 def _index_of(given: list[Any], message: object) -> int:
     """The index of ``message`` (the object itself) in ``given``; -1 when it is not there."""
     return next((i for i, m in enumerate(given) if m is message), -1)
+
+
+def pickled_handler(handler: Handler, name: str, decode: Callable[[Any], Any] | None = None,
+                    batches: bool = False) -> bytes:
+    """What worker processes need to call ``handler`` as here, pickled: the handler -- a module-level function
+    travels as its importable name (``module.qualname``); a partial or an object as its parts -- and its
+    kind: a batch handler or not, and how to build the decode function there (its ``rebuild``: a function
+    and its arguments, :func:`mtc75.kafka.deserializers.decoder` with the deserializers' specs).
+    HandlerRefused or ConfigError say why one cannot cross."""
+    if handler_name(handler).startswith("__main__."):
+        raise HandlerRefused(
+            f"handler {name} is defined in the script being run (__main__): worker processes import a handler "
+            "by its module's name; move it into a module (e.g. myapp/jobs.py) and pass myapp.jobs.handle"
+        )
+    try:
+        blob = pickle.dumps(handler, pickle.HIGHEST_PROTOCOL)
+    except BaseException as err:  # a lambda, a nested function, an object holding a lock or a client
+        raise HandlerRefused(
+            f"handler {name} cannot be sent to worker processes ({type(err).__name__}: {safe_text(err)}); give a "
+            "function defined at the top level of an importable module (or a picklable object)"
+        ) from None
+    rebuild = getattr(decode, "rebuild", None) if decode is not None else None
+    try:
+        kind = pickle.dumps((batches, rebuild), pickle.HIGHEST_PROTOCOL)
+    except BaseException as err:  # a deserializer object holding a client, a lambda
+        raise ConfigError(
+            f"a deserializer cannot be sent to worker processes ({type(err).__name__}: {safe_text(err)}): with "
+            'RUNNER="processes" give "json", "str", a function defined at the top level of a module, or a '
+            "picklable object"
+        ) from None
+    return pickle.dumps((blob, kind), pickle.HIGHEST_PROTOCOL)

@@ -5,9 +5,10 @@ spawned) and drives its shift generator -- ``work = next(shift)``, have the invo
 ``work = shift.send(outcome)`` -- until StopIteration, which means the permit went back. Everything between
 two Works (settling the last one, promoting due retries, taking the next one) lives in the dispatcher, and
 calling the handler lives in :class:`mtc75.runtime.invoker.Invoker`, so a runner is only "where": a pool
-thread per shift (:class:`ThreadRunner`) or a task per shift on one event-loop thread
-(:class:`mtc75.runtime.async_runner.AsyncRunner`). A runner that drops a shift half-way closes it: the
-permit still comes back.
+thread per shift (:class:`ThreadRunner`), a task per shift on one event-loop thread
+(:class:`mtc75.runtime.async_runner.AsyncRunner`), or a pool thread per shift that sends each Work to a
+worker process (:class:`mtc75.runtime.process_runner.ProcessRunner`). A runner that drops a shift
+half-way closes it: the permit still comes back.
 
 Thread contract: the dispatcher calls ``spawn``, ``grow``, ``cancel`` and ``shutdown`` from the poll thread
 only. A runner's workers call nothing but their shift generator and the invoker. Each worker thread marks
@@ -39,7 +40,7 @@ class WorkerSteps(Protocol):
 class Runner(Protocol):
     """Starts workers; called from the poll thread only."""
 
-    workers: str  # what MAX_THREAD_COUNT bounds here, for the status line: "threads", "coroutines"
+    workers: str  # what MAX_THREAD_COUNT bounds here, for the status line: "threads", "coroutines", "messages"
     takes_chunks: bool  # may be handed a Work of several consecutive messages (mtc75/core/work.py)
 
     def spawn(self, count: int) -> None:
@@ -82,6 +83,7 @@ class ThreadRunner:
     def __init__(self, steps: WorkerSteps, invoker: Invoker, limit: int) -> None:
         self._steps = steps
         self._invoker = invoker
+        self._invoke: Callable[[Work], Outcome] = invoker.invoke  # what a shift does with a Work here
         self._executor = self._pool(limit)
         self._size = limit  # the executor's max_workers; grow() replaces it to grow
 
@@ -113,7 +115,7 @@ class ThreadRunner:
     def _shift(self) -> None:
         shift = self._steps.shift()
         send = shift.send
-        invoke = self._invoker.invoke
+        invoke = self._invoke
         try:
             work = next(shift)
             while True:
