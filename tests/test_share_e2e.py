@@ -24,7 +24,7 @@ import pytest
 from mtc75.kafka.deadletter import H_ATTEMPTS, H_OFFSET
 from mtc75.kafka.topics import create_topic
 from mtc75.tools.broker import LocalKafka
-from tests.conftest import TEST_PORT
+from tests.conftest import TEST_PORT, WORKER
 from tests.kafka_helpers import (
     produce_numbered,
     read_colon_lines,
@@ -40,7 +40,7 @@ from tests.test_share_groups import produce_small_batches, set_group_config
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
-FAULT_PORT = int(os.environ.get("MTC75_TEST_FAULT_KAFKA_PORT", str(TEST_PORT + 10)))
+FAULT_PORT = int(os.environ.get("MTC75_TEST_FAULT_KAFKA_PORT", str(TEST_PORT + 10))) + 2 * WORKER
 HANDLER = ("--handler", "tests.share_handler:handle")
 SHORT_LOCK_MS = "15000"  # the broker's group.share.min.record.lock.duration.ms
 

@@ -3,9 +3,10 @@
 ``max_messages`` bounds admission too (:meth:`RunBounds.budget`): messages finished and in flight count, so a
 run handles exactly that many and the rest is read next time. Idle counts from the first assignment (waiting
 for the group is not idleness) and means nothing to fetch *and* nothing held or waiting: time with every broker
-down, or with a partition held by OFFSET_WINDOW, is not idle and the clock starts again when it ends; so does a
-new message. With handlers still running, the run ends once none finished for as long (a hung handler must not
-keep it going: shutdown bounds the wait), unless retries wait out a backoff (they will finish).
+down, with a partition held by OFFSET_WINDOW, or from a lost assignment (membership expired) to the group's next
+one, is not idle and the clock starts again when it ends; so does a new message. With handlers still running,
+the run ends once none finished for as long (a hung handler must not keep it going: shutdown bounds the wait),
+unless retries wait out a backoff (they will finish).
 
 Thread contract: the poll thread only.
 """
@@ -24,7 +25,8 @@ class Progress:
     delayed: int  # retries waiting out a backoff
     admitted_at: float  # when a message was last admitted
     finished_at: float  # when a message last finished
-    blind: bool  # every broker down, or a partition held by OFFSET_WINDOW: messages wait where we cannot see
+    blind: bool  # every broker down, a partition held by OFFSET_WINDOW, or rejoining after a lost assignment:
+    # messages may wait where we cannot see
 
 
 class RunBounds:
