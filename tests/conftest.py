@@ -4,8 +4,9 @@ The local broker is this session's own (tests/local_kafka.py): started in a fold
 MTC75_TEST_KAFKA_PORT or the next free pair of ports, stopped at the end, never shared with another session.
 Under pytest-xdist (``make test``: ``-n``, ``--dist loadgroup``) the workers of one session share it: the first
 worker that needs it starts it, the controller stops it after the last worker ended. A test that stops or kills
-a broker has one of its own (a module-scoped fixture); the tests that use a module-scoped fixture run on one
-worker (tests/xdist_groups.py), so each such server is started once per session, as without xdist.
+a broker has one of its own (a module-scoped fixture); the tests that use a module-scoped fixture of one name run
+on one worker (tests/xdist_groups.py), so each such server is started once per module, as without xdist, and
+never two of one name at once.
 
 Hooks and fixtures run on the main thread of the controller or of a worker.
 """

@@ -2,7 +2,10 @@
 
 A module-scoped fixture is one because it is costly: a broker the tests may stop, a 3-node cluster, a schema
 registry, a wheel built with pip. Under xdist each worker that runs a test using it makes its own; so the tests
-that use one form a group, sent to one worker as a whole, which makes it once (as a run without xdist does). An
+that use one form a group, sent to one worker as a whole, which makes it once (as a run without xdist does). The
+group is the fixture's name, not its module's: modules with a fixture of one name (``own_broker``, ``cluster``)
+run on one worker, module after module, so at most one such server of each name runs at a time (on 2 cores,
+two 3-node clusters and three brokers started at once took minutes and broke the tests' timing). An
 ``xdist_group`` mark groups the same way. pytest-xdist's own ``loadgroup`` scheduler learns the groups from node
 ids it rewrites on the workers, which pytest 9.2 no longer allows: it silently stops grouping (pytest-xdist issue
 1386). So the workers write the groups into the session's folder (the controller names it, tests/conftest.py),
@@ -26,13 +29,13 @@ GROUPS = "groups.json"  # in the session's folder: {node id: group} for the test
 
 
 def group_of(item: pytest.Item) -> str | None:
-    """The item's group: its ``xdist_group`` names and the module-scoped fixtures it uses, or None."""
+    """The item's group: its ``xdist_group`` names and the names of the module-scoped fixtures it uses, or None."""
     names = {str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
              for mark in item.iter_markers("xdist_group")}
     info = getattr(item, "_fixtureinfo", None)
     for fixture, defs in (info.name2fixturedefs.items() if info is not None else ()):
         if defs and defs[-1].scope == "module":
-            names.add(f"{item.path.stem}.{fixture}")
+            names.add(fixture)
     return "+".join(sorted(names)) or None
 
 
