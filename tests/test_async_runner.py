@@ -22,17 +22,7 @@ from mtc75.core.work import Work
 from mtc75.runtime import async_runner as async_runner_module
 from mtc75.runtime.async_runner import AsyncRunner, RevokeCancelled
 from mtc75.runtime.invoker import Invoker
-
-
-class Msg:
-    def __init__(self, partition: int, offset: int) -> None:
-        self._p, self._o = partition, offset
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
+from tests.fake_kafka import FakeMessage
 
 
 class Steps:
@@ -66,7 +56,7 @@ class Steps:
 
 def works(count: int, partition: int = 0, state: PartitionState | None = None, start: int = 0) -> list[Work]:
     state = state or PartitionState(("t", partition))
-    return [Work(Msg(partition, start + i), state, start + i) for i in range(count)]
+    return [Work(FakeMessage("t", partition, start + i), state, start + i) for i in range(count)]
 
 
 @pytest.fixture

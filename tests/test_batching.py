@@ -1,5 +1,5 @@
 """Batch handlers without a broker: the batch scheduler (mtc75/core/batching.py) and the dispatcher's rules for
-batches (mtc75/runtime/dispatcher.py): batches of one partition in offset order, full or due after BATCH_WAIT;
+batches (mtc75/runtime/batches.py): batches of one partition in offset order, full or due after BATCH_WAIT;
 ordering modes through lanes; a raise retries the whole batch, then each message alone; a BatchError completes
 the rest and retries the named ones alone; the batch's lanes are let go once, when its last piece settled.
 """

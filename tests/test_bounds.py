@@ -54,3 +54,14 @@ def test_running_handlers_keep_it_going_until_none_finished_for_as_long_but_retr
     assert bounds.ended(5.0, _p(in_flight=2, finished_at=4.0)) is None  # a handler finished 1 s ago
     assert bounds.ended(8.0, _p(in_flight=2, finished_at=4.0)) is not None  # hung for 4 s: ends
     assert bounds.ended(8.0, _p(in_flight=2, finished_at=4.0, delayed=1)) is None  # a retry will finish
+
+
+def test_with_max_messages_admitted_handlers_that_finish_nothing_for_the_grace_end_the_run() -> None:
+    """A hung handler among the N: the run ends once none finished for ``grace`` (shutdown bounds the rest)."""
+    bounds = RunBounds(max_messages=5, idle_exit=None, grace=3.0)
+    assert bounds.ended(10.0, _p(processed=4, in_flight=1, admitted_at=2.0, finished_at=8.0)) is None
+    assert bounds.ended(11.0, _p(processed=4, in_flight=1, admitted_at=2.0, finished_at=8.0)) == (
+        "handled 4 of max_messages 5; the other 1 finished nothing for 3.0s")
+    assert bounds.ended(11.0, _p(processed=4, in_flight=1, admitted_at=9.0, finished_at=1.0)) is None  # just admitted
+    assert bounds.ended(20.0, _p(processed=4, in_flight=1, delayed=1)) is None  # a retry will finish
+    assert bounds.ended(20.0, _p(processed=3, in_flight=1)) is None  # not all admitted: more will come

@@ -23,8 +23,9 @@ from mtc75.core.retry import RetryPolicy
 from mtc75.core.scheduler import FifoScheduler
 from mtc75.core.work import Work
 from mtc75.runtime import invoker as invoker_module
-from mtc75.runtime.dispatcher import CHUNK_TARGET, FAST_HANDLER, Dispatcher
+from mtc75.runtime.dispatcher import Dispatcher
 from mtc75.runtime.invoker import Invoker, Partial
+from mtc75.runtime.pacing import CHUNK_TARGET, FAST_HANDLER
 from tests.fake_kafka import FakeMessage
 from tests.kafka_helpers import wait_until
 
@@ -54,7 +55,7 @@ def _drain(dispatcher: Dispatcher, tracker: OffsetTracker, sink: list[Work]) -> 
 
 def _fast(dispatcher: Dispatcher) -> None:
     """As if the invoker had measured a fast handler (it reports every Work's time)."""
-    dispatcher.work_ended(PER * 50, 50)
+    dispatcher.pacing.work_ended(PER * 50, 50)
 
 
 # -- Work and the tracker ----------------------------------------------------------------------------
@@ -175,7 +176,7 @@ def test_slow_or_unmeasured_handlers_ordered_schedulers_and_coroutines_get_singl
     scheduler = KeyScheduler() if case == "ordered" else FairFifoScheduler()
     d = Dispatcher(Invoker(_async_noop if case == "async" else lambda _m: None), 4, scheduler=scheduler)
     if case != "unmeasured":
-        d.work_ended(FAST_HANDLER if case == "slow" else PER, 1)
+        d.pacing.work_ended(FAST_HANDLER if case == "slow" else PER, 1)
     done: list[Work] = []
     d.put([_run(tracker, 0, 0, 100)])
     wait_until(lambda: (_drain(d, tracker, done), sum(w.size for w in done) == 100)[1], WAIT)

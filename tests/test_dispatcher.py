@@ -10,25 +10,15 @@ from typing import Any
 import pytest
 
 from mtc75.core.offsets import OffsetTracker
-from mtc75.runtime import dispatcher as dispatcher_module
-from mtc75.runtime.dispatcher import MIN_ACTIVE, Dispatcher, Permits, Work
+from mtc75.core.work import Work
+from mtc75.runtime import pacing
+from mtc75.runtime.dispatcher import Dispatcher
 from mtc75.runtime.invoker import Invoker
+from mtc75.runtime.pacing import MIN_ACTIVE
+from mtc75.runtime.permits import Permits
 from mtc75.runtime.runner import WorkerSteps
+from tests.fake_kafka import FakeMessage
 from tests.kafka_helpers import wait_until
-
-
-class FakeMessage:
-    def __init__(self, partition: int, offset: int) -> None:
-        self._p, self._o = partition, offset
-
-    def topic(self) -> str:
-        return "t"
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
 
 
 def _work(tracker: OffsetTracker, partition: int, offsets: range) -> list[Work]:
@@ -36,7 +26,7 @@ def _work(tracker: OffsetTracker, partition: int, offsets: range) -> list[Work]:
     for o in offsets:
         state = tracker.state(("t", partition))
         assert tracker.admit(state, o)
-        items.append(Work(FakeMessage(partition, o), state, o))
+        items.append(Work(FakeMessage("t", partition, o), state, o))
     return items
 
 
@@ -356,8 +346,8 @@ def test_fast_handlers_start_few_workers_and_a_stalled_backlog_gets_every_free_o
     # Whether a no-op counts as fast, and how many workers drain a backlog in time, follow the measured time
     # per message, which a loaded machine inflates: bounds so wide that any machine's no-op is fast and needs
     # no more than MIN_ACTIVE workers. What is tested is what put() and the poll thread's turn do with that.
-    monkeypatch.setattr(dispatcher_module, "FAST_HANDLER", 1.0)
-    monkeypatch.setattr(dispatcher_module, "DRAIN_TARGET", 1000.0)
+    monkeypatch.setattr(pacing, "FAST_HANDLER", 1.0)
+    monkeypatch.setattr(pacing, "DRAIN_TARGET", 1000.0)
     release = threading.Event()
     slow = [False]
 

@@ -33,7 +33,7 @@ from mtc75.errors import (
     TopicNotFound,
 )
 from mtc75.kafka.deadletter import H_ATTEMPTS, H_OFFSET, H_PARTITION, H_TOPIC, H_TRUNCATED, TRUNCATED_VALUE_BYTES
-from mtc75.runtime import dispatcher as dispatcher_module
+from mtc75.runtime import pacing
 from mtc75.settings import Settings
 from tests.fake_kafka import FakeKafka
 from tests.kafka_helpers import wait_until
@@ -187,7 +187,7 @@ def test_a_fast_handler_runs_as_runs_with_every_message_once_and_a_failure_settl
     cluster: FakeKafka, start: Callable[..., Run], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The fast path end to end (mtc75/core/work.py): runs form, and their commits stay exact."""
-    monkeypatch.setattr(dispatcher_module, "FAST_HANDLER", 0.01)  # runs form even on a loaded machine
+    monkeypatch.setattr(pacing, "FAST_HANDLER", 0.01)  # runs form even on a loaded machine
     runs: list[int] = []
     complete_range = offsets_module.OffsetTracker.complete_range
 
@@ -734,11 +734,17 @@ def test_a_deleted_topic_stops_the_run_after_the_grace_and_nothing_is_committed_
 
 
 def test_retries_waiting_out_their_backoff_leave_the_pool_other_work_even_with_a_small_backlog_bound(
-    cluster: FakeKafka, start: Callable[..., Run]
+    cluster: FakeKafka, start: Callable[..., Run], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One thread, 50 ms a message (so the high watermark is a couple of messages), offsets 1 and 2 fail once
-    with a 1 s backoff: the messages after them run during the backoff; the two retries do not pause the
-    consumer (a retry holds no thread, nor the room the pool needs)."""
+    """One thread, a high watermark of two messages, offsets 1 and 2 fail once with a 1 s backoff: the
+    messages after them run during the backoff; the two retries do not pause the consumer (a retry holds no
+    thread, nor the room the pool needs). The watermarks are fixed and a saturated pool gets 10 s to drain,
+    so only a pause the retries cause can count (a slow thread on a loaded machine cannot)."""
+    from mtc75.core.gate import PauseGate
+    from mtc75.engine import backpressure
+
+    monkeypatch.setattr(PauseGate, "watermarks", lambda self, limit, unit=1: (1, 2))
+    monkeypatch.setattr(backpressure, "SATURATION_GRACE", 10.0)
     cluster.fill(TOPIC, {0: 8})
     order: list[tuple[int, int]] = []  # (offset, attempt)
     attempts: Counter[int] = Counter()
@@ -752,7 +758,7 @@ def test_retries_waiting_out_their_backoff_leave_the_pool_other_work_even_with_a
             raise ValueError("once")
 
     stats = start(handler, max_messages=8, MAX_THREAD_COUNT=1, MAX_ATTEMPTS=2, RETRY_BACKOFF=1.0,
-                  RETRY_BACKOFF_MAX=1.0).join()
+                  RETRY_BACKOFF_MAX=1.0, PAUSE_INTERVAL=10.0).join()
     first_retry = order.index((1, 2))
     assert {offset for offset, attempt in order[:first_retry] if attempt == 1} >= {3, 4, 5}, order
     assert stats.processed == 8 and stats.retried == 2 and stats.pauses == 0

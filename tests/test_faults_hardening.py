@@ -28,6 +28,7 @@ from mtc75.kafka.deadletter import H_OFFSET, H_TRUNCATED, TRUNCATED_VALUE_BYTES
 from mtc75.runtime.dispatcher import Dispatcher
 from mtc75.runtime.handlers import describe_error, prepare_handler
 from mtc75.runtime.invoker import Invoker
+from tests.fake_kafka import FakeMessage
 from tests.kafka_helpers import (
     ROOT,
     committed_offsets,
@@ -293,17 +294,10 @@ def test_handler_refusal_and_error_text_without_a_broker() -> None:
     def explode(msg: object) -> None:
         raise SystemExit(1)
 
-    class Msg:
-        def topic(self) -> str:
-            return "t"
-
-        def partition(self) -> int:
-            return 0
-
     dispatcher = Dispatcher(Invoker(explode), 1)
     try:
         tracker.admit(state, 0)
-        dispatcher.put([Work(Msg(), state, 0)])
+        dispatcher.put([Work(FakeMessage("t", 0, 0), state, 0)])
         wait_until(lambda: len(dispatcher.completions) == 1, 5, what="failed completion")
         assert dispatcher.completions[0].failed and "SystemExit" in dispatcher.completions[0].error
         wait_until(lambda: dispatcher.active_thread_count == 0, 5, what="permit back")
@@ -382,12 +376,14 @@ def test_hung_handler_every_exit_path_ends_within_shutdown_timeout_and_says_what
     proc = _start(args, script_env(bootstrap, MTC75_TEST_RECORD=str(record)), log)
     try:
         ok_count = n - len(acts)
-        wait_until(lambda: len(_records(record)) >= (5 if path == "max_messages" else ok_count), 60,
+        # max_messages 5 admits the hung message and 4 others: it ends once those finished nothing for
+        # SHUTDOWN_TIMEOUT, and the shutdown waits as long again
+        wait_until(lambda: len(_records(record)) >= (4 if path == "max_messages" else ok_count), 60,
                    what="the other messages handled")
         trigger = time.monotonic()
         if path in ("sigterm", "sigint"):
             proc.send_signal(signal.SIGTERM if path == "sigterm" else signal.SIGINT)
-        budget = SHUTDOWN + EXIT_SLACK + (2.0 if path == "idle_exit" else 0.0)
+        budget = SHUTDOWN + EXIT_SLACK + {"idle_exit": 2.0, "max_messages": SHUTDOWN}.get(path, 0.0)
         try:
             code = proc.wait(timeout=budget + 20)
         except subprocess.TimeoutExpired:
@@ -690,25 +686,6 @@ def test_dead_letter_record_refused_for_its_size_is_resent_smaller_and_counted_o
     from mtc75.errors import MessageFailed
     from mtc75.kafka.deadletter import DeadLetterProducer
 
-    class Msg:
-        def __init__(self, value: bytes) -> None:
-            self._value = value
-
-        def topic(self) -> str:
-            return "t"
-
-        def partition(self) -> int:
-            return 0
-
-        def key(self) -> bytes:
-            return b"k"
-
-        def value(self) -> bytes:
-            return self._value
-
-        def headers(self) -> list[tuple[str, bytes]]:
-            return []
-
     class Producer_:
         """Refuses, like librdkafka's produce(), records over ``limit`` bytes; confirms the rest."""
 
@@ -732,7 +709,7 @@ def test_dead_letter_record_refused_for_its_size_is_resent_smaller_and_counted_o
     for limit, expected in ((100_000, TRUNCATED_VALUE_BYTES), (10, 0)):
         dlq = DeadLetterProducer({}, 0.1)
         dlq._producer = Producer_(limit)  # type: ignore[assignment]
-        work = Work(Msg(b"x" * 1_000_000), state, 7)
+        work = Work(FakeMessage("t", 0, 7, b"x" * 1_000_000, b"k", []), state, 7)
         dlq.publish(work)
         assert dlq.pending == 1
         assert dlq.poll() == [work] and dlq.pending == 0
@@ -746,5 +723,5 @@ def test_dead_letter_record_refused_for_its_size_is_resent_smaller_and_counted_o
 
     dlq._producer = Forbidden(0)  # type: ignore[assignment]
     with pytest.raises(MessageFailed, match="@7"):
-        dlq.publish(Work(Msg(b"x"), state, 7))
+        dlq.publish(Work(FakeMessage("t", 0, 7, b"x", b"k", []), state, 7))
     assert dlq.pending == 0  # a record produce() refused is not counted as pending

@@ -16,6 +16,7 @@ import pytest
 from mtc75 import testing
 from mtc75.app.cli import setup_logging
 from mtc75.runtime import dispatcher as dispatcher_module
+from mtc75.runtime import pacing
 from mtc75.settings import LIBRDKAFKA_LOGGER
 from tests import failing_handlers
 from tests.fake_kafka import FakeKafka
@@ -48,7 +49,7 @@ def test_every_handler_kind_logs_its_traceback_at_debug_and_its_error_at_info(
     """A library user's view (no broker): mtc75.Consumer against the in-memory Kafka, logging at ``level``."""
     handler, per_partition, fail = KINDS[kind]
     monkeypatch.setattr(failing_handlers, "FAIL", fail)
-    monkeypatch.setattr(dispatcher_module, "FAST_HANDLER", 0.01)  # chunks form even on a loaded machine
+    monkeypatch.setattr(pacing, "FAST_HANDLER", 0.01)  # chunks form even on a loaded machine
     cluster = FakeKafka()
     cluster.create_topic(TOPIC, 2)
     cluster.fill(TOPIC, {0: per_partition, 1: per_partition})

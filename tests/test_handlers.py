@@ -9,23 +9,11 @@ import pytest
 
 from mtc75.runtime import handlers as handlers_module
 from mtc75.runtime.handlers import MalformedMessage, SimulatedWork
+from tests.fake_kafka import FakeMessage
 
 
-class Msg:
-    def __init__(self, value: bytes | None) -> None:
-        self._value = value
-
-    def value(self) -> bytes | None:
-        return self._value
-
-    def topic(self) -> str:
-        return "t"
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return 7
+def _message(value: bytes | None) -> FakeMessage:
+    return FakeMessage("t", 0, 7, value)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +29,7 @@ class Msg:
 def test_malformed_payloads_raise_a_clear_error(value: bytes | None, fragment: str) -> None:
     handler = SimulatedWork(0.0, max_payload_bytes=100)
     with pytest.raises(MalformedMessage, match=fragment):
-        handler(Msg(value))
+        handler(_message(value))
 
 
 def test_good_payloads_do_the_work_and_are_logged_within_the_line_rate(
@@ -59,13 +47,13 @@ def test_good_payloads_do_the_work_and_are_logged_within_the_line_rate(
 
     every = SimulatedWork(0.25, lines_per_second=1e9, max_payload_bytes=100)
     for value in good:
-        assert every(Msg(value)) is None
+        assert every(_message(value)) is None
     assert slept == [0.25, 0.25, 0.25]  # PROCESSING_SLEEP per message
     assert lines() == ["t[0]@7 id=1 name='x'", "t[0]@7 (list)", "t[0]@7 id=None name=None"]
     caplog.clear()
     first_only = SimulatedWork(0.0, lines_per_second=0, max_payload_bytes=100)  # 0: one line, then none
     for value in good:
-        first_only(Msg(value))
+        first_only(_message(value))
     assert lines() == ["t[0]@7 id=1 name='x'"]
     assert slept == [0.25, 0.25, 0.25]  # no sleep of 0
     with pytest.raises(ValueError, match="max_payload_bytes must be >= 1"):

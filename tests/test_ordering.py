@@ -20,23 +20,7 @@ from mtc75.core.ordering import (
 )
 from mtc75.core.scheduler import FifoScheduler
 from mtc75.core.work import Work
-
-
-class Msg:
-    def __init__(self, partition: int, offset: int, key: bytes | None) -> None:
-        self._p, self._o, self._k = partition, offset, key
-
-    def topic(self) -> str:
-        return "t"
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
-
-    def key(self) -> bytes | None:
-        return self._k
+from tests.fake_kafka import FakeMessage
 
 
 def _states(n: int) -> list[PartitionState]:
@@ -44,7 +28,7 @@ def _states(n: int) -> list[PartitionState]:
 
 
 def _works(state: PartitionState, keys: list[bytes | None], start: int = 0) -> list[Work]:
-    return [Work(Msg(state.tp[1], start + i, k), state, start + i) for i, k in enumerate(keys)]
+    return [Work(FakeMessage("t", state.tp[1], start + i, key=k), state, start + i) for i, k in enumerate(keys)]
 
 
 def _take(sched: object) -> Work | None:
@@ -416,23 +400,6 @@ def test_fair_cuts_keep_each_partition_to_its_share_in_fetch_order() -> None:
     assert fair_cuts({a: 0, c: 0}, [], share=1) == {}
 
 
-class _Fetched:
-    def __init__(self, partition: int, offset: int) -> None:
-        self._p, self._o = partition, offset
-
-    def topic(self) -> str:
-        return "t"
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
-
-    def error(self) -> None:
-        return None
-
-
 class _Consumer:
     def __init__(self, end: int, refuse_seek: bool = False) -> None:
         self.end = end
@@ -465,9 +432,9 @@ def _intake(pending_b: range) -> tuple[object, object]:
 
 def test_fair_intake_cuts_a_long_run_while_another_partition_waits_and_seeks_it_back() -> None:
     _tracker, intake = _intake(range(0, 5))  # partition 1: offsets 0-4 done, the broker has up to 200
-    batch = [_Fetched(0, o) for o in range(50)]
+    batch = [FakeMessage("t", 0, o) for o in range(50)]
 
-    def cut(consumer: _Consumer, now: float, held: tuple[tuple[str, int], ...] = ()) -> list[_Fetched]:
+    def cut(consumer: _Consumer, now: float, held: tuple[tuple[str, int], ...] = ()) -> list[FakeMessage]:
         return intake.cut(consumer, batch, high=44, limit=4, rate=40.0, now=now, held=held)  # type: ignore[attr-defined]
 
     consumer = _Consumer(end=200)
@@ -492,7 +459,7 @@ def test_fair_intake_cuts_a_long_run_while_another_partition_waits_and_seeks_it_
 # -- through the dispatcher (worker threads, retries, purges), no broker ------------------------------
 
 
-def _dispatch(sched: object, handler: Callable[[Msg], None], threads: int, attempts: int = 1) -> object:
+def _dispatch(sched: object, handler: Callable[[FakeMessage], None], threads: int, attempts: int = 1) -> object:
     from mtc75.core.retry import RetryPolicy
     from mtc75.runtime.dispatcher import Dispatcher
     from mtc75.runtime.invoker import Invoker
@@ -507,7 +474,7 @@ def test_key_mode_through_the_dispatcher_with_retries_keeps_each_key_in_order() 
     calls: list[tuple[bytes | None, int, float, float, bool]] = []
     failed_once: set[int] = set()
 
-    def handler(msg: Msg) -> None:
+    def handler(msg: FakeMessage) -> None:
         started = time.monotonic()
         fail = False
         try:
@@ -551,7 +518,7 @@ def test_key_mode_through_the_dispatcher_with_retries_keeps_each_key_in_order() 
 def test_a_purged_retry_frees_its_key_for_the_next_assignment() -> None:
     from tests.kafka_helpers import wait_until
 
-    def handler(msg: Msg) -> None:
+    def handler(msg: FakeMessage) -> None:
         raise RuntimeError("fails")
 
     sched = KeyScheduler()

@@ -1,5 +1,5 @@
 """Rate limits without a broker or a clock: the token buckets (mtc75/core/ratelimit.py) and the dispatcher
-that parks throttled Works in its delay queue (mtc75/runtime/dispatcher.py), driven by a fake clock."""
+that parks throttled Works in its delay queue (mtc75/runtime/throttle.py), driven by a fake clock."""
 
 from __future__ import annotations
 
@@ -30,25 +30,8 @@ from mtc75.core.ratelimit import (
 from mtc75.core.work import Work
 from mtc75.runtime.dispatcher import Dispatcher
 from mtc75.runtime.invoker import Invoker
-from tests.fake_kafka import FakeKafka
+from tests.fake_kafka import FakeKafka, FakeMessage
 from tests.kafka_helpers import wait_until
-
-
-class Msg:
-    def __init__(self, partition: int, offset: int, key: bytes | None = None) -> None:
-        self._p, self._o, self._k = partition, offset, key
-
-    def topic(self) -> str:
-        return "t"
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
-
-    def key(self) -> bytes | None:
-        return self._k
 
 
 def _works(tracker: OffsetTracker, partition: int, keys: list[bytes | None], first: int = 0) -> list[Work]:
@@ -56,7 +39,7 @@ def _works(tracker: OffsetTracker, partition: int, keys: list[bytes | None], fir
     out = []
     for i, key in enumerate(keys):
         assert tracker.admit(state, first + i)
-        out.append(Work(Msg(partition, first + i, key), state, first + i))
+        out.append(Work(FakeMessage("t", partition, first + i, key=key), state, first + i))
     return out
 
 
@@ -138,7 +121,7 @@ def test_a_chunk_pays_one_token_per_message_and_each_key_its_count() -> None:
     tracker = OffsetTracker()
     tracker.assign([("t", 0)])
     state = tracker.state(("t", 0))
-    msgs = [Msg(0, i, k) for i, k in enumerate([b"a", b"a", None, b"b"])]
+    msgs = [FakeMessage("t", 0, i, key=k) for i, k in enumerate([b"a", b"a", None, b"b"])]
     chunk = Work.chunk(msgs, state, 0)
     limits = RateLimits(max_rate=10, key_rate=1, burst=0, now=0.0)
     assert limits.admit(chunk, 0.0) == 0.0 and chunk.paid == 0  # full buckets start it, leaving debts
@@ -182,7 +165,7 @@ def _recording(gate: threading.Event | None = None) -> tuple[Callable[[object], 
     seen: list[tuple[int, int]] = []
     lock = threading.Lock()
 
-    def handler(msg: Msg) -> None:  # type: ignore[override]
+    def handler(msg: FakeMessage) -> None:  # type: ignore[override]
         if gate is not None:
             gate.wait(10)
         with lock:
@@ -221,21 +204,21 @@ def test_throttled_messages_wait_in_the_delay_queue_holding_no_thread_and_start_
         _settled(d, done, 1)
         assert len(seen) == 1 and d.active_thread_count == 0  # nobody holds a thread while waiting
         if ordering in ("unordered", "fifo", "key"):
-            assert d.throttled == d.delayed == 5 and d.backlog == 5
+            assert d.throttle.throttled == d.delayed == 5 and d.backlog == 5
         else:  # partition: each partition's head throttled, the rest blocked behind it
-            assert d.throttled == d.delayed == 2 and d.backlog == 5 and d.blocked == 3
+            assert d.throttle.throttled == d.delayed == 2 and d.backlog == 5 and d.blocked == 3
         for step in range(1, 6):
             clock.now += 0.5
             d.release_due()
             _settled(d, done, step + 1)
             assert len(seen) == step + 1, f"step {step}: one more message per 0.5 s"
-        assert d.backlog == 0 and d.throttled == 0
+        assert d.backlog == 0 and d.throttle.throttled == 0
         assert sorted(seen) == [(p, o) for p in (0, 1) for o in range(3)]
         if ordering != "unordered" and ordering != "fifo":
             for p in (0, 1):  # order kept within each partition
                 assert [o for q, o in seen if q == p] == [0, 1, 2]
         # 5 messages waited 2.5 s in all, one after another: throttled the whole 2.5 s
-        assert d.throttled_seconds() == (pytest.approx(2.5), 0.0)
+        assert d.throttle.seconds() == (pytest.approx(2.5), 0.0)
     finally:
         d.shutdown(wait=True)
 
@@ -253,7 +236,8 @@ def test_a_hot_key_waits_for_its_tokens_while_other_keys_flow() -> None:
         done: list[Work] = []
         _settled(d, done, 6)
         assert sorted(o for _, o in seen) == [0, 1, 3, 5, 6, 7]  # every key's first, and the keyless ones
-        assert d.throttled == 1 and d.blocked == 1  # hot @2 waits for its token, hot @4 behind it
+        assert d.throttle.throttled == 1 and d.blocked == 1  # hot @2 waits for its token, hot @4 behind it
+        assert d.throttle.key_waiting() == {("t", 0): 2}  # what the poll thread's key holds count
         clock.now += 1.0
         d.release_due()
         _settled(d, done, 7)
@@ -261,7 +245,8 @@ def test_a_hot_key_waits_for_its_tokens_while_other_keys_flow() -> None:
         d.release_due()
         _settled(d, done, 8)
         assert [o for _, o in seen if o in (0, 2, 4)] == [0, 2, 4]
-        assert d.throttled_seconds() == (0.0, pytest.approx(2.0))
+        assert d.throttle.seconds() == (0.0, pytest.approx(2.0))
+        assert d.throttle.key_waiting() == {}  # nothing left to hold a partition for
     finally:
         d.shutdown(wait=True)
 
@@ -277,17 +262,17 @@ def test_changing_the_rate_replans_the_waiting_messages_at_once() -> None:
         d.put(_works(tracker, 0, [None] * 10))
         done: list[Work] = []
         _settled(d, done, 1)
-        assert d.throttled == 9  # reserved 1 s apart: the last 9 s ahead
+        assert d.throttle.throttled == 9  # reserved 1 s apart: the last 9 s ahead
         d.limit_rates(max_rate=10, key_rate=0, burst=0)  # their tokens back; they pay again, 0.1 s apart
         _settled(d, done, 1)
-        assert d.throttled == 9 and d.due_in() == pytest.approx(0.1)
+        assert d.throttle.throttled == 9 and d.due_in() == pytest.approx(0.1)
         clock.now += 0.55  # 0.1 .. 0.5 due (not 0.5 itself: sums of 0.1 land a hair either side)
         d.release_due()
         _settled(d, done, 6)
         assert len(seen) == 6
         d.limit_rates(max_rate=0, key_rate=0, burst=0)  # off: whatever waits starts now
         _settled(d, done, 10)
-        assert d.throttled == 0 and d.delayed == 0 and d.limits == (0.0, 0.0, 0.0)
+        assert d.throttle.throttled == 0 and d.delayed == 0 and d.throttle.limits == (0.0, 0.0, 0.0)
         assert sorted(o for _, o in seen) == list(range(10))
     finally:
         d.shutdown(wait=True)
@@ -297,7 +282,7 @@ def test_a_retry_pays_again_and_a_throttled_message_of_a_retired_assignment_is_d
     clock = Clock()
     calls: list[int] = []
 
-    def handler(msg: Msg) -> None:
+    def handler(msg: FakeMessage) -> None:
         calls.append(msg.offset())
         if msg.offset() == 0 and calls.count(0) == 1:
             raise ValueError("once")
@@ -312,19 +297,20 @@ def test_a_retry_pays_again_and_a_throttled_message_of_a_retired_assignment_is_d
         d.put(_works(tracker, 0, [b"a"]))
         wait_until(lambda: d.delayed == 1 and d.active_thread_count == 0, timeout=10, what="the retry scheduled")
         d.release_due()  # the retry is due at once (no backoff) but its new token only at +1 s
-        wait_until(lambda: d.throttled == 1 and d.active_thread_count == 0, timeout=10, what="the retry throttled")
+        wait_until(lambda: d.throttle.throttled == 1 and d.active_thread_count == 0, timeout=10,
+                   what="the retry throttled")
         assert calls == [0] and d.due_in() == pytest.approx(1.0)
         d.put(_works(tracker, 1, [b"b"]))  # queues behind the retry's token
-        wait_until(lambda: d.throttled == 2 and d.active_thread_count == 0, timeout=10, what="both throttled")
+        wait_until(lambda: d.throttle.throttled == 2 and d.active_thread_count == 0, timeout=10, what="both throttled")
         state1 = tracker.state(("t", 1))
         dropped = d.retire([state1])
-        assert [w.offset for w in dropped] == [0] and d.throttled == 1
+        assert [w.offset for w in dropped] == [0] and d.throttle.throttled == 1
         # a worker that took a Work of the retired assignment just before the purge: it never runs
         late = _works(tracker, 1, [b"c"], first=1)
         d.put(late)
         done: list[Work] = []
         _settled(d, done, 1)
-        assert done == late and late[0].failed and late[0].dropped and d.throttled == 1
+        assert done == late and late[0].failed and late[0].dropped and d.throttle.throttled == 1
         clock.now += 1.0
         d.release_due()
         _settled(d, done, 2)
@@ -341,7 +327,7 @@ def test_a_message_that_paid_and_ran_after_the_limits_went_off_pays_again_on_ret
     clock = Clock()
     calls: list[int] = []
 
-    def handler(msg: Msg) -> None:
+    def handler(msg: FakeMessage) -> None:
         calls.append(msg.offset())
         if len(calls) == 1:
             raise ValueError("once")
@@ -356,12 +342,12 @@ def test_a_message_that_paid_and_ran_after_the_limits_went_off_pays_again_on_ret
         wait_until(lambda: d.delayed == 1 and d.active_thread_count == 0, timeout=10, what="the retry scheduled")
         d.limit_rates(max_rate=0, key_rate=5, burst=0)  # re-plans what waits for tokens: not this retry
         assert d.delayed == 1 and d.due_in() == pytest.approx(1.0) and calls == [0]
-        assert d.throttled == 0 and d.throttled_seconds() == (0.0, 0.0)
+        assert d.throttle.throttled == 0 and d.throttle.seconds() == (0.0, 0.0)
         clock.now += 1.0
         d.release_due()
         done: list[Work] = []
         _settled(d, done, 1)
-        assert calls == [0, 0] and d.throttled == 0 and d.delayed == 0
+        assert calls == [0, 0] and d.throttle.throttled == 0 and d.delayed == 0
     finally:
         d.shutdown(wait=True)
 
@@ -372,7 +358,7 @@ def test_a_fast_handler_gets_chunks_no_larger_than_the_bucket() -> None:
     tracker = OffsetTracker()
     tracker.assign([("t", 0)])
     d = Dispatcher(Invoker(handler), 2, clock=clock)
-    d._per_message = 1e-6  # a measured no-op handler: chunks of 1000 without a limit
+    d.pacing.work_ended(1e-6, 1)  # a measured no-op handler: chunks of 1000 without a limit
     assert d.chunk_size == 1000
     d.limit_rates(max_rate=200, key_rate=0, burst=0.1)
     assert d.chunk_size == 20
@@ -584,18 +570,18 @@ def test_throttled_chunks_count_their_messages_in_the_backlog_and_as_throttled()
     for offset in range(100):
         assert tracker.admit(state, offset)
     d = Dispatcher(Invoker(handler), 2, clock=clock)
-    d._per_message = 1e-6  # a measured no-op handler: chunks
+    d.pacing.work_ended(1e-6, 1)  # a measured no-op handler: chunks
     d.limit_rates(max_rate=200, key_rate=0, burst=0.1)  # chunks of 20, one each 0.1 s
     try:
-        d.put([Work.chunk([Msg(0, o) for o in range(100)], state, 0)])
+        d.put([Work.chunk([FakeMessage("t", 0, o) for o in range(100)], state, 0)])
         done: list[Work] = []
         _settled(d, done, 1)
         assert len(seen) == 20
-        assert d.delayed == d.throttled == d.backlog == 80  # 4 chunks of 20 waiting: messages, not Works
+        assert d.delayed == d.throttle.throttled == d.backlog == 80  # 4 chunks of 20 waiting: messages, not Works
         clock.now += 0.25
         d.release_due()
         _settled(d, done, 3)
-        assert len(seen) == 60 and d.delayed == d.throttled == d.backlog == 40
+        assert len(seen) == 60 and d.delayed == d.throttle.throttled == d.backlog == 40
     finally:
         d.shutdown(wait=True)
 

@@ -95,15 +95,13 @@ GIL_BUSY = 0.75
 # Handlers using more than this many cores during an up-probe run with the GIL released (C code): the
 # process CPU guard (``cpu_ceiling``), not the GIL rule, bounds them.
 GIL_FREE = 1.25
-# How long a GIL verdict holds before one up-probe checks it again. Each check doubles the latency for
-# its ~2 s: one in 300 s is 0.7 % of the time, below what a p99 sees. Not cleared when throughput
-# drifts: on the CPU-bound bench a 1 s window 25 % off (a shared machine) cleared it, and the probe
-# that followed put 2 threads into the 60-90 s window (``python -m bench.autotune --only cpu``).
+# How long a GIL verdict holds before one up-probe checks it again: each check doubles the latency for
+# its ~2 s, so one in 300 s stays below what a p99 sees. Not cleared when throughput drifts: a shared
+# machine's drift would clear it and let a probe into the latency window (BENCHMARKS.md, the "auto" sweep).
 GIL_RECHECK = 300.0
-# Once the verdict is in, it holds while the handlers use this many cores or more. Readings of 0.75
-# and up set it, but on a shared machine a CPU-bound handler's reading dipped below that (its thread
-# waits for a core as well), and a recheck probe followed at 63 s (``python -m bench.autotune``,
-# 01:40 UTC): a handler that has turned into a wait reads ~0.05 and is let go.
+# Once the verdict is in, it holds while the handlers use this many cores or more: readings of 0.75 and
+# up set it, and a CPU-bound handler on a shared machine reads below that (its thread waits for a core
+# too); a handler that has turned into a wait reads ~0.05 and is let go (BENCHMARKS.md, the "auto" sweep).
 GIL_HOLD = 0.4
 
 

@@ -27,8 +27,8 @@ says which partitions to pause alone while too many of theirs wait for their key
 backpressure acts on it; the pause gate does not count those messages). ``RATE_RESERVE_SECONDS`` is what
 the gate keeps at a resume while ``MAX_RATE`` binds (mtc75/core/gate.py ``reserve``).
 
-Thread contract: no lock of its own. The dispatcher (mtc75/runtime/dispatcher.py) calls the buckets,
-:class:`RateLimits` and :class:`WaitTime` with its lock held; :class:`KeyHolds` is the poll thread's.
+Thread contract: no lock of its own. The dispatcher's throttle (mtc75/runtime/throttle.py) calls the buckets,
+:class:`RateLimits` and :class:`WaitTime` with the dispatcher's lock held; :class:`KeyHolds` is the poll thread's.
 """
 
 from __future__ import annotations

@@ -112,3 +112,28 @@ class DelayQueue(Generic[T]):
 
     def items(self) -> Iterable[T]:
         return (entry[2] for entry in self._heap)
+
+
+class DelayedWorks(DelayQueue["Work"]):
+    """A delay queue of Works that also counts their messages (``messages``: a chunk or a batch counts its
+    own), kept exact by every push and removal; the caller's lock guards it, as for :class:`DelayQueue`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages = 0
+
+    def push(self, due: float, item: Work) -> None:
+        super().push(due, item)
+        self.messages += item.size
+
+    def pop_due(self, now: float) -> list[Work]:
+        due = super().pop_due(now)
+        if due:
+            self.messages -= sum(work.size for work in due)
+        return due
+
+    def remove_if(self, predicate: Callable[[Work], bool]) -> list[Work]:
+        removed = super().remove_if(predicate)
+        if removed:
+            self.messages -= sum(work.size for work in removed)
+        return removed

@@ -76,20 +76,21 @@ class Backpressure:
     def turn(self, now: float, processed: int) -> None:
         """One loop turn: feed the throughput, then pause or resume every partition as the gate says."""
         gate, dispatcher = self.gate, self._dispatcher
+        throttle = dispatcher.throttle
         gate.observe(now, processed)
         limit, unit = dispatcher.max_thread_count, dispatcher.unit
         # While MAX_RATE is what holds messages back, a resume keeps RATE_RESERVE_SECONDS of its tokens' work
-        gate.reserve = int(dispatcher.limits[0] * RATE_RESERVE_SECONDS) if dispatcher.rate_parked else 0
-        key_waiting = dispatcher.key_waiting()
+        gate.reserve = int(throttle.limits[0] * RATE_RESERVE_SECONDS) if throttle.rate_parked else 0
+        key_waiting = throttle.key_waiting()
         self._aside = aside = sum(key_waiting.values()) if key_waiting else 0
         # retries waiting out a backoff hold no thread: the pool gets other messages meanwhile (the gate)
-        self._retrying = retrying = max(0, dispatcher.delayed - dispatcher.throttled)
+        self._retrying = retrying = max(0, dispatcher.delayed - throttle.throttled)
         if gate.paused:
             if gate.should_resume(now, limit, dispatcher.backlog - aside - retrying, unit):
                 self._resume(now)
             return
         load = Load(dispatcher.active_thread_count, limit, dispatcher.backlog - aside, dispatcher.ready,
-                    dispatcher.delayed - dispatcher.key_parked, unit, retrying)
+                    dispatcher.delayed - throttle.key_parked, unit, retrying)
         verdict = gate.verdict(load)
         if verdict is Verdict.RUN:
             return
@@ -138,7 +139,7 @@ class Backpressure:
 
     def _behind_keys(self) -> int:
         """This turn's messages waiting in the scheduler behind a key that waits for its tokens."""
-        return max(0, self._aside - self._dispatcher.key_parked)
+        return max(0, self._aside - self._dispatcher.throttle.key_parked)
 
     def _wait(self, longest: float) -> float:
         """At most ``longest`` (and POLL_TIMEOUT) seconds, ending when the next delayed message is due."""
@@ -192,10 +193,10 @@ class Backpressure:
 
     def _update_key_holds(self) -> None:
         dispatcher, client, key_holds = self._dispatcher, self._client, self.key_holds
-        waiting = dispatcher.key_waiting()
+        waiting = dispatcher.throttle.key_waiting()
         if not waiting and not key_holds:
             return
-        bound = key_hold_bound(dispatcher.limits[1], self.gate.watermarks(dispatcher.max_thread_count)[1])
+        bound = key_hold_bound(dispatcher.throttle.limits[1], self.gate.watermarks(dispatcher.max_thread_count)[1])
         to_hold, to_release = key_holds.update(waiting, bound)
         # paused already by the gate (it resumes them) or the window (it releases them): nothing to call
         hold = [tp for tp in to_hold if tp not in client.paused and tp not in self.holds]
@@ -249,10 +250,10 @@ class Backpressure:
         client, dispatcher = self._client, self._dispatcher
         self.gate.start_pause(now)
         client.pause(self._tracker.partitions())
-        if dispatcher.throttled * 2 >= max(1, dispatcher.backlog):  # the pause the rate limits meant
+        if dispatcher.throttle.throttled * 2 >= max(1, dispatcher.backlog):  # the pause the rate limits meant
             logger.info(
                 "PAUSED %d partitions: %d messages waiting, %d of them for rate tokens (re-check in %.2fs)",
-                len(client.paused), dispatcher.backlog, dispatcher.throttled, self.gate.pause_interval,
+                len(client.paused), dispatcher.backlog, dispatcher.throttle.throttled, self.gate.pause_interval,
                 extra=PAUSE_EVENT,
             )
             return

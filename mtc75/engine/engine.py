@@ -88,7 +88,7 @@ class Engine:
         self._overrides = overrides
         self._invoker = invoker
         self._threads = AutoThreads(settings, invoker)  # MAX_THREAD_COUNT = "auto" (fixed: it only watches)
-        self._bounds = RunBounds(max_messages, idle_exit)
+        self._bounds = RunBounds(max_messages, idle_exit, settings.SHUTDOWN_TIMEOUT)
         self._on_status = on_status
         self._status_interval = status_interval
         self._factories = factories  # every Kafka client is built through these (tests: in-memory fakes)
@@ -298,7 +298,7 @@ class Engine:
         now = time.monotonic()
         parts, gate, ledger = self._parts, self._gate, self._ledger
         d = parts.dispatcher if parts is not None else None
-        throttled_seconds, key_throttled_seconds = d.throttled_seconds() if d else (0.0, 0.0)
+        throttled_seconds, key_throttled_seconds = d.throttle.seconds() if d else (0.0, 0.0)
         return Stats(
             active_threads=d.active_thread_count if d else 0,
             max_thread_count=self._threads.limit,
@@ -331,7 +331,7 @@ class Engine:
             brokers_down=parts is not None and parts.client.down_since is not None,
             max_rate=self._settings.MAX_RATE,
             key_rate=self._settings.KEY_RATE,
-            throttled=d.throttled if d else 0,
+            throttled=d.throttle.throttled if d else 0,
             throttled_seconds=throttled_seconds,
             key_throttled_seconds=key_throttled_seconds,
             batch_size=self._settings.BATCH_SIZE if self._invoker.batches else 1,

@@ -1,7 +1,7 @@
 """The ``on_error`` hook's delivery: failure reports in a bounded queue, the user's function on a thread of its own.
 
 Reports come from two places: a worker (or, for ``async def`` handlers, the event loop) right after a failed
-attempt that will be retried (:meth:`mtc75.runtime.dispatcher.Dispatcher.settle_failure`), and the poll thread
+attempt that will be retried (:meth:`mtc75.runtime.retries.Retries.fail`), and the poll thread
 where a message's outcome is decided (the ledger and the ON_FAILURE policies). Neither may wait for user code:
 a worker holds a permit, the poll thread keeps the consumer in its group. So :meth:`FailureHook.report` only
 appends to a queue, and one thread, ``mtc75-on-error``, calls the hook with each report in the order they were

@@ -58,7 +58,7 @@ from mtc75.runtime.procworker import Reply, safe_text
 logger = logging.getLogger(__name__)
 
 # Four of the interpreter's 5 ms GIL switch intervals: a handler that turned slow, not a worker that waited
-# its turn for the GIL (chunks are sized for ~1 ms, mtc75/runtime/dispatcher.py CHUNK_TARGET).
+# its turn for the GIL (chunks are sized for ~1 ms, mtc75/runtime/pacing.py CHUNK_TARGET).
 CHUNK_SECONDS = 0.02
 # A thread CPU clock read costs about a microsecond: every call after one this slow measures its CPU,
 # shorter calls one in CPU_SAMPLE_EVERY (a power of two: the check is a mask).
