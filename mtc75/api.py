@@ -24,7 +24,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from types import MappingProxyType, TracebackType
 from typing import Any
 
@@ -54,6 +56,18 @@ NEW, RUNNING, ENDED = "new", "running", "ended"  # a Consumer's run state, in th
 logger = logging.getLogger(__name__)
 SNAPSHOT_INTERVAL = 0.25  # how stale stats() may be while running: the poll thread refreshes it this often
 _DEFAULTS = Settings()
+# The client factories of the consumers built in this context: :mod:`mtc75.testing` sets its own for one build.
+_FACTORIES: ContextVar[ClientFactories] = ContextVar("mtc75_factories", default=REAL_FACTORIES)
+
+
+@contextmanager
+def building_on(factories: ClientFactories) -> Iterator[None]:
+    """Consumers built in this block (this thread or task only) build their Kafka clients with ``factories``."""
+    token = _FACTORIES.set(factories)
+    try:
+        yield
+    finally:
+        _FACTORIES.reset(token)
 
 
 class Consumer:
@@ -112,7 +126,7 @@ class Consumer:
         keywords = {"topic": topic, "group_id": group_id, "bootstrap_servers": bootstrap_servers,
                     "max_thread_count": max_thread_count, **settings}
         self._setup(handler, settings_from_keywords(keywords), librdkafka, on_status, status_interval, observers,
-                    REAL_FACTORIES, (key_deserializer, value_deserializer), on_error)
+                    _FACTORIES.get(), (key_deserializer, value_deserializer), on_error)
         self._ask_metrics(metrics_port, metrics_addr, metrics_registry)
 
     @classmethod
@@ -138,22 +152,10 @@ class Consumer:
         The other keywords are those of the constructor; settings a consumer does not use (the
         producer's, the default handler's) are ignored.
         """
-        consumer = cls._built(handler, settings, librdkafka, on_status, status_interval, observers, REAL_FACTORIES,
-                              (key_deserializer, value_deserializer), on_error)
-        consumer._ask_metrics(metrics_port, metrics_addr, metrics_registry)
-        return consumer
-
-    @classmethod
-    def _built(
-        cls, handler: Callable[[Any], object], settings: Settings, librdkafka: Mapping[str, Any] | None,
-        on_status: Callable[[Stats], None] | None, status_interval: float, observers: Sequence[CallObserver],
-        factories: ClientFactories, deserializers: tuple[DeserializerSpec, DeserializerSpec] = (None, None),
-        on_error: Callable[[Failure], object] | None = None,
-    ) -> Consumer:
-        """The one way in for :mod:`mtc75.testing` (client factories of its own) and :meth:`from_settings`."""
         consumer = cls.__new__(cls)
-        consumer._setup(handler, settings, librdkafka, on_status, status_interval, observers, factories,
-                        deserializers, on_error)
+        consumer._setup(handler, settings, librdkafka, on_status, status_interval, observers, _FACTORIES.get(),
+                        (key_deserializer, value_deserializer), on_error)
+        consumer._ask_metrics(metrics_port, metrics_addr, metrics_registry)
         return consumer
 
     def _setup(

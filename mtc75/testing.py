@@ -10,58 +10,24 @@ Threads: as for :class:`mtc75.Consumer`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
-from mtc75.api import Consumer, settings_from_keywords
-from mtc75.core.failures import Failure
-from mtc75.core.stats import Stats
+from mtc75.api import Consumer, building_on
 from mtc75.kafka.clients import ClientFactories
-from mtc75.kafka.deserializers import DeserializerSpec
-from mtc75.runtime.invoker import CallObserver
 from mtc75.settings import Settings
 
 
-def consumer(
-    factories: ClientFactories,
-    handler: Callable[[Any], object],
-    *,
-    cls: type[Consumer] = Consumer,
-    librdkafka: Mapping[str, Any] | None = None,
-    on_status: Callable[[Stats], None] | None = None,
-    status_interval: float = 1.0,
-    observers: Sequence[CallObserver] = (),
-    metrics_port: int | None = None,
-    metrics_addr: str = "127.0.0.1",
-    metrics_registry: Any = None,
-    key_deserializer: DeserializerSpec = None,
-    value_deserializer: DeserializerSpec = None,
-    on_error: Callable[[Failure], object] | None = None,
-    **settings: Any,
-) -> Consumer:
-    """``mtc75.Consumer(handler, **settings)`` on ``factories`` (``topic`` and ``group_id`` as there); ``cls``:
+def consumer(factories: ClientFactories, handler: Callable[[Any], object], *, cls: type[Consumer] = Consumer,
+             **keywords: Any) -> Consumer:
+    """``mtc75.Consumer(handler, **keywords)`` on ``factories`` (``topic`` and ``group_id`` as there); ``cls``:
     a subclass of mtc75.Consumer to build instead."""
-    built = cls._built(
-        handler, settings_from_keywords(settings), librdkafka, on_status, status_interval, observers, factories,
-        (key_deserializer, value_deserializer), on_error,
-    )
-    built._ask_metrics(metrics_port, metrics_addr, metrics_registry)
-    return built
+    with building_on(factories):
+        return cls(handler, **keywords)
 
 
-def from_settings(
-    factories: ClientFactories,
-    handler: Callable[[Any], object],
-    settings: Settings,
-    *,
-    librdkafka: Mapping[str, Any] | None = None,
-    on_status: Callable[[Stats], None] | None = None,
-    status_interval: float = 1.0,
-    observers: Sequence[CallObserver] = (),
-    key_deserializer: DeserializerSpec = None,
-    value_deserializer: DeserializerSpec = None,
-    on_error: Callable[[Failure], object] | None = None,
-) -> Consumer:
-    """``mtc75.Consumer.from_settings(handler, settings, ...)`` on ``factories``."""
-    return Consumer._built(handler, settings, librdkafka, on_status, status_interval, observers, factories,
-                           (key_deserializer, value_deserializer), on_error)
+def from_settings(factories: ClientFactories, handler: Callable[[Any], object], settings: Settings,
+                  **keywords: Any) -> Consumer:
+    """``mtc75.Consumer.from_settings(handler, settings, **keywords)`` on ``factories``."""
+    with building_on(factories):
+        return Consumer.from_settings(handler, settings, **keywords)

@@ -69,43 +69,30 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 
 from mtc75.kafka.clients import ClientFactories
+from mtc75.runtime.procworker import PlainMessage
 
 Partition = tuple[str, int]
 
 
-class FakeMessage:
-    """What ``Consumer.poll`` returns: the accessor methods of confluent_kafka.Message."""
+class FakeMessage(PlainMessage):
+    """What ``Consumer.poll`` returns: the accessor methods of confluent_kafka.Message (a worker process's
+    PlainMessage, plus ``error()``)."""
+
+    __slots__ = ("_error",)
 
     def __init__(
         self, topic: str, partition: int, offset: int, value: bytes | None = None, key: bytes | None = None,
         headers: list[tuple[str, bytes]] | None = None, error: KafkaError | None = None,
     ) -> None:
-        self._topic, self._partition, self._offset = topic, partition, offset
-        self._value, self._key, self._headers, self._error = value, key, headers, error
+        super().__init__(topic, partition, offset, key, value, headers)
+        self._error = error
 
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def value(self) -> bytes | None:
-        return self._value
-
-    def key(self) -> bytes | None:
-        return self._key
-
-    def headers(self) -> list[tuple[str, bytes]] | None:
-        return self._headers
-
-    def error(self) -> KafkaError | None:
+    def error(self) -> KafkaError | None:  # type: ignore[override]
         return self._error
 
-    def timestamp(self) -> tuple[int, int]:
-        return (0, 0)
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return FakeMessage, (self._topic, self._partition, self._offset, self._value, self._key, self._headers,
+                             self._error)
 
     def __repr__(self) -> str:
         return f"FakeMessage({self._topic}[{self._partition}]@{self._offset})"

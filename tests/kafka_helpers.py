@@ -127,7 +127,7 @@ def start_consumer(args: list[str], env: dict[str, str], log: Path) -> subproces
         )
 
 
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[Any]) -> None:
     """Kill ``proc`` if it still runs (the ``finally`` of every test that starts one)."""
     if proc.poll() is None:
         proc.kill()

@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
+
 from mtc75.errors import BrokerError
 from mtc75.tools import broker as launcher
 from mtc75.tools.broker import LocalCluster, LocalKafka
@@ -132,3 +134,18 @@ def stop_shared(root: Path) -> None:
     if port is not None:
         LocalKafka(port, home=root / "kafka", libs=REPO_LIBS).stop()
     shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def restartable_broker(local_kafka: LocalKafka | None, name: str, preferred: int) -> Iterator[LocalKafka]:
+    """A broker a test module may stop and restart (its own, in folder ``name``), stopped when the block ends;
+    skips the test where only an outside broker is given (KAFKA_BOOTSTRAP_SERVERS)."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or local_kafka is None:
+        pytest.skip("stopping a broker needs the local one (KAFKA_BOOTSTRAP_SERVERS is set)")
+    taken = frozenset({local_kafka.port, local_kafka.port + 1})
+    with session_folder(name) as home:
+        broker = owned_broker(home, preferred, avoid=taken)
+        try:
+            yield broker
+        finally:
+            broker.stop()

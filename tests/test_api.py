@@ -23,26 +23,13 @@ from confluent_kafka import KafkaError
 import mtc75
 from mtc75 import testing
 from mtc75.settings import Settings
+from tests.api_helpers import GROUP, TOPIC, WAIT, make, new_cluster
 from tests.fake_kafka import FakeKafka
 from tests.kafka_helpers import ROOT, committed_offsets, end_offsets, produce_numbered, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-TOPIC, GROUP = "orders", "billing"
-WAIT = 10.0
-FAST = {"commit_interval": 0.02, "pause_interval": 0.05, "shutdown_timeout": 5.0, "revoke_timeout": 5.0}
-
-
-@pytest.fixture
-def cluster() -> FakeKafka:
-    fake = FakeKafka()
-    fake.create_topic(TOPIC, 2)
-    return fake
-
-
-def make(cluster: FakeKafka, handler: Callable[[Any], object] = lambda m: None, **kw: Any) -> mtc75.Consumer:
-    settings = {"group_id": GROUP, **FAST, **kw}
-    return testing.consumer(cluster.factories(), handler, topic=TOPIC, **settings)
+cluster = pytest.fixture(name="cluster")(new_cluster)
 
 
 def test_the_package_exports_its_api() -> None:

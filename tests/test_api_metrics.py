@@ -15,34 +15,14 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 import mtc75
-from mtc75 import testing
+from tests.api_helpers import TOPIC, WAIT, make, new_cluster
 from tests.fake_kafka import FakeKafka
 from tests.kafka_helpers import wait_until
+from tests.test_metrics import get
 
 pytestmark = pytest.mark.timeout(60)
 
-TOPIC, GROUP = "orders", "billing"
-WAIT = 10.0
-FAST = {"commit_interval": 0.02, "pause_interval": 0.05, "shutdown_timeout": 5.0, "revoke_timeout": 5.0}
-
-
-@pytest.fixture
-def cluster() -> FakeKafka:
-    fake = FakeKafka()
-    fake.create_topic(TOPIC, 2)
-    return fake
-
-
-def make(cluster: FakeKafka, handler: Any = lambda m: None, **kw: Any) -> mtc75.Consumer:
-    return testing.consumer(cluster.factories(), handler, topic=TOPIC, group_id=GROUP, **FAST, **kw)
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
+cluster = pytest.fixture(name="cluster")(new_cluster)
 
 
 def test_metrics_port_serves_metrics_and_health_while_it_runs(cluster: FakeKafka) -> None:

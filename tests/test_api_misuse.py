@@ -16,25 +16,13 @@ import pytest
 
 import mtc75
 from mtc75 import testing
+from tests.api_helpers import FAST, GROUP, TOPIC, WAIT, make, new_cluster
 from tests.fake_kafka import FakeKafka
 from tests.kafka_helpers import committed_offsets, produce_numbered, report_figures, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-TOPIC, GROUP = "orders", "billing"
-WAIT = 10.0
-FAST = {"commit_interval": 0.02, "pause_interval": 0.05, "shutdown_timeout": 5.0, "revoke_timeout": 5.0}
-
-
-@pytest.fixture
-def cluster() -> FakeKafka:
-    fake = FakeKafka()
-    fake.create_topic(TOPIC, 2)
-    return fake
-
-
-def make(cluster: FakeKafka, handler: Callable[[Any], object] = lambda m: None, **kw: Any) -> mtc75.Consumer:
-    return testing.consumer(cluster.factories(), handler, topic=TOPIC, group_id=GROUP, **{**FAST, **kw})
+cluster = pytest.fixture(name="cluster")(new_cluster)
 
 
 def test_run_start_or_with_after_close_raise_at_once_without_connecting(cluster: FakeKafka) -> None:
@@ -106,6 +94,15 @@ def test_two_threads_calling_run_and_start_at_once_run_it_once(cluster: FakeKafk
     assert set(outcomes) == {("ran", "refused")}, {o: outcomes.count(o) for o in set(outcomes)}
 
 
+def close_from_handler(consumer: mtc75.Consumer, seen: dict[str, Any]) -> None:
+    """close() from a handler: ``seen["close"]`` = (seconds until it raised MisuseError, its message)."""
+    started = time.monotonic()
+    try:
+        consumer.close(timeout=3)  # bounded, should it wait after all
+    except mtc75.MisuseError as err:
+        seen["close"] = (time.monotonic() - started, str(err))
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 @pytest.mark.parametrize("how", ["start", "run"])
 def test_close_from_a_handler_raises_at_once_and_stop_there_ends_the_run_with_that_message_committed(
@@ -116,11 +113,7 @@ def test_close_from_a_handler_raises_at_once_and_stop_there_ends_the_run_with_th
 
     def misuse(message: Any) -> None:
         if message.offset() == 5 and "close" not in seen:
-            started = time.monotonic()
-            try:
-                consumer.close(timeout=3)  # bounded, should it wait after all
-            except mtc75.MisuseError as err:
-                seen["close"] = (time.monotonic() - started, str(err))
+            close_from_handler(consumer, seen)
             try:
                 consumer.run()
             except mtc75.MisuseError as err:
@@ -246,11 +239,7 @@ def test_close_in_a_handler_raises_at_once_and_the_message_is_committed_on_a_rea
     def handler(message: Any) -> None:
         handled.append(message.offset())
         if message.offset() == 5 and "close" not in seen:
-            started = time.monotonic()
-            try:
-                consumer.close(timeout=3)  # bounded, should it wait after all
-            except mtc75.MisuseError as err:
-                seen["close"] = (time.monotonic() - started, str(err))
+            close_from_handler(consumer, seen)
             seen["stop_at"] = time.monotonic()
             consumer.stop()
 

@@ -27,6 +27,7 @@ from tests.kafka_helpers import (
     report_figures,
     script_env,
     start_script,
+    stop_process,
     wait_until,
     write_touched,
 )
@@ -134,9 +135,7 @@ def test_saving_config_py_switches_between_a_number_and_auto_within_2_s(
         proc.terminate()
         assert proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     lines.join()
     # a status line a second: seen within 2 s of the save means applied within 2 s, at the latest
     assert seen["/auto "] - to_auto <= 2.0 + 1.0 and seen["/4 "] - to_fixed <= 2.0 + 1.0, seen

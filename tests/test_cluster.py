@@ -68,6 +68,14 @@ def _admin(cluster: LocalCluster) -> AdminClient:
     return AdminClient({"bootstrap.servers": cluster.bootstrap})
 
 
+def _with_topic(cluster: LocalCluster, topic: str, partitions: int) -> AdminClient:
+    """An admin client of ``cluster``, once it created ``topic`` and every partition is in its metadata."""
+    admin = _admin(cluster)
+    admin.create_topics([NewTopic(topic, partitions)])[topic].result(timeout=30)
+    wait_until(lambda: len(_partitions(admin, topic)) == partitions, 30, what="topic in metadata")
+    return admin
+
+
 def _partitions(admin: AdminClient, topic: str) -> dict[int, PartitionMetadata]:
     """The topic's partitions, or {} while metadata requests time out (e.g. sent to the node just killed)."""
     try:
@@ -356,9 +364,7 @@ def test_a_killed_coordinator_stops_commits_only_until_the_group_has_a_new_one(
     state commits everything handled."""
     partitions, rate, shutdown = 3, 100, 10
     topic, group = unique("kc"), unique("g")
-    admin = _admin(cluster)
-    admin.create_topics([NewTopic(topic, partitions)])[topic].result(timeout=30)
-    wait_until(lambda: len(_partitions(admin, topic)) == partitions, 30, what="topic in metadata")
+    admin = _with_topic(cluster, topic, partitions)
     record, log = tmp_path / "handled.txt", tmp_path / "consumer.log"
     env = script_env(cluster.bootstrap, MTC75_TEST_RECORD=str(record), MTC75_TEST_SLEEP="0.002")
     feed, commits = _Feed(cluster.bootstrap, topic, rate), _Commits(cluster.bootstrap, group, topic, partitions)
@@ -443,9 +449,7 @@ def test_two_nodes_down_the_consumer_waits_and_commits_again_once_they_are_back(
     BROKER_DOWN_TIMEOUT); once the nodes are back it commits again, and nothing acknowledged is lost."""
     partitions, rate, outage = 3, 50, 30.0
     topic, group = unique("q"), unique("g")
-    admin = _admin(cluster)
-    admin.create_topics([NewTopic(topic, partitions)])[topic].result(timeout=30)
-    wait_until(lambda: len(_partitions(admin, topic)) == partitions, 30, what="topic in metadata")
+    admin = _with_topic(cluster, topic, partitions)
     record, log = tmp_path / "handled.txt", tmp_path / "consumer.log"
     env = script_env(cluster.bootstrap, MTC75_TEST_RECORD=str(record), MTC75_TEST_SLEEP="0.002")
     feed, commits = _Feed(cluster.bootstrap, topic, rate), _Commits(cluster.bootstrap, group, topic, partitions)

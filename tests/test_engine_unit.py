@@ -8,6 +8,7 @@ handlers that block wait on events the test (or its teardown) sets.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -141,12 +142,14 @@ def cluster() -> Iterator[FakeKafka]:
     assert fake.violations == []  # every client call came from the poll thread
 
 
-@pytest.fixture
-def start(cluster: FakeKafka) -> Iterator[Callable[..., Run]]:
-    """Start runs; at teardown release blocked handlers and stop every run (bounded)."""
+@contextlib.contextmanager
+def runs_on(cluster: FakeKafka, **defaults: Any) -> Iterator[Callable[..., Run]]:
+    """``begin(handler, **changes)`` starts a Run (``defaults`` under ``changes``); when the block ends, blocked
+    Recorders are released and every run is stopped (bounded). The ``start`` fixtures of the engine's tests."""
     runs: list[tuple[Run, Recorder | None]] = []
 
     def begin(handler: Any, **changes: Any) -> Run:
+        changes = {**defaults, **changes}
         kw = {k: changes.pop(k) for k in ("max_messages", "idle_exit") if k in changes}
         run = Run(cluster, handler, fast_settings(**changes), **kw)
         runs.append((run, handler if isinstance(handler, Recorder) else None))
@@ -158,6 +161,13 @@ def start(cluster: FakeKafka) -> Iterator[Callable[..., Run]]:
             recorder.release.set()
         run.consumer.stop()
         run._thread.join(WAIT)
+
+
+@pytest.fixture
+def start(cluster: FakeKafka) -> Iterator[Callable[..., Run]]:
+    """Start runs; at teardown release blocked handlers and stop every run (bounded)."""
+    with runs_on(cluster) as begin:
+        yield begin
 
 
 def until(condition: Callable[[], bool], what: str) -> None:

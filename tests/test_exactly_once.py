@@ -74,6 +74,15 @@ def read_outputs(
     return counts
 
 
+def fed_topics(bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], n: int
+               ) -> tuple[str, str, str, dict[int, int]]:
+    """An input topic holding ``n`` numbered messages, an output topic and a group: (input, output, group, the
+    input's end offsets)."""
+    topic, out, group = make_topic(partitions=PARTITIONS), make_topic(partitions=PARTITIONS, prefix="out"), unique("g")
+    produce_numbered(bootstrap, topic, n)
+    return topic, out, group, end_offsets(bootstrap, topic)
+
+
 def outcome(counts: Counter[tuple[int, int]], ends: dict[int, int]) -> tuple[int, int]:
     """(missing inputs, duplicate outputs)."""
     wanted = all_offsets(ends)
@@ -113,9 +122,7 @@ def crash_loop(bootstrap: str, make_topic: Callable[..., str], unique: Callable[
     """``kills`` runs, each killed with -9 at a random moment after it committed something of its own (so
     outputs it wrote or committed are at stake, and the kill lands inside an open transaction: one commits
     every second); then a last run finishes, and the read_committed verifier counts."""
-    topic, out, group = make_topic(partitions=PARTITIONS), make_topic(partitions=PARTITIONS, prefix="out"), unique("g")
-    produce_numbered(bootstrap, topic, N)
-    ends = end_offsets(bootstrap, topic)
+    topic, out, group, ends = fed_topics(bootstrap, make_topic, unique, N)
     seed = random.randrange(1_000_000)
     rng = random.Random(seed)
     record, log = tmp_path / "handled.txt", tmp_path / "consumer.log"
@@ -171,9 +178,7 @@ def test_exactly_once_rebalance_storm_every_output_exactly_once(
     bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], tmp_path: Path
 ) -> None:
     """Members come and go (started, killed -9, stopped) while 10,000 inputs are transformed."""
-    topic, out, group = make_topic(partitions=PARTITIONS), make_topic(partitions=PARTITIONS, prefix="out"), unique("g")
-    produce_numbered(bootstrap, topic, N)
-    ends = end_offsets(bootstrap, topic)
+    topic, out, group, ends = fed_topics(bootstrap, make_topic, unique, N)
     seed = random.randrange(1_000_000)
     rng = random.Random(seed)
     record, log = tmp_path / "handled.txt", tmp_path / "consumer.log"
@@ -300,9 +305,7 @@ def test_exactly_once_a_zombie_is_fenced_stops_at_once_and_writes_nothing_more(
     """A member frozen (SIGSTOP) mid-run is replaced by a new instance of itself (same group.instance.id, so
     the same transactional.id); thawed, the zombie stops with exit 6; every output exactly once."""
     n = 3_000
-    topic, out, group = make_topic(partitions=PARTITIONS), make_topic(partitions=PARTITIONS, prefix="out"), unique("g")
-    produce_numbered(bootstrap, topic, n)
-    ends = end_offsets(bootstrap, topic)
+    topic, out, group, ends = fed_topics(bootstrap, make_topic, unique, n)
     record, log_a, log_b = tmp_path / "handled.txt", tmp_path / "zombie.log", tmp_path / "successor.log"
     env = script_env(bootstrap, MTC75_TEST_OUT=out, MTC75_TEST_RECORD=str(record), MTC75_TEST_SLEEP="0.02")
     argv = args(topic, group, "exactly_once", f"{group}-member")

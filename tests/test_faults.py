@@ -57,7 +57,7 @@ from tests.kafka_helpers import (
     stop_process,
     wait_until,
 )
-from tests.local_kafka import owned_broker, session_folder
+from tests.local_kafka import restartable_broker
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
@@ -93,15 +93,8 @@ def _poison_offsets(bootstrap: str, topic: str, n: int, every: int) -> set[tuple
 @pytest.fixture(scope="module")
 def own_broker(local_kafka: LocalKafka | None) -> Iterator[LocalKafka]:
     """A broker these tests may stop and restart: started by this module, shared by it, stopped at its end."""
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or local_kafka is None:
-        pytest.skip("stopping a broker needs the local one (KAFKA_BOOTSTRAP_SERVERS is set)")
-    taken = frozenset({local_kafka.port, local_kafka.port + 1})
-    with session_folder("fault-kafka") as home:
-        broker = owned_broker(home, FAULT_PORT, avoid=taken)
-        try:
-            yield broker
-        finally:
-            broker.stop()
+    with restartable_broker(local_kafka, "fault-kafka", FAULT_PORT) as broker:
+        yield broker
 
 
 # -- 1. crash loop --------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from tests.kafka_helpers import (
     run_script,
     script_env,
     start_script,
+    stop_process,
     wait_until,
     write_touched,
 )
@@ -106,9 +107,7 @@ def test_metrics_move_during_a_run_and_the_report_has_a_row_a_second_and_three_p
         proc.terminate()
         assert proc.wait(timeout=60) == 0, "".join(lines.err[-20:])
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     lines.join()
     out = "".join(lines.out)
     first, last = scrapes[0], scrapes[-1]
@@ -267,9 +266,7 @@ def test_consumer_script_reloads_config_py_and_reports_a_bad_edit_on_one_line(
         proc.terminate()
         assert proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     lines.join()
     reloaded = [line for line in lines.err if "reloaded" in line]
     assert len(reloaded) == 2, lines.err
@@ -292,9 +289,7 @@ def test_no_reload_leaves_a_changed_config_alone(
         write_touched(config, "MAX_THREAD_COUNT = 7\nPROCESSING_SLEEP = 0.05\n")
         assert proc.wait(timeout=120) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     lines.join()
     status = [line for line in lines.out if line.startswith("threads")]
     assert status and all("/2" in line for line in status)

@@ -16,7 +16,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,21 +26,13 @@ from mtc75.kafka.deadletter import H_ERROR, H_OFFSET
 from mtc75.settings import Settings
 from tests import process_handlers as ph
 from tests.kafka_helpers import BoundConsumer, committed_offsets, end_offsets, report_figures, wait_until
-from tests.test_process_runner import Journal, children
+from tests.test_process_runner import Journal, children, journal
+
+__all__ = ["journal"]  # a fixture, used by name
 
 pytestmark = pytest.mark.timeout(300)
 
 WAIT = 120.0
-
-
-@pytest.fixture
-def journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Journal:
-    once = tmp_path / "once"
-    once.mkdir()
-    monkeypatch.setenv(ph.JOURNAL, str(tmp_path / "journal"))
-    monkeypatch.setenv(ph.ONCE, str(once))
-    monkeypatch.setenv(ph.RELEASE, str(tmp_path / "release"))
-    return Journal(tmp_path / "journal")
 
 
 def _settings(bootstrap: str, topic: str, group: str, **kw: Any) -> Settings:

@@ -47,7 +47,7 @@ from mtc75.runtime.procworker import (
 from tests import process_handlers as ph
 from tests.fake_kafka import FakeKafka, FakeMessage
 from tests.kafka_helpers import run_script, script_env, wait_until
-from tests.test_engine_unit import GROUP, P0, TOPIC, Run, fast_settings
+from tests.test_engine_unit import GROUP, P0, TOPIC, Run, runs_on
 from tests.test_scripts import _one_error_line as one_error_line
 
 pytestmark = pytest.mark.timeout(180)
@@ -128,21 +128,10 @@ def cluster() -> Iterator[FakeKafka]:
 @pytest.fixture
 def start(cluster: FakeKafka) -> Iterator[Callable[..., Run]]:
     """Runs of the real engine with RUNNER="processes"; every one stopped at teardown, and no child left."""
-    runs: list[Run] = []
-
-    def begin(handler: Any = ph.handle, **changes: Any) -> Run:
-        kw = {k: changes.pop(k) for k in ("max_messages", "idle_exit") if k in changes}
-        changes = {"RUNNER": "processes", "PROCESS_COUNT": 2, **changes}
-        run = Run(cluster, handler, fast_settings(**changes), **kw)
-        runs.append(run)
-        return run
-
-    yield begin
-    if ph.RELEASE in os.environ:
-        release()
-    for run in runs:
-        run.consumer.stop()
-        run._thread.join(WAIT)
+    with runs_on(cluster, RUNNER="processes", PROCESS_COUNT=2) as begin:
+        yield lambda handler=ph.handle, **changes: begin(handler, **changes)
+        if ph.RELEASE in os.environ:
+            release()
     wait_until(lambda: not children(os.getpid()), WAIT, what="no worker process left after the runs")
 
 

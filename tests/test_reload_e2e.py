@@ -19,6 +19,7 @@ from tests.kafka_helpers import (
     run_script,
     script_env,
     start_script,
+    stop_process,
     wait_until,
     write_touched,
 )
@@ -84,9 +85,7 @@ def test_no_edit_stops_the_watcher_or_the_consumer_and_a_half_written_file_chang
         proc.terminate()
         assert proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     lines.join()
     counts = [_threads(line) for line in lines.out if _threads(line)]
     before = counts[:counts.index("5")]

@@ -8,8 +8,6 @@ import re
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import mtc75
 from mtc75.tools.demo import remove_topics
 from tests.kafka_helpers import ROOT, committed_offsets, produce_numbered, run_script, script_env, wait_until
+from tests.test_metrics import get
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -147,11 +146,11 @@ def test_dashboard_and_alert_rules_name_only_metrics_a_running_consumer_serves(
         port = consumer.metrics_port
         assert port
         wait_until(lambda: consumer.stats().processed == 60, 60, step=0.05, what="60 processed")
-        wait_until(lambda: _get(port, "/readyz")[0] == 200, 30, step=0.05, what="/readyz 200")
-        assert json.loads(_get(port, "/healthz")[1])["status"] == "ok"
+        wait_until(lambda: get(port, "/readyz")[0] == 200, 30, step=0.05, what="/readyz 200")
+        assert json.loads(get(port, "/healthz")[1])["status"] == "ok"
         wait_until(lambda: consumer.stats().dead_lettered == 3, 30, step=0.05,
                    what="the three poison messages dead-lettered")
-        text = _get(port, "/metrics")[1]  # names are checked, not values: any snapshot since start will do
+        text = get(port, "/metrics")[1]  # names are checked, not values: any snapshot since start will do
     finally:
         consumer.close(timeout=60)
     served = {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
@@ -166,9 +165,3 @@ def test_dashboard_and_alert_rules_name_only_metrics_a_running_consumer_serves(
         assert names <= served, f"{where}: {sorted(names - served)} not served by /metrics ({expr})"
 
 
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()

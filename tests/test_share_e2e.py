@@ -35,7 +35,7 @@ from tests.kafka_helpers import (
     stop_process,
     wait_until,
 )
-from tests.local_kafka import owned_broker, session_folder
+from tests.local_kafka import restartable_broker
 from tests.test_share_groups import produce_small_batches, set_group_config
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
@@ -265,15 +265,8 @@ def test_share_sigterm_while_saturated_finishes_and_accepts_what_started_and_rel
 @pytest.fixture(scope="module")
 def own_broker(local_kafka: LocalKafka | None) -> Iterator[LocalKafka]:
     """A broker these tests may stop and restart: started by this module, stopped at its end."""
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or local_kafka is None:
-        pytest.skip("stopping a broker needs the local one (KAFKA_BOOTSTRAP_SERVERS is set)")
-    taken = frozenset({local_kafka.port, local_kafka.port + 1})
-    with session_folder("share-fault-kafka") as home:
-        broker = owned_broker(home, FAULT_PORT, avoid=taken)
-        try:
-            yield broker
-        finally:
-            broker.stop()
+    with restartable_broker(local_kafka, "share-fault-kafka", FAULT_PORT) as broker:
+        yield broker
 
 
 def test_share_member_rides_out_a_broker_restart_and_loses_nothing(

@@ -26,7 +26,7 @@ from mtc75.errors import ConfigError, MessageFailed, TopicGone, TopicNotFound
 from mtc75.kafka.client import KafkaClient
 from mtc75.kafka.deadletter import H_OFFSET, H_TOPIC
 from tests.fake_kafka import FakeKafka
-from tests.test_engine_unit import GROUP, WAIT, Run, fast_settings, until
+from tests.test_engine_unit import GROUP, WAIT, Run, runs_on, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -94,19 +94,8 @@ def cluster() -> Iterator[FakeKafka]:
 
 @pytest.fixture
 def start(cluster: FakeKafka) -> Iterator[Callable[..., Run]]:
-    runs: list[Run] = []
-
-    def begin(handler: Any, **changes: Any) -> Run:
-        kw = {k: changes.pop(k) for k in ("max_messages", "idle_exit") if k in changes}
-        changes.setdefault("TOPIC", [ORDERS, PAYMENTS])
-        run = Run(cluster, handler, fast_settings(**changes), **kw)
-        runs.append(run)
-        return run
-
-    yield begin
-    for run in runs:
-        run.consumer.stop()
-        run._thread.join(WAIT)
+    with runs_on(cluster, TOPIC=[ORDERS, PAYMENTS]) as begin:
+        yield begin
 
 
 # -- the matrix: two topics x ordering x message or batch handler, a failure in each topic ----------------------

@@ -22,7 +22,7 @@ from mtc75.core.work import Work
 from mtc75.errors import ConfigError, KafkaFatalError, MessageFailed
 from mtc75.runtime.invoker import Invoker, Partial
 from tests.fake_kafka import FakeKafka, FakeProducer
-from tests.test_engine_unit import GROUP, TOPIC, WAIT, Run, fast_settings, until
+from tests.test_engine_unit import GROUP, TOPIC, WAIT, Run, fast_settings, runs_on, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,18 +40,8 @@ def cluster() -> Iterator[FakeKafka]:
 
 @pytest.fixture
 def start(cluster: FakeKafka) -> Iterator[Callable[..., Run]]:
-    runs: list[Run] = []
-
-    def begin(handler: Any, **changes: Any) -> Run:
-        kw = {k: changes.pop(k) for k in ("max_messages", "idle_exit") if k in changes}
-        run = Run(cluster, handler, fast_settings(**changes), **kw)
-        runs.append(run)
-        return run
-
-    yield begin
-    for run in runs:
-        run.consumer.stop()
-        run._thread.join(WAIT)
+    with runs_on(cluster) as begin:
+        yield begin
 
 
 def transform(message: Any) -> Output:

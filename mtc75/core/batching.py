@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
+from mtc75.core.scheduler import CountedScheduler
 from mtc75.core.work import Work
 
 _NO_KEY = object()  # the lane of keyless messages in key mode: each is its own key, so it never blocks
@@ -57,11 +58,9 @@ class _Part:
         self.due: float | None = None  # waiting for more: when its oldest message has waited ``wait``
 
 
-class BatchScheduler:
+class BatchScheduler(CountedScheduler):
     """Batches of one partition for a batch handler (see the module notes)."""
 
-    LOCK_FREE_TAKE = False
-    LOCK_FREE_RELEASE = False
     takes_chunks = True  # fetched runs are welcome whole: they end up in batches (key mode splits them by key)
 
     def __init__(self, ordering: str, limit: int, wait: float) -> None:
@@ -74,8 +73,7 @@ class BatchScheduler:
         self._ring: deque[_Part] = deque()  # partitions with a ready batch, next to serve first
         self._pending: set[_Part] = set()  # partitions with messages waiting to fill (a due time)
         self._busy: dict[Work, list[_Lane]] = {}  # batches taken and not released -> the lanes they hold
-        self._waiting = 0
-        self._ready = 0  # messages of partitions in the ring
+        super().__init__()  # _ready: messages of partitions in the ring
 
     # -- the scheduler interface ------------------------------------------------------------------------
 
@@ -199,19 +197,6 @@ class BatchScheduler:
         self._waiting -= sum(w.size for w in dropped)
         self._ready = sum(p.ready for p in self._ring)
         return dropped
-
-    def __len__(self) -> int:
-        return self._waiting
-
-    @property
-    def ready(self) -> int:
-        """Messages of the batches that may be taken now."""
-        return self._ready
-
-    @property
-    def blocked(self) -> int:
-        """Messages waiting for their batch to fill, or behind a running batch of their key or partition."""
-        return self._waiting - self._ready
 
     # -- batch timing -----------------------------------------------------------------------------------
 

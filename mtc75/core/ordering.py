@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
-from mtc75.core.scheduler import FifoScheduler, Scheduler, size_of
+from mtc75.core.scheduler import CountedScheduler, FifoScheduler, Scheduler, size_of
 from mtc75.core.work import Work
 
 ORDERINGS = ("unordered", "partition", "key")
@@ -84,11 +84,9 @@ class _Lane:
         self.ready = False  # in part.ready
 
 
-class _LaneScheduler:
+class _LaneScheduler(CountedScheduler):
     """Lanes with one message in flight each, served round-robin across partitions and lanes."""
 
-    LOCK_FREE_TAKE = False
-    LOCK_FREE_RELEASE = False
     takes_chunks = False  # one message per lane step
 
     def __init__(self) -> None:
@@ -96,8 +94,7 @@ class _LaneScheduler:
         self._lanes: dict[Hashable, _Lane] = {}
         self._ring: deque[_Part] = deque()  # partitions with a ready lane, next to serve first
         self._busy: dict[Work, _Lane] = {}  # taken and not released -> its lane
-        self._waiting = 0
-        self._ready = 0
+        super().__init__()
 
     def _key(self, work: Work) -> Hashable:
         raise NotImplementedError
@@ -197,17 +194,6 @@ class _LaneScheduler:
         self._ready = ready
         self._waiting -= len(dropped)
         return dropped
-
-    def __len__(self) -> int:
-        return self._waiting
-
-    @property
-    def ready(self) -> int:
-        return self._ready
-
-    @property
-    def blocked(self) -> int:
-        return self._waiting - self._ready
 
     def behind(self, work: Work) -> int:
         lane = self._busy.get(work)

@@ -88,6 +88,31 @@ class Scheduler(Protocol):
         """Messages waiting behind ``work`` (taken, not released) in its key's or partition's lane."""
 
 
+class CountedScheduler:
+    """The counts of an ordered scheduler (every call under the dispatcher's lock): a subclass keeps
+    ``_waiting`` (messages waiting, ready or blocked) and ``_ready`` (those ``take`` could hand out now)."""
+
+    LOCK_FREE_TAKE = False
+    LOCK_FREE_RELEASE = False
+
+    def __init__(self) -> None:
+        self._waiting = 0
+        self._ready = 0
+
+    def __len__(self) -> int:
+        return self._waiting
+
+    @property
+    def ready(self) -> int:
+        """Messages that ``take`` could hand out now."""
+        return self._ready
+
+    @property
+    def blocked(self) -> int:
+        """Messages waiting behind a running message of their key or partition (or for their batch to fill)."""
+        return self._waiting - self._ready
+
+
 class FifoScheduler:
     """Unordered: every waiting message may start; first put, first taken."""
 

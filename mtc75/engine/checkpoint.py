@@ -56,6 +56,18 @@ def step_over_skipped(tracker: OffsetTracker, client: KafkaClient) -> None:
             tracker.step_over(tracker.state(tp), position)
 
 
+def lag_bases(tracker: OffsetTracker, committed: Callable[[PartitionState], int | None]
+              ) -> dict[Partition, int | None]:
+    """Where each partition's lag counts from: ``committed(state)``, else its oldest offset in flight (None:
+    nothing yet, the client's fetch position)."""
+    bases: dict[Partition, int | None] = {}
+    for tp in tracker.partitions():
+        state = tracker.state(tp)
+        offset = committed(state)
+        bases[tp] = offset if offset is not None else state.pending[0] if state.pending else None
+    return bases
+
+
 class Checkpoint(Protocol):
     """How the engine commits (poll thread only)."""
 
@@ -188,12 +200,7 @@ class OffsetCheckpoint:
     def lag_bases(self) -> dict[Partition, int | None]:
         """Where each partition's lag counts from: its last commit, else its oldest offset in flight (None:
         nothing yet, the client's fetch position)."""
-        bases: dict[Partition, int | None] = {}
-        for tp in self._tracker.partitions():
-            state = self._tracker.state(tp)
-            committed = self.committed(state)
-            bases[tp] = committed if committed is not None else state.pending[0] if state.pending else None
-        return bases
+        return lag_bases(self._tracker, self.committed)
 
     def forget(self, states: Iterable[PartitionState]) -> None:
         for state in states:

@@ -54,7 +54,7 @@ from mtc75.core.failures import DEAD_LETTERED
 from mtc75.core.offsetmap import encode
 from mtc75.core.offsets import OffsetTracker, Partition, PartitionState
 from mtc75.core.work import Work
-from mtc75.engine.checkpoint import CONFIRM_TIMEOUT, step_over_skipped
+from mtc75.engine.checkpoint import CONFIRM_TIMEOUT, lag_bases, step_over_skipped
 from mtc75.engine.failure import FailurePolicy
 from mtc75.errors import KafkaFatalError, KafkaUnavailable, MessageFailed, Mtc75Error
 from mtc75.kafka.client import KafkaClient
@@ -235,12 +235,7 @@ class TransactionalCheckpoint:
 
     def lag_bases(self) -> dict[Partition, int | None]:
         """Where each partition's lag counts from: its last commit, else its oldest offset in flight."""
-        bases: dict[Partition, int | None] = {}
-        for tp in self._tracker.partitions():
-            state = self._tracker.state(tp)
-            committed = self.committed(state)
-            bases[tp] = committed if committed is not None else state.pending[0] if state.pending else None
-        return bases
+        return lag_bases(self._tracker, self.committed)
 
     def on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """The consumer never commits here: offsets go with the transaction."""
