@@ -64,12 +64,18 @@ PYTEST := $(PYTEST_ENV) PYTEST_DEBUG_TEMPROOT=$(CURDIR)/.kafka/pytest-tmp $(PY) 
 # workers than cores: on the 2-core machine 4 did better than 2 or 6.
 UNIT_WORKERS ?= 4
 
-# Two sessions: the broker-free tests in parallel (pytest-xdist, see unit), then the broker tests in one
-# session (one broker; a worker each would start a broker each). Both run even when the first fails;
-# make test fails if either did.
+# The broker tests mostly wait on the broker, the scripts they start and timers, not on the CPU: they run in
+# parallel too, the workers sharing one broker (started once, tests/conftest.py); the tests that stop a broker
+# or use the 3-node cluster keep their own and run together on one worker (--dist loadgroup,
+# tests/xdist_groups.py).
+KAFKA_WORKERS ?= 4
+
+# Two sessions: the broker-free tests, then the broker tests. Both run even when the first fails; make test
+# fails if either did.
 test: kafka registry-app lint
 	mkdir -p .kafka/pytest-tmp
-	$(PYTEST) -m "not kafka" -n $(UNIT_WORKERS); free=$$?; $(PYTEST) -m kafka; broker=$$?; \
+	$(PYTEST) -m "not kafka" -n $(UNIT_WORKERS); free=$$?; \
+		$(PYTEST) -m kafka -n $(KAFKA_WORKERS) --dist loadgroup --durations=15; broker=$$?; \
 		test $$free -eq 0 -a $$broker -eq 0
 
 # No Kafka started or fetched: tests that need one carry the `kafka` marker (tests/conftest.py). Not here

@@ -41,12 +41,17 @@ T = TypeVar("T", LocalKafka, LocalCluster)
 @contextlib.contextmanager
 def session_folder(name: str) -> Iterator[Path]:
     """A new folder for brokers of this process, removed (with their data) when the block ends."""
-    path = ROOT / ".kafka" / "sessions" / f"{os.getpid()}-{uuid.uuid4().hex[:8]}" / name
+    path = new_session_root() / name
     path.mkdir(parents=True)
     try:
         yield path
     finally:
         shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def new_session_root() -> Path:
+    """A folder name no other session (or process of this one) uses; not created."""
+    return ROOT / ".kafka" / "sessions" / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def free_pair(preferred: int, avoid: frozenset[int] = frozenset()) -> int:
@@ -99,6 +104,36 @@ def owned_cluster(home: Path, preferred: int, size: int) -> LocalCluster:
     """A cluster of ``size`` nodes of this session: node 1 on a free pair from ``preferred``."""
     LocalKafka(preferred, home=REPO_LIBS.parent, libs=REPO_LIBS).fetch()
     return start_owned(lambda port: LocalCluster(port, size, home=home, libs=REPO_LIBS), preferred)
+
+
+_SHARED_PORT = "port"  # in the run's folder: the shared broker's port, written once it answers
+
+
+def shared_broker(root: Path, preferred: int) -> LocalKafka:
+    """The broker the xdist workers of one run share, in ``root`` (named by the controller): started by the
+    first worker that asks (under a lock: the others wait for it to answer), found by the others."""
+    root.mkdir(parents=True, exist_ok=True)
+    port_file = root / _SHARED_PORT
+    with launcher._locked(root / ".start.lock"):
+        if port_file.exists():
+            broker = LocalKafka(int(port_file.read_text()), home=root / "kafka", libs=REPO_LIBS)
+            if not broker.is_running():
+                raise BrokerError(f"the run's shared broker {broker.bootstrap} is gone; see {broker.log_path}")
+            return broker
+        broker = owned_broker(root / "kafka", preferred)
+        port_file.write_text(f"{broker.port}\n")
+        return broker
+
+
+def stop_shared(root: Path) -> None:
+    """Stop the run's shared broker if a worker started one, and remove the run's folder (the controller, last)."""
+    try:
+        port = int((root / _SHARED_PORT).read_text())
+    except (OSError, ValueError):
+        port = None
+    if port is not None:
+        LocalKafka(port, home=root / "kafka", libs=REPO_LIBS).stop()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @contextlib.contextmanager

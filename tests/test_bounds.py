@@ -37,6 +37,17 @@ def test_a_blind_spell_is_not_idle_and_restarts_the_clock() -> None:
     assert bounds.ended(13.0, _p()) is not None
 
 
+def test_the_idle_clock_starts_when_a_long_blind_spell_ends_not_before() -> None:
+    """The engine asks every loop turn: a spell of every broker down from 1 s to 10 s, then no message. The run
+    may end ``idle_exit`` after the spell ended, never sooner (seen: 1 s after Kafka was reachable again)."""
+    bounds = RunBounds(None, 3.0)
+    bounds.assigned(0.0)
+    for turn in range(10, 101):
+        assert bounds.ended(turn / 10, _p(blind=True)) is None
+    assert bounds.ended(12.9, _p()) is None
+    assert bounds.ended(13.0, _p()) == "no new message for 3.0s (idle_exit)"
+
+
 def test_running_handlers_keep_it_going_until_none_finished_for_as_long_but_retries_always_do() -> None:
     bounds = RunBounds(None, 3.0)
     bounds.assigned(0.0)

@@ -505,6 +505,23 @@ def test_idle_exit_ends_a_run_with_nothing_to_read(cluster: FakeKafka, start: Ca
     assert cluster.consumer().closed
 
 
+def test_idle_exit_waits_for_the_group_after_a_lost_assignment(cluster: FakeKafka, start: Callable[..., Run]) -> None:
+    """Membership expired (e.g. every broker down for longer than the session): until the group assigns again the
+    member waits for the group, which is not idleness; messages produced meanwhile are read after the rejoin."""
+    cluster.fill(TOPIC, {0: 2})
+    recorder = Recorder()
+    run = start(recorder, idle_exit=0.2)
+    until(lambda: recorder.handled() == {(0, 0), (0, 1)}, "the first two handled")
+    consumer = cluster.consumer()
+    assert consumer.lose().wait(WAIT)
+    cluster.fill(TOPIC, {0: 2})
+    time.sleep(1.0)  # five idle_exit spells with nothing assigned (the engine's own clock: real time)
+    assert run.alive, "the run ended while waiting for the group"
+    assert consumer.rebalance(assign=[P0, P1, P2]).wait(WAIT)
+    run.join()
+    assert recorder.handled() == {(0, 0), (0, 1), (0, 2), (0, 3)}
+
+
 # -- pause / resume -----------------------------------------------------------------------------------------
 
 

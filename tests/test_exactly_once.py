@@ -212,7 +212,7 @@ def test_exactly_once_rebalance_storm_every_output_exactly_once(
 
 
 @pytest.fixture(scope="module")
-def eos_cluster() -> Iterator[LocalCluster]:
+def cluster() -> Iterator[LocalCluster]:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         pytest.skip("killing cluster nodes needs the local cluster (KAFKA_BOOTSTRAP_SERVERS is set)")
     with session_folder("eos-cluster") as home:
@@ -224,9 +224,9 @@ def eos_cluster() -> Iterator[LocalCluster]:
 
 
 def test_exactly_once_a_killed_node_of_three_every_output_exactly_once(
-    eos_cluster: LocalCluster, unique: Callable[[str], str], tmp_path: Path
+    cluster: LocalCluster, unique: Callable[[str], str], tmp_path: Path
 ) -> None:
-    bootstrap = eos_cluster.bootstrap
+    bootstrap = cluster.bootstrap
     topic, out, group = unique("t"), unique("out"), unique("g")
     for name in (topic, out):
         create_topic({"bootstrap.servers": bootstrap}, name, PARTITIONS, 3)
@@ -242,7 +242,7 @@ def test_exactly_once_a_killed_node_of_three_every_output_exactly_once(
         wait_until(lambda: lines(record) >= 2_000, timeout=120, what="2,000 handled")
         admin = AdminClient({"bootstrap.servers": bootstrap})
         leaders = {p.id: p.leader for p in admin.list_topics(topic, timeout=10).topics[topic].partitions.values()}
-        victim = eos_cluster.node(leaders[0])  # a leader of the input: of outputs and offsets too, likely
+        victim = cluster.node(leaders[0])  # a leader of the input: of outputs and offsets too, likely
         pid = victim.pid()
         assert pid is not None
         os.kill(pid, signal.SIGKILL)

@@ -38,7 +38,7 @@ from mtc75.kafka.deadletter import H_ATTEMPTS, H_ERROR, H_OFFSET, H_PARTITION, H
 from mtc75.kafka.topics import create_topic
 from mtc75.settings import Settings
 from mtc75.tools.broker import LocalKafka
-from tests.conftest import TEST_PORT
+from tests.conftest import TEST_PORT, WORKER
 from tests.kafka_helpers import (
     ROOT,
     BoundConsumer,
@@ -61,7 +61,7 @@ from tests.local_kafka import restartable_broker
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
-FAULT_PORT = int(os.environ.get("MTC75_TEST_FAULT_KAFKA_PORT", str(TEST_PORT + 10)))
+FAULT_PORT = int(os.environ.get("MTC75_TEST_FAULT_KAFKA_PORT", str(TEST_PORT + 10))) + 2 * WORKER
 RECORDER = ("--handler", "tests.recording_handler:handle")
 PROG = "mtc75_consumer.py"
 

@@ -6,7 +6,8 @@ finish nothing for ``grace`` seconds (SHUTDOWN_TIMEOUT) ends too, unless retries
 handler among the N must not keep it going (shutdown then bounds the wait and abandons it).
 
 Idle counts from the first assignment (waiting for the group is not idleness) and means nothing to fetch *and*
-nothing held or waiting: time with every broker down, or with a partition held by OFFSET_WINDOW, restarts it; so
+nothing held or waiting: time with every broker down, with a partition held by OFFSET_WINDOW, or from a lost
+assignment (membership expired) to the group's next one, is not idle and the clock starts again when it ends; so
 does a new message. With handlers still running, the run ends once none finished for as long (a hung handler
 must not keep it going: shutdown bounds the wait), unless retries wait out a backoff (they will finish).
 
@@ -27,7 +28,8 @@ class Progress:
     delayed: int  # retries waiting out a backoff
     admitted_at: float  # when a message was last admitted
     finished_at: float  # when a message last finished
-    blind: bool  # every broker down, or a partition held by OFFSET_WINDOW: messages wait where we cannot see
+    blind: bool  # every broker down, a partition held by OFFSET_WINDOW, or rejoining after a lost assignment:
+    # messages may wait where we cannot see
 
 
 class RunBounds:
@@ -62,11 +64,11 @@ class RunBounds:
         idle, since = self.idle_exit, self.assigned_at
         if idle is None or since is None:
             return None
+        if progress.blind:  # not idle; the clock starts again when the spell ends, from the last turn it lasted
+            self._idle_from = now
+            return None
         start = max(progress.admitted_at, since, self._idle_from)
         if now - start < idle:
-            return None
-        if progress.blind:
-            self._idle_from = now
             return None
         if progress.in_flight == 0 or (progress.delayed == 0 and now - max(progress.finished_at, start) >= idle):
             return f"no new message for {idle:.1f}s (idle_exit)"

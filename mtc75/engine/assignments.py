@@ -68,6 +68,9 @@ class Assignments:
         self._on_first = on_first  # the first assignment (idle_exit counts from there)
         self.closing = False  # set at shutdown: close()'s revoke commits what is done without waiting again
         self.halted = False  # a fatal error: nothing is committed
+        # From a lost assignment to the group's next one: the member is waiting for the group (idle_exit does
+        # not count it; after a long outage the rejoin can take longer than IDLE_EXIT, messages waiting meanwhile)
+        self.rejoining = False
         self.abandoned = 0  # handlers still running when a revoke stopped waiting for them
         self.reset_to = "earliest"  # AUTO_OFFSET_RESET: where a rewound partition without a commit starts
         # exactly-once: how long the committed offsets may take (a predecessor's open transaction holds them
@@ -80,6 +83,7 @@ class Assignments:
 
     def on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         tps = [(tp.topic, tp.partition) for tp in partitions]
+        self.rejoining = False
         self._on_first()
         self._checkpoint.assigned({tp.topic for tp in partitions})  # topic ids learned before anything is fetched
         self._tracker.assign(tps, self._read_maps(partitions))
@@ -97,6 +101,7 @@ class Assignments:
         tps = [(tp.topic, tp.partition) for tp in partitions]
         logger.warning("lost %s (group membership expired): their uncommitted work will be redelivered", fmt(tps))
         self._give_up(partitions, commit=False)
+        self.rejoining = True
 
     # -- the engine's ---------------------------------------------------------------------------------
 

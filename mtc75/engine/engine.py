@@ -205,7 +205,8 @@ class Engine:
                     self._on_status(self.stats())
                 next_status = now + self._status_interval
             progress = Progress(ledger.processed, ledger.tracker.in_flight(), dispatcher.delayed, ledger.admitted_at,
-                                ledger.progress_at, client.down_since is not None or bool(len(backpressure.holds)))
+                                ledger.progress_at, client.down_since is not None or bool(len(backpressure.holds))
+                                or parts.assignments.rejoining)
             why = bounds.ended(now, progress)
             if why is not None:
                 logger.info("%s; stopping", why)
