@@ -70,13 +70,14 @@ UNIT_WORKERS ?= 4
 # tests/xdist_groups.py).
 KAFKA_WORKERS ?= 4
 
-# Two sessions: the broker-free tests, then the broker tests. Both run even when the first fails; make test
-# fails if either did.
+# Three sessions: the broker-free tests, the broker tests in parallel, then the few that measure throughput or
+# timing (marker `alone`) one at a time. All run even when one fails; make test fails if any did.
 test: kafka registry-app lint
 	mkdir -p .kafka/pytest-tmp
 	$(PYTEST) -m "not kafka" -n $(UNIT_WORKERS); free=$$?; \
-		$(PYTEST) -m kafka -n $(KAFKA_WORKERS) --dist loadgroup --durations=15; broker=$$?; \
-		test $$free -eq 0 -a $$broker -eq 0
+		$(PYTEST) -m "kafka and not alone" -n $(KAFKA_WORKERS) --dist loadgroup --durations=15; broker=$$?; \
+		$(PYTEST) -m "kafka and alone"; alone=$$?; \
+		test $$free -eq 0 -a $$broker -eq 0 -a $$alone -eq 0
 
 # No Kafka started or fetched: tests that need one carry the `kafka` marker (tests/conftest.py). Not here
 # either, only in make test: the packaging test (marker `pypi`, about a minute of pip) and the tests marked

@@ -77,6 +77,7 @@ def _measure(
     return [t - done[0] for t in done if t - done[0] <= seconds], result[0], snapshots
 
 
+@pytest.mark.alone  # a throughput ratio: beside the parallel session's cluster tests, auto's ramp slows
 @pytest.mark.parametrize("workers", ["threads", "coroutines"])
 def test_auto_beats_the_default_75_on_the_degrading_service(
     bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], caplog: pytest.LogCaptureFixture,

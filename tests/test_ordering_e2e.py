@@ -185,6 +185,7 @@ def test_key_mode_retries_keep_the_order_of_their_key(
     assert committed_offsets(bootstrap, group, topic) == end_offsets(bootstrap, topic)
 
 
+@pytest.mark.alone  # a 2 s bound on when each partition starts
 @pytest.mark.parametrize("ordering", ["unordered", "key"])
 def test_every_partition_starts_within_2s_and_never_waits_while_others_drain_in_the_demo_shape(
     bootstrap: str, make_topic: Callable[..., str], unique: Callable[[str], str], ordering: str
