@@ -109,7 +109,7 @@ def run_child(bootstrap: str, topic: str, mode: str, bound: int, count: int) -> 
 def _loop_of(consumer: Any) -> Any:
     """The consumer's event-loop thread, if it ran an async handler (bench-only peek at private state)."""
     parts = getattr(getattr(consumer, "_engine", None), "_parts", None)
-    runner = getattr(parts[1], "_runner", None) if parts else None
+    runner = getattr(getattr(parts, "dispatcher", None), "_runner", None)
     return getattr(runner, "loop_thread", None)
 
 
