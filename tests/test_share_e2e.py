@@ -96,7 +96,7 @@ def test_two_share_members_on_one_partition_both_work_and_every_record_is_handle
     assert len(per_member) == 2, per_member  # one partition, and both members worked on it
     shares = [_summary(s)["share"] for s in summaries]
     assert sum(s["accepted"] for s in shares) == n and all(s["refused"] == 0 for s in shares)
-    report_figures("share_pair", messages=n, lost=0, duplicates=sum(counts.values()) - len(counts),
+    report_figures("share_pair", messages=n, lost=n - len(set(counts)), duplicates=sum(counts.values()) - len(counts),
                    per_member=sorted(per_member.values()), released=sum(s["released"] for s in shares),
                    acquired=sum(s["acquired"] for s in shares))
 
@@ -142,7 +142,7 @@ def test_a_share_member_killed_9_or_frozen_loses_nothing_and_its_duplicates_are_
     first_back = min(back) if back else None
     if how == "freeze" and first_back is not None:
         assert first_back >= lock_s - 5, first_back  # what it held came back only when its lock ended
-    report_figures(f"share_{how}", messages=n, lost=0, duplicates=sum(counts.values()) - len(counts),
+    report_figures(f"share_{how}", messages=n, lost=n - len(set(counts)), duplicates=sum(counts.values()) - len(counts),
                    duplicate_bound=poll_records + producer_batch, lock_s=lock_s, stopped_member_handled=len(by_victim),
                    redelivered=len(back), first_redelivered_after_s=round(first_back, 2) if back else None)
 
@@ -177,7 +177,8 @@ def test_share_poison_records_are_retried_then_dead_lettered_and_every_other_rec
     stats = _summary(summary)
     assert (stats["dead_lettered"], stats["failed"], stats["retried"]) == (poison, poison, 2 * poison)
     assert stats["share"]["accepted"] == n and stats["share"]["released"] == 0
-    report_figures("share_poison_dlq", messages=n, poison=poison, lost=0,
+    lost = {(0, o) for o in range(n)} - set(counts) - {(0, o) for o in offsets}
+    report_figures("share_poison_dlq", messages=n, poison=poison, lost=len(lost),
                    duplicates=sum(counts.values()) - len(counts), retried=stats["retried"],
                    dead_lettered=stats["dead_lettered"], accepted=stats["share"]["accepted"],
                    run_seconds=round(seconds, 1))
@@ -212,7 +213,7 @@ def test_a_handler_slower_than_the_lock_is_counted_and_its_redelivery_here_takes
     assert (share["lock_expired"], share["rejoined"], share["accepted"]) == (1, 1, n), share
     assert share["deliveries"] == {"1": n, "2": 1}
     assert "1 handlers still running when their records' lock (15s) ended" in log
-    report_figures("share_slow_handler", messages=n, handler_s=slow_s, lock_s=lock_s, lost=0,
+    report_figures("share_slow_handler", messages=n, handler_s=slow_s, lock_s=lock_s, lost=n - len(set(counts)),
                    duplicates=sum(counts.values()) - len(counts), lock_expired=share["lock_expired"],
                    rejoined=share["rejoined"], slow_record_runs=starts.count((5, 1)) + starts.count((5, 2)))
 
@@ -256,7 +257,8 @@ def test_share_sigterm_while_saturated_finishes_and_accepts_what_started_and_rel
     assert set(counts) == {(0, o) for o in range(n)}  # nothing lost
     assert max(counts.values()) == 1  # what was accepted never came back
     report_figures("share_graceful_stop", messages=n, handled_before_sigterm=len(first),
-                   released_at_sigterm=share["released"], lost=0, duplicates=sum(counts.values()) - len(counts))
+                   released_at_sigterm=share["released"], lost=n - len(set(counts)),
+                   duplicates=sum(counts.values()) - len(counts))
 
 
 # -- broker loss ---------------------------------------------------------------------------------------------
@@ -308,7 +310,8 @@ def test_share_member_rides_out_a_broker_restart_and_loses_nothing(
     assert len(_handled(record)) - during <= share["refused"]  # the second member only redid what was refused
     if share["refused"]:  # the restart voided the batch's locks: the rest of it was dropped, not run for nothing
         assert "locks are gone" in log.read_text(), log.read_text()[-2000:]
-    report_figures("share_broker_restart", messages=n, lost=0, duplicates=sum(counts.values()) - len(counts),
+    report_figures("share_broker_restart", messages=n, lost=n - len(set(counts)),
+                   duplicates=sum(counts.values()) - len(counts),
                    outage_s=round(back_at - stopped_at, 1), restart_to_first_handled_s=round(first_after - back_at, 2),
                    refused=share["refused"], redone_by_next_member=len(_handled(record)) - during)
 
@@ -353,5 +356,5 @@ def test_share_member_exits_3_when_the_broker_stays_gone(
     counts = Counter((p, o) for p, o, *_ in _handled(record))
     assert set(counts) == {(0, o) for o in range(n)}
     report_figures("share_broker_gone", messages=n, handled=len(handled_before), budget_s=budget,
-                   exited_after_s=round(exited_after, 1), exit_code=code, lost=0,
+                   exited_after_s=round(exited_after, 1), exit_code=code, lost=n - len(set(counts)),
                    duplicates=sum(counts.values()) - len(counts))
