@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,22 +78,16 @@ def _handled(folder: Path) -> dict[str, list[tuple[float, float]]]:
     return out
 
 
-def run(bootstrap: str, topic: str, processes: int, args: argparse.Namespace) -> dict[str, Any]:
-    """``processes`` consumers in a new group over the whole backlog; their steady rate."""
-    folder = Path(tempfile.mkdtemp(prefix=f"scaleout-{processes}-"))
-    group = f"scaleout-{processes}-{uuid.uuid4().hex[:8]}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MTC75_")}
-    env.update(KAFKA_BOOTSTRAP_SERVERS=bootstrap, PYTHONPATH=str(ROOT), NO_COLOR="1",
-               MTC75_BENCH_RECORD_DIR=str(folder), MTC75_BENCH_WORK=str(args.work))
-    cmd = [sys.executable, str(ROOT / "mtc75_consumer.py"), "--topic", topic, "--group-id", group,
-           "--max-thread-count", str(args.threads), "--handler", "bench.io_handler:handle", "-q", "--no-reload"]
+def run_members(cmd: list[str], env: dict[str, str], count: int, running: Callable[[], bool], failure: str) -> None:
+    """Start ``count`` copies of ``cmd`` (consumers); while ``running()``, wait (at most RUN_TIMEOUT; one that
+    exits early fails the run with ``failure``); then SIGTERM them all and wait for each (kill after 60 s)."""
     procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for _ in range(processes)]
+             for _ in range(count)]
     deadline = time.monotonic() + RUN_TIMEOUT
     try:
-        while sum(len(v) for v in _handled(folder).values()) < args.messages:
+        while running():
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                raise RuntimeError(f"run with {processes} processes did not finish (see {folder})")
+                raise RuntimeError(failure)
             time.sleep(0.2)
     finally:
         for proc in procs:
@@ -102,6 +97,19 @@ def run(bootstrap: str, topic: str, processes: int, args: argparse.Namespace) ->
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def run(bootstrap: str, topic: str, processes: int, args: argparse.Namespace) -> dict[str, Any]:
+    """``processes`` consumers in a new group over the whole backlog; their steady rate."""
+    folder = Path(tempfile.mkdtemp(prefix=f"scaleout-{processes}-"))
+    group = f"scaleout-{processes}-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MTC75_")}
+    env.update(KAFKA_BOOTSTRAP_SERVERS=bootstrap, PYTHONPATH=str(ROOT), NO_COLOR="1",
+               MTC75_BENCH_RECORD_DIR=str(folder), MTC75_BENCH_WORK=str(args.work))
+    cmd = [sys.executable, str(ROOT / "mtc75_consumer.py"), "--topic", topic, "--group-id", group,
+           "--max-thread-count", str(args.threads), "--handler", "bench.io_handler:handle", "-q", "--no-reload"]
+    run_members(cmd, env, processes, lambda: sum(len(v) for v in _handled(folder).values()) < args.messages,
+                f"run with {processes} processes did not finish (see {folder})")
     handled = _handled(folder)
     shutil.rmtree(folder, ignore_errors=True)
     settled = max(min(start for start, _end in rows) for rows in handled.values())

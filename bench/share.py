@@ -26,11 +26,8 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -39,7 +36,7 @@ from typing import Any
 from confluent_kafka import Producer
 
 from bench import record
-from bench.scaleout import own_broker
+from bench.scaleout import own_broker, run_members
 from mtc75.kafka.topics import create_topic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,22 +83,9 @@ def run(bootstrap: str, topic: str, members: int, args: argparse.Namespace) -> d
     cmd = [sys.executable, str(ROOT / "mtc75_consumer.py"), "--topic", topic, "--group-id", group,
            "--group-type", "share", "--max-thread-count", str(args.threads),
            "--handler", "bench.io_handler:handle_offset", "-q", "--no-reload"]
-    procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for _ in range(members)]
-    deadline = time.monotonic() + RUN_TIMEOUT
-    try:
-        while len({r[2] for rows in _handled(folder).values() for r in rows}) < args.messages:
-            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                raise RuntimeError(f"run with {members} members did not finish (see {folder})")
-            time.sleep(0.2)
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    run_members(cmd, env, members,
+                lambda: len({r[2] for rows in _handled(folder).values() for r in rows}) < args.messages,
+                f"run with {members} members did not finish (see {folder})")
     handled = _handled(folder)
     shutil.rmtree(folder, ignore_errors=True)
     counts = Counter(r[2] for rows in handled.values() for r in rows)
