@@ -4,8 +4,9 @@ What must hold (mtc75/core/work.py, mtc75/runtime/dispatcher.py, mtc75/runtime/i
 is handled exactly once and in offset order within its chunk; a chunk completes as one step of the
 watermark; a chunk that fails in part settles each failed message alone (retry, ON_FAILURE) and completes
 the rest; a chunk whose handler turned slow is cut short and its rest is free for every worker; schedulers
-count messages, not chunks; slow handlers, ordered schedulers and the asyncio runner only ever see single
-messages.
+count messages, not chunks; slow handlers and the asyncio runner only ever see single messages. Ordered
+schedulers form their runs when a lane is taken (a key's messages, or several keys' of one partition): each
+key still runs in offset order, and a run stops at its first failure, whose retry goes before the rest of its key.
 """
 
 from __future__ import annotations
@@ -169,14 +170,14 @@ async def _async_noop(_msg: Any) -> None:
     return None
 
 
-@pytest.mark.parametrize("case", ["unmeasured", "slow", "ordered", "async"])
-def test_slow_or_unmeasured_handlers_ordered_schedulers_and_coroutines_get_single_messages(case: str) -> None:
+@pytest.mark.parametrize("case", ["unmeasured", "slow", "slow-ordered", "async", "async-ordered"])
+def test_slow_or_unmeasured_handlers_and_coroutines_get_single_messages(case: str) -> None:
     tracker = OffsetTracker()
     tracker.assign([("t", 0)])
-    scheduler = KeyScheduler() if case == "ordered" else FairFifoScheduler()
-    d = Dispatcher(Invoker(_async_noop if case == "async" else lambda _m: None), 4, scheduler=scheduler)
+    scheduler = KeyScheduler() if case.endswith("ordered") else FairFifoScheduler()
+    d = Dispatcher(Invoker(_async_noop if case.startswith("async") else lambda _m: None), 4, scheduler=scheduler)
     if case != "unmeasured":
-        d.pacing.work_ended(FAST_HANDLER if case == "slow" else PER, 1)
+        d.pacing.work_ended(FAST_HANDLER if case.startswith("slow") else PER, 1)
     done: list[Work] = []
     d.put([_run(tracker, 0, 0, 100)])
     wait_until(lambda: (_drain(d, tracker, done), sum(w.size for w in done) == 100)[1], WAIT)
@@ -316,3 +317,58 @@ def test_the_rest_of_a_chunk_cut_short_after_its_partition_was_revoked_is_droppe
     assert ran == [0] and d.backlog == 0  # the rest was neither run nor left waiting
     back = sorted((w.offset, w.size, w.dropped) for w in d.completions)
     assert back == [(0, 1, False)] + [(o, 1, True) for o in range(1, 20)]  # the rest handed back as dropped
+
+
+def _drain_each(dispatcher: Dispatcher, tracker: OffsetTracker, sink: list[Work]) -> None:
+    """:func:`_drain` for Works whose offsets may have gaps (an ordered run of several keys)."""
+    while dispatcher.completions:
+        work = dispatcher.completions.popleft()
+        sink.append(work)
+        if not work.failed:
+            for offset in work.offsets:
+                tracker.complete(work.state, offset)
+
+
+def test_an_ordered_fast_handler_takes_runs_each_key_in_order_and_a_failure_retries_before_its_key_goes_on(
+) -> None:
+    tracker = OffsetTracker()
+    tracker.assign([("t", 0)])
+    state = tracker.get(("t", 0))
+    assert state is not None
+    lock = threading.Lock()
+    seen: list[tuple[bytes | None, int]] = []
+    calls: Counter[int] = Counter()
+
+    def handler(msg: FakeMessage) -> None:
+        with lock:
+            seen.append((msg.key(), msg.offset()))
+            calls[msg.offset()] += 1
+            first = calls[msg.offset()] == 1
+        if msg.offset() in (13, 202) and first:
+            raise RuntimeError("once")
+
+    d = Dispatcher(Invoker(handler), 4, RetryPolicy(max_attempts=2, base=0.0, cap=0.0), scheduler=KeyScheduler())
+    _fast(d)
+    keys = [b"k%d" % (o % 4) for o in range(400)]
+    assert tracker.admit_range(state, list(range(400))) is None
+    d.put([Work(FakeMessage("t", 0, o, key=k), state, o) for o, k in enumerate(keys)])
+    done: list[Work] = []
+
+    def finished() -> bool:
+        d.release_due()
+        _drain_each(d, tracker, done)
+        return tracker.state(("t", 0)).position == 400
+
+    wait_until(finished, WAIT)
+    d.shutdown(wait=True)
+    assert max(w.size for w in done) > 1, "a fast ordered handler takes runs, not single messages"
+    assert all(list(w.offsets) == sorted(w.offsets) for w in done)
+    assert all(calls[o] == (2 if o in (13, 202) else 1) for o in range(400)), calls
+    for key in set(keys):  # per key: offset order, the failed message's retry right after it
+        offsets = [o for k, o in seen if k == key]
+        expected = sorted(o for o in range(400) if keys[o] == key)
+        for retried in (13, 202):
+            if keys[retried] == key:
+                expected.insert(expected.index(retried), retried)
+        assert offsets == expected, key
+    assert d.retried == 2 and not any(w.failed for w in done)

@@ -61,6 +61,16 @@ class Work:
         return work
 
     @classmethod
+    def of(cls, messages: Sequence[Any], offsets: Sequence[int], state: PartitionState) -> Work:
+        """One Work of ``messages`` with ``offsets`` (one assignment's, ascending, gaps allowed)."""
+        work = cls(messages[0], state, offsets[0])
+        work.messages = messages
+        work.size = len(messages)
+        if offsets[-1] - offsets[0] != len(offsets) - 1:
+            work._offsets = offsets
+        return work
+
+    @classmethod
     def merged(cls, works: Sequence[Work]) -> Work:
         """One batch of ``works`` (one assignment's, in offset order): their messages and offsets, in that order."""
         if len(works) == 1:

@@ -10,12 +10,11 @@ calling the handler is the invoker's (:mod:`mtc75.runtime.invoker`), where it ru
 - :mod:`mtc75.runtime.pacing`: how many workers to start, and how many messages a chunk holds;
 - :mod:`mtc75.runtime.throttle`: MAX_RATE / KEY_RATE, paid by a worker before the handler runs;
 - :mod:`mtc75.runtime.retries`: a raise becomes a retry in the delay queue, or the last failure;
-- :mod:`mtc75.runtime.batches`: a batch handler's batches, run again or settled in pieces.
+- :mod:`mtc75.runtime.batches`: a batch handler's batches, run again or settled in pieces;
+- :mod:`mtc75.runtime.pieces`: a chunk or an ordered run that failed in part or was cut short, split.
 
-A chunk that failed in part or was cut short (the handler turned slow) is split here: what succeeded
-completes, each failed message is settled alone, the rest goes back as single messages. A Work of an
-assignment being given up (:meth:`Dispatcher.retire`) is never retried nor put back: it comes back failed or
-dropped.
+A Work of an assignment being given up (:meth:`Dispatcher.retire`) is never retried nor put back: it comes
+back failed or dropped.
 
 Thread contract: the poll thread calls everything public except the shift; workers only drive their shift.
 ``completions`` is appended by workers and drained by the poll thread alone (every Kafka call is the poll
@@ -35,7 +34,6 @@ from collections.abc import Callable, Iterable
 
 from mtc75.core.batching import BatchScheduler
 from mtc75.core.offsets import PartitionState
-from mtc75.core.ratelimit import PAID_ALL
 from mtc75.core.retry import DelayedWorks, RetryPolicy
 from mtc75.core.scheduler import FifoScheduler, Scheduler
 from mtc75.core.work import Work
@@ -45,6 +43,7 @@ from mtc75.runtime.failurehook import FailureHook
 from mtc75.runtime.invoker import Invoker, Partial
 from mtc75.runtime.pacing import Pacing
 from mtc75.runtime.permits import Permits
+from mtc75.runtime.pieces import Pieces, ordered_runs
 from mtc75.runtime.retries import Retries
 from mtc75.runtime.runner import Runner, RunnerFactory, Shift
 from mtc75.runtime.throttle import Throttle
@@ -93,7 +92,10 @@ class Dispatcher:
         self._takes = 0  # messages taken by workers (no lock: only compared for a change)
         invoker.report_work_to(self.pacing)
         self._runner: Runner = (runner or runner_for(invoker))(self, invoker, max_thread_count)
-        self.pacing.chunks = self._scheduler.takes_chunks and self._runner.takes_chunks
+        self._lanes = ordered_runs(self._scheduler, self._runner.takes_chunks, invoker)
+        self.pacing.chunks = (self._scheduler.takes_chunks or self._lanes is not None) and self._runner.takes_chunks
+        self._pieces = Pieces(self._lock, self._scheduler, self._lanes, self._batches, self.throttle, self.pacing,
+                              self._retries, self._done, self._release)
 
     # -- poll-thread side -------------------------------------------------------------------------
 
@@ -106,6 +108,10 @@ class Dispatcher:
             if batches is not None:
                 units = list(items)
                 batches.put(units, now)
+            elif self._lanes is not None:  # fetched runs go in whole: runs form again when a lane is taken
+                self._lanes.take_cap = self.chunk_size
+                units = list(items)
+                self._lanes.put(units)
             else:
                 size = self.chunk_size
                 units = []
@@ -118,7 +124,7 @@ class Dispatcher:
             if self._delayed:
                 self._promote_due(now)
             wanted = self._wanted_now()
-            if batches is None and self.chunk_size > 1:
+            if batches is None and self._lanes is None and self.chunk_size > 1:
                 wanted = min(wanted, len(units))  # a worker per chunk at most
             starts = self._permits.acquire(wanted)
         self._runner.spawn(starts)
@@ -393,6 +399,7 @@ class Dispatcher:
         batches = self._batches
         throttle = self.throttle
         fail = self._retries.fail
+        settle = self._pieces.settle
         holding = True
         try:
             while True:
@@ -429,7 +436,7 @@ class Dispatcher:
                     else:
                         batches.settled(work)  # a piece: batch mode only
                 elif isinstance(outcome, Partial):
-                    self._settle_partial(work, outcome)
+                    settle(work, outcome)
                 else:
                     fail(work, outcome)
         except BaseException as exc:
@@ -455,32 +462,3 @@ class Dispatcher:
             permits.release()
             self._changed.notify_all()
             return True
-
-    def _settle_partial(self, work: Work, outcome: Partial) -> None:
-        """A chunk came back failed in part or cut short, or a batch named its failed messages: complete what
-        succeeded, settle each failed message alone, and put the rest back as single messages."""
-        if self._batches is not None:
-            self._batches.split(work, outcome)
-            return
-        if outcome.handled < work.size:  # first, so that the free workers can start on it at once
-            rest = work.part(outcome.handled, work.size).split(1)
-            with self._lock:
-                if work.state.closing or not work.state.alive:  # given up: never run, never committed
-                    for piece in rest:
-                        piece.failed = piece.dropped = True
-                        self._done(piece)
-                else:
-                    if self.throttle.rates is not None:
-                        for piece in rest:
-                            piece.paid = PAID_ALL  # the chunk paid for them: they start without paying again
-                    self._scheduler.requeue(rest)
-                    self.pacing.forget()  # slow now: single messages and every free worker until measured
-        done = self._done
-        start = 0
-        for index, error in sorted(outcome.failures, key=lambda failure: failure[0]):
-            if index > start:
-                done(work.part(start, index))
-            self._retries.fail(work.part(index, index + 1), error)
-            start = index + 1
-        if outcome.handled > start:
-            done(work.part(start, outcome.handled))

@@ -137,6 +137,9 @@ class Invoker:
         self.processes = 0 if self.is_async else processes
         self.pickled = pickled_handler(self.handler, self.name, decode, batches) if self.processes else b""
         self._clock, self._cpu_clock = clock, cpu_clock  # wall and this thread's CPU seconds (tests: fakes)
+        # A chunk stops at its first failure (set by the dispatcher of an ordered mode: the messages after it
+        # are of the same key or partition and must wait for its retry); else it goes on with the next one.
+        self.ordered = False
         self._calls: list[CallObserver] = []
         self._work: WorkObserver | None = None
         self._local = threading.local()
@@ -286,14 +289,15 @@ class Invoker:
         return given, where, undecoded
 
     def _chunk(self, messages: Sequence[Any], deadline: float) -> tuple[Partial | None, int, Outputs]:
-        """One call per message; stops early (handing the rest back) once ``deadline`` passed.
+        """One call per message; stops early (handing the rest back) once ``deadline`` passed, or at the first
+        failure when ``ordered``.
 
         Untimed (no call observer), the handler is called here directly, inside one ``try`` for the whole
         chunk: no wrapper frame per message, which is most of what a no-op handler's chunk costs. A raise
         resumes the loop at the next message."""
         if self._calls:
             return self._chunk_timed(messages, deadline)
-        handler, returned, clock = self._target, self._returned, self._clock
+        handler, returned, clock, ordered = self._target, self._returned, self._clock, self.ordered
         failures: list[tuple[int, BaseException]] | None = None
         outputs: list[tuple[int, Output]] | None = None
         handled = 0
@@ -306,6 +310,8 @@ class Invoker:
                     handled += 1
                     if result is not None:
                         outputs, failures = _returned_in_chunk(returned(result), handled - 1, outputs, failures)
+                        if ordered and failures:
+                            return Partial(handled, failures), handled, outputs
                     if handled < last and clock() >= deadline:
                         return Partial(handled, failures or []), handled, outputs
                 break
@@ -318,7 +324,7 @@ class Invoker:
                 handled += 1
                 if handled >= last:
                     break
-                if clock() >= deadline:
+                if ordered or clock() >= deadline:
                     return Partial(handled, failures), handled, outputs
                 rest = messages[handled:]
         return (None if failures is None else Partial(handled, failures)), handled, outputs
@@ -331,10 +337,11 @@ class Invoker:
         outputs: list[tuple[int, Output]] | None = None
         handled = 0
         last = len(messages)
+        ordered = self.ordered
         for message in messages:
             outputs, failures = _returned_in_chunk(call(message), handled, outputs, failures)
             handled += 1
-            if handled < last and clock() >= deadline:
+            if handled < last and (clock() >= deadline or (ordered and failures)):
                 return Partial(handled, failures or []), handled, outputs
         return (None if failures is None else Partial(handled, failures)), handled, outputs
 
