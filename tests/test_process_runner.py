@@ -303,6 +303,61 @@ def test_calls_wait_for_a_free_process_not_behind_a_busy_one(pool: ProcessPool, 
     assert journal.count("done") == Counter({(0, o): 1 for o in range(1, 6)})
 
 
+def _calls_in_threads(pool: ProcessPool, replies: dict[int, Any]) -> Callable[[int, str], threading.Thread]:
+    """``start(offset, order)``: a thread calling ``pool`` with one message whose value is ``order`` (JSON)."""
+
+    def start(offset: int, order: str) -> threading.Thread:
+        message = FakeMessage(TOPIC, 0, offset, order.encode())
+        thread = threading.Thread(target=lambda: replies.__setitem__(offset, _call(pool, message)), daemon=True)
+        thread.start()
+        return thread
+
+    return start
+
+
+def _pid_of(journal: Journal, event: str, offset: int) -> int:
+    [pid] = {int(r[1]) for r in journal.lines(event) if r[3] == str(offset)}
+    return pid
+
+
+def test_a_call_sent_ahead_to_a_hung_process_is_taken_back_runs_elsewhere_and_only_once(
+    pool: ProcessPool, journal: Journal
+) -> None:
+    replies: dict[int, Any] = {}
+    start = _calls_in_threads(pool, replies)
+    start(0, '{"do": "ok"}').join(WAIT)  # a short call: calls may be sent ahead from now on
+    hang = start(1, '{"do": "hang"}')  # the first free process: slot 0's, where the next one goes ahead
+    wait_until(lambda: journal.count("start")[(0, 1)] == 1, WAIT, what="the hang running")
+    start(2, '{"ms": 1000}')
+    wait_until(lambda: journal.count("start")[(0, 2)] == 1, WAIT, what="the other process busy")
+    start(3, '{"do": "ok"}').join(WAIT)  # sent ahead behind the hang, taken back at its lease's end
+    assert replies[3].lost is None and replies[3].handled == 1, "it ran while the hang held its process"
+    assert _pid_of(journal, "done", 3) == _pid_of(journal, "done", 2) != _pid_of(journal, "start", 1)
+    Path(os.environ[ph.RELEASE]).touch()
+    hang.join(WAIT)
+    assert replies[1].lost is None
+    _call(pool, FakeMessage(TOPIC, 0, 4, b'{"do": "ok"}'))  # the hung process read its copy: refused, not run
+    assert journal.count("start") == Counter({(0, o): 1 for o in range(5)})
+
+
+def test_a_call_sent_ahead_to_a_process_that_dies_runs_elsewhere_at_no_cost(
+    pool: ProcessPool, journal: Journal
+) -> None:
+    replies: dict[int, Any] = {}
+    start = _calls_in_threads(pool, replies)
+    start(0, '{"do": "ok"}').join(WAIT)
+    dies = start(1, '{"do": "kill", "ms": 150}')  # slot 0's process, dead within the ahead call's lease
+    wait_until(lambda: journal.count("start")[(0, 1)] == 1, WAIT, what="the doomed call running")
+    start(2, '{"ms": 600}')
+    wait_until(lambda: journal.count("start")[(0, 2)] == 1, WAIT, what="the other process busy")
+    ahead = start(3, '{"do": "ok"}')
+    for thread in (dies, ahead):
+        thread.join(WAIT)
+    assert isinstance(replies[1].lost, WorkerLost)
+    assert replies[3].lost is None and replies[3].handled == 1 and replies[3].failures == []
+    assert journal.count("done")[(0, 3)] == 1 and journal.count("start")[(0, 3)] == 1
+
+
 # -- the engine, on the fake ------------------------------------------------------------------------------
 
 

@@ -7,8 +7,11 @@ pair as ``fd`` (framed by :class:`multiprocessing.connection.Connection`). What 
   batch handler or not, and how to build the decode function of the deserializers); the worker answers
   ``("ready", pid)`` once the handler is unpickled (its module imported) and accepted by an
   :class:`~mtc75.runtime.invoker.Invoker`, else ``("refused", "why")`` and exits.
-* then per call: ``(topic, partition, [(offset, key, value, headers, timestamp), ...], timed)`` -- one
-  Work's messages, which are one partition's (mtc75/core/work.py) -- and the answer
+* then per call: a lease (8 bytes, ``LEASE``: a ``time.monotonic()`` instant, 0.0 for none) and the pickled
+  ``(topic, partition, [(offset, key, value, headers, timestamp), ...], timed)`` -- one Work's messages,
+  which are one partition's (mtc75/core/work.py). A call sent ahead while this process ran another has a
+  lease: read after it, it is not run and the answer is ``REFUSED`` (its sender may have taken it back to
+  give to another process: mtc75/runtime/procpool.py). Otherwise the answer is
   ``(handled, seconds, failures, calls, outputs)``: how many messages the handler saw (a chunk is cut after
   ``CHUNK_SECONDS`` as in a thread), their handler seconds, ``(index, pickled error or None, type name,
   text, traceback)`` per message that raised (index ``WHOLE`` for a batch that failed as a whole), and
@@ -35,6 +38,7 @@ import logging
 import os
 import pickle
 import signal
+import struct
 import sys
 import threading
 import time
@@ -51,6 +55,8 @@ ORPHANED = 70  # exit code of a worker that found its parent gone
 PR_SET_PDEATHSIG = 1
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 WHOLE = -1  # the index of a failure of a whole batch (a batch handler's raise that names no message)
+LEASE = struct.Struct("!d")  # the lease before each call's pickle (see the module notes)
+REFUSED = -1  # ``handled`` of the answer to a call read after its lease: not run
 
 WireMessage = tuple[int, Any, Any, Any, Any]  # offset, key, value, headers, timestamp
 
@@ -260,6 +266,8 @@ def serve(conn: Connection) -> None:
     timed = False
     run = invoker.run_messages
     recv, send, loads, dumps = conn.recv_bytes, conn.send_bytes, pickle.loads, pickle.dumps
+    lease_of, monotonic = LEASE.unpack_from, time.monotonic
+    refused = dumps((REFUSED, 0.0, [], None, None), PROTOCOL)
     from mtc75.runtime.invoker import Partial
 
     while True:
@@ -267,7 +275,11 @@ def serve(conn: Connection) -> None:
             data = recv()
         except (EOFError, OSError):
             return
-        topic, partition, rows, want_times = loads(data)
+        lease = lease_of(data)[0]
+        if lease and monotonic() >= lease:  # sent ahead and read too late: its sender may have taken it back
+            send(refused)
+            continue
+        topic, partition, rows, want_times = loads(memoryview(data)[LEASE.size:])
         if want_times != timed:
             timed = want_times
             (invoker.attach if timed else invoker.detach)(recorder)
