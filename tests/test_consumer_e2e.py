@@ -253,7 +253,7 @@ def test_a_fast_handler_runs_in_chunks_and_a_failure_or_a_slow_spell_inside_a_ch
     few alone (no chunk to cut), and one that ends its chunk cuts nothing either."""
     from mtc75.core.offsets import OffsetTracker
     from mtc75.runtime import pacing
-    from mtc75.runtime.dispatcher import Dispatcher
+    from mtc75.runtime.pieces import Pieces
 
     # Chunks form for handlers measured under FAST_HANDLER (0.1 ms); a loaded machine can measure this
     # one slower, so the bound is raised: this test is about what chunks do, not when they start.
@@ -281,14 +281,14 @@ def test_a_fast_handler_runs_in_chunks_and_a_failure_or_a_slow_spell_inside_a_ch
 
     cuts: list[int] = []
     sizes: list[int] = []
-    settle_partial = Dispatcher._settle_partial
+    settle = Pieces.settle
 
-    def spy(self: Dispatcher, work: Any, outcome: Any) -> None:
+    def spy(self: Pieces, work: Any, outcome: Any) -> None:
         if outcome.handled < work.size:
             cuts.append(work.size - outcome.handled)
-        settle_partial(self, work, outcome)
+        settle(self, work, outcome)
 
-    monkeypatch.setattr(Dispatcher, "_settle_partial", spy)
+    monkeypatch.setattr(Pieces, "settle", spy)
     complete_range = OffsetTracker.complete_range
 
     def completed(state: Any, first: int, count: int) -> bool:
