@@ -56,8 +56,7 @@ FAIR_SECONDS = 0.5
 
 # Ordered: an idle lane (a key with nothing waiting or running) is kept for the key's next message while the
 # scheduler holds at most this many lanes; past it, it is dropped at once. A lane and its deque cost ~0.7 kB:
-# 12 MB at most; with up to this many keys no lane is made or dropped per message (10,000 keys on one
-# partition, no-op handler: key mode went from 0.31 to 0.66 of unordered with runs and kept lanes).
+# 12 MB at most; with up to this many keys no lane is made or dropped per message (BENCHMARKS.md, ordering).
 LANES_KEPT = 16384
 
 # Unordered: messages interleaved ahead of the lock-free take. A partition that shows up behind a burst

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import select
 import sys
 import threading
 import time
@@ -61,6 +60,7 @@ from mtc75.runtime.procslot import (
     describe_exit,
     end_writes,
     kill,
+    readable,
 )
 from mtc75.runtime.procworker import PROTOCOL, REFUSED, Reply, pack, read_failure
 
@@ -227,8 +227,8 @@ class ProcessPool:
         return ahead
 
     def _hand_on(self, slot: Slot, ended: list[Call | None] | None = None) -> None:
-        """Send ``slot``'s free process the first waiting call still wanted, if any. With ``ended``: first,
-        in the same step, free the slot of the call it ran and put that call in ``ended[0]``."""
+        """Send ``slot``'s process the first waiting calls still wanted, as many as it may take now (one, and
+        one ahead). With ``ended``: first, in the same step, take the call it ran off the slot (into ``ended[0]``)."""
         with self._lock:
             if ended is not None:
                 ended[0] = slot.calls.popleft() if slot.calls else None
@@ -313,7 +313,7 @@ class ProcessPool:
 
     def _serve(self, slot: Slot) -> None:
         """Answer the slot's calls until its process's socket closes: hand the next waiting call on first,
-        then wake the caller of the one that ended."""
+        then wake the caller of the one that ended; take back a call sent ahead once its lease has ended."""
         conn = slot.conn
         assert conn is not None
         recv, loads, fd = conn.recv_bytes, pickle.loads, conn.fileno()
@@ -323,7 +323,7 @@ class ProcessPool:
             try:
                 with self._lock:
                     wait = slot.lease_left()
-                if not select.select((fd,), (), (), wait)[0]:
+                if not readable(fd, wait):
                     with self._lock:
                         back = slot.take_back(fd)  # if a lease ended meanwhile
                     if back is not None:

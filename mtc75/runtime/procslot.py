@@ -130,7 +130,7 @@ class Slot:
         calls = self.calls
         if len(calls) < 2 or calls[1] is TAKEN_BACK or calls[1].lease > time.monotonic():
             return None
-        if select.select((fd,), (), (), 0)[0]:  # looked at after the lease ended: an answer came first
+        if readable(fd, 0.0):  # looked at after the lease ended: an answer came first
             return None
         call, calls[1] = calls[1], TAKEN_BACK
         return call
@@ -220,6 +220,13 @@ class Slot:
             with contextlib.suppress(OSError):
                 conn.close()
         return code
+
+
+def readable(fd: int, timeout: float) -> bool:
+    """Something (or EOF) can be read from ``fd`` within ``timeout`` seconds (poll: no FD_SETSIZE limit)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def kill(proc: subprocess.Popen[bytes]) -> None:
