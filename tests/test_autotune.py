@@ -513,3 +513,28 @@ def test_no_burst_for_handlers_that_use_the_cpu() -> None:
     assert tuner.bursting
     tuner.step(Sample(0.1, 2, 0.010, 1, 500, 0.3, 0.01, backlog=100))  # 1 s of work left: no burst
     assert not tuner.bursting
+
+
+def test_a_failed_burst_step_bisects_towards_it_even_when_its_reference_was_measured_while_ramping() -> None:
+    """CI saw 1 -> 8 -> 64 -> 8 on the issue-14 service, then +1 probes lost in the noise: the reference of
+    8 was measured while the client still fetched (313/s), the next window at 8 (398/s) looked like a new
+    workload, and the ceiling just found (64) was dropped. The next move after the failed burst step is
+    the bisection towards it."""
+    tuner = AutoTuner(1, 75)
+    left, t = 25_000.0, 0.0
+    moves: list[tuple[int, str]] = []
+    service = degrading()
+    while left > 0 and t < 10:
+        t += 0.025
+        n = tuner.limit
+        x = service(t, n)[0]
+        if t < 1.0:
+            x = min(x, 313.0)  # the client is still fetching the backlog: a rate below what 8 can do
+        done = min(left, x * 0.025)
+        left -= done
+        decision = tuner.step(Sample(t, round(done), n / x, n, 500, 0.1, 0.02, backlog=round(left)))
+        if decision.changed:
+            moves.append((decision.limit, decision.reason))
+    back = next(i for i, (_, why) in enumerate(moves) if why.startswith("64 -> 8: back"))
+    assert [n for n, _ in moves[:back + 1]] == [8, 64, 8], moves
+    assert "towards 64" in moves[back + 1][1], moves

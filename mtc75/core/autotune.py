@@ -410,6 +410,10 @@ class AutoTuner:
         # a failed doubling of slow start: its previous doubling paid, so the best count is more likely
         # between the two than below -- bisect up first rather than try fewer
         doubled, self._slow_start = self._slow_start, False
+        if doubled:
+            # the reference was measured while ramping (a burst's first windows see the fetch start): the
+            # next window at ``start`` is the reference, not a drift that would drop the ceiling just found
+            self._ref = []
         if n > start:
             self._ceiling = n if self._ceiling is None else min(self._ceiling, n)
         small = abs(n - start) <= max(1, math.ceil(start * MIN_STEP))
