@@ -101,25 +101,39 @@ def run_members(cmd: list[str], env: dict[str, str], count: int, running: Callab
 
 def run(bootstrap: str, topic: str, processes: int, args: argparse.Namespace) -> dict[str, Any]:
     """``processes`` consumers in a new group over the whole backlog; their steady rate."""
-    folder = Path(tempfile.mkdtemp(prefix=f"scaleout-{processes}-"))
-    group = f"scaleout-{processes}-{uuid.uuid4().hex[:8]}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MTC75_")}
-    env.update(KAFKA_BOOTSTRAP_SERVERS=bootstrap, PYTHONPATH=str(ROOT), NO_COLOR="1",
-               MTC75_BENCH_RECORD_DIR=str(folder), MTC75_BENCH_WORK=str(args.work))
-    cmd = [sys.executable, str(ROOT / "mtc75_consumer.py"), "--topic", topic, "--group-id", group,
-           "--max-thread-count", str(args.threads), "--handler", "bench.io_handler:handle", "-q", "--no-reload"]
+    folder, cmd, env = member_run(bootstrap, topic, "scaleout", processes, args, "bench.io_handler:handle")
     run_members(cmd, env, processes, lambda: sum(len(v) for v in _handled(folder).values()) < args.messages,
                 f"run with {processes} processes did not finish (see {folder})")
     handled = _handled(folder)
     shutil.rmtree(folder, ignore_errors=True)
-    settled = max(min(start for start, _end in rows) for rows in handled.values())
-    ends = sorted(end for rows in handled.values() for _start, end in rows)
-    done_90 = ends[int(0.9 * args.messages) - 1]
-    in_window = sum(1 for end in ends if settled <= end <= done_90)
-    rate = in_window / (done_90 - settled)
+    rate, window = steady_rate(handled, args.messages)
     return {"processes": processes, "active_processes": len(handled), "rate_msg_s": round(rate, 1),
-            "window_s": round(done_90 - settled, 2), "handled": len(ends),
+            "window_s": round(window, 2), "handled": sum(len(rows) for rows in handled.values()),
             "ideal_msg_s": processes * args.threads / args.work}
+
+
+def member_run(bootstrap: str, topic: str, label: str, count: int, args: argparse.Namespace, handler: str,
+               *extra: str) -> tuple[Path, list[str], dict[str, str]]:
+    """A new group's record folder, mtc75_consumer.py command (``extra`` flags added) and environment for
+    ``count`` members handling with ``handler`` (bench/io_handler.py) on ``args.threads`` threads each."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{label}-{count}-"))
+    group = f"{label}-{count}-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MTC75_")}
+    env.update(KAFKA_BOOTSTRAP_SERVERS=bootstrap, PYTHONPATH=str(ROOT), NO_COLOR="1",
+               MTC75_BENCH_RECORD_DIR=str(folder), MTC75_BENCH_WORK=str(args.work))
+    cmd = [sys.executable, str(ROOT / "mtc75_consumer.py"), "--topic", topic, "--group-id", group, *extra,
+           "--max-thread-count", str(args.threads), "--handler", handler, "-q", "--no-reload"]
+    return folder, cmd, env
+
+
+def steady_rate(handled: dict[str, list[tuple[Any, ...]]], messages: int) -> tuple[float, float]:
+    """Messages per second and the window's seconds: from when the last member had started (its first
+    record's start) until 90 % of ``messages`` were done. Each record is ``(start, end, ...)``."""
+    settled = max(min(r[0] for r in rows) for rows in handled.values())
+    ends = sorted(r[1] for rows in handled.values() for r in rows)
+    done_90 = ends[int(0.9 * messages) - 1]
+    in_window = sum(1 for end in ends if settled <= end <= done_90)
+    return in_window / (done_90 - settled), done_90 - settled
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,10 +36,9 @@ from typing import Any
 from confluent_kafka import Producer
 
 from bench import record
-from bench.scaleout import own_broker, run_members
+from bench.scaleout import member_run, own_broker, run_members, steady_rate
 from mtc75.kafka.topics import create_topic
 
-ROOT = Path(__file__).resolve().parent.parent
 PORT = int(os.environ.get("MTC75_BENCH_SHARE_PORT", "29996"))
 RUN_TIMEOUT = 300.0
 
@@ -75,27 +74,17 @@ def _handled(folder: Path) -> dict[str, list[tuple[float, float, str]]]:
 
 def run(bootstrap: str, topic: str, members: int, args: argparse.Namespace) -> dict[str, Any]:
     """``members`` share members in a new group over the whole backlog; their steady rate."""
-    folder = Path(tempfile.mkdtemp(prefix=f"share-{members}-"))
-    group = f"share-{members}-{uuid.uuid4().hex[:8]}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MTC75_")}
-    env.update(KAFKA_BOOTSTRAP_SERVERS=bootstrap, PYTHONPATH=str(ROOT), NO_COLOR="1",
-               MTC75_BENCH_RECORD_DIR=str(folder), MTC75_BENCH_WORK=str(args.work))
-    cmd = [sys.executable, str(ROOT / "mtc75_consumer.py"), "--topic", topic, "--group-id", group,
-           "--group-type", "share", "--max-thread-count", str(args.threads),
-           "--handler", "bench.io_handler:handle_offset", "-q", "--no-reload"]
+    folder, cmd, env = member_run(bootstrap, topic, "share", members, args, "bench.io_handler:handle_offset",
+                                  "--group-type", "share")
     run_members(cmd, env, members,
                 lambda: len({r[2] for rows in _handled(folder).values() for r in rows}) < args.messages,
                 f"run with {members} members did not finish (see {folder})")
     handled = _handled(folder)
     shutil.rmtree(folder, ignore_errors=True)
     counts = Counter(r[2] for rows in handled.values() for r in rows)
-    settled = max(min(start for start, _end, _r in rows) for rows in handled.values())
-    ends = sorted(end for rows in handled.values() for _start, end, _r in rows)
-    done_90 = ends[int(0.9 * args.messages) - 1]
-    in_window = sum(1 for end in ends if settled <= end <= done_90)
-    rate = in_window / (done_90 - settled)
+    rate, window = steady_rate(handled, args.messages)
     return {"members": members, "active_members": len(handled), "rate_msg_s": round(rate, 1),
-            "window_s": round(done_90 - settled, 2), "handled": len(counts),
+            "window_s": round(window, 2), "handled": len(counts),
             "duplicates": sum(counts.values()) - len(counts), "per_member": sorted(len(v) for v in handled.values()),
             "ideal_msg_s": members * args.threads / args.work}
 

@@ -109,7 +109,6 @@ class LaneScheduler(CountedScheduler):
     """
 
     takes_chunks = False  # put() may get a fetched run of several keys; a run forms again when taken
-    BY_KEY = False  # lanes per key (KeyScheduler), else per partition assignment: put() computes _key_of inline
 
     def __init__(self) -> None:
         self._parts: dict[object, _Part] = {}  # PartitionState -> _Part (identity: a new assignment is new)
@@ -132,7 +131,7 @@ class LaneScheduler(CountedScheduler):
         # The poll thread's per-message path, with the dispatcher's lock held: lookups bound once, the
         # new-ready step inlined, and a message waits as a tuple (see Fresh).
         lanes = self._lanes
-        by_key = self.BY_KEY
+        key_of = self._key_of
         ring = self._ring
         count = ready = idle = 0
         for work in items:
@@ -140,11 +139,7 @@ class LaneScheduler(CountedScheduler):
             count += work.size
             before = work.size == 1 and (work.attempts or work.paid)  # taken before: it waits as itself
             for message, offset in zip(work.messages, work.offsets, strict=True):
-                if by_key:  # KeyScheduler._key_of, inline
-                    key = message.key()
-                    key = (state, key if key is not None else offset)
-                else:
-                    key = state
+                key = key_of(message, state, offset)
                 lane = lanes.get(key)
                 if lane is None:
                     lane = self._new_lane(key, state)
@@ -241,29 +236,8 @@ class LaneScheduler(CountedScheduler):
         lanes = self._busy.pop(work, None)
         if lanes is None:
             return  # released twice, or never taken here: nothing it blocks
-        if len(lanes) == 1:
-            self._free(lanes[0])
-            return
-        # _free for each lane, inline: a run of many keys releases one lane per message
-        ring = self._ring
-        keep = len(self._lanes) <= LANES_KEPT
-        ready = idle = 0
         for lane in lanes:
-            lane.busy = False
-            if lane.queue:
-                lane.ready = True
-                ready += 1
-                part = lane.part
-                part.ready.append(lane)
-                if not part.in_ring:
-                    part.in_ring = True
-                    ring.append(part)
-            elif keep:
-                idle += 1
-            else:
-                self._forget(lane)
-        self._ready += ready
-        self._idle += idle
+            self._free(lane)
 
     def _free(self, lane: _Lane) -> None:
         lane.busy = False
@@ -402,8 +376,6 @@ class KeyScheduler(LaneScheduler):
     re-assigned partition starts clean. A message whose ``key()`` is None gets a lane of its own (keyed by
     its offset), so it runs as soon as a thread is free, like in unordered mode.
     """
-
-    BY_KEY = True
 
     def _key_of(self, message: Any, state: object, offset: int) -> Hashable:
         key = message.key()

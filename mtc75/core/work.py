@@ -75,13 +75,7 @@ class Work:
         """One batch of ``works`` (one assignment's, in offset order): their messages and offsets, in that order."""
         if len(works) == 1:
             return works[0]
-        messages = [m for w in works for m in w.messages]
-        offsets = [o for w in works for o in w.offsets]
-        work = cls(messages[0], works[0].state, offsets[0])
-        work.messages = messages
-        work.size = len(messages)
-        if offsets[-1] - offsets[0] != len(offsets) - 1:
-            work._offsets = offsets
+        work = cls.of([m for w in works for m in w.messages], [o for w in works for o in w.offsets], works[0].state)
         work.put_at = min(w.put_at for w in works)
         return work
 
