@@ -2,13 +2,15 @@
 
 For each key count one topic (1 partition, lz4, 100 B records keyed ``k<i % keys>``) is produced once;
 then every contender reads it from the start with a new group, taking turns, each keeping its best
-pass, with two handlers:
+pass (every pass's rate and the key / unordered ratio of each pass are kept too, for the spread), with
+two handlers:
 
 - ``sleep``: ``time.sleep(0.002)`` on ``--threads`` (16) threads, the shape of issue 11's measurement;
   the rate is steady-state (bench/run.py ``steady_rate``: from 1 s after the first completion, over
   about ``--window`` seconds);
 - ``noop``: a handler that returns at once; the same rate over the whole backlog after the warm-up (1 s,
-  or the run's first tenth when that is shorter: a no-op run may drain 200 000 messages in under a second).
+  or the run's first tenth when that is shorter). The backlog (1 000 000 messages) outlasts librdkafka's
+  prefetch queue and keeps a no-op run going for seconds: 200 000 lasted 0.3-0.6 s, which was noise.
 
 Contenders: ``unordered`` (the default: partitions take turns, FairFifoScheduler), ``key`` and, as the
 reference for what fairness costs, ``fifo`` (the plain first-fetched-first-run FIFO of earlier
@@ -17,7 +19,7 @@ this one run; the load average is printed because the machine is shared.
 
     .venv/bin/python -m bench.ordering                     # own broker on 127.0.0.1:29892 (or the next free pair)
     .venv/bin/python -m bench.ordering --bootstrap host:9092
-    .venv/bin/python -m bench.ordering --quick             # one pass, smaller backlogs
+    .venv/bin/python -m bench.ordering --quick             # one pass, 100 000 messages per topic
 
 Writes bench/results/ordering.json (bench/record.py; BENCHMARKS.md's table comes from it). Targets
 (issue 11): key mode >= 0.9 of unordered at >= 20 keys with 2 ms of work; no-op key mode >= 0.5 of
@@ -49,6 +51,7 @@ from mtc75.tools.broker import LocalKafka
 PORT = int(os.environ.get("MTC75_BENCH_ORDERING_PORT", "29892"))
 KEYS = (1, 5, 20, 100, 10_000)
 WORK = 0.002
+COUNT = 1_000_000  # messages per topic: a no-op run lasts seconds, past librdkafka's prefetch queue (#30)
 TARGET_SLEEP = 0.9  # key / unordered at >= 20 keys, 2 ms of work
 TARGET_NOOP = 0.5  # key / unordered, no-op handler
 
@@ -97,15 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", help="an existing cluster (default: a broker of this run)")
     parser.add_argument("--port", type=int, default=PORT, help="port of the broker this run starts (< 32768)")
     parser.add_argument("--threads", type=int, default=16)
-    parser.add_argument("--count", type=int, default=200_000, help="messages per topic")
+    parser.add_argument("--count", type=int, default=COUNT, help="messages per topic")
     parser.add_argument("--window", type=float, default=3.0, help="seconds of steady state timed per run")
     parser.add_argument("--passes", type=int, default=2)
     parser.add_argument("--keys", type=int, nargs="+", default=list(KEYS))
     parser.add_argument("--with-fifo", action="store_true", help="also time the plain FIFO (fairness's cost)")
-    parser.add_argument("--quick", action="store_true", help="one pass, 60 000 messages per topic")
+    parser.add_argument("--quick", action="store_true", help="one pass, 100 000 messages per topic")
     args = parser.parse_args(argv)
     if args.quick:
-        args.passes, args.count = 1, 60_000
+        args.passes, args.count = 1, 100_000
     home = Path(tempfile.mkdtemp(prefix="mtc75-bench-ordering-"))
     broker: LocalKafka | None = None
     run = record.Run.start("ordering", "python -m bench.ordering " + " ".join(sys.argv[1:] if argv is None else argv))
@@ -125,29 +128,34 @@ def main(argv: list[str] | None = None) -> int:
             row: dict[str, Any] = {"keys": keys, "sleep": {}, "noop": {}}
             for handler, work in (("sleep", WORK), ("noop", 0.0)):
                 best: dict[str, dict[str, Any]] = {}
+                rates: dict[str, list[float]] = {c: [] for c in contenders}
                 for turn in range(args.passes):
                     order = contenders if turn % 2 == 0 else list(reversed(contenders))
                     for ordering in order:
                         r = run_once(bootstrap, topic, ordering, args.threads, work, args.count, args.window)
+                        rates[ordering].append(round(r["rate"]))
                         if ordering not in best or r["rate"] > best[ordering]["rate"]:
                             best[ordering] = r
                 for ordering, r in best.items():
-                    row[handler][ordering] = r
+                    row[handler][ordering] = {**r, "passes": rates[ordering]}
                 ratio = best["key"]["rate"] / best["unordered"]["rate"]
-                row[handler]["key_vs_unordered"] = ratio
+                row[handler]["key_vs_unordered"] = ratio  # best against best
+                row[handler]["key_vs_unordered_passes"] = [round(k / u, 3) for k, u in
+                                                           zip(rates["key"], rates["unordered"], strict=True)]
                 extra = ""
                 if "fifo" in best:
                     row[handler]["unordered_vs_fifo"] = best["unordered"]["rate"] / best["fifo"]["rate"]
                     extra = f", unordered/fifo {row[handler]['unordered_vs_fifo']:.2f}"
                 print(f"  {keys:>6,} keys, {handler:>5}: unordered {best['unordered']['rate']:9,.0f}/s, "
-                      f"key {best['key']['rate']:9,.0f}/s -> key/unordered {ratio:.2f}{extra}", flush=True)
+                      f"key {best['key']['rate']:9,.0f}/s -> key/unordered {ratio:.2f} (passes "
+                      f"{row[handler]['key_vs_unordered_passes']}){extra}", flush=True)
             rows.append(row)
     finally:
         if broker is not None:
             broker.stop()
         shutil.rmtree(home, ignore_errors=True)
     result = {"threads": args.threads, "work_s": WORK, "count": args.count, "passes": args.passes, "rows": rows}
-    print(f"results: {run.write(result, note='--quick: one pass, 60 000 messages' if args.quick else '')}")
+    print(f"results: {run.write(result, note='--quick: one pass, 100 000 messages' if args.quick else '')}")
     print(f"\nload average {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print("| keys | 2 ms: key / unordered | no-op: key / unordered | no-op: unordered / fifo |")
     print("|---:|---:|---:|---:|")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from itertools import pairwise
 
@@ -78,6 +79,26 @@ def test_key_mode_never_runs_a_key_twice_at_once_and_keeps_offset_order(seed: in
             last[k] = work.offset
         running.append(work)
     assert len(sched) == 0 and sched.lanes == 0 and sched.running == 0
+
+
+@pytest.mark.parametrize("cap", [1, 4])
+def test_partition_mode_takes_a_fetched_run_one_message_or_one_run_at_a_time(cap: int) -> None:
+    sched = PartitionScheduler()
+    sched.take_cap = cap
+    a, b = _states(2)
+    sched.put([Work.chunk([FakeMessage("t", 0, o) for o in range(10, 16)], a, 10),
+               Work.chunk([FakeMessage("t", 1, o) for o in range(3)], b, 0)])
+    assert len(sched) == 9 and sched.ready == 2  # one per partition may start
+    order: dict[int, list[int]] = {0: [], 1: []}
+    while sched.ready:
+        running = []
+        while (work := _take(sched)) is not None:
+            assert work.size <= cap and all(r.state is not work.state for r in running)
+            order[work.state.tp[1]] += list(work.offsets)
+            running.append(work)
+        for work in running:
+            sched.release(work)
+    assert order == {0: list(range(10, 16)), 1: [0, 1, 2]} and len(sched) == 0 and sched.running == 0
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -592,15 +613,24 @@ def test_key_mode_runs_hold_every_key_they_carry_and_keep_each_key_in_offset_ord
     rng = random.Random(seed)
     sched = KeyScheduler()
     sched.take_cap = rng.randint(2, 12)
-    put = 0
+    # each partition's 200 messages arrive in slices of 25 while runs are taken and released: lanes empty
+    # and fill again (a lane a run left busy would hold its key's next slice for good)
+    slices: dict[PartitionState, deque[list[Work]]] = {}
     for state in _states(3):
-        keys = [rng.choice([b"a", b"b", b"c", b"d", None]) for _ in range(200)]
-        sched.put(_works(state, keys))
-        put += len(keys)
+        works = _works(state, [rng.choice([b"a", b"b", b"c", b"d", None]) for _ in range(200)])
+        slices[state] = deque(works[i:i + 25] for i in range(0, len(works), 25))
+    put = 0
     running: list[Work] = []
     last: dict[tuple[int, bytes | None], int] = {}
     taken = sizes = 0
-    while taken < put or running:
+    while slices or taken < put or running:
+        if slices and (rng.random() < 0.2 or (sched.ready == 0 and not running)):
+            state = rng.choice(list(slices))
+            sched.put(slices[state].popleft())
+            put += 25
+            if not slices[state]:
+                del slices[state]
+            continue
         if running and (rng.random() < 0.5 or sched.ready == 0):
             sched.release(running.pop(rng.randrange(len(running))))
             continue

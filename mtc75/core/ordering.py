@@ -40,6 +40,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping
+from itertools import repeat
 from operator import itemgetter
 from typing import Any
 
@@ -127,19 +128,22 @@ class LaneScheduler(CountedScheduler):
 
     # -- interface ------------------------------------------------------------------------------------
 
+    def _keys_of(self, work: Work) -> Iterable[Hashable]:
+        """The lane key of each of ``work``'s messages, in order: one call per Work, not per message."""
+        raise NotImplementedError
+
     def put(self, items: Iterable[Work]) -> None:
-        # The poll thread's per-message path, with the dispatcher's lock held: lookups bound once, the
-        # new-ready step inlined, and a message waits as a tuple (see Fresh).
+        # The poll thread's per-message path, with the dispatcher's lock held: lookups bound once, keys made
+        # per Work, the new-ready step inlined, and a message waits as a tuple (see Fresh).
         lanes = self._lanes
-        key_of = self._key_of
+        keys_of = self._keys_of
         ring = self._ring
         count = ready = idle = 0
         for work in items:
             state = work.state
             count += work.size
             before = work.size == 1 and (work.attempts or work.paid)  # taken before: it waits as itself
-            for message, offset in zip(work.messages, work.offsets, strict=True):
-                key = key_of(message, state, offset)
+            for message, offset, key in zip(work.messages, work.offsets, keys_of(work), strict=True):
                 lane = lanes.get(key)
                 if lane is None:
                     lane = self._new_lane(key, state)
@@ -236,8 +240,19 @@ class LaneScheduler(CountedScheduler):
         lanes = self._busy.pop(work, None)
         if lanes is None:
             return  # released twice, or never taken here: nothing it blocks
+        if len(lanes) == 1:
+            self._free(lanes[0])
+            return
+        # A run's lanes (one each, with many keys): _free inlined for the lanes left with nothing waiting
+        kept = len(self._lanes) <= LANES_KEPT
+        idle = 0
         for lane in lanes:
-            self._free(lane)
+            if lane.queue or not kept:
+                self._free(lane)
+            else:
+                lane.busy = False
+                idle += 1
+        self._idle += idle
 
     def _free(self, lane: _Lane) -> None:
         lane.busy = False
@@ -368,6 +383,9 @@ class PartitionScheduler(LaneScheduler):
     def _key_of(self, message: Any, state: object, offset: int) -> Hashable:
         return state
 
+    def _keys_of(self, work: Work) -> Iterable[Hashable]:
+        return repeat(work.state, work.size)
+
 
 class KeyScheduler(LaneScheduler):
     """``ORDERING=key``: one Work per (partition, key) in flight, in offset order; keyless messages free.
@@ -380,6 +398,11 @@ class KeyScheduler(LaneScheduler):
     def _key_of(self, message: Any, state: object, offset: int) -> Hashable:
         key = message.key()
         return (state, key if key is not None else offset)
+
+    def _keys_of(self, work: Work) -> Iterable[Hashable]:
+        state = work.state
+        return [(state, key if key is not None else offset)
+                for key, offset in zip([m.key() for m in work.messages], work.offsets, strict=True)]
 
 
 class FairFifoScheduler:
