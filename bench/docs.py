@@ -264,7 +264,7 @@ def t_ordering(f: dict[str, Any]) -> str:
 
     def kept(side: dict[str, Any]) -> str:
         passes = side.get("key_vs_unordered_passes")
-        return f"**{side['key_vs_unordered']:.2f}**" + (f" ({ratio(passes)})" if passes else "")
+        return f"**{side['key_vs_unordered']:.2f}**" + (f" ({min(passes):.2f}{DASH}{max(passes):.2f})" if passes else "")
 
     for row in f["rows"]:
         s, n = row["sleep"], row["noop"]
