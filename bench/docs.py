@@ -264,7 +264,8 @@ def t_ordering(f: dict[str, Any]) -> str:
 
     def kept(side: dict[str, Any]) -> str:
         passes = side.get("key_vs_unordered_passes")
-        return f"**{side['key_vs_unordered']:.2f}**" + (f" ({min(passes):.2f}{DASH}{max(passes):.2f})" if passes else "")
+        spread_ = f" ({min(passes):.2f}{DASH}{max(passes):.2f})" if passes else ""
+        return f"**{side['key_vs_unordered']:.2f}**{spread_}"
 
     for row in f["rows"]:
         s, n = row["sleep"], row["noop"]

@@ -153,6 +153,8 @@ class FakeKafka:
         self.unreachable = False  # list_topics / metadata fail with _TRANSPORT while set
         self.revoke_deleted_names = False  # a deleted named topic's partitions are revoked at the next refresh
         self.create_errors: deque[KafkaError] = deque()  # the next create_topics requests fail with these
+        # While set and not yet set free: create_topics answers only once it is (a slow or stuck controller)
+        self.create_hold: threading.Event | None = None
         self.create_requests = 0  # create_topics calls served
         # Longest a consume / poll with nothing to deliver blocks, whatever timeout it was given (None: the
         # whole timeout, as librdkafka). An empty poll that returns early only turns the engine's loop sooner,
@@ -884,9 +886,27 @@ class FakeAdmin:
         return {name: self._cluster._describe(name) for name in topics.topic_names}
 
     def create_topics(self, new_topics: list[Any], **_: Any) -> dict[str, Future[None]]:
-        out: dict[str, Future[None]] = {}
         with self._cluster._lock:
             self._cluster.create_requests += 1
+        hold = self._cluster.create_hold
+        if hold is not None and not hold.is_set():  # answered once the hold is set free, like a broker's reply
+            held: dict[str, Future[None]] = {new.topic: Future() for new in new_topics}
+
+            def answer() -> None:
+                hold.wait()
+                for topic, done in self._serve_create(new_topics).items():
+                    error = done.exception()
+                    if error is not None:
+                        held[topic].set_exception(error)
+                    else:
+                        held[topic].set_result(None)
+
+            threading.Thread(target=answer, name="fake-create-topics", daemon=True).start()
+            return held
+        return self._serve_create(new_topics)
+
+    def _serve_create(self, new_topics: list[Any]) -> dict[str, Future[None]]:
+        out: dict[str, Future[None]] = {}
         for new in new_topics:
             future: Future[None] = Future()
             with self._cluster._lock:

@@ -225,6 +225,31 @@ def test_a_pattern_picks_up_a_new_topic_makes_its_dlq_then_and_a_deleted_match_i
     assert not [t for t in cluster.created_topics if t.endswith(".dlq.dlq")]
 
 
+def test_a_dead_letter_topic_slow_to_be_made_does_not_hold_the_poll_thread_nor_other_commits(
+    cluster: FakeKafka, start: Callable[..., Run],
+) -> None:
+    cluster.create_topic("shop-a", 2)
+    handler = Handled(fail=lambda w: w == ("shop-b", 0, 1))
+    run = start(handler, TOPIC="^shop-.*", ON_FAILURE="dlq", RETRY_BACKOFF_MAX=0.02)
+    until(lambda: run.stats().assigned == 2, "shop-a assigned")
+    asked = cluster.create_requests  # shop-a.dlq's, at start
+    cluster.create_hold = hold = threading.Event()  # the controller answers CreateTopics only once set free
+    cluster.create_topic("shop-b", 2)
+    fill(cluster, "shop-b", 3)
+    until(lambda: cluster.create_requests > asked, "shop-b.dlq asked for")
+    try:
+        fill(cluster, "shop-a", 5)  # meanwhile the poll thread goes on: fetches, runs and commits the rest
+        until(lambda: ends(cluster, "shop-a") == [5, 5] and ends(cluster, "shop-b")[1] == 3,
+              "shop-a and shop-b[1] committed while the dead-letter topic is being made")
+        assert ends(cluster, "shop-b")[0] == 1  # below the message that waits for its dead-letter topic
+        assert not cluster.messages("shop-b.dlq")
+    finally:
+        hold.set()
+    until(lambda: len(cluster.messages("shop-b.dlq")) == 1 and ends(cluster, "shop-b") == [3, 3],
+          "the dead letter once its topic exists")
+    assert run.stop().dead_lettered == 1
+
+
 @pytest.mark.parametrize("refusal", ["no answer", "not authorized"])
 def test_a_dead_letter_topic_that_cannot_be_made_yet_is_tried_again_and_one_refused_stops_the_run(
     cluster: FakeKafka, start: Callable[..., Run], refusal: str,

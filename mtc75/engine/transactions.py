@@ -58,7 +58,7 @@ from mtc75.engine.checkpoint import CONFIRM_TIMEOUT, lag_bases, step_over_skippe
 from mtc75.engine.failure import FailurePolicy
 from mtc75.errors import KafkaFatalError, KafkaUnavailable, MessageFailed, Mtc75Error
 from mtc75.kafka.client import KafkaClient
-from mtc75.kafka.deadletter import DeadLetterTopics, dlq_headers, dlq_topic
+from mtc75.kafka.deadletter import ENSURE_TIMEOUT, DeadLetterTopics, dlq_headers, dlq_topic
 from mtc75.kafka.outputs import produce_args, where
 from mtc75.kafka.topicwatch import Change, TopicWatch
 
@@ -509,7 +509,8 @@ class TransactionalDeadLetters(FailurePolicy):
     def failed(self, work: Work) -> bool:
         source = work.message.topic()
         if self._topics is not None:
-            self._topics.make_for(source, work.message.partition())  # not made: the produce says why
+            # waited for here (the record goes into the open transaction next); not made: the produce says why
+            self._topics.make_for(source, work.message.partition(), wait=ENSURE_TIMEOUT)
         if not self._checkpoint.dead_letter(work, dlq_topic(source)):
             return False
         self.produced += 1

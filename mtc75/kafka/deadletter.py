@@ -2,10 +2,10 @@
 
 Each message goes to the dead-letter topic of its own topic, ``<topic>.dlq`` (several with a list or a pattern
 subscription). :class:`DeadLetterTopics` makes sure they exist: at start-up for every topic consumed then; for a
-topic that appears later (a pattern's new match), before its first dead letter is sent -- a blocking step of
-the poll thread, bounded by ENSURE_TIMEOUT, once per topic; one that fails for lack of an answer is tried again
-with the message's next publish attempt, one refused for good (not authorized to create it) stops the consumer
-(exit 5) like any other permanent publish error.
+topic that appears later (a pattern's new match), before its first dead letter is sent -- on a helper thread,
+each try bounded by ENSURE_TIMEOUT, while the poll thread goes on (the message waits, uncommitted); one that
+fails for lack of an answer is tried again with the message's next publish attempt, one refused for good (not
+authorized to create it) stops the consumer (exit 5) like any other permanent publish error.
 
 A dead-lettered message counts as done -- and may be committed past -- only once Kafka confirmed
 the DLQ record. A failed publish is retried (the message stays outstanding meanwhile).
@@ -23,6 +23,7 @@ the poll thread: the delivery reports arrive in meth:`DeadLetterProducer.poll`, 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -40,7 +41,7 @@ from mtc75.kafka.topics import METADATA_TIMEOUT, create_topic, create_topics, fe
 logger = logging.getLogger(__name__)
 
 SUFFIX = DEAD_LETTER_SUFFIX
-ENSURE_TIMEOUT = 10.0  # longest one dead-letter topic's creation may hold the poll thread, after start-up
+ENSURE_TIMEOUT = 10.0  # longest one try at making a dead-letter topic after start-up takes (on a helper thread)
 MAX_ERROR_CHARS = 2000  # the error header is for people: keep a huge message from bloating the record
 # Headers added to the original key, value and headers.
 H_TOPIC, H_PARTITION, H_OFFSET = "mtc75.original.topic", "mtc75.original.partition", "mtc75.original.offset"
@@ -69,7 +70,8 @@ def dlq_headers(work: Work, keep_original: bool = True) -> list[tuple[str, bytes
 
 
 class DeadLetterTopics:
-    """The ``<topic>.dlq`` topics known to exist; makes the missing ones (see the module notes). Poll thread."""
+    """The ``<topic>.dlq`` topics known to exist; makes the missing ones (see the module notes). Poll thread; a
+    topic made after start-up is made on a helper thread of its own (:class:`_Making`)."""
 
     def __init__(self, admin_conf: Mapping[str, Any], replication_factor: int,
                  factories: ClientFactories = REAL_FACTORIES) -> None:
@@ -78,6 +80,7 @@ class DeadLetterTopics:
         self._factories = factories
         self._bootstrap = str(admin_conf.get("bootstrap.servers"))
         self.ready: set[str] = set()  # dead-letter topics that exist
+        self._making: dict[str, _Making] = {}  # dead-letter topics being made after start-up
 
     def ensure(self, partitions: Mapping[str, int]) -> None:
         """At start-up: the dead-letter topic of each source topic (as many partitions as it has) unless it
@@ -98,38 +101,68 @@ class DeadLetterTopics:
                 logger.info("created dead-letter topic %s (%d partitions)", topic, missing[topic])
         self.ready.update(dlq_topic(source) for source in partitions)
 
-    def make_for(self, source: str, partition: int) -> bool:
+    def make_for(self, source: str, partition: int, wait: float = 0.0) -> bool:
         """Before the first dead letter of ``source`` (a topic that appeared after start-up): True once its
-        dead-letter topic exists; False when the cluster did not answer (try again later); MessageFailed when
-        it cannot be made."""
+        dead-letter topic exists; False while it is being made, or when the last try got no answer (the next
+        call tries again); MessageFailed when it cannot be made.
+
+        The topic is made on a helper thread, so that an admin call to a slow or unreachable cluster (up to
+        ENSURE_TIMEOUT) does not hold the poll thread -- and with it every commit. ``wait``: seconds this call
+        may wait for it (exactly-once produces the record into the open transaction right after)."""
         topic = dlq_topic(source)
         if topic in self.ready:
             return True
-        deadline = time.monotonic() + ENSURE_TIMEOUT
-        try:
-            admin = new_client(self._factories.admin, self._admin_conf, "librdkafka admin")
-            info = fetch_metadata(admin, self._bootstrap, source, timeout=ENSURE_TIMEOUT / 4).topics.get(source)
-            # the source's partition count; a source gone meanwhile: as many as the message shows
-            count = len(info.partitions) if info is not None and info.error is None and info.partitions else \
-                partition + 1
-            self._make(admin, topic, count, max(0.1, deadline - time.monotonic()))
-        except KafkaUnavailable as err:  # no answer, or a refusal that may pass
+        making = self._making.get(topic)
+        if making is None:
+            making = self._making[topic] = _Making(lambda: self._make(source, partition, topic), topic)
+        if not making.finished.wait(wait):
+            return False
+        del self._making[topic]
+        err = making.error
+        if err is None:
+            self.ready.add(topic)
+            return True
+        if isinstance(err, KafkaUnavailable):  # no answer, or a refusal that may pass
             logger.warning("dead-letter topic %s not created yet (%s): trying again", topic, err)
             return False
-        except Mtc75Error as err:  # refused for good (e.g. not authorized to create topics)
+        if isinstance(err, Mtc75Error):  # refused for good (e.g. not authorized to create topics)
             raise MessageFailed(f"cannot dead-letter a message of {source}: {err}") from None
-        return True
+        raise err  # a bug: as if it had been raised here
 
-    def _make(self, admin: Any, topic: str, partitions: int, timeout: float = 30.0) -> None:
-        """``topic`` exists once this returns (in at most about ``timeout`` seconds); raises why not."""
-        deadline = time.monotonic() + timeout
-        info = fetch_metadata(admin, self._bootstrap, topic, timeout=min(METADATA_TIMEOUT, timeout / 3)
-                              ).topics.get(topic)
+    def _make(self, source: str, partition: int, topic: str) -> None:
+        """``topic`` exists once this returns (in at most about ENSURE_TIMEOUT seconds); raises why not.
+        On a helper thread: it touches nothing of this object but its settings."""
+        deadline = time.monotonic() + ENSURE_TIMEOUT
+        admin = new_client(self._factories.admin, self._admin_conf, "librdkafka admin")
+        info = fetch_metadata(admin, self._bootstrap, source, timeout=ENSURE_TIMEOUT / 4).topics.get(source)
+        # as many partitions as the source; a source gone meanwhile: as many as the message shows
+        count = len(info.partitions) if info is not None and info.error is None and info.partitions else \
+            partition + 1
+        info = fetch_metadata(admin, self._bootstrap, topic,
+                              timeout=max(0.1, min(METADATA_TIMEOUT, deadline - time.monotonic()))).topics.get(topic)
         exists = info is not None and info.error is None and info.partitions
-        if not exists and create_topic(self._admin_conf, topic, partitions, self._replication,
+        if not exists and create_topic(self._admin_conf, topic, count, self._replication,
                                        max(0.1, deadline - time.monotonic()), admin_factory=self._factories.admin):
-            logger.info("created dead-letter topic %s (%d partitions)", topic, partitions)
-        self.ready.add(topic)
+            logger.info("created dead-letter topic %s (%d partitions)", topic, count)
+
+
+class _Making:
+    """One dead-letter topic being made on its own daemon thread: ``finished`` is set when it exists or the
+    try ended, ``error`` says why not. The poll thread reads both only after ``finished``."""
+
+    def __init__(self, make: Callable[[], None], topic: str) -> None:
+        self.finished = threading.Event()
+        self.error: BaseException | None = None
+        self._make = make
+        threading.Thread(target=self._run, name=f"mtc75-make-{topic}", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._make()
+        except BaseException as err:  # handed to the poll thread, which decides what it means
+            self.error = err
+        finally:
+            self.finished.set()
 
 
 class DeadLetterProducer:
