@@ -1,8 +1,8 @@
 """One contender of a bench figure in its own process, so each gets its own peak RSS and its own GIL.
 
     python bench/child.py MODE --topic T --count N [--threads 75|auto] [--thread-limit L]
-                          [--work noop|sleep:S|file:PATH]
-                          [--seconds S] [--max-pending P] [--batch B] [--batch-size B] [-X key=value ...]
+                          [--work noop|sleep:S|file:PATH] [--seconds S] [--max-pending P] [--batch B]
+                          [--batch-size B] [--ordering unordered|partition|key] [--costs] [-X key=value ...]
 
 MODE is one of:
   engine  MTC75 (``mtc75.Consumer.from_settings``, default settings, ``-X`` overrides on top; so
@@ -15,6 +15,9 @@ MODE is one of:
   pool    the plain pattern: ``semaphore.acquire(); executor.submit(handler)`` per message, no commits
   arroyo  sentry-arroyo's ``RunTaskInThreads`` (``--threads`` = concurrency, ``--max-pending`` =
           max_pending_futures) followed by ``CommitOffsets``, on arroyo's own consumer configuration
+
+``--costs`` (engine, raw): the report also says where the CPU went, per kind of thread and per step of the
+fetching thread's loop (bench/costs.py).
 
 Stops after ``--count`` handled messages, or ``--seconds`` after the first completion when given.
 Prints one JSON line, read by bench/run.py: handled messages, the time from the first fetched message
@@ -95,10 +98,13 @@ class Recorder:
         self.cpu_at_count: dict[str, float] = {}  # thread_cpu() at the count-th completion
         self._lock = threading.Lock()  # done_many (a batch handler: one call per batch, a lock costs nothing)
         self._many = 0  # messages counted by done_many
+        self.costs: Any = None  # bench.costs.Costs with --costs: told of the first message and the count-th
 
     def seen(self) -> None:
         if not self.first_seen:
             self.first_seen = time.monotonic()
+            if self.costs is not None:
+                self.costs.first()
 
     def done(self) -> None:
         now = time.monotonic()
@@ -114,6 +120,8 @@ class Recorder:
         if n >= self.count or (self.seconds is not None and self.first_done and now - self.first_done >= self.seconds):
             if not self.finished.is_set():
                 self.cpu_at_count = thread_cpu()
+                if self.costs is not None:
+                    self.costs.counted()
             self.finished.set()
 
     def done_many(self, count: int) -> None:
@@ -132,6 +140,8 @@ class Recorder:
         if after >= self.count or timed_out:
             if not self.finished.is_set():
                 self.cpu_at_count = thread_cpu()
+                if self.costs is not None:
+                    self.costs.counted()
             self.finished.set()
 
     @property
@@ -150,6 +160,7 @@ class Recorder:
             "peak_rss_mb": _status_mb("VmHWM:"), "rss_samples": self.samples, "cpu_s": cpu.user + cpu.system,
             "stamps": self.stamps if self.keep_stamps else [], "fetch_sizes": self.fetch_sizes,
             "thread_cpu_s": self.cpu_at_count,
+            **({"costs": self.costs.figures(min(self.handled, self.count))} if self.costs is not None else {}),
         }
 
 
@@ -182,8 +193,9 @@ def run_raw(args: argparse.Namespace, rec: Recorder) -> None:
     consumer.subscribe([args.topic])
     last: dict[int, int] = {}
     batch = args.batch
+    consume = consumer.consume if rec.costs is None else rec.costs.timed(consumer.consume, "consume")
     while not rec.finished.is_set():
-        for msg in consumer.consume(batch, timeout=1):
+        for msg in consume(batch, timeout=1):
             if msg.error() is not None:
                 continue
             rec.seen()
@@ -224,7 +236,10 @@ def run_engine(args: argparse.Namespace, rec: Recorder, work: Callable[[int], No
     from mtc75.settings import load_settings, parse_properties
 
     flags: dict[str, Any] = {"TOPIC": args.topic, "GROUP_ID": f"bench-{uuid.uuid4().hex[:8]}",
-                             "MAX_THREAD_COUNT": args.threads, "BATCH_SIZE": args.batch_size}
+                             "MAX_THREAD_COUNT": args.threads, "BATCH_SIZE": args.batch_size,
+                             "ORDERING": args.ordering}
+    if rec.costs is not None:
+        rec.costs.install_engine()
     if args.thread_limit is not None:
         flags["MAX_THREAD_LIMIT"] = args.thread_limit
     settings = load_settings(None, flags=flags)
@@ -299,12 +314,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-exit", type=float, default=None, help="engine: stop after this long without messages")
     parser.add_argument("--batch", type=int, default=1000, help="raw: messages per consume() call")
     parser.add_argument("--batch-size", type=int, default=1, help="engine: BATCH_SIZE (> 1: a batch handler)")
+    parser.add_argument("--ordering", default="unordered", help="engine: ORDERING")
+    parser.add_argument("--costs", action="store_true",
+                        help="engine, raw: CPU per message per kind of thread and poll-loop step (bench.costs)")
     parser.add_argument("-X", dest="properties", action="append", default=[],
                         help="engine, raw: librdkafka property on top of the defaults")
     args = parser.parse_args(argv)
     if args.threads == "auto" and args.mode != "engine":
         parser.error('--threads auto: the engine only')
     rec = Recorder(args.count, args.seconds, args.stamps)
+    if args.costs:
+        from bench.costs import Costs
+        rec.costs = Costs()  # on the main thread: the one that fetches, in every mode
     work = make_work(args.work)
     if args.mode == "raw":
         run_raw(args, rec)

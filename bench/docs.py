@@ -276,6 +276,28 @@ def t_ordering(f: dict[str, Any]) -> str:
     return _rows(out)
 
 
+STEP_ORDER = ("consume", "fetch", "admit", "put", "settle", "turn", "rest of the loop")  # the poll loop's order
+STEP_NAMES = {"consume": "`consume()`", "fetch": "`fetch`, besides `consume()`", "admit": "`admit`",
+              "put": "`put`", "settle": "`settle`", "turn": "`turn`", "rest of the loop": "rest of the loop"}
+
+
+def t_costs(f: dict[str, Any]) -> str:
+    """Per contender: its rate, the CPU µs per message of each kind of thread, and of each step of the
+    fetching thread (medians over the passes)."""
+    from bench.costs import KINDS
+
+    seen = {s for c in f["contenders"].values() for s in c["median"]["steps"]}
+    steps = [s for s in STEP_ORDER if s in seen] + sorted(seen - set(STEP_ORDER))
+    out = ["| contender | msg/s | " + " | ".join(f"{k} µs" for k in KINDS) + " | **Python µs** (fetching + handler) | "
+           + " | ".join(STEP_NAMES.get(s, s) for s in steps) + " |", "|---|" + "---:|" * (len(KINDS) + 2 + len(steps))]
+    for name, c in f["contenders"].items():
+        t, s = c["median"]["threads"], c["median"]["steps"]
+        python = t["fetching thread"] + t["handler threads"]
+        out.append(f"| {name} | {spread(c['rate'])} | " + " | ".join(f"{t[k]:.2f}" for k in KINDS)
+                   + f" | **{python:.2f}** | " + " | ".join("—" if k not in s else f"{s[k]:.2f}" for k in steps) + " |")
+    return _rows(out)
+
+
 def t_eos(f: dict[str, Any]) -> str:
     out = ["| guarantee | COMMIT_INTERVAL | rate (per pass) | latency p50 | latency p99 |", "|---|---:|---:|---:|---:|"]
     keys = sorted({(r["guarantee"], r["commit_interval"]) for r in f["runs"]}, key=lambda k: (k[0] != "at_least_once",
@@ -457,6 +479,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str], str]] = {
     "scaleout": ("bench/results/scaleout.json", t_scaleout, "python -m bench.scaleout"),
     "processes": ("bench/results/processes.json", t_processes, "python -m bench.processes"),
     "share": ("bench/results/share.json", t_share, "python -m bench.share"),
+    "costs": ("bench/results/costs.json", t_costs, "python -m bench.costs"),
 }
 def tables_of(document: dict[str, Any]) -> str:
     """Every table made from one result document (bench/run.py prints them at the end of a run)."""

@@ -174,3 +174,21 @@ def test_a_result_file_without_command_or_date_is_refused(tmp_path: Path) -> Non
     assert any("UTC" in p for p in record.problems({**document, "started_utc": "2026-11-27 05:03"}))
     with pytest.raises(ValueError, match="figures"):
         record.write({k: v for k, v in document.items() if k != "figures"}, tmp_path)
+
+
+def test_the_costs_of_a_run_split_the_fetching_threads_time_without_counting_consume_twice() -> None:
+    from collections import Counter
+
+    from bench.costs import Costs, _kind
+
+    costs = Costs()
+    costs._at_first = Counter({"fetching thread": 1.0, "handler threads": 0.5})
+    costs._at_count = Counter({"fetching thread": 2.2, "handler threads": 1.3, "librdkafka": 0.4})
+    costs._steps_at_first = Counter({"consume": 0.1, "fetch": 0.15})
+    costs._steps_at_count = Counter({"consume": 0.6, "fetch": 0.85, "admit": 0.2})
+    figures = costs.figures(1_000_000)
+    assert figures["threads"] == {"fetching thread": 1.2, "handler threads": 0.8, "librdkafka": 0.4, "other": 0.0}
+    # fetch's 0.7 holds consume's 0.5: 0.2 besides it; the rest of the loop is what no step took
+    assert figures["steps"] == {"consume": 0.5, "fetch": 0.2, "admit": 0.2, "rest of the loop": 0.3}
+    assert _kind("MainThread", 7, 7) == "fetching thread" and _kind("mtc75-worker_3", 7, 8) == "handler threads"
+    assert _kind("rdk:broker1", 7, 9) == "librdkafka" and _kind("mtc75-make-x.dlq", 7, 10) == "other"
