@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--count", type=int, default=COUNT, help="messages per topic")
     args = parser.parse_args(argv)
-    run = record.Run.start("costs", "python -m bench.costs " + " ".join(sys.argv[1:] if argv is None else argv))
+    run = record.Run.start("costs", " ".join(["python -m bench.costs", *(sys.argv[1:] if argv is None else argv)]))
     home = Path(tempfile.mkdtemp(prefix="mtc75-bench-costs-"))
     broker = None
     kept: dict[str, dict[str, Any]] = {}
