@@ -107,6 +107,7 @@ bench: kafka $(VENV)/.bench-installed bench/parallel-consumer/target/classpath.t
 	$(PY) -m bench.processes
 	$(PY) -m bench.eos
 	$(PY) -m bench.share
+	$(PY) -m bench.costs
 	$(PY) -m bench.docs
 
 # The fault-injection suite alone; its FIGURES records and outcomes go to tests/figures/faults.json
