@@ -14,6 +14,7 @@ import pytest
 from mtc75.core.offsets import PartitionState
 from mtc75.core.ordering import (
     FRONT,
+    LONG_LANE,
     FairFifoScheduler,
     KeyScheduler,
     PartitionScheduler,
@@ -699,3 +700,33 @@ def test_a_run_of_several_keys_put_back_whole_goes_home_as_single_messages() -> 
         assert work is not None
         sched.release(work)
     assert [w.offset for w in _drain_all(sched)] == [2]
+
+
+@pytest.mark.parametrize("cap", [1, 10])
+def test_a_hot_keys_long_lane_keeps_offset_order_through_takes_a_retry_and_a_purge(cap: int) -> None:
+    sched = KeyScheduler()
+    sched.take_cap = cap
+    [state] = _states(1)
+    sched.put(_works(state, [b"hot"]))
+    first = sched.take()  # the key runs: what follows waits in its lane
+    sched.put(_works(state, [b"hot"] * (3 * LONG_LANE), start=1))
+    assert len(sched) == 3 * LONG_LANE and sched.ready == 0
+    sched.release(first)
+    order = [first.offset]
+    retried = False
+    cut = 0  # the messages taken when the purge came
+    while (work := _take(sched)) is not None:
+        assert work.size <= cap
+        if not retried and work.offset > LONG_LANE:  # its first attempt failed: back in front of its lane
+            retried = True
+            work.attempts = 1
+            sched.requeue([work])
+            continue
+        order += list(work.offsets)
+        sched.release(work)
+        if not cut and len(order) >= 2 * LONG_LANE:
+            cut = len(order)
+            dropped = sched.purge(lambda w: w.offset % 2 == 0)  # a purge keeps the rest in order
+            assert dropped and all(w.offset % 2 == 0 for w in dropped)
+    kept = [o for o in range(3 * LONG_LANE + 1) if o < cut or o % 2 == 1]
+    assert retried and cut and order == kept and len(sched) == 0 and sched.running == 0

@@ -59,6 +59,8 @@ FAIR_SECONDS = 0.5
 # scheduler holds at most this many lanes; past it, it is dropped at once. A lane and its deque cost ~0.7 kB:
 # 12 MB at most; with up to this many keys no lane is made or dropped per message (BENCHMARKS.md, ordering).
 LANES_KEPT = 16384
+# A lane's queue is a list up to this many waiting messages, then a deque (see _Lane.queue).
+LONG_LANE = 64
 
 # Unordered: messages interleaved ahead of the lock-free take. A partition that shows up behind a burst
 # of another waits for at most this many messages (or chunks, on the fast path: mtc75/core/work.py) to
@@ -86,7 +88,10 @@ class _Lane:
     def __init__(self, key: Hashable, part: _Part) -> None:
         self.key = key
         self.part = part
-        self.queue: deque[Any] = deque()  # Fresh pairs, or Works taken before
+        # Fresh pairs, or Works taken before. A list while short: an empty deque is 760 bytes, a list 56, and
+        # with 10,000 keys the lanes' memory is what every take walks through (BENCHMARKS.md, "Where the time
+        # goes"); a deque once longer than LONG_LANE (a hot key), so that taking its head stays O(1).
+        self.queue: list[Any] | deque[Any] = []
         self.busy = False  # its last taken message is running, or waiting for a retry
         self.ready = False  # in part.ready
 
@@ -147,8 +152,12 @@ class LaneScheduler(CountedScheduler):
                 lane = lanes.get(key)
                 if lane is None:
                     lane = self._new_lane(key, state)
-                lane.queue.append(work if before else (message, offset))
-                if not lane.busy and not lane.ready:  # it was idle (or new)
+                queue = lane.queue
+                queue.append(work if before else (message, offset))
+                if lane.busy or lane.ready:  # behind a message of its key: the lane may grow long
+                    if type(queue) is list and len(queue) > LONG_LANE:
+                        lane.queue = deque(queue)
+                else:  # it was idle (or new)
                     lane.ready = True
                     ready += 1
                     idle += 1
@@ -174,7 +183,7 @@ class LaneScheduler(CountedScheduler):
             else:
                 lane = lanes[0]
                 lane.busy = False
-            lane.queue.appendleft(work)
+            lane.queue.insert(0, work)
             self._waiting += work.size
             if not lane.busy and not lane.ready:
                 self._make_ready(lane, front=True)
@@ -183,7 +192,7 @@ class LaneScheduler(CountedScheduler):
         """A run taken from several lanes goes back as single messages, each in front of its own lane."""
         for piece in reversed(run.split(1)):
             piece.paid, piece.attempts = run.paid, run.attempts
-            self._lane(piece).queue.appendleft(piece)  # its lane: one of ``lanes``, busy until freed below
+            self._lane(piece).queue.insert(0, piece)  # its lane: one of ``lanes``, busy until freed below
         self._waiting += run.size
         for lane in lanes:
             self._free(lane)
@@ -196,7 +205,8 @@ class LaneScheduler(CountedScheduler):
         lane = part.ready.popleft()
         lane.ready = False
         lane.busy = True
-        entry = lane.queue.popleft()
+        queue = lane.queue
+        entry = queue.pop(0) if type(queue) is list else queue.popleft()  # a list is short (LONG_LANE)
         if type(entry) is not tuple:  # taken before: alone
             work, lanes = entry, [lane]
         elif self.take_cap > 1 and (lane.queue or part.ready):
@@ -218,19 +228,33 @@ class LaneScheduler(CountedScheduler):
         taken = [first]
         lanes = [lane]
         ready = part.ready
+        room = cap - 1
         while True:
             queue = lane.queue
-            room = cap - len(taken)
-            while queue and room and type(queue[0]) is tuple:
-                taken.append(queue.popleft())
-                room -= 1
+            if not queue or not room:
+                pass
+            elif type(queue) is list:  # the lane's fresh messages up to the room, as one slice
+                end = min(len(queue), room)
+                count = 0
+                while count < end and type(queue[count]) is tuple:
+                    count += 1
+                if count:
+                    taken += queue[:count]
+                    del queue[:count]
+                    room -= count
+            else:  # a long lane (a deque)
+                while queue and room and type(queue[0]) is tuple:
+                    taken.append(queue.popleft())
+                    room -= 1
             if not room or not ready or type(ready[0].queue[0]) is not tuple:
                 break
             lane = ready.popleft()
             lane.ready = False
             lane.busy = True
             lanes.append(lane)
-            taken.append(lane.queue.popleft())
+            queue = lane.queue
+            taken.append(queue.pop(0) if type(queue) is list else queue.popleft())
+            room -= 1
         if len(lanes) > 1:
             taken.sort(key=_offset_of)  # several keys: the order across them is free, the ledger's is by offset
         messages, offsets = zip(*taken, strict=True)
@@ -284,7 +308,7 @@ class LaneScheduler(CountedScheduler):
         for lane in list(self._lanes.values()):
             if lane.queue:
                 state = lane.part.state
-                kept: deque[Any] = deque()
+                kept: list[Any] = []
                 for entry in lane.queue:
                     work = Work(entry[0], state, entry[1]) if type(entry) is tuple else entry  # type: ignore[arg-type]
                     if drop is None or drop(work):
