@@ -56,8 +56,8 @@ ORDERINGS = ("unordered", "partition", "key")
 FAIR_SECONDS = 0.5
 
 # Ordered: an idle lane (a key with nothing waiting or running) is kept for the key's next message while the
-# scheduler holds at most this many lanes; past it, it is dropped at once. A lane and its deque cost ~0.7 kB:
-# 12 MB at most; with up to this many keys no lane is made or dropped per message (BENCHMARKS.md, ordering).
+# scheduler holds at most this many lanes; past it, it is dropped at once. A lane, its list and its key cost about
+# 0.25 kB: 4 MB at most; with up to this many keys no lane is made or dropped per message (BENCHMARKS.md, ordering).
 LANES_KEPT = 16384
 # A lane's queue is a list up to this many waiting messages, then a deque (see _Lane.queue).
 LONG_LANE = 64
