@@ -23,6 +23,7 @@ from mtc75 import testing
 from mtc75.core import offsets as offsets_module
 from mtc75.core.offsetmap import decode, encode
 from mtc75.core.stats import Stats
+from mtc75.engine import faults as faults_module
 from mtc75.engine import topicguard as topicguard_module
 from mtc75.errors import (
     BrokerUnreachable,
@@ -772,3 +773,32 @@ def test_retries_waiting_out_their_backoff_leave_the_pool_other_work_even_with_a
     first_retry = order.index((1, 2))
     assert {offset for offset, attempt in order[:first_retry] if attempt == 1} >= {3, 4, 5}, order
     assert stats.processed == 8 and stats.retried == 2 and stats.pauses == 0
+
+
+# -- a stalled poll thread --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_a_poll_loop_turn_that_lasts_is_said_with_where_the_poll_thread_is_and_a_turning_one_never(
+    cluster: FakeKafka, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, held: bool,
+) -> None:
+    monkeypatch.setattr(faults_module, "STALL_SECONDS", 0.3)
+    cluster.fill(TOPIC, {0: 5})
+    once = threading.Event()
+
+    def a_wait_nobody_bounded(_stats: Stats) -> None:  # on_status runs on the poll thread
+        if held and not once.is_set():
+            once.set()
+            time.sleep(1.0)
+
+    consumer = testing.from_settings(cluster.factories(), lambda _msg: None, fast_settings(),
+                                     on_status=a_wait_nobody_bounded, status_interval=0.01)
+    with caplog.at_level(logging.WARNING, logger="mtc75.engine.faults"):
+        # held: ends at the 5th message, after the hold; turning: goes on idle for 0.8 s, past STALL_SECONDS
+        stats = consumer.run(max_messages=5) if held else consumer.run(idle_exit=0.8)
+    said = [r.getMessage() for r in caplog.records if "one loop turn" in r.getMessage()]
+    assert stats.processed == 5
+    if held:  # said while held (at 0.3 s, then again each 0.3 s), naming where
+        assert 1 <= len(said) <= 4 and all("a_wait_nobody_bounded" in line for line in said), said
+    else:
+        assert said == []

@@ -34,7 +34,7 @@ from mtc75.core.offsets import Partition
 from mtc75.core.stats import Stats
 from mtc75.engine.autothreads import AutoThreads
 from mtc75.engine.backpressure import POLL_TIMEOUT
-from mtc75.engine.faults import Faults
+from mtc75.engine.faults import Faults, StallWatch
 from mtc75.engine.ledger import Ledger
 from mtc75.engine.startup import Parts, Wiring, assemble
 from mtc75.errors import KafkaUnavailable, Mtc75Error
@@ -96,6 +96,7 @@ class Engine:
         self._stop = threading.Event()
         self._fatal: Mtc75Error | None = None  # why run() must fail once it has shut down cleanly
         self._faults = Faults(settings.BOOTSTRAP_SERVERS, settings.BROKER_DOWN_TIMEOUT, self._halt, self._fail)
+        self._stall = StallWatch()  # says where the poll thread is when one loop turn lasts a minute
         self._ledger = Ledger(self._faults.on_message_error, on_error)
         self._hook = self._ledger.hook  # on_error's thread, started and closed with the run
         self._gate = PauseGate(settings.PAUSE_INTERVAL, settings.MAX_BACKLOG)
@@ -144,10 +145,12 @@ class Engine:
         try:
             self._start()
             self.phase = Phase.RUNNING
+            self._stall.start()
             self._poll_loop()
         except KafkaException as err:
             raise KafkaUnavailable(f"Kafka error: {err.args[0].str()}") from None
         finally:
+            self._stall.stop()  # the shutdown's waits are bounded and said on their own
             self._shutdown()
             self.phase = Phase.CLOSED
         if self._fatal is not None:
@@ -177,7 +180,7 @@ class Engine:
             return sum(lag.values()) if lag else None
 
         while not self._stop.is_set():
-            now = time.monotonic()
+            self._stall.beat = now = time.monotonic()
             if self._retune:
                 self._apply_retune()
             threads.tick(ledger.processed, dispatcher, lag_now)

@@ -11,12 +11,21 @@
   ends (exit 1, committing what is safe) rather than leave the partition unread.
 - Anything else is transient: said once per kind and ERROR_REPEAT_SECONDS (:meth:`KafkaClient.warn_rarely`).
 
+- A poll-loop turn that lasts STALL_SECONDS (every step of a turn is bounded well below it) is said, with where
+  the poll thread is (:class:`StallWatch`): commits, fetches and rebalances wait meanwhile, and the stack is
+  what tells which wait nobody bounded.
+
 Threads: the poll thread only; librdkafka's ``error_cb`` runs inside the poll thread's ``poll``/``consume``.
+:class:`StallWatch` has a daemon thread of its own, which only reads the poll thread's beat and frame.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import threading
+import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +35,43 @@ from mtc75.errors import KafkaFatal, KafkaUnavailable, Mtc75Error, OffsetOutOfRa
 from mtc75.kafka.client import ClientLink, ErrorKind, classify
 
 logger = logging.getLogger(__name__)
+
+# A poll-loop turn this long is said with the poll thread's stack. The longest bounded step of a turn is a
+# transaction commit's retries (30 s, COMMIT_TIMEOUT); a wait in on_revoke is bounded below max.poll.interval.ms
+# (300 s), and one that long is worth a line too.
+STALL_SECONDS = 60.0
+
+
+class StallWatch:
+    """Says (WARNING) where the poll thread is once one turn of its loop has lasted ``after`` seconds, and again
+    each ``after`` seconds the turn goes on. The poll thread sets ``beat`` at each turn."""
+
+    def __init__(self, after: float | None = None) -> None:
+        self.after = STALL_SECONDS if after is None else after
+        self.beat = 0.0  # when the poll thread last began a turn (written by it alone)
+        self._ident = 0
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        """On the poll thread, before its loop."""
+        self._ident = threading.get_ident()
+        self.beat = time.monotonic()
+        threading.Thread(target=self._watch, name="mtc75-stall-watch", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        said = 0.0
+        while not self._stop.wait(min(5.0, self.after / 4)):
+            beat, now = self.beat, time.monotonic()
+            if now - max(said, beat) < self.after:  # turning, or said less than ``after`` ago
+                continue
+            said = now
+            frame = sys._current_frames().get(self._ident)
+            where = "".join(traceback.format_stack(frame, limit=12)).rstrip() if frame is not None else "(ended)"
+            logger.warning("the poll thread has been in one loop turn for %.0fs; commits, fetches and rebalances "
+                           "wait meanwhile. It is at:\n%s", now - beat, where)
 
 
 class Faults:

@@ -169,7 +169,7 @@ class ShareEngine(Engine):
         ledger, threads, gate = self._share, self._threads, self._gate
         next_status = time.monotonic()
         while not self._stop.is_set():
-            now = time.monotonic()
+            self._stall.beat = now = time.monotonic()
             if self._retune:
                 self._apply_retune()
             threads.tick(ledger.processed, dispatcher)
