@@ -118,11 +118,7 @@ class Recorder:
         if n % self._tenth == 0 and n <= self.count:
             self.samples.append((n, round(_status_mb("VmRSS:"), 1)))
         if n >= self.count or (self.seconds is not None and self.first_done and now - self.first_done >= self.seconds):
-            if not self.finished.is_set():
-                self.cpu_at_count = thread_cpu()
-                if self.costs is not None:
-                    self.costs.counted()
-            self.finished.set()
+            self._counted()
 
     def done_many(self, count: int) -> None:
         """A batch handler's call ended: ``count`` messages done (instead of :meth:`done` per message)."""
@@ -138,11 +134,15 @@ class Recorder:
                 self.samples.append((after, round(_status_mb("VmRSS:"), 1)))
         timed_out = self.seconds is not None and self.first_done and now - self.first_done >= self.seconds
         if after >= self.count or timed_out:
-            if not self.finished.is_set():
-                self.cpu_at_count = thread_cpu()
-                if self.costs is not None:
-                    self.costs.counted()
-            self.finished.set()
+            self._counted()
+
+    def _counted(self) -> None:
+        """The count-th completion (or the time's up): the CPU figures at that moment, once; the run ends."""
+        if not self.finished.is_set():
+            self.cpu_at_count = thread_cpu()
+            if self.costs is not None:
+                self.costs.counted()
+        self.finished.set()
 
     @property
     def handled(self) -> int:

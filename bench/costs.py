@@ -28,16 +28,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 PORT = int(os.environ.get("MTC75_BENCH_COSTS_PORT", "29992"))  # below the ephemeral range (32768+)
@@ -165,7 +162,7 @@ def contenders(tuned: list[str]) -> list[tuple[str, str, str, list[str]]]:
 def main(argv: list[str] | None = None) -> int:
     from bench import record
     from bench.run import TUNED_LOOP, child, produce_backlog
-    from bench.scaleout import own_broker
+    from bench.scaleout import cluster_for
 
     parser = argparse.ArgumentParser(prog="python -m bench.costs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,32 +172,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=COUNT, help="messages per topic")
     args = parser.parse_args(argv)
     run = record.Run.start("costs", " ".join(["python -m bench.costs", *(sys.argv[1:] if argv is None else argv)]))
-    home = Path(tempfile.mkdtemp(prefix="mtc75-bench-costs-"))
-    broker = None
     kept: dict[str, dict[str, Any]] = {}
-    try:
-        if args.bootstrap:
-            bootstrap = args.bootstrap
-        else:
-            broker = own_broker(home, args.port)
-            bootstrap = broker.bootstrap
+    with cluster_for(args.bootstrap, args.port, "costs") as bootstrap:
         topics = {"spread": f"bench-costs-{uuid.uuid4().hex[:8]}", "keyed": f"bench-costs-keyed-{uuid.uuid4().hex[:8]}"}
         print(f"producing {args.count:,} x 100 B to {topics['spread']} (6 partitions) and {topics['keyed']} "
               f"(1 partition, {KEYS:,} keys) ...", flush=True)
         produce_backlog(bootstrap, topics["spread"], args.count, 6, compression="none")
         produce_backlog(bootstrap, topics["keyed"], args.count, 1, compression="none", keys=KEYS)
-        tuned = list(TUNED_LOOP)
         for turn in range(args.passes):
-            for name, kind, mode, extra in contenders(tuned):
+            for name, kind, mode, extra in contenders(list(TUNED_LOOP)):
                 r = child(bootstrap, mode, topics[kind], args.count, "--costs", *extra)
                 k = kept.setdefault(name, {"topic": kind, "rate": [], "passes": []})
                 k["rate"].append(round(r["rate"]))
                 k["passes"].append(r["costs"])
                 print(f"  pass {turn + 1}, {name}: {r['rate']:,.0f} msg/s, {r['costs']}", flush=True)
-    finally:
-        if broker is not None:
-            broker.stop()
-        shutil.rmtree(home, ignore_errors=True)
     for k in kept.values():
         k["median"] = medians(k["passes"])
     figures = {"count": args.count, "passes": args.passes, "keys": KEYS, "tuned_loop": list(TUNED_LOOP),

@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 from statistics import median, quantiles
 from typing import Any
 
@@ -31,9 +28,8 @@ from confluent_kafka import Consumer
 
 import mtc75
 from bench import record
-from bench.scaleout import own_broker, produce_backlog
+from bench.scaleout import cluster_for, produce_backlog
 from mtc75.kafka.topics import create_topic
-from mtc75.tools.broker import LocalKafka
 
 PORT = 29992
 WORK = 0.005  # seconds of work per message (issue 26)
@@ -109,15 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.passes, args.count = 1, 5_000
     run = record.Run.start("eos", "python -m bench.eos " + " ".join(sys.argv[1:] if argv is None else argv))
-    home = Path(tempfile.mkdtemp(prefix="mtc75-bench-eos-"))
-    broker: LocalKafka | None = None
     rows: list[dict[str, Any]] = []
-    try:
-        if args.bootstrap:
-            bootstrap = args.bootstrap
-        else:
-            broker = own_broker(home, args.port)
-            bootstrap = broker.bootstrap
+    with cluster_for(args.bootstrap, args.port, "eos") as bootstrap:
         for turn in range(args.passes):
             order = RUNS if turn % 2 == 0 else tuple(reversed(RUNS))
             for guarantee, interval in order:
@@ -125,10 +114,6 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(f"  pass {turn}: {guarantee:>13} at COMMIT_INTERVAL {interval:.1f}: {row['rate']:7,.0f}/s, "
                       f"latency p50 {row['latency_p50_ms']} ms, p99 {row['latency_p99_ms']} ms", flush=True)
-    finally:
-        if broker is not None:
-            broker.stop()
-        shutil.rmtree(home, ignore_errors=True)
 
     def best(guarantee: str, interval: float) -> float:
         return max(r["rate"] for r in rows if r["guarantee"] == guarantee and r["commit_interval"] == interval)

@@ -30,23 +30,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import mtc75.engine.startup as startup
 from bench import record
 from bench.run import WARMUP, produce_backlog, steady_rate
-from bench.scaleout import own_broker
+from bench.scaleout import cluster_for
 from mtc75.api import Consumer
 from mtc75.core.scheduler import FifoScheduler
 from mtc75.core.stats import Stats
 from mtc75.settings import Settings
-from mtc75.tools.broker import LocalKafka
 
 PORT = int(os.environ.get("MTC75_BENCH_ORDERING_PORT", "29892"))
 KEYS = (1, 5, 20, 100, 10_000)
@@ -109,16 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.passes, args.count = 1, 100_000
-    home = Path(tempfile.mkdtemp(prefix="mtc75-bench-ordering-"))
-    broker: LocalKafka | None = None
     run = record.Run.start("ordering", "python -m bench.ordering " + " ".join(sys.argv[1:] if argv is None else argv))
     load_start = os.getloadavg()
-    try:
-        if args.bootstrap:
-            bootstrap = args.bootstrap
-        else:
-            broker = own_broker(home, args.port)
-            bootstrap = broker.bootstrap
+    with cluster_for(args.bootstrap, args.port, "ordering") as bootstrap:
         contenders = ["unordered", "key"] + (["fifo"] if args.with_fifo else [])
         rows = []
         for keys in args.keys:
@@ -150,10 +139,6 @@ def main(argv: list[str] | None = None) -> int:
                       f"key {best['key']['rate']:9,.0f}/s -> key/unordered {ratio:.2f} (passes "
                       f"{row[handler]['key_vs_unordered_passes']}){extra}", flush=True)
             rows.append(row)
-    finally:
-        if broker is not None:
-            broker.stop()
-        shutil.rmtree(home, ignore_errors=True)
     result = {"threads": args.threads, "work_s": WORK, "count": args.count, "passes": args.passes, "rows": rows}
     print(f"results: {run.write(result, note='--quick: one pass, 100 000 messages' if args.quick else '')}")
     print(f"\nload average {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -39,11 +37,10 @@ from confluent_kafka import Producer
 import mtc75
 from bench import record
 from bench.cpu_handler import spin_1ms, spin_2ms
-from bench.scaleout import own_broker
+from bench.scaleout import cluster_for
 from mtc75.core.stats import Stats
 from mtc75.kafka.topics import create_topic
 from mtc75.settings import Settings
-from mtc75.tools.broker import LocalKafka
 
 PORT = int(os.environ.get("MTC75_BENCH_PROCESSES_PORT", "29492"))
 WARMUP = 1.0  # seconds after the first completion not counted
@@ -143,26 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.passes, args.window = 1, 2.0
     note = args.note or ("--quick: one pass, 2 s windows; a smoke run, not a figure to quote" if args.quick else "")
-    home = Path(tempfile.mkdtemp(prefix="mtc75-bench-processes-"))
-    broker: LocalKafka | None = None
     run = record.Run.start("processes", "python -m bench.processes " + " ".join(sys.argv[1:] if argv is None
                                                                              else argv))
-    try:
-        if args.bootstrap:
-            bootstrap = args.bootstrap
-        else:
-            broker = own_broker(home, args.port)
-            bootstrap = broker.bootstrap
+    with cluster_for(args.bootstrap, args.port, "processes") as bootstrap:
         topic = f"bench-processes-{uuid.uuid4().hex[:8]}"
         # enough for the fastest contender's warm-up and window, every turn reading from the start
         count = int(1000 * args.processes * (WARMUP + args.window + 5))
         print(f"producing {count:,} messages to {topic} (1 partition) ...", flush=True)
         produce(bootstrap, topic, count)
         figures = measure(bootstrap, topic, args)
-    finally:
-        if broker is not None:
-            broker.stop()
-        shutil.rmtree(home, ignore_errors=True)
     path = record.write(run.document(figures, note), args.out)
     from bench import docs
 

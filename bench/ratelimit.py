@@ -23,25 +23,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from bench import record
 from bench.noop_path import batches
 from bench.run import produce_backlog, steady_rate
-from bench.scaleout import own_broker
+from bench.scaleout import cluster_for
 from mtc75.api import Consumer
 from mtc75.core.stats import Stats
 from mtc75.engine.ledger import Ledger
 from mtc75.runtime.dispatcher import Dispatcher
 from mtc75.runtime.invoker import Invoker
 from mtc75.settings import Settings
-from mtc75.tools.broker import LocalKafka
 
 PORT = int(os.environ.get("MTC75_BENCH_RATELIMIT_PORT", "29942"))
 FAR = 1e9  # messages per second: far above any handler here
@@ -113,22 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.passes, args.count, args.path_count, args.window, warmup = 1, 300_000, 100_000, 0.5, 0.2
     run = record.Run.start("ratelimit", "python -m bench.ratelimit " + " ".join(sys.argv[1:] if argv is None else argv))
-    home = Path(tempfile.mkdtemp(prefix="mtc75-bench-ratelimit-"))
-    broker: LocalKafka | None = None
     names = list(CONTENDERS)
-    try:
-        path: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-        for turn in range(args.passes):
-            for name in names if turn % 2 == 0 else reversed(names):
-                path[name].append(path_once(CONTENDERS[name], args.threads, args.path_count))
-        best_path = {name: min(runs, key=lambda r: r["cpu_us"]) for name, runs in path.items()}
-        for name, r in best_path.items():
-            print(f"path {name:>8}: {r['cpu_us']:.2f} µs CPU, {r['wall_us']:.2f} µs wall per message", flush=True)
-        if args.bootstrap:
-            bootstrap = args.bootstrap
-        else:
-            broker = own_broker(home, args.port)
-            bootstrap = broker.bootstrap
+    path: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for turn in range(args.passes):
+        for name in names if turn % 2 == 0 else reversed(names):
+            path[name].append(path_once(CONTENDERS[name], args.threads, args.path_count))
+    best_path = {name: min(runs, key=lambda r: r["cpu_us"]) for name, runs in path.items()}
+    for name, r in best_path.items():
+        print(f"path {name:>8}: {r['cpu_us']:.2f} µs CPU, {r['wall_us']:.2f} µs wall per message", flush=True)
+    with cluster_for(args.bootstrap, args.port, "ratelimit") as bootstrap:
         topic = f"bench-ratelimit-{uuid.uuid4().hex[:8]}"
         print(f"producing {args.count:,} messages to {topic} ...", flush=True)
         produce_backlog(bootstrap, topic, args.count, 6)
@@ -138,10 +127,6 @@ def main(argv: list[str] | None = None) -> int:
                 r = broker_once(bootstrap, topic, CONTENDERS[name], args.threads, args.count, args.window, warmup)
                 engine[name].append(r)
                 print(f"  pass {turn + 1} {name:>8}: {r['rate']:,.0f} msg/s", flush=True)
-    finally:
-        if broker is not None:
-            broker.stop()
-        shutil.rmtree(home, ignore_errors=True)
     best = {name: max(runs, key=lambda r: r["rate"]) for name, runs in engine.items()}
     ratio = best["max_rate"]["rate"] / best["off"]["rate"]
     key_ratio = best["key_rate"]["rate"] / best["off"]["rate"]

@@ -16,6 +16,7 @@ Prints a table and writes bench/results/scaleout.json (bench/record.py; BENCHMAR
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,24 @@ def own_broker(home: Path, port: int) -> LocalKafka:
             if "in use" not in str(err):
                 raise
     raise BrokerError(f"no free pair of ports in {port}-{port + 40}")
+
+
+@contextlib.contextmanager
+def cluster_for(bootstrap: str | None, port: int, label: str) -> Iterator[str]:
+    """``bootstrap`` when given, else a broker of this run (:func:`own_broker`, in a temporary home): its
+    bootstrap; the broker is stopped and its home removed when the block ends."""
+    if bootstrap:
+        yield bootstrap
+        return
+    home = Path(tempfile.mkdtemp(prefix=f"mtc75-bench-{label}-"))
+    broker: LocalKafka | None = None
+    try:
+        broker = own_broker(home, port)
+        yield broker.bootstrap
+    finally:
+        if broker is not None:
+            broker.stop()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def produce_backlog(bootstrap: str, topic: str, count: int, partitions: int) -> None:
